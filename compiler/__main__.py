@@ -1,0 +1,3 @@
+from tcc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The `tcc` command line: compile, run, inspect, targets.
+
+User errors print one line `tcc: error: ...` and exit with code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tcc.ir.errors import TccError
+
+
+def _load_inputs(path: str) -> Any:
+    """Inputs from .npy (one array), .npz (by input name, or arr_0.. positionally), or a file
+    written by torch.save (tensor, tuple, list or dict; loaded with weights_only)."""
+    import torch
+    file = Path(path)
+    if not file.is_file():
+        raise TccError(f"{path}: no such input file")
+    try:
+        if file.suffix == ".npy":
+            return np.load(file, allow_pickle=False)
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            positional = [f"arr_{i}" for i in range(len(arrays))]
+            return [arrays[k] for k in positional] if sorted(arrays) == sorted(positional) else arrays
+        value = torch.load(file, weights_only=True, map_location="cpu")
+    except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, Exception) as e:
+        raise TccError(f"{path}: cannot read inputs ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if isinstance(value, (torch.Tensor, dict, tuple, list)):
+        return value
+    raise TccError(f"{path}: holds a {type(value).__name__}; expected a tensor, tuple, list or dict of tensors")
+
+
+def _format_value(value: Any) -> str:
+    import torch
+    if isinstance(value, torch.Tensor):
+        flat = value.flatten()[:4].tolist()
+        return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)} first values {flat}"
+    return repr(value)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import tcc
+    artifact = tcc.compile(args.model, target=args.target, frontend=args.frontend, input_shapes=args.input_shape,
+                           arch=args.arch, trust_pickle=args.trust_pickle)
+    path = artifact.save(args.output)
+    summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
+    print(f"compiled {artifact.manifest['source']} for {args.target}: {summary} -> {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import tcc
+    artifact = tcc.load(args.artifact)
+    inputs = _load_inputs(args.input) if args.input else None
+    outputs = artifact.run(inputs, on=args.on)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        torch.save(outputs, tmp)
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    else:
+        items = outputs.items() if isinstance(outputs, dict) else enumerate(
+            outputs if isinstance(outputs, tuple) else (outputs,))
+        for key, value in items:
+            print(f"{key}: {_format_value(value)}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import tcc
+    from tcc.ir.analysis import describe
+    artifact = tcc.load(args.artifact)
+    info = describe(artifact.graph)
+    info["target"] = artifact.manifest["target"]["name"]
+    info["pipeline"] = artifact.manifest["pipeline"]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"artifact {args.artifact}: target {info['target']}, passes {', '.join(info['pipeline']) or 'none'}")
+    for label in ("inputs", "outputs"):
+        print(f"{label + ':':<9}" + ", ".join(f"{v['name']} {v['type']}" for v in info[label]))
+    print(f"{info['num_ops']} ops, {info['params']:,} parameters, {info['flops']:,} FLOPs, "
+          f"{info['bytes']:,} bytes of constants")
+    print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    rows = [(c["name"], "x".join(map(str, c["shape"])) or "scalar", c["dtype"], c["encoding"],
+             f"{100 * c['sparsity']:.1f}%", f"{c['bytes']:,}") for c in info["constants"]]
+    header = ("constant", "shape", "dtype", "encoding", "sparsity", "bytes")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  " + "  ".join(str(v).ljust(w) if i < 4 else str(v).rjust(w) for i, (v, w) in
+                               enumerate(zip(row, widths))))
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from tcc.targets import load_catalog
+    catalog = load_catalog()
+    if args.json:
+        print(json.dumps([t.to_json() for t in catalog.values()], indent=2))
+        return 0
+    for target in catalog.values():
+        print(f"{target.name:<12} {target.kind:<5} backend {target.backend:<10} {target.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tcc", description="tcc: a Transformer co-design compiler")
+    parser.add_argument("--version", action="version", version=f"tcc {__import__('tcc').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a model file into an artifact directory")
+    p.add_argument("model", help="model file: torch.export (.pt2), TorchScript, state_dict or torch.save")
+    p.add_argument("--target", default="cpu", help="target name (see `tcc targets`); default cpu")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
+                   help="example input shape, e.g. 1x128:i64 (repeat per input)")
+    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+    p.add_argument("--frontend", choices=("export", "fx"), default="export",
+                   help="capture with torch.export (default) or torch.fx.symbolic_trace")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run an artifact on inputs")
+    p.add_argument("artifact")
+    p.add_argument("--input", help="inputs: .npy, .npz, or a torch.save file (tensor, tuple or dict); "
+                                   "default: the artifact's example inputs")
+    p.add_argument("--on", choices=("cpu", "gpu", "numpy"), default="cpu", help="executor (default cpu)")
+    p.add_argument("-o", "--output", help="save outputs with torch.save to this file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="summarize an artifact's graph and constants")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("targets", help="list targets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_targets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("TCC_DEBUG"))
+    if not debug:  # library deprecation chatter is not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        return args.func(args)
+    except TccError as e:
+        print(f"tcc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tcc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"tcc: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(a bug in tcc; set TCC_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,188 @@
+"""The frontend: PyTorch models to tcc IR, through torch.export or torch.fx.symbolic_trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
+from tcc.ir.types import TensorType
+from tcc.ir.verifier import verify
+from tcc.passes import DeadCodeElimination, FoldConstants, PassContext
+from tcc.runtime.torch_executor import dtype_from_torch
+
+from .converters import convert_node, is_tensor_like
+from .lowering import Lowerer, Value, lower_nodes
+
+# Ops kept whole instead of decomposed to core ATen.
+KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How the model's Python inputs and outputs map to the graph's flat inputs and outputs:
+    outputs come back as one tensor, a tuple, or a dict with `output_keys`."""
+
+    input_names: tuple[str, ...]
+    output_form: str = "tuple"  # "tensor" | "tuple" | "dict"
+    output_keys: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict:
+        return {"input_names": list(self.input_names), "output_form": self.output_form,
+                "output_keys": list(self.output_keys)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Signature":
+        return cls(tuple(data["input_names"]), data["output_form"], tuple(data["output_keys"]))
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+def export(model: torch.nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """torch.export the model; failures become one-line `TccError`s."""
+    args, kwargs = split_inputs(example_inputs)
+    try:
+        return torch.export.export(model, args, kwargs)
+    except Exception as e:  # torch.export raises many types; report its first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TccError(f"torch.export failed on {type(model).__name__}: {first}") from None
+
+
+def _output_signature(spec, input_names) -> Signature:
+    if spec is None or spec.type is None:
+        return Signature(input_names, "tensor")
+    if spec.type is dict or (isinstance(spec.type, type) and issubclass(spec.type, dict)):
+        return Signature(input_names, "dict", tuple(spec.context))
+    if spec.num_children == 0:
+        return Signature(input_names, "tensor")
+    return Signature(input_names, "tuple")
+
+
+def _finish(lowerer: Lowerer, outputs: list[Value]) -> Graph:
+    graph = lowerer.builder.finish(outputs)
+    ctx = PassContext()
+    for p in (FoldConstants(), DeadCodeElimination()):
+        graph = p(graph, ctx)
+    return verify(graph)
+
+
+def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") -> tuple[Graph, Signature]:
+    """Lower an ExportedProgram, keeping linear, SDPA, layer_norm and gelu whole."""
+    table = torch.export.default_decompositions()
+    for op in KEPT_WHOLE:
+        table.pop(getattr(torch.ops.aten, op).default, None)
+    ep = ep.run_decompositions(table)
+    graph = ep.graph_module.graph
+    lowerer = Lowerer(name, {n: n.meta.get("val") for n in graph.nodes})
+    env: dict[fx.Node, Any] = {}
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    input_names = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = specs[node.name]
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                env[node] = val
+                continue
+            type_ = TensorType(tuple(int(d) for d in val.shape), dtype_from_torch(val.dtype))
+            env[node] = Value(lowerer.builder.input(node.name, type_))
+            input_names.append(env[node])
+        elif kind in ("PARAMETER", "BUFFER"):
+            tensor = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+            env[node] = lowerer.constant(spec.target, tensor)
+        elif kind == "CONSTANT_TENSOR":
+            env[node] = lowerer.constant(spec.target, ep.constants[spec.target])
+        else:
+            raise TccError(f"unsupported exported input kind {kind} at placeholder '{node.name}'")
+    outputs = lower_nodes(lowerer, graph, env, convert_node)
+    return _finish(lowerer, outputs), _output_signature(ep.call_spec.out_spec, tuple(input_names))
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.values[n] = result = super().run_node(n)
+        return result
+
+
+def from_graph_module(gm: fx.GraphModule, example_inputs: Any, name: str = "main") -> tuple[Graph, Signature]:
+    """Lower a GraphModule from `torch.fx.symbolic_trace`; the example inputs give each node
+    its shape (the graph is run once)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args, kwargs = split_inputs(example_inputs)
+    positional = list(args) + [kwargs[n.target] for n in placeholders[len(args):] if n.target in kwargs]
+    recorder = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            result = recorder.run(*positional)
+    except Exception as e:
+        raise TccError(f"running the traced graph on the example inputs failed: {str(e).splitlines()[0]}") from None
+    lowerer = Lowerer(name, recorder.values)
+    lowerer.modules = dict(gm.named_modules())
+    lowerer.tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    env: dict[fx.Node, Any] = {}
+    input_names = []
+    for node in gm.graph.nodes:
+        lowerer.node = node
+        if node.op == "placeholder":
+            val = recorder.values[node]
+            if isinstance(val, torch.Tensor):
+                type_ = TensorType(tuple(val.shape), dtype_from_torch(val.dtype))
+                env[node] = Value(lowerer.builder.input(node.target, type_))
+                input_names.append(env[node])
+            else:
+                env[node] = val
+        elif node.op == "get_attr":
+            value = recorder.values[node]
+            if isinstance(value, torch.Tensor):
+                lowerer.tensors.setdefault(node.target, value)
+                env[node] = lowerer.parameter(node.target)
+            else:
+                env[node] = value
+    outputs = lower_nodes(lowerer, gm.graph, env, convert_node)
+    if isinstance(result, torch.Tensor):
+        signature = Signature(tuple(input_names), "tensor")
+    elif isinstance(result, dict):
+        signature = Signature(tuple(input_names), "dict", tuple(result))
+    else:
+        signature = Signature(tuple(input_names), "tuple")
+    return _finish(lowerer, outputs), signature
+
+
+def from_module(model: torch.nn.Module, example_inputs: Any, frontend: str = "export",
+                name: str = "main") -> tuple[Graph, Signature]:
+    """Lower an nn.Module through torch.export (default) or torch.fx.symbolic_trace (`frontend='fx'`).
+    A GraphModule is lowered as it is."""
+    model = model.eval()
+    if isinstance(model, fx.GraphModule):
+        return from_graph_module(model, example_inputs, name)
+    if frontend == "fx":
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as e:
+            raise TccError(f"torch.fx.symbolic_trace failed on {type(model).__name__}: "
+                           f"{str(e).strip().splitlines()[0]}") from None
+        return from_graph_module(gm, example_inputs, name)
+    if frontend != "export":
+        raise TccError(f"unknown frontend '{frontend}' (choose export or fx)")
+    return from_exported_program(export(model, example_inputs), name)
+
+
+__all__ = ["Signature", "from_exported_program", "from_graph_module", "from_module", "export", "split_inputs",
+           "is_tensor_like"]

@@ -1,0 +1,498 @@
+"""The converter table: aten ops (torch.export), torch functions, Tensor methods and
+nn modules (torch.fx.symbolic_trace) lowered to IR ops. One converter per operation, with
+torch's own parameter names, registered under every key that means that operation."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from tcc.ir.dtypes import DType, promote
+
+from .lowering import Lowerer, Value
+
+aten = torch.ops.aten
+Converter = Callable[..., Any]
+CONVERTERS: dict[Any, Converter] = {}
+MODULE_CONVERTERS: dict[type, Callable[..., Any]] = {}
+
+
+def is_tensor_like(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(is_tensor_like(v) for v in x)
+    if isinstance(x, dict):
+        return any(is_tensor_like(v) for v in x.values())
+    return hasattr(x, "to_tuple")  # Hugging Face ModelOutput
+
+
+def converts(*keys: Any):
+    """Register a converter under aten packets (`aten.add`), callables, or `'method:name'`."""
+    def register(fn: Converter) -> Converter:
+        for key in keys:
+            CONVERTERS[key] = fn
+        return fn
+    return register
+
+
+def convert_node(cx: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    target = node.target
+    if node.op == "call_module":
+        module = cx.modules[target]
+        converter = MODULE_CONVERTERS.get(type(module))
+        if converter is None:
+            raise cx.unsupported(f"unsupported module {type(module).__name__}")
+        return converter(cx, module, target, *args, **kwargs)
+    if node.op == "call_method":
+        key = f"method:{target}"
+    elif isinstance(target, torch._ops.OpOverload):
+        key = target.overloadpacket
+    else:
+        key = target
+    converter = CONVERTERS.get(key)
+    if converter is None:
+        from .lowering import target_name
+        raise cx.unsupported(f"unsupported op {target_name(node)}")
+    try:
+        return converter(cx, *args, **kwargs)
+    except TypeError as e:
+        raise cx.unsupported(f"cannot convert {node.target} with these arguments ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def _scalar_dtype(x: Any) -> DType:
+    return DType.BOOL if isinstance(x, bool) else DType.I64 if isinstance(x, int) else DType.F32
+
+
+def _common(cx: Lowerer, *xs: Any) -> DType:
+    """torch's type promotion for tensors mixed with Python scalars."""
+    tensors = [cx.type(x).dtype for x in xs if isinstance(x, Value)]
+    scalars = [_scalar_dtype(x) for x in xs if not isinstance(x, Value)]
+    dtype = tensors[0]
+    for t in tensors[1:]:
+        dtype = promote(dtype, t)
+    for s in scalars:
+        if (s.is_float and not dtype.is_float) or (s.is_int and dtype is DType.BOOL):
+            dtype = s
+    return dtype
+
+
+def _elementwise(kind: str, compute_dtype: str = "result"):
+    def convert(cx: Lowerer, a, b, *, alpha=1, **_):
+        dtype = cx.out_dtype() if compute_dtype == "result" else _common(cx, a, b)
+        if kind == "div" and not dtype.is_float:
+            dtype = DType.F32
+        if alpha != 1:
+            b = cx.op("mul", cx.as_value(b, dtype), cx.scalar(alpha, dtype))
+        return cx.op(kind, cx.as_value(a, dtype), cx.as_value(b, dtype))
+    return convert
+
+
+def _identity(cx: Lowerer, x, *args, **kwargs):
+    return x
+
+
+def _ignore(cx: Lowerer, *args, **kwargs):
+    return None
+
+
+def _to_shape(cx: Lowerer, kind: str, x: Value) -> Value:
+    shape = cx.out_shape()
+    if cx.type(x).shape == shape:
+        return x
+    return cx.op(kind, x, shape=shape)
+
+
+def _shape_args(shape) -> tuple:
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else tuple(shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear algebra
+
+@converts(aten.linear, F.linear)
+def linear(cx: Lowerer, input, weight, bias=None):
+    return cx.op("linear", input, weight, *([bias] if bias is not None else []))
+
+
+@converts(aten.addmm)
+def addmm(cx: Lowerer, bias, mat1, mat2, *, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        raise cx.unsupported("addmm with beta/alpha other than 1")
+    return cx.op("add", cx.op("matmul", mat1, mat2), bias)
+
+
+@converts(aten.mm, aten.bmm, aten.matmul, torch.matmul, torch.bmm, operator.matmul, "method:matmul")
+def matmul(cx: Lowerer, a, b):
+    return cx.op("matmul", a, b)
+
+
+@converts(aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
+def sdpa(cx: Lowerer, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False):
+    if enable_gqa:
+        raise cx.unsupported("scaled_dot_product_attention with enable_gqa")
+    mask = [] if attn_mask is None else [attn_mask]
+    return cx.op("scaled_dot_product_attention", query, key, value, *mask, is_causal=bool(is_causal), scale=scale)
+
+
+@converts(aten.convolution)
+def convolution(cx: Lowerer, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed or cx.type(input).rank != 4:
+        raise cx.unsupported("only 2-D, non-transposed convolution is supported")
+    return cx.op("conv2d", input, weight, *([bias] if bias is not None else []), stride=tuple(stride),
+                 padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+
+
+@converts(aten.conv2d, F.conv2d)
+def conv2d(cx: Lowerer, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if isinstance(padding, str):
+        raise cx.unsupported(f"conv2d padding='{padding}'")
+    return cx.op("conv2d", input, weight, *([bias] if bias is not None else []), stride=pair(stride),
+                 padding=pair(padding), dilation=pair(dilation), groups=groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# elementwise
+
+for _kind, _keys in {
+    "add": (aten.add, torch.add, operator.add, operator.iadd, "method:add"),
+    "sub": (aten.sub, torch.sub, operator.sub, "method:sub"),
+    "mul": (aten.mul, torch.mul, operator.mul, operator.imul, "method:mul"),
+    "div": (aten.div, torch.div, operator.truediv, "method:div"),
+    "pow": (aten.pow, torch.pow, operator.pow, "method:pow"),
+    "maximum": (aten.maximum, torch.maximum),
+    "minimum": (aten.minimum, torch.minimum),
+}.items():
+    converts(*_keys)(_elementwise(_kind))
+
+for _kind, _keys in {
+    "eq": (aten.eq, torch.eq, operator.eq, "method:eq"),
+    "ne": (aten.ne, torch.ne, operator.ne, "method:ne"),
+    "lt": (aten.lt, torch.lt, operator.lt, "method:lt"),
+    "le": (aten.le, torch.le, operator.le, "method:le"),
+    "gt": (aten.gt, torch.gt, operator.gt, "method:gt"),
+    "ge": (aten.ge, torch.ge, operator.ge, "method:ge"),
+}.items():
+    converts(*_keys)(_elementwise(_kind, compute_dtype="common"))
+
+
+@converts(aten.rsub)
+def rsub(cx: Lowerer, a, b, alpha=1):
+    return _elementwise("sub")(cx, b, a, alpha=alpha)
+
+
+def _logical(kind: str):
+    def convert(cx: Lowerer, a, b):
+        if cx.type(a).dtype is not DType.BOOL or (isinstance(b, Value) and cx.type(b).dtype is not DType.BOOL):
+            raise cx.unsupported(f"bitwise {kind.split('_')[1]} on integer tensors")
+        return cx.op(kind, a, cx.as_value(b, DType.BOOL))
+    return convert
+
+
+converts(aten.bitwise_and, aten.logical_and, operator.and_, torch.logical_and)(_logical("logical_and"))
+converts(aten.bitwise_or, aten.logical_or, operator.or_, torch.logical_or)(_logical("logical_or"))
+
+
+@converts(aten.logical_not, aten.bitwise_not, torch.logical_not, operator.invert)
+def logical_not(cx: Lowerer, x):
+    if cx.type(x).dtype is not DType.BOOL:
+        raise cx.unsupported("bitwise not on integer tensors")
+    return cx.op("logical_not", x)
+
+
+def _unary(kind: str):
+    def convert(cx: Lowerer, x, *args, **kwargs):
+        return cx.op(kind, x)
+    return convert
+
+
+for _kind, _keys in {
+    "neg": (aten.neg, torch.neg, operator.neg, "method:neg"),
+    "relu": (aten.relu, torch.relu, F.relu, "method:relu"),
+    "tanh": (aten.tanh, torch.tanh, F.tanh, "method:tanh"),
+    "sigmoid": (aten.sigmoid, torch.sigmoid, F.sigmoid, "method:sigmoid"),
+    "exp": (aten.exp, torch.exp, "method:exp"),
+    "sqrt": (aten.sqrt, torch.sqrt, "method:sqrt"),
+    "rsqrt": (aten.rsqrt, torch.rsqrt, "method:rsqrt"),
+    "erf": (aten.erf, torch.erf, "method:erf"),
+}.items():
+    converts(*_keys)(_unary(_kind))
+
+
+@converts(aten.gelu, F.gelu)
+def gelu(cx: Lowerer, input, approximate="none"):
+    return cx.op("gelu", input, approximate=approximate)
+
+
+@converts(aten.where, torch.where)
+def where(cx: Lowerer, condition, input, other):
+    dtype = cx.out_dtype()
+    return cx.op("where", cx.as_value(condition, DType.BOOL), cx.as_value(input, dtype), cx.as_value(other, dtype))
+
+
+@converts(aten.masked_fill, "method:masked_fill")
+def masked_fill(cx: Lowerer, input, mask, value):
+    dtype = cx.type(input).dtype
+    return cx.op("where", mask, cx.as_value(value, dtype), input)
+
+
+# ------------------------------------------------------------------------------------------------
+# normalization, softmax, embedding
+
+@converts(aten._softmax, aten.softmax, torch.softmax, F.softmax, "method:softmax")
+def softmax(cx: Lowerer, input, dim=None, half_to_float=False, dtype=None, **_):
+    if dim is None:
+        raise cx.unsupported("softmax without dim")
+    return cx.op("softmax", cx.cast(input, cx.out_dtype()), dim=dim)
+
+
+@converts(aten.layer_norm, F.layer_norm)
+def layer_norm(cx: Lowerer, input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    affine = [w for w in (weight, bias) if w is not None]
+    if weight is None and bias is not None:
+        raise cx.unsupported("layer_norm with a bias but no weight")
+    return cx.op("layer_norm", input, *affine, normalized_shape=tuple(normalized_shape), eps=eps)
+
+
+@converts(aten.native_layer_norm)
+def native_layer_norm(cx: Lowerer, input, normalized_shape, weight, bias, eps):
+    return (layer_norm(cx, input, normalized_shape, weight, bias, eps), None, None)
+
+
+@converts(aten.embedding, F.embedding)
+def embedding(cx: Lowerer, weight, indices, padding_idx=None, *rest, **kwargs):
+    if isinstance(weight, Value) and cx.type(weight).dtype.is_int:  # F.embedding(input, weight) order
+        weight, indices = indices, weight
+    return cx.op("embedding", weight, indices)
+
+
+@converts(aten.gather, torch.gather)
+def gather(cx: Lowerer, input, dim, index, sparse_grad=False):
+    return cx.op("gather", input, index, dim=dim)
+
+
+@converts(aten.index)
+def index(cx: Lowerer, input, indices):
+    if any(i is None for i in indices):
+        raise cx.unsupported("indexing with None entries")
+    return cx.op("index", input, *indices)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes and layout
+
+@converts(aten.view, aten.reshape, aten._unsafe_view, torch.reshape, torch.flatten, "method:view",
+          "method:reshape", "method:flatten")
+def reshape(cx: Lowerer, x, *shape, **_):
+    return _to_shape(cx, "reshape", x)
+
+
+@converts(aten.expand, "method:expand")
+def expand(cx: Lowerer, x, *shape, **_):
+    return _to_shape(cx, "expand", x)
+
+
+@converts(aten.permute, torch.permute, "method:permute")
+def permute(cx: Lowerer, x, *dims):
+    return cx.op("permute", x, dims=_shape_args(dims))
+
+
+@converts(aten.transpose, torch.transpose, "method:transpose")
+def transpose(cx: Lowerer, x, dim0, dim1):
+    return cx.op("transpose", x, dim0=dim0, dim1=dim1)
+
+
+@converts(aten.t, "method:t")
+def t(cx: Lowerer, x):
+    return cx.op("transpose", x, dim0=0, dim1=1) if cx.type(x).rank == 2 else x
+
+
+@converts(aten.slice)
+def slice_(cx: Lowerer, x, dim=0, start=None, end=None, step=1):
+    size = cx.type(x).shape[cx.dim(dim, cx.type(x).rank)]
+    start = 0 if start is None else start
+    end = None if end is None or end >= size else end
+    if start == 0 and end is None and step == 1:
+        return x
+    return cx.op("slice", x, dim=dim, start=start, end=end, step=step)
+
+
+@converts(aten.select)
+def select(cx: Lowerer, x, dim, index):
+    return cx.op("select", x, dim=dim, index=index)
+
+
+@converts(aten.unsqueeze, torch.unsqueeze, "method:unsqueeze")
+def unsqueeze(cx: Lowerer, x, dim):
+    return cx.op("unsqueeze", x, dim=dim)
+
+
+@converts(aten.squeeze, torch.squeeze, "method:squeeze")
+def squeeze(cx: Lowerer, x, dim=None):
+    shape = cx.type(x).shape
+    dims = range(len(shape)) if dim is None else ([dim] if isinstance(dim, int) else dim)
+    dims = tuple(d % len(shape) for d in dims if shape[d] == 1)
+    return cx.op("squeeze", x, dims=dims) if dims else x
+
+
+@converts(aten.cat, aten.concat, torch.cat, torch.concat)
+def cat(cx: Lowerer, tensors, dim=0):
+    tensors = [t for t in tensors if cx.type(t).numel or cx.type(t).rank > 1]
+    return tensors[0] if len(tensors) == 1 else cx.op("cat", *tensors, dim=dim)
+
+
+@converts(operator.getitem)
+def getitem(cx: Lowerer, container, index):
+    if not isinstance(container, Value):
+        return container[index]
+    return tensor_index(cx, container, index if isinstance(index, tuple) else (index,))
+
+
+def tensor_index(cx: Lowerer, x: Value, index: tuple) -> Value:
+    """Basic indexing x[...] with ints, slices, None and Ellipsis."""
+    rank = cx.type(x).rank
+    if any(isinstance(i, Value) for i in index):
+        raise cx.unsupported("indexing with tensors")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        consumed = len([i for i in index if i is not None and i is not Ellipsis])
+        index = index[:at] + (slice(None),) * (rank - consumed) + index[at + 1:]
+    dim = 0
+    for item in index:
+        if item is None:
+            x = cx.op("unsqueeze", x, dim=dim)
+            dim += 1
+        elif isinstance(item, int):
+            x = cx.op("select", x, dim=dim, index=item)
+        elif isinstance(item, slice):
+            x = slice_(cx, x, dim, item.start, item.stop, 1 if item.step is None else item.step)
+            dim += 1
+        else:
+            raise cx.unsupported(f"index {item!r}")
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# reductions
+
+def _reduction(kind: str):
+    def convert(cx: Lowerer, input, dim=None, keepdim=False, *, dtype=None):
+        dims = () if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+        if kind == "mean" and not cx.type(input).dtype.is_float:
+            input = cx.cast(input, cx.out_dtype())
+        return cx.op(kind, input, dims=dims, keepdim=keepdim)
+    return convert
+
+
+converts(aten.mean, torch.mean, "method:mean")(_reduction("mean"))
+converts(aten.sum, torch.sum, "method:sum")(_reduction("sum"))
+converts(aten.any, torch.any, "method:any")(_reduction("any"))
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor creation, casts, no-ops
+
+@converts(aten.arange, torch.arange)
+def arange(cx: Lowerer, *args, **kwargs):
+    bounds = [a for a in args if isinstance(a, (int, float))]
+    start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (bounds + [1])[:3]
+    if not all(float(v).is_integer() for v in (start, end, step)):
+        raise cx.unsupported("arange with non-integer bounds")
+    return cx.op("arange", start=int(start), end=int(end), step=int(step), dtype=cx.out_dtype())
+
+
+@converts(aten.full, aten.full_like, aten.zeros, aten.ones, aten.zeros_like, aten.ones_like, aten.scalar_tensor,
+          aten.new_full, aten.new_zeros, aten.new_ones, torch.full, torch.zeros, torch.ones, torch.zeros_like,
+          torch.ones_like, torch.full_like)
+def full(cx: Lowerer, *args, **kwargs):
+    fill = kwargs.get("fill_value")
+    if fill is None:
+        fill = next((a for a in args[1:] if isinstance(a, (int, float, bool))), None)
+    if fill is None:
+        fill = cx.node.target in (aten.ones.default, aten.ones_like.default, aten.new_ones.default, torch.ones,
+                                  torch.ones_like)
+        fill = 1 if fill else 0
+    if cx.node.target is aten.scalar_tensor.default:
+        fill = args[0]
+    if isinstance(fill, Value):
+        raise cx.unsupported("a fill value computed from tensors")
+    return cx.op("full", shape=cx.out_shape(), value=float(fill), dtype=cx.out_dtype())
+
+
+@converts(aten._to_copy, aten.to, aten.type_as, "method:to", "method:float", "method:half", "method:long",
+          "method:int", "method:bool", "method:type_as", "method:type")
+def to(cx: Lowerer, x, *args, **kwargs):
+    return cx.cast(x, cx.out_dtype())
+
+
+converts(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout, F.dropout,
+         torch.clone, "method:contiguous", "method:clone", "method:detach")(_identity)
+converts(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
+         torch._assert)(_ignore)
+
+
+# ------------------------------------------------------------------------------------------------
+# nn modules (torch.fx.symbolic_trace keeps built-in modules as leaves)
+
+def module_converter(*classes: type):
+    def register(fn):
+        for cls in classes:
+            MODULE_CONVERTERS[cls] = fn
+        return fn
+    return register
+
+
+@module_converter(nn.Linear)
+def linear_module(cx: Lowerer, m: nn.Linear, path: str, x):
+    return linear(cx, x, cx.parameter(f"{path}.weight"), cx.parameter(f"{path}.bias") if m.bias is not None else None)
+
+
+@module_converter(nn.LayerNorm)
+def layer_norm_module(cx: Lowerer, m: nn.LayerNorm, path: str, x):
+    affine = m.weight is not None
+    return layer_norm(cx, x, m.normalized_shape, cx.parameter(f"{path}.weight") if affine else None,
+                      cx.parameter(f"{path}.bias") if m.bias is not None else None, m.eps)
+
+
+@module_converter(nn.Embedding)
+def embedding_module(cx: Lowerer, m: nn.Embedding, path: str, x):
+    return cx.op("embedding", cx.parameter(f"{path}.weight"), x)
+
+
+@module_converter(nn.Conv2d)
+def conv2d_module(cx: Lowerer, m: nn.Conv2d, path: str, x):
+    return conv2d(cx, x, cx.parameter(f"{path}.weight"), cx.parameter(f"{path}.bias") if m.bias is not None else None,
+                  m.stride, m.padding, m.dilation, m.groups)
+
+
+@module_converter(nn.Dropout, nn.Identity)
+def identity_module(cx: Lowerer, m: nn.Module, path: str, x):
+    return x
+
+
+@module_converter(nn.GELU)
+def gelu_module(cx: Lowerer, m: nn.GELU, path: str, x):
+    return cx.op("gelu", x, approximate=m.approximate)
+
+
+@module_converter(nn.ReLU, nn.Tanh, nn.Sigmoid)
+def activation_module(cx: Lowerer, m: nn.Module, path: str, x):
+    return cx.op({nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}[type(m)], x)
+
+
+@module_converter(nn.Softmax)
+def softmax_module(cx: Lowerer, m: nn.Softmax, path: str, x):
+    return cx.op("softmax", x, dim=m.dim)
+
+
+__all__ = ["CONVERTERS", "MODULE_CONVERTERS", "convert_node", "is_tensor_like"]

@@ -1,0 +1,217 @@
+"""Loading model files. The kind is decided by the archive's contents, not its extension:
+
+- torch.export archives (`torch.export.save`, .pt2): the safe, documented format; they carry
+  their example inputs;
+- TorchScript (`torch.jit.save`): converted to an ExportedProgram;
+- state_dicts (`torch.save(model.state_dict())`): need `--arch module:Class`;
+- full pickles (`torch.save(model)`): only with `trust_pickle=True`, since unpickling runs code
+  from the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcc.ir.dtypes import DType
+from tcc.ir.errors import TccError
+from tcc.runtime.torch_executor import TORCH_DTYPES
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """`[name=]1x128[:dtype]` from `--input-shape`."""
+
+    shape: tuple[int, ...]
+    dtype: DType
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "InputShape":
+        m = re.fullmatch(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?(\d+(?:x\d+)*|scalar)(?::([a-z0-9]+))?", text.strip())
+        if not m:
+            raise TccError(f"--input-shape '{text}': expected [name=]DIMxDIM...[:dtype], e.g. 1x128:i64")
+        name, dims, dtype = m.groups()
+        try:
+            parsed = DType.parse(dtype or "f32")
+        except ValueError as e:
+            raise TccError(f"--input-shape '{text}': {e}") from None
+        shape = () if dims == "scalar" else tuple(int(d) for d in dims.split("x"))
+        return cls(shape, parsed, name)
+
+    def example(self) -> torch.Tensor:
+        torch_dtype = TORCH_DTYPES[self.dtype]
+        if self.dtype.is_float:
+            return torch.randn(self.shape, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
+        return torch.ones(self.shape, dtype=torch_dtype)
+
+
+def example_inputs_from_shapes(shapes: list[InputShape]) -> Any:
+    """A tuple of example tensors, or a dict when every shape is named."""
+    if shapes and all(s.name for s in shapes):
+        return {s.name: s.example() for s in shapes}
+    if any(s.name for s in shapes):
+        raise TccError("--input-shape: name all inputs or none")
+    return tuple(s.example() for s in shapes)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a model file held: an ExportedProgram or an nn.Module, and example inputs if known."""
+
+    kind: str  # "export" | "torchscript" | "state_dict" | "pickle"
+    program: torch.export.ExportedProgram | None
+    module: torch.nn.Module | None
+    example_inputs: Any
+
+
+def archive_kind(path: Path) -> str:
+    if not path.exists():
+        raise TccError(f"{path}: no such file")
+    if path.is_dir():
+        raise TccError(f"{path}: is a directory, not a model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise TccError(f"{path}: not a PyTorch model file (expected a torch.export, TorchScript or torch.save "
+                       "archive)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise TccError(f"{path}: truncated or corrupt archive ({e})") from None
+    if bad is not None:
+        raise TccError(f"{path}: truncated or corrupt archive (bad member {bad})")
+    if any(n.endswith("archive_format") or "/models/" in n for n in names):
+        return "export"
+    if any("/code/__torch__" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch.save"
+    raise TccError(f"{path}: a zip archive, but not one PyTorch writes")
+
+
+def _shapes(examples: Any) -> list[tuple]:
+    values = examples.values() if isinstance(examples, dict) else examples
+    return [(tuple(t.shape), t.dtype) for t in values]
+
+
+def _check_same_shapes(path: Path, stored: Any, given: Any) -> None:
+    """A torch.export archive is specialized to its example shapes: --input-shape may only repeat them."""
+    if _shapes(stored) != _shapes(given):
+        have = ", ".join("x".join(map(str, s)) + f":{str(d).replace('torch.', '')}" for s, d in _shapes(stored))
+        raise TccError(f"{path}: exported for input shapes {have}; re-export the model for other shapes")
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage() + ("\n" + logging.Formatter().formatException(record.exc_info)
+                                      if record.exc_info else "")
+        self.lines += [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _load_exported(path: Path) -> torch.export.ExportedProgram:
+    """torch.export.load, with the cause torch logs (as a traceback) turned into one line."""
+    logger = logging.getLogger("torch.export")
+    capture, propagate, handlers = _Capture(), logger.propagate, logger.handlers
+    logger.handlers = [capture]
+    logger.propagate = False
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:
+        cause = capture.lines[-1] if capture.lines else str(e).splitlines()[0]
+        if "is not registered" in cause:
+            cause += " (re-export a wrapper whose outputs are tensors, tuples or dicts)"
+        raise TccError(f"{path}: cannot load the torch.export archive: {cause}") from None
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _import_arch(spec: str) -> type:
+    if ":" not in spec:
+        raise TccError(f"--arch '{spec}': expected module:Class (e.g. mypkg.models:Encoder)")
+    module_name, _, class_name = spec.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TccError(f"--arch '{spec}': cannot import module '{module_name}' ({e})") from None
+    finally:
+        sys.path.pop(0)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise TccError(f"--arch '{spec}': '{class_name}' is not an nn.Module class in {module_name}")
+    return cls
+
+
+def load_model_file(path: str | Path, *, input_shapes: list[InputShape] | None = None, arch: str | None = None,
+                    trust_pickle: bool = False) -> LoadedModel:
+    """Load `path` as whichever supported kind its contents say it is."""
+    path = Path(path)
+    kind = archive_kind(path)
+    examples = example_inputs_from_shapes(input_shapes) if input_shapes else None
+    if kind == "export":
+        program = _load_exported(path)
+        stored = None
+        if program.example_inputs is not None:
+            args, kwargs = program.example_inputs
+            stored = kwargs if kwargs and not args else args
+        if examples is not None and stored is not None:
+            _check_same_shapes(path, stored, examples)
+        examples = stored if stored is not None else examples
+        if examples is None:
+            raise TccError(f"{path}: the archive carries no example inputs: pass --input-shape")
+        return LoadedModel(kind, program, None, examples)
+    if examples is None:
+        raise TccError(f"{path}: a {kind} file carries no example inputs: pass --input-shape (e.g. 1x128:i64)")
+    if kind == "torchscript":
+        try:
+            scripted = torch.jit.load(str(path))
+            from torch._export.converter import TS2EPConverter
+            args = tuple(examples.values()) if isinstance(examples, dict) else examples
+            converted = TS2EPConverter(scripted, args).convert()
+            program = torch.export.export(converted.module(), args)  # specialize to static shapes
+        except Exception as e:
+            raise TccError(f"{path}: cannot convert the TorchScript model ({str(e).splitlines()[0]})") from None
+        return LoadedModel(kind, program, None, examples)
+    try:
+        obj = torch.load(str(path), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise TccError(f"{path}: a full pickle (torch.save(model)); loading it runs code from the file. "
+                           "Pass --trust-pickle if you trust it, or save with torch.export.save") from None
+        try:
+            obj = torch.load(str(path), weights_only=False, map_location="cpu")
+        except Exception as e:
+            raise TccError(f"{path}: cannot unpickle ({str(e).splitlines()[0]})") from None
+        if not isinstance(obj, torch.nn.Module):
+            raise TccError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module")
+        return LoadedModel("pickle", None, obj, examples)
+    except Exception as e:
+        raise TccError(f"{path}: truncated or corrupt archive ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, torch.nn.Module):
+        return LoadedModel("pickle", None, obj, examples)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TccError(f"{path}: holds a {type(obj).__name__}, neither a model nor a state_dict")
+    if arch is None:
+        raise TccError(f"{path}: a state_dict has no architecture: pass --arch module:Class")
+    model = _import_arch(arch)()
+    try:
+        model.load_state_dict(obj)
+    except RuntimeError as e:
+        raise TccError(f"{path}: does not fit --arch {arch}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    return LoadedModel("state_dict", None, model, examples)

@@ -1,0 +1,37 @@
+"""The catalog of targets, shipped as data (`catalog.json`) and looked up by name."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from tcc.ir.errors import TccError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str  # cpu | gpu
+    backend: str  # reference
+    executor: str  # the runtime executor artifacts of this target default to
+    description: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "backend": self.backend, "executor": self.executor,
+                "description": self.description}
+
+
+def load_catalog() -> dict[str, Target]:
+    data = json.loads(resources.files(__package__).joinpath("catalog.json").read_text())
+    return {name: Target(name=name, **fields) for name, fields in data.items()}
+
+
+def get_target(name: str) -> Target:
+    catalog = load_catalog()
+    if name not in catalog:
+        close = difflib.get_close_matches(name, catalog, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(catalog)})"
+        raise TccError(f"unknown target '{name}'{hint}")
+    return catalog[name]

@@ -1,0 +1,166 @@
+"""Model zoo: small Transformer encoders with random weights, used by tests, examples and
+benchmarks. Each entry builds `(model, example_inputs)` where example_inputs is a tuple of
+positional tensors or a dict of keyword tensors. Hugging Face models are built from configs
+(no download)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BertStyleLayer(nn.Module):
+    """A post-norm encoder layer written out op by op (traceable by torch.fx.symbolic_trace)."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.ffn_in = nn.Linear(hidden, ffn)
+        self.ffn_out = nn.Linear(ffn, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.dropout = nn.Dropout(0.1)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask_bias
+        context = torch.matmul(self.dropout(F.softmax(scores, dim=-1)), v)
+        batch, _, seq, _ = context.shape
+        context = context.transpose(1, 2).contiguous().view(batch, seq, self.heads * self.head_dim)
+        x = self.attn_norm(x + self.dropout(self.attn_out(context)))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+
+
+class BertStyleEncoder(nn.Module):
+    """Token + position embeddings, an additive attention mask built from `attention_mask`,
+    N post-norm layers and a tanh pooler."""
+
+    def __init__(self, vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64,
+                 max_len: int = 64):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, hidden)
+        self.positions = nn.Embedding(max_len, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.layers = nn.ModuleList(BertStyleLayer(hidden, heads, ffn) for _ in range(layers))
+        self.pooler = nn.Linear(hidden, hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        x = self.norm(self.tokens(input_ids) + self.positions(positions))
+        mask_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in self.layers:
+            x = layer(x, mask_bias)
+        return x, torch.tanh(self.pooler(x[:, 0]))
+
+
+class DigitsTransformer(nn.Module):
+    """`nn.TransformerEncoder` (batch_first) over the 8 rows of an 8x8 digit image, mean-pooled
+    into a 10-way classifier."""
+
+    def __init__(self, d_model: int = 64, heads: int = 4, layers: int = 2, ffn: int = 128, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(8, d_model)
+        self.position = nn.Parameter(torch.zeros(1, 8, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(self.embed(images) + self.position)
+        return self.head(x.mean(dim=1))
+
+
+def _token_inputs(batch: int, seq: int, vocab: int, with_mask: bool = True) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator)}
+    if with_mask:
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        mask[:, seq - seq // 4:] = 0
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def bert_style():
+    model = BertStyleEncoder()
+    inputs = _token_inputs(2, 16, 100)
+    return model, (inputs["input_ids"], inputs["attention_mask"])
+
+
+def transformer_encoder():
+    model = DigitsTransformer()
+    return model, (torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+def _hf_bert(hidden: int, layers: int, heads: int, ffn: int, vocab: int, seq: int, batch: int = 1, **extra):
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=max(512, seq), **extra)
+    return BertModel(config), _token_inputs(batch, seq, vocab)
+
+
+def hf_bert():
+    return _hf_bert(hidden=64, layers=2, heads=4, ffn=128, vocab=200, seq=16, batch=2)
+
+
+def tinybert4():
+    """TinyBERT-4 shape (4 x 312, 12 heads, FFN 1200) with a small vocabulary."""
+    return _hf_bert(hidden=312, layers=4, heads=12, ffn=1200, vocab=1000, seq=32)
+
+
+def bert_base():
+    """BERT-base shape (12 x 768, 12 heads, FFN 3072, vocab 30522), sequence 128: benchmarks only."""
+    return _hf_bert(hidden=768, layers=12, heads=12, ffn=3072, vocab=30522, seq=128)
+
+
+def hf_distilbert():
+    from transformers import DistilBertConfig, DistilBertModel
+    config = DistilBertConfig(vocab_size=200, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
+    return DistilBertModel(config), _token_inputs(2, 16, 200)
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTModel
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return ViTModel(config, add_pooling_layer=True), {"pixel_values": pixels}
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    build: Callable[[], tuple[nn.Module, Any]]
+    symbolic_trace: bool  # torch.fx.symbolic_trace handles it as is
+    needs_transformers: bool
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in (
+    ZooEntry("bert-style", bert_style, True, False),
+    ZooEntry("transformer-encoder", transformer_encoder, False, False),
+    ZooEntry("hf-bert", hf_bert, False, True),
+    ZooEntry("tinybert4", tinybert4, False, True),
+    ZooEntry("hf-distilbert", hf_distilbert, False, True),
+    ZooEntry("hf-vit", hf_vit, False, True),
+)}
+BENCHMARK_MODELS = {"bert-base": bert_base}
+
+
+def build(name: str) -> tuple[nn.Module, Any]:
+    """Build zoo model `name` in eval mode with a fixed seed."""
+    torch.manual_seed(0)
+    builder = ZOO[name].build if name in ZOO else BENCHMARK_MODELS[name]
+    model, inputs = builder()
+    return model.eval(), inputs

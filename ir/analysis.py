@@ -1,0 +1,89 @@
+"""Graph analyses shared by passes, backends and executors."""
+
+from __future__ import annotations
+
+from .graph import Graph
+
+
+def last_uses(graph: Graph) -> dict[int, tuple[str, ...]]:
+    """For each op index, the op-result and input values whose last use is that op (so an
+    executor may free them right after it). Graph outputs are never freed."""
+    last: dict[str, int] = {}
+    for index, op in enumerate(graph.ops):
+        for operand in op.operands:
+            last[operand] = index
+    keep = set(graph.outputs) | set(graph.constant_names)
+    freed: dict[int, list[str]] = {}
+    for name, index in last.items():
+        if name not in keep:
+            freed.setdefault(index, []).append(name)
+    return {index: tuple(sorted(names)) for index, names in freed.items()}
+
+
+def live_values(graph: Graph) -> set[str]:
+    """Values that contribute to an output (what dead-code elimination keeps)."""
+    producer = graph.producer()
+    live, stack = set(), list(graph.outputs)
+    while stack:
+        name = stack.pop()
+        if name in live:
+            continue
+        live.add(name)
+        if name in producer:
+            stack.extend(producer[name].operands)
+    return live
+
+
+def flops(graph: Graph) -> int:
+    """Multiply-accumulates counted as 2 FLOPs for linear, matmul, attention and convolution;
+    one FLOP per output element for elementwise ops, 5 per element for norms and softmax."""
+    types = graph.types
+    total = 0
+    for op in graph.ops:
+        t = op.type
+        if op.kind == "linear":
+            total += 2 * t.numel * types[op.operands[1]].shape[1]
+        elif op.kind == "matmul":
+            a = types[op.operands[0]]
+            total += 2 * t.numel * a.shape[-1]
+        elif op.kind == "scaled_dot_product_attention":
+            q, k = types[op.operands[0]], types[op.operands[1]]
+            scores = t.numel // t.shape[-1] * k.shape[-2]
+            total += 2 * scores * q.shape[-1] + 2 * t.numel * k.shape[-2] + 5 * scores
+        elif op.kind == "conv2d":
+            w = types[op.operands[1]]
+            total += 2 * t.numel * w.shape[1] * w.shape[2] * w.shape[3]
+        elif op.kind in ("softmax", "layer_norm"):
+            total += 5 * t.numel
+        elif op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "tanh",
+                         "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg", "mean", "sum"):
+            total += t.numel if op.kind not in ("mean", "sum") else types[op.operands[0]].numel
+    return total
+
+
+def describe(graph: Graph) -> dict:
+    """A summary for `tcc inspect`: ops by kind, parameters, FLOPs, bytes, and per constant its
+    name, shape, dtype, encoding, sparsity (fraction of zeros) and stored bytes."""
+    import collections
+
+    import numpy as np
+
+    constants = []
+    for name, t in graph.constants:
+        array = graph.weights[name]
+        sparsity = float(1.0 - np.count_nonzero(array) / array.size) if array.size else 0.0
+        constants.append({"name": name, "shape": list(t.shape), "dtype": t.dtype.value,
+                          "encoding": str(t.encoding).lstrip("#"), "sparsity": round(sparsity, 6),
+                          "bytes": t.dense_bytes})
+    float_params = sum(c_type.numel for _, c_type in graph.constants if c_type.dtype.is_float)
+    return {
+        "graph": graph.name,
+        "inputs": [{"name": n, "type": str(t)} for n, t in graph.inputs],
+        "outputs": [{"name": n, "type": str(t)} for n, t in zip(graph.outputs, graph.output_types)],
+        "ops": dict(sorted(collections.Counter(op.kind for op in graph.ops).items())),
+        "num_ops": len(graph.ops),
+        "params": float_params,
+        "flops": flops(graph),
+        "bytes": sum(c["bytes"] for c in constants),
+        "constants": constants,
+    }

@@ -1,0 +1,20 @@
+"""Errors raised by the IR. Every tcc user error derives from `TccError`."""
+
+from __future__ import annotations
+
+
+class TccError(Exception):
+    """A user-facing error: the CLI prints its one-line message and exits with code 2."""
+
+
+class VerifyError(TccError):
+    """The graph is ill-typed or malformed; the message names the op and the problem."""
+
+
+class ParseError(TccError):
+    """IR text could not be parsed; the message carries `file:line:col`."""
+
+    def __init__(self, message: str, line: int, col: int, source: str = "<text>"):
+        super().__init__(f"{source}:{line}:{col}: {message}")
+        self.line = line
+        self.col = col

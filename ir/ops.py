@@ -1,0 +1,476 @@
+"""The op table: the one closed list of IR ops.
+
+Each `OpDef` declares its operands, its typed attributes and its type rule; the type rule is
+also the op's verifier (it raises `OpTypeError` naming the problem). The numpy reference
+semantics of every op live in `tcc.ir.reference`, keyed by the same names.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .dtypes import DType, promote
+from .types import TensorType
+
+
+class OpTypeError(Exception):
+    """Raised by a type rule; the verifier prefixes the op and result it came from."""
+
+
+class AttrKind(enum.Enum):
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    STR = "str"
+    INTS = "ints"
+    DTYPE = "dtype"
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    kind: AttrKind
+    default: Any = None
+    required: bool = False
+    optional: bool = False  # None is an accepted value
+    choices: tuple[str, ...] = ()
+
+    def check(self, key: str, value: Any) -> Any:
+        """Return `value` in its canonical Python form, or raise ValueError naming `key`."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ValueError(f"attribute '{key}' must not be none")
+        kind = self.kind
+        if kind is AttrKind.BOOL and isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if kind is AttrKind.INT and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+        if kind is AttrKind.FLOAT and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            return float(value)
+        if kind is AttrKind.STR and isinstance(value, str):
+            if self.choices and value not in self.choices:
+                raise ValueError(f"attribute '{key}' is '{value}', expected one of {', '.join(self.choices)}")
+            return value
+        if kind is AttrKind.INTS and isinstance(value, (tuple, list)) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(int(v) for v in value)
+        if kind is AttrKind.DTYPE and isinstance(value, DType):
+            return value
+        raise ValueError(f"attribute '{key}' expects {kind.value}, got {value!r}")
+
+
+def A(kind: AttrKind, default: Any = None, *, required: bool = False, optional: bool = False, choices=()) -> AttrSpec:
+    return AttrSpec(kind, default, required, optional, tuple(choices))
+
+
+TypeRule = Callable[[list[TensorType], dict[str, Any]], TensorType]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op: `operands` names its inputs (`name?` optional and trailing, `*name` variadic)."""
+
+    name: str
+    operands: tuple[str, ...]
+    attrs: dict[str, AttrSpec]
+    rule: TypeRule
+    doc: str = ""
+    elementwise: bool = field(default=False)
+
+    @property
+    def arity(self) -> tuple[int, int | None]:
+        """(minimum, maximum) operand count; maximum None when variadic."""
+        if any(o.startswith("*") for o in self.operands):
+            return (len([o for o in self.operands if not o.startswith("*")]) + 1, None)
+        required = len([o for o in self.operands if not o.endswith("?")])
+        return (required, len(self.operands))
+
+    def normalize_attrs(self, attrs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """Check `attrs` against the declaration; fill defaults; return them in declaration order."""
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise ValueError(f"unknown attribute '{sorted(unknown)[0]}' (takes: {', '.join(self.attrs) or 'none'})")
+        out = []
+        for key, spec in self.attrs.items():
+            if key in attrs:
+                out.append((key, spec.check(key, attrs[key])))
+            elif spec.required:
+                raise ValueError(f"missing attribute '{key}'")
+            else:
+                out.append((key, spec.default))
+        return tuple(out)
+
+    def infer(self, types: list[TensorType], attrs: dict[str, Any]) -> TensorType:
+        lo, hi = self.arity
+        if len(types) < lo or (hi is not None and len(types) > hi):
+            expected = f"at least {lo}" if hi is None else (str(lo) if lo == hi else f"{lo} to {hi}")
+            raise OpTypeError(f"takes {expected} operands ({', '.join(self.operands)}), got {len(types)}")
+        return self.rule(types, attrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# shape and dtype helpers
+
+def _axis(dim: int, rank: int) -> int:
+    if not -rank <= dim < max(rank, 1):
+        raise OpTypeError(f"dim {dim} out of range for rank {rank}")
+    return dim % rank if rank else 0
+
+
+def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise OpTypeError(f"shapes {' and '.join(map(str, map(list, shapes)))} do not broadcast") from None
+
+
+def _same_dtype(types: list[TensorType]) -> DType:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1:
+        raise OpTypeError(f"operand dtypes differ ({', '.join(sorted(d.value for d in dtypes))})")
+    return types[0].dtype
+
+
+def _need_float(t: TensorType, what: str = "operand") -> None:
+    if not t.dtype.is_float:
+        raise OpTypeError(f"{what} must be a float tensor, got {t.dtype}")
+
+
+def _need_int(t: TensorType, what: str) -> None:
+    if not t.dtype.is_int:
+        raise OpTypeError(f"{what} must be an integer tensor, got {t.dtype}")
+
+
+def _tt(shape, dtype: DType) -> TensorType:
+    return TensorType(tuple(int(d) for d in shape), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# type rules
+
+def _binary(result_bool: bool = False, float_only: bool = False):
+    def rule(ts, attrs):
+        dtype = _same_dtype(ts)
+        if float_only:
+            _need_float(ts[0])
+        return _tt(_broadcast(ts[0].shape, ts[1].shape), DType.BOOL if result_bool else dtype)
+    return rule
+
+
+def _logical(ts, attrs):
+    for t in ts:
+        if t.dtype is not DType.BOOL:
+            raise OpTypeError(f"operands must be bool, got {t.dtype}")
+    return _tt(_broadcast(*[t.shape for t in ts]), DType.BOOL)
+
+
+def _unary(float_only: bool):
+    def rule(ts, attrs):
+        if float_only:
+            _need_float(ts[0])
+        return _tt(ts[0].shape, ts[0].dtype)
+    return rule
+
+
+def _linear(ts, attrs):
+    x, w = ts[0], ts[1]
+    _need_float(x, "input")
+    _same_dtype(ts)
+    if w.rank != 2:
+        raise OpTypeError(f"weight must be rank 2, got shape {list(w.shape)}")
+    if x.rank < 1 or x.shape[-1] != w.shape[1]:
+        raise OpTypeError(f"input features {x.shape[-1:]} do not match weight {list(w.shape)} (out, in)")
+    if len(ts) == 3 and ts[2].shape != (w.shape[0],):
+        raise OpTypeError(f"bias shape {list(ts[2].shape)} is not [{w.shape[0]}]")
+    return _tt(x.shape[:-1] + (w.shape[0],), x.dtype)
+
+
+def _matmul(ts, attrs):
+    a, b = ts
+    dtype = _same_dtype(ts)
+    if a.rank == 0 or b.rank == 0:
+        raise OpTypeError("operands must have rank >= 1")
+    a_shape = a.shape if a.rank > 1 else (1,) + a.shape
+    b_shape = b.shape if b.rank > 1 else b.shape + (1,)
+    if a_shape[-1] != b_shape[-2]:
+        raise OpTypeError(f"contraction dims differ: {list(a.shape)} @ {list(b.shape)}")
+    batch = _broadcast(a_shape[:-2], b_shape[:-2])
+    shape = batch + (a_shape[-2], b_shape[-1])
+    if a.rank == 1:
+        shape = shape[:-2] + shape[-1:]
+    if b.rank == 1:
+        shape = shape[:-1]
+    return _tt(shape, dtype)
+
+
+def _softmax(ts, attrs):
+    _need_float(ts[0])
+    _axis(attrs["dim"], ts[0].rank)
+    return ts[0]
+
+
+def _layer_norm(ts, attrs):
+    x = ts[0]
+    _need_float(x, "input")
+    _same_dtype(ts)
+    norm = tuple(attrs["normalized_shape"])
+    if not norm or x.shape[-len(norm):] != norm:
+        raise OpTypeError(f"normalized_shape {list(norm)} is not a suffix of input shape {list(x.shape)}")
+    for t, what in zip(ts[1:], ("weight", "bias")):
+        if t.shape != norm:
+            raise OpTypeError(f"{what} shape {list(t.shape)} is not normalized_shape {list(norm)}")
+    return _tt(x.shape, x.dtype)
+
+
+def _embedding(ts, attrs):
+    w, idx = ts
+    if w.rank != 2:
+        raise OpTypeError(f"weight must be rank 2, got shape {list(w.shape)}")
+    _need_int(idx, "indices")
+    return _tt(idx.shape + w.shape[1:], w.dtype)
+
+
+def _gather(ts, attrs):
+    x, idx = ts
+    _need_int(idx, "index")
+    _axis(attrs["dim"], x.rank)
+    if idx.rank != x.rank:
+        raise OpTypeError(f"index rank {idx.rank} differs from input rank {x.rank}")
+    return _tt(idx.shape, x.dtype)
+
+
+def _reshape(ts, attrs):
+    shape = attrs["shape"]
+    if any(d < 0 for d in shape):
+        raise OpTypeError(f"shape {list(shape)} has a negative dim")
+    if math.prod(shape) != ts[0].numel:
+        raise OpTypeError(f"cannot reshape {list(ts[0].shape)} ({ts[0].numel} elements) to {list(shape)}")
+    return ts[0].with_shape(shape)
+
+
+def _permute(ts, attrs):
+    dims, rank = attrs["dims"], ts[0].rank
+    if sorted(d % rank if rank else d for d in dims) != list(range(rank)):
+        raise OpTypeError(f"dims {list(dims)} are not a permutation of {rank} axes")
+    return ts[0].with_shape(tuple(ts[0].shape[d] for d in dims))
+
+
+def _transpose(ts, attrs):
+    shape = list(ts[0].shape)
+    a, b = _axis(attrs["dim0"], len(shape)), _axis(attrs["dim1"], len(shape))
+    shape[a], shape[b] = shape[b], shape[a]
+    return ts[0].with_shape(tuple(shape))
+
+
+def _slice(ts, attrs):
+    x = ts[0]
+    dim = _axis(attrs["dim"], x.rank)
+    if attrs["step"] < 1:
+        raise OpTypeError(f"step {attrs['step']} must be positive")
+    length = len(range(*slice(attrs["start"], attrs["end"], attrs["step"]).indices(x.shape[dim])))
+    return x.with_shape(x.shape[:dim] + (length,) + x.shape[dim + 1:])
+
+
+def _select(ts, attrs):
+    x = ts[0]
+    dim = _axis(attrs["dim"], x.rank)
+    if not -x.shape[dim] <= attrs["index"] < x.shape[dim]:
+        raise OpTypeError(f"index {attrs['index']} out of range for dim {dim} of size {x.shape[dim]}")
+    return x.with_shape(x.shape[:dim] + x.shape[dim + 1:])
+
+
+def _unsqueeze(ts, attrs):
+    x = ts[0]
+    dim = _axis(attrs["dim"], x.rank + 1)
+    return x.with_shape(x.shape[:dim] + (1,) + x.shape[dim:])
+
+
+def _squeeze(ts, attrs):
+    x = ts[0]
+    dims = {_axis(d, x.rank) for d in attrs["dims"]}
+    return x.with_shape(tuple(s for i, s in enumerate(x.shape) if not (i in dims and s == 1)))
+
+
+def _expand(ts, attrs):
+    x, shape = ts[0], attrs["shape"]
+    if len(shape) < x.rank:
+        raise OpTypeError(f"cannot expand {list(x.shape)} to fewer dims {list(shape)}")
+    for have, want in zip(x.shape[::-1], shape[::-1]):
+        if have != want and have != 1:
+            raise OpTypeError(f"cannot expand {list(x.shape)} to {list(shape)}")
+    return x.with_shape(tuple(shape))
+
+
+def _cat(ts, attrs):
+    dtype = _same_dtype(ts)
+    rank = ts[0].rank
+    dim = _axis(attrs["dim"], rank)
+    for t in ts[1:]:
+        if t.rank != rank or t.shape[:dim] + t.shape[dim + 1:] != ts[0].shape[:dim] + ts[0].shape[dim + 1:]:
+            raise OpTypeError(f"shapes {list(ts[0].shape)} and {list(t.shape)} differ outside dim {dim}")
+    return _tt(ts[0].shape[:dim] + (sum(t.shape[dim] for t in ts),) + ts[0].shape[dim + 1:], dtype)
+
+
+def _reduce(result_dtype: DType | None = None, float_only: bool = False):
+    def rule(ts, attrs):
+        x = ts[0]
+        if float_only:
+            _need_float(x)
+        dims = {_axis(d, x.rank) for d in attrs["dims"]} if attrs["dims"] else set(range(x.rank))
+        shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape)) if attrs["keepdim"] else tuple(
+            s for i, s in enumerate(x.shape) if i not in dims)
+        return _tt(shape, result_dtype or x.dtype)
+    return rule
+
+
+def _index(ts, attrs):
+    x, indices = ts[0], ts[1:]
+    for t in indices:
+        _need_int(t, "index")
+    if len(indices) > x.rank:
+        raise OpTypeError(f"{len(indices)} index tensors for rank {x.rank}")
+    return _tt(_broadcast(*[t.shape for t in indices]) + x.shape[len(indices):], x.dtype)
+
+
+def _where(ts, attrs):
+    cond, a, b = ts
+    if cond.dtype is not DType.BOOL:
+        raise OpTypeError(f"condition must be bool, got {cond.dtype}")
+    dtype = _same_dtype([a, b])
+    return _tt(_broadcast(cond.shape, a.shape, b.shape), dtype)
+
+
+def _arange(ts, attrs):
+    length = len(range(attrs["start"], attrs["end"], attrs["step"])) if attrs["step"] else -1
+    if length < 0:
+        raise OpTypeError("step must be non-zero")
+    return _tt((length,), attrs["dtype"])
+
+
+def _full(ts, attrs):
+    dtype, value = attrs["dtype"], attrs["value"]
+    if dtype.is_int and not (math.isfinite(value) and value == int(value)):
+        raise OpTypeError(f"value {value!r} is not an integer for dtype {dtype}")
+    return _tt(attrs["shape"], dtype)
+
+
+def _sdpa(ts, attrs):
+    q, k, v = ts[:3]
+    _need_float(q, "query")
+    _same_dtype([q, k, v])
+    if q.rank < 2 or k.rank != q.rank or v.rank != q.rank:
+        raise OpTypeError(f"query/key/value ranks differ or are < 2: {q.rank}, {k.rank}, {v.rank}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise OpTypeError(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not fit")
+    batch = _broadcast(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    if len(ts) == 4:
+        mask = ts[3]
+        if mask.dtype is not DType.BOOL and mask.dtype is not q.dtype:
+            raise OpTypeError(f"mask must be bool or {q.dtype}, got {mask.dtype}")
+        _broadcast(mask.shape, batch + (q.shape[-2], k.shape[-2]))
+    return _tt(batch + (q.shape[-2], v.shape[-1]), q.dtype)
+
+
+def _conv2d(ts, attrs):
+    x, w = ts[0], ts[1]
+    _need_float(x, "input")
+    _same_dtype(ts)
+    if x.rank != 4 or w.rank != 4:
+        raise OpTypeError(f"input and weight must be rank 4 (NCHW, OIHW), got {x.rank} and {w.rank}")
+    groups = attrs["groups"]
+    if groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        raise OpTypeError(f"channels do not fit: input {list(x.shape)}, weight {list(w.shape)}, groups {groups}")
+    if len(ts) == 3 and ts[2].shape != (w.shape[0],):
+        raise OpTypeError(f"bias shape {list(ts[2].shape)} is not [{w.shape[0]}]")
+    spatial = []
+    for i in range(2):
+        stride, pad, dil = attrs["stride"][i], attrs["padding"][i], attrs["dilation"][i]
+        size = (x.shape[2 + i] + 2 * pad - dil * (w.shape[2 + i] - 1) - 1) // stride + 1
+        if size < 1:
+            raise OpTypeError(f"kernel {list(w.shape[2:])} does not fit input {list(x.shape[2:])}")
+        spatial.append(size)
+    return _tt((x.shape[0], w.shape[0], *spatial), x.dtype)
+
+
+def _cast(ts, attrs):
+    return _tt(ts[0].shape, attrs["dtype"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+I, F, B, S, INTS, DT = (AttrKind.INT, AttrKind.FLOAT, AttrKind.BOOL, AttrKind.STR, AttrKind.INTS, AttrKind.DTYPE)
+_REDUCE_ATTRS = {"dims": A(INTS, ()), "keepdim": A(B, False)}
+
+_DEFS = [
+    OpDef("linear", ("input", "weight", "bias?"), {}, _linear, "y = x @ weight.T + bias"),
+    OpDef("matmul", ("lhs", "rhs"), {}, _matmul, "batched matrix product with broadcasting"),
+    OpDef("add", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("sub", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("mul", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("div", ("lhs", "rhs"), {}, _binary(float_only=True), "true division", elementwise=True),
+    OpDef("pow", ("lhs", "rhs"), {}, _binary(float_only=True), elementwise=True),
+    OpDef("maximum", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("minimum", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("eq", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
+    OpDef("ne", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
+    OpDef("lt", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
+    OpDef("le", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
+    OpDef("gt", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
+    OpDef("ge", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
+    OpDef("logical_and", ("lhs", "rhs"), {}, _logical, elementwise=True),
+    OpDef("logical_or", ("lhs", "rhs"), {}, _logical, elementwise=True),
+    OpDef("logical_not", ("input",), {}, _logical, elementwise=True),
+    OpDef("neg", ("input",), {}, _unary(False), elementwise=True),
+    OpDef("relu", ("input",), {}, _unary(False), elementwise=True),
+    OpDef("tanh", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("sigmoid", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("exp", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("sqrt", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("rsqrt", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("erf", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("gelu", ("input",), {"approximate": A(S, "none", choices=("none", "tanh"))}, _unary(True),
+          "GELU, exact (erf) or tanh approximation", elementwise=True),
+    OpDef("softmax", ("input",), {"dim": A(I, required=True)}, _softmax),
+    OpDef("layer_norm", ("input", "weight?", "bias?"),
+          {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-5)}, _layer_norm),
+    OpDef("embedding", ("weight", "indices"), {}, _embedding, "rows of weight picked by indices"),
+    OpDef("gather", ("input", "index"), {"dim": A(I, required=True)}, _gather, "torch.gather"),
+    OpDef("reshape", ("input",), {"shape": A(INTS, required=True)}, _reshape),
+    OpDef("permute", ("input",), {"dims": A(INTS, required=True)}, _permute),
+    OpDef("transpose", ("input",), {"dim0": A(I, required=True), "dim1": A(I, required=True)}, _transpose),
+    OpDef("slice", ("input",), {"dim": A(I, required=True), "start": A(I, 0), "end": A(I, None, optional=True),
+                                "step": A(I, 1)}, _slice, "python slice start:end:step along dim"),
+    OpDef("select", ("input",), {"dim": A(I, required=True), "index": A(I, required=True)}, _select),
+    OpDef("unsqueeze", ("input",), {"dim": A(I, required=True)}, _unsqueeze),
+    OpDef("squeeze", ("input",), {"dims": A(INTS, required=True)}, _squeeze),
+    OpDef("expand", ("input",), {"shape": A(INTS, required=True)}, _expand),
+    OpDef("cat", ("*inputs",), {"dim": A(I, required=True)}, _cat),
+    OpDef("mean", ("input",), dict(_REDUCE_ATTRS), _reduce(float_only=True), "mean over dims (all if empty)"),
+    OpDef("sum", ("input",), dict(_REDUCE_ATTRS), _reduce(), "sum over dims (all if empty)"),
+    OpDef("any", ("input",), dict(_REDUCE_ATTRS), _reduce(DType.BOOL), "logical or over dims (all if empty)"),
+    OpDef("index", ("input", "*indices"), {}, _index,
+          "advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer indices"),
+    OpDef("where", ("condition", "lhs", "rhs"), {}, _where, elementwise=True),
+    OpDef("arange", (), {"start": A(I, 0), "end": A(I, required=True), "step": A(I, 1), "dtype": A(DT, DType.I64)},
+          _arange),
+    OpDef("full", (), {"shape": A(INTS, required=True), "value": A(F, required=True),
+                       "dtype": A(DT, DType.F32)}, _full, "a tensor filled with one value (scalars: shape [])"),
+    OpDef("scaled_dot_product_attention", ("query", "key", "value", "mask?"),
+          {"is_causal": A(B, False), "scale": A(F, None, optional=True)}, _sdpa,
+          "softmax(q @ k^T * scale + mask) @ v; a bool mask keeps True positions"),
+    OpDef("conv2d", ("input", "weight", "bias?"),
+          {"stride": A(INTS, (1, 1)), "padding": A(INTS, (0, 0)), "dilation": A(INTS, (1, 1)), "groups": A(I, 1)},
+          _conv2d, "NCHW convolution"),
+    OpDef("cast", ("input",), {"dtype": A(DT, required=True)}, _cast),
+]
+
+OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}
+
+__all__ = ["OPS", "OpDef", "AttrKind", "AttrSpec", "OpTypeError", "promote"]

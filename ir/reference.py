@@ -1,0 +1,158 @@
+"""Reference semantics: one numpy implementation per op. This is the spec every executor
+and every hardware tier is tested against. Each kernel takes the operand arrays and the op's
+attributes and returns an array; the executor casts it to the op's declared dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from scipy import special
+
+from .dtypes import DType
+
+
+def _linear(x, w, b=None):
+    y = np.matmul(x, w.T)
+    return y if b is None else y + b
+
+
+def _softmax(x, dim):
+    shifted = x - np.max(x, axis=dim, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=dim, keepdims=True)
+
+
+def _safe_softmax(x, dim):
+    """Softmax whose fully masked (all -inf) rows give zeros, as torch's attention does."""
+    finite_max = np.max(x, axis=dim, keepdims=True)
+    dead = ~np.isfinite(finite_max)
+    e = np.exp(x - np.where(dead, 0, finite_max))
+    total = np.sum(e, axis=dim, keepdims=True)
+    return np.where(dead, 0, e / np.where(dead, 1, total))
+
+
+def _layer_norm(x, w=None, b=None, *, normalized_shape, eps):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + np.asarray(eps, dtype=x.dtype))
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _gelu(x, approximate):
+    if approximate == "tanh":
+        c = np.asarray(np.sqrt(2.0 / np.pi), dtype=x.dtype)
+        return 0.5 * x * (1 + np.tanh(c * (x + np.asarray(0.044715, dtype=x.dtype) * x ** 3)))
+    return 0.5 * x * (1 + special.erf(x / np.asarray(np.sqrt(2.0), dtype=x.dtype)))
+
+
+def _sdpa(q, k, v, mask=None, *, is_causal, scale):
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=q.dtype)
+    if is_causal:
+        causal = np.tril(np.ones(scores.shape[-2:], dtype=bool))
+        scores = np.where(causal, scores, -np.inf)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
+    return np.matmul(_safe_softmax(scores, -1).astype(q.dtype), v)
+
+
+def _conv2d(x, w, b=None, *, stride, padding, dilation, groups):
+    x = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    kh, kw = w.shape[2:]
+    span = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=(2, 3))
+    windows = windows[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
+    cin, cout = w.shape[1], w.shape[0] // groups
+    outs = [np.einsum("nchwij,ocij->nohw", windows[:, g * cin:(g + 1) * cin], w[g * cout:(g + 1) * cout])
+            for g in range(groups)]
+    y = np.concatenate(outs, axis=1)
+    return y if b is None else y + b[None, :, None, None]
+
+
+def _squeeze(x, dims):
+    return np.squeeze(x, axis=tuple(d for d in dims if x.shape[d] == 1))
+
+
+def _reduce(fn):
+    def kernel(x, dims, keepdim):
+        return fn(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
+    return kernel
+
+
+def _slice(x, dim, start, end, step):
+    index = [slice(None)] * x.ndim
+    index[dim] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _full(shape, value, dtype: DType):
+    return np.full(shape, value, dtype=dtype.numpy)
+
+
+def _cast(x, dtype: DType):
+    if dtype is DType.BOOL:
+        return x != 0
+    if dtype.is_int and np.issubdtype(x.dtype, np.floating):
+        x = np.trunc(x)
+    return x.astype(dtype.numpy)
+
+
+REFERENCE: dict[str, Callable[..., np.ndarray]] = {
+    "linear": _linear,
+    "matmul": np.matmul,
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "div": np.true_divide,
+    "pow": np.power,
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+    "eq": np.equal,
+    "ne": np.not_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "logical_and": np.logical_and,
+    "logical_or": np.logical_or,
+    "logical_not": np.logical_not,
+    "neg": np.negative,
+    "relu": lambda x: np.maximum(x, np.zeros((), dtype=x.dtype)),
+    "tanh": np.tanh,
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "exp": np.exp,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1 / np.sqrt(x),
+    "erf": special.erf,
+    "gelu": _gelu,
+    "softmax": _softmax,
+    "layer_norm": _layer_norm,
+    "embedding": lambda w, idx: w[idx],
+    "gather": lambda x, idx, dim: np.take_along_axis(x, idx, axis=dim),
+    "reshape": lambda x, shape: np.reshape(x, shape),
+    "permute": lambda x, dims: np.transpose(x, dims),
+    "transpose": lambda x, dim0, dim1: np.swapaxes(x, dim0, dim1),
+    "slice": _slice,
+    "select": lambda x, dim, index: np.take(x, index, axis=dim),
+    "unsqueeze": lambda x, dim: np.expand_dims(x, dim if dim >= 0 else x.ndim + 1 + dim),
+    "squeeze": _squeeze,
+    "expand": lambda x, shape: np.broadcast_to(x, shape),
+    "cat": lambda *xs, dim: np.concatenate(xs, axis=dim),
+    "mean": _reduce(np.mean),
+    "sum": _reduce(np.sum),
+    "any": _reduce(np.any),
+    "index": lambda x, *indices: x[tuple(indices)],
+    "where": np.where,
+    "arange": lambda start, end, step, dtype: np.arange(start, end, step, dtype=dtype.numpy),
+    "full": _full,
+    "scaled_dot_product_attention": _sdpa,
+    "conv2d": _conv2d,
+    "cast": _cast,
+}

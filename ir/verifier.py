@@ -1,0 +1,72 @@
+"""The verifier: rejects ill-formed or ill-typed graphs with a message naming the op."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dtypes import DType
+from .errors import VerifyError
+from .graph import Graph
+from .ops import OPS, OpTypeError
+
+
+def verify(graph: Graph) -> Graph:
+    """Check SSA form, every op's operands, attributes and type, the outputs and the weights.
+    Returns the graph so calls chain; raises `VerifyError` on the first problem."""
+    defined: dict = {}
+
+    def define(name: str, type_, what: str) -> None:
+        if not name:
+            raise VerifyError(f"{what} has an empty name")
+        if name in defined:
+            raise VerifyError(f"{what} '{name}' is defined twice")
+        defined[name] = type_
+
+    for name, t in graph.inputs:
+        define(name, t, "input")
+    for name, t in graph.constants:
+        define(name, t, "constant")
+        _check_weight(graph, name, t)
+    for op in graph.ops:
+        where = f"op %{op.result} = {op.kind}"
+        opdef = OPS.get(op.kind)
+        if opdef is None:
+            raise VerifyError(f"{where}: unknown op '{op.kind}'")
+        for operand in op.operands:
+            if operand not in defined:
+                raise VerifyError(f"{where}: operand '{operand}' is not defined before use")
+        try:
+            normalized = opdef.normalize_attrs(dict(op.attrs))
+            if normalized != op.attrs:
+                raise ValueError("attributes are not in normalized form")
+            inferred = opdef.infer([defined[o] for o in op.operands], dict(op.attrs))
+        except (ValueError, OpTypeError) as e:
+            raise VerifyError(f"{where}: {e}") from None
+        if (inferred.shape, inferred.dtype) != (op.type.shape, op.type.dtype):
+            raise VerifyError(f"{where}: result declared {op.type} but operands give "
+                              f"{inferred.dtype}[{','.join(map(str, inferred.shape))}]")
+        define(op.result, op.type, "result")
+    if not graph.outputs:
+        raise VerifyError("graph has no outputs")
+    for name in graph.outputs:
+        if name not in defined:
+            raise VerifyError(f"output '{name}' is not defined")
+    extra = set(graph.weights) - set(graph.constant_names)
+    if extra:
+        raise VerifyError(f"weight '{sorted(extra)[0]}' has no constant declaration")
+    return graph
+
+
+def _check_weight(graph: Graph, name: str, t) -> None:
+    array = graph.weights.get(name)
+    if array is None:
+        raise VerifyError(f"constant '{name}' has no weight")
+    if tuple(array.shape) != t.shape:
+        raise VerifyError(f"constant '{name}': weight shape {list(array.shape)} differs from declared {t}")
+    if array.dtype != t.dtype.numpy:
+        raise VerifyError(f"constant '{name}': weight dtype {array.dtype} is not the storage of {t.dtype}")
+    if t.dtype is DType.B1 and array.size and not np.all(np.abs(array) == 1):
+        raise VerifyError(f"constant '{name}': b1 weight holds values other than +1/-1")
+    bounds = t.dtype.value_range
+    if t.dtype is DType.I4 and array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
+        raise VerifyError(f"constant '{name}': i4 weight holds values outside [{bounds[0]}, {bounds[1]}]")

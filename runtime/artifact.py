@@ -1,0 +1,207 @@
+"""The artifact: one directory written atomically by `tcc compile`, read by `tcc run`.
+
+    manifest.json        versions, target, passes run, input/output signature, file hashes
+    graph.tcc            the IR text
+    weights.npz          the constants by name (no pickles: loaded with allow_pickle=False)
+    plan.json            the reference backend's plan
+    example_inputs.npz   example inputs by input name, when the model came with them
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from tcc.backends.reference.plan import ReferencePlan
+from tcc.ir.errors import ParseError, TccError, VerifyError
+from tcc.ir.graph import Graph
+from tcc.ir.parser import parse_graph
+from tcc.ir.printer import print_graph
+from tcc.ir.types import TensorType
+
+from .numpy_executor import NumpyExecutor
+from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
+
+FORMAT = "tcc-artifact"
+FORMAT_VERSION = 1
+EXECUTORS = ("cpu", "gpu", "numpy")
+
+
+@dataclass
+class Artifact:
+    """A compiled model: the IR graph, how its inputs/outputs map to Python values, the plan
+    and the manifest. `run(inputs, on=...)` executes it; `save(path)` writes it atomically."""
+
+    graph: Graph
+    signature: dict  # {"input_names": [...], "output_form": "tensor|tuple|dict", "output_keys": [...]}
+    plan: ReferencePlan
+    manifest: dict
+    example_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    path: Path | None = None
+    _executors: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- running ------------------------------------------------------------------------------
+    def executor(self, on: str):
+        """The executor for `on` (cpu, gpu or numpy), built once."""
+        if on not in EXECUTORS:
+            raise TccError(f"unknown executor '{on}' (choose {', '.join(EXECUTORS)})")
+        if on not in self._executors:
+            self._executors[on] = NumpyExecutor(self.graph) if on == "numpy" else TorchExecutor(
+                self.graph, resolve_device(on))
+        return self._executors[on]
+
+    def flatten_inputs(self, inputs: Any) -> list[np.ndarray | torch.Tensor]:
+        """Positional list of graph inputs from a tensor, sequence or dict, checked against the
+        graph's input types."""
+        graph_inputs = self.graph.inputs
+        if isinstance(inputs, Mapping):
+            missing = [n for n, _ in graph_inputs if n not in inputs]
+            extra = [k for k in inputs if k not in dict(graph_inputs)]
+            if missing or extra:
+                problem = f"missing input '{missing[0]}'" if missing else f"unknown input '{extra[0]}'"
+                raise TccError(f"{problem} (the model takes {', '.join(n for n, _ in graph_inputs)})")
+            values = [inputs[n] for n, _ in graph_inputs]
+        else:
+            values = [inputs] if isinstance(inputs, (torch.Tensor, np.ndarray)) else list(inputs)
+            if len(values) != len(graph_inputs):
+                raise TccError(f"the model takes {len(graph_inputs)} inputs "
+                               f"({', '.join(n for n, _ in graph_inputs)}), got {len(values)}")
+        for (name, expected), value in zip(graph_inputs, values):
+            _check_input(name, expected, value)
+        return values
+
+    def run(self, inputs: Any = None, on: str = "cpu") -> Any:
+        """Run on `cpu` or `gpu` (torch executor) or `numpy` (the reference spec). Without inputs,
+        the example inputs stored in the artifact are used. Returns a tensor, tuple or dict of
+        torch tensors, shaped like the original model's outputs."""
+        if inputs is None:
+            if not self.example_inputs:
+                raise TccError("no inputs given and the artifact stores no example inputs")
+            inputs = self.example_inputs
+        values = self.flatten_inputs(inputs)
+        executor = self.executor(on)
+        if on == "numpy":
+            outputs = [torch.from_numpy(np.array(o)) for o in executor(*[_to_numpy(v) for v in values])]
+        else:
+            outputs = [o.cpu() for o in executor.run([_to_torch(v) for v in values])]
+        return self.structure_outputs(outputs)
+
+    def structure_outputs(self, outputs: Sequence[torch.Tensor]) -> Any:
+        form = self.signature["output_form"]
+        if form == "tensor" and len(outputs) == 1:
+            return outputs[0]
+        if form == "dict":
+            return dict(zip(self.signature["output_keys"], outputs))
+        return tuple(outputs)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def files(self) -> dict[str, bytes]:
+        weights = io.BytesIO()
+        np.savez(weights, **dict(self.graph.weights))
+        files = {"graph.tcc": print_graph(self.graph).encode(), "weights.npz": weights.getvalue(),
+                 "plan.json": self.plan.to_json().encode()}
+        if self.example_inputs:
+            examples = io.BytesIO()
+            np.savez(examples, **self.example_inputs)
+            files["example_inputs.npz"] = examples.getvalue()
+        return files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact directory atomically: build it beside `path`, then rename it into
+        place. An existing artifact at `path` is replaced; any other existing path is an error."""
+        path = Path(path)
+        if path.exists() and not (path / "manifest.json").is_file():
+            raise TccError(f"{path}: exists and is not a tcc artifact; refusing to overwrite it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files = self.files()
+        manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
+                        files={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if path.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, retired / "artifact")
+                os.replace(staging, path)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.manifest, self.path = manifest, path
+        return path
+
+
+def _check_input(name: str, expected: TensorType, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        shape, ok_dtype, got = tuple(value.shape), value.dtype == TORCH_DTYPES[expected.dtype], str(value.dtype)
+    elif isinstance(value, np.ndarray):
+        shape, ok_dtype, got = value.shape, value.dtype == expected.dtype.numpy, str(value.dtype)
+    else:
+        raise TccError(f"input '{name}': expected a tensor {expected}, got {type(value).__name__}")
+    if shape != expected.shape or not ok_dtype:
+        raise TccError(f"input '{name}': expected {expected}, got {got.replace('torch.', '')}{list(shape)}")
+
+
+def _to_torch(value) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+
+
+def _to_numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _read_npz(data: bytes, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise TccError(f"{what}: cannot be read ({e})") from None
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Load an artifact directory, checking the manifest, file hashes, graph and plan."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise TccError(f"{path}: no such artifact directory")
+    if not manifest_path.is_file():
+        raise TccError(f"{path}: not a tcc artifact (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise TccError(f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise TccError(f"{manifest_path}: not a version-{FORMAT_VERSION} tcc artifact manifest")
+    data = {}
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise TccError(f"{file}: missing from the artifact")
+        data[name] = file.read_bytes()
+        if hashlib.sha256(data[name]).hexdigest() != digest:
+            raise TccError(f"{file}: contents do not match the manifest's hash (corrupted or edited)")
+    weights = _read_npz(data["weights.npz"], str(path / "weights.npz"))
+    try:
+        graph = parse_graph(data["graph.tcc"].decode(), weights, source=str(path / "graph.tcc"))
+    except (ParseError, VerifyError) as e:
+        raise TccError(str(e)) from None
+    plan = ReferencePlan.from_json(data["plan.json"].decode())
+    plan.check_against(graph)
+    examples = _read_npz(data["example_inputs.npz"], str(path / "example_inputs.npz")) \
+        if "example_inputs.npz" in data else {}
+    return Artifact(graph, manifest["signature"], plan, manifest, examples, path)

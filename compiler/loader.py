@@ -125,6 +125,23 @@ class _Capture(logging.Handler):
 
 
 def _load_exported(path: Path) -> torch.export.ExportedProgram:
+    """torch.export.load. Output types of installed libraries (e.g. Hugging Face ModelOutputs)
+    register themselves for deserialization when their module is imported: a first failure
+    naming such a type imports its module (never code from the file) and loads again."""
+    try:
+        return _load_exported_once(path)
+    except TccError as e:
+        m = re.search(r"Deserializing ([A-Za-z_][\w.]*)\.\w+ in pytree is not registered", str(e))
+        if not m:
+            raise
+        try:
+            importlib.import_module(m.group(1))
+        except ImportError:
+            raise e from None
+        return _load_exported_once(path)
+
+
+def _load_exported_once(path: Path) -> torch.export.ExportedProgram:
     """torch.export.load, with the cause torch logs (as a traceback) turned into one line."""
     logger = logging.getLogger("torch.export")
     capture, propagate, handlers = _Capture(), logger.propagate, logger.handlers

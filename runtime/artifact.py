@@ -106,17 +106,6 @@ class Artifact:
         return tuple(outputs)
 
     # -- persistence ----------------------------------------------------------------------------
-    def files(self) -> dict[str, bytes]:
-        weights = io.BytesIO()
-        np.savez(weights, **dict(self.graph.weights))
-        files = {"graph.tcc": print_graph(self.graph).encode(), "weights.npz": weights.getvalue(),
-                 "plan.json": self.plan.to_json().encode()}
-        if self.example_inputs:
-            examples = io.BytesIO()
-            np.savez(examples, **self.example_inputs)
-            files["example_inputs.npz"] = examples.getvalue()
-        return files
-
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: build it beside `path`, then rename it into
         place. An existing artifact at `path` is replaced; any other existing path is an error."""
@@ -124,13 +113,17 @@ class Artifact:
         if path.exists() and not (path / "manifest.json").is_file():
             raise TccError(f"{path}: exists and is not a tcc artifact; refusing to overwrite it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        files = self.files()
-        manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
-                        files={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            for name, data in files.items():
-                (staging / name).write_bytes(data)
+            hashes = {
+                "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
+                "weights.npz": _write_npz(staging / "weights.npz", self.graph.weights),
+                "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
+            }
+            if self.example_inputs:
+                hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
+            manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
+                            files=hashes)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if path.exists():
                 retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
@@ -144,6 +137,41 @@ class Artifact:
             raise
         self.manifest, self.path = manifest, path
         return path
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only, unseekable file that hashes what passes through it, so that zipfile
+    streams the archive in one pass and the hash costs no second read."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+
+def _write(file: Path, data: bytes) -> str:
+    file.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_npz(file: Path, arrays: Mapping[str, np.ndarray]) -> str:
+    with open(file, "wb") as raw:
+        writer = _HashingWriter(raw)
+        np.savez(writer, **dict(arrays))
+        return writer.digest.hexdigest()
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_input(name: str, expected: TensorType, value: Any) -> None:
@@ -165,12 +193,12 @@ def _to_numpy(value) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
-def _read_npz(data: bytes, what: str) -> dict[str, np.ndarray]:
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with np.load(file, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise TccError(f"{what}: cannot be read ({e})") from None
+        raise TccError(f"{file}: cannot be read ({e})") from None
 
 
 def load(path: str | os.PathLike) -> Artifact:
@@ -187,21 +215,18 @@ def load(path: str | os.PathLike) -> Artifact:
         raise TccError(f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise TccError(f"{manifest_path}: not a version-{FORMAT_VERSION} tcc artifact manifest")
-    data = {}
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():
             raise TccError(f"{file}: missing from the artifact")
-        data[name] = file.read_bytes()
-        if hashlib.sha256(data[name]).hexdigest() != digest:
+        if _sha256(file) != digest:
             raise TccError(f"{file}: contents do not match the manifest's hash (corrupted or edited)")
-    weights = _read_npz(data["weights.npz"], str(path / "weights.npz"))
+    weights = _read_npz(path / "weights.npz")
     try:
-        graph = parse_graph(data["graph.tcc"].decode(), weights, source=str(path / "graph.tcc"))
+        graph = parse_graph((path / "graph.tcc").read_text(), weights, source=str(path / "graph.tcc"))
     except (ParseError, VerifyError) as e:
         raise TccError(str(e)) from None
-    plan = ReferencePlan.from_json(data["plan.json"].decode())
+    plan = ReferencePlan.from_json((path / "plan.json").read_text())
     plan.check_against(graph)
-    examples = _read_npz(data["example_inputs.npz"], str(path / "example_inputs.npz")) \
-        if "example_inputs.npz" in data else {}
+    examples = _read_npz(path / "example_inputs.npz") if "example_inputs.npz" in manifest["files"] else {}
     return Artifact(graph, manifest["signature"], plan, manifest, examples, path)

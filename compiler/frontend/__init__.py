@@ -16,7 +16,7 @@ from tcc.passes import DeadCodeElimination, FoldConstants, PassContext
 from tcc.runtime.torch_executor import dtype_from_torch
 
 from .converters import convert_node, is_tensor_like
-from .lowering import Lowerer, Value, lower_nodes
+from .lowering import Lowerer, UnsupportedError, Value, lower_nodes
 
 # Ops kept whole instead of decomposed to core ATen.
 KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu")
@@ -77,11 +77,19 @@ def _finish(lowerer: Lowerer, outputs: list[Value]) -> Graph:
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") -> tuple[Graph, Signature]:
-    """Lower an ExportedProgram, keeping linear, SDPA, layer_norm and gelu whole."""
-    table = torch.export.default_decompositions()
-    for op in KEPT_WHOLE:
-        table.pop(getattr(torch.ops.aten, op).default, None)
-    ep = ep.run_decompositions(table)
+    """Lower an ExportedProgram. The graph is lowered as exported when every op has a converter;
+    otherwise it is decomposed to core ATen (keeping linear, SDPA, layer_norm and gelu whole)
+    and lowered again."""
+    try:
+        return _lower_program(ep, name)
+    except UnsupportedError:
+        table = torch.export.default_decompositions()
+        for op in KEPT_WHOLE:
+            table.pop(getattr(torch.ops.aten, op).default, None)
+        return _lower_program(ep.run_decompositions(table), name)
+
+
+def _lower_program(ep: torch.export.ExportedProgram, name: str) -> tuple[Graph, Signature]:
     graph = ep.graph_module.graph
     lowerer = Lowerer(name, {n: n.meta.get("val") for n in graph.nodes})
     env: dict[fx.Node, Any] = {}

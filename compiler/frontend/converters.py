@@ -199,8 +199,8 @@ def _logical(kind: str):
     return convert
 
 
-converts(aten.bitwise_and, aten.logical_and, operator.and_, torch.logical_and)(_logical("logical_and"))
-converts(aten.bitwise_or, aten.logical_or, operator.or_, torch.logical_or)(_logical("logical_or"))
+converts(aten.bitwise_and, aten.logical_and, aten.__and__, operator.and_, torch.logical_and)(_logical("logical_and"))
+converts(aten.bitwise_or, aten.logical_or, aten.__or__, operator.or_, torch.logical_or)(_logical("logical_or"))
 
 
 @converts(aten.logical_not, aten.bitwise_not, torch.logical_not, operator.invert)
@@ -291,8 +291,8 @@ def index(cx: Lowerer, input, indices):
 # ------------------------------------------------------------------------------------------------
 # shapes and layout
 
-@converts(aten.view, aten.reshape, aten._unsafe_view, torch.reshape, torch.flatten, "method:view",
-          "method:reshape", "method:flatten")
+@converts(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, torch.reshape, torch.flatten,
+          "method:view", "method:reshape", "method:flatten", "method:unflatten")
 def reshape(cx: Lowerer, x, *shape, **_):
     return _to_shape(cx, "reshape", x)
 

@@ -93,7 +93,7 @@ class Lowerer:
             array, dtype = tensor.float().numpy(), DType.BF16
         else:
             array, dtype = tensor.numpy(), dtype_from_torch(tensor.dtype)
-        return Value(self.builder.constant(name, np.array(array), dtype))
+        return Value(self.builder.constant(name, array, dtype))
 
     def parameter(self, path: str) -> Value:
         """The constant holding parameter or buffer `path` (created on first use)."""

@@ -16,7 +16,7 @@ from .errors import VerifyError
 from .ops import OPS, OpTypeError
 from .types import TensorType
 
-NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
+NAME = re.compile(r"[A-Za-z0-9_.]+")  # what the text form spells after % and @
 
 
 @dataclass(frozen=True)

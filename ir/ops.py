@@ -18,6 +18,9 @@ from .dtypes import DType, promote
 from .types import TensorType
 
 
+CANONICAL_NAN = float("nan")  # one nan object, so attribute tuples holding nan compare equal
+
+
 class OpTypeError(Exception):
     """Raised by a type rule; the verifier prefixes the op and result it came from."""
 
@@ -51,7 +54,7 @@ class AttrSpec:
         if kind is AttrKind.INT and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             return int(value)
         if kind is AttrKind.FLOAT and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-            return float(value)
+            return CANONICAL_NAN if math.isnan(value) else float(value)
         if kind is AttrKind.STR and isinstance(value, str):
             if self.choices and value not in self.choices:
                 raise ValueError(f"attribute '{key}' is '{value}', expected one of {', '.join(self.choices)}")
@@ -147,6 +150,11 @@ def _need_int(t: TensorType, what: str) -> None:
         raise OpTypeError(f"{what} must be an integer tensor, got {t.dtype}")
 
 
+def _need_index(t: TensorType, what: str) -> None:
+    if t.dtype not in (DType.I32, DType.I64):
+        raise OpTypeError(f"{what} must be i32 or i64, got {t.dtype}")
+
+
 def _tt(shape, dtype: DType) -> TensorType:
     return TensorType(tuple(int(d) for d in shape), dtype)
 
@@ -154,11 +162,13 @@ def _tt(shape, dtype: DType) -> TensorType:
 # ---------------------------------------------------------------------------------------------
 # type rules
 
-def _binary(result_bool: bool = False, float_only: bool = False):
+def _binary(result_bool: bool = False, float_only: bool = False, no_bool: bool = False):
     def rule(ts, attrs):
         dtype = _same_dtype(ts)
         if float_only:
             _need_float(ts[0])
+        if no_bool and dtype is DType.BOOL:
+            raise OpTypeError("operands must not be bool")
         return _tt(_broadcast(ts[0].shape, ts[1].shape), DType.BOOL if result_bool else dtype)
     return rule
 
@@ -174,6 +184,8 @@ def _unary(float_only: bool):
     def rule(ts, attrs):
         if float_only:
             _need_float(ts[0])
+        if ts[0].dtype is DType.BOOL:
+            raise OpTypeError("operand must not be bool")
         return _tt(ts[0].shape, ts[0].dtype)
     return rule
 
@@ -232,13 +244,13 @@ def _embedding(ts, attrs):
     w, idx = ts
     if w.rank != 2:
         raise OpTypeError(f"weight must be rank 2, got shape {list(w.shape)}")
-    _need_int(idx, "indices")
+    _need_index(idx, "indices")
     return _tt(idx.shape + w.shape[1:], w.dtype)
 
 
 def _gather(ts, attrs):
     x, idx = ts
-    _need_int(idx, "index")
+    _need_index(idx, "index")
     _axis(attrs["dim"], x.rank)
     if idx.rank != x.rank:
         raise OpTypeError(f"index rank {idx.rank} differs from input rank {x.rank}")
@@ -317,11 +329,13 @@ def _cat(ts, attrs):
     return _tt(ts[0].shape[:dim] + (sum(t.shape[dim] for t in ts),) + ts[0].shape[dim + 1:], dtype)
 
 
-def _reduce(result_dtype: DType | None = None, float_only: bool = False):
+def _reduce(result_dtype: DType | None = None, float_only: bool = False, numeric: bool = False):
     def rule(ts, attrs):
         x = ts[0]
         if float_only:
             _need_float(x)
+        if numeric and x.dtype is DType.BOOL:
+            raise OpTypeError("operand must not be bool (cast it first)")
         dims = {_axis(d, x.rank) for d in attrs["dims"]} if attrs["dims"] else set(range(x.rank))
         shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape)) if attrs["keepdim"] else tuple(
             s for i, s in enumerate(x.shape) if i not in dims)
@@ -332,7 +346,7 @@ def _reduce(result_dtype: DType | None = None, float_only: bool = False):
 def _index(ts, attrs):
     x, indices = ts[0], ts[1:]
     for t in indices:
-        _need_int(t, "index")
+        _need_index(t, "index")
     if len(indices) > x.rank:
         raise OpTypeError(f"{len(indices)} index tensors for rank {x.rank}")
     return _tt(_broadcast(*[t.shape for t in indices]) + x.shape[len(indices):], x.dtype)
@@ -371,6 +385,8 @@ def _sdpa(ts, attrs):
     batch = _broadcast(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     if len(ts) == 4:
         mask = ts[3]
+        if attrs["is_causal"]:
+            raise OpTypeError("is_causal and an explicit mask are exclusive")
         if mask.dtype is not DType.BOOL and mask.dtype is not q.dtype:
             raise OpTypeError(f"mask must be bool or {q.dtype}, got {mask.dtype}")
         _broadcast(mask.shape, batch + (q.shape[-2], k.shape[-2]))
@@ -412,7 +428,7 @@ _DEFS = [
     OpDef("linear", ("input", "weight", "bias?"), {}, _linear, "y = x @ weight.T + bias"),
     OpDef("matmul", ("lhs", "rhs"), {}, _matmul, "batched matrix product with broadcasting"),
     OpDef("add", ("lhs", "rhs"), {}, _binary(), elementwise=True),
-    OpDef("sub", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("sub", ("lhs", "rhs"), {}, _binary(no_bool=True), elementwise=True),
     OpDef("mul", ("lhs", "rhs"), {}, _binary(), elementwise=True),
     OpDef("div", ("lhs", "rhs"), {}, _binary(float_only=True), "true division", elementwise=True),
     OpDef("pow", ("lhs", "rhs"), {}, _binary(float_only=True), elementwise=True),
@@ -453,7 +469,7 @@ _DEFS = [
     OpDef("expand", ("input",), {"shape": A(INTS, required=True)}, _expand),
     OpDef("cat", ("*inputs",), {"dim": A(I, required=True)}, _cat),
     OpDef("mean", ("input",), dict(_REDUCE_ATTRS), _reduce(float_only=True), "mean over dims (all if empty)"),
-    OpDef("sum", ("input",), dict(_REDUCE_ATTRS), _reduce(), "sum over dims (all if empty)"),
+    OpDef("sum", ("input",), dict(_REDUCE_ATTRS), _reduce(numeric=True), "sum over dims (all if empty)"),
     OpDef("any", ("input",), dict(_REDUCE_ATTRS), _reduce(DType.BOOL), "logical or over dims (all if empty)"),
     OpDef("index", ("input", "*indices"), {}, _index,
           "advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer indices"),

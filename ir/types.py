@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .dtypes import DType
 from .encoding import DENSE, Encoding
-from .quant import PerChannel, Quant
+from .quant import PerChannel, PerTensor, Quant
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class TensorType:
         return (self.numel * self.dtype.bits + 7) // 8
 
     def with_shape(self, shape: tuple[int, ...]) -> "TensorType":
-        return TensorType(tuple(shape), self.dtype, self.encoding, self.quant)
+        """Same element type with a new shape: dense; per-tensor quantization carries over,
+        per-channel does not (its axis need not survive a layout change)."""
+        return TensorType(tuple(shape), self.dtype, quant=self.quant if isinstance(self.quant, PerTensor) else None)
 
     def __str__(self) -> str:
         text = f"{self.dtype}[{','.join(map(str, self.shape))}]"

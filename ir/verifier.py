@@ -6,7 +6,7 @@ import numpy as np
 
 from .dtypes import DType
 from .errors import VerifyError
-from .graph import Graph
+from .graph import NAME, Graph
 from .ops import OPS, OpTypeError
 
 
@@ -14,10 +14,12 @@ def verify(graph: Graph) -> Graph:
     """Check SSA form, every op's operands, attributes and type, the outputs and the weights.
     Returns the graph so calls chain; raises `VerifyError` on the first problem."""
     defined: dict = {}
+    if not NAME.fullmatch(graph.name):
+        raise VerifyError(f"graph name '{graph.name}' is not a valid name ([A-Za-z0-9_.]+)")
 
     def define(name: str, type_, what: str) -> None:
-        if not name:
-            raise VerifyError(f"{what} has an empty name")
+        if not NAME.fullmatch(name):
+            raise VerifyError(f"{what} name '{name}' is not a valid name ([A-Za-z0-9_.]+)")
         if name in defined:
             raise VerifyError(f"{what} '{name}' is defined twice")
         defined[name] = type_
@@ -45,7 +47,7 @@ def verify(graph: Graph) -> Graph:
         if (inferred.shape, inferred.dtype) != (op.type.shape, op.type.dtype):
             raise VerifyError(f"{where}: result declared {op.type} but operands give "
                               f"{inferred.dtype}[{','.join(map(str, inferred.shape))}]")
-        define(op.result, op.type, "result")
+        define(op.result, op.type, where + ": result")
     if not graph.outputs:
         raise VerifyError("graph has no outputs")
     for name in graph.outputs:

@@ -94,7 +94,7 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "expand": lambda x, shape: x.expand(shape),
     "cat": lambda *xs, dim: torch.cat(xs, dim),
     "mean": _reduce(torch.mean),
-    "sum": _reduce(torch.sum),
+    "sum": lambda x, dims, keepdim: torch.sum(x, dim=dims or tuple(range(x.dim())), keepdim=keepdim, dtype=x.dtype),
     "any": _reduce(torch.any),
     "index": lambda x, *indices: x[indices],
     "where": torch.where,

@@ -1,0 +1,50 @@
+"""Shared fixtures: zoo models built once per session, and the CLI run in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcc import zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=None)
+def built(name: str):
+    """(model, example_inputs) of a zoo model, built once."""
+    return zoo.build(name)
+
+
+def eager_outputs(model, inputs) -> list[torch.Tensor]:
+    from tcc.frontend import split_inputs
+    args, kwargs = split_inputs(inputs)
+    with torch.no_grad():
+        return list(torch.utils._pytree.tree_leaves(model(*args, **kwargs)))
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = torch.as_tensor(actual).double(), expected.double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m tcc ARGS` in a subprocess; returns the completed process."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "tcc", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()

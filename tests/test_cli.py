@@ -1,0 +1,179 @@
+"""The CLI end to end in a subprocess, every model-file kind, and every bad-input case:
+exit code 2, one line naming the problem, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import built, eager_outputs, max_relative_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Model and input files of every kind, from the bert-style zoo model."""
+    d = tmp_path_factory.mktemp("models")
+    model, (ids, mask) = built("bert-style")
+    torch.export.save(torch.export.export(model, (ids, mask)), d / "model.pt2")
+    torch.jit.trace(model, (ids, mask)).save(d / "scripted.pt")
+    torch.save(model.state_dict(), d / "weights.pt")
+    torch.save(model, d / "pickled.pt")
+    torch.save({"input_ids": ids, "attention_mask": mask}, d / "inputs.pt")
+    torch.save((ids, mask), d / "inputs_tuple.pt")
+    np.savez(d / "inputs.npz", input_ids=ids.numpy(), attention_mask=mask.numpy())
+    np.save(d / "wrong.npy", np.zeros((2, 16), np.float32))
+    (d / "text.pt").write_text("not a model")
+    (d / "truncated.pt2").write_bytes((d / "model.pt2").read_bytes()[:5000])
+    return d
+
+
+@pytest.fixture(scope="module")
+def artifact(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "bert"
+    result = run_cli("compile", files / "model.pt2", "--target", "cpu", "-o", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _expected():
+    model, inputs = built("bert-style")
+    return eager_outputs(model, inputs)
+
+
+@pytest.mark.parametrize("inputs_file", ["inputs.pt", "inputs_tuple.pt", "inputs.npz"])
+@pytest.mark.parametrize("on", ["cpu", "numpy"])
+def test_run_matches_eager(files, artifact, tmp_path, inputs_file, on):
+    out = tmp_path / "y.pt"
+    result = run_cli("run", artifact, "--input", files / inputs_file, "--on", on, "-o", out)
+    assert result.returncode == 0, result.stderr
+    outputs = torch.load(out, weights_only=True)
+    assert isinstance(outputs, tuple) and len(outputs) == 2
+    for actual, expected in zip(outputs, _expected()):
+        assert max_relative_error(actual, expected) < 1e-5
+
+
+def test_artifact_contents_and_no_pickles(artifact):
+    names = {p.name for p in artifact.iterdir()}
+    assert {"manifest.json", "graph.tcc", "weights.npz", "plan.json", "example_inputs.npz"} <= names
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "cpu" and manifest["pipeline"] == ["fold-constants", "dce"]
+    assert set(manifest["files"]) == names - {"manifest.json"}
+    with np.load(artifact / "weights.npz", allow_pickle=False) as weights:
+        assert "tokens.weight" in weights.files
+    assert not any(p.suffix in (".pkl", ".pt") for p in artifact.iterdir())
+
+
+def test_inspect_json(artifact):
+    result = run_cli("inspect", artifact, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    model, _ = built("bert-style")
+    # the position embedding (64 x 32) is folded into the 16 x 32 rows the model looks up
+    assert info["params"] == sum(p.numel() for p in model.parameters()) - 64 * 32 + 16 * 32
+    assert info["ops"]["linear"] == 13 and info["flops"] > 0
+    const = {c["name"]: c for c in info["constants"]}["layers.0.query.weight"]
+    assert const == {"name": "layers.0.query.weight", "shape": [32, 32], "dtype": "f32", "encoding": "dense",
+                     "sparsity": 0.0, "bytes": 32 * 32 * 4}
+    text = run_cli("inspect", artifact)
+    assert "layers.0.query.weight" in text.stdout and "parameters" in text.stdout
+
+
+def test_targets(cli):
+    result = cli("targets", "--json")
+    assert {t["name"] for t in json.loads(result.stdout)} >= {"cpu", "gpu"}
+
+
+@pytest.mark.parametrize("kind,args", [
+    ("state_dict", ["weights.pt", "--arch", "tcc.zoo:BertStyleEncoder"]),
+    ("pickle", ["pickled.pt", "--trust-pickle"]),
+    ("torchscript", ["scripted.pt"]),
+])
+def test_other_model_kinds(files, tmp_path, kind, args):
+    out = tmp_path / "a"
+    file, *rest = args
+    result = run_cli("compile", files / file, *rest, "--input-shape", "2x16:i64", "--input-shape", "2x16:i64",
+                     "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert f"({kind})" in result.stdout
+    y = tmp_path / "y.pt"
+    assert run_cli("run", out, "--input", files / "inputs_tuple.pt", "-o", y).returncode == 0
+    for actual, expected in zip(torch.load(y, weights_only=True), _expected()):
+        assert max_relative_error(actual, expected) < 1e-5
+
+
+BAD = [
+    (["compile", "{d}/missing.pt", "-o", "{t}/o"], "missing.pt: no such file"),
+    (["compile", "{d}/text.pt", "-o", "{t}/o"], "not a PyTorch model file"),
+    (["compile", "{d}/truncated.pt2", "-o", "{t}/o"], "truncated or corrupt archive"),
+    (["compile", "{d}/model.pt2", "--target", "fpga-smal", "-o", "{t}/o"], "unknown target 'fpga-smal'"),
+    (["compile", "{d}/pickled.pt", "--input-shape", "2x16:i64", "-o", "{t}/o"], "--trust-pickle"),
+    (["compile", "{d}/weights.pt", "--input-shape", "2x16:i64", "-o", "{t}/o"], "pass --arch module:Class"),
+    (["compile", "{d}/scripted.pt", "-o", "{t}/o"], "pass --input-shape"),
+    (["compile", "{d}/model.pt2", "--input-shape", "2x16:q7", "-o", "{t}/o"], "unknown dtype 'q7'"),
+    (["run", "{a}", "--input", "{d}/wrong.npy"], "the model takes 2 inputs"),
+    (["run", "{a}", "--input", "{d}/text.pt"], "cannot read inputs"),
+    (["run", "{t}/nothing"], "no such artifact directory"),
+    (["run", "{a}", "--on", "gpu"] if not torch.cuda.is_available() else ["run", "{t}/nothing"], "no"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_exit_2(files, artifact, tmp_path, argv, message):
+    argv = [a.format(d=files, t=tmp_path, a=artifact) for a in argv]
+    result = run_cli(*argv)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tcc: error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no staging left behind
+
+
+def test_wrong_input_shape_and_dtype(files, artifact, tmp_path):
+    model, (ids, mask) = built("bert-style")
+    torch.save({"input_ids": ids.float(), "attention_mask": mask}, tmp_path / "f.pt")
+    result = run_cli("run", artifact, "--input", tmp_path / "f.pt")
+    assert result.returncode == 2
+    assert "input 'input_ids': expected i64[2,16], got float32[2, 16]" in result.stderr
+    torch.save((ids[:, :8], mask[:, :8]), tmp_path / "s.pt")
+    result = run_cli("run", artifact, "--input", tmp_path / "s.pt")
+    assert result.returncode == 2 and "expected i64[2,16], got int64[2, 8]" in result.stderr
+
+
+def test_unsupported_op_from_file(tmp_path):
+    class Sorts(torch.nn.Module):
+        def forward(self, x):
+            return torch.sort(x, dim=-1).values
+
+    torch.export.save(torch.export.export(Sorts(), (torch.randn(2, 3),)), tmp_path / "s.pt2")
+    result = run_cli("compile", tmp_path / "s.pt2", "-o", tmp_path / "o")
+    assert result.returncode == 2
+    assert "unsupported op aten.sort" in result.stderr and "node 'sort'" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupted_artifact_is_caught(artifact, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    data = bytearray((copy / "weights.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "weights.npz").write_bytes(bytes(data))
+    result = run_cli("run", copy)
+    assert result.returncode == 2 and "weights.npz: contents do not match" in result.stderr
+
+
+def test_recompile_replaces_artifact_and_refuses_foreign_dirs(files, tmp_path):
+    out = tmp_path / "art"
+    assert run_cli("compile", files / "model.pt2", "-o", out).returncode == 0
+    assert run_cli("compile", files / "model.pt2", "-o", out).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = run_cli("compile", files / "model.pt2", "-o", foreign)
+    assert result.returncode == 2 and "refusing to overwrite" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"

@@ -68,3 +68,15 @@ def test_demo_example_runs(tmp_path):
     assert "demo OK" in result.stdout
     accuracy = float(result.stdout.split("eager test accuracy ")[1].split()[0])
     assert accuracy > 0.85  # real digits, really learned
+
+
+def test_networkx_view_orders_the_dataflow():
+    import networkx as nx
+    model, inputs = built("bert-style")
+    graph = tcc.compile(model, inputs).graph
+    view = graph.to_networkx()
+    assert nx.is_directed_acyclic_graph(view)
+    order = {name: i for i, name in enumerate(nx.topological_sort(view))}
+    for op in graph.ops:
+        assert all(order[o] < order[op.result] for o in op.operands)
+    assert view.nodes[graph.ops[0].result]["kind"] == graph.ops[0].kind

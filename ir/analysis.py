@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
+
 from .graph import Graph
 
 
@@ -64,10 +68,6 @@ def flops(graph: Graph) -> int:
 def describe(graph: Graph) -> dict:
     """A summary for `tcc inspect`: ops by kind, parameters, FLOPs, bytes, and per constant its
     name, shape, dtype, encoding, sparsity (fraction of zeros) and stored bytes."""
-    import collections
-
-    import numpy as np
-
     constants = []
     for name, t in graph.constants:
         array = graph.weights[name]
@@ -75,7 +75,7 @@ def describe(graph: Graph) -> dict:
         constants.append({"name": name, "shape": list(t.shape), "dtype": t.dtype.value,
                           "encoding": str(t.encoding).lstrip("#"), "sparsity": round(sparsity, 6),
                           "bytes": t.dense_bytes})
-    float_params = sum(c_type.numel for _, c_type in graph.constants if c_type.dtype.is_float)
+    float_params = sum(t.numel for _, t in graph.constants if t.dtype.is_float)
     return {
         "graph": graph.name,
         "inputs": [{"name": n, "type": str(t)} for n, t in graph.inputs],

@@ -230,5 +230,6 @@ def load_model_file(path: str | Path, *, input_shapes: list[InputShape] | None =
     try:
         model.load_state_dict(obj)
     except RuntimeError as e:
-        raise TccError(f"{path}: does not fit --arch {arch}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]  # past "Error(s) in loading..."
+        raise TccError(f"{path}: does not fit --arch {arch}: {detail}") from None
     return LoadedModel("state_dict", None, model, examples)

@@ -50,13 +50,59 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
-    artifact = tcc.compile(args.model, target=args.target, frontend=args.frontend, input_shapes=args.input_shape,
-                           arch=args.arch, trust_pickle=args.trust_pickle)
+    artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
+                           input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
+                           train_data=args.train_data, calib_data=args.calib_data, progress=_progress(args))
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
+    if not args.quiet:
+        for line in artifact.manifest["pass_log"]:
+            print(f"  {line}")
     print(f"compiled {artifact.manifest['source']} for {args.target}: {summary} -> {path}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from tcc.passes import PASSES
+    from tcc.passes.pipeline import describe_passes
+    info = describe_passes(PASSES)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for entry in info:
+        print(f"{entry['name']}: {entry['summary']}")
+        for o in entry["options"]:
+            print(f"    {o['name']}={o['type']}  (default {o['default']})  {o['help']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import tcc
+    from tcc.evaluate import evaluate
+
+    from .data import load_dataset
+    artifact = tcc.load(args.artifact)
+    data = load_dataset(args.data, artifact.graph)
+    baseline = tcc.load(args.baseline) if args.baseline else None
+    report = evaluate(artifact, data, on=args.on, baseline=baseline)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    line = f"{args.artifact} on {args.data} ({report['examples']} examples, --on {args.on}):"
+    if "accuracy" in report:
+        line += f" accuracy {report['accuracy']:.4f}"
+    if baseline is not None:
+        if report["baseline_accuracy"] is not None:
+            line += f" (baseline {report['baseline_accuracy']:.4f})"
+        line += (f", top-1 agreement {report['agreement']:.4f}, max abs error {report['max_abs_error']:.3g}, "
+                 f"relative {report['relative_error']:.3g}")
+    print(line)
     return 0
 
 
@@ -87,7 +133,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     artifact = tcc.load(args.artifact)
     info = describe(artifact.graph)
     info["target"] = artifact.manifest["target"]["name"]
-    info["pipeline"] = artifact.manifest["pipeline"]
+    info["pipeline"] = artifact.manifest["passes"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -133,7 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
     p.add_argument("--frontend", choices=("export", "fx"), default="export",
                    help="capture with torch.export (default) or torch.fx.symbolic_trace")
+    p.add_argument("--pipeline", metavar="SPEC",
+                   help="passes replacing the target's default optimisation, e.g. "
+                        "'fold-constants,dce,hp-prune{block=16x16,sparsity=0.75},quantize{bits=8}' (see `tcc passes`)")
+    p.add_argument("--train-data", metavar="D.pt", help="training data for fine-tuning: torch.save({'inputs': X, "
+                                                         "'labels': Y})")
+    p.add_argument("--calib-data", metavar="D.pt", help="calibration data for quantization (same format)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("passes", help="list every pass with its options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("eval", help="accuracy of an artifact on labelled data, and error against a baseline")
+    p.add_argument("artifact")
+    p.add_argument("--data", required=True, metavar="D.pt", help="torch.save({'inputs': X, 'labels': Y})")
+    p.add_argument("--baseline", metavar="ARTIFACT", help="the uncompressed model's artifact to compare outputs with")
+    p.add_argument("--on", choices=("cpu", "gpu", "numpy"), default="cpu", help="executor (default cpu)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="run an artifact on inputs")
     p.add_argument("artifact")

@@ -13,18 +13,24 @@ import torch.fx as fx
 from tcc.backends.reference.plan import build_plan
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.passes import DeadCodeElimination, FoldConstants, Pass, PassContext
+from tcc.passes import Dataset, Pass, PassContext, format_pipeline, parse_pipeline
 from tcc.runtime.artifact import Artifact
+from tcc.runtime.torch_executor import TorchExecutor
 
 from . import __version__
+from .data import load_dataset
 from .frontend import Signature, from_exported_program, from_module, split_inputs
 from .loader import InputShape, load_model_file
 from .targets import Target, get_target
 
 
 def default_pipeline(target: Target) -> list[Pass]:
-    """The passes a target runs when the user names none."""
-    return [FoldConstants(), DeadCodeElimination()]
+    """The optimisation passes a target runs when the user names none."""
+    return parse_pipeline(target.pipeline)
+
+
+PipelineSpec = str | Sequence[Pass] | None
+DataSpec = str | Path | Dataset | None
 
 
 def lower(model: Any, example_inputs: Any = None, *, frontend: str = "export", input_shapes: Sequence[str] = (),
@@ -67,22 +73,48 @@ def _example_arrays(signature: Signature, examples: Any) -> dict[str, np.ndarray
             if isinstance(t, torch.Tensor)}
 
 
-def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: Sequence[Pass] | None = None,
+def _dataset(spec: DataSpec, graph: Graph, what: str) -> Dataset | None:
+    if spec is None:
+        return None
+    if isinstance(spec, Dataset):
+        return spec.fit(graph, what)
+    return load_dataset(spec, graph, what=what)
+
+
+def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: PipelineSpec = None,
             frontend: str = "export", input_shapes: Sequence[str] = (), arch: str | None = None,
-            trust_pickle: bool = False) -> Artifact:
+            trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
+            progress: bool = False, seed: int = 0) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
-    for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`)."""
+    for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`).
+
+    `pipeline` (a text spec such as `"hp-prune{sparsity=0.75},quantize"` or a list of passes)
+    replaces the target's default optimisation passes; the target's lowering passes still run
+    after it. `train_data` / `calib_data` (data files or `Dataset`s) feed fine-tuning and
+    calibration; without them, passes prune one-shot and calibrate on the example inputs."""
     target_info = get_target(target)
+    passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else (
+        list(pipeline) if pipeline is not None else default_pipeline(target_info))
+    lowering = parse_pipeline(target_info.lowering)
     graph, signature, examples, source = lower(model, example_inputs, frontend=frontend,
                                                input_shapes=input_shapes, arch=arch, trust_pickle=trust_pickle)
-    ctx = PassContext()
-    passes = list(pipeline) if pipeline is not None else default_pipeline(target_info)
-    for p in passes:
+    data: dict[str, Dataset] = {}
+    example_arrays = _example_arrays(signature, examples)
+    if len(example_arrays) == len(graph.inputs):
+        data["example"] = Dataset(tuple(torch.from_numpy(example_arrays[n]) for n in graph.input_names),
+                                  source="the example inputs")
+    for key, spec, what in (("train", train_data, "training data"), ("calib", calib_data, "calibration data")):
+        dataset = _dataset(spec, graph, what)
+        if dataset is not None:
+            data[key] = dataset
+    ctx = PassContext(data=data, tile=target_info.tile, torch_module=TorchExecutor, progress=progress, seed=seed)
+    for p in passes + lowering:
         graph = p(graph, ctx)
     plan = build_plan(graph, target_info.executor)
     manifest = {
         "tcc_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "source": source, "frontend": frontend, "target": target_info.to_json(),
-        "pipeline": [p.name for p in passes], "pass_log": ctx.log,
+        "pipeline": format_pipeline(passes + lowering), "passes": [p.name for p in passes + lowering],
+        "pass_log": ctx.log, "data": {k: {"source": d.source, "examples": len(d)} for k, d in data.items()},
     }
     return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples))

@@ -13,32 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from tcc.zoo import DigitsTransformer
-
-
-def digits() -> tuple[torch.Tensor, ...]:
-    data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(images, data.target, test_size=0.25, random_state=0)
-    return tuple(torch.from_numpy(a) for a in (x_train, x_test, y_train, y_test))
-
-
-def train(x: torch.Tensor, y: torch.Tensor, epochs: int) -> DigitsTransformer:
-    torch.manual_seed(0)
-    model = DigitsTransformer()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+from tcc.zoo import digits_data, train_digits
 
 
 def tcc_cli(*args: str) -> None:
@@ -53,9 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    x_train, x_test, y_train, y_test = digits()
+    x_train, x_test, y_train, y_test = digits_data()
     start = time.perf_counter()
-    model = train(x_train, y_train, args.epochs)
+    model = train_digits(x_train, y_train, args.epochs)
     with torch.no_grad():
         eager = model(x_test)
     eager_accuracy = float((eager.argmax(-1) == y_test).float().mean())

@@ -15,6 +15,7 @@ from .errors import ParseError, VerifyError
 from .graph import Graph, Op, freeze_weights
 from .ops import OPS, AttrKind, OpTypeError
 from .quant import PerChannel, PerTensor
+from .sparsity import make_sparsity
 from .types import TensorType
 from .verifier import verify
 
@@ -26,7 +27,7 @@ _TOKEN = re.compile(r"""
   | (?P<string>"(?:[^"\\]|\\.)*")
   | (?P<number>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|-?inf\b|nan\b)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<punct>->|[()\[\]{},:=#!])
+  | (?P<punct>->|[()\[\]{},:=#!~])
 """, re.VERBOSE)
 
 
@@ -130,11 +131,19 @@ class _Parser:
                 encoding = make_encoding(tok.text, params)
             except ValueError as e:
                 raise self.error(str(e), tok) from None
+        sparsity = None
+        if self.accept("~"):
+            tok = self.take("ident", "a sparsity structure")
+            params = tuple(self.sequence("(", ")", self.integer))
+            try:
+                sparsity = make_sparsity(tok.text, params)
+            except ValueError as e:
+                raise self.error(str(e), tok) from None
         if self.accept("!"):
             quant = self.quant()
         try:
             kwargs = {"encoding": encoding} if encoding is not None else {}
-            return TensorType(shape, dtype, quant=quant, **kwargs)
+            return TensorType(shape, dtype, quant=quant, sparsity=sparsity, **kwargs)
         except ValueError as e:
             raise self.error(str(e), start) from None
 

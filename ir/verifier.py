@@ -69,6 +69,8 @@ def _check_weight(graph: Graph, name: str, t) -> None:
         raise VerifyError(f"constant '{name}': weight dtype {array.dtype} is not the storage of {t.dtype}")
     if t.dtype is DType.B1 and array.size and not np.all(np.abs(array) == 1):
         raise VerifyError(f"constant '{name}': b1 weight holds values other than +1/-1")
+    if t.sparsity is not None and (problem := t.sparsity.violation(array)):
+        raise VerifyError(f"constant '{name}' breaks its sparsity structure {t.sparsity}: {problem}")
     bounds = t.dtype.value_range
     if t.dtype is DType.I4 and array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
         raise VerifyError(f"constant '{name}': i4 weight holds values outside [{bounds[0]}, {bounds[1]}]")

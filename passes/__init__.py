@@ -1,9 +1,16 @@
-"""tcc passes: the explicit registry of every pass by name."""
+"""tcc passes: the explicit registry of every pass by name, and pipelines as text."""
 
-from .base import Pass, PassContext, PassResult
+from .base import OptionError, Pass, PassContext, PassResult, option, run_pipeline
+from .block_prune import BlockPrune
+from .data import Batch, Dataset, batch_size_of
 from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
+from .hp_prune import HPPrune
+from .pipeline import PipelineError, Ratio, Shape2, format_pipeline, parse_pipeline
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (FoldConstants, DeadCodeElimination)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
+    FoldConstants, DeadCodeElimination, HPPrune, BlockPrune)}
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassResult", "DeadCodeElimination", "FoldConstants"]
+__all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
+           "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "HPPrune", "BlockPrune",
+           "PipelineError", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

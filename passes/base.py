@@ -1,23 +1,88 @@
 """The pass base: one class per pass, options as dataclass fields, one signature
-`run(graph, ctx) -> PassResult`. Passes are idempotent: running one twice equals once."""
+`run(graph, ctx) -> PassResult`. Passes are idempotent: running one twice equals once.
+
+Options are declared with `option(default, help)`; their annotations drive the pipeline
+text parser (`passes.pipeline`) and `tcc passes`. A pass checks its option values in
+`validate()` and reports bad ones with `OptionError`, which names the pass and the option.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
+from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.verifier import verify
+
+from .data import Dataset
+
+
+class OptionError(TccError):
+    """A pass option with a value the pass cannot use."""
+
+    def __init__(self, pass_name: str, option: str, message: str):
+        super().__init__(f"{pass_name}: option '{option}' {message}")
+        self.pass_name, self.option = pass_name, option
+
+
+def option(default: Any, help: str) -> Any:
+    """Declare a pass option: a dataclass field with a default and one line of help."""
+    return field(default=default, metadata={"help": help})
+
+
+class TorchModuleFactory(Protocol):
+    """Builds the differentiable torch executor of a graph (provided by the driver, so that
+    passes depend on `ir` only). `weight_transforms` map constant names to modules applied
+    to the weight on every forward (masks, straight-through binarization);
+    `activation_transforms` map value names to modules applied to the value right after it
+    is computed (observers, fake quantization). Their parameters train with the weights."""
+
+    def __call__(self, graph: Graph, *, trainable: bool = False, weight_transforms: dict | None = None,
+                 activation_transforms: dict | None = None) -> Any: ...
 
 
 @dataclass
 class PassContext:
-    """What passes may read besides the graph: options, data sets, and whether to verify
-    the graph after each pass. `log` collects one line per pass that ran."""
+    """What passes may read besides the graph.
+
+    - `data`: named datasets (`train`, `calib`, `eval`, `example`), see `passes.data`;
+    - `tile`: the target's PE tile (rows, cols), the default block shape of pruning;
+    - `torch_module`: the torch executor factory, needed by passes that train or calibrate;
+    - `progress`: show progress bars on long work; `verify_each`: verify after every pass;
+    - `log`: one line per pass that ran, with the notes the pass made (`note`)."""
 
     verify_each: bool = True
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Dataset] = field(default_factory=dict)
+    tile: tuple[int, int] = (16, 16)
+    torch_module: TorchModuleFactory | None = None
+    device: str = "cpu"
+    progress: bool = False
+    seed: int = 0
     log: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        """Record a fact about the running pass for the report (joined into its log line)."""
+        self.notes.append(text)
+
+    def dataset(self, *names: str) -> tuple[str, Dataset] | tuple[None, None]:
+        """The first of the named datasets present, as (name, dataset)."""
+        for name in names:
+            if name in self.data:
+                return name, self.data[name]
+        return None, None
+
+    def require_torch(self, pass_name: str) -> TorchModuleFactory:
+        if self.torch_module is None:
+            raise TccError(f"{pass_name} needs the torch executor: run it through tcc.compile or give "
+                           "PassContext(torch_module=tcc.runtime.torch_executor.TorchExecutor)")
+        return self.torch_module
+
+    def progress_bar(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = ""):
+        from tqdm.auto import tqdm
+        return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
 
 
 @dataclass(frozen=True)
@@ -28,16 +93,48 @@ class PassResult:
 
 @dataclass(frozen=True)
 class Pass:
+    """Base of every pass. Subclasses set `name` and `summary` and declare options as fields."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `OptionError` for option values the pass cannot use."""
+
+    def fail(self, option_name: str, message: str) -> OptionError:
+        return OptionError(self.name, option_name, message)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    def changed_options(self) -> dict[str, Any]:
+        """Options whose value differs from the default, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in self.options() if getattr(self, f.name) != f.default}
+
     def __call__(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
+        ctx.notes = []
         result = self.run(graph, ctx)
         if ctx.verify_each:
             verify(result.graph)
-        ctx.log.append(f"{self.name}: {'changed' if result.changed else 'no change'}")
+        line = f"{self.name}: {'changed' if result.changed else 'no change'}"
+        ctx.log.append(line + "".join(f"; {n}" for n in ctx.notes))
+        ctx.notes = []
         return result.graph
+
+
+def run_pipeline(graph: Graph, passes: Iterable[Pass], ctx: PassContext,
+                 on_pass: Callable[[Pass], None] | None = None) -> Graph:
+    """Run `passes` in order; `on_pass` is told before each one starts."""
+    for p in passes:
+        if on_pass is not None:
+            on_pass(p)
+        graph = p(graph, ctx)
+    return graph

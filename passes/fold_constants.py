@@ -12,7 +12,7 @@ from tcc.ir.graph import Graph, freeze_weights
 from tcc.ir.reference import REFERENCE
 from tcc.ir.types import TensorType
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassContext, PassResult, option
 
 _SOURCES = ("full", "arange")
 
@@ -21,7 +21,7 @@ _SOURCES = ("full", "arange")
 class FoldConstants(Pass):
     name = "fold-constants"
     summary = "evaluate constant-only subgraphs (e.g. attention-mask construction) at compile time"
-    max_elements: int = 1 << 22  # larger results stay computed at run time
+    max_elements: int = option(1 << 22, "fold only results with at most this many elements")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         known: dict[str, np.ndarray] = dict(graph.weights)

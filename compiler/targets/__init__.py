@@ -17,15 +17,19 @@ class Target:
     backend: str  # reference
     executor: str  # the runtime executor artifacts of this target default to
     description: str
+    tile: tuple[int, int]  # PE tile (rows, cols): the default block shape of pruning
+    pipeline: str  # default optimisation passes, replaced by --pipeline
+    lowering: str  # passes the target needs to lower, run after the optimisation passes
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "backend": self.backend, "executor": self.executor,
-                "description": self.description}
+                "description": self.description, "tile": list(self.tile), "pipeline": self.pipeline,
+                "lowering": self.lowering}
 
 
 def load_catalog() -> dict[str, Target]:
     data = json.loads(resources.files(__package__).joinpath("catalog.json").read_text())
-    return {name: Target(name=name, **fields) for name, fields in data.items()}
+    return {name: Target(name=name, **{**fields, "tile": tuple(fields["tile"])}) for name, fields in data.items()}
 
 
 def get_target(name: str) -> Target:

@@ -1,0 +1,54 @@
+"""Data files for training, calibration and evaluation: `torch.save({"inputs": ..., "labels":
+...})` where inputs is a tensor, a tuple/list of tensors (one per model input) or a dict by
+input name, and labels (optional) a 1-D integer tensor. Loaded with `weights_only=True`:
+a data file never runs code."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
+from tcc.passes.data import Dataset
+
+
+def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "data") -> Dataset:
+    """Read a data file; with `graph`, also check that it fits the model (shapes, labels)."""
+    file = Path(path)
+    where = f"{path}"
+    if not file.is_file():
+        raise TccError(f"{where}: no such {what} file")
+    try:
+        value: Any = torch.load(file, weights_only=True, map_location="cpu")
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, Exception) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TccError(f"{where}: cannot read {what} ({first[:200]})") from None
+    if isinstance(value, torch.Tensor):
+        value = {"inputs": value}
+    if not isinstance(value, dict) or "inputs" not in value:
+        raise TccError(f"{where}: {what} must be a dict with 'inputs' (and 'labels'), saved with torch.save")
+    unknown = set(value) - {"inputs", "labels"}
+    if unknown:
+        raise TccError(f"{where}: unknown key '{sorted(unknown)[0]}' in {what} (expected 'inputs', 'labels')")
+    inputs = value["inputs"]
+    if isinstance(inputs, dict):
+        if graph is None:
+            raise TccError(f"{where}: inputs given by name need the model to order them")
+        missing = [n for n in graph.input_names if n not in inputs]
+        if missing:
+            raise TccError(f"{where}: no inputs for model input '{missing[0]}' (has {', '.join(inputs)})")
+        inputs = [inputs[n] for n in graph.input_names]
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TccError(f"{where}: 'inputs' must be a tensor or a tuple/list/dict of tensors")
+    labels = value.get("labels")
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise TccError(f"{where}: 'labels' must be a tensor, got {type(labels).__name__}")
+    if any(x.dim() == 0 for x in inputs):
+        raise TccError(f"{where}: inputs must have a leading examples dimension")
+    dataset = Dataset(inputs, labels, source=str(path))
+    return dataset if graph is None else dataset.fit(graph, what)

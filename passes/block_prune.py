@@ -1,0 +1,86 @@
+"""block-prune: systolic-aligned block pruning, or its N:M variant.
+
+Blocks are R x C, by default the target's array tile, so a pruned block is a tile the
+hardware skips. Sparsity can differ per layer kind (attention Q/K/V, attention output,
+FFN-1, FFN-2; see `passes.layers`), as in systolic co-design work. With `nm=N:M` it keeps
+N of every M consecutive weights of a row instead (e.g. 2:4). The type records
+`~blocks(R, C)` or `~nm(N, M)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tcc.ir.graph import Graph
+from tcc.ir.sparsity import NM, Blocks
+from tcc.ir.types import TensorType
+
+from .base import Pass, PassContext, PassResult, option
+from .finetune import TrainingOptions, prune, with_weights
+from .layers import LAYER_KINDS, select_layers
+from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, nm_mask
+from .pipeline import Ratio, Shape2
+
+
+@dataclass(frozen=True)
+class BlockPrune(Pass, TrainingOptions):
+    name = "block-prune"
+    summary = "prune whole RxC blocks aligned to the array tile (per layer kind), or N:M within rows"
+
+    sparsity: float = option(0.5, "fraction of zeros in [0, 1), for kinds not set on their own")
+    block: Shape2 | None = option(None, "block shape RxC (default: the target's array tile)")
+    qkv: float | None = option(None, "sparsity of attention query/key/value projections")
+    attn_out: float | None = option(None, "sparsity of the attention output projection")
+    ffn1: float | None = option(None, "sparsity of the first FFN layer")
+    ffn2: float | None = option(None, "sparsity of the second FFN layer")
+    nm: Ratio | None = option(None, "N:M variant: keep N of every M consecutive weights per row (e.g. 2:4)")
+    block_score: BlockScore = option("l2", "block importance: l2 or l1 norm")
+    layers: str = option(".*", "regex on weight names: which linear layers to prune")
+    keep_head: bool = option(True, "leave the classifier/pooler head dense")
+
+    def validate(self) -> None:
+        for key in ("sparsity", "qkv", "attn_out", "ffn1", "ffn2"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise self.fail(key, f"must be in [0, 1), got {value}")
+        if self.nm is not None and self.nm[0] > self.nm[1]:
+            raise self.fail("nm", f"{self.nm}: N must not exceed M")
+        self.validate_training(self.fail)
+
+    def kind_sparsity(self, kind: str) -> float:
+        value = getattr(self, kind) if kind in LAYER_KINDS[:4] else None
+        return self.sparsity if value is None else value
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        bh, bw = self.block or ctx.tile
+        structure = NM(*self.nm) if self.nm is not None else Blocks(bh, bw)
+        types = graph.types
+        layers = [layer for layer in select_layers(graph, self.layers, keep_head=self.keep_head, pass_name=self.name)
+                  if types[layer.weight].sparsity != structure]
+        if not layers:
+            return PassResult(graph, False)
+        target = {layer.weight: self.kind_sparsity(layer.kind) for layer in layers}
+
+        def rule(weights: dict[str, np.ndarray], progress: float) -> dict[str, np.ndarray]:
+            if self.nm is not None:
+                n, m = self.nm
+                return {name: nm_mask(w, m - round(progress * (m - n)), m) for name, w in weights.items()}
+            masks = {}
+            for name, w in weights.items():
+                kept = choose_blocks([block_scores(w, bh, bw, self.block_score)], [block_sizes(w.shape, bh, bw)],
+                                     target_kept=(1 - progress * target[name]) * math.prod(w.shape))[0]
+                masks[name] = expand_blocks(kept, w.shape, bh, bw)
+            return masks
+
+        names = list(target)
+        new = prune(graph, ctx, self, names, rule, desc=self.name)
+        total = sum(types[n].numel for n in names)
+        zeros = sum(int(np.count_nonzero(new[n] == 0)) for n in names)
+        kinds = sorted({layer.kind for layer in layers})
+        ctx.note(f"{len(names)} weights ({', '.join(kinds)}) to {structure}, sparsity {zeros / total:.3f}")
+        new_types = {n: TensorType(types[n].shape, types[n].dtype, types[n].encoding, types[n].quant, structure)
+                     for n in names}
+        return PassResult(with_weights(graph, new, new_types), True)

@@ -1,0 +1,98 @@
+"""Datasets that passes train, calibrate and evaluate on.
+
+A `Dataset` holds one tensor per graph input (first dimension: examples) and optionally
+integer class labels. Graphs have static shapes, so batches always have the graph's own
+batch size (the first dimension of its inputs): the last batch is padded by repeating
+examples, and `valid` says how many of its rows are real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: tuple[torch.Tensor, ...]
+    labels: torch.Tensor | None
+    valid: int
+
+
+@dataclass(frozen=True)
+class Dataset:
+    inputs: tuple[torch.Tensor, ...]
+    labels: torch.Tensor | None = None
+    source: str = "data"
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def fit(self, graph: Graph, what: str = "") -> "Dataset":
+        """This dataset with inputs in the graph's element types; a TccError naming the
+        dataset and the mismatch if it cannot feed `graph`."""
+        where = f"{self.source}{' (' + what + ')' if what else ''}"
+        if len(self.inputs) != len(graph.inputs):
+            raise TccError(f"{where}: holds {len(self.inputs)} input tensor(s) but the model takes "
+                           f"{len(graph.inputs)} ({', '.join(graph.input_names)})")
+        n = len(self)
+        if n == 0:
+            raise TccError(f"{where}: holds no examples")
+        for tensor, (name, t) in zip(self.inputs, graph.inputs):
+            if tensor.shape[0] != n:
+                raise TccError(f"{where}: inputs differ in the number of examples ({tensor.shape[0]} vs {n})")
+            if tuple(tensor.shape[1:]) != t.shape[1:]:
+                raise TccError(f"{where}: input '{name}' examples have shape {list(tensor.shape[1:])}, "
+                               f"the model expects {list(t.shape[1:])}")
+            if tensor.dtype.is_floating_point != t.dtype.is_float:
+                raise TccError(f"{where}: input '{name}' is {str(tensor.dtype).replace('torch.', '')}, "
+                               f"the model expects {t.dtype}")
+        inputs = tuple(x.to(torch.from_numpy(np.zeros(0, t.dtype.numpy)).dtype) for x, (_, t) in
+                       zip(self.inputs, graph.inputs))
+        fitted = Dataset(inputs, self.labels, self.source)
+        if self.labels is None:
+            return fitted
+        if self.labels.dim() != 1 or self.labels.shape[0] != n:
+            raise TccError(f"{where}: labels must be one integer per example ({n}), got shape "
+                           f"{list(self.labels.shape)}")
+        if self.labels.dtype.is_floating_point or self.labels.dtype == torch.bool:
+            raise TccError(f"{where}: labels must be integer class indices, got {self.labels.dtype}")
+        logits = graph.output_types[0]
+        if logits.rank != 2 or logits.shape[0] != graph.inputs[0][1].shape[0]:
+            raise TccError(f"{where}: labels need a model whose first output is [batch, classes], this one gives "
+                           f"{list(logits.shape)}")
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= logits.shape[1]:
+            raise TccError(f"{where}: labels span [{low}, {high}] but the model's first output has "
+                           f"{logits.shape[1]} classes")
+        return Dataset(inputs, self.labels.long(), self.source)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                ) -> Iterator[Batch]:
+        """Batches of exactly `batch_size` examples; the last one padded by wrapping around."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            valid = len(index)
+            if valid < batch_size:
+                index = torch.cat([index, order[torch.arange(batch_size - valid) % n]])
+            yield Batch(tuple(x[index] for x in self.inputs),
+                        None if self.labels is None else self.labels[index], valid)
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+
+def batch_size_of(graph: Graph) -> int:
+    """The static batch size of `graph`: the first dimension of its first input."""
+    shape = graph.inputs[0][1].shape
+    if not shape:
+        raise TccError("the model's first input is a scalar: it has no batch dimension to feed data through")
+    return shape[0]

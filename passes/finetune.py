@@ -1,0 +1,177 @@
+"""Training inside passes: fine-tuning the IR's own weights through the differentiable torch
+executor, with weight transforms (pruning masks, straight-through binarization) held by the
+executor and optional distillation from the uncompressed graph.
+
+`TrainingOptions` are the options every training pass shares; `train` runs the loop;
+`prune` drives one-shot or gradual (cubic-schedule) structured pruning for any mask rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph, freeze_weights
+
+from .base import PassContext, option
+from .data import Dataset, batch_size_of
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Options shared by the passes that fine-tune when training data is given."""
+
+    epochs: int = option(10, "fine-tuning epochs when training data is given (0: never train)")
+    lr: float = option(2e-3, "fine-tuning learning rate (AdamW)")
+    distill: bool = option(True, "distil from the uncompressed model (KL on the logits) besides the labels")
+    temperature: float = option(2.0, "distillation temperature")
+
+    def validate_training(self, fail: Callable[[str, str], Exception]) -> None:
+        if self.epochs < 0:
+            raise fail("epochs", f"must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise fail("lr", f"must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise fail("temperature", f"must be > 0, got {self.temperature}")
+
+
+class Mask(nn.Module):
+    """Weight transform `w -> w * mask`; the mask is a buffer that pruning steps replace."""
+
+    def __init__(self, mask: np.ndarray):
+        super().__init__()
+        self.register_buffer("mask", torch.from_numpy(np.asarray(mask, dtype=np.float32)))
+
+    def set(self, mask: np.ndarray) -> None:
+        self.mask.copy_(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+def training_data(ctx: PassContext, graph: Graph, options: TrainingOptions) -> Dataset | None:
+    """The training set when the pass should train (data given and epochs > 0), checked to fit."""
+    _, data = ctx.dataset("train")
+    if data is None or options.epochs == 0:
+        return None
+    data = data.fit(graph, "training data")
+    if data.labels is None and not options.distill:
+        raise TccError(f"{data.source}: training data has no labels and distillation is off: nothing to learn from")
+    return data
+
+
+def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Dataset, *, desc: str,
+          weight_transforms: dict[str, nn.Module] | None = None,
+          activation_transforms: dict[str, nn.Module] | None = None, teacher: Graph | None = None,
+          on_step: Callable[[int, int, nn.Module], None] | None = None) -> nn.Module:
+    """Fine-tune all float weights of `graph` (and the transforms' parameters) on `data`:
+    cross-entropy on the labels of the first output, plus KL distillation from `teacher`
+    when `options.distill`. `on_step(step, total, module)` runs before each step (pruning
+    schedules update masks there). Returns the trained torch executor."""
+    factory = ctx.require_torch(desc)
+    module = factory(graph, trainable=True, weight_transforms=weight_transforms,
+                     activation_transforms=activation_transforms).to(ctx.device)
+    teacher_module = factory(teacher).to(ctx.device) if options.distill and teacher is not None else None
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
+    batch = batch_size_of(graph)
+    total = options.epochs * data.num_batches(batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    generator = torch.Generator().manual_seed(ctx.seed)
+    step = 0
+    module.train()
+    with ctx.progress_bar(total=total, desc=desc) as bar:
+        for _ in range(options.epochs):
+            for b in data.batches(batch, shuffle=True, generator=generator):
+                if on_step is not None:
+                    on_step(step, total, module)
+                inputs = [x.to(ctx.device) for x in b.inputs]
+                logits = module(*inputs)[0][:b.valid]
+                loss = logits.new_zeros(())
+                if b.labels is not None:
+                    loss = loss + F.cross_entropy(logits, b.labels[:b.valid].to(ctx.device))
+                if teacher_module is not None:
+                    with torch.no_grad():
+                        target = teacher_module(*inputs)[0][:b.valid]
+                    t = options.temperature
+                    loss = loss + t * t * F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1),
+                                                   log_target=True, reduction="batchmean")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    module.eval()
+    return module
+
+
+def trained_weights(module: nn.Module, graph: Graph) -> dict[str, np.ndarray]:
+    """The float constants of a trained executor with their transforms applied, as numpy."""
+    out = {}
+    with torch.no_grad():
+        for name, t in graph.constants:
+            if t.dtype.is_float:
+                out[name] = module.effective_constant(name).detach().cpu().numpy().astype(t.dtype.numpy)
+    return out
+
+
+def cubic_progress(step: int, total: int) -> float:
+    """Zhu & Gupta's gradual-pruning schedule: the fraction of the final sparsity at `step`."""
+    return 1.0 - (1.0 - min(step, total) / total) ** 3
+
+
+MaskRule = Callable[[dict[str, np.ndarray], float], dict[str, np.ndarray]]
+
+
+def prune(graph: Graph, ctx: PassContext, options: TrainingOptions, weights: list[str], rule: MaskRule, *,
+          desc: str) -> dict[str, np.ndarray]:
+    """Prune `weights` of `graph` with `rule(current weights, progress) -> masks` (progress in
+    (0, 1], 1 = final sparsity). One-shot without training data; with it, gradual: masks
+    follow a cubic schedule over the first two thirds of fine-tuning (ten updates), then
+    fine-tuning goes on with the final masks. Returns the new values of every float weight."""
+    data = training_data(ctx, graph, options)
+    current = {name: np.asarray(graph.weights[name]) for name in weights}
+    if data is None:
+        masks = rule(current, 1.0)
+        ctx.note("one-shot (no training data)")
+        out = {name: np.where(masks[name], current[name], 0).astype(current[name].dtype) for name in weights}
+        return {**{n: graph.weights[n] for n, t in graph.constants if t.dtype.is_float}, **out}
+    transforms = {name: Mask(np.ones_like(current[name])) for name in weights}
+
+    def on_step(step: int, total: int, module: nn.Module) -> None:
+        horizon = max(1, (2 * total) // 3)
+        every = max(1, horizon // 10)
+        if step % every or step > horizon:
+            return
+        with torch.no_grad():
+            live = {n: module.effective_constant(n).detach().cpu().numpy() for n in weights}
+        for name, mask in rule(live, cubic_progress(step + every, horizon)).items():
+            transforms[name].set(mask)  # the executor holds these very modules
+
+    trained = train(graph, ctx, options, data, desc=desc, weight_transforms=transforms, teacher=graph,
+                    on_step=on_step)
+    result = trained_weights(trained, graph)
+    final = rule({n: result[n] for n in weights}, 1.0)  # exact structure, even if the last update came early
+    for name in weights:
+        result[name] = np.where(final[name], result[name], 0).astype(result[name].dtype)
+    ctx.note(f"gradual pruning with fine-tuning on {data.source} ({len(data)} examples, {options.epochs} epochs"
+             f"{', distilled' if options.distill else ''})")
+    return result
+
+
+def with_weights(graph: Graph, weights: dict[str, np.ndarray], types: dict | None = None) -> Graph:
+    """`graph` with new weight values (and optionally new constant types) for some constants."""
+    types = types or {}
+    constants = tuple((n, types.get(n, t)) for n, t in graph.constants)
+    merged = dict(graph.weights)
+    merged.update(freeze_weights(weights))
+    return graph.replace(constants=constants, weights=merged)

@@ -1,0 +1,105 @@
+"""hp-prune: hierarchical pruning of linear weights.
+
+Level 1 removes whole blocks (the block shape defaults to the target's PE tile); level 2
+keeps exactly `row_nnz` non-zeros in each row of each surviving block, so every PE row does
+equal work. The result's type records `~hp(bh, bw, row_nnz)` for format selection and the
+hardware. Give either `sparsity` (overall; split between the levels) or the per-level
+`block_sparsity` and/or `row_nnz`. Matrices whose sides the block does not divide are
+treated as zero-padded to whole blocks (edge blocks are partial), never refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from tcc.ir.graph import Graph
+from tcc.ir.sparsity import Hierarchical
+from tcc.ir.types import TensorType
+
+from .base import Pass, PassContext, PassResult, option
+from .finetune import TrainingOptions, prune, with_weights
+from .layers import select_layers
+from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, row_mask
+from .pipeline import Shape2
+
+
+@dataclass(frozen=True)
+class HPPrune(Pass, TrainingOptions):
+    name = "hp-prune"
+    summary = "hierarchical pruning: drop whole blocks, keep row_nnz per row in the rest (balanced PE rows)"
+
+    sparsity: float | None = option(None, "overall fraction of zeros in [0, 1) (default 0.75 when no level is given)")
+    block: Shape2 | None = option(None, "block shape RxC (default: the target's PE tile)")
+    block_sparsity: float | None = option(None, "level 1: fraction of blocks removed, in [0, 1)")
+    row_nnz: int | None = option(None, "level 2: non-zeros kept per row of a surviving block")
+    scope: Literal["layer", "global"] = option("layer", "same sparsity in every layer, or one global block ranking")
+    block_score: BlockScore = option("l2", "block importance: l2 or l1 norm")
+    layers: str = option(".*", "regex on weight names: which linear layers to prune")
+    keep_head: bool = option(True, "leave the classifier/pooler head dense")
+
+    def validate(self) -> None:
+        for key in ("sparsity", "block_sparsity"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise self.fail(key, f"must be in [0, 1), got {value}")
+        if self.row_nnz is not None and self.row_nnz < 1:
+            raise self.fail("row_nnz", f"must be >= 1, got {self.row_nnz}")
+        if self.block is not None and self.row_nnz is not None and self.row_nnz > self.block[1]:
+            raise self.fail("row_nnz", f"{self.row_nnz} exceeds the block width {self.block[1]}")
+        if self.sparsity is not None and self.block_sparsity is not None and self.row_nnz is not None:
+            raise self.fail("sparsity", "cannot be given together with both block_sparsity and row_nnz")
+        self.validate_training(self.fail)
+
+    def plan(self, bw: int) -> tuple[int, float | None, float | None]:
+        """(row_nnz, overall density or None, block keep fraction or None) at the final step."""
+        if self.block_sparsity is not None:
+            row_nnz = self.row_nnz or bw
+            if self.sparsity is not None:  # block level given, row level derived from the total
+                row_nnz = max(1, min(bw, round(bw * (1 - self.sparsity) / (1 - self.block_sparsity))))
+            return row_nnz, None, 1 - self.block_sparsity
+        density = 1 - (0.75 if self.sparsity is None else self.sparsity)
+        row_nnz = self.row_nnz or max(1, min(bw, round(bw * math.sqrt(density))))
+        return row_nnz, density, None
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        bh, bw = self.block or ctx.tile
+        if self.row_nnz is not None and self.row_nnz > bw:
+            raise self.fail("row_nnz", f"{self.row_nnz} exceeds the block width {bw}")
+        row_nnz, density, keep_fraction = self.plan(bw)
+        structure = Hierarchical(bh, bw, row_nnz)
+        types = graph.types
+        layers = [layer for layer in select_layers(graph, self.layers, keep_head=self.keep_head, pass_name=self.name)
+                  if types[layer.weight].sparsity != structure]
+        if not layers:
+            return PassResult(graph, False)
+        names = [layer.weight for layer in layers]
+
+        def rule(weights: dict[str, np.ndarray], progress: float) -> dict[str, np.ndarray]:
+            k = bw - round(progress * (bw - row_nnz))
+            level2 = {n: row_mask(w, bh, bw, k) for n, w in weights.items()}
+            groups = [names] if self.scope == "global" else [[n] for n in names]
+            masks = {}
+            for group in groups:
+                shapes = [weights[n].shape for n in group]
+                scores = [block_scores(np.where(level2[n], weights[n], 0), bh, bw, self.block_score) for n in group]
+                sizes = [block_sizes(s, bh, bw, k) for s in shapes]
+                if keep_fraction is not None:
+                    kept = choose_blocks(scores, sizes, keep_fraction=1 - progress * (1 - keep_fraction))
+                else:
+                    target = (1 - progress * (1 - density)) * sum(math.prod(s) for s in shapes)
+                    kept = choose_blocks(scores, sizes, target_kept=target)
+                for n, s, blocks in zip(group, shapes, kept):
+                    masks[n] = level2[n] & expand_blocks(blocks, s, bh, bw)
+            return masks
+
+        new = prune(graph, ctx, self, names, rule, desc=self.name)
+        total = sum(types[n].numel for n in names)
+        zeros = sum(int(np.count_nonzero(new[n] == 0)) for n in names)
+        ctx.note(f"{len(names)} weights to ~hp({bh}, {bw}, {row_nnz}), sparsity {zeros / total:.3f}")
+        new_types = {n: TensorType(types[n].shape, types[n].dtype, types[n].encoding, types[n].quant, structure)
+                     for n in names}
+        return PassResult(with_weights(graph, new, new_types), True)

@@ -1,0 +1,205 @@
+"""Pipelines as text: `name{key=value,...}` joined by commas, e.g.
+`fold-constants,dce,hp-prune{block=16x16,sparsity=0.75},quantize{bits=8}`.
+
+Option values are parsed by the option's annotation: int, float, bool (true/false), str,
+a `Literal[...]` choice, `Shape2` (`16x16`), `Ratio` (`2:4`), or any of these `| None`
+(`none`). `format_pipeline` prints a list of passes back to the same text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import Field
+from typing import Any, Literal, Mapping, Sequence, get_args, get_origin
+
+from tcc.ir.errors import TccError
+
+from .base import OptionError, Pass
+
+
+class PipelineError(TccError):
+    """A pipeline spec that does not parse, names an unknown pass or option, or gives a bad value."""
+
+
+class Shape2(tuple):
+    """A pair of positive integers written `RxC` (a block or tile shape)."""
+
+    text = re.compile(r"(\d+)x(\d+)")
+
+    def __new__(cls, rows: int, cols: int):
+        return super().__new__(cls, (int(rows), int(cols)))
+
+    def __str__(self) -> str:
+        return f"{self[0]}x{self[1]}"
+
+
+class Ratio(tuple):
+    """A pair of positive integers written `N:M` (N of every M kept)."""
+
+    text = re.compile(r"(\d+):(\d+)")
+
+    def __new__(cls, n: int, m: int):
+        return super().__new__(cls, (int(n), int(m)))
+
+    def __str__(self) -> str:
+        return f"{self[0]}:{self[1]}"
+
+
+def _suggest(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(candidates) or 'none'})"
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe_type(annotation: Any) -> str:
+    """How an option's type reads in `tcc passes`."""
+    args = get_args(annotation)
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " | ".join(describe_type(a) for a in inner) + " | none"
+    if get_origin(annotation) is Literal:
+        return "|".join(map(str, args))
+    if annotation is Shape2:
+        return "RxC"
+    if annotation is Ratio:
+        return "N:M"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def parse_value(annotation: Any, text: str) -> Any:
+    """Parse `text` as a value of `annotation`; raise ValueError saying what was expected."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text == "none" and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(arg, text)
+            except ValueError:
+                continue
+        raise ValueError(f"expects {describe_type(annotation)}")
+    if origin is Literal:
+        if text in args:
+            return text
+        raise ValueError(f"expects one of {', '.join(args)}{_suggest(text, args) if args else ''}")
+    if annotation is bool:
+        if text in ("true", "false"):
+            return text == "true"
+        raise ValueError("expects true or false")
+    if annotation is int:
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        raise ValueError("expects an integer")
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expects a number") from None
+    if annotation in (Shape2, Ratio):
+        match = annotation.text.fullmatch(text)
+        if not match or int(match[1]) == 0 or int(match[2]) == 0:
+            raise ValueError(f"expects {describe_type(annotation)} with positive integers")
+        return annotation(int(match[1]), int(match[2]))
+    if annotation is str:
+        return text
+    raise ValueError(f"has an unsupported option type {annotation}")
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _split_top(text: str) -> list[tuple[int, str]]:
+    """Split at commas outside braces; return (column, piece) pairs."""
+    pieces, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+            if depth > 1:
+                raise PipelineError(f"pipeline column {i + 1}: nested '{{'")
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise PipelineError(f"pipeline column {i + 1}: '}}' without '{{'")
+        elif ch == "," and depth == 0:
+            pieces.append((start, text[start:i]))
+            start = i + 1
+    if depth:
+        raise PipelineError(f"pipeline column {len(text)}: missing '}}'")
+    pieces.append((start, text[start:]))
+    return pieces
+
+
+_PIECE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:\{(.*)\})?\s*")
+
+
+def parse_pipeline(text: str, registry: Mapping[str, type[Pass]] | None = None) -> list[Pass]:
+    """Parse a pipeline spec into pass instances. Errors name the column, the pass and the
+    option, and suggest the nearest known name."""
+    if registry is None:
+        from . import PASSES
+        registry = PASSES
+    if not text.strip():
+        return []
+    passes = []
+    for column, piece in _split_top(text):
+        where = f"pipeline column {column + 1}"
+        match = _PIECE.fullmatch(piece)
+        if not match:
+            raise PipelineError(f"{where}: cannot read '{piece.strip()}' (expected name or name{{key=value,...}})")
+        name, body = match[1], match[2]
+        if name not in registry:
+            raise PipelineError(f"{where}: unknown pass '{name}'{_suggest(name, sorted(registry))}")
+        cls = registry[name]
+        fields: dict[str, Field] = {f.name: f for f in cls.options()}
+        hints = _type_hints(cls)
+        values: dict[str, Any] = {}
+        for item in (body.split(",") if body and body.strip() else []):
+            key, eq, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not eq or not key:
+                raise PipelineError(f"{where}: {name}: '{item.strip()}' is not key=value")
+            if key not in fields:
+                raise PipelineError(f"{where}: {name}: unknown option '{key}'{_suggest(key, list(fields))}")
+            if key in values:
+                raise PipelineError(f"{where}: {name}: option '{key}' given twice")
+            try:
+                values[key] = parse_value(hints[key], raw)
+            except ValueError as e:
+                raise PipelineError(f"{where}: {name}: option '{key}' is '{raw}' but {e}") from None
+        try:
+            passes.append(cls(**values))
+        except OptionError as e:
+            raise PipelineError(f"{where}: {e}") from None
+    return passes
+
+
+def format_pipeline(passes: Sequence[Pass]) -> str:
+    """The text spec of `passes` (options at their defaults left out); parses back equal."""
+    parts = []
+    for p in passes:
+        changed = p.changed_options()
+        body = ",".join(f"{k}={format_value(v)}" for k, v in changed.items())
+        parts.append(p.name + (f"{{{body}}}" if body else ""))
+    return ",".join(parts)
+
+
+def describe_passes(registry: Mapping[str, type[Pass]]) -> list[dict[str, Any]]:
+    """Every pass with its summary and options (name, type, default, help), for `tcc passes`."""
+    out = []
+    for name, cls in registry.items():
+        hints = _type_hints(cls)
+        out.append({"name": name, "summary": cls.summary, "options": [
+            {"name": f.name, "type": describe_type(hints[f.name]), "default": format_value(f.default),
+             "help": f.metadata.get("help", "")} for f in cls.options()]})
+    return out

@@ -1,16 +1,21 @@
 """tcc passes: the explicit registry of every pass by name, and pipelines as text."""
 
 from .base import OptionError, Pass, PassContext, PassResult, option, run_pipeline
+from .binarize import Binarize
 from .block_prune import BlockPrune
+from .canonicalize import Canonicalize
 from .data import Batch, Dataset, batch_size_of
 from .dce import DeadCodeElimination
+from .decompose_attention import DecomposeAttention
 from .fold_constants import FoldConstants
 from .hp_prune import HPPrune
+from .quantize import Quantize
 from .pipeline import PipelineError, Ratio, Shape2, format_pipeline, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    FoldConstants, DeadCodeElimination, HPPrune, BlockPrune)}
+    FoldConstants, DeadCodeElimination, Canonicalize, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize)}
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
-           "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "HPPrune", "BlockPrune",
+           "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize", "DecomposeAttention", "HPPrune", "BlockPrune",
+           "Binarize", "Quantize",
            "PipelineError", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

@@ -3,7 +3,8 @@ chosen by a name pattern, with the kind of layer each one is in a Transformer.
 
 Kinds come from the dataflow, not from names, so they hold for any model the frontend
 lowers: `qkv` feeds attention's query/key/value, `attn_out` consumes attention's output,
-`ffn1` feeds an activation function, `ffn2` consumes one; the rest are `other`. The head is
+`ffn1` feeds an activation function, `ffn2` consumes one; the rest are `other`. An input
+projection is a linear fed from a graph input through data-movement ops only. The head is
 a linear whose result reaches a graph output through data-movement and activation ops only
 (a classifier or pooler; not the last FFN of an encoder, whose output passes a layer norm).
 """
@@ -35,6 +36,7 @@ class Layer:
     ops: tuple[Op, ...]
     kind: LayerKind
     is_head: bool
+    is_input: bool  # an input projection: fed from a graph input through data movement only
 
 
 def _reaches(graph: Graph, start: str, targets: set[str], forward: bool) -> bool:
@@ -84,6 +86,20 @@ def _heads(graph: Graph) -> set[str]:
     return heads
 
 
+def _from_input(graph: Graph, value: str) -> bool:
+    producer, inputs = graph.producer(), set(graph.input_names)
+    seen, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        if v in inputs:
+            return True
+        if v in seen or v not in producer or producer[v].kind not in _TRANSPARENT:
+            continue
+        seen.add(v)
+        stack.extend(producer[v].operands)
+    return False
+
+
 def select_layers(graph: Graph, pattern: str, *, keep_head: bool, pass_name: str,
                   float_only: bool = True) -> list[Layer]:
     """The linear weights whose constant name matches `pattern` (a regex, searched), with
@@ -106,5 +122,6 @@ def select_layers(graph: Graph, pattern: str, *, keep_head: bool, pass_name: str
         is_head = any(op.result in heads for op in ops)
         if keep_head and is_head:
             continue
-        layers.append(Layer(weight, tuple(ops), "other" if is_head else _kind(graph, ops[0]), is_head))
+        layers.append(Layer(weight, tuple(ops), "other" if is_head else _kind(graph, ops[0]), is_head,
+                            any(_from_input(graph, op.operands[0]) for op in ops)))
     return layers

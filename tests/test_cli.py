@@ -59,7 +59,7 @@ def test_artifact_contents_and_no_pickles(artifact):
     names = {p.name for p in artifact.iterdir()}
     assert {"manifest.json", "graph.tcc", "weights.npz", "plan.json", "example_inputs.npz"} <= names
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["target"]["name"] == "cpu" and manifest["pipeline"] == ["fold-constants", "dce"]
+    assert manifest["target"]["name"] == "cpu" and manifest["passes"] == ["fold-constants", "canonicalize", "dce"]
     assert set(manifest["files"]) == names - {"manifest.json"}
     with np.load(artifact / "weights.npz", allow_pickle=False) as weights:
         assert "tokens.weight" in weights.files

@@ -78,7 +78,10 @@ def parse_value(annotation: Any, text: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if text == "none" and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return parse_value(inner[0], text)
+        for arg in inner:
             try:
                 return parse_value(arg, text)
             except ValueError:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .dtypes import DType, promote
+from .quant import PerTensor
 from .types import TensorType
 
 
@@ -190,17 +191,28 @@ def _unary(float_only: bool):
     return rule
 
 
+_INT_OPERANDS = (DType.I4, DType.I8, DType.I16, DType.B1)  # what integer linears and `quantize` produce
+
+
 def _linear(ts, attrs):
     x, w = ts[0], ts[1]
-    _need_float(x, "input")
-    _same_dtype(ts)
+    if x.dtype.is_int:  # integer linear: exact accumulation in i32, or i64 when an operand is i16
+        for t, what in ((x, "input"), (w, "weight")):
+            if t.dtype not in _INT_OPERANDS:
+                raise OpTypeError(f"integer linear takes an i4, i8, i16 or b1 {what}, got {t.dtype}")
+        dtype = DType.I64 if DType.I16 in (x.dtype, w.dtype) else DType.I32
+        if len(ts) == 3 and ts[2].dtype is not dtype:
+            raise OpTypeError(f"bias must be {dtype} (the accumulator of {x.dtype} x {w.dtype}), got {ts[2].dtype}")
+    else:
+        _need_float(x, "input")
+        dtype = _same_dtype(ts)
     if w.rank != 2:
         raise OpTypeError(f"weight must be rank 2, got shape {list(w.shape)}")
     if x.rank < 1 or x.shape[-1] != w.shape[1]:
         raise OpTypeError(f"input features {x.shape[-1:]} do not match weight {list(w.shape)} (out, in)")
     if len(ts) == 3 and ts[2].shape != (w.shape[0],):
         raise OpTypeError(f"bias shape {list(ts[2].shape)} is not [{w.shape[0]}]")
-    return _tt(x.shape[:-1] + (w.shape[0],), x.dtype)
+    return _tt(x.shape[:-1] + (w.shape[0],), dtype)
 
 
 def _matmul(ts, attrs):
@@ -414,6 +426,50 @@ def _conv2d(ts, attrs):
     return _tt((x.shape[0], w.shape[0], *spatial), x.dtype)
 
 
+def _quantized(shape, attrs, dtypes: tuple[DType, ...]) -> TensorType:
+    """The result type of `quantize` and `requantize`: `dtype` with per-tensor (scale, zero_point)."""
+    dtype, scale, zp = attrs["dtype"], attrs["scale"], attrs["zero_point"]
+    if dtype not in dtypes:
+        raise OpTypeError(f"dtype must be one of {', '.join(d.value for d in dtypes)}, got {dtype}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise OpTypeError(f"scale must be positive and finite, got {scale!r}")
+    lo, hi = (0, 0) if dtype is DType.B1 else dtype.value_range
+    if not lo <= zp <= hi:
+        raise OpTypeError(f"zero_point {zp} is outside [{lo}, {hi}] of {dtype}")
+    return TensorType(tuple(shape), dtype, quant=PerTensor(scale, zp))
+
+
+def _per_channel(t: TensorType, x: TensorType, what: str) -> None:
+    """`t` is a scalar or a vector along the last dim of `x` (per-tensor or per-channel)."""
+    if t.rank > 1 or (t.rank == 1 and (x.rank == 0 or t.shape[0] != x.shape[-1])):
+        raise OpTypeError(f"{what} shape {list(t.shape)} is neither [] nor [{x.shape[-1] if x.rank else 1}] "
+                          f"(the input's last dim)")
+
+
+def _quantize(ts, attrs):
+    _need_float(ts[0], "input")
+    return _quantized(ts[0].shape, attrs, _INT_OPERANDS)
+
+
+def _dequantize(ts, attrs):
+    x, scale = ts
+    _need_int(x, "input")
+    _need_float(scale, "scale")
+    _per_channel(scale, x, "scale")
+    return _tt(x.shape, scale.dtype)
+
+
+def _requantize(ts, attrs):
+    x, multiplier, shift = ts
+    if x.dtype not in (DType.I32, DType.I64):
+        raise OpTypeError(f"input must be an i32 or i64 accumulator, got {x.dtype}")
+    for t, what in ((multiplier, "multiplier"), (shift, "shift")):
+        if t.dtype is not DType.I32:
+            raise OpTypeError(f"{what} must be i32, got {t.dtype}")
+        _per_channel(t, x, what)
+    return _quantized(x.shape, attrs, (DType.I4, DType.I8, DType.I16, DType.I32))
+
+
 def _cast(ts, attrs):
     return _tt(ts[0].shape, attrs["dtype"])
 
@@ -425,7 +481,8 @@ I, F, B, S, INTS, DT = (AttrKind.INT, AttrKind.FLOAT, AttrKind.BOOL, AttrKind.ST
 _REDUCE_ATTRS = {"dims": A(INTS, ()), "keepdim": A(B, False)}
 
 _DEFS = [
-    OpDef("linear", ("input", "weight", "bias?"), {}, _linear, "y = x @ weight.T + bias"),
+    OpDef("linear", ("input", "weight", "bias?"), {}, _linear,
+          "y = x @ weight.T + bias; on integers (i4/i8/i16/b1) exact, accumulated in i32 (i64 with an i16 operand)"),
     OpDef("matmul", ("lhs", "rhs"), {}, _matmul, "batched matrix product with broadcasting"),
     OpDef("add", ("lhs", "rhs"), {}, _binary(), elementwise=True),
     OpDef("sub", ("lhs", "rhs"), {}, _binary(no_bool=True), elementwise=True),
@@ -485,6 +542,15 @@ _DEFS = [
           {"stride": A(INTS, (1, 1)), "padding": A(INTS, (0, 0)), "dilation": A(INTS, (1, 1)), "groups": A(I, 1)},
           _conv2d, "NCHW convolution"),
     OpDef("cast", ("input",), {"dtype": A(DT, required=True)}, _cast),
+    OpDef("quantize", ("input",), {"dtype": A(DT, required=True), "scale": A(F, required=True),
+                                   "zero_point": A(I, 0)}, _quantize,
+          "clip(rint(x / scale) + zero_point) to dtype (round half to even); b1: +1 where x >= 0 else -1"),
+    OpDef("dequantize", ("input", "scale"), {"zero_point": A(I, 0)}, _dequantize,
+          "(q - zero_point) * scale; scale [] or per channel [C] on the last dim; result in scale's dtype"),
+    OpDef("requantize", ("input", "multiplier", "shift"), {"dtype": A(DT, required=True), "scale": A(F, required=True),
+                                                           "zero_point": A(I, 0)}, _requantize,
+          "int64 fixed point: clip(((acc * multiplier + 2^(shift-1)) >> shift) + zero_point) to dtype "
+          "(round half up; shift in [0, 62]); multiplier and shift [] or [C]; scale: the output's step"),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}

@@ -14,8 +14,32 @@ from .dtypes import DType
 
 
 def _linear(x, w, b=None):
+    if x.dtype.kind == "i":  # integer linear: exact in int64 (the executor casts to i32 or i64)
+        x, w = x.astype(np.int64), w.astype(np.int64)
     y = np.matmul(x, w.T)
     return y if b is None else y + b
+
+
+def _quantize(x, dtype: DType, scale, zero_point):
+    if dtype is DType.B1:
+        return np.where(x >= 0, 1, -1).astype(np.int8)
+    q = np.rint(x / np.asarray(scale, dtype=x.dtype))  # divide and round in x's float type
+    return np.clip(q.astype(np.float64) + zero_point, *dtype.value_range).astype(dtype.numpy)  # then exact
+
+
+def _dequantize(q, scale, zero_point):
+    return (q.astype(np.int64) - zero_point).astype(scale.dtype) * scale
+
+
+def _requantize(acc, multiplier, shift, dtype: DType, scale, zero_point):
+    """Fixed point in (wrapping) int64: round-half-up of acc * multiplier / 2^shift. Exact,
+    nothing wraps, while |acc * multiplier| <= 2^62 (always so for an i32 acc)."""
+    shift = shift.astype(np.int64)
+    if shift.size and (shift.min() < 0 or shift.max() > 62):
+        raise ValueError(f"requantize: shift must lie in [0, 62], got [{shift.min()}, {shift.max()}]")
+    p = acc.astype(np.int64) * multiplier.astype(np.int64)
+    r = (p + ((np.int64(1) << shift) >> 1)) >> shift
+    return np.clip(r + zero_point, *dtype.value_range).astype(dtype.numpy)
 
 
 def _softmax(x, dim):
@@ -155,4 +179,7 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "scaled_dot_product_attention": _sdpa,
     "conv2d": _conv2d,
     "cast": _cast,
+    "quantize": _quantize,
+    "dequantize": _dequantize,
+    "requantize": _requantize,
 }

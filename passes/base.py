@@ -39,8 +39,8 @@ class TorchModuleFactory(Protocol):
     `activation_transforms` map value names to modules applied to the value right after it
     is computed (observers, fake quantization). Their parameters train with the weights."""
 
-    def __call__(self, graph: Graph, *, trainable: bool = False, weight_transforms: dict | None = None,
-                 activation_transforms: dict | None = None) -> Any: ...
+    def __call__(self, graph: Graph, device: str = "cpu", trainable: bool = False, *,
+                 weight_transforms: dict | None = None, activation_transforms: dict | None = None) -> Any: ...
 
 
 @dataclass

@@ -62,7 +62,7 @@ def observe(graph: Graph, ctx: PassContext, values: set[str], *, pass_name: str,
     data = data.fit(graph, "calibration data")
     batch = batch_size_of(graph)
     observers = {v: Observer(batch, percentile is not None) for v in sorted(values)}
-    module = ctx.require_torch(pass_name)(graph, activation_transforms=observers).to(ctx.device)
+    module = ctx.require_torch(pass_name)(graph, ctx.device, activation_transforms=observers)
     with torch.no_grad():
         for b in data.batches(batch):
             for o in observers.values():

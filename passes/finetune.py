@@ -76,9 +76,9 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
     when `options.distill`. `on_step(step, total, module)` runs before each step (pruning
     schedules update masks there). Returns the trained torch executor."""
     factory = ctx.require_torch(desc)
-    module = factory(graph, trainable=True, weight_transforms=weight_transforms,
-                     activation_transforms=activation_transforms).to(ctx.device)
-    teacher_module = factory(teacher).to(ctx.device) if options.distill and teacher is not None else None
+    module = factory(graph, ctx.device, trainable=True, weight_transforms=weight_transforms,
+                     activation_transforms=activation_transforms)
+    teacher_module = factory(teacher, ctx.device) if options.distill and teacher is not None else None
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     batch = batch_size_of(graph)

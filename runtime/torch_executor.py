@@ -17,7 +17,6 @@ from tcc.ir.analysis import last_uses
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.ir.ops import OPS
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
     DType.F64: torch.float64, DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16, DType.I64: torch.int64,
@@ -51,9 +50,38 @@ def _cast(x, dtype: DType):
     return x.to(TORCH_DTYPES[dtype])
 
 
+def _linear(x, w, b=None):
+    if x.is_floating_point():
+        return F.linear(x, w, b)
+    # integer linear, bit exact on CPU and CUDA: products and partial sums are integers below 2^53,
+    # so a float64 matmul is exact in any summation order (i16 x i16 up to K = 2^23)
+    acc = torch.int64 if torch.int16 in (x.dtype, w.dtype) else torch.int32
+    y = F.linear(x.double(), w.double()).to(torch.int64)
+    return (y if b is None else y + b).to(acc)
+
+
+def _quantize(x, dtype: DType, scale, zero_point):
+    if dtype is DType.B1:
+        return (x >= 0).to(torch.int8) * 2 - 1
+    # a divisor tensor on x's device: CUDA turns division by a host scalar into a reciprocal multiply
+    q = torch.round(x / torch.tensor(scale, dtype=x.dtype, device=x.device))
+    return (q.double() + zero_point).clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
+
+
+def _dequantize(q, scale, zero_point):
+    return (q.to(torch.int64) - zero_point).to(scale.dtype) * scale
+
+
+def _requantize(acc, multiplier, shift, dtype: DType, scale, zero_point):
+    shift = shift.to(torch.int64)
+    p = acc.to(torch.int64) * multiplier.to(torch.int64)
+    r = (p + ((1 << shift) >> 1)) >> shift
+    return (r + zero_point).clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
+
+
 # Kernels keyed by op name. Ops that create tensors take the device as `device=`.
 TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "linear": F.linear,
+    "linear": _linear,
     "matmul": torch.matmul,
     "add": torch.add,
     "sub": torch.sub,
@@ -106,6 +134,9 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "conv2d": lambda x, w, b=None, *, stride, padding, dilation, groups: F.conv2d(x, w, b, stride, padding,
                                                                                   dilation, groups),
     "cast": _cast,
+    "quantize": _quantize,
+    "dequantize": _dequantize,
+    "requantize": _requantize,
 }
 _CREATES_TENSORS = {"arange", "full"}
 
@@ -122,12 +153,29 @@ def resolve_device(on: str) -> torch.device:
 
 
 class TorchExecutor(nn.Module):
-    """`TorchExecutor(graph, device)(*tensors) -> tuple of tensors`; differentiable."""
+    """`TorchExecutor(graph, device)(*tensors) -> tuple of tensors`; differentiable.
 
-    def __init__(self, graph: Graph, device: torch.device | str = "cpu", trainable: bool = False):
+    `weight_transforms` maps constant names to modules applied to the weight on every forward
+    (pruning masks, straight-through binarization); `activation_transforms` maps value names
+    to modules applied to the value right after it is computed (observers, fake quantization).
+    Both are submodules, so their parameters train with the weights."""
+
+    def __init__(self, graph: Graph, device: torch.device | str = "cpu", trainable: bool = False, *,
+                 weight_transforms: dict[str, nn.Module] | None = None,
+                 activation_transforms: dict[str, nn.Module] | None = None):
         super().__init__()
         self.graph = graph
         self.device_ = torch.device(device)
+        types = graph.types
+        for what, table in (("constant", weight_transforms), ("value", activation_transforms)):
+            for name in table or {}:
+                if name not in types:
+                    raise TccError(f"transform of unknown {what} '{name}'")
+        self.weight_transforms = nn.ModuleDict({f"w{i}": m for i, m in enumerate((weight_transforms or {}).values())})
+        self._weight_transform_keys = dict(zip(weight_transforms or {}, self.weight_transforms))
+        self.activation_transforms = nn.ModuleDict(
+            {f"a{i}": m for i, m in enumerate((activation_transforms or {}).values())})
+        activation_keys = dict(zip(activation_transforms or {}, self.activation_transforms))
         self.weights = nn.ParameterDict()
         self._buffer_names: dict[str, str] = {}
         self._param_names: dict[str, str] = {}
@@ -141,9 +189,12 @@ class TorchExecutor(nn.Module):
             else:
                 self.register_buffer(key, tensor, persistent=False)
                 self._buffer_names[name] = key
+        self._activation_keys = activation_keys
+        self.weight_transforms.to(self.device_)
+        self.activation_transforms.to(self.device_)
         self._program = self._compile()
 
-    def _compile(self) -> list[tuple[Callable, tuple[int, ...], dict[str, Any], int, tuple[int, ...]]]:
+    def _compile(self) -> list[tuple[Callable, tuple[int, ...], dict[str, Any], int, tuple[int, ...], str | None]]:
         slots = {name: i for i, name in enumerate(list(self.graph.input_names) + list(self.graph.constant_names))}
         for op in self.graph.ops:
             slots[op.result] = len(slots)
@@ -156,24 +207,34 @@ class TorchExecutor(nn.Module):
             if op.kind in _CREATES_TENSORS:
                 kwargs["device"] = self.device_
             program.append((TORCH_KERNELS[op.kind], tuple(slots[o] for o in op.operands), kwargs, slots[op.result],
-                            tuple(slots[n] for n in frees.get(index, ()) if n not in constants)))
+                            tuple(slots[n] for n in frees.get(index, ()) if n not in constants),
+                            self._activation_keys.get(op.result)))
         return program
 
     def constant(self, name: str) -> torch.Tensor:
-        """The tensor holding constant `name` (a Parameter for float weights)."""
+        """The tensor holding constant `name` (a Parameter for float weights), untransformed."""
         if name in self._param_names:
             return self.weights[self._param_names[name]]
         return getattr(self, self._buffer_names[name])
 
+    def effective_constant(self, name: str) -> torch.Tensor:
+        """Constant `name` as the graph computes with it: its weight transform applied."""
+        key = self._weight_transform_keys.get(name)
+        value = self.constant(name)
+        return value if key is None else self.weight_transforms[key](value)
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env: list[Any] = [None] * len(self._slots)
-        for i, value in enumerate(inputs):
-            env[i] = value
+        for i, (name, value) in enumerate(zip(self.graph.input_names, inputs)):
+            key = self._activation_keys.get(name)
+            env[i] = value if key is None else self.activation_transforms[key](value)
         base = len(inputs)
         for i, name in enumerate(self.graph.constant_names):
-            env[base + i] = self.constant(name)
-        for kernel, operands, kwargs, result, frees in self._program:
+            env[base + i] = self.effective_constant(name)
+        for kernel, operands, kwargs, result, frees, transform in self._program:
             env[result] = kernel(*[env[o] for o in operands], **kwargs)
+            if transform is not None:
+                env[result] = self.activation_transforms[transform](env[result])
             for slot in frees:
                 env[slot] = None
         return tuple(env[self._slots[name]] for name in self.graph.outputs)

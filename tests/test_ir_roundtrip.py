@@ -521,7 +521,15 @@ def _every_op_graph() -> Graph:
     att2 = b.op("scaled_dot_product_attention", x, x, x, is_causal=True)
     conv = b.op("conv2d", b.op("unsqueeze", x, dim=0), kernel, stride=(1, 2), padding=(1, 0), groups=2)
     cast = b.op("cast", y, dtype=DType.BF16)
-    return verify(b.finish([y, r, m, total, some, ix, wh, att, att2, conv, cast]))
+    xq = b.op("quantize", x, dtype=DType.I8, scale=0.1 + 0.2, zero_point=-3)
+    wq = b.constant("layer.0.weight.q", rng.integers(-127, 128, size=(5, 4)), DType.I8)
+    bq = b.constant("layer.0.bias.q", rng.integers(-99, 99, size=5), DType.I32)
+    mult = b.constant("layer.0.mult", np.full(5, 1 << 30), DType.I32)
+    acc = b.op("linear", xq, wq, bq)
+    yq = b.op("requantize", acc, mult, b.constant("layer.0.shift", np.array(35), DType.I32), dtype=DType.I8,
+              scale=1e-5)
+    deq = b.op("dequantize", yq, b.constant("layer.0.out_scale", np.array(1e-5, np.float32)))
+    return verify(b.finish([y, r, m, total, some, ix, wh, att, att2, conv, cast, deq]))
 
 
 def test_every_op_kind_round_trips():

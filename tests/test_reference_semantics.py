@@ -185,6 +185,28 @@ CASES = [
     _case("cast-i64-bool", "cast", [i64(3, 4, high=2)], dtype=DType.BOOL),
     _case("cast-i64-f32", "cast", [i64(3, 4, high=1000)], dtype=DType.F32),
     _case("cast-bool-f32", "cast", [bools(3, 4)], dtype=DType.F32),
+    # -- integer quantization ----------------------------------------------------------------
+    _case("quantize-i8-ties-clip", "quantize", [np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 1e4, -1e4, 0.3],
+                                                          np.float32) * 0.1], dtype=DType.I8, scale=0.1),
+    _case("quantize-i4-zp", "quantize", [f32(3, 4)], dtype=DType.I4, scale=0.25, zero_point=-2),
+    _case("quantize-i16", "quantize", [f32(3, 4) * 100], dtype=DType.I16, scale=0.01, zero_point=7),
+    _case("quantize-b1", "quantize", [np.array([-1.0, -0.0, 0.0, 2.0, -1e-30], np.float32)], dtype=DType.B1,
+          scale=1.0),
+    _case("dequantize-per-tensor", "dequantize", [i64(3, 4, high=128, dtype=np.int8), np.array(0.1, np.float32)],
+          zero_point=-5),
+    _case("dequantize-per-channel-i32", "dequantize", [i64(3, 4, high=1 << 20, dtype=np.int32),
+                                                       f32(4, low=1e-4, high=1e-2)]),
+    _case("requantize-per-channel", "requantize",
+          [i64(3, 4, high=1 << 20, dtype=np.int32), np.array([1 << 30, (1 << 31) - 1, 1 << 30, 1234567891], np.int32),
+           np.array([31, 40, 0, 62], np.int32)], dtype=DType.I8, scale=0.1, zero_point=3),
+    _case("requantize-i64-i16", "requantize", [i64(3, 4, high=1 << 40), np.array(1 << 20, np.int32),
+                                                 np.array(35, np.int32)], dtype=DType.I16, scale=0.5),
+    _case("linear-i8", "linear", [i64(2, 3, 64, high=128, dtype=np.int8), i64(5, 64, high=128, dtype=np.int8, seed=1),
+                                   i64(5, high=1 << 20, dtype=np.int32)]),
+    _case("linear-i8-b1", "linear", [i64(4, 32, high=128, dtype=np.int8),
+                                      np.where(bools(6, 32), 1, -1).astype(np.int8)]),
+    _case("linear-i16-i64", "linear", [i64(4, 32, high=1 << 15, dtype=np.int16),
+                                        i64(3, 32, high=1 << 15, dtype=np.int16, seed=1), i64(3, high=1 << 40)]),
 ]
 
 

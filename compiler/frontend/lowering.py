@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.fx as fx
 

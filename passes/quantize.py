@@ -1,0 +1,200 @@
+"""quantize: integer-only linears, calibrated post-training quantization.
+
+Each selected float `linear` becomes
+
+    %x.q   = quantize(%x) {dtype = i8, scale = s_x}              activations: symmetric, per tensor
+    %y.acc = linear(%x.q, @w_q, @b_q) : i32                      i8 (or i4/i16) weights per output channel
+    %y.q   = requantize(%y.acc, @mult, @shift) {dtype = i8, scale = s_y}
+    %y     = dequantize(%y.q, @s_y) : f32                        the original name and type
+
+with weights `w_q = rint(w / s_w[c])`, `s_w[c] = max|w[c,:]| / qmax`, bias `b_q = rint(b / (s_x s_w[c]))`
+in the accumulator type, and fixed-point multipliers `mult[c] * 2^-shift[c] = s_x s_w[c] / s_y`
+(31-bit; fewer bits for i64 accumulators, so that requantize's int64 product never overflows).
+Activation scales come from running the float graph on calibration data (max |v|, or a
+percentile of |v|, over `qmax`). A `quantize` of a `dequantize` with the same scale reads the
+integer value directly, so chained linears stay in integers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import ChainMap
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import numpy as np
+
+from tcc.ir.dtypes import DType
+from tcc.ir.graph import Graph, Op, freeze_weights
+from tcc.ir.ops import OPS
+from tcc.ir.quant import PerChannel, PerTensor
+from tcc.ir.types import TensorType
+
+from .base import Pass, PassContext, PassResult, option
+from .calibrate import observe
+from .dce import DeadCodeElimination
+from .layers import select_layers
+
+_DTYPES = {4: DType.I4, 8: DType.I8, 16: DType.I16}
+
+
+def quantize_weight(w: np.ndarray, dtype: DType) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel quantization of `w` [out, in] to `dtype`: (integers, scales),
+    s[c] = max|w[c, :]| / qmax (1 for all-zero rows)."""
+    w = np.asarray(w, np.float64)
+    qmax = dtype.value_range[1]
+    amax = np.abs(w).max(axis=1)
+    scales = np.where(amax > 0, amax / qmax, 1.0)
+    return np.clip(np.rint(w / scales[:, None]), -qmax, qmax), scales
+
+
+def fixed_point(m: np.ndarray, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
+    """Integer (multiplier, shift) with multiplier * 2^-shift ~ m (m > 0): multiplier in
+    [2^(bits-1), 2^bits) and shift in [0, 62]; where the shift clips, the multiplier leaves
+    that range (clipped to [0, 2^bits - 1])."""
+    exponent = np.frexp(m)[1]  # m = f * 2^exponent, f in [0.5, 1)
+    shift = np.clip(bits - exponent, 0, 62)
+    mult = np.rint(np.ldexp(m, shift))
+    carry = (mult >= 2.0 ** bits) & (shift > 0)  # f rounded up to 1: halve both
+    mult, shift = np.where(carry, mult / 2, mult), np.where(carry, shift - 1, shift)
+    return np.clip(mult, 0, 2.0 ** bits - 1).astype(np.int32), shift.astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Rewrite float linears with constant weights (matched by `layers`) into integer-only
+    quantize -> integer linear -> requantize -> dequantize; idempotent (integer linears are skipped)."""
+
+    name = "quantize"
+    summary = "integer-only linears: per-channel weights, calibrated per-tensor activations, fixed-point requantize"
+
+    bits: int = option(8, "weight bits: 4, 8 or 16")
+    calibration: Literal["minmax", "percentile"] = option("minmax", "activation range: max |v| or a percentile of |v|")
+    percentile: float = option(99.99, "the percentile of |v| (calibration=percentile), in (0, 100]")
+    layers: str = option(".*", "regex searched in weight names: which linears to quantize")
+    activation_bits: int = option(8, "activation bits: 4, 8 or 16")
+
+    def validate(self) -> None:
+        for key in ("bits", "activation_bits"):
+            if getattr(self, key) not in _DTYPES:
+                raise self.fail(key, f"must be 4, 8 or 16, got {getattr(self, key)}")
+        if not 0 < self.percentile <= 100:
+            raise self.fail("percentile", f"must be in (0, 100], got {self.percentile}")
+        try:
+            re.compile(self.layers)
+        except re.error as e:
+            raise self.fail("layers", f"is not a valid regular expression ({e})") from None
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        types, weights = graph.types, graph.weights
+        constants = set(graph.constant_names)
+        targets = {op.result: op for layer in select_layers(graph, self.layers, keep_head=False, pass_name=self.name)
+                   for op in layer.ops if types[op.operands[0]].dtype.is_float
+                   and (len(op.operands) < 3 or (op.operands[2] in constants and types[op.operands[2]].dtype.is_float))}
+        if not targets:
+            return PassResult(graph, False)
+        scales = self.calibrate(graph, ctx, {v for op in targets.values() for v in (op.operands[0], op.result)})
+        adtype, wdtype = _DTYPES[self.activation_bits], _DTYPES[self.bits]
+
+        taken = set(types)
+        new_constants, new_weights, ops = list(graph.constants), {}, []
+        values = ChainMap(new_weights, weights)
+        producer: dict[str, Op] = {}
+        quantized: dict[str, tuple[str, float]] = {}  # float value -> (integer value, its scale)
+        weight_q: dict[str, tuple[str, np.ndarray]] = {}  # float weight -> (integer weight, s_w)
+
+        def fresh(hint: str) -> str:
+            name, i = hint, 0
+            while name in taken:
+                i += 1
+                name = f"{hint}_{i}"
+            taken.add(name)
+            return name
+
+        def const(hint: str, array: np.ndarray, t: TensorType) -> str:
+            name = fresh(hint)
+            new_constants.append((name, t))
+            new_weights[name] = array.astype(t.dtype.numpy)
+            types[name] = t
+            return name
+
+        def emit(kind: str, operands: tuple[str, ...], result: str, **attrs) -> str:
+            opdef = OPS[kind]
+            normalized = opdef.normalize_attrs(attrs)
+            op = Op(kind, result, operands, normalized, opdef.infer([types[o] for o in operands], dict(normalized)))
+            ops.append(op)
+            types[result], producer[result] = op.type, op
+            return result
+
+        def integer_input(x: str) -> tuple[str, float]:
+            if x not in quantized:
+                quantized[x] = _dequantized(producer.get(x), types, values, adtype) or (
+                    emit("quantize", (x,), fresh(f"{x}.q"), dtype=adtype, scale=scales[x]), scales[x])
+            return quantized[x]
+
+        def integer_weight(w: str) -> tuple[str, np.ndarray]:
+            if w not in weight_q:
+                q, s_w = quantize_weight(weights[w], wdtype)
+                t = dataclasses.replace(types[w], dtype=wdtype, quant=PerChannel(0, tuple(map(float, s_w)),
+                                                                                  (0,) * len(s_w)))
+                weight_q[w] = const(f"{_base(w)}.weight_q", q, t), s_w
+            return weight_q[w]
+
+        for op in graph.ops:
+            if op.result not in targets:
+                ops.append(op)
+                producer[op.result] = op
+                continue
+            x, w, y = op.operands[0], op.operands[1], op.result
+            base = _base(w)
+            (xq, s_x), (wq, s_w) = integer_input(x), integer_weight(w)
+            acc = OPS["linear"].infer([types[xq], types[wq]], {}).dtype
+            operands, bias_max = (xq, wq), 0
+            if len(op.operands) == 3:
+                bias = np.clip(np.rint(np.asarray(weights[op.operands[2]], np.float64) / (s_x * s_w)),
+                               *acc.value_range)
+                operands += (const(f"{base}.bias_q", bias, TensorType(bias.shape, acc)),)
+                bias_max = int(np.abs(bias).max(initial=0))
+            # |acc| <= k * 2^(a-1) * 2^(b-1) + |bias|: keep |acc * multiplier| <= 2^62, so requantize is
+            # exact in int64 (31-bit multipliers always fit i32 accumulators)
+            bound = types[w].shape[1] * -adtype.value_range[0] * -wdtype.value_range[0] + bias_max
+            mult, shift = fixed_point(s_x * s_w / scales[y], min(31, 62 - math.ceil(math.log2(bound + 1))))
+            vector = TensorType(mult.shape, DType.I32)
+            requant = (emit("linear", operands, fresh(f"{y}.acc")), const(f"{base}.multiplier", mult, vector),
+                       const(f"{base}.shift", shift, vector))
+            yq = emit("requantize", requant, fresh(f"{y}.q"), dtype=adtype, scale=scales[y])
+            s_y = const(f"{base}.output_scale", np.asarray(scales[y]), TensorType((), op.type.dtype))
+            emit("dequantize", (yq, s_y), y)
+
+        ctx.note(f"{len(targets)} linears to {adtype} x {wdtype}")
+        out = graph.replace(ops=tuple(ops), constants=tuple(new_constants),
+                            weights={**graph.weights, **freeze_weights(new_weights)})
+        return PassResult(DeadCodeElimination().run(out, ctx).graph, True)
+
+    def calibrate(self, graph: Graph, ctx: PassContext, values: set[str]) -> dict[str, float]:
+        """Symmetric per-tensor scales of `values`, from the float graph run on calibration data."""
+        percentile = self.percentile if self.calibration == "percentile" else None
+        observers = observe(graph, ctx, values, pass_name=self.name, percentile=percentile)
+        qmax = _DTYPES[self.activation_bits].value_range[1]
+        return {v: (r / qmax if (r := o.range(percentile)) > 0 else 1.0) for v, o in observers.items()}
+
+
+def _base(weight: str) -> str:
+    return weight[:-len(".weight")] if weight.endswith(".weight") else weight
+
+
+def _dequantized(op: Op | None, types: dict[str, TensorType], weights: Mapping[str, np.ndarray],
+                 dtype: DType) -> tuple[str, float] | None:
+    """(q, scale) when `op` is `dequantize(q, scale)` of a `dtype` value with zero point 0 and
+    a scalar scale constant equal to q's type scale: then quantize(op's result) == q exactly."""
+    if op is None or op.kind != "dequantize" or op.attr("zero_point") != 0:
+        return None
+    q, scale = op.operands
+    quant = types[q].quant
+    if types[q].dtype is not dtype or not isinstance(quant, PerTensor) or quant.zero_point != 0 or types[
+            scale].dtype not in (DType.F32, DType.F64):  # f32: rint(q * s / s) == q for |q| < 2^22
+        return None
+    s = weights.get(scale)
+    return (q, quant.scale) if s is not None and s.shape == () and s == np.asarray(quant.scale, s.dtype) else None

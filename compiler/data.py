@@ -29,11 +29,14 @@ def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "d
         raise TccError(f"{where}: cannot read {what} ({first[:200]})") from None
     if isinstance(value, torch.Tensor):
         value = {"inputs": value}
-    if not isinstance(value, dict) or "inputs" not in value:
-        raise TccError(f"{where}: {what} must be a dict with 'inputs' (and 'labels'), saved with torch.save")
-    unknown = set(value) - {"inputs", "labels"}
+    if not isinstance(value, dict):
+        raise TccError(f"{where}: {what} must be a dict with 'inputs' (and 'labels'), saved with torch.save; "
+                       f"found a {type(value).__name__}")
+    unknown = sorted(set(map(str, value)) - {"inputs", "labels"})
     if unknown:
-        raise TccError(f"{where}: unknown key '{sorted(unknown)[0]}' in {what} (expected 'inputs', 'labels')")
+        raise TccError(f"{where}: unknown key '{unknown[0]}' in {what} (expected 'inputs', 'labels')")
+    if "inputs" not in value:
+        raise TccError(f"{where}: {what} has no 'inputs'")
     inputs = value["inputs"]
     if isinstance(inputs, dict):
         if graph is None:

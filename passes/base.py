@@ -112,7 +112,10 @@ class Pass:
 
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(cls) if f.init]
+        """Option fields: the pass's own first, then those of shared option groups."""
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        own = cls.__dict__.get("__annotations__", {})
+        return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
 
     def changed_options(self) -> dict[str, Any]:
         """Options whose value differs from the default, in declaration order."""

@@ -1,0 +1,140 @@
+"""The compression surface of the CLI: `tcc passes`, `tcc compile --pipeline/--train-data/
+--calib-data`, `tcc eval`, and the bad inputs of each (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tcc
+from conftest import run_cli
+from tcc.zoo import DigitsTransformer
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small digits-shaped Transformer (batch 16) with train/test data files."""
+    d = tmp_path_factory.mktemp("compress")
+    torch.manual_seed(0)
+    model = DigitsTransformer().eval()
+    x = torch.rand(64, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(-1)  # labels the model gets right: accuracy 1.0 for the fp32 artifact
+    torch.export.save(torch.export.export(model, (x[:16],)), d / "model.pt2")
+    torch.save({"inputs": x, "labels": y}, d / "data.pt")
+    torch.save({"inputs": x[:40]}, d / "unlabelled.pt")
+    torch.save({"inputs": torch.rand(10, 8, 7), "labels": torch.zeros(10, dtype=torch.long)}, d / "bad_shape.pt")
+    torch.save({"inputs": x[:10], "labels": torch.full((10,), 12)}, d / "bad_labels.pt")
+    torch.save({"inputs": x[:10], "labels": torch.zeros(9, dtype=torch.long)}, d / "short_labels.pt")
+    torch.save({"images": x}, d / "bad_keys.pt")
+    (d / "garbage.pt").write_bytes(b"\x00garbage")
+    result = run_cli("compile", d / "model.pt2", "-o", d / "fp32", "-q")
+    assert result.returncode == 0, result.stderr
+    return d
+
+
+def test_passes_lists_every_pass_with_options():
+    result = run_cli("passes")
+    assert result.returncode == 0
+    for name in tcc.passes.PASSES:
+        assert f"\n{name}: " in "\n" + result.stdout
+    assert "block=RxC | none  (default none)" in result.stdout
+    info = json.loads(run_cli("passes", "--json").stdout)
+    hp = next(p for p in info if p["name"] == "hp-prune")
+    assert {o["name"] for o in hp["options"]} >= {"sparsity", "block", "row_nnz", "block_sparsity", "scope", "epochs"}
+
+
+def test_pipeline_with_training_data_and_eval(files, tmp_path):
+    out = tmp_path / "hp"
+    result = run_cli("compile", files / "model.pt2", "-o", out, "--train-data", files / "data.pt",
+                     "--pipeline", "fold-constants,dce,hp-prune{block=16x16,sparsity=0.75,epochs=2},quantize{bits=8}")
+    assert result.returncode == 0, result.stderr
+    assert "hp-prune: changed; gradual pruning with fine-tuning on" in result.stdout
+    assert "quantize: changed; calibrated on" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passes"] == ["fold-constants", "dce", "hp-prune", "quantize"]
+    assert manifest["pipeline"] == "fold-constants,dce,hp-prune{sparsity=0.75,block=16x16,epochs=2},quantize"
+    assert manifest["data"]["train"]["examples"] == 64
+    graph = (out / "graph.tcc").read_text()
+    assert "~hp(16, 16, 8)" in graph and "requantize(" in graph
+    report = json.loads(run_cli("eval", out, "--data", files / "data.pt", "--baseline", files / "fp32",
+                                "--json").stdout)
+    assert report["examples"] == 64 and report["baseline_accuracy"] == 1.0
+    assert 0 <= report["accuracy"] <= 1 and 0 <= report["agreement"] <= 1 and report["max_abs_error"] > 0
+    text = run_cli("eval", out, "--data", files / "data.pt", "--on", "numpy")
+    assert text.returncode == 0 and "accuracy" in text.stdout
+
+
+def test_eval_of_the_uncompressed_model_is_exact(files):
+    report = json.loads(run_cli("eval", files / "fp32", "--data", files / "data.pt", "--baseline", files / "fp32",
+                                "--json").stdout)
+    assert report["accuracy"] == 1.0 and report["agreement"] == 1.0 and report["max_abs_error"] == 0.0
+
+
+def test_one_shot_without_data_says_so(files, tmp_path):
+    result = run_cli("compile", files / "model.pt2", "-o", tmp_path / "a", "--pipeline", "block-prune{nm=2:4}")
+    assert result.returncode == 0, result.stderr
+    assert "block-prune: changed; one-shot (no training data)" in result.stdout
+
+
+def test_calibration_data_is_used(files, tmp_path):
+    result = run_cli("compile", files / "model.pt2", "-o", tmp_path / "q", "--pipeline",
+                     "quantize{calibration=percentile}", "--calib-data", files / "unlabelled.pt")
+    assert result.returncode == 0, result.stderr
+    assert f"calibrated on {files / 'unlabelled.pt'} (40 examples, percentile 99.99)" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pipeline", "hp-prune{sparsity=1.5}"], "hp-prune: option 'sparsity' must be in [0, 1), got 1.5"),
+    (["--pipeline", "hp-prune{sparsity=lots}"], "option 'sparsity' is 'lots' but expects a number"),
+    (["--pipeline", "hp-prune{row_nnz=0.5}"], "option 'row_nnz' is '0.5' but expects an integer"),
+    (["--pipeline", "hp-prune{blok=4x4}"], "unknown option 'blok'; did you mean 'block'?"),
+    (["--pipeline", "hp-prun"], "unknown pass 'hp-prun'; did you mean 'hp-prune'?"),
+    (["--pipeline", "hp-prune{block=16x16,row_nnz=20}"], "option 'row_nnz' 20 exceeds the block width 16"),
+    (["--pipeline", "hp-prune{layers=(}"], "option 'layers' is not a valid regular expression"),
+    (["--pipeline", "binarize{tws=true}"], "binarize: option 'tws' needs training data (--train-data)"),
+    (["--train-data", "bad_shape.pt", "--pipeline", "hp-prune"],
+     "bad_shape.pt (training data): input 'images' examples have shape [8, 7], the model expects [8, 8]"),
+    (["--train-data", "bad_labels.pt", "--pipeline", "hp-prune"],
+     "labels span [12, 12] but the model's first output has 10 classes"),
+    (["--train-data", "short_labels.pt"], "labels must be one integer per example (10), got shape [9]"),
+    (["--train-data", "bad_keys.pt"], "unknown key 'images' in training data (expected 'inputs', 'labels')"),
+    (["--train-data", "garbage.pt"], "garbage.pt: cannot read training data"),
+    (["--train-data", "missing.pt"], "missing.pt: no such training data file"),
+    (["--calib-data", "bad_shape.pt"], "bad_shape.pt (calibration data): input 'images' examples have shape"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(files, tmp_path, args, message):
+    args = [str(files / a) if a.endswith(".pt") else a for a in args]
+    out = tmp_path / "out"
+    result = run_cli("compile", files / "model.pt2", "-o", out, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("data, message", [
+    ("bad_shape.pt", "input 'images' examples have shape [8, 7]"),
+    ("bad_labels.pt", "labels span [12, 12]"),
+    ("garbage.pt", "cannot read data"),
+])
+def test_eval_bad_data(files, data, message):
+    result = run_cli("eval", files / "fp32", "--data", files / data)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_target_lowering_passes_run_after_the_users_pipeline(monkeypatch):
+    from tcc import driver
+    from tcc.targets import get_target
+    target = get_target("cpu")
+    integer_target = type(target)(**{**target.__dict__, "name": "int-cpu", "lowering": "quantize"})
+    monkeypatch.setattr(driver, "get_target", lambda name: integer_target)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    artifact = tcc.compile(model, (torch.randn(4, 8),), pipeline="hp-prune{block=4x4,sparsity=0.5,keep_head=false}")
+    assert artifact.manifest["passes"] == ["hp-prune", "quantize"]
+    assert any(line.startswith("quantize: changed") for line in artifact.manifest["pass_log"])
+    assert np.isfinite(artifact.run(torch.randn(4, 8)).numpy()).all()

@@ -36,11 +36,17 @@ DENSE = Dense()
 ENCODINGS: dict[str, type[Encoding]] = {cls.keyword: cls for cls in (Dense,)}
 
 
+def make_keyword_value(registry: dict[str, type], what: str, sigil: str, keyword: str, params: tuple[int, ...]):
+    """Build `registry[keyword](*params)` for the text form `<sigil>keyword(params)`;
+    ValueError naming the problem otherwise."""
+    if keyword not in registry:
+        raise ValueError(f"unknown {what} '{sigil}{keyword}' (known: {', '.join(sorted(registry))})")
+    try:
+        return registry[keyword](*params)
+    except TypeError:
+        raise ValueError(f"{what} '{sigil}{keyword}' does not take parameters {params}") from None
+
+
 def make_encoding(keyword: str, params: tuple[int, ...]) -> Encoding:
     """Build an encoding from its text form's keyword and integer parameters."""
-    if keyword not in ENCODINGS:
-        raise ValueError(f"unknown encoding '#{keyword}' (known: {', '.join(sorted(ENCODINGS))})")
-    try:
-        return ENCODINGS[keyword](*params)
-    except TypeError:
-        raise ValueError(f"encoding '#{keyword}' does not take parameters {params}") from None
+    return make_keyword_value(ENCODINGS, "encoding", "#", keyword, params)

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from .encoding import make_keyword_value
+
 
 @dataclass(frozen=True)
 class Sparsity:
@@ -130,9 +132,4 @@ SPARSITIES: dict[str, type[Sparsity]] = {cls.keyword: cls for cls in (Blocks, Hi
 
 def make_sparsity(keyword: str, params: tuple[int, ...]) -> Sparsity:
     """Build a sparsity structure from its text form's keyword and integer parameters."""
-    if keyword not in SPARSITIES:
-        raise ValueError(f"unknown sparsity structure '~{keyword}' (known: {', '.join(sorted(SPARSITIES))})")
-    try:
-        return SPARSITIES[keyword](*params)
-    except TypeError:
-        raise ValueError(f"sparsity '~{keyword}' does not take parameters {params}") from None
+    return make_keyword_value(SPARSITIES, "sparsity structure", "~", keyword, params)

@@ -24,28 +24,36 @@ class PipelineError(TccError):
     """A pipeline spec that does not parse, names an unknown pass or option, or gives a bad value."""
 
 
-class Shape2(tuple):
-    """A pair of positive integers written `RxC` (a block or tile shape)."""
+class _IntPair(tuple):
+    """A pair of positive integers written with a separator (`sep`)."""
 
-    text = re.compile(r"(\d+)x(\d+)")
+    sep: str = ""
+    description: str = ""
 
-    def __new__(cls, rows: int, cols: int):
-        return super().__new__(cls, (int(rows), int(cols)))
-
-    def __str__(self) -> str:
-        return f"{self[0]}x{self[1]}"
-
-
-class Ratio(tuple):
-    """A pair of positive integers written `N:M` (N of every M kept)."""
-
-    text = re.compile(r"(\d+):(\d+)")
-
-    def __new__(cls, n: int, m: int):
-        return super().__new__(cls, (int(n), int(m)))
+    def __new__(cls, first: int, second: int):
+        return super().__new__(cls, (int(first), int(second)))
 
     def __str__(self) -> str:
-        return f"{self[0]}:{self[1]}"
+        return f"{self[0]}{self.sep}{self[1]}"
+
+    @classmethod
+    def parse(cls, text: str) -> "_IntPair":
+        match = re.fullmatch(rf"(\d+){re.escape(cls.sep)}(\d+)", text)
+        if not match or int(match[1]) == 0 or int(match[2]) == 0:
+            raise ValueError(f"expects {cls.description} with positive integers")
+        return cls(int(match[1]), int(match[2]))
+
+
+class Shape2(_IntPair):
+    """A block or tile shape, written `RxC`."""
+
+    sep, description = "x", "RxC"
+
+
+class Ratio(_IntPair):
+    """N of every M kept, written `N:M`."""
+
+    sep, description = ":", "N:M"
 
 
 def _suggest(word: str, candidates: Sequence[str]) -> str:
@@ -65,10 +73,8 @@ def describe_type(annotation: Any) -> str:
         return " | ".join(describe_type(a) for a in inner) + " | none"
     if get_origin(annotation) is Literal:
         return "|".join(map(str, args))
-    if annotation is Shape2:
-        return "RxC"
-    if annotation is Ratio:
-        return "N:M"
+    if isinstance(annotation, type) and issubclass(annotation, _IntPair):
+        return annotation.description
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -104,11 +110,8 @@ def parse_value(annotation: Any, text: str) -> Any:
             return float(text)
         except ValueError:
             raise ValueError("expects a number") from None
-    if annotation in (Shape2, Ratio):
-        match = annotation.text.fullmatch(text)
-        if not match or int(match[1]) == 0 or int(match[2]) == 0:
-            raise ValueError(f"expects {describe_type(annotation)} with positive integers")
-        return annotation(int(match[1]), int(match[2]))
+    if isinstance(annotation, type) and issubclass(annotation, _IntPair):
+        return annotation.parse(text)
     if annotation is str:
         return text
     raise ValueError(f"has an unsupported option type {annotation}")

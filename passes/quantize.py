@@ -20,14 +20,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections import ChainMap
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
 from tcc.ir.dtypes import DType
-from tcc.ir.graph import Graph, Op, freeze_weights
+from tcc.ir.graph import Graph
 from tcc.ir.ops import OPS
 from tcc.ir.quant import PerChannel, PerTensor
 from tcc.ir.types import TensorType
@@ -36,6 +35,7 @@ from .base import Pass, PassContext, PassResult, option
 from .calibrate import observe
 from .dce import DeadCodeElimination
 from .layers import select_layers
+from .rewrite import Rewriter
 
 _DTYPES = {4: DType.I4, 8: DType.I8, 16: DType.I16}
 
@@ -98,40 +98,14 @@ class Quantize(Pass):
         scales = self.calibrate(graph, ctx, {v for op in targets.values() for v in (op.operands[0], op.result)})
         adtype, wdtype = _DTYPES[self.activation_bits], _DTYPES[self.bits]
 
-        taken = set(types)
-        new_constants, new_weights, ops = list(graph.constants), {}, []
-        values = ChainMap(new_weights, weights)
-        producer: dict[str, Op] = {}
+        rw = Rewriter(graph)
         quantized: dict[str, tuple[str, float]] = {}  # float value -> (integer value, its scale)
         weight_q: dict[str, tuple[str, np.ndarray]] = {}  # float weight -> (integer weight, s_w)
 
-        def fresh(hint: str) -> str:
-            name, i = hint, 0
-            while name in taken:
-                i += 1
-                name = f"{hint}_{i}"
-            taken.add(name)
-            return name
-
-        def const(hint: str, array: np.ndarray, t: TensorType) -> str:
-            name = fresh(hint)
-            new_constants.append((name, t))
-            new_weights[name] = array.astype(t.dtype.numpy)
-            types[name] = t
-            return name
-
-        def emit(kind: str, operands: tuple[str, ...], result: str, **attrs) -> str:
-            opdef = OPS[kind]
-            normalized = opdef.normalize_attrs(attrs)
-            op = Op(kind, result, operands, normalized, opdef.infer([types[o] for o in operands], dict(normalized)))
-            ops.append(op)
-            types[result], producer[result] = op.type, op
-            return result
-
         def integer_input(x: str) -> tuple[str, float]:
             if x not in quantized:
-                quantized[x] = _dequantized(producer.get(x), types, values, adtype) or (
-                    emit("quantize", (x,), fresh(f"{x}.q"), dtype=adtype, scale=scales[x]), scales[x])
+                quantized[x] = _dequantized(rw, x, adtype) or (
+                    rw.op("quantize", x, name=f"{x}.q", dtype=adtype, scale=scales[x]), scales[x])
             return quantized[x]
 
         def integer_weight(w: str) -> tuple[str, np.ndarray]:
@@ -139,39 +113,37 @@ class Quantize(Pass):
                 q, s_w = quantize_weight(weights[w], wdtype)
                 t = dataclasses.replace(types[w], dtype=wdtype, quant=PerChannel(0, tuple(map(float, s_w)),
                                                                                   (0,) * len(s_w)))
-                weight_q[w] = const(f"{_base(w)}.weight_q", q, t), s_w
+                weight_q[w] = rw.constant(f"{_base(w)}.weight_q", q, t), s_w
             return weight_q[w]
 
         for op in graph.ops:
             if op.result not in targets:
-                ops.append(op)
-                producer[op.result] = op
+                rw.keep(op)
                 continue
             x, w, y = op.operands[0], op.operands[1], op.result
             base = _base(w)
             (xq, s_x), (wq, s_w) = integer_input(x), integer_weight(w)
-            acc = OPS["linear"].infer([types[xq], types[wq]], {}).dtype
+            acc = OPS["linear"].infer([rw.types[xq], rw.types[wq]], {}).dtype
             operands, bias_max = (xq, wq), 0
             if len(op.operands) == 3:
                 bias = np.clip(np.rint(np.asarray(weights[op.operands[2]], np.float64) / (s_x * s_w)),
                                *acc.value_range)
-                operands += (const(f"{base}.bias_q", bias, TensorType(bias.shape, acc)),)
+                operands += (rw.constant(f"{base}.bias_q", bias, TensorType(bias.shape, acc)),)
                 bias_max = int(np.abs(bias).max(initial=0))
             # |acc| <= k * 2^(a-1) * 2^(b-1) + |bias|: keep |acc * multiplier| <= 2^62, so requantize is
             # exact in int64 (31-bit multipliers always fit i32 accumulators)
             bound = types[w].shape[1] * -adtype.value_range[0] * -wdtype.value_range[0] + bias_max
             mult, shift = fixed_point(s_x * s_w / scales[y], min(31, 62 - math.ceil(math.log2(bound + 1))))
             vector = TensorType(mult.shape, DType.I32)
-            requant = (emit("linear", operands, fresh(f"{y}.acc")), const(f"{base}.multiplier", mult, vector),
-                       const(f"{base}.shift", shift, vector))
-            yq = emit("requantize", requant, fresh(f"{y}.q"), dtype=adtype, scale=scales[y])
-            s_y = const(f"{base}.output_scale", np.asarray(scales[y]), TensorType((), op.type.dtype))
-            emit("dequantize", (yq, s_y), y)
+            yq = rw.op("requantize", rw.op("linear", *operands, name=f"{y}.acc"),
+                       rw.constant(f"{base}.multiplier", mult, vector), rw.constant(f"{base}.shift", shift, vector),
+                       name=f"{y}.q", dtype=adtype, scale=scales[y])
+            s_y = rw.constant(f"{base}.output_scale", np.asarray(scales[y]), TensorType((), op.type.dtype))
+            rw.alias(y, rw.op("dequantize", yq, s_y, name=y))
 
         ctx.note(f"{len(targets)} linears to {adtype} x {wdtype}")
-        out = graph.replace(ops=tuple(ops), constants=tuple(new_constants),
-                            weights={**graph.weights, **freeze_weights(new_weights)})
-        return PassResult(DeadCodeElimination().run(out, ctx).graph, True)
+        # a dequantize whose users now read its integer operand is dead: drop it
+        return PassResult(DeadCodeElimination().run(rw.finish(), ctx).graph, True)
 
     def calibrate(self, graph: Graph, ctx: PassContext, values: set[str]) -> dict[str, float]:
         """Symmetric per-tensor scales of `values`, from the float graph run on calibration data."""
@@ -185,16 +157,16 @@ def _base(weight: str) -> str:
     return weight[:-len(".weight")] if weight.endswith(".weight") else weight
 
 
-def _dequantized(op: Op | None, types: dict[str, TensorType], weights: Mapping[str, np.ndarray],
-                 dtype: DType) -> tuple[str, float] | None:
-    """(q, scale) when `op` is `dequantize(q, scale)` of a `dtype` value with zero point 0 and
-    a scalar scale constant equal to q's type scale: then quantize(op's result) == q exactly."""
+def _dequantized(rw: Rewriter, value: str, dtype: DType) -> tuple[str, float] | None:
+    """(q, scale) when `value` is `dequantize(q, scale)` of a `dtype` value with zero point 0 and
+    a scalar scale constant equal to q's type scale: then quantize(value) == q exactly."""
+    op = rw.producer(value)
     if op is None or op.kind != "dequantize" or op.attr("zero_point") != 0:
         return None
     q, scale = op.operands
-    quant = types[q].quant
-    if types[q].dtype is not dtype or not isinstance(quant, PerTensor) or quant.zero_point != 0 or types[
+    quant = rw.types[q].quant
+    if rw.types[q].dtype is not dtype or not isinstance(quant, PerTensor) or quant.zero_point != 0 or rw.types[
             scale].dtype not in (DType.F32, DType.F64):  # f32: rint(q * s / s) == q for |q| < 2^22
         return None
-    s = weights.get(scale)
-    return (q, quant.scale) if s is not None and s.shape == () and s == np.asarray(quant.scale, s.dtype) else None
+    s = rw.weight(scale)
+    return (q, quant.scale) if s.shape == () and s == np.asarray(quant.scale, s.dtype) else None

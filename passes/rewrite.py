@@ -34,7 +34,16 @@ class Rewriter:
         self._constants: list[tuple[str, TensorType]] = list(graph.constants)
         self._weights: dict[str, np.ndarray] = dict(graph.weights)
         self._ops: list[Op] = []
+        self._producer: dict[str, Op] = {}
         self._alias: dict[str, str] = {}
+
+    def producer(self, name: str) -> Op | None:
+        """The op defining `name` in the graph being built (None for inputs and constants)."""
+        return self._producer.get(name)
+
+    def weight(self, name: str) -> np.ndarray:
+        """The value of constant `name` (old or new)."""
+        return self._weights[name]
 
     def value(self, name: str) -> str:
         """The name `name` has in the graph being built (after `alias`)."""
@@ -88,14 +97,18 @@ class Rewriter:
         self._taken.add(result)
         self._defined.add(result)
         self.types[result] = type_
-        self._ops.append(Op(kind, result, operands, normalized, type_))
+        self._emit(Op(kind, result, operands, normalized, type_))
         return result
+
+    def _emit(self, op: Op) -> None:
+        self._ops.append(op)
+        self._producer[op.result] = op
 
     def keep(self, op: Op) -> str:
         """Re-emit `op` unchanged but for renamed operands."""
         operands = tuple(self.value(o) for o in op.operands)
         self._defined.add(op.result)
-        self._ops.append(op if operands == op.operands else dataclasses.replace(op, operands=operands))
+        self._emit(op if operands == op.operands else dataclasses.replace(op, operands=operands))
         return op.result
 
     def finish(self) -> Graph:

@@ -117,7 +117,7 @@ def test_ternary_split_is_exact():
     x = torch.randn(4, 10)
     graph = tcc.compile(model, (x,)).graph
     split, halves = _split_ternary(graph, {"v0.weight": ternary.numpy()}, ["v0.weight"])
-    a, b = (torch.from_numpy(np.asarray(split.weights[h])) for h in halves)
+    a, b = (torch.from_numpy(np.array(split.weights[h])) for h in halves)
     binary = BinaryWeight(centered=False)
     torch.testing.assert_close(binary(a) + binary(b), ternary, rtol=0, atol=1e-6)
     assert [op.kind for op in split.ops].count("linear") == 3

@@ -143,12 +143,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{info['num_ops']} ops, {info['params']:,} parameters, {info['flops']:,} FLOPs, "
           f"{info['bytes']:,} bytes of constants")
     print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
-    rows = [(c["name"], "x".join(map(str, c["shape"])) or "scalar", c["dtype"], c["encoding"],
+    rows = [(c["name"], "x".join(map(str, c["shape"])) or "scalar", c["dtype"], c["encoding"], c["structure"],
              f"{100 * c['sparsity']:.1f}%", f"{c['bytes']:,}") for c in info["constants"]]
-    header = ("constant", "shape", "dtype", "encoding", "sparsity", "bytes")
+    header = ("constant", "shape", "dtype", "encoding", "structure", "sparsity", "bytes")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
-        print("  " + "  ".join(str(v).ljust(w) if i < 4 else str(v).rjust(w) for i, (v, w) in
+        print("  " + "  ".join(str(v).ljust(w) if i < 5 else str(v).rjust(w) for i, (v, w) in
                                enumerate(zip(row, widths))))
     return 0
 

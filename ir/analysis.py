@@ -67,13 +67,15 @@ def flops(graph: Graph) -> int:
 
 def describe(graph: Graph) -> dict:
     """A summary for `tcc inspect`: ops by kind, parameters, FLOPs, bytes, and per constant its
-    name, shape, dtype, encoding, sparsity (fraction of zeros) and stored bytes."""
+    name, shape, dtype, encoding, structure (the pruning guarantee), sparsity (fraction of
+    zeros) and stored bytes."""
     constants = []
     for name, t in graph.constants:
         array = graph.weights[name]
         sparsity = float(1.0 - np.count_nonzero(array) / array.size) if array.size else 0.0
         constants.append({"name": name, "shape": list(t.shape), "dtype": t.dtype.value,
-                          "encoding": str(t.encoding).lstrip("#"), "sparsity": round(sparsity, 6),
+                          "encoding": str(t.encoding).lstrip("#"),
+                          "structure": str(t.sparsity).lstrip("~") if t.sparsity else "-", "sparsity": round(sparsity, 6),
                           "bytes": t.dense_bytes})
     float_params = sum(t.numel for _, t in graph.constants if t.dtype.is_float)
     return {

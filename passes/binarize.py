@@ -35,7 +35,7 @@ from .base import Pass, PassContext, PassResult, option
 from .calibrate import observe
 from .decompose_attention import DecomposeAttention
 from .finetune import TrainingOptions, train, trained_weights, training_data
-from .layers import Layer, select_layers
+from .layers import Layer, LayerOptions, select_layers
 from .rewrite import Rewriter
 
 
@@ -95,7 +95,7 @@ class UnsignedLevels(nn.Module):
 
 
 @dataclass(frozen=True)
-class Binarize(Pass, TrainingOptions):
+class Binarize(Pass, LayerOptions, TrainingOptions):
     name = "binarize"
     summary = "1-bit weights (sign x per-channel mean|W|) with 8-bit (w1a8) or elastic 1-bit (w1a1) activations"
 
@@ -103,9 +103,6 @@ class Binarize(Pass, TrainingOptions):
     centered: bool = option(False, "binarize the row-centred weight W - mean(W[c])")
     tws: bool = option(False, "ternary weight splitting: train ternary, then split into two binary halves")
     attn_bits: int = option(4, "w1a1: bits of the unsigned softmax outputs")
-    layers: str = option(".*", "regex on weight names: which linear layers to binarize")
-    keep_head: bool = option(True, "leave the classifier/pooler head in float")
-    keep_input: bool = option(True, "leave input projections (embeddings) in float")
 
     def validate(self) -> None:
         if not 1 <= self.attn_bits <= 8:
@@ -113,8 +110,7 @@ class Binarize(Pass, TrainingOptions):
         self.validate_training(self.fail)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        layers = [layer for layer in select_layers(graph, self.layers, keep_head=self.keep_head, pass_name=self.name)
-                  if not (self.keep_input and layer.is_input)]
+        layers = self.chosen_layers(graph, self.name)
         if not layers:
             return PassResult(graph, False)
         teacher = graph

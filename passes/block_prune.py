@@ -20,13 +20,13 @@ from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult, option
 from .finetune import TrainingOptions, prune, with_weights
-from .layers import LAYER_KINDS, select_layers
+from .layers import LAYER_KINDS, LayerOptions
 from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, nm_mask
 from .pipeline import Ratio, Shape2
 
 
 @dataclass(frozen=True)
-class BlockPrune(Pass, TrainingOptions):
+class BlockPrune(Pass, LayerOptions, TrainingOptions):
     name = "block-prune"
     summary = "prune whole RxC blocks aligned to the array tile (per layer kind), or N:M within rows"
 
@@ -38,8 +38,6 @@ class BlockPrune(Pass, TrainingOptions):
     ffn2: float | None = option(None, "sparsity of the second FFN layer")
     nm: Ratio | None = option(None, "N:M variant: keep N of every M consecutive weights per row (e.g. 2:4)")
     block_score: BlockScore = option("l2", "block importance: l2 or l1 norm")
-    layers: str = option(".*", "regex on weight names: which linear layers to prune")
-    keep_head: bool = option(True, "leave the classifier/pooler head dense")
 
     def validate(self) -> None:
         for key in ("sparsity", "qkv", "attn_out", "ffn1", "ffn2"):
@@ -58,7 +56,7 @@ class BlockPrune(Pass, TrainingOptions):
         bh, bw = self.block or ctx.tile
         structure = NM(*self.nm) if self.nm is not None else Blocks(bh, bw)
         types = graph.types
-        layers = [layer for layer in select_layers(graph, self.layers, keep_head=self.keep_head, pass_name=self.name)
+        layers = [layer for layer in self.chosen_layers(graph, self.name)
                   if types[layer.weight].sparsity != structure]
         if not layers:
             return PassResult(graph, False)

@@ -4,7 +4,7 @@ Level 1 removes whole blocks (the block shape defaults to the target's PE tile);
 keeps exactly `row_nnz` non-zeros in each row of each surviving block, so every PE row does
 equal work. The result's type records `~hp(bh, bw, row_nnz)` for format selection and the
 hardware. Give either `sparsity` (overall; split between the levels) or the per-level
-`block_sparsity` and/or `row_nnz`. Matrices whose sides the block does not divide are
+`block_sparsity` and/or `row_nnz` (see `HPPrune.plan` for the default split). Matrices whose sides the block does not divide are
 treated as zero-padded to whole blocks (edge blocks are partial), never refused.
 """
 
@@ -22,24 +22,23 @@ from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult, option
 from .finetune import TrainingOptions, prune, with_weights
-from .layers import select_layers
+from .layers import LayerOptions
 from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, row_mask
 from .pipeline import Shape2
 
 
 @dataclass(frozen=True)
-class HPPrune(Pass, TrainingOptions):
+class HPPrune(Pass, LayerOptions, TrainingOptions):
     name = "hp-prune"
     summary = "hierarchical pruning: drop whole blocks, keep row_nnz per row in the rest (balanced PE rows)"
 
-    sparsity: float | None = option(None, "overall fraction of zeros in [0, 1) (default 0.75 when no level is given)")
+    sparsity: float | None = option(None, "overall fraction of zeros in [0, 1) (default 0.75 when no level is "
+                                          "given); split: fewest non-zeros per row that reach it, blocks for the rest")
     block: Shape2 | None = option(None, "block shape RxC (default: the target's PE tile)")
     block_sparsity: float | None = option(None, "level 1: fraction of blocks removed, in [0, 1)")
     row_nnz: int | None = option(None, "level 2: non-zeros kept per row of a surviving block")
     scope: Literal["layer", "global"] = option("layer", "same sparsity in every layer, or one global block ranking")
     block_score: BlockScore = option("l2", "block importance: l2 or l1 norm")
-    layers: str = option(".*", "regex on weight names: which linear layers to prune")
-    keep_head: bool = option(True, "leave the classifier/pooler head dense")
 
     def validate(self) -> None:
         for key in ("sparsity", "block_sparsity"):
@@ -55,14 +54,17 @@ class HPPrune(Pass, TrainingOptions):
         self.validate_training(self.fail)
 
     def plan(self, bw: int) -> tuple[int, float | None, float | None]:
-        """(row_nnz, overall density or None, block keep fraction or None) at the final step."""
+        """(row_nnz, overall density or None, block keep fraction or None) at the final step.
+        Given only `sparsity`, level 2 keeps the fewest non-zeros per row that still reach the
+        target density (ceil(density * bw)) and level 1 removes blocks for the rest: fine-grained
+        balanced rows cost less accuracy than whole blocks (benchmarks/compression.py)."""
         if self.block_sparsity is not None:
             row_nnz = self.row_nnz or bw
             if self.sparsity is not None:  # block level given, row level derived from the total
                 row_nnz = max(1, min(bw, round(bw * (1 - self.sparsity) / (1 - self.block_sparsity))))
             return row_nnz, None, 1 - self.block_sparsity
         density = 1 - (0.75 if self.sparsity is None else self.sparsity)
-        row_nnz = self.row_nnz or max(1, min(bw, round(bw * math.sqrt(density))))
+        row_nnz = self.row_nnz or max(1, min(bw, math.ceil(density * bw - 1e-9)))
         return row_nnz, density, None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -72,7 +74,7 @@ class HPPrune(Pass, TrainingOptions):
         row_nnz, density, keep_fraction = self.plan(bw)
         structure = Hierarchical(bh, bw, row_nnz)
         types = graph.types
-        layers = [layer for layer in select_layers(graph, self.layers, keep_head=self.keep_head, pass_name=self.name)
+        layers = [layer for layer in self.chosen_layers(graph, self.name)
                   if types[layer.weight].sparsity != structure]
         if not layers:
             return PassResult(graph, False)

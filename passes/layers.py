@@ -18,6 +18,8 @@ from typing import Literal
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, Op
 
+from .base import option
+
 LayerKind = Literal["qkv", "attn_out", "ffn1", "ffn2", "other"]
 LAYER_KINDS: tuple[str, ...] = ("qkv", "attn_out", "ffn1", "ffn2", "other")
 
@@ -125,3 +127,16 @@ def select_layers(graph: Graph, pattern: str, *, keep_head: bool, pass_name: str
         layers.append(Layer(weight, tuple(ops), "other" if is_head else _kind(graph, ops[0]), is_head,
                             any(_from_input(graph, op.operands[0]) for op in ops)))
     return layers
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Options shared by the passes that compress chosen linear layers."""
+
+    layers: str = option(".*", "regex on weight names: which linear layers to compress")
+    keep_head: bool = option(True, "leave the classifier/pooler head uncompressed")
+    keep_input: bool = option(True, "leave input projections (embeddings) uncompressed")
+
+    def chosen_layers(self, graph: Graph, pass_name: str) -> list[Layer]:
+        return [layer for layer in select_layers(graph, self.layers, keep_head=self.keep_head, pass_name=pass_name)
+                if not (self.keep_input and layer.is_input)]

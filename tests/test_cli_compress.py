@@ -59,7 +59,7 @@ def test_pipeline_with_training_data_and_eval(files, tmp_path):
     assert manifest["pipeline"] == "fold-constants,dce,hp-prune{sparsity=0.75,block=16x16,epochs=2},quantize"
     assert manifest["data"]["train"]["examples"] == 64
     graph = (out / "graph.tcc").read_text()
-    assert "~hp(16, 16, 8)" in graph and "requantize(" in graph
+    assert "~hp(16, 16, 4)" in graph and "requantize(" in graph
     report = json.loads(run_cli("eval", out, "--data", files / "data.pt", "--baseline", files / "fp32",
                                 "--json").stdout)
     assert report["examples"] == 64 and report["baseline_accuracy"] == 1.0

@@ -56,7 +56,7 @@ def test_hp_prune_structure_sparsity_idempotence(shape, bh, bw, seed, sparsity, 
     row_nnz = data.draw(st.one_of(st.none(), st.integers(1, bw)))
     w = nonzero_weight(np.random.default_rng(seed), *shape)
     graph = linear_graph([w])
-    p = HPPrune(sparsity=sparsity, block=(bh, bw), row_nnz=row_nnz, keep_head=False)
+    p = HPPrune(sparsity=sparsity, block=(bh, bw), row_nnz=row_nnz, keep_head=False, keep_input=False)
     ctx = PassContext()
     pruned = p(graph, ctx)
     (name, t), = pruned.constants
@@ -74,7 +74,7 @@ def test_hp_prune_structure_sparsity_idempotence(shape, bh, bw, seed, sparsity, 
     again = p.run(pruned, PassContext())
     assert not again.changed and again.graph.same_as(pruned)
     # the masks themselves are idempotent: re-pruning the pruned values keeps them
-    reprune = HPPrune(sparsity=sparsity, block=(bh, bw), row_nnz=k, keep_head=False)
+    reprune = HPPrune(sparsity=sparsity, block=(bh, bw), row_nnz=k, keep_head=False, keep_input=False)
     assert np.array_equal(reprune(graph.replace(weights={name: out}), PassContext()).weights[name], out)
 
 
@@ -85,7 +85,8 @@ def test_hp_prune_global_scope_hits_total_target(seed, sparsity, sizes):
     rng = np.random.default_rng(seed)
     weights = [nonzero_weight(rng, sizes[i + 1], sizes[i]) * rng.uniform(0.1, 3) for i in range(len(sizes) - 1)]
     graph = linear_graph(weights)
-    pruned = HPPrune(sparsity=sparsity, block=(4, 4), row_nnz=2, scope="global", keep_head=False)(graph)
+    pruned = HPPrune(sparsity=sparsity, block=(4, 4), row_nnz=2, scope="global", keep_head=False,
+                     keep_input=False)(graph)
     total = sum(w.size for w in weights)
     kept = sum(np.count_nonzero(pruned.weights[n]) for n in pruned.constant_names)
     assert abs(kept - (1 - sparsity) * total) <= 4 * 2 or kept == sum(
@@ -97,7 +98,7 @@ def test_hp_prune_global_scope_hits_total_target(seed, sparsity, sizes):
 
 def test_hp_per_level_ratios():
     w = nonzero_weight(np.random.default_rng(0), 64, 64)
-    pruned = HPPrune(block_sparsity=0.5, row_nnz=4, block=(16, 16), keep_head=False)(linear_graph([w]))
+    pruned = HPPrune(block_sparsity=0.5, row_nnz=4, block=(16, 16), keep_head=False, keep_input=False)(linear_graph([w]))
     out = np.asarray(pruned.weights["layer0.weight"])
     blocks = block_view(out, 16, 16)
     alive = np.count_nonzero(blocks, axis=(2, 3)) > 0
@@ -107,15 +108,16 @@ def test_hp_per_level_ratios():
 
 def test_hp_default_block_is_the_target_tile():
     w = nonzero_weight(np.random.default_rng(1), 32, 32)
-    pruned = HPPrune(sparsity=0.5, keep_head=False)(linear_graph([w]), PassContext(tile=(8, 4)))
+    pruned = HPPrune(sparsity=0.5, keep_head=False, keep_input=False)(linear_graph([w]), PassContext(tile=(8, 4)))
     assert pruned.constants[0][1].sparsity.params()[:2] == (8, 4)
 
 
-def test_head_is_kept_dense_by_default():
+def test_head_and_input_projection_are_kept_dense_by_default():
     graph = tcc.compile(*built("transformer-encoder")).graph
     pruned = HPPrune(sparsity=0.5)(graph)
     types = dict(pruned.constants)
-    assert types["head.weight"].sparsity is None
+    assert types["head.weight"].sparsity is None and types["embed.weight"].sparsity is None
+    assert dict(HPPrune(sparsity=0.5, keep_input=False)(graph).constants)["embed.weight"].sparsity is not None
     assert types["encoder.layers.0.linear1.weight"].sparsity is not None
 
 
@@ -124,7 +126,7 @@ def test_head_is_kept_dense_by_default():
 def test_nm_prune_structure(shape, seed, m, data):
     n = data.draw(st.integers(1, m))
     w = nonzero_weight(np.random.default_rng(seed), *shape)
-    pruned = BlockPrune(nm=(n, m), keep_head=False)(linear_graph([w]))
+    pruned = BlockPrune(nm=(n, m), keep_head=False, keep_input=False)(linear_graph([w]))
     out = np.asarray(pruned.weights["layer0.weight"])
     assert pruned.constants[0][1].sparsity == NM(n, m)
     groups = np.count_nonzero(block_view(out, 1, m)[:, :, 0, :], axis=2)
@@ -137,7 +139,7 @@ def test_nm_prune_structure(shape, seed, m, data):
        sparsity=st.floats(0.0, 0.95))
 def test_block_prune_structure(shape, seed, bh, bw, sparsity):
     w = nonzero_weight(np.random.default_rng(seed), *shape)
-    pruned = BlockPrune(sparsity=sparsity, block=(bh, bw), keep_head=False)(linear_graph([w]))
+    pruned = BlockPrune(sparsity=sparsity, block=(bh, bw), keep_head=False, keep_input=False)(linear_graph([w]))
     out = np.asarray(pruned.weights["layer0.weight"])
     assert pruned.constants[0][1].sparsity == Blocks(bh, bw)
     counts = np.count_nonzero(block_view(out, bh, bw), axis=(2, 3))
@@ -167,7 +169,7 @@ def test_layer_kinds_on_zoo_models():
 
 def test_sparsity_text_round_trip_and_verifier():
     w = nonzero_weight(np.random.default_rng(2), 8, 8)
-    pruned = HPPrune(sparsity=0.5, block=(4, 4), row_nnz=2, keep_head=False)(linear_graph([w]))
+    pruned = HPPrune(sparsity=0.5, block=(4, 4), row_nnz=2, keep_head=False, keep_input=False)(linear_graph([w]))
     text = print_graph(pruned)
     assert "~hp(4, 4, 2)" in text
     assert parse_graph(text, dict(pruned.weights)).same_as(pruned)
@@ -195,7 +197,7 @@ def test_gradual_pruning_with_data_recovers_accuracy():
         logits = torch.cat([TorchExecutor(g).run([b.inputs[0]])[0][:b.valid] for b in data.batches(32)])
         return float((logits.argmax(1) == y).float().mean())
 
-    spec = "hp-prune{sparsity=0.8,block=8x8,epochs=8,lr=0.005}"
+    spec = "hp-prune{block_sparsity=0.5,row_nnz=3,block=8x8,epochs=8,lr=0.005,keep_input=false}"
     one_shot = parse_pipeline(spec)[0](graph, PassContext(torch_module=TorchExecutor))
     ctx = PassContext(torch_module=TorchExecutor, data={"train": data})
     tuned = parse_pipeline(spec)[0](graph, ctx)

@@ -23,8 +23,9 @@ tenth of the first two thirds of the steps. `WeightNormSparsifier` makes a fract
 zeroed: it cannot both drop whole blocks and thin the rest, as hp-prune does, so it runs in
 two forms at overall sparsity s: "blocks" (sparsity_level=s, all 256 weights of a block
 zeroed) and "in-block" (sparsity_level=1, round(256 s) zeros in every block, unstructured
-inside). hp-prune's default splits the density evenly between its levels (75%: half the
-blocks dropped, 8 of 16 per row kept); "rows only" keeps every block and 4 of 16 per row.
+inside). hp-prune's default split keeps the fewest non-zeros per row that reach the target
+(75%: 4 of 16 per row, every block kept; 90%: 2 of 16, a fifth of the blocks dropped); the
+"even split" row drops half the blocks and keeps 8 of 16 per row.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ def rows(epochs: int, quick: bool) -> list[Row]:
         fp32, int8, tcc_row("int4 weights", "quantize{bits=4}"),
         *[hp(s, tuned) for s in (0.5, 0.75, 0.9) for tuned in (False, True)],
         *[peer(s, in_block) for s in (0.5, 0.75, 0.9) for in_block in (False, True)],
-        tcc_row("HP 75% fine-tuned, rows only",
-                f"hp-prune{{block_sparsity=0.0,row_nnz=4,block=16x16,layers={LAYERS},epochs={epochs}}}"),
+        tcc_row("HP 75% fine-tuned, even split",
+                f"hp-prune{{block_sparsity=0.5,row_nnz=8,block=16x16,layers={LAYERS},epochs={epochs}}}"),
         hp(0.75, distill=False), peer(0.75, distill=False),
         tcc_row("block-prune 50% fine-tuned",
                 f"block-prune{{sparsity=0.5,block=16x16,layers={LAYERS},epochs={epochs}}}"),

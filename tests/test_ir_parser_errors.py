@@ -231,8 +231,8 @@ def test_per_channel_quantization_that_does_not_fit_the_shape():
 
 
 def test_unknown_encoding():
-    text = edit(1, "graph @main(%x: f32[2,3] #csr) {")
-    expect(text, 1, 27, "csr", "unknown encoding '#csr'")
+    text = edit(1, "graph @main(%x: f32[2,3] #csx) {")
+    expect(text, 1, 27, "csx", "unknown encoding '#csx'")
 
 
 def test_weights_that_do_not_match_are_a_parse_error():

@@ -34,7 +34,7 @@ from tcc.ir.types import TensorType
 from .base import Pass, PassContext, PassResult, option
 from .calibrate import observe
 from .decompose_attention import DecomposeAttention
-from .finetune import TrainingOptions, train, trained_weights, training_data
+from .finetune import TrainingOptions, train, trained_weights, training_data, with_weights
 from .layers import Layer, LayerOptions, select_layers
 from .rewrite import Rewriter
 
@@ -136,7 +136,7 @@ class Binarize(Pass, LayerOptions, TrainingOptions):
             module = train(graph, ctx, self, data, desc=self.name, teacher=teacher,
                            weight_transforms={n: BinaryWeight(self.centered) for n in names},
                            activation_transforms=acts)
-            graph = _latent_weights(graph, module)
+            graph = with_weights(graph, trained_weights(module, graph, transformed=False))
             ctx.note(f"trained on {data.source} ({len(data)} examples, {self.epochs} epochs"
                      f"{', ternary weight splitting' if self.tws else ''}{', distilled' if self.distill else ''})")
             if self.mode == "w1a8":  # activation ranges of the trained model
@@ -218,18 +218,6 @@ def _tap_inputs(graph: Graph, layers: list[Layer]) -> tuple[Graph, dict[str, str
         else:
             rw.keep(op)
     return rw.finish(), taps
-
-
-def _latent_weights(graph: Graph, module: nn.Module) -> Graph:
-    """`graph` with the trained latent (untransformed) float weights of `module`."""
-    rw = Rewriter(graph)
-    with torch.no_grad():
-        for name, t in graph.constants:
-            if t.dtype.is_float:
-                rw.set_constant(name, module.constant(name).detach().cpu().numpy(), t)
-    for op in graph.ops:
-        rw.keep(op)
-    return rw.finish()
 
 
 def _split_ternary(graph: Graph, ternary: dict[str, np.ndarray], names: list[str]) -> tuple[Graph, list[str]]:

@@ -114,13 +114,15 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
     return module
 
 
-def trained_weights(module: nn.Module, graph: Graph) -> dict[str, np.ndarray]:
-    """The float constants of a trained executor with their transforms applied, as numpy."""
+def trained_weights(module: nn.Module, graph: Graph, *, transformed: bool = True) -> dict[str, np.ndarray]:
+    """The float constants of a trained executor as numpy: with their transforms applied
+    (what the graph computes with), or the latent values the optimizer updated."""
+    read = module.effective_constant if transformed else module.constant
     out = {}
     with torch.no_grad():
         for name, t in graph.constants:
             if t.dtype.is_float:
-                out[name] = module.effective_constant(name).detach().cpu().numpy().astype(t.dtype.numpy)
+                out[name] = read(name).detach().cpu().numpy().astype(t.dtype.numpy)
     return out
 
 
@@ -137,14 +139,15 @@ def prune(graph: Graph, ctx: PassContext, options: TrainingOptions, weights: lis
     """Prune `weights` of `graph` with `rule(current weights, progress) -> masks` (progress in
     (0, 1], 1 = final sparsity). One-shot without training data; with it, gradual: masks
     follow a cubic schedule over the first two thirds of fine-tuning (ten updates), then
-    fine-tuning goes on with the final masks. Returns the new values of every float weight."""
+    fine-tuning goes on with the final masks. Returns the new values of the pruned weights
+    (of every float weight when it trained)."""
     data = training_data(ctx, graph, options)
     current = {name: np.asarray(graph.weights[name]) for name in weights}
     if data is None:
         masks = rule(current, 1.0)
         ctx.note("one-shot (no training data)")
         out = {name: np.where(masks[name], current[name], 0).astype(current[name].dtype) for name in weights}
-        return {**{n: graph.weights[n] for n, t in graph.constants if t.dtype.is_float}, **out}
+        return out
     transforms = {name: Mask(np.ones_like(current[name])) for name in weights}
 
     def on_step(step: int, total: int, module: nn.Module) -> None:

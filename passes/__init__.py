@@ -16,6 +16,7 @@ PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     FoldConstants, DeadCodeElimination, Canonicalize, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize)}
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
-           "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize", "DecomposeAttention", "HPPrune", "BlockPrune",
+           "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize",
+           "DecomposeAttention", "HPPrune", "BlockPrune",
            "Binarize", "Quantize",
            "PipelineError", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

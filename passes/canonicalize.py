@@ -18,16 +18,15 @@ stay for dce.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from tcc.ir.dtypes import DType
-from tcc.ir.graph import Graph, Op, freeze_weights
-from tcc.ir.ops import OPS
+from tcc.ir.graph import Graph, Op
 from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult
+from .rewrite import Rewriter
 
 _SAME_TYPE_IDENTITY = ("reshape", "expand", "squeeze", "slice", "cast")
 _LAYOUT = ("transpose", "permute")
@@ -55,68 +54,45 @@ class _Sweep:
 
     def __init__(self, graph: Graph, derived: dict[tuple[str, str], str]):
         self.graph, self.derived = graph, derived
-        self.types = graph.types
-        self.producer = graph.producer()
+        self.rw = Rewriter(graph)
         self.users = graph.users()
-        self.constants = list(graph.constants)
-        self.const_names = set(graph.constant_names)
-        self.new_weights: dict[str, np.ndarray] = {}
-        self.alias: dict[str, str] = {}  # dropped result -> the value that replaces it
         self.changed = False
 
     def run(self) -> Graph:
-        ops = []
+        rw = self.rw
         for op in self.graph.ops:
-            current: Op | None = Op(op.kind, op.result, tuple(self.alias.get(o, o) for o in op.operands),
-                                    op.attrs, op.type)
+            current: Op | None = Op(op.kind, op.result, tuple(rw.value(o) for o in op.operands), op.attrs, op.type)
             while current is not None and (new := self.rewrite(current)) is not None:
                 self.changed = True
                 if isinstance(new, str):
-                    self.alias[current.result], current = new, None
+                    rw.alias(current.result, new)
+                    current = None
                 else:
                     current = new
             if current is not None:
-                ops.append(current)
-                self.producer[current.result] = current
-        return self.graph.replace(ops=tuple(ops), constants=tuple(self.constants),
-                                  weights={**self.graph.weights, **freeze_weights(self.new_weights)},
-                                  outputs=tuple(self.alias.get(o, o) for o in self.graph.outputs))
+                rw.keep(current)
+        return rw.finish(drop_unused_constants=False)
 
     # -- helpers ----------------------------------------------------------------------------
-    def make(self, like: Op, kind: str, operands: list[str], **attrs: Any) -> Op:
-        """`kind(operands) {attrs}` under `like`'s result name and type (the rewrite keeps the value)."""
-        normalized = OPS[kind].normalize_attrs(attrs)
-        t = OPS[kind].infer([self.types[o] for o in operands], dict(normalized))
-        assert (t.shape, t.dtype) == (like.type.shape, like.type.dtype), (like, kind, t)
-        return Op(kind, like.result, tuple(operands), normalized, like.type)
-
     def derive(self, source: str, how: str, array: np.ndarray, dtype: DType) -> str:
         """A new constant `array` computed from constant `source` (named `source.how`)."""
         key = (source, how)
         if key not in self.derived:
-            name, i = f"{source}.{how}", 0
-            while name in self.types:
-                i += 1
-                name = f"{source}.{how}_{i}"
-            t = TensorType(tuple(array.shape), dtype)
-            self.constants.append((name, t))
-            self.const_names.add(name)
-            self.types[name] = t
-            self.new_weights[name] = np.ascontiguousarray(array)
-            self.derived[key] = name
+            self.derived[key] = self.rw.constant(f"{source}.{how}", np.ascontiguousarray(array),
+                                                 TensorType(tuple(array.shape), dtype))
         return self.derived[key]
 
     # -- rewrites ---------------------------------------------------------------------------
     def rewrite(self, op: Op) -> Op | str | None:
         """A replacement op, the name of a value replacing `op`'s result, or None."""
-        if op.kind in _SAME_TYPE_IDENTITY and self.types[op.operands[0]] == op.type:
+        if op.kind in _SAME_TYPE_IDENTITY and self.rw.types[op.operands[0]] == op.type:
             return op.operands[0]
         if op.kind in _LAYOUT:
             return self.layout(op)
         if op.kind == "reshape":
-            inner = self.producer.get(op.operands[0])
+            inner = self.rw.producer(op.operands[0])
             if inner is not None and inner.kind == "reshape":
-                return self.make(op, "reshape", [inner.operands[0]], shape=op.attr("shape"))
+                return self.rw.make(op, "reshape", inner.operands[0], shape=op.attr("shape"))
         if op.kind == "matmul":
             return self.matmul(op)
         if op.kind == "add":
@@ -125,46 +101,43 @@ class _Sweep:
 
     def layout(self, op: Op) -> Op | str | None:
         x, perm = op.operands[0], _perm(op)
-        if perm == tuple(range(len(perm))) and self.types[x] == op.type:
+        if perm == tuple(range(len(perm))) and self.rw.types[x] == op.type:
             return x
-        inner = self.producer.get(x)
+        inner = self.rw.producer(x)
         if inner is None or inner.kind not in _LAYOUT:
             return None
         p = _perm(inner)
-        return self.make(op, "permute", [inner.operands[0]], dims=tuple(p[i] for i in perm))
+        return self.rw.make(op, "permute", inner.operands[0], dims=tuple(p[i] for i in perm))
 
     def matmul(self, op: Op) -> Op | None:
         x, rhs = op.operands
-        tx, tr = self.types[x], self.types[rhs]
+        tx, tr = self.rw.types[x], self.rw.types[rhs]
         if tx.rank < 2 or not tx.dtype.is_float or tr.rank != 2 or tr.dtype != tx.dtype:
             return None
-        src = self.producer.get(rhs)
-        if src is not None and src.kind in _LAYOUT and src.operands[0] in self.const_names and _perm(src) == (1, 0):
-            return self.make(op, "linear", [x, src.operands[0]])
-        if rhs in self.const_names and _plain(tr):
-            weight = self.derive(rhs, "t", self.weight(rhs).T, tr.dtype)
-            return self.make(op, "linear", [x, weight])
+        src = self.rw.producer(rhs)
+        if src is not None and src.kind in _LAYOUT and self.rw.is_constant(src.operands[0]) and _perm(src) == (1, 0):
+            return self.rw.make(op, "linear", x, src.operands[0])
+        if self.rw.is_constant(rhs) and _plain(tr):
+            weight = self.derive(rhs, "t", self.rw.weight(rhs).T, tr.dtype)
+            return self.rw.make(op, "linear", x, weight)
         return None
 
     def fold_bias(self, op: Op) -> Op | None:
         for y, b in (op.operands, op.operands[::-1]):
-            linear = self.producer.get(y)
-            if (linear is None or linear.kind != "linear" or len(linear.operands) != 2 or b not in self.const_names
+            linear = self.rw.producer(y)
+            if (linear is None or linear.kind != "linear" or len(linear.operands) != 2 or not self.rw.is_constant(b)
                     or y in self.graph.outputs or [u.result for u in self.users.get(y, [])] != [op.result]):
                 continue
-            tb, ty = self.types[b], linear.type
+            tb, ty = self.rw.types[b], linear.type
             out = ty.shape[-1]
             if tb.dtype != ty.dtype or not 1 <= tb.rank <= ty.rank or tb.shape != (1,) * (tb.rank - 1) + (out,):
                 continue
             if tb.rank > 1:
                 if not _plain(tb):
                     continue
-                b = self.derive(b, "bias", self.weight(b).reshape(out), tb.dtype)
-            return self.make(op, "linear", [*linear.operands, b])
+                b = self.derive(b, "bias", self.rw.weight(b).reshape(out), tb.dtype)
+            return self.rw.make(op, "linear", *linear.operands, b)
         return None
-
-    def weight(self, name: str) -> np.ndarray:
-        return self.new_weights[name] if name in self.new_weights else self.graph.weights[name]
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ Level 1 removes whole blocks (the block shape defaults to the target's PE tile);
 keeps exactly `row_nnz` non-zeros in each row of each surviving block, so every PE row does
 equal work. The result's type records `~hp(bh, bw, row_nnz)` for format selection and the
 hardware. Give either `sparsity` (overall; split between the levels) or the per-level
-`block_sparsity` and/or `row_nnz` (see `HPPrune.plan` for the default split). Matrices whose sides the block does not divide are
-treated as zero-padded to whole blocks (edge blocks are partial), never refused.
+`block_sparsity` and/or `row_nnz` (see `HPPrune.plan` for the default split). Matrices whose
+sides the block does not divide are treated as zero-padded to whole blocks (edge blocks are
+partial), never refused.
 """
 
 from __future__ import annotations

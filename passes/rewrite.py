@@ -45,6 +45,9 @@ class Rewriter:
         """The value of constant `name` (old or new)."""
         return self._weights[name]
 
+    def is_constant(self, name: str) -> bool:
+        return name in self._weights
+
     def value(self, name: str) -> str:
         """The name `name` has in the graph being built (after `alias`)."""
         while name in self._alias:
@@ -83,6 +86,16 @@ class Rewriter:
         self._weights.update(freeze_weights({name: np.asarray(array).astype(type_.dtype.numpy, copy=False)}))
         self.types[name] = type_
 
+    def make(self, like: Op, kind: str, *operands: str, **attrs: Any) -> Op:
+        """`kind(operands){attrs}` under `like`'s result name and type, not yet emitted (a
+        rewrite that keeps the value; `keep` emits it)."""
+        opdef = OPS[kind]
+        normalized = opdef.normalize_attrs(attrs)
+        inferred = opdef.infer([self.types[self.value(o)] for o in operands], dict(normalized))
+        if (inferred.shape, inferred.dtype) != (like.type.shape, like.type.dtype):
+            raise ValueError(f"rewrite of %{like.result} to {kind} changes its type to {inferred}")
+        return Op(kind, like.result, tuple(operands), normalized, like.type)
+
     def op(self, kind: str, *operands: str, name: str | None = None, encoding=None, quant=None, **attrs: Any) -> str:
         """Append `kind(operands){attrs}`; returns its result name (`name` if free, else fresh).
         `quant`/`encoding` override those of the inferred result type."""
@@ -111,10 +124,10 @@ class Rewriter:
         self._emit(op if operands == op.operands else dataclasses.replace(op, operands=operands))
         return op.result
 
-    def finish(self) -> Graph:
-        """The new graph; constants nothing uses any more are dropped."""
+    def finish(self, *, drop_unused_constants: bool = True) -> Graph:
+        """The new graph; constants nothing uses any more are dropped unless told otherwise."""
         outputs = tuple(self.value(o) for o in self.graph.outputs)
         used = {o for op in self._ops for o in op.operands} | set(outputs)
-        constants = tuple((n, t) for n, t in self._constants if n in used)
+        constants = tuple((n, t) for n, t in self._constants if n in used or not drop_unused_constants)
         return self.graph.replace(ops=tuple(self._ops), constants=constants, outputs=outputs,
                                   weights={n: self._weights[n] for n, _ in constants})

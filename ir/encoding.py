@@ -2,11 +2,17 @@
 
 Each encoding can `encode` a numpy array into an `EncodedTensor` (named flat buffers, each
 with a declared bit width), `decode` it back exactly, and bound its size from below
-(`lower_bound_bits`). Index and pointer widths are chosen from the shape: a buffer holding
-values in `[0, n)` is `index_bits(n) = max(1, ceil(log2 n))` bits wide, packed exactly.
-Value buffers are `dtype.bits` wide (b1: 1 bit, +1 -> 1, -1 -> 0; so b1 value buffers
-cannot hold zeros). All encodings but Dense take rank-2 tensors `[R, C]`; blocks and
-groups tile from the top-left, with edge blocks zero-padded (see `tcc.ir.sparsity`).
+(`lower_bound_bits`). Index and pointer widths are chosen from the shape (`widths`): a
+buffer holding values in `[0, n)` is `index_bits(n) = max(1, ceil(log2 n))` bits wide,
+packed exactly. Value buffers are `dtype.bits` wide (b1: 1 bit, +1 -> 1, -1 -> 0; so b1
+value buffers cannot hold zeros). All encodings but Dense take rank-2 tensors `[R, C]`;
+blocks and groups tile from the top-left, with edge blocks zero-padded (see
+`tcc.ir.sparsity`).
+
+Storage form (`EncodedTensor.buffer_bytes`, `Encoding.load`): each buffer on its own, its
+elements' low `width` bits packed LSB-first into bytes (so byte-wide buffers are plain
+little-endian arrays), padded to a whole byte. `load` checks every length, index and
+pointer before anything is decoded, so a corrupted buffer is an error, never a wrong tensor.
 """
 
 from __future__ import annotations
@@ -29,6 +35,85 @@ def _log2_comb(n: int, k: int) -> float:
     return math.log2(math.comb(n, k))
 
 
+_CHUNK = 1 << 16  # elements packed per step; a multiple of 8, so each step ends on a byte
+_WORD_WIDTHS = (8, 16, 32, 64)  # widths packed as plain little-endian words
+
+
+def pack_bits(patterns: np.ndarray, width: int) -> bytes:
+    """The low `width` bits of each uint64 in `patterns`, LSB-first, padded to a byte."""
+    if width in _WORD_WIDTHS:
+        return patterns.astype(f"<u{width // 8}").tobytes()
+    shifts = np.arange(width, dtype=np.uint64)
+    out = bytearray()
+    for start in range(0, len(patterns), _CHUNK):
+        bits = ((patterns[start:start + _CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+        out += np.packbits(bits.ravel(), bitorder="little").tobytes()
+    return bytes(out)
+
+
+def unpack_bits(data: bytes, count: int, width: int) -> np.ndarray:
+    """Inverse of `pack_bits`: `count` uint64 patterns of `width` bits; ValueError when `data`
+    does not hold exactly that many bits (to the byte)."""
+    if len(data) != -(-count * width // 8):
+        raise ValueError(f"holds {len(data)} bytes, but {count} elements of {width} bits take "
+                         f"{-(-count * width // 8)}")
+    if width in _WORD_WIDTHS:
+        return np.frombuffer(data, f"<u{width // 8}").astype(np.uint64)
+    raw = np.frombuffer(data, np.uint8)
+    weights = np.uint64(1) << np.arange(width, dtype=np.uint64)
+    parts = []
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        first = start * width // 8  # whole bytes: `start` is a multiple of 8
+        bits = np.unpackbits(raw[first:first + -(-n * width // 8)], bitorder="little", count=n * width)
+        parts.append(bits.reshape(n, width).astype(np.uint64) @ weights)
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def _value_patterns(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """Bit patterns (low `dtype.bits` bits of a uint64) of values of `dtype`."""
+    if dtype is DType.B1:
+        _check_b1(values)
+        return (values > 0).astype(np.uint64)
+    if dtype is DType.BF16:
+        return (values.astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint64)
+    if dtype.is_float:
+        return values.view(f"uint{dtype.bits}").astype(np.uint64)
+    if dtype is DType.BOOL:
+        return values.astype(np.uint64)
+    return values.astype(np.int64).view(np.uint64) & np.uint64((1 << dtype.bits) - 1)
+
+
+def _pattern_values(patterns: np.ndarray, dtype: DType) -> np.ndarray:
+    """Inverse of `_value_patterns`: values of `dtype` (in `dtype.numpy`)."""
+    if dtype is DType.B1:
+        return np.where(patterns > 0, 1, -1).astype(np.int8)
+    if dtype is DType.BF16:
+        return (patterns.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if dtype.is_float:
+        return patterns.astype(f"uint{dtype.bits}").view(dtype.numpy)
+    if dtype is DType.BOOL:
+        return patterns.astype(bool)
+    signed = patterns.astype(np.int64)
+    return np.where(signed >= 1 << (dtype.bits - 1), signed - (1 << dtype.bits), signed).astype(dtype.numpy)
+
+
+def _check_b1(values: np.ndarray) -> None:
+    if np.any((values != 1) & (values != -1)):
+        raise ValueError("b1 values must be +1 or -1 (a b1 value buffer cannot hold zeros)")
+
+
+def _coerce(encoding: "Encoding", array: np.ndarray, dtype: DType) -> np.ndarray:
+    """`array` as `dtype.numpy`; ValueError if it is not rank 2 (when required) or out of range."""
+    array = np.asarray(array)
+    if encoding.rank2 and array.ndim != 2:
+        raise ValueError(f"{encoding} encodes rank-2 tensors, got shape {array.shape}")
+    bounds = dtype.value_range
+    if bounds is not None and array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
+        raise ValueError(f"{encoding}: values outside the range {bounds} of {dtype}")
+    return array.astype(dtype.numpy)
+
+
 @dataclass(frozen=True, eq=False)
 class EncodedTensor:
     """A tensor in storage form: flat named `buffers`, each `widths[name]` bits per element.
@@ -47,55 +132,75 @@ class EncodedTensor:
         """Exact storage size: the sum over buffers of length times declared width."""
         return sum(len(buffer) * self.widths[name] for name, buffer in self.buffers.items())
 
-    def serialize(self) -> bytes:
-        """The buffers in order, each element's `widths[name]` low bits MSB-first, each buffer
-        padded to a whole byte: `len(serialize()) == sum(ceil(len(b) * width / 8))`, so
-        `0 <= 8 * len(serialize()) - size_bits < 8 * len(buffers)`."""
-        out = bytearray()
+    @property
+    def work(self) -> int:
+        """Operations the hardware pays to compute with this tensor once: per stored value slot
+        (explicit zeros included) one multiply-accumulate plus the bits of the index it must
+        resolve to fetch the matching operand (a select of that depth)."""
+        slots = len(self.buffers.get("values", next(iter(self.buffers.values()))))
+        return slots * (1 + self.encoding.select_bits(self.shape))
+
+    def buffer_bytes(self) -> dict[str, bytes]:
+        """Each buffer in storage form: `ceil(len * width / 8)` bytes (see the module doc)."""
+        out = {}
         for name, buffer in self.buffers.items():
             width = self.widths[name]
-            patterns = _value_patterns(buffer, self.dtype) if name == "values" else _index_patterns(buffer, width, name)
-            shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-            bits = ((patterns[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-            out += np.packbits(bits.ravel()).tobytes()
-        return bytes(out)
+            if name == "values":
+                patterns = _value_patterns(buffer, self.dtype)
+            else:
+                patterns = buffer.astype(np.uint64)
+                if patterns.size and int(patterns.max()) >> width:
+                    raise ValueError(f"buffer '{name}' holds {int(patterns.max())}, wider than its {width} bits")
+            out[name] = pack_bits(patterns, width)
+        return out
+
+    def serialize(self) -> bytes:
+        """The buffers' storage forms in order: `8 * len(serialize()) - size_bits` is the
+        padding, less than 8 bits per buffer."""
+        return b"".join(self.buffer_bytes().values())
+
+    def lengths(self) -> dict[str, int]:
+        """Elements per buffer: with the encoding, shape and dtype, what `Encoding.load` needs."""
+        return {name: len(buffer) for name, buffer in self.buffers.items()}
 
 
-def _index_patterns(buffer: np.ndarray, width: int, name: str) -> np.ndarray:
-    patterns = buffer.astype(np.uint64)
-    if patterns.size and int(patterns.max()) >> width:
-        raise ValueError(f"buffer '{name}' holds {int(patterns.max())}, wider than its {width} bits")
-    return patterns
+def _expect_lengths(buffers: dict[str, np.ndarray], expected: dict[str, int]) -> None:
+    for name, count in expected.items():
+        if name not in buffers:
+            raise ValueError(f"buffer '{name}' is missing")
+        if len(buffers[name]) != count:
+            raise ValueError(f"buffer '{name}' holds {len(buffers[name])} elements, expected {count}")
 
 
-def _value_patterns(values: np.ndarray, dtype: DType) -> np.ndarray:
-    """Bit patterns (low `dtype.bits` bits of a uint64) of values of `dtype`."""
-    if dtype is DType.B1:
-        _check_b1(values)
-        return (values > 0).astype(np.uint64)
-    if dtype is DType.BF16:
-        return (values.astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint64)
-    if dtype.is_float:
-        return values.view(f"uint{dtype.bits}").astype(np.uint64)
-    if dtype is DType.BOOL:
-        return values.astype(np.uint64)
-    return values.astype(np.int64).view(np.uint64) & np.uint64((1 << dtype.bits) - 1)
+def _expect_below(buffers: dict[str, np.ndarray], name: str, limit: int) -> None:
+    buffer = buffers[name]
+    if buffer.size and buffer.max() >= limit:
+        raise ValueError(f"buffer '{name}' holds index {int(buffer.max())}, out of range [0, {limit})")
 
 
-def _check_b1(values: np.ndarray) -> None:
-    if np.any((values != 1) & (values != -1)):
-        raise ValueError("b1 values must be +1 or -1 (a b1 value buffer cannot hold zeros)")
+def _expect_pointers(buffers: dict[str, np.ndarray], name: str, count: int) -> int:
+    """`count + 1` non-decreasing pointers from 0; returns the last (the entries they cover)."""
+    _expect_lengths(buffers, {name: count + 1})
+    pointers = buffers[name]
+    if pointers[0] != 0 or np.any(np.diff(pointers) < 0):
+        raise ValueError(f"buffer '{name}' does not rise from 0")
+    return int(pointers[-1])
 
 
-def _coerce(encoding: "Encoding", array: np.ndarray, dtype: DType, rank2: bool = True) -> np.ndarray:
-    """`array` as `dtype.numpy`; ValueError if it is not rank 2 (when required) or out of range."""
-    array = np.asarray(array)
-    if rank2 and array.ndim != 2:
-        raise ValueError(f"{encoding} encodes rank-2 tensors, got shape {array.shape}")
-    bounds = dtype.value_range
-    if bounds is not None and array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
-        raise ValueError(f"{encoding}: values outside the range {bounds} of {dtype}")
-    return array.astype(dtype.numpy)
+def _expect_increasing(name: str, keys: np.ndarray) -> None:
+    """`keys` (a buffer's entries mapped to positions) strictly increase: no index repeats."""
+    if np.any(np.diff(keys) <= 0):
+        raise ValueError(f"buffer '{name}' repeats or reorders indices")
+
+
+def _expect_zero_padding(values: np.ndarray, valid: np.ndarray, where: str) -> None:
+    if np.any(values[~valid] != 0):
+        raise ValueError(f"buffer 'values' holds a non-zero in the zero padding of {where}")
+
+
+def _edge_sizes(start: np.ndarray, size: int, extent: int) -> np.ndarray:
+    """Real sizes of blocks of `size` starting at block index `start` in a dimension of `extent`."""
+    return np.minimum(size, extent - start * size)
 
 
 @dataclass(frozen=True)
@@ -104,6 +209,7 @@ class Encoding:
     the dataclass fields, in order, are its parameters."""
 
     keyword: ClassVar[str]
+    rank2: ClassVar[bool] = True
 
     def params(self) -> tuple[int, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -112,11 +218,27 @@ class Encoding:
         params = self.params()
         return f"#{self.keyword}" + (f"({', '.join(map(str, params))})" if params else "")
 
+    def widths(self, shape: tuple[int, ...], dtype: DType) -> dict[str, int]:
+        """Bit width of every buffer this encoding may hold for a tensor of `shape`, in storage order."""
+        raise NotImplementedError
+
+    def select_bits(self, shape: tuple[int, ...]) -> int:
+        """Bits of index the hardware resolves per stored value to find its operand (see `work`)."""
+        return 0
+
+    def violation(self, array: np.ndarray, dtype: DType) -> str | None:
+        """None if this encoding can store `array` (of `dtype`, rank checked), else why not."""
+        return None
+
     def encode(self, array: np.ndarray, dtype: DType) -> EncodedTensor:
         """Store `array` (elements of `dtype`); ValueError if it does not fit this encoding."""
-        array = _coerce(self, array, dtype, rank2=not isinstance(self, Dense))
-        buffers, widths = self._encode(array, dtype)
-        return EncodedTensor(self, tuple(array.shape), dtype, buffers, widths)
+        array = _coerce(self, array, dtype)
+        problem = self.violation(array, dtype)
+        if problem:
+            raise ValueError(f"{self} cannot store this tensor: {problem}")
+        buffers = self._encode(array, dtype)
+        widths = self.widths(array.shape, dtype)
+        return EncodedTensor(self, tuple(array.shape), dtype, buffers, {name: widths[name] for name in buffers})
 
     def decode(self, enc: EncodedTensor) -> np.ndarray:
         """The array `enc` stores, as `enc.dtype.numpy`."""
@@ -124,18 +246,43 @@ class Encoding:
             raise ValueError(f"cannot decode a {enc.encoding} tensor as {self}")
         return self._decode(enc.buffers, enc.shape, enc.dtype.numpy)
 
+    def load(self, shape: tuple[int, ...], dtype: DType, stored: dict[str, tuple[int, bytes]]) -> EncodedTensor:
+        """Rebuild an `EncodedTensor` from its buffers' storage forms (`name -> (elements,
+        bytes)`), checking lengths, index ranges, pointers and zero padding; ValueError
+        naming the buffer otherwise."""
+        if self.rank2 and len(shape) != 2:
+            raise ValueError(f"{self} encodes rank-2 tensors, got shape {tuple(shape)}")
+        widths = self.widths(tuple(shape), dtype)
+        unknown = sorted(set(stored) - set(widths))
+        if unknown:
+            raise ValueError(f"unexpected buffer '{unknown[0]}' for {self}")
+        buffers = {}
+        for name in widths:
+            if name in stored:
+                count, data = stored[name]
+                try:
+                    patterns = unpack_bits(data, count, widths[name])
+                except ValueError as e:
+                    raise ValueError(f"buffer '{name}' {e}") from None
+                buffers[name] = _pattern_values(patterns, dtype) if name == "values" else patterns.astype(np.int64)
+        self._check(buffers, tuple(shape))
+        return EncodedTensor(self, tuple(shape), dtype, buffers, {name: widths[name] for name in buffers})
+
     def lower_bound_bits(self, array: np.ndarray, dtype: DType) -> float:
         """Information-theoretic size of `array` given this encoding's structure: log2 of the
         number of non-zero patterns the structure allows (given the counts that fix this
         encoding's size), plus `dtype.bits` per stored position that the structure cannot
         exclude."""
-        array = _coerce(self, array, dtype, rank2=not isinstance(self, Dense))
-        return self._lower_bound(array, dtype.bits)
+        return self._lower_bound(_coerce(self, array, dtype), dtype.bits)
 
-    def _encode(self, array: np.ndarray, dtype: DType) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    def _encode(self, array: np.ndarray, dtype: DType) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def _decode(self, buffers: dict[str, np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check(self, buffers: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
+        """Raise ValueError naming the buffer unless `buffers` decode to a tensor of `shape`."""
         raise NotImplementedError
 
     def _lower_bound(self, array: np.ndarray, value_bits: int) -> float:
@@ -147,12 +294,19 @@ class Dense(Encoding):
     """Every element stored, row-major: `numel * dtype.bits` bits."""
 
     keyword: ClassVar[str] = "dense"
+    rank2: ClassVar[bool] = False
+
+    def widths(self, shape, dtype):
+        return {"values": dtype.bits}
 
     def _encode(self, array, dtype):
-        return {"values": array.ravel()}, {"values": dtype.bits}
+        return {"values": array.ravel()}
 
     def _decode(self, buffers, shape, dtype):
         return buffers["values"].reshape(shape).astype(dtype)
+
+    def _check(self, buffers, shape):
+        _expect_lengths(buffers, {"values": math.prod(shape)})
 
     def _lower_bound(self, array, value_bits):
         return float(array.size * value_bits)
@@ -173,84 +327,124 @@ class COO(Encoding):
 
     keyword: ClassVar[str] = "coo"
 
+    def widths(self, shape, dtype):
+        return {"rows": index_bits(shape[0]), "cols": index_bits(shape[1]), "values": dtype.bits}
+
+    def select_bits(self, shape):
+        return index_bits(shape[0]) + index_bits(shape[1])
+
     def _encode(self, array, dtype):
         rows, cols = np.nonzero(array)
-        buffers = {"rows": rows, "cols": cols, "values": array[rows, cols]}
-        return buffers, {"rows": index_bits(array.shape[0]), "cols": index_bits(array.shape[1]), "values": dtype.bits}
+        return {"rows": rows, "cols": cols, "values": array[rows, cols]}
 
     def _decode(self, buffers, shape, dtype):
         out = np.zeros(shape, dtype)
         out[buffers["rows"], buffers["cols"]] = buffers["values"]
         return out
 
+    def _check(self, buffers, shape):
+        nnz = len(buffers.get("values", ()))
+        _expect_lengths(buffers, {"rows": nnz, "cols": nnz, "values": nnz})
+        _expect_below(buffers, "rows", shape[0])
+        _expect_below(buffers, "cols", shape[1])
+        _expect_increasing("cols", buffers["rows"] * shape[1] + buffers["cols"])
+
     def _lower_bound(self, array, value_bits):
         return _unstructured_bound(array, value_bits)
 
 
-def _compress_rows(array: np.ndarray, dtype: DType, ptr: str, idx: str):
-    """CSR buffers of `array`: R+1 pointers into the nnz (column index, value) pairs."""
-    rows, cols = np.nonzero(array)
-    pointers = np.concatenate([[0], np.cumsum(np.count_nonzero(array, axis=1))])
-    buffers = {ptr: pointers, idx: cols, "values": array[rows, cols]}
-    return buffers, {ptr: index_bits(array.size + 1), idx: index_bits(array.shape[1]), "values": dtype.bits}
+class _CompressedRows(Encoding):
+    """CSR over the rows (`transposed = False`) or over the columns (CSC)."""
 
+    transposed: ClassVar[bool]
+    pointers: ClassVar[str]
+    indices: ClassVar[str]
 
-def _expand_rows(buffers: dict[str, np.ndarray], shape: tuple[int, int], dtype: np.dtype, ptr: str, idx: str):
-    out = np.zeros(shape, dtype)
-    rows = np.repeat(np.arange(shape[0]), np.diff(buffers[ptr]))
-    out[rows, buffers[idx]] = buffers["values"]
-    return out
+    def _major_minor(self, shape):
+        return shape[::-1] if self.transposed else shape
+
+    def widths(self, shape, dtype):
+        major, minor = self._major_minor(shape)
+        return {self.pointers: index_bits(major * minor + 1), self.indices: index_bits(minor), "values": dtype.bits}
+
+    def select_bits(self, shape):
+        return index_bits(self._major_minor(shape)[1])
+
+    def _encode(self, array, dtype):
+        array = array.T if self.transposed else array
+        rows, cols = np.nonzero(array)
+        pointers = np.concatenate([[0], np.cumsum(np.count_nonzero(array, axis=1))])
+        return {self.pointers: pointers, self.indices: cols, "values": array[rows, cols]}
+
+    def _decode(self, buffers, shape, dtype):
+        major, minor = self._major_minor(shape)
+        out = np.zeros((major, minor), dtype)
+        out[self.major_of(buffers, major), buffers[self.indices]] = buffers["values"]
+        return out.T.copy() if self.transposed else out
+
+    def major_of(self, buffers: dict[str, np.ndarray], major: int) -> np.ndarray:
+        """The row (CSC: column) of every stored entry, from the pointers."""
+        return np.repeat(np.arange(major), np.diff(buffers[self.pointers]))
+
+    def _check(self, buffers, shape):
+        major, minor = self._major_minor(shape)
+        nnz = _expect_pointers(buffers, self.pointers, major)
+        _expect_lengths(buffers, {self.indices: nnz, "values": nnz})
+        _expect_below(buffers, self.indices, minor)
+        _expect_increasing(self.indices, self.major_of(buffers, major) * minor + buffers[self.indices])
+
+    def _lower_bound(self, array, value_bits):
+        return _unstructured_bound(array, value_bits)
 
 
 @dataclass(frozen=True)
-class CSR(Encoding):
+class CSR(_CompressedRows):
     """Compressed sparse rows: `(R + 1) * index_bits(R*C + 1)` bits of row pointers, then
     `nnz * (index_bits(C) + dtype.bits)` bits of column indices and values."""
 
     keyword: ClassVar[str] = "csr"
-
-    def _encode(self, array, dtype):
-        return _compress_rows(array, dtype, "row_ptr", "cols")
-
-    def _decode(self, buffers, shape, dtype):
-        return _expand_rows(buffers, shape, dtype, "row_ptr", "cols")
-
-    def _lower_bound(self, array, value_bits):
-        return _unstructured_bound(array, value_bits)
+    transposed: ClassVar[bool] = False
+    pointers: ClassVar[str] = "row_ptr"
+    indices: ClassVar[str] = "cols"
 
 
 @dataclass(frozen=True)
-class CSC(Encoding):
+class CSC(_CompressedRows):
     """Compressed sparse columns (CSR of the transpose): `(C + 1) * index_bits(R*C + 1)`
     bits of column pointers, then `nnz * (index_bits(R) + dtype.bits)` bits."""
 
     keyword: ClassVar[str] = "csc"
-
-    def _encode(self, array, dtype):
-        return _compress_rows(array.T, dtype, "col_ptr", "rows")
-
-    def _decode(self, buffers, shape, dtype):
-        return _expand_rows(buffers, shape[::-1], dtype, "col_ptr", "rows").T.copy()
-
-    def _lower_bound(self, array, value_bits):
-        return _unstructured_bound(array, value_bits)
+    transposed: ClassVar[bool] = True
+    pointers: ClassVar[str] = "col_ptr"
+    indices: ClassVar[str] = "rows"
 
 
 @dataclass(frozen=True)
 class Bitmap(Encoding):
     """One bit per element (row-major, 1 = non-zero), then the non-zero values:
-    `R*C + nnz * dtype.bits` bits."""
+    `R*C + nnz * dtype.bits` bits. The hardware finds an operand by counting set bits of its
+    row (a prefix count of `index_bits(C)` depth)."""
 
     keyword: ClassVar[str] = "bitmap"
 
+    def widths(self, shape, dtype):
+        return {"bitmap": 1, "values": dtype.bits}
+
+    def select_bits(self, shape):
+        return index_bits(shape[1])
+
     def _encode(self, array, dtype):
         mask = array != 0
-        return {"bitmap": mask.ravel().astype(np.uint8), "values": array[mask]}, {"bitmap": 1, "values": dtype.bits}
+        return {"bitmap": mask.ravel().astype(np.uint8), "values": array[mask]}
 
     def _decode(self, buffers, shape, dtype):
         out = np.zeros(shape, dtype)
         out[buffers["bitmap"].reshape(shape).astype(bool)] = buffers["values"]
         return out
+
+    def _check(self, buffers, shape):
+        _expect_lengths(buffers, {"bitmap": math.prod(shape)})
+        _expect_lengths(buffers, {"values": int(np.count_nonzero(buffers["bitmap"]))})
 
     def _lower_bound(self, array, value_bits):
         return _unstructured_bound(array, value_bits)
@@ -260,6 +454,10 @@ def _padded_blocks(blocks: np.ndarray) -> np.ndarray:
     """Inverse of `block_view`: [BR, BC, bh, bw] -> the padded [BR*bh, BC*bw] matrix."""
     nbr, nbc, bh, bw = blocks.shape
     return blocks.swapaxes(1, 2).reshape(nbr * bh, nbc * bw)
+
+
+def _grid(shape: tuple[int, int], bh: int, bw: int) -> tuple[int, int]:
+    return -(-shape[0] // bh), -(-shape[1] // bw)
 
 
 @dataclass(frozen=True)
@@ -276,22 +474,37 @@ class BSR(Encoding):
         from .sparsity import Blocks
         Blocks(self.bh, self.bw)  # validates the parameters
 
+    def widths(self, shape, dtype):
+        nbr, nbc = _grid(shape, self.bh, self.bw)
+        return {"block_ptr": index_bits(nbr * nbc + 1), "block_cols": index_bits(nbc), "values": dtype.bits}
+
     def _encode(self, array, dtype):
         from .sparsity import block_view
         blocks = block_view(array, self.bh, self.bw)
         kept = blocks.any(axis=(2, 3))
         bi, bj = np.nonzero(kept)
-        buffers = {"block_ptr": np.concatenate([[0], np.cumsum(kept.sum(axis=1))]), "block_cols": bj,
-                   "values": blocks[bi, bj].ravel()}
-        return buffers, {"block_ptr": index_bits(kept.size + 1), "block_cols": index_bits(kept.shape[1]),
-                         "values": dtype.bits}
+        return {"block_ptr": np.concatenate([[0], np.cumsum(kept.sum(axis=1))]), "block_cols": bj,
+                "values": blocks[bi, bj].ravel()}
+
+    def block_rows(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+        """The block row of every stored block, from the pointers."""
+        return np.repeat(np.arange(_grid(shape, self.bh, self.bw)[0]), np.diff(buffers["block_ptr"]))
 
     def _decode(self, buffers, shape, dtype):
-        nbr, nbc = -(-shape[0] // self.bh), -(-shape[1] // self.bw)
-        blocks = np.zeros((nbr, nbc, self.bh, self.bw), dtype)
-        bi = np.repeat(np.arange(nbr), np.diff(buffers["block_ptr"]))
-        blocks[bi, buffers["block_cols"]] = buffers["values"].reshape(-1, self.bh, self.bw)
+        blocks = np.zeros(_grid(shape, self.bh, self.bw) + (self.bh, self.bw), dtype)
+        blocks[self.block_rows(buffers, shape), buffers["block_cols"]] = buffers["values"].reshape(-1, self.bh, self.bw)
         return _padded_blocks(blocks)[:shape[0], :shape[1]].copy()
+
+    def _check(self, buffers, shape):
+        nbr, nbc = _grid(shape, self.bh, self.bw)
+        nb = _expect_pointers(buffers, "block_ptr", nbr)
+        _expect_lengths(buffers, {"block_cols": nb, "values": nb * self.bh * self.bw})
+        _expect_below(buffers, "block_cols", nbc)
+        bi, bj = self.block_rows(buffers, shape), buffers["block_cols"]
+        _expect_increasing("block_cols", bi * nbc + bj)
+        rows = np.arange(self.bh)[None, :, None] < _edge_sizes(bi, self.bh, shape[0])[:, None, None]
+        cols = np.arange(self.bw)[None, None, :] < _edge_sizes(bj, self.bw, shape[1])[:, None, None]
+        _expect_zero_padding(buffers["values"].reshape(nb, self.bh, self.bw), rows & cols, "an edge block")
 
     def _lower_bound(self, array, value_bits):
         from .sparsity import block_view, block_widths
@@ -304,6 +517,21 @@ def _top_slots(groups: np.ndarray, k: int) -> np.ndarray:
     """Per last-axis group, `k` distinct positions (ascending) covering every non-zero."""
     order = np.argsort(groups == 0, axis=-1, kind="stable")[..., :k]
     return np.sort(order, axis=-1)
+
+
+def _check_slots(buffers: dict[str, np.ndarray], name: str, slots: tuple[int, ...], limit: int,
+                 real_widths: np.ndarray, real_rows: np.ndarray | None, where: str) -> None:
+    """Slot positions `buffers[name]` ([..., k] groups of positions in `[0, limit)`) are
+    ascending within each group, and values at padding (position >= the group's real width,
+    or a row beyond the real rows) are zero."""
+    _expect_below(buffers, name, limit)
+    positions = buffers[name].reshape(slots)
+    if np.any(np.diff(positions, axis=-1) <= 0):
+        raise ValueError(f"buffer '{name}' repeats or reorders indices")
+    valid = positions < real_widths
+    if real_rows is not None:
+        valid = valid & real_rows
+    _expect_zero_padding(buffers["values"].reshape(slots), valid, where)
 
 
 @dataclass(frozen=True)
@@ -323,25 +551,38 @@ class NM(Encoding):
         from .sparsity import NM as NMSparsity
         return NMSparsity(self.n, self.m)
 
+    def widths(self, shape, dtype):
+        return {"positions": index_bits(self.m), "values": dtype.bits}
+
+    def select_bits(self, shape):
+        return index_bits(self.m)
+
+    def violation(self, array, dtype):
+        return self._structure().violation(array)
+
     def _groups(self, array: np.ndarray) -> np.ndarray:
         from .sparsity import block_view
         return block_view(array, 1, self.m)[:, :, 0, :]  # [R, C/m, m]
 
     def _encode(self, array, dtype):
-        problem = self._structure().violation(array)
-        if problem:
-            raise ValueError(f"{self} cannot store this tensor: {problem}")
         groups = self._groups(array)
         positions = _top_slots(groups, self.n)
-        values = np.take_along_axis(groups, positions, axis=2)
-        return ({"positions": positions.ravel(), "values": values.ravel()},
-                {"positions": index_bits(self.m), "values": dtype.bits})
+        return {"positions": positions.ravel(), "values": np.take_along_axis(groups, positions, axis=2).ravel()}
+
+    def _slots(self, shape):
+        return (shape[0], -(-shape[1] // self.m), self.n)
 
     def _decode(self, buffers, shape, dtype):
-        groups = np.zeros((shape[0], -(-shape[1] // self.m), self.m), dtype)
-        slots = groups.shape[:2] + (self.n,)
+        slots = self._slots(shape)
+        groups = np.zeros(slots[:2] + (self.m,), dtype)
         np.put_along_axis(groups, buffers["positions"].reshape(slots), buffers["values"].reshape(slots), axis=2)
         return groups.reshape(shape[0], -1)[:, :shape[1]].copy()
+
+    def _check(self, buffers, shape):
+        slots = self._slots(shape)
+        _expect_lengths(buffers, {"positions": math.prod(slots), "values": math.prod(slots)})
+        real = _edge_sizes(np.arange(slots[1]), self.m, shape[1])[None, :, None]
+        _check_slots(buffers, "positions", slots, self.m, real, None, "the last group of a row")
 
     def _lower_bound(self, array, value_bits):
         from .sparsity import block_widths
@@ -375,40 +616,69 @@ class HP(Encoding):
         from .sparsity import Hierarchical
         return Hierarchical(self.bh, self.bw, self.row_nnz)
 
+    def widths(self, shape, dtype):
+        nbc = _grid(shape, self.bh, self.bw)[1]
+        return {"block_format": 1, "block_bitmap": 1, "block_counts": index_bits(nbc + 1),
+                "block_cols": index_bits(nbc), "columns": index_bits(self.bw), "values": dtype.bits}
+
+    def select_bits(self, shape):
+        return index_bits(self.bw)
+
+    def violation(self, array, dtype):
+        return self._structure().violation(array)
+
     def _encode(self, array, dtype):
         from .sparsity import block_view
-        problem = self._structure().violation(array)
-        if problem:
-            raise ValueError(f"{self} cannot store this tensor: {problem}")
         blocks = block_view(array, self.bh, self.bw)
         kept = blocks.any(axis=(2, 3))
         nbr, nbc = kept.shape
         bi, bj = np.nonzero(kept)
-        list_bits = nbr * index_bits(nbc + 1) + len(bj) * index_bits(nbc)
-        if list_bits < kept.size:
+        if nbr * index_bits(nbc + 1) + len(bj) * index_bits(nbc) < kept.size:
             buffers = {"block_format": np.array([1]), "block_counts": kept.sum(axis=1), "block_cols": bj}
-            widths = {"block_format": 1, "block_counts": index_bits(nbc + 1), "block_cols": index_bits(nbc)}
         else:
             buffers = {"block_format": np.array([0]), "block_bitmap": kept.ravel().astype(np.uint8)}
-            widths = {"block_format": 1, "block_bitmap": 1}
         rows = blocks[bi, bj]  # [nb, bh, bw]
         columns = _top_slots(rows, self.row_nnz)
         buffers.update(columns=columns.ravel(), values=np.take_along_axis(rows, columns, axis=2).ravel())
-        widths.update(columns=index_bits(self.bw), values=dtype.bits)
-        return buffers, widths
+        return buffers
+
+    def surviving_blocks(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(block row, block column) of every stored block, in storage order."""
+        nbr, nbc = _grid(shape, self.bh, self.bw)
+        if buffers["block_format"][0]:
+            return np.repeat(np.arange(nbr), buffers["block_counts"]), buffers["block_cols"]
+        return np.nonzero(buffers["block_bitmap"].reshape(nbr, nbc))
 
     def _decode(self, buffers, shape, dtype):
-        nbr, nbc = -(-shape[0] // self.bh), -(-shape[1] // self.bw)
-        if buffers["block_format"][0]:
-            bi, bj = np.repeat(np.arange(nbr), buffers["block_counts"]), buffers["block_cols"]
-        else:
-            bi, bj = np.nonzero(buffers["block_bitmap"].reshape(nbr, nbc))
+        bi, bj = self.surviving_blocks(buffers, shape)
         slots = (len(bi), self.bh, self.row_nnz)
         rows = np.zeros((len(bi), self.bh, self.bw), dtype)
         np.put_along_axis(rows, buffers["columns"].reshape(slots), buffers["values"].reshape(slots), axis=2)
-        blocks = np.zeros((nbr, nbc, self.bh, self.bw), dtype)
+        blocks = np.zeros(_grid(shape, self.bh, self.bw) + (self.bh, self.bw), dtype)
         blocks[bi, bj] = rows
         return _padded_blocks(blocks)[:shape[0], :shape[1]].copy()
+
+    def _check(self, buffers, shape):
+        nbr, nbc = _grid(shape, self.bh, self.bw)
+        _expect_lengths(buffers, {"block_format": 1})
+        if buffers["block_format"][0]:
+            _expect_lengths(buffers, {"block_counts": nbr})
+            _expect_below(buffers, "block_counts", nbc + 1)
+            _expect_lengths(buffers, {"block_cols": int(buffers["block_counts"].sum())})
+            _expect_below(buffers, "block_cols", nbc)
+            if "block_bitmap" in buffers:
+                raise ValueError("buffer 'block_bitmap' is present beside a block list")
+        else:
+            _expect_lengths(buffers, {"block_bitmap": nbr * nbc})
+            if "block_counts" in buffers or "block_cols" in buffers:
+                raise ValueError("a block list is present beside 'block_bitmap'")
+        bi, bj = self.surviving_blocks(buffers, shape)
+        _expect_increasing("block_cols", bi * nbc + bj)
+        slots = (len(bi), self.bh, self.row_nnz)
+        _expect_lengths(buffers, {"columns": math.prod(slots), "values": math.prod(slots)})
+        real_cols = _edge_sizes(bj, self.bw, shape[1])[:, None, None]
+        real_rows = np.arange(self.bh)[None, :, None] < _edge_sizes(bi, self.bh, shape[0])[:, None, None]
+        _check_slots(buffers, "columns", slots, self.bw, real_cols, real_rows, "an edge block")
 
     def _lower_bound(self, array, value_bits):
         from .sparsity import block_view, block_widths
@@ -422,19 +692,30 @@ class HP(Encoding):
 
 @dataclass(frozen=True)
 class Packed1b(Encoding):
-    """Binarized (b1) values, one bit each, row-major (+1 -> 1, -1 -> 0): `R*C` bits.
-    Every element must be +1 or -1."""
+    """Binarized (b1) values, one bit each, row-major (+1 -> 1, -1 -> 0): `R*C` bits. Every
+    element must be +1 or -1; the per-output-channel scales are the type's quantization
+    (`!q(axis=0, scales=...)`), stored with the type. The hardware multiplies by XNOR and
+    adds by popcount."""
 
     keyword: ClassVar[str] = "packed1b"
 
-    def _encode(self, array, dtype):
+    def widths(self, shape, dtype):
+        return {"signs": 1}
+
+    def violation(self, array, dtype):
         if dtype is not DType.B1:
-            raise ValueError(f"{self} stores b1 tensors, got {dtype}")
+            return f"it stores b1 tensors, got {dtype}"
+        return None
+
+    def _encode(self, array, dtype):
         _check_b1(array)
-        return {"signs": (array.ravel() > 0).astype(np.uint8)}, {"signs": 1}
+        return {"signs": (array.ravel() > 0).astype(np.uint8)}
 
     def _decode(self, buffers, shape, dtype):
         return np.where(buffers["signs"].reshape(shape) > 0, 1, -1).astype(dtype)
+
+    def _check(self, buffers, shape):
+        _expect_lengths(buffers, {"signs": math.prod(shape)})
 
     def _lower_bound(self, array, value_bits):
         return float(array.size)

@@ -3,6 +3,8 @@ sit above the information-theoretic bound, structure violations are ValueErrors.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 from tcc.ir.dtypes import DType
 from tcc.ir.encoding import (BSR, COO, CSC, CSR, DENSE, HP, NM, Bitmap, EncodedTensor, Packed1b, index_bits,
-                             make_encoding)
+                             make_encoding, pack_bits, unpack_bits)
 from tcc.passes.masks import block_scores, block_sizes, choose_blocks, expand_blocks, nm_mask, row_mask
 
 DIMS = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 11, 13, 16])
@@ -47,7 +49,14 @@ def check_roundtrip(encoding, array: np.ndarray, dtype: DType) -> EncodedTensor:
     assert 8 * len(serialized) == padded
     assert 0 <= padded - enc.size_bits < 8 * len(enc.buffers)
     assert encoding.lower_bound_bits(array, dtype) <= enc.size_bits + 1e-9
+    loaded = encoding.load(array.shape, dtype, stored_form(enc))
+    assert loaded.widths == enc.widths and loaded.size_bits == enc.size_bits
+    np.testing.assert_array_equal(encoding.decode(loaded), array)
     return enc
+
+
+def stored_form(enc: EncodedTensor) -> dict[str, tuple[int, bytes]]:
+    return {name: (enc.lengths()[name], data) for name, data in enc.buffer_bytes().items()}
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,3 +176,105 @@ def test_encodings_parse_and_print_in_graphs():
     text = ("graph @main(%x: f32[2,3] #hp(16, 16, 4), %w: f32[4,3] #nm(2, 4)) {\n"
             "  %y = linear(%x, %w) : f32[2,4]\n  return %y\n}\n")
     assert print_graph(parse_graph(text)).strip() == text.strip()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 300), st.integers(1, 64))
+def test_bit_packing_roundtrip(seed, count, width):
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 2**63, size=count, dtype=np.uint64) & np.uint64((1 << width) - 1)
+    data = pack_bits(patterns, width)
+    assert len(data) == -(-count * width // 8)
+    np.testing.assert_array_equal(unpack_bits(data, count, width), patterns)
+
+
+def test_storage_is_lsb_first_and_byte_wide_buffers_are_little_endian():
+    assert pack_bits(np.array([1, 2, 3], np.uint64), 2) == bytes([0b111001])
+    values = np.array([[1.5, 0, -2]], np.float32)
+    assert DENSE.encode(values, DType.F32).buffer_bytes()["values"] == values.astype("<f4").tobytes()
+
+
+def hp_example() -> tuple[np.ndarray, EncodedTensor]:
+    array = np.zeros((5, 6), np.int8)
+    array[0, 1], array[1, 3], array[4, 5] = 3, -4, 7
+    return array, HP(2, 4, 1).encode(array, DType.I8)
+
+
+def corrupt(enc: EncodedTensor, name: str, change) -> dict[str, tuple[int, bytes]]:
+    """The stored form of `enc` with buffer `name` replaced by `change(buffer)`."""
+    buffers = dict(enc.buffers)
+    buffers[name] = change(buffers[name].copy())
+    bad = EncodedTensor(enc.encoding, enc.shape, enc.dtype, buffers, enc.widths)
+    return stored_form(bad)
+
+
+def set_at(index, value):
+    def change(buffer):
+        buffer[index] = value
+        return buffer
+    return change
+
+
+@pytest.mark.parametrize("encoding, name, change, message", [
+    (CSR(), "cols", set_at(0, 3), "buffer 'cols' holds index 3, out of range [0, 3)"),
+    (CSR(), "cols", set_at(1, 0), "buffer 'cols' repeats or reorders indices"),
+    (CSR(), "row_ptr", set_at(1, 5), "buffer 'row_ptr' does not rise from 0"),
+    (CSR(), "values", lambda b: b[:-1], "buffer 'values' holds 2 elements, expected 3"),
+    (CSC(), "col_ptr", set_at(-1, 2), "buffer 'rows' holds 3 elements, expected 2"),
+    (COO(), "rows", set_at(0, 1), "buffer 'cols' repeats or reorders indices"),
+    (Bitmap(), "bitmap", set_at(1, 1), "buffer 'values' holds 3 elements, expected 4"),
+    (BSR(2, 2), "block_cols", set_at(0, 1), "buffer 'block_cols' repeats or reorders indices"),
+    (BSR(2, 2), "values", set_at(-1, 9), "non-zero in the zero padding of an edge block"),
+    (NM(1, 2), "positions", set_at(1, 1), "non-zero in the zero padding of the last group"),
+    (DENSE, "values", lambda b: b[1:], "buffer 'values' holds 5 elements, expected 6"),
+])
+def test_corrupted_buffers_are_named(encoding, name, change, message):
+    array = np.array([[1, 0, 2], [0, 3, 0]], np.float32)
+    enc = encoding.encode(array, DType.F32)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        encoding.load(array.shape, DType.F32, corrupt(enc, name, change))
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("columns", set_at(2, 3), "non-zero in the zero padding of an edge block"),  # block (2, 1) is 2 wide
+    ("block_bitmap", set_at(1, 1), "buffer 'columns' holds 4 elements, expected 6"),
+    ("block_format", set_at(0, 1), "buffer 'block_counts' is missing"),
+    ("values", set_at(-1, 5), "non-zero in the zero padding of an edge block"),  # row 5 of a 5-row matrix
+])
+def test_corrupted_hp_buffers_are_named(name, change, message):
+    array, enc = hp_example()
+    assert enc.buffers["block_format"][0] == 0
+    with pytest.raises(ValueError, match=re.escape(message)):
+        HP(2, 4, 1).load(array.shape, DType.I8, corrupt(enc, name, change))
+
+
+def test_wrong_byte_counts_and_unknown_buffers():
+    array, enc = hp_example()
+    stored = stored_form(enc)
+    count, data = stored["columns"]
+    with pytest.raises(ValueError, match="buffer 'columns' holds 2 bytes, but 4 elements of 2 bits take 1"):
+        HP(2, 4, 1).load(array.shape, DType.I8, {**stored, "columns": (count, data + b"\0")})
+    with pytest.raises(ValueError, match="unexpected buffer 'extra'"):
+        HP(2, 4, 1).load(array.shape, DType.I8, {**stored, "extra": (0, b"")})
+
+
+@settings(max_examples=80, deadline=None)
+@given(sparse_arrays(), st.sampled_from(UNSTRUCTURED + [NM(1, 1), HP(2, 3, 3)]), st.data())
+def test_bit_flips_give_a_clear_error_or_a_well_formed_tensor(case, encoding, data):
+    """A flipped bit in any buffer either fails `load` with a ValueError or loads a tensor
+    that decodes to the right shape (which the artifact's hash then catches): never a crash."""
+    array, dtype = case
+    enc = encoding.encode(array, dtype)
+    stored = stored_form(enc)
+    name = data.draw(st.sampled_from(sorted(stored)))
+    count, raw = stored[name]
+    if not raw:
+        return
+    bit = data.draw(st.integers(0, 8 * len(raw) - 1))
+    flipped = bytearray(raw)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    try:
+        loaded = encoding.load(array.shape, dtype, {**stored, name: (count, bytes(flipped))})
+    except ValueError:
+        return
+    assert encoding.decode(loaded).shape == array.shape

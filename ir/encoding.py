@@ -246,6 +246,13 @@ class Encoding:
             raise ValueError(f"cannot decode a {enc.encoding} tensor as {self}")
         return self._decode(enc.buffers, enc.shape, enc.dtype.numpy)
 
+    def entries(self, enc: EncodedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, columns, values) of every stored slot of a rank-2 tensor that lies inside it
+        (explicit zeros included, padding left out): what sparse kernels are built from."""
+        if enc.encoding != self:
+            raise ValueError(f"cannot read a {enc.encoding} tensor as {self}")
+        return self._entries(enc.buffers, enc.shape)
+
     def load(self, shape: tuple[int, ...], dtype: DType, stored: dict[str, tuple[int, bytes]]) -> EncodedTensor:
         """Rebuild an `EncodedTensor` from its buffers' storage forms (`name -> (elements,
         bytes)`), checking lengths, index ranges, pointers and zero padding; ValueError
@@ -279,6 +286,12 @@ class Encoding:
         raise NotImplementedError
 
     def _decode(self, buffers: dict[str, np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        rows, cols, values = self._entries(buffers, shape)
+        out = np.zeros(shape, dtype)
+        out[rows, cols] = values
+        return out
+
+    def _entries(self, buffers: dict[str, np.ndarray], shape: tuple[int, ...]):
         raise NotImplementedError
 
     def _check(self, buffers: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
@@ -337,10 +350,8 @@ class COO(Encoding):
         rows, cols = np.nonzero(array)
         return {"rows": rows, "cols": cols, "values": array[rows, cols]}
 
-    def _decode(self, buffers, shape, dtype):
-        out = np.zeros(shape, dtype)
-        out[buffers["rows"], buffers["cols"]] = buffers["values"]
-        return out
+    def _entries(self, buffers, shape):
+        return buffers["rows"], buffers["cols"], buffers["values"]
 
     def _check(self, buffers, shape):
         nnz = len(buffers.get("values", ()))
@@ -376,11 +387,10 @@ class _CompressedRows(Encoding):
         pointers = np.concatenate([[0], np.cumsum(np.count_nonzero(array, axis=1))])
         return {self.pointers: pointers, self.indices: cols, "values": array[rows, cols]}
 
-    def _decode(self, buffers, shape, dtype):
-        major, minor = self._major_minor(shape)
-        out = np.zeros((major, minor), dtype)
-        out[self.major_of(buffers, major), buffers[self.indices]] = buffers["values"]
-        return out.T.copy() if self.transposed else out
+    def _entries(self, buffers, shape):
+        major = self.major_of(buffers, self._major_minor(shape)[0])
+        minor = buffers[self.indices]
+        return (minor, major, buffers["values"]) if self.transposed else (major, minor, buffers["values"])
 
     def major_of(self, buffers: dict[str, np.ndarray], major: int) -> np.ndarray:
         """The row (CSC: column) of every stored entry, from the pointers."""
@@ -437,10 +447,9 @@ class Bitmap(Encoding):
         mask = array != 0
         return {"bitmap": mask.ravel().astype(np.uint8), "values": array[mask]}
 
-    def _decode(self, buffers, shape, dtype):
-        out = np.zeros(shape, dtype)
-        out[buffers["bitmap"].reshape(shape).astype(bool)] = buffers["values"]
-        return out
+    def _entries(self, buffers, shape):
+        rows, cols = np.nonzero(buffers["bitmap"].reshape(shape))
+        return rows, cols, buffers["values"]
 
     def _check(self, buffers, shape):
         _expect_lengths(buffers, {"bitmap": math.prod(shape)})
@@ -450,14 +459,14 @@ class Bitmap(Encoding):
         return _unstructured_bound(array, value_bits)
 
 
-def _padded_blocks(blocks: np.ndarray) -> np.ndarray:
-    """Inverse of `block_view`: [BR, BC, bh, bw] -> the padded [BR*bh, BC*bw] matrix."""
-    nbr, nbc, bh, bw = blocks.shape
-    return blocks.swapaxes(1, 2).reshape(nbr * bh, nbc * bw)
-
-
 def _grid(shape: tuple[int, int], bh: int, bw: int) -> tuple[int, int]:
     return -(-shape[0] // bh), -(-shape[1] // bw)
+
+
+def _inside(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]):
+    """The (rows, cols, values) entries that lie inside `shape` (padding dropped), flattened."""
+    keep = (rows < shape[0]) & (cols < shape[1])
+    return rows[keep], cols[keep], values[keep]
 
 
 @dataclass(frozen=True)
@@ -490,10 +499,12 @@ class BSR(Encoding):
         """The block row of every stored block, from the pointers."""
         return np.repeat(np.arange(_grid(shape, self.bh, self.bw)[0]), np.diff(buffers["block_ptr"]))
 
-    def _decode(self, buffers, shape, dtype):
-        blocks = np.zeros(_grid(shape, self.bh, self.bw) + (self.bh, self.bw), dtype)
-        blocks[self.block_rows(buffers, shape), buffers["block_cols"]] = buffers["values"].reshape(-1, self.bh, self.bw)
-        return _padded_blocks(blocks)[:shape[0], :shape[1]].copy()
+    def _entries(self, buffers, shape):
+        bi, bj = self.block_rows(buffers, shape), buffers["block_cols"]
+        rows = np.broadcast_to((bi * self.bh)[:, None, None] + np.arange(self.bh)[None, :, None],
+                               (len(bi), self.bh, self.bw))
+        cols = np.broadcast_to((bj * self.bw)[:, None, None] + np.arange(self.bw)[None, None, :], rows.shape)
+        return _inside(rows, cols, buffers["values"].reshape(rows.shape), shape)
 
     def _check(self, buffers, shape):
         nbr, nbc = _grid(shape, self.bh, self.bw)
@@ -572,11 +583,11 @@ class NM(Encoding):
     def _slots(self, shape):
         return (shape[0], -(-shape[1] // self.m), self.n)
 
-    def _decode(self, buffers, shape, dtype):
+    def _entries(self, buffers, shape):
         slots = self._slots(shape)
-        groups = np.zeros(slots[:2] + (self.m,), dtype)
-        np.put_along_axis(groups, buffers["positions"].reshape(slots), buffers["values"].reshape(slots), axis=2)
-        return groups.reshape(shape[0], -1)[:, :shape[1]].copy()
+        rows = np.broadcast_to(np.arange(slots[0])[:, None, None], slots)
+        cols = np.arange(slots[1])[None, :, None] * self.m + buffers["positions"].reshape(slots)
+        return _inside(rows, cols, buffers["values"].reshape(slots), shape)
 
     def _check(self, buffers, shape):
         slots = self._slots(shape)
@@ -649,14 +660,12 @@ class HP(Encoding):
             return np.repeat(np.arange(nbr), buffers["block_counts"]), buffers["block_cols"]
         return np.nonzero(buffers["block_bitmap"].reshape(nbr, nbc))
 
-    def _decode(self, buffers, shape, dtype):
+    def _entries(self, buffers, shape):
         bi, bj = self.surviving_blocks(buffers, shape)
         slots = (len(bi), self.bh, self.row_nnz)
-        rows = np.zeros((len(bi), self.bh, self.bw), dtype)
-        np.put_along_axis(rows, buffers["columns"].reshape(slots), buffers["values"].reshape(slots), axis=2)
-        blocks = np.zeros(_grid(shape, self.bh, self.bw) + (self.bh, self.bw), dtype)
-        blocks[bi, bj] = rows
-        return _padded_blocks(blocks)[:shape[0], :shape[1]].copy()
+        rows = np.broadcast_to((bi * self.bh)[:, None, None] + np.arange(self.bh)[None, :, None], slots)
+        cols = (bj * self.bw)[:, None, None] + buffers["columns"].reshape(slots)
+        return _inside(rows, cols, buffers["values"].reshape(slots), shape)
 
     def _check(self, buffers, shape):
         nbr, nbc = _grid(shape, self.bh, self.bw)

@@ -12,6 +12,7 @@ import networkx as nx
 import numpy as np
 
 from .dtypes import DType
+from .encoding import EncodedTensor
 from .errors import VerifyError
 from .ops import OPS, OpTypeError
 from .types import TensorType
@@ -58,9 +59,24 @@ class Graph:
     ops: tuple[Op, ...]
     outputs: tuple[str, ...]
     weights: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    # constants as read from storage in their encodings (artifact load), so executors compute
+    # on them without re-encoding; a cache of `encoded`, never a second source of values
+    stored: Mapping[str, EncodedTensor] = field(default_factory=dict, compare=False, repr=False)
 
     def replace(self, **changes) -> "Graph":
+        """A copy with `changes`; stored encodings survive only for weights left untouched."""
+        if "weights" in changes and self.stored:
+            new = changes["weights"]
+            changes.setdefault("stored", {k: v for k, v in self.stored.items() if new.get(k) is self.weights.get(k)})
         return dataclasses.replace(self, **changes)
+
+    def encoded(self, name: str) -> EncodedTensor:
+        """Constant `name` in the encoding its type names (the stored form when there is one)."""
+        type_ = dict(self.constants)[name]
+        enc = self.stored.get(name)
+        if enc is not None and (enc.encoding, enc.shape, enc.dtype) == (type_.encoding, type_.shape, type_.dtype):
+            return enc
+        return type_.encoding.encode(self.weights[name], type_.dtype)
 
     # -- look-ups ---------------------------------------------------------------------------
     @property

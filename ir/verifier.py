@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .dtypes import DType
+from .encoding import DENSE
 from .errors import VerifyError
 from .graph import NAME, Graph
 from .ops import OPS, OpTypeError
@@ -69,6 +70,11 @@ def _check_weight(graph: Graph, name: str, t) -> None:
         raise VerifyError(f"constant '{name}': weight dtype {array.dtype} is not the storage of {t.dtype}")
     if t.dtype is DType.B1 and array.size and not np.all(np.abs(array) == 1):
         raise VerifyError(f"constant '{name}': b1 weight holds values other than +1/-1")
+    if t.encoding != DENSE:
+        problem = ("it encodes rank-2 tensors" if t.encoding.rank2 and t.rank != 2
+                   else t.encoding.violation(array, t.dtype))
+        if problem:
+            raise VerifyError(f"constant '{name}' cannot be stored as {t.encoding}: {problem}")
     if t.sparsity is not None and (problem := t.sparsity.violation(array)):
         raise VerifyError(f"constant '{name}' breaks its sparsity structure {t.sparsity}: {problem}")
     bounds = t.dtype.value_range

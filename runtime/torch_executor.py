@@ -1,7 +1,10 @@
 """The torch executor: the graph as a differentiable `nn.Module` on the CPU or a CUDA device.
 
 Float weights are `nn.Parameter`s (frozen unless `trainable=True`), so later passes can
-fine-tune the IR's own weights through it; other weights are buffers.
+fine-tune the IR's own weights through it; other weights are buffers. A weight stored in a
+non-dense encoding and used only as linears' weight computes on its encoding
+(`tcc.runtime.encoded_linear`: torch CSR/BSR, XNOR-popcount) unless the executor trains it
+or transforms it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from tcc.ir.analysis import last_uses
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
+
+from .encoded_linear import TorchEncodedLinear, accumulator
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
     DType.F64: torch.float64, DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16, DType.I64: torch.int64,
@@ -51,12 +56,18 @@ def _cast(x, dtype: DType):
 
 
 def _linear(x, w, b=None):
-    if x.is_floating_point():
+    if isinstance(w, TorchEncodedLinear):
+        y = w(x)
+        if x.is_floating_point():
+            return y if b is None else y + b
+        acc = TORCH_DTYPES[accumulator(w.x_dtype, w.w_dtype)]
+    elif x.is_floating_point():
         return F.linear(x, w, b)
-    # integer linear, bit exact on CPU and CUDA: products and partial sums are integers below 2^53,
-    # so a float64 matmul is exact in any summation order (i16 x i16 up to K = 2^23)
-    acc = torch.int64 if torch.int16 in (x.dtype, w.dtype) else torch.int32
-    y = F.linear(x.double(), w.double()).to(torch.int64)
+    else:
+        # integer linear, bit exact on CPU and CUDA: products and partial sums are integers below
+        # 2^53, so a float64 matmul is exact in any summation order (i16 x i16 up to K = 2^23)
+        acc = torch.int64 if torch.int16 in (x.dtype, w.dtype) else torch.int32
+        y = F.linear(x.double(), w.double()).to(torch.int64)
     return (y if b is None else y + b).to(acc)
 
 
@@ -179,7 +190,13 @@ class TorchExecutor(nn.Module):
         self.weights = nn.ParameterDict()
         self._buffer_names: dict[str, str] = {}
         self._param_names: dict[str, str] = {}
+        self._encoded: dict[str, TorchEncodedLinear] = {}
+        for name, x_dtype in _encoded_linear_weights(graph).items():
+            if not trainable and name not in self._weight_transform_keys:
+                self._encoded[name] = TorchEncodedLinear(graph.encoded(name), x_dtype, self.device_)
         for index, (name, t) in enumerate(graph.constants):
+            if name in self._encoded:
+                continue
             tensor = torch.from_numpy(np.array(graph.weights[name])).to(TORCH_DTYPES[t.dtype])
             tensor = tensor.to(self.device_)
             key = f"c{index}"
@@ -212,7 +229,10 @@ class TorchExecutor(nn.Module):
         return program
 
     def constant(self, name: str) -> torch.Tensor:
-        """The tensor holding constant `name` (a Parameter for float weights), untransformed."""
+        """The tensor holding constant `name` (a Parameter for float weights), untransformed;
+        a weight the executor computes on in its encoding is decoded for the caller."""
+        if name in self._encoded:
+            return torch.from_numpy(np.array(self.graph.weights[name])).to(TORCH_DTYPES[self.graph.types[name].dtype])
         if name in self._param_names:
             return self.weights[self._param_names[name]]
         return getattr(self, self._buffer_names[name])
@@ -230,7 +250,7 @@ class TorchExecutor(nn.Module):
             env[i] = value if key is None else self.activation_transforms[key](value)
         base = len(inputs)
         for i, name in enumerate(self.graph.constant_names):
-            env[base + i] = self.effective_constant(name)
+            env[base + i] = self._encoded[name] if name in self._encoded else self.effective_constant(name)
         for kernel, operands, kwargs, result, frees, transform in self._program:
             env[result] = kernel(*[env[o] for o in operands], **kwargs)
             if transform is not None:
@@ -251,3 +271,18 @@ class TorchExecutor(nn.Module):
         """Inference: inputs moved to the executor's device, no autograd."""
         with torch.inference_mode():
             return self(*(x.to(self.device_) for x in inputs))
+
+
+def _encoded_linear_weights(graph: Graph) -> dict[str, DType]:
+    """Constants in a non-dense encoding whose every use is as the weight of linears that all
+    take inputs of one dtype, with that dtype."""
+    types, uses = graph.types, graph.users()
+    out = {}
+    for name, t in graph.constants:
+        users = uses.get(name, [])
+        if not t.encoding.rank2 or not users or name in graph.outputs:
+            continue
+        x_dtypes = {types[op.operands[0]].dtype for op in users}
+        if all(op.kind == "linear" and op.operands.index(name) == 1 for op in users) and len(x_dtypes) == 1:
+            out[name] = x_dtypes.pop()
+    return out

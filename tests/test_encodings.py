@@ -49,6 +49,10 @@ def check_roundtrip(encoding, array: np.ndarray, dtype: DType) -> EncodedTensor:
     assert 8 * len(serialized) == padded
     assert 0 <= padded - enc.size_bits < 8 * len(enc.buffers)
     assert encoding.lower_bound_bits(array, dtype) <= enc.size_bits + 1e-9
+    if encoding.rank2 and not isinstance(encoding, Packed1b):
+        rows, cols, stored = encoding.entries(enc)
+        assert np.all(rows < array.shape[0]) and np.all(cols < array.shape[1])
+        assert np.count_nonzero(stored) == np.count_nonzero(array)
     loaded = encoding.load(array.shape, dtype, stored_form(enc))
     assert loaded.widths == enc.widths and loaded.size_bits == enc.size_bits
     np.testing.assert_array_equal(encoding.decode(loaded), array)

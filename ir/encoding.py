@@ -230,6 +230,17 @@ class Encoding:
         """None if this encoding can store `array` (of `dtype`, rank checked), else why not."""
         return None
 
+    def footprint(self, array: np.ndarray, dtype: DType) -> tuple[int, int]:
+        """`(size_bits, work)` that `encode(array, dtype)` would have, counted without building
+        the buffers (format selection costs every candidate this way)."""
+        array = _coerce(self, array, dtype)
+        bits, slots = self._footprint(array, dtype.bits)
+        return bits, slots * (1 + self.select_bits(array.shape))
+
+    def _footprint(self, array: np.ndarray, value_bits: int) -> tuple[int, int]:
+        """(size_bits, value slots)."""
+        raise NotImplementedError
+
     def encode(self, array: np.ndarray, dtype: DType) -> EncodedTensor:
         """Store `array` (elements of `dtype`); ValueError if it does not fit this encoding."""
         array = _coerce(self, array, dtype)
@@ -315,6 +326,9 @@ class Dense(Encoding):
     def _encode(self, array, dtype):
         return {"values": array.ravel()}
 
+    def _footprint(self, array, value_bits):
+        return array.size * value_bits, array.size
+
     def _decode(self, buffers, shape, dtype):
         return buffers["values"].reshape(shape).astype(dtype)
 
@@ -349,6 +363,10 @@ class COO(Encoding):
     def _encode(self, array, dtype):
         rows, cols = np.nonzero(array)
         return {"rows": rows, "cols": cols, "values": array[rows, cols]}
+
+    def _footprint(self, array, value_bits):
+        nnz = int(np.count_nonzero(array))
+        return nnz * (index_bits(array.shape[0]) + index_bits(array.shape[1]) + value_bits), nnz
 
     def _entries(self, buffers, shape):
         return buffers["rows"], buffers["cols"], buffers["values"]
@@ -386,6 +404,11 @@ class _CompressedRows(Encoding):
         rows, cols = np.nonzero(array)
         pointers = np.concatenate([[0], np.cumsum(np.count_nonzero(array, axis=1))])
         return {self.pointers: pointers, self.indices: cols, "values": array[rows, cols]}
+
+    def _footprint(self, array, value_bits):
+        major, minor = self._major_minor(array.shape)
+        nnz = int(np.count_nonzero(array))
+        return (major + 1) * index_bits(array.size + 1) + nnz * (index_bits(minor) + value_bits), nnz
 
     def _entries(self, buffers, shape):
         major = self.major_of(buffers, self._major_minor(shape)[0])
@@ -447,6 +470,10 @@ class Bitmap(Encoding):
         mask = array != 0
         return {"bitmap": mask.ravel().astype(np.uint8), "values": array[mask]}
 
+    def _footprint(self, array, value_bits):
+        nnz = int(np.count_nonzero(array))
+        return array.size + nnz * value_bits, nnz
+
     def _entries(self, buffers, shape):
         rows, cols = np.nonzero(buffers["bitmap"].reshape(shape))
         return rows, cols, buffers["values"]
@@ -494,6 +521,12 @@ class BSR(Encoding):
         bi, bj = np.nonzero(kept)
         return {"block_ptr": np.concatenate([[0], np.cumsum(kept.sum(axis=1))]), "block_cols": bj,
                 "values": blocks[bi, bj].ravel()}
+
+    def _footprint(self, array, value_bits):
+        from .sparsity import block_view
+        kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
+        nb, slots = int(kept.sum()), int(kept.sum()) * self.bh * self.bw
+        return (kept.shape[0] + 1) * index_bits(kept.size + 1) + nb * index_bits(kept.shape[1]) + slots * value_bits, slots
 
     def block_rows(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
         """The block row of every stored block, from the pointers."""
@@ -580,6 +613,10 @@ class NM(Encoding):
         positions = _top_slots(groups, self.n)
         return {"positions": positions.ravel(), "values": np.take_along_axis(groups, positions, axis=2).ravel()}
 
+    def _footprint(self, array, value_bits):
+        slots = math.prod(self._slots(array.shape))
+        return slots * (index_bits(self.m) + value_bits), slots
+
     def _slots(self, shape):
         return (shape[0], -(-shape[1] // self.m), self.n)
 
@@ -642,9 +679,8 @@ class HP(Encoding):
         from .sparsity import block_view
         blocks = block_view(array, self.bh, self.bw)
         kept = blocks.any(axis=(2, 3))
-        nbr, nbc = kept.shape
         bi, bj = np.nonzero(kept)
-        if nbr * index_bits(nbc + 1) + len(bj) * index_bits(nbc) < kept.size:
+        if self._block_list_bits(kept) < kept.size:
             buffers = {"block_format": np.array([1]), "block_counts": kept.sum(axis=1), "block_cols": bj}
         else:
             buffers = {"block_format": np.array([0]), "block_bitmap": kept.ravel().astype(np.uint8)}
@@ -652,6 +688,18 @@ class HP(Encoding):
         columns = _top_slots(rows, self.row_nnz)
         buffers.update(columns=columns.ravel(), values=np.take_along_axis(rows, columns, axis=2).ravel())
         return buffers
+
+    @staticmethod
+    def _block_list_bits(kept: np.ndarray) -> int:
+        """Bits of level 1 as per-block-row counts and surviving block columns."""
+        nbr, nbc = kept.shape
+        return nbr * index_bits(nbc + 1) + int(kept.sum()) * index_bits(nbc)
+
+    def _footprint(self, array, value_bits):
+        from .sparsity import block_view
+        kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
+        slots = int(kept.sum()) * self.bh * self.row_nnz
+        return 1 + min(kept.size, self._block_list_bits(kept)) + slots * (index_bits(self.bw) + value_bits), slots
 
     def surviving_blocks(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(block row, block column) of every stored block, in storage order."""
@@ -719,6 +767,9 @@ class Packed1b(Encoding):
     def _encode(self, array, dtype):
         _check_b1(array)
         return {"signs": (array.ravel() > 0).astype(np.uint8)}
+
+    def _footprint(self, array, value_bits):
+        return array.size, array.size
 
     def _decode(self, buffers, shape, dtype):
         return np.where(buffers["signs"].reshape(shape) > 0, 1, -1).astype(dtype)

@@ -53,6 +53,7 @@ def check_roundtrip(encoding, array: np.ndarray, dtype: DType) -> EncodedTensor:
         rows, cols, stored = encoding.entries(enc)
         assert np.all(rows < array.shape[0]) and np.all(cols < array.shape[1])
         assert np.count_nonzero(stored) == np.count_nonzero(array)
+    assert encoding.footprint(array, dtype) == (enc.size_bits, enc.work)
     loaded = encoding.load(array.shape, dtype, stored_form(enc))
     assert loaded.widths == enc.widths and loaded.size_bits == enc.size_bits
     np.testing.assert_array_equal(encoding.decode(loaded), array)

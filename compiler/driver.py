@@ -90,12 +90,13 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
 
     `pipeline` (a text spec such as `"hp-prune{sparsity=0.75},quantize"` or a list of passes)
     replaces the target's default optimisation passes; the target's lowering passes still run
-    after it. `train_data` / `calib_data` (data files or `Dataset`s) feed fine-tuning and
+    after it, except those the pipeline already names (so `select-format{format=csr}` in a
+    pipeline is not re-chosen by the target's own `select-format`). `train_data` / `calib_data` (data files or `Dataset`s) feed fine-tuning and
     calibration; without them, passes prune one-shot and calibrate on the example inputs."""
     target_info = get_target(target)
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else (
         list(pipeline) if pipeline is not None else default_pipeline(target_info))
-    lowering = parse_pipeline(target_info.lowering)
+    lowering = [p for p in parse_pipeline(target_info.lowering) if p.name not in {q.name for q in passes}]
     graph, signature, examples, source = lower(model, example_inputs, frontend=frontend,
                                                input_shapes=input_shapes, arch=arch, trust_pickle=trust_pickle)
     data: dict[str, Dataset] = {}
@@ -107,7 +108,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         dataset = _dataset(spec, graph, what)
         if dataset is not None:
             data[key] = dataset
-    ctx = PassContext(data=data, tile=target_info.tile, torch_module=TorchExecutor, progress=progress, seed=seed)
+    ctx = PassContext(data=data, tile=target_info.tile, formats=target_info.formats, work_cost=target_info.work_cost,
+                      torch_module=TorchExecutor, progress=progress, seed=seed)
     for p in passes + lowering:
         graph = p(graph, ctx)
     plan = build_plan(graph, target_info.executor)

@@ -98,6 +98,14 @@ def _pattern_values(patterns: np.ndarray, dtype: DType) -> np.ndarray:
     return np.where(signed >= 1 << (dtype.bits - 1), signed - (1 << dtype.bits), signed).astype(dtype.numpy)
 
 
+def _word_dtype(dtype: DType) -> np.dtype | None:
+    """The little-endian numpy dtype whose bytes are the storage form of `dtype` values, when
+    there is one (byte-wide ints and IEEE floats): the fast path of packing and unpacking."""
+    if dtype.bits in _WORD_WIDTHS and dtype not in (DType.B1, DType.BF16, DType.BOOL):
+        return dtype.numpy.newbyteorder("<")
+    return None
+
+
 def _check_b1(values: np.ndarray) -> None:
     if np.any((values != 1) & (values != -1)):
         raise ValueError("b1 values must be +1 or -1 (a b1 value buffer cannot hold zeros)")
@@ -145,6 +153,9 @@ class EncodedTensor:
         out = {}
         for name, buffer in self.buffers.items():
             width = self.widths[name]
+            if name == "values" and (word := _word_dtype(self.dtype)) is not None:
+                out[name] = buffer.astype(word).tobytes()
+                continue
             if name == "values":
                 patterns = _value_patterns(buffer, self.dtype)
             else:
@@ -278,6 +289,10 @@ class Encoding:
         for name in widths:
             if name in stored:
                 count, data = stored[name]
+                word = _word_dtype(dtype) if name == "values" else None
+                if word is not None and len(data) == count * word.itemsize:
+                    buffers[name] = np.frombuffer(data, word).astype(dtype.numpy)
+                    continue
                 try:
                     patterns = unpack_bits(data, count, widths[name])
                 except ValueError as e:

@@ -49,6 +49,8 @@ class PassContext:
 
     - `data`: named datasets (`train`, `calib`, `eval`, `example`), see `passes.data`;
     - `tile`: the target's PE tile (rows, cols), the default block shape of pruning;
+    - `formats`: the storage encodings the target executes (None: all); `work_cost`: what one
+      unit of decode work costs in bytes when choosing formats (0: memory alone counts);
     - `torch_module`: the torch executor factory, needed by passes that train or calibrate;
     - `progress`: show progress bars on long work; `verify_each`: verify after every pass;
     - `log`: one line per pass that ran, with the notes the pass made (`note`)."""
@@ -56,6 +58,8 @@ class PassContext:
     verify_each: bool = True
     data: dict[str, Dataset] = field(default_factory=dict)
     tile: tuple[int, int] = (16, 16)
+    formats: tuple[str, ...] | None = None
+    work_cost: float = 0.0
     torch_module: TorchModuleFactory | None = None
     device: str = "cpu"
     progress: bool = False

@@ -2,7 +2,11 @@
 
     manifest.json        versions, target, passes run, input/output signature, file hashes
     graph.tcc            the IR text
-    weights.npz          the constants by name (no pickles: loaded with allow_pickle=False)
+    weights.safetensors  the constants in their storage encodings: per constant and buffer a
+                         byte tensor `NAME/BUFFER` (the buffer's storage form, see
+                         `tcc.ir.encoding`), and in the metadata per constant its buffers'
+                         element counts as JSON; the encoding, shape and dtype are the type
+                         in graph.tcc. Every buffer is checked on load (no pickles anywhere).
     plan.json            the reference backend's plan
     example_inputs.npz   example inputs by input name, when the model came with them
 """
@@ -21,20 +25,24 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 import torch
 
 from tcc.backends.reference.plan import ReferencePlan
 from tcc.ir.errors import ParseError, TccError, VerifyError
-from tcc.ir.graph import Graph
+from tcc.ir.graph import Graph, freeze_weights
 from tcc.ir.parser import parse_graph
 from tcc.ir.printer import print_graph
 from tcc.ir.types import TensorType
+from tcc.ir.verifier import verify
 
 from .numpy_executor import NumpyExecutor
 from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
 
 FORMAT = "tcc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WEIGHTS = "weights.safetensors"
 EXECUTORS = ("cpu", "gpu", "numpy")
 
 
@@ -117,7 +125,7 @@ class Artifact:
         try:
             hashes = {
                 "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
-                "weights.npz": _write_npz(staging / "weights.npz", self.graph.weights),
+                WEIGHTS: _write(staging / WEIGHTS, _weights_file(self.graph)),
                 "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
             }
             if self.example_inputs:
@@ -164,6 +172,51 @@ def _write_npz(file: Path, arrays: Mapping[str, np.ndarray]) -> str:
         writer = _HashingWriter(raw)
         np.savez(writer, **dict(arrays))
         return writer.digest.hexdigest()
+
+
+def _weights_file(graph: Graph) -> bytes:
+    """The safetensors image of `graph`'s constants in their encodings."""
+    tensors, metadata = {}, {}
+    for name, _ in graph.constants:
+        enc = graph.encoded(name)
+        for buffer, data in enc.buffer_bytes().items():
+            tensors[f"{name}/{buffer}"] = np.frombuffer(data, np.uint8)
+        metadata[name] = json.dumps(enc.lengths())
+    return safetensors.numpy.save(tensors, metadata=metadata)
+
+
+def _read_weights(file: Path, graph: Graph) -> Graph:
+    """`graph` (parsed without weights) with its constants loaded from `file`: each rebuilt in
+    the encoding its type names, checked, and decoded; errors name the constant."""
+    try:
+        with safetensors.safe_open(str(file), framework="numpy") as f:
+            metadata, keys = f.metadata() or {}, set(f.keys())
+            raw = {key: f.get_tensor(key) for key in keys}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise TccError(f"{file}: cannot be read ({e})") from None
+    weights, stored, expected = {}, {}, set()
+    for name, t in graph.constants:
+        where = f"{file}: constant '{name}' ({t})"
+        try:
+            lengths = json.loads(metadata[name])
+        except KeyError:
+            raise TccError(f"{where}: missing from the weights") from None
+        except (json.JSONDecodeError, TypeError):
+            raise TccError(f"{where}: unreadable buffer lengths in the metadata") from None
+        try:
+            buffers = {buffer: (int(count), raw[f"{name}/{buffer}"].tobytes()) for buffer, count in lengths.items()}
+            stored[name] = t.encoding.load(t.shape, t.dtype, buffers)
+            weights[name] = t.encoding.decode(stored[name])
+            weights[name].flags.writeable = False  # graphs hold read-only weights; no copy needed
+        except KeyError as e:
+            raise TccError(f"{where}: buffer {e} is missing") from None
+        except (ValueError, TypeError) as e:
+            raise TccError(f"{where}: {e}") from None
+        expected |= {f"{name}/{buffer}" for buffer in lengths}
+    extra = sorted(keys - expected)
+    if extra:
+        raise TccError(f"{file}: tensor '{extra[0]}' belongs to no constant of the graph")
+    return graph.replace(weights=freeze_weights(weights), stored=stored)
 
 
 def _sha256(file: Path) -> str:
@@ -221,9 +274,9 @@ def load(path: str | os.PathLike) -> Artifact:
             raise TccError(f"{file}: missing from the artifact")
         if _sha256(file) != digest:
             raise TccError(f"{file}: contents do not match the manifest's hash (corrupted or edited)")
-    weights = _read_npz(path / "weights.npz")
     try:
-        graph = parse_graph((path / "graph.tcc").read_text(), weights, source=str(path / "graph.tcc"))
+        graph = parse_graph((path / "graph.tcc").read_text(), source=str(path / "graph.tcc"))
+        graph = verify(_read_weights(path / WEIGHTS, graph))
     except (ParseError, VerifyError) as e:
         raise TccError(str(e)) from None
     plan = ReferencePlan.from_json((path / "plan.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import safetensors
 import pytest
 import torch
 
@@ -57,12 +58,14 @@ def test_run_matches_eager(files, artifact, tmp_path, inputs_file, on):
 
 def test_artifact_contents_and_no_pickles(artifact):
     names = {p.name for p in artifact.iterdir()}
-    assert {"manifest.json", "graph.tcc", "weights.npz", "plan.json", "example_inputs.npz"} <= names
+    assert {"manifest.json", "graph.tcc", "weights.safetensors", "plan.json", "example_inputs.npz"} <= names
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["target"]["name"] == "cpu" and manifest["passes"] == ["fold-constants", "canonicalize", "dce"]
+    assert manifest["target"]["name"] == "cpu"
+    assert manifest["passes"] == ["fold-constants", "canonicalize", "dce", "select-format"]
     assert set(manifest["files"]) == names - {"manifest.json"}
-    with np.load(artifact / "weights.npz", allow_pickle=False) as weights:
-        assert "tokens.weight" in weights.files
+    with safetensors.safe_open(str(artifact / "weights.safetensors"), framework="numpy") as weights:
+        assert "tokens.weight/values" in weights.keys()
+        assert json.loads(weights.metadata()["tokens.weight"]) == {"values": 100 * 32}
     assert not any(p.suffix in (".pkl", ".pt") for p in artifact.iterdir())
 
 
@@ -159,11 +162,11 @@ def test_corrupted_artifact_is_caught(artifact, tmp_path):
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
-    data = bytearray((copy / "weights.npz").read_bytes())
+    data = bytearray((copy / "weights.safetensors").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "weights.npz").write_bytes(bytes(data))
+    (copy / "weights.safetensors").write_bytes(bytes(data))
     result = run_cli("run", copy)
-    assert result.returncode == 2 and "weights.npz: contents do not match" in result.stderr
+    assert result.returncode == 2 and "weights.safetensors: contents do not match" in result.stderr
 
 
 def test_recompile_replaces_artifact_and_refuses_foreign_dirs(files, tmp_path):

@@ -55,11 +55,13 @@ def test_pipeline_with_training_data_and_eval(files, tmp_path):
     assert "hp-prune: changed; gradual pruning with fine-tuning on" in result.stdout
     assert "quantize: changed; calibrated on" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["passes"] == ["fold-constants", "dce", "hp-prune", "quantize"]
-    assert manifest["pipeline"] == "fold-constants,dce,hp-prune{sparsity=0.75,block=16x16,epochs=2},quantize"
+    assert manifest["passes"] == ["fold-constants", "dce", "hp-prune", "quantize", "select-format"]
+    assert manifest["pipeline"] == ("fold-constants,dce,hp-prune{sparsity=0.75,block=16x16,epochs=2},quantize,"
+                                    "select-format")
     assert manifest["data"]["train"]["examples"] == 64
     graph = (out / "graph.tcc").read_text()
-    assert "~hp(16, 16, 4)" in graph and "requantize(" in graph
+    # at 4 of 16 per row a bitmap (1 + 8/4 bits per element) is as small as HP (12/4 bits + level 1)
+    assert "#bitmap ~hp(16, 16, 4)" in graph and "requantize(" in graph
     report = json.loads(run_cli("eval", out, "--data", files / "data.pt", "--baseline", files / "fp32",
                                 "--json").stdout)
     assert report["examples"] == 64 and report["baseline_accuracy"] == 1.0

@@ -20,16 +20,21 @@ class Target:
     tile: tuple[int, int]  # PE tile (rows, cols): the default block shape of pruning
     pipeline: str  # default optimisation passes, replaced by --pipeline
     lowering: str  # passes the target needs to lower, run after the optimisation passes
+    formats: tuple[str, ...] | None = None  # storage encodings it executes (None: all)
+    work_cost: float = 0.0  # bytes-equivalent of one unit of decode work (select-format)
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "backend": self.backend, "executor": self.executor,
                 "description": self.description, "tile": list(self.tile), "pipeline": self.pipeline,
-                "lowering": self.lowering}
+                "lowering": self.lowering, "formats": None if self.formats is None else list(self.formats),
+                "work_cost": self.work_cost}
 
 
 def load_catalog() -> dict[str, Target]:
     data = json.loads(resources.files(__package__).joinpath("catalog.json").read_text())
-    return {name: Target(name=name, **{**fields, "tile": tuple(fields["tile"])}) for name, fields in data.items()}
+    return {name: Target(name=name, **{**fields, "tile": tuple(fields["tile"]),
+                                       "formats": tuple(fields["formats"]) if fields.get("formats") else None})
+            for name, fields in data.items()}
 
 
 def get_target(name: str) -> Target:

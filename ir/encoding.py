@@ -579,17 +579,15 @@ def _top_slots(groups: np.ndarray, k: int) -> np.ndarray:
 
 
 def _check_slots(buffers: dict[str, np.ndarray], name: str, slots: tuple[int, ...], limit: int,
-                 real_widths: np.ndarray, real_rows: np.ndarray | None, where: str) -> None:
+                 real_widths: np.ndarray, where: str) -> None:
     """Slot positions `buffers[name]` ([..., k] groups of positions in `[0, limit)`) are
-    ascending within each group, and values at padding (position >= the group's real width,
-    or a row beyond the real rows) are zero."""
+    ascending within each group, and values at padding (position >= the group's real width)
+    are zero."""
     _expect_below(buffers, name, limit)
     positions = buffers[name].reshape(slots)
     if np.any(np.diff(positions, axis=-1) <= 0):
         raise ValueError(f"buffer '{name}' repeats or reorders indices")
     valid = positions < real_widths
-    if real_rows is not None:
-        valid = valid & real_rows
     _expect_zero_padding(buffers["values"].reshape(slots), valid, where)
 
 
@@ -645,7 +643,7 @@ class NM(Encoding):
         slots = self._slots(shape)
         _expect_lengths(buffers, {"positions": math.prod(slots), "values": math.prod(slots)})
         real = _edge_sizes(np.arange(slots[1]), self.m, shape[1])[None, :, None]
-        _check_slots(buffers, "positions", slots, self.m, real, None, "the last group of a row")
+        _check_slots(buffers, "positions", slots, self.m, real, "the last group of a row")
 
     def _lower_bound(self, array, value_bits):
         from .sparsity import block_widths
@@ -663,9 +661,10 @@ class HP(Encoding):
     whole tensor, recorded in a 1-bit `block_format` flag: a bitmap of the `BR x BC` grid
     (`BR*BC` bits, flag 0), or per block row a count and the surviving block columns
     (`BR * index_bits(BC + 1) + nb * index_bits(BC)` bits, flag 1; ties pick the bitmap).
-    Level 2, in each of the `nb` surviving blocks, each of its `bh` rows stores exactly
-    `row_nnz` (value, local column) slots, explicit zeros filling rows with fewer non-zeros:
-    `nb * bh * row_nnz * (dtype.bits + index_bits(bw))` bits. No row pointers are needed."""
+    Level 2, in each surviving block, each of its rows stores exactly `row_nnz` (value, local
+    column) slots, explicit zeros filling rows with fewer non-zeros: with `S` rows in surviving
+    blocks (`bh` per block, fewer in a bottom-edge block: padding rows are not stored),
+    `S * row_nnz * (dtype.bits + index_bits(bw))` bits. No row pointers are needed."""
 
     keyword: ClassVar[str] = "hp"
     bh: int
@@ -699,9 +698,10 @@ class HP(Encoding):
             buffers = {"block_format": np.array([1]), "block_counts": kept.sum(axis=1), "block_cols": bj}
         else:
             buffers = {"block_format": np.array([0]), "block_bitmap": kept.ravel().astype(np.uint8)}
-        rows = blocks[bi, bj]  # [nb, bh, bw]
+        real = np.arange(self.bh)[None, :] < _edge_sizes(bi, self.bh, array.shape[0])[:, None]
+        rows = blocks[bi, bj][real]  # [S, bw]: the real rows of the surviving blocks
         columns = _top_slots(rows, self.row_nnz)
-        buffers.update(columns=columns.ravel(), values=np.take_along_axis(rows, columns, axis=2).ravel())
+        buffers.update(columns=columns.ravel(), values=np.take_along_axis(rows, columns, axis=1).ravel())
         return buffers
 
     @staticmethod
@@ -713,7 +713,8 @@ class HP(Encoding):
     def _footprint(self, array, value_bits):
         from .sparsity import block_view
         kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
-        slots = int(kept.sum()) * self.bh * self.row_nnz
+        real_rows = _edge_sizes(np.arange(kept.shape[0]), self.bh, array.shape[0])
+        slots = int(kept.sum(axis=1) @ real_rows) * self.row_nnz
         return 1 + min(kept.size, self._block_list_bits(kept)) + slots * (index_bits(self.bw) + value_bits), slots
 
     def surviving_blocks(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -723,12 +724,19 @@ class HP(Encoding):
             return np.repeat(np.arange(nbr), buffers["block_counts"]), buffers["block_cols"]
         return np.nonzero(buffers["block_bitmap"].reshape(nbr, nbc))
 
-    def _entries(self, buffers, shape):
+    def _stored_rows(self, buffers, shape) -> tuple[np.ndarray, np.ndarray]:
+        """(matrix row, block column) of every stored row, in storage order."""
         bi, bj = self.surviving_blocks(buffers, shape)
-        slots = (len(bi), self.bh, self.row_nnz)
-        rows = np.broadcast_to((bi * self.bh)[:, None, None] + np.arange(self.bh)[None, :, None], slots)
-        cols = (bj * self.bw)[:, None, None] + buffers["columns"].reshape(slots)
-        return _inside(rows, cols, buffers["values"].reshape(slots), shape)
+        real = _edge_sizes(bi, self.bh, shape[0])
+        block = np.repeat(np.arange(len(bi)), real)
+        local = np.arange(len(block)) - np.repeat(np.cumsum(real) - real, real)
+        return bi[block] * self.bh + local, bj[block]
+
+    def _entries(self, buffers, shape):
+        rows, bj = self._stored_rows(buffers, shape)
+        slots = (len(rows), self.row_nnz)
+        cols = (bj * self.bw)[:, None] + buffers["columns"].reshape(slots)
+        return _inside(np.broadcast_to(rows[:, None], slots), cols, buffers["values"].reshape(slots), shape)
 
     def _check(self, buffers, shape):
         nbr, nbc = _grid(shape, self.bh, self.bw)
@@ -746,11 +754,11 @@ class HP(Encoding):
                 raise ValueError("a block list is present beside 'block_bitmap'")
         bi, bj = self.surviving_blocks(buffers, shape)
         _expect_increasing("block_cols", bi * nbc + bj)
-        slots = (len(bi), self.bh, self.row_nnz)
+        rows, row_bj = self._stored_rows(buffers, shape)
+        slots = (len(rows), self.row_nnz)
         _expect_lengths(buffers, {"columns": math.prod(slots), "values": math.prod(slots)})
-        real_cols = _edge_sizes(bj, self.bw, shape[1])[:, None, None]
-        real_rows = np.arange(self.bh)[None, :, None] < _edge_sizes(bi, self.bh, shape[0])[:, None, None]
-        _check_slots(buffers, "columns", slots, self.bw, real_cols, real_rows, "an edge block")
+        real_cols = _edge_sizes(row_bj, self.bw, shape[1])[:, None]
+        _check_slots(buffers, "columns", slots, self.bw, real_cols, "an edge block")
 
     def _lower_bound(self, array, value_bits):
         from .sparsity import block_view, block_widths

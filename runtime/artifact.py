@@ -203,15 +203,16 @@ def _read_weights(file: Path, graph: Graph) -> Graph:
             raise TccError(f"{where}: missing from the weights") from None
         except (json.JSONDecodeError, TypeError):
             raise TccError(f"{where}: unreadable buffer lengths in the metadata") from None
+        missing = [buffer for buffer in lengths if f"{name}/{buffer}" not in raw]
+        if missing:
+            raise TccError(f"{where}: buffer '{missing[0]}' is missing")
         try:
             buffers = {buffer: (int(count), raw[f"{name}/{buffer}"].tobytes()) for buffer, count in lengths.items()}
             stored[name] = t.encoding.load(t.shape, t.dtype, buffers)
-            weights[name] = t.encoding.decode(stored[name])
-            weights[name].flags.writeable = False  # graphs hold read-only weights; no copy needed
-        except KeyError as e:
-            raise TccError(f"{where}: buffer {e} is missing") from None
         except (ValueError, TypeError) as e:
             raise TccError(f"{where}: {e}") from None
+        weights[name] = t.encoding.decode(stored[name])
+        weights[name].flags.writeable = False  # graphs hold read-only weights; no copy needed
         expected |= {f"{name}/{buffer}" for buffer in lengths}
     extra = sorted(keys - expected)
     if extra:

@@ -141,11 +141,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for label in ("inputs", "outputs"):
         print(f"{label + ':':<9}" + ", ".join(f"{v['name']} {v['type']}" for v in info[label]))
     print(f"{info['num_ops']} ops, {info['params']:,} parameters, {info['flops']:,} FLOPs, "
-          f"{info['bytes']:,} bytes of constants")
+          f"{info['bytes']:,} bytes of constants ({info['ratio']:.3f} of {info['dense_bytes']:,} dense)")
     print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     rows = [(c["name"], "x".join(map(str, c["shape"])) or "scalar", c["dtype"], c["encoding"], c["structure"],
-             f"{100 * c['sparsity']:.1f}%", f"{c['bytes']:,}") for c in info["constants"]]
-    header = ("constant", "shape", "dtype", "encoding", "structure", "sparsity", "bytes")
+             f"{100 * c['sparsity']:.1f}%", f"{c['bytes']:,}", f"{c['dense_bytes']:,}", f"{c['ratio']:.3f}")
+            for c in info["constants"]]
+    header = ("constant", "shape", "dtype", "encoding", "structure", "sparsity", "bytes", "dense", "ratio")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  " + "  ".join(str(v).ljust(w) if i < 5 else str(v).rjust(w) for i, (v, w) in

@@ -66,18 +66,21 @@ def flops(graph: Graph) -> int:
 
 
 def describe(graph: Graph) -> dict:
-    """A summary for `tcc inspect`: ops by kind, parameters, FLOPs, bytes, and per constant its
-    name, shape, dtype, encoding, structure (the pruning guarantee), sparsity (fraction of
-    zeros) and stored bytes."""
+    """A summary for `tcc inspect`: ops by kind, parameters, FLOPs, bytes, and per constant (per
+    layer, for weights) its name, shape, dtype, encoding, structure (the pruning guarantee),
+    sparsity (fraction of zeros), stored bytes in its encoding, dense bytes and their ratio."""
     constants = []
     for name, t in graph.constants:
         array = graph.weights[name]
         sparsity = float(1.0 - np.count_nonzero(array) / array.size) if array.size else 0.0
+        stored = -(-graph.encoded(name).size_bits // 8)
         constants.append({"name": name, "shape": list(t.shape), "dtype": t.dtype.value,
                           "encoding": str(t.encoding).lstrip("#"),
                           "structure": str(t.sparsity).lstrip("~") if t.sparsity else "-", "sparsity": round(sparsity, 6),
-                          "bytes": t.dense_bytes})
+                          "bytes": stored, "dense_bytes": t.dense_bytes,
+                          "ratio": round(stored / t.dense_bytes, 4) if t.dense_bytes else 1.0})
     float_params = sum(t.numel for _, t in graph.constants if t.dtype.is_float)
+    stored, dense = sum(c["bytes"] for c in constants), sum(c["dense_bytes"] for c in constants)
     return {
         "graph": graph.name,
         "inputs": [{"name": n, "type": str(t)} for n, t in graph.inputs],
@@ -86,6 +89,8 @@ def describe(graph: Graph) -> dict:
         "num_ops": len(graph.ops),
         "params": float_params,
         "flops": flops(graph),
-        "bytes": sum(c["bytes"] for c in constants),
+        "bytes": stored,
+        "dense_bytes": dense,
+        "ratio": round(stored / dense, 4) if dense else 1.0,
         "constants": constants,
     }

@@ -79,7 +79,8 @@ def test_inspect_json(artifact):
     assert info["ops"]["linear"] == 13 and info["flops"] > 0
     const = {c["name"]: c for c in info["constants"]}["layers.0.query.weight"]
     assert const == {"name": "layers.0.query.weight", "shape": [32, 32], "dtype": "f32", "encoding": "dense",
-                     "structure": "-", "sparsity": 0.0, "bytes": 32 * 32 * 4}
+                     "structure": "-", "sparsity": 0.0, "bytes": 32 * 32 * 4, "dense_bytes": 32 * 32 * 4,
+                     "ratio": 1.0}
     text = run_cli("inspect", artifact)
     assert "layers.0.query.weight" in text.stdout and "parameters" in text.stdout
 

@@ -198,3 +198,16 @@ def test_corrupted_weight_buffers_are_named_on_load(pruned_artifact, tmp_path, c
     result = cli("run", path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"constant '{name}'" in result.stderr and message in result.stderr, result.stderr
+
+
+def test_inspect_shows_encoding_bytes_and_ratio_per_layer(pruned_artifact, cli):
+    result = cli("inspect", pruned_artifact[0], "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    weight = next(c for c in info["constants"] if c["name"] == "a.weight")
+    assert weight["encoding"] == "hp(16, 16, 2)" and weight["structure"] == "hp(16, 16, 2)"
+    assert weight["dense_bytes"] == 64 * 64 * 4 and 0.1 < weight["ratio"] < 0.12  # 2/16 x 36/32 bits
+    assert info["bytes"] == sum(c["bytes"] for c in info["constants"]) and info["ratio"] < 0.2
+    text = cli("inspect", pruned_artifact[0]).stdout
+    assert re.search(r"a\.weight\s+64x64\s+f32\s+hp\(16, 16, 2\)\s+hp\(16, 16, 2\)\s+8\d\.\d%\s+[\d,]+\s+16,384\s+0\.1\d\d",
+                     text), text

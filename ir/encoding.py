@@ -119,7 +119,7 @@ def _coerce(encoding: "Encoding", array: np.ndarray, dtype: DType) -> np.ndarray
     bounds = dtype.value_range
     if bounds is not None and array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
         raise ValueError(f"{encoding}: values outside the range {bounds} of {dtype}")
-    return array.astype(dtype.numpy)
+    return array.astype(dtype.numpy, copy=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,13 +148,14 @@ class EncodedTensor:
         slots = len(self.buffers.get("values", next(iter(self.buffers.values()))))
         return slots * (1 + self.encoding.select_bits(self.shape))
 
-    def buffer_bytes(self) -> dict[str, bytes]:
-        """Each buffer in storage form: `ceil(len * width / 8)` bytes (see the module doc)."""
+    def buffer_arrays(self) -> dict[str, np.ndarray]:
+        """Each buffer in storage form as a uint8 array of `ceil(len * width / 8)` bytes (see
+        the module doc); a view, not a copy, where the values already are in storage form."""
         out = {}
         for name, buffer in self.buffers.items():
             width = self.widths[name]
             if name == "values" and (word := _word_dtype(self.dtype)) is not None:
-                out[name] = buffer.astype(word).tobytes()
+                out[name] = np.ascontiguousarray(buffer.astype(word, copy=False)).view(np.uint8).reshape(-1)
                 continue
             if name == "values":
                 patterns = _value_patterns(buffer, self.dtype)
@@ -162,8 +163,12 @@ class EncodedTensor:
                 patterns = buffer.astype(np.uint64)
                 if patterns.size and int(patterns.max()) >> width:
                     raise ValueError(f"buffer '{name}' holds {int(patterns.max())}, wider than its {width} bits")
-            out[name] = pack_bits(patterns, width)
+            out[name] = np.frombuffer(pack_bits(patterns, width), np.uint8)
         return out
+
+    def buffer_bytes(self) -> dict[str, bytes]:
+        """Each buffer in storage form: `ceil(len * width / 8)` bytes (see the module doc)."""
+        return {name: array.tobytes() for name, array in self.buffer_arrays().items()}
 
     def serialize(self) -> bytes:
         """The buffers' storage forms in order: `8 * len(serialize()) - size_bits` is the

@@ -125,7 +125,7 @@ class Artifact:
         try:
             hashes = {
                 "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
-                WEIGHTS: _write(staging / WEIGHTS, _weights_file(self.graph)),
+                WEIGHTS: _write_weights(staging / WEIGHTS, self.graph),
                 "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
             }
             if self.example_inputs:
@@ -174,15 +174,16 @@ def _write_npz(file: Path, arrays: Mapping[str, np.ndarray]) -> str:
         return writer.digest.hexdigest()
 
 
-def _weights_file(graph: Graph) -> bytes:
-    """The safetensors image of `graph`'s constants in their encodings."""
+def _write_weights(file: Path, graph: Graph) -> str:
+    """Write the safetensors file of `graph`'s constants in their encodings; its sha256."""
     tensors, metadata = {}, {}
     for name, _ in graph.constants:
         enc = graph.encoded(name)
-        for buffer, data in enc.buffer_bytes().items():
-            tensors[f"{name}/{buffer}"] = np.frombuffer(data, np.uint8)
+        for buffer, data in enc.buffer_arrays().items():
+            tensors[f"{name}/{buffer}"] = data
         metadata[name] = json.dumps(enc.lengths())
-    return safetensors.numpy.save(tensors, metadata=metadata)
+    safetensors.numpy.save_file(tensors, str(file), metadata=metadata)
+    return _sha256(file)
 
 
 def _read_weights(file: Path, graph: Graph) -> Graph:

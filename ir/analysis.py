@@ -73,7 +73,7 @@ def describe(graph: Graph) -> dict:
     for name, t in graph.constants:
         array = graph.weights[name]
         sparsity = float(1.0 - np.count_nonzero(array) / array.size) if array.size else 0.0
-        stored = -(-graph.encoded(name).size_bits // 8)
+        stored = -(-t.encoding.footprint(array, t.dtype)[0] // 8)  # = the encoded size, without encoding
         constants.append({"name": name, "shape": list(t.shape), "dtype": t.dtype.value,
                           "encoding": str(t.encoding).lstrip("#"),
                           "structure": str(t.sparsity).lstrip("~") if t.sparsity else "-", "sparsity": round(sparsity, 6),

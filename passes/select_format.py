@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tcc.ir.dtypes import DType
-from tcc.ir.encoding import BSR, COO, CSC, CSR, DENSE, ENCODINGS, HP, NM, Bitmap, Encoding, Packed1b
+from tcc.ir.encoding import BSR, DENSE, ENCODINGS, HP, NM, Encoding
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.sparsity import NM as NMSparsity
@@ -138,5 +138,4 @@ def _make(keyword: str, t: TensorType, array: np.ndarray, block: tuple[int, int]
         return HP(bh, bw, max(1, row_nnz))
     if keyword == "nm":
         return NM(sparsity.n, sparsity.m) if isinstance(sparsity, NMSparsity) else None
-    return {"dense": DENSE, "coo": COO(), "csr": CSR(), "csc": CSC(), "bitmap": Bitmap(),
-            "packed1b": Packed1b()}[keyword]
+    return ENCODINGS[keyword]()  # the parameterless ones

@@ -48,3 +48,8 @@ def cli():
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+# every executor a test body runs against; the GPU one only where a CUDA device exists
+EXECUTORS = ["numpy", "cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not has_cuda(), reason="no CUDA device")])]

@@ -9,10 +9,7 @@ import pytest
 import torch
 
 import tcc
-from conftest import ROOT, built, eager_outputs, has_cuda, max_relative_error
-
-EXECUTORS = ["cpu", "numpy", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not has_cuda(), reason="no CUDA device")])]
+from conftest import EXECUTORS, ROOT, built, eager_outputs, max_relative_error
 
 
 @pytest.mark.parametrize("on", EXECUTORS)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import has_cuda
+from conftest import EXECUTORS
 from tcc.ir.dtypes import DType
 from tcc.ir.encoding import BSR, COO, CSC, CSR, DENSE, HP, NM, Bitmap, Encoding, Packed1b
 from tcc.ir.graph import GraphBuilder
@@ -20,7 +20,6 @@ from tcc.passes.masks import nm_mask, row_mask
 from tcc.runtime.numpy_executor import NumpyExecutor
 from tcc.runtime.torch_executor import TorchExecutor
 
-EXECUTORS = ["numpy", "cpu", pytest.param("gpu", marks=pytest.mark.skipif(not has_cuda(), reason="no CUDA device"))]
 SPARSE = [CSR(), CSC(), COO(), Bitmap(), BSR(2, 3), BSR(4, 4), NM(2, 4), HP(4, 4, 2), HP(3, 5, 1)]
 
 

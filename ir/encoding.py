@@ -257,6 +257,16 @@ class Encoding:
         """(size_bits, value slots)."""
         raise NotImplementedError
 
+    def min_footprint(self, shape: tuple[int, ...], dtype: DType, nnz: int) -> tuple[int, int]:
+        """Lower bounds of `footprint`'s `(size_bits, work)` over every array of `shape` and
+        `dtype` with `nnz` non-zeros: format selection skips a candidate that cannot win."""
+        bits, slots = self._min_footprint(shape, nnz, dtype.bits)
+        return bits, slots * (1 + self.select_bits(shape))
+
+    def _min_footprint(self, shape: tuple[int, ...], nnz: int, value_bits: int) -> tuple[int, int]:
+        """(size_bits, value slots) lower bounds; every encoding stores each non-zero value."""
+        return nnz * value_bits, nnz
+
     def encode(self, array: np.ndarray, dtype: DType) -> EncodedTensor:
         """Store `array` (elements of `dtype`); ValueError if it does not fit this encoding."""
         array = _coerce(self, array, dtype)
@@ -349,6 +359,9 @@ class Dense(Encoding):
     def _footprint(self, array, value_bits):
         return array.size * value_bits, array.size
 
+    def _min_footprint(self, shape, nnz, value_bits):
+        return math.prod(shape) * value_bits, math.prod(shape)
+
     def _decode(self, buffers, shape, dtype):
         return buffers["values"].reshape(shape).astype(dtype)
 
@@ -385,8 +398,10 @@ class COO(Encoding):
         return {"rows": rows, "cols": cols, "values": array[rows, cols]}
 
     def _footprint(self, array, value_bits):
-        nnz = int(np.count_nonzero(array))
-        return nnz * (index_bits(array.shape[0]) + index_bits(array.shape[1]) + value_bits), nnz
+        return self._min_footprint(array.shape, int(np.count_nonzero(array)), value_bits)
+
+    def _min_footprint(self, shape, nnz, value_bits):  # exact: the size depends on nnz only
+        return nnz * (index_bits(shape[0]) + index_bits(shape[1]) + value_bits), nnz
 
     def _entries(self, buffers, shape):
         return buffers["rows"], buffers["cols"], buffers["values"]
@@ -426,9 +441,11 @@ class _CompressedRows(Encoding):
         return {self.pointers: pointers, self.indices: cols, "values": array[rows, cols]}
 
     def _footprint(self, array, value_bits):
-        major, minor = self._major_minor(array.shape)
-        nnz = int(np.count_nonzero(array))
-        return (major + 1) * index_bits(array.size + 1) + nnz * (index_bits(minor) + value_bits), nnz
+        return self._min_footprint(array.shape, int(np.count_nonzero(array)), value_bits)
+
+    def _min_footprint(self, shape, nnz, value_bits):  # exact
+        major, minor = self._major_minor(shape)
+        return (major + 1) * index_bits(major * minor + 1) + nnz * (index_bits(minor) + value_bits), nnz
 
     def _entries(self, buffers, shape):
         major = self.major_of(buffers, self._major_minor(shape)[0])
@@ -491,8 +508,10 @@ class Bitmap(Encoding):
         return {"bitmap": mask.ravel().astype(np.uint8), "values": array[mask]}
 
     def _footprint(self, array, value_bits):
-        nnz = int(np.count_nonzero(array))
-        return array.size + nnz * value_bits, nnz
+        return self._min_footprint(array.shape, int(np.count_nonzero(array)), value_bits)
+
+    def _min_footprint(self, shape, nnz, value_bits):  # exact
+        return math.prod(shape) + nnz * value_bits, nnz
 
     def _entries(self, buffers, shape):
         rows, cols = np.nonzero(buffers["bitmap"].reshape(shape))
@@ -547,6 +566,12 @@ class BSR(Encoding):
         kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
         nb, slots = int(kept.sum()), int(kept.sum()) * self.bh * self.bw
         return (kept.shape[0] + 1) * index_bits(kept.size + 1) + nb * index_bits(kept.shape[1]) + slots * value_bits, slots
+
+    def _min_footprint(self, shape, nnz, value_bits):
+        nbr, nbc = _grid(shape, self.bh, self.bw)
+        nb = -(-nnz // (self.bh * self.bw))  # a block holds at most bh*bw non-zeros
+        slots = nb * self.bh * self.bw
+        return (nbr + 1) * index_bits(nbr * nbc + 1) + nb * index_bits(nbc) + slots * value_bits, slots
 
     def block_rows(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
         """The block row of every stored block, from the pointers."""
@@ -632,7 +657,10 @@ class NM(Encoding):
         return {"positions": positions.ravel(), "values": np.take_along_axis(groups, positions, axis=2).ravel()}
 
     def _footprint(self, array, value_bits):
-        slots = math.prod(self._slots(array.shape))
+        return self._min_footprint(array.shape, 0, value_bits)
+
+    def _min_footprint(self, shape, nnz, value_bits):  # exact: the size depends on the shape only
+        slots = math.prod(self._slots(shape))
         return slots * (index_bits(self.m) + value_bits), slots
 
     def _slots(self, shape):
@@ -722,6 +750,13 @@ class HP(Encoding):
         slots = int(kept.sum(axis=1) @ real_rows) * self.row_nnz
         return 1 + min(kept.size, self._block_list_bits(kept)) + slots * (index_bits(self.bw) + value_bits), slots
 
+    def _min_footprint(self, shape, nnz, value_bits):
+        nbr, nbc = _grid(shape, self.bh, self.bw)
+        slots = -(-nnz // self.row_nnz) * self.row_nnz  # whole rows of row_nnz slots
+        nb = -(-nnz // (self.bh * self.bw))  # a block holds at most bh*bw non-zeros
+        level1 = min(nbr * nbc, nbr * index_bits(nbc + 1) + nb * index_bits(nbc))
+        return 1 + level1 + slots * (index_bits(self.bw) + value_bits), slots
+
     def surviving_blocks(self, buffers: dict[str, np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(block row, block column) of every stored block, in storage order."""
         nbr, nbc = _grid(shape, self.bh, self.bw)
@@ -797,7 +832,10 @@ class Packed1b(Encoding):
         return {"signs": (array.ravel() > 0).astype(np.uint8)}
 
     def _footprint(self, array, value_bits):
-        return array.size, array.size
+        return self._min_footprint(array.shape, 0, value_bits)
+
+    def _min_footprint(self, shape, nnz, value_bits):  # exact
+        return math.prod(shape), math.prod(shape)
 
     def _decode(self, buffers, shape, dtype):
         return np.where(buffers["signs"].reshape(shape) > 0, 1, -1).astype(dtype)

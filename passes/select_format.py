@@ -106,23 +106,39 @@ class SelectFormat(Pass):
         return encoding
 
     def _cheapest(self, t: TensorType, array: np.ndarray, block, ctx: PassContext) -> Encoding:
-        if t.dtype is not DType.B1 and np.all(array):
+        nnz = int(np.count_nonzero(array))
+        if t.dtype is not DType.B1 and nnz == array.size:
             return DENSE  # nothing to skip: every other candidate stores more and works more
         best, best_cost = DENSE, None
         for keyword in _CANDIDATES:
             if ctx.formats is not None and keyword not in ctx.formats:
                 continue
-            encoding = _make(keyword, t, array, block)
-            if encoding is None or encoding.violation(array, t.dtype):
+            # an untyped hp's row_nnz needs a scan: row_nnz=1 bounds every row_nnz from below
+            scan = keyword == "hp" and not isinstance(t.sparsity, Hierarchical)
+            encoding = HP(*_hp_blocks(t, block), 1) if scan else _make(keyword, t, array, block)
+            if encoding is None or (best_cost is not None and best_cost <= _cost(
+                    *encoding.min_footprint(t.shape, t.dtype, nnz), ctx)):
                 continue
-            bits, work = encoding.footprint(array, t.dtype)
-            cost = bits / 8 + ctx.work_cost * work
+            if scan:
+                encoding = _make(keyword, t, array, block)
+            if encoding.violation(array, t.dtype):
+                continue
+            cost = _cost(*encoding.footprint(array, t.dtype), ctx)
             if best_cost is None or cost < best_cost:
                 best, best_cost = encoding, cost
         return best
 
 
+def _cost(bits: int, work: int, ctx: PassContext) -> float:
+    return bits / 8 + ctx.work_cost * work
+
+
 _CANDIDATES = ("dense", "coo", "csr", "csc", "bitmap", "bsr", "hp", "nm", "packed1b")
+
+
+def _hp_blocks(t: TensorType, block: tuple[int, int]) -> tuple[int, int]:
+    """The blocks of an hp candidate for a type without `~hp`: its `~blocks`, else `block`."""
+    return (t.sparsity.bh, t.sparsity.bw) if isinstance(t.sparsity, Blocks) else block
 
 
 def _make(keyword: str, t: TensorType, array: np.ndarray, block: tuple[int, int]) -> Encoding | None:
@@ -133,7 +149,7 @@ def _make(keyword: str, t: TensorType, array: np.ndarray, block: tuple[int, int]
     if keyword == "hp":
         if isinstance(sparsity, Hierarchical):
             return HP(sparsity.bh, sparsity.bw, sparsity.row_nnz)
-        bh, bw = (sparsity.bh, sparsity.bw) if isinstance(sparsity, Blocks) else block
+        bh, bw = _hp_blocks(t, block)
         row_nnz = int(np.count_nonzero(block_view(array, bh, bw), axis=3).max(initial=0))
         return HP(bh, bw, max(1, row_nnz))
     if keyword == "nm":

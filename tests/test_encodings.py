@@ -54,6 +54,11 @@ def check_roundtrip(encoding, array: np.ndarray, dtype: DType) -> EncodedTensor:
         assert np.all(rows < array.shape[0]) and np.all(cols < array.shape[1])
         assert np.count_nonzero(stored) == np.count_nonzero(array)
     assert encoding.footprint(array, dtype) == (enc.size_bits, enc.work)
+    nnz = int(np.count_nonzero(array))
+    probes = [encoding] + ([HP(encoding.bh, encoding.bw, 1)] if isinstance(encoding, HP) else [])
+    for probe in probes:  # select-format prunes with these bounds (hp row_nnz=1 stands for any row_nnz)
+        bits, work = probe.min_footprint(array.shape, dtype, nnz)
+        assert bits <= enc.size_bits and work <= enc.work, probe
     loaded = encoding.load(array.shape, dtype, stored_form(enc))
     assert loaded.widths == enc.widths and loaded.size_bits == enc.size_bits
     np.testing.assert_array_equal(encoding.decode(loaded), array)

@@ -1,0 +1,121 @@
+"""The accelerator description: one config drives the PyRTL generator, the codegen's tiling,
+the ISA simulator's timing and the resource estimate.
+
+The machine: an output-stationary `rows x cols` systolic array of `data_bits` multipliers with
+`acc_bits` accumulators; on-chip buffers of words (`ABUF`: `rows` lanes of activations,
+`BBUF`: `cols` lanes of weights, `OBUF`: `cols` lanes of results, `PBUF`: `cols` lanes of
+`acc_bits` parameters); a DMA engine to DRAM moving one `dram_bits` word per cycle after
+`dram_latency` cycles; a `cols`-lane vector unit."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    rows: int = 16
+    cols: int = 16
+    data_bits: int = 8
+    acc_bits: int = 32
+    abuf_depth: int = 8192  # words of rows x data_bits
+    bbuf_depth: int = 4096  # words of cols x data_bits
+    obuf_depth: int = 1024  # words of cols x data_bits
+    pbuf_depth: int = 512  # words of cols x acc_bits
+    dram_bits: int = 128  # DRAM word: what the DMA moves per cycle
+    dram_words: int = 1 << 25  # DRAM size in words
+    dram_latency: int = 8  # cycles before a transfer's first word
+    clock_mhz: float = 100.0
+
+    def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        """Why this config describes no buildable machine (None if it does)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"{f.name} must be a number, got {value!r}"
+        positive = ("rows", "cols", "abuf_depth", "bbuf_depth", "obuf_depth", "pbuf_depth", "dram_words")
+        for name in positive:
+            if getattr(self, name) < 1:
+                return f"{name} must be at least 1, got {getattr(self, name)}"
+        if self.rows > 256 or self.cols > 256:
+            return f"the array is at most 256 x 256, got {self.rows} x {self.cols}"
+        if self.data_bits not in (4, 8, 16):
+            return f"data_bits must be 4, 8 or 16 (the IR's integer types), got {self.data_bits}"
+        if not 2 * self.data_bits <= self.acc_bits <= 32:
+            return f"acc_bits must lie in [2 * data_bits, 32], got {self.acc_bits}"
+        if self.dram_bits % 8 or not 8 <= self.dram_bits <= 4096:
+            return f"dram_bits must be a multiple of 8 in [8, 4096], got {self.dram_bits}"
+        if self.dram_latency < 0:
+            return f"dram_latency must be at least 0, got {self.dram_latency}"
+        if max(self.abuf_depth, self.bbuf_depth, self.obuf_depth, self.pbuf_depth) > 1 << 16:
+            return "buffer depths are at most 65536 words (16-bit addresses)"
+        if self.dram_words > 1 << 32:
+            return "dram_words is at most 2^32 (32-bit addresses)"
+        if self.pbuf_depth < 3:
+            return f"pbuf_depth must hold a requantization group (3 words), got {self.pbuf_depth}"
+        if self.clock_mhz <= 0:
+            return f"clock_mhz must be positive, got {self.clock_mhz}"
+        return None
+
+    @property
+    def pes(self) -> int:
+        return self.rows * self.cols
+
+    def with_overrides(self, spec: str) -> "AccelConfig":
+        """This config with `KEY=VALUE,...` applied (the CLI's `--accel`); ValueError names the
+        bad key or value."""
+        changes: dict[str, int | float] = {}
+        names = {f.name: f for f in fields(self)}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ValueError(f"--accel: expected KEY=VALUE, got '{item}'")
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(names)})"
+                raise ValueError(f"--accel: unknown field '{key}'{hint}")
+            try:
+                changes[key] = float(text) if names[key].type in ("float", float) else int(text, 0)
+            except ValueError:
+                raise ValueError(f"--accel: {key} must be a number, got '{text.strip()}'") from None
+        try:
+            return dataclasses.replace(self, **changes)
+        except ValueError as e:
+            raise ValueError(f"--accel: {e}") from None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AccelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown accelerator config field '{unknown[0]}'")
+        return cls(**data)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def buffer_depth(self, buffer) -> int:
+        return getattr(self, f"{buffer.name.lower()}_depth")
+
+    def lanes(self, buffer) -> int:
+        """Lanes of one word of `buffer` (an `isa.Buffer`)."""
+        return self.rows if buffer.name == "ABUF" else self.cols
+
+    def lane_bits(self, buffer) -> int:
+        return self.acc_bits if buffer.name == "PBUF" else self.data_bits
+
+    def word_bits(self, buffer) -> int:
+        return self.lanes(buffer) * self.lane_bits(buffer)
+
+    def beats(self, buffer) -> int:
+        """DRAM words per word of `buffer`: each buffer word starts a DRAM word."""
+        return math.ceil(self.word_bits(buffer) / self.dram_bits)

@@ -1,0 +1,341 @@
+"""The accelerator's ISA, defined once: opcodes, fields, widths, binary and assembly forms,
+which unit runs each instruction, its duration and the memory it touches. The assembler, the
+codegen, the ISA simulator and the PyRTL decoder all import it.
+
+Instructions are 128-bit words. Bits 0-3 hold the opcode, 4-7 the tokens the instruction
+waits for (`wait`), 8-11 the tokens it signals when it completes (`signal`); the other fields
+sit where `FORMATS` says. Three units run concurrently: `load` (DRAM -> buffer), `compute`
+(the array and the vector unit) and `store` (buffer -> DRAM). One instruction issues per
+cycle, in order, once its unit is idle and every token it waits for has a count above zero
+(issuing takes one of each); a token signalled by an instruction that ends in cycle `t - 1`
+counts from cycle `t`. `halt` issues when every unit is idle; the run takes its cycle + 1.
+
+Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w)`):
+- `load buf addr count dram`: buffer words `addr..addr+count-1` <- DRAM; buffer word `i`
+  is read from DRAM words `dram + i*beats ...` (low bits first, see `AccelConfig.beats`).
+- `store buf addr count dram`: the reverse; bits above the buffer word are written as zero.
+- `gemm a b k acc`: `ACC[r, c] (+)= sum_i ABUF[a+i][r] * BBUF[b+i][c]` for `i < k`, in
+  `acc_bits` (wrapping); `acc = 0` starts from zero. Takes `k + rows + cols - 2` cycles.
+- `requant dst param relu`: for each row `r`, `OBUF[dst+r] = requantize(ACC[r] + PBUF[param],
+  PBUF[param+1], PBUF[param+2])` to `data_bits` (the IR's `requantize` op), then max(., 0)
+  if `relu`. Takes `rows` cycles.
+- `vadd / vmul dst a b n shift`: `OBUF[dst+i] = sat(OBUF[a+i] + OBUF[b+i])` or
+  `sat((OBUF[a+i] * OBUF[b+i] + 2^(shift-1)) >> shift)`; `vrelu dst a n`: max(OBUF[a+i], 0);
+  `vmax dst a n`: every lane of `OBUF[dst]` = the max over the lanes of `OBUF[a..a+n-1]`;
+  `vsum dst a n`: every lane of `PBUF[dst]` = their sum (wrapping in `acc_bits`). `n` cycles.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+from .config import AccelConfig
+
+INSTRUCTION_BITS = 128
+TOKEN_BITS = 8  # each token counter holds 0..255
+MAGIC = b"TCCACCEL"
+VERSION = 1
+
+
+class Opcode(IntEnum):
+    HALT = 0
+    LOAD = 1
+    STORE = 2
+    GEMM = 3
+    REQUANT = 4
+    VADD = 5
+    VMUL = 6
+    VRELU = 7
+    VMAX = 8
+    VSUM = 9
+
+
+class Buffer(IntEnum):
+    ABUF = 0
+    BBUF = 1
+    OBUF = 2
+    PBUF = 3
+
+
+class Token(IntEnum):
+    """The four token counters, named for the hand-off they usually carry."""
+    LD2EX = 0  # data loaded, compute may read it
+    EX2LD = 1  # compute done with a buffer, load may overwrite it
+    EX2ST = 2  # results ready, store may write them out
+    ST2EX = 3  # results stored, compute may overwrite them
+
+
+class Unit(Enum):
+    LOAD = "load"
+    COMPUTE = "compute"
+    STORE = "store"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    lsb: int
+    width: int
+
+
+_HEADER = (Field("wait", 4, 4), Field("signal", 8, 4))
+_DMA = (Field("buf", 12, 2), Field("addr", 16, 16), Field("count", 32, 16), Field("dram", 48, 32))
+_VEC = (Field("dst", 16, 16), Field("a", 32, 16), Field("b", 48, 16), Field("n", 64, 16), Field("shift", 80, 6))
+
+FORMATS: dict[Opcode, tuple[Field, ...]] = {
+    Opcode.HALT: (),
+    Opcode.LOAD: _DMA,
+    Opcode.STORE: _DMA,
+    Opcode.GEMM: (Field("a", 16, 16), Field("b", 32, 16), Field("k", 48, 16), Field("acc", 64, 1)),
+    Opcode.REQUANT: (Field("dst", 16, 16), Field("param", 32, 16), Field("relu", 48, 1)),
+    Opcode.VADD: _VEC[:4],
+    Opcode.VMUL: _VEC,
+    Opcode.VRELU: (_VEC[0], _VEC[1], _VEC[3]),
+    Opcode.VMAX: (_VEC[0], _VEC[1], _VEC[3]),
+    Opcode.VSUM: (_VEC[0], _VEC[1], _VEC[3]),
+}
+
+UNITS: dict[Opcode, Unit] = {op: Unit.COMPUTE for op in Opcode} | {Opcode.LOAD: Unit.LOAD, Opcode.STORE: Unit.STORE}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction: `op`, its fields (`args`, in `FORMATS` order) and its token masks."""
+
+    op: Opcode
+    args: tuple[int, ...] = ()
+    wait: int = 0
+    signal: int = 0
+
+    def __post_init__(self) -> None:
+        spec = FORMATS[self.op]
+        if len(self.args) != len(spec):
+            raise ValueError(f"{self.mnemonic} takes {len(spec)} fields ({', '.join(f.name for f in spec)}), "
+                             f"got {len(self.args)}")
+        for f, value in zip(_HEADER + spec, (self.wait, self.signal) + self.args):
+            if not isinstance(value, int) or not 0 <= value < 1 << f.width:
+                raise ValueError(f"{self.mnemonic}: field '{f.name}' = {value} does not fit {f.width} bits")
+
+    @classmethod
+    def make(cls, op: Opcode, wait: tuple[Token, ...] = (), signal: tuple[Token, ...] = (), **fields: int):
+        """`Instruction.make(Opcode.GEMM, a=0, b=0, k=64, acc=0, wait=(Token.LD2EX,))`."""
+        names = [f.name for f in FORMATS[op]]
+        unknown = sorted(set(fields) - set(names))
+        missing = [n for n in names if n not in fields]
+        if unknown or missing:
+            raise ValueError(f"{op.name.lower()}: " + (f"unknown field '{unknown[0]}'" if unknown
+                                                        else f"missing field '{missing[0]}'"))
+        return cls(op, tuple(int(fields[n]) for n in names), _mask(wait), _mask(signal))
+
+    @property
+    def mnemonic(self) -> str:
+        return self.op.name.lower()
+
+    @property
+    def unit(self) -> Unit:
+        return UNITS[self.op]
+
+    def __getitem__(self, name: str) -> int:
+        for f, value in zip(FORMATS[self.op], self.args):
+            if f.name == name:
+                return value
+        raise KeyError(f"{self.mnemonic} has no field '{name}'")
+
+    def encode(self) -> int:
+        word = int(self.op) | self.wait << 4 | self.signal << 8
+        for f, value in zip(FORMATS[self.op], self.args):
+            word |= value << f.lsb
+        return word
+
+    def text(self) -> str:
+        parts = [self.mnemonic]
+        for f, value in zip(FORMATS[self.op], self.args):
+            parts.append(f"{f.name}={Buffer(value).name.lower() if f.name == 'buf' else value}")
+        for name, mask in (("wait", self.wait), ("signal", self.signal)):
+            if mask:
+                parts.append(f"{name}=" + "|".join(t.name.lower() for t in Token if mask >> t & 1))
+        return " ".join(parts)
+
+    def duration(self, config: AccelConfig) -> int:
+        """Cycles the instruction keeps its unit busy (halt: 1)."""
+        op = self.op
+        if op in (Opcode.LOAD, Opcode.STORE):
+            return config.dram_latency + self["count"] * config.beats(Buffer(self["buf"]))
+        if op is Opcode.GEMM:
+            return self["k"] + config.rows + config.cols - 2
+        if op is Opcode.REQUANT:
+            return config.rows
+        if op is Opcode.HALT:
+            return 1
+        return self["n"]
+
+    def accesses(self, config: AccelConfig) -> tuple[tuple[str, int, int, bool], ...]:
+        """The memory ranges it touches: (space, first, end, writes) with space a buffer name,
+        "ACC" or "DRAM" (DRAM in words)."""
+        op = self.op
+        if op in (Opcode.LOAD, Opcode.STORE):
+            buf = Buffer(self["buf"])
+            dram = (self["dram"], self["dram"] + self["count"] * config.beats(buf))
+            return (("DRAM", *dram, op is Opcode.STORE), (buf.name, self["addr"], self["addr"] + self["count"],
+                                                          op is Opcode.LOAD))
+        if op is Opcode.GEMM:
+            return (("ABUF", self["a"], self["a"] + self["k"], False), ("BBUF", self["b"], self["b"] + self["k"], False),
+                    ("ACC", 0, config.rows, True))
+        if op is Opcode.REQUANT:
+            return (("ACC", 0, config.rows, False), ("PBUF", self["param"], self["param"] + 3, False),
+                    ("OBUF", self["dst"], self["dst"] + config.rows, True))
+        if op is Opcode.HALT:
+            return ()
+        n = self["n"]
+        reads = [("OBUF", self["a"], self["a"] + n, False)]
+        if op in (Opcode.VADD, Opcode.VMUL):
+            reads.append(("OBUF", self["b"], self["b"] + n, False))
+        if op in (Opcode.VMAX, Opcode.VSUM):
+            dst = ("PBUF" if op is Opcode.VSUM else "OBUF", self["dst"], self["dst"] + 1, True)
+        else:
+            dst = ("OBUF", self["dst"], self["dst"] + n, True)
+        return (*reads, dst)
+
+    def problem(self, config: AccelConfig) -> str | None:
+        """Why this instruction cannot run on `config` (a range outside DRAM or a buffer, an
+        empty transfer), or None."""
+        op = self.op
+        if op is Opcode.GEMM and self["k"] < 1:
+            return "k must be at least 1"
+        if op in (Opcode.LOAD, Opcode.STORE) and self["count"] < 1:
+            return "count must be at least 1"
+        if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) and self["n"] < 1:
+            return "n must be at least 1"
+        limits = {b.name: config.buffer_depth(b) for b in Buffer} | {"ACC": config.rows, "DRAM": config.dram_words}
+        for space, first, end, writes in self.accesses(config):
+            if end > limits[space]:
+                verb = "writes" if writes else "reads"
+                unit = "words" if space != "ACC" else "rows"
+                return f"{verb} {space} {unit} [{first}, {end}) outside its {limits[space]} {unit}"
+        return None
+
+
+def _mask(tokens) -> int:
+    mask = 0
+    for t in tokens:
+        mask |= 1 << Token(t)
+    return mask
+
+
+def decode(word: int) -> Instruction:
+    """The instruction of a 128-bit word; ValueError for an unknown opcode or stray bits."""
+    code = word & 0xF
+    try:
+        op = Opcode(code)
+    except ValueError:
+        raise ValueError(f"unknown opcode {code}") from None
+    spec = FORMATS[op]
+    used = 0xFFF
+    args = []
+    for f in spec:
+        args.append(word >> f.lsb & ((1 << f.width) - 1))
+        used |= ((1 << f.width) - 1) << f.lsb
+    if word & ~used or word >> INSTRUCTION_BITS:
+        raise ValueError(f"{op.name.lower()}: bits set outside its fields")
+    return Instruction(op, tuple(args), word >> 4 & 0xF, word >> 8 & 0xF)
+
+
+def to_binary(program: list[Instruction] | tuple[Instruction, ...]) -> bytes:
+    """`program.bin`: the magic, version and count (16 bytes), then each instruction as 16
+    little-endian bytes."""
+    out = bytearray(MAGIC + struct.pack("<II", VERSION, len(program)))
+    for instr in program:
+        out += instr.encode().to_bytes(INSTRUCTION_BITS // 8, "little")
+    return bytes(out)
+
+
+def from_binary(data: bytes, where: str = "program") -> tuple[Instruction, ...]:
+    """Parse `program.bin`; ValueError naming `where` and the instruction index."""
+    if len(data) < 16 or data[:8] != MAGIC:
+        raise ValueError(f"{where}: not a tcc accelerator program (bad magic)")
+    version, count = struct.unpack("<II", data[8:16])
+    if version != VERSION:
+        raise ValueError(f"{where}: program version {version}, this tcc reads {VERSION}")
+    size = INSTRUCTION_BITS // 8
+    if len(data) != 16 + count * size:
+        raise ValueError(f"{where}: {len(data) - 16} bytes of instructions, the header says {count} x {size}")
+    program = []
+    for i in range(count):
+        word = int.from_bytes(data[16 + i * size:16 + (i + 1) * size], "little")
+        try:
+            program.append(decode(word))
+        except ValueError as e:
+            raise ValueError(f"{where}: instruction {i}: {e}") from None
+    return tuple(program)
+
+
+def to_assembly(program, comments: dict[int, str] | None = None) -> str:
+    """The assembly listing: one instruction per line; `comments[i]` is printed as `# ...`
+    lines before instruction `i` (sections, layers)."""
+    lines = []
+    for i, instr in enumerate(program):
+        if comments and i in comments:
+            lines.extend(f"# {line}" for line in comments[i].splitlines())
+        lines.append(instr.text())
+    return "\n".join(lines) + "\n"
+
+
+_NAMED = {"buf": {b.name.lower(): int(b) for b in Buffer}}
+_ITEM = re.compile(r"([a-z_]+)=(\S+)$")
+
+
+def parse_assembly(text: str, where: str = "program.s") -> tuple[Instruction, ...]:
+    """Parse the assembly form; ValueError as `where:LINE: problem`."""
+    program = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            program.append(_parse_line(line))
+        except ValueError as e:
+            raise ValueError(f"{where}:{lineno}: {e}") from None
+    return tuple(program)
+
+
+def _parse_line(line: str) -> Instruction:
+    mnemonic, *items = line.split()
+    try:
+        op = Opcode[mnemonic.upper()]
+    except KeyError:
+        raise ValueError(f"unknown mnemonic '{mnemonic}'") from None
+    fields: dict[str, int] = {}
+    tokens: dict[str, tuple[Token, ...]] = {"wait": (), "signal": ()}
+    for item in items:
+        m = _ITEM.match(item)
+        if not m:
+            raise ValueError(f"expected NAME=VALUE, got '{item}'")
+        name, value = m.groups()
+        if name in tokens:
+            try:
+                tokens[name] = tuple(Token[t.upper()] for t in value.split("|"))
+            except KeyError:
+                raise ValueError(f"unknown token in '{item}' (tokens: {', '.join(t.name.lower() for t in Token)})") \
+                    from None
+        elif name in _NAMED and value in _NAMED[name]:
+            fields[name] = _NAMED[name][value]
+        else:
+            try:
+                fields[name] = int(value, 0)
+            except ValueError:
+                raise ValueError(f"field '{name}' needs an integer, got '{value}'") from None
+    return Instruction.make(op, tokens["wait"], tokens["signal"], **fields)
+
+
+def check_program(program, config: AccelConfig) -> None:
+    """ValueError naming the first instruction that cannot run on `config`, or a program
+    without a final `halt`."""
+    for i, instr in enumerate(program):
+        problem = instr.problem(config)
+        if problem:
+            raise ValueError(f"instruction {i} ({instr.text()}): {problem}")
+    if not program or program[-1].op is not Opcode.HALT:
+        raise ValueError("the program does not end with halt")

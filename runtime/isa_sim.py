@@ -1,0 +1,198 @@
+"""The ISA simulator: runs an accelerator program on a DRAM image, bit-exact with the quantized
+numpy reference, and counts cycles with the hardware's timing (`backends.accel.isa`).
+
+Timing is computed per instruction, not per cycle: each issues at the first cycle after its
+predecessor's issue when its unit is idle and its tokens are there, and keeps its unit busy
+for `Instruction.duration` cycles; the RTL implements the same rule, so both count the same
+cycles. Data effects apply in program order; that equals the hardware's concurrent order
+for every program without races, and the simulator rejects a program with a race (two units
+touching the same memory at overlapping times, one of them writing)."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.isa import TOKEN_BITS, Buffer, Instruction, Opcode, Token, Unit, check_program
+from tcc.ir.dtypes import DType
+from tcc.ir.reference import REFERENCE
+
+_DATA_DTYPES = {4: DType.I4, 8: DType.I8, 16: DType.I16}
+
+
+class SimulationError(RuntimeError):
+    """A program that cannot run: out of range, deadlocked, racing, or over its cycle limit."""
+
+
+@dataclass
+class Stats:
+    cycles: int = 0
+    macs: int = 0
+    instructions: Counter = field(default_factory=Counter)
+    busy: Counter = field(default_factory=Counter)  # cycles each unit was busy
+    schedule: list[tuple[int, int]] = field(default_factory=list)  # (issue, end) per instruction
+
+    def to_json(self, config: AccelConfig) -> dict:
+        return {"cycles": self.cycles, "macs": self.macs,
+                "utilization": self.macs / (self.cycles * config.pes) if self.cycles else 0.0,
+                "instructions": dict(sorted(self.instructions.items())),
+                "busy_cycles": {u.value: self.busy[u.value] for u in Unit}}
+
+
+def wrap(values: np.ndarray, bits: int) -> np.ndarray:
+    """Two's complement wrap of int64 `values` to `bits`."""
+    shift = 64 - bits
+    return (values.astype(np.int64) << shift) >> shift
+
+
+def pack_words(values: np.ndarray, lane_bits: int, word_bytes: int) -> np.ndarray:
+    """[n, lanes] signed lanes -> [n, word_bytes] bytes, lane j at bits [j*w, (j+1)*w)."""
+    n, lanes = values.shape
+    bits = (values.astype(np.int64)[:, :, None] >> np.arange(lane_bits)) & 1
+    bits = bits.reshape(n, lanes * lane_bits).astype(np.uint8)
+    padded = np.zeros((n, word_bytes * 8), np.uint8)
+    padded[:, :bits.shape[1]] = bits
+    return np.packbits(padded, axis=1, bitorder="little")
+
+
+def unpack_words(data: np.ndarray, lanes: int, lane_bits: int) -> np.ndarray:
+    """[n, bytes] -> [n, lanes] signed int64 lanes (the inverse of `pack_words`)."""
+    bits = np.unpackbits(data, axis=1, bitorder="little")[:, :lanes * lane_bits].astype(np.int64)
+    values = (bits.reshape(len(data), lanes, lane_bits) << np.arange(lane_bits)).sum(axis=2)
+    return wrap(values, lane_bits)
+
+
+class Machine:
+    """The accelerator's architectural state: buffers, accumulators, DRAM (bytes)."""
+
+    def __init__(self, config: AccelConfig, dram: np.ndarray | bytes = b""):
+        self.config = config
+        self.dram_bytes = config.dram_bits // 8
+        image = np.frombuffer(bytes(dram), np.uint8) if isinstance(dram, (bytes, bytearray)) else dram
+        if len(image) > config.dram_words * self.dram_bytes:
+            raise SimulationError(f"the DRAM image ({len(image)} bytes) exceeds the DRAM "
+                                  f"({config.dram_words} words of {self.dram_bytes} bytes)")
+        self.dram = np.zeros(config.dram_words * self.dram_bytes, np.uint8)  # calloc: untouched pages are free
+        self.dram[:len(image)] = image
+        self.buffers = {b: np.zeros((config.buffer_depth(b), config.lanes(b)), np.int64) for b in Buffer}
+        self.acc = np.zeros((config.rows, config.cols), np.int64)
+
+    def dram_words(self, first: int, count: int) -> np.ndarray:
+        """DRAM words [first, first + count) as a [count, dram_bytes] view."""
+        return self.dram[first * self.dram_bytes:(first + count) * self.dram_bytes].reshape(count, self.dram_bytes)
+
+    def execute(self, instr: Instruction) -> None:
+        cfg, op = self.config, instr.op
+        if op in (Opcode.LOAD, Opcode.STORE):
+            buf = Buffer(instr["buf"])
+            beats, addr, count = cfg.beats(buf), instr["addr"], instr["count"]
+            words = self.dram_words(instr["dram"], count * beats).reshape(count, beats * self.dram_bytes)
+            if op is Opcode.LOAD:
+                self.buffers[buf][addr:addr + count] = unpack_words(words, cfg.lanes(buf), cfg.lane_bits(buf))
+            else:
+                words[:] = pack_words(self.buffers[buf][addr:addr + count], cfg.lane_bits(buf), beats * self.dram_bytes)
+        elif op is Opcode.GEMM:
+            a = self.buffers[Buffer.ABUF][instr["a"]:instr["a"] + instr["k"]]
+            b = self.buffers[Buffer.BBUF][instr["b"]:instr["b"] + instr["k"]]
+            self.acc = wrap(a.T @ b + (self.acc if instr["acc"] else 0), cfg.acc_bits)
+        elif op is Opcode.REQUANT:
+            bias, mult, shift = self.buffers[Buffer.PBUF][instr["param"]:instr["param"] + 3]
+            if shift.min() < 0 or shift.max() > 62:
+                raise SimulationError(f"requant: shift lanes must lie in [0, 62], got [{shift.min()}, {shift.max()}]")
+            out = REFERENCE["requantize"](wrap(self.acc + bias, cfg.acc_bits), mult, shift,
+                                          dtype=_DATA_DTYPES[cfg.data_bits], scale=1.0, zero_point=0)
+            out = out.astype(np.int64)
+            self.buffers[Buffer.OBUF][instr["dst"]:instr["dst"] + cfg.rows] = np.maximum(out, 0) if instr["relu"] else out
+        elif op is not Opcode.HALT:
+            self._vector(instr)
+
+    def _vector(self, instr: Instruction) -> None:
+        cfg, op, obuf = self.config, instr.op, self.buffers[Buffer.OBUF]
+        n, dst = instr["n"], instr["dst"]
+        a = obuf[instr["a"]:instr["a"] + n]
+        low, high = _DATA_DTYPES[cfg.data_bits].value_range
+        if op is Opcode.VADD:
+            obuf[dst:dst + n] = np.clip(a + obuf[instr["b"]:instr["b"] + n], low, high)
+        elif op is Opcode.VMUL:
+            shift = instr["shift"]
+            product = a * obuf[instr["b"]:instr["b"] + n]
+            obuf[dst:dst + n] = np.clip((product + ((1 << shift) >> 1)) >> shift, low, high)
+        elif op is Opcode.VRELU:
+            obuf[dst:dst + n] = np.maximum(a, 0)
+        elif op is Opcode.VMAX:
+            obuf[dst] = a.max()
+        elif op is Opcode.VSUM:
+            self.buffers[Buffer.PBUF][dst] = wrap(np.array(a.sum()), cfg.acc_bits)
+
+
+def simulate(program, config: AccelConfig, dram: np.ndarray | bytes = b"", *,
+             max_cycles: int | None = None) -> tuple[Machine, Stats]:
+    """Run `program` from a DRAM image; returns the final machine state and the stats.
+    Raises `SimulationError` (naming the instruction) for a program that reads or writes out
+    of range, deadlocks on its tokens, races, or runs past `max_cycles`."""
+    try:
+        check_program(program, config)
+    except ValueError as e:
+        raise SimulationError(str(e)) from None
+    machine = Machine(config, dram)
+    stats = Stats()
+    free_at = {u: 0 for u in Unit}  # first cycle each unit is idle
+    signals: dict[Token, list[int]] = {t: [] for t in Token}  # cycles signals become visible
+    taken = Counter()  # tokens consumed so far
+    in_flight: list[tuple[int, Unit, tuple, int]] = []  # (end, unit, accesses, pc)
+    t = 0
+    for pc, instr in enumerate(program):
+        where = f"instruction {pc} ({instr.text()})"
+        issue = max(t, *free_at.values()) if instr.op is Opcode.HALT else max(t, free_at[instr.unit])
+        for token in Token:
+            if instr.wait >> token & 1:
+                available = signals[token]
+                if len(available) <= taken[token]:
+                    raise SimulationError(f"{where}: deadlock, it waits for token {token.name.lower()} "
+                                          "that no earlier instruction signals")
+                issue = max(issue, available[taken[token]])
+        if max_cycles is not None and issue >= max_cycles:
+            raise SimulationError(f"{where}: cycle limit {max_cycles} reached")
+        for token in Token:
+            if instr.wait >> token & 1:
+                taken[token] += 1
+        end = issue + instr.duration(config)
+        accesses = instr.accesses(config)
+        in_flight = [f for f in in_flight if f[0] > issue]
+        for other_end, unit, other, other_pc in in_flight:
+            if unit is not instr.unit and (clash := _clash(accesses, other)):
+                raise SimulationError(f"{where}: race on {clash} with instruction {other_pc} "
+                                      f"({program[other_pc].text()}), which runs until cycle {other_end}")
+        in_flight.append((end, instr.unit, accesses, pc))
+        for token in Token:
+            if instr.signal >> token & 1:
+                bisect.insort(signals[token], end)
+                if len(signals[token]) - taken[token] >= 1 << TOKEN_BITS:
+                    raise SimulationError(f"{where}: token {token.name.lower()} overflows its counter")
+        try:
+            machine.execute(instr)
+        except SimulationError as e:
+            raise SimulationError(f"{where}: {e}") from None
+        free_at[instr.unit] = end
+        stats.instructions[instr.mnemonic] += 1
+        stats.busy[instr.unit.value] += end - issue
+        stats.schedule.append((issue, end))
+        if instr.op is Opcode.GEMM:
+            stats.macs += instr["k"] * config.pes
+        if instr.op is Opcode.HALT:
+            stats.cycles = issue + 1
+            return machine, stats
+        t = issue + 1
+    raise SimulationError("the program does not end with halt")  # check_program rules this out
+
+
+def _clash(mine: tuple, other: tuple) -> str | None:
+    for space, first, end, writes in mine:
+        for space2, first2, end2, writes2 in other:
+            if space == space2 and (writes or writes2) and first < end2 and first2 < end:
+                return f"{space} [{max(first, first2)}, {min(end, end2)})"
+    return None

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import TOKEN_BITS, Buffer, Instruction, Opcode, Token, Unit, check_program
+from tcc.backends.accel.isa import (FETCH_CYCLES, TOKEN_BITS, Buffer, Instruction, Opcode, Token, Unit, check_program, pack_words,
+                                    unpack_words, wrap)
 from tcc.ir.dtypes import DType
 from tcc.ir.reference import REFERENCE
 
@@ -41,29 +42,6 @@ class Stats:
                 "utilization": self.macs / (self.cycles * config.pes) if self.cycles else 0.0,
                 "instructions": dict(sorted(self.instructions.items())),
                 "busy_cycles": {u.value: self.busy[u.value] for u in Unit}}
-
-
-def wrap(values: np.ndarray, bits: int) -> np.ndarray:
-    """Two's complement wrap of int64 `values` to `bits`."""
-    shift = 64 - bits
-    return (values.astype(np.int64) << shift) >> shift
-
-
-def pack_words(values: np.ndarray, lane_bits: int, word_bytes: int) -> np.ndarray:
-    """[n, lanes] signed lanes -> [n, word_bytes] bytes, lane j at bits [j*w, (j+1)*w)."""
-    n, lanes = values.shape
-    bits = (values.astype(np.int64)[:, :, None] >> np.arange(lane_bits)) & 1
-    bits = bits.reshape(n, lanes * lane_bits).astype(np.uint8)
-    padded = np.zeros((n, word_bytes * 8), np.uint8)
-    padded[:, :bits.shape[1]] = bits
-    return np.packbits(padded, axis=1, bitorder="little")
-
-
-def unpack_words(data: np.ndarray, lanes: int, lane_bits: int) -> np.ndarray:
-    """[n, bytes] -> [n, lanes] signed int64 lanes (the inverse of `pack_words`)."""
-    bits = np.unpackbits(data, axis=1, bitorder="little")[:, :lanes * lane_bits].astype(np.int64)
-    values = (bits.reshape(len(data), lanes, lane_bits) << np.arange(lane_bits)).sum(axis=2)
-    return wrap(values, lane_bits)
 
 
 class Machine:
@@ -144,7 +122,7 @@ def simulate(program, config: AccelConfig, dram: np.ndarray | bytes = b"", *,
     signals: dict[Token, list[int]] = {t: [] for t in Token}  # cycles signals become visible
     taken = Counter()  # tokens consumed so far
     in_flight: list[tuple[int, Unit, tuple, int]] = []  # (end, unit, accesses, pc)
-    t = 0
+    t = FETCH_CYCLES
     for pc, instr in enumerate(program):
         where = f"instruction {pc} ({instr.text()})"
         issue = max(t, *free_at.values()) if instr.op is Opcode.HALT else max(t, free_at[instr.unit])

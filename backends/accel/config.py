@@ -27,7 +27,8 @@ class AccelConfig:
     pbuf_depth: int = 512  # words of cols x acc_bits
     dram_bits: int = 128  # DRAM word: what the DMA moves per cycle
     dram_words: int = 1 << 25  # DRAM size in words
-    dram_latency: int = 8  # cycles before a transfer's first word
+    dram_latency: int = 8  # cycles before a transfer's first word (DRAM reads are registered: >= 1)
+    imem_depth: int = 4096  # instructions the program memory holds (a section's program at most)
     clock_mhz: float = 100.0
 
     def __post_init__(self) -> None:
@@ -41,7 +42,7 @@ class AccelConfig:
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"{f.name} must be a number, got {value!r}"
-        positive = ("rows", "cols", "abuf_depth", "bbuf_depth", "obuf_depth", "pbuf_depth", "dram_words")
+        positive = ("rows", "cols", "abuf_depth", "bbuf_depth", "obuf_depth", "pbuf_depth", "dram_words", "imem_depth")
         for name in positive:
             if getattr(self, name) < 1:
                 return f"{name} must be at least 1, got {getattr(self, name)}"
@@ -53,10 +54,10 @@ class AccelConfig:
             return f"acc_bits must lie in [2 * data_bits, 32], got {self.acc_bits}"
         if self.dram_bits % 8 or not 8 <= self.dram_bits <= 4096:
             return f"dram_bits must be a multiple of 8 in [8, 4096], got {self.dram_bits}"
-        if self.dram_latency < 0:
-            return f"dram_latency must be at least 0, got {self.dram_latency}"
-        if max(self.abuf_depth, self.bbuf_depth, self.obuf_depth, self.pbuf_depth) > 1 << 16:
-            return "buffer depths are at most 65536 words (16-bit addresses)"
+        if self.dram_latency < 1:
+            return f"dram_latency must be at least 1, got {self.dram_latency}"
+        if max(self.abuf_depth, self.bbuf_depth, self.obuf_depth, self.pbuf_depth, self.imem_depth) > 1 << 16:
+            return "buffer and program memory depths are at most 65536 words (16-bit addresses)"
         if self.dram_words > 1 << 32:
             return "dram_words is at most 2^32 (32-bit addresses)"
         if self.pbuf_depth < 3:

@@ -4,7 +4,7 @@ codegen, the ISA simulator and the PyRTL decoder all import it.
 
 Instructions are 128-bit words. Bits 0-3 hold the opcode, 4-7 the tokens the instruction
 waits for (`wait`), 8-11 the tokens it signals when it completes (`signal`); the other fields
-sit where `FORMATS` says. Three units run concurrently: `load` (DRAM -> buffer), `compute`
+sit where `FORMATS` says. Instruction 0 issues in cycle `FETCH_CYCLES` at the earliest. Three units run concurrently: `load` (DRAM -> buffer), `compute`
 (the array and the vector unit) and `store` (buffer -> DRAM). One instruction issues per
 cycle, in order, once its unit is idle and every token it waits for has a count above zero
 (issuing takes one of each); a token signalled by an instruction that ends in cycle `t - 1`
@@ -32,9 +32,12 @@ import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+import numpy as np
+
 from .config import AccelConfig
 
 INSTRUCTION_BITS = 128
+FETCH_CYCLES = 1  # the program memory is read synchronously: instruction 0 issues in cycle 1
 TOKEN_BITS = 8  # each token counter holds 0..255
 MAGIC = b"TCCACCEL"
 VERSION = 1
@@ -332,10 +335,35 @@ def _parse_line(line: str) -> Instruction:
 
 def check_program(program, config: AccelConfig) -> None:
     """ValueError naming the first instruction that cannot run on `config`, or a program
-    without a final `halt`."""
+    without a final `halt` or longer than the program memory."""
+    if len(program) > config.imem_depth:
+        raise ValueError(f"the program has {len(program)} instructions, the program memory holds {config.imem_depth}")
     for i, instr in enumerate(program):
         problem = instr.problem(config)
         if problem:
             raise ValueError(f"instruction {i} ({instr.text()}): {problem}")
     if not program or program[-1].op is not Opcode.HALT:
         raise ValueError("the program does not end with halt")
+
+
+def wrap(values: np.ndarray, bits: int) -> np.ndarray:
+    """Two's complement wrap of int64 `values` to `bits`."""
+    shift = 64 - bits
+    return (values.astype(np.int64) << shift) >> shift
+
+
+def pack_words(values: np.ndarray, lane_bits: int, word_bytes: int) -> np.ndarray:
+    """[n, lanes] signed lanes -> [n, word_bytes] bytes, lane j at bits [j*w, (j+1)*w)."""
+    n, lanes = values.shape
+    bits = (values.astype(np.int64)[:, :, None] >> np.arange(lane_bits)) & 1
+    bits = bits.reshape(n, lanes * lane_bits).astype(np.uint8)
+    padded = np.zeros((n, word_bytes * 8), np.uint8)
+    padded[:, :bits.shape[1]] = bits
+    return np.packbits(padded, axis=1, bitorder="little")
+
+
+def unpack_words(data: np.ndarray, lanes: int, lane_bits: int) -> np.ndarray:
+    """[n, bytes] -> [n, lanes] signed int64 lanes (the inverse of `pack_words`)."""
+    bits = np.unpackbits(data, axis=1, bitorder="little")[:, :lanes * lane_bits].astype(np.int64)
+    values = (bits.reshape(len(data), lanes, lane_bits) << np.arange(lane_bits)).sum(axis=2)
+    return wrap(values, lane_bits)

@@ -1,0 +1,196 @@
+"""The accelerator ISA and its simulator: binary and assembly forms round-trip, bad programs and
+configs fail with clear errors, the timing rule and the data semantics hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.isa import (FETCH_CYCLES, FORMATS, Buffer, Instruction, Opcode, Token, decode, from_binary,
+                                    pack_words, parse_assembly, to_assembly, to_binary, unpack_words)
+from tcc.runtime.isa_sim import SimulationError, simulate
+
+TINY = AccelConfig(rows=4, cols=4, abuf_depth=64, bbuf_depth=64, obuf_depth=16, pbuf_depth=8, dram_words=256,
+                   dram_bits=32, dram_latency=2, imem_depth=64)
+
+
+@st.composite
+def instructions(draw) -> Instruction:
+    op = draw(st.sampled_from(list(Opcode)))
+    args = tuple(draw(st.integers(0, (1 << f.width) - 1)) for f in FORMATS[op])
+    return Instruction(op, args, draw(st.integers(0, 15)), draw(st.integers(0, 15)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(instructions(), max_size=20))
+def test_binary_and_assembly_round_trip(program):
+    assert from_binary(to_binary(program)) == tuple(program)
+    assert parse_assembly(to_assembly(program, {0: "section 0\nlinear x"})) == tuple(program)
+    for instr in program:
+        assert decode(instr.encode()) == instr
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([4, 8, 16, 32]), st.integers(0, 2**32 - 1))
+def test_word_packing_round_trips(lanes, bits, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(-(1 << bits - 1), 1 << bits - 1, size=(5, lanes))
+    data = pack_words(values, bits, -(-lanes * bits // 8) + 1)
+    np.testing.assert_array_equal(unpack_words(data, lanes, bits), values)
+
+
+@pytest.mark.parametrize("word, message", [
+    (0xF, "unknown opcode 15"),
+    (int(Opcode.HALT) | 1 << 40, "halt: bits set outside its fields"),
+    (int(Opcode.GEMM) | 1 << 100, "gemm: bits set outside its fields"),
+])
+def test_decode_rejects_bad_words(word, message):
+    with pytest.raises(ValueError, match=message):
+        decode(word)
+
+
+def test_binary_errors_name_the_instruction():
+    good = to_binary([Instruction.make(Opcode.HALT)])
+    with pytest.raises(ValueError, match="bad magic"):
+        from_binary(b"nonsense" + good[8:])
+    with pytest.raises(ValueError, match="the header says 1 x 16"):
+        from_binary(good + b"\0")
+    bad = good[:16] + (0xF).to_bytes(16, "little")
+    with pytest.raises(ValueError, match="program.bin: instruction 0: unknown opcode 15"):
+        from_binary(bad, "program.bin")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("halt\nlod buf=abuf addr=0 count=1 dram=0", "p.s:2: unknown mnemonic 'lod'"),
+    ("gemm a=0 b=0 k=4", "p.s:1: gemm: missing field 'acc'"),
+    ("gemm a=0 b=0 k=4 acc=0 z=1", "p.s:1: gemm: unknown field 'z'"),
+    ("gemm a=0 b=0 k=x acc=0", "p.s:1: field 'k' needs an integer, got 'x'"),
+    ("gemm a=0 b=0 k=70000 acc=0", "p.s:1: gemm: field 'k' = 70000 does not fit 16 bits"),
+    ("halt wait=ld2ex|nope", "p.s:1: unknown token in 'wait=ld2ex|nope'"),
+    ("load buf=qbuf addr=0 count=1 dram=0", "p.s:1: field 'buf' needs an integer, got 'qbuf'"),
+    ("halt oops", "p.s:1: expected NAME=VALUE, got 'oops'"),
+])
+def test_assembly_errors_name_the_line(text, message):
+    with pytest.raises(ValueError, match=message.replace("|", r"\|")):
+        parse_assembly(text, "p.s")
+
+
+def test_config_overrides_and_errors():
+    config = AccelConfig().with_overrides("rows=8, cols=4,clock_mhz=150")
+    assert (config.rows, config.cols, config.clock_mhz) == (8, 4, 150.0)
+    for spec, message in [("rowz=8", "unknown field 'rowz'; did you mean 'rows'"), ("rows", "expected KEY=VALUE"),
+                          ("rows=x", "rows must be a number, got 'x'"), ("rows=0", "rows must be at least 1"),
+                          ("data_bits=5", "data_bits must be 4, 8 or 16"),
+                          ("dram_bits=12", "dram_bits must be a multiple of 8")]:
+        with pytest.raises(ValueError, match=message):
+            AccelConfig().with_overrides(spec)
+
+
+def load(buf: Buffer, addr: int, count: int, dram: int, **tokens) -> Instruction:
+    return Instruction.make(Opcode.LOAD, buf=int(buf), addr=addr, count=count, dram=dram, **tokens)
+
+
+def gemm_program(k: int, relu: int = 0, overlap: bool = True) -> list[Instruction]:
+    """A [4, k] x [k, 4] GEMM on TINY: A at DRAM 0, B at k, params at 2k, output to 200."""
+    ready = (Token.LD2EX,) if overlap else ()
+    return [load(Buffer.ABUF, 0, k, 0),
+            load(Buffer.BBUF, 0, k, k),
+            load(Buffer.PBUF, 0, 3, 2 * k, signal=ready),
+            Instruction.make(Opcode.GEMM, a=0, b=0, k=k, acc=0, wait=ready),
+            Instruction.make(Opcode.REQUANT, dst=0, param=0, relu=relu, signal=(Token.EX2ST,)),
+            Instruction.make(Opcode.STORE, buf=int(Buffer.OBUF), addr=0, count=4, dram=200, wait=(Token.EX2ST,)),
+            Instruction.make(Opcode.HALT)]
+
+
+def gemm_image(a: np.ndarray, b: np.ndarray, bias, mult, shift) -> bytes:
+    params = np.stack([np.broadcast_to(p, 4) for p in (bias, mult, shift)])
+    return b"".join(pack_words(x, bits, width).tobytes() for x, bits, width in
+                    ((a.T, 8, 4), (b, 8, 4), (params, 32, 16)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 20), st.integers(0, 1), st.integers(0, 2**32 - 1))
+def test_gemm_requant_matches_the_reference(k, relu, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(-128, 128, (4, k)), rng.integers(-128, 128, (k, 4))
+    bias, mult, shift = rng.integers(-1000, 1000, 4), rng.integers(1 << 29, 1 << 31, 4), rng.integers(20, 40, 4)
+    machine, stats = simulate(gemm_program(k, relu), TINY, gemm_image(a, b, bias, mult, shift))
+    p = (a @ b + bias) * mult
+    expected = np.clip((p + (1 << (shift - 1))) >> shift, -128, 127)
+    expected = np.maximum(expected, 0) if relu else expected
+    np.testing.assert_array_equal(unpack_words(machine.dram_words(200, 4), 4, 8), expected)
+    assert stats.macs == 16 * k
+
+
+def test_timing_rule():
+    """Loads issue back to back on one unit; gemm waits for the last load's token; requant
+    follows gemm on the compute unit; store waits for requant's token; halt waits for all."""
+    k, lat = 8, TINY.dram_latency
+    _, stats = simulate(gemm_program(k), TINY, bytes(4 * (2 * k + 12)))
+    t0 = FETCH_CYCLES
+    a_end = t0 + lat + k
+    b_end = a_end + lat + k
+    p_end = b_end + lat + 3 * 4  # 3 PBUF words of 4 x 32 bits = 4 DRAM words each
+    gemm_end = p_end + k + 4 + 4 - 2
+    req_end = gemm_end + 4
+    store_end = req_end + lat + 4
+    assert stats.schedule == [(t0, a_end), (a_end, b_end), (b_end, p_end), (p_end, gemm_end), (gemm_end, req_end),
+                              (req_end, store_end), (store_end, store_end + 1)]
+    assert stats.cycles == store_end + 1
+
+
+def test_race_is_rejected():
+    """Without the token, gemm would read BBUF while the last load is still writing it."""
+    program = gemm_program(8, overlap=False)
+    program[1], program[2] = program[2], program[1]
+    with pytest.raises(SimulationError, match=r"instruction 3 \(gemm .*\): race on BBUF \[0, 8\) with instruction 2"):
+        simulate(program, TINY, bytes(4 * 40))
+
+
+@pytest.mark.parametrize("program, message", [
+    ([load(Buffer.ABUF, 60, 8, 0), Instruction.make(Opcode.HALT)],
+     r"instruction 0 \(load .*\): writes ABUF words \[60, 68\) outside its 64 words"),
+    ([load(Buffer.ABUF, 0, 8, 250), Instruction.make(Opcode.HALT)],
+     r"instruction 0 \(load .*\): reads DRAM words \[250, 258\) outside its 256 words"),
+    ([Instruction.make(Opcode.GEMM, a=0, b=0, k=0, acc=0), Instruction.make(Opcode.HALT)], "k must be at least 1"),
+    ([Instruction.make(Opcode.HALT, wait=(Token.ST2EX,))], "deadlock, it waits for token st2ex"),
+    ([load(Buffer.ABUF, 0, 1, 0)], "the program does not end with halt"),
+    ([Instruction.make(Opcode.HALT)] * 65, "65 instructions, the program memory holds 64"),
+])
+def test_bad_programs_fail_clearly(program, message):
+    with pytest.raises(SimulationError, match=message):
+        simulate(program, TINY, b"")
+
+
+def test_cycle_limit_and_dram_size():
+    with pytest.raises(SimulationError, match="cycle limit 20 reached"):
+        simulate(gemm_program(8), TINY, bytes(160), max_cycles=20)
+    with pytest.raises(SimulationError, match="exceeds the DRAM"):
+        simulate(gemm_program(8), TINY, bytes(4 * 257))
+
+
+def test_requant_rejects_out_of_range_shift():
+    image = gemm_image(np.ones((4, 2), int), np.ones((2, 4), int), 0, 1, 63)
+    with pytest.raises(SimulationError, match=r"instruction 4 \(requant .*\): requant: shift lanes must lie in \[0, 62\]"):
+        simulate(gemm_program(2), TINY, image)
+
+
+def test_vector_ops():
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(-128, 128, (3, 4)), rng.integers(-128, 128, (3, 4))
+    image = pack_words(np.concatenate([x, y]), 8, 4).tobytes()
+    ready = (Token.LD2EX,)
+    program = [load(Buffer.OBUF, 0, 6, 0, signal=ready), Instruction.make(Opcode.VADD, dst=6, a=0, b=3, n=3, wait=ready),
+               Instruction.make(Opcode.VMUL, dst=9, a=0, b=3, n=3, shift=4), Instruction.make(Opcode.VRELU, dst=12, a=0, n=3),
+               Instruction.make(Opcode.VMAX, dst=15, a=0, n=3), Instruction.make(Opcode.VSUM, dst=0, a=3, n=3),
+               Instruction.make(Opcode.HALT)]
+    machine, stats = simulate(program, TINY, image)
+    obuf, pbuf = machine.buffers[Buffer.OBUF], machine.buffers[Buffer.PBUF]
+    np.testing.assert_array_equal(obuf[6:9], np.clip(x + y, -128, 127))
+    np.testing.assert_array_equal(obuf[9:12], np.clip((x * y + 8) >> 4, -128, 127))
+    np.testing.assert_array_equal(obuf[12:15], np.maximum(x, 0))
+    assert (obuf[15] == x.max()).all() and (pbuf[0] == y.sum()).all()
+    assert stats.instructions == {"load": 1, "vadd": 1, "vmul": 1, "vrelu": 1, "vmax": 1, "vsum": 1, "halt": 1}

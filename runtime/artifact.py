@@ -43,6 +43,7 @@ from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
 FORMAT = "tcc-artifact"
 FORMAT_VERSION = 2
 WEIGHTS = "weights.safetensors"
+BACKEND_DIR = "accel"  # the accelerator backend's files
 EXECUTORS = ("cpu", "gpu", "numpy")
 
 
@@ -56,6 +57,7 @@ class Artifact:
     plan: ReferencePlan
     manifest: dict
     example_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    backend_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> contents (accel/...)
     path: Path | None = None
     _executors: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -130,6 +132,9 @@ class Artifact:
             }
             if self.example_inputs:
                 hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
+            for name, data in self.backend_files.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                hashes[name] = _write(staging / name, data)
             manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
                             files=hashes)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -284,4 +289,6 @@ def load(path: str | os.PathLike) -> Artifact:
     plan = ReferencePlan.from_json((path / "plan.json").read_text())
     plan.check_against(graph)
     examples = _read_npz(path / "example_inputs.npz") if "example_inputs.npz" in manifest["files"] else {}
-    return Artifact(graph, manifest["signature"], plan, manifest, examples, path)
+    backend_files = {name: (path / name).read_bytes() for name in manifest["files"]
+                     if name.startswith(BACKEND_DIR + "/")}
+    return Artifact(graph, manifest["signature"], plan, manifest, examples, backend_files, path)

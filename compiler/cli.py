@@ -58,13 +58,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
-                           train_data=args.train_data, calib_data=args.calib_data, progress=_progress(args))
+                           train_data=args.train_data, calib_data=args.calib_data, progress=_progress(args),
+                           accel=args.accel)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
         for line in artifact.manifest["pass_log"]:
             print(f"  {line}")
     print(f"compiled {artifact.manifest['source']} for {args.target}: {summary} -> {path}")
+    if "accel" in artifact.manifest and not args.quiet:
+        host = artifact.manifest["accel"]["host_ops"]
+        print(f"  accelerator: {artifact.manifest['accel']['sections']} sections; {len(host)} ops on the host"
+              + (": " + ", ".join(f"{h['op']} {h['result']}" for h in host[:8]) + (", ..." if len(host) > 8 else "")
+                 if host else ""))
     return 0
 
 
@@ -113,6 +119,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     artifact = tcc.load(args.artifact)
     inputs = _load_inputs(args.input) if args.input else None
     outputs = artifact.run(inputs, on=args.on)
+    if args.stats:
+        if args.on not in ("sim", "rtl"):
+            raise TccError("--stats: cycle statistics come from --on sim or --on rtl")
+        stats = artifact.executor(args.on).stats.to_json(artifact.accel_program().config)
+        out = Path(args.stats)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"{args.on}: {stats['cycles']:,} cycles, {stats['macs']:,} MACs, utilization {stats['utilization']:.3f}"
+              f" -> {out}")
     if args.output:
         out = Path(args.output)
         tmp = out.with_name(f".{out.name}.tmp")
@@ -186,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", metavar="D.pt", help="training data for fine-tuning: torch.save({'inputs': X, "
                                                          "'labels': Y})")
     p.add_argument("--calib-data", metavar="D.pt", help="calibration data for quantization (same format)")
+    p.add_argument("--accel", metavar="KEY=VALUE,...",
+                   help="override fields of an fpga target's accelerator config, e.g. rows=16,cols=16")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")
     p.set_defaults(func=cmd_compile)
 
@@ -205,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--input", help="inputs: .npy, .npz, or a torch.save file (tensor, tuple or dict); "
                                    "default: the artifact's example inputs")
-    p.add_argument("--on", choices=("cpu", "gpu", "numpy"), default="cpu", help="executor (default cpu)")
+    p.add_argument("--on", choices=("cpu", "gpu", "numpy", "sim", "rtl"), default="cpu",
+                   help="executor (default cpu); sim: ISA simulator, rtl: Verilator on the Verilog (fpga targets)")
+    p.add_argument("--stats", metavar="FILE.json", help="with --on sim|rtl: write cycles, MACs, utilization, "
+                                                         "instruction counts")
     p.add_argument("-o", "--output", help="save outputs with torch.save to this file")
     p.set_defaults(func=cmd_run)
 

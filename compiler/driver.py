@@ -10,11 +10,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.config import AccelConfig
 from tcc.backends.reference.plan import build_plan
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, Pass, PassContext, format_pipeline, parse_pipeline
-from tcc.runtime.artifact import Artifact
+from tcc.runtime.artifact import BACKEND_DIR, Artifact
 from tcc.runtime.torch_executor import TorchExecutor
 
 from . import __version__
@@ -84,7 +86,7 @@ def _dataset(spec: DataSpec, graph: Graph, what: str) -> Dataset | None:
 def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: PipelineSpec = None,
             frontend: str = "export", input_shapes: Sequence[str] = (), arch: str | None = None,
             trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
-            progress: bool = False, seed: int = 0) -> Artifact:
+            progress: bool = False, seed: int = 0, accel: str | None = None) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`).
 
@@ -92,8 +94,10 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     replaces the target's default optimisation passes; the target's lowering passes still run
     after it, except those the pipeline already names (so `select-format{format=csr}` in a
     pipeline is not re-chosen by the target's own `select-format`). `train_data` / `calib_data` (data files or `Dataset`s) feed fine-tuning and
-    calibration; without them, passes prune one-shot and calibrate on the example inputs."""
+    calibration; without them, passes prune one-shot and calibrate on the example inputs.
+    `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config."""
     target_info = get_target(target)
+    config = _accel_config(target_info, accel)
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else (
         list(pipeline) if pipeline is not None else default_pipeline(target_info))
     lowering = [p for p in parse_pipeline(target_info.lowering) if p.name not in {q.name for q in passes}]
@@ -119,4 +123,22 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         "pipeline": format_pipeline(passes + lowering), "passes": [p.name for p in passes + lowering],
         "pass_log": ctx.log, "data": {k: {"source": d.source, "examples": len(d)} for k, d in data.items()},
     }
-    return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples))
+    backend_files: dict[str, bytes] = {}
+    if config is not None:
+        manifest["target"]["accel"] = config.to_json()
+        program = generate(graph, config)
+        backend_files = {f"{BACKEND_DIR}/{name}": data for name, data in program.to_files().items()}
+        manifest["accel"] = {"sections": len(program.sections),
+                             "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops]}
+    return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples), backend_files)
+
+
+def _accel_config(target: Target, overrides: str | None) -> AccelConfig | None:
+    if target.accel is None:
+        if overrides:
+            raise TccError(f"--accel: target '{target.name}' has no accelerator (use an fpga-* target)")
+        return None
+    try:
+        return target.accel.with_overrides(overrides) if overrides else target.accel
+    except ValueError as e:
+        raise TccError(str(e)) from None

@@ -37,6 +37,9 @@ from tcc.ir.printer import print_graph
 from tcc.ir.types import TensorType
 from tcc.ir.verifier import verify
 
+from tcc.backends.accel.layout import AccelProgram
+
+from .accel_executor import AccelExecutor
 from .numpy_executor import NumpyExecutor
 from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
 
@@ -44,7 +47,8 @@ FORMAT = "tcc-artifact"
 FORMAT_VERSION = 2
 WEIGHTS = "weights.safetensors"
 BACKEND_DIR = "accel"  # the accelerator backend's files
-EXECUTORS = ("cpu", "gpu", "numpy")
+EXECUTORS = ("cpu", "gpu", "numpy", "sim", "rtl")
+ACCEL_EXECUTORS = ("sim", "rtl")  # the accelerator's tiers: ISA simulator, Verilator on the Verilog
 
 
 @dataclass
@@ -63,13 +67,34 @@ class Artifact:
 
     # -- running ------------------------------------------------------------------------------
     def executor(self, on: str):
-        """The executor for `on` (cpu, gpu or numpy), built once."""
+        """The executor for `on` (cpu, gpu, numpy; sim and rtl for accelerator targets), built once."""
         if on not in EXECUTORS:
             raise TccError(f"unknown executor '{on}' (choose {', '.join(EXECUTORS)})")
         if on not in self._executors:
-            self._executors[on] = NumpyExecutor(self.graph) if on == "numpy" else TorchExecutor(
-                self.graph, resolve_device(on))
+            if on in ACCEL_EXECUTORS:
+                self._executors[on] = self._accel_executor(on)
+            else:
+                self._executors[on] = NumpyExecutor(self.graph) if on == "numpy" else TorchExecutor(
+                    self.graph, resolve_device(on))
         return self._executors[on]
+
+    def accel_program(self) -> AccelProgram:
+        """The accelerator program of an FPGA target's artifact."""
+        files = {name[len(BACKEND_DIR) + 1:]: data for name, data in self.backend_files.items()}
+        if not files:
+            raise TccError(f"target '{self.manifest['target']['name']}' has no accelerator: --on sim and --on rtl "
+                           "need an artifact compiled for an fpga-* target")
+        try:
+            return AccelProgram.from_files(files)
+        except ValueError as e:
+            raise TccError(f"{self.path or 'artifact'}: {e}") from None
+
+    def _accel_executor(self, on: str) -> AccelExecutor:
+        program = self.accel_program()
+        if on == "sim":
+            return AccelExecutor(self.graph, program)
+        from tcc.backends.accel.verilog import run_verilator
+        return AccelExecutor(self.graph, program, run_verilator)
 
     def flatten_inputs(self, inputs: Any) -> list[np.ndarray | torch.Tensor]:
         """Positional list of graph inputs from a tensor, sequence or dict, checked against the
@@ -92,7 +117,9 @@ class Artifact:
         return values
 
     def run(self, inputs: Any = None, on: str = "cpu") -> Any:
-        """Run on `cpu` or `gpu` (torch executor) or `numpy` (the reference spec). Without inputs,
+        """Run on `cpu` or `gpu` (torch executor), `numpy` (the reference spec), or, for an FPGA
+        target, `sim` (ISA simulator) or `rtl` (Verilator on the generated Verilog); after
+        those, `executor(on).stats` holds cycles, MACs and instruction counts. Without inputs,
         the example inputs stored in the artifact are used. Returns a tensor, tuple or dict of
         torch tensors, shaped like the original model's outputs."""
         if inputs is None:
@@ -101,7 +128,7 @@ class Artifact:
             inputs = self.example_inputs
         values = self.flatten_inputs(inputs)
         executor = self.executor(on)
-        if on == "numpy":
+        if on == "numpy" or on in ACCEL_EXECUTORS:
             outputs = [torch.from_numpy(np.array(o)) for o in executor(*[_to_numpy(v) for v in values])]
         else:
             outputs = [o.cpu() for o in executor.run([_to_torch(v) for v in values])]

@@ -352,18 +352,30 @@ def wrap(values: np.ndarray, bits: int) -> np.ndarray:
     return (values.astype(np.int64) << shift) >> shift
 
 
+_LANE_DTYPES = {8: "<i1", 16: "<i2", 32: "<i4", 64: "<i8"}  # byte-wide lanes: plain little-endian words
+
+
 def pack_words(values: np.ndarray, lane_bits: int, word_bytes: int) -> np.ndarray:
-    """[n, lanes] signed lanes -> [n, word_bytes] bytes, lane j at bits [j*w, (j+1)*w)."""
+    """[n, lanes] signed lanes -> [n, word_bytes] bytes, lane j at bits [j*w, (j+1)*w)
+    (values wrap to `lane_bits`); bytes past the lanes are zero."""
     n, lanes = values.shape
-    bits = (values.astype(np.int64)[:, :, None] >> np.arange(lane_bits)) & 1
-    bits = bits.reshape(n, lanes * lane_bits).astype(np.uint8)
+    out = np.zeros((n, word_bytes), np.uint8)
+    if lane_bits in _LANE_DTYPES:
+        used = lanes * lane_bits // 8
+        lanes_le = np.ascontiguousarray(values.astype(np.int64).astype(_LANE_DTYPES[lane_bits]))
+        out[:, :used] = lanes_le.view(np.uint8).reshape(n, used)
+        return out
+    bits = ((values.astype(np.int64)[:, :, None] >> np.arange(lane_bits)) & 1).astype(np.uint8)
     padded = np.zeros((n, word_bytes * 8), np.uint8)
-    padded[:, :bits.shape[1]] = bits
+    padded[:, :lanes * lane_bits] = bits.reshape(n, lanes * lane_bits)
     return np.packbits(padded, axis=1, bitorder="little")
 
 
 def unpack_words(data: np.ndarray, lanes: int, lane_bits: int) -> np.ndarray:
     """[n, bytes] -> [n, lanes] signed int64 lanes (the inverse of `pack_words`)."""
+    if lane_bits in _LANE_DTYPES:
+        used = lanes * lane_bits // 8
+        return np.ascontiguousarray(data[:, :used]).view(_LANE_DTYPES[lane_bits]).astype(np.int64)
     bits = np.unpackbits(data, axis=1, bitorder="little")[:, :lanes * lane_bits].astype(np.int64)
     values = (bits.reshape(len(data), lanes, lane_bits) << np.arange(lane_bits)).sum(axis=2)
     return wrap(values, lane_bits)

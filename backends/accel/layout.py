@@ -1,0 +1,354 @@
+"""DRAM layouts shared by the codegen and the runtime: how a tensor lies in DRAM so that one
+`load` moves a run of its buffer words, and how `store`d OBUF words read back as a tensor.
+
+Every layout cuts a 2-D tensor into blocks of `lanes` along one axis (the buffer's lanes,
+zero-padded at the end) and lays each block out as consecutive buffer words along the other
+(the "inner") axis; each buffer word starts a DRAM word and takes `config.beats(buffer)` of them
+(`isa.pack_words` lane order):
+
+    activations  X [M, K] -> ABUF words: per row block of `rows` rows, K words (word k = X[rows, k])
+    weights      W [N, K] -> BBUF words: per block of `cols` output channels, K words (word k = W[cols, k])
+    params       P [3, N] -> PBUF words: per block of `cols` channels, 3 words (bias, multiplier, shift)
+    outputs      Y [M, N] <- OBUF words: per block of `cols` channels, M words (word m = Y[m, cols])
+
+Word `i` of block `b` is buffer word `b * inner + i` (`word_offset` gives its DRAM word).
+
+The module also holds `AccelProgram`, the codegen's output and the runtime's input (the runtime
+imports the ISA definition and this module, never the codegen), and its artifact files:
+
+    program.bin     `isa.to_binary` of every section's instructions, concatenated
+    program.s       the same as assembly, each section introduced by `# section i: ...`
+    dram.bin        the DRAM image: weights and params in their layouts, zeroed activations
+    sections.json   the config, per section its instruction range, the IR ops it implements,
+                    its DRAM tensors (values, layout, shape, region), MACs and predicted
+                    cycles; and the ops left to the host, each with the reason"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .config import AccelConfig
+from .isa import (Buffer, Instruction, check_program, from_binary, pack_words, parse_assembly, to_assembly, to_binary,
+                  unpack_words)
+
+
+class Layout(Enum):
+    """A tensor's DRAM layout, named for what it holds; `buffer` is where its words go."""
+
+    ACTIVATIONS = "activations"
+    WEIGHTS = "weights"
+    PARAMS = "params"
+    OUTPUTS = "outputs"
+
+    @property
+    def buffer(self) -> Buffer:
+        return _BUFFER[self]
+
+    @property
+    def lane_axis(self) -> int:
+        """The tensor axis cut into blocks of lanes (the other one runs along the words)."""
+        return 0 if self in (Layout.ACTIVATIONS, Layout.WEIGHTS) else 1
+
+
+_BUFFER = {Layout.ACTIVATIONS: Buffer.ABUF, Layout.WEIGHTS: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF,
+           Layout.OUTPUTS: Buffer.OBUF}
+
+
+def blocks(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
+    """Blocks of lanes the tensor is cut into."""
+    return math.ceil(shape[layout.lane_axis] / config.lanes(layout.buffer))
+
+
+def inner(layout: Layout, shape: tuple[int, int]) -> int:
+    """Buffer words per block."""
+    return shape[1 - layout.lane_axis]
+
+
+def word_offset(layout: Layout, shape: tuple[int, int], block: int, index: int, config: AccelConfig) -> int:
+    """DRAM words from the tensor's start to buffer word `index` of block `block`."""
+    return (block * inner(layout, shape) + index) * config.beats(layout.buffer)
+
+
+def dram_words(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
+    """DRAM words the tensor takes."""
+    return word_offset(layout, shape, blocks(layout, shape, config), 0, config)
+
+
+def to_words(layout: Layout, array: np.ndarray, config: AccelConfig) -> np.ndarray:
+    """The tensor's buffer words, [blocks * inner, lanes] (int64, padding lanes zero)."""
+    array = np.asarray(array, np.int64)
+    if array.ndim != 2:
+        raise ValueError(f"{layout.value}: expected a 2-D tensor, got shape {list(array.shape)}")
+    lanes = config.lanes(layout.buffer)
+    cut = array if layout.lane_axis == 0 else array.T  # [lane axis, inner axis]
+    n = blocks(layout, array.shape, config)
+    padded = np.zeros((n * lanes, cut.shape[1]), np.int64)
+    padded[:cut.shape[0]] = cut
+    return padded.reshape(n, lanes, cut.shape[1]).transpose(0, 2, 1).reshape(n * cut.shape[1], lanes)
+
+
+def from_words(layout: Layout, words: np.ndarray, shape: tuple[int, int], config: AccelConfig) -> np.ndarray:
+    """The [shape] tensor held by its buffer words (the inverse of `to_words`)."""
+    lanes, n, k = config.lanes(layout.buffer), blocks(layout, shape, config), inner(layout, shape)
+    cut = np.asarray(words).reshape(n, k, lanes).transpose(0, 2, 1).reshape(n * lanes, k)[:shape[layout.lane_axis]]
+    return cut if layout.lane_axis == 0 else cut.T
+
+
+def encode(layout: Layout, array: np.ndarray, config: AccelConfig) -> bytes:
+    """The tensor's DRAM bytes (`dram_words` words); ValueError for values outside the lanes."""
+    words = to_words(layout, array, config)
+    bits = config.lane_bits(layout.buffer)
+    if words.size and (words.min() < -(1 << bits - 1) or words.max() >= 1 << bits - 1):
+        raise ValueError(f"{layout.value}: values [{words.min()}, {words.max()}] do not fit {bits}-bit lanes")
+    return pack_words(words, bits, config.beats(layout.buffer) * config.dram_bits // 8).tobytes()
+
+
+def decode(layout: Layout, data: bytes, shape: tuple[int, int], config: AccelConfig) -> np.ndarray:
+    """The [shape] tensor (int64) from its DRAM bytes (the inverse of `encode`)."""
+    buffer = layout.buffer
+    count = blocks(layout, shape, config) * inner(layout, shape)
+    raw = np.frombuffer(data, np.uint8).reshape(count, config.beats(buffer) * config.dram_bits // 8)
+    return from_words(layout, unpack_words(raw, config.lanes(buffer), config.lane_bits(buffer)), shape, config)
+
+
+@dataclass(frozen=True)
+class Region:
+    """DRAM words [start, start + words)."""
+
+    start: int
+    words: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.words
+
+    def byte_slice(self, config: AccelConfig) -> slice:
+        """The region's bytes in a DRAM image."""
+        size = config.dram_bits // 8
+        return slice(self.start * size, self.end * size)
+
+
+class DramAllocator:
+    """Hands out consecutive DRAM regions (addresses in DRAM words, so every region starts a
+    DRAM word); ValueError when the DRAM (`config.dram_words`) is full."""
+
+    def __init__(self, config: AccelConfig):
+        self.config = config
+        self.used = 0  # DRAM words handed out
+
+    def allocate(self, words: int, what: str = "a tensor") -> Region:
+        if self.used + words > self.config.dram_words:
+            raise ValueError(f"{what} needs {words} DRAM words, {self.config.dram_words - self.used} are left")
+        region = Region(self.used, words)
+        self.used += words
+        return region
+
+
+# -- the program artifact ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DramTensor:
+    """A tensor in DRAM: the IR values it holds (params: bias, multiplier, shift, with "" for
+    no bias), its layout, its 2-D shape in that layout and its region."""
+
+    values: tuple[str, ...]
+    layout: Layout
+    shape: tuple[int, int]
+    region: Region
+
+
+@dataclass(frozen=True)
+class Section:
+    """One accelerator run: `program` (ending in halt) implements the IR ops whose results are
+    `ops` (a linear, its requantize, maybe a fused relu) for part of their output (`note` says
+    which). The runtime writes `inputs` into DRAM before the run and reads `outputs` after it;
+    `constants` are in the DRAM image. `macs` counts useful multiply-accumulates (no padding),
+    `cycles` is the run's length under the ISA's timing (what the ISA simulator counts)."""
+
+    ops: tuple[str, ...]
+    inputs: tuple[DramTensor, ...]
+    constants: tuple[DramTensor, ...]
+    outputs: tuple[DramTensor, ...]
+    program: tuple[Instruction, ...]
+    macs: int
+    cycles: int
+    note: str
+
+
+@dataclass(frozen=True)
+class HostOp:
+    """An IR op the host runs, and why the accelerator does not."""
+
+    kind: str
+    result: str
+    reason: str
+
+
+FILES = ("program.bin", "program.s", "dram.bin", "sections.json")
+_FORMAT, _VERSION = "tcc-accel-sections", 1
+
+
+@dataclass(frozen=True)
+class AccelProgram:
+    """What the codegen made of a graph: the config it targets, the accelerator sections in
+    execution order, the ops left to the host and the initial DRAM image. `to_files` /
+    `from_files` (and `save` / `load` on a directory) give its artifact files (`FILES`)."""
+
+    config: AccelConfig
+    sections: tuple[Section, ...]
+    host_ops: tuple[HostOp, ...]
+    dram: bytes = field(repr=False)
+
+    def to_files(self) -> dict[str, bytes]:
+        """The artifact files by name."""
+        instructions, comments, described = [], {}, []
+        for i, section in enumerate(self.sections):
+            comments[len(instructions)] = f"section {i}: {section.note}"
+            described.append({"ops": list(section.ops), "offset": len(instructions), "length": len(section.program),
+                              "macs": section.macs, "cycles": section.cycles, "note": section.note,
+                              **{key: [_tensor_json(t) for t in getattr(section, key)]
+                                 for key in ("inputs", "constants", "outputs")}})
+            instructions.extend(section.program)
+        meta = {"format": _FORMAT, "version": _VERSION, "config": self.config.to_json(), "dram_bytes": len(self.dram),
+                "sections": described, "host_ops": [vars(op) for op in self.host_ops]}
+        return {"program.bin": to_binary(instructions), "program.s": to_assembly(instructions, comments).encode(),
+                "dram.bin": bytes(self.dram), "sections.json": (json.dumps(meta, indent=1) + "\n").encode()}
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> "AccelProgram":
+        """Parse the artifact files; ValueError naming the file and the problem."""
+        for name in FILES:
+            if name not in files:
+                raise ValueError(f"{name}: missing")
+        instructions = from_binary(files["program.bin"], "program.bin")
+        try:
+            listing = parse_assembly(files["program.s"].decode(), "program.s")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"program.s: not text ({e})") from None
+        if listing != instructions:
+            first = next((i for i, (a, b) in enumerate(zip(listing, instructions)) if a != b),
+                         min(len(listing), len(instructions)))
+            raise ValueError(f"program.s: instruction {first} differs from program.bin")
+        try:
+            meta = json.loads(files["sections.json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"sections.json: not JSON ({e})") from None
+        try:
+            return _parse(meta, instructions, bytes(files["dram.bin"]))
+        except _Invalid as e:
+            raise ValueError(f"sections.json: {e}") from None
+
+    def save(self, directory: str | Path) -> None:
+        """Write the artifact files into `directory` (created if missing)."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in self.to_files().items():
+            (path / name).write_bytes(data)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "AccelProgram":
+        """Read the artifact files from `directory`; ValueError naming a missing or bad file."""
+        path = Path(directory)
+        missing = [name for name in FILES if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing in {path}")
+        return cls.from_files({name: (path / name).read_bytes() for name in FILES})
+
+
+def _tensor_json(t: DramTensor) -> dict:
+    return {"values": list(t.values), "layout": t.layout.value, "shape": list(t.shape),
+            "region": [t.region.start, t.region.words]}
+
+
+class _Invalid(Exception):
+    """A problem in sections.json, with where it is."""
+
+
+def _get(obj: Any, key: str | int, kind: type | tuple[type, ...], where: str) -> Any:
+    where = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+    if isinstance(obj, dict) and isinstance(key, str):
+        if key not in obj:
+            raise _Invalid(f"{where}: missing")
+        value = obj[key]
+    elif isinstance(obj, list) and isinstance(key, int) and key < len(obj):
+        value = obj[key]
+    else:
+        raise _Invalid(f"{where}: missing")
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise _Invalid(f"{where}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    if isinstance(value, int) and value < 0:
+        raise _Invalid(f"{where}: must not be negative, got {value}")
+    return value
+
+
+def _ints(obj: Any, key: str, n: int, where: str) -> tuple[int, ...]:
+    items = _get(obj, key, list, where)
+    if len(items) != n:
+        raise _Invalid(f"{where}.{key}: expected {n} integers, got {len(items)}")
+    return tuple(_get(items, i, int, f"{where}.{key}") for i in range(n))
+
+
+def _parse(meta: Any, instructions: tuple[Instruction, ...], dram: bytes) -> AccelProgram:
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise _Invalid(f"not a tcc accelerator program (format must be '{_FORMAT}')")
+    if meta.get("version") != _VERSION:
+        raise _Invalid(f"version {meta.get('version')}, this tcc reads {_VERSION}")
+    try:
+        config = AccelConfig.from_json(_get(meta, "config", dict, ""))
+    except (TypeError, ValueError) as e:
+        raise _Invalid(f"config: {e}") from None
+    word = config.dram_bits // 8
+    if _get(meta, "dram_bytes", int, "") != len(dram) or len(dram) % word:
+        raise _Invalid(f"dram_bytes is {meta['dram_bytes']}, dram.bin holds {len(dram)} bytes "
+                       f"(a multiple of the {word}-byte DRAM word)")
+    sections, offset = [], 0
+    for i, raw in enumerate(_get(meta, "sections", list, "")):
+        where = f"sections[{i}]"
+        start, length = _get(raw, "offset", int, where), _get(raw, "length", int, where)
+        if start != offset or start + length > len(instructions):
+            raise _Invalid(f"{where}: instructions [{start}, {start + length}) do not follow the previous section "
+                           f"inside program.bin's {len(instructions)}")
+        program = instructions[start:start + length]
+        try:
+            check_program(program, config)
+        except ValueError as e:
+            raise _Invalid(f"{where}: {e}") from None
+        offset += length
+        tensors = {key: tuple(_parse_tensor(t, f"{where}.{key}[{j}]", config, len(dram) // word)
+                              for j, t in enumerate(_get(raw, key, list, where)))
+                   for key in ("inputs", "constants", "outputs")}
+        ops = _get(raw, "ops", list, where)
+        sections.append(Section(tuple(_get(ops, j, str, f"{where}.ops") for j in range(len(ops))), **tensors,
+                                program=program, macs=_get(raw, "macs", int, where),
+                                cycles=_get(raw, "cycles", int, where), note=_get(raw, "note", str, where)))
+    if offset != len(instructions):
+        raise _Invalid(f"the sections hold {offset} instructions, program.bin {len(instructions)}")
+    host_ops = []
+    for i, raw in enumerate(_get(meta, "host_ops", list, "")):
+        host_ops.append(HostOp(*(_get(raw, key, str, f"host_ops[{i}]") for key in ("kind", "result", "reason"))))
+    return AccelProgram(config, tuple(sections), tuple(host_ops), dram)
+
+
+def _parse_tensor(raw: Any, where: str, config: AccelConfig, image_words: int) -> DramTensor:
+    values = _get(raw, "values", list, where)
+    try:
+        layout = Layout(_get(raw, "layout", str, where))
+    except ValueError:
+        raise _Invalid(f"{where}.layout: unknown layout '{raw['layout']}' "
+                       f"(known: {', '.join(l.value for l in Layout)})") from None
+    shape = _ints(raw, "shape", 2, where)
+    region = Region(*_ints(raw, "region", 2, where))
+    if region.end > image_words:
+        raise _Invalid(f"{where}.region: words [{region.start}, {region.end}) outside the {image_words}-word image")
+    if region.words != dram_words(layout, shape, config):  # type: ignore[arg-type]
+        raise _Invalid(f"{where}.region: {region.words} words, its layout needs "
+                       f"{dram_words(layout, shape, config)} for shape {list(shape)}")  # type: ignore[arg-type]
+    return DramTensor(tuple(_get(values, j, str, f"{where}.values") for j in range(len(values))), layout,
+                      shape, region)  # type: ignore[arg-type]

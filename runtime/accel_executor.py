@@ -1,0 +1,123 @@
+"""The accelerator executor: runs a graph whose quantized linears were compiled to accelerator
+sections (an `AccelProgram`, see `tcc.backends.accel.layout`), the other ops on the host with
+the numpy executor's kernels.
+
+A layer's sections run where its linear stands in the graph: the executor writes the layer's
+input into DRAM in its layout, hands each section to `run_section` (the ISA simulator by
+default; the RTL tiers take the same signature) and reads the layer's output back. The
+intermediate values of a layer (the linear's accumulator, a fused relu's operand) are never
+materialized."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.isa import FETCH_CYCLES, Instruction
+from tcc.backends.accel.layout import AccelProgram, Section, decode, encode
+from tcc.ir.graph import Graph
+from tcc.ir.reference import REFERENCE
+
+from .isa_sim import simulate
+from .numpy_executor import NumpyExecutor
+
+RunSection = Callable[[tuple[Instruction, ...], AccelConfig, bytes, int], tuple[bytes, int]]
+"""`run_section(program, config, dram, max_cycles) -> (dram after the run, cycles)`."""
+
+
+def simulate_section(program: tuple[Instruction, ...], config: AccelConfig, dram: bytes,
+                     max_cycles: int) -> tuple[bytes, int]:
+    """A `RunSection` on the ISA simulator."""
+    machine, stats = simulate(program, config, dram, max_cycles=max_cycles)
+    return machine.dram[:len(dram)].tobytes(), stats.cycles
+
+
+def cycle_bound(program: tuple[Instruction, ...], config: AccelConfig) -> int:
+    """Cycles a run of `program` cannot exceed: every instruction after the previous one ends."""
+    return FETCH_CYCLES + sum(i.duration(config) + 1 for i in program)
+
+
+@dataclass
+class AccelStats:
+    """What the accelerator did in one run of the graph."""
+
+    cycles: int = 0
+    macs: int = 0  # useful multiply-accumulates: M * N * K per linear, padding excluded
+    instructions: Counter = field(default_factory=Counter)  # per mnemonic
+    section_cycles: list[int] = field(default_factory=list)
+
+    def utilization(self, config: AccelConfig) -> float:
+        """macs / (cycles * rows * cols)."""
+        return self.macs / (self.cycles * config.pes) if self.cycles else 0.0
+
+    def to_json(self, config: AccelConfig) -> dict:
+        return {"cycles": self.cycles, "macs": self.macs, "utilization": self.utilization(config),
+                "instructions": dict(sorted(self.instructions.items())), "section_cycles": list(self.section_cycles)}
+
+
+class AccelExecutor(NumpyExecutor):
+    """`AccelExecutor(graph, program)(*arrays) -> list of arrays`: `graph` with the layers of
+    `program` (from `codegen.generate(graph, config)`) on the accelerator through
+    `run_section`; `stats` describes the last run."""
+
+    def __init__(self, graph: Graph, program: AccelProgram, run_section: RunSection = simulate_section):
+        super().__init__(graph)
+        self.program, self.run_section = program, run_section
+        self.stats = AccelStats()
+        index = {op.result: i for i, op in enumerate(graph.ops)}
+        self._layers: dict[int, list[Section]] = {}  # the linear's op index -> its sections
+        self._fused: set[int] = set()  # the layers' other ops
+        for section in program.sections:
+            missing = [r for r in section.ops if r not in index]
+            if missing:
+                raise ValueError(f"the accelerator program implements '{missing[0]}', which the graph does not compute")
+            self._layers.setdefault(index[section.ops[0]], []).append(section)
+            self._fused.update(index[r] for r in section.ops[1:])
+
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        env = self._run(inputs, keep=False)
+        return [env[name] for name in self.graph.outputs]
+
+    def values(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Every value the run computes (inputs, constants, host results, layer outputs)."""
+        return self._run(inputs, keep=True)
+
+    def _run(self, inputs: tuple[np.ndarray, ...], keep: bool) -> dict[str, np.ndarray]:
+        self.stats = AccelStats()
+        dram = bytearray(self.program.dram)
+        env: dict[str, np.ndarray] = dict(self.graph.weights)
+        for (name, t), value in zip(self.graph.inputs, inputs, strict=True):
+            env[name] = np.asarray(value, dtype=t.dtype.numpy)
+        for index, op in enumerate(self.graph.ops):
+            if index in self._layers:
+                self._layer(self._layers[index], env, dram)
+            elif index not in self._fused:
+                kernel = self._kernels.get(index, REFERENCE[op.kind])
+                result = kernel(*(env[o] for o in op.operands), **op.attr_dict)
+                env[op.result] = np.asarray(result).astype(op.type.dtype.numpy, copy=False)
+            if not keep:
+                for name in self._frees.get(index, ()):
+                    env.pop(name, None)  # a layer's intermediate values never existed
+        return env
+
+    def _layer(self, sections: list[Section], env: dict[str, np.ndarray], dram: bytearray) -> None:
+        """Run one layer's sections: write its inputs, run, read its outputs back."""
+        config, types = self.program.config, self.graph.types
+        for t in sections[0].inputs:
+            value = env[t.values[0]]
+            dram[t.region.byte_slice(config)] = encode(t.layout, value.reshape(t.shape), config)
+        for section in sections:
+            data, cycles = self.run_section(section.program, config, bytes(dram), cycle_bound(section.program, config))
+            dram[:] = data
+            self.stats.cycles += cycles
+            self.stats.section_cycles.append(cycles)
+            self.stats.macs += section.macs
+            self.stats.instructions.update(i.mnemonic for i in section.program)
+        for t in sections[-1].outputs:
+            out = types[t.values[0]]
+            env[t.values[0]] = decode(t.layout, bytes(dram[t.region.byte_slice(config)]), t.shape, config) \
+                .reshape(out.shape).astype(out.dtype.numpy)

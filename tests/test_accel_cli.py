@@ -1,0 +1,91 @@
+"""`tcc compile --target fpga-*` end to end in a subprocess: the artifact holds the program, its
+listing, the DRAM image and the hardware files; `tcc run --on sim --stats` equals the quantized
+numpy reference; bad accelerator input fails in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import built, run_cli
+from tcc.backends.accel.isa import from_binary, parse_assembly
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fpga")
+    model, (ids, mask) = built("bert-style")
+    torch.export.save(torch.export.export(model, (ids, mask)), d / "model.pt2")
+    result = run_cli("compile", d / "model.pt2", "--target", "fpga-small", "--accel", "rows=4,cols=4", "-o", d / "a")
+    assert result.returncode == 0, result.stderr
+    return d, result.stdout
+
+
+def test_artifact_holds_program_and_hardware(compiled):
+    d, stdout = compiled
+    accel = d / "a" / "accel"
+    program = from_binary((accel / "program.bin").read_bytes())
+    assert parse_assembly((accel / "program.s").read_text()) == program
+    manifest = json.loads((d / "a" / "manifest.json").read_text())
+    assert manifest["target"]["accel"]["rows"] == 4 and manifest["accel"]["sections"] >= 1
+    assert "accelerator:" in stdout and "ops on the host" in stdout
+    # every host op is listed with its reason
+    assert all(h["why"] for h in manifest["accel"]["host_ops"])
+
+
+def test_run_on_sim_equals_numpy_and_writes_stats(compiled, tmp_path):
+    d, _ = compiled
+    result = run_cli("run", d / "a", "--on", "sim", "--stats", tmp_path / "stats.json", "-o", tmp_path / "sim.pt")
+    assert result.returncode == 0, result.stderr
+    assert run_cli("run", d / "a", "--on", "numpy", "-o", tmp_path / "ref.pt").returncode == 0
+    for sim, ref in zip(torch.load(tmp_path / "sim.pt"), torch.load(tmp_path / "ref.pt")):
+        assert torch.equal(sim, ref)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["cycles"] > 0 and stats["macs"] > 0 and 0 < stats["utilization"] <= 1
+    assert stats["instructions"]["gemm"] >= 1 and stats["instructions"]["halt"] == len(stats["section_cycles"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "{d}/model.pt2", "--target", "fpga-small", "--accel", "rowz=4", "-o", "{t}/o"],
+     "--accel: unknown field 'rowz'; did you mean 'rows'?"),
+    (["compile", "{d}/model.pt2", "--target", "fpga-small", "--accel", "rows=0", "-o", "{t}/o"],
+     "--accel: rows must be at least 1, got 0"),
+    (["compile", "{d}/model.pt2", "--target", "cpu", "--accel", "rows=4", "-o", "{t}/o"],
+     "--accel: target 'cpu' has no accelerator"),
+    (["run", "{d}/a", "--on", "numpy", "--stats", "{t}/s.json"], "--stats: cycle statistics come from --on sim"),
+])
+def test_bad_accelerator_input_is_one_line(compiled, tmp_path, argv, message):
+    d, _ = compiled
+    result = run_cli(*[a.format(d=d, t=tmp_path) for a in argv])
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"tcc: error: {message}")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_sim_on_a_cpu_artifact_is_an_error(tmp_path):
+    model, (ids, mask) = built("bert-style")
+    torch.export.save(torch.export.export(model, (ids, mask)), tmp_path / "m.pt2")
+    assert run_cli("compile", tmp_path / "m.pt2", "-o", tmp_path / "cpu").returncode == 0
+    result = run_cli("run", tmp_path / "cpu", "--on", "sim")
+    assert result.returncode == 2 and "target 'cpu' has no accelerator" in result.stderr
+
+
+def test_corrupted_program_is_caught(compiled, tmp_path):
+    d, _ = compiled
+    copy = tmp_path / "a"
+    shutil.copytree(d / "a", copy)
+    program = copy / "accel" / "program.bin"
+    data = bytearray(program.read_bytes())
+    data[16] = 0x0F  # first instruction's opcode -> unknown
+    program.write_bytes(bytes(data))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["accel/program.bin"] = hashlib.sha256(bytes(data)).hexdigest()  # only the decoder can catch it
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("run", copy, "--on", "sim")
+    assert result.returncode == 2 and "program.bin: instruction 0: unknown opcode 15" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,346 @@
+"""The accelerator codegen and executor: quantized zoo models and random linears run on the ISA
+simulator bit for bit like the numpy reference (every value, final outputs included), with
+the cycles the codegen predicts; DRAM layouts round-trip; the program artifact round-trips and
+its parser names bad files; the host-op list; utilization on BERT-base GEMMs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tcc
+from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.layout import (AccelProgram, DramAllocator, Layout, Region, decode, dram_words, encode,
+                                       from_words, to_words)
+from tcc.frontend import split_inputs
+from tcc.ir import DType, GraphBuilder, TensorType, tensor, verify
+from tcc.runtime.accel_executor import AccelExecutor, simulate_section
+from tcc.runtime.numpy_executor import NumpyExecutor
+
+from conftest import built
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SMALL = AccelConfig(rows=4, cols=4, abuf_depth=64, bbuf_depth=32, obuf_depth=16, pbuf_depth=9, imem_depth=160,
+                    dram_bits=32, dram_words=1 << 20)
+DATA = {4: DType.I4, 8: DType.I8, 16: DType.I16}
+
+
+def check_bit_exact(graph, program: AccelProgram, *inputs) -> AccelExecutor:
+    """Run `graph` on the accelerator (ISA simulator) and on the numpy reference; every value the
+    accelerator run computes must equal the reference's bit for bit, and every section must
+    take the cycles the codegen predicted."""
+    cycles = []
+
+    def run(prog, config, dram, max_cycles):
+        out, n = simulate_section(prog, config, dram, max_cycles)
+        cycles.append(n)
+        return out, n
+
+    accel = AccelExecutor(graph, program, run_section=run)
+    got = accel.values(*inputs)
+    probe = graph.replace(outputs=tuple(op.result for op in graph.ops if op.result in got))
+    want = dict(zip(probe.outputs, NumpyExecutor(probe)(*inputs)))
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    for out, value in zip(graph.outputs, accel(*inputs)):
+        np.testing.assert_array_equal(value, want[out])
+    predicted = [s.cycles for s in program.sections]
+    assert cycles == predicted * 2 and accel.stats.section_cycles == predicted  # two runs, stats of the last
+    return accel
+
+
+def accelerated(program: AccelProgram) -> list[str]:
+    """The results of the requantized (or fused relu) outputs the accelerator computes."""
+    return list(dict.fromkeys(s.ops[-1] for s in program.sections))
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized zoo models
+
+def quantized(name: str):
+    model, inputs = built(name)
+    graph = tcc.compile(model, inputs, pipeline="quantize").graph
+    args, kwargs = split_inputs(inputs)
+    return graph, [t.numpy() for t in list(args) + list(kwargs.values())]
+
+
+@pytest.mark.parametrize("name", ["bert-style", "transformer-encoder", "hf-bert", "hf-distilbert", "hf-vit",
+                                  "tinybert4"])
+def test_quantized_zoo_model_bit_exact(name):
+    graph, inputs = quantized(name)
+    program = generate(graph, AccelConfig())
+    linears = [op for op in graph.ops if op.kind == "linear"]
+    assert len(program.sections) >= len(linears) and len(accelerated(program)) == len(linears)
+    assert not [h for h in program.host_ops if h.kind in ("linear", "requantize")]
+    accel = check_bit_exact(graph, program, *inputs)
+    types = graph.types
+    assert accel.stats.macs == sum(math.prod(types[op.result].shape) * types[op.operands[1]].shape[1]
+                                   for op in linears)
+    assert 0 < accel.stats.utilization(program.config) <= 1
+    assert accel.stats.instructions["gemm"] >= len(linears)
+    assert accel.stats.instructions["halt"] == len(program.sections)
+
+
+def test_quantized_model_on_a_small_array_splits_k_and_sections():
+    """4x4 array, tiny buffers and program memory: split-K, several sections per layer."""
+    graph, inputs = quantized("bert-style")
+    program = generate(graph, SMALL)
+    assert len(accelerated(program)) == sum(op.kind == "linear" for op in graph.ops)
+    assert len(program.sections) > len(accelerated(program))
+    assert any("K in 2 x 16" in s.note for s in program.sections)  # K = 32 > BBUF / 2
+    check_bit_exact(graph, program, *inputs)
+
+
+def test_encoded_weights_run_dense_on_the_array():
+    """Weights stored in a sparse encoding (the numpy executor computes on it) decode to dense."""
+    model, inputs = built("bert-style")
+    graph = tcc.compile(model, inputs, pipeline="hp-prune{sparsity=0.5,block=16x16},quantize,"
+                                               "select-format{format=csr}").graph
+    assert {str(t.encoding) for n, t in graph.constants if n.endswith(".weight_q")} == {"#csr"}
+    program = generate(graph)
+    assert len(accelerated(program)) == sum(op.kind == "linear" for op in graph.ops)
+    args, kwargs = split_inputs(inputs)
+    check_bit_exact(graph, program, *(t.numpy() for t in list(args) + list(kwargs.values())))
+
+
+def test_chained_integer_linears_and_the_host_ops():
+    """linear -> linear (integers between) -> float relu -> linear: each linear a layer; the
+    relu, quantize and dequantize ops on the host with their reasons."""
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 24), torch.nn.ReLU(),
+                                torch.nn.Linear(24, 8)).eval()
+    x = torch.randn(4, 16)
+    graph = tcc.compile(model, (x,), pipeline="quantize").graph
+    program = generate(graph)
+    assert accelerated(program) == ["linear.q", "linear_1.q", "linear_2.q"]
+    placed = [r for s in program.sections for r in s.ops]
+    host = {h.result: h for h in program.host_ops}
+    assert sorted(set(placed) | set(host)) == sorted(op.result for op in graph.ops) and not set(placed) & set(host)
+    assert [(h.kind, h.result) for h in program.host_ops] == [
+        ("quantize", "input.q"), ("dequantize", "linear_1"), ("relu", "relu"), ("quantize", "relu.q"),
+        ("dequantize", "linear_2")]
+    assert "float and integer" in host["input.q"].reason and "relu on f32" in host["relu"].reason
+    check_bit_exact(graph, program, x.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# random linears on small arrays
+
+def linear_graph(rng, lead: tuple[int, ...], k: int, n: int, *, bits: int = 8, bias: bool = True,
+                 per_channel: bool = True, relu: bool = False, mult_bits: int = 31):
+    """x (integer, leading dims `lead`) -> linear -> requantize -> relu?, random constants."""
+    data = DATA[bits]
+    low, high = data.value_range
+    whigh = min(high, 1000)  # 16-bit weights: keep the accumulator in 32 bits
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(lead + (k,), data))
+    operands = [x, b.constant("w", rng.integers(-whigh, whigh + 1, (n, k)), data)]
+    acc = DType.I64 if bits == 16 else DType.I32
+    if bias:
+        operands.append(b.constant("b", rng.integers(-(1 << 12), 1 << 12, n), acc))
+    channels = (n,) if per_channel else ()
+    mult = b.constant("mult", rng.integers(1 << (mult_bits - 1), 1 << mult_bits, channels), DType.I32)
+    # a shift that lands the typical accumulator (~ sqrt(k) * 2^(2 bits - 2)) near the output's range
+    typical = math.log2(math.sqrt(k) * 4 ** (bits - 1) + 1) + mult_bits - (bits - 1)
+    shift = b.constant("shift", rng.integers(max(0, int(typical) - 1), int(typical) + 2, channels), DType.I32)
+    y = b.op("requantize", b.op("linear", *operands), mult, shift, dtype=data, scale=1.0)
+    if relu:
+        y = b.op("relu", y)
+    graph = verify(b.finish([y]))
+    return graph, rng.integers(low, high + 1, lead + (k,)).astype(data.numpy)
+
+
+configs = st.builds(
+    AccelConfig, rows=st.integers(1, 6), cols=st.integers(1, 6), abuf_depth=st.sampled_from([4, 16, 40, 256]),
+    bbuf_depth=st.sampled_from([1, 6, 16, 64]), obuf_depth=st.sampled_from([6, 8, 24, 64]),
+    pbuf_depth=st.sampled_from([3, 7, 12]), dram_bits=st.sampled_from([8, 24, 64, 128]),
+    dram_latency=st.integers(1, 12), imem_depth=st.sampled_from([48, 120, 4096]), dram_words=st.just(1 << 16))
+
+
+@SETTINGS
+@given(config=configs, lead=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+       k=st.integers(1, 80), n=st.integers(1, 30), relu=st.booleans(), bias=st.booleans(),
+       per_channel=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_random_linear_bit_exact(config, lead, k, n, relu, bias, per_channel, seed):
+    graph, x = linear_graph(np.random.default_rng(seed), lead, k, n, bias=bias, per_channel=per_channel, relu=relu)
+    program = generate(graph, config)
+    if not program.sections:  # only a program memory too small for one tile sends it to the host
+        assert "program memory" in program.host_ops[0].reason
+        return
+    assert accelerated(program) == [graph.outputs[0]] and all(len(s.program) <= config.imem_depth
+                                                              for s in program.sections)
+    accel = check_bit_exact(graph, program, x)
+    assert accel.stats.macs == math.prod(lead) * k * n
+
+
+@pytest.mark.parametrize("bits, acc_bits, mult_bits", [(4, 32, 31), (4, 16, 14), (16, 32, 31)])
+def test_other_data_widths(bits, acc_bits, mult_bits):
+    config = dataclasses.replace(SMALL, data_bits=bits, acc_bits=acc_bits)
+    graph, x = linear_graph(np.random.default_rng(bits), (3, 7), 37, 11, bits=bits, relu=True, mult_bits=mult_bits)
+    program = generate(graph, config)
+    assert accelerated(program) == [graph.outputs[0]]
+    check_bit_exact(graph, program, x)
+
+
+def test_linears_the_array_cannot_run_exactly_stay_on_the_host():
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType((4, 8), DType.I8))
+    xf = b.input("xf", tensor((4, 8)))
+    w = b.constant("w", np.ones((4, 8)), DType.I8)
+    wide = b.constant("wide", np.full((4, 8), 300), DType.I16)
+    one = b.constant("one", np.array(1 << 30), DType.I32)
+    shift = b.constant("shift", np.array(33), DType.I32)
+    req = dict(dtype=DType.I8, scale=1.0)
+    float_linear = b.op("linear", xf, b.constant("wf", np.ones((4, 8), np.float32)))
+    shared = b.op("linear", x, w)  # its accumulator is also an output
+    zero_point = b.op("requantize", b.op("linear", x, w), one, shift, dtype=DType.I8, scale=1.0, zero_point=3)
+    to_i16 = b.op("requantize", b.op("linear", x, w), one, shift, dtype=DType.I16, scale=1.0)
+    too_wide = b.op("requantize", b.op("linear", x, wide), one, shift, **req)
+    weight_input = b.op("requantize", b.op("linear", x, b.op("cast", w, dtype=DType.I8)), one, shift, **req)
+    good = b.op("requantize", b.op("linear", x, w), one, shift, **req)
+    graph = verify(b.finish([float_linear, shared, b.op("requantize", shared, one, shift, **req), zero_point, to_i16,
+                             too_wide, weight_input, good]))
+    program = generate(graph)
+    assert accelerated(program) == [good]
+    reasons = {h.result: h.reason for h in program.host_ops if h.kind in ("linear", "requantize")}
+    producer = graph.producer()
+    linear_of = {v: producer[v].operands[0] for v in (zero_point, to_i16, too_wide, weight_input)}
+    assert "input is f32" in reasons[float_linear]
+    assert "other ops than one requantize" in reasons[shared]
+    assert "zero point 3" in reasons[linear_of[zero_point]] and "to i16" in reasons[linear_of[to_i16]]
+    assert "do not fit i8" in reasons[linear_of[too_wide]]
+    assert "not a constant" in reasons[linear_of[weight_input]]
+    assert reasons[zero_point] == "it requantizes a linear the host runs"
+    check_bit_exact(graph, program, np.arange(32, dtype=np.int8).reshape(4, 8), np.ones((4, 8), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts and the artifact
+
+@SETTINGS
+@given(layout=st.sampled_from(list(Layout)), shape=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+       rows=st.integers(1, 5), cols=st.integers(1, 5), dram_bits=st.sampled_from([8, 16, 56, 128]),
+       seed=st.integers(0, 1000))
+def test_layouts_round_trip(layout, shape, rows, cols, dram_bits, seed):
+    config = AccelConfig(rows=rows, cols=cols, dram_bits=dram_bits)
+    bits = config.lane_bits(layout.buffer)
+    array = np.random.default_rng(seed).integers(-(1 << bits - 1), 1 << bits - 1, shape)
+    words = to_words(layout, array, config)
+    assert words.shape[1] == config.lanes(layout.buffer)
+    np.testing.assert_array_equal(from_words(layout, words, shape, config), array)
+    data = encode(layout, array, config)
+    assert len(data) == dram_words(layout, shape, config) * dram_bits // 8
+    np.testing.assert_array_equal(decode(layout, data, shape, config), array)
+
+
+def test_layouts_put_words_where_the_codegen_loads_them():
+    config = AccelConfig(rows=2, cols=3, dram_bits=8)  # ABUF word: 2 bytes, BBUF word: 3 bytes
+    x = np.arange(15).reshape(5, 3)  # [M=5, K=3]: 3 row blocks of 3 words
+    words = to_words(Layout.ACTIVATIONS, x, config)
+    np.testing.assert_array_equal(words[3 * 2 + 1], [x[4, 1], 0])  # block 2, word k=1: rows 4 and (pad) 5
+    assert dram_words(Layout.ACTIVATIONS, x.shape, config) == 9 * 2
+    y = np.arange(10).reshape(2, 5)  # [M=2, N=5]: 2 column blocks of M words
+    np.testing.assert_array_equal(to_words(Layout.OUTPUTS, y, config)[2 + 0], [3, 4, 0])
+    with pytest.raises(ValueError, match="do not fit 8-bit lanes"):
+        encode(Layout.WEIGHTS, np.array([[128]]), config)
+    allocator = DramAllocator(dataclasses.replace(config, dram_words=10))
+    assert allocator.allocate(4) == Region(0, 4) and allocator.allocate(6) == Region(4, 6)
+    with pytest.raises(ValueError, match="0 are left"):
+        allocator.allocate(1)
+
+
+@pytest.fixture(scope="module")
+def small_program():
+    graph, _ = quantized("bert-style")
+    return generate(graph, SMALL)
+
+
+def test_artifact_round_trip(small_program, tmp_path):
+    files = small_program.to_files()
+    assert set(files) == {"program.bin", "program.s", "dram.bin", "sections.json"}
+    assert AccelProgram.from_files(files) == small_program
+    small_program.save(tmp_path / "accel")
+    assert AccelProgram.load(tmp_path / "accel") == small_program
+    listing = files["program.s"].decode()
+    assert listing.startswith("# section 0: linear.acc -> linear.q: M=32 K=32 N=32")
+    assert listing.count("# section ") == len(small_program.sections)
+    assert listing.count("\nhalt\n") == len(small_program.sections)
+
+
+def corrupt_json(files: dict, edit) -> dict:
+    import json
+    meta = json.loads(files["sections.json"])
+    edit(meta)
+    return dict(files, **{"sections.json": json.dumps(meta).encode()})
+
+
+@pytest.mark.parametrize("problem, message", [
+    (lambda f: {k: v for k, v in f.items() if k != "dram.bin"}, "dram.bin: missing"),
+    (lambda f: dict(f, **{"program.bin": f["program.bin"][:-3]}), "program.bin: .* bytes of instructions"),
+    (lambda f: dict(f, **{"program.s": f["program.s"].replace(b"gemm a=0", b"gemm a=1", 1)}),
+     "program.s: instruction .* differs from program.bin"),
+    (lambda f: dict(f, **{"program.s": b"frob x=1\n"}), "program.s:1: unknown mnemonic 'frob'"),
+    (lambda f: dict(f, **{"sections.json": b"{"}), "sections.json: not JSON"),
+    (lambda f: dict(f, **{"dram.bin": f["dram.bin"] + b"\0"}), "sections.json: dram_bytes is"),
+    (lambda f: corrupt_json(f, lambda m: m.update(version=7)), "sections.json: version 7"),
+    (lambda f: corrupt_json(f, lambda m: m["config"].update(rows=0)), "sections.json: config: rows must be"),
+    (lambda f: corrupt_json(f, lambda m: m["sections"][1].update(offset=3)), r"sections.json: sections\[1\]: "
+                                                                             "instructions"),
+    (lambda f: corrupt_json(f, lambda m: m["sections"][0].pop("ops")), r"sections.json: sections\[0\].ops: missing"),
+    (lambda f: corrupt_json(f, lambda m: m["sections"][0]["inputs"][0].update(layout="diagonal")),
+     r"sections.json: sections\[0\].inputs\[0\].layout: unknown layout 'diagonal'"),
+    (lambda f: corrupt_json(f, lambda m: m["sections"][0]["outputs"][0].update(region=[1 << 30, 4])),
+     r"sections.json: sections\[0\].outputs\[0\].region: words .* outside"),
+    (lambda f: corrupt_json(f, lambda m: m["sections"][0]["outputs"][0].update(shape=[1, 1])),
+     r"sections.json: sections\[0\].outputs\[0\].region: .* words, its layout needs"),
+    (lambda f: corrupt_json(f, lambda m: m["host_ops"][0].update(kind=3)),
+     r"sections.json: host_ops\[0\].kind: expected str, got int"),
+])
+def test_artifact_parse_errors_name_the_file(small_program, problem, message):
+    with pytest.raises(ValueError, match=message):
+        AccelProgram.from_files(problem(small_program.to_files()))
+
+
+def test_load_names_a_missing_file(small_program, tmp_path):
+    small_program.save(tmp_path)
+    (tmp_path / "sections.json").unlink()
+    with pytest.raises(ValueError, match="sections.json: missing"):
+        AccelProgram.load(tmp_path)
+
+
+def test_executor_rejects_a_program_of_another_graph(small_program):
+    graph, _ = linear_graph(np.random.default_rng(0), (2,), 3, 4)
+    with pytest.raises(ValueError, match="'linear.acc', which the graph does not compute"):
+        AccelExecutor(graph, small_program)
+
+
+# ---------------------------------------------------------------------------------------------
+# utilization on BERT-base GEMMs (16 x 16, default AccelConfig)
+
+@pytest.mark.parametrize("m, k, n", [(128, 768, 768), (128, 768, 3072), (128, 3072, 768)])
+def test_bert_base_gemm_utilization(m, k, n):
+    """>= 90% of the array's peak, DMA included; SCALE-Sim's output-stationary count
+    ((R + C + T - 2) cycles per fold, no DMA, no requantization) for comparison."""
+    config = AccelConfig()
+    graph, x = linear_graph(np.random.default_rng(0), (m,), k, n)
+    program = generate(graph, config)
+    accel = AccelExecutor(graph, program)
+    np.testing.assert_array_equal(accel(x)[0], NumpyExecutor(graph)(x)[0])
+    stats = accel.stats
+    r, c = config.rows, config.cols
+    scale_sim = (r + c + k - 2) * math.ceil(m / r) * math.ceil(n / c)
+    print(f"\nM={m} K={k} N={n}: {stats.cycles} cycles, utilization {stats.utilization(config):.4f}; "
+          f"SCALE-Sim OS {scale_sim} cycles ({m * n * k / (scale_sim * r * c):.4f}); "
+          f"{len(program.sections)} section(s), {dict(stats.instructions)}")
+    assert stats.macs == m * n * k and stats.cycles == sum(s.cycles for s in program.sections)
+    assert stats.utilization(config) >= 0.90
+    assert stats.cycles <= 1.03 * scale_sim
+    assert stats.instructions["gemm"] == m // r * n // c * math.ceil(k / (config.bbuf_depth // 2))  # split-K

@@ -194,3 +194,11 @@ def test_vector_ops():
     np.testing.assert_array_equal(obuf[12:15], np.maximum(x, 0))
     assert (obuf[15] == x.max()).all() and (pbuf[0] == y.sum()).all()
     assert stats.instructions == {"load": 1, "vadd": 1, "vmul": 1, "vrelu": 1, "vmax": 1, "vsum": 1, "halt": 1}
+
+
+def test_vector_destination_inside_a_source_is_rejected():
+    program = [Instruction.make(Opcode.VADD, dst=2, a=0, b=8, n=4), Instruction.make(Opcode.HALT)]
+    with pytest.raises(SimulationError, match=r"dst 2 lies inside source a \[0, 4\)"):
+        simulate(program, TINY, b"")
+    in_place = [Instruction.make(Opcode.VRELU, dst=0, a=0, n=4), Instruction.make(Opcode.HALT)]
+    assert simulate(in_place, TINY, b"")[1].instructions["vrelu"] == 1

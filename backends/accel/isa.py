@@ -2,13 +2,16 @@
 which unit runs each instruction, its duration and the memory it touches. The assembler, the
 codegen, the ISA simulator and the PyRTL decoder all import it.
 
-Instructions are 128-bit words. Bits 0-3 hold the opcode, 4-7 the tokens the instruction
-waits for (`wait`), 8-11 the tokens it signals when it completes (`signal`); the other fields
-sit where `FORMATS` says. Instruction 0 issues in cycle `FETCH_CYCLES` at the earliest. Three units run concurrently: `load` (DRAM -> buffer), `compute`
-(the array and the vector unit) and `store` (buffer -> DRAM). One instruction issues per
-cycle, in order, once its unit is idle and every token it waits for has a count above zero
+Instructions are 128-bit words: the `OPCODE` field, the `HEADER` fields (`wait`: the tokens
+the instruction waits for; `signal`: those it signals when it completes), then the fields
+`FORMATS` places per opcode.
+
+Three units run concurrently: `load` (DRAM -> buffer), `compute` (the array and the vector
+unit) and `store` (buffer -> DRAM). One instruction issues per cycle, in order, from cycle
+`FETCH_CYCLES` on, once its unit is idle and every token it waits for has a count above zero
 (issuing takes one of each); a token signalled by an instruction that ends in cycle `t - 1`
-counts from cycle `t`. `halt` issues when every unit is idle; the run takes its cycle + 1.
+counts from cycle `t` (units signalling one token in the same cycle add up). `halt` issues
+when every unit is idle; the run takes its cycle + 1.
 
 Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w)`):
 - `load buf addr count dram`: buffer words `addr..addr+count-1` <- DRAM; buffer word `i`
@@ -23,6 +26,7 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
   `sat((OBUF[a+i] * OBUF[b+i] + 2^(shift-1)) >> shift)`; `vrelu dst a n`: max(OBUF[a+i], 0);
   `vmax dst a n`: every lane of `OBUF[dst]` = the max over the lanes of `OBUF[a..a+n-1]`;
   `vsum dst a n`: every lane of `PBUF[dst]` = their sum (wrapping in `acc_bits`). `n` cycles.
+  The unit streams a word per cycle, so `dst` may equal a source but not lie inside one.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ class Field:
     width: int
 
 
-_HEADER = (Field("wait", 4, 4), Field("signal", 8, 4))
+OPCODE = Field("opcode", 0, 4)
+HEADER = (Field("wait", 4, 4), Field("signal", 8, 4))  # in every instruction, after the opcode
 _DMA = (Field("buf", 12, 2), Field("addr", 16, 16), Field("count", 32, 16), Field("dram", 48, 32))
 _VEC = (Field("dst", 16, 16), Field("a", 32, 16), Field("b", 48, 16), Field("n", 64, 16), Field("shift", 80, 6))
 
@@ -118,7 +123,7 @@ class Instruction:
         if len(self.args) != len(spec):
             raise ValueError(f"{self.mnemonic} takes {len(spec)} fields ({', '.join(f.name for f in spec)}), "
                              f"got {len(self.args)}")
-        for f, value in zip(_HEADER + spec, (self.wait, self.signal) + self.args):
+        for f, value in zip(HEADER + spec, (self.wait, self.signal) + self.args):
             if not isinstance(value, int) or not 0 <= value < 1 << f.width:
                 raise ValueError(f"{self.mnemonic}: field '{f.name}' = {value} does not fit {f.width} bits")
 
@@ -148,7 +153,9 @@ class Instruction:
         raise KeyError(f"{self.mnemonic} has no field '{name}'")
 
     def encode(self) -> int:
-        word = int(self.op) | self.wait << 4 | self.signal << 8
+        word = int(self.op) << OPCODE.lsb
+        for f, value in zip(HEADER, (self.wait, self.signal)):
+            word |= value << f.lsb
         for f, value in zip(FORMATS[self.op], self.args):
             word |= value << f.lsb
         return word
@@ -212,6 +219,12 @@ class Instruction:
             return "count must be at least 1"
         if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) and self["n"] < 1:
             return "n must be at least 1"
+        if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU):
+            sources = ("a", "b") if op is not Opcode.VRELU else ("a",)
+            for src in sources:
+                if self[src] < self["dst"] < self[src] + self["n"]:
+                    return (f"dst {self['dst']} lies inside source {src} [{self[src]}, {self[src] + self['n']}): "
+                            "the unit streams, so it would read words it already wrote")
         limits = {b.name: config.buffer_depth(b) for b in Buffer} | {"ACC": config.rows, "DRAM": config.dram_words}
         for space, first, end, writes in self.accesses(config):
             if end > limits[space]:
@@ -230,20 +243,21 @@ def _mask(tokens) -> int:
 
 def decode(word: int) -> Instruction:
     """The instruction of a 128-bit word; ValueError for an unknown opcode or stray bits."""
-    code = word & 0xF
+    code = word & ((1 << OPCODE.width) - 1)
     try:
         op = Opcode(code)
     except ValueError:
         raise ValueError(f"unknown opcode {code}") from None
     spec = FORMATS[op]
-    used = 0xFFF
+    used = sum(((1 << f.width) - 1) << f.lsb for f in (OPCODE, *HEADER))
     args = []
     for f in spec:
         args.append(word >> f.lsb & ((1 << f.width) - 1))
         used |= ((1 << f.width) - 1) << f.lsb
     if word & ~used or word >> INSTRUCTION_BITS:
         raise ValueError(f"{op.name.lower()}: bits set outside its fields")
-    return Instruction(op, tuple(args), word >> 4 & 0xF, word >> 8 & 0xF)
+    wait, signal = (word >> f.lsb & ((1 << f.width) - 1) for f in HEADER)
+    return Instruction(op, tuple(args), wait, signal)
 
 
 def to_binary(program: list[Instruction] | tuple[Instruction, ...]) -> bytes:

@@ -12,10 +12,15 @@ import torch.fx as fx
 
 from tcc.backends.accel.codegen import generate
 from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.hardware import dram_extent
+from tcc.backends.accel.isa import Instruction, Opcode
+from tcc.backends.accel.layout import AccelProgram, encode
+from tcc.backends.accel.verilog import hardware_files
 from tcc.backends.reference.plan import build_plan
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, Pass, PassContext, format_pipeline, parse_pipeline
+from tcc.runtime.accel_executor import AccelExecutor, cycle_bound
 from tcc.runtime.artifact import BACKEND_DIR, Artifact
 from tcc.runtime.torch_executor import TorchExecutor
 
@@ -128,9 +133,29 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         manifest["target"]["accel"] = config.to_json()
         program = generate(graph, config)
         backend_files = {f"{BACKEND_DIR}/{name}": data for name, data in program.to_files().items()}
+        backend_files.update({f"{BACKEND_DIR}/rtl/{name}": data for name, data in
+                              _hardware_files(graph, program, example_arrays, target_info).items()})
         manifest["accel"] = {"sections": len(program.sections),
                              "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops]}
     return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples), backend_files)
+
+
+def _hardware_files(graph: Graph, program: AccelProgram, examples: dict[str, np.ndarray],
+                    target: Target) -> dict[str, bytes]:
+    """accel.v, synth.ys and a testbench running the first section on its DRAM image, with the
+    section's inputs computed from the example inputs (just `halt` without a section)."""
+    config = program.config
+    if not program.sections:
+        return hardware_files((Instruction.make(Opcode.HALT),), config, b"", 16, target.part.family)
+    section = program.sections[0]
+    dram = bytearray(program.dram)
+    if len(examples) == len(graph.inputs):
+        values = AccelExecutor(graph, program).values(*(examples[n] for n in graph.input_names))
+        for t in section.inputs:
+            dram[t.region.byte_slice(config)] = encode(t.layout, values[t.values[0]].reshape(t.shape), config)
+    extent = dram_extent(section.program, config) * (config.dram_bits // 8)
+    return hardware_files(section.program, config, bytes(dram[:extent]), cycle_bound(section.program, config),
+                          target.part.family)
 
 
 def _accel_config(target: Target, overrides: str | None) -> AccelConfig | None:

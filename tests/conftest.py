@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -44,6 +45,14 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def need(tool: str) -> None:
+    """Skip without the program `tool`; under CI=true its absence is a failure."""
+    if shutil.which(tool) is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool} is not installed (CI=true: the RTL tools are required)")
+        pytest.skip(f"{tool} is not installed")
 
 
 def has_cuda() -> bool:

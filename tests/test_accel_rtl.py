@@ -4,9 +4,7 @@ cycle count; yosys maps the design to a Xilinx part."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import need  # noqa: E402
 from accel_programs import gemm_case, gemm_results, random_case, vector_case  # noqa: E402
 
 from tcc.backends.accel import hardware, verilog  # noqa: E402
@@ -24,13 +23,6 @@ from tcc.backends.accel.config import AccelConfig  # noqa: E402
 from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token  # noqa: E402
 from tcc.runtime.isa_sim import SimulationError, simulate  # noqa: E402
 
-
-def need(tool: str) -> None:
-    """Skip without `tool`; under CI=true its absence is a failure."""
-    if shutil.which(tool) is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{tool} is not installed (CI=true: the RTL tools are required)")
-        pytest.skip(f"{tool} is not installed")
 
 
 def tiny(rows=2, cols=2, dram_bits=32, dram_latency=1, **kw) -> AccelConfig:

@@ -84,6 +84,16 @@ def write_testbench(program, config: AccelConfig, dram: np.ndarray, max_cycles: 
     return workdir, size
 
 
+def hardware_files(program, config: AccelConfig, dram: bytes, max_cycles: int, part_family: str) -> dict[str, bytes]:
+    """The hardware an FPGA artifact ships: the Verilog, the testbench running `program` on
+    `dram` (with its hex files and Makefile) and the yosys script for `part_family`."""
+    with tempfile.TemporaryDirectory(prefix="tcc-rtl-") as tmp:
+        workdir = Path(tmp)
+        write_testbench(program, config, np.frombuffer(dram, np.uint8), max_cycles, workdir)
+        (workdir / SYNTH_SCRIPT).write_text(synth_script(part_family))
+        return {f.name: f.read_bytes() for f in sorted(workdir.iterdir()) if f.is_file()}
+
+
 def _read_hex(path: Path, nwords: int, bits: int) -> bytearray:
     word = bits // 8
     out = bytearray(nwords * word)

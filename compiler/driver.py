@@ -14,7 +14,7 @@ from tcc.backends.accel.codegen import generate
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.hardware import dram_extent
 from tcc.backends.accel.isa import Instruction, Opcode
-from tcc.backends.accel.layout import AccelProgram, encode
+from tcc.backends.accel.layout import AccelProgram
 from tcc.backends.accel.verilog import hardware_files
 from tcc.backends.reference.plan import build_plan
 from tcc.ir.errors import TccError
@@ -142,20 +142,16 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
 
 def _hardware_files(graph: Graph, program: AccelProgram, examples: dict[str, np.ndarray],
                     target: Target) -> dict[str, bytes]:
-    """accel.v, synth.ys and a testbench running the first section on its DRAM image, with the
-    section's inputs computed from the example inputs (just `halt` without a section)."""
+    """accel.v, synth.ys and a testbench running the first section on the DRAM it starts from
+    with the example inputs (its image without them; just `halt` without a section)."""
     config = program.config
     if not program.sections:
         return hardware_files((Instruction.make(Opcode.HALT),), config, b"", 16, target.part.family)
-    section = program.sections[0]
-    dram = bytearray(program.dram)
+    section, dram = program.sections[0].program, program.dram
     if len(examples) == len(graph.inputs):
-        values = AccelExecutor(graph, program).values(*(examples[n] for n in graph.input_names))
-        for t in section.inputs:
-            dram[t.region.byte_slice(config)] = encode(t.layout, values[t.values[0]].reshape(t.shape), config)
-    extent = dram_extent(section.program, config) * (config.dram_bits // 8)
-    return hardware_files(section.program, config, bytes(dram[:extent]), cycle_bound(section.program, config),
-                          target.part.family)
+        section, dram = AccelExecutor(graph, program).section_runs(*(examples[n] for n in graph.input_names))[0]
+    extent = dram_extent(section, config) * (config.dram_bits // 8)
+    return hardware_files(section, config, dram[:extent], cycle_bound(section, config), target.part.family)
 
 
 def _accel_config(target: Target, overrides: str | None) -> AccelConfig | None:

@@ -25,7 +25,7 @@ from tcc.ir.reference import REFERENCE
 from .isa_sim import simulate
 from .numpy_executor import NumpyExecutor
 
-RunSection = Callable[[tuple[Instruction, ...], AccelConfig, bytes, int], tuple[bytes, int]]
+RunSection = Callable[[tuple[Instruction, ...], AccelConfig, bytes, int], tuple[bytes | np.ndarray, int]]
 """`run_section(program, config, dram, max_cycles) -> (dram after the run, cycles)`."""
 
 
@@ -86,6 +86,22 @@ class AccelExecutor(NumpyExecutor):
         """Every value the run computes (inputs, constants, host results, layer outputs)."""
         return self._run(inputs, keep=True)
 
+    def section_runs(self, *inputs: np.ndarray) -> list[tuple[tuple[Instruction, ...], bytes]]:
+        """Each section's program with the DRAM it starts from in a run on `inputs`, in run
+        order: what another tier needs to run that section alone."""
+        runs, run_section = [], self.run_section
+
+        def recording(program, config, dram, max_cycles):
+            runs.append((program, dram))
+            return run_section(program, config, dram, max_cycles)
+
+        self.run_section = recording
+        try:
+            self(*inputs)
+        finally:
+            self.run_section = run_section
+        return runs
+
     def _run(self, inputs: tuple[np.ndarray, ...], keep: bool) -> dict[str, np.ndarray]:
         self.stats = AccelStats()
         dram = bytearray(self.program.dram)
@@ -112,7 +128,7 @@ class AccelExecutor(NumpyExecutor):
             dram[t.region.byte_slice(config)] = encode(t.layout, value.reshape(t.shape), config)
         for section in sections:
             data, cycles = self.run_section(section.program, config, bytes(dram), cycle_bound(section.program, config))
-            dram[:] = data
+            dram[:] = bytes(data)[:len(dram)]  # the RTL runners may return a grown DRAM
             self.stats.cycles += cycles
             self.stats.section_cycles.append(cycles)
             self.stats.macs += section.macs

@@ -1,0 +1,73 @@
+"""Every tier of a compiled model agrees bit for bit: the quantized numpy reference, the ISA
+simulator, PyRTL simulation and the generated Verilog in Verilator and Icarus; the ISA
+simulator's cycles equal the RTL's exactly. Whole small zoo models run on every tier; the
+larger ones run their first and their largest section alone on the RTL tiers."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+import tcc
+from conftest import built, need
+from tcc.backends.accel.hardware import run_pyrtl
+from tcc.backends.accel.verilog import run_icarus, run_verilator
+from tcc.runtime.accel_executor import AccelExecutor, cycle_bound, simulate_section
+from tcc.runtime.numpy_executor import NumpyExecutor
+
+
+@lru_cache(maxsize=None)
+def compiled(name: str, accel: str):
+    model, inputs = built(name)
+    artifact = tcc.compile(model, inputs, target="fpga-small", accel=accel)
+    return artifact, [artifact.example_inputs[n] for n in artifact.graph.input_names]
+
+
+def assert_same_run(name: str, accel: str, run_section) -> None:
+    artifact, inputs = compiled(name, accel)
+    reference = NumpyExecutor(artifact.graph)(*inputs)
+    sim = AccelExecutor(artifact.graph, artifact.accel_program())
+    rtl = AccelExecutor(artifact.graph, artifact.accel_program(), run_section)
+    for expected, on_sim, on_rtl in zip(reference, sim(*inputs), rtl(*inputs)):
+        np.testing.assert_array_equal(on_sim, expected)
+        np.testing.assert_array_equal(on_rtl, expected)
+    assert rtl.stats.section_cycles == sim.stats.section_cycles
+    assert rtl.stats.cycles == sim.stats.cycles > 0
+
+
+def test_whole_model_on_pyrtl():
+    assert_same_run("bert-style", "rows=4,cols=4", run_pyrtl)
+
+
+def test_whole_model_on_verilator():
+    need("verilator")
+    assert_same_run("bert-style", "rows=4,cols=4", run_verilator)
+
+
+@pytest.mark.parametrize("runner, tool", [(run_icarus, "iverilog"), (run_pyrtl, None)])
+def test_first_section_of_a_model_alone(runner, tool):
+    if tool:
+        need(tool)
+    artifact, inputs = compiled("transformer-encoder", "rows=4,cols=4")
+    config = artifact.accel_program().config
+    program, dram = AccelExecutor(artifact.graph, artifact.accel_program()).section_runs(*inputs)[0]
+    expected, cycles = simulate_section(program, config, dram, cycle_bound(program, config))
+    out, rtl_cycles = runner(program, config, dram, cycle_bound(program, config))
+    assert rtl_cycles == cycles
+    assert bytes(out)[:len(expected)] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["transformer-encoder", "tinybert4", "hf-bert", "hf-distilbert", "hf-vit"])
+def test_first_and_largest_sections_on_verilator(name):
+    need("verilator")
+    artifact, inputs = compiled(name, "rows=8,cols=8")
+    config = artifact.accel_program().config
+    runs = AccelExecutor(artifact.graph, artifact.accel_program()).section_runs(*inputs)
+    largest = max(runs, key=lambda run: cycle_bound(run[0], config))
+    for program, dram in {id(r): r for r in (runs[0], largest)}.values():
+        expected, cycles = simulate_section(program, config, dram, cycle_bound(program, config))
+        out, rtl_cycles = run_verilator(program, config, dram, cycle_bound(program, config))
+        assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected

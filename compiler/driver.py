@@ -155,11 +155,19 @@ def _hardware_files(graph: Graph, program: AccelProgram, examples: dict[str, np.
 
 
 def _accel_config(target: Target, overrides: str | None) -> AccelConfig | None:
+    """The target's accelerator config with `overrides`; a config whose estimated resources
+    exceed the part is an error naming the resource."""
     if target.accel is None:
         if overrides:
             raise TccError(f"--accel: target '{target.name}' has no accelerator (use an fpga-* target)")
         return None
     try:
-        return target.accel.with_overrides(overrides) if overrides else target.accel
+        config = target.accel.with_overrides(overrides) if overrides else target.accel
     except ValueError as e:
         raise TccError(str(e)) from None
+    have = {"LUT": target.part.lut, "FF": target.part.ff, "DSP": target.part.dsp, "BRAM": target.part.bram36}
+    for resource, need in config.estimate_resources().items():
+        if need > have[resource]:
+            raise TccError(f"the {config.rows}x{config.cols} accelerator does not fit {target.part.name}: it needs about "
+                           f"{need:,} {resource} (estimate), the part has {have[resource]:,}")
+    return config

@@ -104,6 +104,27 @@ class AccelConfig:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    def memory_bits(self) -> int:
+        """Bits of on-chip memory: the four buffers (OBUF and PBUF keep a bank per writing
+        unit; PBUF's second bank is one lane) and the program memory."""
+        words = {"ABUF": self.abuf_depth * self.rows * self.data_bits,
+                 "BBUF": self.bbuf_depth * self.cols * self.data_bits,
+                 "OBUF": 2 * self.obuf_depth * self.cols * self.data_bits,
+                 "PBUF": self.pbuf_depth * (self.cols + 1) * self.acc_bits}
+        return sum(words.values()) + self.imem_depth * 128
+
+    def estimate_resources(self) -> dict[str, float]:
+        """Xilinx 7-series / UltraScale+ resources of the generated design: DSPs counted (a
+        25x18 DSP slice per multiplier part: the array, the requantizer's acc x acc products,
+        vmul), LUT, FF and BRAM36 from a fit to yosys `synth_xilinx` of the shipped configs
+        (block RAM holds half its capacity in yosys' mapping of the buffers)."""
+        def slices(a: int, b: int) -> int:
+            return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
+        dsp = self.pes * slices(self.data_bits, self.data_bits) + self.cols * (
+            slices(self.acc_bits, self.acc_bits) + slices(self.data_bits, self.data_bits))
+        return {"LUT": 4400 + 180 * self.pes, "FF": 75 * self.pes, "DSP": dsp,
+                "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
+
     def buffer_depth(self, buffer) -> int:
         return getattr(self, f"{buffer.name.lower()}_depth")
 

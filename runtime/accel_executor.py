@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import FETCH_CYCLES, Instruction
+from tcc.backends.accel.isa import FETCH_CYCLES, Instruction, SimulationError
 from tcc.backends.accel.layout import AccelProgram, Section, decode, encode
+from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.reference import REFERENCE
 
@@ -127,7 +128,12 @@ class AccelExecutor(NumpyExecutor):
             value = env[t.values[0]]
             dram[t.region.byte_slice(config)] = encode(t.layout, value.reshape(t.shape), config)
         for section in sections:
-            data, cycles = self.run_section(section.program, config, bytes(dram), cycle_bound(section.program, config))
+            try:
+                data, cycles = self.run_section(section.program, config, bytes(dram),
+                                                cycle_bound(section.program, config))
+            except (SimulationError, ValueError) as e:
+                raise TccError(f"accelerator section {self.program.sections.index(section)} "
+                               f"({', '.join(section.ops)}): {e}") from None
             dram[:] = bytes(data)[:len(dram)]  # the RTL runners may return a grown DRAM
             self.stats.cycles += cycles
             self.stats.section_cycles.append(cycles)

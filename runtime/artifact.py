@@ -93,6 +93,9 @@ class Artifact:
         program = self.accel_program()
         if on == "sim":
             return AccelExecutor(self.graph, program)
+        if shutil.which("verilator") is None:
+            raise TccError("--on rtl runs Verilator, which is not installed (Debian package 'verilator'; "
+                           "`make install` installs it)")
         from tcc.backends.accel.verilog import run_verilator
         return AccelExecutor(self.graph, program, run_verilator)
 

@@ -17,16 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import (FETCH_CYCLES, TOKEN_BITS, Buffer, Instruction, Opcode, Token, Unit, check_program, pack_words,
-                                    unpack_words, wrap)
+from tcc.backends.accel.isa import (FETCH_CYCLES, TOKEN_BITS, Buffer, Instruction, Opcode, SimulationError, Token,
+                                    Unit, check_program, pack_words, unpack_words, wrap)
 from tcc.ir.dtypes import DType
 from tcc.ir.reference import REFERENCE
 
 _DATA_DTYPES = {4: DType.I4, 8: DType.I8, 16: DType.I16}
-
-
-class SimulationError(RuntimeError):
-    """A program that cannot run: out of range, deadlocked, racing, or over its cycle limit."""
 
 
 @dataclass

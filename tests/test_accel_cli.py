@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import built, run_cli
-from tcc.backends.accel.isa import from_binary, parse_assembly
+from tcc.backends.accel.isa import Instruction, Opcode, from_binary, parse_assembly, to_assembly, to_binary
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,26 @@ def test_corrupted_program_is_caught(compiled, tmp_path):
     result = run_cli("run", copy, "--on", "sim")
     assert result.returncode == 2 and "program.bin: instruction 0: unknown opcode 15" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_program_reading_outside_dram_is_a_one_line_error(compiled, tmp_path):
+    """A program edited to read past the DRAM (hashes updated) fails in the simulator, naming the section."""
+    d, _ = compiled
+    copy = tmp_path / "a"
+    shutil.copytree(d / "a", copy)
+    accel = copy / "accel"
+    program = list(from_binary((accel / "program.bin").read_bytes()))
+    first_load = next(i for i, instr in enumerate(program) if instr.mnemonic == "load")
+    args = dict(zip(("buf", "addr", "count", "dram"), program[first_load].args))
+    program[first_load] = Instruction.make(Opcode.LOAD, buf=args["buf"], addr=args["addr"], count=args["count"],
+                                           dram=(1 << 32) - 1)
+    (accel / "program.bin").write_bytes(to_binary(program))
+    (accel / "program.s").write_text(to_assembly(program))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for name in ("accel/program.bin", "accel/program.s"):
+        manifest["files"][name] = hashlib.sha256((copy / name).read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("run", copy, "--on", "sim")
+    assert result.returncode == 2, result.stderr
+    assert "accelerator section 0" in result.stderr and "reads DRAM words" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

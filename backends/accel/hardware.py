@@ -48,7 +48,7 @@ _ELEMENTWISE = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU)  # one OBUF word out per
 DRAM_ADDR_BITS = 32
 
 
-class RTLSimulationError(RuntimeError):
+class RTLSimulationError(isa.SimulationError):
     """An RTL run that did not finish: over its cycle limit (a deadlock looks the same)."""
 
 

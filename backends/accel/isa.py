@@ -47,6 +47,11 @@ MAGIC = b"TCCACCEL"
 VERSION = 1
 
 
+class SimulationError(RuntimeError):
+    """A program that cannot run, from any simulator of this ISA: out of range, deadlocked,
+    racing, or over its cycle limit."""
+
+
 class Opcode(IntEnum):
     HALT = 0
     LOAD = 1

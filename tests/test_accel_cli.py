@@ -94,7 +94,7 @@ def test_corrupted_program_is_caught(compiled, tmp_path):
 
 
 def test_program_reading_outside_dram_is_a_one_line_error(compiled, tmp_path):
-    """A program edited to read past the DRAM (hashes updated) fails in the simulator, naming the section."""
+    """A program edited to read past the DRAM (hashes updated) is caught on load, naming the section and instruction."""
     d, _ = compiled
     copy = tmp_path / "a"
     shutil.copytree(d / "a", copy)
@@ -112,5 +112,5 @@ def test_program_reading_outside_dram_is_a_one_line_error(compiled, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = run_cli("run", copy, "--on", "sim")
     assert result.returncode == 2, result.stderr
-    assert "accelerator section 0" in result.stderr and "reads DRAM words" in result.stderr
+    assert "sections.json: sections[0]: instruction 0 (load " in result.stderr and "reads DRAM words" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ cycle count; yosys maps the design to a Xilinx part."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ from tcc.backends.accel.config import AccelConfig  # noqa: E402
 from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token  # noqa: E402
 from tcc.runtime.isa_sim import SimulationError, simulate  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def rtl_cache(tmp_path_factory):
+    """Compiled simulators go to a cache directory of this module's own (reused within it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("rtl-cache")
+        mp.setenv(verilog.CACHE_ENV, str(path))
+        yield path
 
 
 def tiny(rows=2, cols=2, dram_bits=32, dram_latency=1, **kw) -> AccelConfig:
@@ -190,14 +200,32 @@ def test_verilog_export_and_testbench_files(tmp_path):
         assert port in text
     make = (tmp_path / "Makefile").read_text()
     assert "iverilog:" in make and "verilator:" in make and "\n\tvvp" in make
+    words = len((tmp_path / "dram.hex").read_text().split())
+    assert f"PROGRAM_LENGTH ?= {len(case.program)}\n" in make and f"DRAM_WORDS ?= {words}\n" in make
+    assert "MAX_CYCLES ?= 1000\n" in make and "+max_cycles=$(MAX_CYCLES)" in make
     assert len((tmp_path / "program.hex").read_text().split()) == len(case.program)
+    # nothing of the run is compiled in: another program on a DRAM of another size in the same
+    # capacity bucket gets the same testbench
+    tb = (tmp_path / "accel_tb.v").read_text()
+    other = gemm_case(cfg, 3, 5, 4, rng=np.random.default_rng(1), relu=True)
+    verilog.write_testbench(other.program, cfg, np.concatenate([other.dram, np.ones(300, np.uint8)]), 7,
+                            tmp_path / "other")
+    assert (tmp_path / "other" / "accel_tb.v").read_text() == tb
+    assert verilog.dram_capacity(1) == verilog.dram_capacity(verilog.MIN_DRAM_WORDS) == verilog.MIN_DRAM_WORDS
+    assert verilog.dram_capacity(verilog.MIN_DRAM_WORDS + 1) == 2 * verilog.MIN_DRAM_WORDS
 
 
 def test_icarus_matches_isa_sim(tmp_path):
     need("iverilog")
     cfg = CONFIGS[1]
     case = gemm_case(cfg, 4, 7, 5, rng=np.random.default_rng(5), k_chunk=3, relu=True)
-    same_as_spec(case.program, cfg, case.dram, verilog.run_icarus, workdir=tmp_path)
+    machine, stats = same_as_spec(case.program, cfg, case.dram, verilog.run_icarus, workdir=tmp_path)
+    if shutil.which("make"):  # the kept directory reruns by hand, with the cycle limit as a make variable
+        run = subprocess.run(["make", "-s", "iverilog"], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0 and f"cycles {stats.cycles}" in run.stdout
+        run = subprocess.run(["make", "-s", "iverilog", "MAX_CYCLES=5"], cwd=tmp_path, capture_output=True,
+                             text=True)
+        assert run.returncode != 0 and "ERROR: no halt within 5 cycles" in run.stdout + run.stderr
     ops = [(Opcode.VADD, 8, 0, 2, 3, 0), (Opcode.VMUL, 11, 1, 3, 4, 5), (Opcode.VRELU, 2, 2, 0, 6, 0),
            (Opcode.VMAX, 15, 0, 0, 8, 0), (Opcode.VSUM, 7, 2, 0, 5, 0)]
     case = vector_case(cfg, ops, rng=np.random.default_rng(4), words=8)
@@ -221,8 +249,47 @@ def test_verilator_matches_isa_sim(tmp_path):
     case = gemm_case(cfg, 3, 6, 5, rng=np.random.default_rng(9), k_chunk=4, store_late=True)
     same_as_spec(case.program, cfg, case.dram, verilog.run_verilator, workdir=tmp_path)
     # the same binary with a lower cycle limit fails loudly
-    run = subprocess.run([*verilog.VERILATOR_RUN, "+max_cycles=5"], cwd=tmp_path, capture_output=True, text=True)
-    assert run.returncode != 0 and "ERROR: no halt within 5 cycles" in run.stdout + run.stderr
+    timing = {}
+    with pytest.raises(hardware.RTLSimulationError, match="within 5 cycles"):
+        verilog.run_verilator(case.program, cfg, case.dram, 5, timing=timing)
+    assert timing == {} or timing["cached"]
+
+
+def test_verilator_reuses_its_binary(rtl_cache, monkeypatch):
+    """One compile per config and DRAM capacity: another program on another DRAM image runs the
+    same binary (in this process, then from the cache directory), still equal to the ISA sim."""
+    need("verilator")
+    cfg = CONFIGS[2]
+    rng = np.random.default_rng(21)
+    first, second = gemm_case(cfg, 2, 5, 3, rng=rng), gemm_case(cfg, 4, 7, 6, rng=rng, k_chunk=3, relu=True)
+    assert first.program != second.program and len(first.dram) != len(second.dram)
+    verilog.run_verilator(first.program, cfg, first.dram, 10_000)  # compiles, unless an earlier test did
+    for case in (second, first):
+        timing = {}
+        same_as_spec(case.program, cfg, case.dram, verilog.run_verilator, timing=timing)
+        assert timing["cached"] and timing["compile_s"] == 0.0
+    monkeypatch.setattr(verilog, "_built", {})  # a fresh process: the binary comes from the cache directory
+    timing = {}
+    same_as_spec(second.program, cfg, second.dram, verilog.run_verilator, timing=timing)
+    assert timing["cached"] and timing["compile_s"] == 0.0
+    assert len([p for p in rtl_cache.iterdir() if p.name.startswith("verilator-")]) == 1
+
+
+def test_unwritable_cache_keeps_simulators_in_memory(tmp_path, monkeypatch):
+    need("iverilog")
+    cfg = CONFIGS[0]
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv(verilog.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setattr(verilog, "_built", {})
+    assert verilog.cache_dir() is None
+    case = gemm_case(cfg, 2, 3, 2, rng=np.random.default_rng(2))
+    timings = [{}, {}]
+    for timing in timings:
+        same_as_spec(case.program, cfg, case.dram, verilog.run_icarus, timing=timing)
+    assert not timings[0]["cached"] and timings[1]["cached"]
+    monkeypatch.setenv(verilog.CACHE_ENV, "off")
+    assert verilog.cache_dir() is None
 
 
 def test_synth_script_and_stat_parsing():

@@ -1,17 +1,31 @@
 """The accelerator as Verilog: export (`accel.v`), a testbench with the DRAM as a Verilog array
 (`accel_tb.v`, from `templates/`), a Makefile for Icarus and Verilator, runners with the same
 contract as `hardware.run_pyrtl`, and synthesis with yosys (`synth_xilinx`) into LUT, FF, DSP
-and BRAM counts."""
+and BRAM counts.
+
+The testbench depends only on the config and a DRAM capacity bucket (`dram_capacity`): the
+program, its length, the DRAM image, its size, the cycle limit and the file names are plusargs.
+So the runners compile a simulator once per (tool, config, bucket) and reuse it: in this process,
+and across processes through a cache directory (`TCC_RTL_CACHE`, else `$XDG_CACHE_HOME/tcc/rtl`
+or `~/.cache/tcc/rtl`; `TCC_RTL_CACHE=off` keeps compiled simulators for this process only),
+keyed by a hash of the Verilog, the testbench, the compile command and the tool's version."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import hashlib
+import io
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -32,23 +46,56 @@ DRAM_OUT_HEX = "dram_out.hex"
 MAKEFILE = "Makefile"
 SYNTH_SCRIPT = "synth.ys"
 
+MIN_DRAM_WORDS = 1 << 12  # the smallest DRAM array a testbench has (see `dram_capacity`)
+DEFAULT_MAX_CYCLES = 10_000_000  # the testbench's cycle limit without +max_cycles
+_MAX_CYCLES_LIMIT = (1 << 63) - 1  # the testbench counts cycles in 64 bits
+
 _TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                 undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
-# the simulator command lines (run in the testbench's directory), shared by the Makefile and the runners
+# the simulator command lines (run in the testbench's directory), shared by the Makefile and the
+# runners; the run commands take the testbench's plusargs after them
 ICARUS_COMPILE = ["iverilog", "-g2012", "-o", "accel_tb.vvp", "-s", TB_MODULE, VERILOG, TESTBENCH]
-ICARUS_RUN = ["vvp", "-n", "accel_tb.vvp"]
+ICARUS_PRODUCT = "accel_tb.vvp"
+ICARUS_RUN = ["vvp", "-n", ICARUS_PRODUCT]
 VERILATOR_COMPILE = ["verilator", "--binary", "-j", "2", "-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-MULTIDRIVEN",
                      "--top-module", TB_MODULE, "--Mdir", "obj_dir", "-o", f"V{TB_MODULE}", VERILOG, TESTBENCH]
-VERILATOR_RUN = [f"./obj_dir/V{TB_MODULE}"]
+VERILATOR_PRODUCT = f"obj_dir/V{TB_MODULE}"
+VERILATOR_RUN = [f"./{VERILATOR_PRODUCT}"]
+
+
+def dram_capacity(words: int) -> int:
+    """DRAM words of the testbench array for an image of `words` words: the next power of two,
+    at least `MIN_DRAM_WORDS`, so that images of nearby sizes share a compiled simulator."""
+    return max(MIN_DRAM_WORDS, 1 << max(0, words - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=8)
+def verilog_text(config: AccelConfig) -> str:
+    """The accelerator of `config` as Verilog module `accel` (synchronous reset `rst`)."""
+    out = io.StringIO()
+    pyrtl.output_to_verilog(out, add_reset=True, block=design(config).block, module_name=MODULE)
+    return out.getvalue()
 
 
 def export_verilog(config: AccelConfig, path: str | os.PathLike) -> Path:
     """Write the accelerator of `config` as Verilog module `accel` (synchronous reset `rst`)."""
     path = Path(path)
-    with open(path, "w") as f:
-        pyrtl.output_to_verilog(f, add_reset=True, block=design(config).block, module_name=MODULE)
+    path.write_text(verilog_text(config))
     return path
+
+
+@functools.lru_cache(maxsize=32)
+def testbench_text(config: AccelConfig, dram_words: int) -> str:
+    """The testbench of `config` with a DRAM array of `dram_words` words: nothing of a run in it
+    (see the template's header for the plusargs)."""
+    d = design(config)
+    text = ", ".join(f"{k}={v}" for k, v in config.to_json().items())
+    return _TEMPLATES.get_template("accel_tb.v.j2").render(
+        verilog=VERILOG, config_text=text, tb_module=TB_MODULE, module=MODULE, dram_hex=DRAM_HEX,
+        program_hex=PROGRAM_HEX, dram_out_hex=DRAM_OUT_HEX, dram_words=dram_words, dram_bits=config.dram_bits,
+        imem_depth=config.imem_depth, default_max_cycles=DEFAULT_MAX_CYCLES, imem_addr_bits=d.imem_addr_bits,
+        addr_bits=DRAM_ADDR_BITS, memories=[(name, words) for name, words, _bits in d.memories])
 
 
 def _hex_words(words: list[int], bits: int) -> str:
@@ -56,32 +103,72 @@ def _hex_words(words: list[int], bits: int) -> str:
     return "".join(f"{w:0{digits}x}\n" for w in words)
 
 
+def _hex_image(image: bytes, word: int) -> bytes:
+    """Little-endian words of `word` bytes as hex lines (most significant digit first)."""
+    n = len(image) // word
+    digits = np.frombuffer(np.frombuffer(image, np.uint8, n * word).reshape(n, word)[:, ::-1].tobytes().hex()
+                           .encode(), np.uint8).reshape(n, 2 * word)
+    lines = np.empty((n, 2 * word + 1), np.uint8)
+    lines[:, :-1] = digits
+    lines[:, -1] = ord("\n")
+    return lines.tobytes()
+
+
+@dataclass
+class _RunFiles:
+    """A run's inputs as written for the testbench."""
+    size: int  # DRAM bytes to hand back
+    dram_words: int  # words in the DRAM file
+    capacity: int  # the testbench's DRAM array (`dram_capacity(dram_words)`)
+    program_length: int
+
+
+def _write_inputs(program, config: AccelConfig, dram, workdir: Path) -> _RunFiles:
+    isa.check_program(program, config)
+    image, size = _dram_image(program, config, dram)
+    word = config.dram_bits // 8
+    if not image:
+        image = bytearray(word)  # one word: the testbench's arrays are never empty
+    (workdir / DRAM_HEX).write_bytes(_hex_image(bytes(image), word))
+    (workdir / PROGRAM_HEX).write_text(_hex_words([instr.encode() for instr in program], isa.INSTRUCTION_BITS))
+    words = len(image) // word
+    return _RunFiles(size, words, dram_capacity(words), len(program))
+
+
+def _plusargs(files: _RunFiles, max_cycles: int) -> list[str]:
+    return [f"+program={PROGRAM_HEX}", f"+program_length={files.program_length}", f"+dram={DRAM_HEX}",
+            f"+dram_words={files.dram_words}", f"+dram_out={DRAM_OUT_HEX}",
+            f"+max_cycles={_cycle_limit(max_cycles)}"]
+
+
+def _cycle_limit(max_cycles: int) -> int:
+    return min(max(int(max_cycles), 0), _MAX_CYCLES_LIMIT)
+
+
 def write_testbench(program, config: AccelConfig, dram: np.ndarray, max_cycles: int,
                     workdir: str | os.PathLike) -> tuple[Path, int]:
     """Write accel.v, accel_tb.v, dram.hex, program.hex and the Makefile into `workdir`; returns
-    (workdir, DRAM bytes to hand back). ValueError for a program `isa.check_program` rejects."""
-    isa.check_program(program, config)
+    (workdir, DRAM bytes to hand back). ValueError for a program `isa.check_program` rejects.
+    The testbench holds only the config and the DRAM capacity; the Makefile passes the run's
+    program length, DRAM words and `max_cycles` as plusargs."""
     workdir = Path(workdir)
+    return workdir, _write_testbench(program, config, dram, max_cycles, workdir).size
+
+
+def _write_testbench(program, config: AccelConfig, dram, max_cycles: int, workdir: Path) -> _RunFiles:
     workdir.mkdir(parents=True, exist_ok=True)
-    d = design(config)
-    image, size = _dram_image(program, config, dram)
-    word = config.dram_bits // 8
-    words = [int.from_bytes(image[i:i + word], "little") for i in range(0, len(image), word)] or [0]
-    (workdir / DRAM_HEX).write_text(_hex_words(words, config.dram_bits))
-    (workdir / PROGRAM_HEX).write_text(_hex_words([instr.encode() for instr in program], isa.INSTRUCTION_BITS))
+    files = _write_inputs(program, config, dram, workdir)
     export_verilog(config, workdir / VERILOG)
-    text = ", ".join(f"{k}={v}" for k, v in config.to_json().items())
-    (workdir / TESTBENCH).write_text(_TEMPLATES.get_template("accel_tb.v.j2").render(
-        verilog=VERILOG, config_text=text, tb_module=TB_MODULE, module=MODULE, dram_hex=DRAM_HEX,
-        program_hex=PROGRAM_HEX, dram_out_hex=DRAM_OUT_HEX, dram_words=len(words), dram_bits=config.dram_bits,
-        program_length=len(program), max_cycles=max_cycles, imem_addr_bits=d.imem_addr_bits,
-        addr_bits=DRAM_ADDR_BITS, memories=[(name, words) for name, words, _bits in d.memories]))
+    (workdir / TESTBENCH).write_text(testbench_text(config, files.capacity))
     (workdir / MAKEFILE).write_text(_TEMPLATES.get_template("Makefile.j2").render(
         tb=TESTBENCH, verilog=VERILOG, dram_hex=DRAM_HEX, program_hex=PROGRAM_HEX, dram_out_hex=DRAM_OUT_HEX,
-        iverilog_compile=shlex.join(ICARUS_COMPILE), iverilog_run=shlex.join(ICARUS_RUN),
+        dram_capacity=files.capacity, program_length=files.program_length, dram_words=files.dram_words,
+        max_cycles=_cycle_limit(max_cycles),
+        iverilog_product=ICARUS_PRODUCT, iverilog_compile=shlex.join(ICARUS_COMPILE),
+        iverilog_run=shlex.join(ICARUS_RUN), verilator_product=VERILATOR_PRODUCT,
         verilator_compile=shlex.join(VERILATOR_COMPILE), verilator_run=shlex.join(VERILATOR_RUN),
-        clean=f"obj_dir accel_tb.vvp {DRAM_OUT_HEX}"))
-    return workdir, size
+        clean=f"obj_dir {ICARUS_PRODUCT} {DRAM_OUT_HEX}"))
+    return files
 
 
 def hardware_files(program, config: AccelConfig, dram: bytes, max_cycles: int, part_family: str) -> dict[str, bytes]:
@@ -95,21 +182,35 @@ def hardware_files(program, config: AccelConfig, dram: bytes, max_cycles: int, p
 
 
 def _read_hex(path: Path, nwords: int, bits: int) -> bytearray:
+    """The first `nwords` words of a `$writememh` file as little-endian bytes (missing words 0).
+    RTLSimulationError for a word with unknown (x/z) bits."""
     word = bits // 8
-    out = bytearray(nwords * word)
-    addr = 0
-    for line in path.read_text().splitlines():
-        line = line.split("//", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("@"):
-            addr = int(line[1:], 16)
-            continue
-        for token in line.split():
+    text = path.read_text()
+    if "//" in text:
+        text = re.sub(r"//[^\n]*", "", text)
+    tokens = text.split()
+    if re.search(r"[xXzZ]", text):
+        addr = 0
+        for token in tokens:
+            if token.startswith("@"):
+                addr = int(token[1:], 16)
+                continue
             if re.search(r"[xXzZ]", token):
                 raise RTLSimulationError(f"{path.name}: DRAM word {addr} holds unknown bits ({token})")
-            out[addr * word:(addr + 1) * word] = int(token, 16).to_bytes(word, "little")
             addr += 1
+    out = bytearray(nwords * word)
+    if "@" not in text and all(len(t) == 2 * word for t in tokens[:nwords]):  # the usual case: one word a line
+        n = min(nwords, len(tokens))
+        out[:n * word] = np.frombuffer(bytes.fromhex("".join(tokens[:n])), np.uint8).reshape(n, word)[:, ::-1].tobytes()
+        return out
+    addr = 0
+    for token in tokens:
+        if token.startswith("@"):
+            addr = int(token[1:], 16)
+            continue
+        if addr < nwords:
+            out[addr * word:(addr + 1) * word] = (int(token, 16) & ((1 << bits) - 1)).to_bytes(word, "little")
+        addr += 1
     return out
 
 
@@ -120,49 +221,212 @@ def _tool(name: str) -> str:
     return path
 
 
-def _simulate(program, config, dram, max_cycles, workdir, compile_cmd, run_cmd, timeout) -> tuple[np.ndarray, int, dict]:
+# ----------------------------------------------------------------------------------------------
+# compiled simulators, reused
+
+@dataclass(frozen=True)
+class _Simulator:
+    name: str
+    compile: tuple[str, ...]
+    product: str  # the file the compile leaves (relative to its directory): all a run needs
+    run: tuple[str, ...]  # the run command before the product's path (empty: the product runs itself)
+    version: tuple[str, ...]  # prints the tool's version
+
+
+_ICARUS = _Simulator("icarus", tuple(ICARUS_COMPILE), ICARUS_PRODUCT, ("vvp", "-n"), ("iverilog", "-V"))
+_VERILATOR = _Simulator("verilator", tuple(VERILATOR_COMPILE), VERILATOR_PRODUCT, (), ("verilator", "--version"))
+
+CACHE_ENV = "TCC_RTL_CACHE"
+CACHE_ENTRIES = 64  # compiled simulators kept in the cache directory (least recently used go first)
+_lock = threading.Lock()
+_built: dict[str, Path] = {}  # key -> the product, for this process
+_scratch: Path | None = None  # where this process keeps products when no cache directory can be written
+
+
+@functools.lru_cache(maxsize=None)
+def _tool_version(command: tuple[str, ...]) -> str:
+    exe = _tool(command[0])
+    try:
+        done = subprocess.run([exe, *command[1:]], capture_output=True, text=True, timeout=60)
+        version = (done.stdout + done.stderr).strip().splitlines()[:1]
+    except (OSError, subprocess.SubprocessError):
+        version = []
+    stat = os.stat(exe)
+    return json.dumps([exe, version, stat.st_size, stat.st_mtime_ns])
+
+
+def cache_dir() -> Path | None:
+    """The directory compiled simulators are kept in across processes, None when off or not
+    writable (they are then kept for this process only)."""
+    setting = os.environ.get(CACHE_ENV)
+    if setting is not None and setting.strip().lower() in ("", "0", "off", "no", "false", "none"):
+        return None
+    if setting:
+        root = Path(setting).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = Path(base) / "tcc" / "rtl"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return root if root.is_dir() and os.access(root, os.W_OK | os.X_OK) else None
+
+
+def _scratch_dir() -> Path:
+    global _scratch
+    if _scratch is None or not _scratch.is_dir():
+        _scratch = Path(tempfile.mkdtemp(prefix="tcc-rtl-sims-"))
+        atexit.register(shutil.rmtree, _scratch, True)
+    return _scratch
+
+
+def _prune(root: Path, keep: str) -> None:
+    """Drop the least recently used entries past `CACHE_ENTRIES` and leftovers of interrupted
+    builds (a day old)."""
+    try:
+        entries, now = [], time.time()
+        for p in root.iterdir():
+            age = now - p.stat().st_mtime
+            if p.name.startswith(".") and age > 86400:
+                shutil.rmtree(p, ignore_errors=True)
+            elif not p.name.startswith(".") and p.name != keep:
+                entries.append((p.stat().st_mtime, p))
+        entries.sort()
+        for _, p in entries[:max(0, len(entries) + 1 - CACHE_ENTRIES)]:
+            shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
+
+
+@functools.lru_cache(maxsize=64)
+def _key(sim: _Simulator, config: AccelConfig, capacity: int) -> str:
+    """The cache key of a compiled simulator: a hash of everything that goes into it."""
+    h = hashlib.sha256()
+    for part in (sim.name, json.dumps(sim.compile), _tool_version(sim.version), verilog_text(config),
+                 testbench_text(config, capacity)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"{sim.name}-{h.hexdigest()[:32]}"
+
+
+def _compiled(sim: _Simulator, config: AccelConfig, capacity: int, timeout: float) -> tuple[Path, float]:
+    """The compiled simulator for (`sim`, `config`, DRAM `capacity`) and the seconds spent
+    compiling it now (0.0: reused)."""
+    verilog, testbench = verilog_text(config), testbench_text(config, capacity)
+    key = _key(sim, config, capacity)
+    with _lock:
+        product = _built.get(key)
+        if product is not None and product.is_file():
+            return product, 0.0
+        root = cache_dir()
+        if root is not None:
+            product = root / key / Path(sim.product).name
+            if product.is_file():
+                try:
+                    os.utime(root / key)
+                except OSError:
+                    pass
+                _built[key] = product
+                return product, 0.0
+        build = None
+        try:
+            try:
+                build = Path(tempfile.mkdtemp(prefix=".build-", dir=root)) if root is not None else None
+            except OSError:
+                root = None
+            if build is None:
+                build = Path(tempfile.mkdtemp(prefix="tcc-rtl-build-"))
+            (build / VERILOG).write_text(verilog)
+            (build / TESTBENCH).write_text(testbench)
+            start = time.perf_counter()
+            try:
+                done = subprocess.run([_tool(sim.compile[0]), *sim.compile[1:]], cwd=build, capture_output=True,
+                                      text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{sim.compile[0]} did not finish within {timeout} s") from None
+            seconds = time.perf_counter() - start
+            if done.returncode or not (build / sim.product).is_file():
+                raise RuntimeError(f"{sim.compile[0]} failed ({done.returncode}):\n{done.stdout[-4000:]}"
+                                   f"{done.stderr[-4000:]}")
+            product = None
+            if root is not None:
+                try:  # publish atomically: a directory holding the product, renamed into place
+                    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=root))
+                    os.replace(build / sim.product, stage / Path(sim.product).name)
+                    try:
+                        os.rename(stage, root / key)
+                    except OSError:  # another process published it first
+                        shutil.rmtree(stage, ignore_errors=True)
+                    candidate = root / key / Path(sim.product).name
+                    if candidate.is_file():
+                        product = candidate
+                        _prune(root, key)
+                except OSError:
+                    product = None
+            if product is None:  # no cache directory: keep it for this process
+                keep = _scratch_dir() / key
+                keep.mkdir(exist_ok=True)
+                src = build / sim.product
+                product = keep / Path(sim.product).name
+                shutil.move(str(src), product)
+            _built[key] = product
+            return product, seconds
+        finally:
+            if build is not None:
+                shutil.rmtree(build, ignore_errors=True)
+
+
+def _simulate(sim: _Simulator, program, config, dram, max_cycles, workdir, timeout) -> tuple[np.ndarray, int, dict]:
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="tcc-rtl-")) if owned else Path(workdir)
     try:
-        _, size = write_testbench(program, config, dram, max_cycles, workdir)
-        _tool(compile_cmd[0])
-        timing = {}
+        # just the run's inputs, or (a directory to keep) the whole testbench to rerun with its Makefile
+        files = _write_inputs(program, config, dram, workdir) if owned else \
+            _write_testbench(program, config, dram, max_cycles, workdir)
+        _tool(sim.compile[0])
+        product, compile_s = _compiled(sim, config, files.capacity, timeout)
+        if not product.is_file():  # removed from the cache meanwhile
+            _built.clear()
+            product, compile_s = _compiled(sim, config, files.capacity, timeout)
+        timing = {"compile_s": compile_s, "cached": compile_s == 0.0}
+        command = [*([_tool(sim.run[0]), *sim.run[1:]] if sim.run else []), str(product), *_plusargs(files, max_cycles)]
         start = time.perf_counter()
-        done = subprocess.run(compile_cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-        timing["compile_s"] = time.perf_counter() - start
-        if done.returncode:
-            raise RuntimeError(f"{compile_cmd[0]} failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
-        start = time.perf_counter()
-        run = subprocess.run(run_cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+        run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
         timing["run_s"] = time.perf_counter() - start
         output = run.stdout + run.stderr
         match = re.search(r"^cycles (\d+)$", output, re.M)
-        if "ERROR: no halt" in output or match is None:
-            if "ERROR: no halt" in output:
-                raise RTLSimulationError(f"the {compile_cmd[0]} simulation did not reach halt within {max_cycles} "
-                                         "cycles (cycle limit, or a program that waits for a token never signalled)")
-            raise RuntimeError(f"{run_cmd[0]} gave no cycle count ({run.returncode}):\n{output[-4000:]}")
+        if "ERROR: no halt" in output:
+            raise RTLSimulationError(f"the {sim.compile[0]} simulation did not reach halt within {max_cycles} "
+                                     "cycles (cycle limit, or a program that waits for a token never signalled)")
+        if match is None or run.returncode:
+            raise RuntimeError(f"{Path(command[0]).name} gave no cycle count ({run.returncode}):\n{output[-4000:]}")
         word = config.dram_bits // 8
-        image = _read_hex(workdir / DRAM_OUT_HEX, -(-size // word), config.dram_bits)
-        return np.frombuffer(bytes(image[:size]), np.uint8).copy(), int(match.group(1)), timing
+        image = _read_hex(workdir / DRAM_OUT_HEX, -(-files.size // word), config.dram_bits)
+        return np.frombuffer(bytes(image[:files.size]), np.uint8).copy(), int(match.group(1)), timing
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_icarus(program, config: AccelConfig, dram: np.ndarray, max_cycles: int, workdir=None,
-               timeout: float = 600) -> tuple[np.ndarray, int]:
+               timeout: float = 600, timing: dict | None = None) -> tuple[np.ndarray, int]:
     """`hardware.run_pyrtl`'s contract on the exported Verilog in Icarus Verilog (iverilog/vvp).
-    Files go to `workdir` (kept) or a temporary directory (removed)."""
-    out, cycles, _ = _simulate(program, config, dram, max_cycles, workdir, ICARUS_COMPILE, ICARUS_RUN, timeout)
+    Files go to `workdir` (kept, with the Makefile) or a temporary directory (removed); the
+    compiled testbench is reused (see the module's doc). `timing`, when given, receives
+    compile_s (0.0 when reused), cached and run_s."""
+    out, cycles, t = _simulate(_ICARUS, program, config, dram, max_cycles, workdir, timeout)
+    if timing is not None:
+        timing.update(t)
     return out, cycles
 
 
 def run_verilator(program, config: AccelConfig, dram: np.ndarray, max_cycles: int, workdir=None,
                   timeout: float = 600, timing: dict | None = None) -> tuple[np.ndarray, int]:
-    """`hardware.run_pyrtl`'s contract on the exported Verilog built with `verilator --binary`.
-    `timing`, when given, receives compile_s and run_s."""
-    out, cycles, t = _simulate(program, config, dram, max_cycles, workdir, VERILATOR_COMPILE, VERILATOR_RUN, timeout)
+    """`hardware.run_pyrtl`'s contract on the exported Verilog built with `verilator --binary`,
+    built once per config and DRAM capacity (see the module's doc). `timing`, when given,
+    receives compile_s (0.0 when reused), cached and run_s."""
+    out, cycles, t = _simulate(_VERILATOR, program, config, dram, max_cycles, workdir, timeout)
     if timing is not None:
         timing.update(t)
     return out, cycles

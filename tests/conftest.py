@@ -47,6 +47,17 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(autouse=True, scope="session")
+def rtl_cache(tmp_path_factory):
+    """Compiled RTL simulators go to the test session's own cache directory, never ~/.cache
+    (CLI subprocesses inherit it)."""
+    from tcc.backends.accel.verilog import CACHE_ENV
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("rtl-cache")
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
+
+
 def need(tool: str) -> None:
     """Skip without the program `tool`; under CI=true its absence is a failure."""
     if shutil.which(tool) is None:

@@ -26,15 +26,6 @@ from tcc.runtime.isa_sim import SimulationError, simulate  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def rtl_cache(tmp_path_factory):
-    """Compiled simulators go to a cache directory of this module's own (reused within it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("rtl-cache")
-        mp.setenv(verilog.CACHE_ENV, str(path))
-        yield path
-
-
 def tiny(rows=2, cols=2, dram_bits=32, dram_latency=1, **kw) -> AccelConfig:
     base = dict(abuf_depth=32, bbuf_depth=32, obuf_depth=16, pbuf_depth=16, dram_words=4096, imem_depth=256)
     return AccelConfig(rows=rows, cols=cols, dram_bits=dram_bits, dram_latency=dram_latency, **(base | kw))

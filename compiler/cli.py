@@ -59,7 +59,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
                            train_data=args.train_data, calib_data=args.calib_data, progress=_progress(args),
-                           accel=args.accel)
+                           accel=args.accel, synth=args.synth)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
@@ -71,6 +71,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"  accelerator: {artifact.manifest['accel']['sections']} sections; {len(host)} ops on the host"
               + (": " + ", ".join(f"{h['op']} {h['result']}" for h in host[:8]) + (", ..." if len(host) > 8 else "")
                  if host else ""))
+        for label, key in (("estimated", "resources_estimate"), ("synthesized (yosys)", "synthesis")):
+            if key in artifact.manifest["accel"]:
+                r = artifact.manifest["accel"][key]
+                print(f"  {label}: {r['LUT']:,} LUT, {r['FF']:,} FF, {r['DSP']:,} DSP, {r['BRAM']:,} BRAM36 "
+                      f"(part {artifact.manifest['target']['part']['name']})")
     return 0
 
 
@@ -204,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", metavar="D.pt", help="calibration data for quantization (same format)")
     p.add_argument("--accel", metavar="KEY=VALUE,...",
                    help="override fields of an fpga target's accelerator config, e.g. rows=16,cols=16")
+    p.add_argument("--synth", action="store_true",
+                   help="fpga targets: synthesize the accelerator with yosys (minutes), record LUT/FF/DSP/BRAM, "
+                        "fail if it does not fit the part")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")
     p.set_defaults(func=cmd_compile)
 

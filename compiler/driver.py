@@ -15,7 +15,7 @@ from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.hardware import dram_extent
 from tcc.backends.accel.isa import Instruction, Opcode
 from tcc.backends.accel.layout import AccelProgram
-from tcc.backends.accel.verilog import hardware_files
+from tcc.backends.accel.verilog import hardware_files, synthesize
 from tcc.backends.reference.plan import build_plan
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
@@ -91,7 +91,7 @@ def _dataset(spec: DataSpec, graph: Graph, what: str) -> Dataset | None:
 def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: PipelineSpec = None,
             frontend: str = "export", input_shapes: Sequence[str] = (), arch: str | None = None,
             trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
-            progress: bool = False, seed: int = 0, accel: str | None = None) -> Artifact:
+            progress: bool = False, seed: int = 0, accel: str | None = None, synth: bool = False) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`).
 
@@ -100,9 +100,13 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     after it, except those the pipeline already names (so `select-format{format=csr}` in a
     pipeline is not re-chosen by the target's own `select-format`). `train_data` / `calib_data` (data files or `Dataset`s) feed fine-tuning and
     calibration; without them, passes prune one-shot and calibrate on the example inputs.
-    `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config."""
+    `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config; `synth`
+    synthesizes its accelerator with yosys (minutes), records LUT/FF/DSP/BRAM in the manifest
+    and fails if the design does not fit the part."""
     target_info = get_target(target)
     config = _accel_config(target_info, accel)
+    if synth and config is None:
+        raise TccError(f"--synth: target '{target_info.name}' has no accelerator to synthesize")
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else (
         list(pipeline) if pipeline is not None else default_pipeline(target_info))
     lowering = [p for p in parse_pipeline(target_info.lowering) if p.name not in {q.name for q in passes}]
@@ -136,7 +140,10 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         backend_files.update({f"{BACKEND_DIR}/rtl/{name}": data for name, data in
                               _hardware_files(graph, program, example_arrays, target_info).items()})
         manifest["accel"] = {"sections": len(program.sections),
-                             "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops]}
+                             "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops],
+                             "resources_estimate": config.estimate_resources()}
+        if synth:
+            manifest["accel"]["synthesis"] = _synthesize(config, target_info)
     return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples), backend_files)
 
 
@@ -154,6 +161,24 @@ def _hardware_files(graph: Graph, program: AccelProgram, examples: dict[str, np.
     return hardware_files(section, config, dram[:extent], cycle_bound(section, config), target.part.family)
 
 
+def _synthesize(config: AccelConfig, target: Target) -> dict:
+    """Yosys resource counts of the accelerator; an error if they exceed the part."""
+    try:
+        used = synthesize(config, part_family=target.part.family)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise TccError(f"--synth: {e}") from None
+    used.pop("cells")
+    for resource, have in _part_resources(target).items():
+        if used[resource] > have:
+            raise TccError(f"--synth: the {config.rows}x{config.cols} accelerator does not fit {target.part.name}: "
+                           f"yosys maps it to {used[resource]:,} {resource}, the part has {have:,}")
+    return used
+
+
+def _part_resources(target: Target) -> dict[str, int]:
+    return {"LUT": target.part.lut, "FF": target.part.ff, "DSP": target.part.dsp, "BRAM": target.part.bram36}
+
+
 def _accel_config(target: Target, overrides: str | None) -> AccelConfig | None:
     """The target's accelerator config with `overrides`; a config whose estimated resources
     exceed the part is an error naming the resource."""
@@ -165,7 +190,7 @@ def _accel_config(target: Target, overrides: str | None) -> AccelConfig | None:
         config = target.accel.with_overrides(overrides) if overrides else target.accel
     except ValueError as e:
         raise TccError(str(e)) from None
-    have = {"LUT": target.part.lut, "FF": target.part.ff, "DSP": target.part.dsp, "BRAM": target.part.bram36}
+    have = _part_resources(target)
     for resource, need in config.estimate_resources().items():
         if need > have[resource]:
             raise TccError(f"the {config.rows}x{config.cols} accelerator does not fit {target.part.name}: it needs about "

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import built, run_cli
+from conftest import built, need, run_cli
 from tcc.backends.accel.isa import Instruction, Opcode, from_binary, parse_assembly, to_assembly, to_binary
 
 
@@ -55,7 +55,7 @@ def test_run_on_sim_equals_numpy_and_writes_stats(compiled, tmp_path):
     (["compile", "{d}/model.pt2", "--target", "fpga-small", "--accel", "rows=0", "-o", "{t}/o"],
      "--accel: rows must be at least 1, got 0"),
     (["compile", "{d}/model.pt2", "--target", "fpga-small", "--accel", "rows=32,cols=32", "-o", "{t}/o"],
-     "the 32x32 accelerator does not fit xc7z020: it needs about 188,720 LUT (estimate), the part has 53,200"),
+     "the 32x32 accelerator does not fit xc7z020: it needs about 141,384 LUT (estimate), the part has 53,200"),
     (["compile", "{d}/model.pt2", "--target", "cpu", "--accel", "rows=4", "-o", "{t}/o"],
      "--accel: target 'cpu' has no accelerator"),
     (["run", "{d}/a", "--on", "numpy", "--stats", "{t}/s.json"], "--stats: cycle statistics come from --on sim"),
@@ -114,3 +114,15 @@ def test_program_reading_outside_dram_is_a_one_line_error(compiled, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "sections.json: sections[0]: instruction 0 (load " in result.stderr and "reads DRAM words" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_synth_records_resources(compiled, tmp_path):
+    need("yosys")
+    d, _ = compiled
+    accel = "rows=2,cols=2,abuf_depth=64,bbuf_depth=64,obuf_depth=32,pbuf_depth=16,imem_depth=512"
+    result = run_cli("compile", d / "model.pt2", "--target", "fpga-small", "--accel", accel, "--synth", "-o", tmp_path / "s")
+    assert result.returncode == 0, result.stderr
+    synthesis = json.loads((tmp_path / "s" / "manifest.json").read_text())["accel"]["synthesis"]
+    assert 0 < synthesis["LUT"] < 53200 and synthesis["DSP"] == 2 * 2 + 2 * 5
+    assert "synthesized (yosys):" in result.stdout

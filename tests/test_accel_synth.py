@@ -22,5 +22,5 @@ def test_shipped_config_fits_its_part(target):
     for resource, have in part.items():
         assert used[resource] <= have, f"{target.name}: {used[resource]} {resource} > {have}"
     assert used["DSP"] == estimate["DSP"]
-    for resource in ("LUT", "BRAM"):
-        assert abs(used[resource] - estimate[resource]) <= 0.25 * used[resource], (resource, used, estimate)
+    for resource in ("LUT", "FF", "BRAM"):  # the estimate is fit to these: a generator change shows here
+        assert abs(used[resource] - estimate[resource]) <= 0.1 * used[resource], (resource, used, estimate)

@@ -41,9 +41,10 @@ def test_whole_model_on_pyrtl():
     assert_same_run("bert-style", "rows=4,cols=4", run_pyrtl)
 
 
-def test_whole_model_on_verilator():
+@pytest.mark.parametrize("name", ["bert-style", "transformer-encoder"])
+def test_whole_model_on_verilator(name):
     need("verilator")
-    assert_same_run("bert-style", "rows=4,cols=4", run_verilator)
+    assert_same_run(name, "rows=4,cols=4", run_verilator)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_icarus, "iverilog"), (run_pyrtl, None)])
@@ -59,7 +60,6 @@ def test_first_section_of_a_model_alone(runner, tool):
     assert bytes(out)[:len(expected)] == expected
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["transformer-encoder", "tinybert4", "hf-bert", "hf-distilbert", "hf-vit"])
 def test_first_and_largest_sections_on_verilator(name):
     need("verilator")

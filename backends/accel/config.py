@@ -114,15 +114,17 @@ class AccelConfig:
         return sum(words.values()) + self.imem_depth * 128
 
     def estimate_resources(self) -> dict[str, float]:
-        """Xilinx 7-series / UltraScale+ resources of the generated design: DSPs counted (a
-        25x18 DSP slice per multiplier part: the array, the requantizer's acc x acc products,
-        vmul), LUT, FF and BRAM36 from a fit to yosys `synth_xilinx` of the shipped configs
-        (block RAM holds half its capacity in yosys' mapping of the buffers)."""
+        """Xilinx 7-series / UltraScale+ resources of the generated design. DSPs are counted (a
+        25x18 slice per multiplier part: the array, the requantizer's acc x acc products, vmul)
+        and equal yosys `synth_xilinx`; LUT and FF are linear in PEs and lanes, fit to yosys on
+        the three shipped configs (within 1% there); BRAM36 is the memory bits at the density
+        yosys' mapping reaches (within 8% there). Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
         dsp = self.pes * slices(self.data_bits, self.data_bits) + self.cols * (
             slices(self.acc_bits, self.acc_bits) + slices(self.data_bits, self.data_bits))
-        return {"LUT": 4400 + 180 * self.pes, "FF": 75 * self.pes, "DSP": dsp,
+        return {"LUT": max(2000, round(58.5 * self.pes + 2890 * self.cols - 11000)),
+                "FF": max(1000, round(44.6 * self.pes + 737 * self.cols - 4900)), "DSP": dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 
     def buffer_depth(self, buffer) -> int:

@@ -39,6 +39,9 @@ test-all: install
 bench: install
 	$(BIN)/python benchmarks/compile_time.py
 	$(BIN)/python benchmarks/runtime.py
+	$(BIN)/python benchmarks/formats.py
+	$(BIN)/python benchmarks/sparse_runtime.py
+	$(BIN)/python benchmarks/accel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

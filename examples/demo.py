@@ -54,6 +54,16 @@ def main() -> None:
           f"max relative difference to eager {error:.1e}")
     if error > 1e-5 or accuracy != eager_accuracy:
         raise SystemExit("demo FAILED: the artifact does not reproduce the eager model")
+
+    # the same model for an FPGA: int8-quantized, its linears on the accelerator (ISA simulator,
+    # cycle-exact with the RTL), the rest on the host
+    fpga, fpga_outputs, stats = args.out / "digits-fpga.tcc", args.out / "logits-fpga.pt", args.out / "stats.json"
+    tcc_cli("compile", str(model_file), "--target", "fpga-small", "-q", "-o", str(fpga))
+    tcc_cli("run", str(fpga), "--input", str(inputs), "--on", "sim", "--stats", str(stats), "-o", str(fpga_outputs))
+    fpga_accuracy = float((torch.load(fpga_outputs, weights_only=True).argmax(-1) == y_test).float().mean())
+    print(f"tcc artifact on fpga-small (int8, ISA simulator): test accuracy {fpga_accuracy:.3f}")
+    if fpga_accuracy < eager_accuracy - 0.02:
+        raise SystemExit("demo FAILED: the quantized accelerator model lost more than 2 points")
     print("demo OK")
 
 

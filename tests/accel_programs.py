@@ -195,10 +195,11 @@ def vector_case(config: AccelConfig, ops: list[tuple], *, rng: np.random.Generat
 
 
 def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chain: float = 0.7) -> Case:
-    """A random mix of every instruction over small buffer ranges. Instruction i waits on a
-    token instruction i-1 signals with probability `chain` (token chosen at random), so units
-    overlap; programs with races are for the caller to filter out (the ISA simulator rejects
-    them). PBUF words [0, 3) and [3, 6) hold valid requant groups once loaded."""
+    """A random mix of every instruction over small buffer ranges (no vector ops for a config
+    without the vector unit). Instruction i waits on a token instruction i-1 signals with
+    probability `chain` (token chosen at random), so units overlap; programs with races are
+    for the caller to filter out (the ISA simulator rejects them). PBUF words [0, 3) and
+    [3, 6) hold valid requant groups once loaded."""
     cfg = config
     lo, hi = _DTYPES[cfg.data_bits].value_range
     dram = _Dram(cfg)
@@ -211,7 +212,8 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
     prog: list[Instruction] = [Instruction.make(Opcode.LOAD, buf=Buffer.PBUF, addr=0, count=6, dram=regions[Buffer.PBUF])]
     prev_signal = None
     for _ in range(length):
-        kind = rng.choice(["load", "store", "gemm", "requant", "vec"])
+        kind = rng.choice(["load", "store", "gemm", "requant", "vec"] if cfg.vector_unit else
+                          ["load", "store", "gemm", "requant"])
         if kind == "load":
             buf = Buffer(int(rng.choice([Buffer.ABUF, Buffer.BBUF, Buffer.OBUF])))
             count = int(rng.integers(1, min(span, depth[buf]) + 1))

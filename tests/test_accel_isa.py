@@ -3,14 +3,18 @@ configs fail with clear errors, the timing rule and the data semantics hold."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import (FETCH_CYCLES, FORMATS, Buffer, Instruction, Opcode, Token, decode, from_binary,
-                                    pack_words, parse_assembly, to_assembly, to_binary, unpack_words)
+from tcc.backends.accel.isa import (FETCH_CYCLES, FORMATS, VECTOR_OPS, Buffer, Instruction, Opcode, Token,
+                                    check_program, decode, from_binary, pack_words, parse_assembly, to_assembly,
+                                    to_binary, unpack_words)
 from tcc.runtime.isa_sim import SimulationError, simulate
 
 TINY = AccelConfig(rows=4, cols=4, abuf_depth=64, bbuf_depth=64, obuf_depth=16, pbuf_depth=8, dram_words=256,
@@ -87,6 +91,53 @@ def test_config_overrides_and_errors():
                           ("dram_bits=12", "dram_bits must be a multiple of 8")]:
         with pytest.raises(ValueError, match=message):
             AccelConfig().with_overrides(spec)
+
+
+def test_config_banks_and_units():
+    config = AccelConfig().with_overrides("vector_unit=0, abuf_banks=4")
+    assert (config.vector_unit, config.abuf_banks) == (False, 4)
+    for text, flag in [("1", True), ("true", True), ("False", False), ("0", False)]:
+        assert AccelConfig().with_overrides(f"vector_unit={text}").vector_unit is flag
+    for spec, message in [("vector_unit=2", "--accel: vector_unit must be 0, 1, true or false, got '2'"),
+                          ("vector_unit=no", "vector_unit must be 0, 1, true or false, got 'no'"),
+                          ("abuf_banks=x", "abuf_banks must be a number, got 'x'"),
+                          ("abuf_banks=0", "abuf_banks must be at least 1, got 0"),
+                          ("abuf_banks=6", "abuf_banks must be a power of two, got 6"),
+                          ("rows=4,abuf_banks=8", r"abuf_banks must be at most rows \(4\), got 8"),
+                          ("abuf_depth=100,abuf_banks=8", r"abuf_depth \(100\) must be a multiple of abuf_banks \(8\)"),
+                          ("vector_uni=0", "unknown field 'vector_uni'; did you mean 'vector_unit'")]:
+        with pytest.raises(ValueError, match=message):
+            AccelConfig().with_overrides(spec)
+    with pytest.raises(ValueError, match="vector_unit must be true or false, got 1"):
+        AccelConfig(vector_unit=1)
+    with pytest.raises(ValueError, match="abuf_banks must be a number"):
+        AccelConfig(abuf_banks=True)
+    # artifacts store the config as JSON; one written before these fields reads with the defaults
+    assert AccelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    old = {k: v for k, v in AccelConfig().to_json().items() if k not in ("abuf_banks", "vector_unit")}
+    assert AccelConfig.from_json(old) == AccelConfig()
+    # banks split ABUF's bits; without the vector unit go vmul's DSPs (a slice per lane) and vsum's PBUF bank
+    assert config.with_overrides("vector_unit=1").memory_bits() == AccelConfig().memory_bits()
+    full, bare = AccelConfig(), AccelConfig(vector_unit=False)
+    assert full.estimate_resources()["DSP"] - bare.estimate_resources()["DSP"] == full.cols
+    assert full.memory_bits() - bare.memory_bits() == full.pbuf_depth * full.acc_bits
+
+
+def test_vector_ops_need_the_vector_unit():
+    bare = dataclasses.replace(TINY, vector_unit=False)
+    program = parse_assembly("vrelu dst=0 a=0 n=2\nhalt")
+    assert program[0].problem(TINY) is None
+    assert program[0].problem(bare) == "vrelu needs the vector unit, which this config leaves out (vector_unit=0)"
+    with pytest.raises(ValueError, match=r"instruction 0 \(vrelu dst=0 a=0 n=2\): vrelu needs the vector unit"):
+        check_program(program, bare)
+    for op in VECTOR_OPS:
+        instr = Instruction(op, (0,) * len(FORMATS[op]))
+        assert instr.problem(bare).startswith(f"{op.name.lower()} needs the vector unit")
+    # the rest of the ISA runs the same, to the cycle, on banked ABUF without the vector unit
+    image = gemm_image(np.ones((4, 3), int), np.ones((3, 4), int), 0, 1, 0)
+    want_machine, want = simulate(gemm_program(3), TINY, image)
+    got_machine, got = simulate(gemm_program(3), dataclasses.replace(bare, abuf_banks=4), image)
+    assert got.schedule == want.schedule and (got_machine.dram == want_machine.dram).all()
 
 
 def load(buf: Buffer, addr: int, count: int, dram: int, **tokens) -> Instruction:

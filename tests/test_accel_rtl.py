@@ -4,6 +4,7 @@ cycle count; yosys maps the design to a Xilinx part."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -145,6 +146,61 @@ def test_random_programs_match_isa_sim(config, length, chain, seed):
     same_as_spec(case.program, config, case.dram)
 
 
+# ---- banked ABUF and a machine without the vector unit: other hardware, the same ISA
+
+def variant(config: AccelConfig, **kw) -> AccelConfig:
+    return dataclasses.replace(config, **kw)
+
+
+VARIANTS = [variant(CONFIGS[0], abuf_banks=2), variant(CONFIGS[1], vector_unit=False),
+            variant(CONFIGS[2], abuf_banks=2, vector_unit=False), variant(CONFIGS[3], abuf_banks=4),
+            variant(CONFIGS[3], abuf_banks=4, vector_unit=False)]
+
+
+@pytest.mark.parametrize("banks", [1, 2, 4])
+def test_gemm_without_the_vector_unit_on_banked_abuf(banks):
+    config = variant(CONFIGS[3], abuf_banks=banks, vector_unit=False)
+    names = [name for name, _words, _bits in hardware.design(config).memories]
+    assert [n for n in names if n.startswith("abuf")] == (["abuf_load"] if banks == 1 else
+                                                          [f"abuf_load_b{i}" for i in range(banks)])
+    assert not [n for n in names if n.startswith("pbuf_compute")]  # vsum's bank went with the unit
+    case = gemm_case(config, 7, 11, 6, rng=np.random.default_rng(banks), k_chunk=5, relu=True, store_late=True)
+    machine, _ = same_as_spec(case.program, config, case.dram)
+    assert (gemm_results(case, machine.dram, 7, 6) == case.expected).all()
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(VARIANTS), m=st.integers(1, 9), k=st.integers(1, 12), n=st.integers(1, 9),
+       chunk=st.integers(1, 8), relu=st.booleans(), late=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_gemm_programs_on_variants_match_isa_sim(config, m, k, n, chunk, relu, late, seed):
+    test_gemm_programs_match_isa_sim.hypothesis.inner_test(config, m, k, n, chunk, relu, late, seed)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(config=st.sampled_from(VARIANTS), length=st.integers(1, 14), chain=st.sampled_from([0.5, 0.8, 1.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_random_programs_on_variants_match_isa_sim(config, length, chain, seed):
+    """Loads and stores at any ABUF address (every bank), gemms from any; vector ops where the
+    unit is there."""
+    test_random_programs_match_isa_sim.hypothesis.inner_test(config, length, chain, seed)
+
+
+def test_vector_programs_are_refused_without_the_vector_unit(monkeypatch):
+    config = variant(CONFIGS[1], vector_unit=False)
+    case = vector_case(config, [(Opcode.VADD, 8, 0, 2, 3, 0)], rng=np.random.default_rng(0), words=8)
+    message = r"instruction 1 \(vadd .*\): vadd needs the vector unit, which this config leaves out \(vector_unit=0\)"
+    with pytest.raises(SimulationError, match=message):
+        simulate(case.program, config, case.dram)
+    for runner in (hardware.run_pyrtl, verilog.run_icarus, verilog.run_verilator):  # refused before any tool runs
+        with pytest.raises(ValueError, match=message):
+            runner(case.program, config, case.dram, 1000)
+    # and the hardware has no unit to run it: past the check, the vadd never issues
+    monkeypatch.setattr(hardware.isa, "check_program", lambda program, config: None)
+    with pytest.raises(hardware.RTLSimulationError):
+        hardware.run_pyrtl(case.program, config, case.dram, 200)
+    assert "ex_sum" not in verilog.verilog_text(config) and "ex_sum" in verilog.verilog_text(CONFIGS[1])
+
+
 # ---- errors
 
 def test_over_max_cycles_raises():
@@ -232,6 +288,24 @@ def test_icarus_matches_isa_sim(tmp_path):
         break
     with pytest.raises(hardware.RTLSimulationError):
         verilog.run_icarus(case.program, cfg, case.dram, 5)
+
+
+def test_icarus_on_banked_abuf_without_the_vector_unit():
+    need("iverilog")
+    config = variant(CONFIGS[3], abuf_banks=2, vector_unit=False)
+    case = gemm_case(config, 6, 9, 5, rng=np.random.default_rng(13), k_chunk=4, relu=True, store_late=True)
+    same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+    rng = np.random.default_rng(17)
+    for _ in range(20):  # and a random program: ABUF loads and stores at odd and even addresses
+        case = random_case(config, rng, 12)
+        try:
+            simulate(case.program, config, case.dram)
+        except SimulationError:
+            continue
+        same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+        break
+    else:
+        pytest.fail("no race-free random program in 20 tries")
 
 
 def test_verilator_matches_isa_sim(tmp_path):

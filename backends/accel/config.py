@@ -5,7 +5,14 @@ The machine: an output-stationary `rows x cols` systolic array of `data_bits` mu
 `acc_bits` accumulators; on-chip buffers of words (`ABUF`: `rows` lanes of activations,
 `BBUF`: `cols` lanes of weights, `OBUF`: `cols` lanes of results, `PBUF`: `cols` lanes of
 `acc_bits` parameters); a DMA engine to DRAM moving one `dram_bits` word per cycle after
-`dram_latency` cycles; a `cols`-lane vector unit."""
+`dram_latency` cycles; a `cols`-lane vector unit.
+
+Two knobs shape the hardware without changing what any instruction means or how long it
+takes: `abuf_banks` builds ABUF as that many memories, word `a` in bank `a % abuf_banks` at
+index `a // abuf_banks` (low-order interleaving: the dense array reads one word a cycle from
+the right bank; the HP sparse unit will give each PE row its own bank); `vector_unit=False`
+leaves the vector unit (vadd/vmul/vrelu/vmax/vsum) out of the machine: requant stays (it is
+the array's output path), and programs using those opcodes are refused for such a config."""
 
 from __future__ import annotations
 
@@ -13,6 +20,10 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, fields
+
+
+_BOOLS = ("vector_unit",)  # the fields that are flags, not numbers
+_FLAGS = {"0": False, "1": True, "false": False, "true": True}
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,8 @@ class AccelConfig:
     dram_latency: int = 8  # cycles before a transfer's first word (DRAM reads are registered: >= 1)
     imem_depth: int = 4096  # instructions the program memory holds (a section's program at most)
     clock_mhz: float = 100.0
+    abuf_banks: int = 1  # ABUF memories, low-order interleaved (a power of two, at most rows)
+    vector_unit: bool = True  # the vadd/vmul/vrelu/vmax/vsum unit is present
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -40,9 +53,13 @@ class AccelConfig:
         """Why this config describes no buildable machine (None if it does)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if f.name in _BOOLS:
+                if not isinstance(value, bool):
+                    return f"{f.name} must be true or false, got {value!r}"
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"{f.name} must be a number, got {value!r}"
-        positive = ("rows", "cols", "abuf_depth", "bbuf_depth", "obuf_depth", "pbuf_depth", "dram_words", "imem_depth")
+        positive = ("rows", "cols", "abuf_depth", "bbuf_depth", "obuf_depth", "pbuf_depth", "dram_words",
+                    "imem_depth", "abuf_banks")
         for name in positive:
             if getattr(self, name) < 1:
                 return f"{name} must be at least 1, got {getattr(self, name)}"
@@ -64,6 +81,13 @@ class AccelConfig:
             return f"pbuf_depth must hold a requantization group (3 words), got {self.pbuf_depth}"
         if self.clock_mhz <= 0:
             return f"clock_mhz must be positive, got {self.clock_mhz}"
+        if self.abuf_banks & (self.abuf_banks - 1):
+            return f"abuf_banks must be a power of two, got {self.abuf_banks}"
+        if self.abuf_banks > self.rows:
+            return f"abuf_banks must be at most rows ({self.rows}), got {self.abuf_banks}"
+        if self.abuf_depth % self.abuf_banks:
+            return (f"abuf_depth ({self.abuf_depth}) must be a multiple of abuf_banks ({self.abuf_banks}): "
+                    "every bank holds abuf_depth / abuf_banks words")
         return None
 
     @property
@@ -73,7 +97,7 @@ class AccelConfig:
     def with_overrides(self, spec: str) -> "AccelConfig":
         """This config with `KEY=VALUE,...` applied (the CLI's `--accel`); ValueError names the
         bad key or value."""
-        changes: dict[str, int | float] = {}
+        changes: dict[str, int | float | bool] = {}
         names = {f.name: f for f in fields(self)}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, text = item.partition("=")
@@ -84,6 +108,12 @@ class AccelConfig:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(names)})"
                 raise ValueError(f"--accel: unknown field '{key}'{hint}")
+            if key in _BOOLS:
+                flag = text.strip().lower()
+                if flag not in _FLAGS:
+                    raise ValueError(f"--accel: {key} must be 0, 1, true or false, got '{text.strip()}'")
+                changes[key] = _FLAGS[flag]
+                continue
             try:
                 changes[key] = float(text) if names[key].type in ("float", float) else int(text, 0)
             except ValueError:
@@ -106,23 +136,27 @@ class AccelConfig:
 
     def memory_bits(self) -> int:
         """Bits of on-chip memory: the four buffers (OBUF and PBUF keep a bank per writing
-        unit; PBUF's second bank is one lane) and the program memory."""
+        unit; PBUF's second bank, written by the vector unit's vsum, is one lane and absent
+        without the vector unit) and the program memory. ABUF's banks split its words, not
+        add to them."""
         words = {"ABUF": self.abuf_depth * self.rows * self.data_bits,
                  "BBUF": self.bbuf_depth * self.cols * self.data_bits,
                  "OBUF": 2 * self.obuf_depth * self.cols * self.data_bits,
-                 "PBUF": self.pbuf_depth * (self.cols + 1) * self.acc_bits}
+                 "PBUF": self.pbuf_depth * (self.cols + int(self.vector_unit)) * self.acc_bits}
         return sum(words.values()) + self.imem_depth * 128
 
     def estimate_resources(self) -> dict[str, float]:
         """Xilinx 7-series / UltraScale+ resources of the generated design. DSPs are counted (a
-        25x18 slice per multiplier part: the array, the requantizer's acc x acc products, vmul)
-        and equal yosys `synth_xilinx`; LUT and FF are linear in PEs and lanes, fit to yosys on
-        the three shipped configs (within 1% there); BRAM36 is the memory bits at the density
-        yosys' mapping reaches (within 8% there). Extrapolations are rough."""
+        25x18 slice per multiplier part: the array, the requantizer's acc x acc products, vmul
+        when the vector unit is there) and equal yosys `synth_xilinx`; LUT and FF are linear in
+        PEs and lanes, fit to yosys on the three shipped configs (within 1% there; a config
+        without the vector unit needs fewer than they say); BRAM36 is the memory bits at the
+        density yosys' mapping reaches (within 8% there; ABUF banks are not modelled).
+        Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
         dsp = self.pes * slices(self.data_bits, self.data_bits) + self.cols * (
-            slices(self.acc_bits, self.acc_bits) + slices(self.data_bits, self.data_bits))
+            slices(self.acc_bits, self.acc_bits) + self.vector_unit * slices(self.data_bits, self.data_bits))
         return {"LUT": max(2000, round(58.5 * self.pes + 2890 * self.cols - 11000)),
                 "FF": max(1000, round(44.6 * self.pes + 737 * self.cols - 4900)), "DSP": dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}

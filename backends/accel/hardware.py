@@ -8,7 +8,12 @@
 - three units: the DMA load engine (DRAM -> buffer), the compute unit (an output-stationary
   `rows x cols` systolic array of `data_bits` multipliers with `acc_bits` accumulators, and a
   `cols`-lane vector unit for requant/vadd/vmul/vrelu/vmax/vsum) and the DMA store engine;
-- the buffers ABUF/BBUF/OBUF/PBUF (lane layout as `isa.pack_words`).
+- the buffers ABUF/BBUF/OBUF/PBUF (lane layout as `isa.pack_words`); ABUF as `abuf_banks`
+  memories, low-order interleaved (word a in bank a % banks).
+
+`vector_unit=False` leaves out the vector ALU (vadd/vmul/vrelu/vmax/vsum), its two OBUF read
+ports and PBUF's compute bank: its opcodes never issue (`isa.check_program` refuses programs
+that use them); requant, the array's output path, stays.
 
 DRAM lies outside: each cycle the design drives `dram_raddr` (with `dram_re`) and receives in
 `dram_rdata` the word at the address it requested in the previous cycle (a registered read); it
@@ -42,8 +47,7 @@ from .isa import FORMATS, INSTRUCTION_BITS, TOKEN_BITS, UNITS, Buffer, Opcode, T
 # holds the bits below it.
 _HEADER = {f.name: f for f in isa.HEADER}
 _PARAM_WORDS = 3  # requant reads PBUF[param], [param+1], [param+2]: bias, multiplier, shift
-_VECTOR_OPS = tuple(o for o in Opcode if UNITS[o] is Unit.COMPUTE and o not in (Opcode.HALT, Opcode.GEMM,
-                                                                                  Opcode.REQUANT))
+_VECTOR_OPS = isa.VECTOR_OPS  # the vector unit's, left out when `AccelConfig.vector_unit` is False
 _ELEMENTWISE = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU)  # one OBUF word out per word in
 DRAM_ADDR_BITS = 32
 
@@ -208,16 +212,30 @@ class _Memory:
     """A buffer: one bank (a MemBlock with one write port) per writing unit, a live-value table
     when several units write it, and one read port per reader with a registered address: the
     data of the address presented in cycle c is there in cycle c + 1 and includes the writes of
-    the edge ending c. Yosys maps each bank to block RAM (replicated per read port)."""
+    the edge ending c. Yosys maps each bank to block RAM (replicated per read port).
+
+    `interleave` > 1 (a power of two) splits each writer's bank into that many memories, word
+    `a` in memory `a % interleave` at index `a // interleave`: a reader's registered address
+    picks the index (its high bits) in every memory and the memory (its low bits) whose word
+    comes out, so reads and writes behave, cycle for cycle, as with one memory."""
 
     def __init__(self, name: str, depth: int, width: int, writers: list[str], readers: list[str],
-                 broadcast: dict[str, int] | None = None):
+                 broadcast: dict[str, int] | None = None, interleave: int = 1):
         """`broadcast[w] = bits`: writer `w` only writes words whose lanes all hold one
         `bits`-wide value; its bank stores that value once."""
-        self.name, self.depth, self.width, self.aw = name, depth, width, _bits(depth)
+        assert interleave >= 1 and not interleave & (interleave - 1) and depth % interleave == 0
+        self.name, self.depth, self.width = name, depth, width
+        self.interleave, self.sel_bits = interleave, (interleave - 1).bit_length()
+        self.index_bits = _bits(depth // interleave)
+        self.aw = self.sel_bits + self.index_bits  # = _bits(depth) without interleaving
         self.narrow = broadcast or {}
-        self.banks = {w: MemBlock(self.narrow.get(w, width), self.aw, name=f"{name}_{w}",
-                                  max_read_ports=len(readers), max_write_ports=1) for w in writers}
+
+        def bank(w: str, i: int) -> MemBlock:
+            suffix = f"_b{i}" if interleave > 1 else ""
+            return MemBlock(self.narrow.get(w, width), self.index_bits, name=f"{name}_{w}{suffix}",
+                            max_read_ports=len(readers), max_write_ports=1)
+
+        self.banks = {w: [bank(w, i) for i in range(interleave)] for w in writers}
         self.index = {w: i for i, w in enumerate(writers)}
         self.lvt = None
         if len(writers) > 1:
@@ -227,9 +245,15 @@ class _Memory:
         self.data: dict[str, WireVector] = {}
         for r in readers:
             reg = Register(self.aw, name=f"{name}_raddr_{r}")
-            values = [self._widen(w, bank[reg]) for w, bank in self.banks.items()]
+            values = [self._widen(w, self._read_banks(banks, reg)) for w, banks in self.banks.items()]
             self.addr[r] = reg
             self.data[r] = values[0] if self.lvt is None else mux(self.lvt[reg], *values, default=values[0])
+
+    def _read_banks(self, banks: list[MemBlock], reg: Register) -> WireVector:
+        if self.interleave == 1:
+            return banks[0][reg]
+        index, sel = reg[self.sel_bits:], reg[:self.sel_bits]
+        return mux(sel, *[b[index] for b in banks])
 
     def _widen(self, writer: str, value: WireVector) -> WireVector:
         if writer not in self.narrow:
@@ -243,12 +267,19 @@ class _Memory:
     def write(self, writer: str, addr, data, enable) -> None:
         addr = _fit(addr, self.aw)
         width = self.narrow.get(writer, self.width)
-        self.banks[writer][addr] <<= MemBlock.EnabledWrite(_fit(data, width), enable)
+        data = _fit(data, width)
+        banks = self.banks[writer]
+        if self.interleave == 1:
+            banks[0][addr] <<= MemBlock.EnabledWrite(data, enable)
+        else:
+            index, sel = addr[self.sel_bits:], addr[:self.sel_bits]
+            for i, b in enumerate(banks):
+                b[index] <<= MemBlock.EnabledWrite(data, enable & (sel == i))
         if self.lvt is not None:
             self.lvt[addr] <<= MemBlock.EnabledWrite(Const(self.index[writer], self.lvt.bitwidth), enable)
 
     def memblocks(self) -> list[MemBlock]:
-        return [*self.banks.values(), *([self.lvt] if self.lvt is not None else [])]
+        return [*(b for banks in self.banks.values() for b in banks), *([self.lvt] if self.lvt is not None else [])]
 
 
 @dataclass
@@ -281,16 +312,20 @@ class _Builder:
         D, L = cfg.dram_bits, cfg.dram_latency
         ntok = len(Token)
         assert max(Opcode) < 1 << isa.OPCODE.width and _HEADER["wait"].width == ntok
+        vec = cfg.vector_unit  # without it: no vector ALU, no OBUF ports for it, PBUF written by loads only
+        vector_ops = _VECTOR_OPS if vec else ()
 
         # ---- memories
         mems = {
-            Buffer.ABUF: _Memory("abuf", cfg.abuf_depth, cfg.word_bits(Buffer.ABUF), ["load"], ["gemm", "store"]),
+            Buffer.ABUF: _Memory("abuf", cfg.abuf_depth, cfg.word_bits(Buffer.ABUF), ["load"], ["gemm", "store"],
+                                 interleave=cfg.abuf_banks),
             Buffer.BBUF: _Memory("bbuf", cfg.bbuf_depth, cfg.word_bits(Buffer.BBUF), ["load"], ["gemm", "store"]),
             Buffer.OBUF: _Memory("obuf", cfg.obuf_depth, cfg.word_bits(Buffer.OBUF), ["load", "compute"],
-                                 ["vec_a", "vec_b", "store"]),
+                                 ["vec_a", "vec_b", "store"] if vec else ["store"]),
             # the compute unit writes PBUF only with vsum: one value in every lane
-            Buffer.PBUF: _Memory("pbuf", cfg.pbuf_depth, cfg.word_bits(Buffer.PBUF), ["load", "compute"],
-                                 [f"param{j}" for j in range(_PARAM_WORDS)] + ["store"], broadcast={"compute": AB}),
+            Buffer.PBUF: _Memory("pbuf", cfg.pbuf_depth, cfg.word_bits(Buffer.PBUF), ["load", "compute"] if vec
+                                 else ["load"], [f"param{j}" for j in range(_PARAM_WORDS)] + ["store"],
+                                 broadcast={"compute": AB} if vec else None),
         }
         imem = _Memory("imem", cfg.imem_depth, INSTRUCTION_BITS, ["load"], ["fetch"])
 
@@ -335,7 +370,10 @@ class _Builder:
         for u in Unit:
             rem[u] = Register(widths[u], f"{u.value}_rem")
         idle = {u: rem[u] == 0 for u in Unit}
-        unit_of = {u: _any(is_op[o] for o in Opcode if UNITS[o] is u and o is not Opcode.HALT) for u in Unit}
+        # an opcode of a unit the config leaves out never issues (nor does an unknown one): the
+        # machine stalls; `isa.check_program` refuses such programs before they run
+        unit_of = {u: _any(is_op[o] for o in Opcode if UNITS[o] is u and o is not Opcode.HALT
+                           and (o not in _VECTOR_OPS or vec)) for u in Unit}
         tokens_ok = _all(~waitm[t] | _nonzero(tokens[t]) for t in range(ntok))
         unit_ok = _any([unit_of[u] & idle[u] for u in Unit] + [is_op[Opcode.HALT] & _all(idle.values())])
         issue <<= ir_valid & ~done & tokens_ok & unit_ok
@@ -433,13 +471,17 @@ class _Builder:
 
         # ---- compute unit
         iss = issue_u[Unit.COMPUTE]
-        ops_a = [o for o in _VECTOR_OPS if "a" in {x.name for x in FORMATS[o]}]
-        ops_b = [o for o in _VECTOR_OPS if "b" in {x.name for x in FORMATS[o]}]
-        ops_dst = [Opcode.REQUANT, *_VECTOR_OPS]
-        c_dur = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k") + (R + C - 2)),
-                      (is_op[Opcode.REQUANT], Const(R))], _decode_field(ir, op, _VECTOR_OPS, "n"))
-        c_feed_issue = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k")), (is_op[Opcode.REQUANT], Const(R))],
-                            _decode_field(ir, op, _VECTOR_OPS, "n"))
+        ops_a = [o for o in vector_ops if "a" in {x.name for x in FORMATS[o]}]
+        ops_b = [o for o in vector_ops if "b" in {x.name for x in FORMATS[o]}]
+        ops_dst = [Opcode.REQUANT, *vector_ops]
+        if vec:
+            c_dur = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k") + (R + C - 2)),
+                          (is_op[Opcode.REQUANT], Const(R))], _decode_field(ir, op, _VECTOR_OPS, "n"))
+            c_feed_issue = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k")), (is_op[Opcode.REQUANT], Const(R))],
+                                _decode_field(ir, op, _VECTOR_OPS, "n"))
+        else:  # gemm or requant
+            c_dur = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k") + (R + C - 2))], Const(R))
+            c_feed_issue = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k"))], Const(R))
         c_fire, c_sig = timing(Unit.COMPUTE, c_dur)
 
         c_op = Register(isa.OPCODE.width, "ex_op")
@@ -460,11 +502,14 @@ class _Builder:
             reg.next <<= _fit(select(step, eff + 1, eff), 16)
             return eff
 
-        p1 = pointer("ex_p1", _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "a"))], _decode_field(ir, op, ops_a, "a")),
-                     Const(1))
-        p2 = pointer("ex_p2", _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "b"))], _decode_field(ir, op, ops_b, "b")),
-                     Const(1))
-        row_advance = feeding & _any(ex[o] for o in (Opcode.REQUANT, *_ELEMENTWISE))
+        if vec:
+            p1 = pointer("ex_p1", _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "a"))],
+                                       _decode_field(ir, op, ops_a, "a")), Const(1))
+            p2 = pointer("ex_p2", _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "b"))],
+                                       _decode_field(ir, op, ops_b, "b")), Const(1))
+        else:
+            p1, p2 = pointer("ex_p1", f(Opcode.GEMM, "a"), Const(1)), pointer("ex_p2", f(Opcode.GEMM, "b"), Const(1))
+        row_advance = feeding & _any(ex[o] for o in (Opcode.REQUANT, *(_ELEMENTWISE if vec else ())))
         wptr = pointer("ex_w", _decode_field(ir, op, ops_dst, "dst"), row_advance)
         rw = _bits(R)
         c_row = Register(rw, "ex_row")
@@ -473,20 +518,22 @@ class _Builder:
         c_relu = Register(1, "ex_relu")
         eff_relu = select(iss, f(Opcode.REQUANT, "relu"), c_relu)
         c_relu.next <<= eff_relu
-        shift_f = _field(Opcode.VMUL, "shift")
-        c_shift = Register(shift_f.width, "ex_shift")
-        eff_shift = select(iss, f(Opcode.VMUL, "shift"), c_shift)
-        c_shift.next <<= eff_shift
+        if vec:
+            shift_f = _field(Opcode.VMUL, "shift")
+            c_shift = Register(shift_f.width, "ex_shift")
+            eff_shift = select(iss, f(Opcode.VMUL, "shift"), c_shift)
+            c_shift.next <<= eff_shift
 
         # read ports: the running instruction's next word, else the first word of the instruction
         # that may issue next cycle
         stream_a = ex[Opcode.GEMM] & more
         mems[Buffer.ABUF].read("gemm", select(stream_a, p1 + 1, _decode_field(cand, cand_op, [Opcode.GEMM], "a")))
         mems[Buffer.BBUF].read("gemm", select(stream_a, p2 + 1, _decode_field(cand, cand_op, [Opcode.GEMM], "b")))
-        mems[Buffer.OBUF].read("vec_a", select(_any(ex[o] for o in ops_a) & more, p1 + 1,
-                                               _decode_field(cand, cand_op, ops_a, "a")))
-        mems[Buffer.OBUF].read("vec_b", select(_any(ex[o] for o in ops_b) & more, p2 + 1,
-                                               _decode_field(cand, cand_op, ops_b, "b")))
+        if vec:
+            mems[Buffer.OBUF].read("vec_a", select(_any(ex[o] for o in ops_a) & more, p1 + 1,
+                                                   _decode_field(cand, cand_op, ops_a, "a")))
+            mems[Buffer.OBUF].read("vec_b", select(_any(ex[o] for o in ops_b) & more, p2 + 1,
+                                                   _decode_field(cand, cand_op, ops_b, "b")))
         la_param = _decode_field(cand, cand_op, [Opcode.REQUANT], "param")
         pbuf = mems[Buffer.PBUF]
         for j in range(_PARAM_WORDS):  # held while requant runs
@@ -530,27 +577,29 @@ class _Builder:
             rq.append(select(eff_relu & y[-1], Const(0, DB), y))
         rq_word = concat_list(rq)
 
-        # vector unit
-        va = _lanes(mems[Buffer.OBUF].data["vec_a"], C, DB)
-        vb = _lanes(mems[Buffer.OBUF].data["vec_b"], C, DB)
-        add_word = concat_list([_saturate((x.sign_extended(DB + 1) + y.sign_extended(DB + 1))[:DB + 1], DB)
-                                for x, y in zip(va, vb)])
-        mul_word = concat_list([_saturate(_round_shift((x.sign_extended(2 * DB) * y.sign_extended(2 * DB))[:2 * DB],
-                                                       eff_shift), DB) for x, y in zip(va, vb)])
-        relu_word = concat_list([select(x[-1], Const(0, DB), x) for x in va])
-        c_max, c_sum = Register(DB, "ex_max"), Register(AB, "ex_sum")
-        word_max = _tree(_smax, va)
-        eff_max = select(iss, word_max, _smax(c_max, word_max))
-        c_max.next <<= eff_max
-        word_sum = _tree(lambda x, y: (x + y)[:AB], [x.sign_extended(AB) for x in va])
-        eff_sum = select(iss, word_sum, (c_sum + word_sum)[:AB])
-        c_sum.next <<= eff_sum
+        if not vec:  # no vector unit: requant rows are all the compute unit writes
+            mems[Buffer.OBUF].write("compute", wptr, rq_word, row_advance)
+        else:  # the vector unit
+            va = _lanes(mems[Buffer.OBUF].data["vec_a"], C, DB)
+            vb = _lanes(mems[Buffer.OBUF].data["vec_b"], C, DB)
+            add_word = concat_list([_saturate((x.sign_extended(DB + 1) + y.sign_extended(DB + 1))[:DB + 1], DB)
+                                    for x, y in zip(va, vb)])
+            mul_word = concat_list([_saturate(_round_shift((x.sign_extended(2 * DB) * y.sign_extended(2 * DB))
+                                                           [:2 * DB], eff_shift), DB) for x, y in zip(va, vb)])
+            relu_word = concat_list([select(x[-1], Const(0, DB), x) for x in va])
+            c_max, c_sum = Register(DB, "ex_max"), Register(AB, "ex_sum")
+            word_max = _tree(_smax, va)
+            eff_max = select(iss, word_max, _smax(c_max, word_max))
+            c_max.next <<= eff_max
+            word_sum = _tree(lambda x, y: (x + y)[:AB], [x.sign_extended(AB) for x in va])
+            eff_sum = select(iss, word_sum, (c_sum + word_sum)[:AB])
+            c_sum.next <<= eff_sum
 
-        out_word = _sel([(ex[Opcode.REQUANT], rq_word), (ex[Opcode.VADD], add_word), (ex[Opcode.VMUL], mul_word),
-                         (ex[Opcode.VRELU], relu_word)], concat_list([eff_max] * C))
-        obuf_we = feeding & (row_advance | (ex[Opcode.VMAX] & last))
-        mems[Buffer.OBUF].write("compute", wptr, out_word, obuf_we)
-        pbuf.write("compute", wptr, eff_sum, feeding & ex[Opcode.VSUM] & last)  # broadcast to every lane
+            out_word = _sel([(ex[Opcode.REQUANT], rq_word), (ex[Opcode.VADD], add_word), (ex[Opcode.VMUL], mul_word),
+                             (ex[Opcode.VRELU], relu_word)], concat_list([eff_max] * C))
+            obuf_we = feeding & (row_advance | (ex[Opcode.VMAX] & last))
+            mems[Buffer.OBUF].write("compute", wptr, out_word, obuf_we)
+            pbuf.write("compute", wptr, eff_sum, feeding & ex[Opcode.VSUM] & last)  # broadcast to every lane
 
         # ---- tokens: +1 per unit signalling, -1 per issue waiting
         for t in range(ntok):
@@ -561,7 +610,7 @@ class _Builder:
         for m in [*mems.values(), imem]:
             for mb in m.memblocks():
                 memories.append((mb.name, 1 << mb.addrwidth, mb.bitwidth))
-        self.design = Design(cfg, block, imem.banks["load"], memories, imem.aw)
+        self.design = Design(cfg, block, imem.banks["load"][0], memories, imem.aw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
   `vmax dst a n`: every lane of `OBUF[dst]` = the max over the lanes of `OBUF[a..a+n-1]`;
   `vsum dst a n`: every lane of `PBUF[dst]` = their sum (wrapping in `acc_bits`). `n` cycles.
   The unit streams a word per cycle, so `dst` may equal a source but not lie inside one.
+  A config without the vector unit (`vector_unit=False`) runs none of these five: programs
+  using them are refused (`Instruction.problem`); requant is there in every config.
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.VMAX: (_VEC[0], _VEC[1], _VEC[3]),
     Opcode.VSUM: (_VEC[0], _VEC[1], _VEC[3]),
 }
+
+# the vector unit's opcodes: a config may leave the unit out (`AccelConfig.vector_unit`);
+# requant is the array's output path and always there
+VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM)
 
 UNITS: dict[Opcode, Unit] = {op: Unit.COMPUTE for op in Opcode} | {Opcode.LOAD: Unit.LOAD, Opcode.STORE: Unit.STORE}
 
@@ -215,14 +221,16 @@ class Instruction:
         return (*reads, dst)
 
     def problem(self, config: AccelConfig) -> str | None:
-        """Why this instruction cannot run on `config` (a range outside DRAM or a buffer, an
-        empty transfer), or None."""
+        """Why this instruction cannot run on `config` (a unit the config leaves out, a range
+        outside DRAM or a buffer, an empty transfer), or None."""
         op = self.op
+        if op in VECTOR_OPS and not config.vector_unit:
+            return f"{self.mnemonic} needs the vector unit, which this config leaves out (vector_unit=0)"
         if op is Opcode.GEMM and self["k"] < 1:
             return "k must be at least 1"
         if op in (Opcode.LOAD, Opcode.STORE) and self["count"] < 1:
             return "count must be at least 1"
-        if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) and self["n"] < 1:
+        if op in VECTOR_OPS and self["n"] < 1:
             return "n must be at least 1"
         if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU):
             sources = ("a", "b") if op is not Opcode.VRELU else ("a",)

@@ -74,6 +74,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         for label, key in (("estimated", "resources_estimate"), ("synthesized (yosys)", "synthesis")):
             if key in artifact.manifest["accel"]:
                 r = artifact.manifest["accel"][key]
+                label += ", the catalog's record of this config" if r.get("source") == "catalog" else ""
                 print(f"  {label}: {r['LUT']:,} LUT, {r['FF']:,} FF, {r['DSP']:,} DSP, {r['BRAM']:,} BRAM36 "
                       f"(part {artifact.manifest['target']['part']['name']})")
     return 0

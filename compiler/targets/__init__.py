@@ -46,13 +46,14 @@ class Target:
     work_cost: float = 0.0  # bytes-equivalent of one unit of decode work (select-format)
     part: Part | None = None  # fpga: the part class
     accel: AccelConfig | None = None  # fpga: the accelerator built for it
+    synthesis: dict | None = None  # fpga: yosys synth_xilinx of `accel` (LUT, FF, DSP, BRAM), as measured
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "backend": self.backend, "executor": self.executor,
                 "description": self.description, "tile": list(self.tile), "pipeline": self.pipeline,
                 "lowering": self.lowering, "formats": None if self.formats is None else list(self.formats),
                 "work_cost": self.work_cost, "part": self.part and self.part.to_json(),
-                "accel": self.accel and self.accel.to_json()}
+                "accel": self.accel and self.accel.to_json(), "synthesis": self.synthesis}
 
 
 def load_catalog() -> dict[str, Target]:

@@ -277,15 +277,8 @@ def test_icarus_matches_isa_sim(tmp_path):
            (Opcode.VMAX, 15, 0, 0, 8, 0), (Opcode.VSUM, 7, 2, 0, 5, 0)]
     case = vector_case(cfg, ops, rng=np.random.default_rng(4), words=8)
     same_as_spec(case.program, cfg, case.dram, verilog.run_icarus)
-    rng = np.random.default_rng(11)
-    for _ in range(10):
-        case = random_case(cfg, rng, 10)
-        try:
-            simulate(case.program, cfg, case.dram)
-        except SimulationError:
-            continue
-        same_as_spec(case.program, cfg, case.dram, verilog.run_icarus)
-        break
+    case = runnable_random_case(cfg, np.random.default_rng(11), 10)
+    same_as_spec(case.program, cfg, case.dram, verilog.run_icarus)
     with pytest.raises(hardware.RTLSimulationError):
         verilog.run_icarus(case.program, cfg, case.dram, 5)
 
@@ -295,17 +288,20 @@ def test_icarus_on_banked_abuf_without_the_vector_unit():
     config = variant(CONFIGS[3], abuf_banks=2, vector_unit=False)
     case = gemm_case(config, 6, 9, 5, rng=np.random.default_rng(13), k_chunk=4, relu=True, store_late=True)
     same_as_spec(case.program, config, case.dram, verilog.run_icarus)
-    rng = np.random.default_rng(17)
-    for _ in range(20):  # and a random program: ABUF loads and stores at odd and even addresses
-        case = random_case(config, rng, 12)
+    case = runnable_random_case(config, np.random.default_rng(17), 12)  # ABUF words at odd and even addresses
+    same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+
+
+def runnable_random_case(config: AccelConfig, rng: np.random.Generator, length: int, tries: int = 20):
+    """The first random program the ISA simulator accepts (no race, no deadlock)."""
+    for _ in range(tries):
+        case = random_case(config, rng, length)
         try:
             simulate(case.program, config, case.dram)
         except SimulationError:
             continue
-        same_as_spec(case.program, config, case.dram, verilog.run_icarus)
-        break
-    else:
-        pytest.fail("no race-free random program in 20 tries")
+        return case
+    pytest.fail(f"no runnable random program in {tries} tries")
 
 
 def test_verilator_matches_isa_sim(tmp_path):

@@ -118,28 +118,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_atomically(path: str, write) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    write(tmp)
+    os.replace(tmp, out)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     import tcc
     artifact = tcc.load(args.artifact)
     inputs = _load_inputs(args.input) if args.input else None
+    if args.stats and args.on not in ("sim", "rtl"):
+        raise TccError("--stats: cycle statistics come from --on sim or --on rtl")
     outputs = artifact.run(inputs, on=args.on)
     if args.stats:
-        if args.on not in ("sim", "rtl"):
-            raise TccError("--stats: cycle statistics come from --on sim or --on rtl")
-        stats = artifact.executor(args.on).stats.to_json(artifact.accel_program().config)
-        out = Path(args.stats)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(stats, indent=2) + "\n")
-        os.replace(tmp, out)
+        executor = artifact.executor(args.on)
+        stats = executor.stats.to_json(executor.program.config)
+        out = _write_atomically(args.stats, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
         print(f"{args.on}: {stats['cycles']:,} cycles, {stats['macs']:,} MACs, utilization {stats['utilization']:.3f}"
               f" -> {out}")
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        torch.save(outputs, tmp)
-        os.replace(tmp, out)
+        out = _write_atomically(args.output, lambda tmp: torch.save(outputs, tmp))
         print(f"wrote {out}")
     else:
         items = outputs.items() if isinstance(outputs, dict) else enumerate(

@@ -158,7 +158,8 @@ def _hardware_files(graph: Graph, program: AccelProgram, examples: dict[str, np.
         return hardware_files((Instruction.make(Opcode.HALT),), config, b"", 16, target.part.family)
     section, dram = program.sections[0].program, program.dram
     if len(examples) == len(graph.inputs):
-        section, dram = AccelExecutor(graph, program).section_runs(*(examples[n] for n in graph.input_names))[0]
+        section, dram = AccelExecutor(graph, program).section_runs(
+            *(examples[n] for n in graph.input_names), first=1)[0]
     extent = dram_extent(section, config) * (config.dram_bits // 8)
     return hardware_files(section, config, dram[:extent], cycle_bound(section, config), target.part.family)
 

@@ -60,6 +60,10 @@ class AccelStats:
                 "instructions": dict(sorted(self.instructions.items())), "section_cycles": list(self.section_cycles)}
 
 
+class _Recorded(Exception):
+    """Ends a `section_runs` run once it has recorded the sections asked for."""
+
+
 class AccelExecutor(NumpyExecutor):
     """`AccelExecutor(graph, program)(*arrays) -> list of arrays`: `graph` with the layers of
     `program` (from `codegen.generate(graph, config)`) on the accelerator through
@@ -87,18 +91,23 @@ class AccelExecutor(NumpyExecutor):
         """Every value the run computes (inputs, constants, host results, layer outputs)."""
         return self._run(inputs, keep=True)
 
-    def section_runs(self, *inputs: np.ndarray) -> list[tuple[tuple[Instruction, ...], bytes]]:
+    def section_runs(self, *inputs: np.ndarray, first: int | None = None) -> list[tuple[tuple[Instruction, ...], bytes]]:
         """Each section's program with the DRAM it starts from in a run on `inputs`, in run
-        order: what another tier needs to run that section alone."""
+        order: what another tier needs to run that section alone. With `first`, the run
+        stops once that many sections are recorded."""
         runs, run_section = [], self.run_section
 
         def recording(program, config, dram, max_cycles):
             runs.append((program, dram))
+            if first is not None and len(runs) >= first:
+                raise _Recorded
             return run_section(program, config, dram, max_cycles)
 
         self.run_section = recording
         try:
             self(*inputs)
+        except _Recorded:
+            pass
         finally:
             self.run_section = run_section
         return runs

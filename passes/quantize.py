@@ -32,7 +32,7 @@ from tcc.ir.quant import PerChannel, PerTensor
 from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult, option
-from .calibrate import observe
+from .calibrate import observe, symmetric_scale
 from .dce import DeadCodeElimination
 from .layers import select_layers
 from .rewrite import Rewriter
@@ -65,7 +65,9 @@ def fixed_point(m: np.ndarray, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class Quantize(Pass):
     """Rewrite float linears with constant weights (matched by `layers`) into integer-only
-    quantize -> integer linear -> requantize -> dequantize; idempotent (integer linears are skipped)."""
+    quantize -> integer linear -> requantize -> dequantize. Integer linears whose accumulator
+    is dequantized directly (binarized layers: alpha * s_x per channel) get the requantize to
+    calibrated activations in between, so their outputs are integers too. Idempotent."""
 
     name = "quantize"
     summary = "integer-only linears: per-channel weights, calibrated per-tensor activations, fixed-point requantize"
@@ -90,12 +92,22 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         types, weights = graph.types, graph.weights
         constants = set(graph.constant_names)
-        targets = {op.result: op for layer in select_layers(graph, self.layers, keep_head=False, pass_name=self.name)
-                   for op in layer.ops if types[op.operands[0]].dtype.is_float
+        chosen = [op for layer in select_layers(graph, self.layers, keep_head=False, pass_name=self.name,
+                                                float_only=False) for op in layer.ops]
+        targets = {op.result: op for op in chosen if types[op.operands[0]].dtype.is_float
+                   and types[op.operands[1]].dtype.is_float
                    and (len(op.operands) < 3 or (op.operands[2] in constants and types[op.operands[2]].dtype.is_float))}
-        if not targets:
+        outputs, users = set(graph.outputs), graph.users()
+        dequantized_acc = {}  # integer linear -> the dequantize that is its accumulator's only user
+        for op in chosen:
+            after = users[op.result]
+            if op.type.dtype.is_int and op.result not in outputs and len(after) == 1 and \
+                    after[0].kind == "dequantize" and after[0].operands[1] in constants:
+                dequantized_acc[op.result] = after[0]
+        if not targets and not dequantized_acc:
             return PassResult(graph, False)
-        scales = self.calibrate(graph, ctx, {v for op in targets.values() for v in (op.operands[0], op.result)})
+        scales = self.calibrate(graph, ctx, {v for op in targets.values() for v in (op.operands[0], op.result)}
+                                | {d.result for d in dequantized_acc.values()})
         adtype, wdtype = _DTYPES[self.activation_bits], _DTYPES[self.bits]
 
         rw = Rewriter(graph)
@@ -104,7 +116,7 @@ class Quantize(Pass):
 
         def integer_input(x: str) -> tuple[str, float]:
             if x not in quantized:
-                quantized[x] = _dequantized(rw, x, adtype) or (
+                quantized[x] = dequantized(rw, x, adtype) or (
                     rw.op("quantize", x, name=f"{x}.q", dtype=adtype, scale=scales[x]), scales[x])
             return quantized[x]
 
@@ -117,6 +129,9 @@ class Quantize(Pass):
             return weight_q[w]
 
         for op in graph.ops:
+            if op.kind == "dequantize" and op.operands[0] in dequantized_acc:
+                self._requantize_accumulator(rw, op, graph, scales[op.result], adtype)
+                continue
             if op.result not in targets:
                 rw.keep(op)
                 continue
@@ -141,31 +156,51 @@ class Quantize(Pass):
             s_y = rw.constant(f"{base}.output_scale", np.asarray(scales[y]), TensorType((), op.type.dtype))
             rw.alias(y, rw.op("dequantize", yq, s_y, name=y))
 
-        ctx.note(f"{len(targets)} linears to {adtype} x {wdtype}")
+        ctx.note(f"{len(targets)} linears to {adtype} x {wdtype}" +
+                 (f"; {len(dequantized_acc)} integer linears requantized to {adtype}" if dequantized_acc else ""))
         # a dequantize whose users now read its integer operand is dead: drop it
         return PassResult(DeadCodeElimination().run(rw.finish(), ctx).graph, True)
+
+    @staticmethod
+    def _requantize_accumulator(rw: Rewriter, op, graph: Graph, scale: float, adtype: DType) -> None:
+        """`y = dequantize(acc, step)` -> `y = dequantize(requantize(acc, step / scale), scale)`."""
+        acc, step = op.operands
+        linear = rw.producer(acc)
+        x, w = linear.operands[:2]
+        bias = int(np.abs(graph.weights[linear.operands[2]]).max(initial=0)) if len(linear.operands) == 3 else 0
+        x_max, w_max = (1 << rw.types[x].dtype.bits - 1), (1 << graph.types[w].dtype.bits - 1)
+        bound = graph.types[w].shape[1] * x_max * w_max + bias
+        factor = np.broadcast_to(np.asarray(graph.weights[step], np.float64), (graph.types[w].shape[0],)) / scale
+        mult, shift = fixed_point(factor, min(31, 62 - math.ceil(math.log2(bound + 1))))
+        vector = TensorType(mult.shape, DType.I32)
+        y = op.result
+        yq = rw.op("requantize", acc, rw.constant(f"{y}.multiplier", mult, vector),
+                   rw.constant(f"{y}.shift", shift, vector), name=f"{y}.q", dtype=adtype, scale=scale)
+        s_y = rw.constant(f"{y}.output_scale", np.asarray(scale), TensorType((), op.type.dtype))
+        rw.alias(y, rw.op("dequantize", yq, s_y, name=y))
 
     def calibrate(self, graph: Graph, ctx: PassContext, values: set[str]) -> dict[str, float]:
         """Symmetric per-tensor scales of `values`, from the float graph run on calibration data."""
         percentile = self.percentile if self.calibration == "percentile" else None
         observers = observe(graph, ctx, values, pass_name=self.name, percentile=percentile)
         qmax = _DTYPES[self.activation_bits].value_range[1]
-        return {v: (r / qmax if (r := o.range(percentile)) > 0 else 1.0) for v, o in observers.items()}
+        return {v: symmetric_scale(o, qmax, percentile) for v, o in observers.items()}
 
 
 def _base(weight: str) -> str:
     return weight[:-len(".weight")] if weight.endswith(".weight") else weight
 
 
-def _dequantized(rw: Rewriter, value: str, dtype: DType) -> tuple[str, float] | None:
-    """(q, scale) when `value` is `dequantize(q, scale)` of a `dtype` value with zero point 0 and
-    a scalar scale constant equal to q's type scale: then quantize(value) == q exactly."""
+def dequantized(rw: Rewriter, value: str, dtype: DType | None = None) -> tuple[str, float] | None:
+    """(q, scale) when `value` is `dequantize(q, scale)` of a `dtype` (any integer type when None)
+    value with zero point 0 and a scalar scale constant equal to q's type scale: then
+    quantize(value) == q exactly."""
     op = rw.producer(value)
     if op is None or op.kind != "dequantize" or op.attr("zero_point") != 0:
         return None
     q, scale = op.operands
     quant = rw.types[q].quant
-    if rw.types[q].dtype is not dtype or not isinstance(quant, PerTensor) or quant.zero_point != 0 or rw.types[
+    if dtype not in (None, rw.types[q].dtype) or not isinstance(quant, PerTensor) or quant.zero_point != 0 or rw.types[
             scale].dtype not in (DType.F32, DType.F64):  # f32: rint(q * s / s) == q for |q| < 2^22
         return None
     s = rw.weight(scale)

@@ -2,11 +2,12 @@
 numpy reference, and counts cycles with the hardware's timing (`backends.accel.isa`).
 
 Timing is computed per instruction, not per cycle: each issues at the first cycle after its
-predecessor's issue when its unit is idle and its tokens are there, and keeps its unit busy
-for `Instruction.duration` cycles; the RTL implements the same rule, so both count the same
-cycles. Data effects apply in program order; that equals the hardware's concurrent order
-for every program without races, and the simulator rejects a program with a race (two units
-touching the same memory at overlapping times, one of them writing)."""
+predecessor's issue when its unit is free and its tokens are there, occupies its unit for
+`Instruction.occupancy` cycles and ends `Instruction.duration` cycles after its issue; the RTL
+implements the same rule, so both count the same cycles. Data effects apply in program
+order; that equals the hardware's concurrent order for every program without races, and the
+simulator rejects a program with a race (two units touching the same memory at overlapping
+times, one of them writing)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import (FETCH_CYCLES, TOKEN_BITS, Buffer, Instruction, Opcode, SimulationError, Token,
-                                    Unit, check_program, pack_words, unpack_words, wrap)
+from tcc.backends.accel.isa import (ARRAY_OPS, FETCH_CYCLES, TOKEN_BITS, Buffer, Instruction, Opcode, SimulationError,
+                                    Token, Unit, check_program, pack_words, unpack_words, wrap)
 from tcc.ir.dtypes import DType
 from tcc.ir.reference import REFERENCE
 
@@ -28,9 +29,9 @@ _DATA_DTYPES = {4: DType.I4, 8: DType.I8, 16: DType.I16}
 @dataclass
 class Stats:
     cycles: int = 0
-    macs: int = 0
+    macs: int = 0  # PE steps of the array: operand steps x rows x cols
     instructions: Counter = field(default_factory=Counter)
-    busy: Counter = field(default_factory=Counter)  # cycles each unit was busy
+    busy: Counter = field(default_factory=Counter)  # cycles each unit was occupied
     schedule: list[tuple[int, int]] = field(default_factory=list)  # (issue, end) per instruction
 
     def to_json(self, config: AccelConfig) -> dict:
@@ -41,7 +42,7 @@ class Stats:
 
 
 class Machine:
-    """The accelerator's architectural state: buffers, accumulators, DRAM (bytes)."""
+    """The accelerator's architectural state: buffers, the two accumulator banks, DRAM (bytes)."""
 
     def __init__(self, config: AccelConfig, dram: np.ndarray | bytes = b""):
         self.config = config
@@ -53,7 +54,7 @@ class Machine:
         self.dram = np.zeros(config.dram_words * self.dram_bytes, np.uint8)  # calloc: untouched pages are free
         self.dram[:len(image)] = image
         self.buffers = {b: np.zeros((config.buffer_depth(b), config.lanes(b)), np.int64) for b in Buffer}
-        self.acc = np.zeros((config.rows, config.cols), np.int64)
+        self.acc = np.zeros((2, config.rows, config.cols), np.int64)
 
     def dram_words(self, first: int, count: int) -> np.ndarray:
         """DRAM words [first, first + count) as a [count, dram_bytes] view."""
@@ -69,20 +70,39 @@ class Machine:
                 self.buffers[buf][addr:addr + count] = unpack_words(words, cfg.lanes(buf), cfg.lane_bits(buf))
             else:
                 words[:] = pack_words(self.buffers[buf][addr:addr + count], cfg.lane_bits(buf), beats * self.dram_bytes)
-        elif op is Opcode.GEMM:
-            a = self.buffers[Buffer.ABUF][instr["a"]:instr["a"] + instr["k"]]
-            b = self.buffers[Buffer.BBUF][instr["b"]:instr["b"] + instr["k"]]
-            self.acc = wrap(a.T @ b + (self.acc if instr["acc"] else 0), cfg.acc_bits)
+        elif op in ARRAY_OPS:
+            products = self._products(instr)
+            bank = instr["bank"]
+            self.acc[bank] = wrap(products + (self.acc[bank] if instr["acc"] else 0), cfg.acc_bits)
         elif op is Opcode.REQUANT:
             bias, mult, shift = self.buffers[Buffer.PBUF][instr["param"]:instr["param"] + 3]
             if shift.min() < 0 or shift.max() > 62:
                 raise SimulationError(f"requant: shift lanes must lie in [0, 62], got [{shift.min()}, {shift.max()}]")
-            out = REFERENCE["requantize"](wrap(self.acc + bias, cfg.acc_bits), mult, shift,
+            out = REFERENCE["requantize"](wrap(self.acc[instr["bank"]] + bias, cfg.acc_bits), mult, shift,
                                           dtype=_DATA_DTYPES[cfg.data_bits], scale=1.0, zero_point=0)
             out = out.astype(np.int64)
             self.buffers[Buffer.OBUF][instr["dst"]:instr["dst"] + cfg.rows] = np.maximum(out, 0) if instr["relu"] else out
         elif op is not Opcode.HALT:
             self._vector(instr)
+
+    def _products(self, instr: Instruction) -> np.ndarray:
+        """[rows, cols] sums of products an array instruction adds to its accumulator bank."""
+        abuf, bbuf, op = self.buffers[Buffer.ABUF], self.buffers[Buffer.BBUF], instr.op
+        a, b = instr["a"], instr["b"]
+        if op is Opcode.GEMM:
+            return abuf[a:a + instr["k"]].T @ bbuf[b:b + instr["k"]]
+        if op is Opcode.BGEMM:
+            bits = self.config.data_bits
+            mask = (1 << bits) - 1
+            x, w = abuf[a:a + instr["k"]] & mask, bbuf[b:b + instr["k"]] & mask  # [k, rows], [k, cols]
+            same = np.bitwise_count(~(x[:, :, None] ^ w[:, None, :]) & mask).astype(np.int64)
+            return (2 * same - bits).sum(axis=0)
+        bw, nnz, blocks = instr["bw"], instr["nnz"], instr["blocks"]
+        steps = blocks * nnz
+        values, index = bbuf[b:b + 2 * steps:2], bbuf[b + 1:b + 2 * steps:2] & (bw - 1)  # [steps, cols]
+        rows = a + (np.arange(steps) // nnz * bw)[:, None] + index  # the ABUF word each column gathers
+        gathered = abuf[rows]  # [steps, cols, rows]
+        return np.einsum("scr,sc->rc", gathered, values)
 
     def _vector(self, instr: Instruction) -> None:
         cfg, op, obuf = self.config, instr.op, self.buffers[Buffer.OBUF]
@@ -114,14 +134,15 @@ def simulate(program, config: AccelConfig, dram: np.ndarray | bytes = b"", *,
         raise SimulationError(str(e)) from None
     machine = Machine(config, dram)
     stats = Stats()
-    free_at = {u: 0 for u in Unit}  # first cycle each unit is idle
+    free_at = {u: 0 for u in Unit}  # first cycle each unit may issue again
+    last_end = 0  # the latest end of any instruction so far
     signals: dict[Token, list[int]] = {t: [] for t in Token}  # cycles signals become visible
     taken = Counter()  # tokens consumed so far
     in_flight: list[tuple[int, Unit, tuple, int]] = []  # (end, unit, accesses, pc)
     t = FETCH_CYCLES
     for pc, instr in enumerate(program):
         where = f"instruction {pc} ({instr.text()})"
-        issue = max(t, *free_at.values()) if instr.op is Opcode.HALT else max(t, free_at[instr.unit])
+        issue = max(t, last_end) if instr.op is Opcode.HALT else max(t, free_at[instr.unit])
         for token in Token:
             if instr.wait >> token & 1:
                 available = signals[token]
@@ -135,6 +156,7 @@ def simulate(program, config: AccelConfig, dram: np.ndarray | bytes = b"", *,
             if instr.wait >> token & 1:
                 taken[token] += 1
         end = issue + instr.duration(config)
+        last_end = max(last_end, end)
         accesses = instr.accesses(config)
         in_flight = [f for f in in_flight if f[0] > issue]
         for other_end, unit, other, other_pc in in_flight:
@@ -151,12 +173,13 @@ def simulate(program, config: AccelConfig, dram: np.ndarray | bytes = b"", *,
             machine.execute(instr)
         except SimulationError as e:
             raise SimulationError(f"{where}: {e}") from None
-        free_at[instr.unit] = end
+        occupied = instr.occupancy(config)
+        free_at[instr.unit] = issue + occupied
         stats.instructions[instr.mnemonic] += 1
-        stats.busy[instr.unit.value] += end - issue
+        stats.busy[instr.unit.value] += occupied
         stats.schedule.append((issue, end))
-        if instr.op is Opcode.GEMM:
-            stats.macs += instr["k"] * config.pes
+        if instr.op in ARRAY_OPS:
+            stats.macs += instr.steps() * config.pes
         if instr.op is Opcode.HALT:
             stats.cycles = issue + 1
             return machine, stats

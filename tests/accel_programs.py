@@ -83,8 +83,10 @@ def gemm_case(config: AccelConfig, m: int, k: int, n: int, *, rng: np.random.Gen
               relu: bool = False, store_late: bool = False) -> Case:
     """Y = requant(A @ B + bias) for A [m, k], B [k, n] int `data_bits`, tiled on the array:
     ABUF/BBUF double-buffered in chunks of `k_chunk` (split-K with acc=1), OBUF double-buffered
-    per output tile, tokens LD2EX/EX2LD between loads and gemms, EX2ST/ST2EX between requants
-    and stores (`store_late`: a tile's store comes after the next tile's first gemm)."""
+    per output tile (accumulator bank = tile % 2, so a tile's requant overlaps the next tile's
+    gemms), tokens LD2AR/AR2LD between loads and gemms, AR2VE/VE2AR between gemms and requants,
+    VE2ST/ST2VE between requants and stores (`store_late`: a tile's store comes after the next
+    tile's first gemm)."""
     cfg = config
     R, C = cfg.rows, cfg.cols
     lo, hi = _DTYPES[cfg.data_bits].value_range
@@ -120,9 +122,9 @@ def gemm_case(config: AccelConfig, m: int, k: int, n: int, *, rng: np.random.Gen
         i, j, c = steps[s]
         count = min(kc, k - c * kc)
         slot = (s % 2) * kc
-        wait = (Token.EX2LD,) if s >= 2 else ()
+        wait = (Token.AR2LD,) if s >= 2 else ()
         prog.append(Instruction.make(Opcode.LOAD, wait=wait, buf=Buffer.ABUF, addr=slot, count=count, dram=a_at[i, c]))
-        prog.append(Instruction.make(Opcode.LOAD, signal=(Token.LD2EX,), buf=Buffer.BBUF, addr=slot, count=count,
+        prog.append(Instruction.make(Opcode.LOAD, signal=(Token.LD2AR,), buf=Buffer.BBUF, addr=slot, count=count,
                                      dram=b_at[j, c]))
 
     load(0)
@@ -133,8 +135,10 @@ def gemm_case(config: AccelConfig, m: int, k: int, n: int, *, rng: np.random.Gen
     for s, (i, j, c) in enumerate(steps):
         count = min(kc, k - c * kc)
         slot = (s % 2) * kc
-        prog.append(Instruction.make(Opcode.GEMM, wait=(Token.LD2EX,), signal=(Token.EX2LD,), a=slot, b=slot,
-                                     k=count, acc=int(c > 0)))
+        wait = (Token.LD2AR, Token.VE2AR) if c == 0 and tile >= 2 else (Token.LD2AR,)
+        signal = (Token.AR2LD, Token.AR2VE) if c == kt - 1 else (Token.AR2LD,)
+        prog.append(Instruction.make(Opcode.GEMM, wait=wait, signal=signal, a=slot, b=slot, k=count, acc=int(c > 0),
+                                     bank=tile % 2))
         if pending_store is not None:
             prog.append(pending_store)
             pending_store = None
@@ -142,9 +146,10 @@ def gemm_case(config: AccelConfig, m: int, k: int, n: int, *, rng: np.random.Gen
             load(s + 2)
         if c == kt - 1:
             oslot = (tile % 2) * R
-            prog.append(Instruction.make(Opcode.REQUANT, wait=(Token.ST2EX,) if tile >= 2 else (),
-                                         signal=(Token.EX2ST,), dst=oslot, param=3 * j, relu=int(relu)))
-            store = Instruction.make(Opcode.STORE, wait=(Token.EX2ST,), signal=(Token.ST2EX,), buf=Buffer.OBUF,
+            prog.append(Instruction.make(Opcode.REQUANT, wait=(Token.AR2VE, Token.ST2VE) if tile >= 2 else
+                                         (Token.AR2VE,), signal=(Token.VE2ST, Token.VE2AR), dst=oslot, param=3 * j,
+                                         relu=int(relu), bank=tile % 2))
+            store = Instruction.make(Opcode.STORE, wait=(Token.VE2ST,), signal=(Token.ST2VE,), buf=Buffer.OBUF,
                                      addr=oslot, count=R, dram=y_at + (i * nt + j) * R * cfg.beats(Buffer.OBUF))
             if store_late:
                 pending_store = store
@@ -178,16 +183,16 @@ def vector_case(config: AccelConfig, ops: list[tuple], *, rng: np.random.Generat
     src = dram.put(Buffer.OBUF, rng.integers(lo, hi + 1, (words, cfg.cols)))
     out = dram.reserve(Buffer.OBUF, cfg.obuf_depth)
     pout = dram.reserve(Buffer.PBUF, cfg.pbuf_depth)
-    prog = [Instruction.make(Opcode.LOAD, signal=(Token.LD2EX,), buf=Buffer.OBUF, addr=0, count=words, dram=src)]
+    prog = [Instruction.make(Opcode.LOAD, signal=(Token.LD2VE,), buf=Buffer.OBUF, addr=0, count=words, dram=src)]
     for i, (op, dst, a, b, n, shift) in enumerate(ops):
-        wait = (Token.LD2EX,) if i == 0 else ()
+        wait = (Token.LD2VE,) if i == 0 else ()
         fields = {"dst": dst, "a": a, "n": n}
         if op in (Opcode.VADD, Opcode.VMUL):
             fields["b"] = b
         if op is Opcode.VMUL:
             fields["shift"] = shift
-        prog.append(Instruction.make(op, wait=wait, signal=(Token.EX2ST,) if i == len(ops) - 1 else (), **fields))
-    wait = (Token.EX2ST,) if ops else ()
+        prog.append(Instruction.make(op, wait=wait, signal=(Token.VE2ST,) if i == len(ops) - 1 else (), **fields))
+    wait = (Token.VE2ST,) if ops else ()
     prog.append(Instruction.make(Opcode.STORE, wait=wait, buf=Buffer.OBUF, addr=0, count=cfg.obuf_depth, dram=out))
     prog.append(Instruction.make(Opcode.STORE, buf=Buffer.PBUF, addr=0, count=cfg.pbuf_depth, dram=pout))
     prog.append(Instruction.make(Opcode.HALT))
@@ -212,8 +217,9 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
     prog: list[Instruction] = [Instruction.make(Opcode.LOAD, buf=Buffer.PBUF, addr=0, count=6, dram=regions[Buffer.PBUF])]
     prev_signal = None
     for _ in range(length):
-        kind = rng.choice(["load", "store", "gemm", "requant", "vec"] if cfg.vector_unit else
-                          ["load", "store", "gemm", "requant"])
+        kinds = ["load", "store", "gemm", "requant"] + ["vec"] * cfg.vector_unit + ["spgemm"] * cfg.sparse_unit \
+            + ["bgemm"] * cfg.binary_unit
+        kind = rng.choice(kinds)
         if kind == "load":
             buf = Buffer(int(rng.choice([Buffer.ABUF, Buffer.BBUF, Buffer.OBUF])))
             count = int(rng.integers(1, min(span, depth[buf]) + 1))
@@ -224,13 +230,25 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
             count = int(rng.integers(1, min(span, depth[buf]) + 1))
             instr = dict(op=Opcode.STORE, buf=buf, addr=int(rng.integers(0, depth[buf] - count + 1)), count=count,
                          dram=out + int(rng.integers(0, span)) * cfg.beats(Buffer.PBUF) // 2)
-        elif kind == "gemm":
+        elif kind in ("gemm", "bgemm"):
             kk = int(rng.integers(1, min(depth[Buffer.ABUF], depth[Buffer.BBUF], 6) + 1))
-            instr = dict(op=Opcode.GEMM, a=int(rng.integers(0, depth[Buffer.ABUF] - kk + 1)),
-                         b=int(rng.integers(0, depth[Buffer.BBUF] - kk + 1)), k=kk, acc=int(rng.integers(0, 2)))
+            instr = dict(op=Opcode.GEMM if kind == "gemm" else Opcode.BGEMM,
+                         a=int(rng.integers(0, depth[Buffer.ABUF] - kk + 1)),
+                         b=int(rng.integers(0, depth[Buffer.BBUF] - kk + 1)), k=kk, acc=int(rng.integers(0, 2)),
+                         bank=int(rng.integers(0, 2)))
+        elif kind == "spgemm":
+            limit = min(cfg.abuf_banks, 1 << cfg.data_bits - 1, depth[Buffer.ABUF])
+            bw = 1 << int(rng.integers(0, limit.bit_length()))
+            blocks = int(rng.integers(1, min(3, depth[Buffer.ABUF] // bw) + 1))
+            nnz = int(rng.integers(1, bw + 1))
+            if 2 * blocks * nnz > depth[Buffer.BBUF]:
+                continue
+            instr = dict(op=Opcode.SPGEMM, a=bw * int(rng.integers(0, depth[Buffer.ABUF] // bw - blocks + 1)),
+                         b=2 * int(rng.integers(0, (depth[Buffer.BBUF] - 2 * blocks * nnz) // 2 + 1)),
+                         blocks=blocks, nnz=nnz, bw=bw, acc=int(rng.integers(0, 2)), bank=int(rng.integers(0, 2)))
         elif kind == "requant":
             instr = dict(op=Opcode.REQUANT, dst=int(rng.integers(0, depth[Buffer.OBUF] - cfg.rows + 1)),
-                         param=3 * int(rng.integers(0, 2)), relu=int(rng.integers(0, 2)))
+                         param=3 * int(rng.integers(0, 2)), relu=int(rng.integers(0, 2)), bank=int(rng.integers(0, 2)))
         else:
             op = Opcode(int(rng.choice([Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM])))
             n = int(rng.integers(1, min(4, depth[Buffer.OBUF]) + 1))
@@ -259,7 +277,7 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
         signal = ()
         prev_signal = None
         if rng.random() < chain:
-            prev_signal = Token(int(rng.integers(0, 4)))
+            prev_signal = Token(int(rng.integers(0, len(Token))))
             signal = (prev_signal,)
         prog.append(Instruction.make(op, wait=wait, signal=signal, **instr))
     prog.append(Instruction.make(Opcode.HALT, wait=(prev_signal,) if prev_signal is not None else ()))

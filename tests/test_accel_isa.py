@@ -25,7 +25,7 @@ TINY = AccelConfig(rows=4, cols=4, abuf_depth=64, bbuf_depth=64, obuf_depth=16, 
 def instructions(draw) -> Instruction:
     op = draw(st.sampled_from(list(Opcode)))
     args = tuple(draw(st.integers(0, (1 << f.width) - 1)) for f in FORMATS[op])
-    return Instruction(op, args, draw(st.integers(0, 15)), draw(st.integers(0, 15)))
+    return Instruction(op, args, draw(st.integers(0, 255)), draw(st.integers(0, 255)))
 
 
 @settings(max_examples=200, deadline=None)
@@ -70,9 +70,9 @@ def test_binary_errors_name_the_instruction():
 @pytest.mark.parametrize("text, message", [
     ("halt\nlod buf=abuf addr=0 count=1 dram=0", "p.s:2: unknown mnemonic 'lod'"),
     ("gemm a=0 b=0 k=4", "p.s:1: gemm: missing field 'acc'"),
-    ("gemm a=0 b=0 k=4 acc=0 z=1", "p.s:1: gemm: unknown field 'z'"),
-    ("gemm a=0 b=0 k=x acc=0", "p.s:1: field 'k' needs an integer, got 'x'"),
-    ("gemm a=0 b=0 k=70000 acc=0", "p.s:1: gemm: field 'k' = 70000 does not fit 16 bits"),
+    ("gemm a=0 b=0 k=4 acc=0 bank=0 z=1", "p.s:1: gemm: unknown field 'z'"),
+    ("gemm a=0 b=0 k=x acc=0 bank=0", "p.s:1: field 'k' needs an integer, got 'x'"),
+    ("gemm a=0 b=0 k=70000 acc=0 bank=0", "p.s:1: gemm: field 'k' = 70000 does not fit 16 bits"),
     ("halt wait=ld2ex|nope", "p.s:1: unknown token in 'wait=ld2ex|nope'"),
     ("load buf=qbuf addr=0 count=1 dram=0", "p.s:1: field 'buf' needs an integer, got 'qbuf'"),
     ("halt oops", "p.s:1: expected NAME=VALUE, got 'oops'"),
@@ -103,7 +103,7 @@ def test_config_banks_and_units():
                           ("abuf_banks=x", "abuf_banks must be a number, got 'x'"),
                           ("abuf_banks=0", "abuf_banks must be at least 1, got 0"),
                           ("abuf_banks=6", "abuf_banks must be a power of two, got 6"),
-                          ("rows=4,abuf_banks=8", r"abuf_banks must be at most rows \(4\), got 8"),
+                          ("abuf_banks=256", r"abuf_banks must be at most 128, got 256"),
                           ("abuf_depth=100,abuf_banks=8", r"abuf_depth \(100\) must be a multiple of abuf_banks \(8\)"),
                           ("vector_uni=0", "unknown field 'vector_uni'; did you mean 'vector_unit'")]:
         with pytest.raises(ValueError, match=message):
@@ -146,13 +146,14 @@ def load(buf: Buffer, addr: int, count: int, dram: int, **tokens) -> Instruction
 
 def gemm_program(k: int, relu: int = 0, overlap: bool = True) -> list[Instruction]:
     """A [4, k] x [k, 4] GEMM on TINY: A at DRAM 0, B at k, params at 2k, output to 200."""
-    ready = (Token.LD2EX,) if overlap else ()
+    ready = (Token.LD2AR,) if overlap else ()
     return [load(Buffer.ABUF, 0, k, 0),
             load(Buffer.BBUF, 0, k, k),
             load(Buffer.PBUF, 0, 3, 2 * k, signal=ready),
-            Instruction.make(Opcode.GEMM, a=0, b=0, k=k, acc=0, wait=ready),
-            Instruction.make(Opcode.REQUANT, dst=0, param=0, relu=relu, signal=(Token.EX2ST,)),
-            Instruction.make(Opcode.STORE, buf=int(Buffer.OBUF), addr=0, count=4, dram=200, wait=(Token.EX2ST,)),
+            Instruction.make(Opcode.GEMM, a=0, b=0, k=k, acc=0, bank=0, wait=ready, signal=(Token.AR2VE,)),
+            Instruction.make(Opcode.REQUANT, dst=0, param=0, relu=relu, bank=0, wait=(Token.AR2VE,),
+                             signal=(Token.VE2ST,)),
+            Instruction.make(Opcode.STORE, buf=int(Buffer.OBUF), addr=0, count=4, dram=200, wait=(Token.VE2ST,)),
             Instruction.make(Opcode.HALT)]
 
 
@@ -178,7 +179,8 @@ def test_gemm_requant_matches_the_reference(k, relu, seed):
 
 def test_timing_rule():
     """Loads issue back to back on one unit; gemm waits for the last load's token; requant
-    follows gemm on the compute unit; store waits for requant's token; halt waits for all."""
+    waits for gemm's end (its drain included); store waits for requant's token; halt waits
+    for all."""
     k, lat = 8, TINY.dram_latency
     _, stats = simulate(gemm_program(k), TINY, bytes(4 * (2 * k + 12)))
     t0 = FETCH_CYCLES
@@ -206,8 +208,9 @@ def test_race_is_rejected():
      r"instruction 0 \(load .*\): writes ABUF words \[60, 68\) outside its 64 words"),
     ([load(Buffer.ABUF, 0, 8, 250), Instruction.make(Opcode.HALT)],
      r"instruction 0 \(load .*\): reads DRAM words \[250, 258\) outside its 256 words"),
-    ([Instruction.make(Opcode.GEMM, a=0, b=0, k=0, acc=0), Instruction.make(Opcode.HALT)], "k must be at least 1"),
-    ([Instruction.make(Opcode.HALT, wait=(Token.ST2EX,))], "deadlock, it waits for token st2ex"),
+    ([Instruction.make(Opcode.GEMM, a=0, b=0, k=0, acc=0, bank=0), Instruction.make(Opcode.HALT)],
+     "k must be at least 1"),
+    ([Instruction.make(Opcode.HALT, wait=(Token.ST2VE,))], "deadlock, it waits for token st2ve"),
     ([load(Buffer.ABUF, 0, 1, 0)], "the program does not end with halt"),
     ([Instruction.make(Opcode.HALT)] * 65, "65 instructions, the program memory holds 64"),
 ])
@@ -233,7 +236,7 @@ def test_vector_ops():
     rng = np.random.default_rng(1)
     x, y = rng.integers(-128, 128, (3, 4)), rng.integers(-128, 128, (3, 4))
     image = pack_words(np.concatenate([x, y]), 8, 4).tobytes()
-    ready = (Token.LD2EX,)
+    ready = (Token.LD2VE,)
     program = [load(Buffer.OBUF, 0, 6, 0, signal=ready), Instruction.make(Opcode.VADD, dst=6, a=0, b=3, n=3, wait=ready),
                Instruction.make(Opcode.VMUL, dst=9, a=0, b=3, n=3, shift=4), Instruction.make(Opcode.VRELU, dst=12, a=0, n=3),
                Instruction.make(Opcode.VMAX, dst=15, a=0, n=3), Instruction.make(Opcode.VSUM, dst=0, a=3, n=3),
@@ -253,3 +256,104 @@ def test_vector_destination_inside_a_source_is_rejected():
         simulate(program, TINY, b"")
     in_place = [Instruction.make(Opcode.VRELU, dst=0, a=0, n=4), Instruction.make(Opcode.HALT)]
     assert simulate(in_place, TINY, b"")[1].instructions["vrelu"] == 1
+
+
+def sparse_program(blocks: int, nnz: int, bw: int, bank: int = 0) -> list[Instruction]:
+    """Load ABUF (blocks * bw words at DRAM 0) and BBUF (2 * blocks * nnz words after it),
+    then one spgemm into `bank`."""
+    a_words, b_words = blocks * bw, 2 * blocks * nnz
+    ready = (Token.LD2AR,)
+    return [load(Buffer.ABUF, 0, a_words, 0), load(Buffer.BBUF, 0, b_words, a_words, signal=ready),
+            Instruction.make(Opcode.SPGEMM, a=0, b=0, blocks=blocks, nnz=nnz, bw=bw, acc=0, bank=bank, wait=ready),
+            Instruction.make(Opcode.HALT)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([1, 2, 4, 8, 16]), st.data())
+def test_spgemm_gathers_by_local_column_indices(blocks, bw, data):
+    """spgemm == the dense product with the weight matrix its values and indices describe
+    (indices taken mod bw: the high bits are ignored)."""
+    nnz = data.draw(st.integers(1, bw))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (blocks * bw, 4))  # ABUF words: [K, rows]
+    values = rng.integers(-128, 128, (blocks * nnz, 4))
+    index = rng.integers(-128, 128, (blocks * nnz, 4))
+    weights = np.zeros((blocks * bw, 4), np.int64)  # the dense [K, cols] equivalent
+    for step in range(blocks * nnz):
+        for c in range(4):
+            weights[step // nnz * bw + (index[step, c] & (bw - 1)), c] += values[step, c]
+    pairs = np.stack([values, index], axis=1).reshape(-1, 4)
+    image = pack_words(a, 8, 4).tobytes() + pack_words(pairs, 8, 4).tobytes()
+    roomy = dataclasses.replace(TINY, bbuf_depth=128, dram_words=512)
+    machine, stats = simulate(sparse_program(blocks, nnz, bw, bank=1), roomy, image)
+    np.testing.assert_array_equal(machine.acc[1], a.T @ weights)
+    assert not machine.acc[0].any()
+    assert stats.macs == blocks * nnz * 16
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_bgemm_is_an_xnor_popcount_product(k, seed):
+    """Each lane's 8 bits are 8 binary values (set: +1, clear: -1); bgemm == their +-1 product."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(-128, 128, (k, 4)), rng.integers(-128, 128, (k, 4))
+    signs = lambda x: np.where((x[..., None] >> np.arange(8)) & 1, 1, -1)  # noqa: E731  [k, lanes, 8]
+    want = np.einsum("kri,kci->rc", signs(a), signs(b))
+    program = [load(Buffer.ABUF, 0, k, 0), load(Buffer.BBUF, 0, k, k, signal=(Token.LD2AR,)),
+               Instruction.make(Opcode.BGEMM, a=0, b=0, k=k, acc=0, bank=0, wait=(Token.LD2AR,)),
+               Instruction.make(Opcode.BGEMM, a=0, b=0, k=k, acc=1, bank=0), Instruction.make(Opcode.HALT)]
+    machine, _ = simulate(program, TINY, pack_words(a, 8, 4).tobytes() + pack_words(b, 8, 4).tobytes())
+    np.testing.assert_array_equal(machine.acc[0], 2 * want)
+
+
+def test_array_pipelines_and_requant_overlaps_on_the_other_bank():
+    """Array instructions occupy the array for their steps only: the next streams in behind
+    (the drain overlaps); requant of bank 0 runs on the vector unit while the array fills
+    bank 1; halt waits for the last drain."""
+    k, drain = 8, TINY.rows + TINY.cols - 2
+    program = [load(Buffer.ABUF, 0, k, 0), load(Buffer.BBUF, 0, k, 0),
+               load(Buffer.PBUF, 0, 3, 0, signal=(Token.LD2AR,)),
+               Instruction.make(Opcode.GEMM, a=0, b=0, k=k, acc=0, bank=0, wait=(Token.LD2AR,), signal=(Token.AR2VE,)),
+               Instruction.make(Opcode.GEMM, a=0, b=0, k=k, acc=0, bank=1),
+               Instruction.make(Opcode.REQUANT, dst=0, param=0, relu=0, bank=0, wait=(Token.AR2VE,)),
+               Instruction.make(Opcode.HALT)]
+    _, stats = simulate(program, TINY, bytes(4 * 64))
+    g0, g1, req, halt = stats.schedule[3:]
+    assert g1[0] == g0[0] + k and g0[1] == g0[0] + k + drain and g1[1] == g1[0] + k + drain
+    assert req[0] == g0[1] < g1[1]  # requant of bank 0 overlaps the array's work on bank 1
+    assert halt[0] == g1[1] and stats.busy["array"] == 2 * k
+
+
+def test_requant_on_the_bank_the_array_writes_is_a_race():
+    program = [Instruction.make(Opcode.GEMM, a=0, b=0, k=8, acc=0, bank=1),
+               Instruction.make(Opcode.REQUANT, dst=0, param=0, relu=0, bank=1), Instruction.make(Opcode.HALT)]
+    with pytest.raises(SimulationError, match=r"instruction 1 \(requant .*\): race on ACC1 \[0, 4\)"):
+        simulate(program, TINY, b"")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(bw=3), r"bw must be a power of two of at most 16"),
+    (dict(bw=32), r"bw must be a power of two of at most 16"),
+    (dict(nnz=5), r"nnz in \[1, bw\]"),
+    (dict(blocks=0), r"blocks must be at least 1"),
+    (dict(a=2), r"a must be a multiple of bw \(4\) and b even"),
+    (dict(b=1), r"a must be a multiple of bw \(4\) and b even"),
+    (dict(blocks=17), r"reads ABUF words \[0, 68\) outside its 64 words"),
+])
+def test_bad_spgemm_fails_clearly(fields, message):
+    instr = Instruction.make(Opcode.SPGEMM, **({"a": 0, "b": 0, "blocks": 1, "nnz": 2, "bw": 4, "acc": 0, "bank": 0}
+                                              | fields))
+    with pytest.raises(ValueError, match=message):
+        check_program([instr, Instruction.make(Opcode.HALT)], TINY)
+
+
+def test_sparse_and_binary_units_are_optional():
+    spgemm = parse_assembly("spgemm a=0 b=0 blocks=1 nnz=1 bw=4 acc=0 bank=0")[0]
+    bgemm = parse_assembly("bgemm a=0 b=0 k=1 acc=0 bank=1")[0]
+    assert spgemm.problem(TINY) is None and bgemm.problem(TINY) is None
+    assert spgemm.problem(dataclasses.replace(TINY, sparse_unit=False)) == \
+        "spgemm needs the sparse unit, which this config leaves out (sparse_unit=0)"
+    assert bgemm.problem(dataclasses.replace(TINY, binary_unit=False)) == \
+        "bgemm needs the binary unit, which this config leaves out (binary_unit=0)"
+    assert spgemm.problem(dataclasses.replace(TINY, abuf_banks=2)).startswith("bw must be a power of two of at most 2")

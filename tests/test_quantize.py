@@ -425,3 +425,22 @@ def test_quantized_mlp_bit_exact_on_cuda(mlp):
     want = NumpyExecutor(q)(x.numpy())[0]
     got = TorchExecutor(q, "cuda").run([x])[0].cpu().numpy()
     np.testing.assert_array_equal(got, want)
+
+
+def test_binarized_accumulators_are_requantized_to_integers():
+    """After binarize, quantize puts a requantize (alpha * s_x folded into the per-channel
+    multiplier) between each b1 linear's accumulator and its dequantize, so the accelerator
+    can run those layers; the outputs move by at most a few output steps; idempotent."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(1, 8, 32)
+    binary = tcc.compile(layer, (x,), pipeline="binarize{mode=w1a8}").graph
+    artifact = tcc.compile(layer, (x,), pipeline="binarize{mode=w1a8},quantize,quantize")
+    graph = artifact.graph
+    types, users = graph.types, graph.users()
+    b1 = [op for op in graph.ops if op.kind == "linear" and types[op.operands[1]].dtype is DType.B1]
+    assert len(b1) == 3 and all([u.kind for u in users[op.result]] == ["requantize"] for op in b1)
+    assert all(types[users[op.result][0].result].dtype is DType.I8 for op in b1)
+    assert artifact.manifest["pass_log"][2].startswith("quantize: no change")
+    before, after = (NumpyExecutor(g)(x.numpy())[0] for g in (binary, graph))
+    assert np.abs(after - before).max() < 0.1 * np.abs(before).max()

@@ -10,17 +10,29 @@ where the linear's accumulator feeds only the requantize (leading batch dims of 
 M), and compiles each chain ("layer") to one or more sections. Every other op runs on the host;
 `AccelProgram.host_ops` says why.
 
-Tiling (R x C array). The output [M, N] is cut into R x C tiles; K into `chunks` of at most
-half of BBUF (split-K: accumulating gemms, then one requant). Row blocks of activations stay
-resident in ABUF (a group of as many row blocks as ABUF holds; when one row block does not
-fit, its chunks stream); per group, the weight chunks stream through a BBUF ring of at least
-two chunk slots (double buffering: the next chunk loads while the array computes), the
-requantization params through a PBUF ring, and results leave through an OBUF ring, one store
-per run of row blocks of one column tile. Tile order: group, column tile, row block, so a
-weight tile serves every row block of the group. A layer whose program exceeds the program
-memory is split into several sections (each loads what it needs).
+The weights choose the unit (`_plan`): HP-structured weights (`~hp(bh, bw, row_nnz)` in their
+type) run on the HP sparse unit (spgemm: pruned blocks are neither stored, loaded nor run;
+inside a kept block each channel's non-zeros gather their activations by local index);
+other block structures (`~blocks`, or HP without the sparse unit) run dense gemms over the
+kept K-blocks only; +-1 activations and weights (W1A1) run on the binary unit (bgemm,
+`data_bits` values per lane); everything else runs dense gemms.
 
-Scheduling. The generator writes three streams (load, compute, store) in which every
+Tiling (R x C array). The output [M, N] is cut into R x C tiles; K into chunks of at most
+half of BBUF (a quarter for HP streams; split-K: accumulating instructions, then one
+requant). Row blocks of activations stay resident in ABUF (a group of as many row blocks as
+ABUF holds, less one slot to load the next group's into; when one row block does not fit,
+its chunks stream); the weight chunks stream through a BBUF ring (double buffering: the next
+chunks load while the array computes), the requantization params through a PBUF ring, and
+results leave through an OBUF ring, one store per run of row blocks of one column tile. Tile
+order: row group, column group (the column tiles whose chunks fill half the ring), row
+block, column tile: a weight chunk is loaded once per row group. A layer whose program
+exceeds the program memory is split into several sections (each loads what it needs).
+
+Output tiles alternate between the two accumulator banks, so the vector unit requantizes one
+tile while the array computes the next, and the array's gemms follow each other without
+waiting for the previous one to drain.
+
+Scheduling. The generator writes four streams (load, array, vector, store) in which every
 instruction names the instructions of other units it depends on (the load that filled what a
 gemm reads, the last reader of a slot a load overwrites, ...). They are interleaved into one
 program greedily, the instruction that can issue first going next, under the ISA's timing;
@@ -36,19 +48,18 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
+from tcc.ir.sparsity import Blocks, Hierarchical, Sparsity
 
 from .config import AccelConfig
-from .isa import FETCH_CYCLES, UNITS, Buffer, Instruction, Opcode, Token, Unit
+from .isa import FETCH_CYCLES, HANDOFF, UNITS, Buffer, Instruction, Opcode, Token, Unit
 from .layout import (AccelProgram, DramAllocator, DramTensor, HostOp, Layout, Region, Section, dram_words, encode,
-                     word_offset)
+                     pack_binary, word_offset)
 
 __all__ = ["generate", "AccelProgram"]
 
 _DATA = {4: DType.I4, 8: DType.I8, 16: DType.I16}
 _MAX_SLOTS = 64  # ring slots per buffer: keeps the tokens in flight below the 8-bit counters (isa.TOKEN_BITS)
 _MAX_COUNT = 0xFFFF  # the widest load/store count and gemm k (16-bit fields)
-_TOKENS = {(Unit.LOAD, Unit.COMPUTE): Token.LD2EX, (Unit.COMPUTE, Unit.LOAD): Token.EX2LD,
-           (Unit.COMPUTE, Unit.STORE): Token.EX2ST, (Unit.STORE, Unit.COMPUTE): Token.ST2EX}
 
 
 def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
@@ -102,6 +113,8 @@ class _Layer:
     param_values: tuple[str, str, str]
     relu: bool
     m: int
+    structure: Sparsity | None  # the weight's, from its type
+    binary: bool  # +-1 activations and weights: bgemm on packed bits
 
     @property
     def k(self) -> int:
@@ -157,7 +170,9 @@ def _match(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig
     relu = len(after) == 1 and after[0].kind == "relu" and out not in outputs
     if relu:
         ops, out = ops + (after[0],), after[0].result
-    return _Layer(ops, x, out, weight, np.stack([bias, mult, shift]), (b or "", mult_name, shift_name), relu, m)
+    binary = x_type.dtype is DType.B1 and types[w].dtype is DType.B1
+    return _Layer(ops, x, out, weight, np.stack([bias, mult, shift]), (b or "", mult_name, shift_name), relu, m,
+                  types[w].sparsity, binary)
 
 
 def _host_reason(op: Op, why: dict[str, str]) -> str:
@@ -169,71 +184,249 @@ def _host_reason(op: Op, why: dict[str, str]) -> str:
            f"on {op.type.dtype}"
 
 
+# -- the weight plan: what the array runs per column tile ----------------------------------------
+
+@dataclass(frozen=True)
+class _Step:
+    """One array instruction: `op` and its fields; `a` counts activation words from the row's
+    first, `b` BBUF words from its chunk's first (acc and bank are the builder's)."""
+
+    op: Opcode
+    fields: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Weight words of one column tile loaded into one BBUF slot, and the steps reading them.
+    `k_low, k` is the activation range the steps read (what a streamed ABUF chunk holds)."""
+
+    start: int  # first word in the layer's weight stream
+    words: int
+    k_low: int
+    k: int
+    steps: tuple[_Step, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the array runs one layer: `kind` (dense, blocks: dense gemms over the kept K-blocks
+    only, hp: spgemm, binary: bgemm on packed bits), activation words per row (`a_words`,
+    `a_align`: ABUF slots start at multiples of it), the chunks of every column tile, the
+    weight stream (BBUF words in load order) and the array steps per row block."""
+
+    kind: str
+    a_words: int
+    a_align: int
+    tiles: tuple[tuple[_Chunk, ...], ...]
+    stream: np.ndarray
+    steps: int
+
+    @property
+    def chunk_words(self) -> int:
+        return max(c.words for tile in self.tiles for c in tile)
+
+    @property
+    def chunks(self) -> int:
+        return max(map(len, self.tiles))
+
+
+def _plan(layer: _Layer, config: AccelConfig) -> _Plan:
+    """The layer's plan: hp (spgemm) for HP weights when the sparse unit can gather their
+    blocks, binary (bgemm) for +-1 activations and weights with the binary unit, blocks for
+    other block-structured weights, else dense."""
+    structure, resident = layer.structure, layer.k <= config.abuf_depth
+    if isinstance(structure, Hierarchical) and config.sparse_unit and resident \
+            and structure.bw <= min(config.abuf_banks, 1 << config.data_bits - 1):
+        return _hp_plan(layer, structure.bw, config)
+    if layer.binary and config.binary_unit and -(-layer.k // config.data_bits) <= config.abuf_depth:
+        packed = pack_binary(layer.weight, config.data_bits)
+        return _dense_plan(packed, config, Opcode.BGEMM, "binary")
+    if isinstance(structure, (Blocks, Hierarchical)) and resident:
+        return _dense_plan(layer.weight, config, granule=structure.bw)
+    return _dense_plan(layer.weight, config)
+
+
+def _dense_plan(weight: np.ndarray, config: AccelConfig, op: Opcode = Opcode.GEMM, kind: str = "dense",
+                granule: int | None = None) -> _Plan:
+    """Gemms (or bgemms) over K in chunks of at most half of BBUF (split-K); with `granule`,
+    only the K-blocks of that width holding a non-zero weight of the column tile are stored
+    and run (kind "blocks"; a tile with none keeps its first block, to clear the accumulators)."""
+    n, k = weight.shape
+    cols = config.cols
+    kmax = min(_MAX_COUNT, max(1, config.bbuf_depth // 2), config.abuf_depth)
+    if granule is not None:
+        kmax = max(granule, kmax // granule * granule)
+    chunks = math.ceil(k / kmax)
+    size = math.ceil(k / chunks) if granule is None else kmax
+    tiles, stream, start, steps = [], [], 0, 0
+    for t in range(math.ceil(n / cols)):
+        block = np.zeros((cols, k), np.int64)
+        block[:min(cols, n - t * cols)] = weight[t * cols:(t + 1) * cols]
+        if granule is None:
+            kept = np.ones(1, bool)
+            granule_k = k
+        else:
+            granule_k = granule
+            kept = block.reshape(cols, -1, granule).any(axis=(0, 2)) if k % granule == 0 else \
+                np.array([block[:, j:j + granule].any() for j in range(0, k, granule)])
+            if not kept.any():
+                kept[0] = True
+        tile = []
+        for low in range(0, k, size):
+            high = min(k, low + size)
+            runs = _runs(kept, low // granule_k if granule is not None else 0,
+                         -(-high // granule_k) if granule is not None else 1)
+            if granule is None:
+                runs = [(low, high)]
+            else:
+                runs = [(r0 * granule, min(high, r1 * granule)) for r0, r1 in runs]
+            if not runs:
+                continue
+            chunk_steps, offset = [], 0
+            for r0, r1 in runs:
+                chunk_steps.append(_Step(op, (("a", r0), ("b", offset), ("k", r1 - r0))))
+                stream.append(block[:, r0:r1].T)
+                offset += r1 - r0
+            tile.append(_Chunk(start, offset, low, high - low, tuple(chunk_steps)))
+            start += offset
+            steps += offset
+        tiles.append(tuple(tile))
+    return _Plan(kind if granule is None else "blocks", k, 1, tuple(tiles), np.concatenate(stream), steps)
+
+
+def _runs(kept: np.ndarray, first: int, end: int) -> list[tuple[int, int]]:
+    """Maximal runs [r0, r1) of True in kept[first:end]."""
+    runs, r0 = [], None
+    for j in range(first, end):
+        if kept[j] and r0 is None:
+            r0 = j
+        if not kept[j] and r0 is not None:
+            runs.append((r0, j))
+            r0 = None
+    if r0 is not None:
+        runs.append((r0, end))
+    return runs
+
+
+def _hp_plan(layer: _Layer, bw: int, config: AccelConfig) -> _Plan:
+    """Spgemms over the runs of kept K-blocks of each column tile: per step a weight word and
+    a local-index word (padding entries: weight 0, index 0); `nnz` per tile is the most
+    non-zeros a channel has in one of its blocks."""
+    weight, cols = layer.weight, config.cols
+    n, k = weight.shape
+    nblocks = -(-k // bw)
+    tiles, stream, start, steps = [], [], 0, 0
+    for t in range(math.ceil(n / cols)):
+        block = np.zeros((cols, nblocks * bw), np.int64)
+        block[:min(cols, n - t * cols), :k] = weight[t * cols:(t + 1) * cols]
+        view = block.reshape(cols, nblocks, bw)
+        counts = np.count_nonzero(view, axis=2)  # [cols, blocks]
+        kept = counts.any(axis=0)
+        if not kept.any():
+            kept[0] = True
+        nnz = max(1, int(counts.max()))
+        # blocks per BBUF slot: a quarter of BBUF, so a tile's chunks leave slots to load the next
+        # tile's into (a sparse chunk takes about as long to load as to run)
+        per_chunk = max(1, (config.bbuf_depth // 4) // (2 * nnz))
+        tile = []
+        for first in range(0, nblocks, per_chunk):
+            chunk_steps, offset = [], 0
+            for r0, r1 in _runs(kept, first, min(nblocks, first + per_chunk)):
+                chunk_steps.append(_Step(Opcode.SPGEMM, (("a", r0 * bw), ("b", offset), ("blocks", r1 - r0),
+                                                         ("nnz", nnz), ("bw", bw))))
+                for j in range(r0, r1):
+                    order = np.argsort(view[:, j] == 0, axis=1, kind="stable")[:, :nnz]  # non-zeros first
+                    values = np.take_along_axis(view[:, j], order, axis=1)
+                    index = np.where(values != 0, order, 0)
+                    stream.append(np.stack([values.T, index.T], axis=1).reshape(2 * nnz, cols))
+                offset += 2 * nnz * (r1 - r0)
+            if chunk_steps:
+                tile.append(_Chunk(start, offset, first * bw, min(k, (first + per_chunk) * bw) - first * bw,
+                                   tuple(chunk_steps)))
+                start += offset
+                steps += offset // 2
+        tiles.append(tuple(tile))
+    return _Plan("hp", k, bw, tuple(tiles), np.concatenate(stream), steps)
+
+
 # -- tiling --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Tiling:
-    chunk: int  # K words per gemm (the last chunk may be shorter)
-    chunks: int
-    resident: bool  # a row block's K activation words stay in one ABUF slot (else chunks stream)
-    a_size: int  # ABUF words per slot: K when resident, else `chunk`
+    resident: bool  # a row block's activation words stay in one ABUF slot (else chunks stream)
+    a_size: int  # ABUF words per slot: all of a row block's when resident, else a chunk's
     a_slots: int
-    b_slots: int  # BBUF slots of `chunk` words
+    b_size: int  # BBUF words per slot (even for spgemm: it reads word pairs)
+    b_slots: int
     p_slots: int  # PBUF slots of 3 words
     group: int  # row blocks computed against each weight tile in turn
     batch: int  # row blocks per store (OBUF slot: batch * rows words)
     o_slots: int
 
 
-def _tiling(layer: _Layer, config: AccelConfig) -> _Tiling:
+def _tiling(layer: _Layer, plan: _Plan, config: AccelConfig) -> _Tiling:
     rows = config.rows
     if config.obuf_depth < rows:
         raise _Unsupported(f"OBUF ({config.obuf_depth} words) holds no requantized tile ({rows} words)")
-    kmax = min(_MAX_COUNT, max(1, config.bbuf_depth // 2), config.abuf_depth)
-    chunks = math.ceil(layer.k / kmax)
-    chunk = math.ceil(layer.k / chunks)
-    resident = layer.k <= min(config.abuf_depth, _MAX_COUNT)
-    a_size = layer.k if resident else chunk
+    resident = plan.a_words <= min(config.abuf_depth, _MAX_COUNT)
+    a_size = -(-plan.a_words // plan.a_align) * plan.a_align if resident else \
+        max(c.k for tile in plan.tiles for c in tile)
+    if a_size > config.abuf_depth:
+        raise _Unsupported(f"a row block's {a_size} activation words exceed ABUF ({config.abuf_depth} words)")
     a_slots = min(config.abuf_depth // a_size, _MAX_SLOTS)
+    b_size = plan.chunk_words + (plan.chunk_words % 2 if plan.kind == "hp" else 0)
+    if b_size > config.bbuf_depth:
+        raise _Unsupported(f"a weight chunk of {b_size} words exceeds BBUF ({config.bbuf_depth} words)")
     row_blocks = math.ceil(layer.m / rows)
-    group = min(row_blocks, a_slots) if resident else row_blocks
+    # with more row blocks than slots, one slot stays free: the next group starts loading early
+    group = (row_blocks if row_blocks <= a_slots else a_slots - (a_slots > 2)) if resident else row_blocks
     batch = min(group, max(1, config.obuf_depth // (2 * rows)))
-    return _Tiling(chunk, chunks, resident, a_size, a_slots, min(config.bbuf_depth // chunk, _MAX_SLOTS),
+    return _Tiling(resident, a_size, a_slots, b_size, min(config.bbuf_depth // b_size, _MAX_SLOTS),
                    min(config.pbuf_depth // 3, _MAX_SLOTS), group, batch,
                    min(config.obuf_depth // (batch * rows), _MAX_SLOTS))
 
 
-def _tile_order(layer: _Layer, tiling: _Tiling, config: AccelConfig) -> list[tuple[int, int]]:
-    """(row block, column tile) in execution order: per group, per column tile, per row block."""
+def _tile_order(layer: _Layer, plan: _Plan, tiling: _Tiling, config: AccelConfig) -> list[tuple[int, int]]:
+    """(row block, column tile) in execution order: per group of row blocks (resident in ABUF),
+    per group of column tiles (whose weight chunks fill at most half of the BBUF ring, so the
+    next group's load while this one runs), per row block, per column tile. Each weight chunk
+    is loaded once per row group, and the first row block starts on a whole column group
+    while the next row blocks' activations load."""
     row_blocks, col_tiles = math.ceil(layer.m / config.rows), math.ceil(layer.n / config.cols)
-    return [(m, n) for first in range(0, row_blocks, tiling.group) for n in range(col_tiles)
-            for m in range(first, min(first + tiling.group, row_blocks))]
+    columns = max(1, tiling.b_slots // 2 // plan.chunks)
+    return [(m, n) for first in range(0, row_blocks, tiling.group) for low in range(0, col_tiles, columns)
+            for m in range(first, min(first + tiling.group, row_blocks))
+            for n in range(low, min(low + columns, col_tiles))]
 
 
 # -- one layer -----------------------------------------------------------------------------------
 
-def _shapes(layer: _Layer) -> dict[Layout, tuple[int, int]]:
+def _shapes(layer: _Layer, plan: _Plan) -> dict[Layout, tuple[int, int]]:
     """The layer's DRAM tensors' shapes, by layout."""
-    return {Layout.ACTIVATIONS: (layer.m, layer.k), Layout.WEIGHTS: (layer.n, layer.k),
-            Layout.PARAMS: (3, layer.n), Layout.OUTPUTS: (layer.m, layer.n)}
+    weights = (Layout.WEIGHTS, (layer.n, layer.k)) if plan.kind == "dense" else \
+        (Layout.WEIGHT_STREAM, plan.stream.shape)
+    return {Layout.BINARY_ACTIVATIONS if plan.kind == "binary" else Layout.ACTIVATIONS: (layer.m, layer.k),
+            weights[0]: weights[1], Layout.PARAMS: (3, layer.n), Layout.OUTPUTS: (layer.m, layer.n)}
 
 
 def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
     """The layer's sections, and its constants' DRAM contents."""
-    tiling = _tiling(layer, config)
-    shapes = _shapes(layer)
+    plan = _plan(layer, config)
+    tiling = _tiling(layer, plan, config)
+    shapes = _shapes(layer, plan)
+    x_layout, w_layout = (next(lay for lay in shapes if lay.buffer is buf) for buf in (Buffer.ABUF, Buffer.BBUF))
     try:
         regions = {layout: allocator.allocate(dram_words(layout, shape, config), f"{layer.out}'s {layout.value}")
                    for layout, shape in shapes.items()}
     except ValueError as e:
         raise _Unsupported(f"the DRAM is full: {e}") from None
-    values = {Layout.ACTIVATIONS: (layer.x,), Layout.WEIGHTS: (layer.ops[0].operands[1],),
-              Layout.PARAMS: layer.param_values, Layout.OUTPUTS: (layer.out,)}
+    values = {x_layout: (layer.x,), w_layout: (layer.ops[0].operands[1],), Layout.PARAMS: layer.param_values,
+              Layout.OUTPUTS: (layer.out,)}
     tensor = {layout: DramTensor(values[layout], layout, shape, regions[layout]) for layout, shape in shapes.items()}
-    tiles = _tile_order(layer, tiling, config)
+    tiles = _tile_order(layer, plan, tiling, config)
     spans, start = [], 0
-    builder = _Builder(layer, tiling, regions, config)
+    builder = _Builder(layer, plan, tiling, regions, config)
     for i, tile in enumerate(tiles):
         builder.tile(*tile)
         if builder.size() > config.imem_depth:
@@ -241,7 +434,7 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
                 raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
                                    f"the program memory holds {config.imem_depth}")
             spans.append((start, i))
-            start, builder = i, _Builder(layer, tiling, regions, config)
+            start, builder = i, _Builder(layer, plan, tiling, regions, config)
             builder.tile(*tile)
             if builder.size() > config.imem_depth:
                 raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
@@ -249,18 +442,23 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
     spans.append((start, len(tiles)))
     sections = []
     for first, end in spans:
-        builder = _Builder(layer, tiling, regions, config)
+        builder = _Builder(layer, plan, tiling, regions, config)
         for tile in tiles[first:end]:
             builder.tile(*tile)
         program, cycles = builder.finish()
-        note = (f"{' -> '.join(o.result for o in layer.ops)}: M={layer.m} K={layer.k} N={layer.n}, "
-                f"output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row blocks, column, row), "
-                f"K in {tiling.chunks} x {tiling.chunk}")
-        sections.append(Section(tuple(o.result for o in layer.ops), (tensor[Layout.ACTIVATIONS],),
-                                (tensor[Layout.WEIGHTS], tensor[Layout.PARAMS]), (tensor[Layout.OUTPUTS],),
+        note = (f"{' -> '.join(o.result for o in layer.ops)}: M={layer.m} K={layer.k} N={layer.n}, {plan.kind}, "
+                f"output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row blocks, "
+                f"groups of columns, row, column), "
+                f"K in {plan.chunks} chunk(s)")
+        sections.append(Section(tuple(o.result for o in layer.ops), (tensor[x_layout],),
+                                (tensor[w_layout], tensor[Layout.PARAMS]), (tensor[Layout.OUTPUTS],),
                                 program, builder.macs, cycles, note))
-    constants = [(regions[Layout.WEIGHTS], encode(Layout.WEIGHTS, layer.weight, config)),
-                 (regions[Layout.PARAMS], encode(Layout.PARAMS, layer.params, config))]
+    stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
+        encode(Layout.WEIGHT_STREAM, plan.stream, config)
+    params = layer.params.copy()
+    if plan.kind == "binary":  # the padding bits of the last packed word add +1 each
+        params[0] -= plan.a_words * config.data_bits - layer.k
+    constants = [(regions[w_layout], stream), (regions[Layout.PARAMS], encode(Layout.PARAMS, params, config))]
     return sections, constants
 
 
@@ -268,12 +466,13 @@ class _Node:
     """An instruction being scheduled: its fields, the instructions of other units it waits
     for, its position in its unit's stream, and (once placed) its end cycle and tokens."""
 
-    __slots__ = ("op", "fields", "deps", "unit", "index", "duration", "end", "wait", "signal")
+    __slots__ = ("op", "fields", "deps", "unit", "index", "occupancy", "duration", "end", "wait", "signal")
 
     def __init__(self, op: Opcode, deps: list["_Node | None"], config: AccelConfig, **fields: int):
         self.op, self.fields, self.unit = op, fields, UNITS[op]
         self.deps = [d for d in deps if d is not None]
-        self.duration = Instruction.make(op, **fields).duration(config)
+        instr = Instruction.make(op, **fields)
+        self.occupancy, self.duration = instr.occupancy(config), instr.duration(config)
         self.index, self.end = 0, -1
         self.wait: list[Token] = []
         self.signal: list[Token] = []
@@ -321,18 +520,23 @@ class _Batch:
 
 
 class _Builder:
-    """The three instruction streams of one section, built tile by tile."""
+    """The four instruction streams of one section, built tile by tile."""
 
-    def __init__(self, layer: _Layer, tiling: _Tiling, regions: dict[Layout, Region], config: AccelConfig):
-        self.layer, self.tiling, self.regions, self.config = layer, tiling, regions, config
-        self.shapes = _shapes(layer)
+    def __init__(self, layer: _Layer, plan: _Plan, tiling: _Tiling, regions: dict[Layout, Region],
+                 config: AccelConfig):
+        self.layer, self.plan, self.tiling, self.regions, self.config = layer, plan, tiling, regions, config
+        self.shapes = _shapes(layer, plan)
+        self.x_layout = next(lay for lay in self.shapes if lay.buffer is Buffer.ABUF)
+        self.w_region = next(regions[lay] for lay in self.shapes if lay.buffer is Buffer.BBUF)
         self.streams: dict[Unit, list[_Node]] = {u: [] for u in Unit}
         self.a = _Ring(Buffer.ABUF, tiling.a_size, tiling.a_slots)
-        self.w = _Ring(Buffer.BBUF, tiling.chunk, tiling.b_slots)
+        self.w = _Ring(Buffer.BBUF, tiling.b_size, tiling.b_slots)
         self.p = _Ring(Buffer.PBUF, 3, tiling.p_slots)
         self.o_readers: list[_Node | None] = [None] * tiling.o_slots  # the last store of each OBUF slot
         self.o_next = 0
         self.batch: _Batch | None = None
+        self.acc_readers: list[_Node | None] = [None, None]  # the last requant of each accumulator bank
+        self.tiles = 0
         self.macs = 0
 
     def add(self, node: _Node) -> _Node:
@@ -345,38 +549,50 @@ class _Builder:
         return self.regions[layout].start + word_offset(layout, self.shapes[layout], block, index, self.config)
 
     def tile(self, m: int, n: int) -> None:
-        """Output tile (row block m, column tile n): its gemms, requant and (batched) store."""
-        layer, tiling, cfg = self.layer, self.tiling, self.config
-        for c in range(tiling.chunks):
-            low = c * tiling.chunk
-            k = min(tiling.chunk, layer.k - low)
+        """Output tile (row block m, column tile n): its array steps, requant and (batched) store."""
+        layer, plan, tiling, cfg = self.layer, self.plan, self.tiling, self.config
+        bank = self.tiles % 2
+        beats = cfg.beats(Buffer.BBUF)
+        first, gemm = True, None
+        for c, chunk in enumerate(plan.tiles[n]):
             if tiling.resident:
-                a, a_load = self.a.fetch(("A", m), layer.k, self._dram(Layout.ACTIVATIONS, m, 0), self)
-                a += low
+                a_slot, a_load = self.a.fetch(("A", m), plan.a_words, self._dram(self.x_layout, m, 0), self)
+                a = a_slot
             else:
-                a, a_load = self.a.fetch(("A", m, c), k, self._dram(Layout.ACTIVATIONS, m, low), self)
-            b, b_load = self.w.fetch(("W", n, c), k, self._dram(Layout.WEIGHTS, n, low), self)
-            gemm = self.add(_Node(Opcode.GEMM, [a_load, b_load], cfg, a=a, b=b, k=k, acc=int(c > 0)))
-            self.a.read(a, gemm)
-            self.w.read(b, gemm)
+                a_slot, a_load = self.a.fetch(("A", m, c), chunk.k, self._dram(self.x_layout, m, chunk.k_low), self)
+                a = a_slot - chunk.k_low  # the steps count from the row's first word
+            b, b_load = self.w.fetch(("W", n, c), chunk.words, self.w_region.start + chunk.start * beats, self)
+            for step in chunk.steps:
+                fields = dict(step.fields)
+                fields["a"] += a
+                fields["b"] += b
+                deps = [a_load, b_load, self.acc_readers[bank] if first else None]
+                gemm = self.add(_Node(step.op, deps, cfg, **fields, acc=int(not first), bank=bank))
+                first = False
+                self.a.read(a_slot, gemm)
+                self.w.read(b, gemm)
         param, p_load = self.p.fetch(("P", n), 3, self._dram(Layout.PARAMS, n, 0), self)
         batch = self.batch
         if batch is not None and (batch.n != n or m != batch.last + 1 or m - batch.first == tiling.batch):
             self._flush()
             batch = None
         slot = batch.slot if batch is not None else self.o_next
-        first = batch.first if batch is not None else m
-        dst = (slot * tiling.batch + m - first) * cfg.rows
-        requant = self.add(_Node(Opcode.REQUANT, [p_load, self.o_readers[slot]], cfg, dst=dst, param=param,
-                                 relu=int(layer.relu)))
+        first_row = batch.first if batch is not None else m
+        dst = (slot * tiling.batch + m - first_row) * cfg.rows
+        requant = self.add(_Node(Opcode.REQUANT, [gemm, p_load, self.o_readers[slot]], cfg, dst=dst, param=param,
+                                 relu=int(layer.relu), bank=bank))
+        self.acc_readers[bank] = requant
+        self.tiles += 1
         self.p.read(param, requant)
         if batch is None:
             self.o_next = (slot + 1) % tiling.o_slots
             self.batch = _Batch(n, m, m, slot, requant)
         else:
             batch.last, batch.requant = m, requant
-        self.macs += (min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows) * \
-            (min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols) * layer.k
+        rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
+        cols = min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols
+        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary") else
+                             int(np.count_nonzero(layer.weight[n * cfg.cols:(n + 1) * cfg.cols])))
 
     def _flush(self) -> None:
         batch, rows = self.batch, self.config.rows
@@ -409,9 +625,10 @@ def _schedule(streams: dict[Unit, list[_Node]]) -> tuple[tuple[Instruction, ...]
     covered: dict[tuple[Unit, Unit], int] = {}  # (producer unit, consumer unit) -> latest producer waited for
     order: list[_Node] = []
     t = FETCH_CYCLES
+    last_end = 0
     while True:
         best: tuple[int, _Node] | None = None
-        for unit in (Unit.COMPUTE, Unit.LOAD, Unit.STORE):  # on a tie the array goes first
+        for unit in (Unit.ARRAY, Unit.VECTOR, Unit.LOAD, Unit.STORE):  # on a tie the array goes first
             if heads[unit] < len(streams[unit]):
                 node = streams[unit][heads[unit]]
                 if all(d.end >= 0 for d in node.deps):
@@ -428,14 +645,15 @@ def _schedule(streams: dict[Unit, list[_Node]]) -> tuple[tuple[Instruction, ...]
         for unit, d in latest.items():
             if d.index > covered.get((unit, node.unit), -1):
                 covered[(unit, node.unit)] = d.index
-                token = _TOKENS[(unit, node.unit)]
+                token = HANDOFF[(unit, node.unit)]
                 d.signal.append(token)
                 node.wait.append(token)
         node.end = issue + node.duration
-        free[node.unit] = node.end
+        last_end = max(last_end, node.end)
+        free[node.unit] = issue + node.occupancy
         heads[node.unit] += 1
         order.append(node)
         t = issue + 1
     assert all(heads[u] == len(streams[u]) for u in Unit), "the streams' dependencies form a cycle"
     program = tuple(n.instruction() for n in order) + (Instruction(Opcode.HALT),)
-    return program, max(t, *free.values()) + 1
+    return program, max(t, last_end) + 1

@@ -7,12 +7,14 @@ The machine: an output-stationary `rows x cols` systolic array of `data_bits` mu
 `acc_bits` parameters); a DMA engine to DRAM moving one `dram_bits` word per cycle after
 `dram_latency` cycles; a `cols`-lane vector unit.
 
-Two knobs shape the hardware without changing what any instruction means or how long it
-takes: `abuf_banks` builds ABUF as that many memories, word `a` in bank `a % abuf_banks` at
-index `a // abuf_banks` (low-order interleaving: the dense array reads one word a cycle from
-the right bank; the HP sparse unit will give each PE row its own bank); `vector_unit=False`
-leaves the vector unit (vadd/vmul/vrelu/vmax/vsum) out of the machine: requant stays (it is
-the array's output path), and programs using those opcodes are refused for such a config."""
+`abuf_banks` builds ABUF as that many memories, word `a` in bank `a % abuf_banks` at index
+`a // abuf_banks` (low-order interleaving: the dense array reads one word a cycle from the
+right bank; the HP sparse unit reads a whole window of `bw <= abuf_banks` consecutive words
+in one cycle, one word per bank, and each array column gathers its own word from it).
+Optional units: `vector_unit=False` leaves the vector ALU (vadd/vmul/vrelu/vmax/vsum) out:
+requant stays (it is the array's output path); `sparse_unit=False` leaves out the HP gather
+(spgemm), `binary_unit=False` the XNOR-popcount mode of the PEs (bgemm). Programs using a
+missing unit's opcodes are refused for such a config."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import math
 from dataclasses import dataclass, fields
 
 
-_BOOLS = ("vector_unit",)  # the fields that are flags, not numbers
+_BOOLS = ("vector_unit", "sparse_unit", "binary_unit")  # the fields that are flags, not numbers
 _FLAGS = {"0": False, "1": True, "false": False, "true": True}
 
 
@@ -41,8 +43,10 @@ class AccelConfig:
     dram_latency: int = 8  # cycles before a transfer's first word (DRAM reads are registered: >= 1)
     imem_depth: int = 4096  # instructions the program memory holds (a section's program at most)
     clock_mhz: float = 100.0
-    abuf_banks: int = 1  # ABUF memories, low-order interleaved (a power of two, at most rows)
+    abuf_banks: int = 16  # ABUF memories, low-order interleaved (a power of two, at most 128)
     vector_unit: bool = True  # the vadd/vmul/vrelu/vmax/vsum unit is present
+    sparse_unit: bool = True  # the HP sparse gather (spgemm) is present
+    binary_unit: bool = True  # the PEs' XNOR-popcount mode (bgemm) is present
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -83,8 +87,8 @@ class AccelConfig:
             return f"clock_mhz must be positive, got {self.clock_mhz}"
         if self.abuf_banks & (self.abuf_banks - 1):
             return f"abuf_banks must be a power of two, got {self.abuf_banks}"
-        if self.abuf_banks > self.rows:
-            return f"abuf_banks must be at most rows ({self.rows}), got {self.abuf_banks}"
+        if self.abuf_banks > 128:
+            return f"abuf_banks must be at most 128, got {self.abuf_banks}"
         if self.abuf_depth % self.abuf_banks:
             return (f"abuf_depth ({self.abuf_depth}) must be a multiple of abuf_banks ({self.abuf_banks}): "
                     "every bank holds abuf_depth / abuf_banks words")

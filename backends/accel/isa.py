@@ -1,34 +1,56 @@
 """The accelerator's ISA, defined once: opcodes, fields, widths, binary and assembly forms,
-which unit runs each instruction, its duration and the memory it touches. The assembler, the
+which unit runs each instruction, its timing and the memory it touches. The assembler, the
 codegen, the ISA simulator and the PyRTL decoder all import it.
 
 Instructions are 128-bit words: the `OPCODE` field, the `HEADER` fields (`wait`: the tokens
-the instruction waits for; `signal`: those it signals when it completes), then the fields
-`FORMATS` places per opcode.
+the instruction waits for; `signal`: those it signals when it ends), then the fields `FORMATS`
+places per opcode.
 
-Three units run concurrently: `load` (DRAM -> buffer), `compute` (the array and the vector
-unit) and `store` (buffer -> DRAM). One instruction issues per cycle, in order, from cycle
-`FETCH_CYCLES` on, once its unit is idle and every token it waits for has a count above zero
-(issuing takes one of each); a token signalled by an instruction that ends in cycle `t - 1`
-counts from cycle `t` (units signalling one token in the same cycle add up). `halt` issues
-when every unit is idle; the run takes its cycle + 1.
+Four units run concurrently: `load` (DRAM -> buffer), `array` (the systolic array: gemm,
+spgemm, bgemm), `vector` (requant and the vector ops) and `store` (buffer -> DRAM). One
+instruction issues per cycle, in order, from cycle `FETCH_CYCLES` on, once its unit is free
+and every token it waits for has a count above zero (issuing takes one of each). An
+instruction issued in cycle t occupies its unit for `Instruction.occupancy` cycles (the unit
+is free again from t + occupancy) and ends at t + `Instruction.duration`; a token it signals
+counts from that cycle on (units signalling one token in the same cycle add up). Only the
+array ends later than it frees its unit: its operands move through the array for
+`rows + cols - 2` more cycles, so the next array instruction streams in right behind the
+previous one (the drain overlaps it). `halt` issues once every instruction has ended; the run
+takes its cycle + 1.
+
+The accumulators come in two banks (`bank`): the array fills one while the vector unit
+requantizes the other.
 
 Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w)`):
 - `load buf addr count dram`: buffer words `addr..addr+count-1` <- DRAM; buffer word `i`
   is read from DRAM words `dram + i*beats ...` (low bits first, see `AccelConfig.beats`).
 - `store buf addr count dram`: the reverse; bits above the buffer word are written as zero.
-- `gemm a b k acc`: `ACC[r, c] (+)= sum_i ABUF[a+i][r] * BBUF[b+i][c]` for `i < k`, in
-  `acc_bits` (wrapping); `acc = 0` starts from zero. Takes `k + rows + cols - 2` cycles.
-- `requant dst param relu`: for each row `r`, `OBUF[dst+r] = requantize(ACC[r] + PBUF[param],
-  PBUF[param+1], PBUF[param+2])` to `data_bits` (the IR's `requantize` op), then max(., 0)
-  if `relu`. Takes `rows` cycles.
+- `gemm a b k acc bank`: `ACC[bank][r, c] (+)= sum_i ABUF[a+i][r] * BBUF[b+i][c]` for
+  `i < k`, in `acc_bits` (wrapping); `acc = 0` starts from zero. Occupies the array `k` cycles.
+- `spgemm a b blocks nnz bw acc bank` (the HP sparse unit): `blocks` consecutive blocks of
+  `bw` activation words; block `j` has the window `ABUF[a + j*bw ...+bw)` and `nnz` steps;
+  step `i = j*nnz + t` reads the weights `V = BBUF[b + 2i]` and the local column indices
+  `X = BBUF[b + 2i + 1]`, and `ACC[bank][r, c] (+)= ABUF[a + j*bw + (X[c] mod bw)][r] * V[c]`.
+  Each column gathers its own activation word from the window (the window's `bw` words lie
+  in `bw` different ABUF banks, read in one cycle). `bw` is a power of two of at most
+  `abuf_banks` and `2^(data_bits-1)`; `a` a multiple of `bw`; `b` even (BBUF's two banks
+  give a weight word and an index word per cycle). Occupies the array `blocks * nnz` cycles.
+- `bgemm a b k acc bank` (the binary unit): each lane's `data_bits` bits are that many
+  binary values (bit set: +1, clear: -1); `ACC[bank][r, c] (+)= sum_i (2 *
+  popcount(XNOR(ABUF[a+i][r], BBUF[b+i][c])) - data_bits)`: XNOR-popcount, `data_bits`
+  binary MACs per PE and cycle. Occupies the array `k` cycles.
+- `requant dst param relu bank`: for each row `r`, `OBUF[dst+r] = requantize(ACC[bank][r] +
+  PBUF[param], PBUF[param+1], PBUF[param+2])` to `data_bits` (the IR's `requantize` op),
+  then max(., 0) if `relu`. Takes `rows` cycles on the vector unit.
 - `vadd / vmul dst a b n shift`: `OBUF[dst+i] = sat(OBUF[a+i] + OBUF[b+i])` or
   `sat((OBUF[a+i] * OBUF[b+i] + 2^(shift-1)) >> shift)`; `vrelu dst a n`: max(OBUF[a+i], 0);
   `vmax dst a n`: every lane of `OBUF[dst]` = the max over the lanes of `OBUF[a..a+n-1]`;
   `vsum dst a n`: every lane of `PBUF[dst]` = their sum (wrapping in `acc_bits`). `n` cycles.
   The unit streams a word per cycle, so `dst` may equal a source but not lie inside one.
-  A config without the vector unit (`vector_unit=False`) runs none of these five: programs
-  using them are refused (`Instruction.problem`); requant is there in every config.
+
+A config may leave units out (`AccelConfig.vector_unit`, `sparse_unit`, `binary_unit`):
+programs using their opcodes are refused (`Instruction.problem`); requant is there in every
+config (it is the array's output path).
 """
 
 from __future__ import annotations
@@ -46,7 +68,7 @@ INSTRUCTION_BITS = 128
 FETCH_CYCLES = 1  # the program memory is read synchronously: instruction 0 issues in cycle 1
 TOKEN_BITS = 8  # each token counter holds 0..255
 MAGIC = b"TCCACCEL"
-VERSION = 1
+VERSION = 2
 
 
 class SimulationError(RuntimeError):
@@ -65,6 +87,8 @@ class Opcode(IntEnum):
     VRELU = 7
     VMAX = 8
     VSUM = 9
+    SPGEMM = 10
+    BGEMM = 11
 
 
 class Buffer(IntEnum):
@@ -75,16 +99,21 @@ class Buffer(IntEnum):
 
 
 class Token(IntEnum):
-    """The four token counters, named for the hand-off they usually carry."""
-    LD2EX = 0  # data loaded, compute may read it
-    EX2LD = 1  # compute done with a buffer, load may overwrite it
-    EX2ST = 2  # results ready, store may write them out
-    ST2EX = 3  # results stored, compute may overwrite them
+    """The eight token counters, named for the hand-off they carry (`HANDOFF`)."""
+    LD2AR = 0  # operands loaded, the array may read them
+    AR2LD = 1  # the array is done with a buffer slot, load may overwrite it
+    LD2VE = 2  # loaded, the vector unit may read it
+    VE2LD = 3  # the vector unit is done with a slot, load may overwrite it
+    AR2VE = 4  # accumulators full, the vector unit may requantize them
+    VE2AR = 5  # accumulators read, the array may overwrite them
+    VE2ST = 6  # results ready, store may write them out
+    ST2VE = 7  # results stored, the vector unit may overwrite them
 
 
 class Unit(Enum):
     LOAD = "load"
-    COMPUTE = "compute"
+    ARRAY = "array"
+    VECTOR = "vector"
     STORE = "store"
 
 
@@ -96,16 +125,20 @@ class Field:
 
 
 OPCODE = Field("opcode", 0, 4)
-HEADER = (Field("wait", 4, 4), Field("signal", 8, 4))  # in every instruction, after the opcode
-_DMA = (Field("buf", 12, 2), Field("addr", 16, 16), Field("count", 32, 16), Field("dram", 48, 32))
-_VEC = (Field("dst", 16, 16), Field("a", 32, 16), Field("b", 48, 16), Field("n", 64, 16), Field("shift", 80, 6))
+HEADER = (Field("wait", 4, 8), Field("signal", 12, 8))  # in every instruction, after the opcode
+_DMA = (Field("buf", 20, 2), Field("addr", 32, 16), Field("count", 48, 16), Field("dram", 64, 32))
+_VEC = (Field("dst", 32, 16), Field("a", 48, 16), Field("b", 64, 16), Field("n", 80, 16), Field("shift", 96, 6))
+_GEMM = (Field("a", 32, 16), Field("b", 48, 16), Field("k", 64, 16), Field("acc", 80, 1), Field("bank", 81, 1))
 
 FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.HALT: (),
     Opcode.LOAD: _DMA,
     Opcode.STORE: _DMA,
-    Opcode.GEMM: (Field("a", 16, 16), Field("b", 32, 16), Field("k", 48, 16), Field("acc", 64, 1)),
-    Opcode.REQUANT: (Field("dst", 16, 16), Field("param", 32, 16), Field("relu", 48, 1)),
+    Opcode.GEMM: _GEMM,
+    Opcode.SPGEMM: (Field("a", 32, 16), Field("b", 48, 16), Field("blocks", 64, 16), Field("nnz", 80, 8),
+                    Field("bw", 88, 8), Field("acc", 96, 1), Field("bank", 97, 1)),
+    Opcode.BGEMM: _GEMM,
+    Opcode.REQUANT: (Field("dst", 32, 16), Field("param", 48, 16), Field("relu", 64, 1), Field("bank", 65, 1)),
     Opcode.VADD: _VEC[:4],
     Opcode.VMUL: _VEC,
     Opcode.VRELU: (_VEC[0], _VEC[1], _VEC[3]),
@@ -113,11 +146,22 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.VSUM: (_VEC[0], _VEC[1], _VEC[3]),
 }
 
-# the vector unit's opcodes: a config may leave the unit out (`AccelConfig.vector_unit`);
-# requant is the array's output path and always there
+# the vector ALU's opcodes: a config may leave it out (`AccelConfig.vector_unit`); requant is
+# the array's output path and always there
 VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM)
+ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
+# the config flag each optional unit's opcodes need
+NEEDS: dict[Opcode, str] = {op: "vector_unit" for op in VECTOR_OPS} | {Opcode.SPGEMM: "sparse_unit",
+                                                                      Opcode.BGEMM: "binary_unit"}
 
-UNITS: dict[Opcode, Unit] = {op: Unit.COMPUTE for op in Opcode} | {Opcode.LOAD: Unit.LOAD, Opcode.STORE: Unit.STORE}
+UNITS: dict[Opcode, Unit] = ({op: Unit.VECTOR for op in Opcode} | {op: Unit.ARRAY for op in ARRAY_OPS}
+                             | {Opcode.LOAD: Unit.LOAD, Opcode.STORE: Unit.STORE})
+# the token carrying each hand-off (producer unit, consumer unit)
+HANDOFF: dict[tuple[Unit, Unit], Token] = {
+    (Unit.LOAD, Unit.ARRAY): Token.LD2AR, (Unit.ARRAY, Unit.LOAD): Token.AR2LD,
+    (Unit.LOAD, Unit.VECTOR): Token.LD2VE, (Unit.VECTOR, Unit.LOAD): Token.VE2LD,
+    (Unit.ARRAY, Unit.VECTOR): Token.AR2VE, (Unit.VECTOR, Unit.ARRAY): Token.VE2AR,
+    (Unit.VECTOR, Unit.STORE): Token.VE2ST, (Unit.STORE, Unit.VECTOR): Token.ST2VE}
 
 
 @dataclass(frozen=True)
@@ -140,7 +184,7 @@ class Instruction:
 
     @classmethod
     def make(cls, op: Opcode, wait: tuple[Token, ...] = (), signal: tuple[Token, ...] = (), **fields: int):
-        """`Instruction.make(Opcode.GEMM, a=0, b=0, k=64, acc=0, wait=(Token.LD2EX,))`."""
+        """`Instruction.make(Opcode.GEMM, a=0, b=0, k=64, acc=0, bank=0, wait=(Token.LD2AR,))`."""
         names = [f.name for f in FORMATS[op]]
         unknown = sorted(set(fields) - set(names))
         missing = [n for n in names if n not in fields]
@@ -180,33 +224,46 @@ class Instruction:
                 parts.append(f"{name}=" + "|".join(t.name.lower() for t in Token if mask >> t & 1))
         return " ".join(parts)
 
-    def duration(self, config: AccelConfig) -> int:
-        """Cycles the instruction keeps its unit busy (halt: 1)."""
+    def steps(self) -> int:
+        """Array instructions: the cycles they feed the array (one operand step each)."""
+        return self["blocks"] * self["nnz"] if self.op is Opcode.SPGEMM else self["k"]
+
+    def occupancy(self, config: AccelConfig) -> int:
+        """Cycles the instruction keeps its unit from issuing the next one (halt: 1)."""
         op = self.op
         if op in (Opcode.LOAD, Opcode.STORE):
             return config.dram_latency + self["count"] * config.beats(Buffer(self["buf"]))
-        if op is Opcode.GEMM:
-            return self["k"] + config.rows + config.cols - 2
+        if op in ARRAY_OPS:
+            return self.steps()
         if op is Opcode.REQUANT:
             return config.rows
         if op is Opcode.HALT:
             return 1
         return self["n"]
 
+    def duration(self, config: AccelConfig) -> int:
+        """Cycles from issue to the end: its tokens signal and its memory is free then."""
+        drain = config.rows + config.cols - 2 if self.op in ARRAY_OPS else 0
+        return self.occupancy(config) + drain
+
     def accesses(self, config: AccelConfig) -> tuple[tuple[str, int, int, bool], ...]:
         """The memory ranges it touches: (space, first, end, writes) with space a buffer name,
-        "ACC" or "DRAM" (DRAM in words)."""
+        "ACC0"/"ACC1" (the accumulator banks, in rows) or "DRAM" (in words)."""
         op = self.op
         if op in (Opcode.LOAD, Opcode.STORE):
             buf = Buffer(self["buf"])
             dram = (self["dram"], self["dram"] + self["count"] * config.beats(buf))
             return (("DRAM", *dram, op is Opcode.STORE), (buf.name, self["addr"], self["addr"] + self["count"],
                                                           op is Opcode.LOAD))
-        if op is Opcode.GEMM:
-            return (("ABUF", self["a"], self["a"] + self["k"], False), ("BBUF", self["b"], self["b"] + self["k"], False),
-                    ("ACC", 0, config.rows, True))
+        if op in ARRAY_OPS:
+            if op is Opcode.SPGEMM:
+                a_words, b_words = self["blocks"] * self["bw"], 2 * self.steps()
+            else:
+                a_words = b_words = self["k"]
+            return (("ABUF", self["a"], self["a"] + a_words, False), ("BBUF", self["b"], self["b"] + b_words, False),
+                    (f"ACC{self['bank']}", 0, config.rows, True))
         if op is Opcode.REQUANT:
-            return (("ACC", 0, config.rows, False), ("PBUF", self["param"], self["param"] + 3, False),
+            return ((f"ACC{self['bank']}", 0, config.rows, False), ("PBUF", self["param"], self["param"] + 3, False),
                     ("OBUF", self["dst"], self["dst"] + config.rows, True))
         if op is Opcode.HALT:
             return ()
@@ -222,12 +279,21 @@ class Instruction:
 
     def problem(self, config: AccelConfig) -> str | None:
         """Why this instruction cannot run on `config` (a unit the config leaves out, a range
-        outside DRAM or a buffer, an empty transfer), or None."""
+        outside DRAM or a buffer, an empty transfer, a malformed sparse block), or None."""
         op = self.op
-        if op in VECTOR_OPS and not config.vector_unit:
-            return f"{self.mnemonic} needs the vector unit, which this config leaves out (vector_unit=0)"
-        if op is Opcode.GEMM and self["k"] < 1:
+        if op in NEEDS and not getattr(config, NEEDS[op]):
+            return f"{self.mnemonic} needs the {NEEDS[op].replace('_', ' ')}, which this config leaves out " \
+                   f"({NEEDS[op]}=0)"
+        if op in (Opcode.GEMM, Opcode.BGEMM) and self["k"] < 1:
             return "k must be at least 1"
+        if op is Opcode.SPGEMM:
+            bw, limit = self["bw"], min(config.abuf_banks, 1 << config.data_bits - 1)
+            if bw < 1 or bw & (bw - 1) or bw > limit:
+                return f"bw must be a power of two of at most {limit} (abuf_banks and the index lanes), got {bw}"
+            if self["blocks"] < 1 or not 1 <= self["nnz"] <= bw:
+                return f"blocks must be at least 1 and nnz in [1, bw], got blocks={self['blocks']} nnz={self['nnz']}"
+            if self["a"] % bw or self["b"] % 2:
+                return f"a must be a multiple of bw ({bw}) and b even, got a={self['a']} b={self['b']}"
         if op in (Opcode.LOAD, Opcode.STORE) and self["count"] < 1:
             return "count must be at least 1"
         if op in VECTOR_OPS and self["n"] < 1:
@@ -238,11 +304,12 @@ class Instruction:
                 if self[src] < self["dst"] < self[src] + self["n"]:
                     return (f"dst {self['dst']} lies inside source {src} [{self[src]}, {self[src] + self['n']}): "
                             "the unit streams, so it would read words it already wrote")
-        limits = {b.name: config.buffer_depth(b) for b in Buffer} | {"ACC": config.rows, "DRAM": config.dram_words}
+        limits = {b.name: config.buffer_depth(b) for b in Buffer} | {"ACC0": config.rows, "ACC1": config.rows,
+                                                                     "DRAM": config.dram_words}
         for space, first, end, writes in self.accesses(config):
             if end > limits[space]:
                 verb = "writes" if writes else "reads"
-                unit = "words" if space != "ACC" else "rows"
+                unit = "rows" if space.startswith("ACC") else "words"
                 return f"{verb} {space} {unit} [{first}, {end}) outside its {limits[space]} {unit}"
         return None
 

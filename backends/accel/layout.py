@@ -7,7 +7,10 @@ zero-padded at the end) and lays each block out as consecutive buffer words alon
 (`isa.pack_words` lane order):
 
     activations  X [M, K] -> ABUF words: per row block of `rows` rows, K words (word k = X[rows, k])
+    binary activations X [M, K] of +-1 -> the same, `data_bits` values per lane (`pack_binary`)
     weights      W [N, K] -> BBUF words: per block of `cols` output channels, K words (word k = W[cols, k])
+    weight stream S [words, cols] -> BBUF words as they are (sparse and packed weights, built by
+                 the codegen in the order the array reads them)
     params       P [3, N] -> PBUF words: per block of `cols` channels, 3 words (bias, multiplier, shift)
     outputs      Y [M, N] <- OBUF words: per block of `cols` channels, M words (word m = Y[m, cols])
 
@@ -36,14 +39,16 @@ import numpy as np
 
 from .config import AccelConfig
 from .isa import (Buffer, Instruction, check_program, from_binary, pack_words, parse_assembly, to_assembly, to_binary,
-                  unpack_words)
+                  unpack_words, wrap)
 
 
 class Layout(Enum):
     """A tensor's DRAM layout, named for what it holds; `buffer` is where its words go."""
 
     ACTIVATIONS = "activations"
+    BINARY_ACTIVATIONS = "binary activations"
     WEIGHTS = "weights"
+    WEIGHT_STREAM = "weight stream"
     PARAMS = "params"
     OUTPUTS = "outputs"
 
@@ -54,11 +59,22 @@ class Layout(Enum):
     @property
     def lane_axis(self) -> int:
         """The tensor axis cut into blocks of lanes (the other one runs along the words)."""
-        return 0 if self in (Layout.ACTIVATIONS, Layout.WEIGHTS) else 1
+        return 0 if self in (Layout.ACTIVATIONS, Layout.BINARY_ACTIVATIONS, Layout.WEIGHTS) else 1
 
 
-_BUFFER = {Layout.ACTIVATIONS: Buffer.ABUF, Layout.WEIGHTS: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF,
-           Layout.OUTPUTS: Buffer.OBUF}
+_BUFFER = {Layout.ACTIVATIONS: Buffer.ABUF, Layout.BINARY_ACTIVATIONS: Buffer.ABUF, Layout.WEIGHTS: Buffer.BBUF,
+           Layout.WEIGHT_STREAM: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF, Layout.OUTPUTS: Buffer.OBUF}
+
+
+def pack_binary(array: np.ndarray, bits: int) -> np.ndarray:
+    """[R, K] of +-1 -> [R, ceil(K / bits)] lanes: bit j of lane i is set where element
+    `i * bits + j` is +1 (`bgemm`'s operands); padding bits are set (+1)."""
+    rows, k = array.shape
+    words = -(-k // bits)
+    padded = np.ones((rows, words * bits), np.int64)
+    padded[:, :k] = array
+    set_bits = (padded.reshape(rows, words, bits) > 0).astype(np.int64) << np.arange(bits)
+    return wrap(set_bits.sum(axis=2), bits)
 
 
 def blocks(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
@@ -66,14 +82,16 @@ def blocks(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
     return math.ceil(shape[layout.lane_axis] / config.lanes(layout.buffer))
 
 
-def inner(layout: Layout, shape: tuple[int, int]) -> int:
+def inner(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
     """Buffer words per block."""
+    if layout is Layout.BINARY_ACTIVATIONS:
+        return -(-shape[1] // config.data_bits)
     return shape[1 - layout.lane_axis]
 
 
 def word_offset(layout: Layout, shape: tuple[int, int], block: int, index: int, config: AccelConfig) -> int:
     """DRAM words from the tensor's start to buffer word `index` of block `block`."""
-    return (block * inner(layout, shape) + index) * config.beats(layout.buffer)
+    return (block * inner(layout, shape, config) + index) * config.beats(layout.buffer)
 
 
 def dram_words(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
@@ -87,6 +105,8 @@ def to_words(layout: Layout, array: np.ndarray, config: AccelConfig) -> np.ndarr
     if array.ndim != 2:
         raise ValueError(f"{layout.value}: expected a 2-D tensor, got shape {list(array.shape)}")
     lanes = config.lanes(layout.buffer)
+    if layout is Layout.BINARY_ACTIVATIONS:
+        array = pack_binary(array, config.data_bits)
     cut = array if layout.lane_axis == 0 else array.T  # [lane axis, inner axis]
     n = blocks(layout, array.shape, config)
     padded = np.zeros((n * lanes, cut.shape[1]), np.int64)
@@ -95,8 +115,9 @@ def to_words(layout: Layout, array: np.ndarray, config: AccelConfig) -> np.ndarr
 
 
 def from_words(layout: Layout, words: np.ndarray, shape: tuple[int, int], config: AccelConfig) -> np.ndarray:
-    """The [shape] tensor held by its buffer words (the inverse of `to_words`)."""
-    lanes, n, k = config.lanes(layout.buffer), blocks(layout, shape, config), inner(layout, shape)
+    """The [shape] tensor held by its buffer words (the inverse of `to_words`; binary
+    activations come back packed)."""
+    lanes, n, k = config.lanes(layout.buffer), blocks(layout, shape, config), inner(layout, shape, config)
     cut = np.asarray(words).reshape(n, k, lanes).transpose(0, 2, 1).reshape(n * lanes, k)[:shape[layout.lane_axis]]
     return cut if layout.lane_axis == 0 else cut.T
 
@@ -113,7 +134,7 @@ def encode(layout: Layout, array: np.ndarray, config: AccelConfig) -> bytes:
 def decode(layout: Layout, data: bytes, shape: tuple[int, int], config: AccelConfig) -> np.ndarray:
     """The [shape] tensor (int64) from its DRAM bytes (the inverse of `encode`)."""
     buffer = layout.buffer
-    count = blocks(layout, shape, config) * inner(layout, shape)
+    count = blocks(layout, shape, config) * inner(layout, shape, config)
     raw = np.frombuffer(data, np.uint8).reshape(count, config.beats(buffer) * config.dram_bits // 8)
     return from_words(layout, unpack_words(raw, config.lanes(buffer), config.lane_bits(buffer)), shape, config)
 

@@ -57,10 +57,10 @@ def flops(graph: Graph) -> int:
         elif op.kind == "conv2d":
             w = types[op.operands[1]]
             total += 2 * t.numel * w.shape[1] * w.shape[2] * w.shape[3]
-        elif op.kind in ("softmax", "layer_norm"):
+        elif op.kind in ("softmax", "layer_norm", "int_softmax", "int_layer_norm"):
             total += 5 * t.numel
-        elif op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "tanh",
-                         "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg", "mean", "sum"):
+        elif op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "int_gelu",
+                         "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg", "mean", "sum"):
             total += t.numel if op.kind not in ("mean", "sum") else types[op.operands[0]].numel
     return total
 

@@ -217,7 +217,13 @@ def _linear(ts, attrs):
 
 def _matmul(ts, attrs):
     a, b = ts
-    dtype = _same_dtype(ts)
+    if a.dtype in _INT_OPERANDS or b.dtype in _INT_OPERANDS:  # activation x activation: exact, like linear
+        for t, what in ((a, "lhs"), (b, "rhs")):
+            if t.dtype not in _INT_OPERANDS:
+                raise OpTypeError(f"integer matmul takes i4, i8, i16 or b1 operands, got {t.dtype} {what}")
+        dtype = DType.I64 if DType.I16 in (a.dtype, b.dtype) else DType.I32
+    else:
+        dtype = _same_dtype(ts)
     if a.rank == 0 or b.rank == 0:
         raise OpTypeError("operands must have rank >= 1")
     a_shape = a.shape if a.rank > 1 else (1,) + a.shape
@@ -474,6 +480,72 @@ def _cast(ts, attrs):
     return _tt(ts[0].shape, attrs["dtype"])
 
 
+def _in_range(attrs, key: str, lo: int, hi: int) -> int:
+    value = attrs[key]
+    if not lo <= value <= hi:
+        raise OpTypeError(f"attribute '{key}' is {value}, expected [{lo}, {hi}]")
+    return value
+
+
+def _int_input(x: TensorType, dtypes: tuple[DType, ...]) -> None:
+    if x.dtype not in dtypes:
+        raise OpTypeError(f"input must be {', '.join(d.value for d in dtypes)}, got {x.dtype}")
+    if x.rank == 0 or x.shape[-1] == 0:
+        raise OpTypeError(f"input needs a non-empty last dim, got shape {list(x.shape)}")
+
+
+_NARROW = (DType.I4, DType.I8, DType.I16)  # inputs whose products with 31-bit constants fit int64 easily
+
+
+def _int_softmax(ts, attrs):
+    x = ts[0]
+    _int_input(x, _NARROW + (DType.I32,))
+    if len(ts) == 2:
+        if ts[1].dtype is not DType.BOOL:
+            raise OpTypeError(f"mask must be bool, got {ts[1].dtype}")
+        try:
+            fits = _broadcast(ts[1].shape, x.shape) == x.shape
+        except OpTypeError:
+            fits = False
+        if not fits:
+            raise OpTypeError(f"mask shape {list(ts[1].shape)} does not broadcast to input {list(x.shape)}")
+    _in_range(attrs, "multiplier", 0, (1 << 31) - 1)
+    _in_range(attrs, "shift", 0, 62)
+    ln2 = _in_range(attrs, "ln2", 1, 1 << 30)
+    b = _in_range(attrs, "b", ln2, 1 << 30)
+    if not 0 <= attrs["c"] < (1 << 31) - b * b:
+        raise OpTypeError(f"attribute 'c' is {attrs['c']}: the polynomial b^2 + c must stay below 2^31")
+    bits = _in_range(attrs, "out_bits", 1, 15)
+    return TensorType(x.shape, DType.I8 if bits <= 7 else DType.I16, quant=PerTensor(2.0 ** -bits))
+
+
+def _int_gelu(ts, attrs):
+    x = ts[0]
+    _int_input(x, _NARROW)
+    for key in ("multiplier", "out_multiplier"):
+        _in_range(attrs, key, 0, (1 << 31) - 1)
+    for key in ("shift", "out_shift"):
+        _in_range(attrs, key, 0, 62)
+    clip = _in_range(attrs, "clip", 0, 1 << 30)
+    one = _in_range(attrs, "one", 0, 1 << 40)
+    if (1 << (x.dtype.bits - 1)) * (2 * one + clip * clip) * attrs["out_multiplier"] > 1 << 62:
+        raise OpTypeError(f"|input| * (2 one + clip^2) * out_multiplier may exceed 2^62 for {x.dtype} input")
+    return _quantized(x.shape, {**attrs, "zero_point": 0}, _NARROW)
+
+
+def _int_layer_norm(ts, attrs):
+    x, w, b = ts
+    _int_input(x, _NARROW)
+    n = x.shape[-1]
+    for t, what, dtype in ((w, "weight", DType.I32), (b, "bias", DType.I64)):
+        if t.dtype is not dtype or t.shape != (n,):
+            raise OpTypeError(f"{what} must be {dtype}[{n}] (per channel of the last dim), got {t}")
+    _in_range(attrs, "shift", 0, 62)
+    if not 0 <= attrs["eps"] or n * (1 << 2 * x.dtype.bits) + attrs["eps"] >= 1 << 62:
+        raise OpTypeError(f"attribute 'eps' is {attrs['eps']}: the sum of squares plus eps must stay in [0, 2^62)")
+    return _quantized(x.shape, {**attrs, "zero_point": 0}, _NARROW)
+
+
 # ---------------------------------------------------------------------------------------------
 # the table
 
@@ -551,6 +623,22 @@ _DEFS = [
                                                            "zero_point": A(I, 0)}, _requantize,
           "int64 fixed point: clip(((acc * multiplier + 2^(shift-1)) >> shift) + zero_point) to dtype "
           "(round half up; shift in [0, 62]); multiplier and shift [] or [C]; scale: the output's step"),
+    OpDef("int_softmax", ("input", "mask?"),
+          {"multiplier": A(I, required=True), "shift": A(I, required=True), "ln2": A(I, required=True),
+           "b": A(I, required=True), "c": A(I, required=True), "out_bits": A(I, 7)}, _int_softmax,
+          "integer-only softmax over the last dim (I-BERT i-exp, see reference.py); probabilities in "
+          "[0, 2^out_bits - 1] with scale 2^-out_bits (i8 up to 7 bits, else i16); masked (False) lanes give 0"),
+    OpDef("int_gelu", ("input",),
+          {"multiplier": A(I, required=True), "shift": A(I, required=True), "clip": A(I, required=True),
+           "one": A(I, required=True), "out_multiplier": A(I, required=True), "out_shift": A(I, required=True),
+           "dtype": A(DT, required=True), "scale": A(F, required=True)}, _int_gelu,
+          "integer-only GELU (I-BERT i-erf, see reference.py), requantized to dtype with step scale",
+          elementwise=True),
+    OpDef("int_layer_norm", ("input", "weight", "bias"),
+          {"eps": A(I, required=True), "shift": A(I, required=True), "dtype": A(DT, required=True),
+           "scale": A(F, required=True)}, _int_layer_norm,
+          "integer-only layer norm over the last dim (integer mean, variance, bit-by-bit sqrt; see "
+          "reference.py); weight i32 and bias i64 per channel are the affine in fixed point"),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}

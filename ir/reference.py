@@ -42,6 +42,106 @@ def _requantize(acc, multiplier, shift, dtype: DType, scale, zero_point):
     return np.clip(r + zero_point, *dtype.value_range).astype(dtype.numpy)
 
 
+def _matmul(a, b):
+    if a.dtype.kind == "i":  # exact in int64 (the executor casts to the i32 or i64 accumulator)
+        a, b = a.astype(np.int64), b.astype(np.int64)
+    return np.matmul(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# integer-only nonlinearities (I-BERT, Kim et al. 2021), in int64 lanes: every scale-derived
+# constant is an integer attribute; only +, -, *, shifts, compares, clips, floor division by
+# an integer and per-row max / sum. `>>` is arithmetic (floor); "round(v >> s)" below means
+# (v + 2^(s-1)) >> s (round half up, nothing added when s = 0), as in `requantize`.
+
+def _round_shift(v, shift: int):
+    return (v + ((1 << shift) >> 1)) >> shift
+
+
+def _int_softmax(x, mask=None, *, multiplier, shift, ln2, b, c, out_bits):
+    """Softmax over the last dim of integers x (real value x * S), per row of N lanes:
+
+    1. m = max of x over the kept lanes (mask True; all lanes without a mask)   row max
+    2. d = x - m on kept lanes, 0 on masked ones: d <= 0, |d| < 2^32
+    3. u = round(d * multiplier >> shift): d * S in fixed point with F fraction bits
+       (multiplier * 2^-shift = S * 2^F; the product < 2^63)
+    4. u = max(u, -31 * ln2), where ln2 = round(ln 2 * 2^F): below 2^-31 the result is 0 anyway
+    5. z = (-u) // ln2 (0..31), p = u + z * ln2 in (-ln2, 0]: d * S = p * 2^-F - z ln 2
+    6. e = ((p + b)^2 + c) >> z on kept lanes, 0 on masked ones: exp(p) ~ a (p + b)^2 + c
+       (a = 0.3585, b = 1.353, c = 0.344 on (-ln 2, 0]) as b = round(1.353 * 2^F) and
+       c = round(0.344 / a * 2^2F); (p + b)^2 + c < 2^31 (checked on the attributes)
+    7. s = sum of e over the row (< N * 2^31)                                      row sum
+    8. r = 2^62 // max(s, 1)                                    one division per row
+    9. y = clip(round(e * r >> (62 - out_bits)), 0, 2^out_bits - 1); e * r <= 2^62
+
+    y is the probability in steps of 2^-out_bits; a fully masked row gives zeros."""
+    x = x.astype(np.int64)
+    keep = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    m = np.where(keep, x, np.int64(-(1 << 31))).max(axis=-1, keepdims=True)
+    d = np.where(keep, x - m, 0)
+    u = np.maximum(_round_shift(d * multiplier, shift), -31 * ln2)
+    z = (-u) // ln2
+    p = u + z * ln2
+    e = np.where(keep, ((p + b) * (p + b) + c) >> z, 0)
+    r = (1 << 62) // np.maximum(e.sum(axis=-1, keepdims=True), 1)
+    return np.clip(_round_shift(e * r, 62 - out_bits), 0, (1 << out_bits) - 1)
+
+
+def _int_gelu(x, *, multiplier, shift, clip, one, out_multiplier, out_shift, dtype: DType, scale):
+    """GELU of integers x (real value x * S), lane by lane:
+
+    1. u = round(x * multiplier >> shift): x * S / sqrt(2) with F fraction bits
+    2. t = min(|u|, clip) - clip, clip = round(1.769 * 2^F): t in [-clip, 0]
+    3. erf = sign(u) * (one - t^2), one = round(2^2F / 0.2888): erf(x S / sqrt 2) in steps of
+       0.2888 * 2^-2F (I-BERT's erf(v) ~ sign(v) (1 - 0.2888 (min(|v|, 1.769) - 1.769)^2))
+    4. g = x * (erf + one): 2 GELU(x S) / (S * 0.2888 * 2^-2F)
+    5. y = clip(round(g * out_multiplier >> out_shift), dtype), out_multiplier * 2^-out_shift =
+       S * 0.2888 * 2^-(2F+1) / scale (|g * out_multiplier| <= 2^62, checked on the attributes)"""
+    x = x.astype(np.int64)
+    u = _round_shift(x * multiplier, shift)
+    t = np.minimum(np.abs(u), clip) - clip
+    g = x * (np.sign(u) * (one - t * t) + one)
+    return np.clip(_round_shift(g * out_multiplier, out_shift), *dtype.value_range)
+
+
+def _isqrt(v):
+    """floor(sqrt(v)) of int64 0 <= v < 2^62, bit by bit: 31 fixed steps of compare, subtract, shift."""
+    root, rest = np.zeros_like(v), v
+    for k in range(30, -1, -1):
+        trial = root + (1 << 2 * k)
+        fits = rest >= trial
+        rest = np.where(fits, rest - trial, rest)
+        root = np.where(fits, (root >> 1) + (1 << 2 * k), root >> 1)
+    return root
+
+
+_LN_BIAS_LIMIT = 1 << 60
+
+
+def _int_layer_norm(x, w, b, *, eps, shift, dtype: DType, scale):
+    """Layer norm over the last dim (N lanes) of integers x (real value x * S):
+
+    1. s = sum of x over the row                                                  row sum
+    2. mean = (2 s + N) // (2 N): round half up of s / N          one division per row
+    3. c = x - mean (|c| < 2^bits of x)
+    4. v = sum of c^2 over the row + eps, eps = round(eps_real * N / S^2); v < 2^62   row sum
+    5. r = max(isqrt(v), 1): floor square root, 31 bit-by-bit steps             per row
+    6. f = 2^31 // r                                                   one division per row
+    7. n = c * f: (x - mean) / std * 2^31 / sqrt(N); |n| <= 2^31 since |c| <= r
+    8. y = clip(round((n * weight[j] + bias[j]) >> shift), dtype) per channel j, with
+       weight[j] = round(gamma[j] sqrt(N) 2^(shift-31) / scale) (i32) and
+       bias[j] = round(beta[j] 2^shift / scale) (i64, |bias| <= 2^60, so nothing wraps)"""
+    if b.size and np.abs(b.astype(np.int64)).max() > _LN_BIAS_LIMIT:
+        raise ValueError("int_layer_norm: |bias| must be at most 2^60")
+    x = x.astype(np.int64)
+    n = x.shape[-1]
+    mean = (2 * x.sum(axis=-1, keepdims=True) + n) // (2 * n)
+    c = x - mean
+    r = np.maximum(_isqrt((c * c).sum(axis=-1, keepdims=True) + eps), 1)
+    y = _round_shift(c * ((1 << 31) // r) * w.astype(np.int64) + b.astype(np.int64), shift)
+    return np.clip(y, *dtype.value_range)
+
+
 def _softmax(x, dim):
     shifted = x - np.max(x, axis=dim, keepdims=True)
     e = np.exp(shifted)
@@ -130,7 +230,7 @@ def _cast(x, dtype: DType):
 
 REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "linear": _linear,
-    "matmul": np.matmul,
+    "matmul": _matmul,
     "add": np.add,
     "sub": np.subtract,
     "mul": np.multiply,
@@ -182,4 +282,7 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "quantize": _quantize,
     "dequantize": _dequantize,
     "requantize": _requantize,
+    "int_softmax": _int_softmax,
+    "int_gelu": _int_gelu,
+    "int_layer_norm": _int_layer_norm,
 }

@@ -51,6 +51,12 @@ class Observer(nn.Module):
         return self.amax
 
 
+def symmetric_scale(observer: Observer, qmax: int, percentile: float | None = None) -> float:
+    """The symmetric per-tensor scale of an observed value: its range over `qmax` (1 when all zero)."""
+    r = observer.range(percentile)
+    return r / qmax if r > 0 else 1.0
+
+
 def observe(graph: Graph, ctx: PassContext, values: set[str], *, pass_name: str,
             percentile: float | None = None) -> dict[str, Observer]:
     """Observers of `values` after running the graph over the calibration data: the `calib`

@@ -90,10 +90,70 @@ def _requantize(acc, multiplier, shift, dtype: DType, scale, zero_point):
     return (r + zero_point).clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
 
 
+def _matmul(a, b):
+    if a.is_floating_point() or a.dtype in (torch.int32, torch.int64):
+        return torch.matmul(a, b)
+    # i4/i8/i16/b1 operands, bit exact on CPU and CUDA as the integer linear: float64 is exact here
+    acc = torch.int64 if torch.int16 in (a.dtype, b.dtype) else torch.int32
+    return torch.matmul(a.double(), b.double()).to(torch.int64).to(acc)
+
+
+# integer-only nonlinearities: the steps of tcc.ir.reference, in int64, bit for bit
+
+def _round_shift(v, shift: int):
+    return (v + ((1 << shift) >> 1)) >> shift
+
+
+def _int_softmax(x, mask=None, *, multiplier, shift, ln2, b, c, out_bits):
+    x = x.to(torch.int64)
+    keep = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.expand(x.shape)
+    m = torch.where(keep, x, -(1 << 31)).amax(dim=-1, keepdim=True)
+    d = torch.where(keep, x - m, 0)
+    u = torch.clamp_min(_round_shift(d * multiplier, shift), -31 * ln2)
+    z = torch.div(-u, ln2, rounding_mode="floor")
+    p = u + z * ln2
+    e = torch.where(keep, ((p + b) * (p + b) + c) >> z, 0)
+    r = torch.div(torch.full_like(e[..., :1], 1 << 62), e.sum(dim=-1, keepdim=True).clamp_min(1),
+                  rounding_mode="floor")
+    y = _round_shift(e * r, 62 - out_bits).clamp(0, (1 << out_bits) - 1)
+    return y.to(torch.int8 if out_bits <= 7 else torch.int16)
+
+
+def _int_gelu(x, *, multiplier, shift, clip, one, out_multiplier, out_shift, dtype: DType, scale):
+    x = x.to(torch.int64)
+    u = _round_shift(x * multiplier, shift)
+    t = torch.clamp_max(u.abs(), clip) - clip
+    g = x * (torch.sign(u) * (one - t * t) + one)
+    return _round_shift(g * out_multiplier, out_shift).clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
+
+
+def _isqrt(v):
+    root, rest = torch.zeros_like(v), v
+    for k in range(30, -1, -1):
+        trial = root + (1 << 2 * k)
+        fits = rest >= trial
+        rest = torch.where(fits, rest - trial, rest)
+        root = torch.where(fits, (root >> 1) + (1 << 2 * k), root >> 1)
+    return root
+
+
+def _int_layer_norm(x, w, b, *, eps, shift, dtype: DType, scale):
+    if b.numel() and int(b.to(torch.int64).abs().max()) > 1 << 60:
+        raise ValueError("int_layer_norm: |bias| must be at most 2^60")
+    x = x.to(torch.int64)
+    n = x.shape[-1]
+    mean = torch.div(2 * x.sum(dim=-1, keepdim=True) + n, 2 * n, rounding_mode="floor")
+    c = x - mean
+    r = _isqrt((c * c).sum(dim=-1, keepdim=True) + eps).clamp_min(1)
+    f = torch.div(torch.full_like(r, 1 << 31), r, rounding_mode="floor")
+    y = _round_shift(c * f * w.to(torch.int64) + b.to(torch.int64), shift)
+    return y.clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
+
+
 # Kernels keyed by op name. Ops that create tensors take the device as `device=`.
 TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": _linear,
-    "matmul": torch.matmul,
+    "matmul": _matmul,
     "add": torch.add,
     "sub": torch.sub,
     "mul": torch.mul,
@@ -148,6 +208,9 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "quantize": _quantize,
     "dequantize": _dequantize,
     "requantize": _requantize,
+    "int_softmax": _int_softmax,
+    "int_gelu": _int_gelu,
+    "int_layer_norm": _int_layer_norm,
 }
 _CREATES_TENSORS = {"arange", "full"}
 

@@ -529,7 +529,13 @@ def _every_op_graph() -> Graph:
     yq = b.op("requantize", acc, mult, b.constant("layer.0.shift", np.array(35), DType.I32), dtype=DType.I8,
               scale=1e-5)
     deq = b.op("dequantize", yq, b.constant("layer.0.out_scale", np.array(1e-5, np.float32)))
-    return verify(b.finish([y, r, m, total, some, ix, wh, att, att2, conv, cast, deq]))
+    probs = b.op("int_softmax", acc, b.op("slice", flag, dim=-1, end=1), multiplier=1 << 30, shift=40, ln2=11357,
+                 b=22168, c=257578234)
+    act = b.op("int_gelu", yq, multiplier=1518500250, shift=23, clip=7246, one=58092853, out_multiplier=77524160,
+               out_shift=52, dtype=DType.I8, scale=0.5)
+    norm = b.op("int_layer_norm", act, b.constant("norm.weight_q", np.full(5, 1 << 20), DType.I32),
+                b.constant("norm.bias_q", np.zeros(5), DType.I64), eps=3, shift=30, dtype=DType.I8, scale=0.1)
+    return verify(b.finish([y, r, m, total, some, ix, wh, att, att2, conv, cast, deq, probs, norm]))
 
 
 def test_every_op_kind_round_trips():

@@ -207,6 +207,15 @@ CASES = [
                                       np.where(bools(6, 32), 1, -1).astype(np.int8)]),
     _case("linear-i16-i64", "linear", [i64(4, 32, high=1 << 15, dtype=np.int16),
                                         i64(3, 32, high=1 << 15, dtype=np.int16, seed=1), i64(3, high=1 << 40)]),
+    _case("matmul-i8", "matmul", [i64(2, 3, 64, high=128, dtype=np.int8), i64(64, 5, high=128, dtype=np.int8, seed=1)]),
+    _case("int-softmax-i32-mask", "int_softmax", [i64(2, 3, 6, high=1 << 20, dtype=np.int32), bools(3, 1, seed=2, p=0.7)],
+          multiplier=1 << 30, shift=36, ln2=11357, b=22168, c=257578234, out_bits=7),
+    _case("int-gelu-i8", "int_gelu", [i64(3, 4, high=128, dtype=np.int8)], multiplier=1518500250, shift=23,
+          clip=7246, one=58092853, out_multiplier=77524160, out_shift=52, dtype=DType.I8, scale=0.03125),
+    _case("int-layer-norm-i16", "int_layer_norm", [i64(3, 8, high=1 << 15, dtype=np.int16),
+                                                   i64(8, high=1 << 20, dtype=np.int32, seed=1),
+                                                   i64(8, high=1 << 40, seed=2)], eps=100, shift=40, dtype=DType.I8,
+          scale=0.05),
 ]
 
 

@@ -11,15 +11,18 @@ ISA simulator, whose cycles equal the RTL's.
 2. HP sparse speedup: the same GEMMs with HP weights (16x16 blocks, hp-prune's split of 50%,
    75% and 90% between the levels) on the sparse unit, against the dense weights on the same
    array: target >= 0.85 / (1 - s).
-3. End to end: a TinyBERT-shaped encoder layer (hidden 312, 12 heads, FFN 1200, sequence 128)
+3. Binary unit: the PE array alone (`hardware.build_array`) synthesized by yosys `synth_xilinx`
+   in its int8 mode and in its XNOR-popcount mode: binary MACs per cycle per LUT against int8
+   MACs per cycle per LUT (the int8 array's multipliers sit in DSPs, counted apart).
+4. End to end: a TinyBERT-shaped encoder layer (hidden 312, 12 heads, FFN 1200, sequence 128)
    compiled dense int8, HP-pruned and binarized: accelerator cycles of each, and the ops left
    on the host.
-4. RTL simulation speed: one program (a GEMM of `--rtl-gemm MxKxN`) through PyRTL's
+5. RTL simulation speed: one program (a GEMM of `--rtl-gemm MxKxN`) through PyRTL's
    FastSimulation and through Verilator on the exported Verilog, cycles per second (Verilator's
    compile time printed apart; set TCC_RTL_CACHE=off to measure it). Both must end with the ISA
    simulator's DRAM and cycle count.
 
-    .venv/bin/python benchmarks/accel.py [--rtl-gemm 64x256x64] [--skip-rtl]
+    .venv/bin/python benchmarks/accel.py [--rtl-gemm 64x256x64] [--skip-rtl] [--arrays 8x8,16x16]
 """
 
 from __future__ import annotations
@@ -126,6 +129,24 @@ def hp_table(config: AccelConfig, sparsities=(0.5, 0.75, 0.9)) -> None:
     print(f"speedup / target: worst {worst:.3f} (target >= 1): {'PASS' if worst >= 1 else 'FAIL'}")
 
 
+def binary_table(shapes: str) -> None:
+    from tcc.backends.accel.isa import Opcode
+    from tcc.backends.accel.verilog import synthesize_array
+
+    print("\nBinary unit against the int8 array: the PE array alone, yosys synth_xilinx (xc7)")
+    print(f"{'array':>7}{'mode':>8}{'LUT':>9}{'FF':>9}{'DSP':>6}{'MACs/cycle':>12}{'MACs/cycle/LUT':>16}")
+    for shape in shapes.split(","):
+        rows, cols = (int(v) for v in shape.split("x"))
+        config = AccelConfig(rows=rows, cols=cols)
+        per_lut = {}
+        for mode, label in ((Opcode.GEMM, "int8"), (Opcode.BGEMM, "binary")):
+            r = synthesize_array(config, mode)
+            per_lut[label] = r["macs_per_cycle"] / r["LUT"]
+            print(f"{shape:>7}{label:>8}{r['LUT']:>9,}{r['FF']:>9,}{r['DSP']:>6}{r['macs_per_cycle']:>12,}"
+                  f"{per_lut[label]:>16.3f}")
+        print(f"{shape:>7}  binary / int8 MACs per cycle per LUT: {per_lut['binary'] / per_lut['int8']:.2f}x")
+
+
 def encoder_layer_table(config: AccelConfig) -> None:
     """A TinyBERT-shaped encoder layer, dense int8 against HP-pruned and binarized versions."""
     import torch
@@ -198,13 +219,15 @@ def rtl_speed(spec: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rtl-gemm", default="64x256x64", help="MxKxN of the RTL speed program")
-    parser.add_argument("--skip-rtl", action="store_true")
+    parser.add_argument("--skip-rtl", action="store_true", help="skip the RTL speed and the yosys runs")
+    parser.add_argument("--arrays", default="8x8", help="array shapes of the binary-unit synthesis, e.g. 8x8,16x16")
     args = parser.parse_args()
     config = get_target("fpga-medium").accel
     gemm_table(config)
     hp_table(config)
     encoder_layer_table(config)
     if not args.skip_rtl:
+        binary_table(args.arrays)
         rtl_speed(args.rtl_gemm)
 
 

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import need  # noqa: E402
-from accel_programs import gemm_case, gemm_results, random_case, vector_case  # noqa: E402
+from accel_programs import gemm_case, gemm_results, random_case, requantize, vector_case  # noqa: E402
 
 from tcc.backends.accel import hardware, verilog  # noqa: E402
 from tcc.backends.accel.config import AccelConfig  # noqa: E402
-from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token  # noqa: E402
+from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token, pack_words, unpack_words  # noqa: E402
 from tcc.runtime.isa_sim import SimulationError, simulate  # noqa: E402
 
 
@@ -52,11 +52,16 @@ def same_as_spec(program, config: AccelConfig, dram: np.ndarray, runner=hardware
 def test_load_gemm_store_by_hand():
     cfg = CONFIGS[0]
     dram = np.arange(256, dtype=np.uint8)
+    dram[64:88] = pack_words(np.array([[5, -7], [3, 2], [2, 1]]), cfg.acc_bits, 8).reshape(-1)  # bias, mult, shift
     prog = [Instruction.make(Opcode.LOAD, buf=Buffer.ABUF, addr=0, count=4, dram=0),
-            Instruction.make(Opcode.LOAD, signal=(Token.LD2EX,), buf=Buffer.BBUF, addr=0, count=4, dram=8),
-            Instruction.make(Opcode.GEMM, wait=(Token.LD2EX,), a=0, b=0, k=4, acc=0),
-            Instruction.make(Opcode.GEMM, a=1, b=2, k=2, acc=1, signal=(Token.EX2ST,)),
-            Instruction.make(Opcode.STORE, wait=(Token.EX2ST,), buf=Buffer.ABUF, addr=0, count=4, dram=64),
+            Instruction.make(Opcode.LOAD, signal=(Token.LD2AR,), buf=Buffer.BBUF, addr=0, count=4, dram=8),
+            Instruction.make(Opcode.LOAD, signal=(Token.LD2VE,), buf=Buffer.PBUF, addr=0, count=3, dram=16),
+            Instruction.make(Opcode.GEMM, wait=(Token.LD2AR,), a=0, b=0, k=4, acc=0, bank=1),
+            Instruction.make(Opcode.GEMM, a=1, b=2, k=2, acc=1, bank=1, signal=(Token.AR2VE, Token.AR2LD)),
+            Instruction.make(Opcode.STORE, wait=(Token.AR2LD,), buf=Buffer.ABUF, addr=0, count=4, dram=64),
+            Instruction.make(Opcode.REQUANT, wait=(Token.AR2VE, Token.LD2VE), signal=(Token.VE2ST,), dst=2, param=0,
+                             relu=0, bank=1),
+            Instruction.make(Opcode.STORE, wait=(Token.VE2ST,), buf=Buffer.OBUF, addr=0, count=4, dram=72),
             Instruction.make(Opcode.HALT)]
     same_as_spec(prog, cfg, dram)
 
@@ -146,15 +151,15 @@ def test_random_programs_match_isa_sim(config, length, chain, seed):
     same_as_spec(case.program, config, case.dram)
 
 
-# ---- banked ABUF and a machine without the vector unit: other hardware, the same ISA
+# ---- banked ABUF and machines without the optional units: other hardware, the same ISA
 
 def variant(config: AccelConfig, **kw) -> AccelConfig:
     return dataclasses.replace(config, **kw)
 
 
-VARIANTS = [variant(CONFIGS[0], abuf_banks=2), variant(CONFIGS[1], vector_unit=False),
-            variant(CONFIGS[2], abuf_banks=2, vector_unit=False), variant(CONFIGS[3], abuf_banks=4),
-            variant(CONFIGS[3], abuf_banks=4, vector_unit=False)]
+VARIANTS = [variant(CONFIGS[0], abuf_banks=2), variant(CONFIGS[1], vector_unit=False, sparse_unit=False),
+            variant(CONFIGS[2], abuf_banks=2, vector_unit=False, binary_unit=False), variant(CONFIGS[3], abuf_banks=4),
+            variant(CONFIGS[3], abuf_banks=1, vector_unit=False, sparse_unit=False, binary_unit=False)]
 
 
 @pytest.mark.parametrize("banks", [1, 2, 4])
@@ -163,7 +168,7 @@ def test_gemm_without_the_vector_unit_on_banked_abuf(banks):
     names = [name for name, _words, _bits in hardware.design(config).memories]
     assert [n for n in names if n.startswith("abuf")] == (["abuf_load"] if banks == 1 else
                                                           [f"abuf_load_b{i}" for i in range(banks)])
-    assert not [n for n in names if n.startswith("pbuf_compute")]  # vsum's bank went with the unit
+    assert not [n for n in names if n.startswith("pbuf_vector")]  # vsum's bank went with the unit
     case = gemm_case(config, 7, 11, 6, rng=np.random.default_rng(banks), k_chunk=5, relu=True, store_late=True)
     machine, _ = same_as_spec(case.program, config, case.dram)
     assert (gemm_results(case, machine.dram, 7, 6) == case.expected).all()
@@ -180,25 +185,272 @@ def test_gemm_programs_on_variants_match_isa_sim(config, m, k, n, chunk, relu, l
 @given(config=st.sampled_from(VARIANTS), length=st.integers(1, 14), chain=st.sampled_from([0.5, 0.8, 1.0]),
        seed=st.integers(0, 2**32 - 1))
 def test_random_programs_on_variants_match_isa_sim(config, length, chain, seed):
-    """Loads and stores at any ABUF address (every bank), gemms from any; vector ops where the
-    unit is there."""
+    """Loads and stores at any ABUF address (every bank), array instructions from any; vector
+    ops, spgemm and bgemm where their units are there."""
     test_random_programs_match_isa_sim.hypothesis.inner_test(config, length, chain, seed)
 
 
-def test_vector_programs_are_refused_without_the_vector_unit(monkeypatch):
-    config = variant(CONFIGS[1], vector_unit=False)
-    case = vector_case(config, [(Opcode.VADD, 8, 0, 2, 3, 0)], rng=np.random.default_rng(0), words=8)
-    message = r"instruction 1 \(vadd .*\): vadd needs the vector unit, which this config leaves out \(vector_unit=0\)"
+def missing_unit_program(config: AccelConfig, op: Opcode):
+    """A program whose instruction 1 is `op`."""
+    if op in (Opcode.SPGEMM, Opcode.BGEMM):
+        fields = dict(blocks=1, nnz=1, bw=1) if op is Opcode.SPGEMM else dict(k=2)
+        return [Instruction.make(Opcode.LOAD, signal=(Token.LD2AR,), buf=Buffer.ABUF, addr=0, count=2, dram=0),
+                Instruction.make(op, wait=(Token.LD2AR,), a=0, b=0, acc=0, bank=0, **fields),
+                Instruction.make(Opcode.HALT)], np.arange(64, dtype=np.uint8)
+    case = vector_case(config, [(op, 8, 0, 2, 3, 0)], rng=np.random.default_rng(0), words=8)
+    return case.program, case.dram
+
+
+@pytest.mark.parametrize("flag, op, register", [("vector_unit", Opcode.VADD, "ve_sum"),
+                                                ("sparse_unit", Opcode.SPGEMM, "ar_sparse"),
+                                                ("binary_unit", Opcode.BGEMM, "ar_binary")])
+def test_programs_of_a_missing_unit_are_refused(monkeypatch, flag, op, register):
+    config = variant(CONFIGS[1], **{flag: False})
+    program, dram = missing_unit_program(config, op)
+    name, words = op.name.lower(), flag.replace("_", " ")
+    message = rf"instruction 1 \({name} .*\): {name} needs the {words}, which this config leaves out \({flag}=0\)"
     with pytest.raises(SimulationError, match=message):
-        simulate(case.program, config, case.dram)
+        simulate(program, config, dram)
     for runner in (hardware.run_pyrtl, verilog.run_icarus, verilog.run_verilator):  # refused before any tool runs
         with pytest.raises(ValueError, match=message):
-            runner(case.program, config, case.dram, 1000)
-    # and the hardware has no unit to run it: past the check, the vadd never issues
+            runner(program, config, dram, 1000)
+    # and the hardware has no unit to run it: past the check, the instruction never issues
     monkeypatch.setattr(hardware.isa, "check_program", lambda program, config: None)
     with pytest.raises(hardware.RTLSimulationError):
-        hardware.run_pyrtl(case.program, config, case.dram, 200)
-    assert "ex_sum" not in verilog.verilog_text(config) and "ex_sum" in verilog.verilog_text(CONFIGS[1])
+        hardware.run_pyrtl(program, config, dram, 200)
+    assert register not in verilog.verilog_text(config) and register in verilog.verilog_text(CONFIGS[1])
+    bbuf = [n for n, _words, _bits in hardware.design(config).memories if n.startswith("bbuf")]
+    assert bbuf == (["bbuf_load"] if flag == "sparse_unit" else ["bbuf_load_b0", "bbuf_load_b1"])  # no split
+
+
+# ---- the array: instructions streaming back to back on two banks, spgemm, bgemm
+
+SPARSE_CONFIGS = [tiny(2, 2, 32, 1, abuf_banks=4, abuf_depth=64, bbuf_depth=64),
+                  tiny(3, 2, 64, 2, abuf_banks=8, abuf_depth=64, bbuf_depth=64),
+                  tiny(2, 3, 32, 3, abuf_banks=2, abuf_depth=64, bbuf_depth=64, data_bits=4, acc_bits=12),
+                  tiny(4, 4, 64, 1, abuf_depth=64, bbuf_depth=64)]  # 16 ABUF banks
+
+
+@dataclasses.dataclass
+class ArrayCase:
+    program: list[Instruction]
+    dram: np.ndarray
+    params: np.ndarray  # [groups, 3, cols]: bias, multiplier, shift
+    out: int  # the DRAM word of the first result: `rows` OBUF words per array instruction
+
+    def results(self, config: AccelConfig, dram: np.ndarray, i: int) -> np.ndarray:
+        """The [rows, cols] requantized result of array instruction `i`."""
+        word, beats = config.dram_bits // 8, config.beats(Buffer.OBUF)
+        first = (self.out + i * config.rows * beats) * word
+        data = np.asarray(dram[first:first + config.rows * beats * word]).reshape(config.rows, beats * word)
+        return unpack_words(data, config.cols, config.data_bits)
+
+    def expected(self, config: AccelConfig, i: int, acc: np.ndarray) -> np.ndarray:
+        """What requant and store make of array instruction `i`'s accumulators `acc`."""
+        bias, mult, shift = self.params[i % len(self.params)]
+        return requantize(config, acc, bias, mult, shift, relu=bool(i % 2))
+
+
+def array_case(config: AccelConfig, rng: np.random.Generator, abuf: np.ndarray, bbuf: np.ndarray,
+               instrs: list[tuple[Opcode, dict]]) -> ArrayCase:
+    """ABUF and BBUF loaded with `abuf` / `bbuf` ([words, lanes]), PBUF with random requant
+    groups; then the array instructions `instrs` ((opcode, fields but bank)) on alternating
+    banks, each requantized (group i, relu for odd i) into a double-buffered OBUF slot and
+    stored while the next streams through the array."""
+    R, DB = config.rows, config.data_bits
+    word = config.dram_bits // 8
+    groups = config.pbuf_depth // 3
+    params = np.stack([np.stack([rng.integers(-(1 << DB), 1 << DB, config.cols), rng.integers(1, 4, config.cols),
+                                 rng.integers(0, 2 * DB + 2, config.cols)]) for _ in range(groups)])
+    image, at = [], {}
+    for buf, lanes in ((Buffer.ABUF, abuf), (Buffer.BBUF, bbuf), (Buffer.PBUF, params.reshape(-1, config.cols))):
+        at[buf] = sum(len(x) for x in image) // word
+        image.append(pack_words(np.asarray(lanes, np.int64), config.lane_bits(buf), config.beats(buf) * word)
+                     .reshape(-1))
+    out = sum(len(x) for x in image) // word
+    program = [Instruction.make(Opcode.LOAD, buf=Buffer.ABUF, addr=0, count=len(abuf), dram=at[Buffer.ABUF]),
+               Instruction.make(Opcode.LOAD, buf=Buffer.BBUF, addr=0, count=len(bbuf), dram=at[Buffer.BBUF],
+                                signal=(Token.LD2AR,)),
+               Instruction.make(Opcode.LOAD, buf=Buffer.PBUF, addr=0, count=3 * groups, dram=at[Buffer.PBUF],
+                                signal=(Token.LD2VE,))]
+
+    def drain(i: int) -> list[Instruction]:  # requant and store array instruction i's bank
+        slot = i % 2 * R
+        return [Instruction.make(Opcode.REQUANT, wait=(Token.AR2VE,) + ((Token.LD2VE,) if i == 0 else ())
+                                 + ((Token.ST2VE,) if i >= 2 else ()), signal=(Token.VE2AR, Token.VE2ST),
+                                 dst=slot, param=3 * (i % groups), relu=i % 2, bank=i % 2),
+                Instruction.make(Opcode.STORE, wait=(Token.VE2ST,), signal=(Token.ST2VE,), buf=Buffer.OBUF, addr=slot,
+                                 count=R, dram=out + i * R * config.beats(Buffer.OBUF))]
+
+    for i, (op, fields) in enumerate(instrs):
+        wait = ((Token.LD2AR,) if i == 0 else ()) + ((Token.VE2AR,) if i >= 2 else ())
+        program.append(Instruction.make(op, wait=wait, signal=(Token.AR2VE,), bank=i % 2, **fields))
+        if i:
+            program += drain(i - 1)
+    program += drain(len(instrs) - 1) + [Instruction.make(Opcode.HALT)]
+    return ArrayCase(program, np.concatenate(image), params, out)
+
+
+def random_lanes(rng: np.random.Generator, n: int, lanes: int, bits: int) -> np.ndarray:
+    return rng.integers(-(1 << bits - 1), 1 << bits - 1, (n, lanes))
+
+
+def sparse_weights(config: AccelConfig, rng: np.random.Generator, blocks: int, nnz: int, bw: int):
+    """A random [blocks * bw, cols] weight matrix with at most `nnz` nonzeros per column in each
+    block of `bw` rows, and its spgemm encoding: [2 * blocks * nnz, cols] BBUF words, weights
+    then local row indices (with random high bits: the hardware takes them mod bw)."""
+    C, DB = config.cols, config.data_bits
+    dense = np.zeros((blocks * bw, C), np.int64)
+    words = np.zeros((2 * blocks * nnz, C), np.int64)
+    for j in range(blocks):
+        for c in range(C):
+            rows = rng.choice(bw, nnz, replace=False)
+            values = random_lanes(rng, nnz, 1, DB)[:, 0]
+            noise = random_lanes(rng, nnz, 1, DB)[:, 0]
+            for t in range(nnz):
+                words[2 * (j * nnz + t), c] = values[t]
+                words[2 * (j * nnz + t) + 1, c] = noise[t] & ~(bw - 1) | rows[t]
+                dense[j * bw + rows[t], c] = values[t]
+    return dense, words
+
+
+def binary_product(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, cols] sum over words of the +-1 dot products of the lanes' bits (set: +1)."""
+    signs = lambda x: np.where((x[..., None] >> np.arange(bits)) & 1, 1, -1)  # noqa: E731
+    return np.einsum("kri,kci->rc", signs(a), signs(b))
+
+
+def test_array_streams_back_to_back_while_requant_drains_the_other_bank():
+    """Dense gemms issue as soon as the previous one's operands are in (before it ends); each
+    requant reads one bank while the array fills the other; cycles and results as the ISA
+    simulator and numpy say."""
+    config = SPARSE_CONFIGS[1]
+    rng = np.random.default_rng(3)
+    ks = [5, 3, 7, 1, 4]
+    abuf, bbuf = random_lanes(rng, 32, config.rows, 8), random_lanes(rng, 32, config.cols, 8)
+    instrs = [(Opcode.GEMM, dict(a=2 * i, b=3 * i, k=k, acc=0)) for i, k in enumerate(ks)]
+    case = array_case(config, rng, abuf, bbuf, instrs)
+    machine, stats = same_as_spec(case.program, config, case.dram)
+    issue = {pc: stats.schedule[pc] for pc, instr in enumerate(case.program) if instr.op is Opcode.GEMM}
+    gemms = sorted(issue)
+    # the second gemm streams in right behind the first, long before the first ends
+    (t0, end0), (t1, _) = issue[gemms[0]], issue[gemms[1]]
+    assert t1 == t0 + ks[0] < end0
+    # requants run while the array is busy with the next instruction
+    requants = [stats.schedule[pc] for pc, instr in enumerate(case.program) if instr.op is Opcode.REQUANT]
+    assert any(t < end and s < e for (t, end) in issue.values() for (s, e) in requants)
+    for i, (op, f) in enumerate(instrs):
+        acc = abuf[f["a"]:f["a"] + f["k"]].T @ bbuf[f["b"]:f["b"] + f["k"]]
+        np.testing.assert_array_equal(case.results(config, machine.dram, i), case.expected(config, i, acc))
+    same_as_spec(case.program, config, case.dram, verilog.run_verilator)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(SPARSE_CONFIGS), log_bw=st.integers(0, 4), blocks=st.integers(1, 4), data=st.data())
+def test_spgemm_matches_isa_sim_and_the_dense_product(config, log_bw, blocks, data):
+    """spgemm over random sparsity patterns: cycles and DRAM equal the ISA simulator's; its
+    result equals a dense gemm of the weights it encodes (run right after it, on the other
+    bank) and numpy's."""
+    bw = min(1 << log_bw, config.abuf_banks, 1 << config.data_bits - 1)
+    nnz = data.draw(st.integers(1, bw), label="nnz")
+    blocks = min(blocks, config.bbuf_depth // (2 * nnz + bw))  # room for the encoding and the dense weights
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    k = blocks * bw
+    a_at = bw * data.draw(st.integers(0, (config.abuf_depth - k) // bw), label="window")
+    abuf = random_lanes(rng, config.abuf_depth, config.rows, config.data_bits)
+    dense, encoded = sparse_weights(config, rng, blocks, nnz, bw)
+    b_at = 2 * data.draw(st.integers(0, (config.bbuf_depth - len(encoded) - k) // 2), label="b")
+    bbuf = random_lanes(rng, config.bbuf_depth, config.cols, config.data_bits)
+    bbuf[b_at:b_at + len(encoded)] = encoded
+    d_at = b_at + len(encoded)
+    bbuf[d_at:d_at + k] = dense
+    instrs = [(Opcode.SPGEMM, dict(a=a_at, b=b_at, blocks=blocks, nnz=nnz, bw=bw, acc=0)),
+              (Opcode.GEMM, dict(a=a_at, b=d_at, k=k, acc=0))]
+    case = array_case(config, rng, abuf, bbuf, instrs)
+    machine, _ = same_as_spec(case.program, config, case.dram)
+    acc = abuf[a_at:a_at + k].T @ dense
+    for i in range(2):
+        np.testing.assert_array_equal(case.results(config, machine.dram, i), case.expected(config, i, acc))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(SPARSE_CONFIGS), ks=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       seed=st.integers(0, 2**32 - 1))
+def test_bgemm_matches_isa_sim_and_the_binary_product(config, ks, seed):
+    """bgemm over random binary matrices (each lane's bits: +-1 values), back to back: cycles
+    and DRAM equal the ISA simulator's, results numpy's XNOR-popcount product."""
+    rng = np.random.default_rng(seed)
+    abuf = random_lanes(rng, config.abuf_depth, config.rows, config.data_bits)
+    bbuf = random_lanes(rng, config.bbuf_depth, config.cols, config.data_bits)
+    places = [(int(rng.integers(0, config.abuf_depth - k + 1)), int(rng.integers(0, config.bbuf_depth - k + 1)), k)
+              for k in ks]
+    case = array_case(config, rng, abuf, bbuf, [(Opcode.BGEMM, dict(a=a, b=b, k=k, acc=0)) for a, b, k in places])
+    machine, _ = same_as_spec(case.program, config, case.dram)
+    for i, (a, b, k) in enumerate(places):
+        acc = binary_product(abuf[a:a + k], bbuf[b:b + k], config.data_bits)
+        np.testing.assert_array_equal(case.results(config, machine.dram, i), case.expected(config, i, acc))
+
+
+def mixed_array_case(config: AccelConfig, rng: np.random.Generator) -> ArrayCase:
+    """gemm, spgemm and bgemm of random shapes back to back (spgemm with every bw the config
+    allows)."""
+    limit = min(config.abuf_banks, 1 << config.data_bits - 1)
+    abuf = random_lanes(rng, config.abuf_depth, config.rows, config.data_bits)
+    bbuf = random_lanes(rng, config.bbuf_depth, config.cols, config.data_bits)
+    instrs = []
+    for i in range(8):
+        op = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)[i % 3]
+        if op is Opcode.SPGEMM:
+            bw = 1 << int(rng.integers(0, limit.bit_length()))
+            nnz, blocks = int(rng.integers(1, bw + 1)), int(rng.integers(1, 4))
+            blocks = min(blocks, config.abuf_depth // bw, config.bbuf_depth // (2 * nnz))
+            instrs.append((op, dict(a=bw * int(rng.integers(0, config.abuf_depth // bw - blocks + 1)),
+                                    b=2 * int(rng.integers(0, (config.bbuf_depth - 2 * blocks * nnz) // 2 + 1)),
+                                    blocks=blocks, nnz=nnz, bw=bw, acc=int(rng.integers(0, 2)))))
+        else:
+            k = int(rng.integers(1, 10))
+            instrs.append((op, dict(a=int(rng.integers(0, config.abuf_depth - k + 1)),
+                                    b=int(rng.integers(0, config.bbuf_depth - k + 1)), k=k,
+                                    acc=int(rng.integers(0, 2)))))
+    return array_case(config, rng, abuf, bbuf, instrs)
+
+
+@pytest.mark.parametrize("config", SPARSE_CONFIGS, ids=str)
+def test_mixed_array_programs_on_verilator(config):
+    need("verilator")
+    case = mixed_array_case(config, np.random.default_rng(config.rows * 10 + config.cols))
+    same_as_spec(case.program, config, case.dram)
+    same_as_spec(case.program, config, case.dram, verilog.run_verilator)
+
+
+def test_mixed_array_programs_on_icarus():
+    need("iverilog")
+    config = SPARSE_CONFIGS[2]
+    case = mixed_array_case(config, np.random.default_rng(8))
+    same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+
+
+@pytest.mark.parametrize("mode", [Opcode.GEMM, Opcode.BGEMM], ids=lambda o: o.name.lower())
+def test_the_array_alone_computes_its_mode(mode):
+    """`build_array` (what `verilog.synthesize_array` maps): the accelerator's PEs in one mode,
+    the same skew and timing: k words in, the products rows + cols - 2 cycles after the last."""
+    import pyrtl
+    config = tiny(3, 2, data_bits=4, acc_bits=12)
+    R, C, k = config.rows, config.cols, 5
+    rng = np.random.default_rng(int(mode))
+    a, b = random_lanes(rng, k, R, 4), random_lanes(rng, k, C, 4)
+    word = lambda lanes: int.from_bytes(pack_words(lanes[None], 4, 2).tobytes(), "little")  # noqa: E731
+    sim = pyrtl.FastSimulation(tracer=None, block=hardware.build_array(config, mode))
+    for i in range(k + R + C - 1):  # inspect shows cycle i's register values: the last PE's sum is there at k+R+C-2
+        step = i < k
+        sim.step({"a": word(a[i]) if step else 0, "b": word(b[i]) if step else 0, "valid": step, "clear": i == 0,
+                  "bank": 1})
+    acc = np.array([[sim.inspect("acc") >> ((R * C + r * C + c) * 12) & 0xFFF for c in range(C)] for r in range(R)])
+    want = a.T @ b if mode is Opcode.GEMM else binary_product(a, b, 4)
+    np.testing.assert_array_equal(acc, want & 0xFFF)
+    assert sim.inspect("acc") & (1 << R * C * 12) - 1 == 0  # bank 0 untouched
+    with pytest.raises(ValueError, match="modes are gemm and bgemm"):
+        hardware.build_array(config, Opcode.SPGEMM)
 
 
 # ---- errors
@@ -214,7 +466,8 @@ def test_over_max_cycles_raises():
 
 
 def test_deadlock_hits_the_cycle_limit():
-    prog = [Instruction.make(Opcode.GEMM, wait=(Token.ST2EX,), a=0, b=0, k=1, acc=0), Instruction.make(Opcode.HALT)]
+    prog = [Instruction.make(Opcode.GEMM, wait=(Token.VE2AR,), a=0, b=0, k=1, acc=0, bank=0),
+            Instruction.make(Opcode.HALT)]
     with pytest.raises(hardware.RTLSimulationError):
         hardware.run_pyrtl(prog, CONFIGS[0], np.zeros(0, np.uint8), 200)
 
@@ -225,7 +478,8 @@ def test_program_is_checked_first():
         hardware.run_pyrtl([Instruction.make(Opcode.LOAD, buf=0, addr=30, count=4, dram=0),
                             Instruction.make(Opcode.HALT)], cfg, np.zeros(16, np.uint8), 100)
     with pytest.raises(ValueError, match="halt"):
-        hardware.run_pyrtl([Instruction.make(Opcode.GEMM, a=0, b=0, k=1, acc=0)], cfg, np.zeros(16, np.uint8), 100)
+        hardware.run_pyrtl([Instruction.make(Opcode.GEMM, a=0, b=0, k=1, acc=0, bank=0)], cfg, np.zeros(16, np.uint8),
+                           100)
 
 
 def test_build_leaves_the_working_block_alone():
@@ -325,6 +579,7 @@ def test_verilator_reuses_its_binary(rtl_cache, monkeypatch):
     first, second = gemm_case(cfg, 2, 5, 3, rng=rng), gemm_case(cfg, 4, 7, 6, rng=rng, k_chunk=3, relu=True)
     assert first.program != second.program and len(first.dram) != len(second.dram)
     verilog.run_verilator(first.program, cfg, first.dram, 10_000)  # compiles, unless an earlier test did
+    compiled = {p.name for p in rtl_cache.iterdir() if p.name.startswith("verilator-")}
     for case in (second, first):
         timing = {}
         same_as_spec(case.program, cfg, case.dram, verilog.run_verilator, timing=timing)
@@ -333,7 +588,7 @@ def test_verilator_reuses_its_binary(rtl_cache, monkeypatch):
     timing = {}
     same_as_spec(second.program, cfg, second.dram, verilog.run_verilator, timing=timing)
     assert timing["cached"] and timing["compile_s"] == 0.0
-    assert len([p for p in rtl_cache.iterdir() if p.name.startswith("verilator-")]) == 1
+    assert {p.name for p in rtl_cache.iterdir() if p.name.startswith("verilator-")} == compiled  # no other compile
 
 
 def test_unwritable_cache_keeps_simulators_in_memory(tmp_path, monkeypatch):
@@ -381,3 +636,15 @@ def test_yosys_synthesis_of_a_tiny_config():
     assert result["LUT"] > 0 and result["FF"] > 0
     assert result["DSP"] >= 4  # one per PE at least
     assert result["BRAM"] >= 4  # the buffers sit in block RAM, not in LUTs
+
+
+def test_yosys_synthesis_of_the_array_alone():
+    """The PE array in each mode: the MAC array takes a DSP per PE, the XNOR-popcount array none
+    and data_bits binary MACs per PE and cycle."""
+    need("yosys")
+    config = tiny(2, 2)
+    mac, xnor = (verilog.synthesize_array(config, mode, timeout=300) for mode in (Opcode.GEMM, Opcode.BGEMM))
+    assert mac["DSP"] == config.pes and mac["macs_per_cycle"] == config.pes
+    assert xnor["DSP"] == 0 and xnor["macs_per_cycle"] == config.pes * config.data_bits
+    assert mac["LUT"] > 0 and xnor["LUT"] > 0 and mac["FF"] == xnor["FF"] > 2 * config.pes * config.acc_bits
+    assert "module accel_array(" in verilog.array_verilog_text(config, Opcode.GEMM)

@@ -3,16 +3,32 @@
 `build(config)` returns a `Design`: a PyRTL block with
 - instruction fetch from a program memory (`imem_depth` x 128 bits, written through the
   `imem_we/imem_waddr/imem_wdata` port while the machine is held in reset) and decode: field
-  positions come from `isa.FORMATS`, opcodes from `isa.Opcode`;
-- an in-order dispatcher with the four token counters (`isa.Token`, `TOKEN_BITS` each);
-- three units: the DMA load engine (DRAM -> buffer), the compute unit (an output-stationary
-  `rows x cols` systolic array of `data_bits` multipliers with `acc_bits` accumulators, and a
-  `cols`-lane vector unit for requant/vadd/vmul/vrelu/vmax/vsum) and the DMA store engine;
+  positions come from `isa.FORMATS` and `isa.HEADER`, opcodes from `isa.Opcode`;
+- an in-order dispatcher with the eight token counters (`isa.Token`, `TOKEN_BITS` each);
+- the four units of `isa.UNITS`: the DMA load engine (DRAM -> buffer); the array, an
+  output-stationary `rows x cols` systolic array of `data_bits` multipliers with two banks of
+  `acc_bits` accumulators per PE (gemm, and where the config has them spgemm's gather and
+  bgemm's XNOR-popcount mode); the `cols`-lane vector unit (requant, and where the config has
+  it the vector ALU for vadd/vmul/vrelu/vmax/vsum); the DMA store engine;
 - the buffers ABUF/BBUF/OBUF/PBUF (lane layout as `isa.pack_words`); ABUF as `abuf_banks`
-  memories, low-order interleaved (word a in bank a % banks).
+  memories, low-order interleaved (word a in bank a % banks); with the sparse unit, BBUF as two
+  (even and odd words).
 
-`vector_unit=False` leaves out the vector ALU (vadd/vmul/vrelu/vmax/vsum), its two OBUF read
-ports and PBUF's compute bank: its opcodes never issue (`isa.check_program` refuses programs
+The array is a pipeline: operands enter it skewed (A lane r, with the control tags valid /
+clear / bank / mode, enters row r r cycles late and moves right; B lane c enters column c c
+cycles late and moves down), so PE(r, c) does step m of an instruction issued in cycle t in
+cycle t+m+r+c. An instruction occupies the array's input for its steps
+(`isa.Instruction.occupancy`); the next one streams in right behind it, and its signal mask
+goes down a delay line of `rows + cols - 2` stages, firing when its last step has left
+PE(rows-1, cols-1) (`isa.Instruction.duration`). spgemm reads, per step, a window of `bw`
+ABUF words (one per ABUF bank, the same index in each) and BBUF's weight word (even bank) and
+index word (odd bank); each column picks its window word, and lane r of column c's word goes
+to PE(r, c) through r + c registers, skewed like the weights. bgemm switches the PEs from
+multiply to `2 * popcount(XNOR) - data_bits`. The vector unit's requant reads either bank.
+
+`vector_unit=False` leaves out the vector ALU, its two OBUF read ports and PBUF's vector bank;
+`sparse_unit=False` the gather, its delay lines and BBUF's split; `binary_unit=False` the PEs'
+XNOR-popcount: the opcodes of a missing unit never issue (`isa.check_program` refuses programs
 that use them); requant, the array's output path, stays.
 
 DRAM lies outside: each cycle the design drives `dram_raddr` (with `dram_re`) and receives in
@@ -21,14 +37,15 @@ writes with `dram_we/dram_waddr/dram_wdata` (applied at the end of the cycle). `
 the cycle after `halt` issues: the run's cycle count (`isa_sim.Stats.cycles`) is the number of
 clock steps after reset until `done` is seen.
 
-Timing is the ISA's contract (`isa.Instruction.duration`): an instruction issues in cycle t when
-its unit is idle and its tokens are there, keeps the unit busy [t, t+d) and signals at the edge
-ending t+d-1. To meet it with block-RAM buffers (synchronous reads), every buffer read port has
-a registered address (a transparent synchronous read: it sees the writes of the previous edge)
-and the compute unit presents the first addresses of the next instruction one cycle ahead
-(the fetch stage holds the instruction after the current one). Buffers written by two units
-(OBUF, PBUF) keep one bank per writer and a live-value table saying which bank holds the
-newest word."""
+Timing is the ISA's contract (`isa.Instruction.occupancy` and `duration`): an instruction
+issues in cycle t when its unit is free and its tokens are there, keeps the unit from issuing
+until t + occupancy and signals at the edge ending t + duration - 1; `halt` waits until every
+instruction has ended (the units idle, the array's delay line empty). To meet it with block-RAM
+buffers (synchronous reads), every buffer read port has a registered address (a transparent
+synchronous read: it sees the writes of the previous edge) and each unit presents the first
+addresses of the next instruction one cycle ahead (the fetch stage holds the instruction after
+the current one). Buffers written by two units (OBUF, PBUF) keep one bank per writer and a
+live-value table saying which bank holds the newest word."""
 
 from __future__ import annotations
 
@@ -41,21 +58,19 @@ from pyrtl import Const, Input, MemBlock, Output, Register, WireVector, concat, 
 
 from . import isa
 from .config import AccelConfig
-from .isa import FORMATS, INSTRUCTION_BITS, TOKEN_BITS, UNITS, Buffer, Opcode, Token, Unit
+from .isa import ARRAY_OPS, FORMATS, INSTRUCTION_BITS, NEEDS, TOKEN_BITS, UNITS, Buffer, Opcode, Token, Unit
 
 # The instruction header (wait/signal masks): the fields `isa.FORMATS` leaves out; the opcode
 # holds the bits below it.
 _HEADER = {f.name: f for f in isa.HEADER}
 _PARAM_WORDS = 3  # requant reads PBUF[param], [param+1], [param+2]: bias, multiplier, shift
-_VECTOR_OPS = isa.VECTOR_OPS  # the vector unit's, left out when `AccelConfig.vector_unit` is False
+_VECTOR_OPS = isa.VECTOR_OPS  # the vector ALU's, left out when `AccelConfig.vector_unit` is False
 _ELEMENTWISE = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU)  # one OBUF word out per word in
 DRAM_ADDR_BITS = 32
 
 
 class RTLSimulationError(isa.SimulationError):
     """An RTL run that did not finish: over its cycle limit (a deadlock looks the same)."""
-
-
 # ----------------------------------------------------------------------------------------------
 # small circuit helpers (PyRTL widens with zeros; every signed step here is explicit)
 
@@ -208,6 +223,11 @@ def _decode_field(word: WireVector, opcode: WireVector, ops, name: str) -> WireV
                 _fit(slices[0][0], width))
 
 
+def _popcount(w: WireVector) -> WireVector:
+    """The number of set bits of `w` (an adder tree)."""
+    return _tree(lambda x, y: x + y, [w[i] for i in range(len(w))])
+
+
 class _Memory:
     """A buffer: one bank (a MemBlock with one write port) per writing unit, a live-value table
     when several units write it, and one read port per reader with a registered address: the
@@ -217,16 +237,19 @@ class _Memory:
     `interleave` > 1 (a power of two) splits each writer's bank into that many memories, word
     `a` in memory `a % interleave` at index `a // interleave`: a reader's registered address
     picks the index (its high bits) in every memory and the memory (its low bits) whose word
-    comes out, so reads and writes behave, cycle for cycle, as with one memory."""
+    comes out, so reads and writes behave, cycle for cycle, as with one memory. A buffer with
+    one writer also gives each reader `group[reader]`: the words at that index in every memory,
+    i.e. the `interleave` consecutive words of the aligned group holding the address, all read
+    in the same cycle."""
 
     def __init__(self, name: str, depth: int, width: int, writers: list[str], readers: list[str],
                  broadcast: dict[str, int] | None = None, interleave: int = 1):
         """`broadcast[w] = bits`: writer `w` only writes words whose lanes all hold one
         `bits`-wide value; its bank stores that value once."""
-        assert interleave >= 1 and not interleave & (interleave - 1) and depth % interleave == 0
+        assert interleave >= 1 and not interleave & (interleave - 1)
         self.name, self.depth, self.width = name, depth, width
         self.interleave, self.sel_bits = interleave, (interleave - 1).bit_length()
-        self.index_bits = _bits(depth // interleave)
+        self.index_bits = _bits(-(-depth // interleave))
         self.aw = self.sel_bits + self.index_bits  # = _bits(depth) without interleaving
         self.narrow = broadcast or {}
 
@@ -243,17 +266,16 @@ class _Memory:
                                 max_write_ports=len(writers))
         self.addr: dict[str, Register] = {}
         self.data: dict[str, WireVector] = {}
+        self.group: dict[str, list[WireVector]] = {}
         for r in readers:
             reg = Register(self.aw, name=f"{name}_raddr_{r}")
-            values = [self._widen(w, self._read_banks(banks, reg)) for w, banks in self.banks.items()]
+            groups = {w: [b[reg[self.sel_bits:]] for b in banks] for w, banks in self.banks.items()}
+            values = [self._widen(w, g[0] if interleave == 1 else mux(reg[:self.sel_bits], *g))
+                      for w, g in groups.items()]
             self.addr[r] = reg
             self.data[r] = values[0] if self.lvt is None else mux(self.lvt[reg], *values, default=values[0])
-
-    def _read_banks(self, banks: list[MemBlock], reg: Register) -> WireVector:
-        if self.interleave == 1:
-            return banks[0][reg]
-        index, sel = reg[self.sel_bits:], reg[:self.sel_bits]
-        return mux(sel, *[b[index] for b in banks])
+            if self.lvt is None:
+                self.group[r] = groups[writers[0]]
 
     def _widen(self, writer: str, value: WireVector) -> WireVector:
         if writer not in self.narrow:
@@ -291,7 +313,6 @@ class Design:
     memories: list[tuple[str, int, int]] = field(default_factory=list)  # (Verilog name, words, bits) of every memory
     imem_addr_bits: int = 1
 
-
 # ----------------------------------------------------------------------------------------------
 
 def build(config: AccelConfig) -> Design:
@@ -305,107 +326,149 @@ def build(config: AccelConfig) -> Design:
     return design
 
 
+def _present_ops(config: AccelConfig) -> tuple[Opcode, ...]:
+    """The opcodes `config`'s machine runs: all but those of the units it leaves out."""
+    return tuple(o for o in Opcode if o not in NEEDS or getattr(config, NEEDS[o]))
+
+
 class _Builder:
+    """Generates one config's accelerator into the working block: the memories, fetch, each
+    unit, then the dispatcher and the token counters."""
+
     def __init__(self, cfg: AccelConfig, block: pyrtl.Block):
         self.cfg = cfg
-        R, C, DB, AB = cfg.rows, cfg.cols, cfg.data_bits, cfg.acc_bits
-        D, L = cfg.dram_bits, cfg.dram_latency
         ntok = len(Token)
-        assert max(Opcode) < 1 << isa.OPCODE.width and _HEADER["wait"].width == ntok
+        assert max(Opcode) < 1 << isa.OPCODE.width
+        assert _HEADER["wait"].width == _HEADER["signal"].width == ntok
+        self.ops = _present_ops(cfg)
+        self.dma_width = (65535 * max(cfg.beats(b) for b in Buffer) + cfg.dram_latency).bit_length()
+        self._memories()
+        self._fetch()
+        # an opcode of a unit the config leaves out never issues (nor does an unknown one): the
+        # machine stalls; `isa.check_program` refuses such programs before they run
+        unit_of = {u: _any(self.is_op[o] for o in self.ops if UNITS[o] is u and o is not Opcode.HALT) for u in Unit}
+        self.issue_u = {u: self.issue & unit_of[u] for u in Unit}
+
+        # each unit: (idle at the start of this cycle, an instruction ends this cycle, its mask)
+        units = {Unit.LOAD: self._load(), Unit.STORE: self._store(), Unit.ARRAY: self._array(),
+                 Unit.VECTOR: self._vector()}
+
+        # ---- dispatcher: in order, one instruction a cycle
+        idle = {u: units[u][0] for u in Unit}
+        tokens = [Register(TOKEN_BITS, f"token_{t.name.lower()}") for t in Token]
+        tokens_ok = _all(~self.waitm[t] | _nonzero(tokens[t]) for t in range(ntok))
+        all_ended = _all(idle.values()) & ~self.draining
+        unit_ok = _any([unit_of[u] & idle[u] for u in Unit] + [self.is_op[Opcode.HALT] & all_ended])
+        self.issue <<= self.ir_valid & ~self.done & tokens_ok & unit_ok
+        self.done.next <<= self.done | (self.issue & self.is_op[Opcode.HALT])
+
+        # ---- tokens: +1 per unit signalling, -1 per issue waiting
+        for t in range(ntok):
+            inc = _tree(lambda x, y: x + y, [_fit(fire & sig[t], 3) for _idle, fire, sig in units.values()])
+            tokens[t].next <<= _fit(tokens[t] + inc - (self.issue & self.waitm[t]), TOKEN_BITS)
+
+        memories = []
+        for m in [*self.mems.values(), self.imem]:
+            for mb in m.memblocks():
+                memories.append((mb.name, 1 << mb.addrwidth, mb.bitwidth))
+        self.design = Design(cfg, block, self.imem.banks["load"][0], memories, self.imem.aw)
+
+    # ---- memories, ports, fetch
+
+    def _memories(self) -> None:
+        cfg = self.cfg
         vec = cfg.vector_unit  # without it: no vector ALU, no OBUF ports for it, PBUF written by loads only
-        vector_ops = _VECTOR_OPS if vec else ()
-
-        # ---- memories
-        mems = {
-            Buffer.ABUF: _Memory("abuf", cfg.abuf_depth, cfg.word_bits(Buffer.ABUF), ["load"], ["gemm", "store"],
+        self.mems = {
+            Buffer.ABUF: _Memory("abuf", cfg.abuf_depth, cfg.word_bits(Buffer.ABUF), ["load"], ["array", "store"],
                                  interleave=cfg.abuf_banks),
-            Buffer.BBUF: _Memory("bbuf", cfg.bbuf_depth, cfg.word_bits(Buffer.BBUF), ["load"], ["gemm", "store"]),
-            Buffer.OBUF: _Memory("obuf", cfg.obuf_depth, cfg.word_bits(Buffer.OBUF), ["load", "compute"],
+            # spgemm reads a weight word (even) and an index word (odd) each cycle
+            Buffer.BBUF: _Memory("bbuf", cfg.bbuf_depth, cfg.word_bits(Buffer.BBUF), ["load"], ["array", "store"],
+                                 interleave=2 if cfg.sparse_unit else 1),
+            Buffer.OBUF: _Memory("obuf", cfg.obuf_depth, cfg.word_bits(Buffer.OBUF), ["load", "vector"],
                                  ["vec_a", "vec_b", "store"] if vec else ["store"]),
-            # the compute unit writes PBUF only with vsum: one value in every lane
-            Buffer.PBUF: _Memory("pbuf", cfg.pbuf_depth, cfg.word_bits(Buffer.PBUF), ["load", "compute"] if vec
+            # the vector unit writes PBUF only with vsum: one value in every lane
+            Buffer.PBUF: _Memory("pbuf", cfg.pbuf_depth, cfg.word_bits(Buffer.PBUF), ["load", "vector"] if vec
                                  else ["load"], [f"param{j}" for j in range(_PARAM_WORDS)] + ["store"],
-                                 broadcast={"compute": AB} if vec else None),
+                                 broadcast={"vector": cfg.acc_bits} if vec else None),
         }
-        imem = _Memory("imem", cfg.imem_depth, INSTRUCTION_BITS, ["load"], ["fetch"])
+        self.imem = _Memory("imem", cfg.imem_depth, INSTRUCTION_BITS, ["load"], ["fetch"])
 
-        # ---- ports
-        dram_rdata = Input(D, "dram_rdata")
+    def _fetch(self) -> None:
+        """Ports and fetch: `ir` holds the instruction that may issue, the program memory's
+        output the one after it (so the next instruction's buffer addresses can be presented a
+        cycle early)."""
+        cfg, imem = self.cfg, self.imem
+        self.dram_rdata = Input(cfg.dram_bits, "dram_rdata")
         imem_we, imem_waddr = Input(1, "imem_we"), Input(imem.aw, "imem_waddr")
         imem_wdata = Input(INSTRUCTION_BITS, "imem_wdata")
-        o_raddr, o_re = Output(DRAM_ADDR_BITS, "dram_raddr"), Output(1, "dram_re")
-        o_we, o_waddr, o_wdata = Output(1, "dram_we"), Output(DRAM_ADDR_BITS, "dram_waddr"), Output(D, "dram_wdata")
-        o_done = Output(1, "done")
         imem.write("load", imem_waddr, imem_wdata, imem_we)
 
-        # ---- fetch: `ir` holds the instruction that may issue, the program memory's output the
-        # one after it (so the next instruction's buffer addresses can be presented a cycle early)
         pcw = imem.aw + 1
-        ir, ir_valid = Register(INSTRUCTION_BITS, "ir"), Register(1, "ir_valid")
-        pc, done = Register(pcw, "pc"), Register(1, "done_r")
+        ir, self.ir_valid = Register(INSTRUCTION_BITS, "ir"), Register(1, "ir_valid")
+        pc, self.done = Register(pcw, "pc"), Register(1, "done_r")
         nxt = imem.data["fetch"]
-        issue = WireVector(1, "issue")
-        advance = ~ir_valid | issue
+        self.issue = issue = WireVector(1, "issue")  # driven by the dispatcher
+        advance = ~self.ir_valid | issue
         cand = select(advance, nxt, ir)  # the instruction that may issue next cycle
-        pc_next = _fit(select(ir_valid, pc + issue, Const(0, pcw)), pcw)
+        pc_next = _fit(select(self.ir_valid, pc + issue, Const(0, pcw)), pcw)
         pc.next <<= pc_next
         imem.read("fetch", pc_next + 1)
         ir.next <<= cand
-        ir_valid.next <<= 1
+        self.ir_valid.next <<= 1
+        o_done = Output(1, "done")
+        o_done <<= self.done
 
         op = _slice(ir, isa.OPCODE)
-        is_op = {o: op == int(o) for o in Opcode}
-        waitm, sigm = _slice(ir, _HEADER["wait"]), _slice(ir, _HEADER["signal"])
-        cand_op = _slice(cand, isa.OPCODE)
+        self.ir, self.op, self.cand, self.cand_op = ir, op, cand, _slice(cand, isa.OPCODE)
+        self.is_op = {o: op == int(o) for o in Opcode}
+        self.waitm, self.sigm = _slice(ir, _HEADER["wait"]), _slice(ir, _HEADER["signal"])
 
-        def f(o: Opcode, name: str) -> WireVector:  # a field of the instruction in `ir`
-            return _slice(ir, _field(o, name))
+    def f(self, o: Opcode, name: str) -> WireVector:
+        """Field `name` of the instruction in `ir`, read as an `o`."""
+        return _slice(self.ir, _field(o, name))
 
-        # ---- dispatcher
-        tokens = [Register(TOKEN_BITS, f"token_{t.name.lower()}") for t in Token]
-        rem = {u: None for u in Unit}
-        dma_width = (65535 * max(cfg.beats(b) for b in Buffer) + L).bit_length()
-        widths = {Unit.LOAD: dma_width, Unit.STORE: dma_width,
-                  Unit.COMPUTE: max(65535 + R + C, R).bit_length()}
-        for u in Unit:
-            rem[u] = Register(widths[u], f"{u.value}_rem")
-        idle = {u: rem[u] == 0 for u in Unit}
-        # an opcode of a unit the config leaves out never issues (nor does an unknown one): the
-        # machine stalls; `isa.check_program` refuses such programs before they run
-        unit_of = {u: _any(is_op[o] for o in Opcode if UNITS[o] is u and o is not Opcode.HALT
-                           and (o not in _VECTOR_OPS or vec)) for u in Unit}
-        tokens_ok = _all(~waitm[t] | _nonzero(tokens[t]) for t in range(ntok))
-        unit_ok = _any([unit_of[u] & idle[u] for u in Unit] + [is_op[Opcode.HALT] & _all(idle.values())])
-        issue <<= ir_valid & ~done & tokens_ok & unit_ok
-        issue_u = {u: issue & unit_of[u] for u in Unit}
-        done.next <<= done | (issue & is_op[Opcode.HALT])
-        o_done <<= done
+    def _held(self, u: Unit, name: str, at_issue: WireVector) -> WireVector:
+        """A value unit `u` takes when it issues and keeps until its next issue (in a register
+        named `name`): this cycle's."""
+        reg = Register(len(at_issue), name)
+        eff = select(self.issue_u[u], at_issue, reg)
+        reg.next <<= eff
+        return eff
 
-        def timing(u: Unit, duration: WireVector):
-            """Busy counter and signal mask of unit `u`: (fires this cycle, its signal mask)."""
-            eff = _fit(select(issue_u[u], _fit(duration, widths[u]), rem[u]), widths[u])
-            busy = _nonzero(eff)
-            rem[u].next <<= _fit(select(busy, eff - 1, Const(0, widths[u])), widths[u])
-            sig = Register(ntok, f"{u.value}_sig")
-            eff_sig = select(issue_u[u], sigm, sig)
-            sig.next <<= eff_sig
-            return eff == 1, eff_sig
+    def _busy(self, u: Unit, occupancy: WireVector, width: int) -> tuple[WireVector, WireVector]:
+        """Unit `u`'s occupancy counter, `occupancy` at issue: (the cycles it stays occupied,
+        this one included: 0 when free; idle: it was free when this cycle began)."""
+        rem = Register(width, f"{u.value}_rem")
+        eff = _fit(select(self.issue_u[u], _fit(occupancy, width), rem), width)
+        rem.next <<= _fit(select(_nonzero(eff), eff - 1, Const(0, width)), width)
+        return eff, rem == 0
 
-        def beats_of(buf: WireVector, minus: int = 0) -> WireVector:
-            return mux(buf, *[Const(cfg.beats(b) - minus, 16) for b in Buffer])
+    def _beats_of(self, buf: WireVector, minus: int = 0) -> WireVector:
+        return mux(buf, *[Const(self.cfg.beats(b) - minus, 16) for b in Buffer])
 
-        def transfer_beats(o: Opcode) -> WireVector:  # count * beats(buf) of the DMA instruction in `ir`
-            count, buf = f(o, "count"), f(o, "buf")
-            return mux(buf, *[_const_mul(count, cfg.beats(b), dma_width) for b in Buffer])
+    def _transfer_beats(self, o: Opcode) -> WireVector:
+        """count * beats(buf) of the DMA instruction in `ir`."""
+        count, buf = self.f(o, "count"), self.f(o, "buf")
+        return mux(buf, *[_const_mul(count, self.cfg.beats(b), self.dma_width) for b in Buffer])
 
-        # ---- load engine: requests beat j at k = L-1+j (k: cycles since issue), receives it at
-        # k = L+j, writes a buffer word when its last beat arrives
+    # ---- the units: each returns (idle: free when this cycle began, an instruction ends this
+    # cycle, its signal mask)
+
+    def _load(self):
+        """The load engine: requests beat j at k = L-1+j (k: cycles since issue), receives it at
+        k = L+j, writes a buffer word when its last beat arrives."""
+        cfg, mems, f = self.cfg, self.mems, self.f
+        D, L, dma_width = cfg.dram_bits, cfg.dram_latency, self.dma_width
+        iss = self.issue_u[Unit.LOAD]
+        busy, idle = self._busy(Unit.LOAD, Const(L, dma_width) + self._transfer_beats(Opcode.LOAD), dma_width)
+        sig = self._held(Unit.LOAD, "load_sig", self.sigm)
+        o_raddr, o_re = Output(DRAM_ADDR_BITS, "dram_raddr"), Output(1, "dram_re")
+
         lw = max(1, (L - 1).bit_length())
         l_wait, l_left = Register(lw, "ld_wait"), Register(dma_width, "ld_left")
         l_addr = Register(DRAM_ADDR_BITS, "ld_dram")
-        iss = issue_u[Unit.LOAD]
         eff_wait = select(iss, Const(L - 1, lw), l_wait)
-        eff_left = _fit(select(iss, transfer_beats(Opcode.LOAD), l_left), dma_width)
+        eff_left = _fit(select(iss, self._transfer_beats(Opcode.LOAD), l_left), dma_width)
         eff_addr = _fit(select(iss, f(Opcode.LOAD, "dram"), l_addr), DRAM_ADDR_BITS)
         request = (eff_wait == 0) & _nonzero(eff_left)
         l_wait.next <<= _fit(select(eff_wait == 0, Const(0, lw), eff_wait - 1), lw)
@@ -413,7 +476,6 @@ class _Builder:
         l_addr.next <<= _fit(select(request, eff_addr + 1, eff_addr), DRAM_ADDR_BITS)
         o_raddr <<= eff_addr
         o_re <<= request
-        l_fire, l_sig = timing(Unit.LOAD, Const(L, dma_width) + transfer_beats(Opcode.LOAD))
 
         rvalid = Register(1, "ld_rvalid")
         rvalid.next <<= request
@@ -421,7 +483,7 @@ class _Builder:
         bw = max(1, (max_beats - 1).bit_length())
         l_buf, l_beat = Register(2, "ld_buf"), Register(bw, "ld_beat")
         l_waddr = Register(16, "ld_waddr")
-        last_beat = l_beat == _fit(beats_of(l_buf, 1), bw)
+        last_beat = l_beat == _fit(self._beats_of(l_buf, 1), bw)
         word_done = rvalid & last_beat
         l_buf.next <<= select(iss, f(Opcode.LOAD, "buf"), l_buf)
         l_beat.next <<= _fit(select(iss | word_done, Const(0, bw), select(rvalid, l_beat + 1, l_beat)), bw)
@@ -429,25 +491,35 @@ class _Builder:
         parts = []
         for p in range(max_beats - 1):
             r = Register(D, f"ld_beat{p}")
-            r.next <<= select(rvalid & (l_beat == p), dram_rdata, r)
+            r.next <<= select(rvalid & (l_beat == p), self.dram_rdata, r)
             parts.append(r)
         for b in Buffer:
-            word = concat_list(parts[:cfg.beats(b) - 1] + [dram_rdata])
+            word = concat_list(parts[:cfg.beats(b) - 1] + [self.dram_rdata])
             mems[b].write("load", l_waddr, _fit(word, cfg.word_bits(b)), word_done & (l_buf == int(b)))
+        return idle, busy == 1, sig
 
-        # ---- store engine: presents buffer word w at k = L-1+w*beats, writes beat j at k = L+j
+    def _store(self):
+        """The store engine: presents buffer word w at k = L-1+w*beats, writes beat j at k = L+j."""
+        cfg, mems, f = self.cfg, self.mems, self.f
+        D, L, dma_width = cfg.dram_bits, cfg.dram_latency, self.dma_width
+        iss = self.issue_u[Unit.STORE]
+        busy, idle = self._busy(Unit.STORE, Const(L, dma_width) + self._transfer_beats(Opcode.STORE), dma_width)
+        sig = self._held(Unit.STORE, "store_sig", self.sigm)
+        o_we, o_waddr = Output(1, "dram_we"), Output(DRAM_ADDR_BITS, "dram_waddr")
+        o_wdata = Output(D, "dram_wdata")
+
         sw = L.bit_length()
+        bw = max(1, (max(cfg.beats(b) for b in Buffer) - 1).bit_length())
         s_wait, s_left = Register(sw, "st_wait"), Register(dma_width, "st_left")
         s_beat, s_rptr = Register(bw, "st_beat"), Register(16, "st_rptr")
         s_buf, s_daddr = Register(2, "st_buf"), Register(DRAM_ADDR_BITS, "st_dram")
-        iss = issue_u[Unit.STORE]
         eff_wait = select(iss, Const(L, sw), s_wait)
-        eff_left = _fit(select(iss, transfer_beats(Opcode.STORE), s_left), dma_width)
+        eff_left = _fit(select(iss, self._transfer_beats(Opcode.STORE), s_left), dma_width)
         eff_beat = select(iss, Const(0, bw), s_beat)
         eff_rptr = select(iss, f(Opcode.STORE, "addr"), s_rptr)
         eff_buf = select(iss, f(Opcode.STORE, "buf"), s_buf)
         writing = (eff_wait == 0) & _nonzero(eff_left)
-        last_in_word = eff_beat == _fit(beats_of(eff_buf, 1), bw)
+        last_in_word = eff_beat == _fit(self._beats_of(eff_buf, 1), bw)
         next_left = _fit(select(writing, eff_left - 1, eff_left), dma_width)
         present = (writing & last_in_word & _nonzero(next_left)) | (~writing & (eff_wait == 1) & _nonzero(eff_left))
         s_wait.next <<= _fit(select(eff_wait == 0, Const(0, sw), eff_wait - 1), sw)
@@ -467,34 +539,120 @@ class _Builder:
         o_we <<= writing
         o_waddr <<= s_daddr
         o_wdata <<= mux(s_buf, *beat_data)
-        s_fire, s_sig = timing(Unit.STORE, Const(L, dma_width) + transfer_beats(Opcode.STORE))
+        return idle, busy == 1, sig
 
-        # ---- compute unit
-        iss = issue_u[Unit.COMPUTE]
+    def _array(self):
+        """The systolic array and its input stage (see the module's doc). Sets `self.acc`
+        ([bank][row][col] registers) and `self.draining` (an issued array instruction has not
+        ended: its mask is in the delay line)."""
+        cfg, f, is_op, ir, op = self.cfg, self.f, self.is_op, self.ir, self.op
+        R, C, DB = cfg.rows, cfg.cols, cfg.data_bits
+        ops = [o for o in ARRAY_OPS if o in self.ops]
+        sparse, binary = Opcode.SPGEMM in ops, Opcode.BGEMM in ops
+        abuf, bbuf = self.mems[Buffer.ABUF], self.mems[Buffer.BBUF]
+        iss = self.issue_u[Unit.ARRAY]
+
+        def held(name: str, at_issue) -> WireVector:
+            return self._held(Unit.ARRAY, f"ar_{name}", at_issue)
+
+        # the steps come in blocks: spgemm's `blocks` of `nnz` steps, gemm's and bgemm's k of one
+        n_blocks = _decode_field(ir, op, [o for o in ops if o is not Opcode.SPGEMM], "k")
+        blocks = Register(16, "ar_blocks")  # blocks left, the current one included
+        if sparse:
+            is_sparse = held("sparse", is_op[Opcode.SPGEMM])
+            n_blocks = select(is_op[Opcode.SPGEMM], f(Opcode.SPGEMM, "blocks"), n_blocks)
+            nnz = held("nnz", select(is_op[Opcode.SPGEMM], f(Opcode.SPGEMM, "nnz"), Const(1, 8)))
+            bw = held("bw", f(Opcode.SPGEMM, "bw"))
+            step = Register(8, "ar_step")  # the step within the block
+            eff_step = select(iss, Const(0, 8), step)
+            block_end = eff_step == _fit(nnz - 1, 8)
+            step.next <<= _fit(select(block_end, Const(0, 8), eff_step + 1), 8)
+        else:
+            block_end = Const(1, 1)
+        eff_blocks = select(iss, n_blocks, blocks)
+        feeding = _nonzero(eff_blocks)
+        last = feeding & block_end & (eff_blocks == 1)
+        more = feeding & ~last  # another step follows: present its addresses now
+        blocks.next <<= _fit(select(feeding & block_end, eff_blocks - 1, eff_blocks), 16)
+
+        # addresses: a step's ABUF word (spgemm: its window's first) and BBUF word (spgemm: the
+        # weight word, the index word after it)
+        a_ptr, b_ptr = Register(16, "ar_a"), Register(16, "ar_b")
+        eff_a = select(iss, _decode_field(ir, op, ops, "a"), a_ptr)
+        eff_b = select(iss, _decode_field(ir, op, ops, "b"), b_ptr)
+        if sparse:
+            next_a = _fit(select(block_end, eff_a + select(is_sparse, bw, Const(1, 8)), eff_a), 16)
+            next_b = _fit(eff_b + select(is_sparse, Const(2, 2), Const(1, 2)), 16)
+        else:
+            next_a, next_b = _fit(eff_a + 1, 16), _fit(eff_b + 1, 16)
+        a_ptr.next <<= next_a
+        b_ptr.next <<= next_b
+        abuf.read("array", select(more, next_a, _decode_field(self.cand, self.cand_op, ops, "a")))
+        bbuf.read("array", select(more, next_b, _decode_field(self.cand, self.cand_op, ops, "b")))
+
+        # the signal mask, with a valid bit, leaves the last step for the delay line
+        ntok = len(Token)
+        tag = concat(last, held("sig", self.sigm))
+        stages = []
+        for _ in range(R + C - 2):
+            tag = _delay(tag, 1)
+            stages.append(tag[ntok])
+        self.draining = _any(stages)
+
+        # control tags entering with A: valid, clear (the first step of acc=0), bank, mode
+        clear0 = iss & ~_decode_field(ir, op, ops, "acc")
+        ctl0 = [feeding, clear0, held("bank", _decode_field(ir, op, ops, "bank"))]
+        if binary:
+            ctl0.append(held("binary", is_op[Opcode.BGEMM]))
+        if sparse:
+            ctl0.append(is_sparse)
+        ctl0 = concat_list(ctl0)
+
+        # spgemm: column c gathers window word X[c] mod bw (X: the index word); lane r of it
+        # reaches PE(r, c) through r + c registers, with the weights
+        gather = None
+        if sparse:
+            gather = [[None] * C for _ in range(R)]
+            window, sb = abuf.group["array"], abuf.sel_bits
+            x_word = bbuf.group["array"][1]
+            for c in range(C):
+                if sb:  # the window's first bank (the address' low bits), plus X mod bw
+                    x = _fit(x_word[c * DB:(c + 1) * DB], sb) & _fit(bw - 1, sb)
+                    word = mux(abuf.addr["array"][:sb] | x, *window)
+                else:
+                    word = window[0]
+                for r in range(R):
+                    gather[r][c] = _delay(word[r * DB:(r + 1) * DB], r + c)
+
+        modes = (Opcode.GEMM, Opcode.BGEMM) if binary else (Opcode.GEMM,)
+        self.acc = _pe_grid(cfg, abuf.data["array"], bbuf.data["array"], ctl0, modes, gather)
+        return blocks == 0, tag[ntok], tag[:ntok]
+
+    def _vector(self):
+        """The vector unit: requant (a row of an accumulator bank a cycle) and, in a config
+        with it, the vector ALU (a word a cycle)."""
+        cfg, f, is_op, ir, op, mems = self.cfg, self.f, self.is_op, self.ir, self.op, self.mems
+        R, C, DB, AB = cfg.rows, cfg.cols, cfg.data_bits, cfg.acc_bits
+        vec = cfg.vector_unit
+        vector_ops = _VECTOR_OPS if vec else ()
+        iss = self.issue_u[Unit.VECTOR]
+        cand, cand_op = self.cand, self.cand_op
         ops_a = [o for o in vector_ops if "a" in {x.name for x in FORMATS[o]}]
         ops_b = [o for o in vector_ops if "b" in {x.name for x in FORMATS[o]}]
         ops_dst = [Opcode.REQUANT, *vector_ops]
-        if vec:
-            c_dur = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k") + (R + C - 2)),
-                          (is_op[Opcode.REQUANT], Const(R))], _decode_field(ir, op, _VECTOR_OPS, "n"))
-            c_feed_issue = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k")), (is_op[Opcode.REQUANT], Const(R))],
-                                _decode_field(ir, op, _VECTOR_OPS, "n"))
-        else:  # gemm or requant
-            c_dur = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k") + (R + C - 2))], Const(R))
-            c_feed_issue = _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "k"))], Const(R))
-        c_fire, c_sig = timing(Unit.COMPUTE, c_dur)
 
-        c_op = Register(isa.OPCODE.width, "ex_op")
-        eff_op = select(iss, op, c_op)
-        c_op.next <<= eff_op
-        ex = {o: eff_op == int(o) for o in Opcode}
-        fw = 17
-        c_feed = Register(fw, "ex_feed")
-        eff_feed = _fit(select(iss, c_feed_issue, c_feed), fw)
-        feeding = _nonzero(eff_feed)
-        more = eff_feed > 1  # another word follows: present its address now
-        last = eff_feed == 1
-        c_feed.next <<= _fit(select(feeding, eff_feed - 1, Const(0, fw)), fw)
+        def held(name: str, at_issue) -> WireVector:
+            return self._held(Unit.VECTOR, f"ve_{name}", at_issue)
+
+        occupancy = _sel([(is_op[Opcode.REQUANT], Const(R))], _decode_field(ir, op, vector_ops, "n")) if vec \
+            else Const(R)
+        busy, idle = self._busy(Unit.VECTOR, occupancy, max(65535, R).bit_length())
+        sig = held("sig", self.sigm)
+        feeding = _nonzero(busy)
+        more = busy > 1  # another word follows: present its address now
+        last = busy == 1
+        eff_op = held("op", op)
+        ex = {o: eff_op == int(o) for o in ops_dst}
 
         def pointer(name: str, at_issue: WireVector, step) -> WireVector:
             reg = Register(16, name)
@@ -502,115 +660,129 @@ class _Builder:
             reg.next <<= _fit(select(step, eff + 1, eff), 16)
             return eff
 
-        if vec:
-            p1 = pointer("ex_p1", _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "a"))],
-                                       _decode_field(ir, op, ops_a, "a")), Const(1))
-            p2 = pointer("ex_p2", _sel([(is_op[Opcode.GEMM], f(Opcode.GEMM, "b"))],
-                                       _decode_field(ir, op, ops_b, "b")), Const(1))
-        else:
-            p1, p2 = pointer("ex_p1", f(Opcode.GEMM, "a"), Const(1)), pointer("ex_p2", f(Opcode.GEMM, "b"), Const(1))
         row_advance = feeding & _any(ex[o] for o in (Opcode.REQUANT, *(_ELEMENTWISE if vec else ())))
-        wptr = pointer("ex_w", _decode_field(ir, op, ops_dst, "dst"), row_advance)
+        wptr = pointer("ve_dst", _decode_field(ir, op, ops_dst, "dst"), row_advance)
         rw = _bits(R)
-        c_row = Register(rw, "ex_row")
-        eff_row = _fit(select(iss, Const(0, rw), c_row), rw)
-        c_row.next <<= _fit(eff_row + 1, rw)
-        c_relu = Register(1, "ex_relu")
-        eff_relu = select(iss, f(Opcode.REQUANT, "relu"), c_relu)
-        c_relu.next <<= eff_relu
-        if vec:
-            shift_f = _field(Opcode.VMUL, "shift")
-            c_shift = Register(shift_f.width, "ex_shift")
-            eff_shift = select(iss, f(Opcode.VMUL, "shift"), c_shift)
-            c_shift.next <<= eff_shift
+        v_row = Register(rw, "ve_row")
+        eff_row = _fit(select(iss, Const(0, rw), v_row), rw)
+        v_row.next <<= _fit(eff_row + 1, rw)
+        eff_relu = held("relu", f(Opcode.REQUANT, "relu"))
+        eff_bank = held("bank", f(Opcode.REQUANT, "bank"))
 
         # read ports: the running instruction's next word, else the first word of the instruction
         # that may issue next cycle
-        stream_a = ex[Opcode.GEMM] & more
-        mems[Buffer.ABUF].read("gemm", select(stream_a, p1 + 1, _decode_field(cand, cand_op, [Opcode.GEMM], "a")))
-        mems[Buffer.BBUF].read("gemm", select(stream_a, p2 + 1, _decode_field(cand, cand_op, [Opcode.GEMM], "b")))
+        obuf, pbuf = mems[Buffer.OBUF], mems[Buffer.PBUF]
         if vec:
-            mems[Buffer.OBUF].read("vec_a", select(_any(ex[o] for o in ops_a) & more, p1 + 1,
-                                                   _decode_field(cand, cand_op, ops_a, "a")))
-            mems[Buffer.OBUF].read("vec_b", select(_any(ex[o] for o in ops_b) & more, p2 + 1,
-                                                   _decode_field(cand, cand_op, ops_b, "b")))
+            p1 = pointer("ve_a", _decode_field(ir, op, ops_a, "a"), Const(1))
+            p2 = pointer("ve_b", _decode_field(ir, op, ops_b, "b"), Const(1))
+            for port, ptr, ops, name in (("vec_a", p1, ops_a, "a"), ("vec_b", p2, ops_b, "b")):
+                first = _decode_field(cand, cand_op, ops, name)
+                obuf.read(port, select(_any(ex[o] for o in ops) & more, ptr + 1, first))
         la_param = _decode_field(cand, cand_op, [Opcode.REQUANT], "param")
-        pbuf = mems[Buffer.PBUF]
         for j in range(_PARAM_WORDS):  # held while requant runs
             port = f"param{j}"
             pbuf.read(port, select(ex[Opcode.REQUANT] & more, pbuf.addr[port], la_param + j))
 
-        # the systolic array: A lane r enters row r skewed by r cycles, B lane c enters column c
-        # skewed by c; (valid, clear) travel with A; PE(i, j) does MAC m in cycle t+m+i+j
-        a_word, b_word = mems[Buffer.ABUF].data["gemm"], mems[Buffer.BBUF].data["gemm"]
-        valid0 = ex[Opcode.GEMM] & feeding
-        clear0 = iss & is_op[Opcode.GEMM] & ~f(Opcode.GEMM, "acc")
-        a_in = [[None] * C for _ in range(R)]
-        b_in = [[None] * C for _ in range(R)]
-        ctl_in = [[None] * C for _ in range(R)]
-        for r in range(R):
-            a_in[r][0] = _delay(a_word[r * DB:(r + 1) * DB], r)
-            ctl_in[r][0] = _delay(concat(valid0, clear0), r)
-        for c in range(C):
-            b_in[0][c] = _delay(b_word[c * DB:(c + 1) * DB], c)
-        acc = [[Register(AB, f"acc_{r}_{c}") for c in range(C)] for r in range(R)]
-        for r in range(R):
-            for c in range(C):
-                a, b, ctl = a_in[r][c], b_in[r][c], ctl_in[r][c]
-                if c + 1 < C:
-                    a_in[r][c + 1], ctl_in[r][c + 1] = _delay(a, 1), _delay(ctl, 1)
-                if r + 1 < R:
-                    b_in[r + 1][c] = _delay(b, 1)
-                valid, clear = ctl[1], ctl[0]
-                product = _sfit((a.sign_extended(2 * DB) * b.sign_extended(2 * DB))[:2 * DB], AB)
-                base = select(clear, Const(0, AB), acc[r][c])
-                acc[r][c].next <<= select(valid, (base + product)[:AB], acc[r][c])
+        # requant: row eff_row of ACC[bank] with PBUF[param .. param+2] -> OBUF[dst + row]
+        def acc_row(k: int) -> WireVector:
+            rows = [concat_list(self.acc[k][r]) for r in range(R)]
+            return rows[0] if R == 1 else mux(eff_row, *rows, default=rows[0])
 
-        # requant: row eff_row of ACC with PBUF[param .. param+2] -> OBUF[dst + row]
-        rows = [concat_list(acc[r]) for r in range(R)]
-        acc_row = rows[0] if R == 1 else mux(eff_row, *rows, default=rows[0])
+        row = select(eff_bank, acc_row(1), acc_row(0))
         bias, mult, shift = (_lanes(pbuf.data[f"param{j}"], C, AB) for j in range(_PARAM_WORDS))
         rq = []
         for c in range(C):
-            x = (acc_row[c * AB:(c + 1) * AB] + bias[c])[:AB]
+            x = (row[c * AB:(c + 1) * AB] + bias[c])[:AB]
             y = _saturate(_round_shift(_smul(x, mult[c]), shift[c]), DB)
             rq.append(select(eff_relu & y[-1], Const(0, DB), y))
         rq_word = concat_list(rq)
 
-        if not vec:  # no vector unit: requant rows are all the compute unit writes
-            mems[Buffer.OBUF].write("compute", wptr, rq_word, row_advance)
-        else:  # the vector unit
-            va = _lanes(mems[Buffer.OBUF].data["vec_a"], C, DB)
-            vb = _lanes(mems[Buffer.OBUF].data["vec_b"], C, DB)
-            add_word = concat_list([_saturate((x.sign_extended(DB + 1) + y.sign_extended(DB + 1))[:DB + 1], DB)
-                                    for x, y in zip(va, vb)])
-            mul_word = concat_list([_saturate(_round_shift((x.sign_extended(2 * DB) * y.sign_extended(2 * DB))
-                                                           [:2 * DB], eff_shift), DB) for x, y in zip(va, vb)])
-            relu_word = concat_list([select(x[-1], Const(0, DB), x) for x in va])
-            c_max, c_sum = Register(DB, "ex_max"), Register(AB, "ex_sum")
-            word_max = _tree(_smax, va)
-            eff_max = select(iss, word_max, _smax(c_max, word_max))
-            c_max.next <<= eff_max
-            word_sum = _tree(lambda x, y: (x + y)[:AB], [x.sign_extended(AB) for x in va])
-            eff_sum = select(iss, word_sum, (c_sum + word_sum)[:AB])
-            c_sum.next <<= eff_sum
+        if not vec:  # no vector ALU: requant rows are all the unit writes
+            obuf.write("vector", wptr, rq_word, row_advance)
+            return idle, last, sig
+        va = _lanes(obuf.data["vec_a"], C, DB)
+        vb = _lanes(obuf.data["vec_b"], C, DB)
+        eff_shift = held("shift", f(Opcode.VMUL, "shift"))
+        add_word = concat_list([_saturate((x.sign_extended(DB + 1) + y.sign_extended(DB + 1))[:DB + 1], DB)
+                                for x, y in zip(va, vb)])
+        mul_word = concat_list([_saturate(_round_shift((x.sign_extended(2 * DB) * y.sign_extended(2 * DB))
+                                                       [:2 * DB], eff_shift), DB) for x, y in zip(va, vb)])
+        relu_word = concat_list([select(x[-1], Const(0, DB), x) for x in va])
+        v_max, v_sum = Register(DB, "ve_max"), Register(AB, "ve_sum")
+        word_max = _tree(_smax, va)
+        eff_max = select(iss, word_max, _smax(v_max, word_max))
+        v_max.next <<= eff_max
+        word_sum = _tree(lambda x, y: (x + y)[:AB], [x.sign_extended(AB) for x in va])
+        eff_sum = select(iss, word_sum, (v_sum + word_sum)[:AB])
+        v_sum.next <<= eff_sum
 
-            out_word = _sel([(ex[Opcode.REQUANT], rq_word), (ex[Opcode.VADD], add_word), (ex[Opcode.VMUL], mul_word),
-                             (ex[Opcode.VRELU], relu_word)], concat_list([eff_max] * C))
-            obuf_we = feeding & (row_advance | (ex[Opcode.VMAX] & last))
-            mems[Buffer.OBUF].write("compute", wptr, out_word, obuf_we)
-            pbuf.write("compute", wptr, eff_sum, feeding & ex[Opcode.VSUM] & last)  # broadcast to every lane
+        out_word = _sel([(ex[Opcode.REQUANT], rq_word), (ex[Opcode.VADD], add_word), (ex[Opcode.VMUL], mul_word),
+                         (ex[Opcode.VRELU], relu_word)], concat_list([eff_max] * C))
+        obuf.write("vector", wptr, out_word, feeding & (row_advance | (ex[Opcode.VMAX] & last)))
+        pbuf.write("vector", wptr, eff_sum, feeding & ex[Opcode.VSUM] & last)  # broadcast to every lane
+        return idle, last, sig
 
-        # ---- tokens: +1 per unit signalling, -1 per issue waiting
-        for t in range(ntok):
-            inc = _fit(l_fire & l_sig[t], 2) + (c_fire & c_sig[t]) + (s_fire & s_sig[t])
-            tokens[t].next <<= _fit(tokens[t] + inc - (issue & waitm[t]), TOKEN_BITS)
+def _pe_grid(cfg: AccelConfig, a_word: WireVector, b_word: WireVector, ctl0: WireVector, modes: tuple[Opcode, ...],
+             gather: list[list[WireVector]] | None = None) -> list[list[list[Register]]]:
+    """The `rows x cols` PEs with their skew registers: A lane r enters row r skewed by r
+    cycles and moves right, B lane c enters column c skewed by c and moves down, the control
+    tags `ctl0` (valid, clear, bank, then `modes`' selector when there are two, then the
+    sparse flag when `gather` is given) travel with A; PE(i, j) does step m in cycle t+m+i+j.
+    `modes`: what a PE computes of its operands, `Opcode.GEMM` (the signed product) and/or
+    `Opcode.BGEMM` (2 * popcount(XNOR) - data_bits). `gather[r][c]`: spgemm's operand for
+    PE(r, c), taking A's place when the sparse flag is set. Returns the accumulators,
+    [bank][row][col]."""
+    R, C, DB, AB = cfg.rows, cfg.cols, cfg.data_bits, cfg.acc_bits
+    a_in = [[None] * C for _ in range(R)]
+    b_in = [[None] * C for _ in range(R)]
+    ctl_in = [[None] * C for _ in range(R)]
+    for r in range(R):
+        a_in[r][0] = _delay(a_word[r * DB:(r + 1) * DB], r)
+        ctl_in[r][0] = _delay(ctl0, r)
+    for c in range(C):
+        b_in[0][c] = _delay(b_word[c * DB:(c + 1) * DB], c)
+    acc = [[[Register(AB, f"acc{k}_{r}_{c}") for c in range(C)] for r in range(R)] for k in range(2)]
+    for r in range(R):
+        for c in range(C):
+            a, b, ctl = a_in[r][c], b_in[r][c], ctl_in[r][c]
+            if c + 1 < C:
+                a_in[r][c + 1], ctl_in[r][c + 1] = _delay(a, 1), _delay(ctl, 1)
+            if r + 1 < R:
+                b_in[r + 1][c] = _delay(b, 1)
+            valid, clear, bank = ctl[0], ctl[1], ctl[2]
+            if gather is not None:
+                a = select(ctl[-1], gather[r][c], a)
+            products = []
+            if Opcode.GEMM in modes:
+                products.append(_sfit((a.sign_extended(2 * DB) * b.sign_extended(2 * DB))[:2 * DB], AB))
+            if Opcode.BGEMM in modes:
+                same = _fit(concat(_popcount(~(a ^ b)), Const(0, 1)), AB)
+                products.append((same - Const(DB, AB))[:AB])
+            product = select(ctl[3], products[1], products[0]) if len(products) > 1 else products[0]
+            acc0, acc1 = acc[0][r][c], acc[1][r][c]
+            total = (select(clear, Const(0, AB), select(bank, acc1, acc0)) + product)[:AB]
+            acc0.next <<= select(valid & ~bank, total, acc0)
+            acc1.next <<= select(valid & bank, total, acc1)
+    return acc
 
-        memories = []
-        for m in [*mems.values(), imem]:
-            for mb in m.memblocks():
-                memories.append((mb.name, 1 << mb.addrwidth, mb.bitwidth))
-        self.design = Design(cfg, block, imem.banks["load"][0], memories, imem.aw)
+
+def build_array(config: AccelConfig, mode: Opcode) -> pyrtl.Block:
+    """Just the PE array of `config` in one mode, for synthesis: `Opcode.GEMM` (`data_bits`
+    multiply-accumulate: rows x cols MACs a cycle) or `Opcode.BGEMM` (XNOR-popcount: rows x
+    cols x data_bits binary MACs a cycle). The PEs and skew registers as in the accelerator
+    (two accumulator banks), without buffers or control: inputs `a` (an ABUF word), `b` (a
+    BBUF word), `valid`, `clear`, `bank`; output `acc`, every accumulator (so none is
+    optimized away). A fresh block; the working block is left as it was."""
+    if mode not in (Opcode.GEMM, Opcode.BGEMM):
+        raise ValueError(f"the array's modes are gemm and bgemm, got {mode.name.lower()}")
+    block = pyrtl.Block()
+    with pyrtl.set_working_block(block, no_sanity_check=True):
+        a, b = Input(config.word_bits(Buffer.ABUF), "a"), Input(config.word_bits(Buffer.BBUF), "b")
+        ctl0 = concat_list([Input(1, "valid"), Input(1, "clear"), Input(1, "bank")])
+        acc = _pe_grid(config, a, b, ctl0, (mode,))
+        out = Output(2 * config.pes * config.acc_bits, "acc")
+        out <<= concat_list([x for bank in acc for row in bank for x in row])
+    return block
 
 
 # ----------------------------------------------------------------------------------------------

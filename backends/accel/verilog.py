@@ -1,7 +1,7 @@
 """The accelerator as Verilog: export (`accel.v`), a testbench with the DRAM as a Verilog array
 (`accel_tb.v`, from `templates/`), a Makefile for Icarus and Verilator, runners with the same
 contract as `hardware.run_pyrtl`, and synthesis with yosys (`synth_xilinx`) into LUT, FF, DSP
-and BRAM counts.
+and BRAM counts, of the accelerator or of its PE array alone in one mode (`synthesize_array`).
 
 The testbench depends only on the config and a DRAM capacity bucket (`dram_capacity`): the
 program, its length, the DRAM image, its size, the cycle limit and the file names are plusargs.
@@ -34,9 +34,10 @@ import pyrtl
 
 from . import isa
 from .config import AccelConfig
-from .hardware import DRAM_ADDR_BITS, RTLSimulationError, _dram_image, design
+from .hardware import DRAM_ADDR_BITS, RTLSimulationError, _dram_image, build_array, design
 
 MODULE = "accel"
+ARRAY_MODULE = "accel_array"  # the PE array alone (`array_verilog_text`)
 TB_MODULE = "accel_tb"
 VERILOG = "accel.v"
 TESTBENCH = "accel_tb.v"
@@ -483,12 +484,35 @@ def parse_stat(text: str) -> dict:
 def synthesize(config: AccelConfig, timeout: float = 600, part_family: str = "xc7", workdir=None) -> dict:
     """Synthesize `config`'s accelerator with yosys `synth_xilinx`: {"LUT", "FF", "DSP", "BRAM",
     "cells", "seconds"}. RuntimeError when yosys fails or runs past `timeout` seconds."""
+    return _synthesize(verilog_text(config), MODULE, timeout, part_family, workdir)
+
+
+@functools.lru_cache(maxsize=8)
+def array_verilog_text(config: AccelConfig, mode: isa.Opcode) -> str:
+    """The PE array of `config` alone in `mode` (`hardware.build_array`: gemm or bgemm) as
+    Verilog module `accel_array` (synchronous reset `rst`)."""
+    out = io.StringIO()
+    pyrtl.output_to_verilog(out, add_reset=True, block=build_array(config, mode), module_name=ARRAY_MODULE)
+    return out.getvalue()
+
+
+def synthesize_array(config: AccelConfig, mode: isa.Opcode, timeout: float = 600, part_family: str = "xc7",
+                     workdir=None) -> dict:
+    """Synthesize `config`'s PE array alone in `mode` (gemm: `data_bits` multiply-accumulate,
+    bgemm: XNOR-popcount) like `synthesize`, adding "macs_per_cycle": rows x cols for gemm,
+    rows x cols x data_bits binary MACs for bgemm."""
+    result = _synthesize(array_verilog_text(config, mode), ARRAY_MODULE, timeout, part_family, workdir)
+    result["macs_per_cycle"] = config.pes * (config.data_bits if mode is isa.Opcode.BGEMM else 1)
+    return result
+
+
+def _synthesize(text: str, top: str, timeout: float, part_family: str, workdir) -> dict:
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="tcc-synth-")) if owned else Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        export_verilog(config, workdir / VERILOG)
-        (workdir / SYNTH_SCRIPT).write_text(synth_script(part_family))
+        (workdir / VERILOG).write_text(text)
+        (workdir / SYNTH_SCRIPT).write_text(synth_script(part_family, top=top))
         start = time.perf_counter()
         try:
             done = subprocess.run([_tool("yosys"), "-q", "-l", "yosys.log", "-s", SYNTH_SCRIPT], cwd=workdir,

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import (ARRAY_OPS, FETCH_CYCLES, TOKEN_BITS, Buffer, Instruction, Opcode, SimulationError,
-                                    Token, Unit, check_program, pack_words, unpack_words, wrap)
+from tcc.backends.accel.isa import (ARRAY_OPS, FETCH_CYCLES, NONLINEAR_OPS, TOKEN_BITS, Buffer, Instruction, Opcode,
+                                    SimulationError, Token, Unit, check_program, pack_words, unpack_words, wrap)
 from tcc.ir.dtypes import DType
 from tcc.ir.reference import REFERENCE
 
@@ -104,8 +104,60 @@ class Machine:
         gathered = abuf[rows]  # [steps, cols, rows]
         return np.einsum("scr,sc->rc", gathered, values)
 
+    def _constants(self, instr: Instruction, count: int) -> list[int]:
+        return [int(v) for v in self.buffers[Buffer.PBUF][instr["param"]:instr["param"] + count, 0]]
+
+    def _nonlinear(self, instr: Instruction) -> None:
+        """vacc and the integer nonlinearities, computed by the IR's own reference ops."""
+        cfg, op = self.config, instr.op
+        obuf, pbuf = self.buffers[Buffer.OBUF], self.buffers[Buffer.PBUF]
+        data = _DATA_DTYPES[cfg.data_bits]
+        if op is Opcode.VACC:
+            for r in range(cfg.rows):  # in row order: with stride 0 the last row stays
+                pbuf[instr["dst"] + r * instr["stride"]] = self.acc[instr["bank"]][r]
+            return
+        n, dst = instr["n"], instr["dst"]
+        if op is Opcode.VGELU:
+            names = ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift")
+            obuf[dst:dst + n] = REFERENCE["int_gelu"](obuf[instr["a"]:instr["a"] + n], dtype=data, scale=1.0,
+                                                      **dict(zip(names, self._constants(instr, 6))))
+            return
+        if op is Opcode.VRESADD:
+            m_a, s_a, m_b, s_b, m, s, bits = self._constants(instr, 7)
+            if not 2 <= bits <= cfg.acc_bits:
+                raise SimulationError(f"vresadd: out_bits must lie in [2, {cfg.acc_bits}], got {bits}")
+            rq = REFERENCE["requantize"]
+            wide = {"dtype": DType.I32, "scale": 1.0, "zero_point": 0}
+            total = wrap(rq(obuf[instr["a"]:instr["a"] + n], np.int64(m_a), np.int64(s_a), **wide).astype(np.int64)
+                         + rq(obuf[instr["b"]:instr["b"] + n], np.int64(m_b), np.int64(s_b), **wide), 32)
+            out = np.clip(rq(total, np.int64(m), np.int64(s), **wide), -(1 << bits - 1), (1 << bits - 1) - 1)
+            pbuf[dst:dst + n] = out
+            return
+        length, lanes = instr["len"], n * cfg.cols
+        row = pbuf[instr["a"]:instr["a"] + n].reshape(-1)[:length]
+        if op is Opcode.VSOFTMAX:
+            names = ("multiplier", "shift", "ln2", "b", "c", "out_bits")
+            constants = dict(zip(names, self._constants(instr, 6)))
+            if not 1 <= constants["out_bits"] < cfg.data_bits:
+                raise SimulationError(f"vsoftmax: out_bits must lie in [1, {cfg.data_bits - 1}], "
+                                      f"got {constants['out_bits']}")
+            out = REFERENCE["int_softmax"](row, **constants)
+        else:
+            eps, shift = self._constants(instr, 2)
+            first = instr["param"] + 2
+            weight = pbuf[first:first + n].reshape(-1)[:length]
+            low = pbuf[first + n:first + 2 * n].reshape(-1)[:length] & ((1 << cfg.acc_bits) - 1)
+            bias = (pbuf[first + 2 * n:first + 3 * n].reshape(-1)[:length] << cfg.acc_bits) | low
+            out = REFERENCE["int_layer_norm"](row, weight, bias, eps=eps, shift=shift, dtype=data, scale=1.0)
+        padded = np.zeros(lanes, np.int64)
+        padded[:length] = out
+        obuf[dst:dst + n] = padded.reshape(n, cfg.cols)
+
     def _vector(self, instr: Instruction) -> None:
         cfg, op, obuf = self.config, instr.op, self.buffers[Buffer.OBUF]
+        if op in NONLINEAR_OPS:
+            self._nonlinear(instr)
+            return
         n, dst = instr["n"], instr["dst"]
         a = obuf[instr["a"]:instr["a"] + n]
         low, high = _DATA_DTYPES[cfg.data_bits].value_range
@@ -171,7 +223,7 @@ def simulate(program, config: AccelConfig, dram: np.ndarray | bytes = b"", *,
                     raise SimulationError(f"{where}: token {token.name.lower()} overflows its counter")
         try:
             machine.execute(instr)
-        except SimulationError as e:
+        except (SimulationError, ValueError) as e:  # ValueError: constants outside a reference op's range
             raise SimulationError(f"{where}: {e}") from None
         occupied = instr.occupancy(config)
         free_at[instr.unit] = issue + occupied

@@ -84,13 +84,13 @@ def test_corrupted_program_is_caught(compiled, tmp_path):
     shutil.copytree(d / "a", copy)
     program = copy / "accel" / "program.bin"
     data = bytearray(program.read_bytes())
-    data[16] = 0x0F  # first instruction's opcode -> unknown
+    data[16] = 0xFF  # first instruction's opcode -> unknown
     program.write_bytes(bytes(data))
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["accel/program.bin"] = hashlib.sha256(bytes(data)).hexdigest()  # only the decoder can catch it
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = run_cli("run", copy, "--on", "sim")
-    assert result.returncode == 2 and "program.bin: instruction 0: unknown opcode 15" in result.stderr
+    assert result.returncode == 2 and "program.bin: instruction 0: unknown opcode 255" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -125,5 +125,5 @@ def test_synth_records_resources(compiled, tmp_path):
     result = run_cli("compile", d / "model.pt2", "--target", "fpga-small", "--accel", accel, "--synth", "-o", tmp_path / "s")
     assert result.returncode == 0, result.stderr
     synthesis = json.loads((tmp_path / "s" / "manifest.json").read_text())["accel"]["synthesis"]
-    assert 0 < synthesis["LUT"] < 53200 and synthesis["DSP"] == 2 * 2 + 2 * 5
+    assert 0 < synthesis["LUT"] < 53200 and synthesis["DSP"] == 2 * 2 + 2 * (4 + 15)  # PEs; requant, nonlinear
     assert "synthesized (yosys):" in result.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tcc
-from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.codegen import _LAYOUT_OPS, generate
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.layout import (AccelProgram, DramAllocator, Layout, Region, decode, dram_words, encode,
                                        from_words, pack_binary, to_words)
@@ -231,7 +232,7 @@ def test_linears_the_array_cannot_run_exactly_stay_on_the_host():
     assert "zero point 3" in reasons[linear_of[zero_point]] and "to i16" in reasons[linear_of[to_i16]]
     assert "do not fit i8" in reasons[linear_of[too_wide]]
     assert "not a constant" in reasons[linear_of[weight_input]]
-    assert reasons[zero_point] == "it requantizes a linear the host runs"
+    assert reasons[zero_point] == "it requantizes a product the host runs"
     check_bit_exact(graph, program, np.arange(32, dtype=np.int8).reshape(4, 8), np.ones((4, 8), np.float32))
 
 
@@ -487,3 +488,122 @@ def test_without_the_units_the_same_layers_run_dense():
     program = generate(graph, bare)
     assert all(", dense, " in s.note for s in program.sections)
     check_bit_exact(graph, program, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention and the integer nonlinearities on the vector unit
+
+ROOMY = dataclasses.replace(SMALL, abuf_depth=256, bbuf_depth=128, obuf_depth=128, pbuf_depth=128, imem_depth=400)
+
+
+def test_integer_encoder_layers_run_on_the_accelerator():
+    """After quantize and int-nonlinear, everything arithmetic in the encoder layers runs on the
+    accelerator: linears, Q K^T -> int_softmax, P V -> requantize, residual add -> int_layer_norm.
+    Left to the host: float <-> integer conversions, layout ops (data movement), the float ops
+    outside the layers and one i8 -> i8 rescale."""
+    model, inputs = built("transformer-encoder")
+    graph = tcc.compile(model, inputs, pipeline="quantize,int-nonlinear").graph
+    program = generate(graph, ROOMY)
+    placed = {r for s in program.sections for r in s.ops}
+    on_chip = Counter(op.kind for op in graph.ops if op.result in placed)
+    assert on_chip["int_softmax"] == 2 and on_chip["int_layer_norm"] == 4 and on_chip["matmul"] == 4
+    host = Counter(h.kind for h in program.host_ops)
+    assert set(host) <= {"quantize", "dequantize", "add", "mean", "cast", "requantize"} | set(_LAYOUT_OPS)
+    assert host["cast"] == host["requantize"] == 1 and host["add"] == 1  # the rescale; the float embedding add
+    assert all("data movement" in h.reason for h in program.host_ops if h.kind in _LAYOUT_OPS)
+    args, kwargs = split_inputs(inputs)
+    accel = check_bit_exact(graph, program, *(t.numpy() for t in list(args) + list(kwargs.values())))
+    assert {"vsoftmax", "vlayernorm", "vresadd", "vacc"} <= set(accel.stats.instructions)
+
+
+def attention_graph(rng, lead, m, k, n, softmax: bool, gelu: bool = False):
+    """x [lead, m, k] @ y [lead, k, n] (both i8 inputs) -> int_softmax, or -> requantize (-> int_gelu)."""
+    from tcc.passes.int_nonlinear import gelu_attrs, softmax_attrs
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(lead + (m, k), DType.I8))
+    y = b.input("y", TensorType(lead + (k, n), DType.I8))
+    acc = b.op("matmul", x, y)
+    if softmax:
+        out = b.op("int_softmax", acc, **softmax_attrs(float(rng.choice([1e-4, 1e-3, 1e-2])), 7))
+    else:
+        mult = b.constant("mult", np.asarray(int(rng.integers(1 << 30, 1 << 31))), DType.I32)
+        shift = b.constant("shift", np.asarray(math.ceil(math.log2(math.sqrt(k) * 2 ** 14)) + 31 - 7), DType.I32)
+        out = b.op("requantize", acc, mult, shift, dtype=DType.I8, scale=1.0)
+        if gelu:
+            out = b.op("int_gelu", out, **gelu_attrs(0.05, DType.I8, 0.04, DType.I8))
+    graph = verify(b.finish([out]))
+    return graph, [rng.integers(-128, 128, lead + shape).astype(np.int8) for shape in ((m, k), (k, n))]
+
+
+@SETTINGS
+@given(lead=st.sampled_from([(1,), (3,), (2, 2)]), m=st.integers(1, 9), k=st.integers(1, 20), n=st.integers(1, 11),
+       softmax=st.booleans(), gelu=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_random_attention_products_bit_exact(lead, m, k, n, softmax, gelu, seed):
+    graph, inputs = attention_graph(np.random.default_rng(seed), lead, m, k, n, softmax, gelu)
+    program = generate(graph, ROOMY)
+    assert not program.host_ops, program.host_ops
+    accel = check_bit_exact(graph, program, *inputs)
+    assert accel.stats.macs == math.prod(lead) * m * k * n
+    assert ("vsoftmax" in accel.stats.instructions) == softmax
+    assert ("vgelu" in accel.stats.instructions) == (gelu and not softmax)
+
+
+def test_linear_with_fused_int_gelu():
+    from tcc.passes.int_nonlinear import gelu_attrs
+    rng = np.random.default_rng(4)
+    x = rng.integers(-128, 128, (5, 3, 24)).astype(np.int8)
+    builder = GraphBuilder("g")
+    xi = builder.input("x", TensorType((5, 3, 24), DType.I8))
+    w = builder.constant("w", rng.integers(-128, 128, (10, 24)), DType.I8)
+    mult = builder.constant("mult", rng.integers(1 << 30, 1 << 31, 10), DType.I32)
+    shift = builder.constant("shift", np.full(10, 38), DType.I32)
+    y = builder.op("requantize", builder.op("linear", xi, w), mult, shift, dtype=DType.I8, scale=1.0)
+    y = builder.op("int_gelu", y, **gelu_attrs(0.05, DType.I8, 0.04, DType.I8))
+    graph = verify(builder.finish([y]))
+    program = generate(graph, ROOMY)
+    assert accelerated(program) == [graph.outputs[0]] and not program.host_ops
+    check_bit_exact(graph, program, x)
+
+
+@SETTINGS
+@given(rows=st.integers(1, 40), n=st.integers(1, 30), rescale=st.sampled_from([(True, False), (False, True),
+                                                                                 (True, True)]),
+       seed=st.integers(0, 2 ** 16))
+def test_random_residual_layer_norms_bit_exact(rows, n, rescale, seed):
+    """cast (-> requantize) of two i8 tensors, add, requantize to i16, int_layer_norm to i8:
+    vresadd and vlayernorm row by row; rows of any length (lanes past it padded)."""
+    from tcc.passes.int_nonlinear import layer_norm_params
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("g")
+    a, c = (b.input(name, TensorType((rows, n), DType.I8)) for name in ("a", "c"))
+    sides = []
+    for value, scaled in zip((a, c), rescale):
+        wide = b.op("cast", value, dtype=DType.I32)
+        if scaled:
+            wide = b.op("requantize", wide, b.constant(f"{value}.m", np.asarray(int(rng.integers(1 << 29, 1 << 31))),
+                                                       DType.I32),
+                        b.constant(f"{value}.s", np.asarray(30), DType.I32), dtype=DType.I32, scale=1.0)
+        sides.append(wide)
+    total = b.op("add", *sides)
+    narrow = b.op("requantize", total, b.constant("m", np.asarray(1 << 30), DType.I32),
+                  b.constant("s", np.asarray(28), DType.I32), dtype=DType.I16, scale=1.0)
+    weight, bias, attrs = layer_norm_params(0.02, DType.I16, rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), 1e-5,
+                                            0.03, DType.I8)
+    out = b.op("int_layer_norm", narrow, b.constant("w", weight, DType.I32), b.constant("bias", bias, DType.I64),
+               **attrs)
+    graph = verify(b.finish([out]))
+    program = generate(graph, ROOMY)
+    assert not program.host_ops and all("layer norm" in s.note for s in program.sections)
+    check_bit_exact(graph, program, *(rng.integers(-128, 128, (rows, n)).astype(np.int8) for _ in range(2)))
+
+
+def test_without_the_nonlinear_unit_the_nonlinearities_stay_on_the_host():
+    rng = np.random.default_rng(2)
+    bare = dataclasses.replace(ROOMY, nonlinear_unit=False)
+    graph, inputs = attention_graph(rng, (2,), 5, 7, 6, softmax=True)
+    program = generate(graph, bare)
+    assert not program.sections and "leaves out" in program.host_ops[0].reason
+    graph, inputs = attention_graph(rng, (2,), 5, 7, 6, softmax=False, gelu=True)
+    program = generate(graph, bare)
+    assert [h.kind for h in program.host_ops] == ["int_gelu"]  # the product and its requantize still run
+    check_bit_exact(graph, program, *inputs)

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.isa import (FETCH_CYCLES, FORMATS, VECTOR_OPS, Buffer, Instruction, Opcode, Token,
                                     check_program, decode, from_binary, pack_words, parse_assembly, to_assembly,
-                                    to_binary, unpack_words)
+                                    to_binary, unpack_words, wrap)
+from tcc.ir.dtypes import DType
+from tcc.ir.reference import REFERENCE
 from tcc.runtime.isa_sim import SimulationError, simulate
 
 TINY = AccelConfig(rows=4, cols=4, abuf_depth=64, bbuf_depth=64, obuf_depth=16, pbuf_depth=8, dram_words=256,
@@ -47,7 +49,7 @@ def test_word_packing_round_trips(lanes, bits, seed):
 
 
 @pytest.mark.parametrize("word, message", [
-    (0xF, "unknown opcode 15"),
+    (0xFF, "unknown opcode 255"),
     (int(Opcode.HALT) | 1 << 40, "halt: bits set outside its fields"),
     (int(Opcode.GEMM) | 1 << 100, "gemm: bits set outside its fields"),
 ])
@@ -62,8 +64,8 @@ def test_binary_errors_name_the_instruction():
         from_binary(b"nonsense" + good[8:])
     with pytest.raises(ValueError, match="the header says 1 x 16"):
         from_binary(good + b"\0")
-    bad = good[:16] + (0xF).to_bytes(16, "little")
-    with pytest.raises(ValueError, match="program.bin: instruction 0: unknown opcode 15"):
+    bad = good[:16] + (0xFF).to_bytes(16, "little")
+    with pytest.raises(ValueError, match="program.bin: instruction 0: unknown opcode 255"):
         from_binary(bad, "program.bin")
 
 
@@ -357,3 +359,104 @@ def test_sparse_and_binary_units_are_optional():
     assert bgemm.problem(dataclasses.replace(TINY, binary_unit=False)) == \
         "bgemm needs the binary unit, which this config leaves out (binary_unit=0)"
     assert spgemm.problem(dataclasses.replace(TINY, abuf_banks=2)).startswith("bw must be a power of two of at most 2")
+
+
+# the integer nonlinearities: the simulator runs the IR's reference ops on the buffers' rows
+
+WIDE = dataclasses.replace(TINY, pbuf_depth=64, obuf_depth=32)
+
+
+def constant_words(values) -> np.ndarray:
+    """PBUF words whose lane 0 holds each constant (the other lanes repeat it)."""
+    return np.repeat(np.asarray(values, np.int64)[:, None], 4, axis=1)
+
+
+def run_vector(program_tail, pbuf: np.ndarray, obuf: np.ndarray | None = None):
+    """Load PBUF (and OBUF) words, run `program_tail`, return the machine."""
+    image = pack_words(pbuf, 32, 16).tobytes()
+    program = [load(Buffer.PBUF, 0, len(pbuf), 0, signal=(Token.LD2VE,))]
+    if obuf is not None:
+        program.append(load(Buffer.OBUF, 0, len(obuf), 4 * len(pbuf), signal=(Token.LD2VE,)))
+        image += pack_words(obuf, 8, 4).tobytes()
+    waits = (Token.LD2VE,) * (1 + (obuf is not None))
+    first = dataclasses.replace(program_tail[0], wait=sum(1 << t for t in set(waits)))
+    # two loads signal LD2VE twice: the first instruction takes one, a dummy vrelu the other
+    extra = [Instruction.make(Opcode.VRELU, dst=31, a=31, n=1, wait=(Token.LD2VE,))] if obuf is not None else []
+    return simulate(program + extra + [first, *program_tail[1:], Instruction.make(Opcode.HALT)], WIDE,
+                    image)[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.data())
+def test_vsoftmax_is_int_softmax_over_the_row(n, data):
+    from tcc.passes.int_nonlinear import softmax_attrs
+    length = data.draw(st.integers(1, 4 * n))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    scale = data.draw(st.sampled_from([1e-4, 3e-3, 0.05]))
+    attrs = softmax_attrs(scale, 7)
+    row = rng.integers(-(1 << 20), 1 << 20, (n, 4))
+    consts = [attrs[k] for k in ("multiplier", "shift", "ln2", "b", "c", "out_bits")]
+    pbuf = np.concatenate([row, constant_words(consts)])
+    machine = run_vector([Instruction.make(Opcode.VSOFTMAX, dst=2, a=0, n=n, len=length, param=n)], pbuf)
+    want = np.zeros(4 * n, np.int64)
+    want[:length] = REFERENCE["int_softmax"](row.reshape(-1)[:length], **attrs)
+    np.testing.assert_array_equal(machine.buffers[Buffer.OBUF][2:2 + n].reshape(-1), want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_vlayernorm_is_int_layer_norm_with_split_biases(n, data):
+    length = data.draw(st.integers(1, 4 * n))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    row = rng.integers(-(1 << 15), 1 << 15, (n, 4))
+    weight = rng.integers(-(1 << 30), 1 << 30, (n, 4))
+    bias = rng.integers(-(1 << 60), 1 << 60, (n, 4))  # 64-bit: low and high 32-bit halves
+    eps, shift = int(rng.integers(0, 1 << 20)), int(rng.integers(20, 40))
+    low, high = wrap(bias & 0xFFFFFFFF, 32), bias >> 32
+    pbuf = np.concatenate([row, constant_words([eps, shift]), weight, low, high])
+    machine = run_vector([Instruction.make(Opcode.VLAYERNORM, dst=0, a=0, n=n, len=length, param=n)], pbuf)
+    want = np.zeros(4 * n, np.int64)
+    want[:length] = REFERENCE["int_layer_norm"](row.reshape(-1)[:length], weight.reshape(-1)[:length],
+                                                bias.reshape(-1)[:length], eps=eps, shift=shift, dtype=DType.I8,
+                                                scale=1.0)
+    np.testing.assert_array_equal(machine.buffers[Buffer.OBUF][:n].reshape(-1), want)
+
+
+def test_vgelu_vresadd_and_vacc():
+    from tcc.passes.int_nonlinear import gelu_attrs
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(-128, 128, (3, 4)), rng.integers(-128, 128, (3, 4))
+    attrs = gelu_attrs(0.05, DType.I8, 0.03, DType.I8)
+    names = ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift")
+    residual = [1 << 30, 29, 1, 0, 3 << 28, 33, 16]  # a scaled by 2, b as is, the sum by 3/32 to i16
+    pbuf = np.concatenate([constant_words([attrs[k] for k in names]), constant_words(residual)])
+    machine = run_vector([Instruction.make(Opcode.VGELU, dst=8, a=0, n=3, param=0),
+                          Instruction.make(Opcode.VRESADD, dst=20, a=0, b=3, n=3, param=6)],
+                         pbuf, np.concatenate([x, y]))
+    obuf, pbuf_out = machine.buffers[Buffer.OBUF], machine.buffers[Buffer.PBUF]
+    np.testing.assert_array_equal(obuf[8:11], REFERENCE["int_gelu"](x, **{k: attrs[k] for k in names},
+                                                                     dtype=DType.I8, scale=0.03))
+    np.testing.assert_array_equal(pbuf_out[20:23], np.clip((((2 * x + y) * 3 << 28) + (1 << 32)) >> 33,
+                                                           -(1 << 15), (1 << 15) - 1))
+    k = 5
+    program = [load(Buffer.ABUF, 0, k, 0), load(Buffer.BBUF, 0, k, k, signal=(Token.LD2AR,)),
+               Instruction.make(Opcode.GEMM, a=0, b=0, k=k, acc=0, bank=1, wait=(Token.LD2AR,), signal=(Token.AR2VE,)),
+               Instruction.make(Opcode.VACC, dst=3, stride=2, bank=1, wait=(Token.AR2VE,)),
+               Instruction.make(Opcode.HALT)]
+    a, b = rng.integers(-128, 128, (k, 4)), rng.integers(-128, 128, (k, 4))
+    machine, stats = simulate(program, WIDE, pack_words(a, 8, 4).tobytes() + pack_words(b, 8, 4).tobytes())
+    np.testing.assert_array_equal(machine.buffers[Buffer.PBUF][3:11:2], a.T @ b)
+    assert stats.schedule[3][1] - stats.schedule[3][0] == 4  # rows cycles
+
+
+def test_nonlinear_timing_and_errors():
+    vs = Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=5, len=20, param=5)
+    vl = Instruction.make(Opcode.VLAYERNORM, dst=0, a=0, n=5, len=20, param=5)
+    assert (vs.duration(WIDE), vl.duration(WIDE)) == (3 * 5 + 64, 6 * 5 + 128)
+    assert Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=5, len=21, param=5).problem(WIDE) == \
+        "len must be in [1, n * cols] = [1, 20], got 21"
+    assert vl.accesses(WIDE)[1] == ("PBUF", 5, 5 + 2 + 15, False)  # eps, shift, weights, two bias halves
+    bad = constant_words([1, 1, 1, 1, 1, 8])  # out_bits 8 does not fit an 8-bit lane's positive range
+    with pytest.raises(SimulationError, match=r"vsoftmax: out_bits must lie in \[1, 7\], got 8"):
+        run_vector([Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=1, len=4, param=1)],
+                   np.concatenate([np.zeros((1, 4), np.int64), bad]))

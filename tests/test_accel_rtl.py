@@ -5,6 +5,7 @@ cycle count; yosys maps the design to a Xilinx part."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 import subprocess
@@ -18,11 +19,15 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import need  # noqa: E402
-from accel_programs import gemm_case, gemm_results, random_case, requantize, vector_case  # noqa: E402
+from accel_programs import gemm_case, gemm_results, params, random_case, requantize, vector_case  # noqa: E402
 
 from tcc.backends.accel import hardware, verilog  # noqa: E402
 from tcc.backends.accel.config import AccelConfig  # noqa: E402
-from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token, pack_words, unpack_words  # noqa: E402
+from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token, pack_words, unpack_words, wrap  # noqa: E402
+from tcc.ir.dtypes import DType  # noqa: E402
+from tcc.ir.reference import REFERENCE  # noqa: E402
+from tcc.passes.int_nonlinear import gelu_attrs, layer_norm_params, softmax_attrs  # noqa: E402
+from tcc.passes.quantize import fixed_point  # noqa: E402
 from tcc.runtime.isa_sim import SimulationError, simulate  # noqa: E402
 
 
@@ -158,7 +163,8 @@ def variant(config: AccelConfig, **kw) -> AccelConfig:
 
 
 VARIANTS = [variant(CONFIGS[0], abuf_banks=2), variant(CONFIGS[1], vector_unit=False, sparse_unit=False),
-            variant(CONFIGS[2], abuf_banks=2, vector_unit=False, binary_unit=False), variant(CONFIGS[3], abuf_banks=4),
+            variant(CONFIGS[2], abuf_banks=2, vector_unit=False, binary_unit=False),
+            variant(CONFIGS[3], abuf_banks=4, nonlinear_unit=False),
             variant(CONFIGS[3], abuf_banks=1, vector_unit=False, sparse_unit=False, binary_unit=False)]
 
 
@@ -197,13 +203,18 @@ def missing_unit_program(config: AccelConfig, op: Opcode):
         return [Instruction.make(Opcode.LOAD, signal=(Token.LD2AR,), buf=Buffer.ABUF, addr=0, count=2, dram=0),
                 Instruction.make(op, wait=(Token.LD2AR,), a=0, b=0, acc=0, bank=0, **fields),
                 Instruction.make(Opcode.HALT)], np.arange(64, dtype=np.uint8)
+    if op is Opcode.VGELU:
+        return [Instruction.make(Opcode.LOAD, signal=(Token.LD2VE,), buf=Buffer.OBUF, addr=0, count=2, dram=0),
+                Instruction.make(op, wait=(Token.LD2VE,), dst=4, a=0, n=2, param=0),
+                Instruction.make(Opcode.HALT)], np.arange(64, dtype=np.uint8)
     case = vector_case(config, [(op, 8, 0, 2, 3, 0)], rng=np.random.default_rng(0), words=8)
     return case.program, case.dram
 
 
 @pytest.mark.parametrize("flag, op, register", [("vector_unit", Opcode.VADD, "ve_sum"),
                                                 ("sparse_unit", Opcode.SPGEMM, "ar_sparse"),
-                                                ("binary_unit", Opcode.BGEMM, "ar_binary")])
+                                                ("binary_unit", Opcode.BGEMM, "ar_binary"),
+                                                ("nonlinear_unit", Opcode.VGELU, "sm_sum")])
 def test_programs_of_a_missing_unit_are_refused(monkeypatch, flag, op, register):
     config = variant(CONFIGS[1], **{flag: False})
     program, dram = missing_unit_program(config, op)
@@ -221,6 +232,14 @@ def test_programs_of_a_missing_unit_are_refused(monkeypatch, flag, op, register)
     assert register not in verilog.verilog_text(config) and register in verilog.verilog_text(CONFIGS[1])
     bbuf = [n for n, _words, _bits in hardware.design(config).memories if n.startswith("bbuf")]
     assert bbuf == (["bbuf_load"] if flag == "sparse_unit" else ["bbuf_load_b0", "bbuf_load_b1"])  # no split
+
+
+def test_pbuf_vector_bank_is_as_wide_as_its_widest_word():
+    """vacc and vresadd write whole PBUF words; without them vsum's one value (in every lane) is
+    all the vector unit writes, and its bank keeps one lane."""
+    for flag, bits in ((True, CONFIGS[1].word_bits(Buffer.PBUF)), (False, CONFIGS[1].acc_bits)):
+        memories = hardware.design(variant(CONFIGS[1], nonlinear_unit=flag)).memories
+        assert [b for name, _words, b in memories if name == "pbuf_vector"] == [bits]
 
 
 # ---- the array: instructions streaming back to back on two banks, spgemm, bgemm
@@ -451,6 +470,319 @@ def test_the_array_alone_computes_its_mode(mode):
     assert sim.inspect("acc") & (1 << R * C * 12) - 1 == 0  # bank 0 untouched
     with pytest.raises(ValueError, match="modes are gemm and bgemm"):
         hardware.build_array(config, Opcode.SPGEMM)
+
+
+# ---- the nonlinearities (vacc, vresadd, vgelu, vsoftmax, vlayernorm): random rows and lengths;
+# constants as the int-nonlinear pass builds them (they need 32-bit PBUF lanes) or random within
+# the bounds the IR ops' docstrings give
+
+NL_CONFIGS = [tiny(2, 2, 32, 1, obuf_depth=32, pbuf_depth=64), tiny(3, 4, 64, 2, obuf_depth=32, pbuf_depth=64),
+              tiny(2, 3, 32, 3, obuf_depth=32, pbuf_depth=64, data_bits=16, acc_bits=32),
+              tiny(2, 2, 24, 2, obuf_depth=32, pbuf_depth=64, data_bits=4, acc_bits=12)]
+_DATA = {4: DType.I4, 8: DType.I8, 16: DType.I16}
+NL_OPS = (Opcode.VACC, Opcode.VRESADD, Opcode.VGELU, Opcode.VSOFTMAX, Opcode.VLAYERNORM)
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    return -(1 << bits - 1), (1 << bits - 1) - 1
+
+
+def draw(rng: np.random.Generator, low: int, high: int) -> int:
+    """A random integer in [low, high], any width."""
+    return low + int.from_bytes(rng.bytes(16), "little") % (high - low + 1)
+
+
+def constant_words(config: AccelConfig, rng: np.random.Generator, values) -> np.ndarray:
+    """PBUF words holding `values` in lane 0 (the constants an instruction reads), random lanes
+    elsewhere."""
+    words = random_lanes(rng, len(values), config.cols, config.acc_bits)
+    low, high = signed_range(config.acc_bits)
+    assert all(low <= v <= high for v in values), values
+    words[:, 0] = values
+    return words
+
+
+def scaled(rng: np.random.Generator, bits: int, limit: int, signs: bool = True) -> int:
+    """A random integer of `bits` bits (0 for 0), capped at `limit`, of random sign."""
+    value = min(limit, draw(rng, 1 << bits - 1, (1 << bits) - 1)) if bits > 0 else 0
+    return -value if signs and rng.integers(0, 2) else value
+
+
+def shift_for(rng: np.random.Generator, bits_in: int, bits_out: int) -> int:
+    """A shift taking values of about `bits_in` bits to about `bits_out` (give or take 2), in [0, 62]."""
+    return int(np.clip(bits_in - bits_out + draw(rng, -2, 2), 0, 62))
+
+
+def gelu_constants(config: AccelConfig, rng: np.random.Generator, realistic: bool) -> list[int]:
+    """int_gelu's multiplier, shift, clip, one, out_multiplier, out_shift: `gelu_attrs` of random
+    scales, or random with |g * out_multiplier| <= 2^62 (|g| <= 2^(data_bits-1) (2 |one| +
+    clip^2)), u of about clip's size and results of about the output's."""
+    DB, AB = config.data_bits, config.acc_bits
+    if realistic:
+        dtype = _DATA[DB]
+        attrs = gelu_attrs(float(rng.uniform(1e-3, 0.2)), dtype, float(rng.uniform(1e-3, 0.2)), dtype)
+        return [attrs[k] for k in ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift")]
+    high = signed_range(AB)[1]
+    clip_bits, mult_bits = draw(rng, 1, min(AB - 2, 20)), draw(rng, 0, AB - 2)
+    clip = scaled(rng, clip_bits, high, signs=rng.random() < 0.1)
+    one = scaled(rng, draw(rng, 0, AB - 1), high)
+    g = (1 << DB - 1) * (2 * abs(one) + clip * clip)  # |g| at most
+    limit = min(high, (1 << 62) // g)
+    out_bits = draw(rng, 0, limit.bit_length())
+    return [scaled(rng, mult_bits, high), shift_for(rng, DB - 1 + mult_bits, clip_bits), clip, one,
+            scaled(rng, out_bits, limit), shift_for(rng, g.bit_length() + out_bits, DB - 1)]
+
+
+def resadd_constants(config: AccelConfig, rng: np.random.Generator, realistic: bool) -> list[int]:
+    """vresadd's m_a, s_a, m_b, s_b, m, s, out_bits: as int-nonlinear's residual add builds them
+    (two inputs at random steps, a common i32 step, the sum to out_bits), or random (the inputs
+    requantized to random sizes, i32 saturating included, the sum to about out_bits)."""
+    DB, AB = config.data_bits, config.acc_bits
+    if realistic:
+        def fixed(m: float, bound: int) -> list[int]:
+            mult, shift = fixed_point(np.array([m]), min(31, 62 - bound.bit_length()))
+            return [int(mult[0]), int(shift[0])]
+
+        bound = 1 << DB - 1
+        s_a, s_b, s_out = (float(rng.uniform(1e-3, 0.2)) for _ in range(3))
+        common = max(min(s_a, s_b), bound * max(s_a, s_b) / 2 ** 29)
+        total = 2 * (math.ceil(bound * max(s_a, s_b) / common) + 1)
+        return [*fixed(s_a / common, bound), *fixed(s_b / common, bound), *fixed(common / s_out, total),
+                int(rng.choice([8, 16]))]
+    high = signed_range(AB)[1]
+    bits = draw(rng, 2, AB)
+    sizes = [draw(rng, 0, 34) if rng.random() < 0.5 else draw(rng, 29, 34) for _ in range(2)]  # i32 saturates
+    out = []
+    for bits_in, bits_out in ((DB - 1, sizes[0]), (DB - 1, sizes[1]), (min(32, max(sizes) + 1), bits - 1)):
+        mult_bits = draw(rng, min(AB - 1, max(0, bits_out - bits_in)), AB - 1)  # reaching bits_out where it can
+        out += [scaled(rng, mult_bits, high), shift_for(rng, bits_in + mult_bits, bits_out)]
+    return [*out, bits]
+
+
+def softmax_constants(config: AccelConfig, rng: np.random.Generator, realistic: bool, spread: int) -> list[int]:
+    """int_softmax's multiplier, shift, ln2, b, c, out_bits for rows of `spread`-bit values:
+    `softmax_attrs` of a random scale, or random with multiplier >= 0, ln2 > 0 and 0 <= (p +
+    b)^2 + c < 2^31 for p in (-ln2, 0], and differences of up to about 2^6 ln2."""
+    out_bits = draw(rng, 1, config.data_bits - 1)
+    if realistic:
+        attrs = softmax_attrs(float(rng.uniform(1e-4, 0.02)), out_bits)
+        return [attrs[k] for k in ("multiplier", "shift", "ln2", "b", "c", "out_bits")]
+    high = signed_range(config.acc_bits)[1]
+    half = min(high, 1 << 14)
+    ln2, b = draw(rng, 1, half), draw(rng, -half, half)
+    c = draw(rng, 0, min(high, (1 << 31) - 1 - max(b * b, (b - ln2 + 1) ** 2)))
+    mult_bits = draw(rng, 0, config.acc_bits - 2)
+    return [scaled(rng, mult_bits, high, signs=False), shift_for(rng, spread + mult_bits, ln2.bit_length() + 3),
+            ln2, b, c, out_bits]
+
+
+def layernorm_constants(config: AccelConfig, rng: np.random.Generator, realistic: bool, length: int, spread: int):
+    """(eps, shift, weight [length], bias [length]) of int_layer_norm for rows of `spread`-bit
+    values: from `layer_norm_params` (an i16 input at a random step, random gamma and beta), or
+    random with |bias| <= 2^60, eps small enough for sum(c^2) + eps < 2^62, and results of
+    about the output's size."""
+    if realistic:
+        weight, bias, attrs = layer_norm_params(float(rng.uniform(1e-3, 0.1)), DType.I16, rng.normal(1, 0.3, length),
+                                                rng.normal(0, 0.5, length), float(rng.uniform(1e-6, 1e-3)),
+                                                float(rng.uniform(0.01, 0.2)), _DATA[config.data_bits])
+        return attrs["eps"], attrs["shift"], weight.astype(np.int64), bias
+    DB, AB = config.data_bits, config.acc_bits
+    high = signed_range(AB)[1]
+    weight_bits = draw(rng, 0, AB - 1)
+    shift = shift_for(rng, 31 + weight_bits - length.bit_length() // 2, DB - 1)
+    limit = min(1 << 60, (1 << 2 * AB - 1) - 1)
+    weight = np.array([scaled(rng, draw(rng, 0, weight_bits), high) for _ in range(length)], np.int64)
+    bias = np.array([scaled(rng, draw(rng, 0, shift + DB), limit) for _ in range(length)], np.int64)
+    return scaled(rng, draw(rng, 0, min(AB - 1, 2 * spread + 6)), high, signs=False), shift, weight, bias
+
+
+def nonlinear_instruction(config: AccelConfig, rng: np.random.Generator, op: Opcode, n: int, realistic: bool,
+                          pbuf_at: int = 0):
+    """A random `op` over n words (vacc: rows) and the PBUF words it needs ({first word:
+    lanes}), placed from PBUF word `pbuf_at` on; the OBUF inputs are whatever OBUF holds.
+    Returns (fields, PBUF words, PBUF words it writes (first, end))."""
+    C, AB, O = config.cols, config.acc_bits, config.obuf_depth
+
+    def anywhere(words: int) -> int:  # in OBUF
+        return int(rng.integers(0, O - words + 1))
+
+    if op is Opcode.VACC:
+        stride = int(rng.integers(0, 3))
+        dst = pbuf_at + int(rng.integers(0, 4))
+        writes = (dst, dst + (config.rows - 1) * stride + 1)
+        return dict(dst=dst, stride=stride, bank=int(rng.integers(0, 2))), {}, writes
+    if op is Opcode.VRESADD:
+        consts = resadd_constants(config, rng, realistic)
+        return (dict(dst=pbuf_at + 7, a=anywhere(n), b=anywhere(n), n=n, param=pbuf_at),
+                {pbuf_at: constant_words(config, rng, consts)}, (pbuf_at + 7, pbuf_at + 7 + n))
+    if op is Opcode.VGELU:
+        a = anywhere(n)
+        dst = int(rng.choice([d for d in range(O - n + 1) if not a < d < a + n]))
+        return dict(dst=dst, a=a, n=n, param=pbuf_at), {pbuf_at: constant_words(config, rng, gelu_constants(
+            config, rng, realistic))}, (0, 0)
+    length = int(rng.integers(1, n * C + 1))
+    if op is Opcode.VSOFTMAX:
+        spread = draw(rng, 1, AB)
+        consts = softmax_constants(config, rng, realistic, spread)
+        return (dict(dst=anywhere(n), a=pbuf_at, n=n, len=length, param=pbuf_at + n),
+                {pbuf_at: random_lanes(rng, n, C, spread), pbuf_at + n: constant_words(config, rng, consts)}, (0, 0))
+    widest = min(AB, 28)  # sum(c^2) < 24 * 2^56 < 2^61: the square root's top steps, a quarter of the time
+    spread = draw(rng, 2, 16) if realistic else widest if rng.random() < 0.25 else draw(rng, 1, widest)
+    eps, shift, weight, bias = layernorm_constants(config, rng, realistic, length, spread)
+    lanes = np.zeros((3, n * C), np.int64)
+    lanes[:, :length] = weight, wrap(bias & (1 << AB) - 1, AB), bias >> AB
+    lanes[:, length:] = random_lanes(rng, 3, n * C - length, AB)
+    words = np.concatenate([constant_words(config, rng, [eps, shift]), lanes.reshape(3 * n, C)])
+    return (dict(dst=anywhere(n), a=pbuf_at, n=n, len=length, param=pbuf_at + n),
+            {pbuf_at: random_lanes(rng, n, C, spread), pbuf_at + n: words}, (0, 0))
+
+
+def vector_program(config: AccelConfig, rng: np.random.Generator, pbuf: dict, instrs, gemms: int = 0,
+                   obuf: dict | None = None):
+    """PBUF and OBUF full of random lanes, `pbuf` and `obuf` ({first word: lanes}) over them, loaded; with
+    `gemms`, that many random gemms into accumulator banks 0, 1, 0, ...; then `instrs` ((opcode,
+    fields)) back to back on the vector unit; OBUF and PBUF stored. Returns (program, DRAM)."""
+    word = config.dram_bits // 8
+    images = {b: random_lanes(rng, config.buffer_depth(b), config.lanes(b), config.lane_bits(b))
+              for b in (Buffer.PBUF, Buffer.OBUF, *((Buffer.ABUF, Buffer.BBUF) if gemms else ()))}
+    for buf, rows in ((Buffer.PBUF, pbuf), (Buffer.OBUF, obuf or {})):
+        for first, words in rows.items():
+            images[buf][first:first + len(words)] = words
+    signals = {Buffer.OBUF: (Token.LD2VE,), Buffer.BBUF: (Token.LD2AR,)}
+    program, chunks, end = [], [], 0
+    for buf, lanes in images.items():
+        chunks.append(pack_words(lanes, config.lane_bits(buf), config.beats(buf) * word).reshape(-1))
+        program.append(Instruction.make(Opcode.LOAD, signal=signals.get(buf, ()), buf=buf, addr=0, count=len(lanes),
+                                        dram=end))
+        end += len(chunks[-1]) // word
+    for i in range(gemms):
+        k = int(rng.integers(1, 9))
+        program.append(Instruction.make(Opcode.GEMM, wait=(Token.LD2AR,) if i == 0 else (),
+                                        signal=(Token.AR2VE,) if i == gemms - 1 else (),
+                                        a=int(rng.integers(0, config.abuf_depth - k + 1)),
+                                        b=int(rng.integers(0, config.bbuf_depth - k + 1)), k=k, acc=0, bank=i % 2))
+    for i, (op, fields) in enumerate(instrs):
+        wait = ((Token.LD2VE,) + ((Token.AR2VE,) if gemms else ())) if i == 0 else ()
+        program.append(Instruction.make(op, wait=wait, signal=(Token.VE2ST,) if i == len(instrs) - 1 else (),
+                                        **fields))
+    for buf in (Buffer.OBUF, Buffer.PBUF):
+        program.append(Instruction.make(Opcode.STORE, wait=(Token.VE2ST,) if buf is Buffer.OBUF else (), buf=buf,
+                                        addr=0, count=config.buffer_depth(buf), dram=end))
+        end += config.buffer_depth(buf) * config.beats(buf)
+    program.append(Instruction.make(Opcode.HALT))
+    return tuple(program), np.concatenate(chunks)
+
+
+def nonlinear_program(config: AccelConfig, rng: np.random.Generator, op: Opcode, n: int, realistic: bool):
+    """One random `op` (vacc after two gemms)."""
+    fields, pbuf, _writes = nonlinear_instruction(config, rng, op, n, realistic)
+    return vector_program(config, rng, pbuf, [(op, fields)], gemms=2 if op is Opcode.VACC else 0)
+
+
+def mixed_vector_program(config: AccelConfig, rng: np.random.Generator, length: int):
+    """`length` vector instructions of every kind back to back (the nonlinearities, the ALU's,
+    requant and vacc on two gemms' banks): each one's PBUF inputs in a range of their own, the
+    PBUF words it writes after them, so nothing clobbers a later instruction's constants (one
+    that would not fit PBUF is drawn again)."""
+    pbuf, instrs, at = {}, [], 0
+    while len(instrs) < length:
+        op = Opcode(int(rng.choice([*NL_OPS, Opcode.REQUANT, Opcode.VADD, Opcode.VMUL, Opcode.VMAX, Opcode.VSUM])))
+        n = int(rng.integers(1, 4))
+        words, end = {}, at
+        if op in NL_OPS:
+            fields, words, writes = nonlinear_instruction(config, rng, op, n, bool(rng.integers(0, 2))
+                                                          and config.acc_bits == 32, at)
+            end = max([at, writes[1]] + [first + len(w) for first, w in words.items()])
+        elif op is Opcode.REQUANT:
+            fields = dict(dst=int(rng.integers(0, config.obuf_depth - config.rows + 1)), param=at,
+                          relu=int(rng.integers(0, 2)), bank=int(rng.integers(0, 2)))
+            words, end = {at: np.stack(params(config, config.cols, rng))}, at + 3
+        else:
+            a = int(rng.integers(0, config.obuf_depth - n + 1))
+            b = int(rng.choice([b for b in range(config.obuf_depth - n + 1) if not b < a < b + n]))  # dst = a
+            fields = dict(dst=at, a=a, n=n) if op is Opcode.VSUM else dict(dst=a, a=a, n=n)
+            end += op is Opcode.VSUM
+            if op in (Opcode.VADD, Opcode.VMUL):
+                fields |= dict(b=b) | (dict(shift=int(rng.integers(0, 64))) if op is Opcode.VMUL else {})
+        if end <= config.pbuf_depth:
+            pbuf |= words
+            at = end
+            instrs.append((op, fields))
+    return vector_program(config, rng, pbuf, instrs, gemms=2)
+
+
+@pytest.mark.parametrize("op", NL_OPS, ids=lambda o: o.name.lower())
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(NL_CONFIGS), n=st.integers(1, 6), realistic=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_nonlinear_instructions_match_isa_sim(op, config, n, realistic, seed):
+    """Each new vector instruction over random rows, lengths and constants: the DRAM after the
+    run (both buffers stored) and the cycles equal the ISA simulator's."""
+    program, dram = nonlinear_program(config, np.random.default_rng(seed), op, n, realistic and config.acc_bits == 32)
+    same_as_spec(program, config, dram)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(NL_CONFIGS), length=st.integers(2, 8), seed=st.integers(0, 2**32 - 1))
+def test_mixed_vector_programs_match_isa_sim(config, length, seed):
+    """The nonlinearities back to back with the ALU ops, requant and vacc: each issues as the
+    previous one frees the unit and presents its first addresses a cycle ahead."""
+    program, dram = mixed_vector_program(config, np.random.default_rng(seed), length)
+    same_as_spec(program, config, dram)
+
+
+def test_nonlinear_results_are_the_ir_ops():
+    """A vgelu, a vsoftmax and a vlayernorm with the int-nonlinear pass's constants: the RTL's
+    OBUF (equal to the simulator's) is the IR's reference ops' result."""
+    config = NL_CONFIGS[1]
+    rng = np.random.default_rng(5)
+    C, n, length = config.cols, 3, 10
+    x = random_lanes(rng, 4, C, 8)
+    gelu = gelu_attrs(0.05, DType.I8, 0.03, DType.I8)
+    softmax = softmax_attrs(4e-3, 7)
+    row = random_lanes(rng, n, C, 10)
+    weight, bias, ln = layer_norm_params(0.02, DType.I16, rng.normal(1, 0.2, length), rng.normal(0, 0.3, length), 1e-5,
+                                         0.05, DType.I8)
+    ln_row = random_lanes(rng, n, C, 12)
+    lanes = np.zeros((3, n * C), np.int64)
+    lanes[:, :length] = weight, wrap(bias & 0xFFFFFFFF, 32), bias >> 32
+    names = {"gelu": ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift"),
+             "softmax": ("multiplier", "shift", "ln2", "b", "c", "out_bits")}
+    pbuf = {0: row, 3: constant_words(config, rng, [softmax[k] for k in names["softmax"]]),
+            9: constant_words(config, rng, [gelu[k] for k in names["gelu"]]), 15: ln_row,
+            18: constant_words(config, rng, [ln["eps"], ln["shift"]]), 20: lanes.reshape(3 * n, C)}
+    instrs = [(Opcode.VGELU, dict(dst=20, a=0, n=4, param=9)),
+              (Opcode.VSOFTMAX, dict(dst=24, a=0, n=n, len=length, param=3)),
+              (Opcode.VLAYERNORM, dict(dst=28, a=15, n=n, len=length, param=18))]
+    program, dram = vector_program(config, rng, pbuf, instrs, obuf={0: x})
+    machine, _ = same_as_spec(program, config, dram)
+    obuf = machine.buffers[Buffer.OBUF]
+    np.testing.assert_array_equal(obuf[20:24], REFERENCE["int_gelu"](x, **{k: gelu[k] for k in names["gelu"]},
+                                                                      dtype=DType.I8, scale=0.03))
+    want = np.zeros(n * C, np.int64)
+    want[:length] = REFERENCE["int_softmax"](row.reshape(-1)[:length], **softmax)
+    np.testing.assert_array_equal(obuf[24:27].reshape(-1), want)
+    want[:length] = REFERENCE["int_layer_norm"](ln_row.reshape(-1)[:length], weight, bias, eps=ln["eps"],
+                                                shift=ln["shift"], dtype=DType.I8, scale=1.0)
+    np.testing.assert_array_equal(obuf[28:31].reshape(-1), want)
+
+
+@pytest.mark.parametrize("config", NL_CONFIGS[:3], ids=str)
+def test_nonlinear_programs_on_verilator(config):
+    need("verilator")
+    rng = np.random.default_rng(config.cols * 7 + config.data_bits)
+    programs = [nonlinear_program(config, rng, op, int(rng.integers(1, 7)), realistic and config.acc_bits == 32)
+                for op in NL_OPS for realistic in (False, True)]
+    for program, dram in [*programs, mixed_vector_program(config, rng, 10)]:
+        same_as_spec(program, config, dram, verilog.run_verilator)
+
+
+def test_nonlinear_programs_on_icarus():
+    need("iverilog")
+    config = NL_CONFIGS[0]
+    for program, dram in (mixed_vector_program(config, np.random.default_rng(3), 8),
+                          nonlinear_program(config, np.random.default_rng(4), Opcode.VLAYERNORM, 2, True)):
+        same_as_spec(program, config, dram, verilog.run_icarus)
 
 
 # ---- errors

@@ -13,20 +13,27 @@ import pytest
 import tcc
 from conftest import built, need
 from tcc.backends.accel.hardware import run_pyrtl
+from tcc.backends.accel.isa import Opcode
 from tcc.backends.accel.verilog import run_icarus, run_verilator
 from tcc.runtime.accel_executor import AccelExecutor, cycle_bound, simulate_section
 from tcc.runtime.numpy_executor import NumpyExecutor
 
 
 @lru_cache(maxsize=None)
-def compiled(name: str, accel: str):
+def compiled(name: str, accel: str, pipeline: str | None = None):
     model, inputs = built(name)
-    artifact = tcc.compile(model, inputs, target="fpga-small", accel=accel)
+    artifact = tcc.compile(model, inputs, target="fpga-small", accel=accel, pipeline=pipeline)
     return artifact, [artifact.example_inputs[n] for n in artifact.graph.input_names]
 
 
-def assert_same_run(name: str, accel: str, run_section) -> None:
-    artifact, inputs = compiled(name, accel)
+# the compressed and integer-only versions: HP sparse unit, binary unit, vector-unit nonlinearities
+HP_INTEGER = "fold-constants,canonicalize,dce,hp-prune{sparsity=0.75},quantize,int-nonlinear"
+W1A1 = "fold-constants,canonicalize,dce,binarize{mode=w1a1},quantize"
+NONLINEAR_4X4 = "rows=4,cols=4,nonlinear_unit=1"  # fpga-small leaves the nonlinear datapaths out
+
+
+def assert_same_run(name: str, accel: str, run_section, pipeline: str | None = None) -> None:
+    artifact, inputs = compiled(name, accel, pipeline)
     reference = NumpyExecutor(artifact.graph)(*inputs)
     sim = AccelExecutor(artifact.graph, artifact.accel_program())
     rtl = AccelExecutor(artifact.graph, artifact.accel_program(), run_section)
@@ -45,6 +52,34 @@ def test_whole_model_on_pyrtl():
 def test_whole_model_on_verilator(name):
     need("verilator")
     assert_same_run(name, "rows=4,cols=4", run_verilator)
+
+
+@pytest.mark.parametrize("pipeline, units", [(HP_INTEGER, {"spgemm", "vsoftmax", "vlayernorm", "vresadd"}),
+                                             (W1A1, {"bgemm"})])
+def test_whole_compressed_integer_model_on_verilator(pipeline, units):
+    """HP-pruned with the whole encoder integer (attention, softmax, residual adds, layer norms
+    on the accelerator), and binarized W1A1: every tier agrees, cycles included."""
+    need("verilator")
+    artifact, inputs = compiled("transformer-encoder", NONLINEAR_4X4, pipeline)
+    run = AccelExecutor(artifact.graph, artifact.accel_program())
+    run(*inputs)
+    assert units <= set(run.stats.instructions)
+    assert_same_run("transformer-encoder", NONLINEAR_4X4, run_verilator, pipeline)
+
+
+@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_icarus, "iverilog")])
+def test_a_softmax_and_a_layer_norm_section_alone(runner, tool):
+    if tool:
+        need(tool)
+    artifact, inputs = compiled("transformer-encoder", NONLINEAR_4X4, HP_INTEGER)
+    program, config = artifact.accel_program(), artifact.accel_program().config
+    runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
+    for op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM):
+        section = next(i for i, s in enumerate(program.sections) if any(ins.op is op for ins in s.program))
+        prog, dram = runs[section]
+        expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
+        out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
+        assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[section].note
 
 
 @pytest.mark.parametrize("runner, tool", [(run_icarus, "iverilog"), (run_pyrtl, None)])

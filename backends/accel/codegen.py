@@ -1,14 +1,18 @@
 """The accelerator codegen: `generate(graph, config) -> AccelProgram`.
 
-It finds every quantized linear the systolic array runs exactly, a chain
+It compiles to accelerator sections every chain ("layer") it can run exactly:
 
     %y.acc = linear(%x, @w, @b?)                     x: integer of <= data_bits, w: constant in data_bits
     %y.q   = requantize(%y.acc, @mult, @shift)       to data_bits with zero point 0; constant per-channel
-    %y.r   = relu(%y.q)                              or per-tensor mult/shift; the relu is optional
+    %y.r   = relu(%y.q) | int_gelu(%y.q)             or per-tensor mult/shift; the epilogue is optional
 
-where the linear's accumulator feeds only the requantize (leading batch dims of x flatten into
-M), and compiles each chain ("layer") to one or more sections. Every other op runs on the host;
-`AccelProgram.host_ops` says why.
+the same after an integer `matmul(%x, %y)` of two values (attention's products; a batch over
+the leading dims, the right operand laid out as weights), or a matmul whose raw accumulators
+feed `int_softmax` (scores: the vector unit reads them from the accumulators, row by row),
+and the residual add of widened i8 values into `requantize -> int_layer_norm` (row by row
+on the vector unit). Leading batch dims of a linear's x flatten into M. Every other op runs
+on the host; `AccelProgram.host_ops` says why (layout ops are data movement between
+sections: the DMA moves contiguous runs only).
 
 The weights choose the unit (`_plan`): HP-structured weights (`~hp(bh, bw, row_nnz)` in their
 type) run on the HP sparse unit (spgemm: pruned blocks are neither stored, loaded nor run;
@@ -41,6 +45,7 @@ ones are covered since units complete in order). The same model gives each secti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -51,9 +56,9 @@ from tcc.ir.graph import Graph, Op
 from tcc.ir.sparsity import Blocks, Hierarchical, Sparsity
 
 from .config import AccelConfig
-from .isa import FETCH_CYCLES, HANDOFF, UNITS, Buffer, Instruction, Opcode, Token, Unit
-from .layout import (AccelProgram, DramAllocator, DramTensor, HostOp, Layout, Region, Section, dram_words, encode,
-                     pack_binary, word_offset)
+from .isa import FETCH_CYCLES, HANDOFF, UNITS, Buffer, Instruction, Opcode, Token, Unit, wrap
+from .layout import (AccelProgram, DramAllocator, DramTensor, HostOp, Layout, Region, Section, batch_words, dram_words,
+                     encode, pack_binary, word_offset)
 
 __all__ = ["generate", "AccelProgram"]
 
@@ -73,15 +78,16 @@ def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
     placed: set[str] = set()
     users = graph.users()
     for op in graph.ops:
-        if op.kind != "linear":
+        if op.kind not in _MATCHERS or op.result in placed:
             continue
-        layer = _match(op, graph, users, config)
+        layer = _MATCHERS[op.kind](op, graph, users, config)
         if isinstance(layer, str):
             why[op.result] = layer
             continue
         start = allocator.used
         try:
-            layer_sections, constants = _compile(layer, allocator, config)
+            compile_layer = _compile_residual if isinstance(layer, _Residual) else _compile
+            layer_sections, constants = compile_layer(layer, allocator, config)
         except _Unsupported as e:
             allocator.used = start
             why[op.result] = str(e)
@@ -105,16 +111,28 @@ class _Unsupported(Exception):
 
 @dataclass(frozen=True)
 class _Layer:
-    ops: tuple[Op, ...]  # linear, requantize[, relu]
+    """A chain the array runs: `linear` (constant weight) or `matmul` (both operands values,
+    `batch` products over their leading dims), then `requantize` (-> relu | int_gelu) or, for
+    a matmul, `int_softmax` of the raw accumulators (`softmax`: its constants)."""
+
+    ops: tuple[Op, ...]
     x: str
     out: str
-    weight: np.ndarray  # [N, K] int64
+    weight: np.ndarray  # [N, K] int64 (a matmul's: zeros, the operand comes at run time)
     params: np.ndarray  # [3, N]: bias, multiplier, shift
     param_values: tuple[str, str, str]
     relu: bool
     m: int
     structure: Sparsity | None  # the weight's, from its type
     binary: bool  # +-1 activations and weights: bgemm on packed bits
+    y: str = ""  # a matmul's right operand [.., K, N]
+    batch: int = 1
+    gelu: tuple[int, ...] = ()  # int_gelu's constants (isa.CONSTANTS order) when fused
+    softmax: tuple[int, ...] = ()  # int_softmax's constants
+
+    @property
+    def kind(self) -> str:
+        return "softmax" if self.softmax else "matmul" if self.y else "linear"
 
     @property
     def k(self) -> int:
@@ -165,23 +183,182 @@ def _match(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig
     lane = 1 << config.acc_bits - 1
     if mult.min() < -lane or mult.max() >= lane or shift.min() < 0 or shift.max() > 62:
         return f"its requantize multiplier does not fit {config.acc_bits} bits or its shift [0, 62]"
-    ops, out = (op, req), req.result
-    after = users[out]
-    relu = len(after) == 1 and after[0].kind == "relu" and out not in outputs
-    if relu:
-        ops, out = ops + (after[0],), after[0].result
+    ops, out, relu, gelu = _epilogue(req, graph, users, config)
     binary = x_type.dtype is DType.B1 and types[w].dtype is DType.B1
-    return _Layer(ops, x, out, weight, np.stack([bias, mult, shift]), (b or "", mult_name, shift_name), relu, m,
-                  types[w].sparsity, binary)
+    return _Layer((op,) + ops, x, out, weight, np.stack([bias, mult, shift]), (b or "", mult_name, shift_name), relu,
+                  m, types[w].sparsity, binary, gelu=gelu)
+
+
+_GELU = ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift")
+_SOFTMAX = ("multiplier", "shift", "ln2", "b", "c", "out_bits")
+
+
+def _epilogue(req: Op, graph: Graph, users, config: AccelConfig) -> tuple[tuple[Op, ...], str, bool, tuple[int, ...]]:
+    """The requantize and what fuses after it: a relu, or an int_gelu to `data_bits` whose
+    constants fit the PBUF lanes. (ops, output, relu, gelu constants)."""
+    outputs, out = set(graph.outputs), req.result
+    after = users[out] if out not in outputs else []
+    if len(after) == 1 and after[0].kind == "relu":
+        return (req, after[0]), after[0].result, True, ()
+    if len(after) == 1 and after[0].kind == "int_gelu" and after[0].attr("dtype") is _DATA[config.data_bits] \
+            and config.nonlinear_unit:
+        constants = tuple(int(after[0].attr(k)) for k in _GELU)
+        if _fits_lanes(constants, config):
+            return (req, after[0]), after[0].result, False, constants
+    return (req,), out, False, ()
+
+
+def _fits_lanes(values, config: AccelConfig) -> bool:
+    return all(-(1 << config.acc_bits - 1) <= v < 1 << config.acc_bits - 1 for v in values)
+
+
+def _match_matmul(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> _Layer | str:
+    """The layer at integer `matmul` `op` of two values (attention's Q K^T and P V): a batch of
+    products over the leading dims, then requantize (-> relu | int_gelu) or int_softmax."""
+    types, weights, outputs = graph.types, graph.weights, set(graph.outputs)
+    data = _DATA[config.data_bits]
+    x, y = op.operands
+    tx, ty = types[x], types[y]
+    if not all(t.dtype.is_int and t.dtype.bits <= config.data_bits for t in (tx, ty)):
+        return f"its operands are {tx.dtype} and {ty.dtype}: the array multiplies integers of at most " \
+               f"{config.data_bits} bits"
+    if x in weights or y in weights:
+        return "an operand is a constant (a linear's weight would be)"
+    if tx.rank < 2 or tx.shape[:-2] != ty.shape[:-2]:
+        return "its operands' leading dims differ (broadcast products run on the host)"
+    (m, k), n = tx.shape[-2:], ty.shape[-1]
+    if not (op.type.dtype is DType.I32 and config.acc_bits == 32) and \
+            k * (1 << 2 * config.data_bits - 2) >= 1 << config.acc_bits - 1:  # else both wrap alike in 32 bits
+        return f"its {op.type.dtype} accumulator can exceed the array's {config.acc_bits}-bit accumulators"
+    after = users[op.result] if op.result not in outputs else []
+    base = dict(x=x, weight=np.zeros((n, k), np.int64), m=m, structure=None, binary=False, y=y,
+                batch=math.prod(tx.shape[:-2]))
+    if len(after) == 1 and after[0].kind == "int_softmax" and len(after[0].operands) == 1:
+        sm = after[0]
+        if not config.nonlinear_unit:
+            return "its int_softmax needs the vector unit's nonlinear datapaths, which this config leaves out"
+        constants = tuple(int(sm.attr(key)) for key in _SOFTMAX)
+        if sm.type.dtype is not data or not 1 <= sm.attr("out_bits") < config.data_bits:
+            return f"its int_softmax gives {sm.type.dtype} with {sm.attr('out_bits')} bits, the vector unit " \
+                   f"{data} with fewer than {config.data_bits}"
+        if not _fits_lanes(constants, config):
+            return f"its int_softmax constants do not fit {config.acc_bits}-bit lanes"
+        return _Layer(ops=(op, sm), out=sm.result, params=np.zeros((3, n), np.int64), param_values=("", "", ""),
+                      relu=False, softmax=constants, **base)
+    if len(after) != 1 or after[0].kind != "requantize":
+        return "its accumulator feeds other ops than one requantize or int_softmax"
+    req = after[0]
+    if req.attr("dtype") is not data or req.attr("zero_point") != 0:
+        return f"its requantize is to {req.attr('dtype')} with zero point {req.attr('zero_point')}, " \
+               f"the array's to {data} with zero point 0"
+    mult_name, shift_name = req.operands[1:]
+    if not all(v in weights and np.asarray(weights[v]).size == 1 for v in (mult_name, shift_name)):
+        return "its requantize multiplier or shift is not a constant scalar"
+    mult, shift = (int(np.asarray(weights[v]).reshape(())) for v in (mult_name, shift_name))
+    if not (_fits_lanes((mult,), config) and 0 <= shift <= 62):
+        return f"its requantize multiplier does not fit {config.acc_bits} bits or its shift [0, 62]"
+    ops, out, relu, gelu = _epilogue(req, graph, users, config)
+    params = np.stack([np.zeros(n, np.int64), np.full(n, mult), np.full(n, shift)])
+    return _Layer(ops=(op,) + ops, out=out, params=params, param_values=("", mult_name, shift_name), relu=relu,
+                  gelu=gelu, **base)
+
+
+@dataclass(frozen=True)
+class _Residual:
+    """`int_layer_norm(requantize(rq_a(a) + rq_b(b)))`, the encoder's residual add and norm,
+    on the vector unit row by row (rq: an optional per-tensor requantize of a widened i8)."""
+
+    ops: tuple[Op, ...]  # in graph order
+    a: str
+    b: str
+    out: str
+    m: int
+    n: int
+    constants: np.ndarray  # [7 + 2 + 3J, cols] PBUF words: vresadd's, then vlayernorm's
+
+
+def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> _Residual | str:
+    types, weights, outputs = graph.types, graph.weights, set(graph.outputs)
+    producer, data = graph.producer(), _DATA[config.data_bits]
+    index = {o.result: i for i, o in enumerate(graph.ops)}
+
+    def only_user(value: str) -> Op | None:
+        after = users[value] if value not in outputs else []
+        return after[0] if len(after) == 1 else None
+
+    def scalar(name: str) -> int | None:
+        value = weights.get(name)
+        return int(np.asarray(value).reshape(())) if value is not None and np.asarray(value).size == 1 else None
+
+    def operand(value: str) -> tuple[tuple[Op, ...], str, int, int] | None:
+        """(ops, the widened i8, multiplier, shift) of `cast` or `requantize(cast)`."""
+        op_ = producer.get(value)
+        chain: tuple[Op, ...] = ()
+        mult, shift = 1, 0
+        if op_ is not None and op_.kind == "requantize" and op_.attr("dtype") is DType.I32 and \
+                op_.attr("zero_point") == 0 and only_user(value) is not None:
+            mult, shift = scalar(op_.operands[1]), scalar(op_.operands[2])
+            if mult is None or shift is None:
+                return None
+            chain, value = (op_,), op_.operands[0]
+            op_ = producer.get(value)
+        if op_ is None or op_.kind != "cast" or op_.type.dtype is not DType.I32 or only_user(value) is None:
+            return None
+        source = op_.operands[0]
+        if types[source].dtype is not data:
+            return None
+        return (op_,) + chain, source, mult, shift
+
+    if op.type.dtype is not DType.I32:
+        return "the vector unit adds widened i8 residuals in i32"
+    if not config.nonlinear_unit:
+        return "the residual add and layer norm need the vector unit's nonlinear datapaths, which this config " \
+               "leaves out"
+    sides = [operand(v) for v in op.operands]
+    norm_q = only_user(op.result)
+    norm = only_user(norm_q.result) if norm_q is not None else None
+    if None in sides or norm_q is None or norm_q.kind != "requantize" or norm is None or \
+            norm.kind != "int_layer_norm":
+        return "only the residual add of widened i8 values into requantize -> int_layer_norm runs on the accelerator"
+    (ops_a, a, m_a, s_a), (ops_b, b, m_b, s_b) = sides
+    m, s = scalar(norm_q.operands[1]), scalar(norm_q.operands[2])
+    bits = norm_q.attr("dtype").bits
+    x, w, bias = norm.operands
+    if m is None or s is None or norm_q.attr("zero_point") != 0 or bits > config.acc_bits or \
+            norm.attr("dtype") is not data or w not in weights or bias not in weights:
+        return "its requantize or layer norm is not per-tensor constants into the vector unit's lanes"
+    n = types[x].shape[-1]
+    words = math.ceil(n / config.cols)
+    lanes = np.zeros((2, words * config.cols), np.int64)
+    lanes[0, :n], lanes[1, :n] = np.asarray(weights[w], np.int64), np.asarray(weights[bias], np.int64)
+    low, high = wrap(lanes[1] & ((1 << config.acc_bits) - 1), config.acc_bits), lanes[1] >> config.acc_bits
+    scalars = (m_a, s_a, m_b, s_b, m, s, bits, int(norm.attr("eps")), int(norm.attr("shift")))
+    if not _fits_lanes(scalars, config) or not _fits_lanes(lanes[0], config) or not _fits_lanes(high, config):
+        return f"its constants do not fit {config.acc_bits}-bit lanes"
+    ops = tuple(sorted(ops_a + ops_b + (op, norm_q, norm), key=lambda o: index[o.result]))
+    if max(index.get(a, -1), index.get(b, -1)) > index[ops[0].result]:
+        return "its operands are computed after its first op"
+    constants = np.concatenate([np.repeat(np.array(scalars, np.int64)[:, None], config.cols, axis=1),
+                                lanes[0].reshape(words, -1), low.reshape(words, -1), high.reshape(words, -1)])
+    return _Residual(ops, a, b, norm.result, math.prod(types[x].shape[:-1]), n, constants)
+
+
+_MATCHERS = {"linear": _match, "matmul": _match_matmul, "add": _match_residual}  # the op kinds a layer starts at
+
+
+_LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "select", "slice", "squeeze", "unsqueeze", "expand", "cat"})
 
 
 def _host_reason(op: Op, why: dict[str, str]) -> str:
     if op.kind == "requantize" and op.operands[0] in why:
-        return "it requantizes a linear the host runs"
+        return "it requantizes a product the host runs"
     if op.kind in ("quantize", "dequantize"):
         return "conversions between float and integer run on the host"
-    return f"the accelerator runs quantized linear -> requantize (-> relu) chains only, not {op.kind} " \
-           f"on {op.type.dtype}"
+    if op.kind in _LAYOUT_OPS and op.type.dtype.is_int:
+        return "data movement: the host re-lays the tensor out between accelerator sections (the DMA moves " \
+               "contiguous runs only)"
+    return f"the accelerator runs integer linear and matmul -> requantize (-> relu | int_gelu) or int_softmax, and " \
+           f"residual add -> int_layer_norm; not {op.kind} on {op.type.dtype}"
 
 
 # -- the weight plan: what the array runs per column tile ----------------------------------------
@@ -381,32 +558,53 @@ def _tiling(layer: _Layer, plan: _Plan, config: AccelConfig) -> _Tiling:
     # with more row blocks than slots, one slot stays free: the next group starts loading early
     group = (row_blocks if row_blocks <= a_slots else a_slots - (a_slots > 2)) if resident else row_blocks
     batch = min(group, max(1, config.obuf_depth // (2 * rows)))
+    free = config.pbuf_depth - len(layer.gelu or layer.softmax)  # constants sit at PBUF's top
+    if layer.softmax:  # two slots of a row block's scores in PBUF, two of its probabilities in OBUF
+        words = rows * math.ceil(layer.n / config.cols)
+        if 2 * words > min(free, config.obuf_depth):
+            raise _Unsupported(f"two row blocks of scores ({2 * words} words) do not fit PBUF and OBUF")
+    elif free < 3:
+        raise _Unsupported(f"PBUF ({config.pbuf_depth} words) holds no requantization group besides the constants")
     return _Tiling(resident, a_size, a_slots, b_size, min(config.bbuf_depth // b_size, _MAX_SLOTS),
-                   min(config.pbuf_depth // 3, _MAX_SLOTS), group, batch,
-                   min(config.obuf_depth // (batch * rows), _MAX_SLOTS))
+                   min(free // 3, _MAX_SLOTS), group, batch, min(config.obuf_depth // (batch * rows), _MAX_SLOTS))
 
 
-def _tile_order(layer: _Layer, plan: _Plan, tiling: _Tiling, config: AccelConfig) -> list[tuple[int, int]]:
-    """(row block, column tile) in execution order: per group of row blocks (resident in ABUF),
-    per group of column tiles (whose weight chunks fill at most half of the BBUF ring, so the
-    next group's load while this one runs), per row block, per column tile. Each weight chunk
-    is loaded once per row group, and the first row block starts on a whole column group
-    while the next row blocks' activations load."""
+def _tile_order(layer: _Layer, plan: _Plan, tiling: _Tiling, config: AccelConfig) -> list[tuple[int, int, int]]:
+    """(batch, row block, column tile) in execution order, per product of the batch: per group
+    of row blocks (resident in ABUF), per group of column tiles (whose weight chunks fill at
+    most half of the BBUF ring, so the next group's load while this one runs), per row block,
+    per column tile. Each weight chunk is loaded once per row group, and the first row block
+    starts on a whole column group while the next row blocks' activations load. A softmax
+    layer goes row block by row block (each row's scores complete before the next block)."""
     row_blocks, col_tiles = math.ceil(layer.m / config.rows), math.ceil(layer.n / config.cols)
-    columns = max(1, tiling.b_slots // 2 // plan.chunks)
-    return [(m, n) for first in range(0, row_blocks, tiling.group) for low in range(0, col_tiles, columns)
-            for m in range(first, min(first + tiling.group, row_blocks))
+    columns = max(1, tiling.b_slots // 2 // plan.chunks) if not layer.softmax else col_tiles
+    return [(b, m, n) for b in range(layer.batch) for first in range(0, row_blocks, tiling.group)
+            for low in range(0, col_tiles, columns) for m in range(first, min(first + tiling.group, row_blocks))
             for n in range(low, min(low + columns, col_tiles))]
 
 
 # -- one layer -----------------------------------------------------------------------------------
 
-def _shapes(layer: _Layer, plan: _Plan) -> dict[Layout, tuple[int, int]]:
-    """The layer's DRAM tensors' shapes, by layout."""
-    weights = (Layout.WEIGHTS, (layer.n, layer.k)) if plan.kind == "dense" else \
-        (Layout.WEIGHT_STREAM, plan.stream.shape)
-    return {Layout.BINARY_ACTIVATIONS if plan.kind == "binary" else Layout.ACTIVATIONS: (layer.m, layer.k),
-            weights[0]: weights[1], Layout.PARAMS: (3, layer.n), Layout.OUTPUTS: (layer.m, layer.n)}
+def _tensors(layer: _Layer, plan: _Plan, config: AccelConfig) -> dict[str, DramTensor]:
+    """The layer's DRAM tensors by role (x, w, params, constants, out), regions unset."""
+    lead = (layer.batch,) if layer.kind != "linear" else ()
+    x = Layout.BINARY_ACTIVATIONS if plan.kind == "binary" else Layout.ACTIVATIONS
+    tensors = {"x": DramTensor((layer.x,), x, lead + (layer.m, layer.k), Region(0, 0))}
+    if layer.y:
+        tensors["w"] = DramTensor((layer.y,), Layout.WEIGHTS_T, lead + (layer.k, layer.n), Region(0, 0))
+    elif plan.kind == "dense":
+        tensors["w"] = DramTensor((layer.ops[0].operands[1],), Layout.WEIGHTS, (layer.n, layer.k), Region(0, 0))
+    else:
+        tensors["w"] = DramTensor((layer.ops[0].operands[1],), Layout.WEIGHT_STREAM, plan.stream.shape, Region(0, 0))
+    if not layer.softmax:
+        tensors["params"] = DramTensor(layer.param_values, Layout.PARAMS, (3, layer.n), Region(0, 0))
+    constants = layer.gelu or layer.softmax
+    if constants:
+        fused = layer.ops[-1].result
+        tensors["constants"] = DramTensor((fused,), Layout.PARAM_WORDS, (len(constants), config.cols), Region(0, 0))
+    out = Layout.ROWS if layer.softmax else Layout.OUTPUTS
+    tensors["out"] = DramTensor((layer.out,), out, lead + (layer.m, layer.n), Region(0, 0))
+    return tensors
 
 
 def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
@@ -414,19 +612,16 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
     """The layer's sections, and its constants' DRAM contents."""
     plan = _plan(layer, config)
     tiling = _tiling(layer, plan, config)
-    shapes = _shapes(layer, plan)
-    x_layout, w_layout = (next(lay for lay in shapes if lay.buffer is buf) for buf in (Buffer.ABUF, Buffer.BBUF))
+    tensors = {}
     try:
-        regions = {layout: allocator.allocate(dram_words(layout, shape, config), f"{layer.out}'s {layout.value}")
-                   for layout, shape in shapes.items()}
+        for role, t in _tensors(layer, plan, config).items():
+            words = dram_words(t.layout, t.shape, config)
+            tensors[role] = dataclasses.replace(t, region=allocator.allocate(words, f"{layer.out}'s {t.layout.value}"))
     except ValueError as e:
         raise _Unsupported(f"the DRAM is full: {e}") from None
-    values = {x_layout: (layer.x,), w_layout: (layer.ops[0].operands[1],), Layout.PARAMS: layer.param_values,
-              Layout.OUTPUTS: (layer.out,)}
-    tensor = {layout: DramTensor(values[layout], layout, shape, regions[layout]) for layout, shape in shapes.items()}
     tiles = _tile_order(layer, plan, tiling, config)
     spans, start = [], 0
-    builder = _Builder(layer, plan, tiling, regions, config)
+    builder = _Builder(layer, plan, tiling, tensors, config)
     for i, tile in enumerate(tiles):
         builder.tile(*tile)
         if builder.size() > config.imem_depth:
@@ -434,32 +629,100 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
                 raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
                                    f"the program memory holds {config.imem_depth}")
             spans.append((start, i))
-            start, builder = i, _Builder(layer, plan, tiling, regions, config)
+            start, builder = i, _Builder(layer, plan, tiling, tensors, config)
             builder.tile(*tile)
             if builder.size() > config.imem_depth:
                 raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
                                    f"the program memory holds {config.imem_depth}")
     spans.append((start, len(tiles)))
+    inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
+    constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
     sections = []
     for first, end in spans:
-        builder = _Builder(layer, plan, tiling, regions, config)
+        builder = _Builder(layer, plan, tiling, tensors, config)
         for tile in tiles[first:end]:
             builder.tile(*tile)
         program, cycles = builder.finish()
-        note = (f"{' -> '.join(o.result for o in layer.ops)}: M={layer.m} K={layer.k} N={layer.n}, {plan.kind}, "
-                f"output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row blocks, "
-                f"groups of columns, row, column), "
-                f"K in {plan.chunks} chunk(s)")
-        sections.append(Section(tuple(o.result for o in layer.ops), (tensor[x_layout],),
-                                (tensor[w_layout], tensor[Layout.PARAMS]), (tensor[Layout.OUTPUTS],),
+        batch = f"{layer.batch} x " if layer.kind != "linear" else ""
+        note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
+                f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
+                f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)")
+        sections.append(Section(tuple(o.result for o in layer.ops), inputs, constants, (tensors["out"],),
                                 program, builder.macs, cycles, note))
-    stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
-        encode(Layout.WEIGHT_STREAM, plan.stream, config)
-    params = layer.params.copy()
-    if plan.kind == "binary":  # the padding bits of the last packed word add +1 each
-        params[0] -= plan.a_words * config.data_bits - layer.k
-    constants = [(regions[w_layout], stream), (regions[Layout.PARAMS], encode(Layout.PARAMS, params, config))]
-    return sections, constants
+    images = []
+    if not layer.y:
+        stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
+            encode(Layout.WEIGHT_STREAM, plan.stream, config)
+        images.append((tensors["w"].region, stream))
+    if "params" in tensors:
+        params = layer.params.copy()
+        if plan.kind == "binary":  # the padding bits of the last packed word add +1 each
+            params[0] -= plan.a_words * config.data_bits - layer.k
+        images.append((tensors["params"].region, encode(Layout.PARAMS, params, config)))
+    if "constants" in tensors:
+        words = np.repeat(np.asarray(layer.gelu or layer.softmax, np.int64)[:, None], config.cols, axis=1)
+        images.append((tensors["constants"].region, encode(Layout.PARAM_WORDS, words, config)))
+    return sections, images
+
+
+def _compile_residual(layer: _Residual, allocator: DramAllocator, config: AccelConfig) \
+        -> tuple[list[Section], list[tuple[Region, bytes]]]:
+    """The residual add and layer norm, row by row on the vector unit: chunks of rows of both
+    operands load into OBUF, per row vresadd into PBUF and vlayernorm back into OBUF, a store
+    per chunk; two slots of everything, so the next chunk loads while this one runs."""
+    words = math.ceil(layer.n / config.cols)
+    count = len(layer.constants)
+    chunk = min(layer.m, (config.obuf_depth // (6 * words)), _MAX_COUNT // words)
+    if chunk < 1 or count + 2 * words > config.pbuf_depth:
+        raise _Unsupported(f"rows of {layer.n} values do not fit OBUF (6 x {words} words) or PBUF "
+                           f"({count} words of constants and 2 x {words})")
+    shape = (layer.m, layer.n)
+    try:
+        tensors = {role: DramTensor((value,), lay, shp, allocator.allocate(dram_words(lay, shp, config),
+                                                                           f"{layer.out}'s {role}"))
+                   for role, value, lay, shp in (("a", layer.a, Layout.ROWS, shape), ("b", layer.b, Layout.ROWS, shape),
+                                                 ("constants", layer.ops[-1].result, Layout.PARAM_WORDS,
+                                                  layer.constants.shape), ("out", layer.out, Layout.ROWS, shape))}
+    except ValueError as e:
+        raise _Unsupported(f"the DRAM is full: {e}") from None
+    beats = config.beats(Buffer.OBUF)
+    per_section = max(1, (config.imem_depth - 8) // (2 * chunk + 4)) * chunk  # rows whose program fits
+    sections = []
+    for first in range(0, layer.m, per_section):
+        streams: dict[Unit, list[_Node]] = {u: [] for u in Unit}
+
+        def add(node: _Node) -> _Node:
+            node.index = len(streams[node.unit])
+            streams[node.unit].append(node)
+            return node
+
+        base = config.pbuf_depth - count
+        const = add(_Node(Opcode.LOAD, [], config, buf=Buffer.PBUF, addr=base, count=count,
+                          dram=tensors["constants"].region.start))
+        readers: list[_Node | None] = [None, None]  # the last vresadd reading each input slot
+        stores: list[_Node | None] = [None, None]
+        for i, low in enumerate(range(first, min(layer.m, first + per_section), chunk)):
+            rows, slot = min(chunk, layer.m - low), i % 2
+            a_at, b_at, out_at = ((2 * k + slot) * chunk * words for k in range(3))
+            loads = [add(_Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.OBUF, addr=at, count=rows * words,
+                               dram=tensors[role].region.start + low * words * beats))
+                     for role, at in (("a", a_at), ("b", b_at))]
+            norm = None
+            for r in range(rows):
+                deps = loads + [const] if r == 0 else []
+                readers[slot] = add(_Node(Opcode.VRESADD, deps, config, dst=(r % 2) * words, a=a_at + r * words,
+                                          b=b_at + r * words, n=words, param=base))
+                norm = add(_Node(Opcode.VLAYERNORM, [stores[slot]] if r == 0 else [], config, dst=out_at + r * words,
+                                 a=(r % 2) * words, n=words, len=layer.n, param=base + 7))
+            stores[slot] = add(_Node(Opcode.STORE, [norm], config, buf=Buffer.OBUF, addr=out_at, count=rows * words,
+                                     dram=tensors["out"].region.start + low * words * beats))
+        program, cycles = _schedule(streams)
+        end = min(layer.m, first + per_section)
+        note = (f"{' -> '.join(o.result for o in layer.ops)}: rows {first}..{end - 1} of {layer.m}, N={layer.n}, "
+                f"residual add and layer norm on the vector unit, {chunk} rows per chunk")
+        sections.append(Section(tuple(o.result for o in layer.ops), (tensors["a"], tensors["b"]),
+                                (tensors["constants"],), (tensors["out"],), program, 0, cycles, note))
+    return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))]
 
 
 class _Node:
@@ -512,7 +775,7 @@ class _Ring:
 class _Batch:
     """Row blocks of one column tile requantized into one OBUF slot, stored together."""
 
-    n: int
+    key: tuple[int, int]  # (product of the batch, column tile)
     first: int
     last: int
     slot: int
@@ -522,12 +785,9 @@ class _Batch:
 class _Builder:
     """The four instruction streams of one section, built tile by tile."""
 
-    def __init__(self, layer: _Layer, plan: _Plan, tiling: _Tiling, regions: dict[Layout, Region],
+    def __init__(self, layer: _Layer, plan: _Plan, tiling: _Tiling, tensors: dict[str, DramTensor],
                  config: AccelConfig):
-        self.layer, self.plan, self.tiling, self.regions, self.config = layer, plan, tiling, regions, config
-        self.shapes = _shapes(layer, plan)
-        self.x_layout = next(lay for lay in self.shapes if lay.buffer is Buffer.ABUF)
-        self.w_region = next(regions[lay] for lay in self.shapes if lay.buffer is Buffer.BBUF)
+        self.layer, self.plan, self.tiling, self.tensors, self.config = layer, plan, tiling, tensors, config
         self.streams: dict[Unit, list[_Node]] = {u: [] for u in Unit}
         self.a = _Ring(Buffer.ABUF, tiling.a_size, tiling.a_slots)
         self.w = _Ring(Buffer.BBUF, tiling.b_size, tiling.b_slots)
@@ -535,7 +795,9 @@ class _Builder:
         self.o_readers: list[_Node | None] = [None] * tiling.o_slots  # the last store of each OBUF slot
         self.o_next = 0
         self.batch: _Batch | None = None
-        self.acc_readers: list[_Node | None] = [None, None]  # the last requant of each accumulator bank
+        self.acc_readers: list[_Node | None] = [None, None]  # the last vector reader of each accumulator bank
+        self.constants: tuple[int, _Node] | None = None  # (PBUF address, load) of the fused op's constants
+        self.scores: list[_Node] = []  # a softmax row block's vaccs
         self.tiles = 0
         self.macs = 0
 
@@ -545,62 +807,105 @@ class _Builder:
         stream.append(node)
         return node
 
-    def _dram(self, layout: Layout, block: int, index: int) -> int:
-        return self.regions[layout].start + word_offset(layout, self.shapes[layout], block, index, self.config)
+    def _dram(self, role: str, block: int, index: int, batch: int = 0) -> int:
+        t = self.tensors[role]
+        return t.region.start + word_offset(t.layout, t.shape, block, index, self.config, batch)
 
-    def tile(self, m: int, n: int) -> None:
-        """Output tile (row block m, column tile n): its array steps, requant and (batched) store."""
+    def _constants(self) -> tuple[int, _Node]:
+        """The fused op's constants at PBUF's top, loaded once per section."""
+        if self.constants is None:
+            t, cfg = self.tensors["constants"], self.config
+            count = t.shape[0]
+            address = cfg.pbuf_depth - count
+            self.constants = address, self.add(_Node(Opcode.LOAD, [], cfg, buf=Buffer.PBUF, addr=address, count=count,
+                                                     dram=t.region.start))
+        return self.constants
+
+    def tile(self, b: int, m: int, n: int) -> None:
+        """Output tile (product b of the batch, row block m, column tile n): its array steps,
+        then requant (and a fused vgelu) and a (batched) store, or for a softmax the raw
+        scores into PBUF (and once the row block is complete, vsoftmax per row and a store)."""
         layer, plan, tiling, cfg = self.layer, self.plan, self.tiling, self.config
         bank = self.tiles % 2
         beats = cfg.beats(Buffer.BBUF)
+        w = self.tensors["w"]
+        w_base = w.region.start + b * batch_words(w.layout, w.shape, cfg) if layer.y else w.region.start
         first, gemm = True, None
         for c, chunk in enumerate(plan.tiles[n]):
             if tiling.resident:
-                a_slot, a_load = self.a.fetch(("A", m), plan.a_words, self._dram(self.x_layout, m, 0), self)
+                a_slot, a_load = self.a.fetch(("A", b, m), plan.a_words, self._dram("x", m, 0, b), self)
                 a = a_slot
             else:
-                a_slot, a_load = self.a.fetch(("A", m, c), chunk.k, self._dram(self.x_layout, m, chunk.k_low), self)
+                a_slot, a_load = self.a.fetch(("A", b, m, c), chunk.k, self._dram("x", m, chunk.k_low, b), self)
                 a = a_slot - chunk.k_low  # the steps count from the row's first word
-            b, b_load = self.w.fetch(("W", n, c), chunk.words, self.w_region.start + chunk.start * beats, self)
+            w_slot, w_load = self.w.fetch(("W", b, n, c), chunk.words, w_base + chunk.start * beats, self)
             for step in chunk.steps:
                 fields = dict(step.fields)
                 fields["a"] += a
-                fields["b"] += b
-                deps = [a_load, b_load, self.acc_readers[bank] if first else None]
+                fields["b"] += w_slot
+                deps = [a_load, w_load, self.acc_readers[bank] if first else None]
                 gemm = self.add(_Node(step.op, deps, cfg, **fields, acc=int(not first), bank=bank))
                 first = False
                 self.a.read(a_slot, gemm)
-                self.w.read(b, gemm)
-        param, p_load = self.p.fetch(("P", n), 3, self._dram(Layout.PARAMS, n, 0), self)
+                self.w.read(w_slot, gemm)
+        self.tiles += 1
+        rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
+        cols = min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols
+        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary") else
+                             int(np.count_nonzero(layer.weight[n * cfg.cols:(n + 1) * cfg.cols])))
+        if layer.softmax:
+            self._scores(b, m, n, gemm, bank)
+            return
+        param, p_load = self.p.fetch(("P", n), 3, self._dram("params", n, 0), self)
         batch = self.batch
-        if batch is not None and (batch.n != n or m != batch.last + 1 or m - batch.first == tiling.batch):
+        if batch is not None and (batch.key != (b, n) or m != batch.last + 1 or m - batch.first == tiling.batch):
             self._flush()
             batch = None
         slot = batch.slot if batch is not None else self.o_next
         first_row = batch.first if batch is not None else m
         dst = (slot * tiling.batch + m - first_row) * cfg.rows
-        requant = self.add(_Node(Opcode.REQUANT, [gemm, p_load, self.o_readers[slot]], cfg, dst=dst, param=param,
-                                 relu=int(layer.relu), bank=bank))
+        last = requant = self.add(_Node(Opcode.REQUANT, [gemm, p_load, self.o_readers[slot]], cfg, dst=dst,
+                                        param=param, relu=int(layer.relu), bank=bank))
+        if layer.gelu:
+            address, load = self._constants()
+            last = self.add(_Node(Opcode.VGELU, [load], cfg, dst=dst, a=dst, n=cfg.rows, param=address))
         self.acc_readers[bank] = requant
-        self.tiles += 1
         self.p.read(param, requant)
         if batch is None:
             self.o_next = (slot + 1) % tiling.o_slots
-            self.batch = _Batch(n, m, m, slot, requant)
+            self.batch = _Batch((b, n), m, m, slot, last)
         else:
-            batch.last, batch.requant = m, requant
+            batch.last, batch.requant = m, last
+
+    def _scores(self, b: int, m: int, n: int, gemm: _Node, bank: int) -> None:
+        """A softmax layer's tile: raw scores into the row block's PBUF slot (row r, word n at
+        slot + r * J + n); after the last column tile, vsoftmax per row into OBUF and a store."""
+        cfg, layer = self.config, self.layer
+        words = math.ceil(layer.n / cfg.cols)
+        slot = (m % 2) * cfg.rows * words  # PBUF and OBUF slots alike
+        vacc = self.add(_Node(Opcode.VACC, [gemm], cfg, dst=slot + n, stride=words, bank=bank))
+        self.acc_readers[bank] = vacc
+        if n < words - 1:
+            return
+        address, load = self._constants()
         rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
-        cols = min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols
-        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary") else
-                             int(np.count_nonzero(layer.weight[n * cfg.cols:(n + 1) * cfg.cols])))
+        last = None
+        for r in range(rows):
+            deps = [load, self.o_readers[m % 2]] if r == 0 else []
+            last = self.add(_Node(Opcode.VSOFTMAX, deps, cfg, dst=slot + r * words, a=slot + r * words, n=words,
+                                  len=layer.n, param=address))
+        store = self.add(_Node(Opcode.STORE, [last], cfg, buf=Buffer.OBUF, addr=slot, count=rows * words,
+                               dram=self._dram("out", m * cfg.rows, 0, b)))
+        self.o_readers[m % 2] = store
 
     def _flush(self) -> None:
         batch, rows = self.batch, self.config.rows
         assert batch is not None
         count = min(self.layer.m, (batch.last + 1) * rows) - batch.first * rows
+        b, n = batch.key
         store = self.add(_Node(Opcode.STORE, [batch.requant], self.config, buf=Buffer.OBUF,
                                addr=batch.slot * self.tiling.batch * rows, count=count,
-                               dram=self._dram(Layout.OUTPUTS, batch.n, batch.first * rows)))
+                               dram=self._dram("out", n, batch.first * rows, b)))
         self.o_readers[batch.slot] = store
         self.batch = None
 

@@ -13,8 +13,9 @@ right bank; the HP sparse unit reads a whole window of `bw <= abuf_banks` consec
 in one cycle, one word per bank, and each array column gathers its own word from it).
 Optional units: `vector_unit=False` leaves the vector ALU (vadd/vmul/vrelu/vmax/vsum) out:
 requant stays (it is the array's output path); `sparse_unit=False` leaves out the HP gather
-(spgemm), `binary_unit=False` the XNOR-popcount mode of the PEs (bgemm). Programs using a
-missing unit's opcodes are refused for such a config."""
+(spgemm), `binary_unit=False` the XNOR-popcount mode of the PEs (bgemm), `nonlinear_unit=False`
+(or no vector unit) the integer nonlinearities of the vector unit (wide per-lane datapaths: the largest optional
+part). Programs using a missing unit's opcodes are refused for such a config."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import math
 from dataclasses import dataclass, fields
 
 
-_BOOLS = ("vector_unit", "sparse_unit", "binary_unit")  # the fields that are flags, not numbers
+_BOOLS = ("vector_unit", "sparse_unit", "binary_unit", "nonlinear_unit")  # the fields that are flags, not numbers
 _FLAGS = {"0": False, "1": True, "false": False, "true": True}
 
 
@@ -47,6 +48,7 @@ class AccelConfig:
     vector_unit: bool = True  # the vadd/vmul/vrelu/vmax/vsum unit is present
     sparse_unit: bool = True  # the HP sparse gather (spgemm) is present
     binary_unit: bool = True  # the PEs' XNOR-popcount mode (bgemm) is present
+    nonlinear_unit: bool = True  # the vector unit's vacc/vsoftmax/vlayernorm/vgelu/vresadd datapaths
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -140,29 +142,36 @@ class AccelConfig:
 
     def memory_bits(self) -> int:
         """Bits of on-chip memory: the four buffers (OBUF and PBUF keep a bank per writing
-        unit; PBUF's second bank, written by the vector unit's vsum, is one lane and absent
-        without the vector unit) and the program memory. ABUF's banks split its words, not
-        add to them."""
+        unit; PBUF's second bank, written by the vector unit, is whole words with the
+        nonlinearities (vacc, vresadd), one lane with the vector ALU alone (vsum), absent
+        without the vector unit) and the program memory. ABUF's banks split its words, not add
+        to them."""
+        vector_lanes = (self.cols if self.nonlinear_unit else 1) if self.vector_unit else 0
         words = {"ABUF": self.abuf_depth * self.rows * self.data_bits,
                  "BBUF": self.bbuf_depth * self.cols * self.data_bits,
                  "OBUF": 2 * self.obuf_depth * self.cols * self.data_bits,
-                 "PBUF": self.pbuf_depth * (self.cols + int(self.vector_unit)) * self.acc_bits}
+                 "PBUF": self.pbuf_depth * (self.cols + vector_lanes) * self.acc_bits}
         return sum(words.values()) + self.imem_depth * 128
 
     def estimate_resources(self) -> dict[str, float]:
-        """Xilinx 7-series / UltraScale+ resources of the generated design. DSPs are counted (a
-        25x18 slice per multiplier part: the array, the requantizer's acc x acc products, vmul
-        when the vector unit is there) and equal yosys `synth_xilinx`; LUT and FF are linear in
-        PEs and lanes, fit to yosys on the three shipped configs (within 1% there; a config
-        without the vector unit needs fewer than they say); BRAM36 is the memory bits at the
-        density yosys' mapping reaches (within 8% there; ABUF banks are not modelled).
-        Extrapolations are rough."""
+        """Xilinx 7-series / UltraScale+ resources of the generated design. DSPs are counted as
+        yosys `synth_xilinx` maps the multipliers (25x18 slices): one per PE (`data_bits` up to
+        18), per lane the requant/vmul multiplier (acc+1 x 33 bits), and with the
+        nonlinearities three more (acc+1 squared, 64 x 32, gelu's data x 2 acc). LUT and FF
+        are linear in PEs plus, per lane, the nonlinear datapaths, and FF adds the HP gather's
+        skew registers (`data_bits * rows * cols * (rows + cols - 2) / 2`); the coefficients are
+        fit to yosys on the shipped configs and a 4x4 one (within 10% there). BRAM36 is the
+        memory bits at the density yosys' mapping reaches. Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
-        dsp = self.pes * slices(self.data_bits, self.data_bits) + self.cols * (
-            slices(self.acc_bits, self.acc_bits) + self.vector_unit * slices(self.data_bits, self.data_bits))
-        return {"LUT": max(2000, round(58.5 * self.pes + 2890 * self.cols - 11000)),
-                "FF": max(1000, round(44.6 * self.pes + 737 * self.cols - 4900)), "DSP": dsp,
+        nonlinear = self.vector_unit and self.nonlinear_unit
+        lane_dsp = slices(self.acc_bits + 1, 33) + nonlinear * (
+            slices(self.acc_bits + 1, self.acc_bits + 1) + math.ceil(64 / 18) * math.ceil(32 / 25)
+            + slices(self.data_bits, 2 * self.acc_bits))
+        skew = self.sparse_unit * self.data_bits * self.pes * (self.rows + self.cols - 2) // 2
+        return {"LUT": round(334 * self.pes + 5996 + nonlinear * 4297 * self.cols),
+                "FF": round(112.1 * self.pes + 1097 + skew + nonlinear * 794 * self.cols),
+                "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 
     def buffer_depth(self, buffer) -> int:

@@ -47,8 +47,26 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
   `vmax dst a n`: every lane of `OBUF[dst]` = the max over the lanes of `OBUF[a..a+n-1]`;
   `vsum dst a n`: every lane of `PBUF[dst]` = their sum (wrapping in `acc_bits`). `n` cycles.
   The unit streams a word per cycle, so `dst` may equal a source but not lie inside one.
+- The integer nonlinearities, each exactly its IR op (`ir/reference.py`, defined there once);
+  a row is `n` consecutive words whose first `len` lanes (in lane order, word after word)
+  hold the values; constant `i` of an instruction is lane 0 of `PBUF[param + i]`:
+  - `vacc dst stride bank`: `PBUF[dst + r*stride] = ACC[bank][r]` for each row r (raw
+    accumulators, e.g. attention scores); `rows` cycles.
+  - `vsoftmax dst a n len param`: `OBUF[dst...] = int_softmax(PBUF[a...])` over the row
+    (constants multiplier, shift, ln2, b, c, out_bits; lanes past `len` give 0); three passes
+    over the row and a division: `3n + 64` cycles.
+  - `vlayernorm dst a n len param`: `OBUF[dst...] = int_layer_norm(PBUF[a...])` to
+    `data_bits` (constants eps, shift; then `n` words of per-channel weights and `2n` of
+    biases, low `acc_bits` bits then high); `6n + 128` cycles (three passes over the row,
+    the last also reading its weights and both bias halves; two divisions, a square root).
+  - `vgelu dst a n param`: `OBUF[dst+i] = int_gelu(OBUF[a+i])` to `data_bits` lane by lane
+    (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 8` cycles.
+  - `vresadd dst a b n param`: the residual add, `PBUF[dst+i] = rq(rq(OBUF[a+i]; m_a, s_a) +
+    rq(OBUF[b+i]; m_b, s_b); m, s)` (rq: `requantize`, to i32 inside, to `out_bits` at the
+    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); `n + 8` cycles.
 
-A config may leave units out (`AccelConfig.vector_unit`, `sparse_unit`, `binary_unit`):
+A config may leave units out (`AccelConfig.vector_unit`, `sparse_unit`, `binary_unit`,
+`nonlinear_unit`):
 programs using their opcodes are refused (`Instruction.problem`); requant is there in every
 config (it is the array's output path).
 """
@@ -89,6 +107,11 @@ class Opcode(IntEnum):
     VSUM = 9
     SPGEMM = 10
     BGEMM = 11
+    VACC = 12
+    VSOFTMAX = 13
+    VLAYERNORM = 14
+    VGELU = 15
+    VRESADD = 16
 
 
 class Buffer(IntEnum):
@@ -124,9 +147,9 @@ class Field:
     width: int
 
 
-OPCODE = Field("opcode", 0, 4)
-HEADER = (Field("wait", 4, 8), Field("signal", 12, 8))  # in every instruction, after the opcode
-_DMA = (Field("buf", 20, 2), Field("addr", 32, 16), Field("count", 48, 16), Field("dram", 64, 32))
+OPCODE = Field("opcode", 0, 8)
+HEADER = (Field("wait", 8, 8), Field("signal", 16, 8))  # in every instruction, after the opcode
+_DMA = (Field("buf", 24, 2), Field("addr", 32, 16), Field("count", 48, 16), Field("dram", 64, 32))
 _VEC = (Field("dst", 32, 16), Field("a", 48, 16), Field("b", 64, 16), Field("n", 80, 16), Field("shift", 96, 6))
 _GEMM = (Field("a", 32, 16), Field("b", 48, 16), Field("k", 64, 16), Field("acc", 80, 1), Field("bank", 81, 1))
 
@@ -139,6 +162,11 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
                     Field("bw", 88, 8), Field("acc", 96, 1), Field("bank", 97, 1)),
     Opcode.BGEMM: _GEMM,
     Opcode.REQUANT: (Field("dst", 32, 16), Field("param", 48, 16), Field("relu", 64, 1), Field("bank", 65, 1)),
+    Opcode.VACC: (Field("dst", 32, 16), Field("stride", 48, 16), Field("bank", 64, 1)),
+    Opcode.VSOFTMAX: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16)),
+    Opcode.VLAYERNORM: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16)),
+    Opcode.VGELU: (*_VEC[:2], Field("n", 64, 16), Field("param", 80, 16)),
+    Opcode.VRESADD: (*_VEC[:4], Field("param", 96, 16)),
     Opcode.VADD: _VEC[:4],
     Opcode.VMUL: _VEC,
     Opcode.VRELU: (_VEC[0], _VEC[1], _VEC[3]),
@@ -148,11 +176,16 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
 
 # the vector ALU's opcodes: a config may leave it out (`AccelConfig.vector_unit`); requant is
 # the array's output path and always there
-VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM)
+NONLINEAR_OPS = (Opcode.VACC, Opcode.VSOFTMAX, Opcode.VLAYERNORM, Opcode.VGELU, Opcode.VRESADD)
+VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) + NONLINEAR_OPS
+# (cycles per word, fixed cycles) of the row and lane nonlinearities; constants each reads
+PASSES = {Opcode.VSOFTMAX: (3, 64), Opcode.VLAYERNORM: (6, 128), Opcode.VGELU: (1, 8), Opcode.VRESADD: (1, 8)}
+CONSTANTS = {Opcode.VSOFTMAX: 6, Opcode.VLAYERNORM: 2, Opcode.VGELU: 6, Opcode.VRESADD: 7}
 ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
 # the config flag each optional unit's opcodes need
-NEEDS: dict[Opcode, str] = {op: "vector_unit" for op in VECTOR_OPS} | {Opcode.SPGEMM: "sparse_unit",
-                                                                      Opcode.BGEMM: "binary_unit"}
+NEEDS: dict[Opcode, tuple[str, ...]] = ({op: ("vector_unit",) for op in VECTOR_OPS}
+                                        | {op: ("vector_unit", "nonlinear_unit") for op in NONLINEAR_OPS}
+                                        | {Opcode.SPGEMM: ("sparse_unit",), Opcode.BGEMM: ("binary_unit",)})
 
 UNITS: dict[Opcode, Unit] = ({op: Unit.VECTOR for op in Opcode} | {op: Unit.ARRAY for op in ARRAY_OPS}
                              | {Opcode.LOAD: Unit.LOAD, Opcode.STORE: Unit.STORE})
@@ -235,11 +268,12 @@ class Instruction:
             return config.dram_latency + self["count"] * config.beats(Buffer(self["buf"]))
         if op in ARRAY_OPS:
             return self.steps()
-        if op is Opcode.REQUANT:
+        if op in (Opcode.REQUANT, Opcode.VACC):
             return config.rows
         if op is Opcode.HALT:
             return 1
-        return self["n"]
+        per_word, fixed = PASSES.get(op, (1, 0))
+        return per_word * self["n"] + fixed
 
     def duration(self, config: AccelConfig) -> int:
         """Cycles from issue to the end: its tokens signal and its memory is free then."""
@@ -267,7 +301,17 @@ class Instruction:
                     ("OBUF", self["dst"], self["dst"] + config.rows, True))
         if op is Opcode.HALT:
             return ()
+        if op is Opcode.VACC:
+            return ((f"ACC{self['bank']}", 0, config.rows, False),
+                    ("PBUF", self["dst"], self["dst"] + (config.rows - 1) * self["stride"] + 1, True))
         n = self["n"]
+        if op in CONSTANTS:
+            params = CONSTANTS[op] + (3 * n if op is Opcode.VLAYERNORM else 0)
+            source = "PBUF" if op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM) else "OBUF"
+            reads = [(source, self["a"], self["a"] + n, False), ("PBUF", self["param"], self["param"] + params, False)]
+            if op is Opcode.VRESADD:
+                reads.append(("OBUF", self["b"], self["b"] + n, False))
+            return (*reads, ("PBUF" if op is Opcode.VRESADD else "OBUF", self["dst"], self["dst"] + n, True))
         reads = [("OBUF", self["a"], self["a"] + n, False)]
         if op in (Opcode.VADD, Opcode.VMUL):
             reads.append(("OBUF", self["b"], self["b"] + n, False))
@@ -281,9 +325,10 @@ class Instruction:
         """Why this instruction cannot run on `config` (a unit the config leaves out, a range
         outside DRAM or a buffer, an empty transfer, a malformed sparse block), or None."""
         op = self.op
-        if op in NEEDS and not getattr(config, NEEDS[op]):
-            return f"{self.mnemonic} needs the {NEEDS[op].replace('_', ' ')}, which this config leaves out " \
-                   f"({NEEDS[op]}=0)"
+        missing = [flag for flag in NEEDS.get(op, ()) if not getattr(config, flag)]
+        if missing:
+            return f"{self.mnemonic} needs the {missing[0].replace('_', ' ')}, which this config leaves out " \
+                   f"({missing[0]}=0)"
         if op in (Opcode.GEMM, Opcode.BGEMM) and self["k"] < 1:
             return "k must be at least 1"
         if op is Opcode.SPGEMM:
@@ -296,10 +341,12 @@ class Instruction:
                 return f"a must be a multiple of bw ({bw}) and b even, got a={self['a']} b={self['b']}"
         if op in (Opcode.LOAD, Opcode.STORE) and self["count"] < 1:
             return "count must be at least 1"
-        if op in VECTOR_OPS and self["n"] < 1:
+        if op in VECTOR_OPS and op is not Opcode.VACC and self["n"] < 1:
             return "n must be at least 1"
-        if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU):
-            sources = ("a", "b") if op is not Opcode.VRELU else ("a",)
+        if op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM) and not 1 <= self["len"] <= self["n"] * config.cols:
+            return f"len must be in [1, n * cols] = [1, {self['n'] * config.cols}], got {self['len']}"
+        if op in (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VGELU):
+            sources = ("a", "b") if op in (Opcode.VADD, Opcode.VMUL) else ("a",)
             for src in sources:
                 if self[src] < self["dst"] < self[src] + self["n"]:
                     return (f"dst {self['dst']} lies inside source {src} [{self[src]}, {self[src] + self['n']}): "

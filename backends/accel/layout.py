@@ -9,8 +9,16 @@ zero-padded at the end) and lays each block out as consecutive buffer words alon
     activations  X [M, K] -> ABUF words: per row block of `rows` rows, K words (word k = X[rows, k])
     binary activations X [M, K] of +-1 -> the same, `data_bits` values per lane (`pack_binary`)
     weights      W [N, K] -> BBUF words: per block of `cols` output channels, K words (word k = W[cols, k])
+    weights, transposed  V [K, N] -> the weights layout of V^T (a matmul's right operand)
     weight stream S [words, cols] -> BBUF words as they are (sparse and packed weights, built by
                  the codegen in the order the array reads them)
+    param words  P [words, cols] -> PBUF words as they are (constants of the vector unit's
+                 instructions, per-channel vectors of layer norms)
+    rows         X [M, N] <-> OBUF words row by row: row m is words m*J ... m*J + J - 1,
+                 J = ceil(N / cols) (what the vector unit's row instructions read and write)
+
+A tensor with more than two dims is a batch of 2-D tensors over its leading dims, laid out
+one after the other (`batch_words` DRAM words each).
     params       P [3, N] -> PBUF words: per block of `cols` channels, 3 words (bias, multiplier, shift)
     outputs      Y [M, N] <- OBUF words: per block of `cols` channels, M words (word m = Y[m, cols])
 
@@ -48,9 +56,12 @@ class Layout(Enum):
     ACTIVATIONS = "activations"
     BINARY_ACTIVATIONS = "binary activations"
     WEIGHTS = "weights"
+    WEIGHTS_T = "weights, transposed"
     WEIGHT_STREAM = "weight stream"
     PARAMS = "params"
+    PARAM_WORDS = "param words"
     OUTPUTS = "outputs"
+    ROWS = "rows"
 
     @property
     def buffer(self) -> Buffer:
@@ -59,11 +70,13 @@ class Layout(Enum):
     @property
     def lane_axis(self) -> int:
         """The tensor axis cut into blocks of lanes (the other one runs along the words)."""
-        return 0 if self in (Layout.ACTIVATIONS, Layout.BINARY_ACTIVATIONS, Layout.WEIGHTS) else 1
+        return 0 if self in (Layout.ACTIVATIONS, Layout.BINARY_ACTIVATIONS, Layout.WEIGHTS, Layout.WEIGHTS_T) else 1
 
 
 _BUFFER = {Layout.ACTIVATIONS: Buffer.ABUF, Layout.BINARY_ACTIVATIONS: Buffer.ABUF, Layout.WEIGHTS: Buffer.BBUF,
-           Layout.WEIGHT_STREAM: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF, Layout.OUTPUTS: Buffer.OBUF}
+           Layout.WEIGHTS_T: Buffer.BBUF, Layout.WEIGHT_STREAM: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF,
+           Layout.PARAM_WORDS: Buffer.PBUF,
+           Layout.OUTPUTS: Buffer.OBUF, Layout.ROWS: Buffer.OBUF}
 
 
 def pack_binary(array: np.ndarray, bits: int) -> np.ndarray:
@@ -77,49 +90,88 @@ def pack_binary(array: np.ndarray, bits: int) -> np.ndarray:
     return wrap(set_bits.sum(axis=2), bits)
 
 
-def blocks(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
-    """Blocks of lanes the tensor is cut into."""
-    return math.ceil(shape[layout.lane_axis] / config.lanes(layout.buffer))
+def _matrix(layout: Layout, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D shape the layout cuts (a transposed layout's is the value's transposed)."""
+    rows, cols = shape[-2:]
+    return (cols, rows) if layout is Layout.WEIGHTS_T else (rows, cols)
 
 
-def inner(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
-    """Buffer words per block."""
+def blocks(layout: Layout, shape: tuple[int, ...], config: AccelConfig) -> int:
+    """Blocks of lanes one 2-D tensor of the batch is cut into (rows: its rows)."""
+    matrix = _matrix(layout, shape)
+    if layout is Layout.ROWS:
+        return matrix[0]
+    return math.ceil(matrix[layout.lane_axis] / config.lanes(layout.buffer))
+
+
+def inner(layout: Layout, shape: tuple[int, ...], config: AccelConfig) -> int:
+    """Buffer words per block (rows: per row)."""
+    matrix = _matrix(layout, shape)
     if layout is Layout.BINARY_ACTIVATIONS:
-        return -(-shape[1] // config.data_bits)
-    return shape[1 - layout.lane_axis]
+        return -(-matrix[1] // config.data_bits)
+    if layout is Layout.ROWS:
+        return -(-matrix[1] // config.lanes(layout.buffer))
+    return matrix[1 - layout.lane_axis]
 
 
-def word_offset(layout: Layout, shape: tuple[int, int], block: int, index: int, config: AccelConfig) -> int:
-    """DRAM words from the tensor's start to buffer word `index` of block `block`."""
-    return (block * inner(layout, shape, config) + index) * config.beats(layout.buffer)
+def batch_words(layout: Layout, shape: tuple[int, ...], config: AccelConfig) -> int:
+    """DRAM words of one 2-D tensor of the batch."""
+    return blocks(layout, shape, config) * inner(layout, shape, config) * config.beats(layout.buffer)
 
 
-def dram_words(layout: Layout, shape: tuple[int, int], config: AccelConfig) -> int:
+def word_offset(layout: Layout, shape: tuple[int, ...], block: int, index: int, config: AccelConfig,
+                batch: int = 0) -> int:
+    """DRAM words from the tensor's start to buffer word `index` of block `block` of 2-D
+    tensor `batch`."""
+    return batch * batch_words(layout, shape, config) + \
+        (block * inner(layout, shape, config) + index) * config.beats(layout.buffer)
+
+
+def dram_words(layout: Layout, shape: tuple[int, ...], config: AccelConfig) -> int:
     """DRAM words the tensor takes."""
-    return word_offset(layout, shape, blocks(layout, shape, config), 0, config)
+    return math.prod(shape[:-2]) * batch_words(layout, shape, config)
 
 
 def to_words(layout: Layout, array: np.ndarray, config: AccelConfig) -> np.ndarray:
-    """The tensor's buffer words, [blocks * inner, lanes] (int64, padding lanes zero)."""
+    """The tensor's buffer words, [batch * blocks * inner, lanes] (int64, padding lanes zero)."""
     array = np.asarray(array, np.int64)
-    if array.ndim != 2:
-        raise ValueError(f"{layout.value}: expected a 2-D tensor, got shape {list(array.shape)}")
+    if array.ndim < 2:
+        raise ValueError(f"{layout.value}: expected a tensor of at least 2 dims, got shape {list(array.shape)}")
+    if array.ndim > 2:
+        return np.concatenate([to_words(layout, a, config) for a in array.reshape(-1, *array.shape[-2:])])
     lanes = config.lanes(layout.buffer)
+    if layout is Layout.WEIGHTS_T:
+        array = array.T
     if layout is Layout.BINARY_ACTIVATIONS:
         array = pack_binary(array, config.data_bits)
+    if layout is Layout.ROWS:
+        words = inner(layout, array.shape, config)
+        padded = np.zeros((array.shape[0], words * lanes), np.int64)
+        padded[:, :array.shape[1]] = array
+        return padded.reshape(-1, lanes)
     cut = array if layout.lane_axis == 0 else array.T  # [lane axis, inner axis]
-    n = blocks(layout, array.shape, config)
+    n = math.ceil(cut.shape[0] / lanes)
     padded = np.zeros((n * lanes, cut.shape[1]), np.int64)
     padded[:cut.shape[0]] = cut
     return padded.reshape(n, lanes, cut.shape[1]).transpose(0, 2, 1).reshape(n * cut.shape[1], lanes)
 
 
-def from_words(layout: Layout, words: np.ndarray, shape: tuple[int, int], config: AccelConfig) -> np.ndarray:
+def from_words(layout: Layout, words: np.ndarray, shape: tuple[int, ...], config: AccelConfig) -> np.ndarray:
     """The [shape] tensor held by its buffer words (the inverse of `to_words`; binary
     activations come back packed)."""
+    words = np.asarray(words)
+    if len(shape) > 2:
+        per = blocks(layout, shape, config) * inner(layout, shape, config)
+        parts = [from_words(layout, words[i * per:(i + 1) * per], shape[-2:], config)
+                 for i in range(math.prod(shape[:-2]))]
+        return np.stack(parts).reshape(*shape[:-2], *parts[0].shape)
     lanes, n, k = config.lanes(layout.buffer), blocks(layout, shape, config), inner(layout, shape, config)
-    cut = np.asarray(words).reshape(n, k, lanes).transpose(0, 2, 1).reshape(n * lanes, k)[:shape[layout.lane_axis]]
-    return cut if layout.lane_axis == 0 else cut.T
+    if layout is Layout.ROWS:
+        return words.reshape(n, k * lanes)[:, :shape[1]]
+    matrix = _matrix(layout, shape)
+    cut = words.reshape(n, k, lanes).transpose(0, 2, 1).reshape(n * lanes, k)[:matrix[layout.lane_axis]]
+    out = cut if layout.lane_axis == 0 else cut.T
+    return out.T if layout is Layout.WEIGHTS_T else out
 
 
 def encode(layout: Layout, array: np.ndarray, config: AccelConfig) -> bytes:
@@ -131,10 +183,10 @@ def encode(layout: Layout, array: np.ndarray, config: AccelConfig) -> bytes:
     return pack_words(words, bits, config.beats(layout.buffer) * config.dram_bits // 8).tobytes()
 
 
-def decode(layout: Layout, data: bytes, shape: tuple[int, int], config: AccelConfig) -> np.ndarray:
+def decode(layout: Layout, data: bytes, shape: tuple[int, ...], config: AccelConfig) -> np.ndarray:
     """The [shape] tensor (int64) from its DRAM bytes (the inverse of `encode`)."""
     buffer = layout.buffer
-    count = blocks(layout, shape, config) * inner(layout, shape, config)
+    count = math.prod(shape[:-2]) * blocks(layout, shape, config) * inner(layout, shape, config)
     raw = np.frombuffer(data, np.uint8).reshape(count, config.beats(buffer) * config.dram_bits // 8)
     return from_words(layout, unpack_words(raw, config.lanes(buffer), config.lane_bits(buffer)), shape, config)
 
@@ -177,11 +229,11 @@ class DramAllocator:
 @dataclass(frozen=True)
 class DramTensor:
     """A tensor in DRAM: the IR values it holds (params: bias, multiplier, shift, with "" for
-    no bias), its layout, its 2-D shape in that layout and its region."""
+    no bias), its layout, its shape in that layout (2-D, or a batch of 2-D) and its region."""
 
     values: tuple[str, ...]
     layout: Layout
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     region: Region
 
 
@@ -364,7 +416,10 @@ def _parse_tensor(raw: Any, where: str, config: AccelConfig, image_words: int) -
     except ValueError:
         raise _Invalid(f"{where}.layout: unknown layout '{raw['layout']}' "
                        f"(known: {', '.join(l.value for l in Layout)})") from None
-    shape = _ints(raw, "shape", 2, where)
+    dims = _get(raw, "shape", list, where)
+    if len(dims) < 2:
+        raise _Invalid(f"{where}.shape: expected at least 2 integers, got {len(dims)}")
+    shape = _ints(raw, "shape", len(dims), where)
     region = Region(*_ints(raw, "region", 2, where))
     if region.end > image_words:
         raise _Invalid(f"{where}.region: words [{region.start}, {region.end}) outside the {image_words}-word image")

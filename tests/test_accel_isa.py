@@ -118,11 +118,14 @@ def test_config_banks_and_units():
     assert AccelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     old = {k: v for k, v in AccelConfig().to_json().items() if k not in ("abuf_banks", "vector_unit")}
     assert AccelConfig.from_json(old) == AccelConfig()
-    # banks split ABUF's bits; without the vector unit go vmul's DSPs (a slice per lane) and vsum's PBUF bank
+    # banks split ABUF's bits; without the vector unit (or its nonlinear datapaths) go the nonlinearities'
+    # three multipliers per lane (15 DSPs at 8/32 bits) and PBUF's vector bank (whole words, or vsum's lane)
     assert config.with_overrides("vector_unit=1").memory_bits() == AccelConfig().memory_bits()
-    full, bare = AccelConfig(), AccelConfig(vector_unit=False)
-    assert full.estimate_resources()["DSP"] - bare.estimate_resources()["DSP"] == full.cols
-    assert full.memory_bits() - bare.memory_bits() == full.pbuf_depth * full.acc_bits
+    full, bare, alu = AccelConfig(), AccelConfig(vector_unit=False), AccelConfig(nonlinear_unit=False)
+    assert full.estimate_resources()["DSP"] - bare.estimate_resources()["DSP"] == 15 * full.cols
+    assert alu.estimate_resources()["DSP"] == bare.estimate_resources()["DSP"]  # vmul shares requant's multiplier
+    assert full.memory_bits() - bare.memory_bits() == full.pbuf_depth * full.cols * full.acc_bits
+    assert alu.memory_bits() - bare.memory_bits() == full.pbuf_depth * full.acc_bits
 
 
 def test_vector_ops_need_the_vector_unit():

@@ -22,7 +22,8 @@ def test_shipped_config_fits_its_part(target):
     estimate = target.accel.estimate_resources()
     for resource, have in part.items():
         assert used[resource] <= have, f"{target.name}: {used[resource]} {resource} > {have}"
-    assert {k: used[k] for k in part} == target.synthesis  # what the catalog (and so every compile) records
+    if target.synthesis is not None:  # what the catalog (and so every compile for the target) records
+        assert {k: used[k] for k in part} == target.synthesis
     assert used["DSP"] == estimate["DSP"]
     for resource in ("LUT", "FF", "BRAM"):  # the estimate is fit to these: a generator change shows here
         assert abs(used[resource] - estimate[resource]) <= 0.1 * used[resource], (resource, used, estimate)

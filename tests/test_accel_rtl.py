@@ -961,6 +961,7 @@ Printing statistics.
     assert (got["LUT"], got["FF"], got["DSP"], got["BRAM"]) == (16, 32, 2, 3.5)
 
 
+@pytest.mark.slow  # about a minute of yosys since the nonlinear datapaths; make test-all runs it
 def test_yosys_synthesis_of_a_tiny_config():
     need("yosys")
     result = verilog.synthesize(tiny(2, 2, 32, 1, abuf_depth=512, bbuf_depth=512, obuf_depth=256, pbuf_depth=256,

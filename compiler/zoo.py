@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +93,17 @@ def digits_data(test_size: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, to
     images = (data.images / 16.0).astype("float32")
     x_train, x_test, y_train, y_test = train_test_split(images, data.target, test_size=test_size, random_state=0)
     return tuple(torch.from_numpy(a) for a in (x_train, x_test, y_train, y_test))
+
+
+def residual_stream(rows: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Synthetic activations as an encoder's layer norms see them (a residual stream plus a
+    sublayer's output): per-row offsets ~ N(0, 2) and spreads from 0.3 to 4, three outlier
+    channels six times larger, quantized to i16 at their range. Returns (x: i16 [rows, width],
+    scale)."""
+    x = rng.normal(0, 1, (rows, width)) * rng.uniform(0.3, 4, (rows, 1)) + rng.normal(0, 2, (rows, 1))
+    x[:, :3] *= 6
+    scale = float(np.abs(x).max() / 32767)
+    return np.rint(x / scale).astype(np.int16), scale
 
 
 def train_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> DigitsTransformer:

@@ -99,8 +99,13 @@ class Machine:
             return (2 * same - bits).sum(axis=0)
         bw, nnz, blocks = instr["bw"], instr["nnz"], instr["blocks"]
         steps = blocks * nnz
-        values, index = bbuf[b:b + 2 * steps:2], bbuf[b + 1:b + 2 * steps:2] & (bw - 1)  # [steps, cols]
-        rows = a + (np.arange(steps) // nnz * bw)[:, None] + index  # the ABUF word each column gathers
+        values, index = bbuf[b:b + 2 * steps:2], bbuf[b + 1:b + 2 * steps:2]  # [steps, cols]
+        lane0 = index[nnz - 1::nnz, 0] & (1 << self.config.data_bits) - 1  # each block's last step
+        windows = a + np.concatenate([[0], np.cumsum(bw + (lane0[:-1] & -bw))])  # + bw * (1 + skip)
+        if windows[-1] + bw > a + instr["span"]:
+            raise SimulationError(f"spgemm: block {blocks - 1}'s window at ABUF word {windows[-1]} "
+                                  f"leaves the span [{a}, {a + instr['span']})")
+        rows = np.repeat(windows, nnz)[:, None] + (index & (bw - 1))  # the ABUF word each column gathers
         gathered = abuf[rows]  # [steps, cols, rows]
         return np.einsum("scr,sc->rc", gathered, values)
 

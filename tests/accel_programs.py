@@ -209,9 +209,10 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
     lo, hi = _DTYPES[cfg.data_bits].value_range
     dram = _Dram(cfg)
     span = 8
-    regions = {b: dram.put(b, rng.integers(lo, hi + 1, (span, cfg.lanes(b))) if b is not Buffer.PBUF else
-                           np.concatenate([np.stack(params(cfg, cfg.cols, rng)) for _ in range(2)]))
-               for b in Buffer}
+    lanes = {b: rng.integers(lo, hi + 1, (span, cfg.lanes(b))) for b in Buffer}
+    lanes[Buffer.BBUF][:, 0] = rng.integers(0, 4, span)  # spgemm's skips (lane 0 div bw): small, mostly in range
+    lanes[Buffer.PBUF] = np.concatenate([np.stack(params(cfg, cfg.cols, rng)) for _ in range(2)])
+    regions = {b: dram.put(b, lanes[b]) for b in Buffer}
     out = dram.reserve(Buffer.PBUF, 2 * span)  # room for stores of any buffer
     depth = {b: cfg.buffer_depth(b) for b in Buffer}
     prog: list[Instruction] = [Instruction.make(Opcode.LOAD, buf=Buffer.PBUF, addr=0, count=6, dram=regions[Buffer.PBUF])]
@@ -243,9 +244,10 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
             nnz = int(rng.integers(1, bw + 1))
             if 2 * blocks * nnz > depth[Buffer.BBUF]:
                 continue
-            instr = dict(op=Opcode.SPGEMM, a=bw * int(rng.integers(0, depth[Buffer.ABUF] // bw - blocks + 1)),
-                         b=2 * int(rng.integers(0, (depth[Buffer.BBUF] - 2 * blocks * nnz) // 2 + 1)),
-                         blocks=blocks, nnz=nnz, bw=bw, acc=int(rng.integers(0, 2)), bank=int(rng.integers(0, 2)))
+            a = bw * int(rng.integers(0, depth[Buffer.ABUF] // bw - blocks + 1))
+            instr = dict(op=Opcode.SPGEMM, a=a, b=2 * int(rng.integers(0, (depth[Buffer.BBUF] - 2 * blocks * nnz) // 2 + 1)),
+                         blocks=blocks, nnz=nnz, bw=bw, span=min(depth[Buffer.ABUF] - a, (4 * blocks - 3) * bw) // bw * bw,  # skips up to 3
+                         acc=int(rng.integers(0, 2)), bank=int(rng.integers(0, 2)))
         elif kind == "requant":
             instr = dict(op=Opcode.REQUANT, dst=int(rng.integers(0, depth[Buffer.OBUF] - cfg.rows + 1)),
                          param=3 * int(rng.integers(0, 2)), relu=int(rng.integers(0, 2)), bank=int(rng.integers(0, 2)))

@@ -263,38 +263,53 @@ def test_vector_destination_inside_a_source_is_rejected():
     assert simulate(in_place, TINY, b"")[1].instructions["vrelu"] == 1
 
 
-def sparse_program(blocks: int, nnz: int, bw: int, bank: int = 0) -> list[Instruction]:
-    """Load ABUF (blocks * bw words at DRAM 0) and BBUF (2 * blocks * nnz words after it),
-    then one spgemm into `bank`."""
-    a_words, b_words = blocks * bw, 2 * blocks * nnz
+def sparse_program(blocks: int, nnz: int, bw: int, span: int, bank: int = 0) -> list[Instruction]:
+    """Load ABUF (`span` words at DRAM 0) and BBUF (2 * blocks * nnz words after it), then
+    one spgemm into `bank`."""
+    b_words = 2 * blocks * nnz
     ready = (Token.LD2AR,)
-    return [load(Buffer.ABUF, 0, a_words, 0), load(Buffer.BBUF, 0, b_words, a_words, signal=ready),
-            Instruction.make(Opcode.SPGEMM, a=0, b=0, blocks=blocks, nnz=nnz, bw=bw, acc=0, bank=bank, wait=ready),
+    return [load(Buffer.ABUF, 0, span, 0), load(Buffer.BBUF, 0, b_words, span, signal=ready),
+            Instruction.make(Opcode.SPGEMM, a=0, b=0, blocks=blocks, nnz=nnz, bw=bw, span=span, acc=0, bank=bank,
+                             wait=ready),
             Instruction.make(Opcode.HALT)]
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.sampled_from([1, 2, 4, 8, 16]), st.data())
 def test_spgemm_gathers_by_local_column_indices(blocks, bw, data):
-    """spgemm == the dense product with the weight matrix its values and indices describe
-    (indices taken mod bw: the high bits are ignored)."""
+    """spgemm == the dense product with the weight matrix its values and indices describe:
+    indices taken mod bw, and the window skipping `X[0] div bw` blocks after each block's last
+    step (the other lanes' high bits, and the last block's skip, are ignored)."""
     nnz = data.draw(st.integers(1, bw))
+    skips = data.draw(st.lists(st.integers(0, min(3, 256 // bw - 1)), min_size=blocks, max_size=blocks))
     seed = data.draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    a = rng.integers(-128, 128, (blocks * bw, 4))  # ABUF words: [K, rows]
+    windows = [bw * (j + sum(skips[:j])) for j in range(blocks)]
+    span = windows[-1] + bw
+    a = rng.integers(-128, 128, (span, 4))  # ABUF words: [K, rows]
     values = rng.integers(-128, 128, (blocks * nnz, 4))
     index = rng.integers(-128, 128, (blocks * nnz, 4))
-    weights = np.zeros((blocks * bw, 4), np.int64)  # the dense [K, cols] equivalent
+    last = np.arange(nnz - 1, blocks * nnz - 1, nnz)  # the last steps of all blocks but the last
+    index[last, 0] = ((index[last, 0] & bw - 1) + bw * np.array(skips[:-1], np.int64) + 128) % 256 - 128
+    weights = np.zeros((span, 4), np.int64)  # the dense [K, cols] equivalent
     for step in range(blocks * nnz):
         for c in range(4):
-            weights[step // nnz * bw + (index[step, c] & (bw - 1)), c] += values[step, c]
-    pairs = np.stack([values, index], axis=1).reshape(-1, 4)
-    image = pack_words(a, 8, 4).tobytes() + pack_words(pairs, 8, 4).tobytes()
-    roomy = dataclasses.replace(TINY, bbuf_depth=128, dram_words=512)
-    machine, stats = simulate(sparse_program(blocks, nnz, bw, bank=1), roomy, image)
+            weights[windows[step // nnz] + (index[step, c] & (bw - 1)), c] += values[step, c]
+    roomy = dataclasses.replace(TINY, abuf_depth=256, bbuf_depth=128, dram_words=1024)
+
+    def run(index: np.ndarray):
+        pairs = np.stack([values, index], axis=1).reshape(-1, 4)
+        image = pack_words(a, 8, 4).tobytes() + pack_words(pairs, 8, 4).tobytes()
+        return simulate(sparse_program(blocks, nnz, bw, span, bank=1), roomy, image)
+
+    machine, stats = run(index)
     np.testing.assert_array_equal(machine.acc[1], a.T @ weights)
     assert not machine.acc[0].any()
     assert stats.macs == blocks * nnz * 16
+    if blocks > 1 and skips[0] < 256 // bw - 1:  # one block more skipped: the last window leaves the span
+        index[nnz - 1, 0] = (index[nnz - 1, 0] + bw + 128) % 256 - 128
+        with pytest.raises(SimulationError, match=rf"spgemm: block {blocks - 1}'s window .* leaves the span"):
+            run(index)
 
 
 @settings(max_examples=40, deadline=None)
@@ -342,19 +357,21 @@ def test_requant_on_the_bank_the_array_writes_is_a_race():
     (dict(bw=32), r"bw must be a power of two of at most 16"),
     (dict(nnz=5), r"nnz in \[1, bw\]"),
     (dict(blocks=0), r"blocks must be at least 1"),
-    (dict(a=2), r"a must be a multiple of bw \(4\) and b even"),
-    (dict(b=1), r"a must be a multiple of bw \(4\) and b even"),
-    (dict(blocks=17), r"reads ABUF words \[0, 68\) outside its 64 words"),
+    (dict(a=2), r"a and span must be multiples of bw \(4\) and b even"),
+    (dict(span=6), r"a and span must be multiples of bw \(4\) and b even"),
+    (dict(b=1), r"a and span must be multiples of bw \(4\) and b even"),
+    (dict(blocks=2), r"span \(4\) must hold the blocks' windows \(2 x bw=4\)"),
+    (dict(blocks=17, span=68), r"reads ABUF words \[0, 68\) outside its 64 words"),
 ])
 def test_bad_spgemm_fails_clearly(fields, message):
-    instr = Instruction.make(Opcode.SPGEMM, **({"a": 0, "b": 0, "blocks": 1, "nnz": 2, "bw": 4, "acc": 0, "bank": 0}
-                                              | fields))
+    instr = Instruction.make(Opcode.SPGEMM, **({"a": 0, "b": 0, "blocks": 1, "nnz": 2, "bw": 4, "span": 4, "acc": 0,
+                                               "bank": 0} | fields))
     with pytest.raises(ValueError, match=message):
         check_program([instr, Instruction.make(Opcode.HALT)], TINY)
 
 
 def test_sparse_and_binary_units_are_optional():
-    spgemm = parse_assembly("spgemm a=0 b=0 blocks=1 nnz=1 bw=4 acc=0 bank=0")[0]
+    spgemm = parse_assembly("spgemm a=0 b=0 blocks=1 nnz=1 bw=4 span=4 acc=0 bank=0")[0]
     bgemm = parse_assembly("bgemm a=0 b=0 k=1 acc=0 bank=1")[0]
     assert spgemm.problem(TINY) is None and bgemm.problem(TINY) is None
     assert spgemm.problem(dataclasses.replace(TINY, sparse_unit=False)) == \

@@ -199,7 +199,7 @@ def test_random_programs_on_variants_match_isa_sim(config, length, chain, seed):
 def missing_unit_program(config: AccelConfig, op: Opcode):
     """A program whose instruction 1 is `op`."""
     if op in (Opcode.SPGEMM, Opcode.BGEMM):
-        fields = dict(blocks=1, nnz=1, bw=1) if op is Opcode.SPGEMM else dict(k=2)
+        fields = dict(blocks=1, nnz=1, bw=1, span=1) if op is Opcode.SPGEMM else dict(k=2)
         return [Instruction.make(Opcode.LOAD, signal=(Token.LD2AR,), buf=Buffer.ABUF, addr=0, count=2, dram=0),
                 Instruction.make(op, wait=(Token.LD2AR,), a=0, b=0, acc=0, bank=0, **fields),
                 Instruction.make(Opcode.HALT)], np.arange(64, dtype=np.uint8)
@@ -315,11 +315,17 @@ def random_lanes(rng: np.random.Generator, n: int, lanes: int, bits: int) -> np.
 
 
 def sparse_weights(config: AccelConfig, rng: np.random.Generator, blocks: int, nnz: int, bw: int):
-    """A random [blocks * bw, cols] weight matrix with at most `nnz` nonzeros per column in each
-    block of `bw` rows, and its spgemm encoding: [2 * blocks * nnz, cols] BBUF words, weights
-    then local row indices (with random high bits: the hardware takes them mod bw)."""
+    """A random [span, cols] weight matrix of `blocks` kept blocks of `bw` rows with at most
+    `nnz` nonzeros per column each, pruned blocks between them, and its spgemm encoding:
+    [2 * blocks * nnz, cols] BBUF words, weights then local row indices (with random high bits
+    the hardware ignores, but for lane 0 of a kept block's last step: the pruned blocks after
+    it). Returns (weights, words, span)."""
     C, DB = config.cols, config.data_bits
-    dense = np.zeros((blocks * bw, C), np.int64)
+    skips = rng.integers(0, min(3, (1 << DB) // bw - 1) + 1, blocks)
+    skips[-1] = 0
+    windows = bw * (np.arange(blocks) + np.concatenate([[0], np.cumsum(skips[:-1])]))
+    span = int(windows[-1]) + bw
+    dense = np.zeros((span, C), np.int64)
     words = np.zeros((2 * blocks * nnz, C), np.int64)
     for j in range(blocks):
         for c in range(C):
@@ -329,8 +335,11 @@ def sparse_weights(config: AccelConfig, rng: np.random.Generator, blocks: int, n
             for t in range(nnz):
                 words[2 * (j * nnz + t), c] = values[t]
                 words[2 * (j * nnz + t) + 1, c] = noise[t] & ~(bw - 1) | rows[t]
-                dense[j * bw + rows[t], c] = values[t]
-    return dense, words
+                dense[windows[j] + rows[t], c] = values[t]
+        if j < blocks - 1:  # lane 0 of the last step carries the skip
+            last = words[2 * (j * nnz + nnz - 1) + 1, 0] & (bw - 1)
+            words[2 * (j * nnz + nnz - 1) + 1, 0] = (last + bw * skips[j] + (1 << DB - 1)) % (1 << DB) - (1 << DB - 1)
+    return dense, words, span
 
 
 def binary_product(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
@@ -372,18 +381,18 @@ def test_spgemm_matches_isa_sim_and_the_dense_product(config, log_bw, blocks, da
     bank) and numpy's."""
     bw = min(1 << log_bw, config.abuf_banks, 1 << config.data_bits - 1)
     nnz = data.draw(st.integers(1, bw), label="nnz")
-    blocks = min(blocks, config.bbuf_depth // (2 * nnz + bw))  # room for the encoding and the dense weights
+    blocks = min(blocks, config.bbuf_depth // (2 * nnz + 4 * bw), config.abuf_depth // (4 * bw))  # room for
+    blocks = max(blocks, 1)  # the encoding and the dense weights of up to 3 pruned blocks after each kept one
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    k = blocks * bw
+    dense, encoded, k = sparse_weights(config, rng, blocks, nnz, bw)
     a_at = bw * data.draw(st.integers(0, (config.abuf_depth - k) // bw), label="window")
     abuf = random_lanes(rng, config.abuf_depth, config.rows, config.data_bits)
-    dense, encoded = sparse_weights(config, rng, blocks, nnz, bw)
     b_at = 2 * data.draw(st.integers(0, (config.bbuf_depth - len(encoded) - k) // 2), label="b")
     bbuf = random_lanes(rng, config.bbuf_depth, config.cols, config.data_bits)
     bbuf[b_at:b_at + len(encoded)] = encoded
     d_at = b_at + len(encoded)
     bbuf[d_at:d_at + k] = dense
-    instrs = [(Opcode.SPGEMM, dict(a=a_at, b=b_at, blocks=blocks, nnz=nnz, bw=bw, acc=0)),
+    instrs = [(Opcode.SPGEMM, dict(a=a_at, b=b_at, blocks=blocks, nnz=nnz, bw=bw, span=k, acc=0)),
               (Opcode.GEMM, dict(a=a_at, b=d_at, k=k, acc=0))]
     case = array_case(config, rng, abuf, bbuf, instrs)
     machine, _ = same_as_spec(case.program, config, case.dram)
@@ -420,12 +429,15 @@ def mixed_array_case(config: AccelConfig, rng: np.random.Generator) -> ArrayCase
     for i in range(8):
         op = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)[i % 3]
         if op is Opcode.SPGEMM:
+            slot = config.bbuf_depth // 3 // 2 * 2  # BBUF words of each of the three spgemms' encodings
             bw = 1 << int(rng.integers(0, limit.bit_length()))
-            nnz, blocks = int(rng.integers(1, bw + 1)), int(rng.integers(1, 4))
-            blocks = min(blocks, config.abuf_depth // bw, config.bbuf_depth // (2 * nnz))
-            instrs.append((op, dict(a=bw * int(rng.integers(0, config.abuf_depth // bw - blocks + 1)),
-                                    b=2 * int(rng.integers(0, (config.bbuf_depth - 2 * blocks * nnz) // 2 + 1)),
-                                    blocks=blocks, nnz=nnz, bw=bw, acc=int(rng.integers(0, 2)))))
+            blocks = max(1, min(int(rng.integers(1, 4)), config.abuf_depth // (4 * bw)))
+            nnz = int(rng.integers(1, min(bw, slot // (2 * blocks)) + 1))
+            _, encoded, span = sparse_weights(config, rng, blocks, nnz, bw)
+            b = i // 3 * slot
+            bbuf[b:b + len(encoded)] = encoded
+            instrs.append((op, dict(a=bw * int(rng.integers(0, (config.abuf_depth - span) // bw + 1)), b=b,
+                                    blocks=blocks, nnz=nnz, bw=bw, span=span, acc=int(rng.integers(0, 2)))))
         else:
             k = int(rng.integers(1, 10))
             instrs.append((op, dict(a=int(rng.integers(0, config.abuf_depth - k + 1)),

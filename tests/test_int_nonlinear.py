@@ -24,7 +24,7 @@ from tcc.passes import Dataset, IntNonlinear, OptionError, PassContext, format_p
 from tcc.passes.int_nonlinear import gelu_attrs, layer_norm_params, softmax_attrs
 from tcc.runtime.numpy_executor import NumpyExecutor
 from tcc.runtime.torch_executor import TorchExecutor
-from tcc.zoo import digits_data, train_digits
+from tcc.zoo import digits_data, residual_stream, train_digits
 
 from conftest import has_cuda
 
@@ -227,13 +227,9 @@ def test_int_gelu_accuracy(limit, out_dtype):
 def test_int_layer_norm_accuracy(n, out_dtype):
     """Residual-stream rows: offsets, spreads from 0.3 to 4 and three outlier channels, in i16."""
     rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (1000, n)) * rng.uniform(0.3, 4, (1000, 1)) + rng.normal(0, 2, (1000, 1))
-    x[:, :3] *= 6
-    scale = np.abs(x).max() / 32767
-    x = np.rint(x / scale).astype(np.int16)
+    x, scale = residual_stream(1000, n, rng)
     gamma, beta = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.3, n)
-    real = x * scale
-    want = (real - real.mean(-1, keepdims=True)) / np.sqrt(real.var(-1, keepdims=True) + 1e-5) * gamma + beta
+    want = REFERENCE["layer_norm"](x * scale, gamma, beta, normalized_shape=(n,), eps=1e-5)
     out_scale = np.abs(want).max() / out_dtype.value_range[1]
     w, b, attrs = layer_norm_params(scale, DType.I16, gamma, beta, 1e-5, out_scale, out_dtype)
     error = np.abs(REFERENCE["int_layer_norm"](x, w, b, **attrs) * out_scale - want)

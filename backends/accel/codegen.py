@@ -486,42 +486,49 @@ def _runs(kept: np.ndarray, first: int, end: int) -> list[tuple[int, int]]:
 
 
 def _hp_plan(layer: _Layer, bw: int, config: AccelConfig) -> _Plan:
-    """Spgemms over the runs of kept K-blocks of each column tile: per step a weight word and
-    a local-index word (padding entries: weight 0, index 0); `nnz` per tile is the most
-    non-zeros a channel has in one of its blocks."""
-    weight, cols = layer.weight, config.cols
+    """Spgemms over the kept K-blocks of each column tile: per step a weight word and a
+    local-index word (padding entries: weight 0, index 0), the pruned blocks between two kept
+    ones skipped through the index word of the earlier one's last step (a new spgemm only
+    where more blocks are pruned in a row than its lane 0 can count); `nnz` per tile is the
+    most non-zeros a channel has in one of its blocks."""
+    weight, cols, bits = layer.weight, config.cols, config.data_bits
     n, k = weight.shape
     nblocks = -(-k // bw)
+    max_skip = (1 << bits) // bw - 1
     tiles, stream, start, steps = [], [], 0, 0
     for t in range(math.ceil(n / cols)):
         block = np.zeros((cols, nblocks * bw), np.int64)
         block[:min(cols, n - t * cols), :k] = weight[t * cols:(t + 1) * cols]
         view = block.reshape(cols, nblocks, bw)
         counts = np.count_nonzero(view, axis=2)  # [cols, blocks]
-        kept = counts.any(axis=0)
-        if not kept.any():
-            kept[0] = True
+        kept = np.flatnonzero(counts.any(axis=0))
+        if not kept.size:
+            kept = np.zeros(1, np.int64)
         nnz = max(1, int(counts.max()))
-        # blocks per BBUF slot: a quarter of BBUF, so a tile's chunks leave slots to load the next
-        # tile's into (a sparse chunk takes about as long to load as to run)
+        # kept blocks per BBUF slot: a quarter of BBUF, so a tile's chunks leave slots to load the
+        # next tile's into (a sparse chunk takes about as long to load as to run)
         per_chunk = max(1, (config.bbuf_depth // 4) // (2 * nnz))
         tile = []
-        for first in range(0, nblocks, per_chunk):
+        for chunk in np.split(kept, range(per_chunk, kept.size, per_chunk)):
+            runs = np.split(chunk, np.flatnonzero(np.diff(chunk) > max_skip + 1) + 1)
             chunk_steps, offset = [], 0
-            for r0, r1 in _runs(kept, first, min(nblocks, first + per_chunk)):
-                chunk_steps.append(_Step(Opcode.SPGEMM, (("a", r0 * bw), ("b", offset), ("blocks", r1 - r0),
-                                                         ("nnz", nnz), ("bw", bw))))
-                for j in range(r0, r1):
+            for run in runs:
+                chunk_steps.append(_Step(Opcode.SPGEMM, (("a", int(run[0]) * bw), ("b", offset), ("blocks", run.size),
+                                                         ("nnz", nnz), ("bw", bw),
+                                                         ("span", int(run[-1] + 1 - run[0]) * bw))))
+                skips = np.append(np.diff(run) - 1, 0)
+                for j, skip in zip(run, skips):
                     order = np.argsort(view[:, j] == 0, axis=1, kind="stable")[:, :nnz]  # non-zeros first
                     values = np.take_along_axis(view[:, j], order, axis=1)
                     index = np.where(values != 0, order, 0)
+                    index[0, -1] += bw * skip  # lane 0 of the last step: the blocks to skip after this one
+                    index = (index + (1 << bits - 1)) % (1 << bits) - (1 << bits - 1)  # as a signed lane
                     stream.append(np.stack([values.T, index.T], axis=1).reshape(2 * nnz, cols))
-                offset += 2 * nnz * (r1 - r0)
-            if chunk_steps:
-                tile.append(_Chunk(start, offset, first * bw, min(k, (first + per_chunk) * bw) - first * bw,
-                                   tuple(chunk_steps)))
-                start += offset
-                steps += offset // 2
+                offset += 2 * nnz * run.size
+            tile.append(_Chunk(start, offset, int(chunk[0]) * bw, min(k, (int(chunk[-1]) + 1) * bw) - int(chunk[0]) * bw,
+                               tuple(chunk_steps)))
+            start += offset
+            steps += offset // 2
         tiles.append(tuple(tile))
     return _Plan("hp", k, bw, tuple(tiles), np.concatenate(stream), steps)
 

@@ -158,19 +158,21 @@ class AccelConfig:
         yosys `synth_xilinx` maps the multipliers (25x18 slices): one per PE (`data_bits` up to
         18), per lane the requant/vmul multiplier (acc+1 x 33 bits), and with the
         nonlinearities three more (acc+1 squared, 64 x 32, gelu's data x 2 acc). LUT and FF
-        are linear in PEs plus, per lane, the nonlinear datapaths, and FF adds the HP gather's
-        skew registers (`data_bits * rows * cols * (rows + cols - 2) / 2`); the coefficients are
-        fit to yosys on fpga-small and fpga-medium (within 5% there) and a 4x4 config (13%). BRAM36 is the
-        memory bits at the density yosys' mapping reaches. Extrapolations are rough."""
+        are linear in PEs plus, per lane, the nonlinear datapaths; LUT adds the HP gather's
+        delay lines, which map to shift registers (`data_bits` SRL16/SRLC32E per 32 stages of
+        the `r + c` stages to PE(r, c), lines of 3 stages and more). The coefficients are fit to
+        yosys on fpga-small and fpga-medium. BRAM36 is the memory bits at the density yosys'
+        mapping reaches. Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
         nonlinear = self.vector_unit and self.nonlinear_unit
         lane_dsp = slices(self.acc_bits + 1, 33) + nonlinear * (
             slices(self.acc_bits + 1, self.acc_bits + 1) + math.ceil(64 / 18) * math.ceil(32 / 25)
             + slices(self.data_bits, 2 * self.acc_bits))
-        skew = self.sparse_unit * self.data_bits * self.pes * (self.rows + self.cols - 2) // 2
-        return {"LUT": round(334 * self.pes + 5996 + nonlinear * 3600 * self.cols),
-                "FF": round(112.1 * self.pes + 1097 + skew + nonlinear * 600 * self.cols),
+        shift_registers = self.sparse_unit * self.data_bits * sum(
+            math.ceil((r + c) / 32) for r in range(self.rows) for c in range(self.cols) if r + c >= 3)
+        return {"LUT": round(333.7 * self.pes + 5996 + shift_registers + nonlinear * 3080 * self.cols),
+                "FF": round(89.3 * self.pes + 2221 + nonlinear * 600 * self.cols),
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 

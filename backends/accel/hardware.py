@@ -24,7 +24,8 @@ goes down a delay line of `rows + cols - 2` stages, firing when its last step ha
 PE(rows-1, cols-1) (`isa.Instruction.duration`). spgemm reads, per step, a window of `bw`
 ABUF words (one per ABUF bank, the same index in each) and BBUF's weight word (even bank) and
 index word (odd bank); each column picks its window word, and lane r of column c's word goes
-to PE(r, c) through r + c registers, skewed like the weights. bgemm switches the PEs from
+to PE(r, c) through r + c registers, skewed like the weights. On a block's last step the next
+window's address adds bw and the index word's lane 0 above its low log2(bw) bits (the skip). bgemm switches the PEs from
 multiply to `2 * popcount(XNOR) - data_bits`. The vector unit's requant and vacc read either
 bank.
 
@@ -253,9 +254,15 @@ def _const_mul(w: WireVector, k: int, width: int) -> WireVector:
     return out
 
 
-def _delay(w: WireVector, cycles: int) -> WireVector:
-    for _ in range(cycles):
-        r = Register(len(w))
+DELAY_LINE = "dl_"  # name prefix of data delay-line registers (see `_delay`)
+
+
+def _delay(w: WireVector, cycles: int, line: str = "") -> WireVector:
+    """`w` `cycles` cycles late. A named `line` carries data that only a tag travelling beside
+    it makes count: its registers are named `DELAY_LINE + line + stage` and the Verilog export
+    gives them no reset, so synthesis can pack the line into shift registers."""
+    for i in range(cycles):
+        r = Register(len(w), name=f"{DELAY_LINE}{line}_{i}" if line else "")
         r.next <<= w
         w = r
     return w
@@ -793,8 +800,10 @@ class _Builder:
         a_ptr, b_ptr = Register(16, "ar_a"), Register(16, "ar_b")
         eff_a = select(iss, _decode_field(ir, op, ops, "a"), a_ptr)
         eff_b = select(iss, _decode_field(ir, op, ops, "b"), b_ptr)
-        if sparse:
-            next_a = _fit(select(block_end, eff_a + select(is_sparse, bw, Const(1, 8)), eff_a), 16)
+        if sparse:  # spgemm's window moves on by bw * (1 + skip) after a block (lane 0 of its last index word)
+            x0 = bbuf.group["array"][1][:DB]
+            advance = select(is_sparse, bw + (x0 & ~_fit(bw - 1, DB)), Const(1, 8))
+            next_a = _fit(select(block_end, eff_a + advance, eff_a), 16)
             next_b = _fit(eff_b + select(is_sparse, Const(2, 2), Const(1, 2)), 16)
         else:
             next_a, next_b = _fit(eff_a + 1, 16), _fit(eff_b + 1, 16)
@@ -835,7 +844,7 @@ class _Builder:
                 else:
                     word = window[0]
                 for r in range(R):
-                    gather[r][c] = _delay(word[r * DB:(r + 1) * DB], r + c)
+                    gather[r][c] = _delay(word[r * DB:(r + 1) * DB], r + c, f"g{r}_{c}")
 
         modes = (Opcode.GEMM, Opcode.BGEMM) if binary else (Opcode.GEMM,)
         self.acc = _pe_grid(cfg, abuf.data["array"], bbuf.data["array"], ctl0, modes, gather)
@@ -1214,10 +1223,10 @@ def _pe_grid(cfg: AccelConfig, a_word: WireVector, b_word: WireVector, ctl0: Wir
     b_in = [[None] * C for _ in range(R)]
     ctl_in = [[None] * C for _ in range(R)]
     for r in range(R):
-        a_in[r][0] = _delay(a_word[r * DB:(r + 1) * DB], r)
+        a_in[r][0] = _delay(a_word[r * DB:(r + 1) * DB], r, f"a{r}")
         ctl_in[r][0] = _delay(ctl0, r)
     for c in range(C):
-        b_in[0][c] = _delay(b_word[c * DB:(c + 1) * DB], c)
+        b_in[0][c] = _delay(b_word[c * DB:(c + 1) * DB], c, f"b{c}")
     acc = [[[Register(AB, f"acc{k}_{r}_{c}") for c in range(C)] for r in range(R)] for k in range(2)]
     for r in range(R):
         for c in range(C):

@@ -27,14 +27,18 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
 - `store buf addr count dram`: the reverse; bits above the buffer word are written as zero.
 - `gemm a b k acc bank`: `ACC[bank][r, c] (+)= sum_i ABUF[a+i][r] * BBUF[b+i][c]` for
   `i < k`, in `acc_bits` (wrapping); `acc = 0` starts from zero. Occupies the array `k` cycles.
-- `spgemm a b blocks nnz bw acc bank` (the HP sparse unit): `blocks` consecutive blocks of
-  `bw` activation words; block `j` has the window `ABUF[a + j*bw ...+bw)` and `nnz` steps;
-  step `i = j*nnz + t` reads the weights `V = BBUF[b + 2i]` and the local column indices
-  `X = BBUF[b + 2i + 1]`, and `ACC[bank][r, c] (+)= ABUF[a + j*bw + (X[c] mod bw)][r] * V[c]`.
-  Each column gathers its own activation word from the window (the window's `bw` words lie
-  in `bw` different ABUF banks, read in one cycle). `bw` is a power of two of at most
-  `abuf_banks` and `2^(data_bits-1)`; `a` a multiple of `bw`; `b` even (BBUF's two banks
-  give a weight word and an index word per cycle). Occupies the array `blocks * nnz` cycles.
+- `spgemm a b blocks nnz bw span acc bank` (the HP sparse unit): `blocks` blocks of `bw`
+  activation words, `nnz` steps each, within ABUF words `a .. a+span`. Step `i = j*nnz + t`
+  of block `j` reads the weights `V = BBUF[b + 2i]` and the local column indices
+  `X = BBUF[b + 2i + 1]`, and `ACC[bank][r, c] (+)= ABUF[w_j + (X[c] mod bw)][r] * V[c]`.
+  Block 0's window starts at `w_0 = a`; after block `j` it moves on by `bw * (1 + skip_j)`,
+  `skip_j = X[0] div bw` of the block's last step (lane 0 read as an unsigned `data_bits`
+  number): the pruned blocks between two kept ones cost no step and no instruction. Every
+  window lies within `span` (else the program is wrong). Each column gathers its own
+  activation word from the window (the window's `bw` words lie in `bw` different ABUF banks,
+  read in one cycle). `bw` is a power of two of at most `abuf_banks` and `2^(data_bits-1)`;
+  `a` and `span` multiples of `bw`, `span >= blocks * bw`; `b` even (BBUF's two banks give a
+  weight word and an index word per cycle). Occupies the array `blocks * nnz` cycles.
 - `bgemm a b k acc bank` (the binary unit): each lane's `data_bits` bits are that many
   binary values (bit set: +1, clear: -1); `ACC[bank][r, c] (+)= sum_i (2 *
   popcount(XNOR(ABUF[a+i][r], BBUF[b+i][c])) - data_bits)`: XNOR-popcount, `data_bits`
@@ -86,7 +90,7 @@ INSTRUCTION_BITS = 128
 FETCH_CYCLES = 1  # the program memory is read synchronously: instruction 0 issues in cycle 1
 TOKEN_BITS = 8  # each token counter holds 0..255
 MAGIC = b"TCCACCEL"
-VERSION = 2
+VERSION = 3
 
 
 class SimulationError(RuntimeError):
@@ -159,7 +163,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.STORE: _DMA,
     Opcode.GEMM: _GEMM,
     Opcode.SPGEMM: (Field("a", 32, 16), Field("b", 48, 16), Field("blocks", 64, 16), Field("nnz", 80, 8),
-                    Field("bw", 88, 8), Field("acc", 96, 1), Field("bank", 97, 1)),
+                    Field("bw", 88, 8), Field("span", 104, 16), Field("acc", 96, 1), Field("bank", 97, 1)),
     Opcode.BGEMM: _GEMM,
     Opcode.REQUANT: (Field("dst", 32, 16), Field("param", 48, 16), Field("relu", 64, 1), Field("bank", 65, 1)),
     Opcode.VACC: (Field("dst", 32, 16), Field("stride", 48, 16), Field("bank", 64, 1)),
@@ -291,7 +295,7 @@ class Instruction:
                                                           op is Opcode.LOAD))
         if op in ARRAY_OPS:
             if op is Opcode.SPGEMM:
-                a_words, b_words = self["blocks"] * self["bw"], 2 * self.steps()
+                a_words, b_words = self["span"], 2 * self.steps()
             else:
                 a_words = b_words = self["k"]
             return (("ABUF", self["a"], self["a"] + a_words, False), ("BBUF", self["b"], self["b"] + b_words, False),
@@ -337,8 +341,11 @@ class Instruction:
                 return f"bw must be a power of two of at most {limit} (abuf_banks and the index lanes), got {bw}"
             if self["blocks"] < 1 or not 1 <= self["nnz"] <= bw:
                 return f"blocks must be at least 1 and nnz in [1, bw], got blocks={self['blocks']} nnz={self['nnz']}"
-            if self["a"] % bw or self["b"] % 2:
-                return f"a must be a multiple of bw ({bw}) and b even, got a={self['a']} b={self['b']}"
+            if self["a"] % bw or self["span"] % bw or self["b"] % 2:
+                return f"a and span must be multiples of bw ({bw}) and b even, got a={self['a']} " \
+                       f"span={self['span']} b={self['b']}"
+            if self["span"] < self["blocks"] * bw:
+                return f"span ({self['span']}) must hold the blocks' windows ({self['blocks']} x bw={bw})"
         if op in (Opcode.LOAD, Opcode.STORE) and self["count"] < 1:
             return "count must be at least 1"
         if op in VECTOR_OPS and op is not Opcode.VACC and self["n"] < 1:

@@ -34,7 +34,7 @@ import pyrtl
 
 from . import isa
 from .config import AccelConfig
-from .hardware import DRAM_ADDR_BITS, RTLSimulationError, _dram_image, build_array, design
+from .hardware import DELAY_LINE, DRAM_ADDR_BITS, RTLSimulationError, _dram_image, build_array, design
 
 MODULE = "accel"
 ARRAY_MODULE = "accel_array"  # the PE array alone (`array_verilog_text`)
@@ -71,12 +71,30 @@ def dram_capacity(words: int) -> int:
     return max(MIN_DRAM_WORDS, 1 << max(0, words - 1).bit_length())
 
 
+def _block_verilog(block: pyrtl.Block, module: str) -> str:
+    """`block` as Verilog `module` with a synchronous reset `rst` of every register but the data
+    delay lines' (`hardware.DELAY_LINE`): those shift in an always block of their own, with no
+    reset and no enable, so that synthesis packs them into shift registers."""
+    out = io.StringIO()
+    pyrtl.output_to_verilog(out, add_reset=True, block=block, module_name=module)
+    registers = re.compile(r"( +always @\(posedge clk\) begin\n +if \(rst\) begin\n)(.*?)( +end else begin\n)(.*?)"
+                           r"( +end\n +end\n)", re.S)
+    line = re.compile(rf"^ +{DELAY_LINE}\w+ <= .*;\n", re.M)
+
+    def split(m: re.Match) -> str:
+        shifts = "".join(s.replace("            ", "        ", 1) for s in line.findall(m[4]))
+        kept = m[1] + line.sub("", m[2]) + m[3] + line.sub("", m[4]) + m[5]
+        return kept + (f"\n    // Delay lines (no reset)\n    always @(posedge clk) begin\n{shifts}    end\n" if shifts else "")
+
+    text, found = registers.subn(split, out.getvalue(), count=1)
+    assert found == 1, "PyRTL's register block changed shape"
+    return text
+
+
 @functools.lru_cache(maxsize=8)
 def verilog_text(config: AccelConfig) -> str:
     """The accelerator of `config` as Verilog module `accel` (synchronous reset `rst`)."""
-    out = io.StringIO()
-    pyrtl.output_to_verilog(out, add_reset=True, block=design(config).block, module_name=MODULE)
-    return out.getvalue()
+    return _block_verilog(design(config).block, MODULE)
 
 
 def export_verilog(config: AccelConfig, path: str | os.PathLike) -> Path:
@@ -491,9 +509,7 @@ def synthesize(config: AccelConfig, timeout: float = 600, part_family: str = "xc
 def array_verilog_text(config: AccelConfig, mode: isa.Opcode) -> str:
     """The PE array of `config` alone in `mode` (`hardware.build_array`: gemm or bgemm) as
     Verilog module `accel_array` (synchronous reset `rst`)."""
-    out = io.StringIO()
-    pyrtl.output_to_verilog(out, add_reset=True, block=build_array(config, mode), module_name=ARRAY_MODULE)
-    return out.getvalue()
+    return _block_verilog(build_array(config, mode), ARRAY_MODULE)
 
 
 def synthesize_array(config: AccelConfig, mode: isa.Opcode, timeout: float = 600, part_family: str = "xc7",

@@ -54,12 +54,53 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def _settings(names: str | None):
+    """The compression settings `--settings NAME,...` names (default: all)."""
+    from tcc.select import default_settings
+    settings = default_settings()
+    if not names:
+        return settings
+    known = {s.name: s for s in settings}
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        raise TccError(f"--settings: unknown setting '{unknown[0] if unknown else names}' (known: {', '.join(known)})")
+    return tuple(known[n] for n in chosen)
+
+
+def _auto_target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """--target auto: (target, pipeline) of the device and setting `tcc select` chooses."""
+    from tcc.select import parse_accuracy, parse_latency, select
+    from tcc.targets import load_catalog
+
+    from .data import load_dataset
+    if not (args.lc and args.ac and args.data):
+        raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`)")
+    if args.pipeline:
+        raise TccError("--target auto chooses the compression setting itself: drop --pipeline")
+    selection = select(args.model, load_dataset(args.data, what="evaluation data"), load_catalog(args.targets_file),
+                       lc_ms=parse_latency(args.lc), ac=parse_accuracy(args.ac),
+                       train=load_dataset(args.train_data, what="training data") if args.train_data else None,
+                       settings=_settings(args.settings), progress=_progress(args), input_shapes=args.input_shape,
+                       arch=args.arch, trust_pickle=args.trust_pickle)
+    if selection.chosen is None:
+        raise TccError(selection.reason)
+    if not args.quiet:
+        print(f"  --target auto: {selection.reason}")
+    setting = next(s for s in _settings(args.settings) if s.name == selection.chosen.setting)
+    return selection.chosen.device, setting.pipeline
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
+    if args.target == "auto":
+        args.target, args.pipeline = _auto_target(args)
+    elif args.lc or args.ac or args.data or args.settings:
+        raise TccError("--lc, --ac, --data and --settings choose the device: they go with --target auto")
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
                            train_data=args.train_data, calib_data=args.calib_data, progress=_progress(args),
-                           accel=args.accel, synth=args.synth)
+                           accel=args.accel, synth=args.synth, targets_file=args.targets_file)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
@@ -182,12 +223,68 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_targets(args: argparse.Namespace) -> int:
     from tcc.targets import load_catalog
-    catalog = load_catalog()
+    catalog = load_catalog(args.targets_file)
     if args.json:
         print(json.dumps([t.to_json() for t in catalog.values()], indent=2))
         return 0
-    for target in catalog.values():
-        print(f"{target.name:<12} {target.kind:<5} backend {target.backend:<10} {target.description}")
+
+    def number(value: float) -> str:
+        return f"{value:,.0f}" if value >= 100 else f"{value:.3g}" if value else "-"
+
+    header = ("target", "kind", "price", "power", "fp32 GFLOP/s", "int8 GOP/s", "DRAM GB/s", "on-chip MB", "part",
+              "array", "synthesis", "description")
+    rows = []
+    for t in catalog.values():
+        d = t.device
+        mark = "*" if t.measured else ""
+        fits = t.synthesis_fits()
+        rows.append((t.name, t.kind, f"${d.price_usd:,.0f}{mark}", f"{d.power_w:g} W{mark}",
+                     number(d.fp32_gflops) + mark, number(d.int8_gops) + mark, number(d.dram_gbps) + mark,
+                     f"{d.onchip_mb:.3g}{mark}", t.part.name if t.part else "-",
+                     f"{t.accel.rows}x{t.accel.cols}" if t.accel else "-",
+                     "-" if t.part is None else "no record" if fits is None else "fits" if fits else "DOES NOT FIT",
+                     t.description))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    numeric = range(2, 8)
+    for row in [header] + rows:
+        print("  ".join(v if i == len(row) - 1 else v.rjust(w) if i in numeric else v.ljust(w)
+                        for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+    if any(t.measured for t in catalog.values()):
+        print("* placeholder figures: the cost model measures these devices")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from tcc.select import parse_accuracy, parse_latency, select, write_report
+    from tcc.targets import load_catalog
+
+    from .data import load_dataset
+    lc_ms, ac = parse_latency(args.lc), parse_accuracy(args.ac)
+    catalog = load_catalog(args.targets_file)
+    data = load_dataset(args.data, what="evaluation data")
+    train = load_dataset(args.train_data, what="training data") if args.train_data else None
+    if args.report and Path(args.report).exists() and (not Path(args.report).is_dir() or any(Path(args.report).iterdir())):
+        raise TccError(f"--report: {args.report} exists and is not an empty directory")
+    settings = _settings(args.settings)
+    selection = select(args.model, data, catalog, lc_ms=lc_ms, ac=ac, train=train, settings=settings,
+                       executor=args.executor, progress=_progress(args), input_shapes=args.input_shape,
+                       arch=args.arch, trust_pickle=args.trust_pickle)
+    if args.report:
+        write_report(selection, args.report, model=args.model, data=args.data)
+    if args.json:
+        print(json.dumps(selection.to_json(), indent=2))
+    else:
+        if not args.quiet:
+            print(f"{'device':<12} {'setting':<18} {'accuracy':>8} {'latency ms':>11} {'energy mJ':>10} {'price $':>9}")
+            for p in sorted(selection.points, key=lambda p: (p.price_usd, p.device, p.latency_ms)):
+                mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(lc_ms, ac) else "")
+                print(f"{p.device:<12} {p.setting:<18} {p.accuracy:>8.4f} {p.latency_ms:>11.4g} {p.energy_mj:>10.4g} "
+                      f"{p.price_usd:>9,.0f}{mark}")
+        print(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
+              + (f"; report: {args.report}/report.html" if args.report else ""))
+    if selection.chosen is None:
+        print(f"tcc: error: {selection.reason}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -196,9 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcc {__import__('tcc').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="compile a model file into an artifact directory")
+    p = sub.add_parser("compile", help="compile a model file into an artifact directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  tcc compile model.pt2 --target fpga-small -o out/\n"
+                              "  tcc compile model.pt2 --target my-fpga --targets-file my_targets.json -o out/\n"
+                              "  tcc compile model.pt2 --target auto --lc 10ms --ac 0.95 --data test.pt -o out/")
     p.add_argument("model", help="model file: torch.export (.pt2), TorchScript, state_dict or torch.save")
-    p.add_argument("--target", default="cpu", help="target name (see `tcc targets`); default cpu")
+    p.add_argument("--target", default="cpu", help="target name (see `tcc targets`), or auto: the cheapest device "
+                                                   "and setting meeting --lc and --ac on --data; default cpu")
+    p.add_argument("--targets-file", metavar="FILE.json",
+                   help="user targets to add to the catalog (a JSON object of targets by name, the shipped "
+                        "catalog's schema; see `tcc targets --help`); --target may name one")
+    p.add_argument("--lc", metavar="LATENCY", help="--target auto: latency constraint per run (10ms, 2s, 800us)")
+    p.add_argument("--ac", metavar="ACCURACY", help="--target auto: accuracy constraint on --data (0.95 or 95%%)")
+    p.add_argument("--data", metavar="D.pt", help="--target auto: labelled evaluation data")
+    p.add_argument("--settings", metavar="NAME,...", help="--target auto: the compression settings to explore "
+                                                           "(default: all; see `tcc select --help`)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
                    help="example input shape, e.g. 1x128:i64 (repeat per input)")
@@ -248,9 +358,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("targets", help="list targets")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("targets", help="list targets: kind, price, power, throughput, memory, FPGA part and array",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  tcc targets\n  tcc targets --json\n"
+                              "  tcc targets --targets-file my_targets.json   # add (or replace) targets from a file\n\n"
+                              "A targets file is a JSON object of targets by name with the shipped catalog's fields:\n"
+                              "  kind, backend, executor, description, tile, pipeline, lowering [formats, work_cost, "
+                              "measured]\n"
+                              "  cpu/gpu: device {price_usd, power_w, dram_gbps, onchip_mb, fp32_gflops, int8_gops, "
+                              "op_overhead_us, clock_mhz}\n"
+                              "  fpga: part {name, family, lut, ff, dsp, bram36, uram, dram_gbps, price_usd, power_w, "
+                              "host}, accel {rows, cols, ...} [synthesis]")
+    p.add_argument("--json", action="store_true", help="print every target as JSON, with its device figures")
+    p.add_argument("--targets-file", metavar="FILE.json",
+                   help="user targets to add to the catalog (a JSON object of targets by name, the shipped "
+                        "catalog's schema); a user target replaces a shipped one of the same name")
     p.set_defaults(func=cmd_targets)
+    p = sub.add_parser("select", help="choose the cheapest device and compression setting meeting a latency and "
+                                      "an accuracy constraint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  tcc select model.pt2 --lc 10ms --ac 0.95 --data test.pt --train-data train.pt "
+                              "--report sel/\n\nexit code 0 when a device meets both constraints, 2 when none does "
+                              "(the closest point is printed)")
+    p.add_argument("model", help="model file (as for compile)")
+    p.add_argument("--lc", required=True, metavar="LATENCY", help="latency constraint per run, with a unit: 10ms, 2s, 800us")
+    p.add_argument("--ac", required=True, metavar="ACCURACY", help="accuracy constraint on --data: 0.95 or 95%%")
+    p.add_argument("--data", required=True, metavar="D.pt", help="labelled evaluation data: torch.save({'inputs': X, "
+                                                                  "'labels': Y})")
+    p.add_argument("--train-data", metavar="T.pt", help="training data: pruning and binarization fine-tune on it")
+    p.add_argument("--targets-file", metavar="FILE.json", help="more targets (same schema as `tcc targets --json`)")
+    p.add_argument("--executor", choices=("local", "inline", "ray"), default="local",
+                   help="where settings are explored: local processes (default), this process, or a Ray cluster "
+                        "(RAY_ADDRESS, else a local instance)")
+    p.add_argument("--settings", metavar="NAME,...", help="explore only these compression settings (default: all; "
+                                                           "e.g. fp32,int8,hp75-16x16-int8,w1a8-int8)")
+    p.add_argument("--report", metavar="DIR", help="write report.html, pareto.png and selection.json into DIR")
+    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
+                   help="example input shape, e.g. 1x8x8 (repeat per input)")
+    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+    p.add_argument("--json", action="store_true", help="print {device, setting, latency_ms, accuracy, points, ...}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or points table")
+    p.set_defaults(func=cmd_select)
     return parser
 
 

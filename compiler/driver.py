@@ -91,7 +91,8 @@ def _dataset(spec: DataSpec, graph: Graph, what: str) -> Dataset | None:
 def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: PipelineSpec = None,
             frontend: str = "export", input_shapes: Sequence[str] = (), arch: str | None = None,
             trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
-            progress: bool = False, seed: int = 0, accel: str | None = None, synth: bool = False) -> Artifact:
+            progress: bool = False, seed: int = 0, accel: str | None = None, synth: bool = False,
+            targets_file: str | Path | None = None) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`).
 
@@ -102,8 +103,9 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     calibration; without them, passes prune one-shot and calibrate on the example inputs.
     `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config; `synth`
     synthesizes its accelerator with yosys (minutes), records LUT/FF/DSP/BRAM in the manifest
-    and fails if the design does not fit the part."""
-    target_info = get_target(target)
+    and fails if the design does not fit the part. `targets_file` adds (or replaces) targets
+    from a JSON file of the catalog's schema."""
+    target_info = get_target(target, targets_file)
     config = _accel_config(target_info, accel)
     if synth and config is None:
         raise TccError(f"--synth: target '{target_info.name}' has no accelerator to synthesize")

@@ -6,7 +6,7 @@ import collections
 
 import numpy as np
 
-from .graph import Graph
+from .graph import Graph, Op
 
 
 def last_uses(graph: Graph) -> dict[int, tuple[str, ...]]:
@@ -38,31 +38,36 @@ def live_values(graph: Graph) -> set[str]:
     return live
 
 
+def op_flops(op: Op, types: dict) -> int:
+    """FLOPs of one op: multiply-accumulates counted as 2 for linear, matmul, attention and
+    convolution; one per output element for elementwise ops, 5 per element for norms and
+    softmax; 0 for data movement."""
+    t = op.type
+    if op.kind == "linear":
+        return 2 * t.numel * types[op.operands[1]].shape[1]
+    if op.kind == "matmul":
+        return 2 * t.numel * types[op.operands[0]].shape[-1]
+    if op.kind == "scaled_dot_product_attention":
+        q, k = types[op.operands[0]], types[op.operands[1]]
+        scores = t.numel // t.shape[-1] * k.shape[-2]
+        return 2 * scores * q.shape[-1] + 2 * t.numel * k.shape[-2] + 5 * scores
+    if op.kind == "conv2d":
+        w = types[op.operands[1]]
+        return 2 * t.numel * w.shape[1] * w.shape[2] * w.shape[3]
+    if op.kind in ("softmax", "layer_norm", "int_softmax", "int_layer_norm"):
+        return 5 * t.numel
+    if op.kind in ("mean", "sum"):
+        return types[op.operands[0]].numel
+    if op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "int_gelu",
+                   "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg"):
+        return t.numel
+    return 0
+
+
 def flops(graph: Graph) -> int:
-    """Multiply-accumulates counted as 2 FLOPs for linear, matmul, attention and convolution;
-    one FLOP per output element for elementwise ops, 5 per element for norms and softmax."""
+    """The graph's FLOPs (`op_flops` summed)."""
     types = graph.types
-    total = 0
-    for op in graph.ops:
-        t = op.type
-        if op.kind == "linear":
-            total += 2 * t.numel * types[op.operands[1]].shape[1]
-        elif op.kind == "matmul":
-            a = types[op.operands[0]]
-            total += 2 * t.numel * a.shape[-1]
-        elif op.kind == "scaled_dot_product_attention":
-            q, k = types[op.operands[0]], types[op.operands[1]]
-            scores = t.numel // t.shape[-1] * k.shape[-2]
-            total += 2 * scores * q.shape[-1] + 2 * t.numel * k.shape[-2] + 5 * scores
-        elif op.kind == "conv2d":
-            w = types[op.operands[1]]
-            total += 2 * t.numel * w.shape[1] * w.shape[2] * w.shape[3]
-        elif op.kind in ("softmax", "layer_norm", "int_softmax", "int_layer_norm"):
-            total += 5 * t.numel
-        elif op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "int_gelu",
-                         "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg", "mean", "sum"):
-            total += t.numel if op.kind not in ("mean", "sum") else types[op.operands[0]].numel
-    return total
+    return sum(op_flops(op, types) for op in graph.ops)
 
 
 def describe(graph: Graph) -> dict:

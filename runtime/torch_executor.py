@@ -9,6 +9,8 @@ or transforms it.
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -321,6 +323,28 @@ class TorchExecutor(nn.Module):
             for slot in frees:
                 env[slot] = None
         return tuple(env[self._slots[name]] for name in self.graph.outputs)
+
+    def profile(self, inputs: Sequence[torch.Tensor], repeats: int = 5) -> list[float]:
+        """Seconds each op takes (median of `repeats` runs, synchronized on CUDA), in graph order."""
+        sync = torch.cuda.synchronize if self.device_.type == "cuda" else (lambda: None)
+        runs = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first run warms up
+                env: list[Any] = [None] * len(self._slots)
+                for i, value in enumerate(inputs):
+                    env[i] = value.to(self.device_)
+                base = len(inputs)
+                for i, name in enumerate(self.graph.constant_names):
+                    env[base + i] = self._encoded[name] if name in self._encoded else self.effective_constant(name)
+                times = []
+                for kernel, operands, kwargs, result, _frees, _transform in self._program:
+                    sync()
+                    start = time.perf_counter()
+                    env[result] = kernel(*[env[o] for o in operands], **kwargs)
+                    sync()
+                    times.append(time.perf_counter() - start)
+                runs.append(times)
+        return [statistics.median(column) for column in zip(*runs[1:])]
 
     def weights_to_numpy(self) -> dict[str, np.ndarray]:
         """The current constants (e.g. after fine-tuning) as numpy arrays in IR storage dtypes."""

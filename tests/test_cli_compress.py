@@ -133,7 +133,7 @@ def test_target_lowering_passes_run_after_the_users_pipeline(monkeypatch):
     from tcc.targets import get_target
     target = get_target("cpu")
     integer_target = type(target)(**{**target.__dict__, "name": "int-cpu", "lowering": "quantize"})
-    monkeypatch.setattr(driver, "get_target", lambda name: integer_target)
+    monkeypatch.setattr(driver, "get_target", lambda name, targets_file=None: integer_target)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
     artifact = tcc.compile(model, (torch.randn(4, 8),), pipeline="hp-prune{block=4x4,sparsity=0.5,keep_head=false}")

@@ -1,0 +1,191 @@
+"""What a graph costs on each target: the cost model (`tcc.passes.cost_model`) wired to the
+catalog, the host's measured figures and the accelerator's timing.
+
+The host CPU's (and the local CUDA device's) figures are measured by timing the torch
+executor.
+
+The probes: a large fp32 linear (fp32 GFLOP/s), an int8 linear (int8 GOP/s), streaming adds
+out of DRAM and out of cache (bandwidths); then the digits Transformer at one image, whose ops
+cost about their fixed cost (fp32, int8 and fully integer: every op kind of an encoder).
+Medians of several runs; the result is cached per machine (CPU model, threads, torch version, device) in
+`$TCC_CACHE` or `~/.cache/tcc`, so only the first exploration on a machine pays for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.config import AccelConfig
+from tcc.ir.dtypes import DType
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph, GraphBuilder
+from tcc.ir.types import TensorType
+from tcc.passes.cost_model import Cost, CycleModel, Device, accelerator, op_seconds, roofline
+from tcc.runtime.torch_executor import TorchExecutor
+
+from .targets import Target
+
+def _probes() -> dict[str, tuple[Graph, list[np.ndarray], float]]:
+    """name -> (graph, inputs, work: FLOPs, OPs or bytes of the probe's one op)."""
+    rng = np.random.default_rng(0)
+    m, k, n = 256, 1024, 1024
+    out = {}
+    for name, dtype in (("fp32", DType.F32), ("int8", DType.I8)):
+        g = GraphBuilder(f"probe_{name}")
+        x = g.input("x", TensorType((m, k), dtype))
+        w = g.constant("w", rng.integers(-100, 100, (n, k)), dtype)
+        out[name] = (g.finish([g.op("linear", x, w)]), [rng.integers(-100, 100, (m, k)).astype(dtype.numpy)],
+                     2.0 * m * k * n)
+    for name, size in (("dram", 1 << 23), ("cache", 1 << 14)):
+        g = GraphBuilder(f"probe_{name}")
+        a, b = g.input("a", TensorType((size,), DType.F32)), g.input("b", TensorType((size,), DType.F32))
+        out[name] = (g.finish([g.op("add", a, b)]), [np.ones(size, np.float32)] * 2, 3.0 * 4 * size)
+    return out
+
+
+def _calibration_graphs(batch: int) -> list[tuple[Graph, list[np.ndarray]]]:
+    """The digits Transformer in fp32, int8 and fully integer (every op kind of an encoder) on
+    `batch` images."""
+    import tcc
+    from tcc.zoo import DigitsTransformer
+    torch.manual_seed(0)
+    model, x = DigitsTransformer().eval(), torch.rand(batch, 8, 8)
+    return [(tcc.compile(model, (x,), pipeline=spec).graph, [x.numpy()])
+            for spec in (None, "quantize", "quantize,int-nonlinear")]
+
+
+def _probe_time(graph: Graph, inputs: list[np.ndarray], device: str, repeats: int) -> float:
+    return sum(TorchExecutor(graph, device).profile([torch.from_numpy(x) for x in inputs], repeats))
+
+
+def _per_kind(device: Device, batch: int, executor_device: str, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """op kind -> [(roofline seconds, measured seconds)] over the calibration graphs."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for graph, inputs in _calibration_graphs(batch):
+        times = TorchExecutor(graph, executor_device).profile([torch.from_numpy(x) for x in inputs], repeats)
+        for (op, ideal), took in zip(op_seconds(graph, device), times):
+            out.setdefault(op.kind, []).append((ideal, took))
+    return out
+
+
+def measure(template: Device, device: str = "cpu", repeats: int = 7) -> Device:
+    """`template` (the catalog's entry: name, kind, price, power, on-chip memory) with its
+    throughputs and bandwidths measured on the torch executor on `device` (the probes), and per
+    op kind its fixed cost (the median time of its ops in the calibration graphs at one image)
+    and its factor on the roofline time (the median ratio beyond the fixed cost at 256 images)."""
+    probes = _probes()
+    seconds = {name: _probe_time(g, inputs, device, repeats) for name, (g, inputs, _work) in probes.items()}
+    rates = {name: probes[name][2] / seconds[name] / 1e9 for name in probes}
+    device_ = dataclasses.replace(template, fp32_gflops=round(rates["fp32"], 2), int8_gops=round(rates["int8"], 2),
+                                  dram_gbps=round(rates["dram"], 2), cache_gbps=round(rates["cache"], 2))
+    small, large = _per_kind(device_, 1, device, repeats), _per_kind(device_, 256, device, repeats)
+    costs = []
+    for kind in sorted(small):
+        fixed = statistics.median(took for _ideal, took in small[kind])
+        ratios = [(took - fixed) / ideal for ideal, took in large.get(kind, []) if ideal > 0]
+        factor = max(0.25, statistics.median(ratios)) if ratios else 1.0
+        costs.append((kind, round(fixed * 1e6, 3), round(factor, 3)))
+    return dataclasses.replace(device_, op_overhead_us=round(statistics.median(c[1] for c in costs), 3),
+                               op_costs=tuple(costs))
+
+
+_MEASURED = ("fp32_gflops", "int8_gops", "dram_gbps", "cache_gbps", "op_overhead_us")
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("TCC_CACHE") or Path.home() / ".cache" / "tcc")
+    return root / "devices.json"
+
+
+def _machine_key(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu
+    text = f"{name}|{torch.get_num_threads()}|{torch.__version__}|{device}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def measured(template: Device, device: str = "cpu") -> Device:
+    """`measure`, cached per machine: the figures of an earlier measurement on this machine when
+    there is one."""
+    path, key = _cache_file(), _machine_key(device)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), dict):
+        try:
+            return dataclasses.replace(template, **{k: cache[key][k] for k in _MEASURED},
+                                       op_costs=tuple(tuple(c) for c in cache[key]["op_costs"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    result = measure(template, device)
+    cache[key] = {k: getattr(result, k) for k in _MEASURED} | {"op_costs": [list(c) for c in result.op_costs]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return result
+
+
+def cycle_model(config: AccelConfig) -> CycleModel:
+    """The accelerator's timing as the cost model's `CycleModel`: the codegen's schedule of the
+    graph (the ISA's timing, which the ISA simulator and the RTL reproduce cycle for cycle; no
+    data needed), and the ops it leaves to the host. Memoized per graph object (graphs are
+    immutable)."""
+    memo: dict[int, tuple[Graph, int, list]] = {}
+
+    def cycles(graph: Graph) -> tuple[int, list]:
+        if id(graph) not in memo:
+            program = generate(graph, config)
+            host = {h.result for h in program.host_ops}
+            memo[id(graph)] = (graph, sum(s.cycles for s in program.sections),
+                               [op for op in graph.ops if op.result in host])
+        _graph, count, host_ops = memo[id(graph)]
+        return count, host_ops
+
+    return cycles
+
+
+def device_of(target: Target, catalog: dict[str, Target]) -> Device:
+    """The cost model's figures of `target`: measured on this machine where the catalog says so
+    (the host CPU; the local CUDA device when there is one), else the catalog's."""
+    device = target.device
+    if target.measured and target.kind == "cpu":
+        return measured(device, "cpu")
+    if target.measured and target.kind == "gpu" and torch.cuda.is_available():
+        return measured(device, "cuda")
+    return device
+
+
+def cost(graph: Graph, target: Target, catalog: dict[str, Target]) -> Cost:
+    """What one run of `graph` costs on `target`: the roofline on a CPU or GPU, the
+    accelerator's cycles plus the host ops on its host (`Device.host`) on an FPGA."""
+    device = device_of(target, catalog)
+    if target.kind != "fpga":
+        return roofline(graph, device)
+    host = catalog.get(device.host or "")
+    if host is None:
+        raise TccError(f"target '{target.name}': its host '{device.host}' is not in the catalog")
+    return accelerator(graph, device, _cycle_models.setdefault(target.accel, cycle_model(target.accel)),
+                       device_of(host, catalog))
+
+
+_cycle_models: dict[AccelConfig, CycleModel] = {}

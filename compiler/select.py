@@ -1,0 +1,352 @@
+"""Device selection under a latency and an accuracy constraint (`tcc select`, `--target auto`).
+
+`explore` compiles the model under every compression setting (sparsity levels and block
+shapes of hp-prune, binarization, int8 and fully integer quantization), measures each
+setting's accuracy on the data once (fine-tuning where training data is given; settings that
+extend another reuse its graph), predicts its latency and energy on every device of the
+catalog with the cost model (`tcc.devices.cost`), and `choose` returns the cheapest device
+(then the fastest setting on it) meeting both constraints, or, when none does, the point that
+comes closest. Settings run as independent jobs: on local processes by default, or on a Ray
+cluster (`executor="ray"`, the optional `ray` extra).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
+from tcc.passes import Dataset, PassContext, parse_pipeline
+from tcc.passes.data import batch_size_of
+from tcc.runtime.torch_executor import TorchExecutor
+
+from .devices import cost
+from .targets import Target
+
+PREFIX = "fold-constants,canonicalize,dce"  # every setting starts from the canonical graph
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A compression setting: `steps`, pass specs applied in order after `PREFIX`; a setting
+    whose steps extend another's starts from that one's graph."""
+
+    name: str
+    steps: tuple[str, ...]
+
+    @property
+    def pipeline(self) -> str:
+        return ",".join((PREFIX,) + self.steps)
+
+
+def default_settings() -> tuple[Setting, ...]:
+    """fp32 and int8 (linears, then fully integer), hp-prune at 50/75/90% in 8x8 and 16x16
+    blocks (fp32 and int8), binarized weights (w1a8)."""
+    out = [Setting("fp32", ()), Setting("int8", ("quantize",)),
+           Setting("int8-integer", ("quantize", "int-nonlinear"))]
+    for block in ("8x8", "16x16"):
+        for sparsity in (0.5, 0.75, 0.9):
+            prune = f"hp-prune{{block={block},sparsity={sparsity}}}"
+            name = f"hp{round(100 * sparsity)}-{block}"
+            out += [Setting(name, (prune,)), Setting(f"{name}-int8", (prune, "quantize"))]
+    out += [Setting("w1a8", ("binarize",)), Setting("w1a8-int8", ("binarize", "quantize"))]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One (setting, device): its accuracy on the data, predicted latency and energy per run,
+    and the device's price."""
+
+    setting: str
+    device: str
+    accuracy: float
+    latency_ms: float
+    energy_mj: float
+    price_usd: float
+    parts_ms: dict[str, float]
+
+    def meets(self, lc_ms: float, ac: float) -> bool:
+        return self.latency_ms <= lc_ms and self.accuracy >= ac
+
+    def shortfall(self, lc_ms: float, ac: float) -> float:
+        """How far the point misses the constraints (0 when it meets both): the relative
+        latency excess plus the relative accuracy shortfall."""
+        return max(0.0, self.latency_ms / lc_ms - 1) + max(0.0, (ac - self.accuracy) / max(ac, 1e-9))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome: `chosen` (None when no point meets both constraints), `closest` (the best
+    point then), the reason in words, every point and the exploration's wall time."""
+
+    lc_ms: float
+    ac: float
+    chosen: Point | None
+    closest: Point
+    reason: str
+    points: tuple[Point, ...]
+    seconds: float
+
+    def to_json(self) -> dict:
+        best = self.chosen or self.closest
+        return {"device": self.chosen.device if self.chosen else None,
+                "setting": self.chosen.setting if self.chosen else None,
+                "latency_ms": best.latency_ms, "accuracy": best.accuracy, "met": self.chosen is not None,
+                "reason": self.reason, "lc_ms": self.lc_ms, "ac": self.ac, "seconds": round(self.seconds, 3),
+                "closest": self.closest.to_json(), "points": [p.to_json() for p in self.points]}
+
+
+def accuracy(graph: Graph, data: Dataset) -> float:
+    """Top-1 accuracy of the graph's first output on `data` (torch executor, CPU)."""
+    data = data.fit(graph, "evaluation data")
+    if data.labels is None:
+        raise TccError(f"{data.source}: selection needs labels to measure accuracy")
+    executor, batch = TorchExecutor(graph, "cpu"), batch_size_of(graph)
+    right = 0
+    for b in data.batches(batch):
+        out = executor.run(list(b.inputs))[0][:b.valid]
+        right += int((out.argmax(-1) == b.labels[:b.valid]).sum())
+    return right / len(data)
+
+
+def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
+         targets: dict[str, Target], seed: int) -> list[Point]:
+    """Points of a chain of settings, each extending the previous one's steps: the graph is
+    compiled step by step, so shared steps (a fine-tuned pruning) run once."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    graphs: dict[tuple[str, ...], Graph] = {(): base}
+    points = []
+    for setting in chain:
+        done = max((k for k in graphs if setting.steps[:len(k)] == k), key=len)
+        graph = graphs[done]
+        ctx_data = {"example": examples} | ({"train": train} if train is not None else {})
+        for i in range(len(done), len(setting.steps)):
+            ctx = PassContext(data=ctx_data, torch_module=TorchExecutor, seed=seed)
+            for p in parse_pipeline(setting.steps[i]):
+                graph = p(graph, ctx)
+            graphs[setting.steps[:i + 1]] = graph
+        acc = accuracy(graph, data)
+        lowered: dict[tuple, Graph] = {}
+        for name, target in targets.items():
+            key = (target.lowering, target.formats, target.work_cost)
+            if key not in lowered:  # the target's own lowering (select-format: its storage encodings)
+                ctx = PassContext(formats=target.formats, work_cost=target.work_cost, seed=seed)
+                lowered[key] = graph
+                for p in parse_pipeline(target.lowering):
+                    lowered[key] = p(lowered[key], ctx)
+            c = cost(lowered[key], target, targets)
+            points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
+                                target.device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
+    return points
+
+
+def available(target: Target) -> bool:
+    """Whether the cost model can price `target` here: every catalog device but the local CUDA
+    device on a machine without one."""
+    return not (target.measured and target.kind == "gpu" and not torch.cuda.is_available())
+
+
+def _chains(settings: Sequence[Setting]) -> list[tuple[Setting, ...]]:
+    """Settings grouped by their first step (ordered by length), one job each."""
+    groups: dict[str, list[Setting]] = {}
+    for s in settings:
+        groups.setdefault(s.steps[0] if s.steps else "", []).append(s)
+    return [tuple(sorted(g, key=lambda s: len(s.steps))) for g in groups.values()]
+
+
+def explore(base: Graph, data: Dataset, targets: dict[str, Target], *, examples: Dataset,
+            train: Dataset | None = None, settings: Sequence[Setting] | None = None, executor: str = "local",
+            workers: int | None = None, seed: int = 0, progress: bool = False) -> list[Point]:
+    """Every (setting, target) point for `base` (the lowered model), the settings' jobs on
+    local processes (`executor="local"`), in this process (`"inline"`) or on Ray (`"ray"`)."""
+    targets = {name: t for name, t in targets.items() if available(t)}
+    chains = _chains(settings or default_settings())
+    args = [(base, chain, data, train, examples, targets, seed) for chain in chains]
+    if executor == "inline":
+        results = [_job(*a) for a in args]
+    elif executor == "local":
+        workers = workers or min(len(chains), os.cpu_count() or 1)
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_job, *a) for a in args]
+            results = [f.result() for f in _progress(futures, progress)]
+    elif executor == "ray":
+        results = _run_on_ray(args, progress)
+    else:
+        raise TccError(f"--executor: unknown executor '{executor}' (local, inline or ray)")
+    return [p for chunk in results for p in chunk]
+
+
+def _progress(futures: list, show: bool) -> list:
+    if not show:
+        return futures
+    from tqdm import tqdm
+    return list(tqdm(futures, desc="settings", unit="job"))
+
+
+def _run_on_ray(args: list[tuple], progress: bool) -> list[list[Point]]:
+    try:
+        import ray
+    except ImportError:
+        raise TccError("--executor ray: Ray is not installed (pip install 'tcc[ray]')") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(_job)
+    refs = [remote.remote(*a) for a in args]
+    return ray.get(refs)
+
+
+def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.0) -> Selection:
+    """The cheapest device meeting both constraints and on it the fastest setting that does;
+    when none does, the point missing them least (`Point.shortfall`)."""
+    if not points:
+        raise TccError("no points to choose from: the catalog or the settings are empty")
+    feasible = [p for p in points if p.meets(lc_ms, ac)]
+    closest = min(points, key=lambda p: (p.shortfall(lc_ms, ac), p.price_usd, p.latency_ms))
+    if feasible:
+        chosen = min(feasible, key=lambda p: (p.price_usd, p.latency_ms, -p.accuracy))
+        cheaper = sorted({p.device for p in points if p.price_usd < chosen.price_usd})
+        reason = (f"{chosen.device} (${chosen.price_usd:,.0f}) is the cheapest device meeting latency <= "
+                  f"{lc_ms:g} ms and accuracy >= {ac:g}: {chosen.setting} runs in {chosen.latency_ms:.3g} ms at "
+                  f"accuracy {chosen.accuracy:.4f}" + (f"; no setting meets both on {', '.join(cheaper)}"
+                                                       if cheaper else ""))
+    else:
+        chosen = None
+        reason = (f"no device meets latency <= {lc_ms:g} ms and accuracy >= {ac:g}; closest: {closest.setting} on "
+                  f"{closest.device} ({closest.latency_ms:.3g} ms, accuracy {closest.accuracy:.4f})")
+    return Selection(lc_ms, ac, chosen, closest, reason, tuple(points), seconds)
+
+
+def pareto(points: Sequence[Point]) -> dict[str, list[Point]]:
+    """Per device, the points no other point of that device beats in both latency and
+    accuracy, by latency."""
+    fronts: dict[str, list[Point]] = {}
+    for device in dict.fromkeys(p.device for p in points):
+        mine = sorted((p for p in points if p.device == device), key=lambda p: (p.latency_ms, -p.accuracy))
+        front, best = [], -math.inf
+        for p in mine:
+            if p.accuracy > best:
+                front.append(p)
+                best = p.accuracy
+        fronts[device] = front
+    return fronts
+
+
+def parse_latency(text: str) -> float:
+    """'10ms', '2.5 s', '800us' -> milliseconds; a TccError for a bare number, a negative or
+    zero value, or an unknown unit."""
+    units = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
+    raw = text.strip()
+    for unit in sorted(units, key=len, reverse=True):
+        if raw.endswith(unit):
+            number = raw[:-len(unit)].strip()
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if not math.isfinite(value) or value <= 0:
+                raise TccError(f"--lc: the latency constraint must be positive, got '{text}'")
+            return value * units[unit]
+    raise TccError(f"--lc: '{text}' is not a latency with a unit (e.g. 10ms, 2.5s, 800us)")
+
+
+def parse_accuracy(text: str) -> float:
+    """'0.95' or '95%' -> 0.95; a TccError outside [0, 1]."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise TccError(f"--ac: '{text}' is not an accuracy (e.g. 0.95 or 95%)") from None
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise TccError(f"--ac: the accuracy constraint must lie in [0, 1], got '{text}'")
+    return value
+
+
+def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: float, ac: float,
+           example_inputs: Any = None, train: Dataset | None = None, settings: Sequence[Setting] | None = None,
+           executor: str = "local", seed: int = 0, progress: bool = False, **lower_kw) -> Selection:
+    """Explore `model` (anything `tcc.compile` takes) over `settings` x `targets` and choose."""
+    from .driver import _example_arrays, lower
+    start = time.perf_counter()
+    graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
+    arrays = _example_arrays(signature, examples)
+    if len(arrays) != len(graph.inputs):
+        raise TccError("selection needs example inputs (the model file's, or --input-shape)")
+    example = Dataset(tuple(torch.from_numpy(arrays[n]) for n in graph.input_names), source="the example inputs")
+    base = graph
+    for p in parse_pipeline(PREFIX):
+        base = p(base, PassContext())
+    data = data.fit(base, "evaluation data")
+    train = train.fit(base, "training data") if train is not None else None
+    points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
+                     seed=seed, progress=progress)
+    return choose(points, lc_ms, ac, time.perf_counter() - start)
+
+
+def write_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
+    """`report.html` (every point, the choice and the reason), `pareto.png` (accuracy against
+    latency, each device's Pareto front, the constraints and the choice) and `selection.json`,
+    written into `directory` atomically (a temporary directory renamed into place)."""
+    import jinja2
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TccError(f"{out}: exists and is not an empty directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for i, (device, front) in enumerate(pareto(selection.points).items()):
+            color = f"C{i % 10}"
+            mine = [p for p in selection.points if p.device == device]
+            ax.scatter([p.latency_ms for p in mine], [p.accuracy for p in mine], s=12, color=color, alpha=0.35)
+            ax.plot([p.latency_ms for p in front], [p.accuracy for p in front], "o-", color=color, label=device)
+        ax.axvline(selection.lc_ms, color="grey", linestyle="--", linewidth=1)
+        ax.axhline(selection.ac, color="grey", linestyle="--", linewidth=1)
+        if selection.chosen:
+            ax.scatter([selection.chosen.latency_ms], [selection.chosen.accuracy], marker="*", s=260, color="black",
+                       zorder=5, label=f"chosen: {selection.chosen.device}, {selection.chosen.setting}")
+        ax.set_xscale("log")
+        ax.set_xlabel("predicted latency per run (ms)")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(tmp / "pareto.png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        env = jinja2.Environment(loader=jinja2.PackageLoader("tcc", "templates"), autoescape=True)
+        html = env.get_template("select.html.j2").render(
+            model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac, points=selection.points,
+            chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds, plot="pareto.png",
+            settings=len({p.setting for p in selection.points}), devices=len({p.device for p in selection.points}))
+        (tmp / "report.html").write_text(html)
+        (tmp / "selection.json").write_text(json.dumps(selection.to_json(), indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",
+           "parse_latency", "parse_accuracy", "accuracy", "write_report"]

@@ -1,0 +1,149 @@
+"""The cost model: what a graph costs on a device (latency, energy), without running it there.
+
+- `Device`: what the model knows of a device: sustained throughputs, memory bandwidth, the
+  fixed cost of one op (dispatch, kernel launch), price and power. Built from the target
+  catalog (`tcc.targets`); the host CPU's and the local CUDA device's figures are measured.
+- CPU and GPU latency: a roofline per op (`roofline`): each op takes the longer of its
+  arithmetic at the device's sustained rate and its memory traffic at the device's bandwidth,
+  plus the device's fixed cost per op. Pruned weights in a sparse encoding count their
+  non-zeros only.
+- FPGA latency: the accelerator's cycles come from a `CycleModel` the caller supplies (the
+  backend's timing, which equals the ISA simulator's and the RTL's), plus the host ops on the
+  device's host processor (the roofline again).
+- Energy: power x latency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tcc.ir.encoding import Dense
+from tcc.ir.analysis import op_flops
+from tcc.ir.graph import Graph, Op
+
+KINDS = ("cpu", "gpu", "fpga")
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the cost model knows of one device. Throughputs are sustained (what the executors
+    reach on large matrix products), not datasheet peaks."""
+
+    name: str
+    kind: str  # cpu | gpu | fpga
+    price_usd: float
+    power_w: float
+    dram_gbps: float  # off-chip memory bandwidth, GB/s
+    onchip_mb: float  # caches / block RAM, MB
+    fp32_gflops: float  # sustained fp32 multiply-adds x 2 per second / 1e9 (cpu, gpu)
+    int8_gops: float  # sustained int8 operations per second / 1e9
+    op_overhead_us: float  # fixed cost of one op: dispatch, kernel launch
+    clock_mhz: float = 0.0
+    host: str | None = None  # fpga: the device that runs the ops left to the host
+    cache_gbps: float = 0.0  # bandwidth when an op's bytes fit `onchip_mb` (0: dram_gbps)
+    # measured per op kind: (kind, fixed cost in us, factor on the roofline time); else
+    # (op_overhead_us, 1): what the executor's kernels for that kind cost beyond the ideal
+    op_costs: tuple[tuple[str, float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
+        for name in ("price_usd", "power_w", "dram_gbps", "onchip_mb", "fp32_gflops", "int8_gops",
+                     "op_overhead_us", "clock_mhz", "cache_gbps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("price_usd", "power_w", "dram_gbps") + (("fp32_gflops",) if self.kind != "fpga" else ()):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted latency (seconds) and energy (joules) of one run of a graph on a device, with
+    the latency split by where it goes (`parts`: e.g. accelerator, host ops, per op kind)."""
+
+    device: str
+    latency_s: float
+    energy_j: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+CycleModel = Callable[[Graph], tuple[int, list[Op]]]  # graph -> (accelerator cycles, ops left to the host)
+
+
+# data movement the executors do as views: no bytes move
+_VIEWS = frozenset({"reshape", "permute", "transpose", "squeeze", "unsqueeze", "expand", "select", "slice"})
+_PRODUCTS = frozenset({"linear", "matmul", "scaled_dot_product_attention", "conv2d"})
+
+
+def _stored_bytes(graph: Graph) -> dict[str, int]:
+    """Bytes of each constant in its encoding."""
+    return {name: -(-t.encoding.footprint(graph.weights[name], t.dtype)[0] // 8) for name, t in graph.constants}
+
+
+def _density(graph: Graph, name: str) -> float:
+    array = graph.weights[name]
+    return float(np.count_nonzero(array)) / array.size if array.size else 1.0
+
+
+SPARSE_EFFICIENCY = 0.3  # sparse kernels (CSR / BSR) reach about this fraction of the dense rate per non-zero
+
+
+def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> list[tuple[Op, float]]:
+    """Each op's roofline time without its fixed cost: the longer of its arithmetic
+    (`op_flops`: integer products at `int8_gops`, the rest at `fp32_gflops`; a linear whose
+    weight is stored sparse counts its non-zeros, at `SPARSE_EFFICIENCY` of the dense rate) and
+    its memory traffic (operands and result, a constant in its encoded size, views none; at
+    `cache_gbps` when they fit `onchip_mb`, else `dram_gbps`)."""
+    types, constants = graph.types, set(graph.constant_names)
+    stored = _stored_bytes(graph)
+    out = []
+    for op in graph.ops if ops is None else ops:
+        work = op_flops(op, types)
+        integer = op.kind in _PRODUCTS and not types[op.operands[0]].dtype.is_float
+        rate = (device.int8_gops if integer else device.fp32_gflops) * 1e9
+        weight = op.operands[1] if op.kind == "linear" else None
+        if weight in constants and not isinstance(types[weight].encoding, Dense):
+            work *= _density(graph, weight) / SPARSE_EFFICIENCY
+        moved = 0 if op.kind in _VIEWS else op.type.dense_bytes + sum(
+            stored[v] if v in constants else types[v].dense_bytes for v in op.operands)
+        cached = device.cache_gbps and moved <= device.onchip_mb * 1e6
+        bandwidth = (device.cache_gbps if cached else device.dram_gbps) * 1e9
+        out.append((op, max(work / rate if work else 0.0, moved / bandwidth)))
+    return out
+
+
+def roofline(graph: Graph, device: Device, ops: list[Op] | None = None) -> Cost:
+    """Latency of `ops` (default: every op of `graph`) on a CPU or GPU `device`: per op its
+    `op_seconds` times its kind's factor plus its kind's fixed cost (`Device.op_costs`).
+    `parts`: seconds by op kind."""
+    if device.kind == "fpga":
+        raise ValueError(f"{device.name}: the roofline models CPUs and GPUs; an FPGA needs its cycle model")
+    costs = {kind: (fixed, factor) for kind, fixed, factor in device.op_costs}
+    parts: dict[str, float] = {}
+    for op, seconds in op_seconds(graph, device, ops):
+        fixed, factor = costs.get(op.kind, (device.op_overhead_us, 1.0))
+        parts[op.kind] = parts.get(op.kind, 0.0) + fixed * 1e-6 + factor * seconds
+    total = sum(parts.values())
+    return Cost(device.name, total, total * device.power_w, parts)
+
+
+def accelerator(graph: Graph, device: Device, cycles: CycleModel, host: Device) -> Cost:
+    """Latency of `graph` on an FPGA `device`: the accelerator's cycles at its clock (from
+    `cycles`, the backend's timing) plus the ops it leaves to the host, on `host`'s roofline."""
+    if device.kind != "fpga" or device.clock_mhz <= 0:
+        raise ValueError(f"{device.name}: an accelerator cost needs an fpga device with a clock")
+    count, host_ops = cycles(graph)
+    on_chip = count / (device.clock_mhz * 1e6)
+    on_host = roofline(graph, host, host_ops).latency_s if host_ops else 0.0
+    latency = on_chip + on_host
+    return Cost(device.name, latency, on_chip * device.power_w + on_host * host.power_w,
+                {"accelerator": on_chip, "host": on_host})

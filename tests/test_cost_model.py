@@ -1,0 +1,116 @@
+"""The cost model: the roofline of CPUs and GPUs, the accelerator's cycles plus its host ops on
+FPGAs, measured devices and their cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import tcc
+from tcc import devices
+from tcc.backends.accel.codegen import generate
+from tcc.ir import DType, GraphBuilder, TensorType
+from tcc.passes import PassContext, SelectFormat
+from tcc.passes.cost_model import Cost, Device, accelerator, roofline
+from tcc.runtime.accel_executor import AccelExecutor
+from tcc.targets import load_catalog
+from tcc.zoo import DigitsTransformer
+
+UNIT = Device("unit", "cpu", price_usd=1, power_w=10, dram_gbps=1, onchip_mb=0, fp32_gflops=1, int8_gops=4,
+              op_overhead_us=2)
+
+
+def linear_graph(weight: np.ndarray, dtype: DType = DType.F32):
+    g = GraphBuilder("one_linear")
+    x = g.input("x", TensorType((4, weight.shape[1]), dtype))
+    y = g.op("linear", x, g.constant("w", weight, dtype))
+    return g.finish([g.op("reshape", y, shape=[4 * weight.shape[0]])])
+
+
+def test_roofline_takes_the_longer_of_work_and_traffic_plus_the_fixed_cost():
+    graph = linear_graph(np.ones((16, 8)))
+    # linear: 2*4*16*8 = 1024 FLOPs at 1 GFLOP/s (1.024 us) vs 256 + 128 + 512 bytes at 1 GB/s
+    # (0.896 us); the reshape is a view: its fixed cost only
+    cost = roofline(graph, UNIT)
+    assert cost.parts == pytest.approx({"linear": 3.024e-6, "reshape": 2e-6})
+    assert cost.latency_s == pytest.approx(5.024e-6) and cost.energy_j == pytest.approx(10 * 5.024e-6)
+    slow_memory = dataclasses.replace(UNIT, fp32_gflops=100)
+    assert roofline(graph, slow_memory).parts["linear"] == pytest.approx(0.896e-6 + 2e-6)
+    integer = roofline(linear_graph(np.ones((16, 8)), DType.I8), UNIT)  # products at int8_gops, 1-byte values
+    assert integer.parts["linear"] == pytest.approx(max(1024 / 4e9, (64 * 4 + 32 + 128) / 1e9) + 2e-6)  # i32 out
+
+
+def test_measured_costs_per_kind_replace_the_defaults():
+    device = dataclasses.replace(UNIT, op_costs=(("linear", 5.0, 2.0), ("reshape", 0.5, 1.0)))
+    assert roofline(linear_graph(np.ones((16, 8))), device).parts == pytest.approx(
+        {"linear": 5e-6 + 2 * 1.024e-6, "reshape": 0.5e-6})
+
+
+def test_sparse_weights_count_their_nonzeros_at_the_sparse_kernels_rate():
+    rng = np.random.default_rng(0)
+    weight = np.where(rng.random((64, 64)) < 0.1, 1.0, 0.0)
+    dense = linear_graph(weight)
+    sparse = SelectFormat(format="csr")(dense, PassContext())
+    assert str(sparse.types["w"].encoding) != str(dense.types["w"].encoding)
+    fast = dataclasses.replace(UNIT, dram_gbps=1e6)  # compute-bound
+    ratio = (roofline(sparse, fast).parts["linear"] - 2e-6) / (roofline(dense, fast).parts["linear"] - 2e-6)
+    assert ratio == pytest.approx(np.count_nonzero(weight) / weight.size / 0.3)
+
+
+def test_accelerator_latency_is_its_cycles_at_its_clock_plus_the_host_ops_on_the_host():
+    graph = linear_graph(np.ones((16, 8)))
+    fpga = Device("f", "fpga", price_usd=100, power_w=5, dram_gbps=4, onchip_mb=1, fp32_gflops=0, int8_gops=10,
+                  op_overhead_us=0, clock_mhz=100, host="unit")
+    reshape = [op for op in graph.ops if op.kind == "reshape"]
+    cost = accelerator(graph, fpga, lambda g: (1000, reshape), UNIT)
+    assert cost.parts == pytest.approx({"accelerator": 10e-6, "host": 2e-6})
+    assert cost.energy_j == pytest.approx(10e-6 * 5 + 2e-6 * 10)
+    with pytest.raises(ValueError, match="needs its cycle model"):
+        roofline(graph, fpga)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("price_usd", -1, "price_usd must be a finite number >= 0, got -1"),
+    ("dram_gbps", 0, "dram_gbps must be > 0, got 0"),
+    ("fp32_gflops", float("nan"), "fp32_gflops must be a finite number >= 0, got nan"),
+    ("kind", "tpu", "kind must be one of cpu, gpu, fpga, got 'tpu'"),
+])
+def test_nonsensical_device_figures_are_refused_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(UNIT, **{field: value})
+
+
+def test_accelerator_cycles_are_the_isa_simulators():
+    """The FPGA cycle model (the codegen's schedule, no data) equals what the ISA simulator
+    counts running the program on real inputs."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 8, 8)
+    graph = tcc.compile(DigitsTransformer().eval(), (x,), pipeline="quantize").graph
+    target = load_catalog()["fpga-small"]
+    cycles, host_ops = devices.cycle_model(target.accel)(graph)
+    executor = AccelExecutor(graph, generate(graph, target.accel))
+    executor(x.numpy())
+    assert cycles == executor.stats.cycles > 0
+    assert {op.kind for op in host_ops} >= {"quantize", "dequantize"}  # the float edges stay on the host
+    cost = devices.cost(graph, target, load_catalog())
+    assert isinstance(cost, Cost) and cost.parts["accelerator"] == pytest.approx(cycles / 100e6)
+
+
+def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("TCC_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_measure(template, device="cpu", repeats=7):
+        calls.append(device)
+        return dataclasses.replace(template, fp32_gflops=12.5, int8_gops=20.0, dram_gbps=3.0, cache_gbps=30.0,
+                                   op_overhead_us=4.0, op_costs=(("linear", 6.0, 1.5),))
+
+    monkeypatch.setattr(devices, "measure", fake_measure)
+    first = devices.measured(UNIT)
+    second = devices.measured(UNIT)
+    assert calls == ["cpu"] and first == second and second.op_costs == (("linear", 6.0, 1.5),)
+    (tmp_path / "devices.json").write_text("not json")  # a broken cache is measured again, not an error
+    assert devices.measured(UNIT) == first and calls == ["cpu", "cpu"]

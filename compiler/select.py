@@ -16,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -183,7 +184,8 @@ def explore(base: Graph, data: Dataset, targets: dict[str, Target], *, examples:
         results = [_job(*a) for a in args]
     elif executor == "local":
         workers = workers or min(len(chains), os.cpu_count() or 1)
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        # forkserver: a child forked from this process after torch ran its thread pools computes garbage
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             futures = [pool.submit(_job, *a) for a in args]
             results = [f.result() for f in _progress(futures, progress)]
     elif executor == "ray":

@@ -161,7 +161,7 @@ class AccelConfig:
         are linear in PEs plus, per lane, the nonlinear datapaths; LUT adds the HP gather's
         delay lines, which map to shift registers (`data_bits` SRL16/SRLC32E per 32 stages of
         the `r + c` stages to PE(r, c), lines of 3 stages and more). The coefficients are fit to
-        yosys on fpga-small and fpga-medium. BRAM36 is the memory bits at the density yosys'
+        yosys on the three shipped configs (8x8 without the nonlinearities, 16x16, 32x32). BRAM36 is the memory bits at the density yosys'
         mapping reaches. Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
@@ -171,8 +171,8 @@ class AccelConfig:
             + slices(self.data_bits, 2 * self.acc_bits))
         shift_registers = self.sparse_unit * self.data_bits * sum(
             math.ceil((r + c) / 32) for r in range(self.rows) for c in range(self.cols) if r + c >= 3)
-        return {"LUT": round(333.7 * self.pes + 5996 + shift_registers + nonlinear * 3080 * self.cols),
-                "FF": round(89.3 * self.pes + 2221 + nonlinear * 600 * self.cols),
+        return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols),
+                "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols),
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 

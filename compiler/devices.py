@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, GraphBuilder
 from tcc.ir.types import TensorType
-from tcc.passes.cost_model import Cost, CycleModel, Device, accelerator, op_seconds, roofline
+from tcc.passes.cost_model import Cost, CycleModel, Device, accelerator, cost_key, op_seconds, roofline
 from tcc.runtime.torch_executor import TorchExecutor
 
 from .targets import Target
@@ -68,30 +69,51 @@ def _probe_time(graph: Graph, inputs: list[np.ndarray], device: str, repeats: in
     return sum(TorchExecutor(graph, device).profile([torch.from_numpy(x) for x in inputs], repeats))
 
 
-def _per_kind(device: Device, batch: int, executor_device: str, repeats: int) -> dict[str, list[tuple[float, float]]]:
-    """op kind -> [(roofline seconds, measured seconds)] over the calibration graphs."""
+def _end_to_end(executor: TorchExecutor, tensors: list[torch.Tensor], repeats: int) -> float:
+    sync = torch.cuda.synchronize if executor.device_.type == "cuda" else (lambda: None)
+    executor.run(tensors)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        executor.run(tensors)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
+              ) -> tuple[dict[str, list[tuple[float, float]]], float]:
+    """`cost_key` -> [(roofline seconds, measured seconds)] over the calibration graphs, and
+    the median ratio of a graph's end-to-end time to the sum of its ops' (the executor's own
+    work between ops, which timing each op alone leaves out)."""
     out: dict[str, list[tuple[float, float]]] = {}
+    ratios = []
     for graph, inputs in _calibration_graphs(batch):
-        times = TorchExecutor(graph, executor_device).profile([torch.from_numpy(x) for x in inputs], repeats)
+        executor, tensors = TorchExecutor(graph, executor_device), [torch.from_numpy(x) for x in inputs]
+        times = executor.profile(tensors, repeats)
+        ratios.append(_end_to_end(executor, tensors, repeats) / sum(times))
+        types = graph.types
         for (op, ideal), took in zip(op_seconds(graph, device), times):
-            out.setdefault(op.kind, []).append((ideal, took))
-    return out
+            out.setdefault(cost_key(op, types), []).append((ideal, took))
+    return out, statistics.median(ratios)
 
 
 def measure(template: Device, device: str = "cpu", repeats: int = 7) -> Device:
     """`template` (the catalog's entry: name, kind, price, power, on-chip memory) with its
     throughputs and bandwidths measured on the torch executor on `device` (the probes), and per
-    op kind its fixed cost (the median time of its ops in the calibration graphs at one image)
-    and its factor on the roofline time (the median ratio beyond the fixed cost at 256 images)."""
+    op kind and operand dtype its fixed cost (the median time of its ops in the calibration
+    graphs at one image, scaled to the graphs' end-to-end time) and its factor on the roofline
+    time (the median ratio beyond the fixed cost at 512 images)."""
     probes = _probes()
     seconds = {name: _probe_time(g, inputs, device, repeats) for name, (g, inputs, _work) in probes.items()}
     rates = {name: probes[name][2] / seconds[name] / 1e9 for name in probes}
     device_ = dataclasses.replace(template, fp32_gflops=round(rates["fp32"], 2), int8_gops=round(rates["int8"], 2),
                                   dram_gbps=round(rates["dram"], 2), cache_gbps=round(rates["cache"], 2))
-    small, large = _per_kind(device_, 1, device, repeats), _per_kind(device_, 256, device, repeats)
+    (small, timer), (large, _) = _per_kind(device_, 1, device, repeats), _per_kind(device_, 512, device, repeats)
     costs = []
     for kind in sorted(small):
-        fixed = statistics.median(took for _ideal, took in small[kind])
+        fixed = statistics.median(took for _ideal, took in small[kind]) * timer
         ratios = [(took - fixed) / ideal for ideal, took in large.get(kind, []) if ideal > 0]
         factor = max(0.25, statistics.median(ratios)) if ratios else 1.0
         costs.append((kind, round(fixed * 1e6, 3), round(factor, 3)))

@@ -45,8 +45,9 @@ class Device:
     clock_mhz: float = 0.0
     host: str | None = None  # fpga: the device that runs the ops left to the host
     cache_gbps: float = 0.0  # bandwidth when an op's bytes fit `onchip_mb` (0: dram_gbps)
-    # measured per op kind: (kind, fixed cost in us, factor on the roofline time); else
-    # (op_overhead_us, 1): what the executor's kernels for that kind cost beyond the ideal
+    # measured per op kind (`cost_key`: kind and operand dtype, or kind alone): (key, fixed cost
+    # in us, factor on the roofline time); else (op_overhead_us, 1): what the executor's
+    # kernels cost beyond the ideal
     op_costs: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
@@ -121,6 +122,12 @@ def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> lis
     return out
 
 
+def cost_key(op: Op, types: dict) -> str:
+    """The key of an op's measured costs: its kind and its first operand's dtype (an executor's
+    int8 linear and fp32 linear are different kernels), e.g. `linear:i8`."""
+    return f"{op.kind}:{types[op.operands[0]].dtype.value}" if op.operands else op.kind
+
+
 def roofline(graph: Graph, device: Device, ops: list[Op] | None = None) -> Cost:
     """Latency of `ops` (default: every op of `graph`) on a CPU or GPU `device`: per op its
     `op_seconds` times its kind's factor plus its kind's fixed cost (`Device.op_costs`).
@@ -128,9 +135,10 @@ def roofline(graph: Graph, device: Device, ops: list[Op] | None = None) -> Cost:
     if device.kind == "fpga":
         raise ValueError(f"{device.name}: the roofline models CPUs and GPUs; an FPGA needs its cycle model")
     costs = {kind: (fixed, factor) for kind, fixed, factor in device.op_costs}
+    types = graph.types
     parts: dict[str, float] = {}
     for op, seconds in op_seconds(graph, device, ops):
-        fixed, factor = costs.get(op.kind, (device.op_overhead_us, 1.0))
+        fixed, factor = costs.get(cost_key(op, types), costs.get(op.kind, (device.op_overhead_us, 1.0)))
         parts[op.kind] = parts.get(op.kind, 0.0) + fixed * 1e-6 + factor * seconds
     total = sum(parts.values())
     return Cost(device.name, total, total * device.power_w, parts)

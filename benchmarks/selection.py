@@ -1,9 +1,10 @@
-"""Device selection on the digits Transformer: one exploration (every compression setting x
+"""Device selection on the digits Transformer (named selection.py: a script named select.py
+would shadow the standard library's `select` for every script in this folder): one exploration (every compression setting x
 every device of the catalog, accuracy measured on the 450 held-out images, pruning and
 binarization fine-tuned on the training set), then the choice for a range of latency and
 accuracy constraints, from the cheapest device to the largest.
 
-    .venv/bin/python benchmarks/select.py [--batch 256] [--no-train] [--executor local|inline|ray]
+    .venv/bin/python benchmarks/selection.py [--batch 256] [--no-train] [--executor local|inline|ray]
 
 A run is one batch of `--batch` images. Latencies are the cost model's predictions: the host
 CPU's figures measured on this machine, the accelerators' cycles from their timing.
@@ -11,21 +12,15 @@ CPU's figures measured on this machine, the accelerators' cycles from their timi
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import time
 
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]  # this script's name would shadow the standard library's `select`
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from tcc.passes import Dataset  # noqa: E402
-from tcc.select import choose, select  # noqa: E402
-from tcc.targets import load_catalog  # noqa: E402
-from tcc.zoo import digits_data, train_digits  # noqa: E402
+from tcc.passes import Dataset
+from tcc.select import choose, select
+from tcc.targets import load_catalog
+from tcc.zoo import digits_data, train_digits
 
 PAIRS = [(100.0, 0.95), (25.0, 0.95), (20.0, 0.95), (10.0, 0.95), (5.0, 0.95), (2.0, 0.95), (1.0, 0.95),
          (0.5, 0.95), (5.0, 0.985), (0.2, 0.95), (1.0, 0.999)]

@@ -1,0 +1,111 @@
+"""The cost model's fidelity and speed.
+
+    .venv/bin/python benchmarks/cost_model.py [--repeats 15] [--skip-bert]
+
+1. Host CPU: predicted latency (the roofline with this machine's measured figures) against the
+   torch executor's measured latency (median of `--repeats` runs) on models and batch sizes
+   the calibration did not see: the zoo's transformer-encoder and the digits Transformer at
+   64 and 450 images, fp32, int8 and fully integer. Target: within 25%.
+2. FPGA: the accelerator cycles the cost model uses (the codegen's timing) against the ISA
+   simulator running the program on data: equal by construction, checked here on the digits
+   model for the three FPGA targets.
+3. Speed: seconds to price one (model, setting, device) point of a BERT-base-shaped model
+   (12 layers, 768 hidden, sequence 128) on each device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import tcc
+from tcc.backends.accel.codegen import generate
+from tcc.devices import cost, device_of
+from tcc.passes.cost_model import roofline
+from tcc.runtime.accel_executor import AccelExecutor
+from tcc.runtime.torch_executor import TorchExecutor
+from tcc.targets import load_catalog
+from tcc.zoo import DigitsTransformer, build
+
+PIPELINES = {"fp32": None, "int8": "quantize", "integer": "quantize,int-nonlinear"}
+
+
+def measured_ms(graph, inputs, repeats: int) -> float:
+    executor = TorchExecutor(graph, "cpu")
+    tensors = [torch.as_tensor(x) for x in inputs]
+    executor.run(tensors)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        executor.run(tensors)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def host_fidelity(repeats: int) -> None:
+    catalog = load_catalog()
+    host = device_of(catalog["cpu"], catalog)
+    print(f"host CPU figures (measured): fp32 {host.fp32_gflops:g} GFLOP/s, int8 {host.int8_gops:g} GOP/s, "
+          f"DRAM {host.dram_gbps:g} GB/s, cache {host.cache_gbps:g} GB/s, default op cost {host.op_overhead_us:g} us")
+    print(f"{'model':<28}{'pipeline':<10}{'measured ms':>12}{'predicted ms':>14}{'ratio':>8}")
+    torch.manual_seed(0)
+    cases = [("transformer-encoder", *build("transformer-encoder"))]
+    digits = DigitsTransformer().eval()
+    cases += [(f"digits, {b} images", digits, (torch.rand(b, 8, 8),)) for b in (64, 450)]
+    worst = 0.0
+    for name, model, inputs in cases:
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        for label, spec in PIPELINES.items():
+            if name == "transformer-encoder" and label == "integer":
+                continue
+            graph = tcc.compile(model, inputs, pipeline=spec).graph
+            real = measured_ms(graph, inputs, repeats)
+            predicted = roofline(graph, host).latency_s * 1e3
+            worst = max(worst, abs(predicted / real - 1))
+            print(f"{name:<28}{label:<10}{real:>12.3f}{predicted:>14.3f}{predicted / real:>8.2f}")
+    print(f"worst error {worst:.0%} (target <= 25%): {'PASS' if worst <= 0.25 else 'FAIL'}")
+
+
+def fpga_cycles() -> None:
+    catalog = load_catalog()
+    torch.manual_seed(0)
+    x = torch.rand(16, 8, 8)
+    graph = tcc.compile(DigitsTransformer().eval(), (x,), pipeline="quantize").graph
+    for name in ("fpga-small", "fpga-medium", "fpga-large"):
+        config = catalog[name].accel
+        executor = AccelExecutor(graph, generate(graph, config))
+        executor(x.numpy())
+        predicted = cost(graph, catalog[name], catalog).parts["accelerator"] * config.clock_mhz * 1e6
+        print(f"{name}: cost model {round(predicted):,} cycles, ISA simulator {executor.stats.cycles:,}")
+
+
+def bert_speed() -> None:
+    catalog = load_catalog()
+    model, inputs = build("bert-base")
+    for label, spec in (("fp32", None), ("int8", "quantize")):
+        graph = tcc.compile(model, inputs, pipeline=spec).graph
+        for name, target in catalog.items():
+            if target.measured and target.kind == "gpu" and not torch.cuda.is_available():
+                continue
+            start = time.perf_counter()
+            c = cost(graph, target, catalog)
+            first = time.perf_counter() - start
+            print(f"BERT-base {label:<5} on {name:<12} {c.latency_s * 1e3:10.2f} ms predicted; priced in {first:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--skip-bert", action="store_true")
+    args = parser.parse_args()
+    host_fidelity(args.repeats)
+    fpga_cycles()
+    if not args.skip_bert:
+        bert_speed()
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.codegen import timing
 from tcc.backends.accel.config import AccelConfig
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
@@ -85,38 +85,38 @@ def _end_to_end(executor: TorchExecutor, tensors: list[torch.Tensor], repeats: i
 def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
               ) -> tuple[dict[str, list[tuple[float, float]]], float]:
     """`cost_key` -> [(roofline seconds, measured seconds)] over the calibration graphs, and
-    the median ratio of a graph's end-to-end time to the sum of its ops' (the executor's own
-    work between ops, which timing each op alone leaves out)."""
+    the executor's own time per op (the median over the graphs of their end-to-end time less
+    the sum of their ops', per op: what timing each op alone leaves out)."""
     out: dict[str, list[tuple[float, float]]] = {}
-    ratios = []
+    between = []
     for graph, inputs in _calibration_graphs(batch):
         executor, tensors = TorchExecutor(graph, executor_device), [torch.from_numpy(x) for x in inputs]
         times = executor.profile(tensors, repeats)
-        ratios.append(_end_to_end(executor, tensors, repeats) / sum(times))
+        between.append((_end_to_end(executor, tensors, repeats) - sum(times)) / len(times))
         types = graph.types
         for (op, ideal), took in zip(op_seconds(graph, device), times):
             out.setdefault(cost_key(op, types), []).append((ideal, took))
-    return out, statistics.median(ratios)
+    return out, max(0.0, statistics.median(between))
 
 
 def measure(template: Device, device: str = "cpu", repeats: int = 7) -> Device:
     """`template` (the catalog's entry: name, kind, price, power, on-chip memory) with its
     throughputs and bandwidths measured on the torch executor on `device` (the probes), and per
     op kind and operand dtype its fixed cost (the median time of its ops in the calibration
-    graphs at one image, scaled to the graphs' end-to-end time) and its factor on the roofline
+    graphs at one image, plus the executor's own time per op) and its factor on the roofline
     time (the median ratio beyond the fixed cost at 512 images)."""
     probes = _probes()
     seconds = {name: _probe_time(g, inputs, device, repeats) for name, (g, inputs, _work) in probes.items()}
     rates = {name: probes[name][2] / seconds[name] / 1e9 for name in probes}
     device_ = dataclasses.replace(template, fp32_gflops=round(rates["fp32"], 2), int8_gops=round(rates["int8"], 2),
                                   dram_gbps=round(rates["dram"], 2), cache_gbps=round(rates["cache"], 2))
-    (small, timer), (large, _) = _per_kind(device_, 1, device, repeats), _per_kind(device_, 512, device, repeats)
+    (small, between), (large, _) = _per_kind(device_, 1, device, repeats), _per_kind(device_, 512, device, repeats)
     costs = []
     for kind in sorted(small):
-        fixed = statistics.median(took for _ideal, took in small[kind]) * timer
-        ratios = [(took - fixed) / ideal for ideal, took in large.get(kind, []) if ideal > 0]
+        alone = statistics.median(took for _ideal, took in small[kind])
+        ratios = [(took - alone) / ideal for ideal, took in large.get(kind, []) if ideal > 0]
         factor = max(0.25, statistics.median(ratios)) if ratios else 1.0
-        costs.append((kind, round(fixed * 1e6, 3), round(factor, 3)))
+        costs.append((kind, round((alone + between) * 1e6, 3), round(factor, 3)))
     return dataclasses.replace(device_, op_overhead_us=round(statistics.median(c[1] for c in costs), 3),
                                op_costs=tuple(costs))
 
@@ -168,18 +168,17 @@ def measured(template: Device, device: str = "cpu") -> Device:
 
 
 def cycle_model(config: AccelConfig) -> CycleModel:
-    """The accelerator's timing as the cost model's `CycleModel`: the codegen's schedule of the
-    graph (the ISA's timing, which the ISA simulator and the RTL reproduce cycle for cycle; no
-    data needed), and the ops it leaves to the host. Memoized per graph object (graphs are
-    immutable)."""
+    """The accelerator's timing as the cost model's `CycleModel`: `codegen.timing`, the
+    codegen's schedule of the graph (the ISA's timing, which the ISA simulator and the RTL
+    reproduce cycle for cycle; no data needed), and the ops it leaves to the host. Memoized per
+    graph object (graphs are immutable)."""
     memo: dict[int, tuple[Graph, int, list]] = {}
 
     def cycles(graph: Graph) -> tuple[int, list]:
         if id(graph) not in memo:
-            program = generate(graph, config)
-            host = {h.result for h in program.host_ops}
-            memo[id(graph)] = (graph, sum(s.cycles for s in program.sections),
-                               [op for op in graph.ops if op.result in host])
+            count, host_ops = timing(graph, config)
+            host = {h.result for h in host_ops}
+            memo[id(graph)] = (graph, count, [op for op in graph.ops if op.result in host])
         _graph, count, host_ops = memo[id(graph)]
         return count, host_ops
 

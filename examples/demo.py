@@ -1,7 +1,8 @@
 """End-to-end demo: train a small Transformer on real data (scikit-learn's 8x8 digits), save it
 as a torch.export archive, compile it with the `tcc` CLI, run the artifact on the held-out
 images and compare accuracy and outputs with PyTorch eager; then compile it for fpga-small,
-int8 and HP-pruned (75%, fine-tuned), and run both on the accelerator's ISA simulator.
+int8 and HP-pruned (75%, fine-tuned), and run both on the accelerator's ISA simulator; last,
+let `tcc select` pick the cheapest device and setting under two latency constraints.
 
     .venv/bin/python examples/demo.py [--out build/demo] [--epochs 30]
 """
@@ -9,12 +10,12 @@ int8 and HP-pruned (75%, fine-tuned), and run both on the accelerator's ISA simu
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import json
 
 import torch
 
@@ -81,6 +82,22 @@ def main() -> None:
           f"{dense_cycles:,} dense int8 ({dense_cycles / hp_cycles:.2f}x)")
     if hp_accuracy < eager_accuracy - 0.03 or hp_cycles >= dense_cycles:
         raise SystemExit("demo FAILED: the pruned model lost more than 3 points or ran no faster")
+
+    # the closed loop: the cheapest device (and setting) meeting a latency and an accuracy
+    # constraint, for two latency constraints (a run: the 450 test images)
+    test = args.out / "test.pt"
+    torch.save({"inputs": x_test, "labels": y_test}, test)
+    chosen, ac = [], f"{eager_accuracy - 0.02:.3f}"  # within 2 points of the eager model
+    for lc in ("200ms", "5ms"):
+        report = args.out / f"select-{lc}"
+        shutil.rmtree(report, ignore_errors=True)
+        tcc_cli("select", str(model_file), "--lc", lc, "--ac", ac, "--data", str(test), "--train-data", str(train),
+                "--settings", "fp32,int8,hp75-8x8,hp75-8x8-int8", "--report", str(report), "-q")
+        chosen.append(json.loads((report / "selection.json").read_text())["device"])
+    if chosen[0] == chosen[1]:
+        raise SystemExit("demo FAILED: a tighter latency constraint chose the same device")
+    print(f"selection at accuracy >= {ac}: {chosen[0]} under 200 ms, {chosen[1]} under 5 ms "
+          f"(reports in {args.out}/select-*)")
     print("demo OK")
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tcc
-from tcc.backends.accel.codegen import _LAYOUT_OPS, generate
+from tcc.backends.accel.codegen import _LAYOUT_OPS, _TIMINGS, generate, timing
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.layout import (AccelProgram, DramAllocator, Layout, Region, decode, dram_words, encode,
                                        from_words, pack_binary, to_words)
@@ -607,3 +607,20 @@ def test_without_the_nonlinear_unit_the_nonlinearities_stay_on_the_host():
     program = generate(graph, bare)
     assert [h.kind for h in program.host_ops] == ["int_gelu"]  # the product and its requantize still run
     check_bit_exact(graph, program, *inputs)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize", "hp-prune{sparsity=0.75,block=8x8},quantize,int-nonlinear"])
+def test_timing_is_generates_without_building_it(pipeline):
+    """The cost model's fast path: the cycles and host ops `generate` gives, with sections of a
+    layer signature seen before (the encoder's second layer) reusing the first one's cycles."""
+    import torch
+    from tcc.zoo import DigitsTransformer
+    torch.manual_seed(0)
+    graph = tcc.compile(DigitsTransformer().eval(), (torch.rand(8, 8, 8),), pipeline=pipeline).graph
+    config = AccelConfig(rows=8, cols=8)
+    program = generate(graph, config)
+    _TIMINGS.clear()
+    cycles, host = timing(graph, config)
+    assert cycles == sum(s.cycles for s in program.sections) > 0 and host == program.host_ops
+    linears = sum(op.kind == "linear" for op in graph.ops)
+    assert 0 < len(_TIMINGS) < linears  # the two layers' linears share signatures

@@ -114,3 +114,33 @@ def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
     assert calls == ["cpu"] and first == second and second.op_costs == (("linear", 6.0, 1.5),)
     (tmp_path / "devices.json").write_text("not json")  # a broken cache is measured again, not an error
     assert devices.measured(UNIT) == first and calls == ["cpu", "cpu"]
+
+
+@pytest.mark.slow  # timings: on a quiet machine (`make test-all`); benchmarks/cost_model.py prints the figures
+def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path, monkeypatch):
+    """The measured host's roofline against the torch executor on models and batch sizes the
+    calibration did not see (fresh measurement)."""
+    import statistics
+    import time
+    monkeypatch.setenv("TCC_CACHE", str(tmp_path))
+    catalog = load_catalog()
+    host = devices.device_of(catalog["cpu"], catalog)
+    torch.manual_seed(0)
+    from tcc.runtime.torch_executor import TorchExecutor
+    from tcc.zoo import build
+    encoder, encoder_inputs = build("transformer-encoder")
+    cases = [(encoder, encoder_inputs, spec) for spec in (None, "quantize")]
+    cases += [(DigitsTransformer().eval(), (torch.rand(64, 8, 8),), spec)
+              for spec in (None, "quantize", "quantize,int-nonlinear")]
+    for model, inputs, spec in cases:
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        graph = tcc.compile(model, inputs, pipeline=spec).graph
+        executor = TorchExecutor(graph)
+        executor.run(list(inputs))
+        times = []
+        for _ in range(21):
+            start = time.perf_counter()
+            executor.run(list(inputs))
+            times.append(time.perf_counter() - start)
+        ratio = roofline(graph, host).latency_s / statistics.median(times)
+        assert 0.75 <= ratio <= 1.25, (graph.name, spec, ratio)

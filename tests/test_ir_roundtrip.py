@@ -463,7 +463,7 @@ def test_the_strategy_covers_the_op_table():
     """Sanity of the generator itself: across many draws it emits (almost) every op kind."""
     seen: set[str] = set()
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=600, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(graphs())
     def collect(graph):

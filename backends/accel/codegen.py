@@ -60,7 +60,7 @@ from .isa import FETCH_CYCLES, HANDOFF, UNITS, Buffer, Instruction, Opcode, Toke
 from .layout import (AccelProgram, DramAllocator, DramTensor, HostOp, Layout, Region, Section, batch_words, dram_words,
                      encode, pack_binary, word_offset)
 
-__all__ = ["generate", "AccelProgram"]
+__all__ = ["generate", "timing", "AccelProgram"]
 
 _DATA = {4: DType.I4, 8: DType.I8, 16: DType.I16}
 _MAX_SLOTS = 64  # ring slots per buffer: keeps the tokens in flight below the 8-bit counters (isa.TOKEN_BITS)
@@ -70,7 +70,23 @@ _MAX_COUNT = 0xFFFF  # the widest load/store count and gemm k (16-bit fields)
 def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
     """Compile the quantized linear chains of `graph` to accelerator sections for `config`
     (default `AccelConfig()`); every other op is a host op with its reason."""
-    config = config or AccelConfig()
+    return _generate(graph, config or AccelConfig(), timing=False)
+
+
+def timing(graph: Graph, config: AccelConfig) -> tuple[int, tuple[HostOp, ...]]:
+    """What `generate` would give without building it: the cycles of all its sections (the ISA
+    timing, equal to the ISA simulator's and the RTL's) and its host ops. Sections whose layer
+    has the shape, weight structure and tiling of one seen before take that one's cycles
+    (timing does not depend on addresses or values), and no weight is encoded: the cost
+    model's fast path."""
+    program = _generate(graph, config, timing=True)
+    return sum(s.cycles for s in program.sections), program.host_ops
+
+
+_TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its sections (`timing`)
+
+
+def _generate(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
     allocator = DramAllocator(config)
     sections: list[Section] = []
     images: list[tuple[Region, bytes]] = []
@@ -86,8 +102,10 @@ def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
             continue
         start = allocator.used
         try:
-            compile_layer = _compile_residual if isinstance(layer, _Residual) else _compile
-            layer_sections, constants = compile_layer(layer, allocator, config)
+            if isinstance(layer, _Residual):
+                layer_sections, constants = _compile_residual(layer, allocator, config)
+            else:
+                layer_sections, constants = _compile(layer, allocator, config, timing)
         except _Unsupported as e:
             allocator.used = start
             why[op.result] = str(e)
@@ -95,7 +113,7 @@ def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
         sections.extend(layer_sections)
         images.extend(constants)
         placed.update(o.result for o in layer.ops)
-    dram = bytearray(allocator.used * (config.dram_bits // 8))
+    dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
     for region, data in images:
         dram[region.byte_slice(config)] = data
     host = tuple(HostOp(op.kind, op.result, why.get(op.result) or _host_reason(op, why))
@@ -614,9 +632,10 @@ def _tensors(layer: _Layer, plan: _Plan, config: AccelConfig) -> dict[str, DramT
     return tensors
 
 
-def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
+def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
-    """The layer's sections, and its constants' DRAM contents."""
+    """The layer's sections, and its constants' DRAM contents (`timing`: sections with their
+    cycles only, no program, no contents)."""
     plan = _plan(layer, config)
     tiling = _tiling(layer, plan, config)
     tensors = {}
@@ -626,6 +645,10 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
             tensors[role] = dataclasses.replace(t, region=allocator.allocate(words, f"{layer.out}'s {t.layout.value}"))
     except ValueError as e:
         raise _Unsupported(f"the DRAM is full: {e}") from None
+    signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
+                 plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling)
+    if timing and signature in _TIMINGS:
+        return [Section((), (), (), (), (), 0, cycles, "") for cycles in _TIMINGS[signature]], []
     tiles = _tile_order(layer, plan, tiling, config)
     spans, start = [], 0
     builder = _Builder(layer, plan, tiling, tensors, config)
@@ -656,6 +679,11 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig) \
                 f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)")
         sections.append(Section(tuple(o.result for o in layer.ops), inputs, constants, (tensors["out"],),
                                 program, builder.macs, cycles, note))
+    if len(_TIMINGS) > 4096:
+        _TIMINGS.clear()
+    _TIMINGS[signature] = tuple(section.cycles for section in sections)
+    if timing:
+        return sections, []
     images = []
     if not layer.y:
         stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \

@@ -84,7 +84,7 @@ def _end_to_end(executor: TorchExecutor, tensors: list[torch.Tensor], repeats: i
 
 def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
               ) -> tuple[dict[str, list[tuple[float, float]]], float]:
-    """`cost_key` -> [(roofline seconds, measured seconds)] over the calibration graphs, and
+    """`cost_key` -> [(roofline seconds, on chip, measured seconds)] over the calibration graphs, and
     the executor's own time per op (the median over the graphs of their end-to-end time less
     the sum of their ops', per op: what timing each op alone leaves out)."""
     out: dict[str, list[tuple[float, float]]] = {}
@@ -94,8 +94,8 @@ def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
         times = executor.profile(tensors, repeats)
         between.append((_end_to_end(executor, tensors, repeats) - sum(times)) / len(times))
         types = graph.types
-        for (op, ideal), took in zip(op_seconds(graph, device), times):
-            out.setdefault(cost_key(op, types), []).append((ideal, took))
+        for (op, ideal, cached), took in zip(op_seconds(graph, device), times):
+            out.setdefault(cost_key(op, types), []).append((ideal, cached, took))
     return out, max(0.0, statistics.median(between))
 
 
@@ -104,24 +104,46 @@ def measure(template: Device, device: str = "cpu", repeats: int = 7) -> Device:
     throughputs and bandwidths measured on the torch executor on `device` (the probes), and per
     op kind and operand dtype its fixed cost (the median time of its ops in the calibration
     graphs at one image, plus the executor's own time per op) and its factor on the roofline
-    time (the median ratio beyond the fixed cost at 512 images)."""
+    time, on chip and off (the median ratios beyond the fixed cost of its ops whose bytes fit the
+    L2 cache, and of those that do not, at 64 and 512 images)."""
     probes = _probes()
     seconds = {name: _probe_time(g, inputs, device, repeats) for name, (g, inputs, _work) in probes.items()}
     rates = {name: probes[name][2] / seconds[name] / 1e9 for name in probes}
     device_ = dataclasses.replace(template, fp32_gflops=round(rates["fp32"], 2), int8_gops=round(rates["int8"], 2),
-                                  dram_gbps=round(rates["dram"], 2), cache_gbps=round(rates["cache"], 2))
-    (small, between), (large, _) = _per_kind(device_, 1, device, repeats), _per_kind(device_, 512, device, repeats)
+                                  dram_gbps=round(rates["dram"], 2), cache_gbps=round(rates["cache"], 2),
+                                  onchip_mb=_cache_mb(device) or template.onchip_mb)
+    small, between = _per_kind(device_, 1, device, repeats)
+    loaded = [_per_kind(device_, batch, device, repeats)[0] for batch in (64, 512)]
     costs = []
-    for kind in sorted(small):
-        alone = statistics.median(took for _ideal, took in small[kind])
-        ratios = [(took - alone) / ideal for ideal, took in large.get(kind, []) if ideal > 0]
-        factor = max(0.25, statistics.median(ratios)) if ratios else 1.0
-        costs.append((kind, round((alone + between) * 1e6, 3), round(factor, 3)))
+    for key in sorted(small):
+        alone = statistics.median(took for _ideal, _cached, took in small[key])
+        factors = []
+        for on_chip in (True, False):
+            ratios = [(took - alone) / ideal for table in loaded for ideal, cached, took in table.get(key, [])
+                      if ideal > 0 and cached == on_chip]
+            factors.append(max(0.25, statistics.median(ratios)) if ratios else None)
+        on, off = (f if f is not None else (factors[1 - i] or 1.0) for i, f in enumerate(factors))
+        costs.append((key, round((alone + between) * 1e6, 3), round(on, 3), round(off, 3)))
     return dataclasses.replace(device_, op_overhead_us=round(statistics.median(c[1] for c in costs), 3),
                                op_costs=tuple(costs))
 
 
-_MEASURED = ("fp32_gflops", "int8_gops", "dram_gbps", "cache_gbps", "op_overhead_us")
+def _cache_mb(device: str) -> float:
+    """The CPU's per-core L2 cache in MB (sysfs), 0 when unknown or for a GPU."""
+    if device != "cpu":
+        return 0.0
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1e-3, "M": 1.0}.get(size[-1], 1e-6)
+                return float(size.rstrip("KM")) * scale
+        except (OSError, ValueError):
+            continue
+    return 0.0
+
+
+_MEASURED = ("fp32_gflops", "int8_gops", "dram_gbps", "cache_gbps", "onchip_mb", "op_overhead_us")
 
 
 def _cache_file() -> Path:
@@ -137,7 +159,7 @@ def _machine_key(device: str) -> str:
     except (OSError, StopIteration):
         pass
     name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu
-    text = f"{name}|{torch.get_num_threads()}|{torch.__version__}|{device}"
+    text = f"v2|{name}|{torch.get_num_threads()}|{torch.__version__}|{device}"  # v2: the cached figures' schema
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -46,9 +46,9 @@ class Device:
     host: str | None = None  # fpga: the device that runs the ops left to the host
     cache_gbps: float = 0.0  # bandwidth when an op's bytes fit `onchip_mb` (0: dram_gbps)
     # measured per op kind (`cost_key`: kind and operand dtype, or kind alone): (key, fixed cost
-    # in us, factor on the roofline time); else (op_overhead_us, 1): what the executor's
-    # kernels cost beyond the ideal
-    op_costs: tuple[tuple[str, float, float], ...] = ()
+    # in us, factor on the roofline time when the op's bytes fit `onchip_mb`, factor when they
+    # do not); else (op_overhead_us, 1, 1): what the executor's kernels cost beyond the ideal
+    op_costs: tuple[tuple[str, float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,8 +98,9 @@ def _density(graph: Graph, name: str) -> float:
 SPARSE_EFFICIENCY = 0.3  # sparse kernels (CSR / BSR) reach about this fraction of the dense rate per non-zero
 
 
-def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> list[tuple[Op, float]]:
-    """Each op's roofline time without its fixed cost: the longer of its arithmetic
+def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> list[tuple[Op, float, bool]]:
+    """Each op's roofline time without its fixed cost, and whether its bytes fit on chip: the
+    longer of its arithmetic
     (`op_flops`: integer products at `int8_gops`, the rest at `fp32_gflops`; a linear whose
     weight is stored sparse counts its non-zeros, at `SPARSE_EFFICIENCY` of the dense rate) and
     its memory traffic (operands and result, a constant in its encoded size, views none; at
@@ -118,7 +119,7 @@ def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> lis
             stored[v] if v in constants else types[v].dense_bytes for v in op.operands)
         cached = device.cache_gbps and moved <= device.onchip_mb * 1e6
         bandwidth = (device.cache_gbps if cached else device.dram_gbps) * 1e9
-        out.append((op, max(work / rate if work else 0.0, moved / bandwidth)))
+        out.append((op, max(work / rate if work else 0.0, moved / bandwidth), bool(cached)))
     return out
 
 
@@ -130,16 +131,17 @@ def cost_key(op: Op, types: dict) -> str:
 
 def roofline(graph: Graph, device: Device, ops: list[Op] | None = None) -> Cost:
     """Latency of `ops` (default: every op of `graph`) on a CPU or GPU `device`: per op its
-    `op_seconds` times its kind's factor plus its kind's fixed cost (`Device.op_costs`).
+    `op_seconds` times its kind's factor (on chip or off) plus its kind's fixed cost
+    (`Device.op_costs`).
     `parts`: seconds by op kind."""
     if device.kind == "fpga":
         raise ValueError(f"{device.name}: the roofline models CPUs and GPUs; an FPGA needs its cycle model")
-    costs = {kind: (fixed, factor) for kind, fixed, factor in device.op_costs}
+    costs = {key: (fixed, on_chip, off_chip) for key, fixed, on_chip, off_chip in device.op_costs}
     types = graph.types
     parts: dict[str, float] = {}
-    for op, seconds in op_seconds(graph, device, ops):
-        fixed, factor = costs.get(cost_key(op, types), costs.get(op.kind, (device.op_overhead_us, 1.0)))
-        parts[op.kind] = parts.get(op.kind, 0.0) + fixed * 1e-6 + factor * seconds
+    for op, seconds, cached in op_seconds(graph, device, ops):
+        fixed, on_chip, off_chip = costs.get(cost_key(op, types), costs.get(op.kind, (device.op_overhead_us, 1, 1)))
+        parts[op.kind] = parts.get(op.kind, 0.0) + fixed * 1e-6 + (on_chip if cached else off_chip) * seconds
     total = sum(parts.values())
     return Cost(device.name, total, total * device.power_w, parts)
 

@@ -44,9 +44,16 @@ def test_roofline_takes_the_longer_of_work_and_traffic_plus_the_fixed_cost():
 
 
 def test_measured_costs_per_kind_replace_the_defaults():
-    device = dataclasses.replace(UNIT, op_costs=(("linear", 5.0, 2.0), ("reshape", 0.5, 1.0)))
-    assert roofline(linear_graph(np.ones((16, 8))), device).parts == pytest.approx(
-        {"linear": 5e-6 + 2 * 1.024e-6, "reshape": 0.5e-6})
+    """Per kind and operand dtype (else per kind, else the default): a fixed cost and a factor
+    on the roofline time, one when the op's bytes fit on chip and one when they do not."""
+    costs = (("linear:f32", 5.0, 2.0, 3.0), ("linear", 9.0, 9.0, 9.0), ("reshape", 0.5, 1.0, 1.0))
+    off_chip = dataclasses.replace(UNIT, op_costs=costs)  # no cache figure: every op off chip
+    graph = linear_graph(np.ones((16, 8)))
+    assert roofline(graph, off_chip).parts == pytest.approx({"linear": 5e-6 + 3 * 1.024e-6, "reshape": 0.5e-6})
+    on_chip = dataclasses.replace(off_chip, onchip_mb=1, cache_gbps=1)
+    assert roofline(graph, on_chip).parts["linear"] == pytest.approx(5e-6 + 2 * 1.024e-6)
+    integer = roofline(linear_graph(np.ones((16, 8)), DType.I8), off_chip)  # no linear:i8: the kind's
+    assert integer.parts["linear"] == pytest.approx(9e-6 + 9 * 0.416e-6)
 
 
 def test_sparse_weights_count_their_nonzeros_at_the_sparse_kernels_rate():
@@ -106,12 +113,12 @@ def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
     def fake_measure(template, device="cpu", repeats=7):
         calls.append(device)
         return dataclasses.replace(template, fp32_gflops=12.5, int8_gops=20.0, dram_gbps=3.0, cache_gbps=30.0,
-                                   op_overhead_us=4.0, op_costs=(("linear", 6.0, 1.5),))
+                                   op_overhead_us=4.0, op_costs=(("linear", 6.0, 1.5, 2.5),))
 
     monkeypatch.setattr(devices, "measure", fake_measure)
     first = devices.measured(UNIT)
     second = devices.measured(UNIT)
-    assert calls == ["cpu"] and first == second and second.op_costs == (("linear", 6.0, 1.5),)
+    assert calls == ["cpu"] and first == second and second.op_costs == (("linear", 6.0, 1.5, 2.5),)
     (tmp_path / "devices.json").write_text("not json")  # a broken cache is measured again, not an error
     assert devices.measured(UNIT) == first and calls == ["cpu", "cpu"]
 
@@ -130,7 +137,7 @@ def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path,
     from tcc.zoo import build
     encoder, encoder_inputs = build("transformer-encoder")
     cases = [(encoder, encoder_inputs, spec) for spec in (None, "quantize")]
-    cases += [(DigitsTransformer().eval(), (torch.rand(64, 8, 8),), spec)
+    cases += [(DigitsTransformer().eval(), (torch.rand(32, 8, 8),), spec)
               for spec in (None, "quantize", "quantize,int-nonlinear")]
     for model, inputs, spec in cases:
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)

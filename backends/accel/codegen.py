@@ -650,7 +650,7 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig, timin
     if timing and signature in _TIMINGS:
         return [Section((), (), (), (), (), 0, cycles, "") for cycles in _TIMINGS[signature]], []
     tiles = _tile_order(layer, plan, tiling, config)
-    spans, start = [], 0
+    spans, start = [], 0  # (first tile, end tile, the builder of exactly those tiles)
     builder = _Builder(layer, plan, tiling, tensors, config)
     for i, tile in enumerate(tiles):
         builder.tile(*tile)
@@ -658,20 +658,20 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig, timin
             if i == start:
                 raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
                                    f"the program memory holds {config.imem_depth}")
-            spans.append((start, i))
+            closed = _Builder(layer, plan, tiling, tensors, config)  # the span without the tile that overflowed
+            for t in tiles[start:i]:
+                closed.tile(*t)
+            spans.append((start, i, closed))
             start, builder = i, _Builder(layer, plan, tiling, tensors, config)
             builder.tile(*tile)
             if builder.size() > config.imem_depth:
                 raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
                                    f"the program memory holds {config.imem_depth}")
-    spans.append((start, len(tiles)))
+    spans.append((start, len(tiles), builder))
     inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
     constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
     sections = []
-    for first, end in spans:
-        builder = _Builder(layer, plan, tiling, tensors, config)
-        for tile in tiles[first:end]:
-            builder.tile(*tile)
+    for first, end, builder in spans:
         program, cycles = builder.finish()
         batch = f"{layer.batch} x " if layer.kind != "linear" else ""
         note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "

@@ -17,14 +17,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import tcc
 from tcc.backends.accel.codegen import generate
-from tcc.devices import cost, device_of
+from tcc.devices import cost, device_of, run_seconds
 from tcc.passes.cost_model import roofline
 from tcc.runtime.accel_executor import AccelExecutor
 from tcc.runtime.torch_executor import TorchExecutor
@@ -34,21 +33,9 @@ from tcc.zoo import DigitsTransformer, build
 PIPELINES = {"fp32": None, "int8": "quantize", "integer": "quantize,int-nonlinear"}
 
 
-def measured_ms(graph, inputs, repeats: int) -> float:
-    executor = TorchExecutor(graph, "cpu")
-    tensors = [torch.as_tensor(x) for x in inputs]
-    executor.run(tensors)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        executor.run(tensors)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def host_fidelity(repeats: int) -> None:
     catalog = load_catalog()
-    host = device_of(catalog["cpu"], catalog)
+    host = device_of(catalog["cpu"])
     print(f"host CPU figures (measured): fp32 {host.fp32_gflops:g} GFLOP/s, int8 {host.int8_gops:g} GOP/s, "
           f"DRAM {host.dram_gbps:g} GB/s, cache {host.cache_gbps:g} GB/s, default op cost {host.op_overhead_us:g} us")
     print(f"{'model':<28}{'pipeline':<10}{'measured ms':>12}{'predicted ms':>14}{'ratio':>8}")
@@ -63,7 +50,7 @@ def host_fidelity(repeats: int) -> None:
             if name == "transformer-encoder" and label == "integer":
                 continue
             graph = tcc.compile(model, inputs, pipeline=spec).graph
-            real = measured_ms(graph, inputs, repeats)
+            real = run_seconds(TorchExecutor(graph, "cpu"), [torch.as_tensor(x) for x in inputs], repeats) * 1e3
             predicted = roofline(graph, host).latency_s * 1e3
             worst = max(worst, abs(predicted / real - 1))
             print(f"{name:<28}{label:<10}{real:>12.3f}{predicted:>14.3f}{predicted / real:>8.2f}")

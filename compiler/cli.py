@@ -255,7 +255,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from tcc.select import parse_accuracy, parse_latency, select, write_report
+    from tcc.select import check_report_dir, parse_accuracy, parse_latency, select, write_report
     from tcc.targets import load_catalog
 
     from .data import load_dataset
@@ -263,8 +263,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.targets_file)
     data = load_dataset(args.data, what="evaluation data")
     train = load_dataset(args.train_data, what="training data") if args.train_data else None
-    if args.report and Path(args.report).exists() and (not Path(args.report).is_dir() or any(Path(args.report).iterdir())):
-        raise TccError(f"--report: {args.report} exists and is not an empty directory")
+    if args.report:  # before the exploration, not after it
+        check_report_dir(args.report, "--report: ")
     settings = _settings(args.settings)
     selection = select(args.model, data, catalog, lc_ms=lc_ms, ac=ac, train=train, settings=settings,
                        executor=args.executor, progress=_progress(args), input_shapes=args.input_shape,

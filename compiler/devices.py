@@ -69,7 +69,9 @@ def _probe_time(graph: Graph, inputs: list[np.ndarray], device: str, repeats: in
     return sum(TorchExecutor(graph, device).profile([torch.from_numpy(x) for x in inputs], repeats))
 
 
-def _end_to_end(executor: TorchExecutor, tensors: list[torch.Tensor], repeats: int) -> float:
+def run_seconds(executor: TorchExecutor, tensors: list[torch.Tensor], repeats: int) -> float:
+    """Median seconds of one `executor.run(tensors)` over `repeats` runs after a warm-up
+    (synchronized on CUDA)."""
     sync = torch.cuda.synchronize if executor.device_.type == "cuda" else (lambda: None)
     executor.run(tensors)
     times = []
@@ -92,7 +94,7 @@ def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
     for graph, inputs in _calibration_graphs(batch):
         executor, tensors = TorchExecutor(graph, executor_device), [torch.from_numpy(x) for x in inputs]
         times = executor.profile(tensors, repeats)
-        between.append((_end_to_end(executor, tensors, repeats) - sum(times)) / len(times))
+        between.append((run_seconds(executor, tensors, repeats) - sum(times)) / len(times))
         types = graph.types
         for (op, ideal, cached), took in zip(op_seconds(graph, device), times):
             out.setdefault(cost_key(op, types), []).append((ideal, cached, took))
@@ -192,22 +194,17 @@ def measured(template: Device, device: str = "cpu") -> Device:
 def cycle_model(config: AccelConfig) -> CycleModel:
     """The accelerator's timing as the cost model's `CycleModel`: `codegen.timing`, the
     codegen's schedule of the graph (the ISA's timing, which the ISA simulator and the RTL
-    reproduce cycle for cycle; no data needed), and the ops it leaves to the host. Memoized per
-    graph object (graphs are immutable)."""
-    memo: dict[int, tuple[Graph, int, list]] = {}
-
+    reproduce cycle for cycle; no data needed; sections it has seen are memoized there), and
+    the ops it leaves to the host."""
     def cycles(graph: Graph) -> tuple[int, list]:
-        if id(graph) not in memo:
-            count, host_ops = timing(graph, config)
-            host = {h.result for h in host_ops}
-            memo[id(graph)] = (graph, count, [op for op in graph.ops if op.result in host])
-        _graph, count, host_ops = memo[id(graph)]
-        return count, host_ops
+        count, host_ops = timing(graph, config)
+        host = {h.result for h in host_ops}
+        return count, [op for op in graph.ops if op.result in host]
 
     return cycles
 
 
-def device_of(target: Target, catalog: dict[str, Target]) -> Device:
+def device_of(target: Target) -> Device:
     """The cost model's figures of `target`: measured on this machine where the catalog says so
     (the host CPU; the local CUDA device when there is one), else the catalog's."""
     device = target.device
@@ -220,15 +217,12 @@ def device_of(target: Target, catalog: dict[str, Target]) -> Device:
 
 def cost(graph: Graph, target: Target, catalog: dict[str, Target]) -> Cost:
     """What one run of `graph` costs on `target`: the roofline on a CPU or GPU, the
-    accelerator's cycles plus the host ops on its host (`Device.host`) on an FPGA."""
-    device = device_of(target, catalog)
+    accelerator's cycles plus the host ops on its host (`Device.host`, looked up in `catalog`)
+    on an FPGA."""
+    device = device_of(target)
     if target.kind != "fpga":
         return roofline(graph, device)
     host = catalog.get(device.host or "")
     if host is None:
         raise TccError(f"target '{target.name}': its host '{device.host}' is not in the catalog")
-    return accelerator(graph, device, _cycle_models.setdefault(target.accel, cycle_model(target.accel)),
-                       device_of(host, catalog))
-
-
-_cycle_models: dict[AccelConfig, CycleModel] = {}
+    return accelerator(graph, device, cycle_model(target.accel), device_of(host))

@@ -3,29 +3,34 @@ uncompressed model, as an artifact)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
 from tcc.passes.data import Dataset, batch_size_of
 from tcc.runtime.artifact import Artifact
 
 
+def graph_outputs(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any]) -> np.ndarray:
+    """`run`'s first output (a tensor or array) on every example of `data`, fed in batches of
+    the graph's static size."""
+    data = data.fit(graph)
+    chunks = []
+    for b in data.batches(batch_size_of(graph)):
+        out = run(list(b.inputs))
+        chunks.append(np.asarray(out.cpu().numpy() if isinstance(out, torch.Tensor) else out)[:b.valid])
+    return np.concatenate(chunks)
+
+
 def first_outputs(artifact: Artifact, data: Dataset, on: str) -> np.ndarray:
     """The artifact's first output on every example of `data`, in batches of its static size."""
-    graph = artifact.graph
-    data = data.fit(graph)
-    batch = batch_size_of(graph)
     executor = artifact.executor(on)
-    chunks = []
-    for b in data.batches(batch):
-        if on == "numpy":
-            out = executor(*[x.numpy() for x in b.inputs])[0]
-        else:
-            out = executor.run(list(b.inputs))[0].cpu().numpy()
-        chunks.append(np.asarray(out)[:b.valid])
-    return np.concatenate(chunks)
+    if on == "numpy":
+        return graph_outputs(artifact.graph, data, lambda inputs: executor(*[x.numpy() for x in inputs])[0])
+    return graph_outputs(artifact.graph, data, lambda inputs: executor.run(inputs)[0])
 
 
 def evaluate(artifact: Artifact, data: Dataset, *, on: str = "cpu", baseline: Artifact | None = None

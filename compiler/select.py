@@ -30,10 +30,10 @@ import torch
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, PassContext, parse_pipeline
-from tcc.passes.data import batch_size_of
 from tcc.runtime.torch_executor import TorchExecutor
 
 from .devices import cost
+from .evaluate import graph_outputs
 from .targets import Target
 
 PREFIX = "fold-constants,canonicalize,dce"  # every setting starts from the canonical graph
@@ -118,12 +118,9 @@ def accuracy(graph: Graph, data: Dataset) -> float:
     data = data.fit(graph, "evaluation data")
     if data.labels is None:
         raise TccError(f"{data.source}: selection needs labels to measure accuracy")
-    executor, batch = TorchExecutor(graph, "cpu"), batch_size_of(graph)
-    right = 0
-    for b in data.batches(batch):
-        out = executor.run(list(b.inputs))[0][:b.valid]
-        right += int((out.argmax(-1) == b.labels[:b.valid]).sum())
-    return right / len(data)
+    executor = TorchExecutor(graph, "cpu")
+    outputs = graph_outputs(graph, data, lambda inputs: executor.run(inputs)[0])
+    return float((outputs.argmax(-1) == data.labels.numpy()).mean())
 
 
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
@@ -301,6 +298,15 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: floa
     return choose(points, lc_ms, ac, time.perf_counter() - start)
 
 
+def check_report_dir(directory: str | os.PathLike, option: str = "") -> Path:
+    """`directory` as a Path; a TccError when it exists and is not an empty directory (a report
+    never overwrites)."""
+    out = Path(directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TccError(f"{option}{out}: exists and is not an empty directory")
+    return out
+
+
 def write_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
     """`report.html` (every point, the choice and the reason), `pareto.png` (accuracy against
     latency, each device's Pareto front, the constraints and the choice) and `selection.json`,
@@ -310,9 +316,7 @@ def write_report(selection: Selection, directory: str | os.PathLike, *, model: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(directory)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TccError(f"{out}: exists and is not an empty directory")
+    out = check_report_dir(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
         fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -351,4 +355,4 @@ def write_report(selection: Selection, directory: str | os.PathLike, *, model: s
 
 
 __all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",
-           "parse_latency", "parse_accuracy", "accuracy", "write_report"]
+           "parse_latency", "parse_accuracy", "accuracy", "check_report_dir", "write_report"]

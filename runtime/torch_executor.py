@@ -9,6 +9,9 @@ or transforms it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -57,6 +60,16 @@ def _cast(x, dtype: DType):
     return x.to(TORCH_DTYPES[dtype])
 
 
+def _exact_float(a: torch.dtype, b: torch.dtype, k: int, device: torch.device) -> torch.dtype:
+    """The float type in which a product of integer operands over k terms is exact on CPU and
+    CUDA in any summation order: every partial sum is an integer below 2^24 (float32, when
+    matmuls run in full float32 precision, no TF32) or 2^53 (float64; i16 x i16 up to k = 2^23)."""
+    bound = k * (1 << (torch.iinfo(a).bits - 1)) * (1 << (torch.iinfo(b).bits - 1))
+    full_fp32 = torch.get_float32_matmul_precision() == "highest" and not (
+        device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    return torch.float32 if bound <= 1 << 24 and full_fp32 else torch.float64
+
+
 def _linear(x, w, b=None):
     if isinstance(w, TorchEncodedLinear):
         y = w(x)
@@ -66,10 +79,9 @@ def _linear(x, w, b=None):
     elif x.is_floating_point():
         return F.linear(x, w, b)
     else:
-        # integer linear, bit exact on CPU and CUDA: products and partial sums are integers below
-        # 2^53, so a float64 matmul is exact in any summation order (i16 x i16 up to K = 2^23)
         acc = torch.int64 if torch.int16 in (x.dtype, w.dtype) else torch.int32
-        y = F.linear(x.double(), w.double()).to(torch.int64)
+        exact = _exact_float(x.dtype, w.dtype, x.shape[-1], x.device)
+        y = F.linear(x.to(exact), w.to(exact)).to(acc if exact is torch.float32 else torch.int64)
     return (y if b is None else y + b).to(acc)
 
 
@@ -77,27 +89,34 @@ def _quantize(x, dtype: DType, scale, zero_point):
     if dtype is DType.B1:
         return (x >= 0).to(torch.int8) * 2 - 1
     # a divisor tensor on x's device: CUDA turns division by a host scalar into a reciprocal multiply
-    q = torch.round(x / torch.tensor(scale, dtype=x.dtype, device=x.device))
-    return (q.double() + zero_point).clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
+    q = torch.div(x, torch.tensor(scale, dtype=x.dtype, device=x.device)).round_()
+    if zero_point or dtype.bits > 24:  # x's float type holds every integer of the range: exact without float64
+        q = q.double().add_(zero_point)
+    return q.clamp_(*dtype.value_range).to(TORCH_DTYPES[dtype])
 
 
 def _dequantize(q, scale, zero_point):
-    return (q.to(torch.int64) - zero_point).to(scale.dtype) * scale
+    if zero_point:
+        q = q.to(torch.int64) - zero_point
+    return q.to(scale.dtype) * scale
 
 
 def _requantize(acc, multiplier, shift, dtype: DType, scale, zero_point):
+    # in place on one int64 buffer: the temporaries of a large batch cost more than the arithmetic
     shift = shift.to(torch.int64)
-    p = acc.to(torch.int64) * multiplier.to(torch.int64)
-    r = (p + ((1 << shift) >> 1)) >> shift
-    return (r + zero_point).clamp(*dtype.value_range).to(TORCH_DTYPES[dtype])
+    p = acc.to(torch.int64, copy=True)  # never acc itself: it may have other users
+    p.mul_(multiplier.to(torch.int64)).add_((1 << shift) >> 1).bitwise_right_shift_(shift)
+    if zero_point:
+        p.add_(zero_point)
+    return p.clamp_(*dtype.value_range).to(TORCH_DTYPES[dtype])
 
 
 def _matmul(a, b):
     if a.is_floating_point() or a.dtype in (torch.int32, torch.int64):
         return torch.matmul(a, b)
-    # i4/i8/i16/b1 operands, bit exact on CPU and CUDA as the integer linear: float64 is exact here
     acc = torch.int64 if torch.int16 in (a.dtype, b.dtype) else torch.int32
-    return torch.matmul(a.double(), b.double()).to(torch.int64).to(acc)
+    exact = _exact_float(a.dtype, b.dtype, a.shape[-1], a.device)
+    return torch.matmul(a.to(exact), b.to(exact)).to(acc if exact is torch.float32 else torch.int64).to(acc)
 
 
 # integer-only nonlinearities: the steps of tcc.ir.reference, in int64, bit for bit
@@ -130,12 +149,10 @@ def _int_gelu(x, *, multiplier, shift, clip, one, out_multiplier, out_shift, dty
 
 
 def _isqrt(v):
-    root, rest = torch.zeros_like(v), v
-    for k in range(30, -1, -1):
-        trial = root + (1 << 2 * k)
-        fits = rest >= trial
-        rest = torch.where(fits, rest - trial, rest)
-        root = torch.where(fits, (root >> 1) + (1 << 2 * k), root >> 1)
+    # floor(sqrt(v)) for 0 <= v < 2^62: the float64 root is within one of it, then corrected
+    root = torch.sqrt(v.double()).to(torch.int64)
+    root -= (root * root > v).to(torch.int64)
+    root += ((root + 1) * (root + 1) <= v).to(torch.int64)
     return root
 
 
@@ -217,6 +234,23 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
 _CREATES_TENSORS = {"arange", "full"}
 
 
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Keep freed blocks in the process's heap (glibc): by default glibc maps every block above
+    128 KiB afresh and hands it back on free, so each run page-faults its activations in again,
+    which makes a large batch's runs several times slower than their arithmetic and erratic
+    (what jemalloc or tcmalloc setups of CPU inference avoid). No-op without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not mallopt(m_mmap_threshold, 1 << 30):
+        mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest on older releases
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def resolve_device(on: str) -> torch.device:
     """'cpu' or 'gpu' (the first CUDA device) as a torch device; a clear error when absent."""
     if on == "cpu":
@@ -242,6 +276,8 @@ class TorchExecutor(nn.Module):
         super().__init__()
         self.graph = graph
         self.device_ = torch.device(device)
+        if self.device_.type == "cpu":
+            _keep_freed_memory()
         types = graph.types
         for what, table in (("constant", weight_transforms), ("value", activation_transforms)):
             for name in table or {}:

@@ -23,6 +23,7 @@ from tcc.ir import (REFERENCE, DType, GraphBuilder, TccError, TensorType, Verify
 from tcc.passes import Dataset, IntNonlinear, OptionError, PassContext, format_pipeline, parse_pipeline
 from tcc.passes.int_nonlinear import gelu_attrs, layer_norm_params, softmax_attrs
 from tcc.runtime.numpy_executor import NumpyExecutor
+from tcc.runtime import torch_executor
 from tcc.runtime.torch_executor import TorchExecutor
 from tcc.zoo import digits_data, residual_stream, train_digits
 
@@ -127,6 +128,17 @@ def test_integer_matmul_is_exact_on_both_executors(seed, dtypes, m, k, n, batch)
     out = _both(verify(g.finish([g.op("matmul", x, y)])), a, b)[0]
     assert out.dtype == (np.int64 if DType.I16 in dtypes else np.int32)
     np.testing.assert_array_equal(out, np.matmul(a.astype(np.int64), b.astype(np.int64)))
+
+
+@SETTINGS
+@given(roots=st.lists(st.integers(0, (1 << 31) - 1), min_size=1, max_size=32),
+       offsets=st.lists(st.integers(-2, 2), min_size=32, max_size=32))
+def test_torch_integer_square_root_is_exact_near_every_square(roots, offsets):
+    """The torch kernel's float64 root with its correction is floor(sqrt) on [0, 2^62), where
+    float64 rounding matters most: next to perfect squares."""
+    values = [min(max(r * r + d, 0), (1 << 62) - 1) for r, d in zip(roots, offsets)]
+    got = torch_executor._isqrt(torch.tensor(values, dtype=torch.int64))
+    assert got.tolist() == [math.isqrt(v) for v in values]
 
 
 def test_int_layer_norm_refuses_biases_that_could_wrap():

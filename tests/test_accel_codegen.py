@@ -11,11 +11,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tcc
-from tcc.backends.accel.codegen import _LAYOUT_OPS, _TIMINGS, generate, timing
+from tcc.backends.accel.codegen import _LAYOUT_OPS, _TIMINGS, _schedule, generate, timing
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.layout import (AccelProgram, DramAllocator, Layout, Region, decode, dram_words, encode,
                                        from_words, pack_binary, to_words)
@@ -607,6 +607,54 @@ def test_without_the_nonlinear_unit_the_nonlinearities_stay_on_the_host():
     program = generate(graph, bare)
     assert [h.kind for h in program.host_ops] == ["int_gelu"]  # the product and its requantize still run
     check_bit_exact(graph, program, *inputs)
+
+
+@SETTINGS
+@given(config=configs, lead=st.sampled_from([(1,), (7,), (40,), (3, 30)]), k=st.integers(1, 40),
+       n=st.integers(1, 40), kind=st.sampled_from(["dense", "hp", "blocks", "binary", "softmax", "gelu"]),
+       seed=st.integers(0, 2 ** 16))
+@example(config=dataclasses.replace(SMALL, rows=2, abuf_depth=16, imem_depth=48), lead=(15,), k=3, n=12,
+         kind="dense", seed=0)  # sections alike but for the last row block's rows
+def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind, seed):
+    """`timing` schedules only sections unlike those before it (`_span_key`) and leaves out
+    addresses, tokens and programs: per layer, the cycles of every section equal those of the
+    sections `generate` builds, on configs whose small program memories cut layers into many."""
+    rng = np.random.default_rng(seed)
+    if kind in ("softmax", "gelu"):  # products of two values, on a config with room for the scores
+        config = dataclasses.replace(config, obuf_depth=256, pbuf_depth=256)
+        graph, _ = attention_graph(rng, lead[:1], min(k, 12), n, min(n, 12), kind == "softmax", kind == "gelu")
+    elif kind == "binary":
+        graph, _ = binary_linear(rng, lead, k, n)
+    elif kind == "dense":
+        graph, _ = linear_graph(rng, lead, k, n)
+    else:
+        structure = Hierarchical(2, 4, 2) if kind == "hp" else Blocks(2, 4)
+        weight = hp_weight(rng, n, k, 2, 4, 2 if kind == "hp" else 4, 0.5)
+        graph = structured(sparse_linear(rng, lead, k, n, weight)[0], "w", structure)
+    _TIMINGS.clear()
+    program = generate(graph, config)
+    built = dict(_TIMINGS)
+    _TIMINGS.clear()
+    cycles, host = timing(graph, config)
+    assert _TIMINGS == built and cycles == sum(s.cycles for s in program.sections) and host == program.host_ops
+
+
+def test_timing_schedules_a_repeated_section_once(monkeypatch):
+    """A layer whose sections repeat (one row block, column tiles alike) is timed by scheduling
+    its first section and its last, shorter one."""
+    from tcc.backends.accel import codegen
+    graph, _ = linear_graph(np.random.default_rng(0), (4,), 16, 200)
+    config = dataclasses.replace(SMALL, imem_depth=64)
+    scheduled = []
+    monkeypatch.setattr(codegen, "_schedule", lambda streams, timing=False: scheduled.append(timing) or
+                        _schedule(streams, timing))
+    _TIMINGS.clear()
+    program = generate(graph, config)
+    assert len(program.sections) > 4 and len(scheduled) == len(program.sections)
+    scheduled.clear()
+    _TIMINGS.clear()
+    assert timing(graph, config)[0] == sum(s.cycles for s in program.sections)
+    assert scheduled == [True, True]
 
 
 @pytest.mark.parametrize("pipeline", ["quantize", "hp-prune{sparsity=0.75,block=8x8},quantize,int-nonlinear"])

@@ -45,7 +45,9 @@ ones are covered since units complete in order). The same model gives each secti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import math
 from dataclasses import dataclass
 
@@ -56,7 +58,7 @@ from tcc.ir.graph import Graph, Op
 from tcc.ir.sparsity import Blocks, Hierarchical, Sparsity
 
 from .config import AccelConfig
-from .isa import FETCH_CYCLES, HANDOFF, UNITS, Buffer, Instruction, Opcode, Token, Unit, wrap
+from .isa import FETCH_CYCLES, HANDOFF, UNITS, Buffer, Instruction, Opcode, Token, Unit, drain, occupancy, wrap
 from .layout import (AccelProgram, DramAllocator, DramTensor, HostOp, Layout, Region, Section, batch_words, dram_words,
                      encode, pack_binary, word_offset)
 
@@ -86,7 +88,26 @@ def timing(graph: Graph, config: AccelConfig) -> tuple[int, tuple[HostOp, ...]]:
 _TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its sections (`timing`)
 
 
+@contextlib.contextmanager
+def _without_cycle_collection():
+    """The builders allocate hundreds of thousands of small objects, none in a reference cycle
+    (refcounting frees them): the cyclic collector's passes over every live object of the
+    process would cost as much as building."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _generate(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
+    with _without_cycle_collection():
+        return _generate_sections(graph, config, timing)
+
+
+def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
     allocator = DramAllocator(config)
     sections: list[Section] = []
     images: list[tuple[Region, bytes]] = []
@@ -413,7 +434,7 @@ class _Plan:
     a_words: int
     a_align: int
     tiles: tuple[tuple[_Chunk, ...], ...]
-    stream: np.ndarray
+    stream: np.ndarray | None  # None for dense: the weights stay in their own layout
     steps: int
 
     @property
@@ -453,10 +474,12 @@ def _dense_plan(weight: np.ndarray, config: AccelConfig, op: Opcode = Opcode.GEM
         kmax = max(granule, kmax // granule * granule)
     chunks = math.ceil(k / kmax)
     size = math.ceil(k / chunks) if granule is None else kmax
+    streamed = granule is not None or kind != "dense"  # a dense plan's weights stay in their own layout
     tiles, stream, start, steps = [], [], 0, 0
     for t in range(math.ceil(n / cols)):
-        block = np.zeros((cols, k), np.int64)
-        block[:min(cols, n - t * cols)] = weight[t * cols:(t + 1) * cols]
+        if streamed:
+            block = np.zeros((cols, k), np.int64)
+            block[:min(cols, n - t * cols)] = weight[t * cols:(t + 1) * cols]
         if granule is None:
             kept = np.ones(1, bool)
             granule_k = k
@@ -480,13 +503,15 @@ def _dense_plan(weight: np.ndarray, config: AccelConfig, op: Opcode = Opcode.GEM
             chunk_steps, offset = [], 0
             for r0, r1 in runs:
                 chunk_steps.append(_Step(op, (("a", r0), ("b", offset), ("k", r1 - r0))))
-                stream.append(block[:, r0:r1].T)
+                if streamed:
+                    stream.append(block[:, r0:r1].T)
                 offset += r1 - r0
             tile.append(_Chunk(start, offset, low, high - low, tuple(chunk_steps)))
             start += offset
             steps += offset
         tiles.append(tuple(tile))
-    return _Plan(kind if granule is None else "blocks", k, 1, tuple(tiles), np.concatenate(stream), steps)
+    return _Plan(kind if granule is None else "blocks", k, 1, tuple(tiles), np.concatenate(stream) if streamed else None,
+                 steps)
 
 
 def _runs(kept: np.ndarray, first: int, end: int) -> list[tuple[int, int]]:
@@ -650,24 +675,15 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig, timin
     if timing and signature in _TIMINGS:
         return [Section((), (), (), (), (), 0, cycles, "") for cycles in _TIMINGS[signature]], []
     tiles = _tile_order(layer, plan, tiling, config)
-    spans, start = [], 0  # (first tile, end tile, the builder of exactly those tiles)
-    builder = _Builder(layer, plan, tiling, tensors, config)
-    for i, tile in enumerate(tiles):
-        builder.tile(*tile)
-        if builder.size() > config.imem_depth:
-            if i == start:
-                raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
-                                   f"the program memory holds {config.imem_depth}")
-            closed = _Builder(layer, plan, tiling, tensors, config)  # the span without the tile that overflowed
-            for t in tiles[start:i]:
-                closed.tile(*t)
-            spans.append((start, i, closed))
-            start, builder = i, _Builder(layer, plan, tiling, tensors, config)
-            builder.tile(*tile)
-            if builder.size() > config.imem_depth:
-                raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
-                                   f"the program memory holds {config.imem_depth}")
-    spans.append((start, len(tiles), builder))
+    if len(_TIMINGS) > 4096:
+        _TIMINGS.clear()
+    if timing:
+        _TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles)
+        return [Section((), (), (), (), (), 0, cycles, "") for cycles in _TIMINGS[signature]], []
+    spans = []  # (first tile, end tile, the builder of exactly those tiles)
+    while not spans or spans[-1][1] < len(tiles):
+        start = spans[-1][1] if spans else 0
+        spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start)))
     inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
     constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
     sections = []
@@ -679,11 +695,7 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig, timin
                 f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)")
         sections.append(Section(tuple(o.result for o in layer.ops), inputs, constants, (tensors["out"],),
                                 program, builder.macs, cycles, note))
-    if len(_TIMINGS) > 4096:
-        _TIMINGS.clear()
     _TIMINGS[signature] = tuple(section.cycles for section in sections)
-    if timing:
-        return sections, []
     images = []
     if not layer.y:
         stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
@@ -698,6 +710,69 @@ def _compile(layer: _Layer, allocator: DramAllocator, config: AccelConfig, timin
         words = np.repeat(np.asarray(layer.gelu or layer.softmax, np.int64)[:, None], config.cols, axis=1)
         images.append((tensors["constants"].region, encode(Layout.PARAM_WORDS, words, config)))
     return sections, images
+
+
+def _span(layer: _Layer, plan: _Plan, tiling: _Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+          tiles: list[tuple[int, int, int]], start: int, timing: bool = False) -> tuple[int, "_Builder"]:
+    """The section from tile `start`: as many tiles as its program memory holds. Returns the
+    end tile and the builder of exactly tiles[start:end]."""
+    builder = _Builder(layer, plan, tiling, tensors, config, timing)
+    for end in range(start, len(tiles)):
+        mark = builder.mark()
+        builder.tile(*tiles[end])
+        if builder.size() > config.imem_depth:
+            if end == start:
+                raise _Unsupported(f"one output tile takes {builder.size()} instructions, "
+                                   f"the program memory holds {config.imem_depth}")
+            builder.rewind(mark)
+            return end, builder
+    return len(tiles), builder
+
+
+def _span_key(layer: _Layer, plan: _Plan, config: AccelConfig, tiles: list[tuple[int, int, int]],
+              classes: list[int]) -> tuple:
+    """What the instructions of a section of `tiles` and their timing depend on, addresses
+    aside, tile by tile: its product, row block and column tile numbered by first appearance
+    (the keys of the rings and batches), the step from the previous row block, the row
+    block's parity and rows, the column tile's chunk structure (`classes`) and whether it is
+    the last. A prefix of the tiles has a prefix of the key."""
+    names: dict[tuple, int] = {}
+    last_n = math.ceil(layer.n / config.cols) - 1
+    key, previous = [], None
+    for b, m, n in tiles:
+        ids = tuple(names.setdefault(k, len(names)) for k in (("b", b), ("m", b, m), ("n", b, n), ("p", n)))
+        rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
+        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n))
+        previous = m
+    return tuple(key)
+
+
+def _span_cycles(layer: _Layer, plan: _Plan, tiling: _Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+                 tiles: list[tuple[int, int, int]]) -> tuple[int, ...]:
+    """The cycles of each section `_compile` cuts the layer into, scheduling only sections
+    unlike those before: one whose tiles have the `_span_key` of a section already scheduled,
+    and whose next tile has it too (so it ends where that one did), takes its cycles."""
+    structures: dict[tuple, int] = {}
+    classes = [structures.setdefault(tuple((c.words, c.k, c.steps) for c in chunks), len(structures))
+               for chunks in plan.tiles]
+    seen: dict[tuple, tuple[tuple | None, int]] = {}  # a section's key -> (key with its next tile, cycles)
+    cycles: list[int] = []
+    start = length = 0
+    while start < len(tiles):
+        if length:
+            end = min(start + length, len(tiles))
+            key = _span_key(layer, plan, config, tiles[start:end + 1], classes)
+            hit = seen.get(key[:end - start])
+            if hit is not None and (end == len(tiles) or hit[0] == key):
+                cycles.append(hit[1])
+                start = end
+                continue
+        end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, timing=True)
+        key = _span_key(layer, plan, config, tiles[start:end + 1], classes)
+        seen[key[:end - start]] = (key if end < len(tiles) else None, builder.finish()[1])
+        cycles.append(seen[key[:end - start]][1])
+        start, length = end, end - start
+    return tuple(cycles)
 
 
 def _compile_residual(layer: _Residual, allocator: DramAllocator, config: AccelConfig) \
@@ -769,8 +844,8 @@ class _Node:
     def __init__(self, op: Opcode, deps: list["_Node | None"], config: AccelConfig, **fields: int):
         self.op, self.fields, self.unit = op, fields, UNITS[op]
         self.deps = [d for d in deps if d is not None]
-        instr = Instruction.make(op, **fields)
-        self.occupancy, self.duration = instr.occupancy(config), instr.duration(config)
+        self.occupancy = occupancy(op, fields.__getitem__, config)
+        self.duration = self.occupancy + drain(op, config)
         self.index, self.end = 0, -1
         self.wait: list[Token] = []
         self.signal: list[Token] = []
@@ -818,11 +893,13 @@ class _Batch:
 
 
 class _Builder:
-    """The four instruction streams of one section, built tile by tile."""
+    """The four instruction streams of one section, built tile by tile (`timing`: for their
+    cycles only, with no DRAM addresses and no program)."""
 
     def __init__(self, layer: _Layer, plan: _Plan, tiling: _Tiling, tensors: dict[str, DramTensor],
-                 config: AccelConfig):
+                 config: AccelConfig, timing: bool = False):
         self.layer, self.plan, self.tiling, self.tensors, self.config = layer, plan, tiling, tensors, config
+        self.timing = timing
         self.streams: dict[Unit, list[_Node]] = {u: [] for u in Unit}
         self.a = _Ring(Buffer.ABUF, tiling.a_size, tiling.a_slots)
         self.w = _Ring(Buffer.BBUF, tiling.b_size, tiling.b_slots)
@@ -843,6 +920,8 @@ class _Builder:
         return node
 
     def _dram(self, role: str, block: int, index: int, batch: int = 0) -> int:
+        if self.timing:
+            return 0
         t = self.tensors[role]
         return t.region.start + word_offset(t.layout, t.shape, block, index, self.config, batch)
 
@@ -944,56 +1023,75 @@ class _Builder:
         self.o_readers[batch.slot] = store
         self.batch = None
 
+    def mark(self) -> tuple:
+        """What `rewind` needs to take back the tiles added after this point."""
+        b = self.batch  # the open batch's fields: tiles change it in place
+        return tuple(map(len, self.streams.values())), b and (b.key, b.first, b.last, b.slot, b.requant), self.macs
+
+    def rewind(self, mark: tuple) -> None:
+        """Take back the tiles added since `mark`, for `finish`: the streams and the open batch
+        as they were (later tiles only append instructions; the rings' state is left, as no
+        tile follows)."""
+        lengths, batch, self.macs = mark
+        self.batch = batch and _Batch(*batch)
+        for stream, length in zip(self.streams.values(), lengths):
+            del stream[length:]
+
     def size(self) -> int:
         """Instructions of the section if it ended here (with its last store and halt)."""
         return sum(map(len, self.streams.values())) + (self.batch is not None) + 1
 
     def finish(self) -> tuple[tuple[Instruction, ...], int]:
-        """The section's program (ending in halt) and its cycles."""
+        """The section's program (ending in halt; none when timing) and its cycles."""
         if self.batch is not None:
             self._flush()
-        return _schedule(self.streams)
+        return _schedule(self.streams, self.timing)
 
 
-def _schedule(streams: dict[Unit, list[_Node]]) -> tuple[tuple[Instruction, ...], int]:
+def _schedule(streams: dict[Unit, list[_Node]], timing: bool = False) -> tuple[tuple[Instruction, ...], int]:
     """Interleave the units' streams into one program, greedily placing next the instruction
     that can issue first (the ISA's timing: in order, one per cycle, once its unit is idle and
     what it waits for has ended), turn each dependency into a token, and append halt. Returns
-    the program and its cycles (halt's issue + 1)."""
-    heads = dict.fromkeys(Unit, 0)
-    free = dict.fromkeys(Unit, 0)
+    the program (`timing`: none, nor tokens) and its cycles (halt's issue + 1)."""
+    lanes = [streams[u] for u in (Unit.ARRAY, Unit.VECTOR, Unit.LOAD, Unit.STORE)]  # on a tie the array goes first
+    heads, free = [0] * len(lanes), [0] * len(lanes)
     covered: dict[tuple[Unit, Unit], int] = {}  # (producer unit, consumer unit) -> latest producer waited for
     order: list[_Node] = []
     t = FETCH_CYCLES
     last_end = 0
     while True:
-        best: tuple[int, _Node] | None = None
-        for unit in (Unit.ARRAY, Unit.VECTOR, Unit.LOAD, Unit.STORE):  # on a tie the array goes first
-            if heads[unit] < len(streams[unit]):
-                node = streams[unit][heads[unit]]
-                if all(d.end >= 0 for d in node.deps):
-                    issue = max(t, free[unit], *(d.end for d in node.deps))
-                    if best is None or issue < best[0]:
-                        best = (issue, node)
+        best, best_issue, best_lane = None, 0, 0
+        for lane, stream in enumerate(lanes):
+            if heads[lane] < len(stream):
+                node = stream[heads[lane]]
+                issue = max(t, free[lane])
+                for d in node.deps:
+                    if d.end < 0:
+                        break
+                    issue = max(issue, d.end)
+                else:
+                    if best is None or issue < best_issue:
+                        best, best_issue, best_lane = node, issue, lane
         if best is None:
             break
-        issue, node = best
-        latest: dict[Unit, _Node] = {}
-        for d in node.deps:
-            if d.unit not in latest or d.index > latest[d.unit].index:
-                latest[d.unit] = d
-        for unit, d in latest.items():
-            if d.index > covered.get((unit, node.unit), -1):
-                covered[(unit, node.unit)] = d.index
-                token = HANDOFF[(unit, node.unit)]
-                d.signal.append(token)
-                node.wait.append(token)
+        node, issue = best, best_issue
+        if not timing:
+            latest: dict[Unit, _Node] = {}
+            for d in node.deps:
+                if d.unit not in latest or d.index > latest[d.unit].index:
+                    latest[d.unit] = d
+            for unit, d in latest.items():
+                if d.index > covered.get((unit, node.unit), -1):
+                    covered[(unit, node.unit)] = d.index
+                    token = HANDOFF[(unit, node.unit)]
+                    d.signal.append(token)
+                    node.wait.append(token)
+            order.append(node)
         node.end = issue + node.duration
         last_end = max(last_end, node.end)
-        free[node.unit] = issue + node.occupancy
-        heads[node.unit] += 1
-        order.append(node)
+        free[best_lane] = issue + node.occupancy
+        heads[best_lane] += 1
         t = issue + 1
-    assert all(heads[u] == len(streams[u]) for u in Unit), "the streams' dependencies form a cycle"
-    program = tuple(n.instruction() for n in order) + (Instruction(Opcode.HALT),)
+    assert all(head == len(stream) for head, stream in zip(heads, lanes)), "the streams' dependencies form a cycle"
+    program = () if timing else tuple(n.instruction() for n in order) + (Instruction(Opcode.HALT),)
     return program, max(t, last_end) + 1

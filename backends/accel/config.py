@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -191,4 +192,9 @@ class AccelConfig:
 
     def beats(self, buffer) -> int:
         """DRAM words per word of `buffer`: each buffer word starts a DRAM word."""
-        return math.ceil(self.word_bits(buffer) / self.dram_bits)
+        return self._beats[buffer]
+
+    @functools.cached_property
+    def _beats(self) -> tuple[int, ...]:  # by buffer number: the schedulers ask for it per instruction
+        from .isa import Buffer  # the ISA builds on this module
+        return tuple(math.ceil(self.word_bits(b) / self.dram_bits) for b in sorted(Buffer))

@@ -81,6 +81,7 @@ import re
 import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
+from typing import Callable
 
 import numpy as np
 
@@ -201,6 +202,38 @@ HANDOFF: dict[tuple[Unit, Unit], Token] = {
     (Unit.VECTOR, Unit.STORE): Token.VE2ST, (Unit.STORE, Unit.VECTOR): Token.ST2VE}
 
 
+def steps(op: Opcode, field: Callable[[str], int]) -> int:
+    """An array instruction's cycles feeding the array (one operand step each), from its
+    fields (`field(name)`)."""
+    return field("blocks") * field("nnz") if op is Opcode.SPGEMM else field("k")
+
+
+def occupancy(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> int:
+    """Cycles an instruction (`op`, its fields by `field(name)`) keeps its unit from issuing
+    the next one (halt: 1): the ISA's timing, with `duration`. Addresses never matter."""
+    if op in (Opcode.LOAD, Opcode.STORE):
+        return config.dram_latency + field("count") * config.beats(field("buf"))
+    if op in ARRAY_OPS:
+        return steps(op, field)
+    if op in (Opcode.REQUANT, Opcode.VACC):
+        return config.rows
+    if op is Opcode.HALT:
+        return 1
+    per_word, fixed = PASSES.get(op, (1, 0))
+    return per_word * field("n") + fixed
+
+
+def drain(op: Opcode, config: AccelConfig) -> int:
+    """Cycles an instruction ends after its occupancy: the array's drain after its steps."""
+    return config.rows + config.cols - 2 if op in ARRAY_OPS else 0
+
+
+def duration(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> int:
+    """Cycles from an instruction's issue to its end: its tokens signal and its memory is free
+    then."""
+    return occupancy(op, field, config) + drain(op, config)
+
+
 @dataclass(frozen=True)
 class Instruction:
     """One instruction: `op`, its fields (`args`, in `FORMATS` order) and its token masks."""
@@ -263,26 +296,15 @@ class Instruction:
 
     def steps(self) -> int:
         """Array instructions: the cycles they feed the array (one operand step each)."""
-        return self["blocks"] * self["nnz"] if self.op is Opcode.SPGEMM else self["k"]
+        return steps(self.op, self.__getitem__)
 
     def occupancy(self, config: AccelConfig) -> int:
         """Cycles the instruction keeps its unit from issuing the next one (halt: 1)."""
-        op = self.op
-        if op in (Opcode.LOAD, Opcode.STORE):
-            return config.dram_latency + self["count"] * config.beats(Buffer(self["buf"]))
-        if op in ARRAY_OPS:
-            return self.steps()
-        if op in (Opcode.REQUANT, Opcode.VACC):
-            return config.rows
-        if op is Opcode.HALT:
-            return 1
-        per_word, fixed = PASSES.get(op, (1, 0))
-        return per_word * self["n"] + fixed
+        return occupancy(self.op, self.__getitem__, config)
 
     def duration(self, config: AccelConfig) -> int:
         """Cycles from issue to the end: its tokens signal and its memory is free then."""
-        drain = config.rows + config.cols - 2 if self.op in ARRAY_OPS else 0
-        return self.occupancy(config) + drain
+        return duration(self.op, self.__getitem__, config)
 
     def accesses(self, config: AccelConfig) -> tuple[tuple[str, int, int, bool], ...]:
         """The memory ranges it touches: (space, first, end, writes) with space a buffer name,

@@ -74,10 +74,11 @@ def _auto_target(args: argparse.Namespace) -> tuple[str, str | None]:
     from tcc.targets import load_catalog
 
     from .data import load_dataset
+    if args.pipeline:
+        raise TccError("--target auto with --pipeline needs select-device{lc=...,ac=...} in it; without a pipeline, "
+                       "--lc, --ac and --data explore the compression settings too")
     if not (args.lc and args.ac and args.data):
         raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`)")
-    if args.pipeline:
-        raise TccError("--target auto chooses the compression setting itself: drop --pipeline")
     selection = select(args.model, load_dataset(args.data, what="evaluation data"), load_catalog(args.targets_file),
                        lc_ms=parse_latency(args.lc), ac=parse_accuracy(args.ac),
                        train=load_dataset(args.train_data, what="training data") if args.train_data else None,
@@ -93,20 +94,28 @@ def _auto_target(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
-    if args.target == "auto":
+    from tcc.passes import parse_pipeline
+    choosing = bool(args.pipeline) and any(p.name == "select-device" for p in parse_pipeline(args.pipeline))
+    eval_data = None
+    if args.target == "auto" and not choosing:
         args.target, args.pipeline = _auto_target(args)
-    elif args.lc or args.ac or args.data or args.settings:
-        raise TccError("--lc, --ac, --data and --settings choose the device: they go with --target auto")
+    elif args.lc or args.ac or args.settings:
+        raise TccError("--lc, --ac and --settings go with --target auto without --pipeline "
+                       "(in a pipeline, select-device takes lc and ac as options)")
+    elif args.data and not choosing:
+        raise TccError("--data is the evaluation data of --target auto or of select-device in --pipeline")
+    else:
+        eval_data = args.data
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
-                           train_data=args.train_data, calib_data=args.calib_data, progress=_progress(args),
-                           accel=args.accel, synth=args.synth, targets_file=args.targets_file)
+                           train_data=args.train_data, calib_data=args.calib_data, eval_data=eval_data,
+                           progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
         for line in artifact.manifest["pass_log"]:
             print(f"  {line}")
-    print(f"compiled {artifact.manifest['source']} for {args.target}: {summary} -> {path}")
+    print(f"compiled {artifact.manifest['source']} for {artifact.manifest['target']['name']}: {summary} -> {path}")
     if "accel" in artifact.manifest and not args.quiet:
         host = artifact.manifest["accel"]["host_ops"]
         print(f"  accelerator: {artifact.manifest['accel']['sections']} sections; {len(host)} ops on the host"
@@ -297,16 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  tcc compile model.pt2 --target fpga-small -o out/\n"
                               "  tcc compile model.pt2 --target my-fpga --targets-file my_targets.json -o out/\n"
-                              "  tcc compile model.pt2 --target auto --lc 10ms --ac 0.95 --data test.pt -o out/")
+                              "  tcc compile model.pt2 --target auto --lc 10ms --ac 0.95 --data test.pt -o out/\n"
+                              "  tcc compile model.pt2 --target auto --data test.pt -o out/ \\\n"
+                              "      --pipeline 'hp-prune{sparsity=0.5},quantize,select-device{lc=10ms,ac=0.95}'")
     p.add_argument("model", help="model file: torch.export (.pt2), TorchScript, state_dict or torch.save")
     p.add_argument("--target", default="cpu", help="target name (see `tcc targets`), or auto: the cheapest device "
-                                                   "and setting meeting --lc and --ac on --data; default cpu")
+                                                   "and setting meeting --lc and --ac on --data (or the device "
+                                                   "select-device in --pipeline chooses); default cpu")
     p.add_argument("--targets-file", metavar="FILE.json",
                    help="user targets to add to the catalog (a JSON object of targets by name, the shipped "
                         "catalog's schema; see `tcc targets --help`); --target may name one")
     p.add_argument("--lc", metavar="LATENCY", help="--target auto: latency constraint per run (10ms, 2s, 800us)")
     p.add_argument("--ac", metavar="ACCURACY", help="--target auto: accuracy constraint on --data (0.95 or 95%%)")
-    p.add_argument("--data", metavar="D.pt", help="--target auto: labelled evaluation data")
+    p.add_argument("--data", metavar="D.pt", help="--target auto, select-device: labelled evaluation data")
     p.add_argument("--settings", metavar="NAME,...", help="--target auto: the compression settings to explore "
                                                            "(default: all; see `tcc select --help`)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")

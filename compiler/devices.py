@@ -21,6 +21,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, GraphBuilder
 from tcc.ir.types import TensorType
-from tcc.passes.cost_model import Cost, CycleModel, Device, accelerator, cost_key, op_seconds, roofline
+from tcc.passes import PassContext, parse_pipeline
+from tcc.passes.cost_model import (Candidate, Cost, CycleModel, Device, accelerator, cost_key, op_seconds,
+                                  roofline)
 from tcc.runtime.torch_executor import TorchExecutor
 
 from .targets import Target
@@ -226,3 +229,27 @@ def cost(graph: Graph, target: Target, catalog: dict[str, Target]) -> Cost:
     if host is None:
         raise TccError(f"target '{target.name}': its host '{device.host}' is not in the catalog")
     return accelerator(graph, device, cycle_model(target.accel), device_of(host))
+
+
+def available(target: Target) -> bool:
+    """Whether the cost model can price `target` here: every catalog device but the local CUDA
+    device on a machine without one."""
+    return not (target.measured and target.kind == "gpu" and not torch.cuda.is_available())
+
+
+def lowered(graph: Graph, target: Target, seed: int = 0) -> Graph:
+    """`graph` after `target`'s own lowering passes (select-format: the encodings it executes)."""
+    ctx = PassContext(formats=target.formats, work_cost=target.work_cost, seed=seed)
+    for p in parse_pipeline(target.lowering):
+        graph = p(graph, ctx)
+    return graph
+
+
+def candidates(offered: dict[str, Target], catalog: dict[str, Target]) -> tuple[Candidate, ...]:
+    """`select-device`'s candidates: the `offered` targets the cost model can price here, each
+    costing a graph after its own lowering (an FPGA's host looked up in `catalog`)."""
+    def costing(target: Target) -> Callable[[Graph], Cost]:
+        return lambda graph: cost(lowered(graph, target), target, catalog)
+
+    return tuple(Candidate(name, t.device.price_usd, costing(t)) for name, t in offered.items() if available(t))
+

@@ -28,7 +28,8 @@ from . import __version__
 from .data import load_dataset
 from .frontend import Signature, from_exported_program, from_module, split_inputs
 from .loader import InputShape, load_model_file
-from .targets import Target, get_target
+from .devices import candidates
+from .targets import Target, get_target, load_catalog
 
 
 def default_pipeline(target: Target) -> list[Pass]:
@@ -91,8 +92,8 @@ def _dataset(spec: DataSpec, graph: Graph, what: str) -> Dataset | None:
 def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: PipelineSpec = None,
             frontend: str = "export", input_shapes: Sequence[str] = (), arch: str | None = None,
             trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
-            progress: bool = False, seed: int = 0, accel: str | None = None, synth: bool = False,
-            targets_file: str | Path | None = None) -> Artifact:
+            eval_data: DataSpec = None, progress: bool = False, seed: int = 0, accel: str | None = None,
+            synth: bool = False, targets_file: str | Path | None = None) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`).
 
@@ -101,17 +102,26 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     after it, except those the pipeline already names (so `select-format{format=csr}` in a
     pipeline is not re-chosen by the target's own `select-format`). `train_data` / `calib_data` (data files or `Dataset`s) feed fine-tuning and
     calibration; without them, passes prune one-shot and calibrate on the example inputs.
-    `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config; `synth`
+    `target="auto"` takes the device a `select-device{lc=...,ac=...}` in `pipeline` chooses
+    among the catalog's (accuracy on the labelled `eval_data`); named targets are its only
+    candidate, so there it checks the constraints. `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config; `synth`
     synthesizes its accelerator with yosys (minutes), records LUT/FF/DSP/BRAM in the manifest
     and fails if the design does not fit the part. `targets_file` adds (or replaces) targets
     from a JSON file of the catalog's schema."""
-    target_info = get_target(target, targets_file)
-    config = _accel_config(target_info, accel)
-    if synth and config is None:
-        raise TccError(f"--synth: target '{target_info.name}' has no accelerator to synthesize")
-    passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else (
-        list(pipeline) if pipeline is not None else default_pipeline(target_info))
-    lowering = [p for p in parse_pipeline(target_info.lowering) if p.name not in {q.name for q in passes}]
+    catalog = load_catalog(targets_file)
+    passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
+    if target == "auto":
+        if not any(p.name == "select-device" for p in passes):
+            raise TccError("target 'auto' needs select-device{lc=...,ac=...} in the pipeline (or `tcc select`)")
+        offered, config = catalog, None
+    else:
+        target_info = get_target(target, targets_file)
+        config = _accel_config(target_info, accel)
+        if synth and config is None:
+            raise TccError(f"--synth: target '{target_info.name}' has no accelerator to synthesize")
+        offered = {target_info.name: target_info}
+        if pipeline is None:
+            passes = default_pipeline(target_info)
     graph, signature, examples, source = lower(model, example_inputs, frontend=frontend,
                                                input_shapes=input_shapes, arch=arch, trust_pickle=trust_pickle)
     data: dict[str, Dataset] = {}
@@ -119,13 +129,25 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     if len(example_arrays) == len(graph.inputs):
         data["example"] = Dataset(tuple(torch.from_numpy(example_arrays[n]) for n in graph.input_names),
                                   source="the example inputs")
-    for key, spec, what in (("train", train_data, "training data"), ("calib", calib_data, "calibration data")):
+    for key, spec, what in (("train", train_data, "training data"), ("calib", calib_data, "calibration data"),
+                            ("eval", eval_data, "evaluation data")):
         dataset = _dataset(spec, graph, what)
         if dataset is not None:
             data[key] = dataset
-    ctx = PassContext(data=data, tile=target_info.tile, formats=target_info.formats, work_cost=target_info.work_cost,
-                      torch_module=TorchExecutor, progress=progress, seed=seed)
-    for p in passes + lowering:
+    ctx = PassContext(data=data, torch_module=TorchExecutor, progress=progress, seed=seed,
+                      devices=candidates(offered, catalog) if any(p.name == "select-device" for p in passes) else ())
+    if target != "auto":
+        ctx.tile, ctx.formats, ctx.work_cost = target_info.tile, target_info.formats, target_info.work_cost
+    for p in passes:
+        graph = p(graph, ctx)
+    if target == "auto":
+        target_info = catalog[ctx.chosen_device]
+        config = _accel_config(target_info, accel)
+        if synth and config is None:
+            raise TccError(f"--synth: the chosen target '{target_info.name}' has no accelerator to synthesize")
+        ctx.tile, ctx.formats, ctx.work_cost = target_info.tile, target_info.formats, target_info.work_cost
+    lowering = [p for p in parse_pipeline(target_info.lowering) if p.name not in {q.name for q in passes}]
+    for p in lowering:
         graph = p(graph, ctx)
     plan = build_plan(graph, target_info.executor)
     manifest = {

@@ -3,26 +3,13 @@ uncompressed model, as an artifact)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
 
 from tcc.ir.errors import TccError
-from tcc.ir.graph import Graph
-from tcc.passes.data import Dataset, batch_size_of
+from tcc.passes.data import Dataset, graph_outputs
 from tcc.runtime.artifact import Artifact
-
-
-def graph_outputs(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any]) -> np.ndarray:
-    """`run`'s first output (a tensor or array) on every example of `data`, fed in batches of
-    the graph's static size."""
-    data = data.fit(graph)
-    chunks = []
-    for b in data.batches(batch_size_of(graph)):
-        out = run(list(b.inputs))
-        chunks.append(np.asarray(out.cpu().numpy() if isinstance(out, torch.Tensor) else out)[:b.valid])
-    return np.concatenate(chunks)
 
 
 def first_outputs(artifact: Artifact, data: Dataset, on: str) -> np.ndarray:

@@ -29,11 +29,11 @@ import torch
 
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.passes import Dataset, PassContext, parse_pipeline
+from tcc.passes import Dataset, Latency, PassContext, parse_pipeline
+from tcc.passes.data import top1_accuracy
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .devices import cost
-from .evaluate import graph_outputs
+from .devices import available, cost, lowered
 from .targets import Target
 
 PREFIX = "fold-constants,canonicalize,dce"  # every setting starts from the canonical graph
@@ -115,12 +115,8 @@ class Selection:
 
 def accuracy(graph: Graph, data: Dataset) -> float:
     """Top-1 accuracy of the graph's first output on `data` (torch executor, CPU)."""
-    data = data.fit(graph, "evaluation data")
-    if data.labels is None:
-        raise TccError(f"{data.source}: selection needs labels to measure accuracy")
     executor = TorchExecutor(graph, "cpu")
-    outputs = graph_outputs(graph, data, lambda inputs: executor.run(inputs)[0])
-    return float((outputs.argmax(-1) == data.labels.numpy()).mean())
+    return top1_accuracy(graph, data, lambda inputs: executor.run(inputs)[0], "evaluation data")
 
 
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
@@ -141,24 +137,15 @@ def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset 
                 graph = p(graph, ctx)
             graphs[setting.steps[:i + 1]] = graph
         acc = accuracy(graph, data)
-        lowered: dict[tuple, Graph] = {}
+        lowered_for: dict[tuple, Graph] = {}
         for name, target in targets.items():
             key = (target.lowering, target.formats, target.work_cost)
-            if key not in lowered:  # the target's own lowering (select-format: its storage encodings)
-                ctx = PassContext(formats=target.formats, work_cost=target.work_cost, seed=seed)
-                lowered[key] = graph
-                for p in parse_pipeline(target.lowering):
-                    lowered[key] = p(lowered[key], ctx)
-            c = cost(lowered[key], target, targets)
+            if key not in lowered_for:
+                lowered_for[key] = lowered(graph, target, seed)
+            c = cost(lowered_for[key], target, targets)
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
                                 target.device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
     return points
-
-
-def available(target: Target) -> bool:
-    """Whether the cost model can price `target` here: every catalog device but the local CUDA
-    device on a machine without one."""
-    return not (target.measured and target.kind == "gpu" and not torch.cuda.is_available())
 
 
 def _chains(settings: Sequence[Setting]) -> list[tuple[Setting, ...]]:
@@ -248,21 +235,12 @@ def pareto(points: Sequence[Point]) -> dict[str, list[Point]]:
 
 
 def parse_latency(text: str) -> float:
-    """'10ms', '2.5 s', '800us' -> milliseconds; a TccError for a bare number, a negative or
-    zero value, or an unknown unit."""
-    units = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
-    raw = text.strip()
-    for unit in sorted(units, key=len, reverse=True):
-        if raw.endswith(unit):
-            number = raw[:-len(unit)].strip()
-            try:
-                value = float(number)
-            except ValueError:
-                break
-            if not math.isfinite(value) or value <= 0:
-                raise TccError(f"--lc: the latency constraint must be positive, got '{text}'")
-            return value * units[unit]
-    raise TccError(f"--lc: '{text}' is not a latency with a unit (e.g. 10ms, 2.5s, 800us)")
+    """'10ms', '2.5 s', '800us' -> milliseconds (`Latency`, as select-device's `lc`); a
+    TccError for a bare number, a negative or zero value, or an unknown unit."""
+    try:
+        return float(Latency.parse(text))
+    except ValueError as e:
+        raise TccError(f"--lc is '{text}' but {e}") from None
 
 
 def parse_accuracy(text: str) -> float:

@@ -11,15 +11,16 @@ from .fold_constants import FoldConstants
 from .hp_prune import HPPrune
 from .int_nonlinear import IntNonlinear
 from .quantize import Quantize
+from .select_device import SelectDevice
 from .select_format import SelectFormat
-from .pipeline import PipelineError, Ratio, Shape2, format_pipeline, parse_pipeline
+from .pipeline import Latency, PipelineError, Ratio, Shape2, format_pipeline, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     FoldConstants, DeadCodeElimination, Canonicalize, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
-    IntNonlinear, SelectFormat)}
+    IntNonlinear, SelectFormat, SelectDevice)}
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
            "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize",
            "DecomposeAttention", "HPPrune", "BlockPrune",
-           "Binarize", "Quantize", "IntNonlinear", "SelectFormat",
-           "PipelineError", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]
+           "Binarize", "Quantize", "IntNonlinear", "SelectFormat", "SelectDevice",
+           "PipelineError", "Latency", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

@@ -16,6 +16,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.verifier import verify
 
+from .cost_model import Candidate
 from .data import Dataset
 
 
@@ -53,6 +54,7 @@ class PassContext:
       unit of decode work costs in bytes when choosing formats (0: memory alone counts);
     - `torch_module`: the torch executor factory, needed by passes that train or calibrate;
     - `progress`: show progress bars on long work; `verify_each`: verify after every pass;
+    - `devices`: the candidates of `select-device`, which records its choice in `chosen_device`;
     - `log`: one line per pass that ran, with the notes the pass made (`note`)."""
 
     verify_each: bool = True
@@ -64,6 +66,8 @@ class PassContext:
     device: str = "cpu"
     progress: bool = False
     seed: int = 0
+    devices: tuple[Candidate, ...] = ()
+    chosen_device: str | None = None
     log: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

@@ -80,6 +80,17 @@ class Cost:
 CycleModel = Callable[[Graph], tuple[int, list[Op]]]  # graph -> (accelerator cycles, ops left to the host)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A device `select-device` may choose: its name, its price (cheaper is preferred) and what
+    one run of a graph costs there (the driver wires the catalog, the measured host and the
+    accelerator's timing, after the device's own lowering)."""
+
+    name: str
+    price_usd: float
+    cost: Callable[[Graph], Cost]
+
+
 # data movement the executors do as views: no bytes move
 _VIEWS = frozenset({"reshape", "permute", "transpose", "squeeze", "unsqueeze", "expand", "select", "slice"})
 _PRODUCTS = frozenset({"linear", "matmul", "scaled_dot_product_attention", "conv2d"})

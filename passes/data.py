@@ -9,7 +9,7 @@ examples, and `valid` says how many of its rows are real.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -96,3 +96,24 @@ def batch_size_of(graph: Graph) -> int:
     if not shape:
         raise TccError("the model's first input is a scalar: it has no batch dimension to feed data through")
     return shape[0]
+
+
+def graph_outputs(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any]) -> np.ndarray:
+    """`run`'s first output (a tensor or array) on every example of `data`, fed in batches of
+    the graph's static size."""
+    data = data.fit(graph)
+    chunks = []
+    for b in data.batches(batch_size_of(graph)):
+        out = run(list(b.inputs))
+        chunks.append(np.asarray(out.cpu().numpy() if isinstance(out, torch.Tensor) else out)[:b.valid])
+    return np.concatenate(chunks)
+
+
+def top1_accuracy(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any], what: str) -> float:
+    """The share of `data`'s examples whose label is the argmax of `run`'s first output; a
+    TccError naming the data (as `what`) when it has no labels or does not fit `graph`."""
+    data = data.fit(graph, what)
+    if data.labels is None:
+        raise TccError(f"{data.source} ({what}): has no labels to measure accuracy with")
+    return float((graph_outputs(graph, data, run).argmax(-1) == data.labels.numpy()).mean())
+

@@ -2,13 +2,14 @@
 `fold-constants,dce,hp-prune{block=16x16,sparsity=0.75},quantize{bits=8}`.
 
 Option values are parsed by the option's annotation: int, float, bool (true/false), str,
-a `Literal[...]` choice, `Shape2` (`16x16`), `Ratio` (`2:4`), or any of these `| None`
+a `Literal[...]` choice, `Shape2` (`16x16`), `Ratio` (`2:4`), `Latency` (`10ms`), or any of these `| None`
 (`none`). `format_pipeline` prints a list of passes back to the same text.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -56,6 +57,31 @@ class Ratio(_IntPair):
     sep, description = ":", "N:M"
 
 
+class Latency(float):
+    """A duration in milliseconds, written with its unit: `10ms`, `2.5s`, `800us`."""
+
+    description = "LATENCY (10ms, 2.5s, 800us)"
+    _UNITS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def __str__(self) -> str:
+        short = f"{float(self):g}"
+        return f"{short if float(short) == self else repr(float(self))}ms"
+
+    @classmethod
+    def parse(cls, text: str) -> "Latency":
+        raw = text.strip()
+        for unit in sorted(cls._UNITS, key=len, reverse=True):
+            if raw.endswith(unit):
+                try:
+                    value = float(raw[:-len(unit)].strip())
+                except ValueError:
+                    break
+                if not math.isfinite(value) or value <= 0:
+                    raise ValueError("expects a positive latency")
+                return cls(value * cls._UNITS[unit])
+        raise ValueError("expects a latency with a unit (e.g. 10ms, 2.5s, 800us)")
+
+
 def _suggest(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(candidates) or 'none'})"
@@ -73,7 +99,7 @@ def describe_type(annotation: Any) -> str:
         return " | ".join(describe_type(a) for a in inner) + " | none"
     if get_origin(annotation) is Literal:
         return "|".join(map(str, args))
-    if isinstance(annotation, type) and issubclass(annotation, _IntPair):
+    if isinstance(annotation, type) and issubclass(annotation, (_IntPair, Latency)):
         return annotation.description
     return getattr(annotation, "__name__", str(annotation))
 
@@ -110,7 +136,7 @@ def parse_value(annotation: Any, text: str) -> Any:
             return float(text)
         except ValueError:
             raise ValueError("expects a number") from None
-    if isinstance(annotation, type) and issubclass(annotation, _IntPair):
+    if isinstance(annotation, type) and issubclass(annotation, (_IntPair, Latency)):
         return annotation.parse(text)
     if annotation is str:
         return text

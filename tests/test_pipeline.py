@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcc.passes import PASSES, OptionError, Pass, PipelineError, Ratio, Shape2, format_pipeline, parse_pipeline
+from tcc.passes import PASSES, OptionError, Pass, PipelineError, Latency, Ratio, Shape2, format_pipeline, parse_pipeline
 from tcc.passes.pipeline import describe_passes
 
 
@@ -93,6 +93,8 @@ def _values_for(annotation):
         return st.floats(0.0, 0.95).map(lambda v: round(v, 3))
     if annotation is Shape2:
         return st.builds(Shape2, st.integers(1, 32), st.integers(1, 32))
+    if annotation is Latency:
+        return st.floats(1e-3, 1e6).map(Latency)
     if annotation is Ratio:
         return st.integers(1, 8).flatmap(lambda m: st.builds(Ratio, st.integers(1, m), st.just(m)))
     return st.sampled_from(["encoder", "layers.0", "attn|ffn"])

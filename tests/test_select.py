@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+import tcc
+
 from conftest import run_cli
 from tcc.cli import main
 from tcc.ir.errors import TccError
@@ -65,8 +67,8 @@ def test_latency_constraints_carry_units(text, ms):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("10", "--lc: '10' is not a latency with a unit"), ("-5ms", "--lc: the latency constraint must be positive"),
-    ("0ms", "must be positive"), ("fast", "is not a latency with a unit"), ("nanms", "must be positive"),
+    ("10", "--lc is '10' but expects a latency with a unit"), ("-5ms", "--lc is '-5ms' but expects a positive latency"),
+    ("0ms", "expects a positive"), ("fast", "expects a latency with a unit"), ("nanms", "expects a positive"),
 ])
 def test_bad_latency_constraints(text, message):
     with pytest.raises(TccError, match=message):
@@ -174,7 +176,7 @@ def test_tcc_select_says_when_no_device_meets_the_constraints(digits, tmp_path, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--lc", "10", "--ac", "0.9"], "--lc: '10' is not a latency with a unit"),
+    (["--lc", "10", "--ac", "0.9"], "--lc is '10' but expects a latency with a unit"),
     (["--lc", "10ms", "--ac", "2"], "--ac: the accuracy constraint must lie in [0, 1], got '2'"),
     (["--lc", "10ms", "--ac", "0.9", "--settings", "fp64"], "--settings: unknown setting 'fp64'"),
     (["--lc", "10ms", "--ac", "0.9", "--data", "{d}/missing.pt"], "no such evaluation data file"),
@@ -199,4 +201,50 @@ def test_compile_target_auto_compiles_for_the_chosen_device(digits, tmp_path):
     cheapest = min(load_catalog().values(), key=lambda t: t.device.price_usd)
     assert manifest["target"]["name"] == cheapest.name and "--target auto: " + cheapest.name in result.stdout
     bad = run_cli("compile", d / "model.pt2", "--target", "cpu", "--lc", "1s", "-o", tmp_path / "b")
-    assert bad.returncode == 2 and "they go with --target auto" in bad.stderr
+    assert bad.returncode == 2 and "go with --target auto without --pipeline" in bad.stderr
+
+
+def test_select_device_in_a_pipeline_compiles_for_the_device_it_chooses(digits, tmp_path):
+    """The compression fixed by the pipeline, the device chosen by select-device: with a loose
+    latency the cheapest device, with a tight one a faster, dearer one; a named target is
+    only checked."""
+    _model, d, test, _train = digits
+    catalog = load_catalog()
+    by_price = sorted((t for t in catalog.values() if not (t.measured and t.kind == "gpu")),
+                      key=lambda t: t.device.price_usd)
+    loose = tcc.compile(d / "model.pt2", target="auto", pipeline="quantize,select-device{lc=1s,ac=0.9}",
+                        eval_data=test)
+    assert loose.manifest["target"]["name"] == by_price[0].name
+    assert any(line.startswith(f"select-device: no change; accuracy ") and f"chose {by_price[0].name} ($" in line
+               for line in loose.manifest["pass_log"])
+    tight = tcc.compile(d / "model.pt2", target="auto", pipeline="quantize,select-device{lc=1.5ms}")
+    chosen = catalog[tight.manifest["target"]["name"]]
+    assert chosen.device.price_usd > by_price[0].device.price_usd
+    with pytest.raises(TccError, match="select-device: no device runs the graph within lc=0.001ms; the fastest"):
+        tcc.compile(d / "model.pt2", target="auto", pipeline="quantize,select-device{lc=1us}")
+    with pytest.raises(TccError, match="select-device: accuracy .* is below ac=1 on every device"):
+        tcc.compile(d / "model.pt2", target="cpu", pipeline="hp-prune{sparsity=0.99},select-device{lc=1s,ac=1}",
+                    eval_data=test)
+    result = run_cli("compile", d / "model.pt2", "--target", "auto", "--pipeline",
+                     "quantize,select-device{lc=1s,ac=0.9}", "--data", d / "test.pt", "-o", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    assert f"compiled model.pt2 (export) for {by_price[0].name}:" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "auto", "--pipeline", "quantize"], "--target auto with --pipeline needs select-device"),
+    (["--target", "auto"], "--target auto needs --lc, --ac and --data"),
+    (["--pipeline", "quantize", "--data", "{d}/test.pt"], "--data is the evaluation data of --target auto or of "
+                                                          "select-device"),
+    (["--pipeline", "select-device{lc=1s}", "--lc", "1s"], "--lc, --ac and --settings go with --target auto"),
+    (["--pipeline", "select-device{lc=10}"], "option 'lc' is '10' but expects a latency with a unit"),
+    (["--pipeline", "select-device{lc=1s,ac=0.5}"], "select-device: ac=0.5 needs labelled evaluation data (--data)"),
+])
+def test_bad_select_device_input(digits, argv, message, capsys, tmp_path):
+    _model, d, _test, _train = digits
+    argv = [str(a).replace("{d}", str(d)) for a in argv]
+    assert main(["compile", str(d / "model.pt2"), "-o", str(tmp_path / "out")] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+

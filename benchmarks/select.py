@@ -1,10 +1,9 @@
-"""Device selection on the digits Transformer (named selection.py: a script named select.py
-would shadow the standard library's `select` for every script in this folder): one exploration (every compression setting x
+"""Device selection on the digits Transformer: one exploration (every compression setting x
 every device of the catalog, accuracy measured on the 450 held-out images, pruning and
 binarization fine-tuned on the training set), then the choice for a range of latency and
 accuracy constraints, from the cheapest device to the largest.
 
-    .venv/bin/python benchmarks/selection.py [--batch 256] [--no-train] [--executor local|inline|ray]
+    .venv/bin/python benchmarks/select.py [--batch 256] [--no-train] [--executor local|inline|ray]
 
 A run is one batch of `--batch` images. Latencies are the cost model's predictions: the host
 CPU's figures measured on this machine, the accelerators' cycles from their timing.
@@ -12,21 +11,36 @@ CPU's figures measured on this machine, the accelerators' cycles from their timi
 
 from __future__ import annotations
 
-import argparse
-import time
+import importlib.machinery
+import importlib.util
+import os
+import sys
 
-import torch
-
-from tcc.passes import Dataset
-from tcc.select import choose, select
-from tcc.targets import load_catalog
-from tcc.zoo import digits_data, train_digits
+if __name__ == "select":
+    # `python benchmarks/<script>.py` puts this folder first on the path, so this file answers
+    # `import select` (subprocess, selectors): hand the importer the standard library's module
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "select", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    sys.modules["select"] = _module
 
 PAIRS = [(100.0, 0.95), (25.0, 0.95), (20.0, 0.95), (10.0, 0.95), (5.0, 0.95), (2.0, 0.95), (1.0, 0.95),
          (0.5, 0.95), (5.0, 0.985), (0.2, 0.95), (1.0, 0.999)]
 
 
 def main() -> None:
+    import argparse
+    import time
+
+    import torch
+
+    from tcc.passes import Dataset
+    from tcc.select import choose, select
+    from tcc.targets import load_catalog
+    from tcc.zoo import digits_data, train_digits
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256, help="images per run (default 256)")
     parser.add_argument("--no-train", action="store_true", help="prune one-shot (no fine-tuning)")

@@ -14,6 +14,7 @@ Medians of several runs; the result is cached per machine (CPU model, threads, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ def _probes() -> dict[str, tuple[Graph, list[np.ndarray], float]]:
     return out
 
 
+@functools.cache
 def _calibration_graphs(batch: int) -> list[tuple[Graph, list[np.ndarray]]]:
     """The digits Transformer in fp32, int8 and fully integer (every op kind of an encoder) on
     `batch` images."""
@@ -88,7 +90,7 @@ def run_seconds(executor: TorchExecutor, tensors: list[torch.Tensor], repeats: i
 
 
 def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
-              ) -> tuple[dict[str, list[tuple[float, float]]], float]:
+              ) -> tuple[dict[str, list[tuple[float, bool, float]]], float]:
     """`cost_key` -> [(roofline seconds, on chip, measured seconds)] over the calibration graphs, and
     the executor's own time per op (the median over the graphs of their end-to-end time less
     the sum of their ops', per op: what timing each op alone leaves out)."""
@@ -104,27 +106,42 @@ def _per_kind(device: Device, batch: int, executor_device: str, repeats: int
     return out, max(0.0, statistics.median(between))
 
 
-def measure(template: Device, device: str = "cpu", repeats: int = 7) -> Device:
+def _median_runs(runs: list[tuple[dict[str, list[tuple[float, bool, float]]], float]]
+                 ) -> tuple[dict[str, list[tuple[float, bool, float]]], float]:
+    """`_per_kind` results of the same graphs measured in several turns, each op's time the
+    median over the turns."""
+    first = runs[0][0]
+    table = {key: [(ideal, cached, statistics.median(run[key][i][2] for run, _ in runs))
+                   for i, (ideal, cached, _took) in enumerate(entries)] for key, entries in first.items()}
+    return table, statistics.median(between for _, between in runs)
+
+
+def measure(template: Device, device: str = "cpu", repeats: int = 3, rounds: int = 3) -> Device:
     """`template` (the catalog's entry: name, kind, price, power, on-chip memory) with its
     throughputs and bandwidths measured on the torch executor on `device` (the probes), and per
     op kind and operand dtype its fixed cost (the median time of its ops in the calibration
     graphs at one image, plus the executor's own time per op) and its factor on the roofline
     time, on chip and off (the median ratios beyond the fixed cost of its ops whose bytes fit the
-    L2 cache, and of those that do not, at 64 and 512 images)."""
+    L2 cache, and of those that do not, at 64 and 512 images). Everything is measured in
+    `rounds` turns of `repeats` runs, each figure the median over the turns: a burst of the
+    machine's other load spoils one turn, not the figures."""
     probes = _probes()
-    seconds = {name: _probe_time(g, inputs, device, repeats) for name, (g, inputs, _work) in probes.items()}
+    turns = [{name: _probe_time(g, inputs, device, repeats) for name, (g, inputs, _work) in probes.items()}
+             for _ in range(rounds)]
+    seconds = {name: statistics.median(turn[name] for turn in turns) for name in probes}
     rates = {name: probes[name][2] / seconds[name] / 1e9 for name in probes}
     device_ = dataclasses.replace(template, fp32_gflops=round(rates["fp32"], 2), int8_gops=round(rates["int8"], 2),
                                   dram_gbps=round(rates["dram"], 2), cache_gbps=round(rates["cache"], 2),
                                   onchip_mb=_cache_mb(device) or template.onchip_mb)
-    small, between = _per_kind(device_, 1, device, repeats)
-    loaded = [_per_kind(device_, batch, device, repeats)[0] for batch in (64, 512)]
+    batches = (1, 64, 512)
+    turns_ = [[_per_kind(device_, batch, device, repeats) for batch in batches] for _ in range(rounds)]
+    (small, between), *loaded = [_median_runs([turn[i] for turn in turns_]) for i in range(len(batches))]
     costs = []
     for key in sorted(small):
         alone = statistics.median(took for _ideal, _cached, took in small[key])
         factors = []
         for on_chip in (True, False):
-            ratios = [(took - alone) / ideal for table in loaded for ideal, cached, took in table.get(key, [])
+            ratios = [(took - alone) / ideal for table, _ in loaded for ideal, cached, took in table.get(key, [])
                       if ideal > 0 and cached == on_chip]
             factors.append(max(0.25, statistics.median(ratios)) if ratios else None)
         on, off = (f if f is not None else (factors[1 - i] or 1.0) for i, f in enumerate(factors))
@@ -164,7 +181,7 @@ def _machine_key(device: str) -> str:
     except (OSError, StopIteration):
         pass
     name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu
-    text = f"v2|{name}|{torch.get_num_threads()}|{torch.__version__}|{device}"  # v2: the cached figures' schema
+    text = f"v3|{name}|{torch.get_num_threads()}|{torch.__version__}|{device}"  # v3: the calibration's method
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@ FPGAs, measured devices and their cache."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("TCC_CACHE", str(tmp_path))
     calls = []
 
-    def fake_measure(template, device="cpu", repeats=7):
+    def fake_measure(template, device="cpu", repeats=3, rounds=3):
         calls.append(device)
         return dataclasses.replace(template, fp32_gflops=12.5, int8_gops=20.0, dram_gbps=3.0, cache_gbps=30.0,
                                    op_overhead_us=4.0, op_costs=(("linear", 6.0, 1.5, 2.5),))
@@ -123,10 +124,19 @@ def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
     assert devices.measured(UNIT) == first and calls == ["cpu", "cpu"]
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow  # timings: on a quiet machine (`make test-all`); benchmarks/cost_model.py prints the figures
-def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path, monkeypatch):
+def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path, monkeypatch, one_thread):
     """The measured host's roofline against the torch executor on models and batch sizes the
-    calibration did not see (fresh measurement)."""
+    calibration did not see (fresh measurement; one thread, which a shared machine's other
+    load disturbs least: the benchmark shows both)."""
     monkeypatch.setenv("TCC_CACHE", str(tmp_path))
     catalog = load_catalog()
     host = devices.device_of(catalog["cpu"])
@@ -137,8 +147,12 @@ def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path,
     cases = [(encoder, encoder_inputs, spec) for spec in (None, "quantize")]
     cases += [(DigitsTransformer().eval(), (torch.rand(32, 8, 8),), spec)
               for spec in (None, "quantize", "quantize,int-nonlinear")]
+    runs = []
     for model, inputs, spec in cases:
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         graph = tcc.compile(model, inputs, pipeline=spec).graph
-        ratio = roofline(graph, host).latency_s / devices.run_seconds(TorchExecutor(graph), list(inputs), 21)
+        runs.append((spec, graph, TorchExecutor(graph), list(inputs)))
+    rounds = [[devices.run_seconds(executor, inputs, 9) for *_, executor, inputs in runs] for _ in range(5)]
+    for (spec, graph, *_), seconds in zip(runs, zip(*rounds)):
+        ratio = roofline(graph, host).latency_s / statistics.median(seconds)
         assert 0.75 <= ratio <= 1.25, (graph.name, spec, ratio)

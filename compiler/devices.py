@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -39,6 +40,8 @@ from tcc.passes.cost_model import (Candidate, Cost, CycleModel, Device, accelera
 from tcc.runtime.torch_executor import TorchExecutor
 
 from .targets import Target
+
+_log = logging.getLogger("tcc.devices")
 
 def _probes() -> dict[str, tuple[Graph, list[np.ndarray], float]]:
     """name -> (graph, inputs, work: FLOPs, OPs or bytes of the probe's one op)."""
@@ -199,7 +202,12 @@ def measured(template: Device, device: str = "cpu") -> Device:
                                        op_costs=tuple(tuple(c) for c in cache[key]["op_costs"]))
         except (KeyError, TypeError, ValueError):
             pass
+    _log.info("measuring %s's %s figures for the cost model (once per machine; cached in %s)", template.name,
+              device, path)
+    start = time.perf_counter()
     result = measure(template, device)
+    _log.info("measured %s in %.1f s: fp32 %g GFLOP/s, int8 %g GOP/s, DRAM %g GB/s", template.name,
+              time.perf_counter() - start, result.fp32_gflops, result.int8_gops, result.dram_gbps)
     cache[key] = {k: getattr(result, k) for k in _MEASURED} | {"op_costs": [list(c) for c in result.op_costs]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ text parser (`passes.pipeline`) and `tcc passes`. A pass checks its option value
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
@@ -18,6 +20,9 @@ from tcc.ir.verifier import verify
 
 from .cost_model import Candidate
 from .data import Dataset
+
+
+_log = logging.getLogger("tcc.passes")
 
 
 class OptionError(TccError):
@@ -132,12 +137,14 @@ class Pass:
     def __call__(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
         ctx.notes = []
+        start = time.perf_counter()
         result = self.run(graph, ctx)
         if ctx.verify_each:
             verify(result.graph)
         line = f"{self.name}: {'changed' if result.changed else 'no change'}"
         ctx.log.append(line + "".join(f"; {n}" for n in ctx.notes))
         ctx.notes = []
+        _log.info("pass %s (%.2f s, %d ops)", ctx.log[-1], time.perf_counter() - start, len(result.graph.ops))
         return result.graph
 
 

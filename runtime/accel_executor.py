@@ -10,6 +10,7 @@ materialized."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,6 +61,9 @@ class AccelStats:
                 "instructions": dict(sorted(self.instructions.items())), "section_cycles": list(self.section_cycles)}
 
 
+_log = logging.getLogger("tcc.accel")
+
+
 class _Recorded(Exception):
     """Ends a `section_runs` run once it has recorded the sections asked for."""
 
@@ -67,11 +71,12 @@ class _Recorded(Exception):
 class AccelExecutor(NumpyExecutor):
     """`AccelExecutor(graph, program)(*arrays) -> list of arrays`: `graph` with the layers of
     `program` (from `codegen.generate(graph, config)`) on the accelerator through
-    `run_section`; `stats` describes the last run."""
+    `run_section`; `stats` describes the last run; `progress` shows a bar over the sections."""
 
-    def __init__(self, graph: Graph, program: AccelProgram, run_section: RunSection = simulate_section):
+    def __init__(self, graph: Graph, program: AccelProgram, run_section: RunSection = simulate_section,
+                 progress: bool = False):
         super().__init__(graph)
-        self.program, self.run_section = program, run_section
+        self.program, self.run_section, self.progress = program, run_section, progress
         self.stats = AccelStats()
         index = {op.result: i for i, op in enumerate(graph.ops)}
         self._layers: dict[int, list[Section]] = {}  # the linear's op index -> its sections
@@ -113,7 +118,14 @@ class AccelExecutor(NumpyExecutor):
         return runs
 
     def _run(self, inputs: tuple[np.ndarray, ...], keep: bool) -> dict[str, np.ndarray]:
+        from tqdm.auto import tqdm
         self.stats = AccelStats()
+        self._bar = tqdm(total=len(self.program.sections), desc="accelerator", unit="section", leave=False,
+                         disable=not self.progress, dynamic_ncols=True)
+        with self._bar:
+            return self._run_ops(inputs, keep)
+
+    def _run_ops(self, inputs: tuple[np.ndarray, ...], keep: bool) -> dict[str, np.ndarray]:
         dram = bytearray(self.program.dram)
         env: dict[str, np.ndarray] = dict(self.graph.weights)
         for (name, t), value in zip(self.graph.inputs, inputs, strict=True):
@@ -144,6 +156,8 @@ class AccelExecutor(NumpyExecutor):
                 raise TccError(f"accelerator section {self.program.sections.index(section)} "
                                f"({', '.join(section.ops)}): {e}") from None
             dram[:] = bytes(data)[:len(dram)]  # the RTL runners may return a grown DRAM
+            _log.debug("section %d (%s): %d cycles", self.program.sections.index(section), section.ops[0], cycles)
+            self._bar.update()
             self.stats.cycles += cycles
             self.stats.section_cycles.append(cycles)
             self.stats.macs += section.macs

@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tcc-installed
 TORCH_VERSION := 2.13.0
-DEBIAN_TOOLS := iverilog verilator yosys
+# command:Debian package of the tools the tests use (RTL simulators, synthesis, the report's headless browser)
+DEBIAN_TOOLS := iverilog:iverilog verilator:verilator yosys:yosys chromium:chromium chromedriver:chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all bench clean
@@ -21,7 +22,9 @@ $(STAMP): pyproject.toml
 .PHONY: debian-tools
 debian-tools:
 	@missing=""; \
-	for tool in $(DEBIAN_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	for entry in $(DEBIAN_TOOLS); do \
+	  command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from tcc.ir.errors import TccError
+
+if TYPE_CHECKING:
+    from tcc.select import Selection
 
 
 def _load_inputs(path: str) -> Any:
     """Inputs from .npy (one array), .npz (by input name, or arr_0.. positionally), or a file
     written by torch.save (tensor, tuple, list or dict; loaded with weights_only)."""
     import torch
+
+    from .data import read_saved
     file = Path(path)
     if not file.is_file():
         raise TccError(f"{path}: no such input file")
@@ -33,10 +39,10 @@ def _load_inputs(path: str) -> Any:
                 arrays = {k: npz[k] for k in npz.files}
             positional = [f"arr_{i}" for i in range(len(arrays))]
             return [arrays[k] for k in positional] if sorted(arrays) == sorted(positional) else arrays
-        value = torch.load(file, weights_only=True, map_location="cpu")
-    except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, Exception) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise TccError(f"{path}: cannot read inputs ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
+    value = read_saved(file, "input")
     if isinstance(value, (torch.Tensor, dict, tuple, list)):
         return value
     raise TccError(f"{path}: holds a {type(value).__name__}; expected a tensor, tuple, list or dict of tensors")
@@ -68,8 +74,9 @@ def _settings(names: str | None):
     return tuple(known[n] for n in chosen)
 
 
-def _auto_target(args: argparse.Namespace) -> tuple[str, str | None]:
-    """--target auto: (target, pipeline) of the device and setting `tcc select` chooses."""
+def _auto_target(args: argparse.Namespace) -> tuple[str, str | None, Selection]:
+    """--target auto: (target, pipeline) of the device and setting `tcc select` chooses, and
+    the selection (for the artifact's report)."""
     from tcc.select import parse_accuracy, parse_latency, select
     from tcc.targets import load_catalog
 
@@ -89,16 +96,17 @@ def _auto_target(args: argparse.Namespace) -> tuple[str, str | None]:
     if not args.quiet:
         print(f"  --target auto: {selection.reason}")
     setting = next(s for s in _settings(args.settings) if s.name == selection.chosen.setting)
-    return selection.chosen.device, setting.pipeline
+    return selection.chosen.device, setting.pipeline, selection
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
     from tcc.passes import parse_pipeline
     choosing = bool(args.pipeline) and any(p.name == "select-device" for p in parse_pipeline(args.pipeline))
-    eval_data = None
+    eval_data = selection = None
     if args.target == "auto" and not choosing:
-        args.target, args.pipeline = _auto_target(args)
+        args.target, args.pipeline, selection = _auto_target(args)
+        eval_data = args.data  # the report's accuracy
     elif args.lc or args.ac or args.settings:
         raise TccError("--lc, --ac and --settings go with --target auto without --pipeline "
                        "(in a pipeline, select-device takes lc and ac as options)")
@@ -109,7 +117,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
                            train_data=args.train_data, calib_data=args.calib_data, eval_data=eval_data,
-                           progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file)
+                           progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file,
+                           selection=selection)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
@@ -156,15 +165,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    line = f"{args.artifact} on {args.data} ({report['examples']} examples, --on {args.on}):"
+    figures = []
     if "accuracy" in report:
-        line += f" accuracy {report['accuracy']:.4f}"
+        baseline_accuracy = report.get("baseline_accuracy")
+        figures.append(f"accuracy {report['accuracy']:.4f}" +
+                       (f" (baseline {baseline_accuracy:.4f})" if baseline_accuracy is not None else ""))
     if baseline is not None:
-        if report["baseline_accuracy"] is not None:
-            line += f" (baseline {report['baseline_accuracy']:.4f})"
-        line += (f", top-1 agreement {report['agreement']:.4f}, max abs error {report['max_abs_error']:.3g}, "
-                 f"relative {report['relative_error']:.3g}")
-    print(line)
+        figures.append(f"top-1 agreement {report['agreement']:.4f}, max abs error {report['max_abs_error']:.3g}, "
+                       f"relative {report['relative_error']:.3g}")
+    print(f"{args.artifact} on {args.data} ({report['examples']} examples, --on {args.on}): " + ", ".join(figures))
     return 0
 
 
@@ -185,6 +194,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs = _load_inputs(args.input) if args.input else None
     if args.stats and args.on not in ("sim", "rtl"):
         raise TccError("--stats: cycle statistics come from --on sim or --on rtl")
+    if args.on in ("sim", "rtl"):
+        artifact.executor(args.on).progress = _progress(args)
     outputs = artifact.run(inputs, on=args.on)
     if args.stats:
         executor = artifact.executor(args.on)
@@ -297,18 +308,41 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tcc", description="tcc: a Transformer co-design compiler")
-    parser.add_argument("--version", action="version", version=f"tcc {__import__('tcc').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other user error: one line, exit code 2."""
 
-    p = sub.add_parser("compile", help="compile a model file into an artifact directory",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  tcc compile model.pt2 --target fpga-small -o out/\n"
-                              "  tcc compile model.pt2 --target my-fpga --targets-file my_targets.json -o out/\n"
-                              "  tcc compile model.pt2 --target auto --lc 10ms --ac 0.95 --data test.pt -o out/\n"
-                              "  tcc compile model.pt2 --target auto --data test.pt -o out/ \\\n"
-                              "      --pipeline 'hp-prune{sparsity=0.5},quantize,select-device{lc=10ms,ac=0.95}'")
+    def error(self, message: str):
+        self.exit(2, f"tcc: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tcc", description="tcc: a Transformer co-design compiler", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  tcc compile model.pt2 --target fpga-small -o out/   # then open out/report.html\n"
+               "  tcc run out/ --on sim\n  tcc select model.pt2 --lc 10ms --ac 0.95 --data test.pt\n\n"
+               "`tcc COMMAND --help` for each command. Exit codes: 0 ok, 2 bad input or constraints no device "
+               "meets, 1 an internal error (a bug in tcc: please report it), 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"tcc {__import__('tcc').__version__}")
+    parser.add_argument("-q", "--quiet", dest="quiet_before", action="store_true", help="as the commands' -q")
+    parser.add_argument("-v", "--verbose", dest="verbose_before", action="count", default=0,
+                        help="as the commands' -v")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    talk = common.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="no progress bars, pass log or tables: results only")
+    talk.add_argument("-v", "--verbose", action="count", default=0,
+                      help="log what tcc does to stderr, with timings (-vv: debug detail)")
+
+    def command(name: str, help: str, examples: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples, **kw)
+
+    p = command("compile", "compile a model file into an artifact directory",
+                "example:\n  tcc compile model.pt2 --target fpga-small -o out/\n"
+                "  tcc compile model.pt2 --target my-fpga --targets-file my_targets.json -o out/\n"
+                "  tcc compile model.pt2 --target auto --lc 10ms --ac 0.95 --data test.pt -o out/\n"
+                "  tcc compile model.pt2 --target auto --data test.pt -o out/ \\\n"
+                "      --pipeline 'hp-prune{sparsity=0.5},quantize,select-device{lc=10ms,ac=0.95}'")
     p.add_argument("model", help="model file: torch.export (.pt2), TorchScript, state_dict or torch.save")
     p.add_argument("--target", default="cpu", help="target name (see `tcc targets`), or auto: the cheapest device "
                                                    "and setting meeting --lc and --ac on --data (or the device "
@@ -339,23 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth", action="store_true",
                    help="fpga targets: synthesize the accelerator with yosys (minutes), record LUT/FF/DSP/BRAM, "
                         "fail if it does not fit the part")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("passes", help="list every pass with its options")
-    p.add_argument("--json", action="store_true")
+    p = command("passes", "list every pass with its options",
+                "examples:\n  tcc passes\n  tcc passes --json\n\n"
+                "A pipeline is NAME{KEY=VALUE,...} joined by commas, e.g.\n"
+                "  tcc compile model.pt2 --pipeline 'hp-prune{block=16x16,sparsity=0.75},quantize' -o out/")
+    p.add_argument("--json", action="store_true", help="print the passes and their options as JSON")
     p.set_defaults(func=cmd_passes)
 
-    p = sub.add_parser("eval", help="accuracy of an artifact on labelled data, and error against a baseline")
-    p.add_argument("artifact")
+    p = command("eval", "accuracy of an artifact on labelled data, and error against a baseline",
+                "examples:\n  tcc eval out/ --data test.pt\n  tcc eval pruned/ --data test.pt --baseline dense/ --json")
+    p.add_argument("artifact", help="artifact directory (from tcc compile)")
     p.add_argument("--data", required=True, metavar="D.pt", help="torch.save({'inputs': X, 'labels': Y})")
     p.add_argument("--baseline", metavar="ARTIFACT", help="the uncompressed model's artifact to compare outputs with")
     p.add_argument("--on", choices=("cpu", "gpu", "numpy"), default="cpu", help="executor (default cpu)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("run", help="run an artifact on inputs")
-    p.add_argument("artifact")
+    p = command("run", "run an artifact on inputs",
+                "examples:\n  tcc run out/                          # on its example inputs, torch executor\n"
+                "  tcc run out/ --input x.npy -o y.pt\n"
+                "  tcc run out/ --on sim --stats stats.json   # fpga targets: the ISA simulator\n"
+                "  tcc run out/ --on rtl                  # fpga targets: Verilator on the Verilog")
+    p.add_argument("artifact", help="artifact directory (from tcc compile)")
     p.add_argument("--input", help="inputs: .npy, .npz, or a torch.save file (tensor, tuple or dict); "
                                    "default: the artifact's example inputs")
     p.add_argument("--on", choices=("cpu", "gpu", "numpy", "sim", "rtl"), default="cpu",
@@ -365,33 +406,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="save outputs with torch.save to this file")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("inspect", help="summarize an artifact's graph and constants")
-    p.add_argument("artifact")
-    p.add_argument("--json", action="store_true")
+    p = command("inspect", "summarize an artifact's graph and constants",
+                "examples:\n  tcc inspect out/\n  tcc inspect out/ --json")
+    p.add_argument("artifact", help="artifact directory (from tcc compile)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("targets", help="list targets: kind, price, power, throughput, memory, FPGA part and array",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  tcc targets\n  tcc targets --json\n"
-                              "  tcc targets --targets-file my_targets.json   # add (or replace) targets from a file\n\n"
-                              "A targets file is a JSON object of targets by name with the shipped catalog's fields:\n"
-                              "  kind, backend, executor, description, tile, pipeline, lowering [formats, work_cost, "
-                              "measured]\n"
-                              "  cpu/gpu: device {price_usd, power_w, dram_gbps, onchip_mb, fp32_gflops, int8_gops, "
-                              "op_overhead_us, clock_mhz}\n"
-                              "  fpga: part {name, family, lut, ff, dsp, bram36, uram, dram_gbps, price_usd, power_w, "
-                              "host}, accel {rows, cols, ...} [synthesis]")
+    p = command("targets", "list targets: kind, price, power, throughput, memory, FPGA part and array",
+                "examples:\n  tcc targets\n  tcc targets --json\n"
+                "  tcc targets --targets-file my_targets.json   # add (or replace) targets from a file\n\n"
+                "A targets file is a JSON object of targets by name with the shipped catalog's fields:\n"
+                "  kind, backend, executor, description, tile, pipeline, lowering [formats, work_cost, measured]\n"
+                "  cpu/gpu: device {price_usd, power_w, dram_gbps, onchip_mb, fp32_gflops, int8_gops, "
+                "op_overhead_us, clock_mhz}\n"
+                "  fpga: part {name, family, lut, ff, dsp, bram36, uram, dram_gbps, price_usd, power_w, "
+                "host}, accel {rows, cols, ...} [synthesis]")
     p.add_argument("--json", action="store_true", help="print every target as JSON, with its device figures")
     p.add_argument("--targets-file", metavar="FILE.json",
                    help="user targets to add to the catalog (a JSON object of targets by name, the shipped "
                         "catalog's schema); a user target replaces a shipped one of the same name")
     p.set_defaults(func=cmd_targets)
-    p = sub.add_parser("select", help="choose the cheapest device and compression setting meeting a latency and "
-                                      "an accuracy constraint",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  tcc select model.pt2 --lc 10ms --ac 0.95 --data test.pt --train-data train.pt "
-                              "--report sel/\n\nexit code 0 when a device meets both constraints, 2 when none does "
-                              "(the closest point is printed)")
+    p = command("select", "choose the cheapest device and compression setting meeting a latency and an accuracy "
+                "constraint",
+                "example:\n  tcc select model.pt2 --lc 10ms --ac 0.95 --data test.pt --train-data train.pt "
+                "--report sel/\n\nexit code 0 when a device meets both constraints, 2 when none does "
+                "(the closest point is printed)")
     p.add_argument("model", help="model file (as for compile)")
     p.add_argument("--lc", required=True, metavar="LATENCY", help="latency constraint per run, with a unit: 10ms, 2s, 800us")
     p.add_argument("--ac", required=True, metavar="ACCURACY", help="accuracy constraint on --data: 0.95 or 95%%")
@@ -410,13 +449,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
     p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
     p.add_argument("--json", action="store_true", help="print {device, setting, latency_ms, accuracy, points, ...}")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or points table")
     p.set_defaults(func=cmd_select)
     return parser
 
 
+def _configure_logging(verbosity: int) -> None:
+    """-v: what tcc does, with timings (INFO); -vv: debug detail; one `tcc: ` line each on stderr."""
+    logger = logging.getLogger("tcc")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    if verbosity:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tcc: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet, args.verbose = args.quiet or args.quiet_before, args.verbose + args.verbose_before  # tcc -v CMD
+    _configure_logging(0 if args.quiet else args.verbose)
     debug = bool(os.environ.get("TCC_DEBUG"))
     if not debug:  # library deprecation chatter is not the user's business
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -434,5 +487,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"tcc: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(a bug in tcc; set TCC_DEBUG=1 for the traceback)", file=sys.stderr)
+              "(a bug in tcc: please report it, with the traceback TCC_DEBUG=1 prints)", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ a data file never runs code."""
 
 from __future__ import annotations
 
-import zipfile
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +15,43 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes.data import Dataset
 
+from .loader import archive_kind
+
+MODEL_ARCHIVES = {"export": "torch.export", "torchscript": "TorchScript"}  # archive_kind's names
+
+
+def read_saved(file: Path, what: str) -> Any:
+    """What `torch.save` wrote into `file`, loaded with `weights_only` (code in the file never
+    runs); a TccError naming the file and why it is not such a file."""
+    if not file.is_file():
+        raise TccError(f"{file}: no such {what} file")
+    with open(file, "rb") as f:
+        head = f.read(8)
+    problem: str | None = None
+    if not head:
+        problem = "an empty file"
+    elif head.startswith(b"\x93NUMPY"):
+        problem = "a .npy array, not a torch.save file"
+    elif head.startswith(b"PK\x03\x04"):
+        kind = archive_kind(file)  # a TccError for a truncated or corrupt zip
+        if kind != "torch.save":
+            problem = f"a {MODEL_ARCHIVES[kind]} archive (a model), not a torch.save file"
+    elif not head.startswith(b"\x80"):  # neither torch.save's zip nor its legacy pickle
+        problem = "not a file torch.save writes"
+    if problem is None:
+        try:
+            return torch.load(file, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError:
+            problem = "it holds objects other than tensors; loading them would run code from the file"
+        except Exception as e:  # torch.load raises many types for a damaged file
+            problem = f"truncated or corrupt: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+    raise TccError(f"{file}: cannot read {what} ({problem})")
+
 
 def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "data") -> Dataset:
     """Read a data file; with `graph`, also check that it fits the model (shapes, labels)."""
-    file = Path(path)
     where = f"{path}"
-    if not file.is_file():
-        raise TccError(f"{where}: no such {what} file")
-    try:
-        value: Any = torch.load(file, weights_only=True, map_location="cpu")
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, Exception) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TccError(f"{where}: cannot read {what} ({first[:200]})") from None
+    value = read_saved(Path(path), what)
     if isinstance(value, torch.Tensor):
         value = {"inputs": value}
     if not isinstance(value, dict):

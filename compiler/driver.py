@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import platform
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +33,14 @@ from .data import load_dataset
 from .frontend import Signature, from_exported_program, from_module, split_inputs
 from .loader import InputShape, load_model_file
 from .devices import candidates
+from .report import render as render_report
 from .targets import Target, get_target, load_catalog
 
+if TYPE_CHECKING:
+    from .select import Selection
+
+
+_log = logging.getLogger("tcc.driver")
 
 def default_pipeline(target: Target) -> list[Pass]:
     """The optimisation passes a target runs when the user names none."""
@@ -93,7 +103,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
             frontend: str = "export", input_shapes: Sequence[str] = (), arch: str | None = None,
             trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
             eval_data: DataSpec = None, progress: bool = False, seed: int = 0, accel: str | None = None,
-            synth: bool = False, targets_file: str | Path | None = None) -> Artifact:
+            synth: bool = False, targets_file: str | Path | None = None,
+            selection: Selection | None = None) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an in-memory `Artifact` (`.save(path)`, `.run(inputs, on=...)`).
 
@@ -107,7 +118,12 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     candidate, so there it checks the constraints. `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator config; `synth`
     synthesizes its accelerator with yosys (minutes), records LUT/FF/DSP/BRAM in the manifest
     and fails if the design does not fit the part. `targets_file` adds (or replaces) targets
-    from a JSON file of the catalog's schema."""
+    from a JSON file of the catalog's schema. `selection`, the device selection that chose
+    `target` (`tcc compile --target auto`), goes into the report.
+
+    The artifact's report (`report.html`: the model, its weights and their sparsity patterns,
+    the accelerator's cycles, the predicted latency and energy on every device, the accuracy on
+    `eval_data`, the selection) is rendered when the artifact is first saved."""
     catalog = load_catalog(targets_file)
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
     if target == "auto":
@@ -122,8 +138,15 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         offered = {target_info.name: target_info}
         if pipeline is None:
             passes = default_pipeline(target_info)
+    from tqdm.auto import tqdm
+    steps = tqdm(total=len(passes) + 3, desc=f"compile: {frontend}", unit="step", leave=False, disable=not progress,
+                 dynamic_ncols=True)  # the frontend, each pass, the target's lowering, the backend
+    start = time.perf_counter()
     graph, signature, examples, source = lower(model, example_inputs, frontend=frontend,
                                                input_shapes=input_shapes, arch=arch, trust_pickle=trust_pickle)
+    _log.info("lowered %s with %s in %.2f s: %d ops, %d constants", source, frontend, time.perf_counter() - start,
+              len(graph.ops), len(graph.constants))
+    steps.update()
     data: dict[str, Dataset] = {}
     example_arrays = _example_arrays(signature, examples)
     if len(example_arrays) == len(graph.inputs):
@@ -139,7 +162,9 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     if target != "auto":
         ctx.tile, ctx.formats, ctx.work_cost = target_info.tile, target_info.formats, target_info.work_cost
     for p in passes:
+        steps.set_description_str(f"compile: {p.name}")
         graph = p(graph, ctx)
+        steps.update()
     if target == "auto":
         target_info = catalog[ctx.chosen_device]
         config = _accel_config(target_info, accel)
@@ -147,8 +172,11 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
             raise TccError(f"--synth: the chosen target '{target_info.name}' has no accelerator to synthesize")
         ctx.tile, ctx.formats, ctx.work_cost = target_info.tile, target_info.formats, target_info.work_cost
     lowering = [p for p in parse_pipeline(target_info.lowering) if p.name not in {q.name for q in passes}]
+    steps.set_description_str(f"compile: lowering for {target_info.name}")
     for p in lowering:
         graph = p(graph, ctx)
+    steps.update()
+    steps.set_description_str("compile: backend")
     plan = build_plan(graph, target_info.executor)
     manifest = {
         "tcc_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
@@ -157,6 +185,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         "pass_log": ctx.log, "data": {k: {"source": d.source, "examples": len(d)} for k, d in data.items()},
     }
     backend_files: dict[str, bytes] = {}
+    program: AccelProgram | None = None
     if config is not None:
         manifest["target"]["accel"] = config.to_json()
         program = generate(graph, config)
@@ -170,7 +199,15 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
             manifest["accel"]["synthesis"] = _synthesize(config, target_info)
         elif config == target_info.accel and target_info.synthesis:  # the shipped config: measured in the catalog
             manifest["accel"]["synthesis"] = dict(target_info.synthesis, source="catalog")
-    return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples), backend_files)
+    # the report prices the target with the accelerator config built (--accel may override the catalog's)
+    compiled_for = dataclasses.replace(target_info, accel=config) if config is not None else target_info
+    report = functools.partial(render_report, target=compiled_for, catalog={**catalog, target_info.name: compiled_for},
+                               program=program, eval_data=data.get("eval"), selection=selection, seed=seed)
+    steps.update()
+    steps.close()
+    _log.info("compiled for %s in %.2f s", target_info.name, time.perf_counter() - start)
+    return Artifact(graph, signature.to_json(), plan, manifest, _example_arrays(signature, examples), backend_files,
+                    render_report=report)
 
 
 def _hardware_files(graph: Graph, program: AccelProgram, examples: dict[str, np.ndarray],

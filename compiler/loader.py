@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import pickle
 import re
 import sys
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.runtime.torch_executor import TORCH_DTYPES
+
+# dtypes a model input can have: those a torch tensor holds as such (no i4 or b1)
+INPUT_DTYPES = (DType.F64, DType.F32, DType.F16, DType.BF16, DType.I64, DType.I32, DType.I16, DType.I8, DType.BOOL)
+MAX_INPUT_ELEMENTS = 2**31 - 1  # an example input larger than this is a typo, not a model
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class InputShape:
 
     @classmethod
     def parse(cls, text: str) -> "InputShape":
-        m = re.fullmatch(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?(\d+(?:x\d+)*|scalar)(?::([a-z0-9]+))?", text.strip())
+        m = re.fullmatch(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?(-?\d+(?:x-?\d+)*|scalar)(?::([a-z0-9]+))?", text.strip())
         if not m:
             raise TccError(f"--input-shape '{text}': expected [name=]DIMxDIM...[:dtype], e.g. 1x128:i64")
         name, dims, dtype = m.groups()
@@ -45,14 +52,31 @@ class InputShape:
             parsed = DType.parse(dtype or "f32")
         except ValueError as e:
             raise TccError(f"--input-shape '{text}': {e}") from None
+        if parsed not in INPUT_DTYPES:
+            raise TccError(f"--input-shape '{text}': a model input cannot be {parsed} (no torch dtype holds it; "
+                           f"inputs are {', '.join(d.value for d in INPUT_DTYPES)})")
         shape = () if dims == "scalar" else tuple(int(d) for d in dims.split("x"))
+        for i, d in enumerate(shape):
+            if d < 1:
+                raise TccError(f"--input-shape '{text}': dimension {i} is {d}; shapes are static and every "
+                               "dimension at least 1")
+        elements = math.prod(shape)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise TccError(f"--input-shape '{text}': {elements:,} elements; an example input holds at most "
+                           f"{MAX_INPUT_ELEMENTS:,}")
         return cls(shape, parsed, name)
 
     def example(self) -> torch.Tensor:
+        """An example tensor of this shape and dtype: seeded normal floats, or ones."""
         torch_dtype = TORCH_DTYPES[self.dtype]
-        if self.dtype.is_float:
-            return torch.randn(self.shape, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
-        return torch.ones(self.shape, dtype=torch_dtype)
+        try:
+            if self.dtype.is_float:
+                return torch.randn(self.shape, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
+            return torch.ones(self.shape, dtype=torch_dtype)
+        except (RuntimeError, MemoryError):  # the allocator's refusal
+            shape = "x".join(map(str, self.shape)) or "scalar"
+            raise TccError(f"--input-shape {shape}:{self.dtype}: no memory for an example input of "
+                           f"{math.prod(self.shape) * torch_dtype.itemsize:,} bytes") from None
 
 
 def example_inputs_from_shapes(shapes: list[InputShape]) -> Any:
@@ -75,12 +99,16 @@ class LoadedModel:
 
 
 def archive_kind(path: Path) -> str:
+    """What kind of PyTorch archive `path` is: export, torchscript or torch.save; a TccError
+    naming the file when it is missing, empty, a directory, not a zip or a damaged one."""
     if not path.exists():
         raise TccError(f"{path}: no such file")
     if path.is_dir():
         raise TccError(f"{path}: is a directory, not a model file")
     with open(path, "rb") as f:
         magic = f.read(4)
+    if not magic:
+        raise TccError(f"{path}: an empty file, not a model")
     if magic != b"PK\x03\x04":
         raise TccError(f"{path}: not a PyTorch model file (expected a torch.export, TorchScript or torch.save "
                        "archive)")
@@ -88,7 +116,9 @@ def archive_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as e:
+        # zipfile's errors on damaged bytes: names that are not UTF-8 (ValueError), unknown
+        # versions or methods (NotImplementedError), bad deflate streams (zlib.error)
         raise TccError(f"{path}: truncated or corrupt archive ({e})") from None
     if bad is not None:
         raise TccError(f"{path}: truncated or corrupt archive (bad member {bad})")
@@ -141,21 +171,36 @@ def _load_exported(path: Path) -> torch.export.ExportedProgram:
         return _load_exported_once(path)
 
 
+TORCH_EXPORT_LOGGERS = ("torch.export", "torch._export")
+
+
+@contextmanager
+def _captured_logs(*names: str) -> Iterator[_Capture]:
+    """The loggers `names` and their descendants (torch gives some their own stderr handler)
+    write into the yielded capture instead of stderr."""
+    tree = [n for n, logger in logging.root.manager.loggerDict.items() if isinstance(logger, logging.Logger)
+            and any(n.startswith(name + ".") for name in names)]
+    capture, loggers = _Capture(), [logging.getLogger(name) for name in (*names, *tree)]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers, logger.propagate = [capture], False
+    try:
+        yield capture
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
+
+
 def _load_exported_once(path: Path) -> torch.export.ExportedProgram:
     """torch.export.load, with the cause torch logs (as a traceback) turned into one line."""
-    logger = logging.getLogger("torch.export")
-    capture, propagate, handlers = _Capture(), logger.propagate, logger.handlers
-    logger.handlers = [capture]
-    logger.propagate = False
-    try:
-        return torch.export.load(str(path))
-    except Exception as e:
-        cause = capture.lines[-1] if capture.lines else str(e).splitlines()[0]
-        if "is not registered" in cause:
-            cause += " (re-export a wrapper whose outputs are tensors, tuples or dicts)"
-        raise TccError(f"{path}: cannot load the torch.export archive: {cause}") from None
-    finally:
-        logger.handlers, logger.propagate = handlers, propagate
+    with _captured_logs(*TORCH_EXPORT_LOGGERS) as capture:
+        try:
+            return torch.export.load(str(path))
+        except Exception as e:
+            cause = capture.lines[-1] if capture.lines else str(e).splitlines()[0]
+            if "is not registered" in cause:
+                cause += " (re-export a wrapper whose outputs are tensors, tuples or dicts)"
+            raise TccError(f"{path}: cannot load the torch.export archive: {cause}") from None
 
 
 def _import_arch(spec: str) -> type:
@@ -200,8 +245,9 @@ def load_model_file(path: str | Path, *, input_shapes: list[InputShape] | None =
             scripted = torch.jit.load(str(path))
             from torch._export.converter import TS2EPConverter
             args = tuple(examples.values()) if isinstance(examples, dict) else examples
-            converted = TS2EPConverter(scripted, args).convert()
-            program = torch.export.export(converted.module(), args)  # specialize to static shapes
+            with _captured_logs(*TORCH_EXPORT_LOGGERS):  # its notes on specialized shapes
+                converted = TS2EPConverter(scripted, args).convert()
+                program = torch.export.export(converted.module(), args)  # specialize to static shapes
         except Exception as e:
             raise TccError(f"{path}: cannot convert the TorchScript model ({str(e).splitlines()[0]})") from None
         return LoadedModel(kind, program, None, examples)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -30,11 +31,14 @@ import torch
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, Latency, PassContext, parse_pipeline
+from tcc.passes.cost_model import Cost
 from tcc.passes.data import top1_accuracy
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .devices import available, cost, lowered
+from .devices import available, cost, device_of, lowered
 from .targets import Target
+
+_log = logging.getLogger("tcc.select")
 
 PREFIX = "fold-constants,canonicalize,dce"  # every setting starts from the canonical graph
 
@@ -137,15 +141,24 @@ def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset 
                 graph = p(graph, ctx)
             graphs[setting.steps[:i + 1]] = graph
         acc = accuracy(graph, data)
-        lowered_for: dict[tuple, Graph] = {}
-        for name, target in targets.items():
-            key = (target.lowering, target.formats, target.work_cost)
-            if key not in lowered_for:
-                lowered_for[key] = lowered(graph, target, seed)
-            c = cost(lowered_for[key], target, targets)
+        for name, c in prices(graph, targets, seed).items():
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
-                                target.device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
+                                targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
     return points
+
+
+def prices(graph: Graph, targets: dict[str, Target], seed: int = 0) -> dict[str, Cost]:
+    """What one run of `graph` costs on each of `targets` (`tcc.devices.cost`, an FPGA's host
+    looked up among `targets`), each after its own lowering; targets that lower alike share
+    it."""
+    lowered_for: dict[tuple, Graph] = {}
+    out = {}
+    for name, target in targets.items():
+        key = (target.lowering, target.formats, target.work_cost)
+        if key not in lowered_for:
+            lowered_for[key] = lowered(graph, target, seed)
+        out[name] = cost(lowered_for[key], target, targets)
+    return out
 
 
 def _chains(settings: Sequence[Setting]) -> list[tuple[Setting, ...]]:
@@ -162,8 +175,12 @@ def explore(base: Graph, data: Dataset, targets: dict[str, Target], *, examples:
     """Every (setting, target) point for `base` (the lowered model), the settings' jobs on
     local processes (`executor="local"`), in this process (`"inline"`) or on Ray (`"ray"`)."""
     targets = {name: t for name, t in targets.items() if available(t)}
+    for target in targets.values():  # measured devices are measured (and cached) here, before the jobs load the machine
+        device_of(target)
     chains = _chains(settings or default_settings())
     args = [(base, chain, data, train, examples, targets, seed) for chain in chains]
+    _log.info("exploring %d settings in %d jobs x %d devices (%s executor)", sum(map(len, chains)), len(chains),
+              len(targets), executor)
     if executor == "inline":
         results = [_job(*a) for a in args]
     elif executor == "local":
@@ -285,42 +302,45 @@ def check_report_dir(directory: str | os.PathLike, option: str = "") -> Path:
     return out
 
 
+def pareto_png(selection: Selection) -> bytes:
+    """The PNG of accuracy against predicted latency: every point, each device's Pareto front,
+    the constraints and the choice (deterministic bytes)."""
+    from .report import figure, figure_png
+    fig = figure(9, 5.5, (0.8, 0.2, 0.6, 0.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (device, front) in enumerate(pareto(selection.points).items()):
+        color = f"C{i % 10}"
+        mine = [p for p in selection.points if p.device == device]
+        ax.scatter([p.latency_ms for p in mine], [p.accuracy for p in mine], s=12, color=color, alpha=0.35)
+        ax.plot([p.latency_ms for p in front], [p.accuracy for p in front], "o-", color=color, label=device)
+    ax.axvline(selection.lc_ms, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(selection.ac, color="grey", linestyle="--", linewidth=1)
+    if selection.chosen:
+        ax.scatter([selection.chosen.latency_ms], [selection.chosen.accuracy], marker="*", s=260, color="black",
+                   zorder=5, label=f"chosen: {selection.chosen.device}, {selection.chosen.setting}")
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted latency per run (ms)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    return figure_png(fig)
+
+
 def write_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
-    """`report.html` (every point, the choice and the reason), `pareto.png` (accuracy against
-    latency, each device's Pareto front, the constraints and the choice) and `selection.json`,
-    written into `directory` atomically (a temporary directory renamed into place)."""
-    import jinja2
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """`report.html` (every point, the choice and the reason), `pareto.png` (`pareto_png`) and
+    `selection.json`, written into `directory` atomically (a temporary directory renamed into
+    place)."""
+    from .report import render_template
 
     out = check_report_dir(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for i, (device, front) in enumerate(pareto(selection.points).items()):
-            color = f"C{i % 10}"
-            mine = [p for p in selection.points if p.device == device]
-            ax.scatter([p.latency_ms for p in mine], [p.accuracy for p in mine], s=12, color=color, alpha=0.35)
-            ax.plot([p.latency_ms for p in front], [p.accuracy for p in front], "o-", color=color, label=device)
-        ax.axvline(selection.lc_ms, color="grey", linestyle="--", linewidth=1)
-        ax.axhline(selection.ac, color="grey", linestyle="--", linewidth=1)
-        if selection.chosen:
-            ax.scatter([selection.chosen.latency_ms], [selection.chosen.accuracy], marker="*", s=260, color="black",
-                       zorder=5, label=f"chosen: {selection.chosen.device}, {selection.chosen.setting}")
-        ax.set_xscale("log")
-        ax.set_xlabel("predicted latency per run (ms)")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=8, loc="lower right")
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(tmp / "pareto.png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        env = jinja2.Environment(loader=jinja2.PackageLoader("tcc", "templates"), autoescape=True)
-        html = env.get_template("select.html.j2").render(
-            model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac, points=selection.points,
-            chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds, plot="pareto.png",
-            settings=len({p.setting for p in selection.points}), devices=len({p.device for p in selection.points}))
+        (tmp / "pareto.png").write_bytes(pareto_png(selection))
+        html = render_template(
+            "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac,
+            points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
+            plot="pareto.png", settings=len({p.setting for p in selection.points}),
+            devices=len({p.device for p in selection.points}))
         (tmp / "report.html").write_text(html)
         (tmp / "selection.json").write_text(json.dumps(selection.to_json(), indent=1) + "\n")
         if out.exists():
@@ -332,5 +352,5 @@ def write_report(selection: Selection, directory: str | os.PathLike, *, model: s
     return out
 
 
-__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",
-           "parse_latency", "parse_accuracy", "accuracy", "check_report_dir", "write_report"]
+__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "prices", "select",
+           "parse_latency", "parse_accuracy", "accuracy", "check_report_dir", "pareto_png", "write_report"]

@@ -171,10 +171,13 @@ def _binary(result_bool: bool = False, float_only: bool = False, no_bool: bool =
         if no_bool and dtype is DType.BOOL:
             raise OpTypeError("operands must not be bool")
         return _tt(_broadcast(ts[0].shape, ts[1].shape), DType.BOOL if result_bool else dtype)
+    rule.__doc__ = (f"Operands of one {'float ' if float_only else ''}dtype{' (not bool)' if no_bool else ''} whose "
+                    f"shapes broadcast; result: the broadcast shape, {'bool' if result_bool else 'their dtype'}.")
     return rule
 
 
 def _logical(ts, attrs):
+    """Bool operands whose shapes broadcast; result: bool of the broadcast shape."""
     for t in ts:
         if t.dtype is not DType.BOOL:
             raise OpTypeError(f"operands must be bool, got {t.dtype}")
@@ -188,6 +191,7 @@ def _unary(float_only: bool):
         if ts[0].dtype is DType.BOOL:
             raise OpTypeError("operand must not be bool")
         return _tt(ts[0].shape, ts[0].dtype)
+    rule.__doc__ = f"A {'float' if float_only else 'non-bool'} operand; result: its shape and dtype."
     return rule
 
 
@@ -195,6 +199,9 @@ _INT_OPERANDS = (DType.I4, DType.I8, DType.I16, DType.B1)  # what integer linear
 
 
 def _linear(ts, attrs):
+    """Input `[..., in]`, weight `[out, in]` (rank 2), optional bias `[out]`; result `[..., out]`.
+    Float: every operand of one float dtype, the result too. Integer: input and weight i4, i8,
+    i16 or b1; the result (and the bias) i32, or i64 when an operand is i16."""
     x, w = ts[0], ts[1]
     if x.dtype.is_int:  # integer linear: exact accumulation in i32, or i64 when an operand is i16
         for t, what in ((x, "input"), (w, "weight")):
@@ -216,6 +223,9 @@ def _linear(ts, attrs):
 
 
 def _matmul(ts, attrs):
+    """`torch.matmul` shapes: operands of rank >= 1 (a rank-1 operand gains a dim that the
+    result drops), equal contraction dims, batch dims broadcast. Float: one dtype, the result's
+    too. Integer (i4, i8, i16 or b1 operands): result i32, or i64 when an operand is i16."""
     a, b = ts
     if a.dtype in _INT_OPERANDS or b.dtype in _INT_OPERANDS:  # activation x activation: exact, like linear
         for t, what in ((a, "lhs"), (b, "rhs")):
@@ -240,12 +250,15 @@ def _matmul(ts, attrs):
 
 
 def _softmax(ts, attrs):
+    """A float input and `dim` within its rank; result: the input's type."""
     _need_float(ts[0])
     _axis(attrs["dim"], ts[0].rank)
     return ts[0]
 
 
 def _layer_norm(ts, attrs):
+    """A float input whose trailing dims are `normalized_shape`; optional weight and bias of
+    that shape and the input's dtype; result: the input's shape and dtype."""
     x = ts[0]
     _need_float(x, "input")
     _same_dtype(ts)
@@ -259,6 +272,8 @@ def _layer_norm(ts, attrs):
 
 
 def _embedding(ts, attrs):
+    """Weight `[V, D]` (rank 2) and i32/i64 indices of any shape; result: `indices.shape + [D]`
+    in the weight's dtype."""
     w, idx = ts
     if w.rank != 2:
         raise OpTypeError(f"weight must be rank 2, got shape {list(w.shape)}")
@@ -267,6 +282,8 @@ def _embedding(ts, attrs):
 
 
 def _gather(ts, attrs):
+    """An i32/i64 index of the input's rank and `dim` within it; result: the index's shape in
+    the input's dtype."""
     x, idx = ts
     _need_index(idx, "index")
     _axis(attrs["dim"], x.rank)
@@ -276,6 +293,8 @@ def _gather(ts, attrs):
 
 
 def _reshape(ts, attrs):
+    """`shape`: non-negative dims holding the input's element count; result: that shape in the
+    input's dtype (dense; per-tensor quantization carries over)."""
     shape = attrs["shape"]
     if any(d < 0 for d in shape):
         raise OpTypeError(f"shape {list(shape)} has a negative dim")
@@ -285,6 +304,8 @@ def _reshape(ts, attrs):
 
 
 def _permute(ts, attrs):
+    """`dims`: a permutation of the input's axes (negative ones count from the end); result
+    dim `i` is input dim `dims[i]`."""
     dims, rank = attrs["dims"], ts[0].rank
     if sorted(d % rank if rank else d for d in dims) != list(range(rank)):
         raise OpTypeError(f"dims {list(dims)} are not a permutation of {rank} axes")
@@ -292,6 +313,7 @@ def _permute(ts, attrs):
 
 
 def _transpose(ts, attrs):
+    """`dim0` and `dim1` within the input's rank; result: the shape with the two swapped."""
     shape = list(ts[0].shape)
     a, b = _axis(attrs["dim0"], len(shape)), _axis(attrs["dim1"], len(shape))
     shape[a], shape[b] = shape[b], shape[a]
@@ -299,6 +321,8 @@ def _transpose(ts, attrs):
 
 
 def _slice(ts, attrs):
+    """`dim` within the rank, `step` >= 1; result: dim's length becomes that of Python's
+    `range(size)[start:end:step]` (`end` none: to the end)."""
     x = ts[0]
     dim = _axis(attrs["dim"], x.rank)
     if attrs["step"] < 1:
@@ -308,6 +332,7 @@ def _slice(ts, attrs):
 
 
 def _select(ts, attrs):
+    """`index` in `[-size, size)` of `dim`; result: the shape without `dim`."""
     x = ts[0]
     dim = _axis(attrs["dim"], x.rank)
     if not -x.shape[dim] <= attrs["index"] < x.shape[dim]:
@@ -316,18 +341,22 @@ def _select(ts, attrs):
 
 
 def _unsqueeze(ts, attrs):
+    """`dim` in `[-(rank + 1), rank]`; result: a dim of size 1 inserted there."""
     x = ts[0]
     dim = _axis(attrs["dim"], x.rank + 1)
     return x.with_shape(x.shape[:dim] + (1,) + x.shape[dim:])
 
 
 def _squeeze(ts, attrs):
+    """`dims` within the rank; result: the shape without those of them whose size is 1."""
     x = ts[0]
     dims = {_axis(d, x.rank) for d in attrs["dims"]}
     return x.with_shape(tuple(s for i, s in enumerate(x.shape) if not (i in dims and s == 1)))
 
 
 def _expand(ts, attrs):
+    """`shape` of at least the input's rank; aligned from the last dim, each input dim equals
+    its target or is 1; result: `shape`."""
     x, shape = ts[0], attrs["shape"]
     if len(shape) < x.rank:
         raise OpTypeError(f"cannot expand {list(x.shape)} to fewer dims {list(shape)}")
@@ -338,6 +367,8 @@ def _expand(ts, attrs):
 
 
 def _cat(ts, attrs):
+    """Operands of one dtype and rank whose shapes agree outside `dim`; result: their sizes
+    along `dim` summed."""
     dtype = _same_dtype(ts)
     rank = ts[0].rank
     dim = _axis(attrs["dim"], rank)
@@ -358,10 +389,15 @@ def _reduce(result_dtype: DType | None = None, float_only: bool = False, numeric
         shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape)) if attrs["keepdim"] else tuple(
             s for i, s in enumerate(x.shape) if i not in dims)
         return _tt(shape, result_dtype or x.dtype)
+    rule.__doc__ = (("A float input; " if float_only else "A non-bool input; " if numeric else "") +
+                    "`dims` within its rank (none: every dim); result: those dims removed, or kept as 1 with "
+                    f"`keepdim`, {result_dtype.value if result_dtype else 'in the input dtype'}.")
     return rule
 
 
 def _index(ts, attrs):
+    """i32/i64 index tensors, at most the input's rank, whose shapes broadcast; result: their
+    broadcast shape followed by the input's unindexed dims, in the input's dtype."""
     x, indices = ts[0], ts[1:]
     for t in indices:
         _need_index(t, "index")
@@ -371,6 +407,7 @@ def _index(ts, attrs):
 
 
 def _where(ts, attrs):
+    """A bool condition; lhs and rhs of one dtype; result: the three shapes broadcast, in that dtype."""
     cond, a, b = ts
     if cond.dtype is not DType.BOOL:
         raise OpTypeError(f"condition must be bool, got {cond.dtype}")
@@ -379,6 +416,7 @@ def _where(ts, attrs):
 
 
 def _arange(ts, attrs):
+    """A non-zero `step`; result: 1-D of `len(range(start, end, step))` elements of `dtype`."""
     length = len(range(attrs["start"], attrs["end"], attrs["step"])) if attrs["step"] else -1
     if length < 0:
         raise OpTypeError("step must be non-zero")
@@ -386,6 +424,7 @@ def _arange(ts, attrs):
 
 
 def _full(ts, attrs):
+    """An integer `dtype` needs an integral `value`; result: `shape` in `dtype`."""
     dtype, value = attrs["dtype"], attrs["value"]
     if dtype.is_int and not (math.isfinite(value) and value == int(value)):
         raise OpTypeError(f"value {value!r} is not an integer for dtype {dtype}")
@@ -393,6 +432,9 @@ def _full(ts, attrs):
 
 
 def _sdpa(ts, attrs):
+    """Float query `[..., L, E]`, key `[..., S, E]`, value `[..., S, Ev]` of one dtype and one
+    rank >= 2; an optional mask, bool or the query's dtype, broadcasting to `[..., L, S]` (not
+    with `is_causal`); result `[..., L, Ev]`, batch dims broadcast."""
     q, k, v = ts[:3]
     _need_float(q, "query")
     _same_dtype([q, k, v])
@@ -412,6 +454,9 @@ def _sdpa(ts, attrs):
 
 
 def _conv2d(ts, attrs):
+    """Float NCHW input and OIHW weight of one dtype, input channels = weight's I x `groups`, O
+    divisible by `groups`, optional bias `[O]`; result `[N, O, H', W']` with each spatial size
+    `(size + 2 padding - dilation (kernel - 1) - 1) // stride + 1`, at least 1."""
     x, w = ts[0], ts[1]
     _need_float(x, "input")
     _same_dtype(ts)
@@ -453,11 +498,16 @@ def _per_channel(t: TensorType, x: TensorType, what: str) -> None:
 
 
 def _quantize(ts, attrs):
+    """A float input; result: the input's shape in `dtype` (i4, i8, i16 or b1) with per-tensor
+    quantization `!q(scale, zero_point)`; `scale` positive and finite, `zero_point` within the
+    dtype's range (0 for b1)."""
     _need_float(ts[0], "input")
     return _quantized(ts[0].shape, attrs, _INT_OPERANDS)
 
 
 def _dequantize(ts, attrs):
+    """An integer input; a float scale `[]` or `[C]` (C: the input's last dim); result: the
+    input's shape in the scale's dtype."""
     x, scale = ts
     _need_int(x, "input")
     _need_float(scale, "scale")
@@ -466,6 +516,8 @@ def _dequantize(ts, attrs):
 
 
 def _requantize(ts, attrs):
+    """An i32/i64 accumulator; i32 multiplier and shift, each `[]` or `[C]` (the last dim);
+    result: the input's shape in `dtype` (i4, i8, i16 or i32) with `!q(scale, zero_point)`."""
     x, multiplier, shift = ts
     if x.dtype not in (DType.I32, DType.I64):
         raise OpTypeError(f"input must be an i32 or i64 accumulator, got {x.dtype}")
@@ -477,6 +529,7 @@ def _requantize(ts, attrs):
 
 
 def _cast(ts, attrs):
+    """Any input; result: its shape in `dtype`."""
     return _tt(ts[0].shape, attrs["dtype"])
 
 
@@ -498,6 +551,10 @@ _NARROW = (DType.I4, DType.I8, DType.I16)  # inputs whose products with 31-bit c
 
 
 def _int_softmax(ts, attrs):
+    """An i4/i8/i16/i32 input with a non-empty last dim; an optional bool mask broadcasting to
+    it; `multiplier` < 2^31, `shift` <= 62, 1 <= `ln2` <= `b` <= 2^30, `b^2 + c` < 2^31,
+    `out_bits` in [1, 15]; result: the input's shape, i8 (`out_bits` <= 7) or i16, with
+    `!q(2^-out_bits)`."""
     x = ts[0]
     _int_input(x, _NARROW + (DType.I32,))
     if len(ts) == 2:
@@ -520,6 +577,10 @@ def _int_softmax(ts, attrs):
 
 
 def _int_gelu(ts, attrs):
+    """An i4/i8/i16 input with a non-empty last dim; `multiplier`, `out_multiplier` < 2^31,
+    `shift`, `out_shift` <= 62, `clip` <= 2^30, `one` <= 2^40, and `|x| (2 one + clip^2)
+    out_multiplier` <= 2^62 for every input value; result: the input's shape in `dtype` (i4,
+    i8 or i16) with `!q(scale)`."""
     x = ts[0]
     _int_input(x, _NARROW)
     for key in ("multiplier", "out_multiplier"):
@@ -534,6 +595,9 @@ def _int_gelu(ts, attrs):
 
 
 def _int_layer_norm(ts, attrs):
+    """An i4/i8/i16 input `[..., N]`; weight i32 `[N]`, bias i64 `[N]`; `shift` <= 62 and
+    `N 2^(2 bits) + eps` < 2^62; result: the input's shape in `dtype` (i4, i8 or i16) with
+    `!q(scale)`."""
     x, w, b = ts
     _int_input(x, _NARROW)
     n = x.shape[-1]
@@ -556,55 +620,59 @@ _DEFS = [
     OpDef("linear", ("input", "weight", "bias?"), {}, _linear,
           "y = x @ weight.T + bias; on integers (i4/i8/i16/b1) exact, accumulated in i32 (i64 with an i16 operand)"),
     OpDef("matmul", ("lhs", "rhs"), {}, _matmul, "batched matrix product with broadcasting"),
-    OpDef("add", ("lhs", "rhs"), {}, _binary(), elementwise=True),
-    OpDef("sub", ("lhs", "rhs"), {}, _binary(no_bool=True), elementwise=True),
-    OpDef("mul", ("lhs", "rhs"), {}, _binary(), elementwise=True),
+    OpDef("add", ("lhs", "rhs"), {}, _binary(), "lhs + rhs", elementwise=True),
+    OpDef("sub", ("lhs", "rhs"), {}, _binary(no_bool=True), "lhs - rhs", elementwise=True),
+    OpDef("mul", ("lhs", "rhs"), {}, _binary(), "lhs * rhs", elementwise=True),
     OpDef("div", ("lhs", "rhs"), {}, _binary(float_only=True), "true division", elementwise=True),
-    OpDef("pow", ("lhs", "rhs"), {}, _binary(float_only=True), elementwise=True),
-    OpDef("maximum", ("lhs", "rhs"), {}, _binary(), elementwise=True),
-    OpDef("minimum", ("lhs", "rhs"), {}, _binary(), elementwise=True),
-    OpDef("eq", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
-    OpDef("ne", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
-    OpDef("lt", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
-    OpDef("le", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
-    OpDef("gt", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
-    OpDef("ge", ("lhs", "rhs"), {}, _binary(result_bool=True), elementwise=True),
-    OpDef("logical_and", ("lhs", "rhs"), {}, _logical, elementwise=True),
-    OpDef("logical_or", ("lhs", "rhs"), {}, _logical, elementwise=True),
-    OpDef("logical_not", ("input",), {}, _logical, elementwise=True),
-    OpDef("neg", ("input",), {}, _unary(False), elementwise=True),
-    OpDef("relu", ("input",), {}, _unary(False), elementwise=True),
-    OpDef("tanh", ("input",), {}, _unary(True), elementwise=True),
-    OpDef("sigmoid", ("input",), {}, _unary(True), elementwise=True),
-    OpDef("exp", ("input",), {}, _unary(True), elementwise=True),
-    OpDef("sqrt", ("input",), {}, _unary(True), elementwise=True),
-    OpDef("rsqrt", ("input",), {}, _unary(True), elementwise=True),
-    OpDef("erf", ("input",), {}, _unary(True), elementwise=True),
+    OpDef("pow", ("lhs", "rhs"), {}, _binary(float_only=True), "lhs ** rhs", elementwise=True),
+    OpDef("maximum", ("lhs", "rhs"), {}, _binary(), "the larger of lhs and rhs", elementwise=True),
+    OpDef("minimum", ("lhs", "rhs"), {}, _binary(), "the smaller of lhs and rhs", elementwise=True),
+    OpDef("eq", ("lhs", "rhs"), {}, _binary(result_bool=True), "lhs == rhs", elementwise=True),
+    OpDef("ne", ("lhs", "rhs"), {}, _binary(result_bool=True), "lhs != rhs", elementwise=True),
+    OpDef("lt", ("lhs", "rhs"), {}, _binary(result_bool=True), "lhs < rhs", elementwise=True),
+    OpDef("le", ("lhs", "rhs"), {}, _binary(result_bool=True), "lhs <= rhs", elementwise=True),
+    OpDef("gt", ("lhs", "rhs"), {}, _binary(result_bool=True), "lhs > rhs", elementwise=True),
+    OpDef("ge", ("lhs", "rhs"), {}, _binary(result_bool=True), "lhs >= rhs", elementwise=True),
+    OpDef("logical_and", ("lhs", "rhs"), {}, _logical, "lhs and rhs", elementwise=True),
+    OpDef("logical_or", ("lhs", "rhs"), {}, _logical, "lhs or rhs", elementwise=True),
+    OpDef("logical_not", ("input",), {}, _logical, "not x", elementwise=True),
+    OpDef("neg", ("input",), {}, _unary(False), "-x", elementwise=True),
+    OpDef("relu", ("input",), {}, _unary(False), "max(x, 0)", elementwise=True),
+    OpDef("tanh", ("input",), {}, _unary(True), "tanh(x)", elementwise=True),
+    OpDef("sigmoid", ("input",), {}, _unary(True), "1 / (1 + exp(-x))", elementwise=True),
+    OpDef("exp", ("input",), {}, _unary(True), "e^x", elementwise=True),
+    OpDef("sqrt", ("input",), {}, _unary(True), "square root", elementwise=True),
+    OpDef("rsqrt", ("input",), {}, _unary(True), "1 / sqrt(x)", elementwise=True),
+    OpDef("erf", ("input",), {}, _unary(True), "the error function", elementwise=True),
     OpDef("gelu", ("input",), {"approximate": A(S, "none", choices=("none", "tanh"))}, _unary(True),
           "GELU, exact (erf) or tanh approximation", elementwise=True),
-    OpDef("softmax", ("input",), {"dim": A(I, required=True)}, _softmax),
+    OpDef("softmax", ("input",), {"dim": A(I, required=True)}, _softmax, "exp(x) / sum(exp(x)) along dim"),
     OpDef("layer_norm", ("input", "weight?", "bias?"),
-          {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-5)}, _layer_norm),
+          {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-5)}, _layer_norm,
+          "(x - mean) / sqrt(var + eps) * weight + bias over the trailing normalized_shape dims (biased variance)"),
     OpDef("embedding", ("weight", "indices"), {}, _embedding, "rows of weight picked by indices"),
     OpDef("gather", ("input", "index"), {"dim": A(I, required=True)}, _gather, "torch.gather"),
-    OpDef("reshape", ("input",), {"shape": A(INTS, required=True)}, _reshape),
-    OpDef("permute", ("input",), {"dims": A(INTS, required=True)}, _permute),
-    OpDef("transpose", ("input",), {"dim0": A(I, required=True), "dim1": A(I, required=True)}, _transpose),
+    OpDef("reshape", ("input",), {"shape": A(INTS, required=True)}, _reshape,
+          "the elements in row-major order, in a new shape"),
+    OpDef("permute", ("input",), {"dims": A(INTS, required=True)}, _permute, "axes reordered (torch.permute)"),
+    OpDef("transpose", ("input",), {"dim0": A(I, required=True), "dim1": A(I, required=True)}, _transpose,
+          "two axes swapped"),
     OpDef("slice", ("input",), {"dim": A(I, required=True), "start": A(I, 0), "end": A(I, None, optional=True),
                                 "step": A(I, 1)}, _slice, "python slice start:end:step along dim"),
-    OpDef("select", ("input",), {"dim": A(I, required=True), "index": A(I, required=True)}, _select),
-    OpDef("unsqueeze", ("input",), {"dim": A(I, required=True)}, _unsqueeze),
-    OpDef("squeeze", ("input",), {"dims": A(INTS, required=True)}, _squeeze),
-    OpDef("expand", ("input",), {"shape": A(INTS, required=True)}, _expand),
-    OpDef("cat", ("*inputs",), {"dim": A(I, required=True)}, _cat),
+    OpDef("select", ("input",), {"dim": A(I, required=True), "index": A(I, required=True)}, _select,
+          "one index along dim, which disappears (x.select(dim, index))"),
+    OpDef("unsqueeze", ("input",), {"dim": A(I, required=True)}, _unsqueeze, "a dim of size 1 inserted at dim"),
+    OpDef("squeeze", ("input",), {"dims": A(INTS, required=True)}, _squeeze, "those of dims whose size is 1 removed"),
+    OpDef("expand", ("input",), {"shape": A(INTS, required=True)}, _expand, "broadcast to shape (torch.expand)"),
+    OpDef("cat", ("*inputs",), {"dim": A(I, required=True)}, _cat, "the operands joined along dim"),
     OpDef("mean", ("input",), dict(_REDUCE_ATTRS), _reduce(float_only=True), "mean over dims (all if empty)"),
     OpDef("sum", ("input",), dict(_REDUCE_ATTRS), _reduce(numeric=True), "sum over dims (all if empty)"),
     OpDef("any", ("input",), dict(_REDUCE_ATTRS), _reduce(DType.BOOL), "logical or over dims (all if empty)"),
     OpDef("index", ("input", "*indices"), {}, _index,
           "advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer indices"),
-    OpDef("where", ("condition", "lhs", "rhs"), {}, _where, elementwise=True),
+    OpDef("where", ("condition", "lhs", "rhs"), {}, _where, "lhs where condition holds, else rhs", elementwise=True),
     OpDef("arange", (), {"start": A(I, 0), "end": A(I, required=True), "step": A(I, 1), "dtype": A(DT, DType.I64)},
-          _arange),
+          _arange, "start, start + step, ... up to but excluding end"),
     OpDef("full", (), {"shape": A(INTS, required=True), "value": A(F, required=True),
                        "dtype": A(DT, DType.F32)}, _full, "a tensor filled with one value (scalars: shape [])"),
     OpDef("scaled_dot_product_attention", ("query", "key", "value", "mask?"),
@@ -613,7 +681,8 @@ _DEFS = [
     OpDef("conv2d", ("input", "weight", "bias?"),
           {"stride": A(INTS, (1, 1)), "padding": A(INTS, (0, 0)), "dilation": A(INTS, (1, 1)), "groups": A(I, 1)},
           _conv2d, "NCHW convolution"),
-    OpDef("cast", ("input",), {"dtype": A(DT, required=True)}, _cast),
+    OpDef("cast", ("input",), {"dtype": A(DT, required=True)}, _cast,
+          "the elements converted to dtype (float to integer truncates toward zero; to bool: non-zero)"),
     OpDef("quantize", ("input",), {"dtype": A(DT, required=True), "scale": A(F, required=True),
                                    "zero_point": A(I, 0)}, _quantize,
           "clip(rint(x / scale) + zero_point) to dtype (round half to even); b1: +1 where x >= 0 else -1"),

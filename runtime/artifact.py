@@ -9,6 +9,8 @@
                          in graph.tcc. Every buffer is checked on load (no pickles anywhere).
     plan.json            the reference backend's plan
     example_inputs.npz   example inputs by input name, when the model came with them
+    report.html          what was compiled and what it costs, with its figures in report/ (PNG);
+                         rendered by the compiler (`Artifact.render_report`) on the first save
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import safetensors
@@ -47,6 +48,7 @@ FORMAT = "tcc-artifact"
 FORMAT_VERSION = 2
 WEIGHTS = "weights.safetensors"
 BACKEND_DIR = "accel"  # the accelerator backend's files
+REPORT, REPORT_DIR = "report.html", "report"  # the report and the folder of its figures
 EXECUTORS = ("cpu", "gpu", "numpy", "sim", "rtl")
 ACCEL_EXECUTORS = ("sim", "rtl")  # the accelerator's tiers: ISA simulator, Verilator on the Verilog
 
@@ -64,6 +66,9 @@ class Artifact:
     backend_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> contents (accel/...)
     path: Path | None = None
     _executors: dict[str, Any] = field(default_factory=dict, repr=False)
+    report_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # report.html, report/*.png
+    # renders `report_files` on the first save (the compiler's report; None once rendered)
+    render_report: Callable[["Artifact"], dict[str, bytes]] | None = field(default=None, repr=False, compare=False)
 
     # -- running ------------------------------------------------------------------------------
     def executor(self, on: str):
@@ -148,10 +153,13 @@ class Artifact:
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: build it beside `path`, then rename it into
-        place. An existing artifact at `path` is replaced; any other existing path is an error."""
+        place. An existing artifact at `path` is replaced; any other existing path is an error.
+        The report (`report_files`) is rendered first if it has not been yet."""
         path = Path(path)
         if path.exists() and not (path / "manifest.json").is_file():
             raise TccError(f"{path}: exists and is not a tcc artifact; refusing to overwrite it")
+        if self.render_report is not None:
+            self.report_files, self.render_report = self.render_report(self), None
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -162,12 +170,13 @@ class Artifact:
             }
             if self.example_inputs:
                 hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
-            for name, data in self.backend_files.items():
+            for name, data in {**self.backend_files, **self.report_files}.items():
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 hashes[name] = _write(staging / name, data)
             manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
                             files=hashes)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            _publishable(staging)
             if path.exists():
                 retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
                 os.replace(path, retired / "artifact")
@@ -180,6 +189,15 @@ class Artifact:
             raise
         self.manifest, self.path = manifest, path
         return path
+
+
+def _publishable(directory: Path) -> None:
+    """The modes a directory and files created with the process's umask would have: mkdtemp
+    makes the staging directory private, and some writers their files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [directory, *directory.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -218,7 +236,20 @@ def _write_weights(file: Path, graph: Graph) -> str:
             tensors[f"{name}/{buffer}"] = data
         metadata[name] = json.dumps(enc.lengths())
     safetensors.numpy.save_file(tensors, str(file), metadata=metadata)
+    _sort_header(file)
     return _sha256(file)
+
+
+def _sort_header(file: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place: safetensors writes
+    `__metadata__` in hash-map order, which differs between processes (and the artifact must
+    not). The sorted header is as long or shorter; it is padded with spaces, as the format allows."""
+    with open(file, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def _read_weights(file: Path, graph: Graph) -> Graph:
@@ -287,24 +318,24 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise TccError(f"{file}: cannot be read ({e})") from None
+    except Exception as e:  # numpy and zipfile raise many types for a damaged archive
+        raise TccError(f"{file}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+REQUIRED_FILES = ("graph.tcc", WEIGHTS, "plan.json")  # every artifact's manifest lists these
 
 
 def load(path: str | os.PathLike) -> Artifact:
-    """Load an artifact directory, checking the manifest, file hashes, graph and plan."""
+    """Load an artifact directory, checking the manifest, file hashes, graph and plan. Every
+    problem is a one-line TccError naming the file (and the field, constant or line)."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not path.is_dir():
-        raise TccError(f"{path}: no such artifact directory")
+        raise TccError(f"{path}: " + ("a file, not an artifact directory (tcc compile writes one)" if path.exists()
+                                      else "no such artifact directory"))
     if not manifest_path.is_file():
         raise TccError(f"{path}: not a tcc artifact (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise TccError(f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise TccError(f"{manifest_path}: not a version-{FORMAT_VERSION} tcc artifact manifest")
+    manifest = _read_manifest(manifest_path)
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -312,13 +343,76 @@ def load(path: str | os.PathLike) -> Artifact:
         if _sha256(file) != digest:
             raise TccError(f"{file}: contents do not match the manifest's hash (corrupted or edited)")
     try:
-        graph = parse_graph((path / "graph.tcc").read_text(), source=str(path / "graph.tcc"))
+        graph = parse_graph(_read_text(path / "graph.tcc"), source=str(path / "graph.tcc"))
         graph = verify(_read_weights(path / WEIGHTS, graph))
     except (ParseError, VerifyError) as e:
         raise TccError(str(e)) from None
-    plan = ReferencePlan.from_json((path / "plan.json").read_text())
+    _check_signature(manifest_path, manifest.get("signature"), graph)
+    try:
+        plan = ReferencePlan.from_json(_read_text(path / "plan.json"))
+    except KeyError as e:
+        raise TccError(f"{path / 'plan.json'}: not a plan (no field {e})") from None
+    except (ValueError, TypeError, AttributeError) as e:  # json's errors are ValueErrors
+        raise TccError(f"{path / 'plan.json'}: not a plan ({e})") from None
     plan.check_against(graph)
     examples = _read_npz(path / "example_inputs.npz") if "example_inputs.npz" in manifest["files"] else {}
     backend_files = {name: (path / name).read_bytes() for name in manifest["files"]
                      if name.startswith(BACKEND_DIR + "/")}
-    return Artifact(graph, manifest["signature"], plan, manifest, examples, backend_files, path)
+    report_files = {name: (path / name).read_bytes() for name in manifest["files"]
+                    if name == REPORT or name.startswith(REPORT_DIR + "/")}
+    return Artifact(graph, manifest["signature"], plan, manifest, examples, backend_files, path,
+                    report_files=report_files)
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TccError(f"{file}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_manifest(file: Path) -> dict:
+    """The manifest, its fields checked as far as loading and `tcc inspect` read them."""
+    try:
+        manifest = json.loads(_read_text(file))
+    except json.JSONDecodeError as e:
+        raise TccError(f"{file}: invalid JSON at line {e.lineno} column {e.colno}") from None
+    if not isinstance(manifest, dict):
+        raise TccError(f"{file}: a JSON {type(manifest).__name__}, not a tcc artifact manifest (an object)")
+    if manifest.get("format") != FORMAT:
+        raise TccError(f"{file}: 'format' is {manifest.get('format')!r}, not '{FORMAT}'")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise TccError(f"{file}: artifact format version {manifest.get('version')!r}; this tcc reads version "
+                       f"{FORMAT_VERSION} (compile the model again)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise TccError(f"{file}: 'files' must map file names to sha256 digests")
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise TccError(f"{file}: 'files' names '{name}', outside the artifact directory")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise TccError(f"{file}: 'files' does not list {missing[0]}")
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not isinstance(target.get("name"), str):
+        raise TccError(f"{file}: 'target' must be an object with a 'name'")
+    passes = manifest.get("passes")
+    if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+        raise TccError(f"{file}: 'passes' must be a list of pass names")
+    return manifest
+
+
+def _check_signature(file: Path, signature: Any, graph: Graph) -> None:
+    """The manifest's signature names the graph's inputs and shapes its outputs."""
+    forms = ("tensor", "tuple", "dict")
+    if (not isinstance(signature, dict) or signature.get("output_form") not in forms
+            or not all(isinstance(signature.get(key), list) and all(isinstance(n, str) for n in signature[key])
+                       for key in ("input_names", "output_keys"))):
+        raise TccError(f"{file}: 'signature' must hold input_names, output_form ({', '.join(forms)}) and "
+                       "output_keys")
+    if signature["input_names"] != list(graph.input_names):
+        raise TccError(f"{file}: 'signature' names inputs {signature['input_names']}, the graph takes "
+                       f"{list(graph.input_names)}")
+    if signature["output_form"] == "dict" and len(signature["output_keys"]) != len(graph.outputs):
+        raise TccError(f"{file}: 'signature' has {len(signature['output_keys'])} output keys for the graph's "
+                       f"{len(graph.outputs)} outputs")

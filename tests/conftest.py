@@ -37,9 +37,19 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m tcc ARGS` in a subprocess; returns the completed process."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "tcc", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+                          cwd=cwd, env=_cli_env(), timeout=300)
+
+
+def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """Start `python -m tcc ARGS` (as `run_cli` runs it) and return at once; stdout and stderr
+    are pipes of text."""
+    return subprocess.Popen([sys.executable, "-m", "tcc", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=_cli_env())
+
+
+def _cli_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture

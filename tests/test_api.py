@@ -58,6 +58,7 @@ def test_plan_frees_dead_values():
     assert 0 < artifact.plan.peak_activation_bytes < sum(op.type.dense_bytes for op in artifact.graph.ops)
 
 
+@pytest.mark.slow  # 70 s: `make demo` runs it too
 def test_demo_example_runs(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path),
                              "--epochs", "8"], capture_output=True, text=True, timeout=600)

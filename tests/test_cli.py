@@ -58,8 +58,9 @@ def test_run_matches_eager(files, artifact, tmp_path, inputs_file, on):
 
 
 def test_artifact_contents_and_no_pickles(artifact):
-    names = {p.name for p in artifact.iterdir()}
-    assert {"manifest.json", "graph.tcc", "weights.safetensors", "plan.json", "example_inputs.npz"} <= names
+    names = {p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()}
+    assert {"manifest.json", "graph.tcc", "weights.safetensors", "plan.json", "example_inputs.npz",
+            "report.html"} <= names
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["target"]["name"] == "cpu"
     assert manifest["passes"] == ["fold-constants", "canonicalize", "dce", "select-format"]
@@ -67,7 +68,7 @@ def test_artifact_contents_and_no_pickles(artifact):
     with safetensors.safe_open(str(artifact / "weights.safetensors"), framework="numpy") as weights:
         assert "tokens.weight/values" in weights.keys()
         assert json.loads(weights.metadata()["tokens.weight"]) == {"values": 100 * 32}
-    assert not any(p.suffix in (".pkl", ".pt") for p in artifact.iterdir())
+    assert not any(p.suffix in (".pkl", ".pt") for p in artifact.rglob("*"))
 
 
 def test_inspect_json(artifact):
@@ -119,7 +120,7 @@ BAD = [
     (["compile", "{d}/scripted.pt", "-o", "{t}/o"], "pass --input-shape"),
     (["compile", "{d}/model.pt2", "--input-shape", "2x16:q7", "-o", "{t}/o"], "unknown dtype 'q7'"),
     (["run", "{a}", "--input", "{d}/wrong.npy"], "the model takes 2 inputs"),
-    (["run", "{a}", "--input", "{d}/text.pt"], "cannot read inputs"),
+    (["run", "{a}", "--input", "{d}/text.pt"], "cannot read input"),
     (["run", "{t}/nothing"], "no such artifact directory"),
     (["run", "{a}", "--on", "gpu"] if not torch.cuda.is_available() else ["run", "{t}/nothing"], "no"),
 ]

@@ -215,7 +215,7 @@ def test_select_device_in_a_pipeline_compiles_for_the_device_it_chooses(digits, 
     loose = tcc.compile(d / "model.pt2", target="auto", pipeline="quantize,select-device{lc=1s,ac=0.9}",
                         eval_data=test)
     assert loose.manifest["target"]["name"] == by_price[0].name
-    assert any(line.startswith(f"select-device: no change; accuracy ") and f"chose {by_price[0].name} ($" in line
+    assert any(line.startswith("select-device: no change; accuracy ") and f"chose {by_price[0].name} ($" in line
                for line in loose.manifest["pass_log"])
     tight = tcc.compile(d / "model.pt2", target="auto", pipeline="quantize,select-device{lc=1.5ms}")
     chosen = catalog[tight.manifest["target"]["name"]]

@@ -12,8 +12,6 @@ import safetensors.numpy
 import torch
 
 from tcc.ir import parse_graph, print_graph
-from tcc.ir.dtypes import DType
-from tcc.ir.encoding import CSR, HP, Bitmap
 from tcc.ir.errors import TccError
 from tcc.passes import PassContext, PipelineError, parse_pipeline
 from tcc.passes.select_format import SelectFormat

@@ -120,6 +120,9 @@ class Opcode(IntEnum):
 
 
 class Buffer(IntEnum):
+    """The on-chip buffers, by their `buf` number: ABUF activations (`rows` lanes of `data_bits`),
+    BBUF weights and OBUF results (`cols` lanes of `data_bits`), PBUF parameters and raw
+    accumulators (`cols` lanes of `acc_bits`); `AccelConfig` gives their depths in words."""
     ABUF = 0
     BBUF = 1
     OBUF = 2
@@ -139,6 +142,7 @@ class Token(IntEnum):
 
 
 class Unit(Enum):
+    """The four units that run concurrently, each one instruction at a time (`UNITS`)."""
     LOAD = "load"
     ARRAY = "array"
     VECTOR = "vector"
@@ -177,6 +181,38 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.VRELU: (_VEC[0], _VEC[1], _VEC[3]),
     Opcode.VMAX: (_VEC[0], _VEC[1], _VEC[3]),
     Opcode.VSUM: (_VEC[0], _VEC[1], _VEC[3]),
+}
+
+# what each field holds (the generated reference, docs/isa.md, lists them; `python -m tcc.docs`):
+# by field name, or by (opcode, name) where an opcode reads a field its own way
+FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
+    "opcode": "the instruction (`Opcode`)",
+    "wait": "mask of the tokens (`Token`) it waits for; issuing takes one of each",
+    "signal": "mask of the tokens it signals when it ends",
+    "buf": "the buffer (`Buffer`; in assembly abuf, bbuf, obuf or pbuf)",
+    "addr": "first buffer word",
+    "count": "buffer words moved",
+    "dram": "first DRAM word",
+    "a": "first word of the first source",
+    "b": "first word of the second source",
+    "dst": "first word written",
+    "n": "words per source, one a cycle (a row's words for vsoftmax and vlayernorm)",
+    "k": "operand steps: ABUF and BBUF words read, one a cycle",
+    "acc": "1: add to the accumulators; 0: start from zero",
+    "bank": "the accumulator bank (0 or 1)",
+    "shift": "right shift of each product, rounding half up",
+    "param": "PBUF word of the first constant",
+    "len": "lanes of the row that hold values",
+    "relu": "1: max(result, 0)",
+    "stride": "PBUF words from one row to the next",
+    "blocks": "kept blocks run by this instruction",
+    "nnz": "steps per block: the weights' row_nnz",
+    "bw": "block width: the words of each block's activation window",
+    "span": "ABUF words from `a` that the blocks' windows may read",
+    (Opcode.SPGEMM, "a"): "first ABUF word of block 0's window (a multiple of bw)",
+    (Opcode.SPGEMM, "b"): "first BBUF word: weight words and index words alternate (even)",
+    (Opcode.REQUANT, "dst"): "first OBUF word of the `rows` results",
+    (Opcode.REQUANT, "param"): "PBUF word of the bias; the multiplier and the shift follow",
 }
 
 # the vector ALU's opcodes: a config may leave it out (`AccelConfig.vector_unit`); requant is

@@ -110,7 +110,7 @@ def _lower_program(ep: torch.export.ExportedProgram, name: str) -> tuple[Graph, 
             input_names.append(env[node])
         elif kind in ("PARAMETER", "BUFFER"):
             tensor = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
-            env[node] = lowerer.constant(spec.target, tensor)
+            env[node] = lowerer.constant(spec.target, tensor, learned=kind == "PARAMETER")
         elif kind == "CONSTANT_TENSOR":
             env[node] = lowerer.constant(spec.target, ep.constants[spec.target])
         else:
@@ -144,6 +144,7 @@ def from_graph_module(gm: fx.GraphModule, example_inputs: Any, name: str = "main
     lowerer = Lowerer(name, recorder.values)
     lowerer.modules = dict(gm.named_modules())
     lowerer.tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    lowerer.learned = {name for name, _ in gm.named_parameters()}
     env: dict[fx.Node, Any] = {}
     input_names = []
     for node in gm.graph.nodes:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcc.ir.dtypes import DType, promote
+from tcc.ir.errors import VerifyError
 
-from .lowering import Lowerer, Value
+from .lowering import Lowerer, Value, node_location
 
 aten = torch.ops.aten
 Converter = Callable[..., Any]
@@ -63,6 +64,8 @@ def convert_node(cx: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         return converter(cx, *args, **kwargs)
     except TypeError as e:
         raise cx.unsupported(f"cannot convert {node.target} with these arguments ({e})") from None
+    except VerifyError as e:  # an op the operands do not fit (e.g. an integer input to linear)
+        raise VerifyError(f"{e} at {node_location(node)}") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Lowerer:
         self._scalar_cache: dict[tuple, Value] = {}
         self.modules: dict[str, torch.nn.Module] = {}  # symbolic_trace: leaf modules by path
         self.tensors: dict[str, torch.Tensor] = {}  # parameters and buffers by path
+        self.learned: set[str] = set()  # which of them are parameters
         self._constants: dict[str, Value] = {}
 
     # -- helpers for converters -------------------------------------------------------------
@@ -86,8 +87,11 @@ class Lowerer:
         hint = self.node.name if self.node is not None else kind
         return Value(self.builder.op(kind, *operands, name=hint, **attrs))
 
-    def constant(self, name: str, tensor: torch.Tensor) -> Value:
+    def constant(self, name: str, tensor: torch.Tensor, learned: bool = False) -> Value:
+        """The IR constant `name` holding `tensor`: a TccError naming it if it holds NaN, or
+        (a `learned` parameter) +-Inf, which no pass or executor computes anything useful from."""
         tensor = tensor.detach().cpu()
+        check_finite(name, tensor, learned)
         if tensor.dtype == torch.bfloat16:
             array, dtype = tensor.float().numpy(), DType.BF16
         else:
@@ -99,7 +103,7 @@ class Lowerer:
         if path not in self._constants:
             if path not in self.tensors:
                 raise self.unsupported(f"no parameter or buffer '{path}'")
-            self._constants[path] = self.constant(path, self.tensors[path])
+            self._constants[path] = self.constant(path, self.tensors[path], path in self.learned)
         return self._constants[path]
 
     def scalar(self, value: float | int | bool, dtype: DType) -> Value:
@@ -125,6 +129,20 @@ class Lowerer:
 
     def dim(self, dim: int, rank: int) -> int:
         return dim % rank if rank else 0
+
+
+def check_finite(name: str, tensor: torch.Tensor, learned: bool) -> None:
+    """A TccError naming constant `name` if it holds NaN, or +-Inf when it is a `learned`
+    parameter (buffers may hold -Inf: additive attention masks)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):  # a finite sum: all finite
+        return
+    bad = (tensor.isnan() | tensor.isinf()) if learned else tensor.isnan()
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        what = "parameter" if learned else "constant"
+        raise TccError(f"{what} '{name}' holds {count} non-finite value{'s' * (count > 1)} of {tensor.numel():,} "
+                       f"({float(tensor[first])} at index {list(first)}); tcc compiles finite weights only")
 
 
 def _map_args(args: Any, env: dict[fx.Node, Any]) -> Any:

@@ -1,0 +1,266 @@
+"""The artifact's report: `report.html`, rendered with jinja2 from `templates/artifact.html.j2`,
+and its figures, matplotlib PNGs in `report/`.
+
+It shows the model (source, frontend, target, pipeline, ops by kind, parameters, bytes); per
+constant its shape, dtype, sparsity structure, encoding, stored and dense bytes and density;
+the sparsity patterns of the weights; for an FPGA target the accelerator's config and
+resources and its cycles per layer and per unit; the predicted latency and energy of one run
+on every device of the catalog the cost model can price here; the accuracy on the evaluation
+data; and the device selection that chose the target, when one ran. Every byte follows from
+the compiled model (no timestamps or wall times, fixed figure sizes and resolution, no
+software tag in the PNGs): two compiles of one model give identical reports.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tcc.backends.accel.isa import Unit
+from tcc.backends.accel.layout import AccelProgram
+from tcc.ir.analysis import describe
+from tcc.ir.graph import Graph
+from tcc.runtime.artifact import REPORT, REPORT_DIR
+from tcc.passes import Dataset
+
+from .devices import available
+from .select import Selection, accuracy, pareto_png, prices
+from .targets import Target
+
+if TYPE_CHECKING:
+    import jinja2
+    from matplotlib.figure import Figure
+
+    from tcc.runtime.artifact import Artifact
+
+MAX_HEATMAPS = 12  # sparsity patterns drawn: pruned weights first, then the largest
+HEATMAP_CELLS = 96  # cells a side at most: a larger weight is pooled into blocks (their density)
+DPI = 100
+UNITS = tuple(u.value for u in Unit)  # load, array, vector, store
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.PackageLoader("tcc", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["count"] = _count
+    return env
+
+
+def _count(value: float) -> str:
+    """A count with thousands separators: 27,815; 90; 12.5 (one decimal when not whole)."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def render_template(name: str, **context: Any) -> str:
+    """The package template `templates/NAME` rendered with `context` (HTML-escaped; an
+    undefined name is an error)."""
+    return _environment().get_template(name).render(**context)
+
+
+def figure(width: float, height: float, margins: tuple[float, float, float, float] = (0.8, 0.2, 0.5, 0.2),
+           **spacing: float) -> Figure:
+    """A matplotlib figure of `width` x `height` inches, on no GUI backend and outside pyplot's
+    global state (nothing to close), with fixed `margins` (left, right, bottom, top, inches)
+    and `spacing` between subplots (`wspace`, `hspace`): no layout engine, which would draw
+    the figure once more."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    left, right, bottom, top = margins
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        **spacing)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """`fig` rendered as PNG bytes, identical for identical figures (fixed resolution, no
+    software tag)."""
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=DPI, metadata={"Software": None})
+    return out.getvalue()
+
+
+def render(artifact: Artifact, *, target: Target, catalog: dict[str, Target], program: AccelProgram | None = None,
+           eval_data: Dataset | None = None, selection: Selection | None = None, seed: int = 0) -> dict[str, bytes]:
+    """The report's files by their path in the artifact: `report.html` and its PNGs under
+    `report/`. `target` is the target compiled for (with its effective accelerator config);
+    `catalog` the devices to price, `target` among them; `program` the accelerator program of
+    an FPGA target; `eval_data` labelled data to measure top-1 accuracy on; `selection` the
+    device selection that chose the target (`tcc compile --target auto`)."""
+    graph, manifest = artifact.graph, artifact.manifest
+    info = describe(graph)
+    heatmaps = _heatmap_weights(graph)
+    devices = _devices(graph, catalog, target.name, seed)
+    accel = _accel(manifest, target, program) if program is not None else None
+    figures = {"sparsity.png": _sparsity_png(graph, heatmaps) if heatmaps else None,
+               "devices.png": _devices_png(devices) if devices else None,
+               "cycles.png": _cycles_png(accel["layers"]) if accel and accel["layers"] else None,
+               "pareto.png": pareto_png(selection) if selection is not None else None}
+    files = {f"{REPORT_DIR}/{name}": png for name, png in figures.items() if png is not None}
+    plots = {name.removesuffix(".png"): f"{REPORT_DIR}/{name}" if png is not None else None
+             for name, png in figures.items()}
+    html = render_template("artifact.html.j2", manifest=manifest, target=target, info=info,
+                           summary=_summary(graph, info), heatmaps=heatmaps, cells=HEATMAP_CELLS, devices=devices,
+                           accel=accel, accuracy=_accuracy(graph, eval_data), selection=selection, plots=plots)
+    return {REPORT: html.encode(), **files}
+
+
+def _summary(graph: Graph, info: dict) -> dict[str, float]:
+    """Constants, their elements and the share of those that are zeros."""
+    elements = sum(t.numel for _, t in graph.constants)
+    zeros = sum(c["sparsity"] * t.numel for c, (_, t) in zip(info["constants"], graph.constants))
+    return {"constants": len(graph.constants), "elements": elements, "zeros": zeros / elements if elements else 0.0}
+
+
+def _heatmap_weights(graph: Graph) -> list[str]:
+    """The rank-2 constants whose sparsity patterns are drawn, in graph order: up to
+    `MAX_HEATMAPS`, those with a sparsity structure first, then the largest."""
+    rank2 = [(i, name, t) for i, (name, t) in enumerate(graph.constants) if len(t.shape) == 2 and t.numel]
+    chosen = sorted(rank2, key=lambda e: (e[2].sparsity is None, -e[2].numel, e[0]))[:MAX_HEATMAPS]
+    return [name for _i, name, _t in sorted(chosen, key=lambda e: e[0])]
+
+
+def density_cells(mask: np.ndarray, cells: int = HEATMAP_CELLS) -> np.ndarray:
+    """`mask` (rank 2, bool) pooled into at most `cells` x `cells` blocks: each the share of
+    non-zeros among the elements it covers (edge blocks cover fewer)."""
+    starts = [np.arange(0, n, -(-n // cells)) for n in mask.shape]
+    counts = np.add.reduceat(np.add.reduceat(mask, starts[0], axis=0, dtype=np.int64), starts[1], axis=1)
+    sizes = [np.diff(np.append(s, n)) for s, n in zip(starts, mask.shape)]
+    return (counts / np.outer(*sizes)).astype(np.float32)
+
+
+def _sparsity_png(graph: Graph, names: list[str]) -> bytes:
+    """The non-zero patterns of `names`, a panel each, 4 to a row (dark: non-zero; pooled
+    blocks shaded by their density). The panels are images on one set of axes in panel units:
+    an axes per panel would cost more than the drawing."""
+    from matplotlib.patches import Rectangle
+    types = dict(graph.constants)
+    ncols = min(4, len(names))
+    nrows = -(-len(names) // ncols)
+    fig = figure(3.2 * ncols, 3.0 * nrows, (0, 0, 0, 0))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_axis_off()
+    for i, name in enumerate(names):
+        row, col = divmod(i, ncols)
+        mask = graph.weights[name] != 0
+        x, y, width, height = col + 0.05, row + 0.17, 0.9, 0.78
+        ax.imshow(density_cells(mask), cmap="Greys", vmin=0.0, vmax=1.0, interpolation="nearest",
+                  extent=(x, x + width, y + height, y))
+        ax.add_patch(Rectangle((x, y), width, height, fill=False, linewidth=0.8, edgecolor="black"))
+        structure = str(types[name].sparsity).lstrip("~") if types[name].sparsity else "unstructured"
+        title = name if len(name) <= 44 else "..." + name[-41:]
+        ax.text(col + 0.5, row + 0.15, f"{title}\n{mask.shape[0]}x{mask.shape[1]}, {structure}, "
+                f"density {mask.mean():.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0, ncols)
+    ax.set_ylim(nrows, 0)
+    ax.set_aspect("auto")
+    return figure_png(fig)
+
+
+def _devices(graph: Graph, catalog: dict[str, Target], compiled_for: str, seed: int) -> list[dict]:
+    """Per device the cost model can price here: the predicted latency and energy of one run of
+    `graph` (after the device's own lowering) and where the time goes."""
+    targets = {name: t for name, t in catalog.items() if available(t)}
+    rows = []
+    for name, cost in prices(graph, targets, seed).items():
+        device = targets[name].device
+        parts = sorted(cost.parts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        rows.append({"name": name, "kind": targets[name].kind, "price_usd": device.price_usd,
+                     "power_w": device.power_w, "latency_ms": cost.latency_s * 1e3, "energy_mj": cost.energy_j * 1e3,
+                     "breakdown": ", ".join(f"{k} {100 * v / cost.latency_s:.0f}%" for k, v in parts
+                                            if cost.latency_s > 0),
+                     "compiled": name == compiled_for})
+    return rows
+
+
+def _devices_png(devices: list[dict]) -> bytes:
+    """Predicted latency and energy per device, side by side (log scales); the device compiled
+    for in red."""
+    fig = figure(10, 0.8 + 0.3 * len(devices), (1.1, 0.2, 0.5, 0.1), wspace=0.06)
+    names = [d["name"] for d in devices]
+    colors = ["C3" if d["compiled"] else "C0" for d in devices]
+    for i, (key, label) in enumerate((("latency_ms", "predicted latency per run (ms)"),
+                                      ("energy_mj", "predicted energy per run (mJ)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.barh(range(len(devices)), [max(d[key], 1e-9) for d in devices], color=colors)
+        ax.set_yticks(range(len(devices)), names if i == 0 else [""] * len(devices), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel(label, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    return figure_png(fig)
+
+
+def _accuracy(graph: Graph, data: Dataset | None) -> dict | None:
+    """Top-1 accuracy of the graph's first output on `data` (torch executor, CPU); None
+    without data, `accuracy` None when the data has no labels."""
+    if data is None:
+        return None
+    return {"source": data.source, "examples": len(data),
+            "accuracy": None if data.labels is None else accuracy(graph, data)}
+
+
+def _accel(manifest: dict, target: Target, program: AccelProgram) -> dict:
+    """The accelerator's config, resources (estimate, synthesis, the part) and, per layer (the
+    IR ops its sections implement), sections, cycles, MACs, array utilization and the cycles
+    each unit is busy (the ISA's occupancy of its instructions), with totals; the host ops by
+    kind."""
+    config = program.config
+    layers: dict[tuple[str, ...], dict] = {}
+    for section in program.sections:
+        label = " -> ".join(section.ops)
+        row = layers.setdefault(section.ops, {"layer": label, "note": section.note.removeprefix(label + ": "),
+                                              "sections": 0, "cycles": 0, "macs": 0} | dict.fromkeys(UNITS, 0))
+        row["sections"] += 1
+        row["cycles"] += section.cycles
+        row["macs"] += section.macs
+        for instruction in section.program:
+            row[instruction.unit.value] += instruction.occupancy(config)
+    rows = list(layers.values())
+    total = {"layer": "total", "note": "", **{k: sum(r[k] for r in rows) for k in ("sections", "cycles", "macs")},
+             **{u: sum(r[u] for r in rows) for u in UNITS}}
+    for row in rows + [total]:
+        row["utilization"] = row["macs"] / (row["cycles"] * config.rows * config.cols) if row["cycles"] else 0.0
+    info = manifest["accel"]
+    resources = [{"name": k, "estimate": info["resources_estimate"][k],
+                  "synthesis": info["synthesis"][k] if "synthesis" in info else None, "part": have}
+                 for k, have in target.part.resources().items()]
+    host: dict[str, dict] = {}
+    for h in program.host_ops:
+        host.setdefault(h.kind, {"kind": h.kind, "count": 0, "why": h.reason})["count"] += 1
+    return {"config": config.to_json(), "resources": resources,
+            "synthesis_source": info["synthesis"].get("source", "yosys") if "synthesis" in info else None,
+            "part": target.part.name, "layers": rows, "total": total, "units": UNITS,
+            "time_us": total["cycles"] / config.clock_mhz, "host": list(host.values())}
+
+
+def _cycles_png(layers: list[dict]) -> bytes:
+    """Per layer the cycles each unit is busy (grouped bars) and the layer's cycles (marks)."""
+    n = len(layers)
+    fig = figure(10, 4.2, (0.8, 0.2, 1.1, 0.1))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(UNITS)
+    x = np.arange(n)
+    for i, unit in enumerate(UNITS):
+        ax.bar(x + (i - (len(UNITS) - 1) / 2) * width, [r[unit] for r in layers], width, label=f"{unit} busy",
+               color=f"C{i}")
+    ax.scatter(x, [r["cycles"] for r in layers], marker="_", s=300 if n <= 24 else 40, color="black",
+               label="cycles", zorder=3)
+    labels = [r["layer"].split(" -> ")[0] for r in layers] if n <= 24 else [str(i) for i in range(n)]
+    ax.set_xticks(x, labels, rotation=60 if n <= 24 else 90, ha="right" if n <= 24 else "center",
+                  fontsize=7 if n <= 24 else max(3, 7 - math.log2(n / 24)))
+    ax.set_ylim(0, 1.2 * max(r["cycles"] for r in layers))  # room for the legend
+    ax.set_ylabel("cycles", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, ncols=len(UNITS) + 1, loc="upper left")
+    ax.grid(True, axis="y", alpha=0.3)
+    return figure_png(fig)
+
+
+__all__ = ["render", "render_template", "figure", "figure_png", "density_cells"]

@@ -1,0 +1,224 @@
+"""The artifact's report.html: the model, its weights and their sparsity patterns, the predicted
+cost on every device, the accuracy on the evaluation data, the accelerator's cycles per layer
+and unit (FPGA targets) and the device selection (--target auto); byte for byte the same from
+two compiles; and in headless Chromium every figure loads."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import tcc
+from conftest import need
+from tcc.cli import main
+from tcc.devices import available
+from tcc.passes import Dataset
+from tcc.select import Point, choose
+from tcc.targets import load_catalog
+from tcc.zoo import DigitsTransformer, digits_data
+
+PIPELINE = "hp-prune{block=8x8,sparsity=0.75},quantize"
+BATCH = 16
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """An untrained DigitsTransformer (seed 0), its example batch and 64 labelled test images."""
+    torch.manual_seed(0)
+    model = DigitsTransformer().eval()
+    _x_train, x_test, _y_train, y_test = digits_data()
+    return model, x_test[:BATCH], Dataset((x_test[:64],), y_test[:64], "digits test")
+
+
+@pytest.fixture(scope="module")
+def cpu_artifact(digits, tmp_path_factory) -> Path:
+    model, x, test = digits
+    return tcc.compile(model, (x,), target="cpu", pipeline=PIPELINE, eval_data=test).save(
+        tmp_path_factory.mktemp("report") / "cpu")
+
+
+@pytest.fixture(scope="module")
+def fpga_artifact(digits, tmp_path_factory) -> Path:
+    model, x, _test = digits
+    return tcc.compile(model, (x,), target="fpga-small", pipeline=PIPELINE).save(
+        tmp_path_factory.mktemp("report") / "fpga")
+
+
+def _section(page: str, name: str) -> str:
+    start = page.index(f'<section id="{name}">')
+    return page[start:page.index("</section>", start)]
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG
+    return struct.unpack(">II", data[16:24])
+
+
+def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifact, digits):
+    page = (cpu_artifact / "report.html").read_text()
+    manifest = json.loads((cpu_artifact / "manifest.json").read_text())
+    assert {"report.html", "report/sparsity.png", "report/devices.png"} <= set(manifest["files"])  # hashed
+    assert not any(name.startswith("report/") and name not in manifest["files"]
+                   for name in (p.relative_to(cpu_artifact).as_posix() for p in cpu_artifact.rglob("*")))
+    tcc.load(cpu_artifact)  # the hashes hold
+
+    assert "<h1>DigitsTransformer for cpu</h1>" in page
+    summary = _section(page, "summary")
+    assert "<tr><th>pipeline</th><td><code>hp-prune{sparsity=0.75,block=8x8},quantize,select-format</code>" in summary
+    assert "<li>select-format: changed; 8 hp, 2 dense;" in summary  # the pass log
+    assert '<tr><td>linear</td><td class="num">10</td></tr>' in summary  # ops by kind
+    assert '<tr><td>scaled_dot_product_attention</td><td class="num">2</td></tr>' in summary
+    assert "<tr><th>inputs</th><td>images <code>f32[16,8,8]</code></td></tr>" in summary
+    assert "<tr><th>parameters</th><td>70,632 in 59 constants," in summary  # int8 weights, int32 biases, scales
+    assert "eval: digits test (64 examples)" in summary
+
+    weights = _section(page, "weights")
+    # 75% HP sparsity in 8x8 blocks: 2 of every 8 weights of a row kept, stored as HP
+    assert ("<tr><td>encoder.layers.0.linear1.weight_q</td><td>128x64</td><td>i8</td><td>hp(8, 8, 2)</td>"
+            "<td>hp(8, 8, 2)</td>") in weights
+    assert ('<td class="num">8,192</td><td class="num">0.346</td><td class="num">0.250</td></tr>') in weights
+    assert "<tr><td>head.weight_q</td><td>10x64</td><td>i8</td><td>-</td><td>dense</td>" in weights  # kept whole
+
+    sparsity = _section(page, "sparsity")
+    assert "Non-zeros (dark) of 10 weight(s)" in sparsity and '<img src="report/sparsity.png"' in sparsity
+    assert _png_size((cpu_artifact / "report/sparsity.png").read_bytes()) == (1280, 900)  # 3 rows of 4 panels
+
+    devices = _section(page, "devices")
+    priced = [name for name, t in load_catalog().items() if available(t)]
+    assert devices.count("<tr") == len(priced) + 1 and devices.count('class="compiled"') == 1
+    assert '<tr class="compiled"><td>cpu</td><td>cpu</td><td class="num">400</td>' in devices
+    for name in priced:
+        assert f"<td>{name}</td>" in devices
+    assert '<td>fpga-small</td><td>fpga</td><td class="num">120</td>' in devices
+    assert "accelerator" in devices and '<img src="report/devices.png"' in devices
+
+    # top-1 on the 64 labelled images, measured here through the artifact's own executor
+    model, _x, test = digits
+    artifact = tcc.load(cpu_artifact)
+    logits = torch.cat([artifact.run((test.inputs[0][i:i + BATCH],)) for i in range(0, 64, BATCH)])
+    expected = float((logits.argmax(-1) == test.labels).double().mean())
+    assert (f'<tr><td>digits test</td><td class="num">64</td><td class="num">{expected:.4f}</td></tr>'
+            in _section(page, "accuracy"))
+    assert "No device selection ran" in _section(page, "selection")
+    assert 'id="accelerator"' not in page
+
+
+def test_fpga_report_shows_the_accelerator_its_resources_and_cycles(fpga_artifact):
+    page = (fpga_artifact / "report.html").read_text()
+    assert "<h1>DigitsTransformer for fpga-small</h1>" in page
+    accel = _section(page, "accelerator")
+    assert "<tr><th>rows</th><td>8</td></tr>" in accel and "<tr><th>clock_mhz</th><td>100.0</td></tr>" in accel
+    # the shipped 8x8 config: the catalog's yosys record beside the estimate, against the xc7z020
+    assert "<h3>Resources on xc7z020</h3>" in accel and "synthesis (catalog)" in accel
+    assert '<tr><td>DSP</td><td class="num">96</td><td class="num">96</td><td class="num">220</td>' in accel
+    assert '<tr><td>BRAM</td><td class="num">91</td><td class="num">90</td><td class="num">140</td>' in accel
+
+    # per layer: the sections' cycles and MACs, and each unit's occupancy, summed here again
+    program = tcc.load(fpga_artifact).accel_program()
+    layers: dict[tuple[str, ...], list[int]] = {}
+    for section in program.sections:
+        row = layers.setdefault(section.ops, [0] * 7)
+        busy = {unit: sum(i.occupancy(program.config) for i in section.program if i.unit.value == unit)
+                for unit in ("load", "array", "vector", "store")}
+        for k, value in enumerate([1, section.cycles, *busy.values(), section.macs]):
+            row[k] += value
+    assert len(layers) == 10  # the ten linears (the embedding, 2 x 4 in the encoder, the head)
+    for ops, row in layers.items():
+        cells = "".join(f'<td class="num">{v:,}</td>' for v in row)
+        assert f"<tr><td>{html.escape(' -> '.join(ops))}</td>{cells}" in accel
+    total = sum(s.cycles for s in program.sections)
+    assert f"{len(program.sections)} section(s), {total:,} cycles ({total / 100:.1f} &micro;s at 100.0 MHz)" in accel
+    assert ('<tr class="total"><td>total</td><td class="num">10</td>'
+            f'<td class="num">{total:,}</td>') in accel
+    # an HP layer on the sparse unit: 16 images x 8 rows through the 192x64 in-projection, a
+    # quarter of its weights kept
+    assert f'<td class="num">{128 * 64 * 192 // 4:,}</td>' in accel and "M=128 K=64 N=192, hp," in accel
+    assert '<tr><td>quantize</td><td class="num">10</td>' in accel  # host ops by kind
+    assert '<img src="report/cycles.png"' in accel and _png_size((fpga_artifact / "report/cycles.png").read_bytes())
+
+    devices = _section(page, "devices")
+    assert '<tr class="compiled"><td>fpga-small</td><td>fpga</td>' in devices
+    assert "No evaluation data was given" in _section(page, "accuracy")
+
+
+def test_report_is_identical_from_two_compiles(digits, cpu_artifact, tmp_path):
+    model, x, test = digits
+    again = tcc.compile(model, (x,), target="cpu", pipeline=PIPELINE, eval_data=test).save(tmp_path / "again")
+    names = ["report.html"] + sorted(p.name for p in (cpu_artifact / "report").iterdir())
+    assert len(names) == 3
+    for name in names:
+        file = name if name == "report.html" else f"report/{name}"
+        assert (again / file).read_bytes() == (cpu_artifact / file).read_bytes(), file
+
+
+def test_report_shows_the_device_selection(digits, tmp_path):
+    """A selection given to tcc.compile: its reason, Pareto plot and every point."""
+    model, x, _test = digits
+    points = [Point("fp32", "cpu", 0.97, 2.0, 4.0, 400, {}), Point("int8", "cpu", 0.96, 1.0, 2.0, 400, {}),
+              Point("int8", "edge-cpu", 0.96, 9.0, 9.0, 35, {})]
+    selection = choose(points, 3.0, 0.95)
+    out = tcc.compile(model, (x,), target="cpu", selection=selection).save(tmp_path / "a")
+    section = _section((out / "report.html").read_text(), "selection")
+    assert "Chosen: <b>cpu</b> with <b>int8</b>." in section and html.escape(selection.reason) in section
+    assert section.count("<tr") == len(points) + 1 and section.count('class="chosen"') == 1
+    assert '<img src="report/pareto.png"' in section and (out / "report/pareto.png").read_bytes()[:8] == PNG
+
+
+@pytest.fixture(scope="module")
+def auto_artifact(digits, tmp_path_factory) -> Path:
+    """`tcc compile --target auto` (fp32 only, any accuracy, 1 s) of the digits model."""
+    model, x, test = digits
+    d = tmp_path_factory.mktemp("auto")
+    torch.export.save(torch.export.export(model, (x,)), d / "model.pt2")
+    torch.save({"inputs": test.inputs[0], "labels": test.labels}, d / "test.pt")
+    assert main(["compile", str(d / "model.pt2"), "--target", "auto", "--lc", "1s", "--ac", "0", "--data",
+                 str(d / "test.pt"), "--settings", "fp32", "-q", "-o", str(d / "out")]) == 0
+    return d / "out"
+
+
+def test_target_auto_report_carries_the_selection_and_the_accuracy(auto_artifact):
+    page = (auto_artifact / "report.html").read_text()
+    chosen = json.loads((auto_artifact / "manifest.json").read_text())["target"]["name"]
+    section = _section(page, "selection")
+    assert f"Chosen: <b>{chosen}</b> with <b>fp32</b>." in section and '<img src="report/pareto.png"' in section
+    assert section.count('class="chosen"') == 1
+    assert '/test.pt</td><td class="num">64</td>' in _section(page, "accuracy")  # the data file's path
+
+
+def _browser():
+    """Headless Chromium driven by chromedriver, its console log kept."""
+    need("chromium")
+    need("chromedriver")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--allow-file-access-from-files"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                            options=options)
+
+
+@pytest.mark.parametrize("which, images", [("cpu_artifact", 2), ("fpga_artifact", 3), ("auto_artifact", 3)])
+def test_report_renders_in_chromium_with_every_image(which, images, request):
+    artifact = request.getfixturevalue(which)
+    browser = _browser()
+    try:
+        browser.get((artifact / "report.html").resolve().as_uri())
+        loaded = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        title = browser.title
+    finally:
+        browser.quit()
+    assert len(loaded) >= images and all(ok for _src, ok in loaded), loaded
+    assert not severe, severe
+    assert title.startswith("tcc artifact: ")

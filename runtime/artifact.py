@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import io
 import json
@@ -159,11 +158,8 @@ class Artifact:
         path = Path(path)
         if path.exists() and not (path / "manifest.json").is_file():
             raise TccError(f"{path}: exists and is not a tcc artifact; refusing to overwrite it")
-        rendering = None
-        if self.render_report is not None:  # in a thread, while the weights are written
-            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tcc-report")
-            rendering = pool.submit(self.render_report, self)
-            pool.shutdown(wait=False)
+        if self.render_report is not None:
+            self.report_files, self.render_report = self.render_report(self), None
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -172,8 +168,6 @@ class Artifact:
                 WEIGHTS: _write_weights(staging / WEIGHTS, self.graph),
                 "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
             }
-            if rendering is not None:
-                self.report_files, self.render_report = rendering.result(), None
             if self.example_inputs:
                 hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
             for name, data in {**self.backend_files, **self.report_files}.items():

@@ -270,11 +270,36 @@ def lowered(graph: Graph, target: Target, seed: int = 0) -> Graph:
     return graph
 
 
+def _lowering(target: Target) -> tuple:
+    """What `lowered` depends on: targets alike in it lower a graph alike."""
+    return target.lowering, target.formats, target.work_cost
+
+
+def prices(graph: Graph, targets: dict[str, Target], seed: int = 0) -> dict[str, Cost]:
+    """What one run of `graph` costs on each of `targets` (an FPGA's host looked up among
+    `targets`), each after its own lowering; targets that lower alike share it."""
+    lowered_for: dict[tuple, Graph] = {}
+    out = {}
+    for name, target in targets.items():
+        key = _lowering(target)
+        if key not in lowered_for:
+            lowered_for[key] = lowered(graph, target, seed)
+        out[name] = cost(lowered_for[key], target, targets)
+    return out
+
+
 def candidates(offered: dict[str, Target], catalog: dict[str, Target]) -> tuple[Candidate, ...]:
     """`select-device`'s candidates: the `offered` targets the cost model can price here, each
-    costing a graph after its own lowering (an FPGA's host looked up in `catalog`)."""
+    costing a graph after its own lowering (an FPGA's host looked up in `catalog`); candidates
+    that lower alike share the lowering of the graph they were last given."""
+    last: dict[tuple, tuple[Graph, Graph]] = {}  # lowering -> (a graph, that graph lowered)
+
     def costing(target: Target) -> Callable[[Graph], Cost]:
-        return lambda graph: cost(lowered(graph, target), target, catalog)
+        def price(graph: Graph) -> Cost:
+            key = _lowering(target)
+            if key not in last or last[key][0] is not graph:
+                last[key] = (graph, lowered(graph, target))
+            return cost(last[key][1], target, catalog)
+        return price
 
     return tuple(Candidate(name, t.device.price_usd, costing(t)) for name, t in offered.items() if available(t))
-

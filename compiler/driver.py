@@ -127,8 +127,6 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     catalog = load_catalog(targets_file)
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
     if target == "auto":
-        if not any(p.name == "select-device" for p in passes):
-            raise TccError("target 'auto' needs select-device{lc=...,ac=...} in the pipeline (or `tcc select`)")
         offered, config = catalog, None
     else:
         target_info = get_target(target, targets_file)
@@ -138,6 +136,9 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         offered = {target_info.name: target_info}
         if pipeline is None:
             passes = default_pipeline(target_info)
+    choosing = any(p.name == "select-device" for p in passes)
+    if target == "auto" and not choosing:
+        raise TccError("target 'auto' needs select-device{lc=...,ac=...} in the pipeline (or `tcc select`)")
     from tqdm.auto import tqdm
     steps = tqdm(total=len(passes) + 3, desc=f"compile: {frontend}", unit="step", leave=False, disable=not progress,
                  dynamic_ncols=True)  # the frontend, each pass, the target's lowering, the backend
@@ -158,7 +159,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         if dataset is not None:
             data[key] = dataset
     ctx = PassContext(data=data, torch_module=TorchExecutor, progress=progress, seed=seed,
-                      devices=candidates(offered, catalog) if any(p.name == "select-device" for p in passes) else ())
+                      devices=candidates(offered, catalog) if choosing else ())
     if target != "auto":
         ctx.tile, ctx.formats, ctx.work_cost = target_info.tile, target_info.formats, target_info.work_cost
     for p in passes:

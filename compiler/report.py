@@ -27,8 +27,8 @@ from tcc.ir.graph import Graph
 from tcc.runtime.artifact import REPORT, REPORT_DIR
 from tcc.passes import Dataset
 
-from .devices import available
-from .select import Selection, accuracy, pareto_png, prices
+from .devices import available, prices
+from .select import Selection, accuracy, pareto_png
 from .targets import Target
 
 if TYPE_CHECKING:

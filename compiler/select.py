@@ -31,11 +31,10 @@ import torch
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, Latency, PassContext, parse_pipeline
-from tcc.passes.cost_model import Cost
 from tcc.passes.data import top1_accuracy
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .devices import available, cost, device_of, lowered
+from .devices import available, device_of, prices
 from .targets import Target
 
 _log = logging.getLogger("tcc.select")
@@ -145,20 +144,6 @@ def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset 
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
                                 targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
     return points
-
-
-def prices(graph: Graph, targets: dict[str, Target], seed: int = 0) -> dict[str, Cost]:
-    """What one run of `graph` costs on each of `targets` (`tcc.devices.cost`, an FPGA's host
-    looked up among `targets`), each after its own lowering; targets that lower alike share
-    it."""
-    lowered_for: dict[tuple, Graph] = {}
-    out = {}
-    for name, target in targets.items():
-        key = (target.lowering, target.formats, target.work_cost)
-        if key not in lowered_for:
-            lowered_for[key] = lowered(graph, target, seed)
-        out[name] = cost(lowered_for[key], target, targets)
-    return out
 
 
 def _chains(settings: Sequence[Setting]) -> list[tuple[Setting, ...]]:
@@ -352,5 +337,5 @@ def write_report(selection: Selection, directory: str | os.PathLike, *, model: s
     return out
 
 
-__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "prices", "select",
+__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",
            "parse_latency", "parse_accuracy", "accuracy", "check_report_dir", "pareto_png", "write_report"]

@@ -72,7 +72,7 @@ def need(tool: str) -> None:
     """Skip without the program `tool`; under CI=true its absence is a failure."""
     if shutil.which(tool) is None:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{tool} is not installed (CI=true: the RTL tools are required)")
+            pytest.fail(f"{tool} is not installed (CI=true: the tools `make install` sets up are required)")
         pytest.skip(f"{tool} is not installed")
 
 

@@ -243,7 +243,6 @@ def test_tutorial(tmp_path, monkeypatch, torch_threads):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BIN / "tcc").exists(), reason="no .venv/bin/tcc (run make install)")
 def test_tutorial_in_a_shell(tmp_path):
     """The same commands as a reader types them: each in bash, `tcc` from .venv/bin."""
     run_tutorial(tmp_path, in_process=False)

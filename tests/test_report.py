@@ -196,7 +196,7 @@ def _browser():
     """Headless Chromium driven by chromedriver, its console log kept."""
     need("chromium")
     need("chromedriver")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver  # the dev extra: `make install`
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

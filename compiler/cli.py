@@ -8,15 +8,15 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
-import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import numpy as np
-
-from tcc.ir.errors import TccError
+from tcc.ir.errors import TccError, printable
 
 if TYPE_CHECKING:
     from tcc.select import Selection
@@ -27,21 +27,14 @@ def _load_inputs(path: str) -> Any:
     written by torch.save (tensor, tuple, list or dict; loaded with weights_only)."""
     import torch
 
-    from .data import read_saved
+    from .data import read_numpy, read_saved
     file = Path(path)
-    if not file.is_file():
-        raise TccError(f"{path}: no such input file")
-    try:
-        if file.suffix == ".npy":
-            return np.load(file, allow_pickle=False)
-        if file.suffix == ".npz":
-            with np.load(file, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            positional = [f"arr_{i}" for i in range(len(arrays))]
-            return [arrays[k] for k in positional] if sorted(arrays) == sorted(positional) else arrays
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise TccError(f"{path}: cannot read inputs ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+    if file.suffix == ".npy":
+        return read_numpy(file, "input")
+    if file.suffix == ".npz":
+        arrays = read_numpy(file, "inputs")
+        positional = [f"arr_{i}" for i in range(len(arrays))]
+        return [arrays[k] for k in positional] if sorted(arrays) == sorted(positional) else arrays
     value = read_saved(file, "input")
     if isinstance(value, (torch.Tensor, dict, tuple, list)):
         return value
@@ -94,7 +87,7 @@ def _auto_target(args: argparse.Namespace) -> tuple[str, str | None, Selection]:
     if selection.chosen is None:
         raise TccError(selection.reason)
     if not args.quiet:
-        print(f"  --target auto: {selection.reason}")
+        print(printable(f"  --target auto: {selection.reason}"))
     setting = next(s for s in _settings(args.settings) if s.name == selection.chosen.setting)
     return selection.chosen.device, setting.pipeline, selection
 
@@ -102,6 +95,8 @@ def _auto_target(args: argparse.Namespace) -> tuple[str, str | None, Selection]:
 def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
     from tcc.passes import parse_pipeline
+    from tcc.runtime.artifact import check_destination
+    check_destination(args.output)  # before the work, not after it
     choosing = bool(args.pipeline) and any(p.name == "select-device" for p in parse_pipeline(args.pipeline))
     eval_data = selection = None
     if args.target == "auto" and not choosing:
@@ -123,19 +118,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
         for line in artifact.manifest["pass_log"]:
-            print(f"  {line}")
-    print(f"compiled {artifact.manifest['source']} for {artifact.manifest['target']['name']}: {summary} -> {path}")
+            print(f"  {printable(line)}")
+    print(printable(f"compiled {artifact.manifest['source']} for {artifact.manifest['target']['name']}: {summary} -> "
+                    f"{path}"))
     if "accel" in artifact.manifest and not args.quiet:
         host = artifact.manifest["accel"]["host_ops"]
-        print(f"  accelerator: {artifact.manifest['accel']['sections']} sections; {len(host)} ops on the host"
-              + (": " + ", ".join(f"{h['op']} {h['result']}" for h in host[:8]) + (", ..." if len(host) > 8 else "")
-                 if host else ""))
+        print(printable(f"  accelerator: {artifact.manifest['accel']['sections']} sections; {len(host)} ops on the host"
+                        + (": " + ", ".join(f"{h['op']} {h['result']}" for h in host[:8])
+                           + (", ..." if len(host) > 8 else "") if host else "")))
         for label, key in (("estimated", "resources_estimate"), ("synthesized (yosys)", "synthesis")):
             if key in artifact.manifest["accel"]:
                 r = artifact.manifest["accel"][key]
                 label += ", the catalog's record of this config" if r.get("source") == "catalog" else ""
-                print(f"  {label}: {r['LUT']:,} LUT, {r['FF']:,} FF, {r['DSP']:,} DSP, {r['BRAM']:,} BRAM36 "
-                      f"(part {artifact.manifest['target']['part']['name']})")
+                print(printable(f"  {label}: {r['LUT']:,} LUT, {r['FF']:,} FF, {r['DSP']:,} DSP, {r['BRAM']:,} BRAM36 "
+                                f"(part {artifact.manifest['target']['part']['name']})"))
     return 0
 
 
@@ -149,7 +145,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for entry in info:
         print(f"{entry['name']}: {entry['summary']}")
         for o in entry["options"]:
-            print(f"    {o['name']}={o['type']}  (default {o['default']})  {o['help']}")
+            print(f"    {o['name']}={o['type']}{', ' + o['range'] if o['range'] else ''}  (default {o['default']})  "
+                  f"{o['help']}")
     return 0
 
 
@@ -173,44 +170,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if baseline is not None:
         figures.append(f"top-1 agreement {report['agreement']:.4f}, max abs error {report['max_abs_error']:.3g}, "
                        f"relative {report['relative_error']:.3g}")
-    print(f"{args.artifact} on {args.data} ({report['examples']} examples, --on {args.on}): " + ", ".join(figures))
+    print(printable(f"{args.artifact} on {args.data} ({report['examples']} examples, --on {args.on}): "
+                    + ", ".join(figures)))
     return 0
-
-
-def _write_atomically(path: str, write) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place."""
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    write(tmp)
-    os.replace(tmp, out)
-    return out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     import tcc
+    from tcc.runtime.outputs import check_new_file, write_file
     artifact = tcc.load(args.artifact)
     inputs = _load_inputs(args.input) if args.input else None
     if args.stats and args.on not in ("sim", "rtl"):
         raise TccError("--stats: cycle statistics come from --on sim or --on rtl")
+    for out in (args.stats, args.output):
+        if out:
+            check_new_file(Path(out))
     if args.on in ("sim", "rtl"):
         artifact.executor(args.on).progress = _progress(args)
     outputs = artifact.run(inputs, on=args.on)
     if args.stats:
         executor = artifact.executor(args.on)
         stats = executor.stats.to_json(executor.program.config)
-        out = _write_atomically(args.stats, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
+        out = write_file(Path(args.stats), lambda f: f.write((json.dumps(stats, indent=2) + "\n").encode()))
         print(f"{args.on}: {stats['cycles']:,} cycles, {stats['macs']:,} MACs, utilization {stats['utilization']:.3f}"
               f" -> {out}")
     if args.output:
-        out = _write_atomically(args.output, lambda tmp: torch.save(outputs, tmp))
+        out = write_file(Path(args.output), lambda f: torch.save(outputs, f))
         print(f"wrote {out}")
     else:
         items = outputs.items() if isinstance(outputs, dict) else enumerate(
             outputs if isinstance(outputs, tuple) else (outputs,))
         for key, value in items:
-            print(f"{key}: {_format_value(value)}")
+            print(printable(f"{key}: {_format_value(value)}"))
     return 0
 
 
@@ -224,7 +217,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"artifact {args.artifact}: target {info['target']}, passes {', '.join(info['pipeline']) or 'none'}")
+    print(printable(f"artifact {args.artifact}: target {info['target']}, "
+                    f"passes {', '.join(info['pipeline']) or 'none'}"))
     for label in ("inputs", "outputs"):
         print(f"{label + ':':<9}" + ", ".join(f"{v['name']} {v['type']}" for v in info[label]))
     print(f"{info['num_ops']} ops, {info['params']:,} parameters, {info['flops']:,} FLOPs, "
@@ -258,12 +252,12 @@ def cmd_targets(args: argparse.Namespace) -> int:
         d = t.device
         mark = "*" if t.measured else ""
         fits = t.synthesis_fits()
-        rows.append((t.name, t.kind, f"${d.price_usd:,.0f}{mark}", f"{d.power_w:g} W{mark}",
+        rows.append(tuple(map(printable, (t.name, t.kind, f"${d.price_usd:,.0f}{mark}", f"{d.power_w:g} W{mark}",
                      number(d.fp32_gflops) + mark, number(d.int8_gops) + mark, number(d.dram_gbps) + mark,
                      f"{d.onchip_mb:.3g}{mark}", t.part.name if t.part else "-",
                      f"{t.accel.rows}x{t.accel.cols}" if t.accel else "-",
                      "-" if t.part is None else "no record" if fits is None else "fits" if fits else "DOES NOT FIT",
-                     t.description))
+                     t.description))))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     numeric = range(2, 8)
     for row in [header] + rows:
@@ -298,12 +292,13 @@ def cmd_select(args: argparse.Namespace) -> int:
             print(f"{'device':<12} {'setting':<18} {'accuracy':>8} {'latency ms':>11} {'energy mJ':>10} {'price $':>9}")
             for p in sorted(selection.points, key=lambda p: (p.price_usd, p.device, p.latency_ms)):
                 mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(lc_ms, ac) else "")
-                print(f"{p.device:<12} {p.setting:<18} {p.accuracy:>8.4f} {p.latency_ms:>11.4g} {p.energy_mj:>10.4g} "
+                print(f"{printable(p.device):<12} {printable(p.setting):<18} {p.accuracy:>8.4f} "
+                      f"{p.latency_ms:>11.4g} {p.energy_mj:>10.4g} "
                       f"{p.price_usd:>9,.0f}{mark}")
-        print(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
-              + (f"; report: {args.report}/report.html" if args.report else ""))
+        print(printable(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
+                        + (f"; report: {args.report}/report.html" if args.report else "")))
     if selection.chosen is None:
-        print(f"tcc: error: {selection.reason}", file=sys.stderr)
+        print(f"tcc: error: {printable(selection.reason)}", file=sys.stderr)
         return 2
     return 0
 
@@ -312,7 +307,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as every other user error: one line, exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"tcc: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"tcc: error: {printable(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  tcc compile model.pt2 --target fpga-small -o out/   # then open out/report.html\n"
                "  tcc run out/ --on sim\n  tcc select model.pt2 --lc 10ms --ac 0.95 --data test.pt\n\n"
                "`tcc COMMAND --help` for each command. Exit codes: 0 ok, 2 bad input or constraints no device "
-               "meets, 1 an internal error (a bug in tcc: please report it), 130 interrupted.")
+               "meets, 1 an internal error (a bug in tcc: please report it), 130 interrupted (143: by SIGTERM).")
     parser.add_argument("--version", action="version", version=f"tcc {__import__('tcc').__version__}")
     parser.add_argument("-q", "--quiet", dest="quiet_before", action="store_true", help="as the commands' -q")
     parser.add_argument("-v", "--verbose", dest="verbose_before", action="count", default=0,
@@ -453,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Printable(logging.Formatter):
+    """Log lines with names from files made safe for the terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def _configure_logging(verbosity: int) -> None:
     """-v: what tcc does, with timings (INFO); -vv: debug detail; one `tcc: ` line each on stderr."""
     logger = logging.getLogger("tcc")
@@ -460,10 +462,32 @@ def _configure_logging(verbosity: int) -> None:
         logger.removeHandler(handler)
     if verbosity:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("tcc: %(message)s"))
+        handler.setFormatter(_Printable("tcc: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
     logger.propagate = False
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it cleans up as for Ctrl-C."""
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises `_Terminated` while the context lasts (in the main thread: only there
+    can a handler be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -476,16 +500,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        return args.func(args)
+        with _sigterm_interrupts():
+            return args.func(args)
     except TccError as e:
-        print(f"tcc: error: {e}", file=sys.stderr)
+        print(f"tcc: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("tcc: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     except Exception as e:
         if debug:
             raise
-        print(f"tcc: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"tcc: internal error: {type(e).__name__}: {printable(str(e).splitlines()[0]) if str(e) else ''} "
               "(a bug in tcc: please report it, with the traceback TCC_DEBUG=1 prints)", file=sys.stderr)
         return 1

@@ -176,14 +176,24 @@ def _cache_file() -> Path:
     return root / "devices.json"
 
 
-def _machine_key(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
+def _cpu_name() -> str:
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu
+        return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, str | int | None]:
+    """The machine the cost model measures: CPU model, torch's threads, the local CUDA device,
+    versions and platform (machine-dependent: for an artifact's `measured/`, never its hashes)."""
+    return {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _machine_key(device: str) -> str:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
     text = f"v3|{name}|{torch.get_num_threads()}|{torch.__version__}|{device}"  # v3: the calibration's method
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -254,6 +264,13 @@ def cost(graph: Graph, target: Target, catalog: dict[str, Target]) -> Cost:
     if host is None:
         raise TccError(f"target '{target.name}': its host '{device.host}' is not in the catalog")
     return accelerator(graph, device, cycle_model(target.accel), device_of(host))
+
+
+def measured_here(target: Target, catalog: dict[str, Target]) -> bool:
+    """Whether the cost model prices `target` with figures measured on this machine: a measured
+    device, or an FPGA whose host (looked up in `catalog`) is one."""
+    host = catalog.get(target.device.host or "")
+    return target.measured or (target.kind == "fpga" and host is not None and host.measured)
 
 
 def available(target: Target) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -92,11 +91,19 @@ def _example_arrays(signature: Signature, examples: Any) -> dict[str, np.ndarray
 
 
 def _dataset(spec: DataSpec, graph: Graph, what: str) -> Dataset | None:
+    """`spec` fitted to `graph`; a file's dataset is named by the file's name (its path, which
+    is the machine's, goes to the artifact's measured/host.json)."""
     if spec is None:
         return None
     if isinstance(spec, Dataset):
         return spec.fit(graph, what)
-    return load_dataset(spec, graph, what=what)
+    return dataclasses.replace(load_dataset(spec, graph, what=what), source=Path(spec).name)
+
+
+def _paths(model: Any, data: dict[str, DataSpec]) -> dict[str, str]:
+    """The absolute paths of the model and data files compiled from."""
+    files = {"model": model, **data}
+    return {key: str(Path(f).resolve()) for key, f in files.items() if isinstance(f, (str, Path))}
 
 
 def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipeline: PipelineSpec = None,
@@ -123,7 +130,10 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
 
     The artifact's report (`report.html`: the model, its weights and their sparsity patterns,
     the accelerator's cycles, the predicted latency and energy on every device, the accuracy on
-    `eval_data`, the selection) is rendered when the artifact is first saved."""
+    `eval_data`, the selection) is rendered when the artifact is first saved. What depends on
+    this machine (the cost model's measured figures and predictions, a selection's points,
+    select-device's latencies, file paths) goes to the artifact's unhashed `measured/`, so the
+    hashed files follow from the model, the options and the software alone."""
     catalog = load_catalog(targets_file)
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
     if target == "auto":
@@ -180,7 +190,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     steps.set_description_str("compile: backend")
     plan = build_plan(graph, target_info.executor)
     manifest = {
-        "tcc_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "tcc_version": __version__, "torch_version": torch.__version__,
         "source": source, "frontend": frontend, "target": target_info.to_json(),
         "pipeline": format_pipeline(passes + lowering), "passes": [p.name for p in passes + lowering],
         "pass_log": ctx.log, "data": {k: {"source": d.source, "examples": len(d)} for k, d in data.items()},
@@ -202,8 +212,10 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
             manifest["accel"]["synthesis"] = dict(target_info.synthesis, source="catalog")
     # the report prices the target with the accelerator config built (--accel may override the catalog's)
     compiled_for = dataclasses.replace(target_info, accel=config) if config is not None else target_info
+    paths = _paths(model, {"train": train_data, "calib": calib_data, "eval": eval_data})
     report = functools.partial(render_report, target=compiled_for, catalog={**catalog, target_info.name: compiled_for},
-                               program=program, eval_data=data.get("eval"), selection=selection, seed=seed)
+                               program=program, eval_data=data.get("eval"), selection=selection, seed=seed,
+                               measured={"pass_log": ctx.measured, "paths": paths})
     steps.update()
     steps.close()
     _log.info("compiled for %s in %.2f s", target_info.name, time.perf_counter() - start)

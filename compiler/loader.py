@@ -1,8 +1,10 @@
 """Loading model files. The kind is decided by the archive's contents, not its extension:
 
 - torch.export archives (`torch.export.save`, .pt2): the safe, documented format; they carry
-  their example inputs;
-- TorchScript (`torch.jit.save`): converted to an ExportedProgram;
+  their example inputs. Read by `tcc.export_archive` (nothing unpickled, nothing imported);
+  with `trust_pickle=True` by `torch.export.load`;
+- TorchScript (`torch.jit.save`): code, so only with `trust_pickle=True`; converted to an
+  ExportedProgram;
 - state_dicts (`torch.save(model.state_dict())`): need `--arch module:Class`;
 - full pickles (`torch.save(model)`): only with `trust_pickle=True`, since unpickling runs code
   from the file.
@@ -28,6 +30,8 @@ import torch
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.runtime.torch_executor import TORCH_DTYPES
+
+from .export_archive import read_export_archive
 
 # dtypes a model input can have: those a torch tensor holds as such (no i4 or b1)
 INPUT_DTYPES = (DType.F64, DType.F32, DType.F16, DType.BF16, DType.I64, DType.I32, DType.I16, DType.I8, DType.BOOL)
@@ -105,6 +109,8 @@ def archive_kind(path: Path) -> str:
         raise TccError(f"{path}: no such file")
     if path.is_dir():
         raise TccError(f"{path}: is a directory, not a model file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise TccError(f"{path}: not a regular file (a FIFO, socket or device), not a model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if not magic:
@@ -143,6 +149,22 @@ def _check_same_shapes(path: Path, stored: Any, given: Any) -> None:
         raise TccError(f"{path}: exported for input shapes {have}; re-export the model for other shapes")
 
 
+def _check_stored_examples(path: Path, stored: Any) -> None:
+    """Example inputs an archive carries obey --input-shape's rules: dense tensors (a stride-0
+    view of a few stored bytes may claim 10^10 elements) of at most MAX_INPUT_ELEMENTS."""
+    items = stored.items() if isinstance(stored, dict) else enumerate(stored)
+    for key, value in items:
+        where = f"{path}: stored example input {key!r}" if isinstance(key, str) else f"{path}: stored example input {key}"
+        if not isinstance(value, torch.Tensor):
+            raise TccError(f"{where} is a {type(value).__name__}; tcc takes tensors")
+        if value.layout != torch.strided or value.is_meta or type(value) is not torch.Tensor:
+            raise TccError(f"{where} is a {value.layout} {'meta ' if value.is_meta else ''}{type(value).__name__}; "
+                           "tcc takes dense tensors")
+        if value.numel() > MAX_INPUT_ELEMENTS:
+            raise TccError(f"{where} has shape {list(value.shape)} ({value.numel():,} elements); an example input "
+                           f"holds at most {MAX_INPUT_ELEMENTS:,}")
+
+
 class _Capture(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -154,10 +176,15 @@ class _Capture(logging.Handler):
         self.lines += [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _load_exported(path: Path) -> torch.export.ExportedProgram:
-    """torch.export.load. Output types of installed libraries (e.g. Hugging Face ModelOutputs)
-    register themselves for deserialization when their module is imported: a first failure
-    naming such a type imports its module (never code from the file) and loads again."""
+def _load_exported(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
+    """The archive's program. Untrusted, tcc's own reader: nothing unpickled, nothing imported.
+    Trusted (--trust-pickle), torch.export.load, which unpickles what the archive marks so; and
+    output types of installed libraries (e.g. Hugging Face ModelOutputs), which register
+    themselves for deserialization when their module is imported: a first failure naming such
+    a type imports its module and loads again."""
+    if not trust_pickle:
+        with _captured_logs(*TORCH_EXPORT_LOGGERS):
+            return read_export_archive(path, MAX_INPUT_ELEMENTS)
     try:
         return _load_exported_once(path)
     except TccError as e:
@@ -227,11 +254,13 @@ def load_model_file(path: str | Path, *, input_shapes: list[InputShape] | None =
     kind = archive_kind(path)
     examples = example_inputs_from_shapes(input_shapes) if input_shapes else None
     if kind == "export":
-        program = _load_exported(path)
+        program = _load_exported(path, trust_pickle)
         stored = None
         if program.example_inputs is not None:
             args, kwargs = program.example_inputs
             stored = kwargs if kwargs and not args else args
+        if stored is not None:
+            _check_stored_examples(path, stored)
         if examples is not None and stored is not None:
             _check_same_shapes(path, stored, examples)
         examples = stored if stored is not None else examples
@@ -241,6 +270,9 @@ def load_model_file(path: str | Path, *, input_shapes: list[InputShape] | None =
     if examples is None:
         raise TccError(f"{path}: a {kind} file carries no example inputs: pass --input-shape (e.g. 1x128:i64)")
     if kind == "torchscript":
+        if not trust_pickle:
+            raise TccError(f"{path}: a TorchScript model is code, and loading it runs that code. Pass --trust-pickle if "
+                           "you trust it, or save with torch.export.save")
         try:
             scripted = torch.jit.load(str(path))
             from torch._export.converter import TS2EPConverter

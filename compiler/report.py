@@ -4,17 +4,26 @@ and its figures, matplotlib PNGs in `report/`.
 It shows the model (source, frontend, target, pipeline, ops by kind, parameters, bytes); per
 constant its shape, dtype, sparsity structure, encoding, stored and dense bytes and density;
 the sparsity patterns of the weights; for an FPGA target the accelerator's config and
-resources and its cycles per layer and per unit; the predicted latency and energy of one run
-on every device of the catalog the cost model can price here; the accuracy on the evaluation
-data; and the device selection that chose the target, when one ran. Every byte follows from
-the compiled model (no timestamps or wall times, fixed figure sizes and resolution, no
-software tag in the PNGs): two compiles of one model give identical reports.
+resources and its cycles per layer and per unit; the accuracy on the evaluation data; and the
+device selection that chose the target, when one ran. Every byte of these follows from the
+compiled model (no timestamps, wall times or paths, fixed figure sizes and resolution, no
+software tag in the PNGs): two compiles of one model, on any two machines, give identical
+reports, hashed in the manifest.
+
+What depends on the compiling machine goes to the artifact's unhashed `measured/` folder:
+`devices.html` and `devices.png` (the predicted latency and energy of one run on every device
+the cost model can price here, the host's figures measured here), `selection.html` and
+`pareto.png` (the selection's points, whose latencies are such predictions) and `host.json`
+(the machine, the cost model's measured figures, the predictions, the pass log's measured
+notes, the data files' paths). report.html shows the pages in sandboxed frames (no scripts)
+and the plots as images, at paths that do not depend on the measurement.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +33,10 @@ from tcc.backends.accel.isa import Unit
 from tcc.backends.accel.layout import AccelProgram
 from tcc.ir.analysis import describe
 from tcc.ir.graph import Graph
-from tcc.runtime.artifact import REPORT, REPORT_DIR
+from tcc.runtime.artifact import MEASURED_ABOUT, MEASURED_DIR, REPORT, REPORT_DIR
 from tcc.passes import Dataset
 
-from .devices import available, prices
+from .devices import available, device_of, machine, measured_here, prices
 from .select import Selection, accuracy, pareto_png
 from .targets import Target
 
@@ -86,28 +95,51 @@ def figure_png(fig: Figure) -> bytes:
 
 
 def render(artifact: Artifact, *, target: Target, catalog: dict[str, Target], program: AccelProgram | None = None,
-           eval_data: Dataset | None = None, selection: Selection | None = None, seed: int = 0) -> dict[str, bytes]:
+           eval_data: Dataset | None = None, selection: Selection | None = None, seed: int = 0,
+           measured: dict[str, Any] | None = None) -> dict[str, bytes]:
     """The report's files by their path in the artifact: `report.html` and its PNGs under
-    `report/`. `target` is the target compiled for (with its effective accelerator config);
-    `catalog` the devices to price, `target` among them; `program` the accelerator program of
-    an FPGA target; `eval_data` labelled data to measure top-1 accuracy on; `selection` the
-    device selection that chose the target (`tcc compile --target auto`)."""
+    `report/` (machine-independent), and under `measured/` the pages, plots and `host.json` of
+    what this machine's measurements decide (see the module's doc). `target` is the target
+    compiled for (with its effective accelerator config); `catalog` the devices to price,
+    `target` among them; `program` the accelerator program of an FPGA target; `eval_data`
+    labelled data to measure top-1 accuracy on; `selection` the device selection that chose the
+    target (`tcc compile --target auto`); `measured` more facts of this compile for `host.json`
+    (the pass log's measured notes, the data files' paths)."""
     graph, manifest = artifact.graph, artifact.manifest
     info = describe(graph)
     heatmaps = _heatmap_weights(graph)
     devices = _devices(graph, catalog, target.name, seed)
     accel = _accel(manifest, target, program) if program is not None else None
-    figures = {"sparsity.png": _sparsity_png(graph, heatmaps) if heatmaps else None,
-               "devices.png": _devices_png(devices) if devices else None,
-               "cycles.png": _cycles_png(accel["layers"]) if accel and accel["layers"] else None,
-               "pareto.png": pareto_png(selection) if selection is not None else None}
-    files = {f"{REPORT_DIR}/{name}": png for name, png in figures.items() if png is not None}
-    plots = {name.removesuffix(".png"): f"{REPORT_DIR}/{name}" if png is not None else None
-             for name, png in figures.items()}
+    figures = {"sparsity": _sparsity_png(graph, heatmaps) if heatmaps else None,
+               "cycles": _cycles_png(accel["layers"]) if accel and accel["layers"] else None}
+    plots = {name: f"{REPORT_DIR}/{name}.png" if png is not None else None for name, png in figures.items()}
+    files = {plots[name]: png for name, png in figures.items() if png is not None}
+    measured_figures = {"devices": _devices_png(devices) if devices else None,
+                        "pareto": pareto_png(selection) if selection is not None else None}
+    files |= {f"{MEASURED_DIR}/{name}.png": png for name, png in measured_figures.items() if png is not None}
+    host = machine()
+    pages = {"devices": render_template("measured.html.j2", page="devices", machine=host, devices=devices)}
+    if selection is not None:
+        pages["selection"] = render_template("measured.html.j2", page="selection", machine=host,
+                                             selection=selection)
+    files |= {f"{MEASURED_DIR}/{name}.html": page.encode() for name, page in pages.items()}
+    files[f"{MEASURED_DIR}/host.json"] = _host_json(host, catalog, devices, selection, measured or {})
     html = render_template("artifact.html.j2", manifest=manifest, target=target, info=info,
-                           summary=_summary(graph, info), heatmaps=heatmaps, cells=HEATMAP_CELLS, devices=devices,
-                           accel=accel, accuracy=_accuracy(graph, eval_data), selection=selection, plots=plots)
+                           summary=_summary(graph, info), heatmaps=heatmaps, cells=HEATMAP_CELLS, accel=accel,
+                           accuracy=_accuracy(graph, eval_data), selection=selection, plots=plots,
+                           measured=MEASURED_DIR, device_rows=len(catalog))
     return {REPORT: html.encode(), **files}
+
+
+def _host_json(host: dict, catalog: dict[str, Target], devices: list[dict], selection: Selection | None,
+               facts: dict[str, Any]) -> bytes:
+    """`measured/host.json`: the machine, the cost model's figures measured on it, the devices'
+    predictions, the selection and `facts`."""
+    calibration = {name: device_of(t).to_json() for name, t in catalog.items() if t.measured and available(t)}
+    out = {"about": MEASURED_ABOUT, "machine": host, "calibration": calibration, "devices": devices, **facts}
+    if selection is not None:
+        out["selection"] = selection.to_json()
+    return (json.dumps(out, indent=1) + "\n").encode()
 
 
 def _summary(graph: Graph, info: dict) -> dict[str, float]:
@@ -164,7 +196,8 @@ def _sparsity_png(graph: Graph, names: list[str]) -> bytes:
 
 def _devices(graph: Graph, catalog: dict[str, Target], compiled_for: str, seed: int) -> list[dict]:
     """Per device the cost model can price here: the predicted latency and energy of one run of
-    `graph` (after the device's own lowering) and where the time goes."""
+    `graph` (after the device's own lowering), where the time goes and whether the figures
+    behind it are measured on this machine."""
     targets = {name: t for name, t in catalog.items() if available(t)}
     rows = []
     for name, cost in prices(graph, targets, seed).items():
@@ -174,7 +207,7 @@ def _devices(graph: Graph, catalog: dict[str, Target], compiled_for: str, seed: 
                      "power_w": device.power_w, "latency_ms": cost.latency_s * 1e3, "energy_mj": cost.energy_j * 1e3,
                      "breakdown": ", ".join(f"{k} {100 * v / cost.latency_s:.0f}%" for k, v in parts
                                             if cost.latency_s > 0),
-                     "compiled": name == compiled_for})
+                     "compiled": name == compiled_for, "measured": measured_here(targets[name], catalog)})
     return rows
 
 

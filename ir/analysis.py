@@ -24,6 +24,22 @@ def last_uses(graph: Graph) -> dict[int, tuple[str, ...]]:
     return {index: tuple(sorted(names)) for index, names in freed.items()}
 
 
+def non_finite(array: np.ndarray, *, inf: bool = True) -> str | None:
+    """How a float `array` holds NaN (or, with `inf`, +-Inf), e.g. `3 non-finite values of
+    1,024 (nan at index [1, 2])`; None when it holds none."""
+    array = np.asarray(array)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if array.dtype.kind != "f" or np.isfinite(array.sum()):  # a finite sum: all finite
+            return None
+    bad = np.isnan(array) | np.isinf(array) if inf else np.isnan(array)
+    count = int(bad.sum())
+    if not count:
+        return None
+    first = np.unravel_index(int(bad.argmax()), array.shape)
+    return (f"{count} non-finite value{'s' * (count > 1)} of {array.size:,} "
+            f"({float(array[first])} at index {[int(i) for i in first]})")
+
+
 def live_values(graph: Graph) -> set[str]:
     """Values that contribute to an output (what dead-code elimination keeps)."""
     producer = graph.producer()

@@ -18,3 +18,11 @@ class ParseError(TccError):
         super().__init__(f"{source}:{line}:{col}: {message}")
         self.line = line
         self.col = col
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: every character that is not printable (control characters
+    such as ESC, newline and carriage return, bidirectional overrides, other format and
+    unassigned characters) written as its Python escape (`\\x1b`, `\\n`, `\\u202e`). Names
+    and messages that come from files pass through this before tcc prints them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

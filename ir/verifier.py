@@ -7,13 +7,17 @@ import numpy as np
 from .dtypes import DType
 from .encoding import DENSE
 from .errors import VerifyError
-from .graph import NAME, Graph
+from .graph import NAME, Graph, Op
 from .ops import OPS, OpTypeError
+from .types import TensorType
+
+MAX_VALUE_BYTES = 1 << 34  # 16 GiB: a value (or attention's scores) larger than this is an edit or a typo, not a model
 
 
 def verify(graph: Graph) -> Graph:
-    """Check SSA form, every op's operands, attributes and type, the outputs and the weights.
-    Returns the graph so calls chain; raises `VerifyError` on the first problem."""
+    """Check SSA form, every op's operands, attributes and type, the outputs and the weights,
+    and that no input or op needs more than `MAX_VALUE_BYTES` at run time. Returns the graph
+    so calls chain; raises `VerifyError` on the first problem."""
     defined: dict = {}
     if not NAME.fullmatch(graph.name):
         raise VerifyError(f"graph name '{graph.name}' is not a valid name ([A-Za-z0-9_.]+)")
@@ -27,6 +31,7 @@ def verify(graph: Graph) -> Graph:
 
     for name, t in graph.inputs:
         define(name, t, "input")
+        _check_size(f"input '{name}'", t.dense_bytes)
     for name, t in graph.constants:
         define(name, t, "constant")
         _check_weight(graph, name, t)
@@ -49,6 +54,7 @@ def verify(graph: Graph) -> Graph:
             raise VerifyError(f"{where}: result declared {op.type} but operands give "
                               f"{inferred.dtype}[{','.join(map(str, inferred.shape))}]")
         define(op.result, op.type, where + ": result")
+        _check_size(where, _run_time_bytes(op, defined))
     if not graph.outputs:
         raise VerifyError("graph has no outputs")
     for name in graph.outputs:
@@ -58,6 +64,22 @@ def verify(graph: Graph) -> Graph:
     if extra:
         raise VerifyError(f"weight '{sorted(extra)[0]}' has no constant declaration")
     return graph
+
+
+def _run_time_bytes(op: Op, defined: dict[str, TensorType]) -> int:
+    """The largest array executing `op` materialises: its result, or attention's scores."""
+    t = op.type
+    if op.kind == "scaled_dot_product_attention" and t.numel:
+        scores = t.numel // t.shape[-1] * defined[op.operands[1]].shape[-2]  # [..., queries, keys]
+        return max(t.dense_bytes, (scores * t.dtype.bits + 7) // 8)
+    return t.dense_bytes
+
+
+def _check_size(where: str, size: int) -> None:
+    """Executors allocate every value: refuse one beyond the budget before anything runs."""
+    if size > MAX_VALUE_BYTES:
+        raise VerifyError(f"{where}: needs {size:,} bytes at run time; a value may take at most "
+                          f"{MAX_VALUE_BYTES:,} (16 GiB)")
 
 
 def _check_weight(graph: Graph, name: str, t) -> None:

@@ -1,19 +1,25 @@
 """The pass base: one class per pass, options as dataclass fields, one signature
 `run(graph, ctx) -> PassResult`. Passes are idempotent: running one twice equals once.
 
-Options are declared with `option(default, help)`; their annotations drive the pipeline
-text parser (`passes.pipeline`) and `tcc passes`. A pass checks its option values in
-`validate()` and reports bad ones with `OptionError`, which names the pass and the option.
+Options are declared with `option(default, help, within=...)`; their annotations drive the
+pipeline text parser (`passes.pipeline`) and `tcc passes`. A numeric option's `within` is its
+range, written as an interval (`[0, 1)`, `(0, inf)`); every float option must be finite and in
+its range. A pass checks other rules in `validate()`; bad values raise `OptionError`, which
+names the pass and the option. A pass whose result holds NaN weights (or Inf where it found
+finite ones) fails, naming the constant: no pass hands on garbage silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
+from tcc.ir.analysis import non_finite
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.verifier import verify
@@ -33,9 +39,38 @@ class OptionError(TccError):
         self.pass_name, self.option = pass_name, option
 
 
-def option(default: Any, help: str) -> Any:
-    """Declare a pass option: a dataclass field with a default and one line of help."""
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Range:
+    """The finite values a numeric option may take, from `low` to `high` (either end may be
+    infinite), each end included or not: written as an interval, `[0, 1)`, `(0, inf)`."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Range":
+        match = re.fullmatch(r"([\[(])\s*(-inf|[-+\d.e]+)\s*,\s*(inf|[-+\d.e]+)\s*([\])])", text.strip())
+        if not match:
+            raise ValueError(f"'{text}' is not an interval such as [0, 1) or (0, inf)")
+        return cls(float(match[2]), float(match[3]), match[1] == "[", match[4] == "]")
+
+    def __str__(self) -> str:
+        """The rule in words: `>= 0`, `> 0` for a range open above, else `in [0, 1)`."""
+        if self.high == math.inf and self.low > -math.inf:
+            return f"{'>=' if self.low_closed else '>'} {self.low:g}"
+        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
+
+    def __contains__(self, value: float) -> bool:
+        return (math.isfinite(value) and (self.low <= value if self.low_closed else self.low < value)
+                and (value <= self.high if self.high_closed else value < self.high))
+
+
+def option(default: Any, help: str, *, within: str | None = None) -> Any:
+    """Declare a pass option: a dataclass field with a default, one line of help and, for a
+    number, the interval it must lie in (`within="[0, 1)"`)."""
+    return field(default=default, metadata={"help": help, **({"range": Range.parse(within)} if within else {})})
 
 
 class TorchModuleFactory(Protocol):
@@ -60,7 +95,9 @@ class PassContext:
     - `torch_module`: the torch executor factory, needed by passes that train or calibrate;
     - `progress`: show progress bars on long work; `verify_each`: verify after every pass;
     - `devices`: the candidates of `select-device`, which records its choice in `chosen_device`;
-    - `log`: one line per pass that ran, with the notes the pass made (`note`)."""
+    - `log`: one line per pass that ran, with the notes the pass made (`note`); `measured`:
+      notes whose figures depend on this machine (`note_measured`), kept out of `log` (and out
+      of an artifact's hashed part)."""
 
     verify_each: bool = True
     data: dict[str, Dataset] = field(default_factory=dict)
@@ -75,10 +112,16 @@ class PassContext:
     chosen_device: str | None = None
     log: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    measured: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         """Record a fact about the running pass for the report (joined into its log line)."""
         self.notes.append(text)
+
+    def note_measured(self, text: str) -> None:
+        """Record a figure that depends on this machine (a prediction from measured device
+        figures), apart from the log."""
+        self.measured.append(text)
 
     def dataset(self, *names: str) -> tuple[str, Dataset] | tuple[None, None]:
         """The first of the named datasets present, as (name, dataset)."""
@@ -112,6 +155,14 @@ class Pass:
     summary: ClassVar[str]
 
     def __post_init__(self) -> None:
+        for f in self.options():
+            value, limits = getattr(self, f.name), f.metadata.get("range")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if limits is not None and value not in limits:
+                raise self.fail(f.name, f"must be {limits}, got {value}")
+            if not math.isfinite(value):
+                raise self.fail(f.name, f"must be a finite number, got {value}")
         self.validate()
 
     def validate(self) -> None:
@@ -139,6 +190,7 @@ class Pass:
         ctx.notes = []
         start = time.perf_counter()
         result = self.run(graph, ctx)
+        self._check_finite(graph, result.graph)
         if ctx.verify_each:
             verify(result.graph)
         line = f"{self.name}: {'changed' if result.changed else 'no change'}"
@@ -146,6 +198,17 @@ class Pass:
         ctx.notes = []
         _log.info("pass %s (%.2f s, %d ops)", ctx.log[-1], time.perf_counter() - start, len(result.graph.ops))
         return result.graph
+
+    def _check_finite(self, before: Graph, after: Graph) -> None:
+        """A TccError naming the first constant this pass left holding NaN, or +-Inf where it
+        found the constant finite (new constants may hold -Inf: folded attention masks)."""
+        old = before.weights
+        for name, array in after.weights.items():
+            if old.get(name) is array or non_finite(array) is None:
+                continue
+            problem = non_finite(array, inf=name in old and non_finite(old[name]) is None)
+            if problem:
+                raise TccError(f"{self.name}: produced non-finite weights: constant '{name}' holds {problem}")
 
 
 def run_pipeline(graph: Graph, passes: Iterable[Pass], ctx: PassContext,

@@ -102,12 +102,7 @@ class Binarize(Pass, LayerOptions, TrainingOptions):
     mode: Literal["w1a8", "w1a1"] = option("w1a8", "activations: 8-bit (w1a8) or elastic binary (w1a1)")
     centered: bool = option(False, "binarize the row-centred weight W - mean(W[c])")
     tws: bool = option(False, "ternary weight splitting: train ternary, then split into two binary halves")
-    attn_bits: int = option(4, "w1a1: bits of the unsigned softmax outputs")
-
-    def validate(self) -> None:
-        if not 1 <= self.attn_bits <= 8:
-            raise self.fail("attn_bits", f"must be in 1..8, got {self.attn_bits}")
-        self.validate_training(self.fail)
+    attn_bits: int = option(4, "w1a1: bits of the unsigned softmax outputs", within="[1, 8]")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers = self.chosen_layers(graph, self.name)

@@ -30,23 +30,18 @@ class BlockPrune(Pass, LayerOptions, TrainingOptions):
     name = "block-prune"
     summary = "prune whole RxC blocks aligned to the array tile (per layer kind), or N:M within rows"
 
-    sparsity: float = option(0.5, "fraction of zeros in [0, 1), for kinds not set on their own")
+    sparsity: float = option(0.5, "fraction of zeros, for kinds not set on their own", within="[0, 1)")
     block: Shape2 | None = option(None, "block shape RxC (default: the target's array tile)")
-    qkv: float | None = option(None, "sparsity of attention query/key/value projections")
-    attn_out: float | None = option(None, "sparsity of the attention output projection")
-    ffn1: float | None = option(None, "sparsity of the first FFN layer")
-    ffn2: float | None = option(None, "sparsity of the second FFN layer")
+    qkv: float | None = option(None, "sparsity of attention query/key/value projections", within="[0, 1)")
+    attn_out: float | None = option(None, "sparsity of the attention output projection", within="[0, 1)")
+    ffn1: float | None = option(None, "sparsity of the first FFN layer", within="[0, 1)")
+    ffn2: float | None = option(None, "sparsity of the second FFN layer", within="[0, 1)")
     nm: Ratio | None = option(None, "N:M variant: keep N of every M consecutive weights per row (e.g. 2:4)")
     block_score: BlockScore = option("l2", "block importance: l2 or l1 norm")
 
     def validate(self) -> None:
-        for key in ("sparsity", "qkv", "attn_out", "ffn1", "ffn2"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise self.fail(key, f"must be in [0, 1), got {value}")
         if self.nm is not None and self.nm[0] > self.nm[1]:
             raise self.fail("nm", f"{self.nm}: N must not exceed M")
-        self.validate_training(self.fail)
 
     def kind_sparsity(self, kind: str) -> float:
         value = getattr(self, kind) if kind in LAYER_KINDS[:4] else None

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from tcc.ir.analysis import non_finite
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 
@@ -36,7 +37,8 @@ class Dataset:
 
     def fit(self, graph: Graph, what: str = "") -> "Dataset":
         """This dataset with inputs in the graph's element types; a TccError naming the
-        dataset and the mismatch if it cannot feed `graph`."""
+        dataset and the mismatch if it cannot feed `graph`, or the input holding NaN or Inf
+        (training on it gives NaN weights, calibrating on it NaN scales)."""
         where = f"{self.source}{' (' + what + ')' if what else ''}"
         if len(self.inputs) != len(graph.inputs):
             raise TccError(f"{where}: holds {len(self.inputs)} input tensor(s) but the model takes "
@@ -55,6 +57,9 @@ class Dataset:
                                f"the model expects {t.dtype}")
         inputs = tuple(x.to(torch.from_numpy(np.zeros(0, t.dtype.numpy)).dtype) for x, (_, t) in
                        zip(self.inputs, graph.inputs))
+        for x, name in zip(inputs, graph.input_names):
+            if problem := non_finite(x.detach().cpu().numpy()):
+                raise TccError(f"{where}: input '{name}' holds {problem}; tcc reads finite data only")
         fitted = Dataset(inputs, self.labels, self.source)
         if self.labels is None:
             return fitted

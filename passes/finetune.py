@@ -28,18 +28,10 @@ from .data import Dataset, batch_size_of
 class TrainingOptions:
     """Options shared by the passes that fine-tune when training data is given."""
 
-    epochs: int = option(10, "fine-tuning epochs when training data is given (0: never train)")
-    lr: float = option(2e-3, "fine-tuning learning rate (AdamW)")
+    epochs: int = option(10, "fine-tuning epochs when training data is given (0: never train)", within="[0, inf)")
+    lr: float = option(2e-3, "fine-tuning learning rate (AdamW)", within="(0, 1]")
     distill: bool = option(True, "distil from the uncompressed model (KL on the logits) besides the labels")
-    temperature: float = option(2.0, "distillation temperature")
-
-    def validate_training(self, fail: Callable[[str, str], Exception]) -> None:
-        if self.epochs < 0:
-            raise fail("epochs", f"must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise fail("lr", f"must be > 0, got {self.lr}")
-        if not self.temperature > 0:
-            raise fail("temperature", f"must be > 0, got {self.temperature}")
+    temperature: float = option(2.0, "distillation temperature", within="[0.1, 100]")
 
 
 class Mask(nn.Module):

@@ -33,26 +33,20 @@ class HPPrune(Pass, LayerOptions, TrainingOptions):
     name = "hp-prune"
     summary = "hierarchical pruning: drop whole blocks, keep row_nnz per row in the rest (balanced PE rows)"
 
-    sparsity: float | None = option(None, "overall fraction of zeros in [0, 1) (default 0.75 when no level is "
-                                          "given); split: fewest non-zeros per row that reach it, blocks for the rest")
+    sparsity: float | None = option(None, "overall fraction of zeros (default 0.75 when no level is given); "
+                                          "split: fewest non-zeros per row that reach it, blocks for the rest",
+                                    within="[0, 1)")
     block: Shape2 | None = option(None, "block shape RxC (default: the target's PE tile)")
-    block_sparsity: float | None = option(None, "level 1: fraction of blocks removed, in [0, 1)")
-    row_nnz: int | None = option(None, "level 2: non-zeros kept per row of a surviving block")
+    block_sparsity: float | None = option(None, "level 1: fraction of blocks removed", within="[0, 1)")
+    row_nnz: int | None = option(None, "level 2: non-zeros kept per row of a surviving block", within="[1, inf)")
     scope: Literal["layer", "global"] = option("layer", "same sparsity in every layer, or one global block ranking")
     block_score: BlockScore = option("l2", "block importance: l2 or l1 norm")
 
     def validate(self) -> None:
-        for key in ("sparsity", "block_sparsity"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise self.fail(key, f"must be in [0, 1), got {value}")
-        if self.row_nnz is not None and self.row_nnz < 1:
-            raise self.fail("row_nnz", f"must be >= 1, got {self.row_nnz}")
         if self.block is not None and self.row_nnz is not None and self.row_nnz > self.block[1]:
             raise self.fail("row_nnz", f"{self.row_nnz} exceeds the block width {self.block[1]}")
         if self.sparsity is not None and self.block_sparsity is not None and self.row_nnz is not None:
             raise self.fail("sparsity", "cannot be given together with both block_sparsity and row_nnz")
-        self.validate_training(self.fail)
 
     def plan(self, bw: int) -> tuple[int, float | None, float | None]:
         """(row_nnz, overall density or None, block keep fraction or None) at the final step.

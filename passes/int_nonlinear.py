@@ -124,22 +124,19 @@ class IntNonlinear(Pass):
     summary = "integer-only softmax, GELU, layer norm, attention matmuls and residual adds (I-BERT), after quantize"
 
     ops: str = option(";".join(KINDS), "which float ops to make integer, joined by ';'")
-    softmax_bits: int = option(7, "softmax probabilities in steps of 2^-bits, 1..15 (up to 7: i8, else i16)")
+    softmax_bits: int = option(7, "softmax probabilities in steps of 2^-bits (up to 7: i8, else i16)",
+                               within="[1, 15]")
     residual_bits: int = option(16, "bits of residual sums (the layer norms' inputs): 8 or 16")
     calibration: Literal["minmax", "percentile"] = option("minmax", "output ranges: max |v| or a percentile of |v|")
-    percentile: float = option(99.99, "the percentile of |v| (calibration=percentile), in (0, 100]")
+    percentile: float = option(99.99, "the percentile of |v| (calibration=percentile)", within="(0, 100]")
 
     def validate(self) -> None:
         unknown = [k for k in self.ops.split(";") if k not in KINDS]
         if unknown or not self.ops:
             raise self.fail("ops", f"names unknown op '{unknown[0] if unknown else ''}' "
                                    f"(choose from {', '.join(KINDS)}, joined by ';')")
-        if not 1 <= self.softmax_bits <= 15:
-            raise self.fail("softmax_bits", f"must be in [1, 15], got {self.softmax_bits}")
         if self.residual_bits not in (8, 16):
             raise self.fail("residual_bits", f"must be 8 or 16, got {self.residual_bits}")
-        if not 0 < self.percentile <= 100:
-            raise self.fail("percentile", f"must be in (0, 100], got {self.percentile}")
 
     @property
     def kinds(self) -> frozenset[str]:

@@ -227,11 +227,13 @@ def format_pipeline(passes: Sequence[Pass]) -> str:
 
 
 def describe_passes(registry: Mapping[str, type[Pass]]) -> list[dict[str, Any]]:
-    """Every pass with its summary and options (name, type, default, help), for `tcc passes`."""
+    """Every pass with its summary and options (name, type, range or null, default, help), for
+    `tcc passes`."""
     out = []
     for name, cls in registry.items():
         hints = _type_hints(cls)
         out.append({"name": name, "summary": cls.summary, "options": [
-            {"name": f.name, "type": describe_type(hints[f.name]), "default": format_value(f.default),
-             "help": f.metadata.get("help", "")} for f in cls.options()]})
+            {"name": f.name, "type": describe_type(hints[f.name]),
+             "range": str(f.metadata["range"]) if "range" in f.metadata else None,
+             "default": format_value(f.default), "help": f.metadata.get("help", "")} for f in cls.options()]})
     return out

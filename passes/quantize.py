@@ -74,7 +74,7 @@ class Quantize(Pass):
 
     bits: int = option(8, "weight bits: 4, 8 or 16")
     calibration: Literal["minmax", "percentile"] = option("minmax", "activation range: max |v| or a percentile of |v|")
-    percentile: float = option(99.99, "the percentile of |v| (calibration=percentile), in (0, 100]")
+    percentile: float = option(99.99, "the percentile of |v| (calibration=percentile)", within="(0, 100]")
     layers: str = option(".*", "regex searched in weight names: which linears to quantize")
     activation_bits: int = option(8, "activation bits: 4, 8 or 16")
 
@@ -82,8 +82,6 @@ class Quantize(Pass):
         for key in ("bits", "activation_bits"):
             if getattr(self, key) not in _DTYPES:
                 raise self.fail(key, f"must be 4, 8 or 16, got {getattr(self, key)}")
-        if not 0 < self.percentile <= 100:
-            raise self.fail("percentile", f"must be in (0, 100], got {self.percentile}")
         try:
             re.compile(self.layers)
         except re.error as e:

@@ -164,5 +164,6 @@ class AccelExecutor(NumpyExecutor):
             self.stats.instructions.update(i.mnemonic for i in section.program)
         for t in sections[-1].outputs:
             out = types[t.values[0]]
+            # C order, as the numpy reference holds it: BLAS sums a transposed view in another order
             env[t.values[0]] = decode(t.layout, bytes(dram[t.region.byte_slice(config)]), t.shape, config) \
-                .reshape(out.shape).astype(out.dtype.numpy)
+                .reshape(out.shape).astype(out.dtype.numpy, order="C")

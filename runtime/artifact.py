@@ -11,6 +11,9 @@
     example_inputs.npz   example inputs by input name, when the model came with them
     report.html          what was compiled and what it costs, with its figures in report/ (PNG);
                          rendered by the compiler (`Artifact.render_report`) on the first save
+    measured/            NOT hashed: what depends on the compiling machine (the cost model's
+                         measured figures and its predictions, host.json); listed in the
+                         manifest's `measured`, read leniently on load, never used to run
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import io
 import json
 import os
 import shutil
-import tempfile
+import math
+import stat
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -42,6 +47,7 @@ from tcc.backends.accel.layout import AccelProgram
 
 from .accel_executor import AccelExecutor
 from .numpy_executor import NumpyExecutor
+from .outputs import output_error, probe, publish, staging_dir
 from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
 
 FORMAT = "tcc-artifact"
@@ -49,8 +55,13 @@ FORMAT_VERSION = 2
 WEIGHTS = "weights.safetensors"
 BACKEND_DIR = "accel"  # the accelerator backend's files
 REPORT, REPORT_DIR = "report.html", "report"  # the report and the folder of its figures
+MEASURED_DIR = "measured"  # unhashed files that depend on the compiling machine
+MEASURED_ABOUT = "measured on the compiling machine; not hashed, never used to run the artifact"
+MAX_MEASURED_BYTES = 16 << 20  # a measured file larger than this is not read
 EXECUTORS = ("cpu", "gpu", "numpy", "sim", "rtl")
 ACCEL_EXECUTORS = ("sim", "rtl")  # the accelerator's tiers: ISA simulator, Verilator on the Verilog
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_PARSED_BYTES = 256 << 20  # graph.tcc, plan.json: parsed into objects many times their size
 
 
 @dataclass
@@ -67,7 +78,8 @@ class Artifact:
     path: Path | None = None
     _executors: dict[str, Any] = field(default_factory=dict, repr=False)
     report_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # report.html, report/*.png
-    # renders `report_files` on the first save (the compiler's report; None once rendered)
+    measured_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # measured/*: unhashed
+    # renders `report_files` and `measured_files` on the first save (the compiler's report; None once rendered)
     render_report: Callable[["Artifact"], dict[str, bytes]] | None = field(default=None, repr=False, compare=False)
 
     # -- running ------------------------------------------------------------------------------
@@ -91,7 +103,7 @@ class Artifact:
                            "need an artifact compiled for an fpga-* target")
         try:
             return AccelProgram.from_files(files)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise TccError(f"{self.path or 'artifact'}: {e}") from None
 
     def _accel_executor(self, on: str) -> AccelExecutor:
@@ -152,52 +164,80 @@ class Artifact:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the artifact directory atomically: build it beside `path`, then rename it into
-        place. An existing artifact at `path` is replaced; any other existing path is an error.
-        The report (`report_files`) is rendered first if it has not been yet."""
-        path = Path(path)
-        if path.exists() and not (path / "manifest.json").is_file():
-            raise TccError(f"{path}: exists and is not a tcc artifact; refusing to overwrite it")
+        """Write the artifact directory atomically: build it beside `path`, then move it into
+        place in one step (see `tcc.runtime.outputs`). An existing tcc artifact at `path` is
+        replaced; any other existing path is an error (`check_destination`). The report
+        (`report_files`, `measured_files`) is rendered first if it has not been yet;
+        `measured_files` are written unhashed, listed in the manifest's `measured`."""
+        path = check_destination(path)
         if self.render_report is not None:
-            self.report_files, self.render_report = self.render_report(self), None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            rendered, self.render_report = self.render_report(self), None
+            self.report_files = {k: v for k, v in rendered.items() if not k.startswith(MEASURED_DIR + "/")}
+            self.measured_files = {k: v for k, v in rendered.items() if k.startswith(MEASURED_DIR + "/")}
         try:
-            hashes = {
-                "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
-                WEIGHTS: _write_weights(staging / WEIGHTS, self.graph),
-                "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
-            }
-            if self.example_inputs:
-                hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
-            for name, data in {**self.backend_files, **self.report_files}.items():
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                hashes[name] = _write(staging / name, data)
-            manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
-                            files=hashes)
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            _publishable(staging)
-            if path.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                os.replace(path, retired / "artifact")
-                os.replace(staging, path)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with staging_dir(path.parent) as staging:
+                hashes = {
+                    "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
+                    WEIGHTS: _write_weights(staging / WEIGHTS, self.graph),
+                    "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
+                }
+                if self.example_inputs:
+                    hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
+                for name, data in {**self.backend_files, **self.report_files}.items():
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    hashes[name] = _write(staging / name, data)
+                for name, data in self.measured_files.items():
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    (staging / name).write_bytes(data)
+                manifest = dict(self.manifest, format=FORMAT, version=FORMAT_VERSION, signature=self.signature,
+                                files=hashes)
+                manifest.pop("measured", None)
+                if self.measured_files:
+                    manifest["measured"] = {"files": sorted(self.measured_files), "about": MEASURED_ABOUT}
+                (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                publish(staging, path)
+        except OSError as e:
+            raise output_error(path, e) from None
         self.manifest, self.path = manifest, path
         return path
 
 
-def _publishable(directory: Path) -> None:
-    """The modes a directory and files created with the process's umask would have: mkdtemp
-    makes the staging directory private, and some writers their files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in [directory, *directory.rglob("*")]:
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+def check_destination(path: str | os.PathLike) -> Path:
+    """`path` as a place `Artifact.save` may write, checked before the work that makes the
+    artifact: a new path whose nearest existing folder takes new entries, or a tcc artifact
+    directory (its manifest of this format and version), which is replaced. Anything else is
+    refused, and so are the current directory and those above it, whatever they hold."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        probe(next(p for p in path.parents if os.path.lexists(p)), path)
+        return path
+    except OSError as e:
+        raise output_error(path, e) from None
+    why = _not_replaceable(path, mode)
+    if why:
+        raise TccError(f"{path}: {why}; refusing to overwrite it (tcc replaces only tcc artifacts)")
+    probe(path.parent, path)
+    return path
+
+
+def _not_replaceable(path: Path, mode: int) -> str | None:
+    """Why the existing `path` (of file mode `mode`) is not an artifact to replace; None if it is."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if not stat.S_ISDIR(mode):
+        return "not a directory"
+    if Path.cwd().is_relative_to(path.resolve()):
+        return "the current directory or one above it"
+    if not os.path.lexists(path / "manifest.json"):
+        return "a directory without manifest.json"
+    try:
+        _read_manifest(_member(path, "manifest.json"))
+    except TccError as e:
+        return f"not a tcc artifact ({e})"
+    return None
 
 
 class _HashingWriter(io.RawIOBase):
@@ -215,41 +255,44 @@ class _HashingWriter(io.RawIOBase):
         return self.file.write(data)
 
 
-def _write(file: Path, data: bytes) -> str:
-    file.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
+def _write(file: Path, *chunks: bytes | memoryview) -> str:
+    """Write `chunks` to a new `file`; their sha256."""
+    digest = hashlib.sha256()
+    with open(file, "xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_npz(file: Path, arrays: Mapping[str, np.ndarray]) -> str:
-    with open(file, "wb") as raw:
+    with open(file, "xb") as raw:
         writer = _HashingWriter(raw)
         np.savez(writer, **dict(arrays))
         return writer.digest.hexdigest()
 
 
 def _write_weights(file: Path, graph: Graph) -> str:
-    """Write the safetensors file of `graph`'s constants in their encodings; its sha256."""
+    """Write the safetensors file of `graph`'s constants in their encodings; its sha256. It is
+    serialized in memory and written by Python, whose errors (a full disk) are OSErrors."""
     tensors, metadata = {}, {}
     for name, _ in graph.constants:
         enc = graph.encoded(name)
         for buffer, data in enc.buffer_arrays().items():
             tensors[f"{name}/{buffer}"] = data
         metadata[name] = json.dumps(enc.lengths())
-    safetensors.numpy.save_file(tensors, str(file), metadata=metadata)
-    _sort_header(file)
-    return _sha256(file)
+    return _write(file, *_sort_header(safetensors.numpy.save(tensors, metadata=metadata)))
 
 
-def _sort_header(file: Path) -> None:
-    """Rewrite a safetensors file's JSON header with sorted keys, in place: safetensors writes
-    `__metadata__` in hash-map order, which differs between processes (and the artifact must
-    not). The sorted header is as long or shorter; it is padded with spaces, as the format allows."""
-    with open(file, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        f.seek(8)
-        f.write(text.ljust(size))
+def _sort_header(data: bytes) -> tuple[bytes, bytes, memoryview]:
+    """A safetensors file, in three pieces, with its JSON header's keys sorted: safetensors
+    writes `__metadata__` in hash-map order, which differs between processes (and the artifact
+    must not). The sorted header is as long or shorter; it is padded with spaces, as the format
+    allows."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8], text.ljust(size), memoryview(data)[8 + size:]
 
 
 def _read_weights(file: Path, graph: Graph) -> Graph:
@@ -266,9 +309,11 @@ def _read_weights(file: Path, graph: Graph) -> Graph:
         where = f"{file}: constant '{name}' ({t})"
         try:
             lengths = json.loads(metadata[name])
+            if not isinstance(lengths, dict):
+                raise TypeError
         except KeyError:
             raise TccError(f"{where}: missing from the weights") from None
-        except (json.JSONDecodeError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise TccError(f"{where}: unreadable buffer lengths in the metadata") from None
         missing = [buffer for buffer in lengths if f"{name}/{buffer}" not in raw]
         if missing:
@@ -315,11 +360,35 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    """The arrays of `file`, checked before any is read to allocate no more than the file's
+    size: the archive's members, inflated, sum to at most the file's size (np.savez stores
+    them uncompressed), each as large as its .npy header's shape and dtype say."""
     try:
+        with zipfile.ZipFile(file) as archive:
+            members = archive.infolist()
+            if sum(m.file_size for m in members) > os.path.getsize(file):
+                raise ValueError("its members claim more bytes than it holds")
+            for member in members:
+                _check_npy(archive, member)
         with np.load(file, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except Exception as e:  # numpy and zipfile raise many types for a damaged archive
         raise TccError(f"{file}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _check_npy(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """Raise ValueError unless `member` holds exactly the bytes of the array its .npy header
+    describes."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"member '{member.filename}': .npy format version {version}")
+        shape, _, dtype = readers[version](f)
+        claimed = math.prod(shape) * dtype.itemsize
+        if member.file_size - f.tell() != claimed:
+            raise ValueError(f"member '{member.filename}' holds {member.file_size - f.tell():,} bytes of array "
+                             f"data, its header describes {dtype}{list(shape)}")
 
 
 REQUIRED_FILES = ("graph.tcc", WEIGHTS, "plan.json")  # every artifact's manifest lists these
@@ -335,38 +404,84 @@ def load(path: str | os.PathLike) -> Artifact:
                                       else "no such artifact directory"))
     if not manifest_path.is_file():
         raise TccError(f"{path}: not a tcc artifact (no manifest.json)")
-    manifest = _read_manifest(manifest_path)
+    manifest = _read_manifest(_member(path, "manifest.json"))
+    files = {name: _member(path, name) for name in manifest["files"]}
     for name, digest in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise TccError(f"{file}: missing from the artifact")
-        if _sha256(file) != digest:
-            raise TccError(f"{file}: contents do not match the manifest's hash (corrupted or edited)")
+        if _sha256(files[name]) != digest:
+            raise TccError(f"{files[name]}: contents do not match the manifest's hash (corrupted or edited)")
     try:
-        graph = parse_graph(_read_text(path / "graph.tcc"), source=str(path / "graph.tcc"))
-        graph = verify(_read_weights(path / WEIGHTS, graph))
+        graph = parse_graph(_read_text(files["graph.tcc"], MAX_PARSED_BYTES), source=str(files["graph.tcc"]))
+        graph = verify(_read_weights(files[WEIGHTS], graph))
     except (ParseError, VerifyError) as e:
         raise TccError(str(e)) from None
     _check_signature(manifest_path, manifest.get("signature"), graph)
     try:
-        plan = ReferencePlan.from_json(_read_text(path / "plan.json"))
+        plan = ReferencePlan.from_json(_read_text(files["plan.json"], MAX_PARSED_BYTES))
     except KeyError as e:
-        raise TccError(f"{path / 'plan.json'}: not a plan (no field {e})") from None
-    except (ValueError, TypeError, AttributeError) as e:  # json's errors are ValueErrors
-        raise TccError(f"{path / 'plan.json'}: not a plan ({e})") from None
+        raise TccError(f"{files['plan.json']}: not a plan (no field {e})") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # json's errors are ValueErrors
+        raise TccError(f"{files['plan.json']}: not a plan ({e})") from None
     plan.check_against(graph)
-    examples = _read_npz(path / "example_inputs.npz") if "example_inputs.npz" in manifest["files"] else {}
-    backend_files = {name: (path / name).read_bytes() for name in manifest["files"]
-                     if name.startswith(BACKEND_DIR + "/")}
-    report_files = {name: (path / name).read_bytes() for name in manifest["files"]
+    examples = _read_npz(files["example_inputs.npz"]) if "example_inputs.npz" in files else {}
+    backend_files = {name: _read_bytes(file) for name, file in files.items() if name.startswith(BACKEND_DIR + "/")}
+    report_files = {name: _read_bytes(file) for name, file in files.items()
                     if name == REPORT or name.startswith(REPORT_DIR + "/")}
     return Artifact(graph, manifest["signature"], plan, manifest, examples, backend_files, path,
-                    report_files=report_files)
+                    report_files=report_files, measured_files=_read_measured(path, manifest))
 
 
-def _read_text(file: Path) -> str:
+def _read_measured(path: Path, manifest: dict) -> dict[str, bytes]:
+    """The unhashed files the manifest's `measured` lists, as far as they are there: regular
+    files directly in measured/ (no links), each at most `MAX_MEASURED_BYTES`. Anything else is
+    left out, never an error: they are carried along to a re-save, never trusted."""
+    listed = manifest.get("measured")
+    names = listed.get("files") if isinstance(listed, dict) else None
+    out = {}
+    for name in names if isinstance(names, list) else ():
+        if not isinstance(name, str) or Path(name).parent != Path(MEASURED_DIR) or Path(name).name in ("", ".", ".."):
+            continue
+        try:
+            out[name] = _read_bytes(_member(path, name), MAX_MEASURED_BYTES)
+        except TccError:  # missing, a link, not a regular file, too large: left out
+            continue
+    return out
+
+
+def _member(path: Path, name: str) -> Path:
+    """File `name` of the artifact directory `path`: a regular file reached through the
+    artifact's own folders, never through a symbolic link, which could lead outside it."""
+    file = path
+    for part in Path(name).parts:
+        file = file / part
+        try:
+            mode = os.lstat(file).st_mode
+        except FileNotFoundError:
+            raise TccError(f"{path / name}: missing from the artifact") from None
+        except OSError as e:
+            raise TccError(f"{path / name}: cannot be read ({e.strerror})") from None
+        if stat.S_ISLNK(mode):
+            raise TccError(f"{file}: a symbolic link; an artifact holds its own files (refusing to follow it)")
+    if not stat.S_ISREG(mode):
+        raise TccError(f"{file}: not a regular file")
+    return file
+
+
+def _read_bytes(file: Path, limit: int | None = None) -> bytes:
+    """The contents of `file` (a link is not followed), its size checked against `limit`
+    before the read allocates."""
     try:
-        return file.read_text(encoding="utf-8")
+        with open(os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if limit is not None and size > limit:
+                raise TccError(f"{file}: {size:,} bytes; tcc reads at most {limit:,} from it")
+            return f.read(size)
+    except OSError as e:
+        raise TccError(f"{file}: cannot be read ({e.strerror})") from None
+
+
+def _read_text(file: Path, limit: int) -> str:
+    try:
+        return _read_bytes(file, limit).decode("utf-8")
     except UnicodeDecodeError as e:
         raise TccError(f"{file}: not UTF-8 text (byte {e.start})") from None
 
@@ -374,9 +489,11 @@ def _read_text(file: Path) -> str:
 def _read_manifest(file: Path) -> dict:
     """The manifest, its fields checked as far as loading and `tcc inspect` read them."""
     try:
-        manifest = json.loads(_read_text(file))
+        manifest = json.loads(_read_text(file, MAX_MANIFEST_BYTES))
     except json.JSONDecodeError as e:
         raise TccError(f"{file}: invalid JSON at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise TccError(f"{file}: JSON nested too deep") from None
     if not isinstance(manifest, dict):
         raise TccError(f"{file}: a JSON {type(manifest).__name__}, not a tcc artifact manifest (an object)")
     if manifest.get("format") != FORMAT:
@@ -388,7 +505,7 @@ def _read_manifest(file: Path) -> dict:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise TccError(f"{file}: 'files' must map file names to sha256 digests")
     for name in files:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts:
             raise TccError(f"{file}: 'files' names '{name}', outside the artifact directory")
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:

@@ -9,6 +9,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,23 @@ def eager_outputs(model, inputs) -> list[torch.Tensor]:
     args, kwargs = split_inputs(inputs)
     with torch.no_grad():
         return list(torch.utils._pytree.tree_leaves(model(*args, **kwargs)))
+
+
+# Float results of two executors (or of one on two memory layouts) may differ in the last bits:
+# BLAS picks its kernels by CPU and sums in another order for another layout. Integer work is
+# promised bit for bit; float work agrees within this tolerance (a few float32 ulps of sums).
+FLOAT_TIERS = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def assert_tiers_agree(actual, expected, name: str = "") -> None:
+    """`actual` equals `expected`: bit for bit for integers and booleans, within FLOAT_TIERS for
+    floats; the dtypes and shapes must match exactly."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (name, actual.dtype, expected.dtype)
+    if np.issubdtype(expected.dtype, np.floating):
+        np.testing.assert_allclose(actual, expected, **FLOAT_TIERS, err_msg=name)
+    else:
+        np.testing.assert_array_equal(actual, expected, err_msg=name)
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -75,7 +75,9 @@ MODEL_CASES = [
     ("huge-product", [S, "--input-shape", "65536x65536x8"], "34,359,738,368 elements"),
     ("negative-dim", [S, "--input-shape=-1x8"], "--input-shape '-1x8': dimension 0 is -1"),
     ("i4-input", [S, "--input-shape", "1x8x8:i4"], "--input-shape '1x8x8:i4': a model input cannot be i4"),
-    ("int-input-to-float-linear", [S, "--input-shape", "1x8x8:i64"],
+    ("torchscript-untrusted", [S, "--input-shape", "1x8x8"],
+     "scripted.pt: a TorchScript model is code, and loading it runs that code. Pass --trust-pickle"),
+    ("int-input-to-float-linear", [S, "--trust-pickle", "--input-shape", "1x8x8:i64"],
      "linear: integer linear takes an i4, i8, i16 or b1 input, got i64 at node 'linear'"),
     ("calib-int-inputs", [T, "--pipeline", "quantize", "--calib-data", "data_int_inputs.pt"],
      "data_int_inputs.pt (calibration data): input 'x' is int64, the model expects f32"),
@@ -279,7 +281,7 @@ def test_corrupted_artifact_is_refused(good, corrupt, message, command, tmp_path
 
 def test_real_command_refuses_a_torchscript_model_given_the_wrong_dtype(tmp_path):
     """Converting TorchScript, torch logs notes of its own to stderr: the one line stays one."""
-    result = run_cli("compile", S, "--input-shape", "1x8x8:i64", "-o", tmp_path / "o", cwd=tmp_path)
+    result = run_cli("compile", S, "--trust-pickle", "--input-shape", "1x8x8:i64", "-o", tmp_path / "o", cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result.stderr, "integer linear takes an i4, i8, i16 or b1 input, got i64 at node 'linear'")
     assert not result.stdout and not any(tmp_path.iterdir())

@@ -64,7 +64,9 @@ def test_artifact_contents_and_no_pickles(artifact):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["target"]["name"] == "cpu"
     assert manifest["passes"] == ["fold-constants", "canonicalize", "dce", "select-format"]
-    assert set(manifest["files"]) == names - {"manifest.json"}
+    measured = set(manifest["measured"]["files"])  # the machine's figures: beside the hashes, not in them
+    assert measured and all(name.startswith("measured/") for name in measured)
+    assert set(manifest["files"]) == names - {"manifest.json"} - measured
     with safetensors.safe_open(str(artifact / "weights.safetensors"), framework="numpy") as weights:
         assert "tokens.weight/values" in weights.keys()
         assert json.loads(weights.metadata()["tokens.weight"]) == {"values": 100 * 32}
@@ -95,7 +97,7 @@ def test_targets(cli):
 @pytest.mark.parametrize("kind,args", [
     ("state_dict", ["weights.pt", "--arch", "tcc.zoo:BertStyleEncoder"]),
     ("pickle", ["pickled.pt", "--trust-pickle"]),
-    ("torchscript", ["scripted.pt"]),
+    ("torchscript", ["scripted.pt", "--trust-pickle"]),  # TorchScript is code
 ])
 def test_other_model_kinds(files, tmp_path, kind, args):
     out = tmp_path / "a"
@@ -118,6 +120,7 @@ BAD = [
     (["compile", "{d}/pickled.pt", "--input-shape", "2x16:i64", "-o", "{t}/o"], "--trust-pickle"),
     (["compile", "{d}/weights.pt", "--input-shape", "2x16:i64", "-o", "{t}/o"], "pass --arch module:Class"),
     (["compile", "{d}/scripted.pt", "-o", "{t}/o"], "pass --input-shape"),
+    (["compile", "{d}/scripted.pt", "--input-shape", "2x16:i64", "-o", "{t}/o"], "TorchScript model is code"),
     (["compile", "{d}/model.pt2", "--input-shape", "2x16:q7", "-o", "{t}/o"], "unknown dtype 'q7'"),
     (["run", "{a}", "--input", "{d}/wrong.npy"], "the model takes 2 inputs"),
     (["run", "{a}", "--input", "{d}/text.pt"], "cannot read input"),

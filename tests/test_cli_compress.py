@@ -87,7 +87,7 @@ def test_calibration_data_is_used(files, tmp_path):
     result = run_cli("compile", files / "model.pt2", "-o", tmp_path / "q", "--pipeline",
                      "quantize{calibration=percentile}", "--calib-data", files / "unlabelled.pt")
     assert result.returncode == 0, result.stderr
-    assert f"calibrated on {files / 'unlabelled.pt'} (40 examples, percentile 99.99)" in result.stdout
+    assert "calibrated on unlabelled.pt (40 examples, percentile 99.99)" in result.stdout  # by name: the log is hashed
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,11 +1,18 @@
 """Compiling is deterministic and saving is atomic: the same model compiled twice gives
 artifact directories identical byte for byte (in one process, and in two with different hash
-seeds), and an interrupted compile leaves no artifact and no staging directory behind."""
+seeds); under two host measurements (as on two machines) the manifest and every hashed file
+are identical and only the unhashed measured/ differs, which an artifact may lose or have
+edited and still load and run; and an interrupted compile leaves no artifact and no staging
+directory behind."""
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import functools
 import io
+import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,6 +22,9 @@ import torch
 
 import tcc
 from conftest import run_cli, start_cli
+from tcc import devices
+from tcc.cli import main
+from tcc.passes.cost_model import Device
 from tcc.zoo import DigitsTransformer
 
 TINY = Path(__file__).resolve().parent / "bad_inputs" / "tiny.pt2"
@@ -49,6 +59,86 @@ def test_compiling_twice_gives_identical_artifacts(digits, target, tmp_path):
     first, second = (tcc.compile(model, (images,), target=target, pipeline="quantize", seed=0).save(tmp_path / name)
                      for name in ("first", "second"))
     assert_identical(first, second)
+
+
+def hashed(root: Path) -> dict[str, bytes]:
+    """manifest.json and every file its hashes cover, with their bytes."""
+    names = json.loads((root / "manifest.json").read_text())["files"]
+    return {name: (root / name).read_bytes() for name in ["manifest.json", *names]}
+
+
+def measured(root: Path) -> dict[str, bytes]:
+    """The files under `root`'s measured/, with their bytes."""
+    return {name: data for name, data in files(root).items() if name.startswith("measured/")}
+
+
+def fake_measure(speed: float, template: Device, device: str = "cpu") -> Device:
+    """A host measurement: the catalog's placeholder figures, `speed` times faster."""
+    return dataclasses.replace(template, fp32_gflops=template.fp32_gflops * speed,
+                               int8_gops=template.int8_gops * speed, dram_gbps=template.dram_gbps * speed,
+                               op_overhead_us=template.op_overhead_us / speed)
+
+
+@pytest.mark.parametrize("target, pipeline", [("cpu", "quantize"), ("auto", "quantize,select-device{lc=10s}")])
+def test_two_host_measurements_give_the_same_hashed_artifact(digits, target, pipeline, tmp_path, monkeypatch):
+    """Two compiles as on two machines: each with a fresh calibration cache, another measured
+    speed of the host and another thread count. The manifest and every file it hashes are
+    identical; the measured/ part (listed in the manifest, unhashed) differs; nothing else is
+    written. With select-device, the latencies it logs go to measured/ as well."""
+    model, images, _ = digits
+    threads = torch.get_num_threads()
+    outs = []
+    for i, (speed, count) in enumerate(((1.0, 1), (3.0, 2))):
+        monkeypatch.setenv("TCC_CACHE", str(tmp_path / f"cache{i}"))
+        monkeypatch.setattr(devices, "measure", functools.partial(fake_measure, speed))
+        torch.set_num_threads(count)
+        try:
+            outs.append(tcc.compile(model, (images,), target=target, pipeline=pipeline).save(tmp_path / str(i)))
+        finally:
+            torch.set_num_threads(threads)
+    first, second = outs
+    assert hashed(first) == hashed(second)
+    listed = json.loads((first / "manifest.json").read_text())["measured"]["files"]
+    assert sorted(measured(first)) == sorted(measured(second)) == listed
+    assert sorted(files(first)) == sorted([*hashed(first), *listed])
+    assert [name for name in listed if measured(first)[name] == measured(second)[name]] == []
+    host = [json.loads((out / "measured/host.json").read_text()) for out in outs]
+    assert [h["machine"]["threads"] for h in host] == [1, 2]
+    assert host[1]["calibration"]["cpu"]["fp32_gflops"] == 3 * host[0]["calibration"]["cpu"]["fp32_gflops"]
+    if target == "auto":
+        log = json.loads((first / "manifest.json").read_text())["pass_log"]
+        assert "select-device: no change; chose edge-cpu ($35, within lc=10000ms)" in log
+        assert all(h["pass_log"][0].startswith("select-device: chose edge-cpu at ") for h in host)
+        assert host[0]["pass_log"] != host[1]["pass_log"]  # the host cpu's latency, among others
+
+
+def test_an_artifact_without_or_with_an_edited_measured_part_loads_and_runs(digits, tmp_path):
+    """measured/ edited (host.json no longer JSON, a page with a script, a plot replaced by a
+    link out of the artifact), then deleted: `tcc.load`, `tcc run` and `tcc inspect` verify
+    the hashed files and run as before; what is there of measured/ is carried along as it is
+    by a re-save (the link not followed), never read otherwise."""
+    model, images, _ = digits
+    out = tcc.compile(model, (images,), target="fpga-small", pipeline="quantize").save(tmp_path / "a")
+    expected = tcc.load(out).run(on="sim")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the artifact's")
+    (out / "measured/host.json").write_text("{ edited")
+    (out / "measured/devices.html").write_text("<script>alert(1)</script>")
+    (out / "measured/devices.png").unlink()
+    (out / "measured/devices.png").symlink_to(outside)
+    for case in ("edited", "deleted"):
+        loaded = tcc.load(out)
+        assert torch.equal(loaded.run(on="sim"), expected) and torch.equal(loaded.run(on="numpy"), expected)
+        assert main(["run", str(out), "--on", "numpy", "-q"]) == 0 and main(["inspect", str(out), "-q"]) == 0
+        again = loaded.save(tmp_path / case)
+        assert {k: v for k, v in hashed(again).items() if k != "manifest.json"} == {
+            k: v for k, v in hashed(out).items() if k != "manifest.json"}
+        if case == "edited":
+            assert measured(again) == {"measured/host.json": b"{ edited",
+                                       "measured/devices.html": b"<script>alert(1)</script>"}
+            shutil.rmtree(out / "measured")
+        else:
+            assert measured(again) == {} and "measured" not in json.loads((again / "manifest.json").read_text())
 
 
 @pytest.mark.slow

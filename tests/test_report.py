@@ -1,7 +1,8 @@
 """The artifact's report.html: the model, its weights and their sparsity patterns, the predicted
-cost on every device, the accuracy on the evaluation data, the accelerator's cycles per layer
-and unit (FPGA targets) and the device selection (--target auto); byte for byte the same from
-two compiles; and in headless Chromium every figure loads."""
+cost on every device (measured/, unhashed), the accuracy on the evaluation data, the
+accelerator's cycles per layer and unit (FPGA targets) and the device selection (--target
+auto); byte for byte the same from two compiles; and in headless Chromium every figure and
+every measured page loads."""
 
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifact, digits):
     page = (cpu_artifact / "report.html").read_text()
     manifest = json.loads((cpu_artifact / "manifest.json").read_text())
-    assert {"report.html", "report/sparsity.png", "report/devices.png"} <= set(manifest["files"])  # hashed
-    assert not any(name.startswith("report/") and name not in manifest["files"]
-                   for name in (p.relative_to(cpu_artifact).as_posix() for p in cpu_artifact.rglob("*")))
+    assert {"report.html", "report/sparsity.png"} <= set(manifest["files"])  # hashed
+    measured = ["measured/devices.html", "measured/devices.png", "measured/host.json"]
+    assert manifest["measured"]["files"] == measured and not set(measured) & set(manifest["files"])
+    on_disk = [p.relative_to(cpu_artifact).as_posix() for p in cpu_artifact.rglob("*") if p.is_file()]
+    assert sorted(set(on_disk) - set(manifest["files"])) == ["manifest.json", *measured]
     tcc.load(cpu_artifact)  # the hashes hold
 
     assert "<h1>DigitsTransformer for cpu</h1>" in page
@@ -90,14 +93,24 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
     assert "Non-zeros (dark) of 10 weight(s)" in sparsity and '<img src="report/sparsity.png"' in sparsity
     assert _png_size((cpu_artifact / "report/sparsity.png").read_bytes()) == (1280, 900)  # 3 rows of 4 panels
 
-    devices = _section(page, "devices")
+    section = _section(page, "devices")
+    assert "Measured on the compiling machine" in section and '<img src="measured/devices.png"' in section
+    assert '<iframe class="measured" sandbox src="measured/devices.html"' in section
+    devices = (cpu_artifact / "measured/devices.html").read_text()
     priced = [name for name, t in load_catalog().items() if available(t)]
     assert devices.count("<tr") == len(priced) + 1 and devices.count('class="compiled"') == 1
     assert '<tr class="compiled"><td>cpu</td><td>cpu</td><td class="num">400</td>' in devices
     for name in priced:
         assert f"<td>{name}</td>" in devices
-    assert '<td>fpga-small</td><td>fpga</td><td class="num">120</td>' in devices
-    assert "accelerator" in devices and '<img src="report/devices.png"' in devices
+    assert '<td>fpga-small</td><td>fpga</td><td class="num">120</td>' in devices and "accelerator" in devices
+    # the host cpu, fpga-large with it as its host, the local gpu when there is one
+    here = [name for name in ("cpu", "gpu", "fpga-large") if name in priced]
+    assert devices.count("<td>measured here</td>") == len(here) and "<td>edge-cpu</td>" in devices
+    assert [row.endswith("<td>measured here</td></tr>") for row in devices.splitlines()
+            if row.startswith(('<tr class="compiled"><td>cpu</td>', "<tr><td>edge-cpu</td>"))] == [True, False]
+    host = json.loads((cpu_artifact / "measured/host.json").read_text())
+    assert host["calibration"]["cpu"]["fp32_gflops"] > 0 and host["machine"]["threads"] >= 1
+    assert [d["name"] for d in host["devices"]] == priced
 
     # top-1 on the 64 labelled images, measured here through the artifact's own executor
     model, _x, test = digits
@@ -143,7 +156,7 @@ def test_fpga_report_shows_the_accelerator_its_resources_and_cycles(fpga_artifac
     assert '<tr><td>quantize</td><td class="num">10</td>' in accel  # host ops by kind
     assert '<img src="report/cycles.png"' in accel and _png_size((fpga_artifact / "report/cycles.png").read_bytes())
 
-    devices = _section(page, "devices")
+    devices = (fpga_artifact / "measured/devices.html").read_text()
     assert '<tr class="compiled"><td>fpga-small</td><td>fpga</td>' in devices
     assert "No evaluation data was given" in _section(page, "accuracy")
 
@@ -152,7 +165,7 @@ def test_report_is_identical_from_two_compiles(digits, cpu_artifact, tmp_path):
     model, x, test = digits
     again = tcc.compile(model, (x,), target="cpu", pipeline=PIPELINE, eval_data=test).save(tmp_path / "again")
     names = ["report.html"] + sorted(p.name for p in (cpu_artifact / "report").iterdir())
-    assert len(names) == 3
+    assert len(names) == 2
     for name in names:
         file = name if name == "report.html" else f"report/{name}"
         assert (again / file).read_bytes() == (cpu_artifact / file).read_bytes(), file
@@ -166,9 +179,12 @@ def test_report_shows_the_device_selection(digits, tmp_path):
     selection = choose(points, 3.0, 0.95)
     out = tcc.compile(model, (x,), target="cpu", selection=selection).save(tmp_path / "a")
     section = _section((out / "report.html").read_text(), "selection")
-    assert "Chosen: <b>cpu</b> with <b>int8</b>." in section and html.escape(selection.reason) in section
-    assert section.count("<tr") == len(points) + 1 and section.count('class="chosen"') == 1
-    assert '<img src="report/pareto.png"' in section and (out / "report/pareto.png").read_bytes()[:8] == PNG
+    assert "Chosen: <b>cpu</b> with <b>int8</b>." in section and selection.reason not in section
+    assert '<img src="measured/pareto.png"' in section and (out / "measured/pareto.png").read_bytes()[:8] == PNG
+    assert '<iframe class="measured" sandbox src="measured/selection.html"' in section
+    page = (out / "measured/selection.html").read_text()  # the latencies: the cost model's, measured here
+    assert html.escape(selection.reason) in page
+    assert page.count("<tr") == len(points) + 1 and page.count('class="chosen"') == 1
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +203,12 @@ def test_target_auto_report_carries_the_selection_and_the_accuracy(auto_artifact
     page = (auto_artifact / "report.html").read_text()
     chosen = json.loads((auto_artifact / "manifest.json").read_text())["target"]["name"]
     section = _section(page, "selection")
-    assert f"Chosen: <b>{chosen}</b> with <b>fp32</b>." in section and '<img src="report/pareto.png"' in section
-    assert section.count('class="chosen"') == 1
-    assert '/test.pt</td><td class="num">64</td>' in _section(page, "accuracy")  # the data file's path
+    assert f"Chosen: <b>{chosen}</b> with <b>fp32</b>." in section and '<img src="measured/pareto.png"' in section
+    assert (auto_artifact / "measured/selection.html").read_text().count('class="chosen"') == 1
+    # the data file by its name; its path, the machine's, in measured/host.json
+    assert '<td>test.pt</td><td class="num">64</td>' in _section(page, "accuracy")
+    host = json.loads((auto_artifact / "measured/host.json").read_text())
+    assert host["paths"]["eval"] == str(auto_artifact.parent / "test.pt") and host["selection"]["device"] == chosen
 
 
 def _browser():
@@ -207,18 +226,27 @@ def _browser():
                             options=options)
 
 
-@pytest.mark.parametrize("which, images", [("cpu_artifact", 2), ("fpga_artifact", 3), ("auto_artifact", 3)])
-def test_report_renders_in_chromium_with_every_image(which, images, request):
+@pytest.mark.parametrize("which, images, frames", [("cpu_artifact", 2, 1), ("fpga_artifact", 3, 1),
+                                                    ("auto_artifact", 3, 2)])
+def test_report_renders_in_chromium_with_every_image(which, images, frames, request):
+    """Every image loads, and every measured page shows its table in its frame (no scripts)."""
     artifact = request.getfixturevalue(which)
     browser = _browser()
     try:
         browser.get((artifact / "report.html").resolve().as_uri())
         loaded = browser.execute_script(
             "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        tables = []
+        for frame in browser.find_elements("css selector", "iframe.measured"):
+            assert frame.get_attribute("sandbox") == ""
+            browser.switch_to.frame(frame)
+            tables.append(len(browser.find_elements("css selector", "table tr")))
+            browser.switch_to.default_content()
         severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         title = browser.title
     finally:
         browser.quit()
     assert len(loaded) >= images and all(ok for _src, ok in loaded), loaded
+    assert len(tables) == frames and all(rows > 1 for rows in tables), tables
     assert not severe, severe
     assert title.startswith("tcc artifact: ")

@@ -65,6 +65,10 @@ class AccelConfig:
                     return f"{f.name} must be true or false, got {value!r}"
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"{f.name} must be a number, got {value!r}"
+            elif not math.isfinite(value):
+                return f"{f.name} must be a finite number, got {value!r}"
+            elif f.type in ("int", int) and not isinstance(value, int):
+                return f"{f.name} must be an integer, got {value!r}"
         positive = ("rows", "cols", "abuf_depth", "bbuf_depth", "obuf_depth", "pbuf_depth", "dram_words",
                     "imem_depth", "abuf_banks")
         for name in positive:
@@ -86,8 +90,8 @@ class AccelConfig:
             return "dram_words is at most 2^32 (32-bit addresses)"
         if self.pbuf_depth < 3:
             return f"pbuf_depth must hold a requantization group (3 words), got {self.pbuf_depth}"
-        if self.clock_mhz <= 0:
-            return f"clock_mhz must be positive, got {self.clock_mhz}"
+        if not 1 <= self.clock_mhz <= 1000:
+            return f"clock_mhz must lie in [1, 1000] (an FPGA fabric's clock), got {self.clock_mhz}"
         if self.abuf_banks & (self.abuf_banks - 1):
             return f"abuf_banks must be a power of two, got {self.abuf_banks}"
         if self.abuf_banks > 128:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from tcc.ir.analysis import non_finite
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import GraphBuilder
@@ -134,15 +135,12 @@ class Lowerer:
 def check_finite(name: str, tensor: torch.Tensor, learned: bool) -> None:
     """A TccError naming constant `name` if it holds NaN, or +-Inf when it is a `learned`
     parameter (buffers may hold -Inf: additive attention masks)."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):  # a finite sum: all finite
+    if not tensor.is_floating_point():
         return
-    bad = (tensor.isnan() | tensor.isinf()) if learned else tensor.isnan()
-    count = int(bad.sum())
-    if count:
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        what = "parameter" if learned else "constant"
-        raise TccError(f"{what} '{name}' holds {count} non-finite value{'s' * (count > 1)} of {tensor.numel():,} "
-                       f"({float(tensor[first])} at index {list(first)}); tcc compiles finite weights only")
+    problem = non_finite((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(), inf=learned)
+    if problem:
+        raise TccError(f"{'parameter' if learned else 'constant'} '{name}' holds {problem}; tcc compiles finite "
+                       "weights only")
 
 
 def _map_args(args: Any, env: dict[fx.Node, Any]) -> Any:

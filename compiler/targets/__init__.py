@@ -19,7 +19,9 @@ import difflib
 import functools
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -42,6 +44,7 @@ SYNTHESIS_FIELDS = ("LUT", "FF", "DSP", "BRAM")
 MARGIN = 0.8  # derive_accel_config uses at most this fraction of each resource of a part
 ARRAY_SIZES = (64, 32, 16, 8, 4)  # the square arrays derive_accel_config tries, largest first
 SHIPPED = "catalog.json"
+MAX_FILE_BYTES = 1 << 24  # 16 MiB of targets (the shipped catalog is a few KB)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -325,16 +328,31 @@ def _check_hosts(catalog: dict[str, Target], files: dict[str, str]) -> None:
             raise where.error(f"part.host must name a cpu or gpu target, '{host.name}' is an fpga")
 
 
+def _read_text(path: Path, label: str) -> str:
+    """The text of a targets file: a regular file (a FIFO or /dev/zero would block or never
+    end) of at most `MAX_FILE_BYTES`, read without ever reading more."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise TccError(f"{label}: not a regular file (a directory, FIFO or device); expected a JSON targets "
+                               "file")
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise TccError(f"{label}: no such targets file") from None
+    except OSError as e:
+        raise TccError(f"{label}: cannot read targets file ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise TccError(f"{label}: larger than {MAX_FILE_BYTES:,} bytes; not a targets file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TccError(f"{label}: not a JSON targets file (not UTF-8 text)") from None
+
+
 def _read_json(path: Path, label: str, text: str | None = None) -> Any:
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise TccError(f"{label}: no such targets file") from None
-        except UnicodeDecodeError:
-            raise TccError(f"{label}: not a JSON targets file (not UTF-8 text)") from None
-        except OSError as e:
-            raise TccError(f"{label}: cannot read targets file ({e.strerror or type(e).__name__})") from None
+        text = _read_text(path, label)
     if not text.strip():
         raise TccError(f"{label}: empty file; expected a JSON object of targets by name")
 

@@ -1,0 +1,1 @@
+open('PICKLE_PAYLOAD_RAN', 'w').close()  # a payload: importing it runs code

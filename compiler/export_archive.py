@@ -158,6 +158,9 @@ def _check_program(archive: _Archive, program: Any) -> None:
     where = archive.where("models/model.json")
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
         raise TccError(f"{where}: not an exported program (no graph_module)")
+    if program.get("range_constraints"):
+        raise TccError(f"{where}: range constraints of symbolic shapes; tcc compiles static shapes: re-export "
+                       "without dynamic_shapes")
     for trail, key, value in _walk(program):
         if key == "as_expr" or (key in ("sym_int_values", "sym_bool_values", "sym_float_values") and value):
             raise TccError(f"{where}: symbolic shapes at {trail or '/'} ({key}); tcc compiles static shapes: re-export "

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow  # the example end to end, as the demo's test: its steps run in test_cli_compress
 def test_compress_digits_quick(tmp_path):
     # one intra-op thread: on a busy 2-core machine two threads make the tiny model's training
     # many times slower (the example and its `tcc` subprocesses inherit this)

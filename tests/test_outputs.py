@@ -377,13 +377,13 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 @lru_cache(maxsize=None)
 def _npz_bomb() -> bytes:
-    """x.npy deflated: 2 GiB of float32 zeros in 2 MB."""
+    """x.npy deflated: 512 MiB of float32 zeros in 512 KB."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive, \
             archive.open("x.npy", "w", force_zip64=True) as member:
-        member.write(_npy_header((1 << 29,)))
+        member.write(_npy_header((1 << 27,)))
         zeros = bytes(1 << 24)
-        for _ in range(128):
+        for _ in range(32):
             member.write(zeros)
     return buffer.getvalue()
 

@@ -242,3 +242,15 @@ def test_edited_archive_json_gives_only_tcc_errors(data, tmp_path_factory):
         read_export_archive(path, MAX_INPUT_ELEMENTS)
     except TccError as e:
         assert "\n" not in str(e)
+
+
+def test_an_archive_exported_with_dynamic_shapes_is_refused_with_the_remedy(tmp_path):
+    """Symbolic shapes reach sympy's eval in torch's reader: tcc refuses them (it compiles
+    static shapes) and says how to re-export."""
+    model = torch.nn.Linear(8, 4)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(4, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "dynamic.pt2")
+    with pytest.raises(TccError, match=r"dynamic.pt2: member dynamic/models/model.json: (symbolic shapes|range "
+                                       r"constraints).*re-export without dynamic_shapes"):
+        read_export_archive(tmp_path / "dynamic.pt2", MAX_INPUT_ELEMENTS)

@@ -14,7 +14,7 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ import torch
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes.data import Dataset
+from tcc.runtime.artifact import read_npy_header
 
-from .loader import MAX_INPUT_ELEMENTS, archive_kind
+from .loader import MAX_INPUT_ELEMENTS, archive_kind, tensor_kind_problem
 
 MODEL_ARCHIVES = {"export": "torch.export", "torchscript": "TorchScript"}  # archive_kind's names
 
@@ -88,15 +89,8 @@ def check_tensors(value: Any, where: str) -> None:
 
 
 def _tensor_problem(t: torch.Tensor) -> str | None:
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        return f"is a {type(t).__name__}, a tensor subclass; tcc reads plain tensors only"
-    if t.layout != torch.strided or t.is_nested:
-        layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
-        return f"is a {layout} tensor; tcc reads dense ones only"
-    if t.is_quantized:
-        return f"is a quantized tensor ({str(t.dtype).replace('torch.', '')}); tcc reads plain ones only"
-    if t.device.type != "cpu":
-        return f"is on device '{t.device.type}', which holds no values to read"
+    if problem := tensor_kind_problem(t):
+        return problem
     if t.numel() > MAX_INPUT_ELEMENTS:
         stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
         view = f" (a view of {stored:,} stored: materialising it would allocate the rest)" if stored < t.numel() else ""
@@ -126,11 +120,9 @@ def read_numpy(file: Path, what: str) -> np.ndarray | dict[str, np.ndarray]:
             from None
 
 
-def _check_npy_header(f: IO[bytes], size: int, where: str) -> None:
+def _check_npy_header(f: BinaryIO, size: int, where: str) -> None:
     """Refuse a `.npy` stream of `size` bytes whose header claims more than it holds."""
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
+    shape, dtype = read_npy_header(f)
     elements = math.prod(shape)
     if elements > MAX_INPUT_ELEMENTS:
         raise TccError(f"{where}: the header claims {elements:,} elements; an array tcc reads holds at most "

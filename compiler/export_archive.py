@@ -25,7 +25,7 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -228,48 +228,47 @@ def _ints(values: Any, what: str, where: str) -> tuple[int, ...]:
     return tuple(v["as_int"] for v in values)
 
 
+class _Payload(NamedTuple):
+    """One weight or constant as its config declares it: raw bytes of `member` viewed with
+    `dtype`, `sizes`, `strides` and `offset` (in elements)."""
+
+    member: str
+    is_param: bool
+    requires_grad: bool
+    dtype: torch.dtype
+    sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int
+
+    @property
+    def span(self) -> int:
+        """The bytes of the member this view reaches."""
+        if math.prod(self.sizes) == 0:
+            return 0
+        return (self.offset + sum((s - 1) * st for s, st in zip(self.sizes, self.strides)) + 1) * self.dtype.itemsize
+
+    def tensor(self, storage: torch.Tensor) -> torch.Tensor:
+        """The view of the member's bytes `storage` (uint8), a Parameter if declared one."""
+        usable = storage[: storage.numel() // self.dtype.itemsize * self.dtype.itemsize].view(self.dtype)
+        tensor = (torch.zeros(self.sizes, dtype=self.dtype) if math.prod(self.sizes) == 0
+                  else torch.as_strided(usable, self.sizes, self.strides, self.offset))
+        return torch.nn.Parameter(tensor, requires_grad=self.requires_grad) if self.is_param else tensor
+
+
 def _payloads(archive: _Archive, folder: str, config_name: str, what: str, max_elements: int
               ) -> dict[str, torch.Tensor]:
     """Weights or constants by name: raw bytes viewed with their declared dtype, sizes and
     strides; tensors sharing a member share its storage (as torch saved them)."""
-    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
     config = archive.json(folder + config_name)
     where = archive.where(folder + config_name)
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise TccError(f"{where}: no 'config' object")
-    metas: dict[str, tuple[str, dict, bool, torch.dtype, tuple, tuple, int]] = {}
-    for name, meta in entries.items():
-        item = f"{where}: {what} '{name}'"
-        if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
-            raise TccError(f"{item}: no path_name")
-        member = meta["path_name"]
-        if meta.get("use_pickle") or not member.startswith(RAW_TENSOR_PREFIXES):
-            kind = "a pickle" if meta.get("use_pickle") else f"an object ({member})"
-            raise TccError(f"{archive.where(folder + member)}: {what} '{name}' is stored as {kind}; tcc never "
-                           f"unpickles a model file: {REEXPORT}")
-        tensor = meta.get("tensor_meta")
-        if not isinstance(tensor, dict):
-            raise TccError(f"{item}: no tensor_meta")
-        dtype = _SERIALIZE_TO_TORCH_DTYPE.get(tensor.get("dtype"))
-        if dtype is None or dtype.is_complex or dtype.itemsize == 0:
-            raise TccError(f"{item}: unsupported dtype code {tensor.get('dtype')!r}")
-        if tensor.get("layout") not in (None, 7) or (tensor.get("device") or {}).get("type", "cpu") not in (
-                "cpu", "cuda", "meta"):
-            raise TccError(f"{item}: not a dense strided tensor")
-        sizes, strides = _ints(tensor.get("sizes"), "sizes", item), _ints(tensor.get("strides"), "strides", item)
-        offset = _ints([tensor.get("storage_offset")], "storage_offset", item)[0]
-        if len(sizes) != len(strides):
-            raise TccError(f"{item}: {len(sizes)} sizes but {len(strides)} strides")
-        metas[name] = (member, meta, bool(meta.get("is_param")), dtype, sizes, strides, offset)
+    payloads = {name: _payload(archive, folder, where, f"{what} '{name}'", meta, max_elements)
+                for name, meta in entries.items()}
     spans: dict[str, int] = {}  # bytes of each member that its tensors reach
-    for name, (member, _, _, dtype, sizes, strides, offset) in metas.items():
-        elements = math.prod(sizes)
-        if elements > max_elements or elements * dtype.itemsize > memory_budget():
-            raise TccError(f"{where}: {what} '{name}' of shape {list(sizes)} holds {elements:,} elements; a tensor "
-                           f"holds at most {max_elements:,} and fits in half this machine's memory")
-        extent = 0 if elements == 0 else offset + sum((s - 1) * st for s, st in zip(sizes, strides)) + 1
-        spans[member] = max(spans.get(member, 0), extent * dtype.itemsize)
+    for payload in payloads.values():
+        spans[payload.member] = max(spans.get(payload.member, 0), payload.span)
     storages: dict[str, torch.Tensor] = {}
     for member, span in spans.items():
         # torch writes the whole storage of the tensor covering a member's views: allow slack for
@@ -278,15 +277,41 @@ def _payloads(archive: _Archive, folder: str, config_name: str, what: str, max_e
         if len(data) < span:
             raise TccError(f"{archive.where(folder + member)}: {len(data):,} bytes, but its tensors reach {span:,}")
         storages[member] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (member, meta, is_param, dtype, sizes, strides, offset) in metas.items():
-        raw = storages[member]
-        usable = raw[: raw.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
-        tensor = (torch.zeros(sizes, dtype=dtype) if math.prod(sizes) == 0
-                  else torch.as_strided(usable, sizes, strides, offset))
-        requires_grad = bool((meta["tensor_meta"]).get("requires_grad")) and dtype.is_floating_point
-        tensors[name] = torch.nn.Parameter(tensor, requires_grad=requires_grad) if is_param else tensor
-    return tensors
+    return {name: payload.tensor(storages[payload.member]) for name, payload in payloads.items()}
+
+
+def _payload(archive: _Archive, folder: str, where: str, label: str, meta: Any, max_elements: int) -> _Payload:
+    """The entry `meta` (`label`, e.g. "weight 'fc.weight'") of the payload config `where`,
+    checked: raw bytes (no pickle, no object), a dense strided tensor of static shape within
+    `max_elements` and the memory budget."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+    item = f"{where}: {label}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
+        raise TccError(f"{item}: no path_name")
+    member = meta["path_name"]
+    if meta.get("use_pickle") or not member.startswith(RAW_TENSOR_PREFIXES):
+        kind = "a pickle" if meta.get("use_pickle") else f"an object ({member})"
+        raise TccError(f"{archive.where(folder + member)}: {label} is stored as {kind}; tcc never unpickles a "
+                       f"model file: {REEXPORT}")
+    tensor = meta.get("tensor_meta")
+    if not isinstance(tensor, dict):
+        raise TccError(f"{item}: no tensor_meta")
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(tensor.get("dtype"))
+    if dtype is None or dtype.is_complex or dtype.itemsize == 0:
+        raise TccError(f"{item}: unsupported dtype code {tensor.get('dtype')!r}")
+    if tensor.get("layout") not in (None, 7) or (tensor.get("device") or {}).get("type", "cpu") not in (
+            "cpu", "cuda", "meta"):
+        raise TccError(f"{item}: not a dense strided tensor")
+    sizes, strides = _ints(tensor.get("sizes"), "sizes", item), _ints(tensor.get("strides"), "strides", item)
+    offset = _ints([tensor.get("storage_offset")], "storage_offset", item)[0]
+    if len(sizes) != len(strides):
+        raise TccError(f"{item}: {len(sizes)} sizes but {len(strides)} strides")
+    elements = math.prod(sizes)
+    if elements > max_elements or elements * dtype.itemsize > memory_budget():
+        raise TccError(f"{item} of shape {list(sizes)} holds {elements:,} elements; a tensor holds at most "
+                       f"{max_elements:,} and fits in half this machine's memory")
+    requires_grad = bool(tensor.get("requires_grad")) and dtype.is_floating_point
+    return _Payload(member, bool(meta.get("is_param")), requires_grad, dtype, sizes, strides, offset)
 
 
 def _check_pickle_globals(data: bytes, where: str) -> None:

@@ -149,17 +149,31 @@ def _check_same_shapes(path: Path, stored: Any, given: Any) -> None:
         raise TccError(f"{path}: exported for input shapes {have}; re-export the model for other shapes")
 
 
+def tensor_kind_problem(t: torch.Tensor) -> str | None:
+    """Why `t` is no plain dense tensor holding values on the CPU (a subclass, a sparse, nested
+    or quantized tensor, one on another device or the meta device); None when it is one."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"is a {type(t).__name__}, a tensor subclass; tcc reads plain tensors only"
+    if t.layout != torch.strided or t.is_nested:
+        layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        return f"is a {layout} tensor; tcc reads dense ones only"
+    if t.is_quantized:
+        return f"is a quantized tensor ({str(t.dtype).replace('torch.', '')}); tcc reads plain ones only"
+    if t.device.type != "cpu":
+        return f"is on device '{t.device.type}', which holds no values to read"
+    return None
+
+
 def _check_stored_examples(path: Path, stored: Any) -> None:
-    """Example inputs an archive carries obey --input-shape's rules: dense tensors (a stride-0
-    view of a few stored bytes may claim 10^10 elements) of at most MAX_INPUT_ELEMENTS."""
+    """Example inputs an archive carries obey --input-shape's rules: plain dense tensors (a
+    stride-0 view of a few stored bytes may claim 10^10 elements) of at most MAX_INPUT_ELEMENTS."""
     items = stored.items() if isinstance(stored, dict) else enumerate(stored)
     for key, value in items:
         where = f"{path}: stored example input {key!r}" if isinstance(key, str) else f"{path}: stored example input {key}"
         if not isinstance(value, torch.Tensor):
             raise TccError(f"{where} is a {type(value).__name__}; tcc takes tensors")
-        if value.layout != torch.strided or value.is_meta or type(value) is not torch.Tensor:
-            raise TccError(f"{where} is a {value.layout} {'meta ' if value.is_meta else ''}{type(value).__name__}; "
-                           "tcc takes dense tensors")
+        if problem := tensor_kind_problem(value):
+            raise TccError(f"{where} {problem}")
         if value.numel() > MAX_INPUT_ELEMENTS:
             raise TccError(f"{where} has shape {list(value.shape)} ({value.numel():,} elements); an example input "
                            f"holds at most {MAX_INPUT_ELEMENTS:,}")

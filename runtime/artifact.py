@@ -28,7 +28,7 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import numpy as np
 import safetensors
@@ -376,15 +376,25 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
         raise TccError(f"{file}: cannot be read ({type(e).__name__}: {e})") from None
 
 
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy stream's header declares, `f` left at the array's first byte
+    (nothing of the array read); ValueError for a damaged header or an unknown version."""
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f".npy format version {version}")
+    shape, _, dtype = readers[version](f)
+    return shape, dtype
+
+
 def _check_npy(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
     """Raise ValueError unless `member` holds exactly the bytes of the array its .npy header
     describes."""
     with archive.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in readers:
-            raise ValueError(f"member '{member.filename}': .npy format version {version}")
-        shape, _, dtype = readers[version](f)
+        try:
+            shape, dtype = read_npy_header(f)
+        except ValueError as e:
+            raise ValueError(f"member '{member.filename}': {e}") from None
         claimed = math.prod(shape) * dtype.itemsize
         if member.file_size - f.tell() != claimed:
             raise ValueError(f"member '{member.filename}' holds {member.file_size - f.tell():,} bytes of array "

@@ -23,6 +23,7 @@ import operator
 import os
 import pickletools
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -31,6 +32,7 @@ import torch
 
 from tcc.ir.errors import TccError
 
+LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local header: ..., name length, extra length
 JSON_LIMIT = 256 << 20  # a program's JSON: BERT-base's is about 2 MB
 INPUTS_LIMIT = 1 << 30  # the sample inputs' torch.save file
 # the globals a torch.save of tensors in plain containers needs
@@ -78,8 +80,10 @@ class _Archive:
     def names(self, prefix: str) -> list[str]:
         return sorted(n for n in self.members if n.startswith(prefix))
 
-    def read(self, name: str, limit: int) -> bytes:
-        """Member `name`, refused before inflating when it declares more than `limit` bytes."""
+    def read(self, name: str, limit: int) -> bytearray:
+        """Member `name`, refused before inflating when it declares more than `limit` bytes. A
+        stored member (torch stores them all) is read straight into the buffer tensors will
+        view: one copy of the weights in memory, not three."""
         info = self.members.get(name)
         if info is None:
             raise TccError(f"{self.where(name)} is missing")
@@ -87,7 +91,19 @@ class _Archive:
             raise TccError(f"{self.where(name)} declares {info.file_size:,} bytes; its contents need at most "
                            f"{limit:,}")
         try:
-            return self.zf.read(info)
+            if info.compress_type != zipfile.ZIP_STORED:
+                return bytearray(self.zf.read(info))
+            buffer = bytearray(info.file_size)
+            with open(self.path, "rb") as raw:
+                raw.seek(info.header_offset)
+                header = raw.read(LOCAL_HEADER.size)
+                if len(header) != LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile("bad local file header")
+                name_length, extra_length = LOCAL_HEADER.unpack(header)[-2:]
+                raw.seek(info.header_offset + LOCAL_HEADER.size + name_length + extra_length)
+                if raw.readinto(buffer) != info.file_size:
+                    raise EOFError("the member ends early")
+            return buffer
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
             raise TccError(f"{self.where(name)}: corrupt ({e})") from None
 
@@ -276,7 +292,7 @@ def _payloads(archive: _Archive, folder: str, config_name: str, what: str, max_e
         data = archive.read(folder + member, 2 * span + (1 << 16))
         if len(data) < span:
             raise TccError(f"{archive.where(folder + member)}: {len(data):,} bytes, but its tensors reach {span:,}")
-        storages[member] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        storages[member] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     return {name: payload.tensor(storages[payload.member]) for name, payload in payloads.items()}
 
 

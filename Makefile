@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 DEBIAN_TOOLS := iverilog:iverilog verilator:verilator yosys:yosys chromium:chromium chromedriver:chromium-driver
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench docs docs-check clean
 
 install: $(STAMP) debian-tools
 
@@ -45,6 +45,13 @@ bench: install
 	$(BIN)/python benchmarks/formats.py
 	$(BIN)/python benchmarks/sparse_runtime.py
 	$(BIN)/python benchmarks/accel.py
+
+# docs/ir.md and docs/isa.md, generated from the op table and the ISA (tests/test_docs.py fails when stale)
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
+
+docs-check: $(STAMP)
+	$(BIN)/python docs/generate.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

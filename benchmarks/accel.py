@@ -186,8 +186,7 @@ def section_with_inputs(m: int, k: int, n: int, config: AccelConfig):
 
 
 def rtl_speed(spec: str) -> None:
-    from tcc.backends.accel.hardware import run_pyrtl
-    from tcc.backends.accel.verilog import run_verilator
+    from tcc.runtime.rtl import run_pyrtl, run_verilator
     from tcc.runtime.accel_executor import simulate_section
 
     m, k, n = (int(v) for v in spec.split("x"))

@@ -24,11 +24,11 @@ import torch
 
 import tcc
 from tcc.backends.accel.codegen import generate
-from tcc.devices import cost, device_of, run_seconds
 from tcc.passes.cost_model import roofline
 from tcc.runtime.accel_executor import AccelExecutor
 from tcc.runtime.torch_executor import TorchExecutor
 from tcc.targets import load_catalog
+from tcc.targets.calibration import cost_devices, run_seconds
 from tcc.zoo import DigitsTransformer, build
 
 PIPELINES = {"fp32": None, "int8": "quantize", "integer": "quantize,int-nonlinear"}
@@ -36,7 +36,7 @@ PIPELINES = {"fp32": None, "int8": "quantize", "integer": "quantize,int-nonlinea
 
 def host_fidelity(repeats: int, rounds: int) -> None:
     catalog = load_catalog()
-    host = device_of(catalog["cpu"])
+    host = cost_devices(catalog)["cpu"]
     print(f"host CPU figures (measured, {torch.get_num_threads()} threads): fp32 {host.fp32_gflops:g} GFLOP/s, "
           f"int8 {host.int8_gops:g} GOP/s, DRAM {host.dram_gbps:g} GB/s, cache {host.cache_gbps:g} GB/s, "
           f"default op cost {host.op_overhead_us:g} us")
@@ -73,20 +73,21 @@ def fpga_cycles() -> None:
         config = catalog[name].accel
         executor = AccelExecutor(graph, generate(graph, config))
         executor(x.numpy())
-        predicted = cost(graph, catalog[name], catalog).parts["accelerator"] * config.clock_mhz * 1e6
+        predicted = catalog[name].cost(graph, cost_devices(catalog)).parts["accelerator"] * config.clock_mhz * 1e6
         print(f"{name}: cost model {round(predicted):,} cycles, ISA simulator {executor.stats.cycles:,}")
 
 
 def bert_speed() -> None:
     catalog = load_catalog()
+    devices = cost_devices(catalog)
     model, inputs = build("bert-base")
     for label, spec in (("fp32", None), ("int8", "quantize")):
         graph = tcc.compile(model, inputs, pipeline=spec).graph
         for name, target in catalog.items():
-            if target.measured and target.kind == "gpu" and not torch.cuda.is_available():
+            if name not in devices:
                 continue
             start = time.perf_counter()
-            c = cost(graph, target, catalog)
+            c = target.cost(graph, devices)
             first = time.perf_counter() - start
             print(f"BERT-base {label:<5} on {name:<12} {c.latency_s * 1e3:10.2f} ms predicted; priced in {first:.2f} s")
 

@@ -3,13 +3,42 @@
     import tcc
     artifact = tcc.compile(model, example_inputs, target="cpu")
     artifact.save("out"); outputs = tcc.load("out").run(inputs, on="cpu")
+
+The root is light: `import tcc` (and `import tcc.ir`, `tcc --version`) loads neither torch nor
+pyrtl. `compile`, `load` and `Artifact` are imported on first use (PEP 562), and so is any
+submodule named as an attribute (`tcc.zoo`).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from tcc.ir.errors import TccError  # noqa: E402
-from tcc.runtime.artifact import Artifact, load  # noqa: E402
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
-from .driver import compile  # noqa: E402
+from tcc.ir.errors import TccError  # light: tcc.ir imports numpy only
+
+from ._version import __version__
+
+if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
+    from tcc.driver import compile
+    from tcc.runtime.artifact import Artifact, load
 
 __all__ = ["compile", "load", "Artifact", "TccError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "compile":
+        from .driver import compile as value
+    elif name in ("load", "Artifact"):
+        from .runtime import artifact
+        value = getattr(artifact, name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # a submodule: tcc.zoo, tcc.targets, ...
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,12 +14,10 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from tcc.ir.errors import TccError, printable
-
-if TYPE_CHECKING:
-    from tcc.select import Selection
+from tcc import __version__
+from tcc.ir.errors import TccError, printable  # light: tcc and tcc.ir import numpy only (tests/test_imports.py)
 
 
 def _load_inputs(path: str) -> Any:
@@ -53,67 +51,18 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def _settings(names: str | None):
-    """The compression settings `--settings NAME,...` names (default: all)."""
-    from tcc.select import default_settings
-    settings = default_settings()
-    if not names:
-        return settings
-    known = {s.name: s for s in settings}
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in known]
-    if unknown or not chosen:
-        raise TccError(f"--settings: unknown setting '{unknown[0] if unknown else names}' (known: {', '.join(known)})")
-    return tuple(known[n] for n in chosen)
-
-
-def _auto_target(args: argparse.Namespace) -> tuple[str, str | None, Selection]:
-    """--target auto: (target, pipeline) of the device and setting `tcc select` chooses, and
-    the selection (for the artifact's report)."""
-    from tcc.select import parse_accuracy, parse_latency, select
-    from tcc.targets import load_catalog
-
-    from .data import load_dataset
-    if args.pipeline:
-        raise TccError("--target auto with --pipeline needs select-device{lc=...,ac=...} in it; without a pipeline, "
-                       "--lc, --ac and --data explore the compression settings too")
-    if not (args.lc and args.ac and args.data):
-        raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`)")
-    selection = select(args.model, load_dataset(args.data, what="evaluation data"), load_catalog(args.targets_file),
-                       lc_ms=parse_latency(args.lc), ac=parse_accuracy(args.ac),
-                       train=load_dataset(args.train_data, what="training data") if args.train_data else None,
-                       settings=_settings(args.settings), progress=_progress(args), input_shapes=args.input_shape,
-                       arch=args.arch, trust_pickle=args.trust_pickle)
-    if selection.chosen is None:
-        raise TccError(selection.reason)
-    if not args.quiet:
-        print(printable(f"  --target auto: {selection.reason}"))
-    setting = next(s for s in _settings(args.settings) if s.name == selection.chosen.setting)
-    return selection.chosen.device, setting.pipeline, selection
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     import tcc
-    from tcc.passes import parse_pipeline
     from tcc.runtime.artifact import check_destination
     check_destination(args.output)  # before the work, not after it
-    choosing = bool(args.pipeline) and any(p.name == "select-device" for p in parse_pipeline(args.pipeline))
-    eval_data = selection = None
-    if args.target == "auto" and not choosing:
-        args.target, args.pipeline, selection = _auto_target(args)
-        eval_data = args.data  # the report's accuracy
-    elif args.lc or args.ac or args.settings:
-        raise TccError("--lc, --ac and --settings go with --target auto without --pipeline "
-                       "(in a pipeline, select-device takes lc and ac as options)")
-    elif args.data and not choosing:
-        raise TccError("--data is the evaluation data of --target auto or of select-device in --pipeline")
-    else:
-        eval_data = args.data
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
-                           train_data=args.train_data, calib_data=args.calib_data, eval_data=eval_data,
+                           train_data=args.train_data, calib_data=args.calib_data, eval_data=args.data,
                            progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file,
-                           selection=selection)
+                           lc=args.lc, ac=args.ac, settings=args.settings)
+    if not args.quiet:
+        for line in artifact.notes:
+            print(f"  {printable(line)}")
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
@@ -268,8 +217,37 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from tcc.targets import load_catalog
+    from tcc.targets.calibration import cache_file, cost_devices
+    catalog = load_catalog(args.targets_file)
+    start = time.perf_counter()
+    announced = []
+
+    def announce(what: str) -> None:
+        announced.append(what)
+        if not args.quiet and not args.json:
+            print(f"{what} ...", file=sys.stderr, flush=True)
+
+    devices = cost_devices(catalog, again=args.again, on_measure=announce)
+    measured = {name: devices[name] for name, t in catalog.items() if t.measured and name in devices}
+    if args.json:
+        print(json.dumps({name: d.to_json() for name, d in measured.items()}, indent=2))
+        return 0
+    for name, d in measured.items():
+        print(f"{name}: fp32 {d.fp32_gflops:g} GFLOP/s, int8 {d.int8_gops:g} GOP/s, DRAM {d.dram_gbps:g} GB/s, "
+              f"cache {d.cache_gbps:g} GB/s, {d.op_overhead_us:g} us per op ({len(d.op_costs)} op kinds measured)")
+    how = f"measured in {time.perf_counter() - start:.0f} s" if announced else "already measured"
+    print(printable(f"{how}; cached in {cache_file()}"))
+    return 0
+
+
 def cmd_select(args: argparse.Namespace) -> int:
-    from tcc.select import check_report_dir, parse_accuracy, parse_latency, select, write_report
+    from tcc.driver import settings_named
+    from tcc.report import check_report_dir, write_selection_report
+    from tcc.select import parse_accuracy, parse_latency, select
     from tcc.targets import load_catalog
 
     from .data import load_dataset
@@ -279,12 +257,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     train = load_dataset(args.train_data, what="training data") if args.train_data else None
     if args.report:  # before the exploration, not after it
         check_report_dir(args.report, "--report: ")
-    settings = _settings(args.settings)
+    settings = settings_named(args.settings)
     selection = select(args.model, data, catalog, lc_ms=lc_ms, ac=ac, train=train, settings=settings,
                        executor=args.executor, progress=_progress(args), input_shapes=args.input_shape,
                        arch=args.arch, trust_pickle=args.trust_pickle)
     if args.report:
-        write_report(selection, args.report, model=args.model, data=args.data)
+        write_selection_report(selection, args.report, model=args.model, data=args.data)
     if args.json:
         print(json.dumps(selection.to_json(), indent=2))
     else:
@@ -317,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  tcc run out/ --on sim\n  tcc select model.pt2 --lc 10ms --ac 0.95 --data test.pt\n\n"
                "`tcc COMMAND --help` for each command. Exit codes: 0 ok, 2 bad input or constraints no device "
                "meets, 1 an internal error (a bug in tcc: please report it), 130 interrupted (143: by SIGTERM).")
-    parser.add_argument("--version", action="version", version=f"tcc {__import__('tcc').__version__}")
+    parser.add_argument("--version", action="version", version=f"tcc {__version__}")
     parser.add_argument("-q", "--quiet", dest="quiet_before", action="store_true", help="as the commands' -q")
     parser.add_argument("-v", "--verbose", dest="verbose_before", action="count", default=0,
                         help="as the commands' -v")
@@ -347,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "catalog's schema; see `tcc targets --help`); --target may name one")
     p.add_argument("--lc", metavar="LATENCY", help="--target auto: latency constraint per run (10ms, 2s, 800us)")
     p.add_argument("--ac", metavar="ACCURACY", help="--target auto: accuracy constraint on --data (0.95 or 95%%)")
-    p.add_argument("--data", metavar="D.pt", help="--target auto, select-device: labelled evaluation data")
+    p.add_argument("--data", metavar="D.pt", help="labelled evaluation data: the accuracy in the report, and what "
+                                                  "--target auto and select-device measure accuracy on")
     p.add_argument("--settings", metavar="NAME,...", help="--target auto: the compression settings to explore "
                                                            "(default: all; see `tcc select --help`)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -406,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory (from tcc compile)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = command("calibrate", "measure this machine's figures for the cost model (once per machine, cached)",
+                "examples:\n  tcc calibrate\n  tcc calibrate --again --json\n\n"
+                "The host CPU (and the local CUDA device) are timed on the torch executor; `tcc compile`\n"
+                "prices them with these figures, or with the catalog's placeholders until they exist.\n"
+                "`tcc select`, --target auto and select-device calibrate first when they must.")
+    p.add_argument("--again", action="store_true", help="measure again even when figures are cached")
+    p.add_argument("--json", action="store_true", help="print the measured figures as JSON")
+    p.add_argument("--targets-file", metavar="FILE.json", help="more targets (same schema as `tcc targets --json`)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = command("targets", "list targets: kind, price, power, throughput, memory, FPGA part and array",
                 "examples:\n  tcc targets\n  tcc targets --json\n"

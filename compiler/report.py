@@ -25,26 +25,30 @@ import functools
 import io
 import json
 import math
-from typing import TYPE_CHECKING, Any
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from tcc.backends.accel.isa import Unit
 from tcc.backends.accel.layout import AccelProgram
 from tcc.ir.analysis import describe
+from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.runtime.artifact import MEASURED_ABOUT, MEASURED_DIR, REPORT, REPORT_DIR
 from tcc.passes import Dataset
+from tcc.passes.cost_model import Cost, Device
+from tcc.runtime.artifact import MEASURED_ABOUT, MEASURED_DIR, REPORT, REPORT_DIR
 
-from .devices import available, device_of, machine, measured_here, prices
-from .select import Selection, accuracy, pareto_png
+from .select import Selection, accuracy, pareto
 from .targets import Target
+from .targets.calibration import machine, measured_here
 
 if TYPE_CHECKING:
     import jinja2
     from matplotlib.figure import Figure
-
-    from tcc.runtime.artifact import Artifact
 
 MAX_HEATMAPS = 12  # sparsity patterns drawn: pruned weights first, then the largest
 HEATMAP_CELLS = 96  # cells a side at most: a larger weight is pooled into blocks (their density)
@@ -94,49 +98,52 @@ def figure_png(fig: Figure) -> bytes:
     return out.getvalue()
 
 
-def render(artifact: Artifact, *, target: Target, catalog: dict[str, Target], program: AccelProgram | None = None,
-           eval_data: Dataset | None = None, selection: Selection | None = None, seed: int = 0,
-           measured: dict[str, Any] | None = None) -> dict[str, bytes]:
+def render(graph: Graph, manifest: dict, *, target: Target, catalog: dict[str, Target],
+           devices: Mapping[str, Device], costs: Mapping[str, Cost], program: AccelProgram | None = None,
+           eval_data: Dataset | None = None, selection: Selection | None = None,
+           measured: dict[str, Any] | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """The report's files by their path in the artifact: `report.html` and its PNGs under
-    `report/` (machine-independent), and under `measured/` the pages, plots and `host.json` of
-    what this machine's measurements decide (see the module's doc). `target` is the target
-    compiled for (with its effective accelerator config); `catalog` the devices to price,
-    `target` among them; `program` the accelerator program of an FPGA target; `eval_data`
-    labelled data to measure top-1 accuracy on; `selection` the device selection that chose the
-    target (`tcc compile --target auto`); `measured` more facts of this compile for `host.json`
-    (the pass log's measured notes, the data files' paths)."""
-    graph, manifest = artifact.graph, artifact.manifest
+    `report/` (machine-independent), and apart, under `measured/`, the pages, plots and
+    `host.json` of what this machine's measurements decide (see the module's doc). `target` is
+    the target compiled for (with its effective accelerator config); `catalog` the devices,
+    `target` among them; `devices` their cost-model figures and `costs` the prices of one run of
+    `graph` on each (`price_all`); `program` the accelerator program of an FPGA target;
+    `eval_data` labelled data to measure top-1 accuracy on; `selection` the device selection
+    that chose the target (`tcc compile --target auto`); `measured` more facts of this compile
+    for `host.json` (the pass log's measured notes, the data files' paths). Nothing is measured
+    here."""
     info = describe(graph)
     heatmaps = _heatmap_weights(graph)
-    devices = _devices(graph, catalog, target.name, seed)
+    rows = _devices(catalog, devices, costs, target.name)
     accel = _accel(manifest, target, program) if program is not None else None
     figures = {"sparsity": _sparsity_png(graph, heatmaps) if heatmaps else None,
                "cycles": _cycles_png(accel["layers"]) if accel and accel["layers"] else None}
     plots = {name: f"{REPORT_DIR}/{name}.png" if png is not None else None for name, png in figures.items()}
     files = {plots[name]: png for name, png in figures.items() if png is not None}
-    measured_figures = {"devices": _devices_png(devices) if devices else None,
+    measured_figures = {"devices": _devices_png(rows) if rows else None,
                         "pareto": pareto_png(selection) if selection is not None else None}
-    files |= {f"{MEASURED_DIR}/{name}.png": png for name, png in measured_figures.items() if png is not None}
+    measured_files = {f"{MEASURED_DIR}/{name}.png": png for name, png in measured_figures.items() if png is not None}
     host = machine()
-    pages = {"devices": render_template("measured.html.j2", page="devices", machine=host, devices=devices)}
+    pages = {"devices": render_template("measured.html.j2", page="devices", machine=host, devices=rows)}
     if selection is not None:
         pages["selection"] = render_template("measured.html.j2", page="selection", machine=host,
                                              selection=selection)
-    files |= {f"{MEASURED_DIR}/{name}.html": page.encode() for name, page in pages.items()}
-    files[f"{MEASURED_DIR}/host.json"] = _host_json(host, catalog, devices, selection, measured or {})
+    measured_files |= {f"{MEASURED_DIR}/{name}.html": page.encode() for name, page in pages.items()}
+    measured_files[f"{MEASURED_DIR}/host.json"] = _host_json(host, catalog, devices, rows, selection, measured or {})
     html = render_template("artifact.html.j2", manifest=manifest, target=target, info=info,
                            summary=_summary(graph, info), heatmaps=heatmaps, cells=HEATMAP_CELLS, accel=accel,
                            accuracy=_accuracy(graph, eval_data), selection=selection, plots=plots,
                            measured=MEASURED_DIR, device_rows=len(catalog))
-    return {REPORT: html.encode(), **files}
+    return {REPORT: html.encode(), **files}, measured_files
 
 
-def _host_json(host: dict, catalog: dict[str, Target], devices: list[dict], selection: Selection | None,
-               facts: dict[str, Any]) -> bytes:
+def _host_json(host: dict, catalog: dict[str, Target], devices: Mapping[str, Device], rows: list[dict],
+               selection: Selection | None, facts: dict[str, Any]) -> bytes:
     """`measured/host.json`: the machine, the cost model's figures measured on it, the devices'
     predictions, the selection and `facts`."""
-    calibration = {name: device_of(t).to_json() for name, t in catalog.items() if t.measured and available(t)}
-    out = {"about": MEASURED_ABOUT, "machine": host, "calibration": calibration, "devices": devices, **facts}
+    calibration = {name: device.to_json() for name, device in devices.items()
+                   if catalog[name].measured and measured_here(catalog[name], catalog, devices)}
+    out = {"about": MEASURED_ABOUT, "machine": host, "calibration": calibration, "devices": rows, **facts}
     if selection is not None:
         out["selection"] = selection.to_json()
     return (json.dumps(out, indent=1) + "\n").encode()
@@ -194,21 +201,29 @@ def _sparsity_png(graph: Graph, names: list[str]) -> bytes:
     return figure_png(fig)
 
 
-def _devices(graph: Graph, catalog: dict[str, Target], compiled_for: str, seed: int) -> list[dict]:
-    """Per device the cost model can price here: the predicted latency and energy of one run of
-    `graph` (after the device's own lowering), where the time goes and whether the figures
-    behind it are measured on this machine."""
-    targets = {name: t for name, t in catalog.items() if available(t)}
+def _devices(catalog: dict[str, Target], devices: Mapping[str, Device], costs: Mapping[str, Cost],
+             compiled_for: str) -> list[dict]:
+    """Per device priced (`costs`): the predicted latency and energy of one run, where the time
+    goes and whether the figures behind it are measured on this machine."""
     rows = []
-    for name, cost in prices(graph, targets, seed).items():
-        device = targets[name].device
+    for name, cost in costs.items():
+        device = devices[name]
         parts = sorted(cost.parts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        rows.append({"name": name, "kind": targets[name].kind, "price_usd": device.price_usd,
+        rows.append({"name": name, "kind": catalog[name].kind, "price_usd": device.price_usd,
                      "power_w": device.power_w, "latency_ms": cost.latency_s * 1e3, "energy_mj": cost.energy_j * 1e3,
                      "breakdown": ", ".join(f"{k} {100 * v / cost.latency_s:.0f}%" for k, v in parts
                                             if cost.latency_s > 0),
-                     "compiled": name == compiled_for, "measured": measured_here(targets[name], catalog)})
+                     "compiled": name == compiled_for, "figures": _figures(catalog[name], catalog, devices)})
     return rows
+
+
+def _figures(target: Target, catalog: dict[str, Target], devices: Mapping[str, Device]) -> str:
+    """Where the figures pricing `target` come from: measured here, the catalog's, or the
+    catalog's placeholders of a device this machine has not measured yet."""
+    if measured_here(target, catalog, devices):
+        return "measured here"
+    host = catalog.get(target.device.host or "", target) if target.kind == "fpga" else target
+    return "placeholders (tcc calibrate measures them)" if host.measured else "catalog"
 
 
 def _devices_png(devices: list[dict]) -> bytes:
@@ -296,4 +311,61 @@ def _cycles_png(layers: list[dict]) -> bytes:
     return figure_png(fig)
 
 
-__all__ = ["render", "render_template", "figure", "figure_png", "density_cells"]
+def check_report_dir(directory: str | os.PathLike, option: str = "") -> Path:
+    """`directory` as a Path; a TccError when it exists and is not an empty directory (a report
+    never overwrites)."""
+    out = Path(directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TccError(f"{option}{out}: exists and is not an empty directory")
+    return out
+
+
+def pareto_png(selection: Selection) -> bytes:
+    """The PNG of accuracy against predicted latency: every point, each device's Pareto front,
+    the constraints and the choice (deterministic bytes)."""
+    fig = figure(9, 5.5, (0.8, 0.2, 0.6, 0.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (device, front) in enumerate(pareto(selection.points).items()):
+        color = f"C{i % 10}"
+        mine = [p for p in selection.points if p.device == device]
+        ax.scatter([p.latency_ms for p in mine], [p.accuracy for p in mine], s=12, color=color, alpha=0.35)
+        ax.plot([p.latency_ms for p in front], [p.accuracy for p in front], "o-", color=color, label=device)
+    ax.axvline(selection.lc_ms, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(selection.ac, color="grey", linestyle="--", linewidth=1)
+    if selection.chosen:
+        ax.scatter([selection.chosen.latency_ms], [selection.chosen.accuracy], marker="*", s=260, color="black",
+                   zorder=5, label=f"chosen: {selection.chosen.device}, {selection.chosen.setting}")
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted latency per run (ms)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    return figure_png(fig)
+
+
+def write_selection_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
+    """`report.html` (every point, the choice and the reason), `pareto.png` (`pareto_png`) and
+    `selection.json`, written into `directory` atomically (a temporary directory renamed into
+    place)."""
+    out = check_report_dir(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        (tmp / "pareto.png").write_bytes(pareto_png(selection))
+        html = render_template(
+            "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac,
+            points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
+            plot="pareto.png", settings=len({p.setting for p in selection.points}),
+            devices=len({p.device for p in selection.points}))
+        (tmp / "report.html").write_text(html)
+        (tmp / "selection.json").write_text(json.dumps(selection.to_json(), indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["render", "render_template", "figure", "figure_png", "density_cells", "check_report_dir", "pareto_png",
+           "write_selection_report"]

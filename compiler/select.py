@@ -4,7 +4,7 @@
 shapes of hp-prune, binarization, int8 and fully integer quantization), measures each
 setting's accuracy on the data once (fine-tuning where training data is given; settings that
 extend another reuse its graph), predicts its latency and energy on every device of the
-catalog with the cost model (`tcc.devices.cost`), and `choose` returns the cheapest device
+catalog with the cost model (`Target.price`), and `choose` returns the cheapest device
 (then the fastest setting on it) meeting both constraints, or, when none does, the point that
 comes closest. Settings run as independent jobs: on local processes by default, or on a Ray
 cluster (`executor="ray"`, the optional `ray` extra).
@@ -14,28 +14,26 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.passes import Dataset, Latency, PassContext, parse_pipeline
+from tcc.passes import Dataset, Latency, Pass, PassContext, parse_pipeline, run_pipeline
+from tcc.passes.cost_model import Device
 from tcc.passes.data import top1_accuracy
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .devices import available, device_of, prices
-from .targets import Target
+from .model import example_arrays, example_dataset, lower
+from .targets import Target, price_all
+from .targets.calibration import cost_devices
 
 _log = logging.getLogger("tcc.select")
 
@@ -53,6 +51,11 @@ class Setting:
     @property
     def pipeline(self) -> str:
         return ",".join((PREFIX,) + self.steps)
+
+    @property
+    def passes(self) -> tuple[Pass, ...]:
+        """The setting's whole pipeline (`PREFIX`, then its steps), parsed."""
+        return tuple(parse_pipeline(self.pipeline))
 
 
 def default_settings() -> tuple[Setting, ...]:
@@ -123,24 +126,23 @@ def accuracy(graph: Graph, data: Dataset) -> float:
 
 
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
-         targets: dict[str, Target], seed: int) -> list[Point]:
+         targets: dict[str, Target], devices: Mapping[str, Device], seed: int) -> list[Point]:
     """Points of a chain of settings, each extending the previous one's steps: the graph is
     compiled step by step, so shared steps (a fine-tuned pruning) run once."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     graphs: dict[tuple[str, ...], Graph] = {(): base}
     points = []
+    ctx_data = {"example": examples} | ({"train": train} if train is not None else {})
     for setting in chain:
         done = max((k for k in graphs if setting.steps[:len(k)] == k), key=len)
         graph = graphs[done]
-        ctx_data = {"example": examples} | ({"train": train} if train is not None else {})
         for i in range(len(done), len(setting.steps)):
             ctx = PassContext(data=ctx_data, torch_module=TorchExecutor, seed=seed)
-            for p in parse_pipeline(setting.steps[i]):
-                graph = p(graph, ctx)
+            graph = run_pipeline(graph, parse_pipeline(setting.steps[i]), ctx)
             graphs[setting.steps[:i + 1]] = graph
         acc = accuracy(graph, data)
-        for name, c in prices(graph, targets, seed).items():
+        for name, c in price_all(graph, targets, devices, after=setting.passes).items():
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
                                 targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
     return points
@@ -158,12 +160,12 @@ def explore(base: Graph, data: Dataset, targets: dict[str, Target], *, examples:
             train: Dataset | None = None, settings: Sequence[Setting] | None = None, executor: str = "local",
             workers: int | None = None, seed: int = 0, progress: bool = False) -> list[Point]:
     """Every (setting, target) point for `base` (the lowered model), the settings' jobs on
-    local processes (`executor="local"`), in this process (`"inline"`) or on Ray (`"ray"`)."""
-    targets = {name: t for name, t in targets.items() if available(t)}
-    for target in targets.values():  # measured devices are measured (and cached) here, before the jobs load the machine
-        device_of(target)
+    local processes (`executor="local"`), in this process (`"inline"`) or on Ray (`"ray"`). The
+    devices are calibrated here, before the jobs load the machine."""
+    devices = cost_devices(targets, on_measure=_log.info)
+    targets = {name: t for name, t in targets.items() if name in devices}
     chains = _chains(settings or default_settings())
-    args = [(base, chain, data, train, examples, targets, seed) for chain in chains]
+    args = [(base, chain, data, train, examples, targets, devices, seed) for chain in chains]
     _log.info("exploring %d settings in %d jobs x %d devices (%s executor)", sum(map(len, chains)), len(chains),
               len(targets), executor)
     if executor == "inline":
@@ -261,16 +263,12 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: floa
            example_inputs: Any = None, train: Dataset | None = None, settings: Sequence[Setting] | None = None,
            executor: str = "local", seed: int = 0, progress: bool = False, **lower_kw) -> Selection:
     """Explore `model` (anything `tcc.compile` takes) over `settings` x `targets` and choose."""
-    from .driver import _example_arrays, lower
     start = time.perf_counter()
     graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
-    arrays = _example_arrays(signature, examples)
-    if len(arrays) != len(graph.inputs):
+    example = example_dataset(graph, example_arrays(signature, examples))
+    if example is None:
         raise TccError("selection needs example inputs (the model file's, or --input-shape)")
-    example = Dataset(tuple(torch.from_numpy(arrays[n]) for n in graph.input_names), source="the example inputs")
-    base = graph
-    for p in parse_pipeline(PREFIX):
-        base = p(base, PassContext())
+    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
     data = data.fit(base, "evaluation data")
     train = train.fit(base, "training data") if train is not None else None
     points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
@@ -278,64 +276,5 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: floa
     return choose(points, lc_ms, ac, time.perf_counter() - start)
 
 
-def check_report_dir(directory: str | os.PathLike, option: str = "") -> Path:
-    """`directory` as a Path; a TccError when it exists and is not an empty directory (a report
-    never overwrites)."""
-    out = Path(directory)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TccError(f"{option}{out}: exists and is not an empty directory")
-    return out
-
-
-def pareto_png(selection: Selection) -> bytes:
-    """The PNG of accuracy against predicted latency: every point, each device's Pareto front,
-    the constraints and the choice (deterministic bytes)."""
-    from .report import figure, figure_png
-    fig = figure(9, 5.5, (0.8, 0.2, 0.6, 0.2))
-    ax = fig.add_subplot(1, 1, 1)
-    for i, (device, front) in enumerate(pareto(selection.points).items()):
-        color = f"C{i % 10}"
-        mine = [p for p in selection.points if p.device == device]
-        ax.scatter([p.latency_ms for p in mine], [p.accuracy for p in mine], s=12, color=color, alpha=0.35)
-        ax.plot([p.latency_ms for p in front], [p.accuracy for p in front], "o-", color=color, label=device)
-    ax.axvline(selection.lc_ms, color="grey", linestyle="--", linewidth=1)
-    ax.axhline(selection.ac, color="grey", linestyle="--", linewidth=1)
-    if selection.chosen:
-        ax.scatter([selection.chosen.latency_ms], [selection.chosen.accuracy], marker="*", s=260, color="black",
-                   zorder=5, label=f"chosen: {selection.chosen.device}, {selection.chosen.setting}")
-    ax.set_xscale("log")
-    ax.set_xlabel("predicted latency per run (ms)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(True, which="both", alpha=0.3)
-    return figure_png(fig)
-
-
-def write_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
-    """`report.html` (every point, the choice and the reason), `pareto.png` (`pareto_png`) and
-    `selection.json`, written into `directory` atomically (a temporary directory renamed into
-    place)."""
-    from .report import render_template
-
-    out = check_report_dir(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    try:
-        (tmp / "pareto.png").write_bytes(pareto_png(selection))
-        html = render_template(
-            "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac,
-            points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
-            plot="pareto.png", settings=len({p.setting for p in selection.points}),
-            devices=len({p.device for p in selection.points}))
-        (tmp / "report.html").write_text(html)
-        (tmp / "selection.json").write_text(json.dumps(selection.to_json(), indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 __all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",
-           "parse_latency", "parse_accuracy", "accuracy", "check_report_dir", "pareto_png", "write_report"]
+           "parse_latency", "parse_accuracy", "accuracy"]

@@ -1,4 +1,4 @@
-"""Model zoo: small Transformer encoders with random weights, used by tests, examples and
+"""Model zoo: small Transformers (encoders, and a Llama-style decoder) with random weights, used by tests, examples and
 benchmarks. Each entry builds `(model, example_inputs)` where example_inputs is a tuple of
 positional tensors or a dict of keyword tensors. Hugging Face models are built from configs
 (no download)."""
@@ -84,6 +84,81 @@ class DigitsTransformer(nn.Module):
         return self.head(x.mean(dim=1))
 
 
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * weight`, as Llama and Qwen2 normalize."""
+
+    def __init__(self, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class LlamaStyleLayer(nn.Module):
+    """A pre-norm decoder layer as Llama writes it, without rotary embeddings: RMSNorm, causal
+    attention through q/k/v/o_proj, RMSNorm, a SiLU-gated MLP (gate/up/down_proj), no biases."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.input_layernorm = RMSNorm(hidden)
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.post_attention_layernorm = RMSNorm(hidden)
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (p(h).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(context.transpose(1, 2).reshape(batch, seq, hidden))
+        h = self.post_attention_layernorm(x)
+        gate = self.gate_proj(h)
+        return x + self.down_proj(gate * torch.sigmoid(gate) * self.up_proj(h))  # SiLU(gate) * up
+
+
+class LlamaStyleDecoder(nn.Module):
+    """Token embeddings, N pre-norm `LlamaStyleLayer`s, a final RMSNorm and an LM head; returns
+    the logits and the final (normalized) hidden states."""
+
+    def __init__(self, vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(LlamaStyleLayer(hidden, heads, ffn) for _ in range(layers))
+        self.norm = RMSNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        return self.lm_head(x), x
+
+
+class FeatureEncoder(nn.Module):
+    """`nn.TransformerEncoder` (post-norm, batch_first) straight on feature vectors (no input
+    projection: the first layer's attention `in_proj` reads the model input), mean-pooled into a
+    classifier."""
+
+    def __init__(self, d_model: int = 32, heads: int = 4, layers: int = 2, ffn: int = 64, classes: int = 5):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.classifier = nn.Linear(d_model, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(features).mean(dim=1))
+
+
 def digits_data(test_size: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1,797 real images shipped inside the package), scaled to
     [0, 1]: (x_train, x_test, y_train, y_test), split with a fixed seed."""
@@ -141,6 +216,16 @@ def transformer_encoder():
     return model, (torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)),)
 
 
+def llama_style():
+    model = LlamaStyleDecoder()
+    return model, (_token_inputs(2, 12, 100, with_mask=False)["input_ids"],)
+
+
+def feature_encoder():
+    model = FeatureEncoder()
+    return model, (torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0)),)
+
+
 def _hf_bert(hidden: int, layers: int, heads: int, ffn: int, vocab: int, seq: int, batch: int = 1, **extra):
     from transformers import BertConfig, BertModel
     config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -187,6 +272,8 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("bert-style", bert_style, True, False),
     ZooEntry("transformer-encoder", transformer_encoder, False, False),
+    ZooEntry("llama-style", llama_style, True, False),
+    ZooEntry("feature-encoder", feature_encoder, False, False),
     ZooEntry("hf-bert", hf_bert, False, True),
     ZooEntry("tinybert4", tinybert4, False, True),
     ZooEntry("hf-distilbert", hf_distilbert, False, True),

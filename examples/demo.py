@@ -57,7 +57,12 @@ def main() -> None:
     error = float((logits - eager).abs().max() / eager.abs().max())
     print(f"tcc artifact on cpu: test accuracy {accuracy:.3f} (eager {eager_accuracy:.3f}), "
           f"max relative difference to eager {error:.1e}")
-    if error > 1e-5 or accuracy != eager_accuracy:
+    # floats agree within 1e-5 of the largest logit, not bit for bit (BLAS sums in its own order):
+    # every prediction must match eager's except a near tie, whose top two logits are closer
+    # than that tolerance allows on each side
+    top2 = eager.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2e-5 * eager.abs().max()
+    if error > 1e-5 or not torch.equal(logits.argmax(-1)[clear], eager.argmax(-1)[clear]):
         raise SystemExit("demo FAILED: the artifact does not reproduce the eager model")
 
     # the same model for an FPGA: int8-quantized, its linears on the accelerator (ISA simulator,

@@ -24,6 +24,8 @@ from typing import ClassVar
 import numpy as np
 
 from .dtypes import DType
+from .sparsity import NM as NMStructure
+from .sparsity import Blocks, Hierarchical, block_view, block_widths, make_keyword_value
 
 
 def index_bits(n: int) -> int:
@@ -546,7 +548,6 @@ class BSR(Encoding):
     bw: int
 
     def __post_init__(self) -> None:
-        from .sparsity import Blocks
         Blocks(self.bh, self.bw)  # validates the parameters
 
     def widths(self, shape, dtype):
@@ -554,7 +555,6 @@ class BSR(Encoding):
         return {"block_ptr": index_bits(nbr * nbc + 1), "block_cols": index_bits(nbc), "values": dtype.bits}
 
     def _encode(self, array, dtype):
-        from .sparsity import block_view
         blocks = block_view(array, self.bh, self.bw)
         kept = blocks.any(axis=(2, 3))
         bi, bj = np.nonzero(kept)
@@ -562,7 +562,6 @@ class BSR(Encoding):
                 "values": blocks[bi, bj].ravel()}
 
     def _footprint(self, array, value_bits):
-        from .sparsity import block_view
         kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
         nb, slots = int(kept.sum()), int(kept.sum()) * self.bh * self.bw
         return (kept.shape[0] + 1) * index_bits(kept.size + 1) + nb * index_bits(kept.shape[1]) + slots * value_bits, slots
@@ -596,7 +595,6 @@ class BSR(Encoding):
         _expect_zero_padding(buffers["values"].reshape(nb, self.bh, self.bw), rows & cols, "an edge block")
 
     def _lower_bound(self, array, value_bits):
-        from .sparsity import block_view, block_widths
         kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
         area = np.outer(block_widths(array.shape[0], self.bh), block_widths(array.shape[1], self.bw))
         return _log2_comb(kept.size, int(kept.sum())) + int(area[kept].sum()) * value_bits
@@ -635,8 +633,7 @@ class NM(Encoding):
         self._structure()  # validates the parameters
 
     def _structure(self):
-        from .sparsity import NM as NMSparsity
-        return NMSparsity(self.n, self.m)
+        return NMStructure(self.n, self.m)
 
     def widths(self, shape, dtype):
         return {"positions": index_bits(self.m), "values": dtype.bits}
@@ -648,7 +645,6 @@ class NM(Encoding):
         return self._structure().violation(array)
 
     def _groups(self, array: np.ndarray) -> np.ndarray:
-        from .sparsity import block_view
         return block_view(array, 1, self.m)[:, :, 0, :]  # [R, C/m, m]
 
     def _encode(self, array, dtype):
@@ -679,7 +675,6 @@ class NM(Encoding):
         _check_slots(buffers, "positions", slots, self.m, real, "the last group of a row")
 
     def _lower_bound(self, array, value_bits):
-        from .sparsity import block_widths
         counts = np.count_nonzero(self._groups(array), axis=2)
         widths = np.broadcast_to(block_widths(array.shape[1], self.m), counts.shape)
         patterns = sum(_log2_comb(int(w), int(k)) for w, k in zip(widths.ravel(), counts.ravel()))
@@ -708,7 +703,6 @@ class HP(Encoding):
         self._structure()  # validates the parameters
 
     def _structure(self):
-        from .sparsity import Hierarchical
         return Hierarchical(self.bh, self.bw, self.row_nnz)
 
     def widths(self, shape, dtype):
@@ -723,7 +717,6 @@ class HP(Encoding):
         return self._structure().violation(array)
 
     def _encode(self, array, dtype):
-        from .sparsity import block_view
         blocks = block_view(array, self.bh, self.bw)
         kept = blocks.any(axis=(2, 3))
         bi, bj = np.nonzero(kept)
@@ -744,7 +737,6 @@ class HP(Encoding):
         return nbr * index_bits(nbc + 1) + int(kept.sum()) * index_bits(nbc)
 
     def _footprint(self, array, value_bits):
-        from .sparsity import block_view
         kept = block_view(array, self.bh, self.bw).any(axis=(2, 3))
         real_rows = _edge_sizes(np.arange(kept.shape[0]), self.bh, array.shape[0])
         slots = int(kept.sum(axis=1) @ real_rows) * self.row_nnz
@@ -801,7 +793,6 @@ class HP(Encoding):
         _check_slots(buffers, "columns", slots, self.bw, real_cols, "an edge block")
 
     def _lower_bound(self, array, value_bits):
-        from .sparsity import block_view, block_widths
         blocks = block_view(array, self.bh, self.bw)
         kept = blocks.any(axis=(2, 3))
         counts = np.count_nonzero(blocks, axis=3)  # [BR, BC, bh]
@@ -850,17 +841,6 @@ class Packed1b(Encoding):
 ENCODINGS: dict[str, type[Encoding]] = {
     cls.keyword: cls for cls in (Dense, COO, CSR, CSC, BSR, Bitmap, NM, HP, Packed1b)
 }
-
-
-def make_keyword_value(registry: dict[str, type], what: str, sigil: str, keyword: str, params: tuple[int, ...]):
-    """Build `registry[keyword](*params)` for the text form `<sigil>keyword(params)`;
-    ValueError naming the problem otherwise."""
-    if keyword not in registry:
-        raise ValueError(f"unknown {what} '{sigil}{keyword}' (known: {', '.join(sorted(registry))})")
-    try:
-        return registry[keyword](*params)
-    except TypeError:
-        raise ValueError(f"{what} '{sigil}{keyword}' does not take parameters {params}") from None
 
 
 def make_encoding(keyword: str, params: tuple[int, ...]) -> Encoding:

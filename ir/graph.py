@@ -6,16 +6,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import networkx as nx
 import numpy as np
 
 from .dtypes import DType
 from .encoding import EncodedTensor
 from .errors import VerifyError
 from .ops import OPS, OpTypeError
+from .printer import print_graph
 from .types import TensorType
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 NAME = re.compile(r"[A-Za-z0-9_.]+")  # what the text form spells after % and @
 
@@ -119,6 +122,7 @@ class Graph:
     def to_networkx(self) -> nx.DiGraph:
         """Value-level dataflow graph: nodes are value names (attribute `kind`: input, const or
         the op name), edges go from operand to result."""
+        import networkx as nx  # on first use: importing it takes longer than all of tcc.ir
         g = nx.DiGraph()
         for name, t in self.inputs:
             g.add_node(name, kind="input", type=t)
@@ -131,7 +135,6 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        from .printer import print_graph
         return print_graph(self)
 
 

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .dtypes import DType
-from .graph import Graph
 from .ops import OPS
+
+if TYPE_CHECKING:  # graph.py imports this module (Graph.__str__): the dependency goes one way
+    from .graph import Graph
 
 
 def format_attr(value: Any) -> str:

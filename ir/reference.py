@@ -8,9 +8,14 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from scipy import special
 
 from .dtypes import DType
+
+
+def _erf(x):
+    """The error function: `scipy.special.erf`."""
+    from scipy import special  # on first use: importing it takes longer than all of tcc.ir
+    return special.erf(x)
 
 
 def _linear(x, w, b=None):
@@ -173,7 +178,7 @@ def _gelu(x, approximate):
     if approximate == "tanh":
         c = np.asarray(np.sqrt(2.0 / np.pi), dtype=x.dtype)
         return 0.5 * x * (1 + np.tanh(c * (x + np.asarray(0.044715, dtype=x.dtype) * x ** 3)))
-    return 0.5 * x * (1 + special.erf(x / np.asarray(np.sqrt(2.0), dtype=x.dtype)))
+    return 0.5 * x * (1 + _erf(x / np.asarray(np.sqrt(2.0), dtype=x.dtype)))
 
 
 def _sdpa(q, k, v, mask=None, *, is_causal, scale):
@@ -254,7 +259,7 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "exp": np.exp,
     "sqrt": np.sqrt,
     "rsqrt": lambda x: 1 / np.sqrt(x),
-    "erf": special.erf,
+    "erf": _erf,
     "gelu": _gelu,
     "softmax": _softmax,
     "layer_norm": _layer_norm,

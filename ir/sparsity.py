@@ -14,8 +14,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from .encoding import make_keyword_value
-
 
 @dataclass(frozen=True)
 class Sparsity:
@@ -125,6 +123,18 @@ class NM(Sparsity):
             return f"row {row}, columns {group * self.m}..{group * self.m + self.m - 1} hold {counts[row, group]} " \
                    f"non-zeros, more than {self.n} of {self.m}"
         return None
+
+
+def make_keyword_value(registry: dict[str, type], what: str, sigil: str, keyword: str, params: tuple[int, ...]):
+    """Build `registry[keyword](*params)` for the text form `<sigil>keyword(params)`;
+    ValueError naming the problem otherwise. (Shared with `tcc.ir.encoding`, which builds on
+    this module: storage encodings are checked against these structures.)"""
+    if keyword not in registry:
+        raise ValueError(f"unknown {what} '{sigil}{keyword}' (known: {', '.join(sorted(registry))})")
+    try:
+        return registry[keyword](*params)
+    except TypeError:
+        raise ValueError(f"{what} '{sigil}{keyword}' does not take parameters {params}") from None
 
 
 SPARSITIES: dict[str, type[Sparsity]] = {cls.keyword: cls for cls in (Blocks, Hierarchical, NM)}

@@ -13,11 +13,9 @@ from .int_nonlinear import IntNonlinear
 from .quantize import Quantize
 from .select_device import SelectDevice
 from .select_format import SelectFormat
-from .pipeline import Latency, PipelineError, Ratio, Shape2, format_pipeline, parse_pipeline
-
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    FoldConstants, DeadCodeElimination, Canonicalize, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
-    IntNonlinear, SelectFormat, SelectDevice)}
+from .options import Latency, Ratio, Shape2
+from .pipeline import PipelineError, format_pipeline, parse_pipeline
+from .registry import PASSES
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
            "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize",

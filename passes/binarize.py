@@ -105,8 +105,11 @@ class Binarize(Pass, LayerOptions, TrainingOptions):
     attn_bits: int = option(4, "w1a1: bits of the unsigned softmax outputs", within="[1, 8]")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        layers = self.chosen_layers(graph, self.name)
+        choice = self.layer_choice(graph, self.name)
+        layers = list(choice.chosen)
         if not layers:
+            for note in choice.notes("binarized"):
+                ctx.note(note)
             return PassResult(graph, False)
         teacher = graph
         if self.mode == "w1a1":
@@ -143,7 +146,9 @@ class Binarize(Pass, LayerOptions, TrainingOptions):
         scales = {tap: (m.scale.item(), m.bias.item()) for tap, m in elastic.items()} if elastic else {
             tap: (max(o.amax, 1e-12) / 127, 0.0) for tap, o in observed.items()}
         out = self._lower(graph, names, scales, probs)
-        ctx.note(f"{len(names)} weights to b1, {self.mode}")
+        for note in choice.notes("binarized", to=f"b1, {self.mode}" + (" (ternary weight splitting: 2 halves each)"
+                                                                       if self.tws else "")):
+            ctx.note(note)
         return PassResult(out, True)
 
     def _lower(self, graph: Graph, names: list[str], scales: dict[str, tuple[float, float]],

@@ -21,8 +21,8 @@ from tcc.ir.types import TensorType
 from .base import Pass, PassContext, PassResult, option
 from .finetune import TrainingOptions, prune, with_weights
 from .layers import LAYER_KINDS, LayerOptions
-from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, nm_mask
-from .pipeline import Ratio, Shape2
+from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, nm_mask, pruning_surprises
+from .options import Ratio, Shape2
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,12 @@ class BlockPrune(Pass, LayerOptions, TrainingOptions):
         bh, bw = self.block or ctx.tile
         structure = NM(*self.nm) if self.nm is not None else Blocks(bh, bw)
         types = graph.types
-        layers = [layer for layer in self.chosen_layers(graph, self.name)
-                  if types[layer.weight].sparsity != structure]
+        choice = self.layer_choice(graph, self.name).skip(
+            lambda layer: f"already {structure}" if types[layer.weight].sparsity == structure else None)
+        layers = choice.chosen
         if not layers:
+            for note in choice.notes("pruned"):
+                ctx.note(note)
             return PassResult(graph, False)
         target = {layer.weight: self.kind_sparsity(layer.kind) for layer in layers}
 
@@ -73,7 +76,12 @@ class BlockPrune(Pass, LayerOptions, TrainingOptions):
         total = sum(types[n].numel for n in names)
         zeros = sum(int(np.count_nonzero(new[n] == 0)) for n in names)
         kinds = sorted({layer.kind for layer in layers})
-        ctx.note(f"{len(names)} weights ({', '.join(kinds)}) to {structure}, sparsity {zeros / total:.3f}")
+        for note in choice.notes("pruned", to=f"{structure} ({', '.join(kinds)}), sparsity {zeros / total:.3f}"):
+            ctx.note(note)
+        asked = {n: self.nm[0] < self.nm[1] if self.nm is not None else target[n] > 0 for n in names}
+        for note in pruning_surprises({n: np.asarray(graph.weights[n]) for n in names}, {n: new[n] for n in names},
+                                      asked, str(structure)):
+            ctx.note(note)
         new_types = {n: TensorType(types[n].shape, types[n].dtype, types[n].encoding, types[n].quant, structure)
                      for n in names}
         return PassResult(with_weights(graph, new, new_types), True)

@@ -49,6 +49,7 @@ class Device:
     # in us, factor on the roofline time when the op's bytes fit `onchip_mb`, factor when they
     # do not); else (op_overhead_us, 1, 1): what the executor's kernels cost beyond the ideal
     op_costs: tuple[tuple[str, float, float, float], ...] = ()
+    measured: bool = False  # the figures were measured on this machine (else: the catalog's)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

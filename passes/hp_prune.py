@@ -24,8 +24,8 @@ from tcc.ir.types import TensorType
 from .base import Pass, PassContext, PassResult, option
 from .finetune import TrainingOptions, prune, with_weights
 from .layers import LayerOptions
-from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, row_mask
-from .pipeline import Shape2
+from .masks import BlockScore, block_scores, block_sizes, choose_blocks, expand_blocks, pruning_surprises, row_mask
+from .options import Shape2
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,13 @@ class HPPrune(Pass, LayerOptions, TrainingOptions):
         row_nnz, density, keep_fraction = self.plan(bw)
         structure = Hierarchical(bh, bw, row_nnz)
         types = graph.types
-        layers = [layer for layer in self.chosen_layers(graph, self.name)
-                  if types[layer.weight].sparsity != structure]
-        if not layers:
+        choice = self.layer_choice(graph, self.name).skip(
+            lambda layer: f"already {structure}" if types[layer.weight].sparsity == structure else None)
+        names = choice.names
+        if not names:
+            for note in choice.notes("pruned"):
+                ctx.note(note)
             return PassResult(graph, False)
-        names = [layer.weight for layer in layers]
 
         def rule(weights: dict[str, np.ndarray], progress: float) -> dict[str, np.ndarray]:
             k = bw - round(progress * (bw - row_nnz))
@@ -96,7 +98,13 @@ class HPPrune(Pass, LayerOptions, TrainingOptions):
         new = prune(graph, ctx, self, names, rule, desc=self.name)
         total = sum(types[n].numel for n in names)
         zeros = sum(int(np.count_nonzero(new[n] == 0)) for n in names)
-        ctx.note(f"{len(names)} weights to ~hp({bh}, {bw}, {row_nnz}), sparsity {zeros / total:.3f}")
+        for note in choice.notes("pruned", to=f"{structure}, sparsity {zeros / total:.3f}"):
+            ctx.note(note)
+        asked = density < 1 if density is not None else keep_fraction < 1 or row_nnz < bw
+        before = {n: np.asarray(graph.weights[n]) for n in names}
+        for note in pruning_surprises(before, {n: new[n] for n in names}, dict.fromkeys(names, asked), str(structure),
+                                      ranked_globally=self.scope == "global"):
+            ctx.note(note)
         new_types = {n: TensorType(types[n].shape, types[n].dtype, types[n].encoding, types[n].quant, structure)
                      for n in names}
         return PassResult(with_weights(graph, new, new_types), True)

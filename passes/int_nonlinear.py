@@ -152,6 +152,9 @@ class IntNonlinear(Pass):
         probe = _Converter(graph, self, lambda v, dtype: wanted.add((v, dtype)) or 1.0)
         probe.run()
         if not probe.converted:
+            left = ", ".join(f"{n} {k}" for k, n in sorted(probe.left.items()))
+            ctx.note(f"left float: {left} (input not integer)" if left else
+                     f"nothing to convert (no {', '.join(sorted(self.kinds))} with integer inputs)")
             return PassResult(source, False)
         scales = self._calibrate(graph, ctx, wanted) if wanted else {}
         converter = _Converter(graph, self, lambda v, dtype: scales[v, dtype])

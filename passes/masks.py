@@ -85,3 +85,30 @@ def nm_mask(weight: np.ndarray, n: int, m: int) -> np.ndarray:
     """N:M pruning: each group of `m` consecutive elements of a row keeps its `n` largest."""
     groups = block_view(np.abs(weight).astype(np.float64), 1, m)
     return _unblock(_top_k_last_axis(groups, n), weight.shape)
+
+
+def pruning_surprises(before: dict[str, np.ndarray], after: dict[str, np.ndarray], asked: dict[str, bool],
+                      grain: str, ranked_globally: bool = False) -> list[str]:
+    """Pass-log notes naming the weights a pruning pass left without a new zero although it was
+    asked to prune them (`asked`), or zeroed completely: weights too small for the pruning grain
+    (`grain`, e.g. `~hp(16, 16, 4)`) at the asked sparsity, or (`ranked_globally`) whose blocks
+    one ranking over all weights kept or removed."""
+    from .layers import name_list
+    untouched, emptied = [], []
+    for name, new in after.items():
+        if name not in before:
+            continue
+        old_zeros, new_zeros = np.count_nonzero(before[name] == 0), np.count_nonzero(new == 0)
+        if asked.get(name) and new_zeros == old_zeros and new.size > old_zeros:
+            untouched.append(name)
+        elif new_zeros == new.size > old_zeros and new.size > 0:
+            emptied.append(name)
+    notes = []
+    if untouched:
+        why = "the global ranking kept all its blocks" if ranked_globally else f"too small for {grain} at this sparsity"
+        notes.append(f"nothing pruned in {name_list(untouched)} ({why})")
+    if emptied:
+        why = "the global ranking removed all its blocks" if ranked_globally else \
+            f"too small for {grain} at this sparsity"
+        notes.append(f"every element pruned in {name_list(emptied)} ({why})")
+    return notes

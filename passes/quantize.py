@@ -34,7 +34,7 @@ from tcc.ir.types import TensorType
 from .base import Pass, PassContext, PassResult, option
 from .calibrate import observe, symmetric_scale
 from .dce import DeadCodeElimination
-from .layers import select_layers
+from .layers import Layer, choose_layers, name_list
 from .rewrite import Rewriter
 
 _DTYPES = {4: DType.I4, 8: DType.I8, 16: DType.I16}
@@ -90,8 +90,9 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         types, weights = graph.types, graph.weights
         constants = set(graph.constant_names)
-        chosen = [op for layer in select_layers(graph, self.layers, keep_head=False, pass_name=self.name,
-                                                float_only=False) for op in layer.ops]
+        choice = choose_layers(graph, self.layers, keep_head=False, keep_input=False, pass_name=self.name,
+                               float_only=False)
+        chosen = [op for layer in choice.chosen for op in layer.ops]
         targets = {op.result: op for op in chosen if types[op.operands[0]].dtype.is_float
                    and types[op.operands[1]].dtype.is_float
                    and (len(op.operands) < 3 or (op.operands[2] in constants and types[op.operands[2]].dtype.is_float))}
@@ -102,7 +103,17 @@ class Quantize(Pass):
             if op.type.dtype.is_int and op.result not in outputs and len(after) == 1 and \
                     after[0].kind == "dequantize" and after[0].operands[1] in constants:
                 dequantized_acc[op.result] = after[0]
+        choice = choice.skip(lambda layer: self._left_alone(layer, graph, targets, dequantized_acc))
+        requantized = [layer.weight for layer in choice.chosen if any(op.result in dequantized_acc for op in layer.ops)]
+        quantized_weights = [layer.weight for layer in choice.chosen if any(op.result in targets for op in layer.ops)]
+        notes = choice.notes("quantized", quantized_weights,
+                             to=f"{_DTYPES[self.activation_bits]} x {_DTYPES[self.bits]}")
+        if requantized:
+            notes.insert(1, f"{len(requantized)} integer linear weight{'s' if len(requantized) != 1 else ''} "
+                            f"({name_list(requantized)}) requantized to {_DTYPES[self.activation_bits]}")
         if not targets and not dequantized_acc:
+            for note in notes:
+                ctx.note(note)
             return PassResult(graph, False)
         scales = self.calibrate(graph, ctx, {v for op in targets.values() for v in (op.operands[0], op.result)}
                                 | {d.result for d in dequantized_acc.values()})
@@ -154,10 +165,23 @@ class Quantize(Pass):
             s_y = rw.constant(f"{base}.output_scale", np.asarray(scales[y]), TensorType((), op.type.dtype))
             rw.alias(y, rw.op("dequantize", yq, s_y, name=y))
 
-        ctx.note(f"{len(targets)} linears to {adtype} x {wdtype}" +
-                 (f"; {len(dequantized_acc)} integer linears requantized to {adtype}" if dequantized_acc else ""))
+        for note in notes:
+            ctx.note(note)
         # a dequantize whose users now read its integer operand is dead: drop it
         return PassResult(DeadCodeElimination().run(rw.finish(), ctx).graph, True)
+
+    @staticmethod
+    def _left_alone(layer: Layer, graph: Graph, targets: dict, dequantized_acc: dict) -> str | None:
+        """Why the linears on `layer`'s weight stay as they are (None: this pass rewrites one)."""
+        if any(op.result in targets or op.result in dequantized_acc for op in layer.ops):
+            return None
+        types, constants = graph.types, set(graph.constant_names)
+        op = layer.ops[0]
+        if not types[layer.weight].dtype.is_float:
+            return f"{types[layer.weight].dtype} weights, already integer"
+        if not types[op.operands[0]].dtype.is_float:
+            return f"its input is {types[op.operands[0]].dtype}, not float"
+        return "its bias is not a float constant"
 
     @staticmethod
     def _requantize_accumulator(rw: Rewriter, op, graph: Graph, scale: float, adtype: DType) -> None:

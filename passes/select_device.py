@@ -21,7 +21,7 @@ from tcc.ir.graph import Graph
 
 from .base import Pass, PassContext, PassResult, option
 from .data import top1_accuracy
-from .pipeline import Latency
+from .options import Latency
 
 
 @dataclass(frozen=True)

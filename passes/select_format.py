@@ -36,7 +36,7 @@ from tcc.ir.sparsity import Blocks, Hierarchical, block_view
 from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult, option
-from .pipeline import Shape2
+from .options import Shape2
 
 
 def parse_forced(text: str) -> list[tuple[re.Pattern | None, str]]:

@@ -129,7 +129,7 @@ class AccelExecutor(NumpyExecutor):
         dram = bytearray(self.program.dram)
         env: dict[str, np.ndarray] = dict(self.graph.weights)
         for (name, t), value in zip(self.graph.inputs, inputs, strict=True):
-            env[name] = np.asarray(value, dtype=t.dtype.numpy)
+            env[name] = np.asarray(value, dtype=t.dtype.numpy, order="C")  # results independent of the caller's layout
         for index, op in enumerate(self.graph.ops):
             if index in self._layers:
                 self._layer(self._layers[index], env, dram)

@@ -7,10 +7,9 @@
                          `tcc.ir.encoding`), and in the metadata per constant its buffers'
                          element counts as JSON; the encoding, shape and dtype are the type
                          in graph.tcc. Every buffer is checked on load (no pickles anywhere).
-    plan.json            the reference backend's plan
     example_inputs.npz   example inputs by input name, when the model came with them
     report.html          what was compiled and what it costs, with its figures in report/ (PNG);
-                         rendered by the compiler (`Artifact.render_report`) on the first save
+                         rendered by the compiler (saving only writes it)
     measured/            NOT hashed: what depends on the compiling machine (the cost model's
                          measured figures and its predictions, host.json); listed in the
                          manifest's `measured`, read leniently on load, never used to run
@@ -28,14 +27,12 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 import safetensors
-import safetensors.numpy
 import torch
 
-from tcc.backends.reference.plan import ReferencePlan
 from tcc.ir.errors import ParseError, TccError, VerifyError
 from tcc.ir.graph import Graph, freeze_weights
 from tcc.ir.parser import parse_graph
@@ -51,7 +48,7 @@ from .outputs import output_error, probe, publish, staging_dir
 from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
 
 FORMAT = "tcc-artifact"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: no plan.json (the executors schedule the graph themselves)
 WEIGHTS = "weights.safetensors"
 BACKEND_DIR = "accel"  # the accelerator backend's files
 REPORT, REPORT_DIR = "report.html", "report"  # the report and the folder of its figures
@@ -61,17 +58,17 @@ MAX_MEASURED_BYTES = 16 << 20  # a measured file larger than this is not read
 EXECUTORS = ("cpu", "gpu", "numpy", "sim", "rtl")
 ACCEL_EXECUTORS = ("sim", "rtl")  # the accelerator's tiers: ISA simulator, Verilator on the Verilog
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_PARSED_BYTES = 256 << 20  # graph.tcc, plan.json: parsed into objects many times their size
+MAX_PARSED_BYTES = 256 << 20  # graph.tcc: parsed into objects many times its size
 
 
 @dataclass
 class Artifact:
-    """A compiled model: the IR graph, how its inputs/outputs map to Python values, the plan
-    and the manifest. `run(inputs, on=...)` executes it; `save(path)` writes it atomically."""
+    """A compiled model: the IR graph, how its inputs/outputs map to Python values, the manifest,
+    the backend's files and the report. `run(inputs, on=...)` executes it; `save(path)` writes
+    it atomically."""
 
     graph: Graph
     signature: dict  # {"input_names": [...], "output_form": "tensor|tuple|dict", "output_keys": [...]}
-    plan: ReferencePlan
     manifest: dict
     example_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     backend_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> contents (accel/...)
@@ -79,8 +76,8 @@ class Artifact:
     _executors: dict[str, Any] = field(default_factory=dict, repr=False)
     report_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # report.html, report/*.png
     measured_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # measured/*: unhashed
-    # renders `report_files` and `measured_files` on the first save (the compiler's report; None once rendered)
-    render_report: Callable[["Artifact"], dict[str, bytes]] | None = field(default=None, repr=False, compare=False)
+    # what the compile found on this machine, for the user (a selection's reason, select-device's latencies)
+    notes: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     # -- running ------------------------------------------------------------------------------
     def executor(self, on: str):
@@ -113,7 +110,7 @@ class Artifact:
         if shutil.which("verilator") is None:
             raise TccError("--on rtl runs Verilator, which is not installed (Debian package 'verilator'; "
                            "`make install` installs it)")
-        from tcc.backends.accel.verilog import run_verilator
+        from tcc.runtime.rtl import run_verilator
         return AccelExecutor(self.graph, program, run_verilator)
 
     def flatten_inputs(self, inputs: Any) -> list[np.ndarray | torch.Tensor]:
@@ -166,21 +163,15 @@ class Artifact:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: build it beside `path`, then move it into
         place in one step (see `tcc.runtime.outputs`). An existing tcc artifact at `path` is
-        replaced; any other existing path is an error (`check_destination`). The report
-        (`report_files`, `measured_files`) is rendered first if it has not been yet;
-        `measured_files` are written unhashed, listed in the manifest's `measured`."""
+        replaced; any other existing path is an error (`check_destination`). Only writes:
+        `measured_files` unhashed, listed in the manifest's `measured`, the rest hashed."""
         path = check_destination(path)
-        if self.render_report is not None:
-            rendered, self.render_report = self.render_report(self), None
-            self.report_files = {k: v for k, v in rendered.items() if not k.startswith(MEASURED_DIR + "/")}
-            self.measured_files = {k: v for k, v in rendered.items() if k.startswith(MEASURED_DIR + "/")}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with staging_dir(path.parent) as staging:
                 hashes = {
                     "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
                     WEIGHTS: _write_weights(staging / WEIGHTS, self.graph),
-                    "plan.json": _write(staging / "plan.json", self.plan.to_json().encode()),
                 }
                 if self.example_inputs:
                     hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
@@ -272,27 +263,35 @@ def _write_npz(file: Path, arrays: Mapping[str, np.ndarray]) -> str:
         return writer.digest.hexdigest()
 
 
+# numpy dtypes by their safetensors names (the buffers of every encoding use these)
+_SAFETENSORS_DTYPES = {np.dtype(k): v for k, v in (("float64", "F64"), ("float32", "F32"), ("float16", "F16"),
+                                                   ("int64", "I64"), ("int32", "I32"), ("int16", "I16"),
+                                                   ("int8", "I8"), ("uint64", "U64"), ("uint32", "U32"),
+                                                   ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"))}
+
+
 def _write_weights(file: Path, graph: Graph) -> str:
-    """Write the safetensors file of `graph`'s constants in their encodings; its sha256. It is
-    serialized in memory and written by Python, whose errors (a full disk) are OSErrors."""
-    tensors, metadata = {}, {}
+    """Write the safetensors file of `graph`'s constants in their encodings; its sha256.
+
+    The file is streamed: the header (keys sorted, padded with spaces to 8 bytes, as the format
+    allows), then each buffer's bytes straight from its array, little-endian. (The safetensors
+    package serializes the whole file in memory first, copying every weight twice; its reader
+    checks what is written here.) Write errors, a full disk, are OSErrors."""
+    arrays, header, offset = [], {}, 0
+    metadata = {}
     for name, _ in graph.constants:
         enc = graph.encoded(name)
         for buffer, data in enc.buffer_arrays().items():
-            tensors[f"{name}/{buffer}"] = data
+            data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+            header[f"{name}/{buffer}"] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
+                                          "data_offsets": [offset, offset + data.nbytes]}
+            arrays.append(data)
+            offset += data.nbytes
         metadata[name] = json.dumps(enc.lengths())
-    return _write(file, *_sort_header(safetensors.numpy.save(tensors, metadata=metadata)))
-
-
-def _sort_header(data: bytes) -> tuple[bytes, bytes, memoryview]:
-    """A safetensors file, in three pieces, with its JSON header's keys sorted: safetensors
-    writes `__metadata__` in hash-map order, which differs between processes (and the artifact
-    must not). The sorted header is as long or shorter; it is padded with spaces, as the format
-    allows."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = metadata
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return data[:8], text.ljust(size), memoryview(data)[8 + size:]
+    text = text.ljust(-(-len(text) // 8) * 8)
+    return _write(file, len(text).to_bytes(8, "little"), text, *(memoryview(a).cast("B") for a in arrays if a.nbytes))
 
 
 def _read_weights(file: Path, graph: Graph) -> Graph:
@@ -401,11 +400,11 @@ def _check_npy(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
                              f"data, its header describes {dtype}{list(shape)}")
 
 
-REQUIRED_FILES = ("graph.tcc", WEIGHTS, "plan.json")  # every artifact's manifest lists these
+REQUIRED_FILES = ("graph.tcc", WEIGHTS)  # every artifact's manifest lists these
 
 
 def load(path: str | os.PathLike) -> Artifact:
-    """Load an artifact directory, checking the manifest, file hashes, graph and plan. Every
+    """Load an artifact directory, checking the manifest, file hashes, graph and signature. Every
     problem is a one-line TccError naming the file (and the field, constant or line)."""
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -425,18 +424,11 @@ def load(path: str | os.PathLike) -> Artifact:
     except (ParseError, VerifyError) as e:
         raise TccError(str(e)) from None
     _check_signature(manifest_path, manifest.get("signature"), graph)
-    try:
-        plan = ReferencePlan.from_json(_read_text(files["plan.json"], MAX_PARSED_BYTES))
-    except KeyError as e:
-        raise TccError(f"{files['plan.json']}: not a plan (no field {e})") from None
-    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # json's errors are ValueErrors
-        raise TccError(f"{files['plan.json']}: not a plan ({e})") from None
-    plan.check_against(graph)
     examples = _read_npz(files["example_inputs.npz"]) if "example_inputs.npz" in files else {}
     backend_files = {name: _read_bytes(file) for name, file in files.items() if name.startswith(BACKEND_DIR + "/")}
     report_files = {name: _read_bytes(file) for name, file in files.items()
                     if name == REPORT or name.startswith(REPORT_DIR + "/")}
-    return Artifact(graph, manifest["signature"], plan, manifest, examples, backend_files, path,
+    return Artifact(graph, manifest["signature"], manifest, examples, backend_files, path,
                     report_files=report_files, measured_files=_read_measured(path, manifest))
 
 

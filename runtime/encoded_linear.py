@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from tcc.ir.dtypes import DType
 from tcc.ir.encoding import BSR, EncodedTensor, Packed1b
 
+from .torch_dtypes import TORCH_DTYPES
+
 _POPCOUNT_CHUNK = 1 << 22  # words per popcount step: bounds the [rows, out, words] temporary
 
 
@@ -82,7 +84,9 @@ class NumpyEncodedLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x2 = x.reshape(-1, self.in_features)
         y = self._popcount(x2) if hasattr(self, "words") else (self.matrix @ x2.astype(self.compute).T).T
-        return y.reshape(x.shape[:-1] + (self.out_features,))
+        # C order, as the dense reference's matmul (and the accelerator's read-back) gives: on the
+        # transposed view, a later reduction (mean, softmax) would sum in another order
+        return np.ascontiguousarray(y).reshape(x.shape[:-1] + (self.out_features,))
 
     def _popcount(self, x2: np.ndarray) -> np.ndarray:
         if self.x_dtype is DType.B1:
@@ -122,7 +126,6 @@ class TorchEncodedLinear:
     dtype; integers exact, returned as int64)."""
 
     def __init__(self, enc: EncodedTensor, x_dtype: DType, device: torch.device):
-        from .torch_executor import TORCH_DTYPES
         self.out_features, self.in_features = enc.shape
         self.x_dtype, self.w_dtype = x_dtype, enc.dtype
         if isinstance(enc.encoding, Packed1b):
@@ -154,7 +157,7 @@ class TorchEncodedLinear:
             xt = x2.to(self.compute).t()
             if self.matrix.shape[1] != self.in_features:  # BSR over a padded block grid
                 xt = F.pad(xt, (0, 0, 0, self.matrix.shape[1] - self.in_features))
-            y = (self.matrix @ xt)[:self.out_features].t()
+            y = (self.matrix @ xt)[:self.out_features].t().contiguous()  # row-major, as the numpy kernel's
             if not x.is_floating_point():
                 y = y.to(torch.int64)
         return y.reshape(*x.shape[:-1], self.out_features)

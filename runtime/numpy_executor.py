@@ -36,7 +36,7 @@ class NumpyExecutor:
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         env: dict[str, np.ndarray] = dict(self.graph.weights)
         for (name, t), value in zip(self.graph.inputs, inputs, strict=True):
-            env[name] = np.asarray(value, dtype=t.dtype.numpy)
+            env[name] = np.asarray(value, dtype=t.dtype.numpy, order="C")  # results independent of the caller's layout
         for index, op in enumerate(self.graph.ops):
             kernel = self._kernels.get(index, REFERENCE[op.kind])
             result = kernel(*(env[o] for o in op.operands), **op.attr_dict)

@@ -79,7 +79,7 @@ def cli():
 def rtl_cache(tmp_path_factory):
     """Compiled RTL simulators go to the test session's own cache directory, never ~/.cache
     (CLI subprocesses inherit it)."""
-    from tcc.backends.accel.verilog import CACHE_ENV
+    from tcc.runtime.rtl import CACHE_ENV
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("rtl-cache")
         mp.setenv(CACHE_ENV, str(path))

@@ -15,7 +15,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tcc
-from tcc.backends.accel.codegen import _LAYOUT_OPS, _TIMINGS, _schedule, generate, timing
+from tcc.backends.accel.codegen import generate, timing
+from tcc.backends.accel.codegen.layer import TIMINGS
+from tcc.backends.accel.codegen.match import LAYOUT_OPS
+from tcc.backends.accel.codegen.schedule import schedule
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.layout import (AccelProgram, DramAllocator, Layout, Region, decode, dram_words, encode,
                                        from_words, pack_binary, to_words)
@@ -508,9 +511,9 @@ def test_integer_encoder_layers_run_on_the_accelerator():
     on_chip = Counter(op.kind for op in graph.ops if op.result in placed)
     assert on_chip["int_softmax"] == 2 and on_chip["int_layer_norm"] == 4 and on_chip["matmul"] == 4
     host = Counter(h.kind for h in program.host_ops)
-    assert set(host) <= {"quantize", "dequantize", "add", "mean", "cast", "requantize"} | set(_LAYOUT_OPS)
+    assert set(host) <= {"quantize", "dequantize", "add", "mean", "cast", "requantize"} | set(LAYOUT_OPS)
     assert host["cast"] == host["requantize"] == 1 and host["add"] == 1  # the rescale; the float embedding add
-    assert all("data movement" in h.reason for h in program.host_ops if h.kind in _LAYOUT_OPS)
+    assert all("data movement" in h.reason for h in program.host_ops if h.kind in LAYOUT_OPS)
     args, kwargs = split_inputs(inputs)
     accel = check_bit_exact(graph, program, *(t.numpy() for t in list(args) + list(kwargs.values())))
     assert {"vsoftmax", "vlayernorm", "vresadd", "vacc"} <= set(accel.stats.instructions)
@@ -631,28 +634,28 @@ def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind
         structure = Hierarchical(2, 4, 2) if kind == "hp" else Blocks(2, 4)
         weight = hp_weight(rng, n, k, 2, 4, 2 if kind == "hp" else 4, 0.5)
         graph = structured(sparse_linear(rng, lead, k, n, weight)[0], "w", structure)
-    _TIMINGS.clear()
+    TIMINGS.clear()
     program = generate(graph, config)
-    built = dict(_TIMINGS)
-    _TIMINGS.clear()
+    built = dict(TIMINGS)
+    TIMINGS.clear()
     cycles, host = timing(graph, config)
-    assert _TIMINGS == built and cycles == sum(s.cycles for s in program.sections) and host == program.host_ops
+    assert TIMINGS == built and cycles == sum(s.cycles for s in program.sections) and host == program.host_ops
 
 
 def test_timing_schedules_a_repeated_section_once(monkeypatch):
     """A layer whose sections repeat (one row block, column tiles alike) is timed by scheduling
     its first section and its last, shorter one."""
-    from tcc.backends.accel import codegen
+    from tcc.backends.accel.codegen import emit
     graph, _ = linear_graph(np.random.default_rng(0), (4,), 16, 200)
     config = dataclasses.replace(SMALL, imem_depth=64)
     scheduled = []
-    monkeypatch.setattr(codegen, "_schedule", lambda streams, timing=False: scheduled.append(timing) or
-                        _schedule(streams, timing))
-    _TIMINGS.clear()
+    monkeypatch.setattr(emit, "schedule", lambda streams, timing=False: scheduled.append(timing) or
+                        schedule(streams, timing))
+    TIMINGS.clear()
     program = generate(graph, config)
     assert len(program.sections) > 4 and len(scheduled) == len(program.sections)
     scheduled.clear()
-    _TIMINGS.clear()
+    TIMINGS.clear()
     assert timing(graph, config)[0] == sum(s.cycles for s in program.sections)
     assert scheduled == [True, True]
 
@@ -667,8 +670,8 @@ def test_timing_is_generates_without_building_it(pipeline):
     graph = tcc.compile(DigitsTransformer().eval(), (torch.rand(8, 8, 8),), pipeline=pipeline).graph
     config = AccelConfig(rows=8, cols=8)
     program = generate(graph, config)
-    _TIMINGS.clear()
+    TIMINGS.clear()
     cycles, host = timing(graph, config)
     assert cycles == sum(s.cycles for s in program.sections) > 0 and host == program.host_ops
     linears = sum(op.kind == "linear" for op in graph.ops)
-    assert 0 < len(_TIMINGS) < linears  # the two layers' linears share signatures
+    assert 0 < len(TIMINGS) < linears  # the two layers' linears share signatures

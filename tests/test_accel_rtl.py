@@ -21,14 +21,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import need  # noqa: E402
 from accel_programs import gemm_case, gemm_results, params, random_case, requantize, vector_case  # noqa: E402
 
-from tcc.backends.accel import hardware, verilog  # noqa: E402
+from tcc.backends.accel import hardware, isa, verilog  # noqa: E402
 from tcc.backends.accel.config import AccelConfig  # noqa: E402
 from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token, pack_words, unpack_words, wrap  # noqa: E402
 from tcc.ir.dtypes import DType  # noqa: E402
 from tcc.ir.reference import REFERENCE  # noqa: E402
 from tcc.passes.int_nonlinear import gelu_attrs, layer_norm_params, softmax_attrs  # noqa: E402
 from tcc.passes.quantize import fixed_point  # noqa: E402
+from tcc.runtime import rtl  # noqa: E402
 from tcc.runtime.isa_sim import SimulationError, simulate  # noqa: E402
+from tcc.runtime.rtl import simulators  # noqa: E402
 
 
 
@@ -41,7 +43,7 @@ def tiny(rows=2, cols=2, dram_bits=32, dram_latency=1, **kw) -> AccelConfig:
 CONFIGS = [tiny(2, 2, 32, 1), tiny(3, 2, 64, 2), tiny(2, 4, 32, 3), tiny(4, 4, 64, 1)]
 
 
-def same_as_spec(program, config: AccelConfig, dram: np.ndarray, runner=hardware.run_pyrtl, **kw):
+def same_as_spec(program, config: AccelConfig, dram: np.ndarray, runner=rtl.run_pyrtl, **kw):
     """Run the ISA simulator and `runner`; assert equal DRAM and cycles. Returns the sim's machine."""
     machine, stats = simulate(program, config, dram)
     out, cycles = runner(program, config, dram, stats.cycles + 5, **kw)
@@ -92,12 +94,12 @@ def test_vector_ops_by_hand():
 def test_dram_grows_to_cover_the_program():
     cfg = CONFIGS[0]
     prog = [Instruction.make(Opcode.STORE, buf=Buffer.PBUF, addr=0, count=2, dram=40), Instruction.make(Opcode.HALT)]
-    out, cycles = hardware.run_pyrtl(prog, cfg, np.zeros(3, np.uint8), 100)
+    out, cycles = rtl.run_pyrtl(prog, cfg, np.zeros(3, np.uint8), 100)
     assert len(out) == (40 + 2 * cfg.beats(Buffer.PBUF)) * cfg.dram_bits // 8
     _, stats = simulate(prog, cfg, b"")
     assert cycles == stats.cycles
     big = np.full(1000, 7, np.uint8)  # longer than the program needs: kept whole
-    out, _ = hardware.run_pyrtl(prog, cfg, big.tobytes(), 100)
+    out, _ = rtl.run_pyrtl(prog, cfg, big.tobytes(), 100)
     assert len(out) == 1000 and (out[:160] == 7).all() and (out[200:] == 7).all()
 
 
@@ -128,7 +130,7 @@ def vector_ops(draw, depth: int):
             dst = draw(st.integers(0, 11))
         elif op is Opcode.VMAX:
             dst = draw(st.integers(0, depth - 1))
-        else:  # no destination starting inside a source range (the RTL streams; see hardware.py)
+        else:  # no destination starting inside a source range (the RTL streams; see hardware/vector.py)
             dst = draw(st.integers(0, depth - n).filter(
                 lambda d: not a < d < a + n and not (op in (Opcode.VADD, Opcode.VMUL) and b < d < b + n)))
         ops.append((op, dst, a, b, n, draw(st.integers(0, 63))))
@@ -222,13 +224,13 @@ def test_programs_of_a_missing_unit_are_refused(monkeypatch, flag, op, register)
     message = rf"instruction 1 \({name} .*\): {name} needs the {words}, which this config leaves out \({flag}=0\)"
     with pytest.raises(SimulationError, match=message):
         simulate(program, config, dram)
-    for runner in (hardware.run_pyrtl, verilog.run_icarus, verilog.run_verilator):  # refused before any tool runs
+    for runner in (rtl.run_pyrtl, rtl.run_icarus, rtl.run_verilator):  # refused before any tool runs
         with pytest.raises(ValueError, match=message):
             runner(program, config, dram, 1000)
     # and the hardware has no unit to run it: past the check, the instruction never issues
-    monkeypatch.setattr(hardware.isa, "check_program", lambda program, config: None)
-    with pytest.raises(hardware.RTLSimulationError):
-        hardware.run_pyrtl(program, config, dram, 200)
+    monkeypatch.setattr(isa, "check_program", lambda program, config: None)
+    with pytest.raises(rtl.RTLSimulationError):
+        rtl.run_pyrtl(program, config, dram, 200)
     assert register not in verilog.verilog_text(config) and register in verilog.verilog_text(CONFIGS[1])
     bbuf = [n for n, _words, _bits in hardware.design(config).memories if n.startswith("bbuf")]
     assert bbuf == (["bbuf_load"] if flag == "sparse_unit" else ["bbuf_load_b0", "bbuf_load_b1"])  # no split
@@ -370,7 +372,7 @@ def test_array_streams_back_to_back_while_requant_drains_the_other_bank():
     for i, (op, f) in enumerate(instrs):
         acc = abuf[f["a"]:f["a"] + f["k"]].T @ bbuf[f["b"]:f["b"] + f["k"]]
         np.testing.assert_array_equal(case.results(config, machine.dram, i), case.expected(config, i, acc))
-    same_as_spec(case.program, config, case.dram, verilog.run_verilator)
+    same_as_spec(case.program, config, case.dram, rtl.run_verilator)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -451,14 +453,14 @@ def test_mixed_array_programs_on_verilator(config):
     need("verilator")
     case = mixed_array_case(config, np.random.default_rng(config.rows * 10 + config.cols))
     same_as_spec(case.program, config, case.dram)
-    same_as_spec(case.program, config, case.dram, verilog.run_verilator)
+    same_as_spec(case.program, config, case.dram, rtl.run_verilator)
 
 
 def test_mixed_array_programs_on_icarus():
     need("iverilog")
     config = SPARSE_CONFIGS[2]
     case = mixed_array_case(config, np.random.default_rng(8))
-    same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+    same_as_spec(case.program, config, case.dram, rtl.run_icarus)
 
 
 @pytest.mark.parametrize("mode", [Opcode.GEMM, Opcode.BGEMM], ids=lambda o: o.name.lower())
@@ -786,7 +788,7 @@ def test_nonlinear_programs_on_verilator(config):
     programs = [nonlinear_program(config, rng, op, int(rng.integers(1, 7)), realistic and config.acc_bits == 32)
                 for op in NL_OPS for realistic in (False, True)]
     for program, dram in [*programs, mixed_vector_program(config, rng, 10)]:
-        same_as_spec(program, config, dram, verilog.run_verilator)
+        same_as_spec(program, config, dram, rtl.run_verilator)
 
 
 def test_nonlinear_programs_on_icarus():
@@ -794,7 +796,7 @@ def test_nonlinear_programs_on_icarus():
     config = NL_CONFIGS[0]
     for program, dram in (mixed_vector_program(config, np.random.default_rng(3), 8),
                           nonlinear_program(config, np.random.default_rng(4), Opcode.VLAYERNORM, 2, True)):
-        same_as_spec(program, config, dram, verilog.run_icarus)
+        same_as_spec(program, config, dram, rtl.run_icarus)
 
 
 # ---- errors
@@ -803,27 +805,27 @@ def test_over_max_cycles_raises():
     cfg = CONFIGS[0]
     case = gemm_case(cfg, 3, 5, 3, rng=np.random.default_rng(1))
     _, stats = simulate(case.program, cfg, case.dram)
-    with pytest.raises(hardware.RTLSimulationError, match="cycle"):
-        hardware.run_pyrtl(case.program, cfg, case.dram, stats.cycles - 1)
-    out, cycles = hardware.run_pyrtl(case.program, cfg, case.dram, stats.cycles)
+    with pytest.raises(rtl.RTLSimulationError, match="cycle"):
+        rtl.run_pyrtl(case.program, cfg, case.dram, stats.cycles - 1)
+    out, cycles = rtl.run_pyrtl(case.program, cfg, case.dram, stats.cycles)
     assert cycles == stats.cycles
 
 
 def test_deadlock_hits_the_cycle_limit():
     prog = [Instruction.make(Opcode.GEMM, wait=(Token.VE2AR,), a=0, b=0, k=1, acc=0, bank=0),
             Instruction.make(Opcode.HALT)]
-    with pytest.raises(hardware.RTLSimulationError):
-        hardware.run_pyrtl(prog, CONFIGS[0], np.zeros(0, np.uint8), 200)
+    with pytest.raises(rtl.RTLSimulationError):
+        rtl.run_pyrtl(prog, CONFIGS[0], np.zeros(0, np.uint8), 200)
 
 
 def test_program_is_checked_first():
     cfg = CONFIGS[0]
     with pytest.raises(ValueError, match="outside"):
-        hardware.run_pyrtl([Instruction.make(Opcode.LOAD, buf=0, addr=30, count=4, dram=0),
-                            Instruction.make(Opcode.HALT)], cfg, np.zeros(16, np.uint8), 100)
+        rtl.run_pyrtl([Instruction.make(Opcode.LOAD, buf=0, addr=30, count=4, dram=0),
+                       Instruction.make(Opcode.HALT)], cfg, np.zeros(16, np.uint8), 100)
     with pytest.raises(ValueError, match="halt"):
-        hardware.run_pyrtl([Instruction.make(Opcode.GEMM, a=0, b=0, k=1, acc=0, bank=0)], cfg, np.zeros(16, np.uint8),
-                           100)
+        rtl.run_pyrtl([Instruction.make(Opcode.GEMM, a=0, b=0, k=1, acc=0, bank=0)], cfg, np.zeros(16, np.uint8),
+                      100)
 
 
 def test_build_leaves_the_working_block_alone():
@@ -864,7 +866,7 @@ def test_icarus_matches_isa_sim(tmp_path):
     need("iverilog")
     cfg = CONFIGS[1]
     case = gemm_case(cfg, 4, 7, 5, rng=np.random.default_rng(5), k_chunk=3, relu=True)
-    machine, stats = same_as_spec(case.program, cfg, case.dram, verilog.run_icarus, workdir=tmp_path)
+    machine, stats = same_as_spec(case.program, cfg, case.dram, rtl.run_icarus, workdir=tmp_path)
     if shutil.which("make"):  # the kept directory reruns by hand, with the cycle limit as a make variable
         run = subprocess.run(["make", "-s", "iverilog"], cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0 and f"cycles {stats.cycles}" in run.stdout
@@ -874,20 +876,20 @@ def test_icarus_matches_isa_sim(tmp_path):
     ops = [(Opcode.VADD, 8, 0, 2, 3, 0), (Opcode.VMUL, 11, 1, 3, 4, 5), (Opcode.VRELU, 2, 2, 0, 6, 0),
            (Opcode.VMAX, 15, 0, 0, 8, 0), (Opcode.VSUM, 7, 2, 0, 5, 0)]
     case = vector_case(cfg, ops, rng=np.random.default_rng(4), words=8)
-    same_as_spec(case.program, cfg, case.dram, verilog.run_icarus)
+    same_as_spec(case.program, cfg, case.dram, rtl.run_icarus)
     case = runnable_random_case(cfg, np.random.default_rng(11), 10)
-    same_as_spec(case.program, cfg, case.dram, verilog.run_icarus)
-    with pytest.raises(hardware.RTLSimulationError):
-        verilog.run_icarus(case.program, cfg, case.dram, 5)
+    same_as_spec(case.program, cfg, case.dram, rtl.run_icarus)
+    with pytest.raises(rtl.RTLSimulationError):
+        rtl.run_icarus(case.program, cfg, case.dram, 5)
 
 
 def test_icarus_on_banked_abuf_without_the_vector_unit():
     need("iverilog")
     config = variant(CONFIGS[3], abuf_banks=2, vector_unit=False)
     case = gemm_case(config, 6, 9, 5, rng=np.random.default_rng(13), k_chunk=4, relu=True, store_late=True)
-    same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+    same_as_spec(case.program, config, case.dram, rtl.run_icarus)
     case = runnable_random_case(config, np.random.default_rng(17), 12)  # ABUF words at odd and even addresses
-    same_as_spec(case.program, config, case.dram, verilog.run_icarus)
+    same_as_spec(case.program, config, case.dram, rtl.run_icarus)
 
 
 def runnable_random_case(config: AccelConfig, rng: np.random.Generator, length: int, tries: int = 20):
@@ -906,11 +908,11 @@ def test_verilator_matches_isa_sim(tmp_path):
     need("verilator")
     cfg = CONFIGS[2]
     case = gemm_case(cfg, 3, 6, 5, rng=np.random.default_rng(9), k_chunk=4, store_late=True)
-    same_as_spec(case.program, cfg, case.dram, verilog.run_verilator, workdir=tmp_path)
+    same_as_spec(case.program, cfg, case.dram, rtl.run_verilator, workdir=tmp_path)
     # the same binary with a lower cycle limit fails loudly
     timing = {}
-    with pytest.raises(hardware.RTLSimulationError, match="within 5 cycles"):
-        verilog.run_verilator(case.program, cfg, case.dram, 5, timing=timing)
+    with pytest.raises(rtl.RTLSimulationError, match="within 5 cycles"):
+        rtl.run_verilator(case.program, cfg, case.dram, 5, timing=timing)
     assert timing == {} or timing["cached"]
 
 
@@ -922,15 +924,15 @@ def test_verilator_reuses_its_binary(rtl_cache, monkeypatch):
     rng = np.random.default_rng(21)
     first, second = gemm_case(cfg, 2, 5, 3, rng=rng), gemm_case(cfg, 4, 7, 6, rng=rng, k_chunk=3, relu=True)
     assert first.program != second.program and len(first.dram) != len(second.dram)
-    verilog.run_verilator(first.program, cfg, first.dram, 10_000)  # compiles, unless an earlier test did
+    rtl.run_verilator(first.program, cfg, first.dram, 10_000)  # compiles, unless an earlier test did
     compiled = {p.name for p in rtl_cache.iterdir() if p.name.startswith("verilator-")}
     for case in (second, first):
         timing = {}
-        same_as_spec(case.program, cfg, case.dram, verilog.run_verilator, timing=timing)
+        same_as_spec(case.program, cfg, case.dram, rtl.run_verilator, timing=timing)
         assert timing["cached"] and timing["compile_s"] == 0.0
-    monkeypatch.setattr(verilog, "_built", {})  # a fresh process: the binary comes from the cache directory
+    monkeypatch.setattr(simulators, "_built", {})  # a fresh process: the binary comes from the cache directory
     timing = {}
-    same_as_spec(second.program, cfg, second.dram, verilog.run_verilator, timing=timing)
+    same_as_spec(second.program, cfg, second.dram, rtl.run_verilator, timing=timing)
     assert timing["cached"] and timing["compile_s"] == 0.0
     assert {p.name for p in rtl_cache.iterdir() if p.name.startswith("verilator-")} == compiled  # no other compile
 
@@ -940,16 +942,16 @@ def test_unwritable_cache_keeps_simulators_in_memory(tmp_path, monkeypatch):
     cfg = CONFIGS[0]
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    monkeypatch.setenv(verilog.CACHE_ENV, str(blocker / "cache"))
-    monkeypatch.setattr(verilog, "_built", {})
-    assert verilog.cache_dir() is None
+    monkeypatch.setenv(rtl.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setattr(simulators, "_built", {})
+    assert rtl.cache_dir() is None
     case = gemm_case(cfg, 2, 3, 2, rng=np.random.default_rng(2))
     timings = [{}, {}]
     for timing in timings:
-        same_as_spec(case.program, cfg, case.dram, verilog.run_icarus, timing=timing)
+        same_as_spec(case.program, cfg, case.dram, rtl.run_icarus, timing=timing)
     assert not timings[0]["cached"] and timings[1]["cached"]
-    monkeypatch.setenv(verilog.CACHE_ENV, "off")
-    assert verilog.cache_dir() is None
+    monkeypatch.setenv(rtl.CACHE_ENV, "off")
+    assert rtl.cache_dir() is None
 
 
 def test_synth_script_and_stat_parsing():

@@ -12,9 +12,8 @@ import pytest
 
 import tcc
 from conftest import assert_tiers_agree, built, need
-from tcc.backends.accel.hardware import run_pyrtl
 from tcc.backends.accel.isa import Opcode
-from tcc.backends.accel.verilog import run_icarus, run_verilator
+from tcc.runtime.rtl import run_icarus, run_pyrtl, run_verilator
 from tcc.runtime.accel_executor import AccelExecutor, cycle_bound, simulate_section
 from tcc.runtime.numpy_executor import NumpyExecutor
 

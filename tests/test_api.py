@@ -49,13 +49,17 @@ def test_compile_exported_program_and_errors():
         tcc.compile(model)
 
 
-def test_plan_frees_dead_values():
+def test_executors_free_each_value_after_its_last_use():
+    """The schedule the executors run (`last_uses`): every value freed once, after its last use,
+    never an output."""
+    from tcc.ir.analysis import last_uses
     model, inputs = built("bert-style")
-    artifact = tcc.compile(model, inputs)
-    steps = artifact.plan.steps
-    freed = [name for step in steps for name in step.free]
-    assert len(freed) == len(set(freed)) and set(freed).isdisjoint(artifact.graph.outputs)
-    assert 0 < artifact.plan.peak_activation_bytes < sum(op.type.dense_bytes for op in artifact.graph.ops)
+    graph = tcc.compile(model, inputs).graph
+    frees = last_uses(graph)
+    freed = [name for index in sorted(frees) for name in frees[index]]
+    assert freed and len(freed) == len(set(freed)) and set(freed).isdisjoint(graph.outputs)
+    for index, names in frees.items():
+        assert all(name not in op.operands for op in graph.ops[index + 1:] for name in names)
 
 
 @pytest.mark.slow  # 70 s: `make demo` runs it too

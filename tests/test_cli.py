@@ -59,7 +59,7 @@ def test_run_matches_eager(files, artifact, tmp_path, inputs_file, on):
 
 def test_artifact_contents_and_no_pickles(artifact):
     names = {p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()}
-    assert {"manifest.json", "graph.tcc", "weights.safetensors", "plan.json", "example_inputs.npz",
+    assert {"manifest.json", "graph.tcc", "weights.safetensors", "example_inputs.npz",
             "report.html"} <= names
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["target"]["name"] == "cpu"

@@ -131,14 +131,17 @@ def test_eval_bad_data(files, data, message, capsys):
 
 
 def test_target_lowering_passes_run_after_the_users_pipeline(monkeypatch):
+    import dataclasses
+
     from tcc import driver
-    from tcc.targets import get_target
-    target = get_target("cpu")
-    integer_target = type(target)(**{**target.__dict__, "name": "int-cpu", "lowering": "quantize"})
-    monkeypatch.setattr(driver, "get_target", lambda name, targets_file=None: integer_target)
+    from tcc.targets import load_catalog
+    catalog = load_catalog()
+    integer_target = dataclasses.replace(catalog["cpu"], name="int-cpu", lowering="quantize")
+    monkeypatch.setattr(driver, "load_catalog", lambda targets_file=None: {**catalog, "int-cpu": integer_target})
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
-    artifact = tcc.compile(model, (torch.randn(4, 8),), pipeline="hp-prune{block=4x4,sparsity=0.5,keep_head=false}")
+    artifact = tcc.compile(model, (torch.randn(4, 8),), target="int-cpu",
+                           pipeline="hp-prune{block=4x4,sparsity=0.5,keep_head=false}")
     assert artifact.manifest["passes"] == ["hp-prune", "quantize"]
     assert any(line.startswith("quantize: changed") for line in artifact.manifest["pass_log"])
     assert np.isfinite(artifact.run(torch.randn(4, 8)).numpy()).all()

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import tcc
-from tcc import devices
+from tcc.targets import calibration
 from tcc.backends.accel.codegen import generate
 from tcc.ir import DType, GraphBuilder, TensorType
 from tcc.passes import PassContext, SelectFormat
 from tcc.passes.cost_model import Cost, Device, accelerator, roofline
 from tcc.runtime.accel_executor import AccelExecutor
-from tcc.targets import load_catalog
+from tcc.targets import cycle_model, load_catalog
 from tcc.zoo import DigitsTransformer
 
 UNIT = Device("unit", "cpu", price_usd=1, power_w=10, dram_gbps=1, onchip_mb=0, fp32_gflops=1, int8_gops=4,
@@ -98,12 +98,12 @@ def test_accelerator_cycles_are_the_isa_simulators():
     x = torch.rand(4, 8, 8)
     graph = tcc.compile(DigitsTransformer().eval(), (x,), pipeline="quantize").graph
     target = load_catalog()["fpga-small"]
-    cycles, host_ops = devices.cycle_model(target.accel)(graph)
+    cycles, host_ops = cycle_model(target.accel)(graph)
     executor = AccelExecutor(graph, generate(graph, target.accel))
     executor(x.numpy())
     assert cycles == executor.stats.cycles > 0
     assert {op.kind for op in host_ops} >= {"quantize", "dequantize"}  # the float edges stay on the host
-    cost = devices.cost(graph, target, load_catalog())
+    cost = target.cost(graph, calibration.cost_devices(load_catalog()))
     assert isinstance(cost, Cost) and cost.parts["accelerator"] == pytest.approx(cycles / 100e6)
 
 
@@ -116,12 +116,12 @@ def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
         return dataclasses.replace(template, fp32_gflops=12.5, int8_gops=20.0, dram_gbps=3.0, cache_gbps=30.0,
                                    op_overhead_us=4.0, op_costs=(("linear", 6.0, 1.5, 2.5),))
 
-    monkeypatch.setattr(devices, "measure", fake_measure)
-    first = devices.measured(UNIT)
-    second = devices.measured(UNIT)
+    monkeypatch.setattr(calibration, "measure", fake_measure)
+    first = calibration.measured(UNIT)
+    second = calibration.measured(UNIT)
     assert calls == ["cpu"] and first == second and second.op_costs == (("linear", 6.0, 1.5, 2.5),)
     (tmp_path / "devices.json").write_text("not json")  # a broken cache is measured again, not an error
-    assert devices.measured(UNIT) == first and calls == ["cpu", "cpu"]
+    assert calibration.measured(UNIT) == first and calls == ["cpu", "cpu"]
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path,
     load disturbs least: the benchmark shows both)."""
     monkeypatch.setenv("TCC_CACHE", str(tmp_path))
     catalog = load_catalog()
-    host = devices.device_of(catalog["cpu"])
+    host = calibration.cost_devices(catalog)["cpu"]
     torch.manual_seed(0)
     from tcc.runtime.torch_executor import TorchExecutor
     from tcc.zoo import build
@@ -152,7 +152,7 @@ def test_host_latency_predictions_are_within_a_quarter_of_the_measured(tmp_path,
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         graph = tcc.compile(model, inputs, pipeline=spec).graph
         runs.append((spec, graph, TorchExecutor(graph), list(inputs)))
-    rounds = [[devices.run_seconds(executor, inputs, 9) for *_, executor, inputs in runs] for _ in range(5)]
+    rounds = [[calibration.run_seconds(executor, inputs, 9) for *_, executor, inputs in runs] for _ in range(5)]
     for (spec, graph, *_), seconds in zip(runs, zip(*rounds)):
         ratio = roofline(graph, host).latency_s / statistics.median(seconds)
         assert 0.75 <= ratio <= 1.25, (graph.name, spec, ratio)

@@ -22,7 +22,8 @@ import torch
 
 import tcc
 from conftest import assert_tiers_agree, run_cli, start_cli
-from tcc import devices, report
+from tcc import report
+from tcc.targets import calibration
 from tcc.cli import main
 from tcc.passes.cost_model import Device
 from tcc.zoo import DigitsTransformer
@@ -81,7 +82,8 @@ def fake_measure(speed: float, template: Device, device: str = "cpu") -> Device:
 
 @pytest.mark.parametrize("target, pipeline", [("cpu", "quantize"), ("auto", "quantize,select-device{lc=10s}")])
 def test_two_host_measurements_give_the_same_hashed_artifact(digits, target, pipeline, tmp_path, monkeypatch):
-    """Two compiles as on two machines: each with a fresh calibration cache, another measured
+    """Two compiles as on two machines: each with a fresh calibration cache, calibrated (by
+    `tcc calibrate` before a plain compile, by select-device within one), another measured
     speed of the host and another thread count as the machine reports it. The manifest and
     every file it hashes are identical; the measured/ part (listed in the manifest, unhashed)
     differs; nothing else is written. With select-device, the latencies it logs go to measured/
@@ -92,9 +94,11 @@ def test_two_host_measurements_give_the_same_hashed_artifact(digits, target, pip
     outs = []
     for i, (speed, count) in enumerate(((1.0, 1), (3.0, 2))):
         monkeypatch.setenv("TCC_CACHE", str(tmp_path / f"cache{i}"))
-        monkeypatch.setattr(devices, "measure", functools.partial(fake_measure, speed))
+        monkeypatch.setattr(calibration, "measure", functools.partial(fake_measure, speed))
         monkeypatch.setattr(report, "machine", functools.partial(lambda threads: dict(machine(), threads=threads),
                                                                  count))
+        if target != "auto":
+            assert main(["calibrate", "-q"]) == 0
         outs.append(tcc.compile(model, (images,), target=target, pipeline=pipeline).save(tmp_path / str(i)))
     first, second = outs
     assert hashed(first) == hashed(second)

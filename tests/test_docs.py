@@ -7,8 +7,8 @@
   runs `tcc ...` and `python FILE` commands in this process (`tcc.cli.main`, `runpy`: torch is
   imported once, not per command) and everything else in bash; the slow one runs every command
   in bash with the repository's `.venv/bin` first on `PATH`, exactly as a reader would.
-- `docs/ir.md` and `docs/isa.md` equal what `python -m tcc.docs` generates from the op table
-  and the ISA; `--check` names a stale file.
+- `docs/ir.md` and `docs/isa.md` equal what `docs/generate.py` (a developer tool, outside the
+  package) generates from the op table and the ISA; `--check` names a stale file.
 - The how-tos' code blocks run against the code they describe.
 """
 
@@ -28,12 +28,24 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+import importlib.util
 
-from tcc import docs
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+
+
+def _load_generator():
+    """docs/generate.py, the references' generator: a script of the repository, not a tcc module."""
+    spec = importlib.util.spec_from_file_location("tcc_docs_generate", DOCS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+docs = _load_generator()
 BIN = ROOT / ".venv" / "bin"
 
 # key outputs of the tutorial: a substring of a command -> what its output must contain
@@ -254,7 +266,8 @@ def test_tutorial_in_a_shell(tmp_path):
 @pytest.mark.parametrize("name", sorted(docs.GENERATED))
 def test_generated_reference_is_up_to_date(name):
     committed = (DOCS / name).read_text(encoding="utf-8")
-    assert committed == docs.GENERATED[name](), f"docs/{name} is stale: run `.venv/bin/python -m tcc.docs`"
+    assert committed == docs.GENERATED[name](), \
+        f"docs/{name} is stale: run `make docs` (.venv/bin/python docs/generate.py)"
 
 
 def test_check_names_the_stale_file_and_writing_fixes_it(tmp_path, capsys):
@@ -265,6 +278,16 @@ def test_check_names_the_stale_file_and_writing_fixes_it(tmp_path, capsys):
     assert (tmp_path / "isa.md").read_text() == "old\n"  # --check writes nothing
     assert docs.main(["--out", str(tmp_path)]) == 0
     assert docs.main(["--check", "--out", str(tmp_path)]) == 0
+
+
+def test_generator_runs_as_a_script_from_anywhere(tmp_path):
+    """`make docs-check` as the Makefile runs it (and from another directory): exit 0 on the
+    committed references."""
+    done = subprocess.run([sys.executable, str(DOCS / "generate.py"), "--check"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/python docs/generate.py --check" in makefile and "$(BIN)/python docs/generate.py\n" in makefile
 
 
 def test_references_follow_the_definitions():
@@ -333,7 +356,7 @@ def test_add_a_pass_code_runs(monkeypatch):
     assert ran == ["test_golden", "test_idempotent", "test_pipeline_text"]
     (entry,) = [d for d in describe_passes(PASSES) if d["name"] == "gelu-approx"]
     assert entry["options"][0]["help"] and entry["summary"] == module.GeluApprox.summary
-    registry = (ROOT / "passes" / "__init__.py").read_text()
+    registry = (ROOT / "passes" / "registry.py").read_text()
     assert "PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (" in registry  # the form step 2 shows
 
 
@@ -348,15 +371,15 @@ def test_add_a_target_commands_run(tmp_path, monkeypatch):
 
 
 def test_add_a_target_lists_every_catalog_field():
-    from tcc import targets
+    from tcc.targets import catalog as targets
     text = (HOWTO / "add-a-target.md").read_text()
-    fields = (targets._COMMON_REQUIRED + targets._COMMON_OPTIONAL + ("device", "part", "accel", "synthesis")
-              + targets.DEVICE_FIELDS + targets._PART_FIELDS + targets.SYNTHESIS_FIELDS + targets.KINDS
+    fields = (targets.COMMON_REQUIRED + targets.COMMON_OPTIONAL + ("device", "part", "accel", "synthesis")
+              + targets.DEVICE_FIELDS + targets.PART_FIELDS + targets.SYNTHESIS_FIELDS + targets.KINDS
               + tuple(e for executors in targets.EXECUTORS.values() for e in executors)
-              + tuple(b for backends in targets.BACKENDS.values() for b in backends))
+              + tuple(b for backends in targets.BACKENDS_BY_KIND.values() for b in backends))
     assert [f for f in fields if f"`{f}`" not in text] == []
-    from tcc.backends.accel.verilog import _FAMILIES
-    assert [f for f in _FAMILIES if f"`{f}`" not in text] == []
+    from tcc.backends.accel.verilog import FAMILIES
+    assert [f for f in FAMILIES if f"`{f}`" not in text] == []
 
 
 # what the how-tos point at in the code: (file, text that must be in it)
@@ -384,13 +407,13 @@ ANCHORS = [
     ("passes/base.py", "    def require_torch(self"), ("passes/base.py", "    def dataset(self, *names"),
     ("passes/base.py", "    def progress_bar(self"),
     ("passes/hp_prune.py", "class HPPrune(Pass, LayerOptions, TrainingOptions)"),
-    ("passes/pipeline.py", "class Shape2("), ("passes/pipeline.py", "class Ratio("),
-    ("passes/pipeline.py", "class Latency("),
+    ("passes/options.py", "class Shape2("), ("passes/options.py", "class Ratio("),
+    ("passes/options.py", "class Latency("),
     ("tests/test_pipeline.py", "def test_registry_names_match_classes_and_every_option_is_documented"),
     ("tests/test_pipeline.py", "def test_format_parses_back_equal"),
-    ("compiler/targets/__init__.py", "def derive_accel_config("),
-    ("compiler/targets/__init__.py", "def _family_interface("),
-    ("compiler/targets/__init__.py", "MARGIN = 0.8"), ("backends/accel/verilog.py", "_FAMILIES"),
+    ("compiler/targets/target.py", "def derive_accel_config("),
+    ("compiler/targets/target.py", "def _family_interface("),
+    ("compiler/targets/target.py", "MARGIN = 0.8"), ("backends/accel/verilog.py", "FAMILIES"),
     ("tests/test_accel_synth.py", "FPGA_TARGETS = [t for t in load_catalog().values() if t.accel is not None]"),
 ]
 

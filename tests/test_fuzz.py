@@ -217,7 +217,7 @@ def test_assembly_on_mutated_listings(data):
 # ---------------------------------------------------------------------------------------------
 # the artifact loader
 
-ARTIFACT_FILES = ["graph.tcc", "weights.safetensors", "plan.json", "example_inputs.npz"]
+ARTIFACT_FILES = ["graph.tcc", "weights.safetensors", "example_inputs.npz"]
 ACCEL_FILES = ["accel/program.bin", "accel/program.s", "accel/sections.json", "accel/dram.bin"]
 
 

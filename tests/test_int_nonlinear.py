@@ -27,19 +27,21 @@ from tcc.runtime import torch_executor
 from tcc.runtime.torch_executor import TorchExecutor
 from tcc.zoo import digits_data, residual_stream, train_digits
 
-from conftest import has_cuda
+from conftest import assert_tiers_agree, has_cuda
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NARROW = [DType.I4, DType.I8, DType.I16]
 
 
 def _both(graph, *inputs) -> list[np.ndarray]:
-    """Run `graph` on the numpy reference and the torch executor; assert they agree bit for bit."""
+    """Run `graph` on the numpy reference and the torch executor; assert they agree: integer
+    values bit for bit, float ones (a final dequantize) within the tiers' tolerance."""
     want = NumpyExecutor(graph)(*inputs)
     got = TorchExecutor(graph).run([torch.from_numpy(np.array(x, copy=True)) for x in inputs])
-    for w, g, t in zip(want, got, graph.output_types):
+    assert len(got) == len(want) == len(graph.outputs)
+    for w, g, t, name in zip(want, got, graph.output_types, graph.outputs):
         assert w.dtype == t.dtype.numpy and g.cpu().numpy().dtype == w.dtype
-        np.testing.assert_array_equal(g.cpu().numpy(), w)
+        assert_tiers_agree(g.cpu().numpy(), w, name)
     return want
 
 
@@ -403,7 +405,7 @@ def test_nothing_to_convert_needs_no_data():
     graph = b.finish([b.op("softmax", b.op("tanh", x), dim=-1)])  # a float softmax with no integer input
     ctx = PassContext()
     assert IntNonlinear()(graph, ctx) is graph
-    assert ctx.log == ["int-nonlinear: no change"]
+    assert ctx.log == ["int-nonlinear: no change; left float: 1 softmax (input not integer)"]
 
 
 def test_ops_option_picks_what_to_convert():
@@ -440,7 +442,9 @@ def test_masked_attention_is_integer_and_close_to_float():
     mask[0, 0, 2] = False  # a fully masked row: zeros, as the fused op gives
     (softmax,) = [op for op in out.ops if op.kind == "int_softmax"]
     assert softmax.operands[1] == "mask" and not any(op.type.dtype.is_float for op in out.ops[:-1])
-    got, want = _both(out, q, k, v, mask)[0], NumpyExecutor(graph)(q, k, v, mask)[0]
+    # the integer value the final dequantize reads is compared bit for bit too
+    probe = out.replace(outputs=out.outputs + (out.ops[-1].operands[0],))
+    got, want = _both(probe, q, k, v, mask)[0], NumpyExecutor(graph)(q, k, v, mask)[0]
     assert np.abs(got - want).max() < 0.1 and not got[0, :, 2].any()
 
 
@@ -518,7 +522,8 @@ def test_digits_accuracy_is_kept(digits):
     # measured on seeds 0-2 (benchmarks/nonlinear.py): equal to int8 linears, fp32 -0.0 to +0.3 pt
     assert accuracy["quantize,int-nonlinear"] >= accuracy[None] - 0.01
     full = artifacts["quantize,int-nonlinear"]
-    assert evaluate(full, test, on="numpy")["accuracy"] == accuracy["quantize,int-nonlinear"]
+    # the head reads a float mean (summation order is the executor's): a near tie may go either way
+    assert abs(evaluate(full, test, on="numpy")["accuracy"] - accuracy["quantize,int-nonlinear"]) <= 1 / len(test)
     log = full.manifest["pass_log"][1]
     assert log.startswith("int-nonlinear: changed; calibrated on train (1347 examples, minmax)")
     assert "4 add, 4 layer_norm, 4 matmul, 2 relu, 2 softmax to integers" in log

@@ -76,7 +76,7 @@ def _old_version(dest: Path, artifacts) -> None:
 DESTINATIONS = [
     ("foreign-manifest", lambda d, a: _foreign_manifest(d),
      "manifest.json: 'format' is None, not 'tcc-artifact'); refusing to overwrite it"),
-    ("older-format-version", _old_version, "artifact format version 1; this tcc reads version 2"),
+    ("older-format-version", _old_version, "artifact format version 1; this tcc reads version 3"),
     ("folder-without-manifest", lambda d, a: (d.mkdir(), (d / "notes.txt").write_text("mine")),
      "a directory without manifest.json; refusing to overwrite it"),
     ("file", lambda d, a: d.write_text("mine"), "out: not a directory; refusing to overwrite it"),

@@ -18,7 +18,7 @@ import torch
 import tcc
 from conftest import need
 from tcc.cli import main
-from tcc.devices import available
+from tcc.targets.calibration import cost_devices
 from tcc.passes import Dataset
 from tcc.select import Point, choose
 from tcc.targets import load_catalog
@@ -39,14 +39,20 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cpu_artifact(digits, tmp_path_factory) -> Path:
+def calibrated() -> None:
+    """This machine's figures measured (compiling only reads them, cached)."""
+    cost_devices(load_catalog(), calibrate=True)
+
+
+@pytest.fixture(scope="module")
+def cpu_artifact(digits, calibrated, tmp_path_factory) -> Path:
     model, x, test = digits
     return tcc.compile(model, (x,), target="cpu", pipeline=PIPELINE, eval_data=test).save(
         tmp_path_factory.mktemp("report") / "cpu")
 
 
 @pytest.fixture(scope="module")
-def fpga_artifact(digits, tmp_path_factory) -> Path:
+def fpga_artifact(digits, calibrated, tmp_path_factory) -> Path:
     model, x, _test = digits
     return tcc.compile(model, (x,), target="fpga-small", pipeline=PIPELINE).save(
         tmp_path_factory.mktemp("report") / "fpga")
@@ -97,7 +103,7 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
     assert "Measured on the compiling machine" in section and '<img src="measured/devices.png"' in section
     assert '<iframe class="measured" sandbox src="measured/devices.html"' in section
     devices = (cpu_artifact / "measured/devices.html").read_text()
-    priced = [name for name, t in load_catalog().items() if available(t)]
+    priced = list(cost_devices(load_catalog()))
     assert devices.count("<tr") == len(priced) + 1 and devices.count('class="compiled"') == 1
     assert '<tr class="compiled"><td>cpu</td><td>cpu</td><td class="num">400</td>' in devices
     for name in priced:
@@ -121,6 +127,22 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
             in _section(page, "accuracy"))
     assert "No device selection ran" in _section(page, "selection")
     assert 'id="accelerator"' not in page
+
+
+def test_compile_and_save_never_measure_the_host(digits, tmp_path, monkeypatch):
+    """On a machine not yet calibrated, compile prices the host with the catalog's placeholders
+    (and says so) instead of measuring it; saving only writes."""
+    from tcc.targets import calibration
+    model, x, _test = digits
+    monkeypatch.setenv("TCC_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(calibration, "measure", lambda *a, **k: pytest.fail("measured the host"))
+    artifact = tcc.compile(model, (x,), target="cpu")
+    devices = artifact.measured_files["measured/devices.html"].decode()
+    assert "<td>placeholders (tcc calibrate measures them)</td>" in devices and "measured here" not in devices
+    assert json.loads(artifact.measured_files["measured/host.json"])["calibration"] == {}
+    from tcc import report
+    monkeypatch.setattr(report, "render", lambda *a, **k: pytest.fail("saving rendered the report"))
+    assert (artifact.save(tmp_path / "out") / "measured/devices.html").read_bytes() == devices.encode()
 
 
 def test_fpga_report_shows_the_accelerator_its_resources_and_cycles(fpga_artifact):
@@ -171,13 +193,19 @@ def test_report_is_identical_from_two_compiles(digits, cpu_artifact, tmp_path):
         assert (again / file).read_bytes() == (cpu_artifact / file).read_bytes(), file
 
 
-def test_report_shows_the_device_selection(digits, tmp_path):
-    """A selection given to tcc.compile: its reason, Pareto plot and every point."""
-    model, x, _test = digits
+def test_report_shows_the_device_selection(digits, tmp_path, monkeypatch):
+    """The selection that chose the target (`--target auto`): its reason, Pareto plot and every
+    point."""
+    from tcc import driver
+    model, x, test = digits
     points = [Point("fp32", "cpu", 0.97, 2.0, 4.0, 400, {}), Point("int8", "cpu", 0.96, 1.0, 2.0, 400, {}),
               Point("int8", "edge-cpu", 0.96, 9.0, 9.0, 35, {})]
     selection = choose(points, 3.0, 0.95)
-    out = tcc.compile(model, (x,), target="cpu", selection=selection).save(tmp_path / "a")
+    monkeypatch.setattr(driver, "select", lambda *a, **k: selection)
+    artifact = tcc.compile(model, (x,), target="auto", lc="3ms", ac=0.95, eval_data=test)
+    assert artifact.manifest["target"]["name"] == "cpu" and "quantize" in artifact.manifest["passes"]
+    assert artifact.notes[0] == f"--target auto: {selection.reason}"
+    out = artifact.save(tmp_path / "a")
     section = _section((out / "report.html").read_text(), "selection")
     assert "Chosen: <b>cpu</b> with <b>int8</b>." in section and selection.reason not in section
     assert '<img src="measured/pareto.png"' in section and (out / "measured/pareto.png").read_bytes()[:8] == PNG

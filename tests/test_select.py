@@ -15,7 +15,8 @@ from conftest import run_cli
 from tcc.cli import main
 from tcc.ir.errors import TccError
 from tcc.passes import Dataset
-from tcc.select import Point, Setting, choose, explore, parse_accuracy, parse_latency, pareto, select, write_report
+from tcc.report import write_selection_report
+from tcc.select import Point, Setting, choose, explore, parse_accuracy, parse_latency, pareto, select
 from tcc.targets import load_catalog
 from tcc.zoo import digits_data, train_digits
 
@@ -133,25 +134,22 @@ def test_executors_give_the_same_points(digits, executor):
 
 
 def _base(model, test):
-    from tcc.driver import lower
-    from tcc.passes import PassContext, parse_pipeline
+    from tcc.model import lower
+    from tcc.passes import PassContext, parse_pipeline, run_pipeline
     from tcc.select import PREFIX
-    graph = lower(model, (test.inputs[0][:1],))[0]
-    for p in parse_pipeline(PREFIX):
-        graph = p(graph, PassContext())
-    return graph
+    return run_pipeline(lower(model, (test.inputs[0][:1],))[0], parse_pipeline(PREFIX), PassContext())
 
 
 def test_report_shows_every_point_the_fronts_and_the_choice(tmp_path):
     selection = choose(POINTS, 3.0, 0.95)
-    out = write_report(selection, tmp_path / "sel", model="m.pt2", data="test.pt")
+    out = write_selection_report(selection, tmp_path / "sel", model="m.pt2", data="test.pt")
     html = (out / "report.html").read_text()
     assert 'src="pareto.png"' in html and "Chosen: <b>mid</b> with <b>int8</b>" in html
     assert html.count("<tr") == len(POINTS) + 1
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "selection.json").read_text())["device"] == "mid"
     with pytest.raises(TccError, match="exists and is not an empty directory"):
-        write_report(selection, tmp_path / "sel", model="m.pt2", data="test.pt")
+        write_selection_report(selection, tmp_path / "sel", model="m.pt2", data="test.pt")
 
 
 def test_tcc_select_cli(digits):
@@ -234,8 +232,6 @@ def test_select_device_in_a_pipeline_compiles_for_the_device_it_chooses(digits, 
 @pytest.mark.parametrize("argv, message", [
     (["--target", "auto", "--pipeline", "quantize"], "--target auto with --pipeline needs select-device"),
     (["--target", "auto"], "--target auto needs --lc, --ac and --data"),
-    (["--pipeline", "quantize", "--data", "{d}/test.pt"], "--data is the evaluation data of --target auto or of "
-                                                          "select-device"),
     (["--pipeline", "select-device{lc=1s}", "--lc", "1s"], "--lc, --ac and --settings go with --target auto"),
     (["--pipeline", "select-device{lc=10}"], "option 'lc' is '10' but expects a latency with a unit"),
     (["--pipeline", "select-device{lc=1s,ac=0.5}"], "select-device: ac=0.5 needs labelled evaluation data (--data)"),

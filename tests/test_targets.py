@@ -190,7 +190,7 @@ BAD = {
     "unknown-accel-field": (_mutate(("tiny-fpga", "accel", "rowz"), 4), "tiny-fpga",
                             "unknown field 'accel.rowz'; did you mean 'rows'?"),
     "accel-too-big": (_mutate(("tiny-fpga", "accel", "rows"), 32), "tiny-fpga",
-                      "accel: the 32x4 accelerator does not fit part xc7z010"),
+                      "accel: the 32x4 accelerator does not fit xc7z010"),
     "bad-part-field": (_mutate(("tiny-fpga", "part", "lut"), -5), "tiny-fpga",
                        "part.lut must be a positive integer, got -5"),
     "bad-part-family": (_mutate(("tiny-fpga", "part", "family"), "stratix"), "tiny-fpga", "part.family must be"),

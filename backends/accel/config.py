@@ -24,6 +24,17 @@ import difflib
 import functools
 import math
 from dataclasses import dataclass, fields
+from enum import IntEnum
+
+
+class Buffer(IntEnum):
+    """The on-chip buffers, by their `buf` number: ABUF activations (`rows` lanes of `data_bits`),
+    BBUF weights and OBUF results (`cols` lanes of `data_bits`), PBUF parameters and raw
+    accumulators (`cols` lanes of `acc_bits`); `AccelConfig` gives their depths in words."""
+    ABUF = 0
+    BBUF = 1
+    OBUF = 2
+    PBUF = 3
 
 
 _BOOLS = ("vector_unit", "sparse_unit", "binary_unit", "nonlinear_unit")  # the fields that are flags, not numbers
@@ -181,24 +192,23 @@ class AccelConfig:
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 
-    def buffer_depth(self, buffer) -> int:
+    def buffer_depth(self, buffer: Buffer) -> int:
         return getattr(self, f"{buffer.name.lower()}_depth")
 
-    def lanes(self, buffer) -> int:
-        """Lanes of one word of `buffer` (an `isa.Buffer`)."""
+    def lanes(self, buffer: Buffer) -> int:
+        """Lanes of one word of `buffer`."""
         return self.rows if buffer.name == "ABUF" else self.cols
 
-    def lane_bits(self, buffer) -> int:
+    def lane_bits(self, buffer: Buffer) -> int:
         return self.acc_bits if buffer.name == "PBUF" else self.data_bits
 
-    def word_bits(self, buffer) -> int:
+    def word_bits(self, buffer: Buffer) -> int:
         return self.lanes(buffer) * self.lane_bits(buffer)
 
-    def beats(self, buffer) -> int:
+    def beats(self, buffer: Buffer) -> int:
         """DRAM words per word of `buffer`: each buffer word starts a DRAM word."""
         return self._beats[buffer]
 
     @functools.cached_property
     def _beats(self) -> tuple[int, ...]:  # by buffer number: the schedulers ask for it per instruction
-        from .isa import Buffer  # the ISA builds on this module
         return tuple(math.ceil(self.word_bits(b) / self.dram_bits) for b in sorted(Buffer))

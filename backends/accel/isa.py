@@ -85,7 +85,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import AccelConfig
+from .config import AccelConfig, Buffer
 
 INSTRUCTION_BITS = 128
 FETCH_CYCLES = 1  # the program memory is read synchronously: instruction 0 issues in cycle 1
@@ -117,16 +117,6 @@ class Opcode(IntEnum):
     VLAYERNORM = 14
     VGELU = 15
     VRESADD = 16
-
-
-class Buffer(IntEnum):
-    """The on-chip buffers, by their `buf` number: ABUF activations (`rows` lanes of `data_bits`),
-    BBUF weights and OBUF results (`cols` lanes of `data_bits`), PBUF parameters and raw
-    accumulators (`cols` lanes of `acc_bits`); `AccelConfig` gives their depths in words."""
-    ABUF = 0
-    BBUF = 1
-    OBUF = 2
-    PBUF = 3
 
 
 class Token(IntEnum):

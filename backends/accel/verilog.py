@@ -1,29 +1,23 @@
 """The accelerator as Verilog: export (`accel.v`), a testbench with the DRAM as a Verilog array
-(`accel_tb.v`, from `templates/`), a Makefile for Icarus and Verilator, runners with the same
-contract as `hardware.run_pyrtl`, and synthesis with yosys (`synth_xilinx`) into LUT, FF, DSP
-and BRAM counts, of the accelerator or of its PE array alone in one mode (`synthesize_array`).
+(`accel_tb.v`, from `templates/`), the run's input files (`dram.hex`, `program.hex`), a Makefile
+for Icarus and Verilator, and synthesis with yosys (`synth_xilinx`) into LUT, FF, DSP and BRAM
+counts, of the accelerator or of its PE array alone in one mode (`synthesize_array`).
 
 The testbench depends only on the config and a DRAM capacity bucket (`dram_capacity`): the
-program, its length, the DRAM image, its size, the cycle limit and the file names are plusargs.
-So the runners compile a simulator once per (tool, config, bucket) and reuse it: in this process,
-and across processes through a cache directory (`TCC_RTL_CACHE`, else `$XDG_CACHE_HOME/tcc/rtl`
-or `~/.cache/tcc/rtl`; `TCC_RTL_CACHE=off` keeps compiled simulators for this process only),
-keyed by a hash of the Verilog, the testbench, the compile command and the tool's version."""
+program, its length, the DRAM image, its size, the cycle limit and the file names are plusargs,
+so a simulator compiled from it runs any program (`tcc.runtime.rtl`'s runners compile one per
+tool, config and bucket, and reuse it)."""
 
 from __future__ import annotations
 
-import atexit
 import functools
-import hashlib
 import io
-import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +28,7 @@ import pyrtl
 
 from . import isa
 from .config import AccelConfig
-from .hardware import DELAY_LINE, DRAM_ADDR_BITS, RTLSimulationError, _dram_image, build_array, design
+from .hardware import DELAY_LINE, DRAM_ADDR_BITS, build_array, design, dram_image
 
 MODULE = "accel"
 ARRAY_MODULE = "accel_array"  # the PE array alone (`array_verilog_text`)
@@ -134,7 +128,7 @@ def _hex_image(image: bytes, word: int) -> bytes:
 
 
 @dataclass
-class _RunFiles:
+class RunFiles:
     """A run's inputs as written for the testbench."""
     size: int  # DRAM bytes to hand back
     dram_words: int  # words in the DRAM file
@@ -142,47 +136,41 @@ class _RunFiles:
     program_length: int
 
 
-def _write_inputs(program, config: AccelConfig, dram, workdir: Path) -> _RunFiles:
+def write_inputs(program, config: AccelConfig, dram, workdir: Path) -> RunFiles:
+    """Write the run's `dram.hex` and `program.hex` into `workdir`. ValueError for a program
+    `isa.check_program` rejects."""
     isa.check_program(program, config)
-    image, size = _dram_image(program, config, dram)
+    image, size = dram_image(program, config, dram)
     word = config.dram_bits // 8
     if not image:
         image = bytearray(word)  # one word: the testbench's arrays are never empty
     (workdir / DRAM_HEX).write_bytes(_hex_image(bytes(image), word))
     (workdir / PROGRAM_HEX).write_text(_hex_words([instr.encode() for instr in program], isa.INSTRUCTION_BITS))
     words = len(image) // word
-    return _RunFiles(size, words, dram_capacity(words), len(program))
+    return RunFiles(size, words, dram_capacity(words), len(program))
 
 
-def _plusargs(files: _RunFiles, max_cycles: int) -> list[str]:
-    return [f"+program={PROGRAM_HEX}", f"+program_length={files.program_length}", f"+dram={DRAM_HEX}",
-            f"+dram_words={files.dram_words}", f"+dram_out={DRAM_OUT_HEX}",
-            f"+max_cycles={_cycle_limit(max_cycles)}"]
-
-
-def _cycle_limit(max_cycles: int) -> int:
+def cycle_limit(max_cycles: int) -> int:
+    """`max_cycles` as the testbench's cycle limit (a 64-bit count)."""
     return min(max(int(max_cycles), 0), _MAX_CYCLES_LIMIT)
 
 
 def write_testbench(program, config: AccelConfig, dram: np.ndarray, max_cycles: int,
-                    workdir: str | os.PathLike) -> tuple[Path, int]:
+                    workdir: str | os.PathLike) -> RunFiles:
     """Write accel.v, accel_tb.v, dram.hex, program.hex and the Makefile into `workdir`; returns
-    (workdir, DRAM bytes to hand back). ValueError for a program `isa.check_program` rejects.
-    The testbench holds only the config and the DRAM capacity; the Makefile passes the run's
-    program length, DRAM words and `max_cycles` as plusargs."""
+    what the run's files hold (`RunFiles`: its `size`, the DRAM bytes to hand back). ValueError
+    for a program `isa.check_program` rejects. The testbench holds only the config and the DRAM
+    capacity; the Makefile passes the run's program length, DRAM words and `max_cycles` as
+    plusargs."""
     workdir = Path(workdir)
-    return workdir, _write_testbench(program, config, dram, max_cycles, workdir).size
-
-
-def _write_testbench(program, config: AccelConfig, dram, max_cycles: int, workdir: Path) -> _RunFiles:
     workdir.mkdir(parents=True, exist_ok=True)
-    files = _write_inputs(program, config, dram, workdir)
+    files = write_inputs(program, config, dram, workdir)
     export_verilog(config, workdir / VERILOG)
     (workdir / TESTBENCH).write_text(testbench_text(config, files.capacity))
     (workdir / MAKEFILE).write_text(_TEMPLATES.get_template("Makefile.j2").render(
         tb=TESTBENCH, verilog=VERILOG, dram_hex=DRAM_HEX, program_hex=PROGRAM_HEX, dram_out_hex=DRAM_OUT_HEX,
         dram_capacity=files.capacity, program_length=files.program_length, dram_words=files.dram_words,
-        max_cycles=_cycle_limit(max_cycles),
+        max_cycles=cycle_limit(max_cycles),
         iverilog_product=ICARUS_PRODUCT, iverilog_compile=shlex.join(ICARUS_COMPILE),
         iverilog_run=shlex.join(ICARUS_RUN), verilator_product=VERILATOR_PRODUCT,
         verilator_compile=shlex.join(VERILATOR_COMPILE), verilator_run=shlex.join(VERILATOR_RUN),
@@ -200,40 +188,8 @@ def hardware_files(program, config: AccelConfig, dram: bytes, max_cycles: int, p
         return {f.name: f.read_bytes() for f in sorted(workdir.iterdir()) if f.is_file()}
 
 
-def _read_hex(path: Path, nwords: int, bits: int) -> bytearray:
-    """The first `nwords` words of a `$writememh` file as little-endian bytes (missing words 0).
-    RTLSimulationError for a word with unknown (x/z) bits."""
-    word = bits // 8
-    text = path.read_text()
-    if "//" in text:
-        text = re.sub(r"//[^\n]*", "", text)
-    tokens = text.split()
-    if re.search(r"[xXzZ]", text):
-        addr = 0
-        for token in tokens:
-            if token.startswith("@"):
-                addr = int(token[1:], 16)
-                continue
-            if re.search(r"[xXzZ]", token):
-                raise RTLSimulationError(f"{path.name}: DRAM word {addr} holds unknown bits ({token})")
-            addr += 1
-    out = bytearray(nwords * word)
-    if "@" not in text and all(len(t) == 2 * word for t in tokens[:nwords]):  # the usual case: one word a line
-        n = min(nwords, len(tokens))
-        out[:n * word] = np.frombuffer(bytes.fromhex("".join(tokens[:n])), np.uint8).reshape(n, word)[:, ::-1].tobytes()
-        return out
-    addr = 0
-    for token in tokens:
-        if token.startswith("@"):
-            addr = int(token[1:], 16)
-            continue
-        if addr < nwords:
-            out[addr * word:(addr + 1) * word] = (int(token, 16) & ((1 << bits) - 1)).to_bytes(word, "little")
-        addr += 1
-    return out
-
-
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
+    """The path of the program `name`; FileNotFoundError naming its Debian package when missing."""
     path = shutil.which(name)
     if path is None:
         raise FileNotFoundError(f"{name} is not installed (Debian package '{name}')")
@@ -241,229 +197,18 @@ def _tool(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# compiled simulators, reused
-
-@dataclass(frozen=True)
-class _Simulator:
-    name: str
-    compile: tuple[str, ...]
-    product: str  # the file the compile leaves (relative to its directory): all a run needs
-    run: tuple[str, ...]  # the run command before the product's path (empty: the product runs itself)
-    version: tuple[str, ...]  # prints the tool's version
-
-
-_ICARUS = _Simulator("icarus", tuple(ICARUS_COMPILE), ICARUS_PRODUCT, ("vvp", "-n"), ("iverilog", "-V"))
-_VERILATOR = _Simulator("verilator", tuple(VERILATOR_COMPILE), VERILATOR_PRODUCT, (), ("verilator", "--version"))
-
-CACHE_ENV = "TCC_RTL_CACHE"
-CACHE_ENTRIES = 64  # compiled simulators kept in the cache directory (least recently used go first)
-_lock = threading.Lock()
-_built: dict[str, Path] = {}  # key -> the product, for this process
-_scratch: Path | None = None  # where this process keeps products when no cache directory can be written
-
-
-@functools.lru_cache(maxsize=None)
-def _tool_version(command: tuple[str, ...]) -> str:
-    exe = _tool(command[0])
-    try:
-        done = subprocess.run([exe, *command[1:]], capture_output=True, text=True, timeout=60)
-        version = (done.stdout + done.stderr).strip().splitlines()[:1]
-    except (OSError, subprocess.SubprocessError):
-        version = []
-    stat = os.stat(exe)
-    return json.dumps([exe, version, stat.st_size, stat.st_mtime_ns])
-
-
-def cache_dir() -> Path | None:
-    """The directory compiled simulators are kept in across processes, None when off or not
-    writable (they are then kept for this process only)."""
-    setting = os.environ.get(CACHE_ENV)
-    if setting is not None and setting.strip().lower() in ("", "0", "off", "no", "false", "none"):
-        return None
-    if setting:
-        root = Path(setting).expanduser()
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = Path(base) / "tcc" / "rtl"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return root if root.is_dir() and os.access(root, os.W_OK | os.X_OK) else None
-
-
-def _scratch_dir() -> Path:
-    global _scratch
-    if _scratch is None or not _scratch.is_dir():
-        _scratch = Path(tempfile.mkdtemp(prefix="tcc-rtl-sims-"))
-        atexit.register(shutil.rmtree, _scratch, True)
-    return _scratch
-
-
-def _prune(root: Path, keep: str) -> None:
-    """Drop the least recently used entries past `CACHE_ENTRIES` and leftovers of interrupted
-    builds (a day old)."""
-    try:
-        entries, now = [], time.time()
-        for p in root.iterdir():
-            age = now - p.stat().st_mtime
-            if p.name.startswith(".") and age > 86400:
-                shutil.rmtree(p, ignore_errors=True)
-            elif not p.name.startswith(".") and p.name != keep:
-                entries.append((p.stat().st_mtime, p))
-        entries.sort()
-        for _, p in entries[:max(0, len(entries) + 1 - CACHE_ENTRIES)]:
-            shutil.rmtree(p, ignore_errors=True)
-    except OSError:
-        pass
-
-
-@functools.lru_cache(maxsize=64)
-def _key(sim: _Simulator, config: AccelConfig, capacity: int) -> str:
-    """The cache key of a compiled simulator: a hash of everything that goes into it."""
-    h = hashlib.sha256()
-    for part in (sim.name, json.dumps(sim.compile), _tool_version(sim.version), verilog_text(config),
-                 testbench_text(config, capacity)):
-        h.update(part.encode())
-        h.update(b"\0")
-    return f"{sim.name}-{h.hexdigest()[:32]}"
-
-
-def _compiled(sim: _Simulator, config: AccelConfig, capacity: int, timeout: float) -> tuple[Path, float]:
-    """The compiled simulator for (`sim`, `config`, DRAM `capacity`) and the seconds spent
-    compiling it now (0.0: reused)."""
-    verilog, testbench = verilog_text(config), testbench_text(config, capacity)
-    key = _key(sim, config, capacity)
-    with _lock:
-        product = _built.get(key)
-        if product is not None and product.is_file():
-            return product, 0.0
-        root = cache_dir()
-        if root is not None:
-            product = root / key / Path(sim.product).name
-            if product.is_file():
-                try:
-                    os.utime(root / key)
-                except OSError:
-                    pass
-                _built[key] = product
-                return product, 0.0
-        build = None
-        try:
-            try:
-                build = Path(tempfile.mkdtemp(prefix=".build-", dir=root)) if root is not None else None
-            except OSError:
-                root = None
-            if build is None:
-                build = Path(tempfile.mkdtemp(prefix="tcc-rtl-build-"))
-            (build / VERILOG).write_text(verilog)
-            (build / TESTBENCH).write_text(testbench)
-            start = time.perf_counter()
-            try:
-                done = subprocess.run([_tool(sim.compile[0]), *sim.compile[1:]], cwd=build, capture_output=True,
-                                      text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{sim.compile[0]} did not finish within {timeout} s") from None
-            seconds = time.perf_counter() - start
-            if done.returncode or not (build / sim.product).is_file():
-                raise RuntimeError(f"{sim.compile[0]} failed ({done.returncode}):\n{done.stdout[-4000:]}"
-                                   f"{done.stderr[-4000:]}")
-            product = None
-            if root is not None:
-                try:  # publish atomically: a directory holding the product, renamed into place
-                    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=root))
-                    os.replace(build / sim.product, stage / Path(sim.product).name)
-                    try:
-                        os.rename(stage, root / key)
-                    except OSError:  # another process published it first
-                        shutil.rmtree(stage, ignore_errors=True)
-                    candidate = root / key / Path(sim.product).name
-                    if candidate.is_file():
-                        product = candidate
-                        _prune(root, key)
-                except OSError:
-                    product = None
-            if product is None:  # no cache directory: keep it for this process
-                keep = _scratch_dir() / key
-                keep.mkdir(exist_ok=True)
-                src = build / sim.product
-                product = keep / Path(sim.product).name
-                shutil.move(str(src), product)
-            _built[key] = product
-            return product, seconds
-        finally:
-            if build is not None:
-                shutil.rmtree(build, ignore_errors=True)
-
-
-def _simulate(sim: _Simulator, program, config, dram, max_cycles, workdir, timeout) -> tuple[np.ndarray, int, dict]:
-    owned = workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="tcc-rtl-")) if owned else Path(workdir)
-    try:
-        # just the run's inputs, or (a directory to keep) the whole testbench to rerun with its Makefile
-        files = _write_inputs(program, config, dram, workdir) if owned else \
-            _write_testbench(program, config, dram, max_cycles, workdir)
-        _tool(sim.compile[0])
-        product, compile_s = _compiled(sim, config, files.capacity, timeout)
-        if not product.is_file():  # removed from the cache meanwhile
-            _built.clear()
-            product, compile_s = _compiled(sim, config, files.capacity, timeout)
-        timing = {"compile_s": compile_s, "cached": compile_s == 0.0}
-        command = [*([_tool(sim.run[0]), *sim.run[1:]] if sim.run else []), str(product), *_plusargs(files, max_cycles)]
-        start = time.perf_counter()
-        run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-        timing["run_s"] = time.perf_counter() - start
-        output = run.stdout + run.stderr
-        match = re.search(r"^cycles (\d+)$", output, re.M)
-        if "ERROR: no halt" in output:
-            raise RTLSimulationError(f"the {sim.compile[0]} simulation did not reach halt within {max_cycles} "
-                                     "cycles (cycle limit, or a program that waits for a token never signalled)")
-        if match is None or run.returncode:
-            raise RuntimeError(f"{Path(command[0]).name} gave no cycle count ({run.returncode}):\n{output[-4000:]}")
-        word = config.dram_bits // 8
-        image = _read_hex(workdir / DRAM_OUT_HEX, -(-files.size // word), config.dram_bits)
-        return np.frombuffer(bytes(image[:files.size]), np.uint8).copy(), int(match.group(1)), timing
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def run_icarus(program, config: AccelConfig, dram: np.ndarray, max_cycles: int, workdir=None,
-               timeout: float = 600, timing: dict | None = None) -> tuple[np.ndarray, int]:
-    """`hardware.run_pyrtl`'s contract on the exported Verilog in Icarus Verilog (iverilog/vvp).
-    Files go to `workdir` (kept, with the Makefile) or a temporary directory (removed); the
-    compiled testbench is reused (see the module's doc). `timing`, when given, receives
-    compile_s (0.0 when reused), cached and run_s."""
-    out, cycles, t = _simulate(_ICARUS, program, config, dram, max_cycles, workdir, timeout)
-    if timing is not None:
-        timing.update(t)
-    return out, cycles
-
-
-def run_verilator(program, config: AccelConfig, dram: np.ndarray, max_cycles: int, workdir=None,
-                  timeout: float = 600, timing: dict | None = None) -> tuple[np.ndarray, int]:
-    """`hardware.run_pyrtl`'s contract on the exported Verilog built with `verilator --binary`,
-    built once per config and DRAM capacity (see the module's doc). `timing`, when given,
-    receives compile_s (0.0 when reused), cached and run_s."""
-    out, cycles, t = _simulate(_VERILATOR, program, config, dram, max_cycles, workdir, timeout)
-    if timing is not None:
-        timing.update(t)
-    return out, cycles
-
-
-# ----------------------------------------------------------------------------------------------
 # synthesis
 
-_FAMILIES = {"xc7": "xc7", "xcu": "xcu", "xcup": "xcup", "xc7z": "xc7", "zynq": "xc7", "artix7": "xc7",
+FAMILIES = {"xc7": "xc7", "xcu": "xcu", "xcup": "xcup", "xc7z": "xc7", "zynq": "xc7", "artix7": "xc7",
              "kintex7": "xc7", "virtex7": "xc7", "ultrascale": "xcu", "ultrascale+": "xcup", "zynqmp": "xcup"}
 
 
 def synth_script(part_family: str = "xc7", verilog: str = VERILOG, top: str = MODULE) -> str:
     """A yosys script mapping `verilog` to a Xilinx family (`synth_xilinx -family`: xc7, xcu,
     xcup, or a name such as zynq / zynqmp) and printing `stat`."""
-    family = _FAMILIES.get(part_family.lower())
+    family = FAMILIES.get(part_family.lower())
     if family is None:
-        raise ValueError(f"unknown part family '{part_family}' (known: {', '.join(sorted(_FAMILIES))})")
+        raise ValueError(f"unknown part family '{part_family}' (known: {', '.join(sorted(FAMILIES))})")
     return (f"# Generated by tcc: map the accelerator to {family} and count its cells\n"
             f"read_verilog {verilog}\n"
             f"synth_xilinx -family {family} -top {top}\n"
@@ -531,7 +276,7 @@ def _synthesize(text: str, top: str, timeout: float, part_family: str, workdir) 
         (workdir / SYNTH_SCRIPT).write_text(synth_script(part_family, top=top))
         start = time.perf_counter()
         try:
-            done = subprocess.run([_tool("yosys"), "-q", "-l", "yosys.log", "-s", SYNTH_SCRIPT], cwd=workdir,
+            done = subprocess.run([tool_path("yosys"), "-q", "-l", "yosys.log", "-s", SYNTH_SCRIPT], cwd=workdir,
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"yosys did not finish within {timeout} s") from None

@@ -13,10 +13,10 @@ from tcc.ir.graph import Graph
 from tcc.ir.types import TensorType
 from tcc.ir.verifier import verify
 from tcc.passes import DeadCodeElimination, FoldConstants, PassContext
-from tcc.runtime.torch_executor import dtype_from_torch
+from tcc.runtime.torch_dtypes import dtype_from_torch
 
-from .converters import convert_node, is_tensor_like
-from .lowering import Lowerer, UnsupportedError, Value, lower_nodes
+from .converters import convert_node
+from .lowering import Lowerer, UnsupportedError, Value, is_tensor_like, lower_nodes
 
 # Ops kept whole instead of decomposed to core ATen.
 KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu")

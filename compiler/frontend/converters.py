@@ -15,22 +15,12 @@ from torch import nn
 from tcc.ir.dtypes import DType, promote
 from tcc.ir.errors import VerifyError
 
-from .lowering import Lowerer, Value, node_location
+from .lowering import Lowerer, Value, is_tensor_like, node_location, target_name
 
 aten = torch.ops.aten
 Converter = Callable[..., Any]
 CONVERTERS: dict[Any, Converter] = {}
 MODULE_CONVERTERS: dict[type, Callable[..., Any]] = {}
-
-
-def is_tensor_like(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return True
-    if isinstance(x, (tuple, list)):
-        return any(is_tensor_like(v) for v in x)
-    if isinstance(x, dict):
-        return any(is_tensor_like(v) for v in x.values())
-    return hasattr(x, "to_tuple")  # Hugging Face ModelOutput
 
 
 def converts(*keys: Any):
@@ -58,7 +48,6 @@ def convert_node(cx: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         key = target
     converter = CONVERTERS.get(key)
     if converter is None:
-        from .lowering import target_name
         raise cx.unsupported(f"unsupported op {target_name(node)}")
     try:
         return converter(cx, *args, **kwargs)

@@ -19,7 +19,7 @@ from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import GraphBuilder
 from tcc.ir.types import TensorType
-from tcc.runtime.torch_executor import dtype_from_torch
+from tcc.runtime.torch_dtypes import dtype_from_torch
 
 
 class Value(str):
@@ -143,6 +143,16 @@ def check_finite(name: str, tensor: torch.Tensor, learned: bool) -> None:
                        "weights only")
 
 
+def is_tensor_like(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(is_tensor_like(v) for v in x)
+    if isinstance(x, dict):
+        return any(is_tensor_like(v) for v in x.values())
+    return hasattr(x, "to_tuple")  # Hugging Face ModelOutput
+
+
 def _map_args(args: Any, env: dict[fx.Node, Any]) -> Any:
     return fx.node.map_arg(args, lambda n: env[n])
 
@@ -151,7 +161,6 @@ def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
                 convert: Callable[[Lowerer, fx.Node, tuple, dict], Any]) -> list[Any]:
     """Lower every call node of `graph` (placeholders and get_attrs already in `env`);
     return the flat list of output values."""
-    from .converters import is_tensor_like
     outputs: list[Any] = []
     for node in graph.nodes:
         if node in env:

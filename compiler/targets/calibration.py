@@ -1,8 +1,6 @@
-"""What a graph costs on each target: the cost model (`tcc.passes.cost_model`) wired to the
-catalog, the host's measured figures and the accelerator's timing.
-
-The host CPU's (and the local CUDA device's) figures are measured by timing the torch
-executor.
+"""The cost model's figures of each target (`cost_devices`): the catalog's, or for the targets
+the catalog marks `measured` (the host CPU; the local CUDA device) measured on this machine by
+timing the torch executor (`measure`), once per machine.
 
 The probes: a large fp32 linear (fp32 GFLOP/s), an int8 linear (int8 GOP/s), streaming adds
 out of DRAM and out of cache (bandwidths); then the digits Transformer at one image, whose ops
@@ -28,20 +26,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tcc.backends.accel.codegen import timing
-from tcc.backends.accel.config import AccelConfig
 from tcc.ir.dtypes import DType
-from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, GraphBuilder
 from tcc.ir.types import TensorType
-from tcc.passes import PassContext, parse_pipeline
-from tcc.passes.cost_model import (Candidate, Cost, CycleModel, Device, accelerator, cost_key, op_seconds,
-                                  roofline)
+from tcc.passes import Dataset, PassContext, parse_pipeline, run_pipeline
+from tcc.passes.cost_model import Device, cost_key, op_seconds
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .targets import Target
+from ..frontend import from_module
+from .target import Target
 
-_log = logging.getLogger("tcc.devices")
+_log = logging.getLogger("tcc.calibration")
 
 def _probes() -> dict[str, tuple[Graph, list[np.ndarray], float]]:
     """name -> (graph, inputs, work: FLOPs, OPs or bytes of the probe's one op)."""
@@ -65,12 +60,15 @@ def _probes() -> dict[str, tuple[Graph, list[np.ndarray], float]]:
 def _calibration_graphs(batch: int) -> list[tuple[Graph, list[np.ndarray]]]:
     """The digits Transformer in fp32, int8 and fully integer (every op kind of an encoder) on
     `batch` images."""
-    import tcc
     from tcc.zoo import DigitsTransformer
     torch.manual_seed(0)
     model, x = DigitsTransformer().eval(), torch.rand(batch, 8, 8)
-    return [(tcc.compile(model, (x,), pipeline=spec).graph, [x.numpy()])
-            for spec in (None, "quantize", "quantize,int-nonlinear")]
+    graph, _signature = from_module(model, (x,), "export")
+    out = []
+    for spec in ("fold-constants,canonicalize,dce", "quantize", "quantize,int-nonlinear"):
+        ctx = PassContext(data={"example": Dataset((x,), source="the example inputs")}, torch_module=TorchExecutor)
+        out.append((run_pipeline(graph, parse_pipeline(spec + ",select-format"), ctx), [x.numpy()]))
+    return out
 
 
 def _probe_time(graph: Graph, inputs: list[np.ndarray], device: str, repeats: int) -> float:
@@ -171,7 +169,8 @@ def _cache_mb(device: str) -> float:
 _MEASURED = ("fp32_gflops", "int8_gops", "dram_gbps", "cache_gbps", "onchip_mb", "op_overhead_us")
 
 
-def _cache_file() -> Path:
+def cache_file() -> Path:
+    """Where measured figures are cached: `$TCC_CACHE/devices.json` (default ~/.cache/tcc)."""
     root = Path(os.environ.get("TCC_CACHE") or Path.home() / ".cache" / "tcc")
     return root / "devices.json"
 
@@ -198,24 +197,34 @@ def _machine_key(device: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def measured(template: Device, device: str = "cpu") -> Device:
-    """`measure`, cached per machine: the figures of an earlier measurement on this machine when
-    there is one."""
-    path, key = _cache_file(), _machine_key(device)
+def _read_cache() -> dict:
     try:
-        cache = json.loads(path.read_text())
+        cache = json.loads(cache_file().read_text())
     except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), dict):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def is_cached(device: str = "cpu") -> bool:
+    """Whether this machine's figures for `device` are measured and cached already."""
+    return isinstance(_read_cache().get(_machine_key(device)), dict)
+
+
+def measured(template: Device, device: str = "cpu", *, again: bool = False) -> Device:
+    """`measure`, cached per machine: the figures of an earlier measurement on this machine when
+    there is one (and not `again`)."""
+    path, key = cache_file(), _machine_key(device)
+    cache = _read_cache()
+    if isinstance(cache.get(key), dict) and not again:
         try:
             return dataclasses.replace(template, **{k: cache[key][k] for k in _MEASURED},
-                                       op_costs=tuple(tuple(c) for c in cache[key]["op_costs"]))
+                                       op_costs=tuple(tuple(c) for c in cache[key]["op_costs"]), measured=True)
         except (KeyError, TypeError, ValueError):
             pass
     _log.info("measuring %s's %s figures for the cost model (once per machine; cached in %s)", template.name,
               device, path)
     start = time.perf_counter()
-    result = measure(template, device)
+    result = dataclasses.replace(measure(template, device), measured=True)
     _log.info("measured %s in %.1f s: fp32 %g GFLOP/s, int8 %g GOP/s, DRAM %g GB/s", template.name,
               time.perf_counter() - start, result.fp32_gflops, result.int8_gops, result.dram_gbps)
     cache[key] = {k: getattr(result, k) for k in _MEASURED} | {"op_costs": [list(c) for c in result.op_costs]}
@@ -229,94 +238,33 @@ def measured(template: Device, device: str = "cpu") -> Device:
     return result
 
 
-def cycle_model(config: AccelConfig) -> CycleModel:
-    """The accelerator's timing as the cost model's `CycleModel`: `codegen.timing`, the
-    codegen's schedule of the graph (the ISA's timing, which the ISA simulator and the RTL
-    reproduce cycle for cycle; no data needed; sections it has seen are memoized there), and
-    the ops it leaves to the host."""
-    def cycles(graph: Graph) -> tuple[int, list]:
-        count, host_ops = timing(graph, config)
-        host = {h.result for h in host_ops}
-        return count, [op for op in graph.ops if op.result in host]
-
-    return cycles
-
-
-def device_of(target: Target) -> Device:
-    """The cost model's figures of `target`: measured on this machine where the catalog says so
-    (the host CPU; the local CUDA device when there is one), else the catalog's."""
-    device = target.device
-    if target.measured and target.kind == "cpu":
-        return measured(device, "cpu")
-    if target.measured and target.kind == "gpu" and torch.cuda.is_available():
-        return measured(device, "cuda")
-    return device
-
-
-def cost(graph: Graph, target: Target, catalog: dict[str, Target]) -> Cost:
-    """What one run of `graph` costs on `target`: the roofline on a CPU or GPU, the
-    accelerator's cycles plus the host ops on its host (`Device.host`, looked up in `catalog`)
-    on an FPGA."""
-    device = device_of(target)
-    if target.kind != "fpga":
-        return roofline(graph, device)
-    host = catalog.get(device.host or "")
-    if host is None:
-        raise TccError(f"target '{target.name}': its host '{device.host}' is not in the catalog")
-    return accelerator(graph, device, cycle_model(target.accel), device_of(host))
-
-
-def measured_here(target: Target, catalog: dict[str, Target]) -> bool:
-    """Whether the cost model prices `target` with figures measured on this machine: a measured
-    device, or an FPGA whose host (looked up in `catalog`) is one."""
-    host = catalog.get(target.device.host or "")
-    return target.measured or (target.kind == "fpga" and host is not None and host.measured)
-
-
-def available(target: Target) -> bool:
-    """Whether the cost model can price `target` here: every catalog device but the local CUDA
-    device on a machine without one."""
-    return not (target.measured and target.kind == "gpu" and not torch.cuda.is_available())
-
-
-def lowered(graph: Graph, target: Target, seed: int = 0) -> Graph:
-    """`graph` after `target`'s own lowering passes (select-format: the encodings it executes)."""
-    ctx = PassContext(formats=target.formats, work_cost=target.work_cost, seed=seed)
-    for p in parse_pipeline(target.lowering):
-        graph = p(graph, ctx)
-    return graph
-
-
-def _lowering(target: Target) -> tuple:
-    """What `lowered` depends on: targets alike in it lower a graph alike."""
-    return target.lowering, target.formats, target.work_cost
-
-
-def prices(graph: Graph, targets: dict[str, Target], seed: int = 0) -> dict[str, Cost]:
-    """What one run of `graph` costs on each of `targets` (an FPGA's host looked up among
-    `targets`), each after its own lowering; targets that lower alike share it."""
-    lowered_for: dict[tuple, Graph] = {}
+def cost_devices(catalog: dict[str, Target], *, calibrate: bool = True, again: bool = False,
+                 on_measure: Callable[[str], None] | None = None) -> dict[str, Device]:
+    """The cost model's figures of every target of `catalog` it can price here, by name: the
+    catalog's, and for the targets it marks `measured` (the host CPU; the local CUDA device,
+    left out on a machine without one) those measured on this machine: cached from an earlier
+    calibration, or measured now when `calibrate` (announced to `on_measure` first: it takes a
+    while, once per machine; `again`: even when cached). Without `calibrate` and a cache, the
+    catalog's placeholders."""
     out = {}
-    for name, target in targets.items():
-        key = _lowering(target)
-        if key not in lowered_for:
-            lowered_for[key] = lowered(graph, target, seed)
-        out[name] = cost(lowered_for[key], target, targets)
+    for name, target in catalog.items():
+        device = target.device
+        if target.measured:
+            if target.kind == "gpu" and not torch.cuda.is_available():
+                continue
+            on = "cpu" if target.kind == "cpu" else "cuda"
+            cached = is_cached(on) and not again
+            if cached or calibrate:
+                if on_measure is not None and not cached:
+                    on_measure(f"calibrating this machine's {on} for the cost model (once per machine)")
+                device = measured(device, on, again=again)
+        out[name] = device
     return out
 
 
-def candidates(offered: dict[str, Target], catalog: dict[str, Target]) -> tuple[Candidate, ...]:
-    """`select-device`'s candidates: the `offered` targets the cost model can price here, each
-    costing a graph after its own lowering (an FPGA's host looked up in `catalog`); candidates
-    that lower alike share the lowering of the graph they were last given."""
-    last: dict[tuple, tuple[Graph, Graph]] = {}  # lowering -> (a graph, that graph lowered)
-
-    def costing(target: Target) -> Callable[[Graph], Cost]:
-        def price(graph: Graph) -> Cost:
-            key = _lowering(target)
-            if key not in last or last[key][0] is not graph:
-                last[key] = (graph, lowered(graph, target))
-            return cost(last[key][1], target, catalog)
-        return price
-
-    return tuple(Candidate(name, t.device.price_usd, costing(t)) for name, t in offered.items() if available(t))
+def measured_here(target: Target, catalog: dict[str, Target], devices: dict[str, Device]) -> bool:
+    """Whether `devices` price `target` with figures measured on this machine (not the catalog's
+    placeholders): the target's own, or an FPGA's host's."""
+    if target.kind == "fpga":
+        target = catalog.get(target.device.host or "", target)
+    return target.name in devices and devices[target.name].measured

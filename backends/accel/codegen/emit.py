@@ -1,0 +1,216 @@
+"""A section's instruction streams, built tile by tile: the array steps of each output tile,
+its requantization (and fused op) and batched stores, the buffer rings' loads, and each
+instruction's dependencies (`schedule` interleaves the streams).
+
+Output tiles alternate between the two accumulator banks, so the vector unit requantizes one
+tile while the array computes the next, and the array's gemms follow each other without
+waiting for the previous one to drain."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import AccelConfig
+from ..isa import Buffer, Instruction, Opcode, Unit
+from ..layout import DramTensor, batch_words, word_offset
+from .match import Layer
+from .schedule import Node, schedule
+from .tiling import Tiling
+from .weights import Plan
+
+
+class _Ring:
+    """Equal slots of one buffer, refilled oldest first. Remembers the item each slot holds
+    and the last instruction that read it: the next load into the slot waits for that one."""
+
+    def __init__(self, buffer: Buffer, size: int, slots: int):
+        self.buffer, self.size, self.slots = buffer, size, slots
+        self.items: dict[tuple, tuple[int, Node]] = {}  # key -> (slot, the load that filled it)
+        self.held: list[tuple | None] = [None] * slots
+        self.readers: list[Node | None] = [None] * slots
+        self.next = 0
+
+    def fetch(self, key: tuple, count: int, dram: int, builder: "Builder") -> tuple[int, Node]:
+        """(address, load) of item `key` (`count` words at DRAM word `dram`), loaded into the
+        oldest slot unless a slot holds it."""
+        if key not in self.items:
+            slot, self.next = self.next, (self.next + 1) % self.slots
+            self.items.pop(self.held[slot], None)
+            load = builder.add(Node(Opcode.LOAD, [self.readers[slot]], builder.config, buf=self.buffer,
+                                    addr=slot * self.size, count=count, dram=dram))
+            self.held[slot], self.items[key] = key, (slot, load)
+        slot, load = self.items[key]
+        return slot * self.size, load
+
+    def read(self, address: int, node: Node) -> None:
+        self.readers[address // self.size] = node
+
+
+@dataclass
+class _Batch:
+    """Row blocks of one column tile requantized into one OBUF slot, stored together."""
+
+    key: tuple[int, int]  # (product of the batch, column tile)
+    first: int
+    last: int
+    slot: int
+    requant: Node
+
+
+class Builder:
+    """The four instruction streams of one section, built tile by tile (`timing`: for their
+    cycles only, with no DRAM addresses and no program)."""
+
+    def __init__(self, layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor],
+                 config: AccelConfig, timing: bool = False):
+        self.layer, self.plan, self.tiling, self.tensors, self.config = layer, plan, tiling, tensors, config
+        self.timing = timing
+        self.streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
+        self.a = _Ring(Buffer.ABUF, tiling.a_size, tiling.a_slots)
+        self.w = _Ring(Buffer.BBUF, tiling.b_size, tiling.b_slots)
+        self.p = _Ring(Buffer.PBUF, 3, tiling.p_slots)
+        self.o_readers: list[Node | None] = [None] * tiling.o_slots  # the last store of each OBUF slot
+        self.o_next = 0
+        self.batch: _Batch | None = None
+        self.acc_readers: list[Node | None] = [None, None]  # the last vector reader of each accumulator bank
+        self.constants: tuple[int, Node] | None = None  # (PBUF address, load) of the fused op's constants
+        self.scores: list[Node] = []  # a softmax row block's vaccs
+        self.tiles = 0
+        self.macs = 0
+
+    def add(self, node: Node) -> Node:
+        stream = self.streams[node.unit]
+        node.index = len(stream)
+        stream.append(node)
+        return node
+
+    def _dram(self, role: str, block: int, index: int, batch: int = 0) -> int:
+        if self.timing:
+            return 0
+        t = self.tensors[role]
+        return t.region.start + word_offset(t.layout, t.shape, block, index, self.config, batch)
+
+    def _constants(self) -> tuple[int, Node]:
+        """The fused op's constants at PBUF's top, loaded once per section."""
+        if self.constants is None:
+            t, cfg = self.tensors["constants"], self.config
+            count = t.shape[0]
+            address = cfg.pbuf_depth - count
+            self.constants = address, self.add(Node(Opcode.LOAD, [], cfg, buf=Buffer.PBUF, addr=address, count=count,
+                                                    dram=t.region.start))
+        return self.constants
+
+    def tile(self, b: int, m: int, n: int) -> None:
+        """Output tile (product b of the batch, row block m, column tile n): its array steps,
+        then requant (and a fused vgelu) and a (batched) store, or for a softmax the raw
+        scores into PBUF (and once the row block is complete, vsoftmax per row and a store)."""
+        layer, plan, tiling, cfg = self.layer, self.plan, self.tiling, self.config
+        bank = self.tiles % 2
+        beats = cfg.beats(Buffer.BBUF)
+        w = self.tensors["w"]
+        w_base = w.region.start + b * batch_words(w.layout, w.shape, cfg) if layer.y else w.region.start
+        first, gemm = True, None
+        for c, chunk in enumerate(plan.tiles[n]):
+            if tiling.resident:
+                a_slot, a_load = self.a.fetch(("A", b, m), plan.a_words, self._dram("x", m, 0, b), self)
+                a = a_slot
+            else:
+                a_slot, a_load = self.a.fetch(("A", b, m, c), chunk.k, self._dram("x", m, chunk.k_low, b), self)
+                a = a_slot - chunk.k_low  # the steps count from the row's first word
+            w_slot, w_load = self.w.fetch(("W", b, n, c), chunk.words, w_base + chunk.start * beats, self)
+            for step in chunk.steps:
+                fields = dict(step.fields)
+                fields["a"] += a
+                fields["b"] += w_slot
+                deps = [a_load, w_load, self.acc_readers[bank] if first else None]
+                gemm = self.add(Node(step.op, deps, cfg, **fields, acc=int(not first), bank=bank))
+                first = False
+                self.a.read(a_slot, gemm)
+                self.w.read(w_slot, gemm)
+        self.tiles += 1
+        rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
+        cols = min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols
+        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary") else
+                             int(np.count_nonzero(layer.weight[n * cfg.cols:(n + 1) * cfg.cols])))
+        if layer.softmax:
+            self._scores(b, m, n, gemm, bank)
+            return
+        param, p_load = self.p.fetch(("P", n), 3, self._dram("params", n, 0), self)
+        batch = self.batch
+        if batch is not None and (batch.key != (b, n) or m != batch.last + 1 or m - batch.first == tiling.batch):
+            self._flush()
+            batch = None
+        slot = batch.slot if batch is not None else self.o_next
+        first_row = batch.first if batch is not None else m
+        dst = (slot * tiling.batch + m - first_row) * cfg.rows
+        last = requant = self.add(Node(Opcode.REQUANT, [gemm, p_load, self.o_readers[slot]], cfg, dst=dst,
+                                       param=param, relu=int(layer.relu), bank=bank))
+        if layer.gelu:
+            address, load = self._constants()
+            last = self.add(Node(Opcode.VGELU, [load], cfg, dst=dst, a=dst, n=cfg.rows, param=address))
+        self.acc_readers[bank] = requant
+        self.p.read(param, requant)
+        if batch is None:
+            self.o_next = (slot + 1) % tiling.o_slots
+            self.batch = _Batch((b, n), m, m, slot, last)
+        else:
+            batch.last, batch.requant = m, last
+
+    def _scores(self, b: int, m: int, n: int, gemm: Node, bank: int) -> None:
+        """A softmax layer's tile: raw scores into the row block's PBUF slot (row r, word n at
+        slot + r * J + n); after the last column tile, vsoftmax per row into OBUF and a store."""
+        cfg, layer = self.config, self.layer
+        words = math.ceil(layer.n / cfg.cols)
+        slot = (m % 2) * cfg.rows * words  # PBUF and OBUF slots alike
+        vacc = self.add(Node(Opcode.VACC, [gemm], cfg, dst=slot + n, stride=words, bank=bank))
+        self.acc_readers[bank] = vacc
+        if n < words - 1:
+            return
+        address, load = self._constants()
+        rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
+        last = None
+        for r in range(rows):
+            deps = [load, self.o_readers[m % 2]] if r == 0 else []
+            last = self.add(Node(Opcode.VSOFTMAX, deps, cfg, dst=slot + r * words, a=slot + r * words, n=words,
+                                 len=layer.n, param=address))
+        store = self.add(Node(Opcode.STORE, [last], cfg, buf=Buffer.OBUF, addr=slot, count=rows * words,
+                              dram=self._dram("out", m * cfg.rows, 0, b)))
+        self.o_readers[m % 2] = store
+
+    def _flush(self) -> None:
+        batch, rows = self.batch, self.config.rows
+        assert batch is not None
+        count = min(self.layer.m, (batch.last + 1) * rows) - batch.first * rows
+        b, n = batch.key
+        store = self.add(Node(Opcode.STORE, [batch.requant], self.config, buf=Buffer.OBUF,
+                              addr=batch.slot * self.tiling.batch * rows, count=count,
+                              dram=self._dram("out", n, batch.first * rows, b)))
+        self.o_readers[batch.slot] = store
+        self.batch = None
+
+    def mark(self) -> tuple:
+        """What `rewind` needs to take back the tiles added after this point."""
+        b = self.batch  # the open batch's fields: tiles change it in place
+        return tuple(map(len, self.streams.values())), b and (b.key, b.first, b.last, b.slot, b.requant), self.macs
+
+    def rewind(self, mark: tuple) -> None:
+        """Take back the tiles added since `mark`, for `finish`: the streams and the open batch
+        as they were (later tiles only append instructions; the rings' state is left, as no
+        tile follows)."""
+        lengths, batch, self.macs = mark
+        self.batch = batch and _Batch(*batch)
+        for stream, length in zip(self.streams.values(), lengths):
+            del stream[length:]
+
+    def size(self) -> int:
+        """Instructions of the section if it ended here (with its last store and halt)."""
+        return sum(map(len, self.streams.values())) + (self.batch is not None) + 1
+
+    def finish(self) -> tuple[tuple[Instruction, ...], int]:
+        """The section's program (ending in halt; none when timing) and its cycles."""
+        if self.batch is not None:
+            self._flush()
+        return schedule(self.streams, self.timing)

@@ -1,0 +1,222 @@
+"""One layer's sections: its DRAM tensors, the spans of output tiles whose program fits the
+program memory (a section each), their cycles (`timing`: scheduling only sections unlike those
+before, and reusing the cycles of layer signatures seen before), and its constants' DRAM
+contents; the residual add and layer norm on the vector unit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ..config import AccelConfig
+from ..isa import Buffer, Opcode, Unit
+from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode
+from .emit import Builder
+from .match import Layer, Residual, Unsupported
+from .schedule import Node, schedule
+from .tiling import Tiling, choose_tiling, tile_order
+from .weights import MAX_COUNT, Plan, weight_plan
+
+TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its sections (`timing`)
+
+
+def _tensors(layer: Layer, plan: Plan, config: AccelConfig) -> dict[str, DramTensor]:
+    """The layer's DRAM tensors by role (x, w, params, constants, out), regions unset."""
+    lead = (layer.batch,) if layer.kind != "linear" else ()
+    x = Layout.BINARY_ACTIVATIONS if plan.kind == "binary" else Layout.ACTIVATIONS
+    tensors = {"x": DramTensor((layer.x,), x, lead + (layer.m, layer.k), Region(0, 0))}
+    if layer.y:
+        tensors["w"] = DramTensor((layer.y,), Layout.WEIGHTS_T, lead + (layer.k, layer.n), Region(0, 0))
+    elif plan.kind == "dense":
+        tensors["w"] = DramTensor((layer.ops[0].operands[1],), Layout.WEIGHTS, (layer.n, layer.k), Region(0, 0))
+    else:
+        tensors["w"] = DramTensor((layer.ops[0].operands[1],), Layout.WEIGHT_STREAM, plan.stream.shape, Region(0, 0))
+    if not layer.softmax:
+        tensors["params"] = DramTensor(layer.param_values, Layout.PARAMS, (3, layer.n), Region(0, 0))
+    constants = layer.gelu or layer.softmax
+    if constants:
+        fused = layer.ops[-1].result
+        tensors["constants"] = DramTensor((fused,), Layout.PARAM_WORDS, (len(constants), config.cols), Region(0, 0))
+    out = Layout.ROWS if layer.softmax else Layout.OUTPUTS
+    tensors["out"] = DramTensor((layer.out,), out, lead + (layer.m, layer.n), Region(0, 0))
+    return tensors
+
+
+def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False) \
+        -> tuple[list[Section], list[tuple[Region, bytes]]]:
+    """The layer's sections, and its constants' DRAM contents (`timing`: sections with their
+    cycles only, no program, no contents)."""
+    plan = weight_plan(layer, config)
+    tiling = choose_tiling(layer, plan, config)
+    tensors = {}
+    try:
+        for role, t in _tensors(layer, plan, config).items():
+            words = dram_words(t.layout, t.shape, config)
+            tensors[role] = dataclasses.replace(t, region=allocator.allocate(words, f"{layer.out}'s {t.layout.value}"))
+    except ValueError as e:
+        raise Unsupported(f"the DRAM is full: {e}") from None
+    signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
+                 plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling)
+    if timing and signature in TIMINGS:
+        return [Section((), (), (), (), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
+    tiles = tile_order(layer, plan, tiling, config)
+    if len(TIMINGS) > 4096:
+        TIMINGS.clear()
+    if timing:
+        TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles)
+        return [Section((), (), (), (), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
+    spans = []  # (first tile, end tile, the builder of exactly those tiles)
+    while not spans or spans[-1][1] < len(tiles):
+        start = spans[-1][1] if spans else 0
+        spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start)))
+    inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
+    constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
+    sections = []
+    for first, end, builder in spans:
+        program, cycles = builder.finish()
+        batch = f"{layer.batch} x " if layer.kind != "linear" else ""
+        note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
+                f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
+                f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)")
+        sections.append(Section(tuple(o.result for o in layer.ops), inputs, constants, (tensors["out"],),
+                                program, builder.macs, cycles, note))
+    TIMINGS[signature] = tuple(section.cycles for section in sections)
+    images = []
+    if not layer.y:
+        stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
+            encode(Layout.WEIGHT_STREAM, plan.stream, config)
+        images.append((tensors["w"].region, stream))
+    if "params" in tensors:
+        params = layer.params.copy()
+        if plan.kind == "binary":  # the padding bits of the last packed word add +1 each
+            params[0] -= plan.a_words * config.data_bits - layer.k
+        images.append((tensors["params"].region, encode(Layout.PARAMS, params, config)))
+    if "constants" in tensors:
+        words = np.repeat(np.asarray(layer.gelu or layer.softmax, np.int64)[:, None], config.cols, axis=1)
+        images.append((tensors["constants"].region, encode(Layout.PARAM_WORDS, words, config)))
+    return sections, images
+
+
+def _span(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+          tiles: list[tuple[int, int, int]], start: int, timing: bool = False) -> tuple[int, "Builder"]:
+    """The section from tile `start`: as many tiles as its program memory holds. Returns the
+    end tile and the builder of exactly tiles[start:end]."""
+    builder = Builder(layer, plan, tiling, tensors, config, timing)
+    for end in range(start, len(tiles)):
+        mark = builder.mark()
+        builder.tile(*tiles[end])
+        if builder.size() > config.imem_depth:
+            if end == start:
+                raise Unsupported(f"one output tile takes {builder.size()} instructions, "
+                                  f"the program memory holds {config.imem_depth}")
+            builder.rewind(mark)
+            return end, builder
+    return len(tiles), builder
+
+
+def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, int, int]],
+              classes: list[int]) -> tuple:
+    """What the instructions of a section of `tiles` and their timing depend on, addresses
+    aside, tile by tile: its product, row block and column tile numbered by first appearance
+    (the keys of the rings and batches), the step from the previous row block, the row
+    block's parity and rows, the column tile's chunk structure (`classes`) and whether it is
+    the last. A prefix of the tiles has a prefix of the key."""
+    names: dict[tuple, int] = {}
+    last_n = math.ceil(layer.n / config.cols) - 1
+    key, previous = [], None
+    for b, m, n in tiles:
+        ids = tuple(names.setdefault(k, len(names)) for k in (("b", b), ("m", b, m), ("n", b, n), ("p", n)))
+        rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
+        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n))
+        previous = m
+    return tuple(key)
+
+
+def _span_cycles(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+                 tiles: list[tuple[int, int, int]]) -> tuple[int, ...]:
+    """The cycles of each section `compile_layer` cuts the layer into, scheduling only sections
+    unlike those before: one whose tiles have the `_span_key` of a section already scheduled,
+    and whose next tile has it too (so it ends where that one did), takes its cycles."""
+    structures: dict[tuple, int] = {}
+    classes = [structures.setdefault(tuple((c.words, c.k, c.steps) for c in chunks), len(structures))
+               for chunks in plan.tiles]
+    seen: dict[tuple, tuple[tuple | None, int]] = {}  # a section's key -> (key with its next tile, cycles)
+    cycles: list[int] = []
+    start = length = 0
+    while start < len(tiles):
+        if length:
+            end = min(start + length, len(tiles))
+            key = _span_key(layer, plan, config, tiles[start:end + 1], classes)
+            hit = seen.get(key[:end - start])
+            if hit is not None and (end == len(tiles) or hit[0] == key):
+                cycles.append(hit[1])
+                start = end
+                continue
+        end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, timing=True)
+        key = _span_key(layer, plan, config, tiles[start:end + 1], classes)
+        seen[key[:end - start]] = (key if end < len(tiles) else None, builder.finish()[1])
+        cycles.append(seen[key[:end - start]][1])
+        start, length = end, end - start
+    return tuple(cycles)
+
+
+def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelConfig) \
+        -> tuple[list[Section], list[tuple[Region, bytes]]]:
+    """The residual add and layer norm, row by row on the vector unit: chunks of rows of both
+    operands load into OBUF, per row vresadd into PBUF and vlayernorm back into OBUF, a store
+    per chunk; two slots of everything, so the next chunk loads while this one runs."""
+    words = math.ceil(layer.n / config.cols)
+    count = len(layer.constants)
+    chunk = min(layer.m, (config.obuf_depth // (6 * words)), MAX_COUNT // words)
+    if chunk < 1 or count + 2 * words > config.pbuf_depth:
+        raise Unsupported(f"rows of {layer.n} values do not fit OBUF (6 x {words} words) or PBUF "
+                          f"({count} words of constants and 2 x {words})")
+    shape = (layer.m, layer.n)
+    try:
+        tensors = {role: DramTensor((value,), lay, shp, allocator.allocate(dram_words(lay, shp, config),
+                                                                           f"{layer.out}'s {role}"))
+                   for role, value, lay, shp in (("a", layer.a, Layout.ROWS, shape), ("b", layer.b, Layout.ROWS, shape),
+                                                 ("constants", layer.ops[-1].result, Layout.PARAM_WORDS,
+                                                  layer.constants.shape), ("out", layer.out, Layout.ROWS, shape))}
+    except ValueError as e:
+        raise Unsupported(f"the DRAM is full: {e}") from None
+    beats = config.beats(Buffer.OBUF)
+    per_section = max(1, (config.imem_depth - 8) // (2 * chunk + 4)) * chunk  # rows whose program fits
+    sections = []
+    for first in range(0, layer.m, per_section):
+        streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
+
+        def add(node: Node) -> Node:
+            node.index = len(streams[node.unit])
+            streams[node.unit].append(node)
+            return node
+
+        base = config.pbuf_depth - count
+        const = add(Node(Opcode.LOAD, [], config, buf=Buffer.PBUF, addr=base, count=count,
+                         dram=tensors["constants"].region.start))
+        readers: list[Node | None] = [None, None]  # the last vresadd reading each input slot
+        stores: list[Node | None] = [None, None]
+        for i, low in enumerate(range(first, min(layer.m, first + per_section), chunk)):
+            rows, slot = min(chunk, layer.m - low), i % 2
+            a_at, b_at, out_at = ((2 * k + slot) * chunk * words for k in range(3))
+            loads = [add(Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.OBUF, addr=at, count=rows * words,
+                              dram=tensors[role].region.start + low * words * beats))
+                     for role, at in (("a", a_at), ("b", b_at))]
+            norm = None
+            for r in range(rows):
+                deps = loads + [const] if r == 0 else []
+                readers[slot] = add(Node(Opcode.VRESADD, deps, config, dst=(r % 2) * words, a=a_at + r * words,
+                                         b=b_at + r * words, n=words, param=base))
+                norm = add(Node(Opcode.VLAYERNORM, [stores[slot]] if r == 0 else [], config, dst=out_at + r * words,
+                                a=(r % 2) * words, n=words, len=layer.n, param=base + 7))
+            stores[slot] = add(Node(Opcode.STORE, [norm], config, buf=Buffer.OBUF, addr=out_at, count=rows * words,
+                                    dram=tensors["out"].region.start + low * words * beats))
+        program, cycles = schedule(streams)
+        end = min(layer.m, first + per_section)
+        note = (f"{' -> '.join(o.result for o in layer.ops)}: rows {first}..{end - 1} of {layer.m}, N={layer.n}, "
+                f"residual add and layer norm on the vector unit, {chunk} rows per chunk")
+        sections.append(Section(tuple(o.result for o in layer.ops), (tensors["a"], tensors["b"]),
+                                (tensors["constants"],), (tensors["out"],), program, 0, cycles, note))
+    return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))]

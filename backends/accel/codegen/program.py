@@ -1,0 +1,84 @@
+"""A graph's accelerator program: `generate` (every layer `match` finds, compiled to sections;
+the other ops host ops with their reason) and `timing` (its cycles without building it)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+
+from tcc.ir.graph import Graph
+
+from ..config import AccelConfig
+from ..layout import AccelProgram, DramAllocator, HostOp, Region, Section
+from .layer import compile_layer, compile_residual
+from .match import MATCHERS, Residual, Unsupported, host_reason
+
+
+def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
+    """Compile the quantized linear chains of `graph` to accelerator sections for `config`
+    (default `AccelConfig()`); every other op is a host op with its reason."""
+    return _generate(graph, config or AccelConfig(), timing=False)
+
+
+def timing(graph: Graph, config: AccelConfig) -> tuple[int, tuple[HostOp, ...]]:
+    """What `generate` would give without building it: the cycles of all its sections (the ISA
+    timing, equal to the ISA simulator's and the RTL's) and its host ops. Sections whose layer
+    has the shape, weight structure and tiling of one seen before take that one's cycles
+    (timing does not depend on addresses or values), and no weight is encoded: the cost
+    model's fast path."""
+    program = _generate(graph, config, timing=True)
+    return sum(s.cycles for s in program.sections), program.host_ops
+
+
+@contextlib.contextmanager
+def _without_cycle_collection():
+    """The builders allocate hundreds of thousands of small objects, none in a reference cycle
+    (refcounting frees them): the cyclic collector's passes over every live object of the
+    process would cost as much as building."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _generate(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
+    with _without_cycle_collection():
+        return _generate_sections(graph, config, timing)
+
+
+def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
+    allocator = DramAllocator(config)
+    sections: list[Section] = []
+    images: list[tuple[Region, bytes]] = []
+    why: dict[str, str] = {}
+    placed: set[str] = set()
+    users = graph.users()
+    for op in graph.ops:
+        if op.kind not in MATCHERS or op.result in placed:
+            continue
+        layer = MATCHERS[op.kind](op, graph, users, config)
+        if isinstance(layer, str):
+            why[op.result] = layer
+            continue
+        start = allocator.used
+        try:
+            if isinstance(layer, Residual):
+                layer_sections, constants = compile_residual(layer, allocator, config)
+            else:
+                layer_sections, constants = compile_layer(layer, allocator, config, timing)
+        except Unsupported as e:
+            allocator.used = start
+            why[op.result] = str(e)
+            continue
+        sections.extend(layer_sections)
+        images.extend(constants)
+        placed.update(o.result for o in layer.ops)
+    dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
+    for region, data in images:
+        dram[region.byte_slice(config)] = data
+    host = tuple(HostOp(op.kind, op.result, why.get(op.result) or host_reason(op, why))
+                 for op in graph.ops if op.result not in placed)
+    return AccelProgram(config, tuple(sections), host, bytes(dram))

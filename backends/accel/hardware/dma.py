@@ -1,0 +1,146 @@
+"""The DMA engines between DRAM and the buffers, and the DRAM a program reaches.
+
+DRAM lies outside the design: each cycle the design drives `dram_raddr` (with `dram_re`) and
+receives in `dram_rdata` the word at the address it requested in the previous cycle (a
+registered read); it writes with `dram_we/dram_waddr/dram_wdata` (applied at the end of the
+cycle). A buffer word moves as `AccelConfig.beats` DRAM words, low bits first."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pyrtl import Const, Output, Register, WireVector, concat_list, mux, select
+
+from ..config import AccelConfig
+from ..isa import Buffer, Opcode, Unit
+from .circuits import const_mul, fit, nonzero
+
+if TYPE_CHECKING:
+    from .core import Builder
+
+DRAM_ADDR_BITS = 32
+
+
+def load_engine(builder: Builder):
+    """The load engine: requests beat j at k = L-1+j (k: cycles since issue), receives it at
+    k = L+j, writes a buffer word when its last beat arrives."""
+    cfg, mems, f = builder.cfg, builder.mems, builder.f
+    D, L, dma_width = cfg.dram_bits, cfg.dram_latency, builder.dma_width
+    iss = builder.issue_u[Unit.LOAD]
+    busy, idle = builder.busy(Unit.LOAD, Const(L, dma_width) + _transfer_beats(builder, Opcode.LOAD), dma_width)
+    sig = builder.held(Unit.LOAD, "load_sig", builder.sigm)
+    o_raddr, o_re = Output(DRAM_ADDR_BITS, "dram_raddr"), Output(1, "dram_re")
+
+    lw = max(1, (L - 1).bit_length())
+    l_wait, l_left = Register(lw, "ld_wait"), Register(dma_width, "ld_left")
+    l_addr = Register(DRAM_ADDR_BITS, "ld_dram")
+    eff_wait = select(iss, Const(L - 1, lw), l_wait)
+    eff_left = fit(select(iss, _transfer_beats(builder, Opcode.LOAD), l_left), dma_width)
+    eff_addr = fit(select(iss, f(Opcode.LOAD, "dram"), l_addr), DRAM_ADDR_BITS)
+    request = (eff_wait == 0) & nonzero(eff_left)
+    l_wait.next <<= fit(select(eff_wait == 0, Const(0, lw), eff_wait - 1), lw)
+    l_left.next <<= fit(select(request, eff_left - 1, eff_left), dma_width)
+    l_addr.next <<= fit(select(request, eff_addr + 1, eff_addr), DRAM_ADDR_BITS)
+    o_raddr <<= eff_addr
+    o_re <<= request
+
+    rvalid = Register(1, "ld_rvalid")
+    rvalid.next <<= request
+    max_beats = max(cfg.beats(b) for b in Buffer)
+    bw = max(1, (max_beats - 1).bit_length())
+    l_buf, l_beat = Register(2, "ld_buf"), Register(bw, "ld_beat")
+    l_waddr = Register(16, "ld_waddr")
+    last_beat = l_beat == fit(_beats_of(builder, l_buf, 1), bw)
+    word_done = rvalid & last_beat
+    l_buf.next <<= select(iss, f(Opcode.LOAD, "buf"), l_buf)
+    l_beat.next <<= fit(select(iss | word_done, Const(0, bw), select(rvalid, l_beat + 1, l_beat)), bw)
+    l_waddr.next <<= fit(select(iss, f(Opcode.LOAD, "addr"), select(word_done, l_waddr + 1, l_waddr)), 16)
+    parts = []
+    for p in range(max_beats - 1):
+        r = Register(D, f"ld_beat{p}")
+        r.next <<= select(rvalid & (l_beat == p), builder.dram_rdata, r)
+        parts.append(r)
+    for b in Buffer:
+        word = concat_list(parts[:cfg.beats(b) - 1] + [builder.dram_rdata])
+        mems[b].write("load", l_waddr, fit(word, cfg.word_bits(b)), word_done & (l_buf == int(b)))
+    return idle, busy == 1, sig
+
+
+def store_engine(builder: Builder):
+    """The store engine: presents buffer word w at k = L-1+w*beats, writes beat j at k = L+j."""
+    cfg, mems, f = builder.cfg, builder.mems, builder.f
+    D, L, dma_width = cfg.dram_bits, cfg.dram_latency, builder.dma_width
+    iss = builder.issue_u[Unit.STORE]
+    busy, idle = builder.busy(Unit.STORE, Const(L, dma_width) + _transfer_beats(builder, Opcode.STORE), dma_width)
+    sig = builder.held(Unit.STORE, "store_sig", builder.sigm)
+    o_we, o_waddr = Output(1, "dram_we"), Output(DRAM_ADDR_BITS, "dram_waddr")
+    o_wdata = Output(D, "dram_wdata")
+
+    sw = L.bit_length()
+    bw = max(1, (max(cfg.beats(b) for b in Buffer) - 1).bit_length())
+    s_wait, s_left = Register(sw, "st_wait"), Register(dma_width, "st_left")
+    s_beat, s_rptr = Register(bw, "st_beat"), Register(16, "st_rptr")
+    s_buf, s_daddr = Register(2, "st_buf"), Register(DRAM_ADDR_BITS, "st_dram")
+    eff_wait = select(iss, Const(L, sw), s_wait)
+    eff_left = fit(select(iss, _transfer_beats(builder, Opcode.STORE), s_left), dma_width)
+    eff_beat = select(iss, Const(0, bw), s_beat)
+    eff_rptr = select(iss, f(Opcode.STORE, "addr"), s_rptr)
+    eff_buf = select(iss, f(Opcode.STORE, "buf"), s_buf)
+    writing = (eff_wait == 0) & nonzero(eff_left)
+    last_in_word = eff_beat == fit(_beats_of(builder, eff_buf, 1), bw)
+    next_left = fit(select(writing, eff_left - 1, eff_left), dma_width)
+    present = (writing & last_in_word & nonzero(next_left)) | (~writing & (eff_wait == 1) & nonzero(eff_left))
+    s_wait.next <<= fit(select(eff_wait == 0, Const(0, sw), eff_wait - 1), sw)
+    s_left.next <<= next_left
+    s_beat.next <<= fit(select(writing, select(last_in_word, Const(0, bw), eff_beat + 1), eff_beat), bw)
+    s_rptr.next <<= fit(select(present, eff_rptr + 1, eff_rptr), 16)
+    s_buf.next <<= eff_buf
+    s_daddr.next <<= fit(select(iss, f(Opcode.STORE, "dram"), select(writing, s_daddr + 1, s_daddr)),
+                         DRAM_ADDR_BITS)
+    beat_data = []
+    for b in Buffer:
+        m = mems[b]
+        m.read("store", select(present, fit(eff_rptr, m.aw), m.addr["store"]))
+        word = fit(m.data["store"], cfg.beats(b) * D)
+        slices = [word[j * D:(j + 1) * D] for j in range(cfg.beats(b))]
+        beat_data.append(slices[0] if len(slices) == 1 else mux(s_beat, *slices, default=Const(0, D)))
+    o_we <<= writing
+    o_waddr <<= s_daddr
+    o_wdata <<= mux(s_buf, *beat_data)
+    return idle, busy == 1, sig
+
+
+def _beats_of(builder: Builder, buf: WireVector, minus: int = 0) -> WireVector:
+    return mux(buf, *[Const(builder.cfg.beats(b) - minus, 16) for b in Buffer])
+
+
+def _transfer_beats(builder: Builder, o: Opcode) -> WireVector:
+    """count * beats(buf) of the DMA instruction in `ir`."""
+    count, buf = builder.f(o, "count"), builder.f(o, "buf")
+    return mux(buf, *[const_mul(count, builder.cfg.beats(b), builder.dma_width) for b in Buffer])
+
+
+def dram_extent(program, config: AccelConfig) -> int:
+    """DRAM words [0, extent) cover every address `program` touches."""
+    end = 0
+    for instr in program:
+        for space, _first, last, _writes in instr.accesses(config):
+            if space == "DRAM":
+                end = max(end, last)
+    return end
+
+
+def dram_image(program, config: AccelConfig, dram) -> tuple[bytearray, int]:
+    """The DRAM as a bytearray of whole words, grown to cover the program; and the byte
+    length to hand back."""
+    if dram is None:
+        dram = b""
+    image = np.frombuffer(bytes(dram), np.uint8) if isinstance(dram, (bytes, bytearray)) else \
+        np.asarray(dram, dtype=np.uint8).ravel()
+    word = config.dram_bits // 8
+    size = max(len(image), dram_extent(program, config) * word)
+    words = -(-size // word)
+    buf = bytearray(words * word)
+    buf[:len(image)] = image.tobytes()
+    return buf, size

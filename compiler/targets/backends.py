@@ -1,0 +1,93 @@
+"""The backends by `Target.backend`: each builds an artifact's backend files from the graph
+lowered for the target (`BACKENDS[target.backend](graph, target, examples=..., synth=...)`).
+
+- `reference`: the CPU / GPU runtime executes the IR itself: no files beyond the graph.
+- `accel`: the accelerator program (sections, instruction stream, DRAM image), the Verilog of
+  the accelerator with a testbench and a synthesis script, and optionally yosys' resource
+  counts (`synth`, failing when the design does not fit the part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.hardware import dram_extent
+from tcc.backends.accel.isa import Instruction, Opcode
+from tcc.backends.accel.layout import AccelProgram
+from tcc.backends.accel.verilog import hardware_files, synthesize
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
+from tcc.runtime.accel_executor import AccelExecutor, cycle_bound
+from tcc.runtime.artifact import BACKEND_DIR
+
+from .target import Target
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a backend built: files by their path in the artifact, what the manifest says of
+    them, and the accelerator program (for the report) where there is one."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    program: AccelProgram | None = None
+
+
+def build_reference(graph: Graph, target: Target, *, examples: Mapping[str, np.ndarray], synth: bool = False) -> Built:
+    """The reference runtime runs the artifact's graph as it is."""
+    return Built()
+
+
+def build_accel(graph: Graph, target: Target, *, examples: Mapping[str, np.ndarray], synth: bool = False) -> Built:
+    """The accelerator program of `graph` for `target.accel`, the hardware files and the resources
+    (the estimate; yosys' counts with `synth`, else the catalog's record of an unchanged config)."""
+    program = generate(graph, target.accel)
+    files = {f"{BACKEND_DIR}/{name}": data for name, data in program.to_files().items()}
+    files |= {f"{BACKEND_DIR}/rtl/{name}": data for name, data in _hardware_files(graph, program, examples,
+                                                                                   target).items()}
+    manifest = {"sections": len(program.sections),
+                "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops],
+                "resources_estimate": target.accel.estimate_resources()}
+    if synth:
+        manifest["synthesis"] = _synthesize(target)
+    elif target.synthesis:
+        manifest["synthesis"] = dict(target.synthesis, source="catalog")
+    return Built(files, manifest, program)
+
+
+Backend = Callable[..., Built]
+BACKENDS: dict[str, Backend] = {"reference": build_reference, "accel": build_accel}
+
+
+def _hardware_files(graph: Graph, program: AccelProgram, examples: Mapping[str, np.ndarray],
+                    target: Target) -> dict[str, bytes]:
+    """accel.v, synth.ys and a testbench running the first section on the DRAM it starts from
+    with the example inputs (its image without them; just `halt` without a section)."""
+    config = program.config
+    if not program.sections:
+        return hardware_files((Instruction.make(Opcode.HALT),), config, b"", 16, target.part.family)
+    section, dram = program.sections[0].program, program.dram
+    if len(examples) == len(graph.inputs):
+        section, dram = AccelExecutor(graph, program).section_runs(
+            *(examples[n] for n in graph.input_names), first=1)[0]
+    extent = dram_extent(section, config) * (config.dram_bits // 8)
+    return hardware_files(section, config, dram[:extent], cycle_bound(section, config), target.part.family)
+
+
+def _synthesize(target: Target) -> dict:
+    """Yosys resource counts of the target's accelerator; an error if they exceed the part."""
+    config = target.accel
+    try:
+        used = synthesize(config, part_family=target.part.family)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise TccError(f"--synth: {e}") from None
+    used.pop("cells")
+    try:
+        target.part.check_fits(used, f"the {config.rows}x{config.cols} accelerator", "yosys")
+    except TccError as e:
+        raise TccError(f"--synth: {e}") from None
+    return used

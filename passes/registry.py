@@ -1,0 +1,20 @@
+"""The explicit registry of every pass by name (`PASSES`); a test checks it lists each pass."""
+
+from __future__ import annotations
+
+from .base import Pass
+from .binarize import Binarize
+from .block_prune import BlockPrune
+from .canonicalize import Canonicalize
+from .dce import DeadCodeElimination
+from .decompose_attention import DecomposeAttention
+from .fold_constants import FoldConstants
+from .hp_prune import HPPrune
+from .int_nonlinear import IntNonlinear
+from .quantize import Quantize
+from .select_device import SelectDevice
+from .select_format import SelectFormat
+
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
+    FoldConstants, DeadCodeElimination, Canonicalize, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
+    IntNonlinear, SelectFormat, SelectDevice)}

@@ -60,13 +60,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            train_data=args.train_data, calib_data=args.calib_data, eval_data=args.data,
                            progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file,
                            lc=args.lc, ac=args.ac, settings=args.settings)
-    if not args.quiet:
-        for line in artifact.notes:
-            print(f"  {printable(line)}")
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
-        for line in artifact.manifest["pass_log"]:
+        for line in (*artifact.manifest["pass_log"], *artifact.notes):  # notes: what this machine decided
             print(f"  {printable(line)}")
     print(printable(f"compiled {artifact.manifest['source']} for {artifact.manifest['target']['name']}: {summary} -> "
                     f"{path}"))

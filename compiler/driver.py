@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from tcc.ir.errors import TccError
-from tcc.passes import Dataset, Pass, PassContext, format_pipeline, parse_pipeline, run_pipeline
-from tcc.runtime.artifact import Artifact
+from tcc.passes import Pass, PassContext, format_pipeline, parse_pipeline, run_pipeline
+from tcc.runtime.artifact import Artifact, WeightsFile
 from tcc.runtime.torch_executor import TorchExecutor
 
 from ._version import __version__
@@ -202,6 +202,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         **({"accel": built.manifest} if built.manifest else {}),
     }
     step("report")
+    weights = WeightsFile(graph)  # hashed in a thread while the prices and the report are made
     offered = {**catalog, compiled_for.name: compiled_for}
     costs = price_all(graph, offered, devices, after=resolved.passes)
     paths = source_paths(model, {"train": train_data, "calib": calib_data, "eval": eval_data})
@@ -212,4 +213,4 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     _log.info("compiled for %s in %.2f s", compiled_for.name, time.perf_counter() - start)
     notes = ((f"--target auto: {resolved.selection.reason}",) if resolved.selection else ()) + tuple(ctx.measured)
     return Artifact(graph, signature.to_json(), manifest, arrays, built.files, report_files=report_files,
-                    measured_files=measured_files, notes=notes)
+                    measured_files=measured_files, notes=notes, weights_file=weights)

@@ -29,7 +29,7 @@ import torch
 
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
-from tcc.runtime.torch_executor import TORCH_DTYPES
+from tcc.runtime.torch_dtypes import TORCH_DTYPES
 
 from .export_archive import read_export_archive
 

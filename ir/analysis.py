@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import collections
+import weakref
 
 import numpy as np
 
 from .graph import Graph, Op
+
+_NONZEROS: dict[int, tuple[weakref.ref, int]] = {}  # id of a read-only array -> (the array, its count)
+
+
+def nonzeros(array: np.ndarray) -> int:
+    """`np.count_nonzero(array)`; for a read-only array (a graph's constants are frozen) counted
+    once and remembered while the array lives: select-format, the cost model and the report all
+    ask of every weight."""
+    if array.flags.writeable:
+        return int(np.count_nonzero(array))
+    key = id(array)
+    known = _NONZEROS.get(key)
+    if known is not None and known[0]() is array:
+        return known[1]
+    count = int(np.count_nonzero(array))
+    _NONZEROS[key] = (weakref.ref(array, lambda _ref, key=key: _NONZEROS.pop(key, None)), count)
+    return count
 
 
 def last_uses(graph: Graph) -> dict[int, tuple[str, ...]]:
@@ -93,7 +111,7 @@ def describe(graph: Graph) -> dict:
     constants = []
     for name, t in graph.constants:
         array = graph.weights[name]
-        sparsity = float(1.0 - np.count_nonzero(array) / array.size) if array.size else 0.0
+        sparsity = float(1.0 - nonzeros(array) / array.size) if array.size else 0.0
         stored = -(-t.encoding.footprint(array, t.dtype)[0] // 8)  # = the encoded size, without encoding
         constants.append({"name": name, "shape": list(t.shape), "dtype": t.dtype.value,
                           "encoding": str(t.encoding).lstrip("#"),

@@ -51,8 +51,7 @@ class BlockPrune(Pass, LayerOptions, TrainingOptions):
         bh, bw = self.block or ctx.tile
         structure = NM(*self.nm) if self.nm is not None else Blocks(bh, bw)
         types = graph.types
-        choice = self.layer_choice(graph, self.name).skip(
-            lambda layer: f"already {structure}" if types[layer.weight].sparsity == structure else None)
+        choice = self.layers_to_structure(graph, self.name, structure)
         layers = choice.chosen
         if not layers:
             for note in choice.notes("pruned"):

@@ -19,10 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 
 from tcc.ir.encoding import Dense
-from tcc.ir.analysis import op_flops
+from tcc.ir.analysis import nonzeros, op_flops
 from tcc.ir.graph import Graph, Op
 
 KINDS = ("cpu", "gpu", "fpga")
@@ -104,7 +103,7 @@ def _stored_bytes(graph: Graph) -> dict[str, int]:
 
 def _density(graph: Graph, name: str) -> float:
     array = graph.weights[name]
-    return float(np.count_nonzero(array)) / array.size if array.size else 1.0
+    return nonzeros(array) / array.size if array.size else 1.0
 
 
 SPARSE_EFFICIENCY = 0.3  # sparse kernels (CSR / BSR) reach about this fraction of the dense rate per non-zero

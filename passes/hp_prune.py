@@ -69,8 +69,7 @@ class HPPrune(Pass, LayerOptions, TrainingOptions):
         row_nnz, density, keep_fraction = self.plan(bw)
         structure = Hierarchical(bh, bw, row_nnz)
         types = graph.types
-        choice = self.layer_choice(graph, self.name).skip(
-            lambda layer: f"already {structure}" if types[layer.weight].sparsity == structure else None)
+        choice = self.layers_to_structure(graph, self.name, structure)
         names = choice.names
         if not names:
             for note in choice.notes("pruned"):

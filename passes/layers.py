@@ -306,5 +306,12 @@ class LayerOptions:
         return choose_layers(graph, self.layers, keep_head=self.keep_head, keep_input=self.keep_input,
                              pass_name=pass_name)
 
+    def layers_to_structure(self, graph: Graph, pass_name: str, structure: object) -> LayerChoice:
+        """`layer_choice` without the weights that already have `structure` (a pruning pass run
+        again leaves them as they are, and says so)."""
+        types = graph.types
+        return self.layer_choice(graph, pass_name).skip(
+            lambda layer: f"already {structure}" if types[layer.weight].sparsity == structure else None)
+
     def chosen_layers(self, graph: Graph, pass_name: str) -> list[Layer]:
         return list(self.layer_choice(graph, pass_name).chosen)

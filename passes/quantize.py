@@ -175,7 +175,7 @@ class Quantize(Pass):
         """Why the linears on `layer`'s weight stay as they are (None: this pass rewrites one)."""
         if any(op.result in targets or op.result in dequantized_acc for op in layer.ops):
             return None
-        types, constants = graph.types, set(graph.constant_names)
+        types = graph.types
         op = layer.ops[0]
         if not types[layer.weight].dtype.is_float:
             return f"{types[layer.weight].dtype} weights, already integer"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tcc.ir.analysis import nonzeros
 from tcc.ir.dtypes import DType
 from tcc.ir.encoding import BSR, DENSE, ENCODINGS, HP, NM, Encoding
 from tcc.ir.errors import TccError
@@ -106,7 +107,7 @@ class SelectFormat(Pass):
         return encoding
 
     def _cheapest(self, t: TensorType, array: np.ndarray, block, ctx: PassContext) -> Encoding:
-        nnz = int(np.count_nonzero(array))
+        nnz = nonzeros(array)
         if t.dtype is not DType.B1 and nnz == array.size:
             return DENSE  # nothing to skip: every other candidate stores more and works more
         best, best_cost = DENSE, None

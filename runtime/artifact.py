@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -45,7 +46,8 @@ from tcc.backends.accel.layout import AccelProgram
 from .accel_executor import AccelExecutor
 from .numpy_executor import NumpyExecutor
 from .outputs import output_error, probe, publish, staging_dir
-from .torch_executor import TORCH_DTYPES, TorchExecutor, resolve_device
+from .torch_dtypes import TORCH_DTYPES
+from .torch_executor import TorchExecutor, resolve_device
 
 FORMAT = "tcc-artifact"
 FORMAT_VERSION = 3  # 3: no plan.json (the executors schedule the graph themselves)
@@ -78,6 +80,7 @@ class Artifact:
     measured_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # measured/*: unhashed
     # what the compile found on this machine, for the user (a selection's reason, select-device's latencies)
     notes: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    weights_file: WeightsFile | None = field(default=None, repr=False, compare=False)  # of `graph`, being hashed
 
     # -- running ------------------------------------------------------------------------------
     def executor(self, on: str):
@@ -160,6 +163,12 @@ class Artifact:
         return tuple(outputs)
 
     # -- persistence ----------------------------------------------------------------------------
+    def _weights_file(self) -> WeightsFile:
+        """The weights file of `graph`: the one the compiler started hashing, if still `graph`'s."""
+        if self.weights_file is None or self.weights_file.graph is not self.graph:
+            self.weights_file = WeightsFile(self.graph)
+        return self.weights_file
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: build it beside `path`, then move it into
         place in one step (see `tcc.runtime.outputs`). An existing tcc artifact at `path` is
@@ -171,7 +180,7 @@ class Artifact:
             with staging_dir(path.parent) as staging:
                 hashes = {
                     "graph.tcc": _write(staging / "graph.tcc", print_graph(self.graph).encode()),
-                    WEIGHTS: _write_weights(staging / WEIGHTS, self.graph),
+                    WEIGHTS: self._weights_file().write(staging / WEIGHTS),
                 }
                 if self.example_inputs:
                     hashes["example_inputs.npz"] = _write_npz(staging / "example_inputs.npz", self.example_inputs)
@@ -270,28 +279,48 @@ _SAFETENSORS_DTYPES = {np.dtype(k): v for k, v in (("float64", "F64"), ("float32
                                                    ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"))}
 
 
-def _write_weights(file: Path, graph: Graph) -> str:
-    """Write the safetensors file of `graph`'s constants in their encodings; its sha256.
-
-    The file is streamed: the header (keys sorted, padded with spaces to 8 bytes, as the format
-    allows), then each buffer's bytes straight from its array, little-endian. (The safetensors
+class WeightsFile:
+    """The safetensors file of `graph`'s constants in their encodings, as the chunks to write:
+    the header (keys sorted, padded with spaces to 8 bytes, as the format allows), then each
+    buffer's bytes straight from its array, little-endian. Its sha256 is computed in a thread
+    from construction on (hashlib releases the GIL), so the compiler, which builds it as soon as
+    the graph is final, has it hashed by the time the artifact is saved. (The safetensors
     package serializes the whole file in memory first, copying every weight twice; its reader
-    checks what is written here.) Write errors, a full disk, are OSErrors."""
-    arrays, header, offset = [], {}, 0
-    metadata = {}
-    for name, _ in graph.constants:
-        enc = graph.encoded(name)
-        for buffer, data in enc.buffer_arrays().items():
-            data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-            header[f"{name}/{buffer}"] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
-                                          "data_offsets": [offset, offset + data.nbytes]}
-            arrays.append(data)
-            offset += data.nbytes
-        metadata[name] = json.dumps(enc.lengths())
-    header["__metadata__"] = metadata
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text = text.ljust(-(-len(text) // 8) * 8)
-    return _write(file, len(text).to_bytes(8, "little"), text, *(memoryview(a).cast("B") for a in arrays if a.nbytes))
+    checks what is written here.)"""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        arrays, header, offset, metadata = [], {}, 0, {}
+        for name, _ in graph.constants:
+            enc = graph.encoded(name)
+            for buffer, data in enc.buffer_arrays().items():
+                data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+                header[f"{name}/{buffer}"] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
+                                              "data_offsets": [offset, offset + data.nbytes]}
+                arrays.append(data)
+                offset += data.nbytes
+            metadata[name] = json.dumps(enc.lengths())
+        header["__metadata__"] = metadata
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text = text.ljust(-(-len(text) // 8) * 8)
+        self.chunks = (len(text).to_bytes(8, "little"), text,
+                       *(memoryview(a).cast("B") for a in arrays if a.nbytes))
+        hashing = concurrent.futures.ThreadPoolExecutor(1)
+        self._digest = hashing.submit(self._sha256)
+        hashing.shutdown(wait=False)
+
+    def _sha256(self) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.chunks:
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def write(self, file: Path) -> str:
+        """Write the file to a new `file`; its sha256. Write errors, a full disk, are OSErrors."""
+        with open(file, "xb") as f:
+            for chunk in self.chunks:
+                f.write(chunk)
+        return self._digest.result()
 
 
 def _read_weights(file: Path, graph: Graph) -> Graph:

@@ -27,7 +27,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 
 from .encoded_linear import TorchEncodedLinear, accumulator
-from .torch_dtypes import TORCH_DTYPES, dtype_from_torch  # noqa: F401 - dtype_from_torch: imported from here too
+from .torch_dtypes import TORCH_DTYPES
 
 
 def _slice(x, dim, start, end, step):

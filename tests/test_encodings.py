@@ -288,3 +288,16 @@ def test_bit_flips_give_a_clear_error_or_a_well_formed_tensor(case, encoding, da
     except ValueError:
         return
     assert encoding.decode(loaded).shape == array.shape
+
+
+def test_nonzeros_remembers_frozen_arrays_only():
+    """`nonzeros` counts once per read-only array (a graph's constants), never a writable one:
+    a write after a count is seen."""
+    from tcc.ir.analysis import nonzeros
+    array = np.array([[0.0, 1.0], [2.0, 0.0]], np.float32)
+    assert nonzeros(array) == 2
+    array[0, 0] = 5.0
+    assert nonzeros(array) == 3
+    frozen = array.copy()
+    frozen.flags.writeable = False
+    assert nonzeros(frozen) == nonzeros(frozen) == 3 and nonzeros(np.zeros(4)) == 0

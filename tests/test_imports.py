@@ -257,5 +257,5 @@ def test_docs_generator_is_not_in_the_package():
 if __name__ == "__main__":
     found = import_cycles()
     for cycle in found:
-        print(("  (in flux) " if _in_flux(cycle) else "  ") + " -> ".join(cycle))
-    print(f"{len(found)} cycles, {sum(not _in_flux(c) for c in found)} outside the modules in flux")
+        print("  " + " -> ".join(cycle))
+    print(f"{len(found)} cycles")

@@ -14,7 +14,8 @@ import torch
 
 from tcc.ir import OPS, REFERENCE, DType, GraphBuilder, TensorType, tensor, verify
 from tcc.runtime.numpy_executor import NumpyExecutor
-from tcc.runtime.torch_executor import _CREATES_TENSORS, TORCH_DTYPES, TORCH_KERNELS, TorchExecutor
+from tcc.runtime.torch_dtypes import TORCH_DTYPES
+from tcc.runtime.torch_executor import _CREATES_TENSORS, TORCH_KERNELS, TorchExecutor
 
 RTOL = 1e-5
 ATOL = 1e-6

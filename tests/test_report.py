@@ -12,8 +12,11 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
 
 import tcc
 from conftest import need
@@ -127,6 +130,19 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
             in _section(page, "accuracy"))
     assert "No device selection ran" in _section(page, "selection")
     assert 'id="accelerator"' not in page
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 300), st.integers(1, 300))), st.integers(1, 40))
+def test_density_cells_are_the_share_of_non_zeros_of_each_block(mask, cells):
+    """Against a direct count: blocks of ceil(n / cells) rows and columns, the last ones smaller;
+    an all-non-zero mask takes the shortcut and agrees."""
+    from tcc.report import density_cells
+    rows, cols = (-(-n // cells) for n in mask.shape)
+    expected = np.array([[mask[i:i + rows, j:j + cols].mean() for j in range(0, mask.shape[1], cols)]
+                         for i in range(0, mask.shape[0], rows)], np.float32)
+    np.testing.assert_allclose(density_cells(mask, cells), expected, rtol=1e-6)
+    assert np.array_equal(density_cells(np.ones_like(mask), cells), np.ones_like(expected))
 
 
 def test_compile_and_save_never_measure_the_host(digits, tmp_path, monkeypatch):

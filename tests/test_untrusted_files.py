@@ -22,10 +22,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bad_inputs.make_corpus import EVIL_ARCHIVES, MARKER, PAYLOAD_MODULE, SAMPLE_INPUTS, rewrite_archive
+from bad_inputs.make_corpus import EVIL_ARCHIVES, MARKER, PAYLOAD_MODULE, rewrite_archive
 import tcc
 from conftest import built, run_cli
-from test_bad_inputs import CORPUS, assert_one_line_error, expect_refused
+from test_bad_inputs import CORPUS, expect_refused
 from tcc.cli import main
 from tcc.export_archive import read_export_archive
 from tcc.frontend import split_inputs

@@ -173,7 +173,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.VSUM: (_VEC[0], _VEC[1], _VEC[3]),
 }
 
-# what each field holds (the generated reference, docs/isa.md, lists them; `python -m tcc.docs`):
+# what each field holds (the generated reference, docs/isa.md, lists them; `python docs/generate.py`):
 # by field name, or by (opcode, name) where an opcode reads a field its own way
 FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
     "opcode": "the instruction (`Opcode`)",

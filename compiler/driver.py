@@ -153,10 +153,12 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     the manifest and fails if the design does not fit the part. `targets_file` adds (or
     replaces) targets from a JSON file of the catalog's schema.
 
-    The prices of one run on every device the cost model can price here are computed once, here
-    (the host is calibrated first if it never was on this machine: a progress line says so), and
-    go with the model, its weights, the accelerator's cycles and the accuracy on `eval_data`
-    into the artifact's report. What depends on this machine (the predictions, a selection's
+    The prices of one run on every device the cost model can price here are computed once, here,
+    and go with the model, its weights, the accelerator's cycles and the accuracy on `eval_data`
+    into the artifact's report; `save` only writes. The host's figures are those `tcc calibrate`
+    measured on this machine (the catalog's placeholders, marked so, until then); only where the
+    choice of the target turns on them (`select-device`, `auto`) is the host measured first, if
+    it never was (a progress line says so). What depends on this machine (the predictions, a selection's
     points, select-device's latencies, file paths) goes to the artifact's unhashed `measured/`,
     so the hashed files follow from the model, the options and the software alone."""
     from tqdm.auto import tqdm
@@ -206,9 +208,9 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     offered = {**catalog, compiled_for.name: compiled_for}
     costs = price_all(graph, offered, devices, after=resolved.passes)
     paths = source_paths(model, {"train": train_data, "calib": calib_data, "eval": eval_data})
-    report_files, measured_files = render_report(graph, manifest, target=compiled_for, catalog=offered, devices=devices, costs=costs,
-                           program=built.program, eval_data=data.get("eval"), selection=resolved.selection,
-                           measured={"pass_log": ctx.measured, "paths": paths})
+    report_files, measured_files = render_report(
+        graph, manifest, target=compiled_for, catalog=offered, devices=devices, costs=costs, program=built.program,
+        eval_data=data.get("eval"), selection=resolved.selection, measured={"pass_log": ctx.measured, "paths": paths})
     steps.close()
     _log.info("compiled for %s in %.2f s", compiled_for.name, time.perf_counter() - start)
     notes = ((f"--target auto: {resolved.selection.reason}",) if resolved.selection else ()) + tuple(ctx.measured)

@@ -4,6 +4,7 @@ FPGAs, measured devices and their cache."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 
 import numpy as np
@@ -122,6 +123,27 @@ def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):
     assert calls == ["cpu"] and first == second and second.op_costs == (("linear", 6.0, 1.5, 2.5),)
     (tmp_path / "devices.json").write_text("not json")  # a broken cache is measured again, not an error
     assert calibration.measured(UNIT) == first and calls == ["cpu", "cpu"]
+
+
+def test_tcc_calibrate_measures_once_and_says_where_it_keeps_the_figures(tmp_path, monkeypatch, capsys):
+    from tcc.cli import main
+    monkeypatch.setenv("TCC_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_measure(template, device="cpu", repeats=3, rounds=3):
+        calls.append(device)
+        return dataclasses.replace(template, fp32_gflops=12.5, op_costs=(("linear", 6.0, 1.5, 2.5),))
+
+    monkeypatch.setattr(calibration, "measure", fake_measure)
+    assert calibration.cost_devices(load_catalog(), calibrate=False)["cpu"].measured is False
+    assert main(["calibrate"]) == 0
+    out, err = capsys.readouterr()
+    assert "calibrating this machine's cpu for the cost model" in err and "cpu: fp32 12.5 GFLOP/s" in out
+    assert f"cached in {tmp_path / 'devices.json'}" in out and calls == ["cpu"]
+    assert main(["calibrate", "--json"]) == 0 and calls == ["cpu"]  # cached: not measured again
+    assert json.loads(capsys.readouterr().out)["cpu"]["measured"] is True
+    assert calibration.cost_devices(load_catalog(), calibrate=False)["cpu"].fp32_gflops == 12.5
+    assert main(["calibrate", "--again", "-q"]) == 0 and calls == ["cpu", "cpu"]
 
 
 @pytest.fixture

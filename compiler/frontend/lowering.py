@@ -4,10 +4,20 @@ Every fx node is lowered by a converter from `converters.CONVERTERS`. Tensors be
 values (`Value`); non-tensor node results (sizes, dtypes, tuples of ints) are carried as
 Python values, since shapes are static. Example values per node come from
 `node.meta['val']` (torch.export) or from running the graph once (symbolic_trace).
+
+Constant subgraphs are evaluated first (`fold_node`): an op whose tensor operands are all
+constants (parameters, buffers, constants, results of such ops) and whose other operands are
+static is computed in torch and enters the IR as a named constant, whether or not a converter
+exists for it: rotary tables (cos / sin of positions x frequencies), relative-position buckets
+(abs, log, clamp of aranges), split sizes, interpolated biases, position ids of a static shape.
+Left to the IR: ops that draw random numbers or mutate, layout ops of a learned parameter (the
+passes find a linear's weight by its parameter's name), and results much larger than their
+operands (an expanded mask stays an `expand`).
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any, Callable
 
@@ -69,6 +79,8 @@ class Lowerer:
         self.tensors: dict[str, torch.Tensor] = {}  # parameters and buffers by path
         self.learned: set[str] = set()  # which of them are parameters
         self._constants: dict[str, Value] = {}
+        self.known: dict[Value, torch.Tensor] = {}  # the tensors of constant values, for folding
+        self._learned_values: set[Value] = set()
 
     # -- helpers for converters -------------------------------------------------------------
     def type(self, value: Value) -> TensorType:
@@ -97,7 +109,15 @@ class Lowerer:
             array, dtype = tensor.float().numpy(), DType.BF16
         else:
             array, dtype = tensor.numpy(), dtype_from_torch(tensor.dtype)
-        return Value(self.builder.constant(name, array, dtype))
+        value = Value(self.builder.constant(name, array, dtype))
+        self.known[value] = tensor
+        if learned:
+            self._learned_values.add(value)
+        return value
+
+    def learned_value(self, value: Value) -> bool:
+        """Whether `value` is the constant of a learned parameter."""
+        return value in self._learned_values
 
     def parameter(self, path: str) -> Value:
         """The constant holding parameter or buffer `path` (created on first use)."""
@@ -157,6 +177,54 @@ def _map_args(args: Any, env: dict[fx.Node, Any]) -> Any:
     return fx.node.map_arg(args, lambda n: env[n])
 
 
+# ops that only relabel their operand's elements: on a learned parameter they stay IR ops, so
+# that the parameter keeps its name (and a linear its weight) for the compression passes
+_LAYOUT = frozenset({"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "unsqueeze", "squeeze",
+                     "contiguous", "clone", "alias", "detach", "slice", "select", "flatten", "unflatten"})
+FOLD_GROWTH = 1 << 20  # a folded result may hold this many elements more than its operands
+
+
+def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """`node` evaluated in torch when its tensor operands are all constants (`Lowerer.known`):
+    its result as named constants (a tuple of them for several results); None when it is not
+    constant, not safe to evaluate ahead, or would grow much larger than its operands."""
+    target = node.target
+    if node.op not in ("call_function", "call_method") or target is operator.getitem:
+        return None
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    values = [leaf for leaf in leaves if isinstance(leaf, Value)]
+    if any(v not in lowerer.known for v in values) or any(isinstance(leaf, fx.Node) for leaf in leaves):
+        return None
+    if isinstance(target, torch._ops.OpOverload):  # torch.export
+        if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
+            return None
+        name = target.overloadpacket.__name__
+    else:  # symbolic_trace: torch functions and tensor methods
+        name = target if node.op == "call_method" else getattr(target, "__name__", "")
+        module = "torch" if node.op == "call_method" else getattr(target, "__module__", "") or ""
+        if not module.startswith(("torch", "math", "_operator")) or name.endswith("_") or \
+                name.startswith(("rand", "normal", "bernoulli", "dropout", "manual_seed", "uniform", "exponential")):
+            return None
+    if name in _LAYOUT and any(lowerer.learned_value(v) for v in values):
+        return None
+    tensors = {v: lowerer.known[v] for v in values}
+    real_args, real_kwargs = torch.utils._pytree.tree_map(lambda x: tensors[x] if isinstance(x, Value) else x,
+                                                          (args, kwargs))
+    function = (lambda this, *rest, **kw: getattr(this, target)(*rest, **kw)) if node.op == "call_method" else target
+    try:
+        with torch.no_grad():
+            result = function(*real_args, **real_kwargs)
+    except Exception:  # noqa: BLE001 - not evaluable ahead: the converter decides
+        return None
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    if not results or not all(isinstance(r, torch.Tensor) for r in results):
+        return None
+    if sum(r.numel() for r in results) > FOLD_GROWTH + sum(t.numel() for t in tensors.values()):
+        return None
+    folded = tuple(lowerer.constant(node.name, r) for r in results)
+    return folded if isinstance(result, (tuple, list)) else folded[0]
+
+
 def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
                 convert: Callable[[Lowerer, fx.Node, tuple, dict], Any]) -> list[Any]:
     """Lower every call node of `graph` (placeholders and get_attrs already in `env`);
@@ -174,7 +242,8 @@ def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
             env[node] = example  # a static Python value (a size, a dtype, ...)
             continue
         args, kwargs = _map_args(node.args, env), _map_args(node.kwargs, env)
-        env[node] = convert(lowerer, node, args, kwargs)
+        folded = fold_node(lowerer, node, args, kwargs)
+        env[node] = folded if folded is not None else convert(lowerer, node, args, kwargs)
     for value in outputs:
         if not isinstance(value, Value):
             raise TccError(f"graph output {value!r} is not a tensor computed by the model")

@@ -1,0 +1,145 @@
+"""Constant subgraphs are evaluated before lowering (issue 19's first step): whatever depends
+only on parameters, buffers, constants and static shapes is computed in torch and enters the IR
+as a named constant, converter or not; what is not safe or not worth folding stays an op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tcc
+from tcc.frontend import lowering
+
+EAGER = {"rtol": 1e-5, "atol": 1e-5}  # tcc's fp32 against PyTorch eager (another summation order)
+
+
+class RotaryAttention(nn.Module):
+    """Attention with rotary position embeddings computed from a buffer and the static sequence
+    length: `cos` and `sin` have no converter, and need none."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.heads = heads
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d // heads, 2).float() / (d // heads)),
+                             persistent=False)
+
+    @staticmethod
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        freqs = torch.outer(torch.arange(s, dtype=torch.float32), self.inv_freq)
+        table = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = table.cos(), table.sin()
+        q, k, v = (f(x).view(b, s, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q, k = q * cos + self.rotate(q) * sin, k * cos + self.rotate(k) * sin
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.fixture(scope="module")
+def rotary():
+    torch.manual_seed(0)
+    return RotaryAttention().eval(), torch.randn(2, 16, 32)
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_rotary_tables_become_constants_and_match_eager(rotary, frontend):
+    model, x = rotary
+    graph = tcc.compile(model, (x,), frontend=frontend, pipeline="").graph
+    kinds = {op.kind for op in graph.ops}
+    assert not kinds & {"cos", "sin", "arange"} and {"cos", "sin"} <= {name for name, _ in graph.constants}
+    assert {"q.weight", "k.weight", "v.weight", "o.weight"} <= set(graph.constant_names)  # the weights keep names
+    artifact = tcc.compile(model, (x,), frontend=frontend)
+    torch.testing.assert_close(artifact.run(x), model(x), **EAGER)
+
+
+def test_without_folding_the_same_model_stops_on_the_first_op_without_a_converter(rotary, monkeypatch):
+    """The control: the converter table alone cannot lower it."""
+    model, x = rotary
+    monkeypatch.setattr(lowering, "fold_node", lambda *args: None)
+    with pytest.raises(tcc.TccError, match="unsupported op aten.cos.default at node 'cos'"):
+        tcc.compile(model, (x,))
+
+
+class Kept(nn.Module):
+    """A transposed parameter, random noise and a buffer expanded far beyond its size: none of
+    them is folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.register_buffer("row", torch.arange(8.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        big = self.row.expand(1 << 18, 8)  # 2M elements from 8
+        return x @ self.w.t() + big[: x.shape[0]]
+
+
+def test_layout_of_a_parameter_and_large_results_stay_ops(monkeypatch):
+    torch.manual_seed(0)
+    model, x = Kept().eval(), torch.randn(4, 8)
+    folded, fold = [], lowering.fold_node
+
+    def spy(lowerer, node, args, kwargs):
+        result = fold(lowerer, node, args, kwargs)
+        folded.extend([node.name] if result is not None else [])
+        return result
+    monkeypatch.setattr(lowering, "fold_node", spy)
+    graph = tcc.compile(model, (x,), pipeline="").graph
+    assert folded == [] and all(t.numel < 1 << 18 for _, t in graph.constants)
+    torch.testing.assert_close(tcc.compile(model, (x,)).run(x), model(x), **EAGER)
+
+
+def test_random_ops_are_never_evaluated_ahead():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x + torch.rand(4, 8)
+
+    with pytest.raises(tcc.TccError, match="unsupported op aten.rand"):
+        tcc.compile(Noisy(), (torch.zeros(4, 8),))
+
+
+HF_DECODERS = ["llama", "t5-encoder", "deberta-v2", "qwen2", "mistral", "phi"]
+
+
+def _hf(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**small, num_key_value_heads=2),  # GQA, RoPE, RMSNorm, SwiGLU
+        "qwen2": lambda: transformers.Qwen2Config(**small, num_key_value_heads=2),
+        "mistral": lambda: transformers.MistralConfig(**small, num_key_value_heads=2, sliding_window=8),
+        "phi": lambda: transformers.PhiConfig(**small),
+        "t5-encoder": lambda: transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                    num_heads=4),  # relative-position buckets
+        "deberta-v2": lambda: transformers.DebertaV2Config(**small),  # relative positions, log buckets
+    }[name]()
+    config.use_cache = False
+    model_class = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "mistral": "MistralModel", "phi": "PhiModel",
+                   "t5-encoder": "T5EncoderModel", "deberta-v2": "DebertaV2Model"}[name]
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(config).eval()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("qwen2", "mistral", "phi") else n
+                                  for n in HF_DECODERS])
+def test_families_that_needed_only_folding_compile_and_match_eager(name):
+    """Before: each stopped on one unsupported op of its position code (cos/sin of RoPE; abs,
+    log, clamp of relative-position buckets)."""
+    model = _hf(name)
+    inputs = {"input_ids": torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(1, 16, dtype=torch.int64)}
+    expected = model(**inputs).last_hidden_state
+    out = tcc.compile(model, inputs).run(inputs)
+    torch.testing.assert_close(out["last_hidden_state"], expected, **EAGER)
+    if name == "llama":  # and int8 on the accelerator, its linears on the array
+        artifact = tcc.compile(model, inputs, target="fpga-small")
+        got = artifact.run(inputs, on="sim")["last_hidden_state"]
+        assert artifact.manifest["accel"]["sections"] >= 14  # q/k/v/o, gate/up/down of both layers
+        assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] >= 0.999

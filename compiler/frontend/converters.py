@@ -324,6 +324,39 @@ def select(cx: Lowerer, x, dim, index):
     return cx.op("select", x, dim=dim, index=index)
 
 
+def _pieces(cx: Lowerer, x, sizes, dim) -> tuple:
+    """`x` cut along `dim` into consecutive pieces of `sizes`: slices (a whole `x` stays itself)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(slice_(cx, x, dim, start, start + size))
+        start += size
+    return tuple(out)
+
+
+@converts(aten.split_with_sizes, "method:split_with_sizes")
+def split_with_sizes(cx: Lowerer, x, split_sizes, dim=0):
+    return _pieces(cx, x, split_sizes, dim)
+
+
+@converts(aten.split, torch.split, "method:split")
+def split(cx: Lowerer, x, split_size_or_sections, dim=0):
+    if not isinstance(split_size_or_sections, int):
+        return _pieces(cx, x, split_size_or_sections, dim)
+    n = cx.type(x).shape[cx.dim(dim, cx.type(x).rank)]
+    return _pieces(cx, x, [min(split_size_or_sections, n - i) for i in range(0, n, split_size_or_sections)], dim)
+
+
+@converts(aten.chunk, torch.chunk, "method:chunk")
+def chunk(cx: Lowerer, x, chunks, dim=0):
+    n = cx.type(x).shape[cx.dim(dim, cx.type(x).rank)]
+    return split(cx, x, -(-n // chunks) if n else 1, dim)  # torch's rule: pieces of ceil(n / chunks)
+
+
+@converts(aten.unbind, torch.unbind, "method:unbind")
+def unbind(cx: Lowerer, x, dim=0):
+    return tuple(select(cx, x, dim, i) for i in range(cx.type(x).shape[cx.dim(dim, cx.type(x).rank)]))
+
+
 @converts(aten.unsqueeze, torch.unsqueeze, "method:unsqueeze")
 def unsqueeze(cx: Lowerer, x, dim):
     return cx.op("unsqueeze", x, dim=dim)

@@ -90,7 +90,7 @@ def op_flops(op: Op, types: dict) -> int:
         return 2 * t.numel * w.shape[1] * w.shape[2] * w.shape[3]
     if op.kind in ("softmax", "layer_norm", "int_softmax", "int_layer_norm"):
         return 5 * t.numel
-    if op.kind in ("mean", "sum"):
+    if op.kind in ("mean", "sum", "cumsum"):
         return types[op.operands[0]].numel
     if op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "int_gelu",
                    "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg"):

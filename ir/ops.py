@@ -395,6 +395,15 @@ def _reduce(result_dtype: DType | None = None, float_only: bool = False, numeric
     return rule
 
 
+def _cumsum(ts, attrs):
+    """A non-bool input and `dim` within its rank; result: the input's type (the frontend casts
+    integers to i64 first, as torch sums them)."""
+    if ts[0].dtype is DType.BOOL:
+        raise OpTypeError("operand must not be bool (cast it first)")
+    _axis(attrs["dim"], ts[0].rank)
+    return ts[0]
+
+
 def _index(ts, attrs):
     """i32/i64 index tensors, at most the input's rank, whose shapes broadcast; result: their
     broadcast shape followed by the input's unindexed dims, in the input's dtype."""
@@ -668,6 +677,7 @@ _DEFS = [
     OpDef("mean", ("input",), dict(_REDUCE_ATTRS), _reduce(float_only=True), "mean over dims (all if empty)"),
     OpDef("sum", ("input",), dict(_REDUCE_ATTRS), _reduce(numeric=True), "sum over dims (all if empty)"),
     OpDef("any", ("input",), dict(_REDUCE_ATTRS), _reduce(DType.BOOL), "logical or over dims (all if empty)"),
+    OpDef("cumsum", ("input",), {"dim": A(I, required=True)}, _cumsum, "running sum along dim (torch.cumsum)"),
     OpDef("index", ("input", "*indices"), {}, _index,
           "advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer indices"),
     OpDef("where", ("condition", "lhs", "rhs"), {}, _where, "lhs where condition holds, else rhs", elementwise=True),

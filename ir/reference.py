@@ -276,6 +276,7 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "cat": lambda *xs, dim: np.concatenate(xs, axis=dim),
     "mean": _reduce(np.mean),
     "sum": _reduce(np.sum),
+    "cumsum": lambda x, dim: np.cumsum(x, axis=dim, dtype=x.dtype),
     "any": _reduce(np.any),
     "index": lambda x, *indices: x[tuple(indices)],
     "where": np.where,

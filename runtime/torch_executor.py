@@ -200,6 +200,7 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "expand": lambda x, shape: x.expand(shape),
     "cat": lambda *xs, dim: torch.cat(xs, dim),
     "mean": _reduce(torch.mean),
+    "cumsum": lambda x, dim: torch.cumsum(x, dim, dtype=x.dtype),
     "sum": lambda x, dims, keepdim: torch.sum(x, dim=dims or tuple(range(x.dim())), keepdim=keepdim, dtype=x.dtype),
     "any": _reduce(torch.any),
     "index": lambda x, *indices: x[indices],

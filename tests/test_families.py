@@ -38,7 +38,7 @@ def test_nn_transformer_with_cross_attention_matches_eager():
     torch.testing.assert_close(tcc.compile(model, (src, tgt)).run((src, tgt)), model(src, tgt), **EAGER)
 
 
-HF_FAMILIES = ["llama", "gpt2", "t5-encoder", "deberta-v2", "qwen2", "mistral", "phi"]
+HF_FAMILIES = ["llama", "gpt2", "t5-encoder", "deberta-v2", "roberta", "qwen2", "mistral", "phi", "xlm-roberta", "opt"]
 
 
 def _hf(name: str) -> nn.Module:
@@ -53,29 +53,37 @@ def _hf(name: str) -> nn.Module:
         "t5-encoder": lambda: transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                     num_heads=4),  # relative-position buckets
         "deberta-v2": lambda: transformers.DebertaV2Config(**small),  # relative positions, log buckets
+        "roberta": lambda: transformers.RobertaConfig(**small),  # position ids: cumsum of the padding mask
+        "xlm-roberta": lambda: transformers.XLMRobertaConfig(**small),
+        "opt": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=64,
+                                              word_embed_proj_dim=32),  # positions: cumsum of the mask
         "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                 bos_token_id=0, eos_token_id=0),  # split of the fused qkv
     }[name]()
     config.use_cache = False
     model_class = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "mistral": "MistralModel", "phi": "PhiModel",
-                   "t5-encoder": "T5EncoderModel", "deberta-v2": "DebertaV2Model", "gpt2": "GPT2Model"}[name]
+                   "t5-encoder": "T5EncoderModel", "deberta-v2": "DebertaV2Model", "gpt2": "GPT2Model",
+                   "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel", "opt": "OPTModel"}[name]
     torch.manual_seed(0)
     return getattr(transformers, model_class)(config).eval()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("qwen2", "mistral", "phi") else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("qwen2", "mistral", "phi", "xlm-roberta", "opt") else n
                                   for n in HF_FAMILIES])
 def test_families_compile_and_match_eager(name):
     """Before: each stopped on one unsupported op: of its position code (cos/sin of RoPE; abs,
     log, clamp of relative-position buckets), computed from constants alone and now folded; or
-    GPT-2's split of its fused qkv projection, now slices."""
+    GPT-2's split of its fused qkv projection, now slices; or the `cumsum` of the padding mask
+    that RoBERTa, XLM-R and OPT take their position ids from (a row padded at its end here)."""
     model = _hf(name)
-    inputs = {"input_ids": torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0)),
-              "attention_mask": torch.ones(1, 16, dtype=torch.int64)}
+    inputs = {"input_ids": torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(2, 16, dtype=torch.int64)}
+    inputs["input_ids"][1, 12:] = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     expected = model(**inputs).last_hidden_state
     out = tcc.compile(model, inputs).run(inputs)
     torch.testing.assert_close(out["last_hidden_state"], expected, **EAGER)
-    if name in ("llama", "gpt2"):  # and int8 on the accelerator, its linears on the array
+    if name in ("llama", "gpt2", "roberta"):  # and int8 on the accelerator, its linears on the array
         artifact = tcc.compile(model, inputs, target="fpga-small")
         got = artifact.run(inputs, on="sim")["last_hidden_state"]
         assert artifact.manifest["accel"]["sections"] >= 8  # the projections and MLPs of both layers

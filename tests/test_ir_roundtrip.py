@@ -514,6 +514,7 @@ def _every_op_graph() -> Graph:
     c = b.op("cat", ex, ex, dim=1)
     m = b.op("mean", c, dims=(0,), keepdim=True)
     total = b.op("sum", ids, dims=(-1,))
+    running = b.op("cumsum", ids, dim=-1)
     some = b.op("any", both)
     ix = b.op("index", x, b.op("arange", start=1, end=-1, step=-1))
     wh = b.op("where", flag, x, b.op("full", shape=(4,), value=float("-inf")))
@@ -535,7 +536,7 @@ def _every_op_graph() -> Graph:
                out_shift=52, dtype=DType.I8, scale=0.5)
     norm = b.op("int_layer_norm", act, b.constant("norm.weight_q", np.full(5, 1 << 20), DType.I32),
                 b.constant("norm.bias_q", np.zeros(5), DType.I64), eps=3, shift=30, dtype=DType.I8, scale=0.1)
-    return verify(b.finish([y, r, m, total, some, ix, wh, att, att2, conv, cast, deq, probs, norm]))
+    return verify(b.finish([y, r, m, total, running, some, ix, wh, att, att2, conv, cast, deq, probs, norm]))
 
 
 def test_every_op_kind_round_trips():

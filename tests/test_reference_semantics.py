@@ -162,6 +162,8 @@ CASES = [
     _case("mean-all", "mean", [_X]),
     _case("mean-dims-keep", "mean", [_X], dims=(0, -1), keepdim=True),
     _case("sum-f32", "sum", [_X], dims=(1,)),
+    _case("cumsum-f32", "cumsum", [_X], dim=1),
+    _case("cumsum-i64-last", "cumsum", [np.array([[1, 0, 1, 1], [0, 1, 1, 0]], np.int64)], dim=-1),
     _case("sum-i64", "sum", [i64(3, 4)], dims=(-1,), keepdim=True),
     _case("sum-i32", "sum", [i64(3, 4, dtype=np.int32)], dims=(1,)),
     _case("any-all", "any", [bools(3, 4, p=0.1)]),

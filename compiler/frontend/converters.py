@@ -424,6 +424,12 @@ converts(aten.sum, torch.sum, "method:sum")(_reduction("sum"))
 converts(aten.any, torch.any, "method:any")(_reduction("any"))
 
 
+@converts(aten.cumsum, torch.cumsum, "method:cumsum")
+def cumsum(cx: Lowerer, input, dim, *, dtype=None):
+    """In the dtype torch sums in: `dtype`, else i64 for integers and bool, else the input's."""
+    return cx.op("cumsum", cx.cast(input, cx.out_dtype()), dim=dim)
+
+
 # ------------------------------------------------------------------------------------------------
 # tensor creation, casts, no-ops
 

@@ -67,7 +67,7 @@ MODEL_CASES = [
      "pickle_payload.pt: a full pickle (torch.save(model)); loading it runs code from the file. Pass --trust-pickle"),
     ("nan-weights", ["nan_weights.pt2"], "parameter 'fc.weight' holds 1 non-finite value of 32 (nan at index [1, 2])"),
     ("inf-weights", ["inf_weights.pt2"], "parameter 'fc.weight' holds 1 non-finite value of 32 (inf at index [1, 2])"),
-    ("unsupported-op", ["cumsum.pt2"], "unsupported op aten.cumsum.default at node 'cumsum' ("),
+    ("unsupported-ops", ["unsupported_ops.pt2"], "2 unsupported ops: aten.sort.default at node 'sort' ("),
     ("zero-batch", [S, "--input-shape", "0x8x8"], "--input-shape '0x8x8': dimension 0 is 0"),
     ("zero-inner-dim", [S, "--input-shape", "1x0x8"], "--input-shape '1x0x8': dimension 1 is 0"),
     ("huge-dim", [S, "--input-shape", "99999999999x8"],

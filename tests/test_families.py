@@ -88,3 +88,20 @@ def test_families_compile_and_match_eager(name):
         got = artifact.run(inputs, on="sim")["last_hidden_state"]
         assert artifact.manifest["accel"]["sections"] >= 8  # the projections and MLPs of both layers
         assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] >= 0.999
+
+
+class TwoUnsupported(nn.Module):
+    def forward(self, x):
+        y = torch.fmod(x, 2.0) + torch.fmod(x, 3.0)
+        return torch.sort(y, dim=-1).values + torch.sort(x, dim=-1).values
+
+
+def test_every_unsupported_op_is_named_at_once():
+    """One line: each unsupported op with its first node and the model's line (here, this file),
+    and how many more nodes have it; ops downstream of one are not reported again."""
+    with pytest.raises(tcc.TccError) as caught:
+        tcc.compile(TwoUnsupported(), (torch.randn(2, 8),))
+    message = str(caught.value)
+    assert message.startswith("2 unsupported ops: aten.fmod.Scalar at node 'fmod' (") and "\n" not in message
+    assert "(and 1 more like it); aten.sort.default at node 'sort_1' (" in message
+    assert message.count("test_families.py:") == 2

@@ -18,6 +18,7 @@ operands (an expanded mask stays an `expand`).
 from __future__ import annotations
 
 import operator
+import os
 import re
 from typing import Any, Callable
 
@@ -40,6 +41,10 @@ class UnsupportedError(TccError):
     pass
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FAILED = object()  # the value of a node that could not be lowered (and of every node computed from it)
+
+
 def node_location(node: fx.Node) -> str:
     """`node 'name' (module a.b.c, file.py:LINE)` from what fx recorded about the node."""
     parts = [f"node '{node.name}'"]
@@ -50,6 +55,7 @@ def node_location(node: fx.Node) -> str:
             parts.append(f"module {path}")
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    frames = [f for f in frames if not f[0].startswith(_TORCH_DIR)] or frames  # the model's line, not torch's
     if frames:
         file, line = frames[-1]
         parts.append(f"{file}:{line}")
@@ -225,11 +231,22 @@ def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any
     return folded if isinstance(result, (tuple, list)) else folded[0]
 
 
+def _problems(problems: dict[str, list[UnsupportedError]]) -> str:
+    """One line naming every unsupported op: its first node (with module and line) and how many
+    more nodes have the same problem."""
+    pieces = [str(found[0]) + (f" (and {len(found) - 1} more like it)" if len(found) > 1 else "")
+              for found in problems.values()]
+    if len(pieces) == 1:
+        return pieces[0]
+    return f"{len(pieces)} unsupported ops: " + "; ".join(p.removeprefix("unsupported op ") for p in pieces)
+
+
 def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
                 convert: Callable[[Lowerer, fx.Node, tuple, dict], Any]) -> list[Any]:
     """Lower every call node of `graph` (placeholders and get_attrs already in `env`);
     return the flat list of output values."""
     outputs: list[Any] = []
+    problems: dict[str, list[UnsupportedError]] = {}  # by what is unsupported: every op is reported at once
     for node in graph.nodes:
         if node in env:
             continue
@@ -242,8 +259,17 @@ def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
             env[node] = example  # a static Python value (a size, a dtype, ...)
             continue
         args, kwargs = _map_args(node.args, env), _map_args(node.kwargs, env)
-        folded = fold_node(lowerer, node, args, kwargs)
-        env[node] = folded if folded is not None else convert(lowerer, node, args, kwargs)
+        if any(leaf is _FAILED for leaf in torch.utils._pytree.tree_leaves((args, kwargs))):
+            env[node] = _FAILED  # downstream of an unsupported op: not a problem of its own
+            continue
+        try:
+            folded = fold_node(lowerer, node, args, kwargs)
+            env[node] = folded if folded is not None else convert(lowerer, node, args, kwargs)
+        except UnsupportedError as e:
+            problems.setdefault(str(e).split(" at node ")[0], []).append(e)
+            env[node] = _FAILED
+    if problems:
+        raise UnsupportedError(_problems(problems))
     for value in outputs:
         if not isinstance(value, Value):
             raise TccError(f"graph output {value!r} is not a tensor computed by the model")

@@ -32,11 +32,11 @@ class Tiny(nn.Module):
         return self.fc(x).relu()
 
 
-class Cumsum(nn.Module):
-    """A model using an op tcc has no converter for."""
+class Unsupported(nn.Module):
+    """A model using two ops tcc has no converter for, on its input (nothing to fold)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x, dim=-1)
+        return torch.sort(x, dim=-1).values + torch.fmod(x, 2.0)
 
 
 class Payload:
@@ -156,7 +156,7 @@ EVIL_ARCHIVES: dict[str, tuple[dict[str, bytes | Callable[[bytes], bytes]], bool
 def main() -> None:
     x = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
     for name, model in (("tiny", tiny()), ("nan_weights", tiny(float("nan"))), ("inf_weights", tiny(float("inf"))),
-                        ("cumsum", Cumsum())):
+                        ("unsupported_ops", Unsupported())):
         torch.export.save(torch.export.export(model, (x,)), HERE / f"{name}.pt2")
     torch.jit.script(tiny()).save(str(HERE / "scripted.pt"))
     good = (HERE / "tiny.pt2").read_bytes()

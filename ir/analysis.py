@@ -93,7 +93,8 @@ def op_flops(op: Op, types: dict) -> int:
     if op.kind in ("mean", "sum", "cumsum"):
         return types[op.operands[0]].numel
     if op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "int_gelu",
-                   "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg"):
+                   "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg", "abs", "sign", "floor", "ceil", "log",
+                   "cos", "sin"):
         return t.numel
     return 0
 

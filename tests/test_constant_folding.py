@@ -16,7 +16,7 @@ EAGER = {"rtol": 1e-5, "atol": 1e-5}  # tcc's fp32 against PyTorch eager (anothe
 
 class RotaryAttention(nn.Module):
     """Attention with rotary position embeddings computed from a buffer and the static sequence
-    length: `cos` and `sin` have no converter, and need none."""
+    length: the tables are computed once, in torch, not on every run."""
 
     def __init__(self, d: int = 32, heads: int = 4):
         super().__init__()
@@ -58,11 +58,23 @@ def test_rotary_tables_become_constants_and_match_eager(rotary, frontend):
     torch.testing.assert_close(artifact.run(x), model(x), **EAGER)
 
 
-def test_without_folding_the_same_model_stops_on_the_ops_without_a_converter(rotary, monkeypatch):
-    """The control: the converter table alone cannot lower it."""
-    model, x = rotary
-    monkeypatch.setattr(lowering, "fold_node", lambda *args: None)
-    with pytest.raises(tcc.TccError, match="2 unsupported ops: aten.cos.default at node 'cos' .*; aten.sin.default"):
+class SortedBias(nn.Module):
+    """A bias computed from a buffer by ops without a converter (sort, fmod)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.fmod(torch.sort(self.table).values, 1.0)
+
+
+def test_ops_without_a_converter_are_folded_when_constant_and_named_when_not(monkeypatch):
+    torch.manual_seed(0)
+    model, x = SortedBias().eval(), torch.randn(2, 8)
+    torch.testing.assert_close(tcc.compile(model, (x,)).run(x), model(x), **EAGER)
+    monkeypatch.setattr(lowering, "fold_node", lambda *args: None)  # the control: the converter table alone
+    with pytest.raises(tcc.TccError, match="unsupported op aten.sort.default at node 'sort'"):
         tcc.compile(model, (x,))
 
 

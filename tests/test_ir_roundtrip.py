@@ -131,9 +131,9 @@ class _Gen:
         a = self.pick(lambda t: t.dtype is not DType.BOOL)
         if a is None:
             return None
-        kinds = ["neg", "relu"]
+        kinds = ["neg", "relu", "abs", "sign"]
         if self.t(a).dtype.is_float:
-            kinds += ["tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "gelu"]
+            kinds += ["tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "gelu", "floor", "ceil", "log", "cos", "sin"]
         kind = self.draw(st.sampled_from(kinds))
         if kind == "gelu" and self.draw(st.booleans()):
             return self.op(kind, a, approximate=self.draw(st.sampled_from(["none", "tanh"])))
@@ -499,6 +499,8 @@ def _every_op_graph() -> Graph:
     cmp = [b.op(kind, x, one) for kind in ("eq", "ne", "lt", "le", "gt", "ge")]
     both = b.op("logical_not", b.op("logical_or", b.op("logical_and", cmp[0], cmp[1]), flag))
     for kind in ("neg", "relu", "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf"):
+        y = b.op(kind, y)
+    for kind in ("abs", "sign", "floor", "ceil", "log", "cos", "sin"):
         y = b.op(kind, y)
     y = b.op("gelu", y, approximate="tanh")
     y = b.op("softmax", b.op("gelu", y), dim=-1)

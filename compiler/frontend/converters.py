@@ -217,6 +217,13 @@ for _kind, _keys in {
     "sqrt": (aten.sqrt, torch.sqrt, "method:sqrt"),
     "rsqrt": (aten.rsqrt, torch.rsqrt, "method:rsqrt"),
     "erf": (aten.erf, torch.erf, "method:erf"),
+    "abs": (aten.abs, torch.abs, "method:abs"),
+    "sign": (aten.sign, torch.sign, "method:sign"),
+    "floor": (aten.floor, torch.floor, "method:floor"),
+    "ceil": (aten.ceil, torch.ceil, "method:ceil"),
+    "log": (aten.log, torch.log, "method:log"),
+    "cos": (aten.cos, torch.cos, "method:cos"),
+    "sin": (aten.sin, torch.sin, "method:sin"),
 }.items():
     converts(*_keys)(_unary(_kind))
 

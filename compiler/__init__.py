@@ -12,7 +12,6 @@ submodule named as an attribute (`tcc.zoo`).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from tcc.ir.errors import TccError  # light: tcc.ir imports numpy only
@@ -25,6 +24,11 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
 
 __all__ = ["compile", "load", "Artifact", "TccError", "__version__"]
 
+# tcc's own submodules, reachable as attributes (`tcc.zoo`); an explicit list, so that an
+# attribute name never picks what is imported
+SUBMODULES = frozenset({"ir", "passes", "backends", "runtime", "frontend", "targets", "zoo", "select", "report",
+                        "evaluate", "data", "loader", "model", "driver", "cli", "export_archive"})
+
 
 def __getattr__(name: str) -> Any:
     if name == "compile":
@@ -32,8 +36,8 @@ def __getattr__(name: str) -> Any:
     elif name in ("load", "Artifact"):
         from .runtime import artifact
         value = getattr(artifact, name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")  # a submodule: tcc.zoo, tcc.targets, ...
+    elif name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function

@@ -36,27 +36,32 @@ PipelineSpec = str | Sequence[Pass] | None
 
 @dataclass(frozen=True)
 class Resolved:
-    """What `--target` resolves to: the target (None while `select-device` in the pipeline is to
-    choose it among `offered`), the passes to run, and the selection that chose target and
-    passes (`--target auto` without a pipeline)."""
+    """What `--target` resolves to: the target compiled for, `--accel` applied (None while
+    `select-device` in the pipeline is to choose it among `offered`), the passes to run, and the
+    selection that chose target and passes (`--target auto` without a pipeline)."""
 
     target: Target | None
     passes: tuple[Pass, ...]
     offered: dict[str, Target]
     accel: str | None = None
+    synth: bool = False
     selection: Selection | None = None
 
     @property
     def choosing(self) -> bool:
         return any(p.name == "select-device" for p in self.passes)
 
-    def chosen(self, ctx: PassContext, synth: bool) -> Target:
-        """The target compiled for: the named one, or select-device's choice, with `--accel`
-        applied."""
-        target = self.target or self.offered[ctx.chosen_device]
-        if synth and target.accel is None:
-            raise TccError(f"--synth: target '{target.name}' has no accelerator to synthesize")
-        return target.with_accel(self.accel)
+    def chosen(self, ctx: PassContext) -> Target:
+        """The target compiled for: the resolved one, or select-device's choice."""
+        return self.target or _fitted(self.offered[ctx.chosen_device], self.accel, self.synth)
+
+
+def _fitted(target: Target, accel: str | None, synth: bool) -> Target:
+    """`target` with `--accel` applied (an error when it no longer fits the part); `--synth`
+    needs an accelerator."""
+    if synth and target.accel is None:
+        raise TccError(f"--synth: target '{target.name}' has no accelerator to synthesize")
+    return target.with_accel(accel)
 
 
 def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSpec, *, model: Any = None,
@@ -80,15 +85,13 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
                        "(in a pipeline, select-device takes lc and ac as options)")
     if target != "auto":
         named = catalog.get(target) or _unknown_target(target, catalog)
-        if synth and named.accel is None:
-            raise TccError(f"--synth: target '{named.name}' has no accelerator to synthesize")
-        named.with_accel(accel)  # fails now on a bad --accel, before the work
-        return Resolved(named, passes if pipeline is not None else named.passes, {named.name: named}, accel)
+        return Resolved(_fitted(named, accel, synth), passes if pipeline is not None else named.passes,
+                        {named.name: named})
     if not exploring:
         if not choosing:
             raise TccError("--target auto with --pipeline needs select-device{lc=...,ac=...} in it; without a "
                            "pipeline, --lc, --ac and --data explore the compression settings too")
-        return Resolved(None, passes, catalog, accel)
+        return Resolved(None, passes, catalog, accel, synth)
     if lc is None or ac is None or eval_data is None:
         raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`)")
     chosen_settings = settings_named(settings)
@@ -101,9 +104,7 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
         raise TccError(selection.reason)
     setting = next(s for s in chosen_settings if s.name == selection.chosen.setting)
     named = catalog[selection.chosen.device]
-    if synth and named.accel is None:
-        raise TccError(f"--synth: the chosen target '{named.name}' has no accelerator to synthesize")
-    return Resolved(named, setting.passes, {named.name: named}, accel, selection)
+    return Resolved(_fitted(named, accel, synth), setting.passes, {named.name: named}, selection=selection)
 
 
 def _unknown_target(name: str, catalog: dict[str, Target]) -> Target:
@@ -190,7 +191,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     if resolved.target is not None:
         resolved.target.context(ctx)
     graph = run_pipeline(graph, resolved.passes, ctx, on_pass=lambda p: step(p.name))
-    compiled_for = resolved.chosen(ctx, synth)
+    compiled_for = resolved.chosen(ctx)
     step(f"lowering for {compiled_for.name}")
     graph = compiled_for.lower(graph, ctx, after=resolved.passes)
     ran = resolved.passes + compiled_for.lowering_after(resolved.passes)

@@ -42,7 +42,7 @@ HF_FAMILIES = ["llama", "gpt2", "t5-encoder", "deberta-v2", "roberta", "qwen2", 
 
 
 def _hf(name: str) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a dependency of tcc (the zoo's Hugging Face models): never skipped
     small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=64)
     config = {

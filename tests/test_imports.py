@@ -213,6 +213,19 @@ def test_root_attributes_stay_lazy_and_work():
                                         "AttributeError module 'tcc' has no attribute 'nothing_here'"]
 
 
+def test_root_names_exactly_its_own_submodules():
+    """`tcc.NAME` imports a submodule only from the explicit list, and the list is the tree's."""
+    import tcc
+    compiler = ROOT / "compiler"
+    tree = {p.stem for p in compiler.glob("*.py") if not p.stem.startswith("_")}
+    tree |= {p.name for p in compiler.iterdir() if (p / "__init__.py").is_file()} | {"ir", "passes", "backends",
+                                                                                      "runtime"}
+    assert set(tcc.SUBMODULES) == tree
+    assert tcc.zoo.__name__ == "tcc.zoo"
+    with pytest.raises(AttributeError):
+        tcc.os  # a module importable by that name, but not tcc's
+
+
 def test_version_and_help_import_no_torch():
     code = ("import contextlib, io, sys\nfrom tcc.cli import main\n"
             "for argv in (['--version'], ['--help']):\n"

@@ -159,6 +159,85 @@ class FeatureEncoder(nn.Module):
         return self.classifier(self.encoder(features).mean(dim=1))
 
 
+class ConformerConvModule(nn.Module):
+    """The Conformer's convolution module: LayerNorm, pointwise conv to 2C, GLU, depthwise conv,
+    BatchNorm, SiLU, pointwise conv (on `[B, T, C]`, convolving over T)."""
+
+    def __init__(self, d_model: int, kernel: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_in = nn.Conv1d(d_model, 2 * d_model, 1)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=d_model)
+        self.batch_norm = nn.BatchNorm1d(d_model)
+        self.pointwise_out = nn.Conv1d(d_model, d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.glu(self.pointwise_in(self.norm(x).transpose(1, 2)), dim=1)
+        h = F.silu(self.batch_norm(self.depthwise(h)))
+        return self.pointwise_out(h).transpose(1, 2)
+
+
+class ConformerFeedForward(nn.Module):
+    """LayerNorm, linear, SiLU (swish), linear: the Conformer's half-step FFN."""
+
+    def __init__(self, d_model: int, ffn: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, ffn)
+        self.linear2 = nn.Linear(ffn, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.silu(self.linear1(self.norm(x))))
+
+
+class ConformerBlock(nn.Module):
+    """Gulati et al. 2020: x + FFN/2, + multi-head self-attention (q/k/v/out linears, SDPA),
+    + convolution module, + FFN/2, LayerNorm."""
+
+    def __init__(self, d_model: int, heads: int, ffn: int, kernel: int):
+        super().__init__()
+        self.heads = heads
+        self.ffn_in = ConformerFeedForward(d_model, ffn)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.linear_q = nn.Linear(d_model, d_model)
+        self.linear_k = nn.Linear(d_model, d_model)
+        self.linear_v = nn.Linear(d_model, d_model)
+        self.linear_out = nn.Linear(d_model, d_model)
+        self.conv = ConformerConvModule(d_model, kernel)
+        self.ffn_out = ConformerFeedForward(d_model, ffn)
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ffn_in(x)
+        batch, time, d_model = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (p(h).view(batch, time, self.heads, -1).transpose(1, 2)
+                   for p in (self.linear_q, self.linear_k, self.linear_v))
+        context = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, time, d_model)
+        x = x + self.linear_out(context)
+        x = x + self.conv(x)
+        return self.final_norm(x + 0.5 * self.ffn_out(x))
+
+
+class ConformerCTC(nn.Module):
+    """Log-mel features `[B, mels, T]` -> two stride-2 conv1d subsampling layers (SiLU) -> N
+    Conformer blocks -> a linear CTC head over characters: per-frame logits `[B, T/4, vocab]`."""
+
+    def __init__(self, mels: int = 16, d_model: int = 32, heads: int = 4, ffn: int = 64, layers: int = 2,
+                 kernel: int = 7, vocab: int = 30):
+        super().__init__()
+        self.subsample1 = nn.Conv1d(mels, d_model, 3, stride=2, padding=1)
+        self.subsample2 = nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)
+        self.blocks = nn.ModuleList(ConformerBlock(d_model, heads, ffn, kernel) for _ in range(layers))
+        self.ctc_head = nn.Linear(d_model, vocab)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.subsample2(F.silu(self.subsample1(features)))).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.ctc_head(x)
+
+
 def digits_data(test_size: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1,797 real images shipped inside the package), scaled to
     [0, 1]: (x_train, x_test, y_train, y_test), split with a fixed seed."""
@@ -261,6 +340,90 @@ def hf_vit():
     return ViTModel(config, add_pooling_layer=True), {"pixel_values": pixels}
 
 
+def conformer():
+    """A small Conformer-CTC with batch-norm statistics as if trained (not 0 and 1)."""
+    model = ConformerCTC()
+    generator = torch.Generator().manual_seed(1)
+    for block in model.blocks:
+        block.conv.batch_norm.running_mean.copy_(torch.randn(32, generator=generator) * 0.1)
+        block.conv.batch_norm.running_var.copy_(torch.rand(32, generator=generator) + 0.5)
+    return model, (torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(0)),)
+
+
+HF_FAMILIES = ("llama", "qwen2", "mistral", "phi", "gpt2", "opt", "t5-encoder", "deberta-v2", "roberta", "xlm-roberta")
+
+
+def hf_family(family: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A Hugging Face decoder or encoder family (`HF_FAMILIES`) from a small config (random
+    weights, no cache), with token ids (none of them the padding id) and an attention mask."""
+    import transformers
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)
+    config, model_class = {
+        "llama": (lambda: transformers.LlamaConfig(**small, num_key_value_heads=2), "LlamaModel"),
+        "qwen2": (lambda: transformers.Qwen2Config(**small, num_key_value_heads=2), "Qwen2Model"),
+        "mistral": (lambda: transformers.MistralConfig(**small, num_key_value_heads=2, sliding_window=8),
+                    "MistralModel"),
+        "phi": (lambda: transformers.PhiConfig(**small), "PhiModel"),
+        "gpt2": (lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                 bos_token_id=0, eos_token_id=0), "GPT2Model"),
+        "opt": (lambda: transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                               num_attention_heads=4, max_position_embeddings=64,
+                                               word_embed_proj_dim=32), "OPTModel"),
+        "t5-encoder": (lambda: transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                     num_heads=4), "T5EncoderModel"),
+        "deberta-v2": (lambda: transformers.DebertaV2Config(**small), "DebertaV2Model"),
+        "roberta": (lambda: transformers.RobertaConfig(**small), "RobertaModel"),
+        "xlm-roberta": (lambda: transformers.XLMRobertaConfig(**small), "XLMRobertaModel"),
+    }[family]
+    config = config()
+    config.use_cache = False
+    model = getattr(transformers, model_class)(config)
+    inputs = _token_inputs(2, 16, 128)
+    inputs["input_ids"].clamp_(min=3)  # not a padding id (RoBERTa and OPT count positions from it)
+    return model, inputs
+
+
+def llama():
+    """Hugging Face Llama: grouped-query attention (2 kv heads for 4), RoPE, RMSNorm, SwiGLU."""
+    model, inputs = hf_family("llama")
+    return model, {"input_ids": inputs["input_ids"]}
+
+
+def whisper_encoder():
+    """Hugging Face Whisper's encoder: two conv1d layers (GELU, the second stride 2) over 16
+    log-mel bins of 64 frames, sinusoidal positions, pre-norm layers."""
+    import transformers
+    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                        num_mel_bins=16, max_source_positions=32, vocab_size=128, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    features = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    return transformers.WhisperModel(config).get_encoder(), {"input_features": features}
+
+
+def wav2vec2():
+    """Hugging Face Wav2Vec2 on raw 16 kHz audio: a conv1d feature extractor (group norm),
+    a grouped convolutional position embedding, post-norm layers."""
+    import transformers
+    config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                         conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=4, vocab_size=32)
+    audio = torch.randn(2, 1600, generator=torch.Generator().manual_seed(0))
+    return transformers.Wav2Vec2Model(config), {"input_values": audio}
+
+
+def swin():
+    """Hugging Face Swin: shifted windows (roll, window partition), patch merging, relative
+    position bias, two stages."""
+    import transformers
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                     window_size=4)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return transformers.SwinModel(config), {"pixel_values": pixels}
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
@@ -278,6 +441,14 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("tinybert4", tinybert4, False, True),
     ZooEntry("hf-distilbert", hf_distilbert, False, True),
     ZooEntry("hf-vit", hf_vit, False, True),
+    ZooEntry("conformer", conformer, True, False),
+    ZooEntry("llama", llama, False, True),
+    ZooEntry("gpt2", lambda: hf_family("gpt2"), False, True),
+    ZooEntry("t5-encoder", lambda: hf_family("t5-encoder"), False, True),
+    ZooEntry("roberta", lambda: hf_family("roberta"), False, True),
+    ZooEntry("whisper-encoder", whisper_encoder, False, True),
+    ZooEntry("wav2vec2", wav2vec2, False, True),
+    ZooEntry("swin", swin, False, True),
 )}
 BENCHMARK_MODELS = {"bert-base": bert_base}
 

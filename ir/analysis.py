@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import weakref
 
 import numpy as np
@@ -85,16 +86,15 @@ def op_flops(op: Op, types: dict) -> int:
         q, k = types[op.operands[0]], types[op.operands[1]]
         scores = t.numel // t.shape[-1] * k.shape[-2]
         return 2 * scores * q.shape[-1] + 2 * t.numel * k.shape[-2] + 5 * scores
-    if op.kind == "conv2d":
-        w = types[op.operands[1]]
-        return 2 * t.numel * w.shape[1] * w.shape[2] * w.shape[3]
-    if op.kind in ("softmax", "layer_norm", "int_softmax", "int_layer_norm"):
+    if op.kind in ("conv1d", "conv2d"):
+        return 2 * t.numel * math.prod(types[op.operands[1]].shape[1:])
+    if op.kind in ("softmax", "layer_norm", "rms_norm", "batch_norm", "group_norm", "int_softmax", "int_layer_norm"):
         return 5 * t.numel
     if op.kind in ("mean", "sum", "cumsum"):
         return types[op.operands[0]].numel
     if op.kind in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "relu", "gelu", "int_gelu",
                    "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "neg", "abs", "sign", "floor", "ceil", "log",
-                   "cos", "sin"):
+                   "cos", "sin", "silu"):
         return t.numel
     return 0
 

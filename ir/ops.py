@@ -462,28 +462,92 @@ def _sdpa(ts, attrs):
     return _tt(batch + (q.shape[-2], v.shape[-1]), q.dtype)
 
 
-def _conv2d(ts, attrs):
-    """Float NCHW input and OIHW weight of one dtype, input channels = weight's I x `groups`, O
-    divisible by `groups`, optional bias `[O]`; result `[N, O, H', W']` with each spatial size
-    `(size + 2 padding - dilation (kernel - 1) - 1) // stride + 1`, at least 1."""
-    x, w = ts[0], ts[1]
+def _conv(spatial: int):
+    layout = {1: ("NCL", "OIL"), 2: ("NCHW", "OIHW")}[spatial]
+
+    def rule(ts, attrs):
+        x, w = ts[0], ts[1]
+        _need_float(x, "input")
+        _same_dtype(ts)
+        if x.rank != 2 + spatial or w.rank != 2 + spatial:
+            raise OpTypeError(f"input and weight must be rank {2 + spatial} ({', '.join(layout)}), got {x.rank} "
+                              f"and {w.rank}")
+        for key in ("stride", "padding", "dilation"):
+            if len(attrs[key]) != spatial or min(attrs[key]) < (0 if key == "padding" else 1):
+                raise OpTypeError(f"{key} {list(attrs[key])} is not {spatial} "
+                                  f"{'non-negative' if key == 'padding' else 'positive'} int(s)")
+        groups = attrs["groups"]
+        if groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+            raise OpTypeError(f"channels do not fit: input {list(x.shape)}, weight {list(w.shape)}, groups {groups}")
+        if len(ts) == 3 and ts[2].shape != (w.shape[0],):
+            raise OpTypeError(f"bias shape {list(ts[2].shape)} is not [{w.shape[0]}]")
+        sizes = []
+        for i in range(spatial):
+            stride, pad, dil = attrs["stride"][i], attrs["padding"][i], attrs["dilation"][i]
+            size = (x.shape[2 + i] + 2 * pad - dil * (w.shape[2 + i] - 1) - 1) // stride + 1
+            if size < 1:
+                raise OpTypeError(f"kernel {list(w.shape[2:])} does not fit input {list(x.shape[2:])}")
+            sizes.append(size)
+        return _tt((x.shape[0], w.shape[0], *sizes), x.dtype)
+    rule.__doc__ = (f"Float {layout[0]} input and {layout[1]} weight of one dtype, input channels = weight's I x "
+                    "`groups`, O divisible by `groups`, optional bias `[O]`; result "
+                    f"`[N, O, {'L' if spatial == 1 else 'H, W'}']` with each spatial size `(size + 2 padding - "
+                    "dilation (kernel - 1) - 1) // stride + 1`, at least 1.")
+    return rule
+
+
+def _channel_norm(ts, attrs):
+    """A float input `[N, C, ...]` of rank >= 2; the other operands `[C]` of its dtype (batch_norm:
+    running mean and variance, then optional weight and bias; group_norm: optional weight and
+    bias, C divisible by `num_groups`); result: the input's type."""
+    x = ts[0]
     _need_float(x, "input")
     _same_dtype(ts)
-    if x.rank != 4 or w.rank != 4:
-        raise OpTypeError(f"input and weight must be rank 4 (NCHW, OIHW), got {x.rank} and {w.rank}")
-    groups = attrs["groups"]
-    if groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
-        raise OpTypeError(f"channels do not fit: input {list(x.shape)}, weight {list(w.shape)}, groups {groups}")
-    if len(ts) == 3 and ts[2].shape != (w.shape[0],):
-        raise OpTypeError(f"bias shape {list(ts[2].shape)} is not [{w.shape[0]}]")
-    spatial = []
-    for i in range(2):
-        stride, pad, dil = attrs["stride"][i], attrs["padding"][i], attrs["dilation"][i]
-        size = (x.shape[2 + i] + 2 * pad - dil * (w.shape[2 + i] - 1) - 1) // stride + 1
-        if size < 1:
-            raise OpTypeError(f"kernel {list(w.shape[2:])} does not fit input {list(x.shape[2:])}")
-        spatial.append(size)
-    return _tt((x.shape[0], w.shape[0], *spatial), x.dtype)
+    if x.rank < 2:
+        raise OpTypeError(f"input must be [N, C, ...], got shape {list(x.shape)}")
+    if "num_groups" in attrs and (attrs["num_groups"] < 1 or x.shape[1] % attrs["num_groups"]):
+        raise OpTypeError(f"{x.shape[1]} channels are not divisible into {attrs['num_groups']} groups")
+    for t in ts[1:]:
+        if t.shape != (x.shape[1],):
+            raise OpTypeError(f"per-channel operand shape {list(t.shape)} is not [{x.shape[1]}]")
+    return x
+
+
+def _rms_norm(ts, attrs):
+    """A float input whose trailing dims are `normalized_shape`; an optional weight of that shape
+    and the input's dtype; result: the input's type."""
+    x = ts[0]
+    _need_float(x, "input")
+    _same_dtype(ts)
+    norm = tuple(attrs["normalized_shape"])
+    if not norm or x.shape[-len(norm):] != norm:
+        raise OpTypeError(f"normalized_shape {list(norm)} is not a suffix of input shape {list(x.shape)}")
+    if len(ts) == 2 and ts[1].shape != norm:
+        raise OpTypeError(f"weight shape {list(ts[1].shape)} is not normalized_shape {list(norm)}")
+    return x
+
+
+def _pad(ts, attrs):
+    """`pads`: (before, after) pairs from the last dim backwards (`F.pad` order), at most two per
+    dim of the input, non-negative; result: each padded dim grown by its pair, the input's dtype."""
+    x, pads = ts[0], attrs["pads"]
+    if len(pads) % 2 or len(pads) > 2 * x.rank or min(pads, default=0) < 0:
+        raise OpTypeError(f"pads {list(pads)} are not non-negative (before, after) pairs for rank {x.rank}")
+    shape = list(x.shape)
+    for i in range(len(pads) // 2):
+        shape[-1 - i] += pads[2 * i] + pads[2 * i + 1]
+    return _tt(shape, x.dtype)
+
+
+def _argmax(ts, attrs):
+    """A non-bool input and `dim` within its rank; result: i64 indices with that dim removed (kept
+    as 1 with `keepdim`)."""
+    x = ts[0]
+    if x.dtype is DType.BOOL:
+        raise OpTypeError("operand must not be bool (cast it first)")
+    dim = _axis(attrs["dim"], x.rank)
+    shape = x.shape[:dim] + ((1,) if attrs["keepdim"] else ()) + x.shape[dim + 1:]
+    return _tt(shape, DType.I64)
 
 
 def _quantized(shape, attrs, dtypes: tuple[DType, ...]) -> TensorType:
@@ -660,12 +724,15 @@ _DEFS = [
     OpDef("log", ("input",), {}, _unary(True), "the natural logarithm", elementwise=True),
     OpDef("cos", ("input",), {}, _unary(True), "cosine", elementwise=True),
     OpDef("sin", ("input",), {}, _unary(True), "sine", elementwise=True),
+    OpDef("silu", ("input",), {}, _unary(True), "x * sigmoid(x) (SiLU, swish)", elementwise=True),
     OpDef("gelu", ("input",), {"approximate": A(S, "none", choices=("none", "tanh"))}, _unary(True),
           "GELU, exact (erf) or tanh approximation", elementwise=True),
     OpDef("softmax", ("input",), {"dim": A(I, required=True)}, _softmax, "exp(x) / sum(exp(x)) along dim"),
     OpDef("layer_norm", ("input", "weight?", "bias?"),
           {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-5)}, _layer_norm,
           "(x - mean) / sqrt(var + eps) * weight + bias over the trailing normalized_shape dims (biased variance)"),
+    OpDef("rms_norm", ("input", "weight?"), {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-6)},
+          _rms_norm, "x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape dims"),
     OpDef("embedding", ("weight", "indices"), {}, _embedding, "rows of weight picked by indices"),
     OpDef("gather", ("input", "index"), {"dim": A(I, required=True)}, _gather, "torch.gather"),
     OpDef("reshape", ("input",), {"shape": A(INTS, required=True)}, _reshape,
@@ -695,9 +762,21 @@ _DEFS = [
     OpDef("scaled_dot_product_attention", ("query", "key", "value", "mask?"),
           {"is_causal": A(B, False), "scale": A(F, None, optional=True)}, _sdpa,
           "softmax(q @ k^T * scale + mask) @ v; a bool mask keeps True positions"),
+    OpDef("conv1d", ("input", "weight", "bias?"),
+          {"stride": A(INTS, (1,)), "padding": A(INTS, (0,)), "dilation": A(INTS, (1,)), "groups": A(I, 1)},
+          _conv(1), "NCL convolution (groups = channels: depthwise)"),
     OpDef("conv2d", ("input", "weight", "bias?"),
           {"stride": A(INTS, (1, 1)), "padding": A(INTS, (0, 0)), "dilation": A(INTS, (1, 1)), "groups": A(I, 1)},
-          _conv2d, "NCHW convolution"),
+          _conv(2), "NCHW convolution"),
+    OpDef("batch_norm", ("input", "mean", "var", "weight?", "bias?"), {"eps": A(F, 1e-5)}, _channel_norm,
+          "(x - mean) / sqrt(var + eps) * weight + bias per channel (dim 1), with running statistics"),
+    OpDef("group_norm", ("input", "weight?", "bias?"), {"num_groups": A(I, required=True), "eps": A(F, 1e-5)},
+          _channel_norm, "layer norm over each group of channels (dim 1) and all later dims, then a per-channel "
+          "weight and bias"),
+    OpDef("pad", ("input",), {"pads": A(INTS, required=True), "value": A(F, 0.0)}, _pad,
+          "constant padding (F.pad, mode 'constant')"),
+    OpDef("argmax", ("input",), {"dim": A(I, required=True), "keepdim": A(B, False)}, _argmax,
+          "index of the first largest element along dim"),
     OpDef("cast", ("input",), {"dtype": A(DT, required=True)}, _cast,
           "the elements converted to dtype (float to integer truncates toward zero; to bool: non-zero)"),
     OpDef("quantize", ("input",), {"dtype": A(DT, required=True), "scale": A(F, required=True),

@@ -205,6 +205,49 @@ def _conv2d(x, w, b=None, *, stride, padding, dilation, groups):
     return y if b is None else y + b[None, :, None, None]
 
 
+def _conv1d(x, w, b=None, *, stride, padding, dilation, groups):
+    """`_conv2d` over a height of one."""
+    return _conv2d(x[:, :, None], w[:, :, None], b, stride=(1, *stride), padding=(0, *padding),
+                   dilation=(1, *dilation), groups=groups)[:, :, 0]
+
+
+def _per_channel(v, x):
+    """A per-channel vector `[C]` shaped to broadcast along dim 1 of `x`."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _batch_norm(x, mean, var, w=None, b=None, *, eps):
+    y = (x - _per_channel(mean, x)) / np.sqrt(_per_channel(var, x) + np.asarray(eps, dtype=x.dtype))
+    if w is not None:
+        y = y * _per_channel(w, x)
+    return y if b is None else y + _per_channel(b, x)
+
+
+def _group_norm(x, w=None, b=None, *, num_groups, eps):
+    grouped = x.reshape(x.shape[0], num_groups, -1)
+    y = _layer_norm(grouped, normalized_shape=grouped.shape[-1:], eps=eps).reshape(x.shape)
+    if w is not None:
+        y = y * _per_channel(w, x)
+    return y if b is None else y + _per_channel(b, x)
+
+
+def _rms_norm(x, w=None, *, normalized_shape, eps):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    y = x / np.sqrt((x * x).mean(axis=axes, keepdims=True) + np.asarray(eps, dtype=x.dtype))
+    return y if w is None else y * w
+
+
+def _pad(x, pads, value):
+    widths = [(0, 0)] * x.ndim
+    for i in range(len(pads) // 2):
+        widths[x.ndim - 1 - i] = (pads[2 * i], pads[2 * i + 1])
+    return np.pad(x, widths, constant_values=np.asarray(value, dtype=x.dtype))
+
+
+def _argmax(x, dim, keepdim):
+    return np.argmax(x, axis=dim, keepdims=keepdim)
+
+
 def _squeeze(x, dims):
     return np.squeeze(x, axis=tuple(d for d in dims if x.shape[d] == 1))
 
@@ -264,12 +307,16 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "log": np.log,
     "cos": np.cos,
     "sin": np.sin,
+    "silu": lambda x: x / (1 + np.exp(-x)),
     "sqrt": np.sqrt,
     "rsqrt": lambda x: 1 / np.sqrt(x),
     "erf": _erf,
     "gelu": _gelu,
     "softmax": _softmax,
     "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+    "batch_norm": _batch_norm,
+    "group_norm": _group_norm,
     "embedding": lambda w, idx: w[idx],
     "gather": lambda x, idx, dim: np.take_along_axis(x, idx, axis=dim),
     "reshape": lambda x, shape: np.reshape(x, shape),
@@ -290,7 +337,10 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "arange": lambda start, end, step, dtype: np.arange(start, end, step, dtype=dtype.numpy),
     "full": _full,
     "scaled_dot_product_attention": _sdpa,
+    "conv1d": _conv1d,
     "conv2d": _conv2d,
+    "pad": _pad,
+    "argmax": _argmax,
     "cast": _cast,
     "quantize": _quantize,
     "dequantize": _dequantize,

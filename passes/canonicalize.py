@@ -8,7 +8,11 @@
   expand, squeeze, slice and cast whose result type equals the operand's, transpose of a dim with
   itself, identity permute;
 - `reshape(reshape(x))` -> `reshape(x)`; a transpose/permute of a transpose/permute -> one
-  permute (then dropped if it is the identity).
+  permute (then dropped if it is the identity);
+- `batch_norm(conv(x, w, b))` (conv1d or conv2d, or a linear of a rank-2 input: its channels
+  on dim 1), the producer's only use, every operand a constant -> the producer with its
+  weight and bias scaled by `weight / sqrt(var + eps)` (new constants `w.bn`, `b.bn`), under
+  the batch norm's name.
 
 Rewritten ops keep their result name and type (so quantization and encoding annotations stay).
 Ops and constants left unused (the inner op of a collapsed chain, the linear of a folded bias)
@@ -97,6 +101,8 @@ class _Sweep:
             return self.matmul(op)
         if op.kind == "add":
             return self.fold_bias(op)
+        if op.kind == "batch_norm":
+            return self.fold_batch_norm(op)
         return None
 
     def layout(self, op: Op) -> Op | str | None:
@@ -140,10 +146,39 @@ class _Sweep:
         return None
 
 
+    def fold_batch_norm(self, op: Op) -> Op | None:
+        y, *stats = op.operands
+        producer = self.rw.producer(y)
+        if (producer is None or producer.kind not in ("conv1d", "conv2d", "linear") or y in self.graph.outputs
+                or [u.result for u in self.users.get(y, [])] != [op.result]
+                or (producer.kind == "linear" and producer.type.rank != 2)):
+            return None
+        weight, *bias = producer.operands[1:]
+        if not all(self.rw.is_constant(v) and _plain(self.rw.types[v]) for v in [weight, *bias, *stats]):
+            return None
+        dtype = self.rw.types[weight].dtype
+        mean, var, gamma, beta = self._stats(stats)
+        scale = gamma / np.sqrt(var + op.attr("eps"))
+        w = self.rw.weight(weight).astype(np.float64)
+        b = self.rw.weight(bias[0]).astype(np.float64) if bias else np.zeros(w.shape[0])
+        new_w = self.derive(weight, "bn", (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(dtype.numpy), dtype)
+        new_b = self.derive(bias[0] if bias else weight, "bn" if bias else "bn_bias",
+                            ((b - mean) * scale + beta).astype(dtype.numpy), dtype)
+        return self.rw.make(op, producer.kind, producer.operands[0], new_w, new_b, **dict(producer.attrs))
+
+    def _stats(self, stats: list[str]) -> tuple[np.ndarray, ...]:
+        """(mean, var, weight, bias) of a batch norm in float64 (weight 1 and bias 0 when absent)."""
+        mean, var = (self.rw.weight(v).astype(np.float64) for v in stats[:2])
+        gamma = self.rw.weight(stats[2]).astype(np.float64) if len(stats) > 2 else np.ones_like(mean)
+        beta = self.rw.weight(stats[3]).astype(np.float64) if len(stats) > 3 else np.zeros_like(mean)
+        return mean, var, gamma, beta
+
+
 @dataclass(frozen=True)
 class Canonicalize(Pass):
     name = "canonicalize"
-    summary = "fold biases and constant matmuls into linear, drop identity ops, collapse layout chains"
+    summary = ("fold biases, batch norms and constant matmuls into linear and conv, drop identity ops, collapse "
+               "layout chains")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         derived: dict[tuple[str, str], str] = {}

@@ -93,7 +93,7 @@ class Candidate:
 
 # data movement the executors do as views: no bytes move
 _VIEWS = frozenset({"reshape", "permute", "transpose", "squeeze", "unsqueeze", "expand", "select", "slice"})
-_PRODUCTS = frozenset({"linear", "matmul", "scaled_dot_product_attention", "conv2d"})
+_PRODUCTS = frozenset({"linear", "matmul", "scaled_dot_product_attention", "conv1d", "conv2d"})
 
 
 def _stored_bytes(graph: Graph) -> dict[str, int]:

@@ -8,7 +8,7 @@ Terms (exact; `tests/test_layer_kinds.py` checks them on every zoo model):
   from constants alone, are not).
 - An *attention op* is `scaled_dot_product_attention`, or a `matmul` of two activations (the
   scores `q @ k^T` and the context `p @ v` of attention written out op by op).
-- A *weighted op* is a `linear`, a `conv2d` or an attention op.
+- A *weighted op* is a `linear`, a `conv1d`, a `conv2d` or an attention op.
 - A *residual add* is an `add` of two activations `s + b` where `s` (the skip) feeds `b` (the
   branch) through a weighted op: some path from `s` to `b` passes a weighted op, as in
   `x + f(x)` with a sublayer `f`. Adding a bias, position embeddings, an attention mask, an
@@ -16,7 +16,7 @@ Terms (exact; `tests/test_layer_kinds.py` checks them on every zoo model):
   weight) is not a residual add. The residual adds form the *residual stream*.
 - *Through non-mixing ops* means along a chain of data movement (reshape, permute, transpose,
   slice, select, (un)squeeze, expand, cat), elementwise arithmetic other than a residual add
-  (add, sub, mul, div, neg) and type changes (cast, quantize, dequantize, requantize).
+  (add, sub, mul, div, pow, neg) and type changes (cast, quantize, dequantize, requantize).
 
 A linear is
 
@@ -35,7 +35,7 @@ A linear is
   blocks); otherwise the first of
   `qkv` (its result reaches an operand of an attention op through non-mixing ops),
   `attn_out` (its input is reached from an attention op's result through non-mixing ops),
-  `ffn1` (its result reaches an activation function (relu, gelu, tanh, sigmoid, erf, int_gelu)
+  `ffn1` (its result reaches an activation function (relu, gelu, tanh, sigmoid, silu, erf, int_gelu)
   through non-mixing ops, or the input of an `ffn2` linear: the up projection of a gated FFN
   `down(act(gate(x)) * up(x))`),
   `ffn2` (its input is reached from an activation function's result through non-mixing ops),
@@ -43,6 +43,12 @@ A linear is
 
 A weight shared by several linears is a head (an input projection) when any of them is, and
 takes the kind of its first use.
+
+A convolution (`conv1d`, `conv2d`) with a constant weight is not a layer: the compression
+passes leave it dense and say so. It belongs to the model's **convolutional front end** when no
+linear or attention op is upstream of it (a speech model's feature extractor, a ViT's patch
+embedding), else it sits in the blocks (a Conformer's convolution module, a convolutional
+position embedding).
 
 Passes choose layers with `choose_layers` (or `LayerOptions.layer_choice`), which also says
 why each linear weight left out was left out; `LayerChoice.notes` turns that into pass-log
@@ -65,9 +71,9 @@ LAYER_KINDS: tuple[str, ...] = ("qkv", "attn_out", "ffn1", "ffn2", "other")
 
 # non-mixing ops: looked through when classifying (a residual add never is)
 _THROUGH = {"reshape", "permute", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "cat",
-            "add", "sub", "mul", "div", "neg", "cast", "dequantize", "quantize", "requantize"}
-_ACTIVATIONS = {"gelu", "relu", "tanh", "sigmoid", "erf", "int_gelu"}
-_WEIGHTED = {"linear", "conv2d"}  # and attention ops
+            "add", "sub", "mul", "div", "pow", "neg", "cast", "dequantize", "quantize", "requantize"}
+_ACTIVATIONS = {"gelu", "relu", "tanh", "sigmoid", "silu", "erf", "int_gelu"}
+_WEIGHTED = {"linear", "conv1d", "conv2d"}  # and attention ops
 
 
 @dataclass(frozen=True)
@@ -145,20 +151,44 @@ class _Dataflow:
         return False
 
 
+@dataclass(frozen=True)
+class Convolution:
+    """A convolution's weight constant, in the front end or in the blocks."""
+
+    weight: str
+    front_end: bool
+
+
+def convolutions(graph: Graph) -> tuple[Convolution, ...]:
+    """The constant weights of the graph's convolutions, in order of first use (see the module
+    docstring)."""
+    flow = _Dataflow(graph)
+    constants = set(graph.constant_names)
+    deep = sum(flow.bit(op.result) for op in graph.ops if op.kind == "linear" or op.result in flow.attention)
+    live = flow.upstream(graph.outputs) | sum(flow.bit(o) for o in set(graph.outputs))
+    found: dict[str, bool] = {}
+    for op in graph.ops:
+        if op.kind in ("conv1d", "conv2d") and op.operands[1] in constants and not flow.bit(op.result) & ~live:
+            x = op.operands[0]
+            front = not (flow.up.get(x, 0) | flow.bit(x)) & deep
+            found[op.operands[1]] = found.get(op.operands[1], True) and front
+    return tuple(Convolution(w, front) for w, front in found.items())
+
+
 def _classify(graph: Graph) -> list[Layer]:
     """Every weight constant of a linear op, in order of first use, classified (see the module
     docstring)."""
     flow = _Dataflow(graph)
     constants = set(graph.constant_names)
+    reaches_output = flow.upstream(graph.outputs) | sum(flow.bit(o) for o in set(graph.outputs))
     uses: dict[str, list[Op]] = {}
-    for op in graph.ops:
-        if op.kind == "linear" and op.operands[1] in constants:
+    for op in graph.ops:  # dead linears (a rewrite left them for dce) play no role
+        if op.kind == "linear" and op.operands[1] in constants and not flow.bit(op.result) & ~reaches_output:
             uses.setdefault(op.operands[1], []).append(op)
     linears = [op for op in graph.ops if op.kind == "linear" and op.result in flow.index]
     residual_bits = sum(flow.bit(r) for r in flow.residual)
     feeds_residual = flow.upstream(flow.residual)
     feeds_linear = flow.upstream(op.result for op in linears)
-    reaches_output = flow.upstream(graph.outputs) | sum(flow.bit(o) for o in set(graph.outputs))
     weighted_results = sum(flow.bit(op.result) for op in graph.ops
                            if op.kind in _WEIGHTED or op.result in flow.attention)
     activation_results = {op.result for op in graph.ops if op.kind in _ACTIVATIONS}
@@ -218,6 +248,7 @@ class LayerChoice:
     chosen: tuple[Layer, ...]
     skipped: dict[str, str] = field(default_factory=dict)
     numel: dict[str, int] = field(default_factory=dict)
+    convolutions: tuple[Convolution, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -232,7 +263,7 @@ class LayerChoice:
                 chosen.append(layer)
             else:
                 skipped[layer.weight] = why
-        return LayerChoice(self.layers, tuple(chosen), skipped, self.numel)
+        return LayerChoice(self.layers, tuple(chosen), skipped, self.numel, self.convolutions)
 
     def notes(self, verb: str, done: list[str] | None = None, to: str = "") -> list[str]:
         """Pass-log notes: `<verb> N of M linear weights (P% of linear weight elements)[ to]`,
@@ -255,6 +286,11 @@ class LayerChoice:
                 notes.append(f"skipped {names[0]} ({why})")
             else:
                 notes.append(f"skipped {len(names)} weights ({why}): {name_list(names)}")
+        for front, where in ((True, "the convolutional front end"), (False, "convolutions in the blocks")):
+            names = [c.weight for c in self.convolutions if c.front_end is front]
+            if names:
+                notes.append(f"kept {where} dense ({len(names)} weight{'s' if len(names) != 1 else ''}: "
+                             f"{name_list(names)}; convolutions are not compressed)")
         return notes
 
 
@@ -282,7 +318,8 @@ def choose_layers(graph: Graph, pattern: str, *, keep_head: bool, keep_input: bo
             skipped[layer.weight] = "an input projection, keep_input=true"
         else:
             chosen.append(layer)
-    return LayerChoice(layers, tuple(chosen), skipped, {layer.weight: types[layer.weight].numel for layer in layers})
+    return LayerChoice(layers, tuple(chosen), skipped, {layer.weight: types[layer.weight].numel for layer in layers},
+                       convolutions(graph))
 
 
 def select_layers(graph: Graph, pattern: str, *, keep_head: bool, pass_name: str,

@@ -58,7 +58,8 @@ def choose_blocks(scores: Sequence[np.ndarray], sizes: Sequence[np.ndarray], *, 
 
     With `target_kept` (elements), the survivors are the best-scored prefix whose element
     count is closest to it, so the result is within half a block of the target. With
-    `keep_fraction`, the best `round(fraction * count)` blocks survive."""
+    `keep_fraction`, the best `round(fraction * count)` blocks survive. At least one block
+    always survives: a weight of one block is never pruned away whole."""
     flat_scores = np.concatenate([s.ravel() for s in scores])
     flat_sizes = np.concatenate([s.ravel() for s in sizes])
     order = np.argsort(-flat_scores, kind="stable")
@@ -67,6 +68,7 @@ def choose_blocks(scores: Sequence[np.ndarray], sizes: Sequence[np.ndarray], *, 
     else:
         totals = np.concatenate([[0], np.cumsum(flat_sizes[order])])
         count = int(np.argmin(np.abs(totals - target_kept)))
+    count = max(count, 1)
     kept = np.zeros(len(order), dtype=bool)
     kept[order[:count]] = True
     out, start = [], 0

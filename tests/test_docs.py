@@ -390,7 +390,7 @@ ANCHORS = [
     ("runtime/torch_executor.py", "_CREATES_TENSORS = {"),
     ("compiler/frontend/converters.py", '"erf": (aten.erf, torch.erf, "method:erf"),'),
     ("compiler/frontend/converters.py", "converts(*_keys)(_unary(_kind))"),
-    ("compiler/frontend/converters.py", "@module_converter(nn.ReLU, nn.Tanh, nn.Sigmoid)\n"
+    ("compiler/frontend/converters.py", "@module_converter(nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU)\n"
                                         "def activation_module(cx: Lowerer, m: nn.Module, path: str, x):"),
     ("compiler/frontend/__init__.py", "KEPT_WHOLE = ("), ("ir/analysis.py", "def op_flops("),
     ("ir/analysis.py", '"rsqrt", "erf", "neg"'), ("passes/layers.py", "_ACTIVATIONS = {"),

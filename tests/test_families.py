@@ -3,11 +3,16 @@ small configs compile and match eager; what still fails is listed in the README.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import tcc
+from conftest import built, eager_outputs
+from tcc import zoo
+from tcc.passes.layers import choose_layers
 
 EAGER = {"rtol": 1e-5, "atol": 1e-5}  # tcc's fp32 against PyTorch eager (another summation order)
 
@@ -38,39 +43,13 @@ def test_nn_transformer_with_cross_attention_matches_eager():
     torch.testing.assert_close(tcc.compile(model, (src, tgt)).run((src, tgt)), model(src, tgt), **EAGER)
 
 
-HF_FAMILIES = ["llama", "gpt2", "t5-encoder", "deberta-v2", "roberta", "qwen2", "mistral", "phi", "xlm-roberta", "opt"]
-
-
 def _hf(name: str) -> nn.Module:
-    import transformers  # a dependency of tcc (the zoo's Hugging Face models): never skipped
-    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64)
-    config = {
-        "llama": lambda: transformers.LlamaConfig(**small, num_key_value_heads=2),  # GQA, RoPE, RMSNorm, SwiGLU
-        "qwen2": lambda: transformers.Qwen2Config(**small, num_key_value_heads=2),
-        "mistral": lambda: transformers.MistralConfig(**small, num_key_value_heads=2, sliding_window=8),
-        "phi": lambda: transformers.PhiConfig(**small),
-        "t5-encoder": lambda: transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                    num_heads=4),  # relative-position buckets
-        "deberta-v2": lambda: transformers.DebertaV2Config(**small),  # relative positions, log buckets
-        "roberta": lambda: transformers.RobertaConfig(**small),  # position ids: cumsum of the padding mask
-        "xlm-roberta": lambda: transformers.XLMRobertaConfig(**small),
-        "opt": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                              num_attention_heads=4, max_position_embeddings=64,
-                                              word_embed_proj_dim=32),  # positions: cumsum of the mask
-        "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                bos_token_id=0, eos_token_id=0),  # split of the fused qkv
-    }[name]()
-    config.use_cache = False
-    model_class = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "mistral": "MistralModel", "phi": "PhiModel",
-                   "t5-encoder": "T5EncoderModel", "deberta-v2": "DebertaV2Model", "gpt2": "GPT2Model",
-                   "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel", "opt": "OPTModel"}[name]
     torch.manual_seed(0)
-    return getattr(transformers, model_class)(config).eval()
+    return zoo.hf_family(name)[0].eval()
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("qwen2", "mistral", "phi", "xlm-roberta", "opt") else n
-                                  for n in HF_FAMILIES])
+                                  for n in zoo.HF_FAMILIES if n not in zoo.ZOO or n == "roberta"])
 def test_families_compile_and_match_eager(name):
     """Before: each stopped on one unsupported op: of its position code (cos/sin of RoPE; abs,
     log, clamp of relative-position buckets), computed from constants alone and now folded; or
@@ -83,11 +62,55 @@ def test_families_compile_and_match_eager(name):
     expected = model(**inputs).last_hidden_state
     out = tcc.compile(model, inputs).run(inputs)
     torch.testing.assert_close(out["last_hidden_state"], expected, **EAGER)
-    if name in ("llama", "gpt2", "roberta"):  # and int8 on the accelerator, its linears on the array
-        artifact = tcc.compile(model, inputs, target="fpga-small")
-        got = artifact.run(inputs, on="sim")["last_hidden_state"]
-        assert artifact.manifest["accel"]["sections"] >= 8  # the projections and MLPs of both layers
-        assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] >= 0.999
+
+
+# the zoo's families (issue 19); the others of `zoo.ZOO` are checked alike by test_frontend_zoo and
+# test_accel_codegen
+FAMILY_ZOO = ["llama", "gpt2", "t5-encoder", "roberta", "whisper-encoder", "wav2vec2", "conformer", "swin"]
+
+
+def _first(outputs):
+    return outputs if isinstance(outputs, torch.Tensor) else next(iter(
+        outputs.values() if isinstance(outputs, dict) else outputs))
+
+
+@pytest.mark.parametrize("name", FAMILY_ZOO)
+def test_zoo_family_on_fpga_small(name):
+    """int8 on the ISA simulator, every linear on the array (none among the host ops): the first
+    output correlates with eager >= 0.999."""
+    model, inputs = built(name)
+    expected = eager_outputs(model, inputs)[0]
+    artifact = tcc.compile(model, inputs, target="fpga-small")
+    got = _first(artifact.run(inputs, on="sim"))
+    assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] >= 0.999
+    linears = [op for op in artifact.graph.ops if op.kind == "linear"]
+    assert linears and artifact.manifest["accel"]["sections"] >= len(linears)
+    assert not [h for h in artifact.manifest["accel"]["host_ops"] if h["op"] == "linear"]
+
+
+COMPRESSIONS = ["hp-prune{sparsity=0.5},quantize", "block-prune{sparsity=0.5}", "binarize", "quantize{bits=4}"]
+
+
+@pytest.mark.parametrize("pipeline", COMPRESSIONS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("t5-encoder", "swin", "roberta")
+                                  else n for n in FAMILY_ZOO])
+def test_compression_on_every_family(name, pipeline):
+    """One-shot (random weights, no data): every block linear compressed, the head and the
+    convolutions left alone and said so; the compressed model still runs and tracks eager."""
+    model, inputs = built(name)
+    expected = eager_outputs(model, inputs)[0]
+    artifact = tcc.compile(model, inputs, pipeline=pipeline)
+    log = "\n".join(artifact.manifest["pass_log"])
+    verb = {"hp": "pruned", "bl": "pruned", "bi": "binarized", "qu": "quantized"}[pipeline[:2]]
+    keep = verb != "quantized"  # quantize takes the head and input projections too
+    chosen = choose_layers(tcc.compile(model, inputs).graph, ".*", keep_head=keep, keep_input=keep, pass_name="t")
+    assert re.search(rf"{verb} {len(chosen.chosen)} of {len(chosen.layers)} linear weights", log), log
+    if any(op.kind.startswith("conv") for op in artifact.graph.ops) and verb != "quantized":
+        assert "dense (" in log and "convolutions are not compressed" in log
+    got = _first(artifact.run(inputs))
+    assert torch.isfinite(got).all()
+    if verb != "binarized":  # one-shot 1-bit weights of a random model keep little of it
+        assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] >= 0.5
 
 
 class TwoUnsupported(nn.Module):

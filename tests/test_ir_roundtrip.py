@@ -490,6 +490,7 @@ def _every_op_graph() -> Graph:
     bias = b.constant("layer.0.bias", rng.standard_normal(5).astype(np.float32))
     table = b.constant("embed.tokens.weight", rng.standard_normal((7, 4)).astype(np.float32))
     kernel = b.constant("conv.0.weight", rng.standard_normal((4, 1, 2, 2)).astype(np.float32))
+    kernel_1d = b.constant("conv.1.weight", rng.standard_normal((2, 3, 2)).astype(np.float32))
     idx = b.constant("gather.idx", rng.integers(0, 3, size=(2, 2, 4)))
     one = b.op("full", shape=(), value=1.0)
     y = b.op("linear", x, w, bias)
@@ -500,7 +501,7 @@ def _every_op_graph() -> Graph:
     both = b.op("logical_not", b.op("logical_or", b.op("logical_and", cmp[0], cmp[1]), flag))
     for kind in ("neg", "relu", "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf"):
         y = b.op(kind, y)
-    for kind in ("abs", "sign", "floor", "ceil", "log", "cos", "sin"):
+    for kind in ("abs", "sign", "floor", "ceil", "log", "cos", "sin", "silu"):
         y = b.op(kind, y)
     y = b.op("gelu", y, approximate="tanh")
     y = b.op("softmax", b.op("gelu", y), dim=-1)
@@ -523,6 +524,12 @@ def _every_op_graph() -> Graph:
     att = b.op("scaled_dot_product_attention", x, x, x, b.op("slice", flag, dim=-1, end=3), scale=0.1 + 0.2)
     att2 = b.op("scaled_dot_product_attention", x, x, x, is_causal=True)
     conv = b.op("conv2d", b.op("unsqueeze", x, dim=0), kernel, stride=(1, 2), padding=(1, 0), groups=2)
+    conv = b.op("batch_norm", conv, *(b.constant(f"bn.{n}", np.full(4, 0.5, np.float32)) for n in ("mean", "var")),
+                eps=1e-3)
+    conv = b.op("group_norm", conv, num_groups=2)
+    conv1 = b.op("conv1d", b.op("pad", x, pads=(1, 1), value=0.0), kernel_1d, stride=(2,), dilation=(1,), groups=1)
+    rms = b.op("rms_norm", x, normalized_shape=(4,), eps=1e-6)
+    top = b.op("argmax", x, dim=-1, keepdim=True)
     cast = b.op("cast", y, dtype=DType.BF16)
     xq = b.op("quantize", x, dtype=DType.I8, scale=0.1 + 0.2, zero_point=-3)
     wq = b.constant("layer.0.weight.q", rng.integers(-127, 128, size=(5, 4)), DType.I8)
@@ -538,7 +545,8 @@ def _every_op_graph() -> Graph:
                out_shift=52, dtype=DType.I8, scale=0.5)
     norm = b.op("int_layer_norm", act, b.constant("norm.weight_q", np.full(5, 1 << 20), DType.I32),
                 b.constant("norm.bias_q", np.zeros(5), DType.I64), eps=3, shift=30, dtype=DType.I8, scale=0.1)
-    return verify(b.finish([y, r, m, total, running, some, ix, wh, att, att2, conv, cast, deq, probs, norm]))
+    return verify(b.finish([y, r, m, total, running, some, ix, wh, att, att2, conv, conv1, rms, top, cast, deq, probs,
+                            norm]))
 
 
 def test_every_op_kind_round_trips():

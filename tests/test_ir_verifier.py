@@ -211,6 +211,25 @@ def test_attribute_out_of_range_for_operand():
     expect(g, "%r", "reshape", "cannot reshape [2, 3]")
 
 
+@pytest.mark.parametrize("kind, operands, attrs, message", [
+    ("conv1d", ["x", "x"], {}, "input and weight must be rank 3 (NCL, OIL), got 2 and 2"),
+    ("conv1d", ["x3", "w3"], {"groups": 2}, "channels do not fit: input [1, 2, 3], weight [4, 2, 2], groups 2"),
+    ("conv1d", ["x3", "w3"], {"stride": (1, 1)}, "stride [1, 1] is not 1 positive int(s)"),
+    ("conv1d", ["x3", "w3"], {"dilation": (3,)}, "kernel [2] does not fit input [3]"),
+    ("batch_norm", ["x3", "c3", "c3"], {}, "per-channel operand shape [3] is not [2]"),
+    ("group_norm", ["x3"], {"num_groups": 3}, "2 channels are not divisible into 3 groups"),
+    ("rms_norm", ["x3", "c3"], {"normalized_shape": (2, 3)}, "weight shape [3] is not normalized_shape [2, 3]"),
+    ("pad", ["x"], {"pads": (1, 1, 1)}, "pads [1, 1, 1] are not non-negative (before, after) pairs for rank 2"),
+    ("pad", ["x"], {"pads": (0, -1)}, "are not non-negative"),
+    ("argmax", ["x"], {"dim": 2}, "dim 2 out of range for rank 2"),
+])
+def test_new_family_ops_name_their_type_errors(kind, operands, attrs, message):
+    """The rules of the ops issue 19 added (convolution, channel and RMS norms, pad, argmax)."""
+    inputs = X + (("x3", tensor((1, 2, 3))), ("w3", tensor((4, 2, 2))), ("c3", tensor((3,))))
+    g = graph([op(kind, "r", operands, F23, **attrs)], inputs=inputs)
+    expect(g, "%r", kind, message)
+
+
 def test_error_names_the_first_bad_op_in_a_chain():
     g = graph([op("relu", "a", ["x"], F23), op("exp", "b", ["a"], tensor((3, 3))), op("neg", "c", ["b"], tensor((3,)))])
     message = expect(g, "%b", "exp")

@@ -19,7 +19,7 @@ from .converters import convert_node
 from .lowering import Lowerer, UnsupportedError, Value, is_tensor_like, lower_nodes
 
 # Ops kept whole instead of decomposed to core ATen.
-KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu")
+KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu", "silu", "group_norm", "rms_norm")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _finish(lowerer: Lowerer, outputs: list[Value]) -> Graph:
 
 def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") -> tuple[Graph, Signature]:
     """Lower an ExportedProgram. The graph is lowered as exported when every op has a converter;
-    otherwise it is decomposed to core ATen (keeping linear, SDPA, layer_norm and gelu whole)
+    otherwise it is decomposed to core ATen (keeping the ops of `KEPT_WHOLE` whole)
     and lowered again."""
     try:
         return _lower_program(ep, name)

@@ -115,42 +115,74 @@ def linear(cx: Lowerer, input, weight, bias=None):
     return cx.op("linear", input, weight, *([bias] if bias is not None else []))
 
 
+def _as_linear_weight(cx: Lowerer, x, rhs) -> Value | None:
+    """For `x @ rhs` with `rhs` a learned [in, out] parameter (GPT-2's Conv1D, weights stored
+    transposed): the [out, in] weight constant `rhs.t` of the equivalent linear, as canonicalize
+    names it; None otherwise."""
+    if not (isinstance(rhs, Value) and cx.parameter_constant(rhs) and cx.type(rhs).rank == 2
+            and cx.type(x).dtype.is_float and cx.type(x).rank >= 1):
+        return None
+    return cx.derived(f"{rhs}.t", lambda: cx.known[rhs].t().contiguous())
+
+
 @converts(aten.addmm)
 def addmm(cx: Lowerer, bias, mat1, mat2, *, beta=1, alpha=1):
     if beta != 1 or alpha != 1:
         raise cx.unsupported("addmm with beta/alpha other than 1")
-    return cx.op("add", cx.op("matmul", mat1, mat2), bias)
+    weight = _as_linear_weight(cx, mat1, mat2)
+    if weight is not None and isinstance(bias, Value) and cx.type(bias).shape == (cx.type(weight).shape[0],):
+        return cx.op("linear", mat1, weight, bias)
+    return cx.op("add", matmul(cx, mat1, mat2), bias)
 
 
 @converts(aten.mm, aten.bmm, aten.matmul, torch.matmul, torch.bmm, operator.matmul, "method:matmul")
 def matmul(cx: Lowerer, a, b):
-    return cx.op("matmul", a, b)
+    weight = _as_linear_weight(cx, a, b)
+    return cx.op("matmul", a, b) if weight is None else cx.op("linear", a, weight)
 
 
 @converts(aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
 def sdpa(cx: Lowerer, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
          enable_gqa=False):
-    if enable_gqa:
-        raise cx.unsupported("scaled_dot_product_attention with enable_gqa")
+    heads = cx.type(query).shape[-3] if cx.type(query).rank >= 3 else 1
+    if enable_gqa and cx.type(key).shape[-3] != heads:  # grouped-query attention: each kv head serves a group
+        group = heads // cx.type(key).shape[-3]
+        key, value = (repeat_interleave(cx, t, group, -3) for t in (key, value))
     mask = [] if attn_mask is None else [attn_mask]
     return cx.op("scaled_dot_product_attention", query, key, value, *mask, is_causal=bool(is_causal), scale=scale)
 
 
-@converts(aten.convolution)
-def convolution(cx: Lowerer, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    if transposed or cx.type(input).rank != 4:
-        raise cx.unsupported("only 2-D, non-transposed convolution is supported")
-    return cx.op("conv2d", input, weight, *([bias] if bias is not None else []), stride=tuple(stride),
-                 padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+def _conv_padding(cx: Lowerer, x, weight, padding, dilation, spatial: int):
+    """(x, explicit padding per spatial dim): torch's 'valid' and 'same' made explicit; an
+    asymmetric 'same' pads `x` first."""
+    if not isinstance(padding, str):
+        return x, _ints(padding, spatial)
+    if padding == "valid":
+        return x, (0,) * spatial
+    totals = [d * (k - 1) for d, k in zip(dilation, cx.type(weight).shape[2:])]
+    if any(t % 2 for t in totals):  # torch puts the odd element after
+        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+        return cx.op("pad", x, pads=tuple(pads), value=0.0), (0,) * spatial
+    return x, tuple(t // 2 for t in totals)
 
 
-@converts(aten.conv2d, F.conv2d)
-def conv2d(cx: Lowerer, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    if isinstance(padding, str):
-        raise cx.unsupported(f"conv2d padding='{padding}'")
-    return cx.op("conv2d", input, weight, *([bias] if bias is not None else []), stride=pair(stride),
-                 padding=pair(padding), dilation=pair(dilation), groups=groups)
+def _ints(v, n: int) -> tuple[int, ...]:
+    return tuple(v) * (n if len(tuple(v)) == 1 else 1) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+@converts(aten.convolution, aten.conv1d, aten.conv2d, F.conv1d, F.conv2d)
+def convolution(cx: Lowerer, input, weight, bias=None, stride=1, padding=0, dilation=1, transposed=False,
+                output_padding=0, groups=1):
+    if isinstance(transposed, int) and not isinstance(transposed, bool):  # aten.conv1d / conv2d: groups 4th
+        transposed, groups = False, transposed
+    spatial = cx.type(input).rank - 2
+    if transposed or spatial not in (1, 2):
+        raise cx.unsupported(f"{'transposed ' if transposed else ''}{spatial}-d convolution is unsupported: got "
+                             f"input {list(cx.type(input).shape)}, weight {list(cx.type(weight).shape)}")
+    dilation = _ints(dilation, spatial)
+    input, padding = _conv_padding(cx, input, weight, padding, dilation, spatial)
+    return cx.op(f"conv{spatial}d", input, weight, *([bias] if bias is not None else []),
+                 stride=_ints(stride, spatial), padding=padding, dilation=dilation, groups=groups)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,8 +256,16 @@ for _kind, _keys in {
     "log": (aten.log, torch.log, "method:log"),
     "cos": (aten.cos, torch.cos, "method:cos"),
     "sin": (aten.sin, torch.sin, "method:sin"),
+    "silu": (aten.silu, F.silu, "method:silu"),
 }.items():
     converts(*_keys)(_unary(_kind))
+
+
+@converts(aten.glu, F.glu)
+def glu(cx: Lowerer, input, dim=-1):
+    """The first half times the sigmoid of the second."""
+    a, b = chunk(cx, input, 2, dim)
+    return cx.op("mul", a, cx.op("sigmoid", b))
 
 
 @converts(aten.gelu, F.gelu)
@@ -268,11 +308,70 @@ def native_layer_norm(cx: Lowerer, input, normalized_shape, weight, bias, eps):
     return (layer_norm(cx, input, normalized_shape, weight, bias, eps), None, None)
 
 
+@converts(aten.rms_norm, F.rms_norm)
+def rms_norm(cx: Lowerer, input, normalized_shape, weight=None, eps=None):
+    eps = torch.finfo(torch.float32 if cx.type(input).dtype is DType.F32 else torch.float16).eps if eps is None else eps
+    return cx.op("rms_norm", input, *([weight] if weight is not None else []),
+                 normalized_shape=tuple(normalized_shape), eps=eps)
+
+
+@converts(aten.group_norm, F.group_norm)
+def group_norm(cx: Lowerer, input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    if weight is None and bias is not None:
+        raise cx.unsupported("group_norm with a bias but no weight")
+    affine = [w for w in (weight, bias) if w is not None]
+    return cx.op("group_norm", input, *affine, num_groups=num_groups, eps=eps)
+
+
+@converts(aten.native_group_norm)
+def native_group_norm(cx: Lowerer, input, weight, bias, n, c, hw, num_groups, eps):
+    return (group_norm(cx, input, num_groups, weight, bias, eps), None, None)
+
+
+@converts(F.batch_norm)
+def batch_norm(cx: Lowerer, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+               eps=1e-5, cudnn_enabled=True):
+    if training or running_mean is None:
+        raise cx.unsupported("batch_norm in training mode (batch statistics) is unsupported: call model.eval()")
+    if weight is None and bias is not None:
+        raise cx.unsupported("batch_norm with a bias but no weight")
+    affine = [w for w in (weight, bias) if w is not None]
+    return cx.op("batch_norm", input, running_mean, running_var, *affine, eps=eps)
+
+
+@converts(aten.batch_norm)
+def aten_batch_norm(cx: Lowerer, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                    cudnn_enabled=False):
+    return batch_norm(cx, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@converts(aten._native_batch_norm_legit_no_training)
+def native_batch_norm(cx: Lowerer, input, weight, bias, running_mean, running_var, momentum, eps):
+    return (batch_norm(cx, input, running_mean, running_var, weight, bias, False, momentum, eps), None, None)
+
+
 @converts(aten.embedding, F.embedding)
 def embedding(cx: Lowerer, weight, indices, padding_idx=None, *rest, **kwargs):
     if isinstance(weight, Value) and cx.type(weight).dtype.is_int:  # F.embedding(input, weight) order
         weight, indices = indices, weight
     return cx.op("embedding", weight, indices)
+
+
+@converts(aten.index_select, torch.index_select, "method:index_select")
+def index_select(cx: Lowerer, input, dim, index):
+    dim = cx.dim(dim, cx.type(input).rank)
+    if dim == 0:
+        return cx.op("index", input, index)
+    moved = cx.op("transpose", input, dim0=0, dim1=dim)
+    return cx.op("transpose", cx.op("index", moved, index), dim0=0, dim1=dim)
+
+
+@converts(aten.argmax, torch.argmax, "method:argmax")
+def argmax(cx: Lowerer, input, dim=None, keepdim=False):
+    if dim is None:  # of the flattened tensor
+        input, dim = cx.op("reshape", input, shape=(cx.type(input).numel,)), 0
+        keepdim = False
+    return cx.op("argmax", input, dim=dim, keepdim=keepdim)
 
 
 @converts(aten.gather, torch.gather)
@@ -364,6 +463,64 @@ def unbind(cx: Lowerer, x, dim=0):
     return tuple(select(cx, x, dim, i) for i in range(cx.type(x).shape[cx.dim(dim, cx.type(x).rank)]))
 
 
+@converts(aten.constant_pad_nd)
+def constant_pad_nd(cx: Lowerer, x, pad, value=0.0):
+    return pad_(cx, x, pad, "constant", value)
+
+
+@converts(aten.pad, F.pad)
+def pad_(cx: Lowerer, x, pad, mode="constant", value=None):
+    """Constant padding; a negative width crops (a slice)."""
+    if mode != "constant":
+        raise cx.unsupported(f"pad mode '{mode}' is unsupported (only 'constant'): got pad {list(pad)}")
+    shape = cx.type(x).shape
+    for i in range(len(pad) // 2):
+        dim, before, after = len(shape) - 1 - i, pad[2 * i], pad[2 * i + 1]
+        if before < 0 or after < 0:
+            x = slice_(cx, x, dim, max(-before, 0), shape[dim] + min(after, 0))
+    pads = tuple(max(p, 0) for p in pad)
+    return cx.op("pad", x, pads=pads, value=float(value or 0.0)) if any(pads) else x
+
+
+@converts(aten.roll, torch.roll, "method:roll")
+def roll(cx: Lowerer, x, shifts, dims=()):
+    """Two slices joined the other way round, per rolled dim."""
+    shifts, dims = _ints(shifts, 1), (() if dims is None or dims in ((), []) else _ints(dims, 1))
+    if not dims:  # of the flattened tensor
+        shape = cx.type(x).shape
+        return cx.op("reshape", roll(cx, cx.op("reshape", x, shape=(cx.type(x).numel,)), shifts, (0,)), shape=shape)
+    for shift, dim in zip(shifts, dims):
+        size = cx.type(x).shape[cx.dim(dim, cx.type(x).rank)]
+        if size and shift % size:
+            cut = size - shift % size
+            x = cx.op("cat", slice_(cx, x, dim, cut), slice_(cx, x, dim, 0, cut), dim=dim)
+    return x
+
+
+@converts(aten.repeat, "method:repeat")
+def repeat(cx: Lowerer, x, *repeats):
+    """Tiles: a dim of each count in front of each dim, expanded, then merged."""
+    repeats = _shape_args(repeats)
+    shape = (1,) * (len(repeats) - cx.type(x).rank) + cx.type(x).shape
+    x = cx.op("reshape", x, shape=tuple(d for s in shape for d in (1, s)))
+    x = cx.op("expand", x, shape=tuple(d for r, s in zip(repeats, shape) for d in (r, s)))
+    return cx.op("reshape", x, shape=tuple(r * s for r, s in zip(repeats, shape)))
+
+
+@converts(aten.repeat_interleave, torch.repeat_interleave, "method:repeat_interleave")
+def repeat_interleave(cx: Lowerer, x, repeats, dim=None, *, output_size=None):
+    """Each element repeated in place: a dim of the count after `dim`, expanded, then merged."""
+    if not isinstance(repeats, int):
+        raise cx.unsupported("repeat_interleave with per-element repeats (a tensor) is unsupported")
+    if dim is None:
+        x, dim = cx.op("reshape", x, shape=(cx.type(x).numel,)), 0
+    shape = cx.type(x).shape
+    dim = cx.dim(dim, len(shape))
+    x = cx.op("unsqueeze", x, dim=dim + 1)
+    x = cx.op("expand", x, shape=shape[:dim + 1] + (repeats,) + shape[dim + 1:])
+    return cx.op("reshape", x, shape=shape[:dim] + (shape[dim] * repeats,) + shape[dim + 1:])
+
+
 @converts(aten.unsqueeze, torch.unsqueeze, "method:unsqueeze")
 def unsqueeze(cx: Lowerer, x, dim):
     return cx.op("unsqueeze", x, dim=dim)
@@ -429,6 +586,26 @@ def _reduction(kind: str):
 converts(aten.mean, torch.mean, "method:mean")(_reduction("mean"))
 converts(aten.sum, torch.sum, "method:sum")(_reduction("sum"))
 converts(aten.any, torch.any, "method:any")(_reduction("any"))
+
+
+def _adaptive_avg_pool(spatial: int):
+    def convert(cx: Lowerer, input, output_size):
+        """Mean over equal windows: each output size must divide its input size."""
+        shape, sizes = cx.type(input).shape, _ints(output_size, spatial)
+        sizes = tuple(shape[-spatial + i] if s is None else s for i, s in enumerate(sizes))
+        if any(s < 1 or n % s for n, s in zip(shape[-spatial:], sizes)):
+            raise cx.unsupported(f"adaptive_avg_pool{spatial}d to {list(sizes)} is unsupported (the output size "
+                                 f"must divide the input's): got input {list(shape)}")
+        lead = shape[:-spatial]
+        split = tuple(d for n, s in zip(shape[-spatial:], sizes) for d in (s, n // s))
+        x = cx.op("reshape", input, shape=lead + split)
+        dims = tuple(len(lead) + 2 * i + 1 for i in range(spatial))
+        return cx.op("mean", x, dims=dims, keepdim=False)
+    return convert
+
+
+converts(aten.adaptive_avg_pool1d, F.adaptive_avg_pool1d)(_adaptive_avg_pool(1))
+converts(aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, F.adaptive_avg_pool2d)(_adaptive_avg_pool(2))
 
 
 @converts(aten.cumsum, torch.cumsum, "method:cumsum")
@@ -507,10 +684,44 @@ def embedding_module(cx: Lowerer, m: nn.Embedding, path: str, x):
     return cx.op("embedding", cx.parameter(f"{path}.weight"), x)
 
 
-@module_converter(nn.Conv2d)
-def conv2d_module(cx: Lowerer, m: nn.Conv2d, path: str, x):
-    return conv2d(cx, x, cx.parameter(f"{path}.weight"), cx.parameter(f"{path}.bias") if m.bias is not None else None,
-                  m.stride, m.padding, m.dilation, m.groups)
+@module_converter(nn.Conv1d, nn.Conv2d)
+def conv_module(cx: Lowerer, m: nn.Conv1d | nn.Conv2d, path: str, x):
+    if m.padding_mode != "zeros":
+        raise cx.unsupported(f"{type(m).__name__} padding_mode '{m.padding_mode}' is unsupported (only 'zeros')")
+    return convolution(cx, x, cx.parameter(f"{path}.weight"),
+                       cx.parameter(f"{path}.bias") if m.bias is not None else None, m.stride, m.padding, m.dilation,
+                       False, 0, m.groups)
+
+
+@module_converter(nn.BatchNorm1d, nn.BatchNorm2d)
+def batch_norm_module(cx: Lowerer, m: nn.BatchNorm1d, path: str, x):
+    if m.training or m.running_mean is None:
+        raise cx.unsupported(f"{type(m).__name__} in training mode or without running statistics is unsupported")
+    affine = (cx.parameter(f"{path}.weight"), cx.parameter(f"{path}.bias")) if m.affine else (None, None)
+    return batch_norm(cx, x, cx.parameter(f"{path}.running_mean"), cx.parameter(f"{path}.running_var"), *affine,
+                      False, 0.0, m.eps)
+
+
+@module_converter(nn.GroupNorm)
+def group_norm_module(cx: Lowerer, m: nn.GroupNorm, path: str, x):
+    affine = (cx.parameter(f"{path}.weight"), cx.parameter(f"{path}.bias")) if m.affine else (None, None)
+    return group_norm(cx, x, m.num_groups, *affine, m.eps)
+
+
+@module_converter(nn.RMSNorm)
+def rms_norm_module(cx: Lowerer, m: nn.RMSNorm, path: str, x):
+    return rms_norm(cx, x, m.normalized_shape, cx.parameter(f"{path}.weight") if m.weight is not None else None,
+                    m.eps)
+
+
+@module_converter(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+def adaptive_avg_pool_module(cx: Lowerer, m: nn.Module, path: str, x):
+    return _adaptive_avg_pool(1 if isinstance(m, nn.AdaptiveAvgPool1d) else 2)(cx, x, m.output_size)
+
+
+@module_converter(nn.GLU)
+def glu_module(cx: Lowerer, m: nn.GLU, path: str, x):
+    return glu(cx, x, m.dim)
 
 
 @module_converter(nn.Dropout, nn.Identity)
@@ -523,9 +734,9 @@ def gelu_module(cx: Lowerer, m: nn.GELU, path: str, x):
     return cx.op("gelu", x, approximate=m.approximate)
 
 
-@module_converter(nn.ReLU, nn.Tanh, nn.Sigmoid)
+@module_converter(nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU)
 def activation_module(cx: Lowerer, m: nn.Module, path: str, x):
-    return cx.op({nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}[type(m)], x)
+    return cx.op({nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}[type(m)], x)
 
 
 @module_converter(nn.Softmax)

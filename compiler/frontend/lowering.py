@@ -11,8 +11,9 @@ static is computed in torch and enters the IR as a named constant, whether or no
 exists for it: rotary tables (cos / sin of positions x frequencies), relative-position buckets
 (abs, log, clamp of aranges), split sizes, interpolated biases, position ids of a static shape.
 Left to the IR: ops that draw random numbers or mutate, layout ops of a learned parameter (the
-passes find a linear's weight by its parameter's name), and results much larger than their
-operands (an expanded mask stays an `expand`).
+passes find a linear's weight by its parameter's name; their values are known, so what is
+computed from them alone still folds), and results much larger than their operands (an
+expanded mask stays an `expand`).
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _FAILED = object()  # the value of a node that could not be lowered (and of every node computed from it)
 
 
+def module_path(node: fx.Node) -> str:
+    """The path of the module whose forward made `node` (`''`: the root, or not recorded)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
 def node_location(node: fx.Node) -> str:
     """`node 'name' (module a.b.c, file.py:LINE)` from what fx recorded about the node."""
     parts = [f"node '{node.name}'"]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if path:
-            parts.append(f"module {path}")
+    path = module_path(node)
+    if path:
+        parts.append(f"module {path}")
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
     frames = [f for f in frames if not f[0].startswith(_TORCH_DIR)] or frames  # the model's line, not torch's
@@ -86,7 +91,8 @@ class Lowerer:
         self.learned: set[str] = set()  # which of them are parameters
         self._constants: dict[str, Value] = {}
         self.known: dict[Value, torch.Tensor] = {}  # the tensors of constant values, for folding
-        self._learned_values: set[Value] = set()
+        self._learned_values: set[Value] = set()  # constants of learned parameters
+        self._learned_layouts: set[Value] = set()  # layout ops of them
 
     # -- helpers for converters -------------------------------------------------------------
     def type(self, value: Value) -> TensorType:
@@ -122,8 +128,16 @@ class Lowerer:
         return value
 
     def learned_value(self, value: Value) -> bool:
-        """Whether `value` is the constant of a learned parameter."""
+        """Whether `value` is the constant of a learned parameter, or a layout op of one."""
+        return value in self._learned_values or value in self._learned_layouts
+
+    def parameter_constant(self, value: Value) -> bool:
+        """Whether `value` is the constant of a learned parameter itself."""
         return value in self._learned_values
+
+    def learned_layout(self, value: Value) -> None:
+        """`value` is a layout op of a learned parameter (a view of it, kept as an op)."""
+        self._learned_layouts.add(value)
 
     def parameter(self, path: str) -> Value:
         """The constant holding parameter or buffer `path` (created on first use)."""
@@ -132,6 +146,12 @@ class Lowerer:
                 raise self.unsupported(f"no parameter or buffer '{path}'")
             self._constants[path] = self.constant(path, self.tensors[path], path in self.learned)
         return self._constants[path]
+
+    def derived(self, name: str, make: Callable[[], torch.Tensor]) -> Value:
+        """The constant `name` of a learned tensor computed from parameters (`make`), made once."""
+        if name not in self._constants:
+            self._constants[name] = self.constant(name, make(), learned=True)
+        return self._constants[name]
 
     def scalar(self, value: float | int | bool, dtype: DType) -> Value:
         key = (float(value), dtype)
@@ -190,10 +210,9 @@ _LAYOUT = frozenset({"view", "_unsafe_view", "reshape", "permute", "t", "transpo
 FOLD_GROWTH = 1 << 20  # a folded result may hold this many elements more than its operands
 
 
-def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    """`node` evaluated in torch when its tensor operands are all constants (`Lowerer.known`):
-    its result as named constants (a tuple of them for several results); None when it is not
-    constant, not safe to evaluate ahead, or would grow much larger than its operands."""
+def _evaluate(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> tuple[str, Any] | None:
+    """(op name, torch result) of `node` evaluated ahead when its tensor operands are all
+    constants (`Lowerer.known`) and it is safe to: None otherwise."""
     target = node.target
     if node.op not in ("call_function", "call_method") or target is operator.getitem:
         return None
@@ -211,8 +230,6 @@ def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any
         if not module.startswith(("torch", "math", "_operator")) or name.endswith("_") or \
                 name.startswith(("rand", "normal", "bernoulli", "dropout", "manual_seed", "uniform", "exponential")):
             return None
-    if name in _LAYOUT and any(lowerer.learned_value(v) for v in values):
-        return None
     tensors = {v: lowerer.known[v] for v in values}
     real_args, real_kwargs = torch.utils._pytree.tree_map(lambda x: tensors[x] if isinstance(x, Value) else x,
                                                           (args, kwargs))
@@ -227,8 +244,39 @@ def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any
         return None
     if sum(r.numel() for r in results) > FOLD_GROWTH + sum(t.numel() for t in tensors.values()):
         return None
-    folded = tuple(lowerer.constant(node.name, r) for r in results)
+    return name, result
+
+
+def _layout_of_learned(lowerer: Lowerer, name: str, args: tuple, kwargs: dict) -> bool:
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return name in _LAYOUT and any(isinstance(v, Value) and lowerer.learned_value(v) for v in leaves)
+
+
+def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """`node` evaluated in torch when its tensor operands are all constants (`Lowerer.known`):
+    its result as named constants (a tuple of them for several results); None when it is not
+    constant, not safe to evaluate ahead, would grow much larger than its operands, or is a
+    layout op of a learned parameter (see `know_layout`)."""
+    evaluated = _evaluate(lowerer, node, args, kwargs)
+    if evaluated is None or _layout_of_learned(lowerer, evaluated[0], args, kwargs):
+        return None
+    result, path = evaluated[1], module_path(node)
+    name = f"{path}.{node.name}" if path else node.name  # `encoder.pos_conv.conv._weight_norm`
+    folded = tuple(lowerer.constant(name, r) for r in (result if isinstance(result, (tuple, list)) else (result,)))
     return folded if isinstance(result, (tuple, list)) else folded[0]
+
+
+def know_layout(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict, lowered: Any) -> None:
+    """A layout op of a learned parameter stays an op (the parameter keeps its name, a linear
+    its weight), but its value is known, so that what is computed from it alone still folds
+    (an interpolated position-bias table)."""
+    if not isinstance(lowered, Value) or lowered in lowerer.known:
+        return
+    evaluated = _evaluate(lowerer, node, args, kwargs)
+    if evaluated is not None and _layout_of_learned(lowerer, evaluated[0], args, kwargs) and \
+            isinstance(evaluated[1], torch.Tensor):
+        lowerer.known[lowered] = evaluated[1]
+        lowerer.learned_layout(lowered)
 
 
 def _problems(problems: dict[str, list[UnsupportedError]]) -> str:
@@ -264,7 +312,10 @@ def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
             continue
         try:
             folded = fold_node(lowerer, node, args, kwargs)
-            env[node] = folded if folded is not None else convert(lowerer, node, args, kwargs)
+            if folded is None:
+                folded = convert(lowerer, node, args, kwargs)
+                know_layout(lowerer, node, args, kwargs, folded)
+            env[node] = folded
         except UnsupportedError as e:
             problems.setdefault(str(e).split(" at node ")[0], []).append(e)
             env[node] = _FAILED

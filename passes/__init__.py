@@ -4,6 +4,7 @@ from .base import OptionError, Pass, PassContext, PassResult, option, run_pipeli
 from .binarize import Binarize
 from .block_prune import BlockPrune
 from .canonicalize import Canonicalize
+from .conv_as_gemm import ConvAsGemm
 from .data import Batch, Dataset, batch_size_of
 from .dce import DeadCodeElimination
 from .decompose_attention import DecomposeAttention
@@ -19,6 +20,6 @@ from .registry import PASSES
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
            "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize",
-           "DecomposeAttention", "HPPrune", "BlockPrune",
+           "ConvAsGemm", "DecomposeAttention", "HPPrune", "BlockPrune",
            "Binarize", "Quantize", "IntNonlinear", "SelectFormat", "SelectDevice",
            "PipelineError", "Latency", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

@@ -6,6 +6,7 @@ from .base import Pass
 from .binarize import Binarize
 from .block_prune import BlockPrune
 from .canonicalize import Canonicalize
+from .conv_as_gemm import ConvAsGemm
 from .dce import DeadCodeElimination
 from .decompose_attention import DecomposeAttention
 from .fold_constants import FoldConstants
@@ -16,5 +17,5 @@ from .select_device import SelectDevice
 from .select_format import SelectFormat
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    FoldConstants, DeadCodeElimination, Canonicalize, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
+    FoldConstants, DeadCodeElimination, Canonicalize, ConvAsGemm, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
     IntNonlinear, SelectFormat, SelectDevice)}

@@ -71,14 +71,16 @@ def accelerated(program: AccelProgram) -> list[str]:
 # quantized zoo models
 
 def quantized(name: str):
+    """A zoo model int8, its convolutions as linears where they become GEMMs (as the FPGA targets)."""
     model, inputs = built(name)
-    graph = tcc.compile(model, inputs, pipeline="quantize").graph
+    graph = tcc.compile(model, inputs, pipeline="conv-as-gemm,quantize").graph
     args, kwargs = split_inputs(inputs)
     return graph, [t.numpy() for t in list(args) + list(kwargs.values())]
 
 
 @pytest.mark.parametrize("name", ["bert-style", "transformer-encoder", "hf-bert", "hf-distilbert", "hf-vit",
-                                  "tinybert4"])
+                                  "tinybert4", "llama", "gpt2", "t5-encoder", "roberta", "whisper-encoder", "wav2vec2",
+                                  "conformer", "swin"])
 def test_quantized_zoo_model_bit_exact(name):
     graph, inputs = quantized(name)
     program = generate(graph, AccelConfig())

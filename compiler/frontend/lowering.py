@@ -52,9 +52,30 @@ def module_path(node: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+def user_call(node: fx.Node) -> str | None:
+    """What the model's source called to make `node`, when torch.export recorded it and it is
+    not the node's own op: `Tensor.split` for `split_with_sizes`, `F.softplus` for the `log1p`
+    of its decomposition."""
+    recorded = node.meta.get("torch_fn")
+    if not recorded or "." not in recorded[1]:
+        return None
+    kind, name = recorded[1].rsplit(".", 1)
+    own = node.target.overloadpacket.__name__ if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+    if name in (own, own.rstrip("_")) or not name.isidentifier():
+        return None
+    homes = {"method_descriptor": ("Tensor",), "builtin_function_or_method": ("torch", "F"),
+             "function": ("F", "Tensor", "torch")}.get(kind, ())
+    objects = {"Tensor": torch.Tensor, "torch": torch, "F": torch.nn.functional}
+    return next((f"{home}.{name}" for home in homes if hasattr(objects[home], name)), name)
+
+
 def node_location(node: fx.Node) -> str:
-    """`node 'name' (module a.b.c, file.py:LINE)` from what fx recorded about the node."""
+    """`node 'name' (Tensor.split, module a.b.c, file.py:LINE)` from what fx recorded about the
+    node: the user's call where the node's op is another, the module and the model's line."""
     parts = [f"node '{node.name}'"]
+    call = user_call(node)
+    if call:
+        parts.append(call)
     path = module_path(node)
     if path:
         parts.append(f"module {path}")

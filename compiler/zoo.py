@@ -1,13 +1,15 @@
 """Model zoo: small Transformers (encoders, and a Llama-style decoder) with random weights, used by tests, examples and
 benchmarks. Each entry builds `(model, example_inputs)` where example_inputs is a tuple of
 positional tensors or a dict of keyword tensors. Hugging Face models are built from configs
-(no download)."""
+(no download); `hf_family` builds more of them (`HF_FAMILIES`: decoders, text, vision and
+speech encoders) with the inputs each takes, from the small sizes shared below (`_LAYERS`,
+`_TEXT`, `_VISION`, `_SEQ2SEQ`, `_WAV2VEC2`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -284,6 +286,40 @@ def _token_inputs(batch: int, seq: int, vocab: int, with_mask: bool = True) -> d
     return inputs
 
 
+def _randn(*shape: int) -> torch.Tensor:
+    """Standard normal values of `shape`, from a generator of their own seeded with 0."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+# The small Hugging Face sizes, in one place: layers (hidden 32, FFN 64, 2 layers, 4 heads), text
+# (vocabulary 128, 64 positions), vision (32x32 images of 8x8 patches), encoder-decoder models
+# (their own names for the same sizes, one decoder layer) and Wav2Vec2's convolutions on raw audio.
+_LAYERS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+_TEXT = dict(_LAYERS, vocab_size=128, max_position_embeddings=64)
+_VISION = dict(_LAYERS, image_size=32, patch_size=8, num_channels=3)
+_SEQ2SEQ = dict(vocab_size=128, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=1,
+                encoder_attention_heads=4, decoder_attention_heads=4)
+_WAV2VEC2 = dict(_LAYERS, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                 num_conv_pos_embedding_groups=4, vocab_size=32)
+
+
+def _text() -> dict[str, torch.Tensor]:
+    """Token ids [2, 16] (none of them a padding id: RoBERTa and OPT count positions from it) and
+    an attention mask masking the last quarter."""
+    inputs = _token_inputs(2, 16, 128)
+    inputs["input_ids"].clamp_(min=3)
+    return inputs
+
+
+def _pixels() -> dict[str, torch.Tensor]:
+    return {"pixel_values": _randn(2, 3, 32, 32)}
+
+
+def _audio() -> dict[str, torch.Tensor]:
+    """0.1 s of 16 kHz audio, two clips."""
+    return {"input_values": _randn(2, 1600)}
+
+
 def bert_style():
     model = BertStyleEncoder()
     inputs = _token_inputs(2, 16, 100)
@@ -292,7 +328,7 @@ def bert_style():
 
 def transformer_encoder():
     model = DigitsTransformer()
-    return model, (torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    return model, (_randn(4, 8, 8),)
 
 
 def llama_style():
@@ -302,7 +338,7 @@ def llama_style():
 
 def feature_encoder():
     model = FeatureEncoder()
-    return model, (torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0)),)
+    return model, (_randn(2, 6, 32),)
 
 
 def _hf_bert(hidden: int, layers: int, heads: int, ffn: int, vocab: int, seq: int, batch: int = 1, **extra):
@@ -336,8 +372,7 @@ def hf_vit():
     from transformers import ViTConfig, ViTModel
     config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=128)
-    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return ViTModel(config, add_pooling_layer=True), {"pixel_values": pixels}
+    return ViTModel(config, add_pooling_layer=True), _pixels()
 
 
 def conformer():
@@ -347,41 +382,69 @@ def conformer():
     for block in model.blocks:
         block.conv.batch_norm.running_mean.copy_(torch.randn(32, generator=generator) * 0.1)
         block.conv.batch_norm.running_var.copy_(torch.rand(32, generator=generator) + 0.5)
-    return model, (torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(0)),)
+    return model, (_randn(2, 16, 48),)
 
 
-HF_FAMILIES = ("llama", "qwen2", "mistral", "phi", "gpt2", "opt", "t5-encoder", "deberta-v2", "roberta", "xlm-roberta")
+class _Family(NamedTuple):
+    config: Callable[[Any], Any]  # the transformers module -> a config
+    model: str  # the model class in transformers
+    inputs: Callable[[], dict[str, torch.Tensor]]
+    encoder: bool = False  # the encoder (`get_encoder()`) of an encoder-decoder model
+
+
+_FAMILIES: dict[str, _Family] = {
+    # decoders
+    "llama": _Family(lambda t: t.LlamaConfig(**_TEXT, num_key_value_heads=2), "LlamaModel", _text),
+    "qwen2": _Family(lambda t: t.Qwen2Config(**_TEXT, num_key_value_heads=2), "Qwen2Model", _text),
+    "mistral": _Family(lambda t: t.MistralConfig(**_TEXT, num_key_value_heads=2, sliding_window=8), "MistralModel",
+                       _text),
+    "phi": _Family(lambda t: t.PhiConfig(**_TEXT), "PhiModel", _text),
+    "gpt2": _Family(lambda t: t.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0), "GPT2Model", _text),
+    "opt": _Family(lambda t: t.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+                   "OPTModel", _text),
+    # text encoders
+    "t5-encoder": _Family(lambda t: t.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+                          "T5EncoderModel", _text),
+    "deberta-v2": _Family(lambda t: t.DebertaV2Config(**_TEXT), "DebertaV2Model", _text),
+    "roberta": _Family(lambda t: t.RobertaConfig(**_TEXT), "RobertaModel", _text),
+    "xlm-roberta": _Family(lambda t: t.XLMRobertaConfig(**_TEXT), "XLMRobertaModel", _text),
+    "mobilebert": _Family(lambda t: t.MobileBertConfig(**_TEXT, embedding_size=16, intra_bottleneck_size=16),
+                          "MobileBertModel", _text),
+    # special ids inside the small vocabulary; eos 2 pools at the argmax of input_ids (CLIP's first rule)
+    "clip-text": _Family(lambda t: t.CLIPTextConfig(**_TEXT, bos_token_id=0, eos_token_id=2), "CLIPTextModel", _text),
+    "albert": _Family(lambda t: t.AlbertConfig(**_TEXT, embedding_size=16), "AlbertModel", _text),
+    "electra": _Family(lambda t: t.ElectraConfig(**_TEXT, embedding_size=16), "ElectraModel", _text),
+    "bart-encoder": _Family(lambda t: t.BartConfig(**_SEQ2SEQ, max_position_embeddings=64), "BartModel", _text,
+                            encoder=True),
+    "mpnet": _Family(lambda t: t.MPNetConfig(**_TEXT), "MPNetModel", _text),
+    # vision encoders
+    "beit": _Family(lambda t: t.BeitConfig(**_VISION, use_relative_position_bias=True), "BeitModel", _pixels),
+    "deit": _Family(lambda t: t.DeiTConfig(**_VISION), "DeiTModel", _pixels),
+    "clip-vision": _Family(lambda t: t.CLIPVisionConfig(**_VISION), "CLIPVisionModel", _pixels),
+    # speech encoders
+    "hubert": _Family(lambda t: t.HubertConfig(**_WAV2VEC2), "HubertModel", _audio),
+    "speech2text-encoder": _Family(
+        lambda t: t.Speech2TextConfig(**_SEQ2SEQ, max_source_positions=64, max_target_positions=64,
+                                      input_feat_per_channel=16, conv_channels=32),
+        "Speech2TextModel", lambda: {"input_features": _randn(2, 40, 16)}, encoder=True),
+}
+HF_FAMILIES = tuple(_FAMILIES)
 
 
 def hf_family(family: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A Hugging Face decoder or encoder family (`HF_FAMILIES`) from a small config (random
-    weights, no cache), with token ids (none of them the padding id) and an attention mask."""
+    """A Hugging Face family (`HF_FAMILIES`) from a small config (random weights, no cache) and
+    its inputs: token ids [2, 16] (none of them a padding id) and an attention mask for decoders
+    and text encoders, `pixel_values` [2, 3, 32, 32] for vision, `input_values` [2, 1600] (raw
+    audio) or `input_features` [2, 40, 16] (filter banks) for speech. Encoder-decoder models
+    (BART, Speech2Text) give their encoder."""
     import transformers
-    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64)
-    config, model_class = {
-        "llama": (lambda: transformers.LlamaConfig(**small, num_key_value_heads=2), "LlamaModel"),
-        "qwen2": (lambda: transformers.Qwen2Config(**small, num_key_value_heads=2), "Qwen2Model"),
-        "mistral": (lambda: transformers.MistralConfig(**small, num_key_value_heads=2, sliding_window=8),
-                    "MistralModel"),
-        "phi": (lambda: transformers.PhiConfig(**small), "PhiModel"),
-        "gpt2": (lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                 bos_token_id=0, eos_token_id=0), "GPT2Model"),
-        "opt": (lambda: transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                               num_attention_heads=4, max_position_embeddings=64,
-                                               word_embed_proj_dim=32), "OPTModel"),
-        "t5-encoder": (lambda: transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                     num_heads=4), "T5EncoderModel"),
-        "deberta-v2": (lambda: transformers.DebertaV2Config(**small), "DebertaV2Model"),
-        "roberta": (lambda: transformers.RobertaConfig(**small), "RobertaModel"),
-        "xlm-roberta": (lambda: transformers.XLMRobertaConfig(**small), "XLMRobertaModel"),
-    }[family]
-    config = config()
+    spec = _FAMILIES[family]
+    config = spec.config(transformers)
     config.use_cache = False
-    model = getattr(transformers, model_class)(config)
-    inputs = _token_inputs(2, 16, 128)
-    inputs["input_ids"].clamp_(min=3)  # not a padding id (RoBERTa and OPT count positions from it)
-    return model, inputs
+    model = getattr(transformers, spec.model)(config)
+    return (model.get_encoder() if spec.encoder else model), spec.inputs()
 
 
 def llama():
@@ -394,24 +457,16 @@ def whisper_encoder():
     """Hugging Face Whisper's encoder: two conv1d layers (GELU, the second stride 2) over 16
     log-mel bins of 64 frames, sinusoidal positions, pre-norm layers."""
     import transformers
-    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                        num_mel_bins=16, max_source_positions=32, vocab_size=128, pad_token_id=0,
+    config = transformers.WhisperConfig(**_SEQ2SEQ, num_mel_bins=16, max_source_positions=32, pad_token_id=0,
                                         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    features = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
-    return transformers.WhisperModel(config).get_encoder(), {"input_features": features}
+    return transformers.WhisperModel(config).get_encoder(), {"input_features": _randn(2, 16, 64)}
 
 
 def wav2vec2():
     """Hugging Face Wav2Vec2 on raw 16 kHz audio: a conv1d feature extractor (group norm),
     a grouped convolutional position embedding, post-norm layers."""
     import transformers
-    config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
-                                         conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-                                         num_conv_pos_embedding_groups=4, vocab_size=32)
-    audio = torch.randn(2, 1600, generator=torch.Generator().manual_seed(0))
-    return transformers.Wav2Vec2Model(config), {"input_values": audio}
+    return transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**_WAV2VEC2)), _audio()
 
 
 def swin():
@@ -420,8 +475,7 @@ def swin():
     import transformers
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                      window_size=4)
-    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return transformers.SwinModel(config), {"pixel_values": pixels}
+    return transformers.SwinModel(config), _pixels()
 
 
 @dataclass(frozen=True)

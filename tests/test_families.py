@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tcc
-from conftest import built, eager_outputs
+from conftest import assert_tiers_agree, built, eager_outputs
 from tcc import zoo
 from tcc.passes.layers import choose_layers
 
@@ -131,6 +131,19 @@ def test_compression_on_every_family(name, pipeline):
     assert torch.isfinite(got).all()
     if verb != "binarized":  # one-shot 1-bit weights of a random model keep little of it
         assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] >= 0.5
+
+
+@pytest.mark.parametrize("name", ["conformer", "llama", "wav2vec2"])
+def test_pruned_int8_family_on_the_simulator_agrees_with_the_reference(name):
+    """HP-pruned, int8 on fpga-small: the ISA simulator's outputs are the numpy reference's (the
+    integer work bit for bit, the host's float ops within the tiers' tolerance)."""
+    model, inputs = built(name)
+    artifact = tcc.compile(model, inputs, target="fpga-small",
+                           pipeline="hp-prune{sparsity=0.5},conv-as-gemm,quantize")
+    assert any(str(t.sparsity).startswith("~hp") for _, t in artifact.graph.constants)
+    for got, reference in zip(*(torch.utils._pytree.tree_leaves(artifact.run(inputs, on=on))
+                                for on in ("sim", "numpy"))):
+        assert_tiers_agree(got.numpy(), reference.numpy(), name)
 
 
 class TwoUnsupported(nn.Module):

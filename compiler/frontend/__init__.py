@@ -79,14 +79,18 @@ def _finish(lowerer: Lowerer, outputs: list[Value]) -> Graph:
 def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") -> tuple[Graph, Signature]:
     """Lower an ExportedProgram. The graph is lowered as exported when every op has a converter;
     otherwise it is decomposed to core ATen (keeping the ops of `KEPT_WHOLE` whole)
-    and lowered again."""
+    and lowered again. When that fails too, the error is the first attempt's where a converter
+    refused its arguments (`pad mode 'reflect' is unsupported`), else the decomposition's."""
     try:
         return _lower_program(ep, name)
-    except UnsupportedError:
+    except UnsupportedError as as_exported:
         table = torch.export.default_decompositions()
         for op in KEPT_WHOLE:
             table.pop(getattr(torch.ops.aten, op).default, None)
-        return _lower_program(ep.run_decompositions(table), name)
+        try:
+            return _lower_program(ep.run_decompositions(table), name)
+        except UnsupportedError as decomposed:  # a converter's own refusal says more than its decomposition's
+            raise (decomposed if as_exported.missing else as_exported) from None
 
 
 def _lower_program(ep: torch.export.ExportedProgram, name: str) -> tuple[Graph, Signature]:

@@ -38,7 +38,7 @@ def convert_node(cx: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         module = cx.modules[target]
         converter = MODULE_CONVERTERS.get(type(module))
         if converter is None:
-            raise cx.unsupported(f"unsupported module {type(module).__name__}")
+            raise cx.unsupported(f"unsupported module {type(module).__name__}", missing=True)
         return converter(cx, module, target, *args, **kwargs)
     if node.op == "call_method":
         key = f"method:{target}"
@@ -48,7 +48,7 @@ def convert_node(cx: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         key = target
     converter = CONVERTERS.get(key)
     if converter is None:
-        raise cx.unsupported(f"unsupported op {target_name(node)}")
+        raise cx.unsupported(f"unsupported op {target_name(node)}", missing=True)
     try:
         return converter(cx, *args, **kwargs)
     except TypeError as e:
@@ -177,12 +177,21 @@ def convolution(cx: Lowerer, input, weight, bias=None, stride=1, padding=0, dila
         transposed, groups = False, transposed
     spatial = cx.type(input).rank - 2
     if transposed or spatial not in (1, 2):
-        raise cx.unsupported(f"{'transposed ' if transposed else ''}{spatial}-d convolution is unsupported: got "
-                             f"input {list(cx.type(input).shape)}, weight {list(cx.type(weight).shape)}")
+        raise _conv_unsupported(cx, input, weight, transposed)
     dilation = _ints(dilation, spatial)
     input, padding = _conv_padding(cx, input, weight, padding, dilation, spatial)
     return cx.op(f"conv{spatial}d", input, weight, *([bias] if bias is not None else []),
                  stride=_ints(stride, spatial), padding=padding, dilation=dilation, groups=groups)
+
+
+def _conv_unsupported(cx: Lowerer, input, weight, transposed: bool):
+    return cx.unsupported(f"{'transposed ' if transposed else ''}{cx.type(input).rank - 2}-d convolution is "
+                          f"unsupported: got input {list(cx.type(input).shape)}, weight {list(cx.type(weight).shape)}")
+
+
+@converts(aten.conv_transpose1d, aten.conv_transpose2d, F.conv_transpose1d, F.conv_transpose2d)
+def conv_transpose(cx: Lowerer, input, weight, *args, **kwargs):
+    raise _conv_unsupported(cx, input, weight, transposed=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +319,8 @@ def native_layer_norm(cx: Lowerer, input, normalized_shape, weight, bias, eps):
 
 @converts(aten.rms_norm, F.rms_norm)
 def rms_norm(cx: Lowerer, input, normalized_shape, weight=None, eps=None):
-    eps = torch.finfo(torch.float32 if cx.type(input).dtype is DType.F32 else torch.float16).eps if eps is None else eps
+    """`eps=None`: torch's, the epsilon of the type it computes in (f64 for f64, else f32)."""
+    eps = torch.finfo(torch.float64 if cx.type(input).dtype is DType.F64 else torch.float32).eps if eps is None else eps
     return cx.op("rms_norm", input, *([weight] if weight is not None else []),
                  normalized_shape=tuple(normalized_shape), eps=eps)
 
@@ -332,7 +342,8 @@ def native_group_norm(cx: Lowerer, input, weight, bias, n, c, hw, num_groups, ep
 def batch_norm(cx: Lowerer, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, cudnn_enabled=True):
     if training or running_mean is None:
-        raise cx.unsupported("batch_norm in training mode (batch statistics) is unsupported: call model.eval()")
+        raise cx.unsupported("batch_norm in training mode or without running statistics (normalizing by the batch's "
+                             "own) is unsupported")
     if weight is None and bias is not None:
         raise cx.unsupported("batch_norm with a bias but no weight")
     affine = [w for w in (weight, bias) if w is not None]
@@ -343,6 +354,13 @@ def batch_norm(cx: Lowerer, input, running_mean, running_var, weight=None, bias=
 def aten_batch_norm(cx: Lowerer, input, weight, bias, running_mean, running_var, training, momentum, eps,
                     cudnn_enabled=False):
     return batch_norm(cx, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@converts(aten._native_batch_norm_legit, aten._native_batch_norm_legit_functional)
+def batch_norm_of_batch_statistics(cx: Lowerer, input, *args, **kwargs):
+    """What torch.export decomposes a batch norm on batch statistics to (`training=True`, or no
+    running statistics)."""
+    return batch_norm(cx, input, None, None, training=True)
 
 
 @converts(aten._native_batch_norm_legit_no_training)
@@ -359,7 +377,10 @@ def embedding(cx: Lowerer, weight, indices, padding_idx=None, *rest, **kwargs):
 
 @converts(aten.index_select, torch.index_select, "method:index_select")
 def index_select(cx: Lowerer, input, dim, index):
+    """A 0-d `index` selects one element and keeps its dim (of size 1)."""
     dim = cx.dim(dim, cx.type(input).rank)
+    if cx.type(index).rank == 0:
+        index = cx.op("reshape", index, shape=(1,))
     if dim == 0:
         return cx.op("index", input, index)
     moved = cx.op("transpose", input, dim0=0, dim1=dim)
@@ -368,9 +389,10 @@ def index_select(cx: Lowerer, input, dim, index):
 
 @converts(aten.argmax, torch.argmax, "method:argmax")
 def argmax(cx: Lowerer, input, dim=None, keepdim=False):
-    if dim is None:  # of the flattened tensor
-        input, dim = cx.op("reshape", input, shape=(cx.type(input).numel,)), 0
-        keepdim = False
+    if dim is None or cx.type(input).rank == 0:  # of the flattened tensor; `keepdim` keeps every dim, of size 1
+        rank = cx.type(input).rank
+        flat = cx.op("argmax", cx.op("reshape", input, shape=(cx.type(input).numel,)), dim=0, keepdim=False)
+        return cx.op("reshape", flat, shape=(1,) * rank) if keepdim and rank else flat
     return cx.op("argmax", input, dim=dim, keepdim=keepdim)
 
 
@@ -684,13 +706,18 @@ def embedding_module(cx: Lowerer, m: nn.Embedding, path: str, x):
     return cx.op("embedding", cx.parameter(f"{path}.weight"), x)
 
 
-@module_converter(nn.Conv1d, nn.Conv2d)
-def conv_module(cx: Lowerer, m: nn.Conv1d | nn.Conv2d, path: str, x):
+@module_converter(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_module(cx: Lowerer, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, path: str, x):
     if m.padding_mode != "zeros":
         raise cx.unsupported(f"{type(m).__name__} padding_mode '{m.padding_mode}' is unsupported (only 'zeros')")
     return convolution(cx, x, cx.parameter(f"{path}.weight"),
                        cx.parameter(f"{path}.bias") if m.bias is not None else None, m.stride, m.padding, m.dilation,
                        False, 0, m.groups)
+
+
+@module_converter(nn.ConvTranspose1d, nn.ConvTranspose2d)
+def conv_transpose_module(cx: Lowerer, m: nn.ConvTranspose1d | nn.ConvTranspose2d, path: str, x, *args):
+    raise _conv_unsupported(cx, x, cx.parameter(f"{path}.weight"), transposed=True)
 
 
 @module_converter(nn.BatchNorm1d, nn.BatchNorm2d)

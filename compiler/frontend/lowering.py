@@ -39,7 +39,12 @@ class Value(str):
 
 
 class UnsupportedError(TccError):
-    pass
+    """What the frontend cannot lower; `missing` when only ops without any converter are to
+    blame (a converter that refuses its arguments is not missing: it says what it got)."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -192,8 +197,8 @@ class Lowerer:
             return self.scalar(x, dtype)
         raise self.unsupported(f"operand {x!r} is neither a tensor nor a scalar")
 
-    def unsupported(self, problem: str) -> UnsupportedError:
-        return UnsupportedError(f"{problem} at {node_location(self.node)}")
+    def unsupported(self, problem: str, missing: bool = False) -> UnsupportedError:
+        return UnsupportedError(f"{problem} at {node_location(self.node)}", missing)
 
     def dim(self, dim: int, rank: int) -> int:
         return dim % rank if rank else 0
@@ -341,7 +346,7 @@ def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
             problems.setdefault(str(e).split(" at node ")[0], []).append(e)
             env[node] = _FAILED
     if problems:
-        raise UnsupportedError(_problems(problems))
+        raise UnsupportedError(_problems(problems), all(e.missing for found in problems.values() for e in found))
     for value in outputs:
         if not isinstance(value, Value):
             raise TccError(f"graph output {value!r} is not a tensor computed by the model")

@@ -443,7 +443,8 @@ def _full(ts, attrs):
 def _sdpa(ts, attrs):
     """Float query `[..., L, E]`, key `[..., S, E]`, value `[..., S, Ev]` of one dtype and one
     rank >= 2; an optional mask, bool or the query's dtype, broadcasting to `[..., L, S]` (not
-    with `is_causal`); result `[..., L, Ev]`, batch dims broadcast."""
+    with `is_causal`); `window` (>= 1) only with `is_causal`; result `[..., L, Ev]`, batch dims
+    broadcast."""
     q, k, v = ts[:3]
     _need_float(q, "query")
     _same_dtype([q, k, v])
@@ -452,6 +453,9 @@ def _sdpa(ts, attrs):
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise OpTypeError(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not fit")
     batch = _broadcast(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    window = attrs["window"]
+    if window is not None and (not attrs["is_causal"] or window < 1):
+        raise OpTypeError(f"window {window} needs is_causal and must be >= 1")
     if len(ts) == 4:
         mask = ts[3]
         if attrs["is_causal"]:
@@ -760,8 +764,9 @@ _DEFS = [
     OpDef("full", (), {"shape": A(INTS, required=True), "value": A(F, required=True),
                        "dtype": A(DT, DType.F32)}, _full, "a tensor filled with one value (scalars: shape [])"),
     OpDef("scaled_dot_product_attention", ("query", "key", "value", "mask?"),
-          {"is_causal": A(B, False), "scale": A(F, None, optional=True)}, _sdpa,
-          "softmax(q @ k^T * scale + mask) @ v; a bool mask keeps True positions"),
+          {"is_causal": A(B, False), "scale": A(F, None, optional=True), "window": A(I, None, optional=True)}, _sdpa,
+          "softmax(q @ k^T * scale + mask) @ v; a bool mask keeps True positions; is_causal: query i sees keys "
+          "j <= i (and i - j < window: a sliding window)"),
     OpDef("conv1d", ("input", "weight", "bias?"),
           {"stride": A(INTS, (1,)), "padding": A(INTS, (0,)), "dilation": A(INTS, (1,)), "groups": A(I, 1)},
           _conv(1), "NCL convolution (groups = channels: depthwise)"),

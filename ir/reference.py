@@ -181,12 +181,17 @@ def _gelu(x, approximate):
     return 0.5 * x * (1 + _erf(x / np.asarray(np.sqrt(2.0), dtype=x.dtype)))
 
 
-def _sdpa(q, k, v, mask=None, *, is_causal, scale):
+def causal_mask(queries: int, keys: int, window: int | None = None) -> np.ndarray:
+    """Bool `[queries, keys]`: query i sees key j when j <= i, and i - j < window if given."""
+    i, j = np.arange(queries)[:, None], np.arange(keys)[None, :]
+    return (j <= i) & (True if window is None else i - j < window)
+
+
+def _sdpa(q, k, v, mask=None, *, is_causal, scale, window):
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=q.dtype)
     if is_causal:
-        causal = np.tril(np.ones(scores.shape[-2:], dtype=bool))
-        scores = np.where(causal, scores, -np.inf)
+        scores = np.where(causal_mask(*scores.shape[-2:], window), scores, -np.inf)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
     return np.matmul(_safe_softmax(scores, -1).astype(q.dtype), v)

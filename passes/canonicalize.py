@@ -12,7 +12,10 @@
 - `batch_norm(conv(x, w, b))` (conv1d or conv2d, or a linear of a rank-2 input: its channels
   on dim 1), the producer's only use, every operand a constant -> the producer with its
   weight and bias scaled by `weight / sqrt(var + eps)` (new constants `w.bn`, `b.bn`), under
-  the batch norm's name.
+  the batch norm's name;
+- `scaled_dot_product_attention` with a constant mask (bool, or 0 / -inf) that is the same
+  `[L, S]` causal pattern for every batch and head -> `is_causal` (with `window`, when it is a
+  sliding window: query i sees keys i - window < j <= i), the mask dropped.
 
 Rewritten ops keep their result name and type (so quantization and encoding annotations stay).
 Ops and constants left unused (the inner op of a collapsed chain, the linear of a folded bias)
@@ -27,6 +30,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
+from tcc.ir.reference import causal_mask
 from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult
@@ -103,6 +107,8 @@ class _Sweep:
             return self.fold_bias(op)
         if op.kind == "batch_norm":
             return self.fold_batch_norm(op)
+        if op.kind == "scaled_dot_product_attention" and len(op.operands) == 4:
+            return self.causal_attention(op)
         return None
 
     def layout(self, op: Op) -> Op | str | None:
@@ -165,6 +171,28 @@ class _Sweep:
         new_b = self.derive(bias[0] if bias else weight, "bn" if bias else "bn_bias",
                             ((b - mean) * scale + beta).astype(dtype.numpy), dtype)
         return self.rw.make(op, producer.kind, producer.operands[0], new_w, new_b, **dict(producer.attrs))
+
+    def causal_attention(self, op: Op) -> Op | None:
+        mask = op.operands[3]
+        t = self.rw.types[mask]
+        if not self.rw.is_constant(mask) or not _plain(t) or t.rank < 2:
+            return None
+        array = self.rw.weight(mask)
+        if t.dtype is not DType.BOOL and not ((array == 0) | (array == -np.inf)).all():
+            return None  # a float mask adding other values than 0 and -inf
+        keep = array if t.dtype is DType.BOOL else array == 0
+        if not (keep == keep.reshape(-1, *keep.shape[-2:])[0]).all():
+            return None  # one that differs across batch or heads (padding)
+        pattern = keep.reshape(-1, *keep.shape[-2:])[0]
+        queries, keys = self.rw.types[op.operands[0]].shape[-2], self.rw.types[op.operands[1]].shape[-2]
+        if pattern.shape != (queries, keys):
+            return None
+        window = int(pattern[-1].sum())
+        window = None if window >= min(queries, keys) else window
+        if not (pattern == causal_mask(queries, keys, window)).all():
+            return None
+        return self.rw.make(op, "scaled_dot_product_attention", *op.operands[:3], is_causal=True,
+                            scale=op.attr("scale"), window=window)
 
     def _stats(self, stats: list[str]) -> tuple[np.ndarray, ...]:
         """(mean, var, weight, bias) of a batch norm in float64 (weight 1 and bias 0 when absent)."""

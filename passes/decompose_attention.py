@@ -13,6 +13,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph
+from tcc.ir.reference import causal_mask
 
 from .base import Pass, PassContext, PassResult
 from .rewrite import Rewriter
@@ -42,8 +43,7 @@ class DecomposeAttention(Pass):
                            name=f"{op.result}.scaled")
             mask = op.operands[3] if len(op.operands) == 4 else None
             if attrs["is_causal"]:
-                length, keys = rw.types[scores].shape[-2:]
-                mask = rw.constant(f"{op.result}.causal", np.tril(np.ones((length, keys), dtype=bool)))
+                mask = rw.constant(f"{op.result}.causal", causal_mask(*rw.types[scores].shape[-2:], attrs["window"]))
             if mask is not None and rw.types[rw.value(mask)].dtype is DType.BOOL:
                 minus_inf = rw.constant(f"{op.result}.minus_inf", np.asarray(-np.inf, dtype=dtype))
                 scores = rw.op("where", mask, scores, minus_inf, name=f"{op.result}.masked")

@@ -25,6 +25,7 @@ from tcc.ir.analysis import last_uses
 from tcc.ir.dtypes import DType
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
+from tcc.ir.reference import causal_mask
 
 from .encoded_linear import TorchEncodedLinear, accumulator
 from .torch_dtypes import TORCH_DTYPES
@@ -144,6 +145,13 @@ def _isqrt(v):
     return root
 
 
+def _sdpa(q, k, v, mask=None, *, is_causal, scale, window):
+    if window is not None:  # a sliding window: torch's kernel takes it as a mask
+        mask = torch.from_numpy(causal_mask(q.shape[-2], k.shape[-2], window)).to(q.device)
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
 def _int_layer_norm(x, w, b, *, eps, shift, dtype: DType, scale):
     if b.numel() and int(b.to(torch.int64).abs().max()) > 1 << 60:
         raise ValueError("int_layer_norm: |bias| must be at most 2^60")
@@ -219,8 +227,7 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "arange": lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=TORCH_DTYPES[dtype],
                                                                     device=device),
     "full": lambda shape, value, dtype, device: torch.full(shape, value, dtype=TORCH_DTYPES[dtype], device=device),
-    "scaled_dot_product_attention": lambda q, k, v, mask=None, *, is_causal, scale: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale),
+    "scaled_dot_product_attention": _sdpa,
     "conv1d": lambda x, w, b=None, *, stride, padding, dilation, groups: F.conv1d(x, w, b, stride, padding,
                                                                                    dilation, groups),
     "pad": lambda x, *, pads, value: F.pad(x, pads, value=value),

@@ -522,7 +522,7 @@ def _every_op_graph() -> Graph:
     ix = b.op("index", x, b.op("arange", start=1, end=-1, step=-1))
     wh = b.op("where", flag, x, b.op("full", shape=(4,), value=float("-inf")))
     att = b.op("scaled_dot_product_attention", x, x, x, b.op("slice", flag, dim=-1, end=3), scale=0.1 + 0.2)
-    att2 = b.op("scaled_dot_product_attention", x, x, x, is_causal=True)
+    att2 = b.op("scaled_dot_product_attention", x, x, x, is_causal=True, window=2)
     conv = b.op("conv2d", b.op("unsqueeze", x, dim=0), kernel, stride=(1, 2), padding=(1, 0), groups=2)
     conv = b.op("batch_norm", conv, *(b.constant(f"bn.{n}", np.full(4, 0.5, np.float32)) for n in ("mean", "var")),
                 eps=1e-3)

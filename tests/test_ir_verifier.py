@@ -222,6 +222,7 @@ def test_attribute_out_of_range_for_operand():
     ("pad", ["x"], {"pads": (1, 1, 1)}, "pads [1, 1, 1] are not non-negative (before, after) pairs for rank 2"),
     ("pad", ["x"], {"pads": (0, -1)}, "are not non-negative"),
     ("argmax", ["x"], {"dim": 2}, "dim 2 out of range for rank 2"),
+    ("scaled_dot_product_attention", ["x", "x", "x"], {"window": 2}, "window 2 needs is_causal and must be >= 1"),
 ])
 def test_new_family_ops_name_their_type_errors(kind, operands, attrs, message):
     """The rules of the ops issue 19 added (convolution, channel and RMS norms, pad, argmax)."""

@@ -25,6 +25,7 @@ from tcc.frontend import from_module, split_inputs
 from tcc.ir import DType, Graph, GraphBuilder, parse_graph, print_graph, tensor, verify
 from tcc.passes import ConvAsGemm, DeadCodeElimination, FoldConstants, Pass, PassContext
 from tcc.passes.canonicalize import Canonicalize
+from tcc.ir.reference import causal_mask
 from tcc.runtime.numpy_executor import NumpyExecutor
 
 CANONICAL: list[Pass] = [DeadCodeElimination(), FoldConstants(), Canonicalize(), ConvAsGemm()]
@@ -425,6 +426,31 @@ def test_golden(case):
     expected_text = print_graph(graph) if expected is None else _text(expected)
     assert print_graph(result.graph) == expected_text
     assert result.changed == (expected is not None)
+    _assert_same_outputs(graph, result.graph, _inputs(graph))
+
+
+def test_constant_causal_masks_become_is_causal():
+    """A constant causal mask, bool or additive, the same for every batch and head, becomes
+    `is_causal` (a banded one with `window`); a padding mask (differing by batch) stays."""
+    source = _text("""
+        graph @main(%q: f32[2,4,6,8], %k: f32[2,4,6,8], %v: f32[2,4,6,8]) {
+          const @causal : bool[1,1,6,6]
+          const @window : f32[6,6]
+          const @padding : bool[2,1,6,6]
+          %a = scaled_dot_product_attention(%q, %k, %v, @causal) : f32[2,4,6,8]
+          %b = scaled_dot_product_attention(%q, %k, %v, @window) {scale = 0.5} : f32[2,4,6,8]
+          %c = scaled_dot_product_attention(%q, %k, %v, @padding) : f32[2,4,6,8]
+          return %a, %b, %c
+        }
+        """)
+    padding = np.broadcast_to(causal_mask(6, 6), (2, 1, 6, 6)).copy()
+    padding[1, ..., 5] = False
+    graph = parse_graph(source, {"causal": causal_mask(6, 6)[None, None], "padding": padding,
+                                 "window": np.where(causal_mask(6, 6, 3), 0, -np.inf).astype(np.float32)})
+    result = Canonicalize().run(graph, PassContext())
+    assert print_graph(result.graph) == source.replace(
+        "%v, @causal) :", "%v) {is_causal = true} :").replace(
+        "%v, @window) {scale = 0.5}", "%v) {is_causal = true, scale = 0.5, window = 3}")
     _assert_same_outputs(graph, result.graph, _inputs(graph))
 
 

@@ -309,6 +309,18 @@ def test_batch_norm_on_batch_statistics_is_named_unsupported(model, frontend):
     assert "training mode" in _error(model, (torch.randn(2, 3, 5),), frontend)
 
 
+class Clamps(nn.Module):
+    def forward(self, x, i):
+        return (x.clamp(-0.5, 0.7) + torch.clamp(x, min=0.1) + x.clamp_max(0.2) + x.clamp_min(-0.1)
+                + torch.clip(x, max=0.3) + x.clamp(0.6, 0.2)), i.clamp(1, 3)  # min > max: max, as torch
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_clamp_is_a_maximum_then_a_minimum(frontend):
+    inputs = (torch.randn(3, 4), torch.randint(0, 5, (3, 4)))
+    assert _compiled(Clamps(), inputs, frontend) == {"maximum", "minimum", "add", "full"}
+
+
 class Silu(nn.Module):
     def __init__(self):
         super().__init__()

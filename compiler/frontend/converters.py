@@ -270,6 +270,21 @@ for _kind, _keys in {
     converts(*_keys)(_unary(_kind))
 
 
+@converts(aten.clamp, aten.clip, aten.clamp_min, aten.clamp_max, torch.clamp, torch.clip, "method:clamp", "method:clip",
+          "method:clamp_min", "method:clamp_max")
+def clamp(cx: Lowerer, x, min=None, max=None):
+    """`minimum(maximum(x, min), max)`, as torch defines it (min > max gives max)."""
+    if cx.node.target in (aten.clamp_max.default, aten.clamp_max.Tensor, "clamp_max"):
+        min, max = None, min
+    dtype = cx.out_dtype()
+    x = cx.cast(x, dtype)
+    if min is not None:
+        x = cx.op("maximum", x, cx.as_value(min, dtype))
+    if max is not None:
+        x = cx.op("minimum", x, cx.as_value(max, dtype))
+    return x
+
+
 @converts(aten.glu, F.glu)
 def glu(cx: Lowerer, input, dim=-1):
     """The first half times the sigmoid of the second."""

@@ -79,8 +79,9 @@ def quantized(name: str):
 
 
 @pytest.mark.parametrize("name", ["bert-style", "transformer-encoder", "hf-bert", "hf-distilbert", "hf-vit",
-                                  "tinybert4", "llama", "gpt2", "t5-encoder", "roberta", "whisper-encoder", "wav2vec2",
-                                  "conformer", "swin"])
+                                  "tinybert4", "llama", "gpt2", "wav2vec2", "conformer", "swin",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("t5-encoder", "roberta",
+                                                                                      "whisper-encoder"))])
 def test_quantized_zoo_model_bit_exact(name):
     graph, inputs = quantized(name)
     program = generate(graph, AccelConfig())

@@ -94,7 +94,8 @@ def test_first_section_of_a_model_alone(runner, tool):
     assert bytes(out)[:len(expected)] == expected
 
 
-@pytest.mark.parametrize("name", ["transformer-encoder", "tinybert4", "hf-bert", "hf-distilbert", "hf-vit"])
+@pytest.mark.parametrize("name", ["transformer-encoder", "hf-distilbert", "hf-vit",  # the larger two: slow tier
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("tinybert4", "hf-bert"))])
 def test_first_and_largest_sections_on_verilator(name):
     need("verilator")
     artifact, inputs = compiled(name, "rows=8,cols=8")

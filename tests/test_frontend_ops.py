@@ -363,7 +363,7 @@ def drawn(draw):
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(case=drawn())
 def test_roll_pad_repeat_and_repeat_interleave_match_eager(frontend, case):
     """Shapes of rank 1 to 3; shifts past the size and negative, one dim or several, or none (the

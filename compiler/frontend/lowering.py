@@ -10,7 +10,7 @@ constants (parameters, buffers, constants, results of such ops) and whose other 
 static is computed in torch and enters the IR as a named constant, whether or not a converter
 exists for it: rotary tables (cos / sin of positions x frequencies), relative-position buckets
 (abs, log, clamp of aranges), split sizes, interpolated biases, position ids of a static shape.
-Left to the IR: ops that draw random numbers or mutate, layout ops of a learned parameter (the
+Left to the IR: ops that draw random numbers, mutate or allocate uninitialized memory, layout ops of a learned parameter (the
 passes find a linear's weight by its parameter's name; their values are known, so what is
 computed from them alone still folds), and results much larger than their operands (an
 expanded mask stays an `expand`).
@@ -233,6 +233,9 @@ def _map_args(args: Any, env: dict[fx.Node, Any]) -> Any:
 # that the parameter keeps its name (and a linear its weight) for the compression passes
 _LAYOUT = frozenset({"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "unsqueeze", "squeeze",
                      "contiguous", "clone", "alias", "detach", "slice", "select", "flatten", "unflatten"})
+# ops whose result is uninitialized memory (a decomposition fills it later): never values to fold
+_UNINITIALIZED = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided",
+                            "empty_permuted"})
 FOLD_GROWTH = 1 << 20  # a folded result may hold this many elements more than its operands
 
 
@@ -250,10 +253,12 @@ def _evaluate(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> tup
         if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
             return None
         name = target.overloadpacket.__name__
+        if name in _UNINITIALIZED:
+            return None
     else:  # symbolic_trace: torch functions and tensor methods
         name = target if node.op == "call_method" else getattr(target, "__name__", "")
         module = "torch" if node.op == "call_method" else getattr(target, "__module__", "") or ""
-        if not module.startswith(("torch", "math", "_operator")) or name.endswith("_") or \
+        if not module.startswith(("torch", "math", "_operator")) or name.endswith("_") or name in _UNINITIALIZED or \
                 name.startswith(("rand", "normal", "bernoulli", "dropout", "manual_seed", "uniform", "exponential")):
             return None
     tensors = {v: lowerer.known[v] for v in values}

@@ -10,10 +10,10 @@ constants (parameters, buffers, constants, results of such ops) and whose other 
 static is computed in torch and enters the IR as a named constant, whether or not a converter
 exists for it: rotary tables (cos / sin of positions x frequencies), relative-position buckets
 (abs, log, clamp of aranges), split sizes, interpolated biases, position ids of a static shape.
-Left to the IR: ops that draw random numbers, mutate or allocate uninitialized memory, layout ops of a learned parameter (the
-passes find a linear's weight by its parameter's name; their values are known, so what is
-computed from them alone still folds), and results much larger than their operands (an
-expanded mask stays an `expand`).
+Left to the IR: ops that draw random numbers, mutate or allocate uninitialized memory, layout
+ops of a learned parameter (the passes find a linear's weight by its parameter's name; their
+values are known, so what is computed from them alone still folds), and results much larger
+than their operands (an expanded mask stays an `expand`).
 """
 
 from __future__ import annotations

@@ -33,8 +33,10 @@ debian-tools:
 demo: install
 	$(BIN)/python examples/demo.py
 
+# the default tier in parallel, one worker per core (at most 4); the slow tier (timings among
+# it) runs serially
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses 4 $(PYTEST_ARGS)
 
 test-all: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -133,7 +133,8 @@ class _Gen:
             return None
         kinds = ["neg", "relu", "abs", "sign"]
         if self.t(a).dtype.is_float:
-            kinds += ["tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "gelu", "floor", "ceil", "log", "cos", "sin"]
+            kinds += ["tanh", "sigmoid", "exp", "sqrt", "rsqrt", "erf", "gelu", "floor", "ceil", "log", "cos", "sin",
+                      "silu"]
         kind = self.draw(st.sampled_from(kinds))
         if kind == "gelu" and self.draw(st.booleans()):
             return self.op(kind, a, approximate=self.draw(st.sampled_from(["none", "tanh"])))
@@ -371,10 +372,67 @@ class _Gen:
             attrs["padding"] = (self.draw(st.integers(0, 1)), self.draw(st.integers(0, 1)))
         return self.op("conv2d", *operands, **attrs)
 
+    def conv1d(self):
+        a = self.pick(lambda t: t.dtype is DType.F32 and t.rank == 3 and t.shape[2] >= 2)
+        if a is None:
+            a = self.b.input("signal", tensor((2, 2, 6)))
+            self.values.append(a)
+        t = self.t(a)
+        groups = self.draw(st.sampled_from([g for g in (1, 2) if t.shape[1] % g == 0]))
+        operands = [a, self.const((groups * self.draw(st.integers(1, 2)), t.shape[1] // groups,
+                                   self.draw(st.integers(1, 2))), DType.F32)]
+        if self.draw(st.booleans()):
+            operands.append(self.const((self.t(operands[1]).shape[0],), DType.F32))
+        attrs = {"groups": groups} if groups > 1 else {}
+        for key, low, high in (("stride", 1, 2), ("padding", 0, 1), ("dilation", 1, 2)):
+            if self.draw(st.booleans()):
+                attrs[key] = (self.draw(st.integers(low, high)),)
+        size = t.shape[2] + 2 * attrs.get("padding", (0,))[0]
+        if attrs.get("dilation", (1,))[0] * (self.t(operands[1]).shape[2] - 1) >= size:
+            attrs.pop("dilation", None)
+        return self.op("conv1d", *operands, **attrs)
+
+    def channel_norm(self):
+        a = self.pick(lambda t: t.dtype.is_float and t.rank >= 2)
+        if a is None:
+            return None
+        t = self.t(a)
+        channels = t.shape[1]
+        if self.draw(st.booleans()):
+            stats = [self.const((channels,), t.dtype), self.b.constant("bn.var", np.full(channels, 0.5), t.dtype)]
+            affine = [self.const((channels,), t.dtype) for _ in range(self.draw(st.integers(0, 2)))]
+            return self.op("batch_norm", a, *stats, *affine, eps=1e-3)
+        groups = self.draw(st.sampled_from([g for g in range(1, channels + 1) if channels % g == 0]))
+        affine = [self.const((channels,), t.dtype) for _ in range(self.draw(st.sampled_from([0, 2])))]
+        return self.op("group_norm", a, *affine, num_groups=groups)
+
+    def rms_norm(self):
+        a = self.pick(lambda t: t.dtype.is_float and t.rank >= 1)
+        if a is None:
+            return None
+        t = self.t(a)
+        norm = t.shape[-self.draw(st.integers(1, t.rank)):]
+        weight = [self.const(norm, t.dtype)] if self.draw(st.booleans()) else []
+        return self.op("rms_norm", a, *weight, normalized_shape=norm)
+
+    def pad(self):
+        a = self.pick(lambda t: t.rank >= 1 and t.dtype is not DType.BOOL)
+        if a is None:
+            return None
+        pairs = self.draw(st.integers(1, self.t(a).rank))
+        pads = tuple(self.draw(st.integers(0, 2)) for _ in range(2 * pairs))
+        return self.op("pad", a, pads=pads, value=self.draw(st.sampled_from([0.0, -1.5, 3.0])))
+
+    def argmax(self):
+        a = self.pick(lambda t: t.rank >= 1 and t.dtype is not DType.BOOL)
+        if a is None:
+            return None
+        return self.op("argmax", a, dim=self.dim(self.t(a).rank), keepdim=self.draw(st.booleans()))
+
     GENERATORS = ["binary", "compare", "logical", "unary", "softmax", "layer_norm", "linear", "matmul",
                   "reshape", "permute", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand",
                   "cat", "reduce", "where", "cast", "full", "arange", "embedding", "gather", "index", "sdpa",
-                  "conv2d"]
+                  "conv2d", "conv1d", "channel_norm", "rms_norm", "pad", "argmax"]
 
 
 def _broadcasts(*shapes) -> bool:
@@ -472,7 +530,8 @@ def test_the_strategy_covers_the_op_table():
     collect()
     required = {"linear", "matmul", "softmax", "layer_norm", "reshape", "permute", "transpose", "slice", "select",
                 "unsqueeze", "squeeze", "expand", "cat", "mean", "sum", "where", "cast", "full", "arange", "eq",
-                "add", "scaled_dot_product_attention", "conv2d", "gather", "index", "embedding"}
+                "add", "scaled_dot_product_attention", "conv2d", "gather", "index", "embedding", "conv1d", "batch_norm",
+                "group_norm", "rms_norm", "pad", "argmax", "silu"}
     assert required <= seen, sorted(required - seen)
     assert len(seen) >= 40, sorted(set(OPS) - seen)
 

@@ -256,9 +256,9 @@ def _softmax(ts, attrs):
     return ts[0]
 
 
-def _layer_norm(ts, attrs):
-    """A float input whose trailing dims are `normalized_shape`; optional weight and bias of
-    that shape and the input's dtype; result: the input's shape and dtype."""
+def _trailing_norm(ts, attrs):
+    """A float input whose trailing dims are `normalized_shape`; optional affine operands
+    (weight, then bias) of that shape and the input's dtype; result: the input's shape and dtype."""
     x = ts[0]
     _need_float(x, "input")
     _same_dtype(ts)
@@ -517,20 +517,6 @@ def _channel_norm(ts, attrs):
     return x
 
 
-def _rms_norm(ts, attrs):
-    """A float input whose trailing dims are `normalized_shape`; an optional weight of that shape
-    and the input's dtype; result: the input's type."""
-    x = ts[0]
-    _need_float(x, "input")
-    _same_dtype(ts)
-    norm = tuple(attrs["normalized_shape"])
-    if not norm or x.shape[-len(norm):] != norm:
-        raise OpTypeError(f"normalized_shape {list(norm)} is not a suffix of input shape {list(x.shape)}")
-    if len(ts) == 2 and ts[1].shape != norm:
-        raise OpTypeError(f"weight shape {list(ts[1].shape)} is not normalized_shape {list(norm)}")
-    return x
-
-
 def _pad(ts, attrs):
     """`pads`: (before, after) pairs from the last dim backwards (`F.pad` order), at most two per
     dim of the input, non-negative; result: each padded dim grown by its pair, the input's dtype."""
@@ -733,10 +719,10 @@ _DEFS = [
           "GELU, exact (erf) or tanh approximation", elementwise=True),
     OpDef("softmax", ("input",), {"dim": A(I, required=True)}, _softmax, "exp(x) / sum(exp(x)) along dim"),
     OpDef("layer_norm", ("input", "weight?", "bias?"),
-          {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-5)}, _layer_norm,
+          {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-5)}, _trailing_norm,
           "(x - mean) / sqrt(var + eps) * weight + bias over the trailing normalized_shape dims (biased variance)"),
     OpDef("rms_norm", ("input", "weight?"), {"normalized_shape": A(INTS, required=True), "eps": A(F, 1e-6)},
-          _rms_norm, "x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape dims"),
+          _trailing_norm, "x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape dims"),
     OpDef("embedding", ("weight", "indices"), {}, _embedding, "rows of weight picked by indices"),
     OpDef("gather", ("input", "index"), {"dim": A(I, required=True)}, _gather, "torch.gather"),
     OpDef("reshape", ("input",), {"shape": A(INTS, required=True)}, _reshape,

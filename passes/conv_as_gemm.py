@@ -34,32 +34,34 @@ from .layers import name_list
 from .rewrite import Rewriter
 
 
-def _why_not(op: Op, rw: Rewriter) -> str | None:
-    """Why `op` stays a convolution (None: it becomes a GEMM)."""
+_FORMS = ("pointwise", "patches", "taps")
+
+
+def _form(op: Op, rw: Rewriter) -> str:
+    """How `op` becomes a GEMM (one of `_FORMS`), else why it stays a convolution."""
     weight = rw.types[op.operands[1]]
     if not rw.is_constant(op.operands[1]) or not weight.dtype.is_float or weight != TensorType(weight.shape,
                                                                                                  weight.dtype):
         return "its weight is not a dense float constant"
     if op.attr("groups") != 1:
         return "grouped or depthwise"
-    kernel, stride = weight.shape[2:], op.attr("stride")
-    pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride)
-    patches = tuple(stride) == tuple(kernel) and not any(op.attr("padding")) and all(d == 1 for d in op.attr("dilation"))
-    if op.kind == "conv2d" and not (pointwise and not any(op.attr("padding"))) and not patches:
-        return "2-d with overlapping windows"
-    return None
+    kernel, stride, padding = tuple(weight.shape[2:]), tuple(op.attr("stride")), op.attr("padding")
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
+        return "pointwise"
+    if stride == kernel and not any(padding) and all(d == 1 for d in op.attr("dilation")):
+        return "patches"
+    return "taps" if op.kind == "conv1d" else "2-d with overlapping windows"
 
 
-def _rows(rw: Rewriter, op: Op) -> tuple[str, int]:
-    """The im2col rows `[N, *out, C x prod(kernel)]` of `op`'s input, and the spatial rank."""
+def _rows(rw: Rewriter, op: Op, form: str) -> tuple[str, int]:
+    """The im2col rows `[N, *out, C x prod(kernel)]` of `op`'s input in `form`, and the spatial rank."""
     x, weight = op.operands[0], rw.types[op.operands[1]]
     n, c, *size = rw.types[rw.value(x)].shape
     kernel, out = weight.shape[2:], op.type.shape[2:]
     spatial, name = len(kernel), f"{op.result}.im2col"
-    stride, padding, dilation = op.attr("stride"), op.attr("padding"), op.attr("dilation")
-    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
+    if form == "pointwise":
         return rw.op("permute", x, dims=(0, *range(2, 2 + spatial), 1), name=name), spatial
-    if tuple(stride) == tuple(kernel) and not any(padding) and all(d == 1 for d in dilation):
+    if form == "patches":
         for d, (o, k, s) in enumerate(zip(out, kernel, size)):
             if o * k != s:  # the tail no window covers
                 x = rw.op("slice", x, dim=2 + d, start=0, end=o * k, name=f"{op.result}.covered")
@@ -68,6 +70,7 @@ def _rows(rw: Rewriter, op: Op) -> tuple[str, int]:
         dims = (0, *(2 + 2 * d for d in range(spatial)), 1, *(3 + 2 * d for d in range(spatial)))
         x = rw.op("permute", x, dims=dims, name=f"{op.result}.patches")
         return rw.op("reshape", x, shape=(n, *out, c * math.prod(kernel)), name=name), spatial
+    stride, padding, dilation = op.attr("stride"), op.attr("padding"), op.attr("dilation")
     (k,), (s,), (p,), (d,), (length,) = kernel, stride, padding, dilation, out
     if p:
         x = rw.op("pad", x, pads=(p, p), value=0.0, name=f"{op.result}.padded")
@@ -92,13 +95,13 @@ class ConvAsGemm(Pass):
         done, kept = [], {}
         gemm_weights: dict[str, str] = {}
         for op in graph.ops:
-            why = _why_not(op, rw) if op in convs else "-"
-            if why is not None:
-                if why != "-":
-                    kept.setdefault(why, []).append(op.operands[1])
+            form = _form(op, rw) if op in convs else None
+            if form not in _FORMS:
+                if form is not None:
+                    kept.setdefault(form, []).append(op.operands[1])
                 rw.keep(op)
                 continue
-            rows, spatial = _rows(rw, op)
+            rows, spatial = _rows(rw, op, form)
             weight = op.operands[1]
             if weight not in gemm_weights:
                 array = rw.weight(weight)

@@ -119,6 +119,7 @@ class Lowerer:
         self.known: dict[Value, torch.Tensor] = {}  # the tensors of constant values, for folding
         self._learned_values: set[Value] = set()  # constants of learned parameters
         self._learned_layouts: set[Value] = set()  # layout ops of them
+        self.layout_values: dict[fx.Node, torch.Tensor] = {}  # a layout op of them, evaluated, not yet lowered
 
     # -- helpers for converters -------------------------------------------------------------
     def type(self, value: Value) -> TensorType:
@@ -289,7 +290,11 @@ def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any
     constant, not safe to evaluate ahead, would grow much larger than its operands, or is a
     layout op of a learned parameter (see `know_layout`)."""
     evaluated = _evaluate(lowerer, node, args, kwargs)
-    if evaluated is None or _layout_of_learned(lowerer, evaluated[0], args, kwargs):
+    if evaluated is None:
+        return None
+    if _layout_of_learned(lowerer, evaluated[0], args, kwargs):
+        if isinstance(evaluated[1], torch.Tensor):
+            lowerer.layout_values[node] = evaluated[1]  # for `know_layout`, once the converter lowered it
         return None
     result, path = evaluated[1], module_path(node)
     name = f"{path}.{node.name}" if path else node.name  # `encoder.pos_conv.conv._weight_norm`
@@ -297,16 +302,13 @@ def fold_node(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict) -> Any
     return folded if isinstance(result, (tuple, list)) else folded[0]
 
 
-def know_layout(lowerer: Lowerer, node: fx.Node, args: tuple, kwargs: dict, lowered: Any) -> None:
+def know_layout(lowerer: Lowerer, node: fx.Node, lowered: Any) -> None:
     """A layout op of a learned parameter stays an op (the parameter keeps its name, a linear
-    its weight), but its value is known, so that what is computed from it alone still folds
-    (an interpolated position-bias table)."""
-    if not isinstance(lowered, Value) or lowered in lowerer.known:
-        return
-    evaluated = _evaluate(lowerer, node, args, kwargs)
-    if evaluated is not None and _layout_of_learned(lowerer, evaluated[0], args, kwargs) and \
-            isinstance(evaluated[1], torch.Tensor):
-        lowerer.known[lowered] = evaluated[1]
+    its weight), but its value, computed by `fold_node`, is known, so that what is computed from
+    it alone still folds (an interpolated position-bias table)."""
+    value = lowerer.layout_values.pop(node, None)
+    if value is not None and isinstance(lowered, Value) and lowered not in lowerer.known:
+        lowerer.known[lowered] = value
         lowerer.learned_layout(lowered)
 
 
@@ -345,7 +347,7 @@ def lower_nodes(lowerer: Lowerer, graph: fx.Graph, env: dict[fx.Node, Any],
             folded = fold_node(lowerer, node, args, kwargs)
             if folded is None:
                 folded = convert(lowerer, node, args, kwargs)
-                know_layout(lowerer, node, args, kwargs, folded)
+                know_layout(lowerer, node, folded)
             env[node] = folded
         except UnsupportedError as e:
             problems.setdefault(str(e).split(" at node ")[0], []).append(e)

@@ -7,6 +7,7 @@ every measured page loads."""
 from __future__ import annotations
 
 import html
+import io
 import json
 import shutil
 import struct
@@ -17,12 +18,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
+from PIL import Image
 
 import tcc
 from conftest import need
 from tcc.cli import main
 from tcc.targets.calibration import cost_devices
 from tcc.passes import Dataset
+from tcc.report import density_cells
 from tcc.select import Point, choose
 from tcc.targets import load_catalog
 from tcc.zoo import DigitsTransformer, digits_data
@@ -74,7 +77,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifact, digits):
     page = (cpu_artifact / "report.html").read_text()
     manifest = json.loads((cpu_artifact / "manifest.json").read_text())
-    assert {"report.html", "report/sparsity.png"} <= set(manifest["files"])  # hashed
+    heatmaps = [f"report/sparsity/{i}.png" for i in range(10)]
+    assert {"report.html", *heatmaps} <= set(manifest["files"])  # hashed
     measured = ["measured/devices.html", "measured/devices.png", "measured/host.json"]
     assert manifest["measured"]["files"] == measured and not set(measured) & set(manifest["files"])
     on_disk = [p.relative_to(cpu_artifact).as_posix() for p in cpu_artifact.rglob("*") if p.is_file()]
@@ -99,8 +103,15 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
     assert "<tr><td>head.weight_q</td><td>10x64</td><td>i8</td><td>-</td><td>dense</td>" in weights  # kept whole
 
     sparsity = _section(page, "sparsity")
-    assert "Non-zeros (dark) of 10 weight(s)" in sparsity and '<img src="report/sparsity.png"' in sparsity
-    assert _png_size((cpu_artifact / "report/sparsity.png").read_bytes()) == (1280, 900)  # 3 rows of 4 panels
+    assert "Non-zeros (dark) of 10 weight(s)" in sparsity and sparsity.count("<figure>") == 10
+    # graph order: the first layer's linear1 (128x64, 75% HP in 8x8 blocks), a pixel per weight
+    assert ('<img src="report/sparsity/3.png" alt="non-zero pattern of encoder.layers.0.linear1.weight_q">'
+            '<figcaption><code>encoder.layers.0.linear1.weight_q</code><br>128x64, hp(8, 8, 2), density 0.250'
+            in sparsity)
+    png = Image.open(io.BytesIO((cpu_artifact / "report/sparsity/3.png").read_bytes()))
+    weight = tcc.load(cpu_artifact).graph.weights["encoder.layers.0.linear1.weight_q"]
+    assert png.mode == "L" and png.size == (64, 64)  # 64 columns; 128 rows, 2 to a cell
+    assert np.array_equal(np.asarray(png) < 255, density_cells(weight != 0) > 0)
 
     section = _section(page, "devices")
     assert "Measured on the compiling machine" in section and '<img src="measured/devices.png"' in section
@@ -137,7 +148,6 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
 def test_density_cells_are_the_share_of_non_zeros_of_each_block(mask, cells):
     """Against a direct count: blocks of ceil(n / cells) rows and columns, the last ones smaller;
     an all-non-zero mask takes the shortcut and agrees."""
-    from tcc.report import density_cells
     rows, cols = (-(-n // cells) for n in mask.shape)
     expected = np.array([[mask[i:i + rows, j:j + cols].mean() for j in range(0, mask.shape[1], cols)]
                          for i in range(0, mask.shape[0], rows)], np.float32)
@@ -202,10 +212,10 @@ def test_fpga_report_shows_the_accelerator_its_resources_and_cycles(fpga_artifac
 def test_report_is_identical_from_two_compiles(digits, cpu_artifact, tmp_path):
     model, x, test = digits
     again = tcc.compile(model, (x,), target="cpu", pipeline=PIPELINE, eval_data=test).save(tmp_path / "again")
-    names = ["report.html"] + sorted(p.name for p in (cpu_artifact / "report").iterdir())
-    assert len(names) == 2
-    for name in names:
-        file = name if name == "report.html" else f"report/{name}"
+    files = ["report.html"] + sorted(p.relative_to(cpu_artifact).as_posix()
+                                     for p in (cpu_artifact / "report").rglob("*") if p.is_file())
+    assert len(files) == 11  # the page and 10 heatmaps
+    for file in files:
         assert (again / file).read_bytes() == (cpu_artifact / file).read_bytes(), file
 
 

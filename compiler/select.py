@@ -128,9 +128,20 @@ def accuracy(graph: Graph, data: Dataset) -> float:
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
          targets: dict[str, Target], devices: Mapping[str, Device], seed: int) -> list[Point]:
     """Points of a chain of settings, each extending the previous one's steps: the graph is
-    compiled step by step, so shared steps (a fine-tuned pruning) run once."""
-    torch.manual_seed(seed)
+    compiled step by step, so shared steps (a fine-tuned pruning) run once. On one thread (the
+    jobs run side by side), given back after: an inline job must not change its caller's torch,
+    whose thread count keys the host's calibration."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _points(base, chain, data, train, examples, targets, devices, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _points(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
+            targets: dict[str, Target], devices: Mapping[str, Device], seed: int) -> list[Point]:
+    torch.manual_seed(seed)
     graphs: dict[tuple[str, ...], Graph] = {(): base}
     points = []
     ctx_data = {"example": examples} | ({"train": train} if train is not None else {})

@@ -7,9 +7,11 @@
   arithmetic at the device's sustained rate and its memory traffic at the device's bandwidth,
   plus the device's fixed cost per op. Pruned weights in a sparse encoding count their
   non-zeros only.
-- FPGA latency: the accelerator's cycles come from a `CycleModel` the caller supplies (the
-  backend's timing, which equals the ISA simulator's and the RTL's), plus the host ops on the
-  device's host processor (the roofline again).
+- FPGA latency: the board as a system. The accelerator's cycles come from a `CycleModel` the
+  caller supplies (the backend's timing, which equals the ISA simulator's and the RTL's), plus
+  the host ops on the board's host processor (the roofline again), plus the host's calls into
+  the accelerator over the host link (AXI on a Zynq, PCIe for a card): a fixed latency per call
+  and the bytes each call moves at the link's bandwidth.
 - Energy: power x latency.
 """
 
@@ -43,6 +45,8 @@ class Device:
     op_overhead_us: float  # fixed cost of one op: dispatch, kernel launch
     clock_mhz: float = 0.0
     host: str | None = None  # fpga: the device that runs the ops left to the host
+    link_gbps: float = 0.0  # fpga: the host link's bandwidth, GB/s (AXI into shared DRAM, PCIe)
+    link_latency_us: float = 0.0  # fpga: fixed cost of one call of the host into the accelerator
     cache_gbps: float = 0.0  # bandwidth when an op's bytes fit `onchip_mb` (0: dram_gbps)
     # measured per op kind (`cost_key`: kind and operand dtype, or kind alone): (key, fixed cost
     # in us, factor on the roofline time when the op's bytes fit `onchip_mb`, factor when they
@@ -54,13 +58,15 @@ class Device:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
         for name in ("price_usd", "power_w", "dram_gbps", "onchip_mb", "fp32_gflops", "int8_gops",
-                     "op_overhead_us", "clock_mhz", "cache_gbps"):
+                     "op_overhead_us", "clock_mhz", "cache_gbps", "link_gbps", "link_latency_us"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("price_usd", "power_w", "dram_gbps") + (("fp32_gflops",) if self.kind != "fpga" else ()):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.kind == "fpga" and self.link_gbps <= 0:
+            raise ValueError(f"link_gbps must be > 0 for an fpga (its host link), got {self.link_gbps!r}")
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -77,7 +83,19 @@ class Cost:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-CycleModel = Callable[[Graph], tuple[int, list[Op]]]  # graph -> (accelerator cycles, ops left to the host)
+@dataclass(frozen=True)
+class AccelRun:
+    """One run of a graph on an accelerator as its cycle model sees it: the accelerator's
+    `cycles`, the ops it leaves to the host, and the host's `calls` into the accelerator (each
+    starts a run of sections) with the bytes they move across the host link, both ways."""
+
+    cycles: int
+    host_ops: list[Op]
+    calls: int
+    link_bytes: int
+
+
+CycleModel = Callable[[Graph], AccelRun]  # the backend's timing of a graph
 
 
 @dataclass(frozen=True)
@@ -158,13 +176,17 @@ def roofline(graph: Graph, device: Device, ops: list[Op] | None = None) -> Cost:
 
 
 def accelerator(graph: Graph, device: Device, cycles: CycleModel, host: Device) -> Cost:
-    """Latency of `graph` on an FPGA `device`: the accelerator's cycles at its clock (from
-    `cycles`, the backend's timing) plus the ops it leaves to the host, on `host`'s roofline."""
+    """Latency of `graph` on an FPGA `device`, the board as a system: the accelerator's cycles at
+    its clock (from `cycles`, the backend's timing), the ops it leaves to the host on `host`'s
+    roofline (the board's processor), and the host's calls over the link (`link_latency_us`
+    each, their bytes at `link_gbps`). Energy: the board's power while the accelerator runs or
+    data crosses the link, the host's while it computes."""
     if device.kind != "fpga" or device.clock_mhz <= 0:
         raise ValueError(f"{device.name}: an accelerator cost needs an fpga device with a clock")
-    count, host_ops = cycles(graph)
-    on_chip = count / (device.clock_mhz * 1e6)
-    on_host = roofline(graph, host, host_ops).latency_s if host_ops else 0.0
-    latency = on_chip + on_host
-    return Cost(device.name, latency, on_chip * device.power_w + on_host * host.power_w,
-                {"accelerator": on_chip, "host": on_host})
+    run = cycles(graph)
+    on_chip = run.cycles / (device.clock_mhz * 1e6)
+    on_host = roofline(graph, host, run.host_ops).latency_s if run.host_ops else 0.0
+    on_link = run.calls * device.link_latency_us * 1e-6 + run.link_bytes / (device.link_gbps * 1e9)
+    latency = on_chip + on_host + on_link
+    return Cost(device.name, latency, (on_chip + on_link) * device.power_w + on_host * host.power_w,
+                {"accelerator": on_chip, "host": on_host, "link": on_link})

@@ -51,6 +51,8 @@ class AccelStats:
     macs: int = 0  # useful multiply-accumulates: M * N * K per linear, padding excluded
     instructions: Counter = field(default_factory=Counter)  # per mnemonic
     section_cycles: list[int] = field(default_factory=list)
+    calls: int = 0  # the host's calls into the accelerator: a layer's sections each
+    link_bytes: int = 0  # bytes the calls moved between the host and DRAM, both ways
 
     def utilization(self, config: AccelConfig) -> float:
         """macs / (cycles * rows * cols)."""
@@ -58,7 +60,8 @@ class AccelStats:
 
     def to_json(self, config: AccelConfig) -> dict:
         return {"cycles": self.cycles, "macs": self.macs, "utilization": self.utilization(config),
-                "instructions": dict(sorted(self.instructions.items())), "section_cycles": list(self.section_cycles)}
+                "instructions": dict(sorted(self.instructions.items())), "section_cycles": list(self.section_cycles),
+                "calls": self.calls, "link_bytes": self.link_bytes}
 
 
 _log = logging.getLogger("tcc.accel")
@@ -81,12 +84,12 @@ class AccelExecutor(NumpyExecutor):
         index = {op.result: i for i, op in enumerate(graph.ops)}
         self._layers: dict[int, list[Section]] = {}  # the linear's op index -> its sections
         self._fused: set[int] = set()  # the layers' other ops
-        for section in program.sections:
-            missing = [r for r in section.ops if r not in index]
+        for call in program.calls():
+            missing = [r for r in call[0].ops if r not in index]
             if missing:
                 raise ValueError(f"the accelerator program implements '{missing[0]}', which the graph does not compute")
-            self._layers.setdefault(index[section.ops[0]], []).append(section)
-            self._fused.update(index[r] for r in section.ops[1:])
+            self._layers[index[call[0].ops[0]]] = list(call)
+            self._fused.update(index[r] for r in call[0].ops[1:])
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         env = self._run(inputs, keep=False)
@@ -145,9 +148,12 @@ class AccelExecutor(NumpyExecutor):
     def _layer(self, sections: list[Section], env: dict[str, np.ndarray], dram: bytearray) -> None:
         """Run one layer's sections: write its inputs, run, read its outputs back."""
         config, types = self.program.config, self.graph.types
+        self.stats.calls += 1
         for t in sections[0].inputs:
             value = env[t.values[0]]
-            dram[t.region.byte_slice(config)] = encode(t.layout, value.reshape(t.shape), config)
+            data = encode(t.layout, value.reshape(t.shape), config)
+            dram[t.region.byte_slice(config)] = data
+            self.stats.link_bytes += len(data)
         for section in sections:
             try:
                 data, cycles = self.run_section(section.program, config, bytes(dram),
@@ -163,7 +169,8 @@ class AccelExecutor(NumpyExecutor):
             self.stats.macs += section.macs
             self.stats.instructions.update(i.mnemonic for i in section.program)
         for t in sections[-1].outputs:
-            out = types[t.values[0]]
+            out, data = types[t.values[0]], bytes(dram[t.region.byte_slice(config)])
+            self.stats.link_bytes += len(data)
             # C order, as the numpy reference holds it: BLAS sums a transposed view in another order
-            env[t.values[0]] = decode(t.layout, bytes(dram[t.region.byte_slice(config)]), t.shape, config) \
-                .reshape(out.shape).astype(out.dtype.numpy, order="C")
+            env[t.values[0]] = decode(t.layout, data, t.shape, config).reshape(out.shape).astype(out.dtype.numpy,
+                                                                                                 order="C")

@@ -641,8 +641,9 @@ def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind
     program = generate(graph, config)
     built = dict(TIMINGS)
     TIMINGS.clear()
-    cycles, host = timing(graph, config)
-    assert TIMINGS == built and cycles == sum(s.cycles for s in program.sections) and host == program.host_ops
+    run = timing(graph, config)
+    assert TIMINGS == built and run.cycles == sum(s.cycles for s in program.sections)
+    assert (run.host_ops, run.calls, run.link_bytes) == (program.host_ops, len(program.calls()), program.link_bytes())
 
 
 def test_timing_schedules_a_repeated_section_once(monkeypatch):
@@ -659,7 +660,7 @@ def test_timing_schedules_a_repeated_section_once(monkeypatch):
     assert len(program.sections) > 4 and len(scheduled) == len(program.sections)
     scheduled.clear()
     TIMINGS.clear()
-    assert timing(graph, config)[0] == sum(s.cycles for s in program.sections)
+    assert timing(graph, config).cycles == sum(s.cycles for s in program.sections)
     assert scheduled == [True, True]
 
 
@@ -674,7 +675,10 @@ def test_timing_is_generates_without_building_it(pipeline):
     config = AccelConfig(rows=8, cols=8)
     program = generate(graph, config)
     TIMINGS.clear()
-    cycles, host = timing(graph, config)
-    assert cycles == sum(s.cycles for s in program.sections) > 0 and host == program.host_ops
+    run = timing(graph, config)
+    assert run.cycles == sum(s.cycles for s in program.sections) > 0 and run.host_ops == program.host_ops
+    # a call per layer, each moving its input and output: the timing's sections carry their data
+    assert run.calls == len(program.calls()) == len({s.ops for s in program.sections}) > 0
+    assert run.link_bytes == program.link_bytes() > 0
     linears = sum(op.kind == "linear" for op in graph.ops)
     assert 0 < len(TIMINGS) < linears  # the two layers' linears share signatures

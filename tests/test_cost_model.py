@@ -16,7 +16,7 @@ from tcc.targets import calibration
 from tcc.backends.accel.codegen import generate
 from tcc.ir import DType, GraphBuilder, TensorType
 from tcc.passes import PassContext, SelectFormat
-from tcc.passes.cost_model import Cost, Device, accelerator, roofline
+from tcc.passes.cost_model import AccelRun, Cost, Device, accelerator, roofline
 from tcc.runtime.accel_executor import AccelExecutor
 from tcc.targets import cycle_model, load_catalog
 from tcc.zoo import DigitsTransformer
@@ -69,16 +69,20 @@ def test_sparse_weights_count_their_nonzeros_at_the_sparse_kernels_rate():
     assert ratio == pytest.approx(np.count_nonzero(weight) / weight.size / 0.3)
 
 
-def test_accelerator_latency_is_its_cycles_at_its_clock_plus_the_host_ops_on_the_host():
+def test_accelerator_latency_is_its_cycles_plus_the_host_ops_on_the_host_plus_the_calls_over_the_link():
     graph = linear_graph(np.ones((16, 8)))
     fpga = Device("f", "fpga", price_usd=100, power_w=5, dram_gbps=4, onchip_mb=1, fp32_gflops=0, int8_gops=10,
-                  op_overhead_us=0, clock_mhz=100, host="unit")
+                  op_overhead_us=0, clock_mhz=100, host="unit", link_gbps=1, link_latency_us=5)
     reshape = [op for op in graph.ops if op.kind == "reshape"]
-    cost = accelerator(graph, fpga, lambda g: (1000, reshape), UNIT)
-    assert cost.parts == pytest.approx({"accelerator": 10e-6, "host": 2e-6})
-    assert cost.energy_j == pytest.approx(10e-6 * 5 + 2e-6 * 10)
+    cost = accelerator(graph, fpga, lambda g: AccelRun(1000, reshape, calls=3, link_bytes=2000), UNIT)
+    # 1,000 cycles at 100 MHz; the reshape's fixed 2 us on the host; 3 calls of 5 us and 2 kB at 1 GB/s
+    assert cost.parts == pytest.approx({"accelerator": 10e-6, "host": 2e-6, "link": 17e-6})
+    assert cost.latency_s == pytest.approx(29e-6)
+    assert cost.energy_j == pytest.approx((10e-6 + 17e-6) * 5 + 2e-6 * 10)
     with pytest.raises(ValueError, match="needs its cycle model"):
         roofline(graph, fpga)
+    with pytest.raises(ValueError, match="link_gbps must be > 0 for an fpga"):
+        dataclasses.replace(fpga, link_gbps=0)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -99,13 +103,17 @@ def test_accelerator_cycles_are_the_isa_simulators():
     x = torch.rand(4, 8, 8)
     graph = tcc.compile(DigitsTransformer().eval(), (x,), pipeline="quantize").graph
     target = load_catalog()["fpga-small"]
-    cycles, host_ops = cycle_model(target.accel)(graph)
+    run = cycle_model(target.accel)(graph)
     executor = AccelExecutor(graph, generate(graph, target.accel))
     executor(x.numpy())
-    assert cycles == executor.stats.cycles > 0
-    assert {op.kind for op in host_ops} >= {"quantize", "dequantize"}  # the float edges stay on the host
+    assert run.cycles == executor.stats.cycles > 0
+    # the calls and bytes priced on the link are those the executor makes and moves
+    assert (run.calls, run.link_bytes) == (executor.stats.calls, executor.stats.link_bytes) and run.calls > 1
+    assert {op.kind for op in run.host_ops} >= {"quantize", "dequantize"}  # the float edges stay on the host
     cost = target.cost(graph, calibration.cost_devices(load_catalog()))
-    assert isinstance(cost, Cost) and cost.parts["accelerator"] == pytest.approx(cycles / 100e6)
+    link = target.part.link_latency_us * 1e-6 * run.calls + run.link_bytes / (target.part.link_gbps * 1e9)
+    assert isinstance(cost, Cost) and cost.parts["accelerator"] == pytest.approx(run.cycles / 100e6)
+    assert cost.parts["link"] == pytest.approx(link)
 
 
 def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):

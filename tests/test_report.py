@@ -123,8 +123,8 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
     for name in priced:
         assert f"<td>{name}</td>" in devices
     assert '<td>fpga-small</td><td>fpga</td><td class="num">120</td>' in devices and "accelerator" in devices
-    # the host cpu, fpga-large with it as its host, the local gpu when there is one
-    here = [name for name in ("cpu", "gpu", "fpga-large") if name in priced]
+    # the host cpu and the local gpu when there is one; the FPGAs' hosts are their boards' processors
+    here = [name for name in ("cpu", "gpu") if name in priced]
     assert devices.count("<td>measured here</td>") == len(here) and "<td>edge-cpu</td>" in devices
     assert [row.endswith("<td>measured here</td></tr>") for row in devices.splitlines()
             if row.startswith(('<tr class="compiled"><td>cpu</td>', "<tr><td>edge-cpu</td>"))] == [True, False]

@@ -35,7 +35,8 @@ USER = {
         "tile": [4, 4], "pipeline": "fold-constants,canonicalize,dce,quantize", "lowering": "select-format",
         "formats": ["dense"],
         "part": {"name": "xc7z010", "family": "xc7", "lut": 17600, "ff": 35200, "dsp": 80, "bram36": 60, "uram": 0,
-                 "dram_gbps": 4.2, "price_usd": 80, "power_w": 2.0, "host": "edge-cpu"},
+                 "dram_gbps": 4.2, "price_usd": 80, "power_w": 2.0, "link_gbps": 1.0, "link_latency_us": 20,
+                 "host": "edge-cpu"},
         "accel": {"rows": 4, "cols": 4, "abuf_depth": 4096, "bbuf_depth": 2048, "obuf_depth": 512,
                   "pbuf_depth": 128, "dram_bits": 64, "dram_latency": 20, "imem_depth": 2048, "clock_mhz": 100.0,
                   "nonlinear_unit": False},
@@ -67,8 +68,12 @@ def test_every_shipped_target_has_a_valid_device():
             assert catalog[device.host].kind in ("cpu", "gpu")
         else:
             assert device.fp32_gflops > 0 and device.host is None
-    assert catalog["fpga-small"].device.host == catalog["fpga-medium"].device.host == "edge-cpu"
-    assert catalog["fpga-large"].device.host == "cpu"
+    # each board's own processor and link, never the machine tcc runs on
+    hosts = {name: (t.device.host, t.device.link_gbps, t.device.link_latency_us)
+             for name, t in catalog.items() if t.kind == "fpga"}
+    assert hosts == {"fpga-small": ("zynq-a9", 1.2, 20.0), "fpga-medium": ("edge-cpu", 4.0, 10.0),
+                     "fpga-large": ("xeon-server", 12.0, 30.0)}
+    assert not any(catalog[host].measured for host, _, _ in hosts.values())
     assert catalog["cpu"].measured and catalog["gpu"].measured
     assert not any(catalog[name].measured for name in (*NEW_TARGETS, *SHIPPED_FPGAS))
 
@@ -103,7 +108,7 @@ def test_targets_table_and_json(capsys):
     entries = json.loads(capsys.readouterr().out)
     by_name = {e["name"]: e for e in entries}
     assert set(by_name) == set(load_catalog())
-    assert by_name["jetson"]["device"]["fp32_gflops"] == 1000 and by_name["fpga-large"]["part"]["host"] == "cpu"
+    assert by_name["jetson"]["device"]["fp32_gflops"] == 1000 and by_name["fpga-large"]["part"]["host"] == "xeon-server"
     assert by_name["fpga-small"]["device"]["int8_gops"] == pytest.approx(12.8)
 
 
@@ -271,6 +276,6 @@ def test_derived_configs_against_the_shipped_ones():
 
 def test_a_part_too_small_for_any_array():
     part = Part(name="xc7s6", family="xc7", lut=3750, ff=7500, dsp=10, bram36=5, uram=0, dram_gbps=1.0,
-                price_usd=10, power_w=0.5, host="edge-cpu")
+                price_usd=10, power_w=0.5, link_gbps=1.0, link_latency_us=20, host="edge-cpu")
     with pytest.raises(TccError, match="part xc7s6: not even a 4x4 array fits 80% of its LUT"):
         derive_accel_config(part)

@@ -279,6 +279,23 @@ class AccelProgram:
     host_ops: tuple[HostOp, ...]
     dram: bytes = field(repr=False)
 
+    def calls(self) -> tuple[tuple[Section, ...], ...]:
+        """The sections grouped into the host's calls, in run order: a layer's sections
+        (consecutive, implementing the same ops). A call writes its first section's inputs into
+        DRAM, runs its sections and reads its last section's outputs back."""
+        groups: list[list[Section]] = []
+        for section in self.sections:
+            if groups and groups[-1][0].ops == section.ops:
+                groups[-1].append(section)
+            else:
+                groups.append([section])
+        return tuple(tuple(g) for g in groups)
+
+    def link_bytes(self) -> int:
+        """The bytes the calls move between the host and DRAM in one run, both ways."""
+        size = self.config.dram_bits // 8
+        return sum(t.region.words * size for call in self.calls() for t in call[0].inputs + call[-1].outputs)
+
     def to_files(self) -> dict[str, bytes]:
         """The artifact files by name."""
         instructions, comments, described = [], {}, []

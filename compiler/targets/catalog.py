@@ -2,7 +2,7 @@
 
 Every target describes what the compiler needs (backend, executor, default passes, tile) and
 what the cost model needs: CPU and GPU targets carry their figures in a `device` object; an
-FPGA target's figures follow from its part (price, power, DRAM bandwidth, the host processor)
+FPGA target's figures follow from its part (price, power, DRAM bandwidth, the host processor and link)
 and its accelerator config (clock, array, on-chip buffers).
 
 Users add targets with a JSON file of the same schema (`load_catalog(targets_file)`, the CLI's
@@ -112,7 +112,8 @@ def _check_fields(where: _Where, obj: Any, prefix: str, required: tuple[str, ...
 
 COMMON_REQUIRED = ("kind", "backend", "executor", "description", "tile", "pipeline", "lowering")
 COMMON_OPTIONAL = ("formats", "work_cost", "measured")
-PART_FIELDS = ("name", "family", "lut", "ff", "dsp", "bram36", "uram", "dram_gbps", "price_usd", "power_w", "host")
+PART_FIELDS = ("name", "family", "lut", "ff", "dsp", "bram36", "uram", "dram_gbps", "price_usd", "power_w",
+               "link_gbps", "link_latency_us", "host")
 
 
 def _parse_target(file: str, name: str, data: Any) -> Target:
@@ -213,7 +214,9 @@ def _parse_part(where: _Where, data: Any) -> Part:
                           f"got {json.dumps(family)}")
     counts = {k: _integer(where, f"part.{k}", data[k]) for k in ("lut", "ff", "dsp", "bram36")}
     counts["uram"] = _integer(where, "part.uram", data["uram"], minimum=0)
-    figures = {k: _number(where, f"part.{k}", data[k], positive=True) for k in ("dram_gbps", "price_usd", "power_w")}
+    figures = {k: _number(where, f"part.{k}", data[k], positive=True)
+               for k in ("dram_gbps", "price_usd", "power_w", "link_gbps")}
+    figures["link_latency_us"] = _number(where, "part.link_latency_us", data["link_latency_us"], positive=False)
     host = _string(where, "part.host", data["host"])
     return Part(name=name, family=family, host=host, **counts, **figures)
 

@@ -20,7 +20,7 @@ from tcc.backends.accel.config import AccelConfig
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Pass, PassContext, parse_pipeline, run_pipeline
-from tcc.passes.cost_model import Cost, CycleModel, Device, accelerator, roofline
+from tcc.passes.cost_model import AccelRun, Cost, CycleModel, Device, accelerator, roofline
 
 if TYPE_CHECKING:
     from tcc.passes.cost_model import Candidate
@@ -37,9 +37,11 @@ def parsed_pipeline(text: str) -> tuple[Pass, ...]:
 
 @dataclass(frozen=True)
 class Part:
-    """An FPGA part class: its resources, the synthesis family (yosys `synth_xilinx -family`),
-    off-chip bandwidth, price and power, and `host`: the target that runs the ops left to the
-    host (the processor beside the fabric, or the server an accelerator card sits in)."""
+    """An FPGA part class (the board it comes on): its resources, the synthesis family (yosys
+    `synth_xilinx -family`), off-chip bandwidth, price and power; `host`: the target that runs
+    the ops left to the host (the processor beside the fabric, or the server an accelerator card
+    sits in), and the link between them: its bandwidth and the fixed cost of one call (AXI into
+    DRAM shared with the processor; PCIe to a card's own DRAM)."""
 
     name: str
     family: str
@@ -51,6 +53,8 @@ class Part:
     dram_gbps: float
     price_usd: float
     power_w: float
+    link_gbps: float
+    link_latency_us: float
     host: str | None = None
 
     def resources(self) -> dict[str, int]:
@@ -144,7 +148,7 @@ class Target:
     @property
     def device(self) -> Device:
         """What the catalog says of this target for the cost model. FPGA: price, power, DRAM
-        bandwidth and host from the part; clock and on-chip memory from the accelerator config;
+        bandwidth, host and host link from the part; clock and on-chip memory from the accelerator config;
         int8 throughput 2 x rows x cols MACs per cycle; no fp32 and no per-op overhead (the
         accelerator runs whole sections). A measured target's figures are placeholders:
         `calibration.cost_devices` gives the measured ones."""
@@ -153,7 +157,8 @@ class Target:
             return Device(name=self.name, kind=self.kind, price_usd=part.price_usd, power_w=part.power_w,
                           dram_gbps=part.dram_gbps, onchip_mb=accel.memory_bits() / 8e6, fp32_gflops=0.0,
                           int8_gops=2 * accel.rows * accel.cols * accel.clock_mhz / 1000, op_overhead_us=0.0,
-                          clock_mhz=accel.clock_mhz, host=part.host)
+                          clock_mhz=accel.clock_mhz, host=part.host, link_gbps=part.link_gbps,
+                          link_latency_us=part.link_latency_us)
         return Device(name=self.name, kind=self.kind, **self.figures)
 
     def synthesis_fits(self) -> bool | None:
@@ -190,11 +195,12 @@ class Target:
 def cycle_model(config: AccelConfig) -> CycleModel:
     """The accelerator's timing as the cost model's `CycleModel`: `codegen.timing`, the
     codegen's schedule of the graph (the ISA's timing, which the ISA simulator and the RTL
-    reproduce cycle for cycle; no data needed), and the ops it leaves to the host."""
-    def cycles(graph: Graph) -> tuple[int, list]:
-        count, host_ops = timing(graph, config)
-        host = {h.result for h in host_ops}
-        return count, [op for op in graph.ops if op.result in host]
+    reproduce cycle for cycle; no data needed), the ops it leaves to the host and the host's
+    calls with the bytes they move."""
+    def cycles(graph: Graph) -> AccelRun:
+        run = timing(graph, config)
+        host = {h.result for h in run.host_ops}
+        return AccelRun(run.cycles, [op for op in graph.ops if op.result in host], run.calls, run.link_bytes)
 
     return cycles
 

@@ -59,19 +59,20 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
         raise Unsupported(f"the DRAM is full: {e}") from None
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
                  plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling)
-    if timing and signature in TIMINGS:
-        return [Section((), (), (), (), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
+    ops = tuple(o.result for o in layer.ops)
+    inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
+    if timing and signature in TIMINGS:  # sections without programs: their ops, data and cycles
+        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
     tiles = tile_order(layer, plan, tiling, config)
     if len(TIMINGS) > 4096:
         TIMINGS.clear()
     if timing:
         TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles)
-        return [Section((), (), (), (), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
+        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
     spans = []  # (first tile, end tile, the builder of exactly those tiles)
     while not spans or spans[-1][1] < len(tiles):
         start = spans[-1][1] if spans else 0
         spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start)))
-    inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
     constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
     sections = []
     for first, end, builder in spans:
@@ -80,8 +81,7 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
         note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
                 f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
                 f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)")
-        sections.append(Section(tuple(o.result for o in layer.ops), inputs, constants, (tensors["out"],),
-                                program, builder.macs, cycles, note))
+        sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note))
     TIMINGS[signature] = tuple(section.cycles for section in sections)
     images = []
     if not layer.y:

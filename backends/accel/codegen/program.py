@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import dataclass
 
 from tcc.ir.graph import Graph
 
@@ -20,14 +21,26 @@ def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
     return _generate(graph, config or AccelConfig(), timing=False)
 
 
-def timing(graph: Graph, config: AccelConfig) -> tuple[int, tuple[HostOp, ...]]:
-    """What `generate` would give without building it: the cycles of all its sections (the ISA
-    timing, equal to the ISA simulator's and the RTL's) and its host ops. Sections whose layer
-    has the shape, weight structure and tiling of one seen before take that one's cycles
+@dataclass(frozen=True)
+class Timing:
+    """What `generate` would build, without building it: the cycles of all its sections (the
+    ISA timing, equal to the ISA simulator's and the RTL's), its host ops, and the host's calls
+    into the accelerator (`AccelProgram.calls`) with the bytes they move (`link_bytes`)."""
+
+    cycles: int
+    host_ops: tuple[HostOp, ...]
+    calls: int
+    link_bytes: int
+
+
+def timing(graph: Graph, config: AccelConfig) -> Timing:
+    """`generate`'s cycles, host ops and calls without building its programs. Sections whose
+    layer has the shape, weight structure and tiling of one seen before take that one's cycles
     (timing does not depend on addresses or values), and no weight is encoded: the cost
     model's fast path."""
     program = _generate(graph, config, timing=True)
-    return sum(s.cycles for s in program.sections), program.host_ops
+    return Timing(sum(s.cycles for s in program.sections), program.host_ops, len(program.calls()),
+                  program.link_bytes())
 
 
 @contextlib.contextmanager

@@ -160,6 +160,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     info = describe(artifact.graph)
     info["target"] = artifact.manifest["target"]["name"]
     info["pipeline"] = artifact.manifest["passes"]
+    wire = {w["name"]: w for w in artifact.manifest.get("accel", {}).get("weights", [])}
+    for c in info["constants"]:  # an FPGA artifact: what the accelerator reads of each weight
+        if c["name"] in wire:
+            c["accel"] = {k: v for k, v in wire[c["name"]].items() if k != "name"}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -172,8 +176,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     rows = [(c["name"], "x".join(map(str, c["shape"])) or "scalar", c["dtype"], c["encoding"], c["structure"],
              f"{100 * c['sparsity']:.1f}%", f"{c['bytes']:,}", f"{c['dense_bytes']:,}", f"{c['ratio']:.3f}")
+            + ((f"{c['accel']['dram_bytes']:,}" if "accel" in c else "-",) if wire else ())
             for c in info["constants"]]
-    header = ("constant", "shape", "dtype", "encoding", "structure", "sparsity", "bytes", "dense", "ratio")
+    header = ("constant", "shape", "dtype", "encoding", "structure", "sparsity", "bytes", "dense", "ratio") \
+        + (("accel DRAM",) if wire else ())
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  " + "  ".join(str(v).ljust(w) if i < 5 else str(v).rjust(w) for i, (v, w) in

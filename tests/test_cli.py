@@ -10,6 +10,8 @@ import safetensors
 import pytest
 import torch
 
+import tcc
+
 from conftest import built, eager_outputs, max_relative_error, run_cli
 from tcc.cli import main
 
@@ -87,6 +89,27 @@ def test_inspect_json(artifact):
                      "ratio": 1.0}
     text = run_cli("inspect", artifact)
     assert "layers.0.query.weight" in text.stdout and "parameters" in text.stdout
+
+
+def test_inspect_reports_what_the_accelerator_reads_of_each_hp_weight(tmp_path):
+    """HP on the wire: each weight's bytes in the DRAM image beside its `#hp` bytes. Today's
+    stream is an 8-bit value and an 8-bit local index per kept slot; `#hp` stores the index in
+    log2(bw) bits and the kept blocks' positions."""
+    from tcc.ir.encoding import HP
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    artifact = tcc.compile(model, (torch.randn(8, 64),), target="fpga-small", pipeline=(
+        "hp-prune{sparsity=0.75,block=8x8,keep_head=false,keep_input=false},quantize")).save(tmp_path / "a")
+    info = json.loads(run_cli("inspect", artifact, "--json").stdout)
+    graph = tcc.load(artifact).graph
+    for c in info["constants"]:
+        if c["name"].endswith("weight_q"):
+            encoded = -(-HP(8, 8, 2).footprint(graph.weights[c["name"]], graph.types[c["name"]].dtype)[0] // 8)
+            assert c["accel"] == {"dram_bytes": 64 * 64 // 4 * 2, "encoded": "hp(8, 8, 2)", "encoded_bytes": encoded,
+                                  "ratio": round(64 * 64 // 4 * 2 / encoded, 4), "on_chip": "fits BBUF"}
+        else:
+            assert "accel" not in c
+    assert "accel DRAM" in run_cli("inspect", artifact).stdout
 
 
 def test_targets(cli):

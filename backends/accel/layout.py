@@ -296,6 +296,12 @@ class AccelProgram:
         size = self.config.dram_bits // 8
         return sum(t.region.words * size for call in self.calls() for t in call[0].inputs + call[-1].outputs)
 
+    def weight_words(self) -> dict[str, int]:
+        """The DRAM words of each weight the sections read (in its layout, or as the stream
+        the codegen built of it), by its IR name."""
+        return {t.values[0]: t.region.words for s in self.sections for t in s.constants
+                if t.layout in (Layout.WEIGHTS, Layout.WEIGHT_STREAM)}
+
     def to_files(self) -> dict[str, bytes]:
         """The artifact files by name."""
         instructions, comments, described = [], {}, []

@@ -16,11 +16,13 @@ import numpy as np
 
 from tcc.backends.accel.codegen import generate
 from tcc.backends.accel.hardware import dram_extent
-from tcc.backends.accel.isa import Instruction, Opcode
+from tcc.backends.accel.isa import Buffer, Instruction, Opcode
 from tcc.backends.accel.layout import AccelProgram
 from tcc.backends.accel.verilog import hardware_files, synthesize
+from tcc.ir.encoding import make_encoding
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
+from tcc.ir.sparsity import Hierarchical
 from tcc.runtime.accel_executor import AccelExecutor, cycle_bound
 from tcc.runtime.artifact import BACKEND_DIR
 
@@ -51,12 +53,35 @@ def build_accel(graph: Graph, target: Target, *, examples: Mapping[str, np.ndarr
                                                                                    target).items()}
     manifest = {"sections": len(program.sections),
                 "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops],
+                "weights": weights_on_the_wire(graph, program),
                 "resources_estimate": target.accel.estimate_resources()}
     if synth:
         manifest["synthesis"] = _synthesize(target)
     elif target.synthesis:
         manifest["synthesis"] = dict(target.synthesis, source="catalog")
     return Built(files, manifest, program)
+
+
+def weights_on_the_wire(graph: Graph, program: AccelProgram) -> list[dict]:
+    """Per weight the accelerator reads, in graph order: its bytes in the DRAM image
+    (`dram_bytes`), its bytes in the IR's compact encoding of its structure (`encoded_bytes`:
+    `#hp` for an HP weight, else its own encoding) and their ratio, and whether it fits BBUF
+    whole (`on_chip`: "fits BBUF") or streams through it in chunks every run ("streamed"); the
+    accelerator's cycles count its loads either way."""
+    config = program.config
+    words, beats = program.weight_words(), config.beats(Buffer.BBUF)
+    out = []
+    for name, t in graph.constants:
+        if name not in words:
+            continue
+        dram = words[name] * config.dram_bits // 8
+        encoding = make_encoding(t.sparsity.keyword, t.sparsity.params()) if isinstance(t.sparsity, Hierarchical) \
+            else t.encoding
+        encoded = -(-encoding.footprint(graph.weights[name], t.dtype)[0] // 8)
+        out.append({"name": name, "dram_bytes": dram, "encoded": str(encoding).lstrip("#"), "encoded_bytes": encoded,
+                    "ratio": round(dram / encoded, 4) if encoded else 1.0,
+                    "on_chip": "fits BBUF" if words[name] // beats <= config.bbuf_depth else "streamed"})
+    return out
 
 
 Backend = Callable[..., Built]

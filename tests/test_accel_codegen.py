@@ -95,6 +95,10 @@ def test_quantized_zoo_model_bit_exact(name):
     assert 0 < accel.stats.utilization(program.config) <= 1
     assert accel.stats.instructions["gemm"] >= len(linears)
     assert accel.stats.instructions["halt"] == len(program.sections)
+    # what the cost model prices is what the simulator ran: its cycles, calls and link bytes
+    run = timing(graph, AccelConfig())
+    assert (run.cycles, run.calls, run.link_bytes) == (accel.stats.cycles, accel.stats.calls,
+                                                       accel.stats.link_bytes)
 
 
 def test_quantized_model_on_a_small_array_splits_k_and_sections():

@@ -196,6 +196,11 @@ BAD = {
                             "unknown field 'accel.rowz'; did you mean 'rows'?"),
     "accel-too-big": (_mutate(("tiny-fpga", "accel", "rows"), 32), "tiny-fpga",
                       "accel: the 32x4 accelerator does not fit xc7z010"),
+    "dma-faster-than-dram": (_mutate(("tiny-fpga", "part", "dram_gbps"), 0.5), "tiny-fpga",
+                             "accel: the accelerator's DMA moves 0.8 GB/s (64-bit words at 100 MHz), more than the "
+                             "DRAM of xc7z010 (0.5 GB/s)"),
+    "no-link": (_mutate(("tiny-fpga", "part", "link_gbps"), delete=True), "tiny-fpga",
+                "missing field 'part.link_gbps'"),
     "bad-part-field": (_mutate(("tiny-fpga", "part", "lut"), -5), "tiny-fpga",
                        "part.lut must be a positive integer, got -5"),
     "bad-part-family": (_mutate(("tiny-fpga", "part", "family"), "stratix"), "tiny-fpga", "part.family must be"),
@@ -279,3 +284,11 @@ def test_a_part_too_small_for_any_array():
                 price_usd=10, power_w=0.5, link_gbps=1.0, link_latency_us=20, host="edge-cpu")
     with pytest.raises(TccError, match="part xc7s6: not even a 4x4 array fits 80% of its LUT"):
         derive_accel_config(part)
+
+
+def test_an_accel_override_whose_dma_outruns_the_parts_dram_is_refused():
+    small = load_catalog()["fpga-small"]
+    assert small.with_accel("dram_bits=256").accel.dram_bits == 256  # 3.2 GB/s of the part's 4.2
+    with pytest.raises(TccError, match=r"DMA moves 6\.4 GB/s \(512-bit words at 100 MHz\), more than the DRAM "
+                                       r"of xc7z020 \(4\.2 GB/s\)"):
+        small.with_accel("dram_bits=512")

@@ -185,6 +185,7 @@ def _parse_target(file: str, name: str, data: Any) -> Target:
     accel = _parse_accel(where, data["accel"])
     try:
         part.check_fits(accel.estimate_resources(), f"the {accel.rows}x{accel.cols} accelerator")
+        part.check_dma(accel)
     except TccError as e:
         raise where.error(f"accel: {e}") from None
     synthesis = data.get("synthesis")

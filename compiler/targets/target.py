@@ -79,6 +79,14 @@ class Part:
             raise TccError(f"{what} does not fit {self.name}: it needs about {need:,} {resource} ({source}), "
                            f"the part has {have:,}")
 
+    def check_dma(self, config: AccelConfig) -> None:
+        """A TccError when `config`'s DMA (a `dram_bits` word per cycle at its clock) would move
+        data faster than the part's DRAM: the ISA simulator's memory timing would be a fiction."""
+        gbps = config.dram_bits / 8 * config.clock_mhz / 1000
+        if gbps > self.dram_gbps:
+            raise TccError(f"the accelerator's DMA moves {gbps:g} GB/s ({config.dram_bits}-bit words at "
+                           f"{config.clock_mhz:g} MHz), more than the DRAM of {self.name} ({self.dram_gbps:g} GB/s)")
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -142,6 +150,7 @@ class Target:
         except ValueError as e:
             raise TccError(str(e)) from None
         self.part.check_fits(config.estimate_resources(), f"the {config.rows}x{config.cols} accelerator")
+        self.part.check_dma(config)
         return self if config == self.accel else dataclasses.replace(self, accel=config, synthesis=None)
 
     # -- the cost model's view ----------------------------------------------------------------

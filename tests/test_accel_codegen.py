@@ -520,10 +520,28 @@ def test_integer_encoder_layers_run_on_the_accelerator():
     host = Counter(h.kind for h in program.host_ops)
     assert set(host) <= {"quantize", "dequantize", "add", "mean", "cast", "requantize"} | set(LAYOUT_OPS)
     assert host["cast"] == host["requantize"] == 1 and host["add"] == 1  # the rescale; the float embedding add
-    assert all("data movement" in h.reason for h in program.host_ops if h.kind in LAYOUT_OPS)
+    layout = [h for h in program.host_ops if h.kind in LAYOUT_OPS]
+    # between two layers (head split and merge): addressing in the host's transfer, no op of its own
+    producers, users = graph.producer(), graph.users()
+    for h in layout:
+        fed = {producers[v].result for v in producers[h.result].operands if v in producers}
+        between = fed <= placed | {m.result for m in layout if m.moved} and \
+            all(u.result in placed or u.result in {m.result for m in layout if m.moved} for u in users[h.result])
+        assert h.moved == between and ("addressing" if h.moved else "data movement") in h.reason, h
+    assert any(h.moved for h in layout) and any(not h.moved for h in layout)  # the float edges' stay ops
+    run = timing(graph, ROOMY)
+    priced = cycle_model_host(graph, ROOMY)
+    assert {op.result for op in priced} == {h.result for h in program.host_ops if not h.moved}
+    assert run.host_ops == program.host_ops
     args, kwargs = split_inputs(inputs)
     accel = check_bit_exact(graph, program, *(t.numpy() for t in list(args) + list(kwargs.values())))
     assert {"vsoftmax", "vlayernorm", "vresadd", "vacc"} <= set(accel.stats.instructions)
+
+
+def cycle_model_host(graph, config):
+    """The host ops the cost model prices (`targets.cycle_model`)."""
+    from tcc.targets import cycle_model
+    return cycle_model(config)(graph).host_ops
 
 
 def attention_graph(rng, lead, m, k, n, softmax: bool, gelu: bool = False):

@@ -257,11 +257,14 @@ class Section:
 
 @dataclass(frozen=True)
 class HostOp:
-    """An IR op the host runs, and why the accelerator does not."""
+    """An IR op the host runs, and why the accelerator does not. `moved`: a layout op between
+    accelerator layers, which the host does as addressing while it moves the tensor from one
+    layer's output to the next one's input (a strided copy that is the transfer itself)."""
 
     kind: str
     result: str
     reason: str
+    moved: bool = False
 
 
 FILES = ("program.bin", "program.s", "dram.bin", "sections.json")
@@ -428,7 +431,9 @@ def _parse(meta: Any, instructions: tuple[Instruction, ...], dram: bytes) -> Acc
         raise _Invalid(f"the sections hold {offset} instructions, program.bin {len(instructions)}")
     host_ops = []
     for i, raw in enumerate(_get(meta, "host_ops", list, "")):
-        host_ops.append(HostOp(*(_get(raw, key, str, f"host_ops[{i}]") for key in ("kind", "result", "reason"))))
+        moved = _get(raw, "moved", bool, f"host_ops[{i}]") if isinstance(raw, dict) and "moved" in raw else False
+        host_ops.append(HostOp(*(_get(raw, key, str, f"host_ops[{i}]") for key in ("kind", "result", "reason")),
+                               moved=moved))
     return AccelProgram(config, tuple(sections), tuple(host_ops), dram)
 
 

@@ -12,7 +12,7 @@ from tcc.ir.graph import Graph
 from ..config import AccelConfig
 from ..layout import AccelProgram, DramAllocator, HostOp, Region, Section
 from .layer import compile_layer, compile_residual
-from .match import MATCHERS, Residual, Unsupported, host_reason
+from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason
 
 
 def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
@@ -92,6 +92,27 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
     dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
     for region, data in images:
         dram[region.byte_slice(config)] = data
-    host = tuple(HostOp(op.kind, op.result, why.get(op.result) or host_reason(op, why))
+    moved = _moved(graph, placed, {t.values[0] for s in sections for t in s.outputs})
+    host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else why.get(op.result) or host_reason(op, why),
+                        moved=op.result in moved)
                  for op in graph.ops if op.result not in placed)
     return AccelProgram(config, tuple(sections), host, bytes(dram))
+
+
+MOVED = ("addressing: the host re-lays the tensor out as it moves it from one accelerator layer to the next "
+         "(a strided copy that is the transfer itself, no op of its own)")
+
+
+def _moved(graph: Graph, placed: set[str], layer_outputs: set[str]) -> set[str]:
+    """The layout ops between accelerator layers: fed only by layers' outputs (or such ops), and
+    feeding only layers (or such ops); not a graph output."""
+    users, outputs = graph.users(), set(graph.outputs)
+    moved: set[str] = set()
+    for op in graph.ops:
+        if op.result not in placed and op.kind in LAYOUT_OPS and op.type.dtype.is_int and op.operands and \
+                all(v in layer_outputs or v in moved for v in op.operands) and op.result not in outputs:
+            moved.add(op.result)
+    for op in reversed(graph.ops):  # users come after: one pass drops those feeding the host
+        if op.result in moved and not all(u.result in placed or u.result in moved for u in users[op.result]):
+            moved.discard(op.result)
+    return moved

@@ -13,9 +13,11 @@
   on dim 1), the producer's only use, every operand a constant -> the producer with its
   weight and bias scaled by `weight / sqrt(var + eps)` (new constants `w.bn`, `b.bn`), under
   the batch norm's name;
-- `scaled_dot_product_attention` with a constant mask (bool, or 0 / -inf) that is the same
-  `[L, S]` causal pattern for every batch and head -> `is_causal` (with `window`, when it is a
-  sliding window: query i sees keys i - window < j <= i), the mask dropped.
+- `scaled_dot_product_attention` with a constant mask (bool, or 0 / -inf) that keeps every
+  key for every query (all True, all 0; a mask that would broadcast the scores wider stays) ->
+  the mask dropped; one that is the same `[L, S]` causal pattern for every batch and head ->
+  `is_causal` (with `window`, when it is a sliding window: query i sees keys i - window < j <=
+  i), the mask dropped.
 
 Rewritten ops keep their result name and type (so quantization and encoding annotations stay).
 Ops and constants left unused (the inner op of a collapsed chain, the linear of a folded bias)
@@ -108,7 +110,7 @@ class _Sweep:
         if op.kind == "batch_norm":
             return self.fold_batch_norm(op)
         if op.kind == "scaled_dot_product_attention" and len(op.operands) == 4:
-            return self.causal_attention(op)
+            return self.constant_mask(op)
         return None
 
     def layout(self, op: Op) -> Op | str | None:
@@ -172,7 +174,7 @@ class _Sweep:
                             ((b - mean) * scale + beta).astype(dtype.numpy), dtype)
         return self.rw.make(op, producer.kind, producer.operands[0], new_w, new_b, **dict(producer.attrs))
 
-    def causal_attention(self, op: Op) -> Op | None:
+    def constant_mask(self, op: Op) -> Op | None:
         mask = op.operands[3]
         t = self.rw.types[mask]
         if not self.rw.is_constant(mask) or not _plain(t) or t.rank < 2:
@@ -181,6 +183,10 @@ class _Sweep:
         if t.dtype is not DType.BOOL and not ((array == 0) | (array == -np.inf)).all():
             return None  # a float mask adding other values than 0 and -inf
         keep = array if t.dtype is DType.BOOL else array == 0
+        q, k = (self.rw.types[v].shape for v in op.operands[:2])
+        scores = q[:-1] + k[-2:-1]
+        if keep.all() and t.rank <= len(scores) and all(m in (1, s) for m, s in zip(t.shape[::-1], scores[::-1])):
+            return self.rw.make(op, "scaled_dot_product_attention", *op.operands[:3], scale=op.attr("scale"))
         if not (keep == keep.reshape(-1, *keep.shape[-2:])[0]).all():
             return None  # one that differs across batch or heads (padding)
         pattern = keep.reshape(-1, *keep.shape[-2:])[0]

@@ -429,28 +429,35 @@ def test_golden(case):
     _assert_same_outputs(graph, result.graph, _inputs(graph))
 
 
-def test_constant_causal_masks_become_is_causal():
+def test_constant_masks_become_is_causal_or_go():
     """A constant causal mask, bool or additive, the same for every batch and head, becomes
-    `is_causal` (a banded one with `window`); a padding mask (differing by batch) stays."""
+    `is_causal` (a banded one with `window`); one that keeps everything (all True, all 0) goes;
+    a padding mask (differing by batch) stays."""
     source = _text("""
         graph @main(%q: f32[2,4,6,8], %k: f32[2,4,6,8], %v: f32[2,4,6,8]) {
           const @causal : bool[1,1,6,6]
           const @window : f32[6,6]
           const @padding : bool[2,1,6,6]
+          const @everything : bool[2,1,6,6]
+          const @zeros : f32[6,6]
           %a = scaled_dot_product_attention(%q, %k, %v, @causal) : f32[2,4,6,8]
           %b = scaled_dot_product_attention(%q, %k, %v, @window) {scale = 0.5} : f32[2,4,6,8]
           %c = scaled_dot_product_attention(%q, %k, %v, @padding) : f32[2,4,6,8]
-          return %a, %b, %c
+          %d = scaled_dot_product_attention(%q, %k, %v, @everything) : f32[2,4,6,8]
+          %e = scaled_dot_product_attention(%q, %k, %v, @zeros) {scale = 0.5} : f32[2,4,6,8]
+          return %a, %b, %c, %d, %e
         }
         """)
     padding = np.broadcast_to(causal_mask(6, 6), (2, 1, 6, 6)).copy()
     padding[1, ..., 5] = False
     graph = parse_graph(source, {"causal": causal_mask(6, 6)[None, None], "padding": padding,
-                                 "window": np.where(causal_mask(6, 6, 3), 0, -np.inf).astype(np.float32)})
+                                 "window": np.where(causal_mask(6, 6, 3), 0, -np.inf).astype(np.float32),
+                                 "everything": np.ones((2, 1, 6, 6), bool), "zeros": np.zeros((6, 6), np.float32)})
     result = Canonicalize().run(graph, PassContext())
     assert print_graph(result.graph) == source.replace(
         "%v, @causal) :", "%v) {is_causal = true} :").replace(
-        "%v, @window) {scale = 0.5}", "%v) {is_causal = true, scale = 0.5, window = 3}")
+        "%v, @window) {scale = 0.5}", "%v) {is_causal = true, scale = 0.5, window = 3}").replace(
+        "%v, @everything) :", "%v) :").replace("%v, @zeros) {scale = 0.5}", "%v) {scale = 0.5}")
     _assert_same_outputs(graph, result.graph, _inputs(graph))
 
 

@@ -146,7 +146,8 @@ class Machine:
             if not 1 <= constants["out_bits"] < cfg.data_bits:
                 raise SimulationError(f"vsoftmax: out_bits must lie in [1, {cfg.data_bits - 1}], "
                                       f"got {constants['out_bits']}")
-            out = REFERENCE["int_softmax"](row, **constants)
+            mask = pbuf[instr["mask"]:instr["mask"] + n].reshape(-1)[:length] != 0 if instr["masked"] else None
+            out = REFERENCE["int_softmax"](row, mask, **constants)
         else:
             eps, shift = self._constants(instr, 2)
             first = instr["param"] + 2

@@ -544,15 +544,18 @@ def cycle_model_host(graph, config):
     return cycle_model(config)(graph).host_ops
 
 
-def attention_graph(rng, lead, m, k, n, softmax: bool, gelu: bool = False):
-    """x [lead, m, k] @ y [lead, k, n] (both i8 inputs) -> int_softmax, or -> requantize (-> int_gelu)."""
+def attention_graph(rng, lead, m, k, n, softmax: bool, gelu: bool = False, mask: tuple[int, ...] | None = None):
+    """x [lead, m, k] @ y [lead, k, n] (both i8 inputs) -> int_softmax (with `mask`, a bool input
+    of that shape: [.., 1 or m, n]), or -> requantize (-> int_gelu)."""
     from tcc.passes.int_nonlinear import gelu_attrs, softmax_attrs
     b = GraphBuilder("g")
     x = b.input("x", TensorType(lead + (m, k), DType.I8))
     y = b.input("y", TensorType(lead + (k, n), DType.I8))
+    keep = b.input("keep", TensorType(mask, DType.BOOL)) if softmax and mask is not None else None
     acc = b.op("matmul", x, y)
     if softmax:
-        out = b.op("int_softmax", acc, **softmax_attrs(float(rng.choice([1e-4, 1e-3, 1e-2])), 7))
+        out = b.op("int_softmax", acc, *([keep] if keep else []),
+                   **softmax_attrs(float(rng.choice([1e-4, 1e-3, 1e-2])), 7))
     else:
         mult = b.constant("mult", np.asarray(int(rng.integers(1 << 30, 1 << 31))), DType.I32)
         shift = b.constant("shift", np.asarray(math.ceil(math.log2(math.sqrt(k) * 2 ** 14)) + 31 - 7), DType.I32)
@@ -560,14 +563,20 @@ def attention_graph(rng, lead, m, k, n, softmax: bool, gelu: bool = False):
         if gelu:
             out = b.op("int_gelu", out, **gelu_attrs(0.05, DType.I8, 0.04, DType.I8))
     graph = verify(b.finish([out]))
-    return graph, [rng.integers(-128, 128, lead + shape).astype(np.int8) for shape in ((m, k), (k, n))]
+    inputs = [rng.integers(-128, 128, lead + shape).astype(np.int8) for shape in ((m, k), (k, n))]
+    return graph, inputs + ([rng.random(mask) < rng.choice([0.3, 0.7, 1.0])] if keep else [])
 
 
 @SETTINGS
 @given(lead=st.sampled_from([(1,), (3,), (2, 2)]), m=st.integers(1, 9), k=st.integers(1, 20), n=st.integers(1, 11),
-       softmax=st.booleans(), gelu=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_random_attention_products_bit_exact(lead, m, k, n, softmax, gelu, seed):
-    graph, inputs = attention_graph(np.random.default_rng(seed), lead, m, k, n, softmax, gelu)
+       softmax=st.booleans(), gelu=st.booleans(), masked=st.sampled_from([None, "row", "rows", "heads"]),
+       seed=st.integers(0, 2 ** 16))
+def test_random_attention_products_bit_exact(lead, m, k, n, softmax, gelu, masked, seed):
+    """Products into requantize (-> int_gelu) or int_softmax, the softmax masked (a bool input
+    over the keys: one row for every query, a row per query, per leading index or broadcast
+    over the last one like a padding mask over heads), bit for bit."""
+    shape = {None: None, "row": (1, n), "rows": lead + (m, n), "heads": lead[:-1] + (1, 1, n)}[masked]
+    graph, inputs = attention_graph(np.random.default_rng(seed), lead, m, k, n, softmax, gelu, shape)
     program = generate(graph, ROOMY)
     assert not program.host_ops, program.host_ops
     accel = check_bit_exact(graph, program, *inputs)

@@ -417,7 +417,7 @@ def test_vsoftmax_is_int_softmax_over_the_row(n, data):
     row = rng.integers(-(1 << 20), 1 << 20, (n, 4))
     consts = [attrs[k] for k in ("multiplier", "shift", "ln2", "b", "c", "out_bits")]
     pbuf = np.concatenate([row, constant_words(consts)])
-    machine = run_vector([Instruction.make(Opcode.VSOFTMAX, dst=2, a=0, n=n, len=length, param=n)], pbuf)
+    machine = run_vector([Instruction.make(Opcode.VSOFTMAX, dst=2, a=0, n=n, len=length, param=n, masked=0, mask=0)], pbuf)
     want = np.zeros(4 * n, np.int64)
     want[:length] = REFERENCE["int_softmax"](row.reshape(-1)[:length], **attrs)
     np.testing.assert_array_equal(machine.buffers[Buffer.OBUF][2:2 + n].reshape(-1), want)
@@ -470,13 +470,13 @@ def test_vgelu_vresadd_and_vacc():
 
 
 def test_nonlinear_timing_and_errors():
-    vs = Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=5, len=20, param=5)
+    vs = Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=5, len=20, param=5, masked=0, mask=0)
     vl = Instruction.make(Opcode.VLAYERNORM, dst=0, a=0, n=5, len=20, param=5)
     assert (vs.duration(WIDE), vl.duration(WIDE)) == (3 * 5 + 64, 6 * 5 + 128)
-    assert Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=5, len=21, param=5).problem(WIDE) == \
+    assert Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=5, len=21, param=5, masked=0, mask=0).problem(WIDE) == \
         "len must be in [1, n * cols] = [1, 20], got 21"
     assert vl.accesses(WIDE)[1] == ("PBUF", 5, 5 + 2 + 15, False)  # eps, shift, weights, two bias halves
     bad = constant_words([1, 1, 1, 1, 1, 8])  # out_bits 8 does not fit an 8-bit lane's positive range
     with pytest.raises(SimulationError, match=r"vsoftmax: out_bits must lie in \[1, 7\], got 8"):
-        run_vector([Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=1, len=4, param=1)],
+        run_vector([Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=1, len=4, param=1, masked=0, mask=0)],
                    np.concatenate([np.zeros((1, 4), np.int64), bad]))

@@ -635,11 +635,17 @@ def nonlinear_instruction(config: AccelConfig, rng: np.random.Generator, op: Opc
         return dict(dst=dst, a=a, n=n, param=pbuf_at), {pbuf_at: constant_words(config, rng, gelu_constants(
             config, rng, realistic))}, (0, 0)
     length = int(rng.integers(1, n * C + 1))
-    if op is Opcode.VSOFTMAX:
+    if op is Opcode.VSOFTMAX:  # half of them masked: random lanes, some zero (dropped), maybe all
         spread = draw(rng, 1, AB)
         consts = softmax_constants(config, rng, realistic, spread)
-        return (dict(dst=anywhere(n), a=pbuf_at, n=n, len=length, param=pbuf_at + n),
-                {pbuf_at: random_lanes(rng, n, C, spread), pbuf_at + n: constant_words(config, rng, consts)}, (0, 0))
+        masked = int(rng.integers(0, 2))
+        mask = random_lanes(rng, n, C, AB) * (rng.random((n, C)) < rng.choice([0.0, 0.5, 0.9]))
+        words = {pbuf_at: random_lanes(rng, n, C, spread), pbuf_at + n: constant_words(config, rng, consts)}
+        if masked:
+            words[pbuf_at + n + 6] = mask
+        return (dict(dst=anywhere(n), a=pbuf_at, n=n, len=length, param=pbuf_at + n, masked=masked,
+                     mask=pbuf_at + n + 6 if masked else int(rng.integers(0, config.pbuf_depth - n + 1))),
+                words, (0, 0))
     widest = min(AB, 28)  # sum(c^2) < 24 * 2^56 < 2^61: the square root's top steps, a quarter of the time
     spread = draw(rng, 2, 16) if realistic else widest if rng.random() < 0.25 else draw(rng, 1, widest)
     eps, shift, weight, bias = layernorm_constants(config, rng, realistic, length, spread)
@@ -766,7 +772,7 @@ def test_nonlinear_results_are_the_ir_ops():
             9: constant_words(config, rng, [gelu[k] for k in names["gelu"]]), 15: ln_row,
             18: constant_words(config, rng, [ln["eps"], ln["shift"]]), 20: lanes.reshape(3 * n, C)}
     instrs = [(Opcode.VGELU, dict(dst=20, a=0, n=4, param=9)),
-              (Opcode.VSOFTMAX, dict(dst=24, a=0, n=n, len=length, param=3)),
+              (Opcode.VSOFTMAX, dict(dst=24, a=0, n=n, len=length, param=3, masked=0, mask=0)),
               (Opcode.VLAYERNORM, dict(dst=28, a=15, n=n, len=length, param=18))]
     program, dram = vector_program(config, rng, pbuf, instrs, obuf={0: x})
     machine, _ = same_as_spec(program, config, dram)

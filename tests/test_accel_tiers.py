@@ -81,6 +81,23 @@ def test_a_softmax_and_a_layer_norm_section_alone(runner, tool):
         assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[section].note
 
 
+@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])
+def test_a_masked_softmax_section_alone(runner, tool):
+    """Hugging Face BERT's padding mask, from its `attention_mask` input: Q K^T -> int_softmax(scores, mask)
+    on the accelerator (the mask rows loaded beside the scores), the same on the RTL tiers."""
+    if tool:
+        need(tool)
+    artifact, inputs = compiled("hf-bert", NONLINEAR_4X4, HP_INTEGER)
+    program, config = artifact.accel_program(), artifact.accel_program().config
+    masked = [i for i, s in enumerate(program.sections)
+              if any(ins.op is Opcode.VSOFTMAX and ins["masked"] for ins in s.program)]
+    assert masked and not [h for h in program.host_ops if h.kind in ("matmul", "int_softmax")]
+    prog, dram = AccelExecutor(artifact.graph, program).section_runs(*inputs, first=masked[0] + 1)[masked[0]]
+    expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
+    out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
+    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[masked[0]].note
+
+
 @pytest.mark.parametrize("runner, tool", [(run_icarus, "iverilog"), (run_pyrtl, None)])
 def test_first_section_of_a_model_alone(runner, tool):
     if tool:

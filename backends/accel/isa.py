@@ -56,9 +56,11 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
   hold the values; constant `i` of an instruction is lane 0 of `PBUF[param + i]`:
   - `vacc dst stride bank`: `PBUF[dst + r*stride] = ACC[bank][r]` for each row r (raw
     accumulators, e.g. attention scores); `rows` cycles.
-  - `vsoftmax dst a n len param`: `OBUF[dst...] = int_softmax(PBUF[a...])` over the row
-    (constants multiplier, shift, ln2, b, c, out_bits; lanes past `len` give 0); three passes
-    over the row and a division: `3n + 64` cycles.
+  - `vsoftmax dst a n len param masked mask`: `OBUF[dst...] = int_softmax(PBUF[a...])` over
+    the row (constants multiplier, shift, ln2, b, c, out_bits; lanes past `len` give 0); with
+    `masked`, over the lanes whose lane in `PBUF[mask...]` is non-zero (the IR's mask: the
+    others give 0, a row with none gives zeros); three passes over the row and a division:
+    `3n + 64` cycles (a mask word is read beside each row word).
   - `vlayernorm dst a n len param`: `OBUF[dst...] = int_layer_norm(PBUF[a...])` to
     `data_bits` (constants eps, shift; then `n` words of per-channel weights and `2n` of
     biases, low `acc_bits` bits then high); `6n + 128` cycles (three passes over the row,
@@ -162,7 +164,8 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.BGEMM: _GEMM,
     Opcode.REQUANT: (Field("dst", 32, 16), Field("param", 48, 16), Field("relu", 64, 1), Field("bank", 65, 1)),
     Opcode.VACC: (Field("dst", 32, 16), Field("stride", 48, 16), Field("bank", 64, 1)),
-    Opcode.VSOFTMAX: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16)),
+    Opcode.VSOFTMAX: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16),
+                      Field("masked", 24, 1), Field("mask", 112, 16)),
     Opcode.VLAYERNORM: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16)),
     Opcode.VGELU: (*_VEC[:2], Field("n", 64, 16), Field("param", 80, 16)),
     Opcode.VRESADD: (*_VEC[:4], Field("param", 96, 16)),
@@ -193,6 +196,8 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
     "shift": "right shift of each product, rounding half up",
     "param": "PBUF word of the first constant",
     "len": "lanes of the row that hold values",
+    "masked": "1: keep only the lanes whose mask lane is non-zero (the others give 0)",
+    "mask": "with masked=1, PBUF word of the row's first mask word (`n` words, read beside the row's)",
     "relu": "1: max(result, 0)",
     "stride": "PBUF words from one row to the next",
     "blocks": "kept blocks run by this instruction",
@@ -361,6 +366,8 @@ class Instruction:
             params = CONSTANTS[op] + (3 * n if op is Opcode.VLAYERNORM else 0)
             source = "PBUF" if op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM) else "OBUF"
             reads = [(source, self["a"], self["a"] + n, False), ("PBUF", self["param"], self["param"] + params, False)]
+            if op is Opcode.VSOFTMAX:  # the mask words, when masked (an empty range when not)
+                reads.append(("PBUF", self["mask"] * self["masked"], (self["mask"] + n) * self["masked"], False))
             if op is Opcode.VRESADD:
                 reads.append(("OBUF", self["b"], self["b"] + n, False))
             return (*reads, ("PBUF" if op is Opcode.VRESADD else "OBUF", self["dst"], self["dst"] + n, True))

@@ -16,6 +16,7 @@ zero-padded at the end) and lays each block out as consecutive buffer words alon
                  instructions, per-channel vectors of layer norms)
     rows         X [M, N] <-> OBUF words row by row: row m is words m*J ... m*J + J - 1,
                  J = ceil(N / cols) (what the vector unit's row instructions read and write)
+    mask rows    K [M, N] of bools -> PBUF words the same way, lanes 0 or 1 (vsoftmax's masks)
 
 A tensor with more than two dims is a batch of 2-D tensors over its leading dims, laid out
 one after the other (`batch_words` DRAM words each).
@@ -62,6 +63,7 @@ class Layout(Enum):
     PARAM_WORDS = "param words"
     OUTPUTS = "outputs"
     ROWS = "rows"
+    MASK_ROWS = "mask rows"
 
     @property
     def buffer(self) -> Buffer:
@@ -76,7 +78,8 @@ class Layout(Enum):
 _BUFFER = {Layout.ACTIVATIONS: Buffer.ABUF, Layout.BINARY_ACTIVATIONS: Buffer.ABUF, Layout.WEIGHTS: Buffer.BBUF,
            Layout.WEIGHTS_T: Buffer.BBUF, Layout.WEIGHT_STREAM: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF,
            Layout.PARAM_WORDS: Buffer.PBUF,
-           Layout.OUTPUTS: Buffer.OBUF, Layout.ROWS: Buffer.OBUF}
+           Layout.OUTPUTS: Buffer.OBUF, Layout.ROWS: Buffer.OBUF, Layout.MASK_ROWS: Buffer.PBUF}
+_ROW_LAYOUTS = (Layout.ROWS, Layout.MASK_ROWS)  # a word run per row
 
 
 def pack_binary(array: np.ndarray, bits: int) -> np.ndarray:
@@ -99,7 +102,7 @@ def _matrix(layout: Layout, shape: tuple[int, ...]) -> tuple[int, int]:
 def blocks(layout: Layout, shape: tuple[int, ...], config: AccelConfig) -> int:
     """Blocks of lanes one 2-D tensor of the batch is cut into (rows: its rows)."""
     matrix = _matrix(layout, shape)
-    if layout is Layout.ROWS:
+    if layout in _ROW_LAYOUTS:
         return matrix[0]
     return math.ceil(matrix[layout.lane_axis] / config.lanes(layout.buffer))
 
@@ -109,7 +112,7 @@ def inner(layout: Layout, shape: tuple[int, ...], config: AccelConfig) -> int:
     matrix = _matrix(layout, shape)
     if layout is Layout.BINARY_ACTIVATIONS:
         return -(-matrix[1] // config.data_bits)
-    if layout is Layout.ROWS:
+    if layout in _ROW_LAYOUTS:
         return -(-matrix[1] // config.lanes(layout.buffer))
     return matrix[1 - layout.lane_axis]
 
@@ -144,7 +147,7 @@ def to_words(layout: Layout, array: np.ndarray, config: AccelConfig) -> np.ndarr
         array = array.T
     if layout is Layout.BINARY_ACTIVATIONS:
         array = pack_binary(array, config.data_bits)
-    if layout is Layout.ROWS:
+    if layout in _ROW_LAYOUTS:
         words = inner(layout, array.shape, config)
         padded = np.zeros((array.shape[0], words * lanes), np.int64)
         padded[:, :array.shape[1]] = array
@@ -166,7 +169,7 @@ def from_words(layout: Layout, words: np.ndarray, shape: tuple[int, ...], config
                  for i in range(math.prod(shape[:-2]))]
         return np.stack(parts).reshape(*shape[:-2], *parts[0].shape)
     lanes, n, k = config.lanes(layout.buffer), blocks(layout, shape, config), inner(layout, shape, config)
-    if layout is Layout.ROWS:
+    if layout in _ROW_LAYOUTS:
         return words.reshape(n, k * lanes)[:, :shape[1]]
     matrix = _matrix(layout, shape)
     cut = words.reshape(n, k, lanes).transpose(0, 2, 1).reshape(n * lanes, k)[:matrix[layout.lane_axis]]

@@ -78,6 +78,7 @@ class Builder:
         self.acc_readers: list[Node | None] = [None, None]  # the last vector reader of each accumulator bank
         self.constants: tuple[int, Node] | None = None  # (PBUF address, load) of the fused op's constants
         self.scores: list[Node] = []  # a softmax row block's vaccs
+        self.mask_readers: list[Node | None] = [None, None]  # the last vsoftmax reading each mask slot
         self.tiles = 0
         self.macs = 0
 
@@ -171,14 +172,29 @@ class Builder:
             return
         address, load = self._constants()
         rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
+        masks = self._masks(b, m, rows, words) if layer.mask else None
         last = None
         for r in range(rows):
-            deps = [load, self.o_readers[m % 2]] if r == 0 else []
+            deps = [load, self.o_readers[m % 2]] + ([masks[1]] if masks else []) if r == 0 else []
+            mask = masks[0] + (r * words if layer.mask_shape[-2] > 1 else 0) if masks else 0
             last = self.add(Node(Opcode.VSOFTMAX, deps, cfg, dst=slot + r * words, a=slot + r * words, n=words,
-                                 len=layer.n, param=address))
+                                 len=layer.n, param=address, masked=int(bool(masks)), mask=mask))
+        if masks:
+            self.mask_readers[m % 2] = last
         store = self.add(Node(Opcode.STORE, [last], cfg, buf=Buffer.OBUF, addr=slot, count=rows * words,
                               dram=self._dram("out", m * cfg.rows, 0, b)))
         self.o_readers[m % 2] = store
+
+    def _masks(self, b: int, m: int, rows: int, words: int) -> tuple[int, Node]:
+        """(PBUF address, load) of row block m's mask rows for product b, in the mask slot after
+        the two score slots: its rows' own, or the one row every query shares."""
+        cfg, layer = self.config, self.layer
+        per_query = layer.mask_shape[-2] > 1
+        first = layer.mask_index[b] * layer.mask_shape[-2] + (m * cfg.rows if per_query else 0)
+        address = (2 + m % 2) * cfg.rows * words
+        load = self.add(Node(Opcode.LOAD, [self.mask_readers[m % 2]], cfg, buf=Buffer.PBUF, addr=address,
+                             count=(rows if per_query else 1) * words, dram=self._dram("mask", first, 0)))
+        return address, load
 
     def _flush(self) -> None:
         batch, rows = self.batch, self.config.rows

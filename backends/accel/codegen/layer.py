@@ -35,6 +35,9 @@ def _tensors(layer: Layer, plan: Plan, config: AccelConfig) -> dict[str, DramTen
         tensors["w"] = DramTensor((layer.ops[0].operands[1],), Layout.WEIGHT_STREAM, plan.stream.shape, Region(0, 0))
     if not layer.softmax:
         tensors["params"] = DramTensor(layer.param_values, Layout.PARAMS, (3, layer.n), Region(0, 0))
+    if layer.mask:  # its rows, one per query row (or one for all) of each leading index it has
+        shape = (math.prod(layer.mask_shape[:-1]), layer.n)
+        tensors["mask"] = DramTensor((layer.mask,), Layout.MASK_ROWS, shape, Region(0, 0))
     constants = layer.gelu or layer.softmax
     if constants:
         fused = layer.ops[-1].result
@@ -58,9 +61,9 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
-                 plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling)
+                 layer.mask_shape, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling)
     ops = tuple(o.result for o in layer.ops)
-    inputs = tuple(tensors[r] for r in ("x", "w") if r == "x" or layer.y)
+    inputs = tuple(tensors[r] for r in ("x", "w", "mask") if r in tensors and (r != "w" or layer.y))
     if timing and signature in TIMINGS:  # sections without programs: their ops, data and cycles
         return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
     tiles = tile_order(layer, plan, tiling, config)

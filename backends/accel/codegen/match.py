@@ -6,7 +6,9 @@
 
 the same after an integer `matmul(%x, %y)` of two values (attention's products; a batch over
 the leading dims, the right operand laid out as weights), or a matmul whose raw accumulators
-feed `int_softmax` (scores: the vector unit reads them from the accumulators, row by row),
+feed `int_softmax` (scores: the vector unit reads them from the accumulators, row by row; a
+bool mask over the keys, per query row or for all, broadcast over the batch dims, is read
+beside them),
 and the residual add of widened i8 values into `requantize -> int_layer_norm` (row by row
 on the vector unit). Leading batch dims of a linear's x flatten into M. Every other op runs
 on the host; `AccelProgram.host_ops` says why (layout ops are data movement between
@@ -53,6 +55,9 @@ class Layer:
     batch: int = 1
     gelu: tuple[int, ...] = ()  # int_gelu's constants (isa.CONSTANTS order) when fused
     softmax: tuple[int, ...] = ()  # int_softmax's constants
+    mask: str = ""  # int_softmax's bool mask: the keys each query row keeps
+    mask_shape: tuple[int, ...] = ()  # its shape: [..., 1 or m, n], broadcast over the batch's leading dims
+    mask_index: tuple[int, ...] = ()  # per product of the batch, the mask's leading index it reads
 
     @property
     def kind(self) -> str:
@@ -157,8 +162,14 @@ def _match_matmul(op: Op, graph: Graph, users: dict[str, list[Op]], config: Acce
     after = users[op.result] if op.result not in outputs else []
     base = dict(x=x, weight=np.zeros((n, k), np.int64), m=m, structure=None, binary=False, y=y,
                 batch=math.prod(tx.shape[:-2]))
-    if len(after) == 1 and after[0].kind == "int_softmax" and len(after[0].operands) == 1:
+    if len(after) == 1 and after[0].kind == "int_softmax":
         sm = after[0]
+        mask = sm.operands[1] if len(sm.operands) == 2 else ""
+        if mask:
+            tm, lead = types[mask], tx.shape[:-2]
+            if tm.dtype is not DType.BOOL or tm.rank < 2 or tm.shape[-1] != n or tm.shape[-2] not in (1, m) or \
+                    len(tm.shape) > len(lead) + 2 or any(d not in (1, e) for d, e in zip(tm.shape[-3::-1], lead[::-1])):
+                return "its int_softmax's mask is not a bool over the keys, broadcast over queries and batch dims"
         if not config.nonlinear_unit:
             return "its int_softmax needs the vector unit's nonlinear datapaths, which this config leaves out"
         constants = tuple(int(sm.attr(key)) for key in _SOFTMAX)
@@ -167,8 +178,14 @@ def _match_matmul(op: Op, graph: Graph, users: dict[str, list[Op]], config: Acce
                    f"{data} with fewer than {config.data_bits}"
         if not _fits_lanes(constants, config):
             return f"its int_softmax constants do not fit {config.acc_bits}-bit lanes"
+        index = ()
+        if mask:
+            heads = types[mask].shape[:-2]
+            index = tuple(np.broadcast_to(np.arange(math.prod(heads)).reshape(heads), tx.shape[:-2]).reshape(-1)
+                          .tolist())
         return Layer(ops=(op, sm), out=sm.result, params=np.zeros((3, n), np.int64), param_values=("", "", ""),
-                     relu=False, softmax=constants, **base)
+                     relu=False, softmax=constants, mask=mask, mask_shape=types[mask].shape if mask else (),
+                     mask_index=index, **base)
     if len(after) != 1 or after[0].kind != "requantize":
         return "its accumulator feeds other ops than one requantize or int_softmax"
     req = after[0]

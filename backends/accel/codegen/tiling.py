@@ -54,10 +54,11 @@ def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig) -> Tiling:
     group = (row_blocks if row_blocks <= a_slots else a_slots - (a_slots > 2)) if resident else row_blocks
     batch = min(group, max(1, config.obuf_depth // (2 * rows)))
     free = config.pbuf_depth - len(layer.gelu or layer.softmax)  # constants sit at PBUF's top
-    if layer.softmax:  # two slots of a row block's scores in PBUF, two of its probabilities in OBUF
+    if layer.softmax:  # two slots of a row block's scores in PBUF (and of its mask rows), two of its probabilities in OBUF
         words = rows * math.ceil(layer.n / config.cols)
-        if 2 * words > min(free, config.obuf_depth):
-            raise Unsupported(f"two row blocks of scores ({2 * words} words) do not fit PBUF and OBUF")
+        if 2 * words > config.obuf_depth or (4 if layer.mask else 2) * words > free:
+            raise Unsupported(f"two row blocks of scores{' and their masks' if layer.mask else ''} "
+                              f"({2 * words} words each) do not fit PBUF and OBUF")
     elif free < 3:
         raise Unsupported(f"PBUF ({config.pbuf_depth} words) holds no requantization group besides the constants")
     return Tiling(resident, a_size, a_slots, b_size, min(config.bbuf_depth // b_size, _MAX_SLOTS),

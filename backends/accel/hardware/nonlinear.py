@@ -109,6 +109,7 @@ class Nonlinear:
         C, DB, AB = cfg.cols, cfg.data_bits, cfg.acc_bits
         obuf, pbuf = builder.mems[Buffer.OBUF], builder.mems[Buffer.PBUF]
         self.row = split_lanes(pbuf.data["param0"], C, AB)  # the row ops' words
+        self.mask = split_lanes(pbuf.data["param1"], C, AB)  # vsoftmax's mask word, beside its row word
         self.va, self.vb = split_lanes(obuf.data["vec_a"], C, DB), split_lanes(obuf.data["vec_b"], C, DB)
         self._gelu()
         self._resadd()
@@ -129,6 +130,8 @@ class Nonlinear:
         a = held("nl_a", decode_field(ir, op, NONLINEAR, "a"))
         src_b = held("nl_b", builder.f(Opcode.VRESADD, "b"))
         param = held("nl_param", decode_field(ir, op, NONLINEAR, "param"))
+        mask = held("nl_mask", builder.f(Opcode.VSOFTMAX, "mask"))
+        self.masked = held("nl_masked", builder.f(Opcode.VSOFTMAX, "masked"))
         KW = 21  # k and the windows' arithmetic: occupancies stay below 2^19
         k_reg = Register(KW, "nl_k")
         k = fit(select(builder.issue_u[Unit.VECTOR], Const(0, KW), k_reg), KW)
@@ -163,8 +166,9 @@ class Nonlinear:
         consts = [fit(param + three_j + p, 16) for p in range(3)]
         weights = fit(param + isa.CONSTANTS[Opcode.VLAYERNORM], 16)
         row = select_first([(sub == s, weights + const_mul(n, s - 1, 18) + i) for s in (1, 2, 3)], a + i)
-        self.reads = {"param0": select(in_const, consts[0], row), "param1": consts[1], "param2": consts[2],
-                      "vec_a": a + i, "vec_b": src_b + i}
+        # port 1 reads vsoftmax's mask word beside each row word (the constants before the passes)
+        self.reads = {"param0": select(in_const, consts[0], row), "param1": select(in_const, consts[1], mask + i),
+                      "param2": consts[2], "vec_a": a + i, "vec_b": src_b + i}
         tag = {"const": in_const, "j": j, "p1": passes[0], "p2": passes[1], "p3": passes[2], "i": i, "sub": sub,
                "first": (i == 0) & (sub == 0), "last": (i == fit(n - 1, 16)) & (~quad | (sub == 3))}
         self.tag = t = {name: delay(w, 1) for name, w in tag.items()}
@@ -217,19 +221,22 @@ class Nonlinear:
         m, u = max(round(d * multiplier >> shift), -31 ln2) (slot a), z = -u // ln2 and its
         remainder (five restoring steps), p + b = b - remainder, e = ((p + b)^2 + c) >> z (slot
         b); pass 2 sums e, the divider makes r = 2^62 // s, pass 3 writes clip(round(e * r >>
-        (62 - out_bits))) (slot d). Lanes past len: e = 0, so they give 0."""
+        (62 - out_bits))) (slot d). Lanes past len, and with `masked` those whose mask lane (read
+        on port 1 beside the row word) is zero, take no part in the max and get e = 0: they give
+        0, and a row with none left gives zeros (s = 0 divides as 1)."""
         DB, AB = self.cfg.data_bits, self.cfg.acc_bits
         mult, shift, ln2, b, c, out_bits = self.consts[:6]
         on, t = self.runs[Opcode.VSOFTMAX], self.tag
         lowest = Const(1 << AB - 1, AB)
-        word_max = tree(smax, [select(ok, x, lowest) for x, ok in zip(self.row, self.lane_ok)])
+        keep = [ok & (~self.masked | nonzero(lane)) for ok, lane in zip(self.lane_ok, self.mask)]  # masked: e = 0
+        word_max = tree(smax, [select(k, x, lowest) for x, k in zip(self.row, keep)])
         m = Register(AB, "sm_max")
         m.next <<= select(on & t["p1"], select(t["first"], word_max, smax(m, word_max)), m)
 
         UW = AB + 6  # u in [-31 ln2, 0]
         floor = sneg(ssub(concat(ln2, Const(0, 5)), ln2, UW), UW)
         es = []
-        for x, ok, slot in zip(self.row, self.lane_ok, self.slots):
+        for x, ok, slot in zip(self.row, keep, self.slots):
             u = delay(sfit(smax(slot.a(on, ssub(x, m, AB + 1), mult, shift), floor), UW), 1)
             rest, z = sneg(u, UW), []
             for bit in range(4, -1, -1):

@@ -634,6 +634,30 @@ def test_random_residual_layer_norms_bit_exact(rows, n, rescale, seed):
     check_bit_exact(graph, program, *(rng.integers(-128, 128, (rows, n)).astype(np.int8) for _ in range(2)))
 
 
+@SETTINGS
+@given(lead=st.sampled_from([(), (2,), (2, 3)]), rows=st.integers(1, 40), n=st.integers(1, 30),
+       dtype=st.sampled_from([DType.I8, DType.I16]), seed=st.integers(0, 2 ** 16))
+def test_random_layer_norms_alone_bit_exact(lead, rows, n, dtype, seed):
+    """int_layer_norm of an integer input alone (a pre-norm block's, the embeddings'): its rows
+    loaded into PBUF in chunks, vlayernorm each, bit for bit; the rows it spans split into
+    sections where the program memory says so."""
+    from tcc.passes.int_nonlinear import layer_norm_params
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(lead + (rows, n), dtype))
+    weight, bias, attrs = layer_norm_params(0.02, dtype, rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), 1e-5,
+                                            0.03, DType.I8)
+    out = b.op("int_layer_norm", x, b.constant("w", weight, DType.I32), b.constant("bias", bias, DType.I64), **attrs)
+    graph = verify(b.finish([out]))
+    program = generate(graph, ROOMY)
+    assert not program.host_ops and all(s.note.endswith("layer norm on the vector unit, " + s.note.split(", ")[-1])
+                                        for s in program.sections)
+    low, high = dtype.value_range
+    accel = check_bit_exact(graph, program, rng.integers(low, high + 1, lead + (rows, n)).astype(dtype.numpy))
+    assert accel.stats.instructions["vlayernorm"] == math.prod(lead) * rows
+    assert timing(graph, ROOMY).cycles == accel.stats.cycles
+
+
 def test_without_the_nonlinear_unit_the_nonlinearities_stay_on_the_host():
     rng = np.random.default_rng(2)
     bare = dataclasses.replace(ROOMY, nonlinear_unit=False)

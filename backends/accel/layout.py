@@ -16,7 +16,7 @@ zero-padded at the end) and lays each block out as consecutive buffer words alon
                  instructions, per-channel vectors of layer norms)
     rows         X [M, N] <-> OBUF words row by row: row m is words m*J ... m*J + J - 1,
                  J = ceil(N / cols) (what the vector unit's row instructions read and write)
-    mask rows    K [M, N] of bools -> PBUF words the same way, lanes 0 or 1 (vsoftmax's masks)
+    PBUF rows    X [M, N] -> PBUF words the same way (vsoftmax's masks, lanes 0 or 1; vlayernorm's rows)
 
 A tensor with more than two dims is a batch of 2-D tensors over its leading dims, laid out
 one after the other (`batch_words` DRAM words each).
@@ -63,7 +63,7 @@ class Layout(Enum):
     PARAM_WORDS = "param words"
     OUTPUTS = "outputs"
     ROWS = "rows"
-    MASK_ROWS = "mask rows"
+    PBUF_ROWS = "PBUF rows"
 
     @property
     def buffer(self) -> Buffer:
@@ -78,8 +78,8 @@ class Layout(Enum):
 _BUFFER = {Layout.ACTIVATIONS: Buffer.ABUF, Layout.BINARY_ACTIVATIONS: Buffer.ABUF, Layout.WEIGHTS: Buffer.BBUF,
            Layout.WEIGHTS_T: Buffer.BBUF, Layout.WEIGHT_STREAM: Buffer.BBUF, Layout.PARAMS: Buffer.PBUF,
            Layout.PARAM_WORDS: Buffer.PBUF,
-           Layout.OUTPUTS: Buffer.OBUF, Layout.ROWS: Buffer.OBUF, Layout.MASK_ROWS: Buffer.PBUF}
-_ROW_LAYOUTS = (Layout.ROWS, Layout.MASK_ROWS)  # a word run per row
+           Layout.OUTPUTS: Buffer.OBUF, Layout.ROWS: Buffer.OBUF, Layout.PBUF_ROWS: Buffer.PBUF}
+_ROW_LAYOUTS = (Layout.ROWS, Layout.PBUF_ROWS)  # a word run per row
 
 
 def pack_binary(array: np.ndarray, bits: int) -> np.ndarray:

@@ -37,7 +37,7 @@ def _tensors(layer: Layer, plan: Plan, config: AccelConfig) -> dict[str, DramTen
         tensors["params"] = DramTensor(layer.param_values, Layout.PARAMS, (3, layer.n), Region(0, 0))
     if layer.mask:  # its rows, one per query row (or one for all) of each leading index it has
         shape = (math.prod(layer.mask_shape[:-1]), layer.n)
-        tensors["mask"] = DramTensor((layer.mask,), Layout.MASK_ROWS, shape, Region(0, 0))
+        tensors["mask"] = DramTensor((layer.mask,), Layout.PBUF_ROWS, shape, Region(0, 0))
     constants = layer.gelu or layer.softmax
     if constants:
         fused = layer.ops[-1].result
@@ -169,57 +169,76 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
     """The residual add and layer norm, row by row on the vector unit: chunks of rows of both
     operands load into OBUF, per row vresadd into PBUF and vlayernorm back into OBUF, a store
-    per chunk; two slots of everything, so the next chunk loads while this one runs."""
+    per chunk; two slots of everything, so the next chunk loads while this one runs. A norm
+    alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads them there."""
     words = math.ceil(layer.n / config.cols)
     count = len(layer.constants)
-    chunk = min(layer.m, (config.obuf_depth // (6 * words)), MAX_COUNT // words)
-    if chunk < 1 or count + 2 * words > config.pbuf_depth:
-        raise Unsupported(f"rows of {layer.n} values do not fit OBUF (6 x {words} words) or PBUF "
+    add = bool(layer.b)
+    free = config.pbuf_depth - count  # below the constants: two rows of sums, or two chunks of a norm's rows
+    chunk = min(layer.m, config.obuf_depth // ((6 if add else 2) * words), MAX_COUNT // words,
+                *(() if add else (free // (2 * words),)))
+    if chunk < 1 or free < 2 * words:
+        raise Unsupported(f"rows of {layer.n} values do not fit OBUF ({6 if add else 2} x {words} words) or PBUF "
                           f"({count} words of constants and 2 x {words})")
     shape = (layer.m, layer.n)
+    inputs = (("a", layer.a, Layout.ROWS if add else Layout.PBUF_ROWS, shape),) + \
+        ((("b", layer.b, Layout.ROWS, shape),) if add else ())
     try:
         tensors = {role: DramTensor((value,), lay, shp, allocator.allocate(dram_words(lay, shp, config),
                                                                            f"{layer.out}'s {role}"))
-                   for role, value, lay, shp in (("a", layer.a, Layout.ROWS, shape), ("b", layer.b, Layout.ROWS, shape),
-                                                 ("constants", layer.ops[-1].result, Layout.PARAM_WORDS,
-                                                  layer.constants.shape), ("out", layer.out, Layout.ROWS, shape))}
+                   for role, value, lay, shp in inputs + (("constants", layer.ops[-1].result, Layout.PARAM_WORDS,
+                                                           layer.constants.shape),
+                                                          ("out", layer.out, Layout.ROWS, shape))}
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
-    beats = config.beats(Buffer.OBUF)
-    per_section = max(1, (config.imem_depth - 8) // (2 * chunk + 4)) * chunk  # rows whose program fits
+    beats = config.beats(Buffer.OBUF), config.beats(Buffer.PBUF)
+    per_section = max(1, (config.imem_depth - 8) // ((2 if add else 1) * chunk + 4)) * chunk  # rows whose program fits
+    base = config.pbuf_depth - count
+    norm_constants = base + (7 if add else 0)
     sections = []
     for first in range(0, layer.m, per_section):
         streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
 
-        def add(node: Node) -> Node:
-            node.index = len(streams[node.unit])
-            streams[node.unit].append(node)
-            return node
+        def node(n: Node) -> Node:
+            n.index = len(streams[n.unit])
+            streams[n.unit].append(n)
+            return n
 
-        base = config.pbuf_depth - count
-        const = add(Node(Opcode.LOAD, [], config, buf=Buffer.PBUF, addr=base, count=count,
-                         dram=tensors["constants"].region.start))
-        readers: list[Node | None] = [None, None]  # the last vresadd reading each input slot
+        const = node(Node(Opcode.LOAD, [], config, buf=Buffer.PBUF, addr=base, count=count,
+                          dram=tensors["constants"].region.start))
+        readers: list[Node | None] = [None, None]  # the last instruction reading each input slot
         stores: list[Node | None] = [None, None]
         for i, low in enumerate(range(first, min(layer.m, first + per_section), chunk)):
             rows, slot = min(chunk, layer.m - low), i % 2
-            a_at, b_at, out_at = ((2 * k + slot) * chunk * words for k in range(3))
-            loads = [add(Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.OBUF, addr=at, count=rows * words,
-                              dram=tensors[role].region.start + low * words * beats))
-                     for role, at in (("a", a_at), ("b", b_at))]
+            if add:  # a and b into OBUF, their sum into one of two PBUF rows
+                a_at, b_at, out_at = ((2 * k + slot) * chunk * words for k in range(3))
+                loads = [node(Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.OBUF, addr=at,
+                                   count=rows * words, dram=tensors[role].region.start + low * words * beats[0]))
+                         for role, at in (("a", a_at), ("b", b_at))]
+            else:  # the rows into PBUF
+                row_at, out_at = slot * chunk * words, slot * chunk * words
+                loads = [node(Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.PBUF, addr=row_at,
+                                   count=rows * words, dram=tensors["a"].region.start + low * words * beats[1]))]
             norm = None
             for r in range(rows):
                 deps = loads + [const] if r == 0 else []
-                readers[slot] = add(Node(Opcode.VRESADD, deps, config, dst=(r % 2) * words, a=a_at + r * words,
-                                         b=b_at + r * words, n=words, param=base))
-                norm = add(Node(Opcode.VLAYERNORM, [stores[slot]] if r == 0 else [], config, dst=out_at + r * words,
-                                a=(r % 2) * words, n=words, len=layer.n, param=base + 7))
-            stores[slot] = add(Node(Opcode.STORE, [norm], config, buf=Buffer.OBUF, addr=out_at, count=rows * words,
-                                    dram=tensors["out"].region.start + low * words * beats))
+                if add:
+                    readers[slot] = node(Node(Opcode.VRESADD, deps, config, dst=(r % 2) * words, a=a_at + r * words,
+                                              b=b_at + r * words, n=words, param=base))
+                    source, deps = (r % 2) * words, []
+                else:
+                    source = row_at + r * words
+                norm = node(Node(Opcode.VLAYERNORM, deps + ([stores[slot]] if r == 0 else []), config,
+                                 dst=out_at + r * words, a=source, n=words, len=layer.n, param=norm_constants))
+                if not add:
+                    readers[slot] = norm
+            stores[slot] = node(Node(Opcode.STORE, [norm], config, buf=Buffer.OBUF, addr=out_at, count=rows * words,
+                                     dram=tensors["out"].region.start + low * words * beats[0]))
         program, cycles = schedule(streams)
         end = min(layer.m, first + per_section)
+        what = "residual add and layer norm" if add else "layer norm"
         note = (f"{' -> '.join(o.result for o in layer.ops)}: rows {first}..{end - 1} of {layer.m}, N={layer.n}, "
-                f"residual add and layer norm on the vector unit, {chunk} rows per chunk")
-        sections.append(Section(tuple(o.result for o in layer.ops), (tensors["a"], tensors["b"]),
+                f"{what} on the vector unit, {chunk} rows per chunk")
+        sections.append(Section(tuple(o.result for o in layer.ops), tuple(tensors[r] for r in ("a", "b") if r in tensors),
                                 (tensors["constants"],), (tensors["out"],), program, 0, cycles, note))
     return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))]

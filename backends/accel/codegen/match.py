@@ -10,7 +10,8 @@ feed `int_softmax` (scores: the vector unit reads them from the accumulators, ro
 bool mask over the keys, per query row or for all, broadcast over the batch dims, is read
 beside them),
 and the residual add of widened i8 values into `requantize -> int_layer_norm` (row by row
-on the vector unit). Leading batch dims of a linear's x flatten into M. Every other op runs
+on the vector unit), or an `int_layer_norm` alone. Leading batch dims of a linear's x flatten
+into M. Every other op runs
 on the host; `AccelProgram.host_ops` says why (layout ops are data movement between
 sections: the DMA moves contiguous runs only)."""
 
@@ -207,15 +208,35 @@ def _match_matmul(op: Op, graph: Graph, users: dict[str, list[Op]], config: Acce
 @dataclass(frozen=True)
 class Residual:
     """`int_layer_norm(requantize(rq_a(a) + rq_b(b)))`, the encoder's residual add and norm,
-    on the vector unit row by row (rq: an optional per-tensor requantize of a widened i8)."""
+    on the vector unit row by row (rq: an optional per-tensor requantize of a widened i8); or,
+    with no `b`, `int_layer_norm(a)` alone (a pre-norm block's, the embeddings')."""
 
     ops: tuple[Op, ...]  # in graph order
     a: str
-    b: str
+    b: str  # "": the norm alone, of `a`
     out: str
     m: int
     n: int
-    constants: np.ndarray  # [7 + 2 + 3J, cols] PBUF words: vresadd's, then vlayernorm's
+    constants: np.ndarray  # [(7 +) 2 + 3J, cols] PBUF words: vresadd's (with an add), then vlayernorm's
+
+
+def _norm_constants(norm: Op, graph: Graph, config: AccelConfig) -> np.ndarray | str:
+    """vlayernorm's PBUF words for `int_layer_norm` op `norm` (eps and shift, then the weight
+    words and the bias's low and high words), or why its constants do not fit the lanes."""
+    weights, types = graph.weights, graph.types
+    x, w, bias = norm.operands
+    if norm.attr("dtype") is not _DATA[config.data_bits] or w not in weights or bias not in weights:
+        return "its layer norm is not per-channel constants into the vector unit's lanes"
+    n = types[x].shape[-1]
+    words = math.ceil(n / config.cols)
+    lanes = np.zeros((2, words * config.cols), np.int64)
+    lanes[0, :n], lanes[1, :n] = np.asarray(weights[w], np.int64), np.asarray(weights[bias], np.int64)
+    low, high = wrap(lanes[1] & ((1 << config.acc_bits) - 1), config.acc_bits), lanes[1] >> config.acc_bits
+    scalars = (int(norm.attr("eps")), int(norm.attr("shift")))
+    if not _fits_lanes(scalars, config) or not _fits_lanes(lanes[0], config) or not _fits_lanes(high, config):
+        return f"its constants do not fit {config.acc_bits}-bit lanes"
+    return np.concatenate([np.repeat(np.array(scalars, np.int64)[:, None], config.cols, axis=1),
+                           lanes[0].reshape(words, -1), low.reshape(words, -1), high.reshape(words, -1)])
 
 
 def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> Residual | str:
@@ -264,27 +285,39 @@ def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: Ac
     (ops_a, a, m_a, s_a), (ops_b, b, m_b, s_b) = sides
     m, s = scalar(norm_q.operands[1]), scalar(norm_q.operands[2])
     bits = norm_q.attr("dtype").bits
-    x, w, bias = norm.operands
-    if m is None or s is None or norm_q.attr("zero_point") != 0 or bits > config.acc_bits or \
-            norm.attr("dtype") is not data or w not in weights or bias not in weights:
-        return "its requantize or layer norm is not per-tensor constants into the vector unit's lanes"
-    n = types[x].shape[-1]
-    words = math.ceil(n / config.cols)
-    lanes = np.zeros((2, words * config.cols), np.int64)
-    lanes[0, :n], lanes[1, :n] = np.asarray(weights[w], np.int64), np.asarray(weights[bias], np.int64)
-    low, high = wrap(lanes[1] & ((1 << config.acc_bits) - 1), config.acc_bits), lanes[1] >> config.acc_bits
-    scalars = (m_a, s_a, m_b, s_b, m, s, bits, int(norm.attr("eps")), int(norm.attr("shift")))
-    if not _fits_lanes(scalars, config) or not _fits_lanes(lanes[0], config) or not _fits_lanes(high, config):
+    if m is None or s is None or norm_q.attr("zero_point") != 0 or bits > config.acc_bits:
+        return "its requantize is not per-tensor constants into the vector unit's lanes"
+    scalars = (m_a, s_a, m_b, s_b, m, s, bits)
+    constants = _norm_constants(norm, graph, config)
+    if isinstance(constants, str):
+        return constants
+    if not _fits_lanes(scalars, config):
         return f"its constants do not fit {config.acc_bits}-bit lanes"
     ops = tuple(sorted(ops_a + ops_b + (op, norm_q, norm), key=lambda o: index[o.result]))
     if max(index.get(a, -1), index.get(b, -1)) > index[ops[0].result]:
         return "its operands are computed after its first op"
-    constants = np.concatenate([np.repeat(np.array(scalars, np.int64)[:, None], config.cols, axis=1),
-                                lanes[0].reshape(words, -1), low.reshape(words, -1), high.reshape(words, -1)])
-    return Residual(ops, a, b, norm.result, math.prod(types[x].shape[:-1]), n, constants)
+    x = norm.operands[0]
+    constants = np.concatenate([np.repeat(np.array(scalars, np.int64)[:, None], config.cols, axis=1), constants])
+    return Residual(ops, a, b, norm.result, math.prod(types[x].shape[:-1]), types[x].shape[-1], constants)
 
 
-MATCHERS = {"linear": _match, "matmul": _match_matmul, "add": _match_residual}  # the op kinds a layer starts at
+def _match_norm(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> Residual | str:
+    """`int_layer_norm` of an integer that fits the PBUF lanes, alone (a residual add before it
+    is `_match_residual`'s): rows loaded into PBUF, vlayernorm each."""
+    x = op.operands[0]
+    t = graph.types[x]
+    if not config.nonlinear_unit:
+        return "the layer norm needs the vector unit's nonlinear datapaths, which this config leaves out"
+    if not t.dtype.is_int or t.dtype.bits > config.acc_bits or x in graph.weights:
+        return f"its input is {t.dtype}: the vector unit normalizes integers of at most {config.acc_bits} bits"
+    constants = _norm_constants(op, graph, config)
+    if isinstance(constants, str):
+        return constants
+    return Residual((op,), x, "", op.result, math.prod(t.shape[:-1]), t.shape[-1], constants)
+
+
+MATCHERS = {"linear": _match, "matmul": _match_matmul, "add": _match_residual,  # the op kinds a layer starts at
+            "int_layer_norm": _match_norm}
 
 
 LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "select", "slice", "squeeze", "unsqueeze", "expand", "cat"})
@@ -299,4 +332,4 @@ def host_reason(op: Op, why: dict[str, str]) -> str:
         return "data movement: the host re-lays the tensor out between accelerator sections (the DMA moves " \
                "contiguous runs only)"
     return f"the accelerator runs integer linear and matmul -> requantize (-> relu | int_gelu) or int_softmax, and " \
-           f"residual add -> int_layer_norm; not {op.kind} on {op.type.dtype}"
+           f"(residual add ->) int_layer_norm; not {op.kind} on {op.type.dtype}"

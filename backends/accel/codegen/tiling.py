@@ -54,7 +54,7 @@ def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig) -> Tiling:
     group = (row_blocks if row_blocks <= a_slots else a_slots - (a_slots > 2)) if resident else row_blocks
     batch = min(group, max(1, config.obuf_depth // (2 * rows)))
     free = config.pbuf_depth - len(layer.gelu or layer.softmax)  # constants sit at PBUF's top
-    if layer.softmax:  # two slots of a row block's scores in PBUF (and of its mask rows), two of its probabilities in OBUF
+    if layer.softmax:  # two slots of a row block's scores (and of its masks) in PBUF, of its probabilities in OBUF
         words = rows * math.ceil(layer.n / config.cols)
         if 2 * words > config.obuf_depth or (4 if layer.mask else 2) * words > free:
             raise Unsupported(f"two row blocks of scores{' and their masks' if layer.mask else ''} "

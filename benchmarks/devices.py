@@ -15,9 +15,10 @@ price here, at batch 1 and at the best batch. Prints three tables:
    slowest: the cheapest device meeting the constraint, then its fastest setting.
 
     .venv/bin/python benchmarks/devices.py [--models tinybert4,hf-bert] [--batches 1,4,16,64]
-        [--sparsities 0.5,0.75,0.9] [--block 16x16]
+        [--sparsities 0.5,0.75,0.9] [--block 16x16] [--integer]
 
-Settings are `tcc.select.default_settings()`'s (int8, and hp{50,75,90}-BLOCKxBLOCK-int8);
+Settings are `tcc.select.default_settings()`'s (int8, and hp{50,75,90}-BLOCKxBLOCK-int8; with
+`--integer` their fully integer versions, what an accelerator with the nonlinear unit runs whole);
 each target prices a setting's graph after its own lowering (`price_all`, as `tcc select`).
 Latencies are predictions, nothing runs on a device: the host CPU's figures are this machine's
 cached calibration (`tcc calibrate`; the catalog's placeholders when none is cached: this
@@ -45,7 +46,6 @@ from tcc.select import Point, Setting, choose, default_settings
 from tcc.targets import Target, load_catalog, price_all
 from tcc.targets.calibration import cost_devices
 
-DENSE = "int8"  # the setting every speedup over "own dense" divides by
 SWEEP_STEPS = 12  # latency constraints of the sweep
 
 # (setting, device, batch) -> the cost of one run
@@ -63,11 +63,13 @@ def at_batch(inputs: Any, batch: int) -> Any:
     return tuple(grow(x) for x in inputs)
 
 
-def pick_settings(sparsities: Sequence[float], block: str) -> list[Setting]:
-    """int8 and hp-pruned int8 at each sparsity in `block` blocks, as `default_settings` names
-    and spells them; an error naming the ones it has when one is not there."""
+def pick_settings(sparsities: Sequence[float], block: str, integer: bool) -> list[Setting]:
+    """The dense setting first (int8, or fully integer), then hp-pruned at each sparsity in
+    `block` blocks, as `default_settings` names and spells them; an error naming the ones it
+    has when one is not there."""
     offered = {s.name: s for s in default_settings()}
-    names = [DENSE] + [f"hp{round(100 * s)}-{block}-int8" for s in sparsities]
+    names = ["int8-integer" if integer else "int8"] + [f"hp{round(100 * s)}-{block}-{'integer' if integer else 'int8'}"
+                                                        for s in sparsities]
     missing = [n for n in names if n not in offered]
     if missing:
         raise SystemExit(f"not among tcc.select.default_settings(): {', '.join(missing)} "
@@ -110,49 +112,53 @@ def split(cost: Cost) -> str:
 
 def latency_table(prices: Prices, settings: Sequence[Setting], devices: Sequence[str], fpgas: Sequence[str],
                   batches: Sequence[int]) -> None:
+    name = max(len(s.name) for s in settings) + 2  # the setting column's width
     parts = next((prices[settings[0].name, f, 1].parts for f in fpgas), {})
-    print(f"{'setting':<16}{'device':<13}{'batch 1 ms':>11}{'best ms/ex':>12}{'at':>5}   "
+    print(f"{'setting':<{name}}{'device':<13}{'batch 1 ms':>11}{'best ms/ex':>12}{'at':>5}   "
           f"FPGA split, % {'/'.join(parts)}: at batch 1 | at best")
     for setting in settings:
         for device in devices:
             best = best_batch(prices, setting.name, device, batches)
             shares = (f"{split(prices[setting.name, device, 1]):>13} | {split(prices[setting.name, device, best])}"
                       if device in fpgas else "")
-            print(f"{setting.name:<16}{device:<13}{prices[setting.name, device, 1].latency_s * 1e3:>11.3f}"
+            print(f"{setting.name:<{name}}{device:<13}{prices[setting.name, device, 1].latency_s * 1e3:>11.3f}"
                   f"{best_ms(prices, setting.name, device, batches):>12.4f}{best:>5}   {shares}")
         print()
 
 
 def speedup_table(prices: Prices, settings: Sequence[Setting], others: Sequence[str], fpgas: Sequence[str],
                   batches: Sequence[int]) -> None:
-    columns = [f"vs {d}" for d in others] + [f"vs own {DENSE}"]
+    dense = settings[0].name  # what "own dense" runs
+    name = max(len(s.name) for s in settings) + 2  # the setting column's width
+    columns = [f"vs {d}" for d in others] + [f"vs own {dense}"]
     width = max(map(len, columns)) + 2
-    print(f"{'FPGA':<13}{'setting':<16}{'batch':<7}" + "".join(f"{c:>{width}}" for c in columns))
+    print(f"{'FPGA':<13}{'setting':<{name}}{'batch':<7}" + "".join(f"{c:>{width}}" for c in columns))
     for fpga in fpgas:
         for setting in settings:
-            if setting.name == DENSE:
+            if setting.name == dense:
                 continue
             for label, among in (("1", (1,)), ("best", batches)):
                 mine = best_ms(prices, setting.name, fpga, among)
                 ratios = ([best_ms(prices, setting.name, d, among) / mine for d in others]
-                          + [best_ms(prices, DENSE, fpga, among) / mine])
-                print(f"{fpga:<13}{setting.name:<16}{label:<7}" + "".join(f"{r:>{width - 1}.3g}x" for r in ratios))
+                          + [best_ms(prices, dense, fpga, among) / mine])
+                print(f"{fpga:<13}{setting.name:<{name}}{label:<7}" + "".join(f"{r:>{width - 1}.3g}x" for r in ratios))
         print()
 
 
 def sweep(prices: Prices, settings: Sequence[Setting], targets: Mapping[str, Target]) -> None:
+    name = max(len(s.name) for s in settings) + 2  # the setting column's width
     points = [Point(s.name, d, 1.0, c.latency_s * 1e3, c.energy_j * 1e3, t.device.price_usd,
                     {k: v * 1e3 for k, v in c.parts.items()})
               for s in settings for d, t in targets.items() for c in (prices[s.name, d, 1],)]
     fastest, slowest = min(p.latency_ms for p in points), max(p.latency_ms for p in points)
     low, high = math.log(fastest * 0.8), math.log(slowest * 1.25)
-    print(f"{'LC ms':>10}  {'device':<13}{'price $':>8}  {'setting':<16}{'latency ms':>11}")
+    print(f"{'LC ms':>10}  {'device':<13}{'price $':>8}  {'setting':<{name}}{'latency ms':>11}")
     for i in reversed(range(SWEEP_STEPS)):
         lc = math.exp(low + (high - low) * i / (SWEEP_STEPS - 1))
         selection = choose(points, lc, 0.0)
         p = selection.chosen or selection.closest
         note = "" if selection.chosen else "  (none meets it: the closest)"
-        print(f"{lc:>10.3f}  {p.device:<13}{p.price_usd:>8,.0f}  {p.setting:<16}{p.latency_ms:>11.3f}{note}")
+        print(f"{lc:>10.3f}  {p.device:<13}{p.price_usd:>8,.0f}  {p.setting:<{name}}{p.latency_ms:>11.3f}{note}")
 
 
 def number_list(text: str, kind: type) -> list:
@@ -165,9 +171,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16,64", help="batch sizes of the best batch (1 always added)")
     parser.add_argument("--sparsities", default="0.5,0.75,0.9", help="hp-prune sparsities (default_settings' levels)")
     parser.add_argument("--block", default="16x16", help="hp-prune block shape (default_settings': 8x8 or 16x16)")
+    parser.add_argument("--integer", action="store_true",
+                        help="the fully integer settings (int-nonlinear: softmax, layer norm, GELU on the vector unit)")
     args = parser.parse_args()
     batches = sorted({1, *number_list(args.batches, int)})
-    settings = pick_settings(number_list(args.sparsities, float), args.block)
+    settings = pick_settings(number_list(args.sparsities, float), args.block, args.integer)
     catalog = load_catalog()
     devices = cost_devices(catalog, calibrate=False)
     targets = {name: t for name, t in catalog.items() if name in devices}
@@ -185,7 +193,7 @@ def main() -> None:
         print("\n1. latency: one run at batch 1; per example at the best batch (`at`)\n")
         latency_table(prices, settings, list(targets), fpgas, batches)
         print("2. speedup of each FPGA over each device running the same setting, and over itself on "
-              f"{DENSE} (per example)\n")
+              f"{settings[0].name} (per example)\n")
         speedup_table(prices, settings, others, fpgas, batches)
         print("3. device chosen per latency constraint LC at batch 1 (tcc.select.choose, accuracy "
               "unconstrained: the cheapest device meeting LC, then its fastest setting)\n")

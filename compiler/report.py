@@ -261,8 +261,8 @@ def _accel(manifest: dict, target: Target, program: AccelProgram) -> dict:
         row["sections"] += 1
         row["cycles"] += section.cycles
         row["macs"] += section.macs
-        for instruction in section.program:
-            row[instruction.unit.value] += instruction.occupancy(config)
+        for unit, cycles in section.busy(config).items():
+            row[unit] += cycles
     rows = list(layers.values())
     total = {"layer": "total", "note": "", **{k: sum(r[k] for r in rows) for k in ("sections", "cycles", "macs")},
              **{u: sum(r[u] for r in rows) for u in UNITS}}

@@ -47,8 +47,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .config import AccelConfig
-from .isa import (Buffer, Instruction, check_program, from_binary, pack_words, parse_assembly, to_assembly, to_binary,
-                  unpack_words, wrap)
+from .isa import (Buffer, Instruction, Unit, check_program, from_binary, pack_words, parse_assembly, to_assembly,
+                  to_binary, unpack_words, wrap)
 
 
 class Layout(Enum):
@@ -256,6 +256,14 @@ class Section:
     macs: int
     cycles: int
     note: str
+
+    def busy(self, config: AccelConfig) -> dict[str, int]:
+        """The cycles each unit is busy in the run (the ISA's occupancy of its instructions), by
+        unit name: `cycles` over the busiest is the overlap the schedule leaves on the table."""
+        out = dict.fromkeys((u.value for u in Unit), 0)
+        for instruction in self.program:
+            out[instruction.unit.value] += instruction.occupancy(config)
+        return out
 
 
 @dataclass(frozen=True)

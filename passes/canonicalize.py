@@ -17,7 +17,8 @@
   key for every query (all True, all 0; a mask that would broadcast the scores wider stays) ->
   the mask dropped; one that is the same `[L, S]` causal pattern for every batch and head ->
   `is_causal` (with `window`, when it is a sliding window: query i sees keys i - window < j <=
-  i), the mask dropped.
+  i), the mask dropped; a bool mask `logical_and(c, m)` with c a constant that keeps everything
+  -> m (broadcast as it is: a padding mask over the keys stays one row).
 
 Rewritten ops keep their result name and type (so quantization and encoding annotations stay).
 Ops and constants left unused (the inner op of a collapsed chain, the linear of a folded bias)
@@ -110,7 +111,7 @@ class _Sweep:
         if op.kind == "batch_norm":
             return self.fold_batch_norm(op)
         if op.kind == "scaled_dot_product_attention" and len(op.operands) == 4:
-            return self.constant_mask(op)
+            return self.constant_mask(op) or self.kept_mask(op)
         return None
 
     def layout(self, op: Op) -> Op | str | None:
@@ -199,6 +200,22 @@ class _Sweep:
             return None
         return self.rw.make(op, "scaled_dot_product_attention", *op.operands[:3], is_causal=True,
                             scale=op.attr("scale"), window=window)
+
+    def kept_mask(self, op: Op) -> Op | None:
+        """A bool mask `logical_and(c, m)` with c a constant that keeps everything: the attention
+        reads m, broadcast as it is (a padding mask over the keys stays one row)."""
+        producer = self.rw.producer(op.operands[3])
+        if producer is None or producer.kind != "logical_and":
+            return None
+        q, k = (self.rw.types[v].shape for v in op.operands[:2])
+        scores = q[:-1] + k[-2:-1]
+        for c, m in (producer.operands, producer.operands[::-1]):
+            t = self.rw.types[m]
+            if self.rw.is_constant(c) and _plain(self.rw.types[c]) and self.rw.weight(c).all() and \
+                    t.dtype is DType.BOOL and len(t.shape) <= len(scores) and \
+                    np.broadcast_shapes(t.shape, scores) == scores:
+                return self.rw.make(op, "scaled_dot_product_attention", *op.operands[:3], m, scale=op.attr("scale"))
+        return None
 
     def _stats(self, stats: list[str]) -> tuple[np.ndarray, ...]:
         """(mean, var, weight, bias) of a batch norm in float64 (weight 1 and bias 0 when absent)."""

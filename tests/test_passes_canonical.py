@@ -461,6 +461,34 @@ def test_constant_masks_become_is_causal_or_go():
     _assert_same_outputs(graph, result.graph, _inputs(graph))
 
 
+def test_a_mask_anded_with_one_that_keeps_everything_is_read_as_it_is():
+    """Hugging Face's padding mask: `logical_and(all True [B,1,L,1], keys [B,1,1,S])` -> the keys'
+    row, one for every query; a runtime or partial other side stays."""
+    source = _text("""
+        graph @main(%q: f32[2,4,6,8], %k: f32[2,4,6,8], %v: f32[2,4,6,8], %keys: bool[2,1,1,6], %rows: bool[2,1,6,1]) {
+          const @all : bool[2,1,6,1]
+          const @some : bool[2,1,6,1]
+          %m = logical_and(@all, %keys) : bool[2,1,6,6]
+          %a = scaled_dot_product_attention(%q, %k, %v, %m) : f32[2,4,6,8]
+          %n = logical_and(%keys, @some) : bool[2,1,6,6]
+          %b = scaled_dot_product_attention(%q, %k, %v, %n) : f32[2,4,6,8]
+          %o = logical_and(%rows, %keys) : bool[2,1,6,6]
+          %c = scaled_dot_product_attention(%q, %k, %v, %o) : f32[2,4,6,8]
+          return %a, %b, %c
+        }
+        """)
+    some = np.ones((2, 1, 6, 1), bool)
+    some[1, 0, 3] = False
+    graph = parse_graph(source, {"all": np.ones((2, 1, 6, 1), bool), "some": some})
+    result = Canonicalize().run(graph, PassContext())
+    assert print_graph(result.graph) == source.replace("(%q, %k, %v, %m)", "(%q, %k, %v, %keys)")
+    inputs = _inputs(graph)
+    inputs[3] = np.random.default_rng(0).random((2, 1, 1, 6)) < 0.7
+    inputs[3][..., 0] = True  # no row without a key
+    inputs[4] = np.ones((2, 1, 6, 1), bool)
+    _assert_same_outputs(graph, result.graph, inputs)
+
+
 def test_golden_inputs_print_as_written():
     """The inputs are in the printer's form, so a no-change case compares its input text."""
     for _, _, source, _ in GOLDEN:

@@ -110,9 +110,14 @@ def split(cost: Cost) -> str:
     return "/".join(f"{100 * v / cost.latency_s:.0f}" for v in cost.parts.values())
 
 
+def name_width(settings: Sequence[Setting]) -> int:
+    """The setting column's width: the longest name and two spaces."""
+    return max(len(s.name) for s in settings) + 2
+
+
 def latency_table(prices: Prices, settings: Sequence[Setting], devices: Sequence[str], fpgas: Sequence[str],
                   batches: Sequence[int]) -> None:
-    name = max(len(s.name) for s in settings) + 2  # the setting column's width
+    name = name_width(settings)
     parts = next((prices[settings[0].name, f, 1].parts for f in fpgas), {})
     print(f"{'setting':<{name}}{'device':<13}{'batch 1 ms':>11}{'best ms/ex':>12}{'at':>5}   "
           f"FPGA split, % {'/'.join(parts)}: at batch 1 | at best")
@@ -129,7 +134,7 @@ def latency_table(prices: Prices, settings: Sequence[Setting], devices: Sequence
 def speedup_table(prices: Prices, settings: Sequence[Setting], others: Sequence[str], fpgas: Sequence[str],
                   batches: Sequence[int]) -> None:
     dense = settings[0].name  # what "own dense" runs
-    name = max(len(s.name) for s in settings) + 2  # the setting column's width
+    name = name_width(settings)
     columns = [f"vs {d}" for d in others] + [f"vs own {dense}"]
     width = max(map(len, columns)) + 2
     print(f"{'FPGA':<13}{'setting':<{name}}{'batch':<7}" + "".join(f"{c:>{width}}" for c in columns))
@@ -146,7 +151,7 @@ def speedup_table(prices: Prices, settings: Sequence[Setting], others: Sequence[
 
 
 def sweep(prices: Prices, settings: Sequence[Setting], targets: Mapping[str, Target]) -> None:
-    name = max(len(s.name) for s in settings) + 2  # the setting column's width
+    name = name_width(settings)
     points = [Point(s.name, d, 1.0, c.latency_s * 1e3, c.energy_j * 1e3, t.device.price_usd,
                     {k: v * 1e3 for k, v in c.parts.items()})
               for s in settings for d, t in targets.items() for c in (prices[s.name, d, 1],)]

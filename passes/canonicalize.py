@@ -184,8 +184,7 @@ class _Sweep:
         if t.dtype is not DType.BOOL and not ((array == 0) | (array == -np.inf)).all():
             return None  # a float mask adding other values than 0 and -inf
         keep = array if t.dtype is DType.BOOL else array == 0
-        q, k = (self.rw.types[v].shape for v in op.operands[:2])
-        scores = q[:-1] + k[-2:-1]
+        scores = self._scores(op)
         if keep.all() and t.rank <= len(scores) and all(m in (1, s) for m, s in zip(t.shape[::-1], scores[::-1])):
             return self.rw.make(op, "scaled_dot_product_attention", *op.operands[:3], scale=op.attr("scale"))
         if not (keep == keep.reshape(-1, *keep.shape[-2:])[0]).all():
@@ -207,8 +206,7 @@ class _Sweep:
         producer = self.rw.producer(op.operands[3])
         if producer is None or producer.kind != "logical_and":
             return None
-        q, k = (self.rw.types[v].shape for v in op.operands[:2])
-        scores = q[:-1] + k[-2:-1]
+        scores = self._scores(op)
         for c, m in (producer.operands, producer.operands[::-1]):
             t = self.rw.types[m]
             if self.rw.is_constant(c) and _plain(self.rw.types[c]) and self.rw.weight(c).all() and \
@@ -216,6 +214,11 @@ class _Sweep:
                     np.broadcast_shapes(t.shape, scores) == scores:
                 return self.rw.make(op, "scaled_dot_product_attention", *op.operands[:3], m, scale=op.attr("scale"))
         return None
+
+    def _scores(self, op: Op) -> tuple[int, ...]:
+        """The shape of an attention's scores, `[..., L, S]`: what its mask broadcasts to."""
+        q, k = (self.rw.types[v].shape for v in op.operands[:2])
+        return q[:-1] + k[-2:-1]
 
     def _stats(self, stats: list[str]) -> tuple[np.ndarray, ...]:
         """(mean, var, weight, bias) of a batch norm in float64 (weight 1 and bias 0 when absent)."""

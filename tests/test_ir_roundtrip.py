@@ -144,12 +144,20 @@ class _Gen:
         a = self.pick(lambda t: t.dtype.is_float and t.rank >= 1)
         return None if a is None else self.op("softmax", a, dim=self.dim(self.t(a).rank))
 
-    def layer_norm(self):
+    def normalized(self):
+        """A float value of rank >= 1, its type and trailing dims to normalize over (None when
+        the graph has no such value)."""
         a = self.pick(lambda t: t.dtype.is_float and t.rank >= 1)
         if a is None:
             return None
         t = self.t(a)
-        norm = t.shape[-self.draw(st.integers(1, t.rank)):]
+        return a, t, t.shape[-self.draw(st.integers(1, t.rank)):]
+
+    def layer_norm(self):
+        drawn = self.normalized()
+        if drawn is None:
+            return None
+        a, t, norm = drawn
         operands = [a]
         if self.draw(st.booleans()):
             operands.append(self.const(norm, t.dtype))
@@ -407,11 +415,10 @@ class _Gen:
         return self.op("group_norm", a, *affine, num_groups=groups)
 
     def rms_norm(self):
-        a = self.pick(lambda t: t.dtype.is_float and t.rank >= 1)
-        if a is None:
+        drawn = self.normalized()
+        if drawn is None:
             return None
-        t = self.t(a)
-        norm = t.shape[-self.draw(st.integers(1, t.rank)):]
+        a, t, norm = drawn
         weight = [self.const(norm, t.dtype)] if self.draw(st.booleans()) else []
         return self.op("rms_norm", a, *weight, normalized_shape=norm)
 

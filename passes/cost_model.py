@@ -112,6 +112,7 @@ class Candidate:
 # data movement the executors do as views: no bytes move
 _VIEWS = frozenset({"reshape", "permute", "transpose", "squeeze", "unsqueeze", "expand", "select", "slice"})
 _PRODUCTS = frozenset({"linear", "matmul", "scaled_dot_product_attention", "conv1d", "conv2d"})
+_GATHERS = frozenset({"embedding", "gather", "index"})  # read the rows they gather of their table, not all of it
 
 
 def _stored_bytes(graph: Graph) -> dict[str, int]:
@@ -129,11 +130,11 @@ SPARSE_EFFICIENCY = 0.3  # sparse kernels (CSR / BSR) reach about this fraction 
 
 def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> list[tuple[Op, float, bool]]:
     """Each op's roofline time without its fixed cost, and whether its bytes fit on chip: the
-    longer of its arithmetic
-    (`op_flops`: integer products at `int8_gops`, the rest at `fp32_gflops`; a linear whose
-    weight is stored sparse counts its non-zeros, at `SPARSE_EFFICIENCY` of the dense rate) and
-    its memory traffic (operands and result, a constant in its encoded size, views none; at
-    `cache_gbps` when they fit `onchip_mb`, else `dram_gbps`)."""
+    longer of its arithmetic (`op_flops`: integer products at `int8_gops`, the rest at
+    `fp32_gflops`; a linear whose weight is stored sparse counts its non-zeros, at
+    `SPARSE_EFFICIENCY` of the dense rate) and its memory traffic (operands and result, a
+    constant in its encoded size, views none, a gather only the rows it reads; at `cache_gbps`
+    when they fit `onchip_mb`, else `dram_gbps`)."""
     types, constants = graph.types, set(graph.constant_names)
     stored = _stored_bytes(graph)
     out = []
@@ -144,8 +145,13 @@ def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> lis
         weight = op.operands[1] if op.kind == "linear" else None
         if weight in constants and not isinstance(types[weight].encoding, Dense):
             work *= _density(graph, weight) / SPARSE_EFFICIENCY
-        moved = 0 if op.kind in _VIEWS else op.type.dense_bytes + sum(
-            stored[v] if v in constants else types[v].dense_bytes for v in op.operands)
+        if op.kind in _VIEWS:
+            moved = 0
+        elif op.kind in _GATHERS:  # the gathered rows of the table (the result's bytes), the indices, the result
+            moved = 2 * op.type.dense_bytes + sum(types[v].dense_bytes for v in op.operands[1:])
+        else:
+            moved = op.type.dense_bytes + sum(stored[v] if v in constants else types[v].dense_bytes
+                                              for v in op.operands)
         cached = device.cache_gbps and moved <= device.onchip_mb * 1e6
         bandwidth = (device.cache_gbps if cached else device.dram_gbps) * 1e9
         out.append((op, max(work / rate if work else 0.0, moved / bandwidth), bool(cached)))

@@ -45,6 +45,15 @@ def test_roofline_takes_the_longer_of_work_and_traffic_plus_the_fixed_cost():
     assert integer.parts["linear"] == pytest.approx(max(1024 / 4e9, (64 * 4 + 32 + 128) / 1e9) + 2e-6)  # i32 out
 
 
+def test_a_gather_reads_the_rows_it_gathers_not_its_whole_table():
+    g = GraphBuilder("lookup")
+    ids = g.input("ids", TensorType((4,), DType.I64))
+    rows = g.op("embedding", g.constant("table", np.ones((1000, 8)), DType.F32), ids)
+    # 4 rows of 8 floats read and written (128 bytes each way) and 4 i64 ids: 288 bytes at 1 GB/s,
+    # not the table's 32,000 bytes
+    assert roofline(g.finish([rows]), UNIT).parts["embedding"] == pytest.approx(0.288e-6 + 2e-6)
+
+
 def test_measured_costs_per_kind_replace_the_defaults():
     """Per kind and operand dtype (else per kind, else the default): a fixed cost and a factor
     on the roofline time, one when the op's bytes fit on chip and one when they do not."""

@@ -363,7 +363,7 @@ def _accesses(op) -> str:
         return "none"
     parts = []
     for space, first, end, writes in items:
-        if op in (isa.Opcode.LOAD, isa.Opcode.STORE) and space != "DRAM":
+        if isa.UNITS[op] in (isa.Unit.LOAD, isa.Unit.STORE) and space != "DRAM":
             space = "`buf`"
         elif space.startswith("ACC"):
             space = f"ACC[{space[3:]}] rows"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import weakref
+from typing import Mapping
 
 import numpy as np
 
@@ -28,13 +29,14 @@ def nonzeros(array: np.ndarray) -> int:
     return count
 
 
-def last_uses(graph: Graph) -> dict[int, tuple[str, ...]]:
+def last_uses(graph: Graph, at: Mapping[int, int] | None = None) -> dict[int, tuple[str, ...]]:
     """For each op index, the op-result and input values whose last use is that op (so an
-    executor may free them right after it). Graph outputs are never freed."""
+    executor may free them right after it). Graph outputs are never freed. `at`: op indices
+    whose operands an executor reads at another index (ops it runs later, together)."""
     last: dict[str, int] = {}
     for index, op in enumerate(graph.ops):
         for operand in op.operands:
-            last[operand] = index
+            last[operand] = max(last.get(operand, -1), at.get(index, index) if at else index)
     keep = set(graph.outputs) | set(graph.constant_names)
     freed: dict[int, list[str]] = {}
     for name, index in last.items():

@@ -2,11 +2,12 @@
 sections (an `AccelProgram`, see `tcc.backends.accel.layout`), the other ops on the host with
 the numpy executor's kernels.
 
-A layer's sections run where its linear stands in the graph: the executor writes the layer's
-input into DRAM in its layout, hands each section to `run_section` (the ISA simulator by
-default; the RTL tiers take the same signature) and reads the layer's output back. The
+A call's sections (`AccelProgram.calls`: layers that chain on chip) run where its last layer
+stands in the graph: the executor writes the inputs the host gives into DRAM in their layouts,
+hands each section to `run_section` (the ISA simulator by default; the RTL tiers take the same
+signature) and reads back the outputs the host needs (`AccelProgram.transfers`). The
 intermediate values of a layer (the linear's accumulator, a fused relu's operand) are never
-materialized."""
+materialized, nor are outputs that stay on chip (`values` decodes those from DRAM)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.isa import FETCH_CYCLES, Instruction, SimulationError
 from tcc.backends.accel.layout import AccelProgram, Section, decode, encode
+from tcc.ir.analysis import last_uses
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.reference import REFERENCE
@@ -51,7 +53,7 @@ class AccelStats:
     macs: int = 0  # useful multiply-accumulates: M * N * K per linear, padding excluded
     instructions: Counter = field(default_factory=Counter)  # per mnemonic
     section_cycles: list[int] = field(default_factory=list)
-    calls: int = 0  # the host's calls into the accelerator: a layer's sections each
+    calls: int = 0  # the host's calls into the accelerator (`AccelProgram.calls`)
     link_bytes: int = 0  # bytes the calls moved between the host and DRAM, both ways
 
     def utilization(self, config: AccelConfig) -> float:
@@ -82,14 +84,18 @@ class AccelExecutor(NumpyExecutor):
         self.program, self.run_section, self.progress = program, run_section, progress
         self.stats = AccelStats()
         index = {op.result: i for i, op in enumerate(graph.ops)}
-        self._layers: dict[int, list[Section]] = {}  # the linear's op index -> its sections
-        self._fused: set[int] = set()  # the layers' other ops
+        self._calls: dict[int, tuple[Section, ...]] = {}  # the index of a call's last op -> its sections
+        self._fused: set[int] = set()  # the calls' other ops
+        runs_at: dict[int, int] = {}
         for call in program.calls():
-            missing = [r for r in call[0].ops if r not in index]
+            missing = [r for s in call for r in s.ops if r not in index]
             if missing:
                 raise ValueError(f"the accelerator program implements '{missing[0]}', which the graph does not compute")
-            self._layers[index[call[0].ops[0]]] = list(call)
-            self._fused.update(index[r] for r in call[0].ops[1:])
+            positions = {index[r] for s in call for r in s.ops}
+            self._calls[max(positions)] = call
+            self._fused.update(positions - {max(positions)})
+            runs_at.update(dict.fromkeys(positions, max(positions)))
+        self._frees = last_uses(graph, runs_at)  # a call's ops read their operands where it runs
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         env = self._run(inputs, keep=False)
@@ -134,8 +140,8 @@ class AccelExecutor(NumpyExecutor):
         for (name, t), value in zip(self.graph.inputs, inputs, strict=True):
             env[name] = np.asarray(value, dtype=t.dtype.numpy, order="C")  # results independent of the caller's layout
         for index, op in enumerate(self.graph.ops):
-            if index in self._layers:
-                self._layer(self._layers[index], env, dram)
+            if index in self._calls:
+                self._call(self._calls[index], env, dram, keep)
             elif index not in self._fused:
                 kernel = self._kernels.get(index, REFERENCE[op.kind])
                 result = kernel(*(env[o] for o in op.operands), **op.attr_dict)
@@ -145,11 +151,13 @@ class AccelExecutor(NumpyExecutor):
                     env.pop(name, None)  # a layer's intermediate values never existed
         return env
 
-    def _layer(self, sections: list[Section], env: dict[str, np.ndarray], dram: bytearray) -> None:
-        """Run one layer's sections: write its inputs, run, read its outputs back."""
+    def _call(self, sections: tuple[Section, ...], env: dict[str, np.ndarray], dram: bytearray, keep: bool) -> None:
+        """Run one call: write its inputs, run its sections, read back what the host needs (with
+        `keep`, decode the outputs that stay on chip too, off the link)."""
         config, types = self.program.config, self.graph.types
         self.stats.calls += 1
-        for t in sections[0].inputs:
+        inputs, outputs = self.program.transfers(sections)
+        for t in inputs:
             value = env[t.values[0]]
             data = encode(t.layout, value.reshape(t.shape), config)
             dram[t.region.byte_slice(config)] = data
@@ -168,9 +176,10 @@ class AccelExecutor(NumpyExecutor):
             self.stats.section_cycles.append(cycles)
             self.stats.macs += section.macs
             self.stats.instructions.update(i.mnemonic for i in section.program)
-        for t in sections[-1].outputs:
+        on_chip = {t.region.start: t for s in sections for t in s.outputs if t not in outputs} if keep else {}
+        for t in outputs + tuple(on_chip.values()):
             out, data = types[t.values[0]], bytes(dram[t.region.byte_slice(config)])
-            self.stats.link_bytes += len(data)
+            self.stats.link_bytes += 0 if t.region.start in on_chip else len(data)
             # C order, as the numpy reference holds it: BLAS sums a transposed view in another order
             env[t.values[0]] = decode(t.layout, data, t.shape, config).reshape(out.shape).astype(out.dtype.numpy,
                                                                                                  order="C")

@@ -70,6 +70,22 @@ class Machine:
                 self.buffers[buf][addr:addr + count] = unpack_words(words, cfg.lanes(buf), cfg.lane_bits(buf))
             else:
                 words[:] = pack_words(self.buffers[buf][addr:addr + count], cfg.lane_bits(buf), beats * self.dram_bytes)
+        elif op is Opcode.SSTORE:
+            buf = Buffer(instr["buf"])
+            beats, addr, count = cfg.beats(buf), instr["addr"], instr["count"]
+            packed = pack_words(self.buffers[buf][addr:addr + count], cfg.lane_bits(buf), beats * self.dram_bytes)
+            for i, word in enumerate(packed):
+                self.dram_words(instr["dram"] + i * instr["step"], beats).reshape(-1)[:] = word
+        elif op is Opcode.TLOAD:
+            buf = Buffer(instr["buf"])
+            lanes, beats = cfg.lanes(buf), cfg.beats(buf)
+            tiles = np.arange(instr["count"])[:, None] * instr["stride"] + np.arange(lanes)[None] * instr["step"]
+            first = instr["dram"] + tiles.reshape(-1)  # each source word's first DRAM word, tile by tile
+            at = (first[:, None] + np.arange(beats)) * self.dram_bytes
+            raw = self.dram[at[:, :, None] + np.arange(self.dram_bytes)].reshape(len(first), beats * self.dram_bytes)
+            words = unpack_words(raw, lanes, cfg.lane_bits(buf)).reshape(-1, lanes, lanes)  # [tile, i, j]
+            addr = instr["addr"]
+            self.buffers[buf][addr:addr + len(first)] = words.transpose(0, 2, 1).reshape(-1, lanes)
         elif op in ARRAY_OPS:
             products = self._products(instr)
             bank = instr["bank"]

@@ -219,18 +219,30 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
     prev_signal = None
     for _ in range(length):
         kinds = ["load", "store", "gemm", "requant"] + ["vec"] * cfg.vector_unit + ["spgemm"] * cfg.sparse_unit \
-            + ["bgemm"] * cfg.binary_unit
+            + ["bgemm"] * cfg.binary_unit + ["tload"] * (cfg.rows == cfg.cols)
         kind = rng.choice(kinds)
-        if kind == "load":
+        if kind == "tload":  # a tile or two, source words anywhere in the buffer's region (step 0 repeats one)
+            buf = Buffer(int(rng.choice([Buffer.ABUF, Buffer.BBUF])))
+            side, beats = cfg.lanes(buf), cfg.beats(buf)
+            count = int(rng.integers(1, min(2, depth[buf] // side) + 1))
+            step = int(rng.integers(0, 3)) * beats
+            stride = int(rng.integers(0, 3)) * beats
+            reach = (count - 1) * stride + (side - 1) * step + beats
+            instr = dict(op=Opcode.TLOAD, buf=buf, addr=int(rng.integers(0, depth[buf] - count * side + 1)), count=count,
+                         dram=regions[buf] + int(rng.integers(0, max(1, span * beats - reach + 1))), step=step,
+                         stride=stride)
+        elif kind == "load":
             buf = Buffer(int(rng.choice([Buffer.ABUF, Buffer.BBUF, Buffer.OBUF])))
             count = int(rng.integers(1, min(span, depth[buf]) + 1))
             instr = dict(op=Opcode.LOAD, buf=buf, addr=int(rng.integers(0, depth[buf] - count + 1)), count=count,
                          dram=regions[buf] + int(rng.integers(0, span - count + 1)) * cfg.beats(buf))
-        elif kind == "store":
+        elif kind == "store":  # contiguous, or strided (sstore) over the output room
             buf = Buffer(int(rng.integers(0, 4)))
             count = int(rng.integers(1, min(span, depth[buf]) + 1))
             instr = dict(op=Opcode.STORE, buf=buf, addr=int(rng.integers(0, depth[buf] - count + 1)), count=count,
                          dram=out + int(rng.integers(0, span)) * cfg.beats(Buffer.PBUF) // 2)
+            if rng.random() < 0.3:
+                instr.update(op=Opcode.SSTORE, count=min(count, 3), dram=out, step=int(rng.integers(1, 4)) * cfg.beats(buf))
         elif kind in ("gemm", "bgemm"):
             kk = int(rng.integers(1, min(depth[Buffer.ABUF], depth[Buffer.BBUF], 6) + 1))
             instr = dict(op=Opcode.GEMM if kind == "gemm" else Opcode.BGEMM,

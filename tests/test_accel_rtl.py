@@ -158,6 +158,92 @@ def test_random_programs_match_isa_sim(config, length, chain, seed):
     same_as_spec(case.program, config, case.dram)
 
 
+def tload_case(config: AccelConfig, rng: np.random.Generator, tiles: int, step: int, stride: int, buf: Buffer):
+    """A tload of `tiles` tiles (source words `step` buffer words apart, tiles `stride` apart)
+    into `buf`, then the buffer stored: the case and the words expected there (the tiles
+    transposed)."""
+    side, beats = config.lanes(buf), config.beats(buf)
+    sources = (tiles - 1) * stride + (side - 1) * step + 1
+    lo, hi = DType.I8.value_range if config.data_bits == 8 else (-(1 << config.data_bits - 1), (1 << config.data_bits - 1) - 1)
+    words = rng.integers(lo, hi + 1, (sources, side))
+    data = pack_words(words, config.data_bits, beats * config.dram_bits // 8).reshape(-1)
+    out = sources * beats
+    program = (Instruction.make(Opcode.TLOAD, signal=(Token.LD2VE,), buf=buf, addr=1, count=tiles, dram=0,
+                                step=step * beats, stride=stride * beats),
+               Instruction.make(Opcode.STORE, wait=(Token.LD2VE,), buf=buf, addr=1, count=tiles * side, dram=out),
+               Instruction.make(Opcode.HALT))
+    index = np.arange(tiles)[:, None] * stride + np.arange(side) * step  # [tile, source word]
+    expected = words[index].transpose(0, 2, 1).reshape(-1, side)  # buffer word t*side + j: lane i = source i, lane j
+    return program, data, out, expected
+
+
+SQUARE = [tiny(2, 2, 32, 1), tiny(4, 4, 64, 1), tiny(4, 4, 16, 2), tiny(3, 3, 8, 3, data_bits=4, acc_bits=12)]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(SQUARE), tiles=st.integers(1, 3), step=st.integers(0, 3), stride=st.integers(0, 9),
+       buf=st.sampled_from([Buffer.ABUF, Buffer.BBUF]), seed=st.integers(0, 2**32 - 1))
+def test_tload_transposes_tiles_as_the_isa_sim_does(config, tiles, step, stride, buf, seed):
+    """tload's tiles land transposed (lane i of word t*L + j = lane j of source word i), in the
+    ISA simulator and the RTL alike, in the same cycles (latency, each tile's source words, and
+    the last tile's columns)."""
+    program, data, out, expected = tload_case(config, np.random.default_rng(seed), tiles, step, stride, buf)
+    machine, stats = same_as_spec(program, config, data)
+    side, beats = config.lanes(buf), config.beats(buf)
+    stored = machine.dram[out * config.dram_bits // 8:(out + tiles * side * beats) * config.dram_bits // 8]
+    got = unpack_words(stored.reshape(tiles * side, -1), side, config.data_bits)
+    assert np.array_equal(got, expected)
+    assert program[0].occupancy(config) == config.dram_latency + tiles * side * beats + side
+
+
+def test_tload_is_refused_off_square_arrays_and_outside_abuf_and_bbuf():
+    tload = Instruction.make(Opcode.TLOAD, buf=Buffer.ABUF, addr=0, count=1, dram=0, step=1, stride=0)
+    assert "square" in tload.problem(tiny(2, 4))
+    assert tload.problem(tiny(2, 2)) is None
+    assert "abuf or bbuf" in dataclasses.replace(tload, args=(int(Buffer.OBUF),) + tload.args[1:]).problem(tiny(2, 2))
+
+
+def sstore_case(config: AccelConfig, rng: np.random.Generator, count: int, step: int, buf: Buffer):
+    """`count` words loaded into `buf`, then sstored `step` buffer words apart: the case and
+    the words expected at each stride."""
+    beats, lanes, bits = config.beats(buf), config.lanes(buf), config.lane_bits(buf)
+    words = rng.integers(-(1 << bits - 1), 1 << bits - 1, (count, lanes))
+    data = pack_words(words, bits, beats * config.dram_bits // 8).reshape(-1)
+    out = count * beats
+    program = (Instruction.make(Opcode.LOAD, signal=(Token.LD2VE,), buf=buf, addr=2, count=count, dram=0),
+               Instruction.make(Opcode.SSTORE, wait=(Token.LD2VE,), buf=buf, addr=2, count=count, dram=out,
+                                step=step * beats),
+               Instruction.make(Opcode.HALT))
+    return program, data, out, words
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(SQUARE + CONFIGS[1:3]), count=st.integers(1, 5), step=st.integers(1, 4),
+       buf=st.sampled_from(list(Buffer)), seed=st.integers(0, 2**32 - 1))
+def test_sstore_strides_words_as_the_isa_sim_does(config, count, step, buf, seed):
+    """sstore writes buffer word i from DRAM word dram + i*step on, the words between left as
+    they were, in the ISA simulator and the RTL alike."""
+    program, data, out, words = sstore_case(config, np.random.default_rng(seed), count, step, buf)
+    machine, _ = same_as_spec(program, config, data)
+    beats, size = config.beats(buf), config.dram_bits // 8
+    for i, word in enumerate(words):
+        first = (out + i * step * beats) * size
+        got = machine.dram[first:first + beats * size].reshape(1, -1)
+        assert np.array_equal(unpack_words(got, config.lanes(buf), config.lane_bits(buf))[0], word)
+    between = machine.dram[(out + beats) * size:(out + step * beats) * size] if count > 1 else machine.dram[:0]
+    assert not between.any()
+
+
+@pytest.mark.parametrize("runner, tool", [(rtl.run_verilator, "verilator"), (rtl.run_icarus, "iverilog")])
+def test_tload_and_sstore_on_the_verilog_simulators(runner, tool):
+    need(tool)
+    config = SQUARE[2]  # two DRAM beats a buffer word
+    program, data, _out, _expected = tload_case(config, np.random.default_rng(5), 3, 2, 7, Buffer.ABUF)
+    same_as_spec(program, config, data, runner)
+    program, data, _out, _words = sstore_case(config, np.random.default_rng(6), 4, 3, Buffer.OBUF)
+    same_as_spec(program, config, data, runner)
+
+
 # ---- banked ABUF and machines without the optional units: other hardware, the same ISA
 
 def variant(config: AccelConfig, **kw) -> AccelConfig:

@@ -176,7 +176,8 @@ class AccelConfig:
         nonlinearities three more (acc+1 squared, 64 x 32, gelu's data x 2 acc). LUT and FF
         are linear in PEs plus, per lane, the nonlinear datapaths; LUT adds the HP gather's
         delay lines, which map to shift registers (`data_bits` SRL16/SRLC32E per 32 stages of
-        the `r + c` stages to PE(r, c), lines of 3 stages and more). The coefficients are fit to
+        the `r + c` stages to PE(r, c), lines of 3 stages and more); both add tload's transposer
+        (two tiles of `rows x rows` lanes, a register and a mux per bit). The coefficients are fit to
         yosys on the three shipped configs (8x8 without the nonlinearities, 16x16, 32x32). BRAM36 is the memory bits at the density yosys'
         mapping reaches. Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
@@ -187,8 +188,9 @@ class AccelConfig:
             + slices(self.data_bits, 2 * self.acc_bits))
         shift_registers = self.sparse_unit * self.data_bits * sum(
             math.ceil((r + c) / 32) for r in range(self.rows) for c in range(self.cols) if r + c >= 3)
-        return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols),
-                "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols),
+        transposer = 2 * self.data_bits * self.rows * self.rows  # tload's two tile registers (a mux per bit)
+        return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer),
+                "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer),
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 

@@ -25,6 +25,15 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
 - `load buf addr count dram`: buffer words `addr..addr+count-1` <- DRAM; buffer word `i`
   is read from DRAM words `dram + i*beats ...` (low bits first, see `AccelConfig.beats`).
 - `store buf addr count dram`: the reverse; bits above the buffer word are written as zero.
+- `sstore buf addr count dram step`: the strided store, buffer word `i` to DRAM words from
+  `dram + i*step` (one row block's words of a channel block into a rows layout).
+- `tload buf addr count dram step stride` (the transposing load, ABUF or BBUF of a square
+  array, `L` = its lanes): `count` tiles of `L x L` lanes; tile `t` is `L` source words of
+  `buf`'s form, word `i` at DRAM `dram + t*stride + i*step` (`beats` DRAM words each), and
+  lands transposed: lane `i` of buffer word `addr + t*L + j` <- lane `j` of source word `i`.
+  One layer's output tiles (`OBUF` words: a row's lanes) become the next one's operand words
+  (a column's lanes) without leaving the accelerator: `step` and `stride` walk an output's
+  layout (rows: `step` the row's words; outputs: `stride` a channel block's).
 - `gemm a b k acc bank`: `ACC[bank][r, c] (+)= sum_i ABUF[a+i][r] * BBUF[b+i][c]` for
   `i < k`, in `acc_bits` (wrapping); `acc = 0` starts from zero. Occupies the array `k` cycles.
 - `spgemm a b blocks nnz bw span acc bank` (the HP sparse unit): `blocks` blocks of `bw`
@@ -60,16 +69,16 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
     the row (constants multiplier, shift, ln2, b, c, out_bits; lanes past `len` give 0); with
     `masked`, over the lanes whose lane in `PBUF[mask...]` is non-zero (the IR's mask: the
     others give 0, a row with none gives zeros); three passes over the row and a division:
-    `3n + 64` cycles (a mask word is read beside each row word).
+    `3n + 38` cycles (a mask word is read beside each row word).
   - `vlayernorm dst a n len param`: `OBUF[dst...] = int_layer_norm(PBUF[a...])` to
     `data_bits` (constants eps, shift; then `n` words of per-channel weights and `2n` of
-    biases, low `acc_bits` bits then high); `6n + 128` cycles (three passes over the row,
+    biases, low `acc_bits` bits then high); `6n + 83` cycles (three passes over the row,
     the last also reading its weights and both bias halves; two divisions, a square root).
   - `vgelu dst a n param`: `OBUF[dst+i] = int_gelu(OBUF[a+i])` to `data_bits` lane by lane
-    (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 8` cycles.
+    (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 7` cycles.
   - `vresadd dst a b n param`: the residual add, `PBUF[dst+i] = rq(rq(OBUF[a+i]; m_a, s_a) +
     rq(OBUF[b+i]; m_b, s_b); m, s)` (rq: `requantize`, to i32 inside, to `out_bits` at the
-    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); `n + 8` cycles.
+    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); `n + 5` cycles.
 
 A config may leave units out (`AccelConfig.vector_unit`, `sparse_unit`, `binary_unit`,
 `nonlinear_unit`):
@@ -119,6 +128,8 @@ class Opcode(IntEnum):
     VLAYERNORM = 14
     VGELU = 15
     VRESADD = 16
+    TLOAD = 17
+    SSTORE = 18
 
 
 class Token(IntEnum):
@@ -158,6 +169,8 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.HALT: (),
     Opcode.LOAD: _DMA,
     Opcode.STORE: _DMA,
+    Opcode.TLOAD: (*_DMA, Field("step", 96, 16), Field("stride", 112, 16)),
+    Opcode.SSTORE: (*_DMA, Field("step", 96, 16)),
     Opcode.GEMM: _GEMM,
     Opcode.SPGEMM: (Field("a", 32, 16), Field("b", 48, 16), Field("blocks", 64, 16), Field("nnz", 80, 8),
                     Field("bw", 88, 8), Field("span", 104, 16), Field("acc", 96, 1), Field("bank", 97, 1)),
@@ -205,6 +218,12 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
     "bw": "block width: the words of each block's activation window",
     "span": "ABUF words from `a` that the blocks' windows may read",
     (Opcode.SPGEMM, "a"): "first ABUF word of block 0's window (a multiple of bw)",
+    (Opcode.TLOAD, "buf"): "the buffer (abuf or bbuf; the array must be square)",
+    (Opcode.TLOAD, "count"): "tiles moved: lanes(buf) buffer words each",
+    (Opcode.TLOAD, "dram"): "DRAM word of tile 0's first source word",
+    "step": "DRAM words from a tile's source word to the next",
+    (Opcode.SSTORE, "step"): "DRAM words from one buffer word's first DRAM word to the next's",
+    (Opcode.TLOAD, "stride"): "DRAM words from a tile's first source word to the next tile's",
     (Opcode.SPGEMM, "b"): "first BBUF word: weight words and index words alternate (even)",
     (Opcode.REQUANT, "dst"): "first OBUF word of the `rows` results",
     (Opcode.REQUANT, "param"): "PBUF word of the bias; the multiplier and the shift follow",
@@ -215,7 +234,7 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
 NONLINEAR_OPS = (Opcode.VACC, Opcode.VSOFTMAX, Opcode.VLAYERNORM, Opcode.VGELU, Opcode.VRESADD)
 VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) + NONLINEAR_OPS
 # (cycles per word, fixed cycles) of the row and lane nonlinearities; constants each reads
-PASSES = {Opcode.VSOFTMAX: (3, 64), Opcode.VLAYERNORM: (6, 128), Opcode.VGELU: (1, 8), Opcode.VRESADD: (1, 8)}
+PASSES = {Opcode.VSOFTMAX: (3, 38), Opcode.VLAYERNORM: (6, 83), Opcode.VGELU: (1, 7), Opcode.VRESADD: (1, 5)}
 CONSTANTS = {Opcode.VSOFTMAX: 6, Opcode.VLAYERNORM: 2, Opcode.VGELU: 6, Opcode.VRESADD: 7}
 ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
 # the config flag each optional unit's opcodes need
@@ -224,7 +243,8 @@ NEEDS: dict[Opcode, tuple[str, ...]] = ({op: ("vector_unit",) for op in VECTOR_O
                                         | {Opcode.SPGEMM: ("sparse_unit",), Opcode.BGEMM: ("binary_unit",)})
 
 UNITS: dict[Opcode, Unit] = ({op: Unit.VECTOR for op in Opcode} | {op: Unit.ARRAY for op in ARRAY_OPS}
-                             | {Opcode.LOAD: Unit.LOAD, Opcode.STORE: Unit.STORE})
+                             | {Opcode.LOAD: Unit.LOAD, Opcode.TLOAD: Unit.LOAD, Opcode.STORE: Unit.STORE,
+                                Opcode.SSTORE: Unit.STORE})
 # the token carrying each hand-off (producer unit, consumer unit)
 HANDOFF: dict[tuple[Unit, Unit], Token] = {
     (Unit.LOAD, Unit.ARRAY): Token.LD2AR, (Unit.ARRAY, Unit.LOAD): Token.AR2LD,
@@ -242,8 +262,11 @@ def steps(op: Opcode, field: Callable[[str], int]) -> int:
 def occupancy(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> int:
     """Cycles an instruction (`op`, its fields by `field(name)`) keeps its unit from issuing
     the next one (halt: 1): the ISA's timing, with `duration`. Addresses never matter."""
-    if op in (Opcode.LOAD, Opcode.STORE):
+    if op in (Opcode.LOAD, Opcode.STORE, Opcode.SSTORE):
         return config.dram_latency + field("count") * config.beats(field("buf"))
+    if op is Opcode.TLOAD:  # each tile's source words, then the last tile's columns written
+        lanes = config.lanes(Buffer(field("buf")))
+        return config.dram_latency + field("count") * lanes * config.beats(field("buf")) + lanes
     if op in ARRAY_OPS:
         return steps(op, field)
     if op in (Opcode.REQUANT, Opcode.VACC):
@@ -346,6 +369,16 @@ class Instruction:
             dram = (self["dram"], self["dram"] + self["count"] * config.beats(buf))
             return (("DRAM", *dram, op is Opcode.STORE), (buf.name, self["addr"], self["addr"] + self["count"],
                                                           op is Opcode.LOAD))
+        if op is Opcode.SSTORE:  # the DRAM words its strided words span
+            buf = Buffer(self["buf"])
+            end = self["dram"] + (self["count"] - 1) * self["step"] + config.beats(buf)
+            return (("DRAM", self["dram"], end, True), (buf.name, self["addr"], self["addr"] + self["count"], False))
+        if op is Opcode.TLOAD:  # the DRAM words its tiles' source words span
+            buf = Buffer(self["buf"])
+            lanes, beats = config.lanes(buf), config.beats(buf)
+            end = self["dram"] + (self["count"] - 1) * self["stride"] + (lanes - 1) * self["step"] + beats
+            return (("DRAM", self["dram"], end, False), (buf.name, self["addr"], self["addr"] + self["count"] * lanes,
+                                                         True))
         if op in ARRAY_OPS:
             if op is Opcode.SPGEMM:
                 a_words, b_words = self["span"], 2 * self.steps()
@@ -401,8 +434,14 @@ class Instruction:
                        f"span={self['span']} b={self['b']}"
             if self["span"] < self["blocks"] * bw:
                 return f"span ({self['span']}) must hold the blocks' windows ({self['blocks']} x bw={bw})"
-        if op in (Opcode.LOAD, Opcode.STORE) and self["count"] < 1:
+        if op in (Opcode.LOAD, Opcode.STORE, Opcode.TLOAD, Opcode.SSTORE) and self["count"] < 1:
             return "count must be at least 1"
+        if op is Opcode.SSTORE and self["count"] > 1 and self["step"] < config.beats(Buffer(self["buf"])):
+            return f"step must be at least the buffer word's {config.beats(Buffer(self['buf']))} DRAM words " \
+                   f"(words would overlap), got {self['step']}"
+        if op is Opcode.TLOAD and (self["buf"] not in (Buffer.ABUF, Buffer.BBUF) or config.rows != config.cols):
+            return f"tload transposes square tiles into abuf or bbuf of a square array, got " \
+                   f"{Buffer(self['buf']).name.lower()} on {config.rows}x{config.cols}"
         if op in VECTOR_OPS and op is not Opcode.VACC and self["n"] < 1:
             return "n must be at least 1"
         if op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM) and not 1 <= self["len"] <= self["n"] * config.cols:

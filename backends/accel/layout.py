@@ -32,8 +32,10 @@ imports the ISA definition and this module, never the codegen), and its artifact
     program.s       the same as assembly, each section introduced by `# section i: ...`
     dram.bin        the DRAM image: weights and params in their layouts, zeroed activations
     sections.json   the config, per section its instruction range, the IR ops it implements,
-                    its DRAM tensors (values, layout, shape, region), MACs and predicted
-                    cycles; and the ops left to the host, each with the reason"""
+                    its DRAM tensors (values, layout, shape, region: inputs the host writes,
+                    resident inputs an earlier section left, constants, outputs), MACs,
+                    predicted cycles and whether it joins the call before it; the ops left
+                    to the host, each with the reason; the outputs that stay on chip"""
 
 from __future__ import annotations
 
@@ -244,9 +246,12 @@ class DramTensor:
 class Section:
     """One accelerator run: `program` (ending in halt) implements the IR ops whose results are
     `ops` (a linear, its requantize, maybe a fused relu) for part of their output (`note` says
-    which). The runtime writes `inputs` into DRAM before the run and reads `outputs` after it;
+    which). The host writes `inputs` into DRAM before the run (before its call) and reads
+    `outputs` after it (those not `AccelProgram.on_chip`); `resident` inputs are an earlier
+    section's outputs, read where that one left them (its layout: tload transposes it);
     `constants` are in the DRAM image. `macs` counts useful multiply-accumulates (no padding),
-    `cycles` is the run's length under the ISA's timing (what the ISA simulator counts)."""
+    `cycles` is the run's length under the ISA's timing (what the ISA simulator counts).
+    `joins`: the section runs in the same call as the one before it."""
 
     ops: tuple[str, ...]
     inputs: tuple[DramTensor, ...]
@@ -256,6 +261,8 @@ class Section:
     macs: int
     cycles: int
     note: str
+    resident: tuple[DramTensor, ...] = ()
+    joins: bool = False
 
     def busy(self, config: AccelConfig) -> dict[str, int]:
         """The cycles each unit is busy in the run (the ISA's occupancy of its instructions), by
@@ -279,36 +286,45 @@ class HostOp:
 
 
 FILES = ("program.bin", "program.s", "dram.bin", "sections.json")
-_FORMAT, _VERSION = "tcc-accel-sections", 1
+_FORMAT, _VERSION = "tcc-accel-sections", 2
 
 
 @dataclass(frozen=True)
 class AccelProgram:
     """What the codegen made of a graph: the config it targets, the accelerator sections in
-    execution order, the ops left to the host and the initial DRAM image. `to_files` /
+    execution order, the ops left to the host, the initial DRAM image and the section outputs
+    the host never reads (`on_chip`: only later sections read them, in place). `to_files` /
     `from_files` (and `save` / `load` on a directory) give its artifact files (`FILES`)."""
 
     config: AccelConfig
     sections: tuple[Section, ...]
     host_ops: tuple[HostOp, ...]
     dram: bytes = field(repr=False)
+    on_chip: frozenset[str] = frozenset()
 
     def calls(self) -> tuple[tuple[Section, ...], ...]:
-        """The sections grouped into the host's calls, in run order: a layer's sections
-        (consecutive, implementing the same ops). A call writes its first section's inputs into
-        DRAM, runs its sections and reads its last section's outputs back."""
+        """The sections grouped into the host's calls, in run order (a section that `joins`
+        runs in the call before it). A call writes its sections' inputs into DRAM, runs them and
+        reads their outputs back (`transfers`)."""
         groups: list[list[Section]] = []
         for section in self.sections:
-            if groups and groups[-1][0].ops == section.ops:
+            if groups and section.joins:
                 groups[-1].append(section)
             else:
                 groups.append([section])
         return tuple(tuple(g) for g in groups)
 
+    def transfers(self, call: tuple[Section, ...]) -> tuple[tuple[DramTensor, ...], tuple[DramTensor, ...]]:
+        """What `call` moves over the link: the inputs the host writes before it, the outputs
+        it reads back after it (each tensor once; outputs only later sections read stay)."""
+        inputs = {t.region.start: t for s in call for t in s.inputs}
+        outputs = {t.region.start: t for s in call for t in s.outputs if t.values[0] not in self.on_chip}
+        return tuple(inputs.values()), tuple(outputs.values())
+
     def link_bytes(self) -> int:
         """The bytes the calls move between the host and DRAM in one run, both ways."""
         size = self.config.dram_bits // 8
-        return sum(t.region.words * size for call in self.calls() for t in call[0].inputs + call[-1].outputs)
+        return sum(t.region.words * size for call in self.calls() for side in self.transfers(call) for t in side)
 
     def weight_words(self) -> dict[str, int]:
         """The DRAM words of each weight the sections read (in its layout, or as the stream
@@ -323,11 +339,11 @@ class AccelProgram:
             comments[len(instructions)] = f"section {i}: {section.note}"
             described.append({"ops": list(section.ops), "offset": len(instructions), "length": len(section.program),
                               "macs": section.macs, "cycles": section.cycles, "note": section.note,
-                              **{key: [_tensor_json(t) for t in getattr(section, key)]
-                                 for key in ("inputs", "constants", "outputs")}})
+                              "joins": section.joins,
+                              **{key: [_tensor_json(t) for t in getattr(section, key)] for key in _TENSORS}})
             instructions.extend(section.program)
         meta = {"format": _FORMAT, "version": _VERSION, "config": self.config.to_json(), "dram_bytes": len(self.dram),
-                "sections": described, "host_ops": [vars(op) for op in self.host_ops]}
+                "sections": described, "host_ops": [vars(op) for op in self.host_ops], "on_chip": sorted(self.on_chip)}
         return {"program.bin": to_binary(instructions), "program.s": to_assembly(instructions, comments).encode(),
                 "dram.bin": bytes(self.dram), "sections.json": (json.dumps(meta, indent=1) + "\n").encode()}
 
@@ -370,6 +386,9 @@ class AccelProgram:
         if missing:
             raise ValueError(f"{missing[0]}: missing in {path}")
         return cls.from_files({name: (path / name).read_bytes() for name in FILES})
+
+
+_TENSORS = ("inputs", "resident", "constants", "outputs")  # a section's DRAM tensors in sections.json
 
 
 def _tensor_json(t: DramTensor) -> dict:
@@ -433,11 +452,15 @@ def _parse(meta: Any, instructions: tuple[Instruction, ...], dram: bytes) -> Acc
         offset += length
         tensors = {key: tuple(_parse_tensor(t, f"{where}.{key}[{j}]", config, len(dram) // word)
                               for j, t in enumerate(_get(raw, key, list, where)))
-                   for key in ("inputs", "constants", "outputs")}
+                   for key in _TENSORS}
         ops = _get(raw, "ops", list, where)
+        joins = _get(raw, "joins", bool, where)
+        if joins and not sections:
+            raise _Invalid(f"{where}.joins: the first section has no call to join")
         sections.append(Section(tuple(_get(ops, j, str, f"{where}.ops") for j in range(len(ops))), **tensors,
                                 program=program, macs=_get(raw, "macs", int, where),
-                                cycles=_get(raw, "cycles", int, where), note=_get(raw, "note", str, where)))
+                                cycles=_get(raw, "cycles", int, where), note=_get(raw, "note", str, where),
+                                joins=joins))
     if offset != len(instructions):
         raise _Invalid(f"the sections hold {offset} instructions, program.bin {len(instructions)}")
     host_ops = []
@@ -445,7 +468,9 @@ def _parse(meta: Any, instructions: tuple[Instruction, ...], dram: bytes) -> Acc
         moved = _get(raw, "moved", bool, f"host_ops[{i}]") if isinstance(raw, dict) and "moved" in raw else False
         host_ops.append(HostOp(*(_get(raw, key, str, f"host_ops[{i}]") for key in ("kind", "result", "reason")),
                                moved=moved))
-    return AccelProgram(config, tuple(sections), tuple(host_ops), dram)
+    on_chip = _get(meta, "on_chip", list, "")
+    return AccelProgram(config, tuple(sections), tuple(host_ops), dram,
+                        frozenset(_get(on_chip, i, str, "on_chip") for i in range(len(on_chip))))
 
 
 def _parse_tensor(raw: Any, where: str, config: AccelConfig, image_words: int) -> DramTensor:

@@ -15,11 +15,14 @@ import numpy as np
 
 from ..config import AccelConfig
 from ..isa import Buffer, Instruction, Opcode, Unit
-from ..layout import DramTensor, batch_words, word_offset
+from ..layout import DramTensor, Layout, batch_words, inner, word_offset
 from .match import Layer
 from .schedule import Node, schedule
 from .tiling import Tiling
 from .weights import Plan
+
+
+TILED = (Layout.ROWS, Layout.OUTPUTS)  # output layouts a later layer's activations tload from
 
 
 class _Ring:
@@ -33,14 +36,19 @@ class _Ring:
         self.readers: list[Node | None] = [None] * slots
         self.next = 0
 
-    def fetch(self, key: tuple, count: int, dram: int, builder: "Builder") -> tuple[int, Node]:
-        """(address, load) of item `key` (`count` words at DRAM word `dram`), loaded into the
-        oldest slot unless a slot holds it."""
+    def fetch(self, key: tuple, count: int, dram: int, builder: "Builder",
+              tiles: tuple[int, int] | None = None) -> tuple[int, Node]:
+        """(address, load) of item `key` (`count` words at DRAM word `dram`; with `tiles`, a
+        tload of `count` tiles, `(step, stride)`), loaded into the oldest slot unless a slot
+        holds it."""
         if key not in self.items:
             slot, self.next = self.next, (self.next + 1) % self.slots
             self.items.pop(self.held[slot], None)
-            load = builder.add(Node(Opcode.LOAD, [self.readers[slot]], builder.config, buf=self.buffer,
-                                    addr=slot * self.size, count=count, dram=dram))
+            fields = dict(buf=self.buffer, addr=slot * self.size, count=count, dram=dram)
+            if tiles is not None:
+                fields.update(step=tiles[0], stride=tiles[1])
+            load = builder.add(Node(Opcode.TLOAD if tiles else Opcode.LOAD, [self.readers[slot]], builder.config,
+                                    **fields))
             self.held[slot], self.items[key] = key, (slot, load)
         slot, load = self.items[key]
         return slot * self.size, load
@@ -94,6 +102,24 @@ class Builder:
         t = self.tensors[role]
         return t.region.start + word_offset(t.layout, t.shape, block, index, self.config, batch)
 
+    def _activations(self, b: int, m: int) -> tuple[int, Node]:
+        """(ABUF address, load) of row block m's activation words for product b: loaded from
+        the activations layout, or, where an earlier section left them in its output layout
+        (rows, or outputs: a word per row of a channel block), by a tload of whole tiles."""
+        x, cfg, words = self.tensors["x"], self.config, self.plan.a_words
+        if x.layout not in TILED:
+            return self.a.fetch(("A", b, m), words, self._dram("x", m, 0, b), self)
+        if self.timing:
+            return self.a.fetch(("A", b, m), -(-words // cfg.rows), 0, self, (0, 0))
+        beats = cfg.beats(Buffer.ABUF)
+        if x.layout is Layout.ROWS:  # a tile: the row block's rows at word j of each (word j + 1 next)
+            start, step, stride = word_offset(x.layout, x.shape, m * cfg.rows, 0, cfg, b), \
+                inner(x.layout, x.shape, cfg) * beats, beats
+        else:  # a tile: words m*rows.. of channel block j (block j + 1 next)
+            start, step, stride = word_offset(x.layout, x.shape, 0, m * cfg.rows, cfg, b), beats, \
+                inner(x.layout, x.shape, cfg) * beats
+        return self.a.fetch(("A", b, m), -(-words // cfg.rows), x.region.start + start, self, (step, stride))
+
     def _constants(self) -> tuple[int, Node]:
         """The fused op's constants at PBUF's top, loaded once per section."""
         if self.constants is None:
@@ -116,7 +142,7 @@ class Builder:
         first, gemm = True, None
         for c, chunk in enumerate(plan.tiles[n]):
             if tiling.resident:
-                a_slot, a_load = self.a.fetch(("A", b, m), plan.a_words, self._dram("x", m, 0, b), self)
+                a_slot, a_load = self._activations(b, m)
                 a = a_slot
             else:
                 a_slot, a_load = self.a.fetch(("A", b, m, c), chunk.k, self._dram("x", m, chunk.k_low, b), self)
@@ -201,9 +227,14 @@ class Builder:
         assert batch is not None
         count = min(self.layer.m, (batch.last + 1) * rows) - batch.first * rows
         b, n = batch.key
-        store = self.add(Node(Opcode.STORE, [batch.requant], self.config, buf=Buffer.OBUF,
-                              addr=batch.slot * self.tiling.batch * rows, count=count,
-                              dram=self._dram("out", n, batch.first * rows, b)))
+        out, cfg = self.tensors["out"], self.config
+        fields = dict(buf=Buffer.OBUF, addr=batch.slot * self.tiling.batch * rows, count=count)
+        if out.layout is Layout.ROWS:  # the tile's rows are a row's words apart
+            store = self.add(Node(Opcode.SSTORE, [batch.requant], cfg, **fields, dram=self._dram(
+                "out", batch.first * rows, n, b), step=inner(out.layout, out.shape, cfg) * cfg.beats(Buffer.OBUF)))
+        else:
+            store = self.add(Node(Opcode.STORE, [batch.requant], cfg, **fields,
+                                  dram=self._dram("out", n, batch.first * rows, b)))
         self.o_readers[batch.slot] = store
         self.batch = None
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import numpy as np
 
 from ..config import AccelConfig
 from ..isa import Buffer, Opcode, Unit
-from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode
-from .emit import Builder
+from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
+from .emit import TILED, Builder
 from .match import Layer, Residual, Unsupported
 from .schedule import Node, schedule
 from .tiling import Tiling, choose_tiling, tile_order
@@ -22,8 +23,9 @@ from .weights import MAX_COUNT, Plan, weight_plan
 TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its sections (`timing`)
 
 
-def _tensors(layer: Layer, plan: Plan, config: AccelConfig) -> dict[str, DramTensor]:
-    """The layer's DRAM tensors by role (x, w, params, constants, out), regions unset."""
+def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[str, DramTensor]:
+    """The layer's DRAM tensors by role (x, w, params, constants, out: in the rows layout for
+    a softmax or with `rows`, else outputs), regions unset."""
     lead = (layer.batch,) if layer.kind != "linear" else ()
     x = Layout.BINARY_ACTIVATIONS if plan.kind == "binary" else Layout.ACTIVATIONS
     tensors = {"x": DramTensor((layer.x,), x, lead + (layer.m, layer.k), Region(0, 0))}
@@ -42,36 +44,71 @@ def _tensors(layer: Layer, plan: Plan, config: AccelConfig) -> dict[str, DramTen
     if constants:
         fused = layer.ops[-1].result
         tensors["constants"] = DramTensor((fused,), Layout.PARAM_WORDS, (len(constants), config.cols), Region(0, 0))
-    out = Layout.ROWS if layer.softmax else Layout.OUTPUTS
+    out = Layout.ROWS if layer.softmax or rows else Layout.OUTPUTS
     tensors["out"] = DramTensor((layer.out,), out, lead + (layer.m, layer.n), Region(0, 0))
     return tensors
 
 
-def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False) \
+def _chained(layer: Layer, plan: Plan, config: AccelConfig, resident: Mapping[str, DramTensor]) -> DramTensor | None:
+    """The earlier section output the layer's activations tload from where it lies (a square
+    array; rows or outputs of the activations' own shape; strides within the tload's fields),
+    or None: the host writes them."""
+    t = resident.get(layer.x)
+    lead = (layer.batch,) if layer.kind != "linear" else ()
+    if t is None or config.rows != config.cols or plan.kind == "binary" or t.layout not in TILED or \
+            t.shape != lead + (layer.m, layer.k):
+        return None
+    stride = inner(t.layout, t.shape, config) * config.beats(Buffer.ABUF)
+    return t if stride <= MAX_COUNT else None
+
+
+def _allocate(allocator: DramAllocator, t: DramTensor, what: str, config: AccelConfig) -> DramTensor:
+    """`t` with a region of its own; an output's is followed by slack, so that a tload of its
+    last row block (whole tiles of `rows` rows) reads no other tensor."""
+    region = allocator.allocate(dram_words(t.layout, t.shape, config), what)
+    if t.layout in TILED:
+        rows = config.rows - 1
+        allocator.allocate(rows * (inner(t.layout, t.shape, config) if t.layout is Layout.ROWS else 1)
+                           * config.beats(t.layout.buffer), f"{what}'s slack")
+    return dataclasses.replace(t, region=region)
+
+
+def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False,
+                  resident: Mapping[str, DramTensor] | None = None, rows: bool = False) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
     """The layer's sections, and its constants' DRAM contents (`timing`: sections with their
-    cycles only, no program, no contents)."""
+    cycles only, no program, no contents). `resident`: earlier sections' outputs by value, which
+    the layer reads in place where it can (`_chained`); `rows`: its output in the rows layout
+    (what a residual add reads; sstores a row's words apart), where the sstore's step fits."""
     plan = weight_plan(layer, config)
-    tiling = choose_tiling(layer, plan, config)
+    chained = _chained(layer, plan, config, resident or {})
+    tiling = choose_tiling(layer, plan, config, tiled=chained is not None)
+    if chained is not None and not tiling.resident:  # streamed chunks of a row: from the activations layout
+        chained, tiling = None, choose_tiling(layer, plan, config)
     tensors = {}
     try:
-        for role, t in _tensors(layer, plan, config).items():
-            words = dram_words(t.layout, t.shape, config)
-            tensors[role] = dataclasses.replace(t, region=allocator.allocate(words, f"{layer.out}'s {t.layout.value}"))
+        rows = rows and math.ceil(layer.n / config.cols) * config.beats(Buffer.OBUF) <= MAX_COUNT
+        for role, t in _tensors(layer, plan, config, rows).items():
+            tensors[role] = chained if role == "x" and chained is not None else \
+                _allocate(allocator, t, f"{layer.out}'s {t.layout.value}", config)
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
-                 layer.mask_shape, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling)
+                 layer.mask_shape, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling, tensors["x"].layout)
     ops = tuple(o.result for o in layer.ops)
-    inputs = tuple(tensors[r] for r in ("x", "w", "mask") if r in tensors and (r != "w" or layer.y))
+    inputs = tuple(tensors[r] for r in ("x", "w", "mask") if r in tensors and (r != "w" or layer.y)
+                   and not (r == "x" and chained is not None))
+    kept = (chained,) if chained is not None else ()
     if timing and signature in TIMINGS:  # sections without programs: their ops, data and cycles
-        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
+        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept)
+                for cycles in TIMINGS[signature]], []
     tiles = tile_order(layer, plan, tiling, config)
     if len(TIMINGS) > 4096:
         TIMINGS.clear()
     if timing:
         TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles)
-        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "") for cycles in TIMINGS[signature]], []
+        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept)
+                for cycles in TIMINGS[signature]], []
     spans = []  # (first tile, end tile, the builder of exactly those tiles)
     while not spans or spans[-1][1] < len(tiles):
         start = spans[-1][1] if spans else 0
@@ -83,8 +120,9 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
         batch = f"{layer.batch} x " if layer.kind != "linear" else ""
         note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
                 f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
-                f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)")
-        sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note))
+                f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)"
+                + (f", activations by tload from {chained.values[0]}'s {chained.layout.value}" if kept else ""))
+        sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note, kept))
     TIMINGS[signature] = tuple(section.cycles for section in sections)
     images = []
     if not layer.y:
@@ -165,12 +203,14 @@ def _span_cycles(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, Dr
     return tuple(cycles)
 
 
-def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelConfig) \
+def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelConfig,
+                     resident: Mapping[str, DramTensor] | None = None) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
     """The residual add and layer norm, row by row on the vector unit: chunks of rows of both
     operands load into OBUF, per row vresadd into PBUF and vlayernorm back into OBUF, a store
     per chunk; two slots of everything, so the next chunk loads while this one runs. A norm
-    alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads them there."""
+    alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads them there.
+    An operand an earlier section left in the rows layout (`resident`) is read where it lies."""
     words = math.ceil(layer.n / config.cols)
     count = len(layer.constants)
     add = bool(layer.b)
@@ -183,9 +223,11 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
     shape = (layer.m, layer.n)
     inputs = (("a", layer.a, Layout.ROWS if add else Layout.PBUF_ROWS, shape),) + \
         ((("b", layer.b, Layout.ROWS, shape),) if add else ())
+    kept = {role: resident[value] for role, value, lay, shp in inputs
+            if resident and value in resident and (resident[value].layout, resident[value].shape) == (lay, shp)}
     try:
-        tensors = {role: DramTensor((value,), lay, shp, allocator.allocate(dram_words(lay, shp, config),
-                                                                           f"{layer.out}'s {role}"))
+        tensors = {role: kept.get(role) or _allocate(allocator, DramTensor((value,), lay, shp, Region(0, 0)),
+                                                     f"{layer.out}'s {role}", config)
                    for role, value, lay, shp in inputs + (("constants", layer.ops[-1].result, Layout.PARAM_WORDS,
                                                            layer.constants.shape),
                                                           ("out", layer.out, Layout.ROWS, shape))}
@@ -239,6 +281,8 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
         what = "residual add and layer norm" if add else "layer norm"
         note = (f"{' -> '.join(o.result for o in layer.ops)}: rows {first}..{end - 1} of {layer.m}, N={layer.n}, "
                 f"{what} on the vector unit, {chunk} rows per chunk")
-        sections.append(Section(tuple(o.result for o in layer.ops), tuple(tensors[r] for r in ("a", "b") if r in tensors),
-                                (tensors["constants"],), (tensors["out"],), program, 0, cycles, note))
+        sections.append(Section(tuple(o.result for o in layer.ops),
+                                tuple(tensors[r] for r in ("a", "b") if r in tensors and r not in kept),
+                                (tensors["constants"],), (tensors["out"],), program, 0, cycles, note,
+                                tuple(kept.values())))
     return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))]

@@ -13,7 +13,8 @@ and the residual add of widened i8 values into `requantize -> int_layer_norm` (r
 on the vector unit), or an `int_layer_norm` alone. Leading batch dims of a linear's x flatten
 into M. Every other op runs
 on the host; `AccelProgram.host_ops` says why (layout ops are data movement between
-sections: the DMA moves contiguous runs only)."""
+sections: the DMA moves contiguous runs, whole tiles transposed and rows apart, not other
+re-layouts)."""
 
 from __future__ import annotations
 
@@ -320,6 +321,13 @@ MATCHERS = {"linear": _match, "matmul": _match_matmul, "add": _match_residual,  
             "int_layer_norm": _match_norm}
 
 
+def residual_operands(graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> frozenset[str]:
+    """The values residual adds on the vector unit read (`_match_residual`): a layer computing
+    one writes it in the rows layout they read."""
+    found = (_match_residual(op, graph, users, config) for op in graph.ops if op.kind == "add")
+    return frozenset(v for r in found if isinstance(r, Residual) for v in (r.a, r.b))
+
+
 LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "select", "slice", "squeeze", "unsqueeze", "expand", "cat"})
 
 
@@ -330,6 +338,6 @@ def host_reason(op: Op, why: dict[str, str]) -> str:
         return "conversions between float and integer run on the host"
     if op.kind in LAYOUT_OPS and op.type.dtype.is_int:
         return "data movement: the host re-lays the tensor out between accelerator sections (the DMA moves " \
-               "contiguous runs only)"
+               "contiguous runs, whole tiles transposed and rows apart: not this)"
     return f"the accelerator runs integer linear and matmul -> requantize (-> relu | int_gelu) or int_softmax, and " \
            f"(residual add ->) int_layer_norm; not {op.kind} on {op.type.dtype}"

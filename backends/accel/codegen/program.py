@@ -4,15 +4,16 @@ the other ops host ops with their reason) and `timing` (its cycles without build
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from dataclasses import dataclass
 
 from tcc.ir.graph import Graph
 
 from ..config import AccelConfig
-from ..layout import AccelProgram, DramAllocator, HostOp, Region, Section
+from ..layout import AccelProgram, DramAllocator, DramTensor, HostOp, Region, Section
 from .layer import compile_layer, compile_residual
-from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason
+from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason, residual_operands
 
 
 def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
@@ -68,7 +69,9 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
     images: list[tuple[Region, bytes]] = []
     why: dict[str, str] = {}
     placed: set[str] = set()
+    resident: dict[str, DramTensor] = {}  # the sections' outputs so far, by value
     users = graph.users()
+    rows = residual_operands(graph, users, config)
     for op in graph.ops:
         if op.kind not in MATCHERS or op.result in placed:
             continue
@@ -79,9 +82,10 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
         start = allocator.used
         try:
             if isinstance(layer, Residual):
-                layer_sections, constants = compile_residual(layer, allocator, config)
+                layer_sections, constants = compile_residual(layer, allocator, config, resident)
             else:
-                layer_sections, constants = compile_layer(layer, allocator, config, timing)
+                layer_sections, constants = compile_layer(layer, allocator, config, timing, resident,
+                                                          rows=layer.out in rows)
         except Unsupported as e:
             allocator.used = start
             why[op.result] = str(e)
@@ -89,6 +93,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
         sections.extend(layer_sections)
         images.extend(constants)
         placed.update(o.result for o in layer.ops)
+        resident.update((t.values[0], t) for t in layer_sections[0].outputs)
     dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
     for region, data in images:
         dram[region.byte_slice(config)] = data
@@ -96,7 +101,33 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
     host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else why.get(op.result) or host_reason(op, why),
                         moved=op.result in moved)
                  for op in graph.ops if op.result not in placed)
-    return AccelProgram(config, tuple(sections), host, bytes(dram))
+    calls, on_chip = _calls(graph, sections, placed)
+    return AccelProgram(config, calls, host, bytes(dram), on_chip)
+
+
+def _calls(graph: Graph, sections: list[Section], placed: set[str]) -> tuple[tuple[Section, ...], frozenset[str]]:
+    """The sections with their calls (`Section.joins`), and the outputs the host never reads.
+    A layer joins the call before it unless the host writes it a value that call computes (a
+    round trip), or a host op placed between them in the graph reads one (the call runs where
+    its last layer stands). Outputs that no host op, graph output or host-written input reads
+    stay on chip."""
+    index = {op.result: i for i, op in enumerate(graph.ops)}
+    host_reads: dict[int, set[str]] = {i: set(op.operands) for i, op in enumerate(graph.ops) if op.result not in placed}
+    needed = set(graph.outputs).union(*host_reads.values(), (t.values[0] for s in sections for t in s.inputs))
+    out: list[Section] = []
+    computed: set[str] = set()  # the current call's outputs
+    first = 0  # the graph index of the current call's first op
+    for section in sections:
+        positions = [index[r] for r in section.ops]
+        joins = bool(out) and (section.ops == out[-1].ops or (
+            not any(t.values[0] in computed for t in section.inputs)
+            and not any(host_reads[i] & computed for i in range(first, max(positions)) if i in host_reads)))
+        if not joins:
+            computed, first = set(), min(positions)
+        computed.update(t.values[0] for t in section.outputs)
+        out.append(dataclasses.replace(section, joins=joins))
+    on_chip = frozenset(t.values[0] for s in sections for t in s.outputs) - needed
+    return tuple(out), on_chip
 
 
 MOVED = ("addressing: the host re-lays the tensor out as it moves it from one accelerator layer to the next "

@@ -36,13 +36,15 @@ class Tiling:
     o_slots: int
 
 
-def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig) -> Tiling:
+def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig, tiled: bool = False) -> Tiling:
+    """The layer's buffer slots and groups; `tiled`: its activations arrive by tload, whole
+    tiles of `rows` words (a row block's slot rounds up to whole tiles)."""
     rows = config.rows
     if config.obuf_depth < rows:
         raise Unsupported(f"OBUF ({config.obuf_depth} words) holds no requantized tile ({rows} words)")
     resident = plan.a_words <= min(config.abuf_depth, MAX_COUNT)
-    a_size = -(-plan.a_words // plan.a_align) * plan.a_align if resident else \
-        max(c.k for tile in plan.tiles for c in tile)
+    align = math.lcm(plan.a_align, rows) if tiled else plan.a_align
+    a_size = -(-plan.a_words // align) * align if resident else max(c.k for tile in plan.tiles for c in tile)
     if a_size > config.abuf_depth:
         raise Unsupported(f"a row block's {a_size} activation words exceed ABUF ({config.abuf_depth} words)")
     a_slots = min(config.abuf_depth // a_size, _MAX_SLOTS)

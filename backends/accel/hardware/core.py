@@ -62,7 +62,9 @@ class Builder:
         assert max(Opcode) < 1 << isa.OPCODE.width
         assert _HEADER["wait"].width == _HEADER["signal"].width == ntok
         self.ops = _present_ops(cfg)
-        self.dma_width = (65535 * max(cfg.beats(b) for b in Buffer) + cfg.dram_latency).bit_length()
+        # a DMA instruction's cycles: at most 65535 tiles of `rows` words (tload), and the tile's columns
+        self.dma_width = (65535 * max(cfg.beats(b) for b in Buffer) * cfg.rows + cfg.dram_latency
+                          + cfg.rows).bit_length()
         self._memories()
         self._fetch()
         # an opcode of a unit the config leaves out never issues (nor does an unknown one): the

@@ -24,15 +24,25 @@ DRAM_ADDR_BITS = 32
 
 def load_engine(builder: Builder):
     """The load engine: requests beat j at k = L-1+j (k: cycles since issue), receives it at
-    k = L+j, writes a buffer word when its last beat arrives."""
+    k = L+j, writes a buffer word when its last beat arrives. A tload requests its tiles'
+    source words (`step` apart, tiles `stride` apart) and collects each tile's words as the rows
+    of one of two tile registers; once a tile is in, its columns are written, one a cycle,
+    while the next tile fills the other register."""
     cfg, mems, f = builder.cfg, builder.mems, builder.f
     D, L, dma_width = cfg.dram_bits, cfg.dram_latency, builder.dma_width
     iss = builder.issue_u[Unit.LOAD]
-    busy, idle = builder.busy(Unit.LOAD, Const(L, dma_width) + _transfer_beats(builder, Opcode.LOAD), dma_width)
+    tiled = builder.held(Unit.LOAD, "ld_tiled", builder.is_op[Opcode.TLOAD])
+    lanes = cfg.rows  # a tload's tile: lanes x lanes (a square array's ABUF and BBUF words)
+    occupancy = Const(L, dma_width) + _transfer_beats(builder, Opcode.LOAD) + \
+        select(builder.is_op[Opcode.TLOAD], Const(lanes, dma_width), Const(0, dma_width))
+    busy, idle = builder.busy(Unit.LOAD, occupancy, dma_width)
     sig = builder.held(Unit.LOAD, "load_sig", builder.sigm)
     o_raddr, o_re = Output(DRAM_ADDR_BITS, "dram_raddr"), Output(1, "dram_re")
 
+    max_beats = max(cfg.beats(b) for b in Buffer)
+    bw = max(1, (max_beats - 1).bit_length())
     lw = max(1, (L - 1).bit_length())
+    iw = max(1, (lanes - 1).bit_length())
     l_wait, l_left = Register(lw, "ld_wait"), Register(dma_width, "ld_left")
     l_addr = Register(DRAM_ADDR_BITS, "ld_dram")
     eff_wait = select(iss, Const(L - 1, lw), l_wait)
@@ -41,14 +51,32 @@ def load_engine(builder: Builder):
     request = (eff_wait == 0) & nonzero(eff_left)
     l_wait.next <<= fit(select(eff_wait == 0, Const(0, lw), eff_wait - 1), lw)
     l_left.next <<= fit(select(request, eff_left - 1, eff_left), dma_width)
-    l_addr.next <<= fit(select(request, eff_addr + 1, eff_addr), DRAM_ADDR_BITS)
+
+    # a tload's addresses: the beats of a source word, then the tile's next word (`step` on),
+    # then the next tile (`stride` on from the tile's first word)
+    step = builder.held(Unit.LOAD, "ld_step", f(Opcode.TLOAD, "step"))
+    stride = builder.held(Unit.LOAD, "ld_stride", f(Opcode.TLOAD, "stride"))
+    buf = builder.held(Unit.LOAD, "ld_rbuf", f(Opcode.LOAD, "buf"))
+    q_beat, q_word = Register(bw, "ld_qbeat"), Register(iw, "ld_qword")
+    word_at, tile_at = Register(DRAM_ADDR_BITS, "ld_word_at"), Register(DRAM_ADDR_BITS, "ld_tile_at")
+    eff_beat = select(iss, Const(0, bw), q_beat)
+    eff_word = select(iss, Const(0, iw), q_word)
+    eff_word_at = select(iss, eff_addr, word_at)
+    eff_tile_at = select(iss, eff_addr, tile_at)
+    word_end = eff_beat == fit(_beats_of(builder, buf, 1), bw)
+    tile_end = word_end & (eff_word == lanes - 1)
+    next_word_at = fit(select(tile_end, eff_tile_at + stride, eff_word_at + step), DRAM_ADDR_BITS)
+    moving = request & tiled & word_end
+    q_beat.next <<= fit(select(request, select(word_end, Const(0, bw), eff_beat + 1), eff_beat), bw)
+    q_word.next <<= fit(select(request & word_end, select(tile_end, Const(0, iw), eff_word + 1), eff_word), iw)
+    word_at.next <<= select(moving, next_word_at, eff_word_at)
+    tile_at.next <<= select(moving & tile_end, next_word_at, eff_tile_at)
+    l_addr.next <<= fit(select(request, select(moving, next_word_at, eff_addr + 1), eff_addr), DRAM_ADDR_BITS)
     o_raddr <<= eff_addr
     o_re <<= request
 
     rvalid = Register(1, "ld_rvalid")
     rvalid.next <<= request
-    max_beats = max(cfg.beats(b) for b in Buffer)
-    bw = max(1, (max_beats - 1).bit_length())
     l_buf, l_beat = Register(2, "ld_buf"), Register(bw, "ld_beat")
     l_waddr = Register(16, "ld_waddr")
     last_beat = l_beat == fit(_beats_of(builder, l_buf, 1), bw)
@@ -61,14 +89,48 @@ def load_engine(builder: Builder):
         r = Register(D, f"ld_beat{p}")
         r.next <<= select(rvalid & (l_beat == p), builder.dram_rdata, r)
         parts.append(r)
+    words = {b: fit(concat_list(parts[:cfg.beats(b) - 1] + [builder.dram_rdata]), cfg.word_bits(b)) for b in Buffer}
+    column, shifting, t_waddr = _transposer(builder, words[Buffer.ABUF], word_done & tiled, lanes, iw)
     for b in Buffer:
-        word = concat_list(parts[:cfg.beats(b) - 1] + [builder.dram_rdata])
-        mems[b].write("load", l_waddr, fit(word, cfg.word_bits(b)), word_done & (l_buf == int(b)))
+        if b in (Buffer.ABUF, Buffer.BBUF):  # a tload's columns through the same write port
+            mems[b].write("load", select(shifting, t_waddr, l_waddr), select(shifting, column, words[b]),
+                          ((word_done & ~tiled) | shifting) & (l_buf == int(b)))
+        else:
+            mems[b].write("load", l_waddr, words[b], word_done & ~tiled & (l_buf == int(b)))
     return idle, busy == 1, sig
 
 
+def _transposer(builder: Builder, word: WireVector, arrived: WireVector, lanes: int, iw: int):
+    """A tload's tiles: the `lanes` source words of a tile (`arrived` a cycle each, as `word`)
+    become the rows of one of two tile registers; from the cycle after a tile's last row its
+    columns leave, lane 0 of every row first (then each row shifts down a lane), one a cycle,
+    while the next tile fills the other register. Returns (the column word, a column leaves
+    this cycle, its buffer address: the tload's `addr` on, a word a column)."""
+    lane_bits = builder.cfg.data_bits
+    row, bank = Register(iw, "tl_row"), Register(1, "tl_bank")
+    out_bank, left = Register(1, "tl_out_bank"), Register(iw + 1, "tl_left")
+    waddr = Register(16, "tl_waddr")
+    iss = builder.issue_u[Unit.LOAD]
+    full = arrived & (row == lanes - 1)
+    row.next <<= fit(select(iss, Const(0, iw), select(arrived, select(full, Const(0, iw), row + 1), row)), iw)
+    bank.next <<= select(iss, Const(0, 1), select(full, ~bank, bank))
+    shifting = nonzero(left)
+    left.next <<= fit(select(full, Const(lanes, iw + 1), select(shifting, left - 1, left)), iw + 1)
+    out_bank.next <<= select(full, bank, out_bank)
+    waddr.next <<= fit(select(iss, builder.f(Opcode.TLOAD, "addr"), select(shifting, waddr + 1, waddr)), 16)
+    rows = [[Register(lanes * lane_bits, f"tl_tile{k}_row{i}") for i in range(lanes)] for k in range(2)]
+    for k, tile in enumerate(rows):
+        for i, reg in enumerate(tile):
+            shift = shifting & (out_bank == k)
+            down = fit(reg[lane_bits:], lanes * lane_bits) if lanes > 1 else reg  # one lane: nothing to shift
+            reg.next <<= select(arrived & (bank == k) & (row == i), word, select(shift, down, reg))
+    column = concat_list([select(out_bank, rows[1][i][:lane_bits], rows[0][i][:lane_bits]) for i in range(lanes)])
+    return column, shifting, waddr
+
+
 def store_engine(builder: Builder):
-    """The store engine: presents buffer word w at k = L-1+w*beats, writes beat j at k = L+j."""
+    """The store engine: presents buffer word w at k = L-1+w*beats, writes beat j at k = L+j;
+    an sstore's words start `step` DRAM words apart."""
     cfg, mems, f = builder.cfg, builder.mems, builder.f
     D, L, dma_width = cfg.dram_bits, cfg.dram_latency, builder.dma_width
     iss = builder.issue_u[Unit.STORE]
@@ -96,7 +158,15 @@ def store_engine(builder: Builder):
     s_beat.next <<= fit(select(writing, select(last_in_word, Const(0, bw), eff_beat + 1), eff_beat), bw)
     s_rptr.next <<= fit(select(present, eff_rptr + 1, eff_rptr), 16)
     s_buf.next <<= eff_buf
-    s_daddr.next <<= fit(select(iss, f(Opcode.STORE, "dram"), select(writing, s_daddr + 1, s_daddr)),
+    step = builder.held(Unit.STORE, "st_step", select(builder.is_op[Opcode.SSTORE], f(Opcode.SSTORE, "step"),
+                                                      Const(0, 16)))
+    word_at = Register(DRAM_ADDR_BITS, "st_word_at")  # the first DRAM word of the word being written
+    eff_word_at = select(iss, f(Opcode.STORE, "dram"), word_at)
+    jump = writing & last_in_word & nonzero(step)
+    next_word = fit(eff_word_at + step, DRAM_ADDR_BITS)
+    word_at.next <<= select(jump, next_word, eff_word_at)
+    s_daddr.next <<= fit(select(iss, f(Opcode.STORE, "dram"), select(jump, next_word, select(writing, s_daddr + 1,
+                                                                                              s_daddr))),
                          DRAM_ADDR_BITS)
     beat_data = []
     for b in Buffer:
@@ -116,9 +186,14 @@ def _beats_of(builder: Builder, buf: WireVector, minus: int = 0) -> WireVector:
 
 
 def _transfer_beats(builder: Builder, o: Opcode) -> WireVector:
-    """count * beats(buf) of the DMA instruction in `ir`."""
+    """The DRAM words the DMA instruction in `ir` moves: count * beats(buf), a tload's count
+    tiles of lanes words each."""
     count, buf = builder.f(o, "count"), builder.f(o, "buf")
-    return mux(buf, *[const_mul(count, builder.cfg.beats(b), builder.dma_width) for b in Buffer])
+    plain = mux(buf, *[const_mul(count, builder.cfg.beats(b), builder.dma_width) for b in Buffer])
+    if o is not Opcode.LOAD:
+        return plain
+    tiles = mux(buf, *[const_mul(count, builder.cfg.beats(b) * builder.cfg.rows, builder.dma_width) for b in Buffer])
+    return select(builder.is_op[Opcode.TLOAD], tiles, plain)
 
 
 def dram_extent(program, config: AccelConfig) -> int:

@@ -16,13 +16,11 @@ import numpy as np
 from ..config import AccelConfig
 from ..isa import Buffer, Instruction, Opcode, Unit
 from ..layout import DramTensor, Layout, batch_words, inner, word_offset
+from .addressing import InPlace, Reads
 from .match import Layer
 from .schedule import Node, schedule
 from .tiling import Tiling
-from .weights import Plan
-
-
-TILED = (Layout.ROWS, Layout.OUTPUTS)  # output layouts a later layer's activations tload from
+from .weights import Chunk, Plan
 
 
 class _Ring:
@@ -37,18 +35,19 @@ class _Ring:
         self.next = 0
 
     def fetch(self, key: tuple, count: int, dram: int, builder: "Builder",
-              tiles: tuple[int, int] | None = None) -> tuple[int, Node]:
-        """(address, load) of item `key` (`count` words at DRAM word `dram`; with `tiles`, a
-        tload of `count` tiles, `(step, stride)`), loaded into the oldest slot unless a slot
-        holds it."""
+              pieces: list[tuple[int, int, int, int, int]] | None = None) -> tuple[int, Node]:
+        """(address, load) of item `key` (`count` words at DRAM word `dram`; with `pieces`,
+        tloads in order instead: (slot word, tiles, DRAM word, step, stride) each, the load
+        returned the last), loaded into the oldest slot unless a slot holds it."""
         if key not in self.items:
             slot, self.next = self.next, (self.next + 1) % self.slots
             self.items.pop(self.held[slot], None)
-            fields = dict(buf=self.buffer, addr=slot * self.size, count=count, dram=dram)
-            if tiles is not None:
-                fields.update(step=tiles[0], stride=tiles[1])
-            load = builder.add(Node(Opcode.TLOAD if tiles else Opcode.LOAD, [self.readers[slot]], builder.config,
-                                    **fields))
+            deps, cfg, base = [self.readers[slot]], builder.config, slot * self.size
+            if pieces is None:
+                load = builder.add(Node(Opcode.LOAD, deps, cfg, buf=self.buffer, addr=base, count=count, dram=dram))
+            for at, tiles, start, step, stride in pieces or ():
+                load = builder.add(Node(Opcode.TLOAD, deps, cfg, buf=self.buffer, addr=base + at, count=tiles,
+                                        dram=start, step=step, stride=stride))
             self.held[slot], self.items[key] = key, (slot, load)
         slot, load = self.items[key]
         return slot * self.size, load
@@ -73,9 +72,9 @@ class Builder:
     cycles only, with no DRAM addresses and no program)."""
 
     def __init__(self, layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor],
-                 config: AccelConfig, timing: bool = False):
+                 config: AccelConfig, timing: bool = False, reads: Reads = Reads()):
         self.layer, self.plan, self.tiling, self.tensors, self.config = layer, plan, tiling, tensors, config
-        self.timing = timing
+        self.timing, self.reads = timing, reads
         self.streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
         self.a = _Ring(Buffer.ABUF, tiling.a_size, tiling.a_slots)
         self.w = _Ring(Buffer.BBUF, tiling.b_size, tiling.b_slots)
@@ -104,21 +103,28 @@ class Builder:
 
     def _activations(self, b: int, m: int) -> tuple[int, Node]:
         """(ABUF address, load) of row block m's activation words for product b: loaded from
-        the activations layout, or, where an earlier section left them in its output layout
-        (rows, or outputs: a word per row of a channel block), by a tload of whole tiles."""
-        x, cfg, words = self.tensors["x"], self.config, self.plan.a_words
-        if x.layout not in TILED:
-            return self.a.fetch(("A", b, m), words, self._dram("x", m, 0, b), self)
-        if self.timing:
-            return self.a.fetch(("A", b, m), -(-words // cfg.rows), 0, self, (0, 0))
-        beats = cfg.beats(Buffer.ABUF)
-        if x.layout is Layout.ROWS:  # a tile: the row block's rows at word j of each (word j + 1 next)
-            start, step, stride = word_offset(x.layout, x.shape, m * cfg.rows, 0, cfg, b), \
-                inner(x.layout, x.shape, cfg) * beats, beats
-        else:  # a tile: words m*rows.. of channel block j (block j + 1 next)
-            start, step, stride = word_offset(x.layout, x.shape, 0, m * cfg.rows, cfg, b), beats, \
-                inner(x.layout, x.shape, cfg) * beats
-        return self.a.fetch(("A", b, m), -(-words // cfg.rows), x.region.start + start, self, (step, stride))
+        the activations layout, or read in place (`self.place`) by tloads of whole tiles."""
+        place, cfg = self.reads.x, self.config
+        if place is None:
+            return self.a.fetch(("A", b, m), self.plan.a_words, self._dram("x", m, 0, b), self)
+        i = place.index(b, m)
+        pieces = [(p.at, p.tiles, *((0, 0, 0) if self.timing else place.start(p, cfg))) for p in place.pieces[i]]
+        address, load = self.a.fetch(("A", b, m), 0, 0, self, pieces)
+        return address + place.shifts[i], load
+
+    def _weights(self, b: int, n: int, c: int, chunk: Chunk, dram: int) -> tuple[int, Node]:
+        """(BBUF address, load) of chunk c of column tile n's weights for product b (at DRAM
+        word `dram` in their layout), or of a matmul's right operand read in place: by plain
+        loads of the source's channel blocks, or by tloads."""
+        place, cfg = self.reads.y, self.config
+        if not isinstance(place, InPlace):
+            if place is not None and not self.timing:
+                dram = place.dram(b, n, chunk.k_low, cfg)
+            return self.w.fetch(("W", b, n, c), chunk.words, dram, self)
+        i = place.index(b, n)
+        pieces = [(p.at, p.tiles, *((0, 0, 0) if self.timing else place.start(p, cfg))) for p in place.pieces[i]]
+        address, load = self.w.fetch(("W", b, n, c), 0, 0, self, pieces)
+        return address + place.shifts[i], load
 
     def _constants(self) -> tuple[int, Node]:
         """The fused op's constants at PBUF's top, loaded once per section."""
@@ -147,7 +153,7 @@ class Builder:
             else:
                 a_slot, a_load = self.a.fetch(("A", b, m, c), chunk.k, self._dram("x", m, chunk.k_low, b), self)
                 a = a_slot - chunk.k_low  # the steps count from the row's first word
-            w_slot, w_load = self.w.fetch(("W", b, n, c), chunk.words, w_base + chunk.start * beats, self)
+            w_slot, w_load = self._weights(b, n, c, chunk, w_base + chunk.start * beats)
             for step in chunk.steps:
                 fields = dict(step.fields)
                 fields["a"] += a

@@ -14,7 +14,8 @@ import numpy as np
 from ..config import AccelConfig
 from ..isa import Buffer, Opcode, Unit
 from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
-from .emit import TILED, Builder
+from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks
+from .emit import Builder
 from .match import Layer, Residual, Unsupported
 from .schedule import Node, schedule
 from .tiling import Tiling, choose_tiling, tile_order
@@ -49,17 +50,19 @@ def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[
     return tensors
 
 
-def _chained(layer: Layer, plan: Plan, config: AccelConfig, resident: Mapping[str, DramTensor]) -> DramTensor | None:
-    """The earlier section output the layer's activations tload from where it lies (a square
-    array; rows or outputs of the activations' own shape; strides within the tload's fields),
-    or None: the host writes them."""
-    t = resident.get(layer.x)
-    lead = (layer.batch,) if layer.kind != "linear" else ()
-    if t is None or config.rows != config.cols or plan.kind == "binary" or t.layout not in TILED or \
-            t.shape != lead + (layer.m, layer.k):
-        return None
-    stride = inner(t.layout, t.shape, config) * config.beats(Buffer.ABUF)
-    return t if stride <= MAX_COUNT else None
+def _reads(layer: Layer, plan: Plan, config: AccelConfig, x: Found | None, y: Found | None) -> Reads:
+    """What the layer reads in place: its activations (not packed binary ones); a dense
+    matmul's right operand by plain loads where its column tiles are whole channel blocks of
+    the source (V's heads), else by tloads where one chunk holds each column tile's (K^T: its
+    output channels are the source's rows, so transposed it is laid out as activations)."""
+    place_x = activations(x, layer.batch, layer.m, layer.k, plan.a_align, config) \
+        if x is not None and plan.kind != "binary" else None
+    place_y = None
+    if y is not None and layer.y and plan.kind == "dense":
+        t, index, ops = y
+        place_y = channel_blocks(y, layer.batch, layer.k, layer.n, config) or (activations(
+            (t, np.swapaxes(index, -1, -2), ops), layer.batch, layer.n, layer.k, 1, config) if plan.chunks == 1 else None)
+    return Reads(place_x, place_y)
 
 
 def _allocate(allocator: DramAllocator, t: DramTensor, what: str, config: AccelConfig) -> DramTensor:
@@ -74,31 +77,38 @@ def _allocate(allocator: DramAllocator, t: DramTensor, what: str, config: AccelC
 
 
 def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False,
-                  resident: Mapping[str, DramTensor] | None = None, rows: bool = False) \
+                  found: tuple[Found | None, Found | None] = (None, None), rows: bool = False) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
     """The layer's sections, and its constants' DRAM contents (`timing`: sections with their
-    cycles only, no program, no contents). `resident`: earlier sections' outputs by value, which
-    the layer reads in place where it can (`_chained`); `rows`: its output in the rows layout
-    (what a residual add reads; sstores a row's words apart), where the sstore's step fits."""
+    cycles only, no program, no contents). `found`: the earlier section outputs its
+    activations and a matmul's right operand come from (`addressing.source`), read in place
+    where tloads can (`_reads`: the layout ops between become addressing, which the sections
+    implement); `rows`: its output in the rows layout (what a residual add reads; sstores a
+    row's words apart), where the sstore's step fits."""
     plan = weight_plan(layer, config)
-    chained = _chained(layer, plan, config, resident or {})
-    tiling = choose_tiling(layer, plan, config, tiled=chained is not None)
-    if chained is not None and not tiling.resident:  # streamed chunks of a row: from the activations layout
-        chained, tiling = None, choose_tiling(layer, plan, config)
+    reads = _reads(layer, plan, config, *found)
+    tiled_w = reads.y.words if isinstance(reads.y, InPlace) else 0
+    tiling = choose_tiling(layer, plan, config, reads.x.words if reads.x else 0, tiled_w)
+    if reads.x is not None and not tiling.resident:  # streamed chunks of a row: from the activations layout
+        reads = Reads(None, reads.y)
+        tiling = choose_tiling(layer, plan, config, 0, tiled_w)
     tensors = {}
     try:
         rows = rows and math.ceil(layer.n / config.cols) * config.beats(Buffer.OBUF) <= MAX_COUNT
         for role, t in _tensors(layer, plan, config, rows).items():
-            tensors[role] = chained if role == "x" and chained is not None else \
-                _allocate(allocator, t, f"{layer.out}'s {t.layout.value}", config)
+            place = reads.x if role == "x" else reads.y if role == "w" and layer.y else None
+            tensors[role] = place.source if place else _allocate(allocator, t, f"{layer.out}'s {t.layout.value}",
+                                                                 config)
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
-                 layer.mask_shape, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling, tensors["x"].layout)
-    ops = tuple(o.result for o in layer.ops)
+                 layer.mask_shape, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling,
+                 tuple(reads.tiles(b, m, n) for b in range(layer.batch) for m in range(math.ceil(layer.m / config.rows))
+                       for n in range(math.ceil(layer.n / config.cols))))
+    ops = tuple(o.result for o in reads.ops + layer.ops)
     inputs = tuple(tensors[r] for r in ("x", "w", "mask") if r in tensors and (r != "w" or layer.y)
-                   and not (r == "x" and chained is not None))
-    kept = (chained,) if chained is not None else ()
+                   and not (r == "x" and reads.x) and not (r == "w" and reads.y))
+    kept = reads.sources
     if timing and signature in TIMINGS:  # sections without programs: their ops, data and cycles
         return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept)
                 for cycles in TIMINGS[signature]], []
@@ -106,13 +116,13 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     if len(TIMINGS) > 4096:
         TIMINGS.clear()
     if timing:
-        TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles)
+        TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles, reads)
         return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept)
                 for cycles in TIMINGS[signature]], []
     spans = []  # (first tile, end tile, the builder of exactly those tiles)
     while not spans or spans[-1][1] < len(tiles):
         start = spans[-1][1] if spans else 0
-        spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start)))
+        spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start, reads)))
     constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
     sections = []
     for first, end, builder in spans:
@@ -121,7 +131,9 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
         note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
                 f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
                 f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)"
-                + (f", activations by tload from {chained.values[0]}'s {chained.layout.value}" if kept else ""))
+                + "".join(f", {what} by tload from {p.source.values[0]}'s {p.source.layout.value}"
+                          + (f" through {', '.join(o.kind for o in p.ops)}" if p.ops else "")
+                          for what, p in (("activations", reads.x), ("right operand", reads.y)) if p))
         sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note, kept))
     TIMINGS[signature] = tuple(section.cycles for section in sections)
     images = []
@@ -141,10 +153,11 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
 
 
 def _span(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
-          tiles: list[tuple[int, int, int]], start: int, timing: bool = False) -> tuple[int, "Builder"]:
+          tiles: list[tuple[int, int, int]], start: int, reads: Reads, timing: bool = False) \
+        -> tuple[int, "Builder"]:
     """The section from tile `start`: as many tiles as its program memory holds. Returns the
     end tile and the builder of exactly tiles[start:end]."""
-    builder = Builder(layer, plan, tiling, tensors, config, timing)
+    builder = Builder(layer, plan, tiling, tensors, config, timing, reads)
     for end in range(start, len(tiles)):
         mark = builder.mark()
         builder.tile(*tiles[end])
@@ -158,25 +171,27 @@ def _span(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTenso
 
 
 def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, int, int]],
-              classes: list[int]) -> tuple:
+              classes: list[int], reads: Reads) -> tuple:
     """What the instructions of a section of `tiles` and their timing depend on, addresses
     aside, tile by tile: its product, row block and column tile numbered by first appearance
     (the keys of the rings and batches), the step from the previous row block, the row
-    block's parity and rows, the column tile's chunk structure (`classes`) and whether it is
-    the last. A prefix of the tiles has a prefix of the key."""
+    block's parity and rows, the column tile's chunk structure (`classes`), whether it is
+    the last, and the tiles of its product's tloads. A prefix of the tiles has a prefix of the
+    key."""
     names: dict[tuple, int] = {}
     last_n = math.ceil(layer.n / config.cols) - 1
     key, previous = [], None
     for b, m, n in tiles:
         ids = tuple(names.setdefault(k, len(names)) for k in (("b", b), ("m", b, m), ("n", b, n), ("p", n)))
         rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
-        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n))
+        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n,
+                    reads.tiles(b, m, n)))
         previous = m
     return tuple(key)
 
 
 def _span_cycles(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
-                 tiles: list[tuple[int, int, int]]) -> tuple[int, ...]:
+                 tiles: list[tuple[int, int, int]], reads: Reads) -> tuple[int, ...]:
     """The cycles of each section `compile_layer` cuts the layer into, scheduling only sections
     unlike those before: one whose tiles have the `_span_key` of a section already scheduled,
     and whose next tile has it too (so it ends where that one did), takes its cycles."""
@@ -189,14 +204,14 @@ def _span_cycles(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, Dr
     while start < len(tiles):
         if length:
             end = min(start + length, len(tiles))
-            key = _span_key(layer, plan, config, tiles[start:end + 1], classes)
+            key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
             hit = seen.get(key[:end - start])
             if hit is not None and (end == len(tiles) or hit[0] == key):
                 cycles.append(hit[1])
                 start = end
                 continue
-        end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, timing=True)
-        key = _span_key(layer, plan, config, tiles[start:end + 1], classes)
+        end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, reads, timing=True)
+        key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
         seen[key[:end - start]] = (key if end < len(tiles) else None, builder.finish()[1])
         cycles.append(seen[key[:end - start]][1])
         start, length = end, end - start

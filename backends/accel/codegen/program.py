@@ -12,6 +12,7 @@ from tcc.ir.graph import Graph
 
 from ..config import AccelConfig
 from ..layout import AccelProgram, DramAllocator, DramTensor, HostOp, Region, Section
+from .addressing import source
 from .layer import compile_layer, compile_residual
 from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason, residual_operands
 
@@ -84,7 +85,9 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
             if isinstance(layer, Residual):
                 layer_sections, constants = compile_residual(layer, allocator, config, resident)
             else:
-                layer_sections, constants = compile_layer(layer, allocator, config, timing, resident,
+                found = (source(layer.x, graph, users, resident),
+                         source(layer.y, graph, users, resident) if layer.y else None)
+                layer_sections, constants = compile_layer(layer, allocator, config, timing, found,
                                                           rows=layer.out in rows)
         except Unsupported as e:
             allocator.used = start
@@ -92,7 +95,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
             continue
         sections.extend(layer_sections)
         images.extend(constants)
-        placed.update(o.result for o in layer.ops)
+        placed.update(layer_sections[0].ops)  # with the layout ops it reads through
         resident.update((t.values[0], t) for t in layer_sections[0].outputs)
     dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
     for region, data in images:

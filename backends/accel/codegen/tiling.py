@@ -36,19 +36,20 @@ class Tiling:
     o_slots: int
 
 
-def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig, tiled: bool = False) -> Tiling:
-    """The layer's buffer slots and groups; `tiled`: its activations arrive by tload, whole
-    tiles of `rows` words (a row block's slot rounds up to whole tiles)."""
+def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig, tiled: int = 0, tiled_w: int = 0) -> Tiling:
+    """The layer's buffer slots and groups; `tiled` (`tiled_w`): its activations (a matmul's
+    right operand) arrive by tloads filling that many slot words (whole tiles of `rows` words:
+    an ABUF slot rounds up to whole tiles)."""
     rows = config.rows
     if config.obuf_depth < rows:
         raise Unsupported(f"OBUF ({config.obuf_depth} words) holds no requantized tile ({rows} words)")
-    resident = plan.a_words <= min(config.abuf_depth, MAX_COUNT)
+    resident = max(plan.a_words, tiled) <= min(config.abuf_depth, MAX_COUNT)
     align = math.lcm(plan.a_align, rows) if tiled else plan.a_align
-    a_size = -(-plan.a_words // align) * align if resident else max(c.k for tile in plan.tiles for c in tile)
+    a_size = -(-max(plan.a_words, tiled) // align) * align if resident else max(c.k for tile in plan.tiles for c in tile)
     if a_size > config.abuf_depth:
         raise Unsupported(f"a row block's {a_size} activation words exceed ABUF ({config.abuf_depth} words)")
     a_slots = min(config.abuf_depth // a_size, _MAX_SLOTS)
-    b_size = plan.chunk_words + (plan.chunk_words % 2 if plan.kind == "hp" else 0)
+    b_size = max(plan.chunk_words + (plan.chunk_words % 2 if plan.kind == "hp" else 0), tiled_w)
     if b_size > config.bbuf_depth:
         raise Unsupported(f"a weight chunk of {b_size} words exceeds BBUF ({config.bbuf_depth} words)")
     row_blocks = math.ceil(layer.m / rows)

@@ -75,10 +75,10 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
     biases, low `acc_bits` bits then high); `6n + 83` cycles (three passes over the row,
     the last also reading its weights and both bias halves; two divisions, a square root).
   - `vgelu dst a n param`: `OBUF[dst+i] = int_gelu(OBUF[a+i])` to `data_bits` lane by lane
-    (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 7` cycles.
+    (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 8` cycles.
   - `vresadd dst a b n param`: the residual add, `PBUF[dst+i] = rq(rq(OBUF[a+i]; m_a, s_a) +
     rq(OBUF[b+i]; m_b, s_b); m, s)` (rq: `requantize`, to i32 inside, to `out_bits` at the
-    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); `n + 5` cycles.
+    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); `n + 8` cycles.
 
 A config may leave units out (`AccelConfig.vector_unit`, `sparse_unit`, `binary_unit`,
 `nonlinear_unit`):
@@ -234,7 +234,7 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
 NONLINEAR_OPS = (Opcode.VACC, Opcode.VSOFTMAX, Opcode.VLAYERNORM, Opcode.VGELU, Opcode.VRESADD)
 VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) + NONLINEAR_OPS
 # (cycles per word, fixed cycles) of the row and lane nonlinearities; constants each reads
-PASSES = {Opcode.VSOFTMAX: (3, 38), Opcode.VLAYERNORM: (6, 83), Opcode.VGELU: (1, 7), Opcode.VRESADD: (1, 5)}
+PASSES = {Opcode.VSOFTMAX: (3, 38), Opcode.VLAYERNORM: (6, 83), Opcode.VGELU: (1, 8), Opcode.VRESADD: (1, 8)}
 CONSTANTS = {Opcode.VSOFTMAX: 6, Opcode.VLAYERNORM: 2, Opcode.VGELU: 6, Opcode.VRESADD: 7}
 ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
 # the config flag each optional unit's opcodes need

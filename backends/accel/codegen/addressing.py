@@ -25,7 +25,7 @@ from ..config import AccelConfig
 from ..layout import DramTensor, Layout, inner, word_offset
 
 TILED = (Layout.ROWS, Layout.OUTPUTS)  # output layouts a later layer's activations tload from
-_ADDRESSING = frozenset({"reshape", "transpose", "permute", "squeeze", "unsqueeze", "select", "slice"})
+ADDRESSING = frozenset({"reshape", "transpose", "permute", "squeeze", "unsqueeze", "select", "slice"})
 _MAX_CHAIN = 16
 Found = tuple[DramTensor, np.ndarray, tuple[Op, ...]]  # `source`'s answer
 
@@ -33,13 +33,15 @@ Found = tuple[DramTensor, np.ndarray, tuple[Op, ...]]  # `source`'s answer
 @dataclass(frozen=True)
 class Piece:
     """One tload of a row block's activations: `tiles` tiles of the source's channel blocks
-    from `block` on, of its 2-D tensor `batch` from row `row` on, landing from slot word `at` on."""
+    from `block` on, of its 2-D tensor `batch`, rows `row`, `row + step`, ..., landing from slot
+    word `at` on."""
 
     at: int
     batch: int
     block: int
     tiles: int
     row: int
+    step: int = 1
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,11 @@ class InPlace:
         """(DRAM word, step, stride) of `piece`'s tload."""
         t, beats = self.source, config.beats(self.source.layout.buffer)
         words = inner(t.layout, t.shape, config) * beats
-        if t.layout is Layout.ROWS:  # a tile: word `block` of each row, rows a row apart; then the next word
+        if t.layout is Layout.ROWS:  # a tile: word `block` of each row, rows `step` rows apart; then the next word
             offset = _offset(t, piece.row, piece.block, piece.batch, config)
-            return t.region.start + offset, words, beats
+            return t.region.start + offset, words * piece.step, beats
         offset = _offset(t, piece.block, piece.row, piece.batch, config)  # a tile: rows of a channel block; the next
-        return t.region.start + offset, beats, words
+        return t.region.start + offset, beats * piece.step, words
 
 
 @dataclass(frozen=True)
@@ -122,15 +124,14 @@ def _offset(t: DramTensor, block: int, index: int, batch: int, config: AccelConf
     return word_offset(t.layout, t.shape, block, index, config, batch)
 
 
-def source(value: str, graph: Graph, users: Mapping[str, list[Op]], resident: Mapping[str, DramTensor]) \
-        -> Found | None:
-    """The section output `value` is read from (itself, or through layout ops each used only
-    on the way), the source element of each of `value`'s elements (flat indices, in `value`'s
-    shape), and the layout ops in graph order; None when there is none."""
+def source(value: str, graph: Graph, resident: Mapping[str, DramTensor]) -> Found | None:
+    """The section output `value` is read from (itself, or through layout ops), the source
+    element of each of `value`'s elements (flat indices, in `value`'s shape), and the layout
+    ops in graph order; None when there is none."""
     producer, chain = graph.producer(), []
     while value not in resident:
         op = producer.get(value)
-        if op is None or op.kind not in _ADDRESSING or len(users[value]) != 1 or len(chain) == _MAX_CHAIN:
+        if op is None or op.kind not in ADDRESSING or len(chain) == _MAX_CHAIN:
             return None
         chain.append(op)
         value = op.operands[0]
@@ -143,17 +144,15 @@ def source(value: str, graph: Graph, users: Mapping[str, list[Op]], resident: Ma
 
 def activations(found: Found, batch: int, m: int, k: int, align: int, config: AccelConfig) -> InPlace | None:
     """How a layer of `batch` products of [m, k] activations tloads them from `found` (`source`'s
-    answer), or None: a square array, a source in a tiled layout, each row block's rows
-    consecutive rows of one source tensor, its words runs of source channels alike in all its
-    rows, the shifts multiples of `align` (the slot's alignment: HP windows), strides within
-    the fields."""
+    answer), or None: a square array, a source in a tiled layout, each row block's rows evenly
+    spaced rows of one source tensor (a tile's reach, padding rows included, within the
+    source and its slack), its words runs of source channels alike in all its rows, the
+    shifts multiples of `align` (the slot's alignment: HP windows), strides within the fields."""
     t, index, ops = found
     side = config.rows
     if config.rows != config.cols or t.layout not in TILED or index.size != batch * m * k:
         return None
     *lead, rows, channels = t.shape
-    if inner(t.layout, t.shape, config) * config.beats(t.layout.buffer) > 0xFFFF:
-        return None
     index = index.reshape(batch, m, k)
     which, row, channel = index // (rows * channels), index // channels % rows, index % channels
     blocks = math.ceil(channels / side)
@@ -162,21 +161,24 @@ def activations(found: Found, batch: int, m: int, k: int, align: int, config: Ac
         for low in range(0, m, side):
             high = min(m, low + side)
             origin, first, row0 = which[b, low], channel[b, low], int(row[b, low, 0])
-            if not ((row[b, low:high] == row0 + np.arange(high - low)[:, None]).all()
+            step = int(row[b, low + 1, 0]) - row0 if high - low > 1 else 1
+            if step < 1 or row0 + (side - 1) * step > rows + side - 2 or not (
+                    (row[b, low:high] == row0 + step * np.arange(high - low)[:, None]).all()
                     and (which[b, low:high] == origin).all() and (channel[b, low:high] == first).all()):
                 return None
             cut = np.flatnonzero((np.diff(first) != 1) | (np.diff(origin) != 0)) + 1
             starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [k]])
             if len(starts) == 1:
                 shift = int(first[0]) % side
-                runs = [Piece(0, int(origin[0]), int(first[0]) // side, math.ceil((shift + k) / side), row0)]
+                runs = [Piece(0, int(origin[0]), int(first[0]) // side, math.ceil((shift + k) / side), row0, step)]
             elif (first[starts] % side == 0).all():  # each run from a whole tile; the next one covers its tail
                 shift = 0
-                runs = [Piece(int(s), int(origin[s]), int(first[s]) // side, math.ceil((e - s) / side), row0)
+                runs = [Piece(int(s), int(origin[s]), int(first[s]) // side, math.ceil((e - s) / side), row0, step)
                         for s, e in zip(starts, ends)]
             else:
                 return None
-            if shift % align or any(p.block + p.tiles > blocks for p in runs):
+            if shift % align or any(p.block + p.tiles > blocks for p in runs) or \
+                    inner(t.layout, t.shape, config) * config.beats(t.layout.buffer) * step > 0xFFFF:
                 return None
             shifts.append(shift)
             pieces.append(tuple(runs))

@@ -322,10 +322,19 @@ MATCHERS = {"linear": _match, "matmul": _match_matmul, "add": _match_residual,  
 
 
 def residual_operands(graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> frozenset[str]:
-    """The values residual adds on the vector unit read (`_match_residual`): a layer computing
-    one writes it in the rows layout they read."""
+    """The values residual adds on the vector unit read (`_match_residual`), and those they are
+    reshapes or transposes of: a layer computing one writes it in the rows layout they read."""
+    producer = graph.producer()
     found = (_match_residual(op, graph, users, config) for op in graph.ops if op.kind == "add")
-    return frozenset(v for r in found if isinstance(r, Residual) for v in (r.a, r.b))
+    out = set()
+    for value in (v for r in found if isinstance(r, Residual) for v in (r.a, r.b) if v):
+        while value not in out:
+            out.add(value)
+            op = producer.get(value)
+            if op is None or op.kind not in LAYOUT_OPS:
+                break
+            value = op.operands[0]
+    return frozenset(out)
 
 
 LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "select", "slice", "squeeze", "unsqueeze", "expand", "cat"})

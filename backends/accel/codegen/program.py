@@ -8,11 +8,13 @@ import dataclasses
 import gc
 from dataclasses import dataclass
 
+import numpy as np
+
 from tcc.ir.graph import Graph
 
 from ..config import AccelConfig
 from ..layout import AccelProgram, DramAllocator, DramTensor, HostOp, Region, Section
-from .addressing import source
+from .addressing import ADDRESSING, source
 from .layer import compile_layer, compile_residual
 from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason, residual_operands
 
@@ -83,10 +85,15 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
         start = allocator.used
         try:
             if isinstance(layer, Residual):
-                layer_sections, constants = compile_residual(layer, allocator, config, resident)
+                same = {v: found for v in (layer.a, layer.b) if v and (found := source(v, graph, resident))
+                        and np.array_equal(found[1].reshape(-1), np.arange(found[1].size))}  # the rows as they lie
+                layer_sections, constants = compile_residual(layer, allocator, config,
+                                                             {v: t for v, (t, _, _) in same.items()})
+                through = tuple(o.result for v, (_, _, ops) in same.items() for o in ops
+                                if v not in {t.values[0] for t in layer_sections[0].inputs})
+                layer_sections = [dataclasses.replace(s, ops=through + s.ops) for s in layer_sections]
             else:
-                found = (source(layer.x, graph, users, resident),
-                         source(layer.y, graph, users, resident) if layer.y else None)
+                found = (source(layer.x, graph, resident), source(layer.y, graph, resident) if layer.y else None)
                 layer_sections, constants = compile_layer(layer, allocator, config, timing, found,
                                                           rows=layer.out in rows)
         except Unsupported as e:
@@ -97,6 +104,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
         images.extend(constants)
         placed.update(layer_sections[0].ops)  # with the layout ops it reads through
         resident.update((t.values[0], t) for t in layer_sections[0].outputs)
+    sections = _host_addressing(graph, sections, placed)
     dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
     for region, data in images:
         dram[region.byte_slice(config)] = data
@@ -106,6 +114,24 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
                  for op in graph.ops if op.result not in placed)
     calls, on_chip = _calls(graph, sections, placed)
     return AccelProgram(config, calls, host, bytes(dram), on_chip)
+
+
+def _host_addressing(graph: Graph, sections: list[Section], placed: set[str]) -> list[Section]:
+    """The sections without the layout ops they read through that the host needs as well (a
+    host op or a graph output reads them, or a layout op it then runs): the host runs those
+    (from the section output, read back); `placed` loses them."""
+    kinds = {op.result: op.kind for op in graph.ops}
+    back: set[str] = set()
+    while True:
+        reads = set(graph.outputs).union(*(op.operands for op in graph.ops if op.result not in placed))
+        more = {r for r in placed & reads if kinds.get(r) in ADDRESSING}
+        if not more:
+            break
+        placed -= more
+        back |= more
+    if not back:
+        return sections
+    return [dataclasses.replace(s, ops=tuple(r for r in s.ops if r not in back)) for s in sections]
 
 
 def _calls(graph: Graph, sections: list[Section], placed: set[str]) -> tuple[tuple[Section, ...], frozenset[str]]:

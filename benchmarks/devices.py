@@ -10,9 +10,10 @@ price here, at batch 1 and at the best batch. Prints three tables:
 2. Speedups of each FPGA over every CPU and GPU running the same setting, and over the same
    FPGA running the dense int8 model (standing in for the paper's earlier FPGA): at batch 1
    and at the best batch of each.
-3. The device `tcc select`'s rule (`tcc.select.choose`, accuracy not constrained) picks for
-   log-spaced latency constraints at batch 1, from below the fastest point to above the
-   slowest: the cheapest device meeting the constraint, then its fastest setting.
+3. The device `tcc select`'s rule (`tcc.select.choose`, accuracy not constrained) picks as the
+   latency constraint at batch 1 tightens, from above the slowest point to below the fastest:
+   the cheapest device meeting the constraint, then its fastest setting. The constraints are
+   the devices' fastest latencies, where the choice can change; a row per change.
 
     .venv/bin/python benchmarks/devices.py [--models tinybert4,hf-bert] [--batches 1,4,16,64]
         [--sparsities 0.5,0.75,0.9] [--block 16x16] [--integer]
@@ -45,8 +46,6 @@ from tcc.runtime.torch_executor import TorchExecutor
 from tcc.select import Point, Setting, choose, default_settings
 from tcc.targets import Target, load_catalog, price_all
 from tcc.targets.calibration import cost_devices
-
-SWEEP_STEPS = 12  # latency constraints of the sweep
 
 # (setting, device, batch) -> the cost of one run
 Prices = dict[tuple[str, str, int], Cost]
@@ -155,13 +154,17 @@ def sweep(prices: Prices, settings: Sequence[Setting], targets: Mapping[str, Tar
     points = [Point(s.name, d, 1.0, c.latency_s * 1e3, c.energy_j * 1e3, t.device.price_usd,
                     {k: v * 1e3 for k, v in c.parts.items()})
               for s in settings for d, t in targets.items() for c in (prices[s.name, d, 1],)]
-    fastest, slowest = min(p.latency_ms for p in points), max(p.latency_ms for p in points)
-    low, high = math.log(fastest * 0.8), math.log(slowest * 1.25)
+    # the choice can only change where a constraint passes a device's fastest latency
+    fastest = sorted({min(p.latency_ms for p in points if p.device == d) for d in targets}, reverse=True)
+    constraints = [max(p.latency_ms for p in points) * 1.25, *fastest, fastest[-1] * 0.8]
     print(f"{'LC ms':>10}  {'device':<13}{'price $':>8}  {'setting':<{name}}{'latency ms':>11}")
-    for i in reversed(range(SWEEP_STEPS)):
-        lc = math.exp(low + (high - low) * i / (SWEEP_STEPS - 1))
+    last = None
+    for lc in constraints:
         selection = choose(points, lc, 0.0)
         p = selection.chosen or selection.closest
+        if (p.device, p.setting, selection.chosen is None) == last:
+            continue
+        last = (p.device, p.setting, selection.chosen is None)
         note = "" if selection.chosen else "  (none meets it: the closest)"
         print(f"{lc:>10.3f}  {p.device:<13}{p.price_usd:>8,.0f}  {p.setting:<{name}}{p.latency_ms:>11.3f}{note}")
 

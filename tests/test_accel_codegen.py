@@ -141,7 +141,35 @@ def test_chained_integer_linears_and_the_host_ops():
         ("quantize", "input.q"), ("dequantize", "linear_1"), ("relu", "relu"), ("quantize", "relu.q"),
         ("dequantize", "linear_2")]
     assert "float and integer" in host["input.q"].reason and "relu on f32" in host["relu"].reason
+    # the first two chain on chip: one call, the first's output never read back; the third's
+    # input comes from the host (relu), a call of its own
+    assert [[s.ops[-1] for s in call] for call in program.calls()] == [["linear.q", "linear_1.q"], ["linear_2.q"]]
+    assert program.on_chip == {"linear.q"} and program.sections[1].resident[0].values == ("linear.q",)
     check_bit_exact(graph, program, x.numpy())
+
+
+def test_a_host_op_between_two_layers_that_reads_the_first_splits_the_call():
+    """A on chip, then a host op reading A's output (placed before B in the graph), then B
+    reading A's output in place: B cannot join A's call (the host op runs before B's call and
+    needs A's output back), yet still reads A's output where it lies."""
+    rng = np.random.default_rng(0)
+    first, x = linear_graph(rng, (8,), 16, 16)
+    b = GraphBuilder("g")
+    xin = b.input("x", TensorType((8, 16), DType.I8))
+    y = b.op("requantize", b.op("linear", xin, b.constant("w", first.weights["w"], DType.I8),
+                                 b.constant("b", first.weights["b"], DType.I32)),
+             b.constant("mult", first.weights["mult"], DType.I32), b.constant("shift", first.weights["shift"], DType.I32),
+             dtype=DType.I8, scale=1.0)
+    seen = b.op("dequantize", y, b.constant("scale", np.asarray(0.5, np.float32), DType.F32))
+    z = b.op("requantize", b.op("linear", y, b.constant("w2", rng.integers(-60, 61, (16, 16)), DType.I8)),
+             b.constant("mult2", np.asarray(1 << 30), DType.I32), b.constant("shift2", np.asarray(38), DType.I32),
+             dtype=DType.I8, scale=1.0)
+    graph = verify(b.finish([seen, z]))
+    program = generate(graph, SMALL)
+    assert [len(call) >= 1 for call in program.calls()] == [True, True]
+    assert not program.on_chip and program.sections[-1].resident[0].values == (y,)
+    accel = check_bit_exact(graph, program, x)
+    assert accel.stats.calls == 2
 
 
 # ---------------------------------------------------------------------------------------------

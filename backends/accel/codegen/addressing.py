@@ -1,14 +1,17 @@
-"""Layout ops as addressing: where a layer reads its activations in place, from an earlier
-section's output in DRAM, through the reshapes, transposes and selects between them (the head
-split, the head merge, a plain hand-over).
+"""Layout ops as addressing: where a layer reads an operand in place, from an earlier section's
+output in DRAM, through the reshapes, transposes, permutes and selects between them (the head
+split, the head merge, K^T, V's heads, a plain hand-over).
 
 `source` follows a value back through layout ops to a section's output and maps every element
 of the value to its element of that output (the ops run on an index array: what the model
-computes, however it spells it). `activations` turns that map into tloads: each row of the
-layer's activations must be the same row of the source, its words runs of consecutive source
-channels, alike in every row. One run (a head of a wider projection) loads the tiles that hold
-it and shifts the layer's first word into the slot; several runs (the heads of a batch, merged)
-each start a tile, and land in order, each on the tail of the one before."""
+computes, however it spells it). `activations` turns that map into tloads, per row block: its
+rows evenly spaced rows of one source tensor (`step` apart: a batch's, or a sequence-first
+layout's), its words runs of consecutive source channels, alike in all its rows. One run (a
+head of a wider projection) loads the tiles that hold it and shifts the operand's first word
+into the slot; several runs (the heads of a batch, merged) each start a tile, and land in
+order, each on the tail of the one before. A matmul's right operand is activations transposed
+(K^T), or, where its column tiles are whole channel blocks of the source, plain loads
+(`channel_blocks`: V's heads)."""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class Piece:
     block: int
     tiles: int
     row: int
-    step: int = 1
+    step: int
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,10 @@ class InPlace:
         t, beats = self.source, config.beats(self.source.layout.buffer)
         words = inner(t.layout, t.shape, config) * beats
         if t.layout is Layout.ROWS:  # a tile: word `block` of each row, rows `step` rows apart; then the next word
-            offset = _offset(t, piece.row, piece.block, piece.batch, config)
+            offset = word_offset(t.layout, t.shape, piece.row, piece.block, config, piece.batch)
             return t.region.start + offset, words * piece.step, beats
-        offset = _offset(t, piece.block, piece.row, piece.batch, config)  # a tile: rows of a channel block; the next
+        # a tile: rows of a channel block, `step` apart; then the next block
+        offset = word_offset(t.layout, t.shape, piece.block, piece.row, config, piece.batch)
         return t.region.start + offset, beats * piece.step, words
 
 
@@ -108,20 +112,17 @@ class Reads:
     @property
     def ops(self) -> tuple[Op, ...]:
         """The layout ops that became addressing."""
-        return tuple(o for p in (self.x, self.y) if p for o in p.ops)
+        return tuple(dict.fromkeys(o for p in (self.x, self.y) if p for o in p.ops))
 
     @property
     def sources(self) -> tuple[DramTensor, ...]:
+        """The section outputs read in place."""
         return tuple(p.source for p in (self.x, self.y) if p)
 
     def tiles(self, b: int, m: int, n: int) -> tuple:
         """The tiles of the tloads of row block m (and column tile n, for the right operand) of
         product b: what their timing depends on."""
         return self.x and self.x.tiles(b, m), self.y and self.y.tiles(b, n)
-
-
-def _offset(t: DramTensor, block: int, index: int, batch: int, config: AccelConfig) -> int:
-    return word_offset(t.layout, t.shape, block, index, config, batch)
 
 
 def source(value: str, graph: Graph, resident: Mapping[str, DramTensor]) -> Found | None:

@@ -31,7 +31,6 @@ repeated.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from typing import Any, Mapping, Sequence

@@ -793,16 +793,29 @@ def test_a_head_of_a_projection_is_read_from_the_tiles_holding_it():
     index = np.arange(8 * 18).reshape(8, 3, 6).transpose(1, 0, 2)  # the head split
     place = activations(_found((8, 18), Layout.OUTPUTS, index), 3, 8, 6, 1, ROOMY)
     assert place.shifts == (0, 0, 2, 2, 0, 0) and place.row_blocks == 2
-    assert place.pieces[2] == (Piece(0, 0, 1, 2, 0),) and place.pieces[5] == (Piece(0, 0, 3, 2, 4),)
+    assert place.pieces[2] == (Piece(0, 0, 1, 2, 0, 1),) and place.pieces[5] == (Piece(0, 0, 3, 2, 4, 1),)
     assert place.words == 8
     assert activations(_found((8, 18), Layout.OUTPUTS, index), 3, 8, 6, 4, ROOMY) is None  # an HP window's alignment
+
+
+def test_a_batch_of_a_sequence_first_output_is_read_rows_apart():
+    """A sequence-first [S*B, N] output read per batch ([B, S, N]): a row block's rows are every
+    B-th source row, tload's step; a row block mixing two batches is refused."""
+    from tcc.backends.accel.codegen.addressing import Piece, activations
+    index = np.arange(8 * 2 * 4).reshape(8, 2, 4).transpose(1, 0, 2)
+    place = activations(_found((16, 4), Layout.OUTPUTS, index), 2, 8, 4, 1, ROOMY)
+    assert place.pieces[1] == (Piece(0, 0, 0, 1, 8, 2),) and place.pieces[3] == (Piece(0, 0, 0, 1, 9, 2),)
+    mixed = index.transpose(1, 0, 2).reshape(16, 4)  # back to [S*B, N] as rows of one product: fine, step 1
+    assert activations(_found((16, 4), Layout.OUTPUTS, mixed), 1, 16, 4, 1, ROOMY).pieces[0][0].step == 1
+    interleaved = np.arange(16 * 4).reshape(2, 8, 4).transpose(1, 0, 2).reshape(16, 4)  # rows from two tensors' halves
+    assert activations(_found((2, 8, 4), Layout.OUTPUTS, interleaved), 1, 16, 4, 1, ROOMY) is None
 
 
 def test_merged_heads_are_read_a_tload_per_head_each_over_the_last_ones_tail():
     from tcc.backends.accel.codegen.addressing import Piece, activations
     index = np.arange(3 * 8 * 6).reshape(3, 8, 6).transpose(1, 0, 2).reshape(8, 18)  # the head merge
     place = activations(_found((3, 8, 6), Layout.OUTPUTS, index), 1, 8, 18, 1, ROOMY)
-    assert place.pieces[0] == (Piece(0, 0, 0, 2, 0), Piece(6, 1, 0, 2, 0), Piece(12, 2, 0, 2, 0))
+    assert place.pieces[0] == (Piece(0, 0, 0, 2, 0, 1), Piece(6, 1, 0, 2, 0, 1), Piece(12, 2, 0, 2, 0, 1))
     assert place.shifts == (0, 0) and place.words == 20
     shuffled = index[:, ::-1].copy()  # channels reversed: no run of consecutive source channels
     assert activations(_found((3, 8, 6), Layout.OUTPUTS, shuffled), 1, 8, 18, 1, ROOMY) is None

@@ -69,7 +69,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
                     f"{path}"))
     if "accel" in artifact.manifest and not args.quiet:
         host = artifact.manifest["accel"]["host_ops"]
-        print(printable(f"  accelerator: {artifact.manifest['accel']['sections']} sections; {len(host)} ops on the host"
+        accel = artifact.manifest["accel"]
+        print(printable(f"  accelerator: {accel['sections']} sections in {accel['calls']} calls "
+                        f"({accel['link_bytes']:,} bytes over the host link a run); {len(host)} ops on the host"
                         + (": " + ", ".join(f"{h['op']} {h['result']}" for h in host[:8])
                            + (", ..." if len(host) > 8 else "") if host else "")))
         for label, key in (("estimated", "resources_estimate"), ("synthesized (yosys)", "synthesis")):

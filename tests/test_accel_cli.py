@@ -14,6 +14,7 @@ import torch
 
 from conftest import assert_tiers_agree, built, need, run_cli
 from tcc.backends.accel.isa import Instruction, Opcode, from_binary, parse_assembly, to_assembly, to_binary
+from tcc.backends.accel.layout import AccelProgram
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,9 @@ def test_artifact_holds_program_and_hardware(compiled):
     assert parse_assembly((accel / "program.s").read_text()) == program
     manifest = json.loads((d / "a" / "manifest.json").read_text())
     assert manifest["target"]["accel"]["rows"] == 4 and manifest["accel"]["sections"] >= 1
+    sections = AccelProgram.load(accel)  # the host's calls and what they move, as the manifest and the log say
+    assert (manifest["accel"]["calls"], manifest["accel"]["link_bytes"]) == (len(sections.calls()), sections.link_bytes())
+    assert f"sections in {len(sections.calls())} calls ({sections.link_bytes():,} bytes" in stdout
     assert "accelerator:" in stdout and "ops on the host" in stdout
     assert "synthesis" not in manifest["accel"]  # an overridden config has no measured synthesis
     # every host op is listed with its reason

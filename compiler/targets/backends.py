@@ -51,7 +51,7 @@ def build_accel(graph: Graph, target: Target, *, examples: Mapping[str, np.ndarr
     files = {f"{BACKEND_DIR}/{name}": data for name, data in program.to_files().items()}
     files |= {f"{BACKEND_DIR}/rtl/{name}": data for name, data in _hardware_files(graph, program, examples,
                                                                                    target).items()}
-    manifest = {"sections": len(program.sections),
+    manifest = {"sections": len(program.sections), "calls": len(program.calls()), "link_bytes": program.link_bytes(),
                 "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops],
                 "weights": weights_on_the_wire(graph, program),
                 "resources_estimate": target.accel.estimate_resources()}

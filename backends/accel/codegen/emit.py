@@ -103,27 +103,29 @@ class Builder:
 
     def _activations(self, b: int, m: int) -> tuple[int, Node]:
         """(ABUF address, load) of row block m's activation words for product b: loaded from
-        the activations layout, or read in place (`self.place`) by tloads of whole tiles."""
-        place, cfg = self.reads.x, self.config
+        the activations layout, or read in place (`reads.x`) by tloads of whole tiles."""
+        place = self.reads.x
         if place is None:
             return self.a.fetch(("A", b, m), self.plan.a_words, self._dram("x", m, 0, b), self)
-        i = place.index(b, m)
-        pieces = [(p.at, p.tiles, *((0, 0, 0) if self.timing else place.start(p, cfg))) for p in place.pieces[i]]
-        address, load = self.a.fetch(("A", b, m), 0, 0, self, pieces)
-        return address + place.shifts[i], load
+        return self._in_place(self.a, ("A", b, m), place, place.index(b, m))
 
     def _weights(self, b: int, n: int, c: int, chunk: Chunk, dram: int) -> tuple[int, Node]:
         """(BBUF address, load) of chunk c of column tile n's weights for product b (at DRAM
-        word `dram` in their layout), or of a matmul's right operand read in place: by plain
-        loads of the source's channel blocks, or by tloads."""
-        place, cfg = self.reads.y, self.config
-        if not isinstance(place, InPlace):
-            if place is not None and not self.timing:
-                dram = place.dram(b, n, chunk.k_low, cfg)
-            return self.w.fetch(("W", b, n, c), chunk.words, dram, self)
-        i = place.index(b, n)
-        pieces = [(p.at, p.tiles, *((0, 0, 0) if self.timing else place.start(p, cfg))) for p in place.pieces[i]]
-        address, load = self.w.fetch(("W", b, n, c), 0, 0, self, pieces)
+        word `dram` in their layout), or of a matmul's right operand read in place (`reads.y`):
+        by plain loads of the source's channel blocks, or by tloads."""
+        place = self.reads.y
+        if isinstance(place, InPlace):
+            return self._in_place(self.w, ("W", b, n, c), place, place.index(b, n))
+        if place is not None and not self.timing:
+            dram = place.dram(b, n, chunk.k_low, self.config)
+        return self.w.fetch(("W", b, n, c), chunk.words, dram, self)
+
+    def _in_place(self, ring: _Ring, key: tuple, place: InPlace, i: int) -> tuple[int, Node]:
+        """(address, last load) of `ring`'s item `key` read in place: the tloads of
+        `place.pieces[i]`, the operand starting `place.shifts[i]` words into the slot."""
+        pieces = [(p.at, p.tiles, *((0, 0, 0) if self.timing else place.start(p, self.config)))
+                  for p in place.pieces[i]]
+        address, load = ring.fetch(key, 0, 0, self, pieces)
         return address + place.shifts[i], load
 
     def _constants(self) -> tuple[int, Node]:

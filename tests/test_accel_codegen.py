@@ -843,3 +843,33 @@ def test_attention_heads_stay_on_chip_and_layers_share_calls():
     assert shared and all(op.result in host for op in shared)
     accel = check_bit_exact(graph, program, x.numpy())
     assert accel.stats.instructions["tload"] > 0 and accel.stats.calls == len(program.calls()) < 4
+
+
+def _requantized_linear(b: GraphBuilder, x: str, rng, k: int, n: int, name: str) -> str:
+    """linear (random i8 weight) -> requantize to i8, constants named after `name`."""
+    w = b.constant(f"{name}.w", rng.integers(-40, 41, (n, k)), DType.I8)
+    mult = b.constant(f"{name}.mult", np.asarray(1 << 30), DType.I32)
+    shift = b.constant(f"{name}.shift", np.asarray(36), DType.I32)
+    return b.op("requantize", b.op("linear", x, w), mult, shift, dtype=DType.I8, scale=1.0)
+
+
+@SETTINGS
+@given(m=st.sampled_from([3, 4, 8]), a=st.integers(1, 6), c=st.integers(1, 6),
+       perm=st.permutations([0, 1, 2]), seed=st.integers(0, 2 ** 16))
+def test_any_layout_between_two_layers_runs_bit_exact(m, a, c, perm, seed):
+    """Two linears with a reshape and a permute between them: whatever the permute, the second
+    reads the first's output in place where tloads can, else the host re-lays it out; either
+    way every value equals the numpy reference, and the layout ops are the sections' own only
+    when the second reads in place."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType((m, 8), DType.I8))
+    y = _requantized_linear(b, x, rng, 8, a * c, "first")
+    shape = [(m, a, c)[p] for p in perm]
+    moved = b.op("permute", b.op("reshape", y, shape=[m, a, c]), dims=list(perm))
+    z = _requantized_linear(b, moved, rng, shape[-1], 5, "second")
+    graph = verify(b.finish([z]))
+    program = generate(graph, ROOMY)
+    second = program.sections[-1]
+    assert (moved in second.ops) == bool(second.resident)
+    check_bit_exact(graph, program, rng.integers(-128, 128, (m, 8)).astype(np.int8))

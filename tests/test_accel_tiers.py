@@ -125,3 +125,28 @@ def test_first_and_largest_sections_on_verilator(name):
         expected, cycles = simulate_section(program, config, dram, cycle_bound(program, config))
         out, rtl_cycles = run_verilator(program, config, dram, cycle_bound(program, config))
         assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected
+
+
+@pytest.mark.slow  # TinyBERT-4 fully integer on the 4x4 design with the nonlinear unit in Verilator: minutes
+def test_heads_read_in_place_on_verilator():
+    """TinyBERT-4's heads (26 channels on 4 lanes) read in place: the scores section's tloads
+    of Q's heads (the GEMM shifted into the slot) and of K^T into BBUF, and the out-projection's
+    head merge (a tload per head): Verilator equals the ISA simulator, cycles included."""
+    need("verilator")
+    artifact, inputs = compiled("tinybert4", NONLINEAR_4X4, "fold-constants,canonicalize,dce,quantize,int-nonlinear")
+    program = artifact.accel_program()
+    config = program.config
+    runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
+    wanted = {"scaled_dot_product_attention.probs.i", "linear_3.q"}  # the first layer's scores; its out-projection
+    checked = 0
+    for (section, dram), meta in zip(runs, program.sections):
+        if wanted & set(meta.ops):
+            wanted -= set(meta.ops)
+            tloads = [i for i in section if i.op is Opcode.TLOAD]
+            shifted = [i for i in section if i.op is Opcode.GEMM and i["a"] % config.rows]  # a head's first word
+            assert tloads and (shifted or any(i["addr"] % config.rows for i in tloads))  # heads not whole tiles
+            expected, cycles = simulate_section(section, config, dram, cycle_bound(section, config))
+            out, rtl_cycles = run_verilator(section, config, dram, cycle_bound(section, config))
+            assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected
+            checked += 1
+    assert checked == 2

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from tcc.ir.graph import Graph, Op
+from tcc.ir.graph import Op
 from tcc.ir.reference import REFERENCE
 
 from ..config import AccelConfig
@@ -125,18 +125,18 @@ class Reads:
         return self.x and self.x.tiles(b, m), self.y and self.y.tiles(b, n)
 
 
-def source(value: str, graph: Graph, resident: Mapping[str, DramTensor]) -> Found | None:
-    """The section output `value` is read from (itself, or through layout ops), the source
-    element of each of `value`'s elements (flat indices, in `value`'s shape), and the layout
-    ops in graph order; None when there is none."""
-    producer, chain = graph.producer(), []
+def source(value: str, producer: Mapping[str, Op], resident: Mapping[str, DramTensor]) -> Found | None:
+    """The section output `value` is read from (itself, or through layout ops; `producer`:
+    `graph.producer()`), the source element of each of `value`'s elements (flat indices, in
+    `value`'s shape), and the layout ops in graph order; None when there is none."""
+    chain = []
     while value not in resident:
         op = producer.get(value)
         if op is None or op.kind not in ADDRESSING or len(chain) == _MAX_CHAIN:
             return None
         chain.append(op)
         value = op.operands[0]
-    shape = graph.types[value].shape
+    shape = producer[value].type.shape  # a section output: an op's result
     index = np.arange(math.prod(shape)).reshape(shape)
     for op in reversed(chain):
         index = np.asarray(REFERENCE[op.kind](index, **op.attr_dict))

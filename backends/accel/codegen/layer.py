@@ -60,8 +60,9 @@ def _reads(layer: Layer, plan: Plan, config: AccelConfig, x: Found | None, y: Fo
     place_y = None
     if y is not None and layer.y and plan.kind == "dense":
         t, index, ops = y
-        place_y = channel_blocks(y, layer.batch, layer.k, layer.n, config) or (activations(
-            (t, np.swapaxes(index, -1, -2), ops), layer.batch, layer.n, layer.k, 1, config) if plan.chunks == 1 else None)
+        transposed = (t, np.swapaxes(index, -1, -2), ops)  # K^T's columns are K's rows
+        place_y = channel_blocks(y, layer.batch, layer.k, layer.n, config) or (
+            activations(transposed, layer.batch, layer.n, layer.k, 1, config) if plan.chunks == 1 else None)
     return Reads(place_x, place_y)
 
 

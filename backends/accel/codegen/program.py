@@ -73,7 +73,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
     why: dict[str, str] = {}
     placed: set[str] = set()
     resident: dict[str, DramTensor] = {}  # the sections' outputs so far, by value
-    users = graph.users()
+    users, producer = graph.users(), graph.producer()
     rows = residual_operands(graph, users, config)
     for op in graph.ops:
         if op.kind not in MATCHERS or op.result in placed:
@@ -85,7 +85,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
         start = allocator.used
         try:
             if isinstance(layer, Residual):
-                same = {v: found for v in (layer.a, layer.b) if v and (found := source(v, graph, resident))
+                same = {v: found for v in (layer.a, layer.b) if v and (found := source(v, producer, resident))
                         and np.array_equal(found[1].reshape(-1), np.arange(found[1].size))}  # the rows as they lie
                 layer_sections, constants = compile_residual(layer, allocator, config,
                                                              {v: t for v, (t, _, _) in same.items()})
@@ -93,7 +93,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
                                 if v not in {t.values[0] for t in layer_sections[0].inputs})
                 layer_sections = [dataclasses.replace(s, ops=through + s.ops) for s in layer_sections]
             else:
-                found = (source(layer.x, graph, resident), source(layer.y, graph, resident) if layer.y else None)
+                found = (source(layer.x, producer, resident), source(layer.y, producer, resident) if layer.y else None)
                 layer_sections, constants = compile_layer(layer, allocator, config, timing, found,
                                                           rows=layer.out in rows)
         except Unsupported as e:

@@ -45,7 +45,8 @@ def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig, tiled: int = 0,
         raise Unsupported(f"OBUF ({config.obuf_depth} words) holds no requantized tile ({rows} words)")
     resident = max(plan.a_words, tiled) <= min(config.abuf_depth, MAX_COUNT)
     align = math.lcm(plan.a_align, rows) if tiled else plan.a_align
-    a_size = -(-max(plan.a_words, tiled) // align) * align if resident else max(c.k for tile in plan.tiles for c in tile)
+    a_size = -(-max(plan.a_words, tiled) // align) * align if resident else \
+        max(c.k for tile in plan.tiles for c in tile)
     if a_size > config.abuf_depth:
         raise Unsupported(f"a row block's {a_size} activation words exceed ABUF ({config.abuf_depth} words)")
     a_slots = min(config.abuf_depth // a_size, _MAX_SLOTS)

@@ -19,7 +19,8 @@ import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.isa import (ARRAY_OPS, FETCH_CYCLES, NONLINEAR_OPS, TOKEN_BITS, Buffer, Instruction, Opcode,
-                                    SimulationError, Token, Unit, check_program, pack_words, unpack_words, wrap)
+                                    SimulationError, Token, Unit, check_program, pack_words, unpack_sparse, unpack_words,
+                                    wrap)
 from tcc.ir.dtypes import DType
 from tcc.ir.reference import REFERENCE
 
@@ -70,6 +71,11 @@ class Machine:
                 self.buffers[buf][addr:addr + count] = unpack_words(words, cfg.lanes(buf), cfg.lane_bits(buf))
             else:
                 words[:] = pack_words(self.buffers[buf][addr:addr + count], cfg.lane_bits(buf), beats * self.dram_bytes)
+        elif op is Opcode.SPLOAD:
+            beats, count, steps = cfg.beats(Buffer.BBUF), instr["count"], instr["steps"]
+            words = self.dram_words(instr["dram"], count * beats).reshape(count, beats * self.dram_bytes)
+            self.buffers[Buffer.BBUF][instr["addr"]:instr["addr"] + 2 * steps] = unpack_sparse(
+                unpack_words(words, cfg.cols, cfg.data_bits), steps, instr["nnz"], instr["bw"], cfg.data_bits)
         elif op is Opcode.SSTORE:
             buf = Buffer(instr["buf"])
             beats, addr, count = cfg.beats(buf), instr["addr"], instr["count"]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tcc.backends.accel.config import AccelConfig
-from tcc.backends.accel.isa import Buffer, Instruction, Opcode, Token, pack_words, unpack_words, wrap
+from tcc.backends.accel.isa import (Buffer, Instruction, Opcode, Token, pack_words, sparse_stream, unpack_words,
+                                    wrap)
 from tcc.ir.dtypes import DType
 from tcc.ir.reference import REFERENCE
 
@@ -219,9 +220,21 @@ def random_case(config: AccelConfig, rng: np.random.Generator, length: int, chai
     prev_signal = None
     for _ in range(length):
         kinds = ["load", "store", "gemm", "requant"] + ["vec"] * cfg.vector_unit + ["spgemm"] * cfg.sparse_unit \
-            + ["bgemm"] * cfg.binary_unit + ["tload"] * (cfg.rows == cfg.cols)
+            + ["bgemm"] * cfg.binary_unit + ["tload"] * (cfg.rows == cfg.cols) + ["spload"] * cfg.sparse_unit
         kind = rng.choice(kinds)
-        if kind == "tload":  # a tile or two, source words anywhere in the buffer's region (step 0 repeats one)
+        if kind == "spload":  # a block or two expanded from the BBUF region's words (any words are a stream)
+            limit = min(cfg.abuf_banks, 1 << cfg.data_bits - 1)
+            bw = 1 << int(rng.integers(0, limit.bit_length()))
+            nnz = int(rng.integers(1, min(bw, 3) + 1))
+            steps = nnz * int(rng.integers(1, 3))
+            count = len(sparse_stream(steps, nnz, bw, cfg.cols, cfg.data_bits))
+            if count > span or 2 * steps > depth[Buffer.BBUF]:
+                continue
+            instr = dict(op=Opcode.SPLOAD, buf=Buffer.BBUF,
+                         addr=2 * int(rng.integers(0, (depth[Buffer.BBUF] - 2 * steps) // 2 + 1)), count=count,
+                         dram=regions[Buffer.BBUF] + int(rng.integers(0, span - count + 1)) * cfg.beats(Buffer.BBUF),
+                         steps=steps, nnz=nnz, bw=bw)
+        elif kind == "tload":  # a tile or two, source words anywhere in the buffer's region (step 0 repeats one)
             buf = Buffer(int(rng.choice([Buffer.ABUF, Buffer.BBUF])))
             side, beats = cfg.lanes(buf), cfg.beats(buf)
             count = int(rng.integers(1, min(2, depth[buf] // side) + 1))

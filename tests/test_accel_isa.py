@@ -355,7 +355,7 @@ def test_requant_on_the_bank_the_array_writes_is_a_race():
 @pytest.mark.parametrize("fields, message", [
     (dict(bw=3), r"bw must be a power of two of at most 16"),
     (dict(bw=32), r"bw must be a power of two of at most 16"),
-    (dict(nnz=5), r"nnz in \[1, bw\]"),
+    (dict(nnz=5), r"nnz must lie in \[1, bw\]"),
     (dict(blocks=0), r"blocks must be at least 1"),
     (dict(a=2), r"a and span must be multiples of bw \(4\) and b even"),
     (dict(span=6), r"a and span must be multiples of bw \(4\) and b even"),

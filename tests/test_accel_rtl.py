@@ -234,14 +234,80 @@ def test_sstore_strides_words_as_the_isa_sim_does(config, count, step, buf, seed
     assert not between.any()
 
 
+def spload_case(config: AccelConfig, rng: np.random.Generator, blocks: int, nnz: int, bw: int, canonical: bool = True):
+    """spgemm's weight and index words for `blocks` blocks (random weights, indices below bw,
+    skips in lane 0 of each block's last step), packed into spload's stream at DRAM 0; an
+    spload of it into BBUF, then BBUF stored. With `canonical` False, the stream words are
+    random bits instead. The case and the BBUF words expected (the pairs)."""
+    bits, cols, beats = config.data_bits, config.cols, config.beats(Buffer.BBUF)
+    steps = blocks * nnz
+    pairs = np.zeros((2 * steps, cols), np.int64)
+    pairs[0::2] = rng.integers(-(1 << bits - 1), 1 << bits - 1, (steps, cols))
+    pairs[1::2] = rng.integers(0, bw, (steps, cols))
+    pairs[2 * nnz - 1::2 * nnz, 0] += bw * rng.integers(0, (1 << bits) // bw, blocks)
+    pairs[1::2] = wrap(pairs[1::2], bits)
+    stream = isa.pack_sparse(pairs, nnz, bw, bits)
+    if not canonical:
+        stream = rng.integers(-(1 << bits - 1), 1 << bits - 1, stream.shape)
+        pairs = isa.unpack_sparse(stream, steps, nnz, bw, bits)
+    data = pack_words(stream, bits, beats * config.dram_bits // 8).reshape(-1)
+    out = len(stream) * beats
+    program = (Instruction.make(Opcode.SPLOAD, signal=(Token.LD2VE,), buf=Buffer.BBUF, addr=2, count=len(stream),
+                                dram=0, steps=steps, nnz=nnz, bw=bw),
+               Instruction.make(Opcode.STORE, wait=(Token.LD2VE,), buf=Buffer.BBUF, addr=2, count=2 * steps, dram=out),
+               Instruction.make(Opcode.HALT))
+    return program, data, out, pairs
+
+
+SPARSE = [tiny(2, 2, 32, 1, abuf_depth=64, bbuf_depth=64), tiny(2, 4, 32, 3, abuf_depth=64, bbuf_depth=64),
+          tiny(4, 4, 16, 2, abuf_depth=64, bbuf_depth=64),
+          tiny(3, 3, 8, 3, data_bits=4, acc_bits=12, abuf_depth=64, bbuf_depth=64)]
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(SPARSE), blocks=st.integers(1, 4), ib=st.integers(0, 4), nnz=st.integers(1, 16),
+       canonical=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_spload_expands_the_compact_hp_stream_as_the_isa_sim_does(config, blocks, ib, nnz, canonical, seed):
+    """spload's stream (weight words, and index words packing log2(bw) bits a value and each
+    block's skip) lands as spgemm's weight/index word pairs, in the ISA simulator and the RTL
+    alike, in a load's cycles; packing is the inverse of spload (round trip); any stream
+    words, not only packed ones, expand the same in both."""
+    bw = 1 << min(ib, config.abuf_banks.bit_length() - 1, config.data_bits - 1)
+    nnz = min(nnz, bw)
+    assume(2 + 2 * blocks * nnz <= config.bbuf_depth)
+    program, data, out, pairs = spload_case(config, np.random.default_rng(seed), blocks, nnz, bw, canonical)
+    machine, _ = same_as_spec(program, config, data)
+    beats, size = config.beats(Buffer.BBUF), config.dram_bits // 8
+    stored = machine.dram[out * size:(out + len(pairs) * beats) * size].reshape(len(pairs), -1)
+    assert np.array_equal(unpack_words(stored, config.cols, config.data_bits), pairs)
+    assert program[0].occupancy(config) == config.dram_latency + program[0]["count"] * beats
+    # the index words hold the steps' bits, wasting less than a step's at the end of each
+    ib, width = bw.bit_length() - 1, config.cols * config.data_bits
+    needed, step_max = blocks * (nnz * config.cols * ib + config.data_bits - ib), config.cols * ib + config.data_bits - ib
+    index_words = program[0]["count"] - blocks * nnz
+    assert math.ceil(needed / width) <= index_words <= math.ceil(needed / (width - step_max + 1))
+
+
+def test_spload_is_refused_with_a_count_that_is_not_its_streams():
+    config = SPARSE[0]
+    spload = Instruction.make(Opcode.SPLOAD, buf=Buffer.BBUF, addr=0, count=8, dram=0, steps=6, nnz=2, bw=4)
+    assert isa.sparse_stream(6, 2, 4, config.cols, config.data_bits) == (-1, 0, 1, -1, 2, 3, 4, -1, 5)
+    assert "count must be the stream's 9 words" in spload.problem(config)
+    assert dataclasses.replace(spload, args=spload.args[:2] + (9,) + spload.args[3:]).problem(config) is None
+    assert "whole blocks" in dataclasses.replace(spload, args=spload.args[:1] + (1,) + spload.args[2:]).problem(config)
+    assert "sparse unit" in spload.problem(dataclasses.replace(config, sparse_unit=False))
+
+
 @pytest.mark.parametrize("runner, tool", [(rtl.run_verilator, "verilator"), (rtl.run_icarus, "iverilog")])
-def test_tload_and_sstore_on_the_verilog_simulators(runner, tool):
+def test_tload_sstore_and_spload_on_the_verilog_simulators(runner, tool):
     need(tool)
     config = SQUARE[2]  # two DRAM beats a buffer word
     program, data, _out, _expected = tload_case(config, np.random.default_rng(5), 3, 2, 7, Buffer.ABUF)
     same_as_spec(program, config, data, runner)
     program, data, _out, _words = sstore_case(config, np.random.default_rng(6), 4, 3, Buffer.OBUF)
     same_as_spec(program, config, data, runner)
+    program, data, _out, _pairs = spload_case(SPARSE[2], np.random.default_rng(7), 3, 3, 4)
+    same_as_spec(program, SPARSE[2], data, runner)
 
 
 # ---- banked ABUF and machines without the optional units: other hardware, the same ISA

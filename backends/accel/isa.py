@@ -34,6 +34,16 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
   One layer's output tiles (`OBUF` words: a row's lanes) become the next one's operand words
   (a column's lanes) without leaving the accelerator: `step` and `stride` walk an output's
   layout (rows: `step` the row's words; outputs: `stride` a channel block's).
+- `spload buf addr count dram steps nnz bw` (BBUF only; the HP weight stream, compact):
+  `count` stream words (BBUF words, `beats` DRAM words each, from `dram`) expand into the
+  `steps` step pairs spgemm reads, weight word `V_s` at BBUF `addr + 2s` and index word `X_s`
+  at `addr + 2s + 1`. Index words are a bit stream (word after word, lane after lane, low bits
+  first) holding per step its `cols` local indices of `ib = log2(bw)` bits, and after a block's
+  last step (every `nnz`-th) that block's skip in `data_bits - ib` bits; `X_s` lane c is step
+  s's index c, lane 0 of a block's last step with the skip above it (`index + bw * skip`).
+  The stream holds each step's weight word, preceded by an index word whenever fewer bits are
+  left than the step takes (`sparse_stream`), so the indices cost `ib` bits a value, not a lane.
+  Occupies the load unit as a load of `count` words.
 - `gemm a b k acc bank`: `ACC[bank][r, c] (+)= sum_i ABUF[a+i][r] * BBUF[b+i][c]` for
   `i < k`, in `acc_bits` (wrapping); `acc = 0` starts from zero. Occupies the array `k` cycles.
 - `spgemm a b blocks nnz bw span acc bank` (the HP sparse unit): `blocks` blocks of `bw`
@@ -88,6 +98,7 @@ config (it is the array's output path).
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -130,6 +141,7 @@ class Opcode(IntEnum):
     VRESADD = 16
     TLOAD = 17
     SSTORE = 18
+    SPLOAD = 19
 
 
 class Token(IntEnum):
@@ -171,6 +183,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.STORE: _DMA,
     Opcode.TLOAD: (*_DMA, Field("step", 96, 16), Field("stride", 112, 16)),
     Opcode.SSTORE: (*_DMA, Field("step", 96, 16)),
+    Opcode.SPLOAD: (*_DMA, Field("steps", 96, 16), Field("nnz", 112, 8), Field("bw", 120, 8)),
     Opcode.GEMM: _GEMM,
     Opcode.SPGEMM: (Field("a", 32, 16), Field("b", 48, 16), Field("blocks", 64, 16), Field("nnz", 80, 8),
                     Field("bw", 88, 8), Field("span", 104, 16), Field("acc", 96, 1), Field("bank", 97, 1)),
@@ -225,6 +238,10 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
     (Opcode.SSTORE, "step"): "DRAM words from one buffer word's first DRAM word to the next's",
     (Opcode.TLOAD, "stride"): "DRAM words from a tile's first source word to the next tile's",
     (Opcode.SPGEMM, "b"): "first BBUF word: weight words and index words alternate (even)",
+    (Opcode.SPLOAD, "buf"): "bbuf (the only buffer spload fills)",
+    (Opcode.SPLOAD, "addr"): "first BBUF word written (even): weight words and index words alternate, as spgemm reads them",
+    (Opcode.SPLOAD, "count"): "stream words read (weight words and packed index words, `beats` DRAM words each)",
+    (Opcode.SPLOAD, "steps"): "spgemm steps the stream expands to (whole blocks of `nnz`)",
     (Opcode.REQUANT, "dst"): "first OBUF word of the `rows` results",
     (Opcode.REQUANT, "param"): "PBUF word of the bias; the multiplier and the shift follow",
 }
@@ -240,11 +257,12 @@ ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
 # the config flag each optional unit's opcodes need
 NEEDS: dict[Opcode, tuple[str, ...]] = ({op: ("vector_unit",) for op in VECTOR_OPS}
                                         | {op: ("vector_unit", "nonlinear_unit") for op in NONLINEAR_OPS}
-                                        | {Opcode.SPGEMM: ("sparse_unit",), Opcode.BGEMM: ("binary_unit",)})
+                                        | {Opcode.SPGEMM: ("sparse_unit",), Opcode.SPLOAD: ("sparse_unit",),
+                                   Opcode.BGEMM: ("binary_unit",)})
 
 UNITS: dict[Opcode, Unit] = ({op: Unit.VECTOR for op in Opcode} | {op: Unit.ARRAY for op in ARRAY_OPS}
-                             | {Opcode.LOAD: Unit.LOAD, Opcode.TLOAD: Unit.LOAD, Opcode.STORE: Unit.STORE,
-                                Opcode.SSTORE: Unit.STORE})
+                             | {Opcode.LOAD: Unit.LOAD, Opcode.TLOAD: Unit.LOAD, Opcode.SPLOAD: Unit.LOAD,
+                                Opcode.STORE: Unit.STORE, Opcode.SSTORE: Unit.STORE})
 # the token carrying each hand-off (producer unit, consumer unit)
 HANDOFF: dict[tuple[Unit, Unit], Token] = {
     (Unit.LOAD, Unit.ARRAY): Token.LD2AR, (Unit.ARRAY, Unit.LOAD): Token.AR2LD,
@@ -262,7 +280,7 @@ def steps(op: Opcode, field: Callable[[str], int]) -> int:
 def occupancy(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> int:
     """Cycles an instruction (`op`, its fields by `field(name)`) keeps its unit from issuing
     the next one (halt: 1): the ISA's timing, with `duration`. Addresses never matter."""
-    if op in (Opcode.LOAD, Opcode.STORE, Opcode.SSTORE):
+    if op in (Opcode.LOAD, Opcode.STORE, Opcode.SSTORE, Opcode.SPLOAD):
         return config.dram_latency + field("count") * config.beats(field("buf"))
     if op is Opcode.TLOAD:  # each tile's source words, then the last tile's columns written
         lanes = config.lanes(Buffer(field("buf")))
@@ -369,6 +387,9 @@ class Instruction:
             dram = (self["dram"], self["dram"] + self["count"] * config.beats(buf))
             return (("DRAM", *dram, op is Opcode.STORE), (buf.name, self["addr"], self["addr"] + self["count"],
                                                           op is Opcode.LOAD))
+        if op is Opcode.SPLOAD:
+            dram = (self["dram"], self["dram"] + self["count"] * config.beats(Buffer.BBUF))
+            return ("DRAM", *dram, False), ("BBUF", self["addr"], self["addr"] + 2 * self["steps"], True)
         if op is Opcode.SSTORE:  # the DRAM words its strided words span
             buf = Buffer(self["buf"])
             end = self["dram"] + (self["count"] - 1) * self["step"] + config.beats(buf)
@@ -423,12 +444,16 @@ class Instruction:
                    f"({missing[0]}=0)"
         if op in (Opcode.GEMM, Opcode.BGEMM) and self["k"] < 1:
             return "k must be at least 1"
-        if op is Opcode.SPGEMM:
+        if op in (Opcode.SPGEMM, Opcode.SPLOAD):
             bw, limit = self["bw"], min(config.abuf_banks, 1 << config.data_bits - 1)
             if bw < 1 or bw & (bw - 1) or bw > limit:
                 return f"bw must be a power of two of at most {limit} (abuf_banks and the index lanes), got {bw}"
-            if self["blocks"] < 1 or not 1 <= self["nnz"] <= bw:
-                return f"blocks must be at least 1 and nnz in [1, bw], got blocks={self['blocks']} nnz={self['nnz']}"
+            if not 1 <= self["nnz"] <= bw:
+                return f"nnz must lie in [1, bw], got nnz={self['nnz']}"
+        if op is Opcode.SPGEMM:
+            bw = self["bw"]
+            if self["blocks"] < 1:
+                return f"blocks must be at least 1, got {self['blocks']}"
             if self["a"] % bw or self["span"] % bw or self["b"] % 2:
                 return f"a and span must be multiples of bw ({bw}) and b even, got a={self['a']} " \
                        f"span={self['span']} b={self['b']}"
@@ -436,6 +461,15 @@ class Instruction:
                 return f"span ({self['span']}) must hold the blocks' windows ({self['blocks']} x bw={bw})"
         if op in (Opcode.LOAD, Opcode.STORE, Opcode.TLOAD, Opcode.SSTORE) and self["count"] < 1:
             return "count must be at least 1"
+        if op is Opcode.SPLOAD:
+            steps, nnz = self["steps"], self["nnz"]
+            if self["buf"] != Buffer.BBUF or self["addr"] % 2 or steps < 1 or steps % nnz:
+                return f"spload fills bbuf from an even addr with whole blocks (steps a multiple of nnz={nnz}), " \
+                       f"got {Buffer(self['buf']).name.lower()} addr={self['addr']} steps={steps}"
+            words = len(sparse_stream(steps, nnz, self["bw"], config.cols, config.data_bits))
+            if self["count"] != words:
+                return f"count must be the stream's {words} words ({steps} steps of nnz={nnz}, bw={self['bw']}), " \
+                       f"got {self['count']}"
         if op is Opcode.SSTORE and self["count"] > 1 and self["step"] < config.beats(Buffer(self["buf"])):
             return f"step must be at least the buffer word's {config.beats(Buffer(self['buf']))} DRAM words " \
                    f"(words would overlap), got {self['step']}"
@@ -621,3 +655,67 @@ def unpack_words(data: np.ndarray, lanes: int, lane_bits: int) -> np.ndarray:
     bits = np.unpackbits(data, axis=1, bitorder="little")[:, :lanes * lane_bits].astype(np.int64)
     values = (bits.reshape(len(data), lanes, lane_bits) << np.arange(lane_bits)).sum(axis=2)
     return wrap(values, lane_bits)
+
+
+@functools.lru_cache(maxsize=512)
+def sparse_stream(steps: int, nnz: int, bw: int, cols: int, data_bits: int) -> tuple[int, ...]:
+    """spload's stream, word by word: -1 for an index word, s for step s's weight word. An
+    index word comes first whenever the bits left over are fewer than the next step takes
+    (`cols` indices of log2(bw) bits, and a block's last step its skip); a step never takes
+    more than a word's bits, so one index word is always enough."""
+    ib = bw.bit_length() - 1
+    words, left = [], 0
+    for s in range(steps):
+        need = cols * ib + (data_bits - ib if s % nnz == nnz - 1 else 0)
+        if left < need:
+            words.append(-1)
+            left += cols * data_bits
+        words.append(s)
+        left -= need
+    return tuple(words)
+
+
+def _index_bits(steps: int, nnz: int, bw: int, cols: int, data_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bit positions in spload's index bit stream: [steps, cols, ib] of each step's indices,
+    [blocks, data_bits - ib] of each block's skip (after its last step's indices)."""
+    ib = bw.bit_length() - 1
+    need = np.full(steps, cols * ib)
+    need[nnz - 1::nnz] += data_bits - ib
+    start = np.concatenate([[0], np.cumsum(need)[:-1]])
+    index = start[:, None, None] + (np.arange(cols) * ib)[None, :, None] + np.arange(ib)
+    skip = start[nnz - 1::nnz, None] + cols * ib + np.arange(data_bits - ib)
+    return index, skip
+
+
+def unpack_sparse(words: np.ndarray, steps: int, nnz: int, bw: int, data_bits: int) -> np.ndarray:
+    """spload's semantics: its stream words ([count, cols] lanes) -> the [2 * steps, cols]
+    BBUF words it writes (weight and index words alternating, as spgemm reads them)."""
+    cols, ib = words.shape[1], bw.bit_length() - 1
+    kinds = np.array(sparse_stream(steps, nnz, bw, cols, data_bits))
+    lanes = words[kinds < 0] & (1 << data_bits) - 1
+    stream = ((lanes[:, :, None] >> np.arange(data_bits)) & 1).reshape(-1)
+    at, skip_at = _index_bits(steps, nnz, bw, cols, data_bits)
+    index = (stream[at] << np.arange(ib)).sum(axis=2)
+    index[nnz - 1::nnz, 0] += (stream[skip_at] << np.arange(data_bits - ib)).sum(axis=1) << ib
+    out = np.empty((2 * steps, cols), np.int64)
+    out[0::2] = words[kinds >= 0]
+    out[1::2] = wrap(index, data_bits)
+    return out
+
+
+def pack_sparse(pairs: np.ndarray, nnz: int, bw: int, data_bits: int) -> np.ndarray:
+    """The inverse of `unpack_sparse`: spgemm's [2 * steps, cols] weight and index words
+    (index lanes below bw, but lane 0 of a block's last step: below 2^data_bits) -> spload's
+    stream words; the last index word's unused bits are zero."""
+    steps, cols, ib = len(pairs) // 2, pairs.shape[1], bw.bit_length() - 1
+    kinds = np.array(sparse_stream(steps, nnz, bw, cols, data_bits))
+    index = pairs[1::2] & (1 << data_bits) - 1
+    at, skip_at = _index_bits(steps, nnz, bw, cols, data_bits)
+    stream = np.zeros(int(np.count_nonzero(kinds < 0)) * cols * data_bits, np.int64)
+    stream[at] = ((index & bw - 1)[:, :, None] >> np.arange(ib)) & 1
+    stream[skip_at] = (index[nnz - 1::nnz, 0, None] >> ib >> np.arange(data_bits - ib)) & 1
+    lanes = (stream.reshape(-1, cols, data_bits) << np.arange(data_bits)).sum(axis=2)
+    out = np.empty((len(kinds), cols), np.int64)
+    out[kinds < 0] = wrap(lanes, data_bits)
+    out[kinds >= 0] = pairs[0::2]
+    return out

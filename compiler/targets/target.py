@@ -268,11 +268,12 @@ def _family_interface(part: Part) -> dict:
 
 def scaled_config(n: int, *, nonlinear_unit: bool = True, **interface) -> AccelConfig:
     """An `n x n` array with buffers scaled like the shipped configs: per row, 1,024 ABUF,
-    512 BBUF, 128 OBUF, 32 PBUF words and 512 instructions (capped at 65,536 words)."""
+    512 BBUF, 128 OBUF, 32 PBUF words and 512 instructions (capped at 65,536 words); ABUF in
+    `n` banks (at least 16), so the sparse unit gathers the default HP block, the PE tile."""
     cap = 1 << 16
     return AccelConfig(rows=n, cols=n, abuf_depth=min(1024 * n, cap), bbuf_depth=min(512 * n, cap),
                        obuf_depth=min(128 * n, cap), pbuf_depth=min(32 * n, cap), imem_depth=min(512 * n, cap),
-                       nonlinear_unit=nonlinear_unit, **interface)
+                       abuf_banks=max(16, min(n, 128)), nonlinear_unit=nonlinear_unit, **interface)
 
 
 def fits(config: AccelConfig, part: Part, margin: float = MARGIN) -> bool:

@@ -35,15 +35,20 @@ class _Ring:
         self.next = 0
 
     def fetch(self, key: tuple, count: int, dram: int, builder: "Builder",
-              pieces: list[tuple[int, int, int, int, int]] | None = None) -> tuple[int, Node]:
+              pieces: list[tuple[int, int, int, int, int]] | None = None,
+              chunk: Chunk | None = None) -> tuple[int, Node]:
         """(address, load) of item `key` (`count` words at DRAM word `dram`; with `pieces`,
         tloads in order instead: (slot word, tiles, DRAM word, step, stride) each, the load
-        returned the last), loaded into the oldest slot unless a slot holds it."""
+        returned the last; with `chunk`, the instruction loading that weight chunk), loaded
+        into the oldest slot unless a slot holds it."""
         if key not in self.items:
             slot, self.next = self.next, (self.next + 1) % self.slots
             self.items.pop(self.held[slot], None)
             deps, cfg, base = [self.readers[slot]], builder.config, slot * self.size
-            if pieces is None:
+            if chunk is not None:
+                op = Opcode.LOAD if chunk.sparse is None else Opcode.SPLOAD
+                load = builder.add(Node(op, deps, cfg, buf=self.buffer, addr=base, dram=dram, **chunk.load()))
+            elif pieces is None:
                 load = builder.add(Node(Opcode.LOAD, deps, cfg, buf=self.buffer, addr=base, count=count, dram=dram))
             for at, tiles, start, step, stride in pieces or ():
                 load = builder.add(Node(Opcode.TLOAD, deps, cfg, buf=self.buffer, addr=base + at, count=tiles,
@@ -116,9 +121,10 @@ class Builder:
         place = self.reads.y
         if isinstance(place, InPlace):
             return self._in_place(self.w, ("W", b, n, c), place, place.index(b, n))
-        if place is not None and not self.timing:
-            dram = place.dram(b, n, chunk.k_low, self.config)
-        return self.w.fetch(("W", b, n, c), chunk.words, dram, self)
+        if place is not None:
+            return self.w.fetch(("W", b, n, c), chunk.words, 0 if self.timing else
+                                place.dram(b, n, chunk.k_low, self.config), self)
+        return self.w.fetch(("W", b, n, c), chunk.words, dram, self, chunk=chunk)
 
     def _in_place(self, ring: _Ring, key: tuple, place: InPlace, i: int) -> tuple[int, Node]:
         """(address, last load) of `ring`'s item `key` read in place: the tloads of

@@ -17,7 +17,7 @@ import numpy as np
 from tcc.ir.sparsity import Blocks, Hierarchical
 
 from ..config import AccelConfig
-from ..isa import Opcode
+from ..isa import Opcode, pack_sparse
 from ..layout import pack_binary
 from .match import Layer
 
@@ -36,13 +36,24 @@ class Step:
 @dataclass(frozen=True)
 class Chunk:
     """Weight words of one column tile loaded into one BBUF slot, and the steps reading them.
-    `k_low, k` is the activation range the steps read (what a streamed ABUF chunk holds)."""
+    `k_low, k` is the activation range the steps read (what a streamed ABUF chunk holds). An
+    HP chunk is stored compact (`sparse`: spload's nnz and bw): `stored` stream words in DRAM
+    expand into its `words` BBUF words."""
 
     start: int  # first word in the layer's weight stream
     words: int
     k_low: int
     k: int
     steps: tuple[Step, ...]
+    stored: int = 0  # stream words of an HP chunk (else its words)
+    sparse: tuple[int, int] | None = None
+
+    def load(self) -> dict[str, int]:
+        """The fields of the instruction loading it (but its addresses): spload's for an HP
+        chunk, a load's for the others."""
+        if self.sparse is None:
+            return {"count": self.words}
+        return {"count": self.stored, "steps": self.words // 2, "nnz": self.sparse[0], "bw": self.sparse[1]}
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,8 @@ def _hp_plan(layer: Layer, bw: int, config: AccelConfig) -> Plan:
     local-index word (padding entries: weight 0, index 0), the pruned blocks between two kept
     ones skipped through the index word of the earlier one's last step (a new spgemm only
     where more blocks are pruned in a row than its lane 0 can count); `nnz` per tile is the
-    most non-zeros a channel has in one of its blocks."""
+    most non-zeros a channel has in one of its blocks. Each chunk is stored as spload's
+    compact stream (log2(bw) bits an index, a skip a block)."""
     weight, cols, bits = layer.weight, config.cols, config.data_bits
     n, k = weight.shape
     nblocks = -(-k // bw)
@@ -176,7 +188,7 @@ def _hp_plan(layer: Layer, bw: int, config: AccelConfig) -> Plan:
         tile = []
         for chunk in np.split(kept, range(per_chunk, kept.size, per_chunk)):
             runs = np.split(chunk, np.flatnonzero(np.diff(chunk) > max_skip + 1) + 1)
-            chunk_steps, offset = [], 0
+            chunk_steps, offset, pairs = [], 0, []
             for run in runs:
                 chunk_steps.append(Step(Opcode.SPGEMM, (("a", int(run[0]) * bw), ("b", offset), ("blocks", run.size),
                                                         ("nnz", nnz), ("bw", bw),
@@ -188,11 +200,13 @@ def _hp_plan(layer: Layer, bw: int, config: AccelConfig) -> Plan:
                     index = np.where(values != 0, order, 0)
                     index[0, -1] += bw * skip  # lane 0 of the last step: the blocks to skip after this one
                     index = (index + (1 << bits - 1)) % (1 << bits) - (1 << bits - 1)  # as a signed lane
-                    stream.append(np.stack([values.T, index.T], axis=1).reshape(2 * nnz, cols))
+                    pairs.append(np.stack([values.T, index.T], axis=1).reshape(2 * nnz, cols))
                 offset += 2 * nnz * run.size
+            packed = pack_sparse(np.concatenate(pairs), nnz, bw, bits)
+            stream.append(packed)
             tile.append(Chunk(start, offset, int(chunk[0]) * bw, min(k, (int(chunk[-1]) + 1) * bw) - int(chunk[0]) * bw,
-                              tuple(chunk_steps)))
-            start += offset
+                              tuple(chunk_steps), len(packed), (nnz, bw)))
+            start += len(packed)
             steps += offset // 2
         tiles.append(tuple(tile))
     return Plan("hp", k, bw, tuple(tiles), np.concatenate(stream), steps)

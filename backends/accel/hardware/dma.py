@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pyrtl import Const, Output, Register, WireVector, concat_list, mux, select
+from pyrtl import (Const, Output, Register, WireVector, concat, concat_list, mux, select, shift_left_logical,
+                   shift_right_logical)
 
 from ..config import AccelConfig
 from ..isa import Buffer, Opcode, Unit
-from .circuits import const_mul, fit, nonzero
+from .circuits import const_mul, fit, nonzero, select_first
 
 if TYPE_CHECKING:
     from .core import Builder
@@ -91,10 +92,19 @@ def load_engine(builder: Builder):
         parts.append(r)
     words = {b: fit(concat_list(parts[:cfg.beats(b) - 1] + [builder.dram_rdata]), cfg.word_bits(b)) for b in Buffer}
     column, shifting, t_waddr = _transposer(builder, words[Buffer.ABUF], word_done & tiled, lanes, iw)
+    plain = word_done & ~tiled
+    pair = None
+    if Opcode.SPLOAD in builder.ops:  # spload's pairs through the same write port, a word into each bank
+        packed = builder.held(Unit.LOAD, "ld_packed", builder.is_op[Opcode.SPLOAD])
+        plain = plain & ~packed
+        pair = _unpacker(builder, words[Buffer.BBUF], word_done & packed)
     for b in Buffer:
         if b in (Buffer.ABUF, Buffer.BBUF):  # a tload's columns through the same write port
-            mems[b].write("load", select(shifting, t_waddr, l_waddr), select(shifting, column, words[b]),
-                          ((word_done & ~tiled) | shifting) & (l_buf == int(b)))
+            waddr, group = select(shifting, t_waddr, l_waddr), None
+            if b is Buffer.BBUF and pair is not None:
+                waddr, group = select(pair[0], pair[1], waddr), (pair[0], pair[2])
+            mems[b].write("load", waddr, select(shifting, column, words[b]), (plain | shifting) & (l_buf == int(b)),
+                          group)
         else:
             mems[b].write("load", l_waddr, words[b], word_done & ~tiled & (l_buf == int(b)))
     return idle, busy == 1, sig
@@ -126,6 +136,44 @@ def _transposer(builder: Builder, word: WireVector, arrived: WireVector, lanes: 
             reg.next <<= select(arrived & (bank == k) & (row == i), word, select(shift, down, reg))
     column = concat_list([select(out_bank, rows[1][i][:lane_bits], rows[0][i][:lane_bits]) for i in range(lanes)])
     return column, shifting, waddr
+
+
+def _unpacker(builder: Builder, word: WireVector, arrived: WireVector):
+    """spload's stream (`isa.sparse_stream`), a stream word `arrived` a cycle: index words join
+    a bit buffer (at its fill level); each weight word leaves with its index word, the step's
+    `cols` indices of log2(bw) bits from the buffer's bottom (a block's last step: its skip above
+    lane 0's index), which then shifts down by the bits the step took. Returns (a weight and
+    index word pair is written this cycle, its BBUF address, [the weight word, the index word])."""
+    cfg, f = builder.cfg, builder.f
+    DB, C = cfg.data_bits, cfg.cols
+    W = C * DB  # a stream word's bits
+    iss = builder.issue_u[Unit.LOAD]
+    nnz = builder.held(Unit.LOAD, "sp_nnz", f(Opcode.SPLOAD, "nnz"))
+    bw = builder.held(Unit.LOAD, "sp_bw", f(Opcode.SPLOAD, "bw"))
+    ibs = range((min(cfg.abuf_banks, 1 << DB - 1)).bit_length())  # the index widths spload may use
+    is_ib = [bw == 1 << i for i in ibs]
+    fw = (2 * W).bit_length()
+    fill, bits = Register(fw, "sp_fill"), Register(2 * W, "sp_bits")
+    step, at = Register(8, "sp_step"), Register(16, "sp_at")
+    last = step == fit(nnz - 1, 8)  # the block's last step: its skip follows its indices
+    need = select_first([(is_ib[i], select(last, Const(C * i + DB - i, fw), Const(C * i, fw))) for i in ibs],
+                        Const(0, fw))
+    takes = arrived & (fill < need)  # an index word
+    pair = arrived & ~(fill < need)  # a weight word
+    joined = bits | shift_left_logical(fit(word, 2 * W), fill)
+    bits.next <<= select(iss, Const(0, 2 * W), select(takes, joined, select(pair, shift_right_logical(bits, need),
+                                                                                bits)))
+    fill.next <<= fit(select(iss, Const(0, fw), select(takes, fill + W, select(pair, fill - need, fill))), fw)
+    step.next <<= fit(select(iss | (pair & last), Const(0, 8), select(pair, step + 1, step)), 8)
+    at.next <<= fit(select(iss, f(Opcode.SPLOAD, "addr"), select(pair, at + 2, at)), 16)
+    indices = []
+    for i in ibs:
+        lanes = [fit(bits[c * i:(c + 1) * i], DB) if i else Const(0, DB) for c in range(C)]
+        skip = bits[C * i:C * i + DB - i]
+        lanes[0] = select(last, concat(skip, bits[:i]) if i else skip, lanes[0])
+        indices.append((is_ib[i], concat_list(lanes)))
+    index = select_first(indices, indices[0][1])
+    return pair, at, [fit(word, W), index]
 
 
 def store_engine(builder: Builder):

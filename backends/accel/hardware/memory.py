@@ -3,7 +3,7 @@ several units write, registered read addresses, and low-order interleaving."""
 
 from __future__ import annotations
 
-from pyrtl import Const, MemBlock, Register, WireVector, concat_list, mux
+from pyrtl import Const, MemBlock, Register, WireVector, concat_list, mux, select
 
 from .circuits import address_bits, fit
 
@@ -66,7 +66,10 @@ class Memory:
         """Present `addr` to `reader`'s port: its word is in `data[reader]` next cycle."""
         self.addr[reader].next <<= fit(addr, self.aw)
 
-    def write(self, writer: str, addr, data, enable) -> None:
+    def write(self, writer: str, addr, data, enable, group: tuple[WireVector, list[WireVector]] | None = None) -> None:
+        """`writer` writes `data` to word `addr` when `enable` is set. With `group` = (its enable,
+        a word per memory), the writer instead writes a whole aligned group (`addr` its first
+        word) in one cycle, a word into each memory (a buffer with one writer)."""
         addr = fit(addr, self.aw)
         width = self.narrow.get(writer, self.width)
         data = fit(data, width)
@@ -76,7 +79,10 @@ class Memory:
         else:
             index, sel = addr[self.sel_bits:], addr[:self.sel_bits]
             for i, b in enumerate(banks):
-                b[index] <<= MemBlock.EnabledWrite(data, enable & (sel == i))
+                word, on = data, enable & (sel == i)
+                if group is not None:
+                    word, on = select(group[0], fit(group[1][i], width), word), on | group[0]
+                b[index] <<= MemBlock.EnabledWrite(word, on)
         if self.lvt is not None:
             self.lvt[addr] <<= MemBlock.EnabledWrite(Const(self.index[writer], self.lvt.bitwidth), enable)
 

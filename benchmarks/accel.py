@@ -10,7 +10,9 @@ ISA simulator, whose cycles equal the RTL's.
    (no memory stalls).
 2. HP sparse speedup: the same GEMMs with HP weights (16x16 blocks, hp-prune's split of 50%,
    75% and 90% between the levels) on the sparse unit, against the dense weights on the same
-   array: target >= 0.85 / (1 - s).
+   array: target >= 0.85 / (1 - s). HP on the wire: on each FPGA target at its default block,
+   a 768x768 HP weight's DRAM bytes (spload's compact stream) against its `#hp` bytes (target
+   <= 1.1x) and against the weight/index word pairs the sparse unit reads.
 3. Binary unit: the PE array alone (`hardware.build_array`) synthesized by yosys `synth_xilinx`
    in its int8 mode and in its XNOR-popcount mode: binary MACs per cycle per LUT against int8
    MACs per cycle per LUT (the int8 array's multipliers sit in DSPs, counted apart).
@@ -39,7 +41,7 @@ import dataclasses
 import numpy as np
 
 from tcc.backends.accel.codegen import generate
-from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.config import AccelConfig, Buffer
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import GraphBuilder
 from tcc.ir.sparsity import Hierarchical
@@ -130,6 +132,37 @@ def hp_table(config: AccelConfig, sparsities=(0.5, 0.75, 0.9)) -> None:
                   f"{target:>7.2f}x")
     worst = min(ratios)
     print(f"speedup / target: worst {worst:.3f} (target >= 1): {'PASS' if worst >= 1 else 'FAIL'}")
+
+
+def wire_table(sparsities=(0.5, 0.75, 0.9), k: int = 768, n: int = 768) -> None:
+    """HP on the wire: a k x n HP weight at each FPGA target's default block (its PE tile): its
+    bytes in the DRAM image (spload's compact stream) against its `#hp` bytes, and against the
+    weight and index word pairs spgemm reads (the stream before spload: an 8-bit index a value)."""
+    from tcc.backends.accel.isa import Opcode
+    from tcc.targets.backends import weights_on_the_wire
+
+    print(f"\nHP on the wire: a {n}x{k} weight at each FPGA's default block, DRAM bytes against #hp bytes (target <= 1.1x)")
+    print(f"{'target':<13}{'encoding':>16}{'DRAM':>10}{'#hp':>10}{'ratio':>8}{'pairs':>10}{'pairs/#hp':>11}")
+    worst = 0.0
+    for name in ("fpga-small", "fpga-medium", "fpga-large"):
+        config = get_target(name).accel
+        block = config.cols
+        graph, _x = quantized_linear(config.rows, k, n)
+        for s in sparsities:
+            weight, row_nnz = hp_weight(n, k, s, block, np.random.default_rng(0))
+            constants = tuple((c, dataclasses.replace(t, sparsity=Hierarchical(block, block, row_nnz)))
+                              if c == "w" else (c, t) for c, t in graph.constants)
+            sparse = verify(graph.replace(weights=dict(graph.weights) | {"w": weight.astype(np.int8)},
+                                          constants=constants))
+            program = generate(sparse, config)
+            (wire,) = weights_on_the_wire(sparse, program)
+            word = config.beats(Buffer.BBUF) * config.dram_bits // 8
+            pairs = word * sum({i["dram"]: 2 * i["steps"] for section in program.sections for i in section.program
+                                if i.op is Opcode.SPLOAD}.values())
+            worst = max(worst, wire["ratio"])
+            print(f"{name:<13}{wire['encoded']:>16}{wire['dram_bytes']:>10,}{wire['encoded_bytes']:>10,}"
+                  f"{wire['ratio']:>7.3f}x{pairs:>10,}{pairs / wire['encoded_bytes']:>10.2f}x")
+    print(f"DRAM / #hp: worst {worst:.3f}x (target <= 1.1x): {'PASS' if worst <= 1.1 else 'FAIL'}")
 
 
 def binary_table(shapes: str) -> None:
@@ -235,6 +268,7 @@ def main() -> None:
     config = get_target("fpga-medium").accel
     gemm_table(config)
     hp_table(config)
+    wire_table()
     encoder_layer_table(config)
     if not args.skip_rtl:
         binary_table(args.arrays)

@@ -799,4 +799,9 @@ _DEFS = [
 
 OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}
 
+# ops that only move elements (each result element is an operand element); WHOLE_MOVES keep
+# every element too, and so the operand's range
+MOVES = frozenset({"reshape", "permute", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand"})
+WHOLE_MOVES = MOVES - {"slice", "select"}
+
 __all__ = ["OPS", "OpDef", "AttrKind", "AttrSpec", "OpTypeError", "promote"]

@@ -9,6 +9,8 @@
   itself, identity permute;
 - `reshape(reshape(x))` -> `reshape(x)`; a transpose/permute of a transpose/permute -> one
   permute (then dropped if it is the identity);
+- `add(add(x, c1), c2)` with constants c1, c2 (the inner add's only use) -> `add(x, c1 + c2)`;
+- `index(x, *constant indices)` that reads every element of x once, in order -> `reshape(x)`;
 - `batch_norm(conv(x, w, b))` (conv1d or conv2d, or a linear of a rank-2 input: its channels
   on dim 1), the producer's only use, every operand a constant -> the producer with its
   weight and bias scaled by `weight / sqrt(var + eps)` (new constants `w.bn`, `b.bn`), under
@@ -107,7 +109,9 @@ class _Sweep:
         if op.kind == "matmul":
             return self.matmul(op)
         if op.kind == "add":
-            return self.fold_bias(op)
+            return self.fold_bias(op) or self.fold_constant_adds(op)
+        if op.kind == "index":
+            return self.index_as_reshape(op)
         if op.kind == "batch_norm":
             return self.fold_batch_norm(op)
         if op.kind == "scaled_dot_product_attention" and len(op.operands) == 4:
@@ -154,6 +158,40 @@ class _Sweep:
             return self.rw.make(op, "linear", *linear.operands, b)
         return None
 
+    def fold_constant_adds(self, op: Op) -> Op | None:
+        """`add(add(x, c1), c2)` (either order in both), the inner add's only use, c1 and c2
+        plain float constants of x's dtype -> `add(x, c1 + c2)` (broadcasting alike: one pass
+        over x; BERT's position and token-type embeddings)."""
+        for inner_value, c2 in (op.operands, op.operands[::-1]):
+            inner = self.rw.producer(inner_value)
+            if (inner is None or inner.kind != "add" or not self.rw.is_constant(c2) or inner_value in self.graph.outputs
+                    or [u.result for u in self.users.get(inner_value, [])] != [op.result]):
+                continue
+            for x, c1 in (inner.operands, inner.operands[::-1]):
+                t1, t2, tx = self.rw.types[c1], self.rw.types[c2], self.rw.types[x]
+                if (self.rw.is_constant(x) or not self.rw.is_constant(c1) or not tx.dtype.is_float
+                        or not all(_plain(t) and t.dtype == tx.dtype for t in (t1, t2))):
+                    continue
+                total = self.rw.weight(c1) + self.rw.weight(c2)
+                return self.rw.make(op, "add", x, self.derive(c1, f"plus.{c2}", total.astype(tx.dtype.numpy),
+                                                              tx.dtype))
+        return None
+
+    def index_as_reshape(self, op: Op) -> Op | None:
+        """`index(x, *indices)` with constant indices that read every element of x once, in
+        order (x[arange(b)[:, None, None, None], arange(n)[None, None, None, :]], a padding
+        mask's unsqueezes as torch.export writes them) -> `reshape(x)`."""
+        x, indices = op.operands[0], op.operands[1:]
+        if not all(self.rw.is_constant(i) for i in indices):
+            return None
+        size = int(np.prod(self.rw.types[x].shape, dtype=np.int64))
+        try:
+            read = np.arange(size).reshape(self.rw.types[x].shape)[tuple(self.rw.weight(i) for i in indices)]
+        except IndexError:
+            return None
+        if read.size != size or not (read.ravel() == np.arange(size)).all():
+            return None
+        return self.rw.make(op, "reshape", x, shape=op.type.shape)
 
     def fold_batch_norm(self, op: Op) -> Op | None:
         y, *stats = op.operands

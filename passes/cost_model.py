@@ -25,6 +25,7 @@ from typing import Callable
 from tcc.ir.encoding import Dense
 from tcc.ir.analysis import nonzeros, op_flops
 from tcc.ir.graph import Graph, Op
+from tcc.ir.ops import MOVES  # data movement the executors do as views: no bytes move
 
 KINDS = ("cpu", "gpu", "fpga")
 
@@ -109,8 +110,6 @@ class Candidate:
     cost: Callable[[Graph], Cost]
 
 
-# data movement the executors do as views: no bytes move
-_VIEWS = frozenset({"reshape", "permute", "transpose", "squeeze", "unsqueeze", "expand", "select", "slice"})
 _PRODUCTS = frozenset({"linear", "matmul", "scaled_dot_product_attention", "conv1d", "conv2d"})
 _GATHERS = frozenset({"embedding", "gather", "index"})  # read the rows they gather of their table, not all of it
 
@@ -145,7 +144,7 @@ def op_seconds(graph: Graph, device: Device, ops: list[Op] | None = None) -> lis
         weight = op.operands[1] if op.kind == "linear" else None
         if weight in constants and not isinstance(types[weight].encoding, Dense):
             work *= _density(graph, weight) / SPARSE_EFFICIENCY
-        if op.kind in _VIEWS:
+        if op.kind in MOVES:
             moved = 0
         elif op.kind in _GATHERS:  # the gathered rows of the table (the result's bytes), the indices, the result
             moved = 2 * op.type.dense_bytes + sum(types[v].dense_bytes for v in op.operands[1:])

@@ -32,6 +32,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
+from tcc.ir.ops import MOVES, WHOLE_MOVES
 from tcc.ir.quant import PerTensor
 
 from .base import Pass, PassContext, PassResult, option
@@ -42,8 +43,6 @@ from .quantize import dequantized, fixed_point
 from .rewrite import Rewriter
 
 KINDS = ("softmax", "gelu", "layer_norm", "matmul", "add", "relu")
-_MOVES = {"reshape", "permute", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand"}
-_WHOLE = _MOVES - {"slice", "select"}  # moves that keep every element (and so the range)
 _NARROW = (DType.I4, DType.I8, DType.I16)
 
 # I-BERT's second-order polynomials: exp(p) ~ a (p + b)^2 + c on (-ln 2, 0];
@@ -196,7 +195,7 @@ class _Converter:
             if op.kind != "quantize" or op.attr("zero_point") != 0 or op.attr("dtype") not in _NARROW:
                 continue
             root = op.operands[0]
-            while root in self.producer and self.producer[root].kind in _WHOLE:
+            while root in self.producer and self.producer[root].kind in WHOLE_MOVES:
                 root = self.producer[root].operands[0]
             out.setdefault(root, op)
         return out
@@ -223,13 +222,14 @@ class _Converter:
         return value if math.isfinite(value) and value > 0 else None
 
     def _reader_quant(self, value: str) -> tuple[DType, float] | None:
-        """(dtype, scale) of the first integer `quantize` reading all of `value` (through moves
-        that keep every element): calibrated on the same range, so `value` can take it."""
+        """(dtype, scale) of the first integer `quantize` reading `value` (through moves: one that
+        reads part of it, a select or a slice, was calibrated on all of it by `quantize`), so
+        `value` can take it."""
         stack, seen = [value], set()
         while stack:
             v = stack.pop(0)
             for op in self.users.get(v, []):
-                if op.kind in _WHOLE and op.result not in seen:
+                if op.kind in MOVES and op.result not in seen:
                     seen.add(op.result)
                     stack.append(op.result)
                 elif op.kind == "quantize" and op.attr("zero_point") == 0 and op.attr("dtype") in _NARROW:
@@ -294,7 +294,7 @@ class _Converter:
         if op.kind == "dequantize" and (found := dequantized(self.rw, op.result)) is not None:
             q, scale = found
             self.ints[op.result] = _Int(q, scale, -self.rw.types[q].dtype.value_range[0])
-        elif op.kind in _MOVES and (x := self.ints.get(op.operands[0])) is not None:
+        elif op.kind in MOVES and (x := self.ints.get(op.operands[0])) is not None:
             moved = self.rw.op(op.kind, x.value, name=f"{op.result}.i", **op.attr_dict)
             self.ints[op.result] = _Int(moved, x.scale, x.bound)
         elif op.kind in ("mul", "div"):

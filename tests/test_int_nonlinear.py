@@ -390,6 +390,32 @@ def test_golden_encoder_layer():
     assert np.abs(got.astype(np.int64) - want).max() <= 1
 
 
+def test_a_linear_reading_the_first_token_shares_the_norms_integers():
+    """BERT's pooler: `linear(select(layer_norm(x), 1, 0))` beside the norm's own output. quantize
+    gives the select the norm's whole range, int-nonlinear gives the norm that scale: the
+    linear reads the norm's integers, selected, with no rescale (no cast, no requantize) between."""
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.norm, self.pool = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.norm(self.inp(x))  # quantized before the norm: int-nonlinear calibrates the norm anew
+            return h, torch.tanh(self.pool(h[:, 0]))
+
+    torch.manual_seed(0)
+    model, x = Pooled().eval(), torch.randn(4, 6, 16)
+    graph = tcc.compile(model, (x,), pipeline="quantize,int-nonlinear").graph
+    producer = graph.producer()
+    linear = [op for op in graph.ops if op.kind == "linear"][1]
+    selected = producer[linear.operands[0]]
+    assert selected.kind == "select" and producer[selected.operands[0]].kind == "int_layer_norm"
+    assert not any(op.kind in ("cast", "requantize") and op.result.startswith("select") for op in graph.ops)
+    want = model(x)
+    got = NumpyExecutor(graph)(x.numpy())
+    assert np.abs(got[1] - want[1].detach().numpy()).max() < 0.05
+
+
 def test_pass_is_idempotent():
     graph, calib = _layer()
     ctx = _ctx(calib)

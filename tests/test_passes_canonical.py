@@ -489,6 +489,48 @@ def test_a_mask_anded_with_one_that_keeps_everything_is_read_as_it_is():
     _assert_same_outputs(graph, result.graph, inputs)
 
 
+def test_constant_adds_fold_into_one_and_a_whole_index_is_a_reshape():
+    """BERT's embeddings: `(x + token types) + positions` -> `x + (token types + positions)`,
+    one pass over x (also where the sum broadcasts x wider); a shared inner add stays.
+    `index` with constant indices reading every element once, in order (torch.export's
+    `mask[:, None, None, :]`) -> a reshape; one that repeats, drops or reorders stays."""
+    source = _text("""
+        graph @main(%x: f32[2,3,4], %y: f32[2,3,4], %z: f32[3,4], %mask: bool[2,6]) {
+          const @types : f32[1,3,4]
+          const @positions : f32[3,4]
+          const @wide : f32[2,3,4]
+          const @batch : i64[2,1,1,1]
+          const @keys : i64[1,1,1,6]
+          const @backwards : i64[1,1,1,6]
+          %a = add(%x, @types) : f32[2,3,4]
+          %b = add(@positions, %a) : f32[2,3,4]
+          %c = add(%y, @types) : f32[2,3,4]
+          %d = add(%c, @positions) : f32[2,3,4]
+          %e = add(%c, %y) : f32[2,3,4]
+          %f = add(%z, @positions) : f32[3,4]
+          %g = add(%f, @wide) : f32[2,3,4]
+          %m = index(%mask, @batch, @keys) : bool[2,1,1,6]
+          %n = index(%mask, @batch, @backwards) : bool[2,1,1,6]
+          return %b, %d, %e, %g, %m, %n
+        }
+        """)
+    rng = np.random.default_rng(0)
+    weights = {"types": rng.random((1, 3, 4)).astype(np.float32), "positions": rng.random((3, 4)).astype(np.float32),
+               "wide": rng.random((2, 3, 4)).astype(np.float32), "batch": np.arange(2).reshape(2, 1, 1, 1),
+               "keys": np.arange(6).reshape(1, 1, 1, 6), "backwards": np.arange(6)[::-1].reshape(1, 1, 1, 6).copy()}
+    graph = parse_graph(source, weights)
+    result = Canonicalize().run(graph, PassContext())
+    text = print_graph(DeadCodeElimination().run(result.graph, PassContext()).graph)
+    assert "%b = add(%x, @types.plus.positions) : f32[2,3,4]" in text and "%a =" not in text
+    assert "%d = add(%c, @positions)" in text  # %c is shared
+    assert "%g = add(%z, @positions.plus.wide) : f32[2,3,4]" in text
+    assert "%m = reshape(%mask) {shape = [2, 1, 1, 6]} : bool[2,1,1,6]" in text
+    assert "%n = index(%mask, @batch, @backwards)" in text
+    inputs = _inputs(graph)
+    inputs[3] = rng.random((2, 6)) < 0.5
+    _assert_same_outputs(graph, result.graph, inputs)
+
+
 def test_golden_inputs_print_as_written():
     """The inputs are in the printer's form, so a no-change case compares its input text."""
     for _, _, source, _ in GOLDEN:

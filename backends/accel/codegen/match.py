@@ -25,6 +25,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
+from tcc.ir.ops import MOVES
 from tcc.ir.sparsity import Sparsity
 
 from ..config import AccelConfig
@@ -337,7 +338,7 @@ def residual_operands(graph: Graph, users: dict[str, list[Op]], config: AccelCon
     return frozenset(out)
 
 
-LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "select", "slice", "squeeze", "unsqueeze", "expand", "cat"})
+LAYOUT_OPS = MOVES | {"cat"}
 
 
 def host_reason(op: Op, why: dict[str, str]) -> str:

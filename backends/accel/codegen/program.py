@@ -108,7 +108,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
     dram = bytearray(0 if timing else allocator.used * (config.dram_bits // 8))
     for region, data in images:
         dram[region.byte_slice(config)] = data
-    moved = _moved(graph, placed, {t.values[0] for s in sections for t in s.outputs})
+    moved = _moved(graph, placed)
     host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else why.get(op.result) or host_reason(op, why),
                         moved=op.result in moved)
                  for op in graph.ops if op.result not in placed)
@@ -159,18 +159,19 @@ def _calls(graph: Graph, sections: list[Section], placed: set[str]) -> tuple[tup
     return tuple(out), on_chip
 
 
-MOVED = ("addressing: the host re-lays the tensor out as it moves it from one accelerator layer to the next "
+MOVED = ("addressing: the host lays the tensor out as it moves it to an accelerator layer "
          "(a strided copy that is the transfer itself, no op of its own)")
 
 
-def _moved(graph: Graph, placed: set[str], layer_outputs: set[str]) -> set[str]:
-    """The layout ops between accelerator layers: fed only by layers' outputs (or such ops), and
-    feeding only layers (or such ops); not a graph output."""
+def _moved(graph: Graph, placed: set[str]) -> set[str]:
+    """The layout ops of integer (or bool) values that feed only accelerator layers (or such
+    ops), not a graph output: the host writes their operand in the layout the layer reads (from
+    an earlier layer's output, or from what it computed itself, a padding mask)."""
     users, outputs = graph.users(), set(graph.outputs)
     moved: set[str] = set()
     for op in graph.ops:
-        if op.result not in placed and op.kind in LAYOUT_OPS and op.type.dtype.is_int and op.operands and \
-                all(v in layer_outputs or v in moved for v in op.operands) and op.result not in outputs:
+        if op.result not in placed and op.kind in LAYOUT_OPS and not op.type.dtype.is_float and op.operands and \
+                op.result not in outputs:
             moved.add(op.result)
     for op in reversed(graph.ops):  # users come after: one pass drops those feeding the host
         if op.result in moved and not all(u.result in placed or u.result in moved for u in users[op.result]):

@@ -201,7 +201,7 @@ class Nonlinear:
                                 sfit(one, 2 * AB))
             g = delay(sfit(smul(delay(x, 3), delay(erf1, 1)), 64), 1)
             out.append(saturate(slot.d(on, g, out_mult, out_shift), DB))
-        self.obuf_writes.append((on & delay(self.tag["p1"], _GELU_STAGES), concat_list(out)))
+        self.obuf_writes.append((delay(on & self.tag["p1"], _GELU_STAGES), concat_list(out)))
 
     def _resadd(self) -> None:
         """vresadd: rq(a) + rq(b) in i32 (slots a and b), then rq of the sum (slot d) to i32 and
@@ -214,7 +214,7 @@ class Nonlinear:
             total = sadd(saturate(slot.a(on, x, m_a, s_a), 32), saturate(slot.b(on, y, m_b, s_b), 32), 32)
             result = saturate(slot.d(on, delay(total, _RESADD_STAGES), m, s), 32)
             out.append(saturate_to(result, fit(bits, 6), AB))
-        self.pbuf_writes.append((on & delay(self.tag["p1"], _RESADD_STAGES), concat_list(out)))
+        self.pbuf_writes.append((delay(on & self.tag["p1"], _RESADD_STAGES), concat_list(out)))
 
     def _softmax(self) -> None:
         """vsoftmax (`_int_softmax`): pass 1 the row max m; passes 2 and 3 e of each lane: d = x -
@@ -246,17 +246,19 @@ class Nonlinear:
             q, z = delay(ssub(b, rest, AB + 1), 1), delay(concat(*z), 1)
             e = shr_arith(sadd(slot.b(on, q, q), c, 64), z)  # in [0, 2^31)
             es.append(delay(select(delay(ok, 2), e[:32], Const(0, 32)), 1))
-        late = {name: delay(t[name], _E_STAGES) for name in ("p2", "p3", "first", "last")}
+        # the tags gated by this op before they wait: the previous row op's last pass-3 tags are
+        # still on their way when this one starts
+        late = {name: delay(on & t[name], _E_STAGES) for name in ("p2", "p3", "first", "last")}
         word_sum = tree(lambda x, y: sadd(x, y, 48), es)  # s < len * 2^31 < 2^47
         s = Register(48, "sm_sum")
-        s.next <<= select(on & late["p2"], select(late["first"], word_sum, sadd(s, word_sum, 48)), s)
-        self.divisions.append((on & delay(late["p2"] & late["last"], 1), Const(1 << 62, 64),
+        s.next <<= select(late["p2"], select(late["first"], word_sum, sadd(s, word_sum, 48)), s)
+        self.divisions.append((delay(late["p2"] & late["last"], 1), Const(1 << 62, 64),
                                select(s == 0, Const(1, 48), s)))
         high = (one_hot(fit(out_bits, 5), 17) - 1)[:17]  # 2^out_bits - 1 (out_bits < data_bits)
         down = fit(Const(62, 7) - fit(out_bits, 7), 7)
         out = [sfit(sclip(slot.d(on, self.quotient, e, down), Const(0, 1), high), DB)
                for e, slot in zip(es, self.slots)]
-        self.obuf_writes.append((on & late["p3"], concat_list(out)))
+        self.obuf_writes.append((late["p3"], concat_list(out)))
 
     def _layernorm(self) -> None:
         """vlayernorm (`_int_layer_norm`): pass 1 the row sum s, the divider makes mean = (2s +

@@ -53,12 +53,13 @@ def test_whole_model_on_verilator(name):
     assert_same_run(name, "rows=4,cols=4", run_verilator)
 
 
-@pytest.mark.parametrize("pipeline, units", [(HP_INTEGER, {"spgemm", "vsoftmax", "vlayernorm", "vresadd", "tload",
-                                                          "sstore"}),
+@pytest.mark.parametrize("pipeline, units", [(HP_INTEGER, {"spgemm", "spload", "vsoftmax", "vlayernorm", "vresadd",
+                                                          "tload", "sstore"}),
                                              (W1A1, {"bgemm"})])
 def test_whole_compressed_integer_model_on_verilator(pipeline, units):
     """HP-pruned with the whole encoder integer (attention, softmax, residual adds, layer norms
-    on the accelerator, the layers chained on chip by tload and sstore), and binarized W1A1:
+    on the accelerator, the layers chained on chip by tload and sstore, the HP weights loaded
+    compact by spload), and binarized W1A1:
     every tier agrees, cycles included."""
     need("verilator")
     artifact, inputs = compiled("transformer-encoder", NONLINEAR_4X4, pipeline)

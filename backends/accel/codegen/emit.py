@@ -46,8 +46,8 @@ class _Ring:
             self.items.pop(self.held[slot], None)
             deps, cfg, base = [self.readers[slot]], builder.config, slot * self.size
             if chunk is not None:
-                op = Opcode.LOAD if chunk.sparse is None else Opcode.SPLOAD
-                load = builder.add(Node(op, deps, cfg, buf=self.buffer, addr=base, dram=dram, **chunk.load()))
+                op, fields = chunk.load()
+                load = builder.add(Node(op, deps, cfg, buf=self.buffer, addr=base, dram=dram, **fields))
             elif pieces is None:
                 load = builder.add(Node(Opcode.LOAD, deps, cfg, buf=self.buffer, addr=base, count=count, dram=dram))
             for at, tiles, start, step, stride in pieces or ():

@@ -45,15 +45,15 @@ class Chunk:
     k_low: int
     k: int
     steps: tuple[Step, ...]
-    stored: int = 0  # stream words of an HP chunk (else its words)
+    stored: int = 0  # an HP chunk's stream words in DRAM (the others are stored as their `words`)
     sparse: tuple[int, int] | None = None
 
-    def load(self) -> dict[str, int]:
-        """The fields of the instruction loading it (but its addresses): spload's for an HP
-        chunk, a load's for the others."""
+    def load(self) -> tuple[Opcode, dict[str, int]]:
+        """The instruction loading it, but its addresses: spload for an HP chunk, else load."""
         if self.sparse is None:
-            return {"count": self.words}
-        return {"count": self.stored, "steps": self.words // 2, "nnz": self.sparse[0], "bw": self.sparse[1]}
+            return Opcode.LOAD, {"count": self.words}
+        return Opcode.SPLOAD, {"count": self.stored, "steps": self.words // 2, "nnz": self.sparse[0],
+                               "bw": self.sparse[1]}
 
 
 @dataclass(frozen=True)

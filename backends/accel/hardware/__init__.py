@@ -5,7 +5,9 @@
   `imem_we/imem_waddr/imem_wdata` port while the machine is held in reset) and decode: field
   positions come from `isa.FORMATS` and `isa.HEADER`, opcodes from `isa.Opcode`;
 - an in-order dispatcher with the eight token counters (`isa.Token`, `TOKEN_BITS` each);
-- the four units of `isa.UNITS`: the DMA load engine (DRAM -> buffer); the array, an
+- the four units of `isa.UNITS`: the DMA load engine (DRAM -> buffer; tload's transposer and,
+  with the sparse unit, spload's unpacker: a bit buffer of index words, writing a weight word
+  and its index word into BBUF's two memories in one cycle); the array, an
   output-stationary `rows x cols` systolic array of `data_bits` multipliers with two banks of
   `acc_bits` accumulators per PE (gemm, and where the config has them spgemm's gather and
   bgemm's XNOR-popcount mode); the `cols`-lane vector unit (requant, and where the config has
@@ -18,8 +20,8 @@
 `vector_unit=False` leaves out the vector ALU and the nonlinearities, the two OBUF read ports,
 slots b and d and PBUF's vector bank; `nonlinear_unit=False` the nonlinearities and vacc (the
 sequencer, the divider and square root, slots b and d), and PBUF's vector bank then keeps one
-lane (vsum writes its value to every lane); `sparse_unit=False` the gather, its delay lines and
-BBUF's split; `binary_unit=False` the PEs' XNOR-popcount: the opcodes of a missing unit never
+lane (vsum writes its value to every lane); `sparse_unit=False` the gather, its delay lines,
+spload's unpacker and BBUF's split; `binary_unit=False` the PEs' XNOR-popcount: the opcodes of a missing unit never
 issue (`isa.check_program` refuses programs that use them); requant, the array's output path,
 stays.
 

@@ -68,10 +68,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(printable(f"compiled {artifact.manifest['source']} for {artifact.manifest['target']['name']}: {summary} -> "
                     f"{path}"))
     if "accel" in artifact.manifest and not args.quiet:
-        host = artifact.manifest["accel"]["host_ops"]
         accel = artifact.manifest["accel"]
+        host = [h for h in accel["host_ops"] if h["where"] != "addressing"]
+        between = sum(h["where"] == "between" for h in host)
         print(printable(f"  accelerator: {accel['sections']} sections in {accel['calls']} calls "
-                        f"({accel['link_bytes']:,} bytes over the host link a run); {len(host)} ops on the host"
+                        f"({accel['link_bytes']:,} bytes over the host link a run); {len(host)} ops on the host "
+                        f"({len(host) - between} at the model's edges, {between} between calls)"
                         + (": " + ", ".join(f"{h['op']} {h['result']}" for h in host[:8])
                            + (", ..." if len(host) > 8 else "") if host else "")))
         for label, key in (("estimated", "resources_estimate"), ("synthesized (yosys)", "synthesis")):

@@ -9,13 +9,14 @@ import dataclasses
 import math
 from collections import Counter
 
+import networkx as nx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tcc
-from tcc.backends.accel.codegen import generate, timing
+from tcc.backends.accel.codegen import generate, host_places, timing
 from tcc.backends.accel.codegen.layer import TIMINGS
 from tcc.backends.accel.codegen.match import LAYOUT_OPS
 from tcc.backends.accel.codegen.schedule import schedule
@@ -570,6 +571,34 @@ def test_integer_encoder_layers_run_on_the_accelerator():
     assert chained and chained.isdisjoint(t.values[0] for s in program.sections for t in s.inputs)
     assert program.on_chip and program.on_chip <= chained
     assert accel.stats.calls == len(program.calls()) < len({s.ops for s in program.sections})
+
+
+def test_host_ops_are_placed_at_the_edges_or_between_calls():
+    """`host_places`: the integer encoder's input quantize and its output's dequantize are the
+    model's edges; the float position add after the embedding linear, the i8 -> i8 rescale and
+    the mean pooling before the head read one call's output and feed the next (between); layout
+    ops the transfer does are addressing. Checked against the dataflow: an op is between exactly
+    when a section output reaches it and it reaches a section input, through host ops."""
+    model, inputs = built("transformer-encoder")
+    graph = tcc.compile(model, inputs, pipeline="quantize,int-nonlinear").graph
+    program = generate(graph, ROOMY)
+    places = host_places(graph, program)
+    kinds = {h.result: h.kind for h in program.host_ops}
+    assert set(places) == set(kinds) and set(places.values()) == {"edge", "between", "addressing"}
+    assert {kinds[r] for r, p in places.items() if p == "between"} == {"dequantize", "add", "quantize", "cast",
+                                                                      "requantize", "mean"}
+    assert [places[op.result] for op in graph.ops if op.kind == "quantize" and op.operands[0] in graph.input_names] \
+        == ["edge"]
+    assert [places[v] for v in graph.outputs] == ["edge"]
+    # the oracle: paths in the dataflow through host ops only
+    flow = nx.DiGraph((v, op.result) for op in graph.ops if op.result in places for v in op.operands)
+    outputs = {t.values[0] for s in program.sections for t in s.outputs} & set(flow)
+    inputs = {t.values[0] for s in program.sections for t in s.inputs} & set(flow)
+    for r, p in places.items():
+        if p != "addressing":
+            fed = any(nx.has_path(flow, o, r) for o in outputs)
+            feeds = any(nx.has_path(flow, r, i) for i in inputs)
+            assert (p == "between") == (fed and feeds), (r, p, fed, feeds)
 
 
 def cycle_model_host(graph, config):

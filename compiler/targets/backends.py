@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from tcc.backends.accel.codegen import generate
+from tcc.backends.accel.codegen import generate, host_places
 from tcc.backends.accel.hardware import dram_extent
 from tcc.backends.accel.isa import Buffer, Instruction, Opcode
 from tcc.backends.accel.layout import AccelProgram
@@ -46,13 +46,17 @@ def build_reference(graph: Graph, target: Target, *, examples: Mapping[str, np.n
 
 def build_accel(graph: Graph, target: Target, *, examples: Mapping[str, np.ndarray], synth: bool = False) -> Built:
     """The accelerator program of `graph` for `target.accel`, the hardware files and the resources
-    (the estimate; yosys' counts with `synth`, else the catalog's record of an unchanged config)."""
+    (the estimate; yosys' counts with `synth`, else the catalog's record of an unchanged config).
+    The manifest lists each host op with where it stands (`codegen.host_places`: at the model's
+    edges, between two accelerator calls, or addressing) and why the accelerator does not run it."""
     program = generate(graph, target.accel)
+    places = host_places(graph, program)
     files = {f"{BACKEND_DIR}/{name}": data for name, data in program.to_files().items()}
     files |= {f"{BACKEND_DIR}/rtl/{name}": data for name, data in _hardware_files(graph, program, examples,
                                                                                    target).items()}
     manifest = {"sections": len(program.sections), "calls": len(program.calls()), "link_bytes": program.link_bytes(),
-                "host_ops": [{"op": h.kind, "result": h.result, "why": h.reason} for h in program.host_ops],
+                "host_ops": [{"op": h.kind, "result": h.result, "where": places[h.result], "why": h.reason}
+                             for h in program.host_ops],
                 "weights": weights_on_the_wire(graph, program),
                 "resources_estimate": target.accel.estimate_resources()}
     if synth:

@@ -10,6 +10,6 @@ slots and the tile order), `emit` (a section's four instruction streams, tile by
 cycles), `layer` (one layer's sections and DRAM contents) and `program` (the graph's)."""
 
 from ..layout import AccelProgram
-from .program import generate, timing
+from .program import generate, host_places, timing
 
-__all__ = ["generate", "timing", "AccelProgram"]
+__all__ = ["generate", "host_places", "timing", "AccelProgram"]

@@ -177,3 +177,23 @@ def _moved(graph: Graph, placed: set[str]) -> set[str]:
         if op.result in moved and not all(u.result in placed or u.result in moved for u in users[op.result]):
             moved.discard(op.result)
     return moved
+
+
+def host_places(graph: Graph, program: AccelProgram) -> dict[str, str]:
+    """Where each host op of `program` stands: "addressing" (a layout op the host's transfer does),
+    "between" (it reads what an accelerator call computed and feeds a later call: a round trip
+    through the host) or "edge" (before the accelerator's work or after it: the model's inputs
+    and outputs, the conversions there)."""
+    outputs = {t.values[0] for s in program.sections for t in s.outputs}
+    inputs = {t.values[0] for s in program.sections for t in s.inputs}
+    host, users = {h.result: h for h in program.host_ops}, graph.users()
+    after: set[str] = set()  # host values computed from an accelerator output
+    for op in graph.ops:
+        if op.result in host and any(v in outputs or v in after for v in op.operands):
+            after.add(op.result)
+    before: set[str] = set()  # host values an accelerator input is computed from
+    for op in reversed(graph.ops):
+        if op.result in host and (op.result in inputs or any(u.result in before for u in users[op.result])):
+            before.add(op.result)
+    return {name: "addressing" if h.moved else "between" if name in after and name in before else "edge"
+            for name, h in host.items()}

@@ -20,7 +20,8 @@ ISA simulator, whose cycles equal the RTL's.
    sequence 128) compiled integer-only (`quantize,int-nonlinear`: attention, softmax, GELU,
    residual adds and layer norms on the accelerator) dense int8, HP-pruned and binarized:
    accelerator cycles of each against the busiest unit's (the overlap the schedule leaves;
-   target <= 1.15x), and the ops left on the host.
+   target <= 1.15x), the ops left on the host, and where the vector unit's cycles go (by
+   instruction: requant, the nonlinearities' rows).
 5. RTL simulation speed: one program (a GEMM of `--rtl-gemm MxKxN`) through PyRTL's
    FastSimulation and through Verilator on the exported Verilog, cycles per second (Verilator's
    compile time printed apart; set TCC_RTL_CACHE=off to measure it). Both must end with the ISA
@@ -42,6 +43,7 @@ import numpy as np
 
 from tcc.backends.accel.codegen import generate
 from tcc.backends.accel.config import AccelConfig, Buffer
+from tcc.backends.accel.isa import Opcode, Unit
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import GraphBuilder
 from tcc.ir.sparsity import Hierarchical
@@ -138,7 +140,6 @@ def wire_table(sparsities=(0.5, 0.75, 0.9), k: int = 768, n: int = 768) -> None:
     """HP on the wire: a k x n HP weight at each FPGA target's default block (its PE tile): its
     bytes in the DRAM image (spload's compact stream) against its `#hp` bytes, and against the
     weight and index word pairs spgemm reads (the stream before spload: an 8-bit index a value)."""
-    from tcc.backends.accel.isa import Opcode
     from tcc.targets.backends import weights_on_the_wire
 
     print(f"\nHP on the wire: a {n}x{k} weight at each FPGA's default block, DRAM bytes against #hp bytes (target <= 1.1x)")
@@ -166,7 +167,6 @@ def wire_table(sparsities=(0.5, 0.75, 0.9), k: int = 768, n: int = 768) -> None:
 
 
 def binary_table(shapes: str) -> None:
-    from tcc.backends.accel.isa import Opcode
     from tcc.backends.accel.verilog import synthesize_array
 
     print("\nBinary unit against the int8 array: the PE array alone, yosys synth_xilinx (xc7)")
@@ -197,7 +197,7 @@ def encoder_layer_table(config: AccelConfig) -> None:
           "integer (quantize, int-nonlinear)")
     print(f"{'version':<22}{'cycles':>12}{'vs dense':>10}{'sections':>10}{'vs busiest unit':>22}   array "
           "instructions; ops left to the host")
-    dense = None
+    dense, vector_rows, array_busy = None, {}, {}
     for name, pipeline in (("dense int8", ""), ("HP 75% (one-shot)", "hp-prune{sparsity=0.75},"),
                            ("HP 90% (one-shot)", "hp-prune{sparsity=0.9},"), ("binarized W1A8", "binarize{mode=w1a8},"),
                            # one-shot W1A1 of the attention projections leaves the attention all zeros (no
@@ -214,9 +214,22 @@ def encoder_layer_table(config: AccelConfig) -> None:
         busy = Counter()
         for section in program.sections:
             busy.update(section.busy(config))
+        array_busy[name] = busy[Unit.ARRAY.value]
         unit = max(busy, key=busy.get)  # end to end against the busiest unit's cycles: the overlap left (target 1.15x)
         print(f"{name:<22}{cycles:>12,}{dense / cycles:>9.2f}x{len(program.sections):>10}"
               f"{f'{cycles / busy[unit]:.2f}x ({unit})':>22}   {', '.join(array)}; {', '.join(host)}")
+        vector_rows[name] = Counter()
+        for section in program.sections:
+            for instruction in section.program:
+                if instruction.unit is Unit.VECTOR and instruction.op is not Opcode.HALT:
+                    vector_rows[name][instruction.mnemonic] += instruction.occupancy(config)
+    kinds = sorted({k for rows in vector_rows.values() for k in rows}, key=lambda k: -vector_rows["dense int8"][k])
+    print("\nwhere the vector unit's busy cycles go (share of its cycles; its cycles against the array's)")
+    print(f"{'version':<22}{'vector':>10}{'/ array':>9}" + "".join(f"{k:>12}" for k in kinds))
+    for name, rows in vector_rows.items():
+        total = sum(rows.values())
+        print(f"{name:<22}{total:>10,}{total / array_busy[name]:>8.2f}x" + "".join(f"{rows[k] / total:>12.1%}"
+                                                                                  for k in kinds))
 
 
 def section_with_inputs(m: int, k: int, n: int, config: AccelConfig):

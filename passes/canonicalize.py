@@ -11,6 +11,8 @@
   permute (then dropped if it is the identity);
 - `add(add(x, c1), c2)` with constants c1, c2 (the inner add's only use) -> `add(x, c1 + c2)`;
 - `index(x, *constant indices)` that reads every element of x once, in order -> `reshape(x)`;
+  a chain of reshapes, transposes, permutes, squeezes and unsqueezes that keeps every element
+  in order -> one `reshape`;
 - `batch_norm(conv(x, w, b))` (conv1d or conv2d, or a linear of a rank-2 input: its channels
   on dim 1), the producer's only use, every operand a constant -> the producer with its
   weight and bias scaled by `weight / sqrt(var + eps)` (new constants `w.bn`, `b.bn`), under
@@ -35,7 +37,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
-from tcc.ir.reference import causal_mask
+from tcc.ir.reference import REFERENCE, causal_mask
 from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult
@@ -43,6 +45,7 @@ from .rewrite import Rewriter
 
 _SAME_TYPE_IDENTITY = ("reshape", "expand", "squeeze", "slice", "cast")
 _LAYOUT = ("transpose", "permute")
+_ORDER_MOVES = ("reshape", "transpose", "permute", "squeeze", "unsqueeze")  # moves that keep every element
 
 
 def _perm(op: Op) -> tuple[int, ...]:
@@ -100,12 +103,14 @@ class _Sweep:
         """A replacement op, the name of a value replacing `op`'s result, or None."""
         if op.kind in _SAME_TYPE_IDENTITY and self.rw.types[op.operands[0]] == op.type:
             return op.operands[0]
-        if op.kind in _LAYOUT:
-            return self.layout(op)
+        if op.kind in _LAYOUT and (new := self.layout(op)) is not None:
+            return new
         if op.kind == "reshape":
             inner = self.rw.producer(op.operands[0])
             if inner is not None and inner.kind == "reshape":
                 return self.rw.make(op, "reshape", inner.operands[0], shape=op.attr("shape"))
+        if op.kind in _ORDER_MOVES:
+            return self.moves_as_reshape(op)
         if op.kind == "matmul":
             return self.matmul(op)
         if op.kind == "add":
@@ -176,6 +181,24 @@ class _Sweep:
                 return self.rw.make(op, "add", x, self.derive(c1, f"plus.{c2}", total.astype(tx.dtype.numpy),
                                                               tx.dtype))
         return None
+
+    def moves_as_reshape(self, op: Op) -> Op | None:
+        """A chain of reshapes, transposes, permutes, squeezes and unsqueezes that keeps every
+        element in order (a conv-as-gemm patch embedding's `permute`, `flatten`, `transpose`) ->
+        one `reshape` of the chain's source."""
+        chain, x = [op], op.operands[0]
+        while (inner := self.rw.producer(x)) is not None and inner.kind in _ORDER_MOVES:
+            chain.append(inner)
+            x = inner.operands[0]
+        if len(chain) < 2:
+            return None
+        size = int(np.prod(self.rw.types[x].shape, dtype=np.int64))
+        order = np.arange(size).reshape(self.rw.types[x].shape)
+        for move in reversed(chain):
+            order = REFERENCE[move.kind](order, **move.attr_dict)
+        if not (np.ravel(order) == np.arange(size)).all():
+            return None
+        return self.rw.make(op, "reshape", x, shape=op.type.shape)
 
     def index_as_reshape(self, op: Op) -> Op | None:
         """`index(x, *indices)` with constant indices that read every element of x once, in

@@ -215,8 +215,8 @@ configs = st.builds(
 def test_random_linear_bit_exact(config, lead, k, n, relu, bias, per_channel, seed):
     graph, x = linear_graph(np.random.default_rng(seed), lead, k, n, bias=bias, per_channel=per_channel, relu=relu)
     program = generate(graph, config)
-    if not program.sections:  # only a program memory too small for one tile sends it to the host
-        assert "program memory" in program.host_ops[0].reason
+    if not program.sections:  # a program memory too small for one tile, or a DRAM too small for the tensors
+        assert "program memory" in program.host_ops[0].reason or "the DRAM is full" in program.host_ops[0].reason
         return
     assert accelerated(program) == [graph.outputs[0]] and all(len(s.program) <= config.imem_depth
                                                               for s in program.sections)

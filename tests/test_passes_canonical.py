@@ -531,6 +531,28 @@ def test_constant_adds_fold_into_one_and_a_whole_index_is_a_reshape():
     _assert_same_outputs(graph, result.graph, inputs)
 
 
+def test_a_chain_of_moves_keeping_the_order_is_one_reshape():
+    """conv-as-gemm's patch embedding then the model's flatten and transpose: `permute` [1,4,4,8]
+    -> [1,8,4,4], `reshape` -> [1,8,16], `transpose` -> [1,16,8] reads every element in order:
+    one reshape of the source; a chain that reorders stays."""
+    source = _text("""
+        graph @main(%x: f32[1,4,4,8]) {
+          %a = permute(%x) {dims = [0, 3, 1, 2]} : f32[1,8,4,4]
+          %b = reshape(%a) {shape = [1, 8, 16]} : f32[1,8,16]
+          %c = transpose(%b) {dim0 = 1, dim1 = 2} : f32[1,16,8]
+          %d = reshape(%a) {shape = [1, 8, 16]} : f32[1,8,16]
+          %e = unsqueeze(%d) {dim = 0} : f32[1,1,8,16]
+          return %c, %e
+        }
+        """)
+    graph = _parse(source)
+    result = Canonicalize().run(graph, PassContext())
+    text = print_graph(DeadCodeElimination().run(result.graph, PassContext()).graph)
+    assert "%c = reshape(%x) {shape = [1, 16, 8]} : f32[1,16,8]" in text
+    assert "%e = unsqueeze(%d) {dim = 0}" in text and "%d = reshape(%a)" in text  # reorders: stays
+    _assert_same_outputs(graph, result.graph, _inputs(graph))
+
+
 def test_golden_inputs_print_as_written():
     """The inputs are in the printer's form, so a no-change case compares its input text."""
     for _, _, source, _ in GOLDEN:

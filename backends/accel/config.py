@@ -176,9 +176,10 @@ class AccelConfig:
         nonlinearities three more (acc+1 squared, 64 x 32, gelu's data x 2 acc). LUT and FF
         are linear in PEs plus, per lane, the nonlinear datapaths; LUT adds the HP gather's
         delay lines, which map to shift registers (`data_bits` SRL16/SRLC32E per 32 stages of
-        the `r + c` stages to PE(r, c), lines of 3 stages and more); both add tload's transposer
-        (two tiles of `rows x rows` lanes, a register and a mux per bit). The coefficients are fit to
-        yosys on the three shipped configs (8x8 without the nonlinearities, 16x16, 32x32). BRAM36 is the memory bits at the density yosys'
+        the `r + c` stages to PE(r, c), lines of 3 stages and more) and the gather's wider muxes beyond
+        16 ABUF banks; both add tload's transposer (two tiles of `rows x rows` lanes, a register and
+        a mux per bit). The coefficients are fit to yosys on the three shipped configs (8x8 without
+        the nonlinearities, 16x16, 32x32 with 32 banks). BRAM36 is the memory bits at the density yosys'
         mapping reaches. Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
@@ -189,7 +190,11 @@ class AccelConfig:
         shift_registers = self.sparse_unit * self.data_bits * sum(
             math.ceil((r + c) / 32) for r in range(self.rows) for c in range(self.cols) if r + c >= 3)
         transposer = 2 * self.data_bits * self.rows * self.rows  # tload's two tile registers (a mux per bit)
-        return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer),
+        # each PE's gathered operand picks one of `abuf_banks` words: the coefficients above hold
+        # 16 banks; every bank beyond adds about 0.55 LUT per PE operand bit (fpga-large's 32)
+        gather = self.sparse_unit * 0.552 * self.pes * self.data_bits * max(0, self.abuf_banks - 16)
+        return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer
+                             + gather),
                 "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer),
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}

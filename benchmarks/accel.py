@@ -112,6 +112,18 @@ def hp_weight(n: int, k: int, sparsity: float, block: int, rng: np.random.Genera
     return w.swapaxes(1, 2).reshape(n, k), row_nnz
 
 
+def with_hp_weight(graph, sparsity: float, block: int):
+    """`quantized_linear`'s graph with its weight `w` replaced by random HP weights of that
+    sparsity in `block` x `block` blocks (`hp_weight`, seed 0), typed `~hp`: (graph, weights,
+    row_nnz)."""
+    n, k = graph.types["w"].shape
+    weight, row_nnz = hp_weight(n, k, sparsity, block, np.random.default_rng(0))
+    constants = tuple((name, dataclasses.replace(t, sparsity=Hierarchical(block, block, row_nnz)))
+                      if name == "w" else (name, t) for name, t in graph.constants)
+    sparse = verify(graph.replace(weights=dict(graph.weights) | {"w": weight.astype(np.int8)}, constants=constants))
+    return sparse, weight, row_nnz
+
+
 def hp_table(config: AccelConfig, sparsities=(0.5, 0.75, 0.9)) -> None:
     block = config.cols
     print(f"\nHP sparse unit ({block}x{block} blocks) against the dense array, same GEMMs")
@@ -121,11 +133,7 @@ def hp_table(config: AccelConfig, sparsities=(0.5, 0.75, 0.9)) -> None:
         graph, x = quantized_linear(m, k, n)
         dense = cycles_of(graph, x, config)
         for s in sparsities:
-            weight, row_nnz = hp_weight(n, k, s, block, np.random.default_rng(0))
-            constants = tuple((name, dataclasses.replace(t, sparsity=Hierarchical(block, block, row_nnz)))
-                              if name == "w" else (name, t) for name, t in graph.constants)
-            sparse = verify(graph.replace(weights=dict(graph.weights) | {"w": weight.astype(np.int8)},
-                                          constants=constants))
+            sparse, weight, row_nnz = with_hp_weight(graph, s, block)
             cycles = cycles_of(sparse, x, config)
             actual = 1 - np.count_nonzero(weight) / weight.size
             target = 0.85 / (1 - actual)
@@ -150,11 +158,7 @@ def wire_table(sparsities=(0.5, 0.75, 0.9), k: int = 768, n: int = 768) -> None:
         block = config.cols
         graph, _x = quantized_linear(config.rows, k, n)
         for s in sparsities:
-            weight, row_nnz = hp_weight(n, k, s, block, np.random.default_rng(0))
-            constants = tuple((c, dataclasses.replace(t, sparsity=Hierarchical(block, block, row_nnz)))
-                              if c == "w" else (c, t) for c, t in graph.constants)
-            sparse = verify(graph.replace(weights=dict(graph.weights) | {"w": weight.astype(np.int8)},
-                                          constants=constants))
+            sparse, _weight, _row_nnz = with_hp_weight(graph, s, block)
             program = generate(sparse, config)
             (wire,) = weights_on_the_wire(sparse, program)
             word = config.beats(Buffer.BBUF) * config.dram_bits // 8

@@ -59,6 +59,17 @@ def _perm(op: Op) -> tuple[int, ...]:
     return tuple(p)
 
 
+def _positions(t: TensorType) -> np.ndarray:
+    """Each element's position in a tensor of type `t`, laid out as the tensor."""
+    return np.arange(int(np.prod(t.shape, dtype=np.int64))).reshape(t.shape)
+
+
+def _in_order(read: np.ndarray, size: int) -> bool:
+    """Whether positions (`_positions` of a tensor of `size` elements, moved or indexed) read
+    every element once, in order."""
+    return read.size == size and bool((np.ravel(read) == np.arange(size)).all())
+
+
 def _plain(t: TensorType) -> bool:
     """Dense and unquantized: a weight that may be reshaped or transposed as a plain array."""
     return t == TensorType(t.shape, t.dtype)
@@ -192,13 +203,10 @@ class _Sweep:
             x = inner.operands[0]
         if len(chain) < 2:
             return None
-        size = int(np.prod(self.rw.types[x].shape, dtype=np.int64))
-        order = np.arange(size).reshape(self.rw.types[x].shape)
+        order = positions = _positions(self.rw.types[x])
         for move in reversed(chain):
             order = REFERENCE[move.kind](order, **move.attr_dict)
-        if not (np.ravel(order) == np.arange(size)).all():
-            return None
-        return self.rw.make(op, "reshape", x, shape=op.type.shape)
+        return self.rw.make(op, "reshape", x, shape=op.type.shape) if _in_order(order, positions.size) else None
 
     def index_as_reshape(self, op: Op) -> Op | None:
         """`index(x, *indices)` with constant indices that read every element of x once, in
@@ -207,14 +215,12 @@ class _Sweep:
         x, indices = op.operands[0], op.operands[1:]
         if not all(self.rw.is_constant(i) for i in indices):
             return None
-        size = int(np.prod(self.rw.types[x].shape, dtype=np.int64))
+        positions = _positions(self.rw.types[x])
         try:
-            read = np.arange(size).reshape(self.rw.types[x].shape)[tuple(self.rw.weight(i) for i in indices)]
+            read = positions[tuple(self.rw.weight(i) for i in indices)]
         except IndexError:
             return None
-        if read.size != size or not (read.ravel() == np.arange(size)).all():
-            return None
-        return self.rw.make(op, "reshape", x, shape=op.type.shape)
+        return self.rw.make(op, "reshape", x, shape=op.type.shape) if _in_order(read, positions.size) else None
 
     def fold_batch_norm(self, op: Op) -> Op | None:
         y, *stats = op.operands

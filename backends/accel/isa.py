@@ -675,9 +675,11 @@ def sparse_stream(steps: int, nnz: int, bw: int, cols: int, data_bits: int) -> t
     return tuple(words)
 
 
+@functools.lru_cache(maxsize=512)
 def _index_bits(steps: int, nnz: int, bw: int, cols: int, data_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Bit positions in spload's index bit stream: [steps, cols, ib] of each step's indices,
-    [blocks, data_bits - ib] of each block's skip (after its last step's indices)."""
+    [blocks, data_bits - ib] of each block's skip (after its last step's indices). Cached (the
+    simulator expands every spload): read only."""
     ib = bw.bit_length() - 1
     need = np.full(steps, cols * ib)
     need[nnz - 1::nnz] += data_bits - ib

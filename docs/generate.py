@@ -339,8 +339,11 @@ class _SymConfig:
         return _Sym("beats(buf)")
 
 
+_STAND_INS = ("buf", "wide")  # fields that pick a buffer: 0 stands in, `_accesses` names the choice
+
+
 class _SymInstruction:
-    """An instruction of opcode `op` whose fields are symbols (`buf`: a stand-in, renamed)."""
+    """An instruction of opcode `op` whose fields are symbols (`_STAND_INS`: 0, renamed)."""
 
     def __init__(self, op):
         self.op = op
@@ -349,7 +352,7 @@ class _SymInstruction:
         from tcc.backends.accel import isa
         if name not in [f.name for f in isa.FORMATS[self.op]]:
             raise KeyError(f"{self.op.name.lower()} has no field '{name}'")
-        return 0 if name == "buf" else _Sym(name)
+        return 0 if name in _STAND_INS else _Sym(name)
 
     def steps(self):
         from tcc.backends.accel import isa
@@ -367,6 +370,8 @@ def _accesses(op) -> str:
             space = "`buf`"
         elif space.startswith("ACC"):
             space = f"ACC[{space[3:]}] rows"
+        elif op is isa.Opcode.VRESADD and str(first) == "b":
+            space = f"{space} (PBUF with wide=1)"
         parts.append(f"{'writes' if writes else 'reads'} {space} [{first}, {end})")
     return "; ".join(parts)
 

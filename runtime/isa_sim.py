@@ -156,7 +156,8 @@ class Machine:
             rq = REFERENCE["requantize"]
             wide = {"dtype": DType.I32, "scale": 1.0, "zero_point": 0}
             total = wrap(rq(obuf[instr["a"]:instr["a"] + n], np.int64(m_a), np.int64(s_a), **wide).astype(np.int64)
-                         + rq(obuf[instr["b"]:instr["b"] + n], np.int64(m_b), np.int64(s_b), **wide), 32)
+                         + rq((pbuf if instr["wide"] else obuf)[instr["b"]:instr["b"] + n], np.int64(m_b),
+                              np.int64(s_b), **wide), 32)
             out = np.clip(rq(total, np.int64(m), np.int64(s), **wide), -(1 << bits - 1), (1 << bits - 1) - 1)
             pbuf[dst:dst + n] = out
             return

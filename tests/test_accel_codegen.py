@@ -573,6 +573,31 @@ def test_integer_encoder_layers_run_on_the_accelerator():
     assert accel.stats.calls == len(program.calls()) < len({s.ops for s in program.sections})
 
 
+def test_pre_norm_residual_stream_stays_on_chip():
+    """ViT's pre-norm blocks keep their residual stream in i16 (no norm after the add): each
+    residual add reads the stream as PBUF rows (a wide vresadd), writes the next one there and
+    stores it for the next add, which reads it where it lies; the stream never crosses the link
+    and no host op stands between calls. Bit for bit the numpy reference."""
+    model, inputs = built("hf-vit")
+    graph = tcc.compile(model, inputs, pipeline="quantize,int-nonlinear").graph
+    program = generate(graph, ROOMY)
+    types = graph.types
+    streams = [op.result for op in graph.ops if op.kind == "requantize" and op.type.dtype is DType.I16]
+    assert len(streams) == 4  # two residual adds in each of the two layers
+    placed = {r for s in program.sections for r in s.ops}
+    assert set(streams) <= placed
+    assert not [h for h in program.host_ops if h.kind in ("add", "requantize") and types[h.result].dtype.is_int]
+    assert set(host_places(graph, program).values()) <= {"edge", "addressing"}
+    kept = {t.values[0] for s in program.sections for t in s.outputs if t.layout is Layout.PBUF_ROWS}
+    assert set(streams[:-1]) <= kept <= set(streams)  # the last one only the final norm reads
+    inputs_ = {t.values[0] for s in program.sections for t in s.inputs}
+    assert inputs_.isdisjoint(streams) and set(streams[:-1]) <= program.on_chip
+    wide = [i for s in program.sections for i in s.program if i.op is Opcode.VRESADD and i["wide"]]
+    assert wide and all(types[v].dtype is DType.I16 for v in streams)
+    args, kwargs = split_inputs(inputs)
+    check_bit_exact(graph, program, *(t.numpy() for t in list(args) + list(kwargs.values())))
+
+
 def test_host_ops_are_placed_at_the_edges_or_between_calls():
     """`host_places`: the integer encoder's input quantize and its output's dequantize are the
     model's edges; the float position add after the embedding linear, the i8 -> i8 rescale and

@@ -449,14 +449,18 @@ def test_vgelu_vresadd_and_vacc():
     attrs = gelu_attrs(0.05, DType.I8, 0.03, DType.I8)
     names = ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift")
     residual = [1 << 30, 29, 1, 0, 3 << 28, 33, 16]  # a scaled by 2, b as is, the sum by 3/32 to i16
-    pbuf = np.concatenate([constant_words([attrs[k] for k in names]), constant_words(residual)])
+    stream = rng.integers(-(1 << 15), 1 << 15, (3, 4))  # a wide vresadd's b: an i16 stream in PBUF
+    pbuf = np.concatenate([constant_words([attrs[k] for k in names]), constant_words(residual), stream])
     machine = run_vector([Instruction.make(Opcode.VGELU, dst=8, a=0, n=3, param=0),
-                          Instruction.make(Opcode.VRESADD, dst=20, a=0, b=3, n=3, param=6)],
+                          Instruction.make(Opcode.VRESADD, dst=20, a=0, b=3, n=3, param=6, wide=0),
+                          Instruction.make(Opcode.VRESADD, dst=24, a=0, b=13, n=3, param=6, wide=1)],
                          pbuf, np.concatenate([x, y]))
     obuf, pbuf_out = machine.buffers[Buffer.OBUF], machine.buffers[Buffer.PBUF]
     np.testing.assert_array_equal(obuf[8:11], REFERENCE["int_gelu"](x, **{k: attrs[k] for k in names},
                                                                      dtype=DType.I8, scale=0.03))
     np.testing.assert_array_equal(pbuf_out[20:23], np.clip((((2 * x + y) * 3 << 28) + (1 << 32)) >> 33,
+                                                           -(1 << 15), (1 << 15) - 1))
+    np.testing.assert_array_equal(pbuf_out[24:27], np.clip((((2 * x + stream) * 3 << 28) + (1 << 32)) >> 33,
                                                            -(1 << 15), (1 << 15) - 1))
     k = 5
     program = [load(Buffer.ABUF, 0, k, 0), load(Buffer.BBUF, 0, k, k, signal=(Token.LD2AR,)),

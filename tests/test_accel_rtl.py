@@ -777,10 +777,14 @@ def nonlinear_instruction(config: AccelConfig, rng: np.random.Generator, op: Opc
         dst = pbuf_at + int(rng.integers(0, 4))
         writes = (dst, dst + (config.rows - 1) * stride + 1)
         return dict(dst=dst, stride=stride, bank=int(rng.integers(0, 2))), {}, writes
-    if op is Opcode.VRESADD:
+    if op is Opcode.VRESADD:  # half of them wide: b a stream of up to acc_bits in PBUF, after the sums
         consts = resadd_constants(config, rng, realistic)
-        return (dict(dst=pbuf_at + 7, a=anywhere(n), b=anywhere(n), n=n, param=pbuf_at),
-                {pbuf_at: constant_words(config, rng, consts)}, (pbuf_at + 7, pbuf_at + 7 + n))
+        wide = int(rng.integers(0, 2))
+        words = {pbuf_at: constant_words(config, rng, consts)}
+        if wide:
+            words[pbuf_at + 7 + n] = random_lanes(rng, n, C, draw(rng, 2, 16 if realistic else AB))
+        return (dict(dst=pbuf_at + 7, a=anywhere(n), b=pbuf_at + 7 + n if wide else anywhere(n), n=n, param=pbuf_at,
+                     wide=wide), words, (pbuf_at + 7, pbuf_at + 7 + n))
     if op is Opcode.VGELU:
         a = anywhere(n)
         dst = int(rng.choice([d for d in range(O - n + 1) if not a < d < a + n]))

@@ -12,7 +12,7 @@ import pytest
 
 import tcc
 from conftest import assert_tiers_agree, built, need
-from tcc.backends.accel.isa import Opcode
+from tcc.backends.accel.isa import Buffer, Opcode
 from tcc.runtime.rtl import run_icarus, run_pyrtl, run_verilator
 from tcc.runtime.accel_executor import AccelExecutor, cycle_bound, simulate_section
 from tcc.runtime.numpy_executor import NumpyExecutor
@@ -82,6 +82,24 @@ def test_a_softmax_and_a_layer_norm_section_alone(runner, tool):
         expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
         out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
         assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[section].note
+
+
+@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])
+def test_a_pre_norm_residual_section_alone(runner, tool):
+    """ViT's pre-norm residual add: the i16 stream read from PBUF (a wide vresadd), the next
+    stream stored from PBUF beside the norm's rows; the same on the RTL tiers, cycles included."""
+    if tool:
+        need(tool)
+    artifact, inputs = compiled("hf-vit", NONLINEAR_4X4, HP_INTEGER)
+    program, config = artifact.accel_program(), artifact.accel_program().config
+    wide = [i for i, s in enumerate(program.sections)
+            if any(ins.op is Opcode.VRESADD and ins["wide"] for ins in s.program)
+            and any(ins.op is Opcode.STORE and ins["buf"] == Buffer.PBUF for ins in s.program)]
+    assert wide
+    prog, dram = AccelExecutor(artifact.graph, program).section_runs(*inputs, first=wide[0] + 1)[wide[0]]
+    expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
+    out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
+    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[wide[0]].note
 
 
 @pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])

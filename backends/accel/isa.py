@@ -86,9 +86,10 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
     the last also reading its weights and both bias halves; two divisions, a square root).
   - `vgelu dst a n param`: `OBUF[dst+i] = int_gelu(OBUF[a+i])` to `data_bits` lane by lane
     (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 8` cycles.
-  - `vresadd dst a b n param`: the residual add, `PBUF[dst+i] = rq(rq(OBUF[a+i]; m_a, s_a) +
-    rq(OBUF[b+i]; m_b, s_b); m, s)` (rq: `requantize`, to i32 inside, to `out_bits` at the
-    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); `n + 8` cycles.
+  - `vresadd dst a b n param wide`: the residual add, `PBUF[dst+i] = rq(rq(OBUF[a+i]; m_a,
+    s_a) + rq(B[b+i]; m_b, s_b); m, s)` (rq: `requantize`, to i32 inside, to `out_bits` at the
+    end; constants m_a, s_a, m_b, s_b, m, s, out_bits); B is OBUF, or with `wide` PBUF (a
+    pre-norm residual stream, wider than `data_bits`, kept in `acc_bits` lanes); `n + 8` cycles.
 
 A config may leave units out (`AccelConfig.vector_unit`, `sparse_unit`, `binary_unit`,
 `nonlinear_unit`):
@@ -194,7 +195,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
                       Field("masked", 24, 1), Field("mask", 112, 16)),
     Opcode.VLAYERNORM: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16)),
     Opcode.VGELU: (*_VEC[:2], Field("n", 64, 16), Field("param", 80, 16)),
-    Opcode.VRESADD: (*_VEC[:4], Field("param", 96, 16)),
+    Opcode.VRESADD: (*_VEC[:4], Field("param", 96, 16), Field("wide", 112, 1)),
     Opcode.VADD: _VEC[:4],
     Opcode.VMUL: _VEC,
     Opcode.VRELU: (_VEC[0], _VEC[1], _VEC[3]),
@@ -225,12 +226,14 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
     "masked": "1: keep only the lanes whose mask lane is non-zero (the others give 0)",
     "mask": "with masked=1, PBUF word of the row's first mask word (`n` words, read beside the row's)",
     "relu": "1: max(result, 0)",
+    "wide": "1: the second source is PBUF's acc_bits lanes (a residual stream wider than data_bits); 0: OBUF",
     "stride": "PBUF words from one row to the next",
     "blocks": "kept blocks run by this instruction",
     "nnz": "steps per block: the weights' row_nnz",
     "bw": "block width: the words of each block's activation window",
     "span": "ABUF words from `a` that the blocks' windows may read",
     (Opcode.SPGEMM, "a"): "first ABUF word of block 0's window (a multiple of bw)",
+    (Opcode.VRESADD, "b"): "first word of the second source (in OBUF, or with wide=1 in PBUF)",
     (Opcode.TLOAD, "buf"): "the buffer (abuf or bbuf; the array must be square)",
     (Opcode.TLOAD, "count"): "tiles moved: lanes(buf) buffer words each",
     (Opcode.TLOAD, "dram"): "DRAM word of tile 0's first source word",
@@ -423,7 +426,7 @@ class Instruction:
             if op is Opcode.VSOFTMAX:  # the mask words, when masked (an empty range when not)
                 reads.append(("PBUF", self["mask"] * self["masked"], (self["mask"] + n) * self["masked"], False))
             if op is Opcode.VRESADD:
-                reads.append(("OBUF", self["b"], self["b"] + n, False))
+                reads.append(("PBUF" if self["wide"] else "OBUF", self["b"], self["b"] + n, False))
             return (*reads, ("PBUF" if op is Opcode.VRESADD else "OBUF", self["dst"], self["dst"] + n, True))
         reads = [("OBUF", self["a"], self["a"] + n, False)]
         if op in (Opcode.VADD, Opcode.VMUL):

@@ -156,18 +156,24 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
 def _span(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
           tiles: list[tuple[int, int, int]], start: int, reads: Reads, timing: bool = False) \
         -> tuple[int, "Builder"]:
-    """The section from tile `start`: as many tiles as its program memory holds. Returns the
-    end tile and the builder of exactly tiles[start:end]."""
+    """The section from tile `start`: as many tiles as its program memory holds, a softmax's
+    row blocks whole (its rows' scores from all column tiles in one program). Returns the end
+    tile and the builder of exactly tiles[start:end]."""
     builder = Builder(layer, plan, tiling, tensors, config, timing, reads)
+    last_n = math.ceil(layer.n / config.cols) - 1
+    cut = (start, builder.mark())  # the last place the section may end
     for end in range(start, len(tiles)):
         mark = builder.mark()
+        if end > start and (not layer.softmax or tiles[end - 1][2] == last_n):
+            cut = (end, mark)
         builder.tile(*tiles[end])
         if builder.size() > config.imem_depth:
-            if end == start:
-                raise Unsupported(f"one output tile takes {builder.size()} instructions, "
-                                  f"the program memory holds {config.imem_depth}")
-            builder.rewind(mark)
-            return end, builder
+            if cut[0] == start:
+                what = "a softmax's row block" if layer.softmax else "one output tile"
+                raise Unsupported(f"{what} takes {builder.size()} instructions, the program memory holds "
+                                  f"{config.imem_depth}")
+            builder.rewind(cut[1])
+            return cut[0], builder
     return len(tiles), builder
 
 
@@ -223,36 +229,46 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
                      resident: Mapping[str, DramTensor] | None = None) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
     """The residual add and layer norm, row by row on the vector unit: chunks of rows of both
-    operands load into OBUF, per row vresadd into PBUF and vlayernorm back into OBUF, a store
-    per chunk; two slots of everything, so the next chunk loads while this one runs. A norm
-    alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads them there.
-    An operand an earlier section left in the rows layout (`resident`) is read where it lies."""
+    operands load into OBUF (a wide `b`, a pre-norm stream, into PBUF), per row vresadd into
+    PBUF and vlayernorm back into OBUF, a store per chunk (and of the sums from PBUF, where
+    `layer.stream` keeps them); two slots of everything, so the next chunk loads while this one
+    runs. A norm alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads
+    them there. An operand an earlier section left in the layout it reads (`resident`) is read
+    where it lies."""
     words = math.ceil(layer.n / config.cols)
     count = len(layer.constants)
-    add = bool(layer.b)
-    free = config.pbuf_depth - count  # below the constants: two rows of sums, or two chunks of a norm's rows
-    chunk = min(layer.m, config.obuf_depth // ((6 if add else 2) * words), MAX_COUNT // words,
-                *(() if add else (free // (2 * words),)))
-    if chunk < 1 or free < 2 * words:
-        raise Unsupported(f"rows of {layer.n} values do not fit OBUF ({6 if add else 2} x {words} words) or PBUF "
-                          f"({count} words of constants and 2 x {words})")
+    add, keep = bool(layer.b), bool(layer.stream)
+    free = config.pbuf_depth - count  # below the constants
+    # per chunk row: OBUF words (both operands and the result, two slots; a wide b is PBUF's),
+    # PBUF words (a norm's rows, a wide b, kept sums: two slots each; else two rows of sums)
+    obuf_rows = 2 * (3 - layer.wide) if add else 2
+    pbuf_rows = 2 * (layer.wide + keep) if add else 2
+    sums = 0 if keep or not add else 2 * words
+    chunk = min(layer.m, config.obuf_depth // (obuf_rows * words), MAX_COUNT // words,
+                *((free - sums) // (pbuf_rows * words),) if pbuf_rows else ())
+    if chunk < 1 or free < sums:
+        raise Unsupported(f"rows of {layer.n} values do not fit OBUF ({obuf_rows} x {words} words) or PBUF "
+                          f"({count} words of constants, {sums} and {pbuf_rows} x {words})")
     shape = (layer.m, layer.n)
     inputs = (("a", layer.a, Layout.ROWS if add else Layout.PBUF_ROWS, shape),) + \
-        ((("b", layer.b, Layout.ROWS, shape),) if add else ())
+        ((("b", layer.b, Layout.PBUF_ROWS if layer.wide else Layout.ROWS, shape),) if add else ())
     kept = {role: resident[value] for role, value, lay, shp in inputs
             if resident and value in resident and (resident[value].layout, resident[value].shape) == (lay, shp)}
+    outputs = (("out", layer.out, Layout.ROWS, shape),) + ((("stream", layer.stream, Layout.PBUF_ROWS, shape),)
+                                                            if keep else ())
     try:
         tensors = {role: kept.get(role) or _allocate(allocator, DramTensor((value,), lay, shp, Region(0, 0)),
                                                      f"{layer.out}'s {role}", config)
                    for role, value, lay, shp in inputs + (("constants", layer.ops[-1].result, Layout.PARAM_WORDS,
-                                                           layer.constants.shape),
-                                                          ("out", layer.out, Layout.ROWS, shape))}
+                                                           layer.constants.shape),) + outputs}
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
-    beats = config.beats(Buffer.OBUF), config.beats(Buffer.PBUF)
-    per_section = max(1, (config.imem_depth - 8) // ((2 if add else 1) * chunk + 4)) * chunk  # rows whose program fits
+    beats = {Buffer.OBUF: config.beats(Buffer.OBUF), Buffer.PBUF: config.beats(Buffer.PBUF)}
+    per_row = (2 if add else 1) * chunk + 4 + keep  # instructions per chunk
+    per_section = max(1, (config.imem_depth - 8) // per_row) * chunk  # rows whose program fits
     base = config.pbuf_depth - count
     norm_constants = base + (7 if add else 0)
+    slot_words = chunk * words
     sections = []
     for first in range(0, layer.m, per_section):
         streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
@@ -262,36 +278,48 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
             streams[n.unit].append(n)
             return n
 
+        def load(role: str, buf: Buffer, at: int, low: int, rows: int, deps) -> Node:
+            return node(Node(Opcode.LOAD, deps, config, buf=buf, addr=at, count=rows * words,
+                             dram=tensors[role].region.start + low * words * beats[buf]))
+
+        def store(role: str, buf: Buffer, at: int, low: int, rows: int, deps) -> Node:
+            return node(Node(Opcode.STORE, deps, config, buf=buf, addr=at, count=rows * words,
+                             dram=tensors[role].region.start + low * words * beats[buf]))
+
         const = node(Node(Opcode.LOAD, [], config, buf=Buffer.PBUF, addr=base, count=count,
                           dram=tensors["constants"].region.start))
         readers: list[Node | None] = [None, None]  # the last instruction reading each input slot
-        stores: list[Node | None] = [None, None]
+        stores: list[Node | None] = [None, None]  # the last store of each output slot
         for i, low in enumerate(range(first, min(layer.m, first + per_section), chunk)):
             rows, slot = min(chunk, layer.m - low), i % 2
-            if add:  # a and b into OBUF, their sum into one of two PBUF rows
-                a_at, b_at, out_at = ((2 * k + slot) * chunk * words for k in range(3))
-                loads = [node(Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.OBUF, addr=at,
-                                   count=rows * words, dram=tensors[role].region.start + low * words * beats[0]))
-                         for role, at in (("a", a_at), ("b", b_at))]
+            if add:  # a (and a narrow b) into OBUF, a wide b into PBUF after the sums; sums into PBUF
+                a_at, b_at, out_at = ((2 * k + slot) * slot_words for k in range(3))
+                if layer.wide:
+                    out_at, b_at = b_at, (2 * keep + slot) * slot_words + sums
+                sums_at = slot * slot_words if keep else 0
+                loads = [load("a", Buffer.OBUF, a_at, low, rows, [readers[slot]]),
+                         load("b", Buffer.PBUF if layer.wide else Buffer.OBUF, b_at, low, rows, [readers[slot]])]
             else:  # the rows into PBUF
-                row_at, out_at = slot * chunk * words, slot * chunk * words
-                loads = [node(Node(Opcode.LOAD, [readers[slot]], config, buf=Buffer.PBUF, addr=row_at,
-                                   count=rows * words, dram=tensors["a"].region.start + low * words * beats[1]))]
-            norm = None
+                row_at, out_at = slot * slot_words, slot * slot_words
+                loads = [load("a", Buffer.PBUF, row_at, low, rows, [readers[slot]])]
+            norm = total = None
             for r in range(rows):
                 deps = loads + [const] if r == 0 else []
                 if add:
-                    readers[slot] = node(Node(Opcode.VRESADD, deps, config, dst=(r % 2) * words, a=a_at + r * words,
-                                              b=b_at + r * words, n=words, param=base))
-                    source, deps = (r % 2) * words, []
+                    source = sums_at + r * words if keep else (r % 2) * words
+                    total = node(Node(Opcode.VRESADD, deps + ([stores[slot]] if r == 0 and keep else []), config,
+                                      dst=source, a=a_at + r * words, b=b_at + r * words, n=words, param=base,
+                                      wide=int(layer.wide)))
+                    readers[slot], deps = total, []
                 else:
                     source = row_at + r * words
                 norm = node(Node(Opcode.VLAYERNORM, deps + ([stores[slot]] if r == 0 else []), config,
                                  dst=out_at + r * words, a=source, n=words, len=layer.n, param=norm_constants))
                 if not add:
                     readers[slot] = norm
-            stores[slot] = node(Node(Opcode.STORE, [norm], config, buf=Buffer.OBUF, addr=out_at, count=rows * words,
-                                     dram=tensors["out"].region.start + low * words * beats[0]))
+            stores[slot] = store("out", Buffer.OBUF, out_at, low, rows, [norm])
+            if keep:
+                stores[slot] = store("stream", Buffer.PBUF, sums_at, low, rows, [norm])
         program, cycles = schedule(streams)
         end = min(layer.m, first + per_section)
         what = "residual add and layer norm" if add else "layer norm"
@@ -299,6 +327,6 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
                 f"{what} on the vector unit, {chunk} rows per chunk")
         sections.append(Section(tuple(o.result for o in layer.ops),
                                 tuple(tensors[r] for r in ("a", "b") if r in tensors and r not in kept),
-                                (tensors["constants"],), (tensors["out"],), program, 0, cycles, note,
-                                tuple(kept.values())))
+                                (tensors["constants"],), tuple(tensors[r] for r, *_ in outputs), program, 0, cycles,
+                                note, tuple(kept.values())))
     return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))]

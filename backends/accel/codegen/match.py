@@ -210,8 +210,10 @@ def _match_matmul(op: Op, graph: Graph, users: dict[str, list[Op]], config: Acce
 @dataclass(frozen=True)
 class Residual:
     """`int_layer_norm(requantize(rq_a(a) + rq_b(b)))`, the encoder's residual add and norm,
-    on the vector unit row by row (rq: an optional per-tensor requantize of a widened i8); or,
-    with no `b`, `int_layer_norm(a)` alone (a pre-norm block's, the embeddings')."""
+    on the vector unit row by row (rq: an optional per-tensor requantize of a widened i8, or of
+    `b` a wider integer: a pre-norm block's residual stream, read from PBUF); or, with no `b`,
+    `int_layer_norm(a)` alone (a pre-norm block's, the embeddings'). `stream`: the requantized
+    sum where other ops read it too (the pre-norm stream the next residual add reads), kept."""
 
     ops: tuple[Op, ...]  # in graph order
     a: str
@@ -220,6 +222,8 @@ class Residual:
     m: int
     n: int
     constants: np.ndarray  # [(7 +) 2 + 3J, cols] PBUF words: vresadd's (with an add), then vlayernorm's
+    wide: bool = False  # b is wider than data_bits: PBUF rows
+    stream: str = ""
 
 
 def _norm_constants(norm: Op, graph: Graph, config: AccelConfig) -> np.ndarray | str:
@@ -255,7 +259,7 @@ def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: Ac
         return int(np.asarray(value).reshape(())) if value is not None and np.asarray(value).size == 1 else None
 
     def operand(value: str) -> tuple[tuple[Op, ...], str, int, int] | None:
-        """(ops, the widened i8, multiplier, shift) of `cast` or `requantize(cast)`."""
+        """(ops, the widened integer, multiplier, shift) of `cast` or `requantize(cast)`."""
         op_ = producer.get(value)
         chain: tuple[Op, ...] = ()
         mult, shift = 1, 0
@@ -269,22 +273,29 @@ def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: Ac
         if op_ is None or op_.kind != "cast" or op_.type.dtype is not DType.I32 or only_user(value) is None:
             return None
         source = op_.operands[0]
-        if types[source].dtype is not data:
+        dtype = types[source].dtype
+        if not dtype.is_int or dtype.bits > config.acc_bits or source in weights:
             return None
         return (op_,) + chain, source, mult, shift
 
     if op.type.dtype is not DType.I32:
-        return "the vector unit adds widened i8 residuals in i32"
+        return "the vector unit adds widened integer residuals in i32"
     if not config.nonlinear_unit:
         return "the residual add and layer norm need the vector unit's nonlinear datapaths, which this config " \
                "leaves out"
     sides = [operand(v) for v in op.operands]
     norm_q = only_user(op.result)
-    norm = only_user(norm_q.result) if norm_q is not None else None
-    if None in sides or norm_q is None or norm_q.kind != "requantize" or norm is None or \
-            norm.kind != "int_layer_norm":
-        return "only the residual add of widened i8 values into requantize -> int_layer_norm runs on the accelerator"
+    readers = users[norm_q.result] if norm_q is not None else []
+    norms = [u for u in readers if u.kind == "int_layer_norm" and u.operands[0] == norm_q.result]
+    if None in sides or norm_q is None or norm_q.kind != "requantize" or len(norms) != 1:
+        return "only the residual add of widened integers into requantize -> int_layer_norm runs on the accelerator"
+    if types[sides[0][1]].dtype is not data:  # the wide one (a pre-norm stream) second: vresadd reads it in PBUF
+        sides.reverse()
+    if types[sides[0][1]].dtype is not data:
+        return f"the vector unit adds one residual stream wider than {data} at a time: both sides are wider"
     (ops_a, a, m_a, s_a), (ops_b, b, m_b, s_b) = sides
+    norm = norms[0]
+    kept = len(readers) > 1 or norm_q.result in outputs
     m, s = scalar(norm_q.operands[1]), scalar(norm_q.operands[2])
     bits = norm_q.attr("dtype").bits
     if m is None or s is None or norm_q.attr("zero_point") != 0 or bits > config.acc_bits:
@@ -300,7 +311,8 @@ def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: Ac
         return "its operands are computed after its first op"
     x = norm.operands[0]
     constants = np.concatenate([np.repeat(np.array(scalars, np.int64)[:, None], config.cols, axis=1), constants])
-    return Residual(ops, a, b, norm.result, math.prod(types[x].shape[:-1]), types[x].shape[-1], constants)
+    return Residual(ops, a, b, norm.result, math.prod(types[x].shape[:-1]), types[x].shape[-1], constants,
+                    wide=types[b].dtype is not data, stream=norm_q.result if kept else "")
 
 
 def _match_norm(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> Residual | str:
@@ -328,7 +340,7 @@ def residual_operands(graph: Graph, users: dict[str, list[Op]], config: AccelCon
     producer = graph.producer()
     found = (_match_residual(op, graph, users, config) for op in graph.ops if op.kind == "add")
     out = set()
-    for value in (v for r in found if isinstance(r, Residual) for v in (r.a, r.b) if v):
+    for value in (v for r in found if isinstance(r, Residual) for v in (r.a, "" if r.wide else r.b) if v):
         while value not in out:
             out.add(value)
             op = producer.get(value)

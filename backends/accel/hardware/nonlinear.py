@@ -129,6 +129,7 @@ class Nonlinear:
         self.length.next <<= select(builder.issue_u[Unit.VECTOR], decode_field(ir, op, ROWWISE, "len"), self.length)
         a = held("nl_a", decode_field(ir, op, NONLINEAR, "a"))
         src_b = held("nl_b", builder.f(Opcode.VRESADD, "b"))
+        self.wide = held("nl_wide", builder.f(Opcode.VRESADD, "wide") & (op == int(Opcode.VRESADD)))
         param = held("nl_param", decode_field(ir, op, NONLINEAR, "param"))
         mask = held("nl_mask", builder.f(Opcode.VSOFTMAX, "mask"))
         self.masked = held("nl_masked", builder.f(Opcode.VSOFTMAX, "masked"))
@@ -165,7 +166,8 @@ class Nonlinear:
         three_j = fit(concat(j, Const(0, 1)) + j, 4)
         consts = [fit(param + three_j + p, 16) for p in range(3)]
         weights = fit(param + isa.CONSTANTS[Opcode.VLAYERNORM], 16)
-        row = select_first([(sub == s, weights + const_mul(n, s - 1, 18) + i) for s in (1, 2, 3)], a + i)
+        row = select_first([(sub == s, weights + const_mul(n, s - 1, 18) + i) for s in (1, 2, 3)],
+                           select(self.wide, src_b, a) + i)  # a wide vresadd's b is PBUF's
         # port 1 reads vsoftmax's mask word beside each row word (the constants before the passes)
         self.reads = {"param0": select(in_const, consts[0], row), "param1": select(in_const, consts[1], mask + i),
                       "param2": consts[2], "vec_a": a + i, "vec_b": src_b + i}
@@ -205,12 +207,14 @@ class Nonlinear:
 
     def _resadd(self) -> None:
         """vresadd: rq(a) + rq(b) in i32 (slots a and b), then rq of the sum (slot d) to i32 and
-        to out_bits, written to PBUF (rq: `requantize`, saturating)."""
+        to out_bits, written to PBUF (rq: `requantize`, saturating); b from OBUF or, `wide`, from
+        PBUF (the row port)."""
         AB = self.cfg.acc_bits
         m_a, s_a, m_b, s_b, m, s, bits = self.consts[:7]
         on = self.runs[Opcode.VRESADD]
         out = []
-        for x, y, slot in zip(self.va, self.vb, self.slots):
+        for x, narrow, wide, slot in zip(self.va, self.vb, self.row, self.slots):
+            y = select(self.wide, wide, sfit(narrow, AB))
             total = sadd(saturate(slot.a(on, x, m_a, s_a), 32), saturate(slot.b(on, y, m_b, s_b), 32), 32)
             result = saturate(slot.d(on, delay(total, _RESADD_STAGES), m, s), 32)
             out.append(saturate_to(result, fit(bits, 6), AB))

@@ -5,6 +5,7 @@ User errors print one line `tcc: error: ...` and exit with code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,31 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
+def read_vocab(path: str | None) -> list[str] | None:
+    """--vocab: a JSON list of the model's output symbols (CTC: the blank first)."""
+    if path is None:
+        return None
+    try:
+        vocab = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TccError(f"--vocab {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TccError(f"--vocab {path}: not JSON ({e})") from None
+    if not isinstance(vocab, list) or not all(isinstance(s, str) for s in vocab):
+        raise TccError(f"--vocab {path}: must be a JSON list of strings (the model's output symbols in logit order)")
+    return vocab
+
+
+def _data(args: argparse.Namespace, path: str | None, what: str):
+    """The data file at `path` as `tcc.compile` takes it: the path itself, or with --task / --vocab
+    the dataset they make of it."""
+    if path is None or (args.task is None and args.vocab is None):
+        return path
+    from .data import load_dataset
+    dataset = load_dataset(path, what=what, task=args.task, vocab=read_vocab(args.vocab))
+    return dataclasses.replace(dataset, source=Path(path).name)
+
+
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
@@ -57,7 +83,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     check_destination(args.output)  # before the work, not after it
     artifact = tcc.compile(args.model, target=args.target, pipeline=args.pipeline, frontend=args.frontend,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle,
-                           train_data=args.train_data, calib_data=args.calib_data, eval_data=args.data,
+                           train_data=_data(args, args.train_data, "training data"), calib_data=args.calib_data,
+                           eval_data=_data(args, args.data, "evaluation data"),
                            progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file,
                            lc=args.lc, ac=args.ac, settings=args.settings)
     path = artifact.save(args.output)
@@ -103,23 +130,24 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import tcc
     from tcc.evaluate import evaluate
+    from tcc.passes.tasks import METRIC_NAMES
 
     from .data import load_dataset
     artifact = tcc.load(args.artifact)
-    data = load_dataset(args.data, artifact.graph)
+    data = load_dataset(args.data, artifact.graph, task=args.task, vocab=read_vocab(args.vocab))
     baseline = tcc.load(args.baseline) if args.baseline else None
     report = evaluate(artifact, data, on=args.on, baseline=baseline)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     figures = []
-    if "accuracy" in report:
-        baseline_accuracy = report.get("baseline_accuracy")
-        figures.append(f"accuracy {report['accuracy']:.4f}" +
-                       (f" (baseline {baseline_accuracy:.4f})" if baseline_accuracy is not None else ""))
+    for key, name in METRIC_NAMES.items():
+        if key in report:
+            figures.append(f"{name} {report[key]:.4f}" + (f" (baseline {report['baseline_' + key]:.4f})"
+                                                          if "baseline_" + key in report else ""))
     if baseline is not None:
-        figures.append(f"top-1 agreement {report['agreement']:.4f}, max abs error {report['max_abs_error']:.3g}, "
-                       f"relative {report['relative_error']:.3g}")
+        figures.append(f"{'top-1 ' if data.task.name == 'classification' else ''}agreement {report['agreement']:.4f}, "
+                       f"max abs error {report['max_abs_error']:.3g}, relative {report['relative_error']:.3g}")
     print(printable(f"{args.artifact} on {args.data} ({report['examples']} examples, --on {args.on}): "
                     + ", ".join(figures)))
     return 0
@@ -260,8 +288,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     from .data import load_dataset
     lc_ms, ac = parse_latency(args.lc), parse_accuracy(args.ac)
     catalog = load_catalog(args.targets_file)
-    data = load_dataset(args.data, what="evaluation data")
-    train = load_dataset(args.train_data, what="training data") if args.train_data else None
+    vocab = read_vocab(args.vocab)
+    data = load_dataset(args.data, what="evaluation data", task=args.task, vocab=vocab)
+    train = load_dataset(args.train_data, what="training data", task=args.task, vocab=vocab) if args.train_data \
+        else None
     if args.report:  # before the exploration, not after it
         check_report_dir(args.report, "--report: ")
     settings = settings_named(args.settings)
@@ -274,10 +304,12 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(json.dumps(selection.to_json(), indent=2))
     else:
         if not args.quiet:
-            print(f"{'device':<12} {'setting':<18} {'accuracy':>8} {'latency ms':>11} {'energy mJ':>10} {'price $':>9}")
+            score = data.task.score_name
+            print(f"{'device':<12} {'setting':<18} {score:>{max(8, len(score))}} {'latency ms':>11} {'energy mJ':>10} "
+                  f"{'price $':>9}")
             for p in sorted(selection.points, key=lambda p: (p.price_usd, p.device, p.latency_ms)):
                 mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(lc_ms, ac) else "")
-                print(f"{printable(p.device):<12} {printable(p.setting):<18} {p.accuracy:>8.4f} "
+                print(f"{printable(p.device):<12} {printable(p.setting):<18} {p.accuracy:>{max(8, len(score))}.4f} "
                       f"{p.latency_ms:>11.4g} {p.energy_mj:>10.4g} "
                       f"{p.price_usd:>9,.0f}{mark}")
         print(printable(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
@@ -293,6 +325,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"tcc: error: {printable(message)} (see `{self.prog} --help`)\n")
+
+
+def _task_arguments(p: argparse.ArgumentParser) -> None:
+    """--task and --vocab: what the data files' labels are, over the files' own "task" and "vocab"."""
+    p.add_argument("--task", metavar="TASK", help="the data's task (default: the file's 'task', else "
+                                                  "classification: top-1 accuracy); ctc: WER and CER; tokens: token "
+                                                  "accuracy, perplexity")
+    p.add_argument("--vocab", metavar="VOCAB.json", help="ctc: the model's output symbols in logit order, a JSON "
+                                                         "list (the blank first, ' ' the word separator)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", metavar="D.pt", help="training data for fine-tuning: torch.save({'inputs': X, "
                                                          "'labels': Y})")
     p.add_argument("--calib-data", metavar="D.pt", help="calibration data for quantization (same format)")
+    _task_arguments(p)
     p.add_argument("--accel", metavar="KEY=VALUE,...",
                    help="override fields of an fpga target's accelerator config, e.g. rows=16,cols=16")
     p.add_argument("--synth", action="store_true",
@@ -363,10 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the passes and their options as JSON")
     p.set_defaults(func=cmd_passes)
 
-    p = command("eval", "accuracy of an artifact on labelled data, and error against a baseline",
-                "examples:\n  tcc eval out/ --data test.pt\n  tcc eval pruned/ --data test.pt --baseline dense/ --json")
+    p = command("eval", "an artifact's metrics on labelled data (accuracy; WER and CER; token accuracy and "
+                "perplexity), and error against a baseline",
+                "examples:\n  tcc eval out/ --data test.pt\n  tcc eval pruned/ --data test.pt --baseline dense/ --json\n"
+                "  tcc eval asr/ --data test.pt --task ctc --vocab vocab.json")
     p.add_argument("artifact", help="artifact directory (from tcc compile)")
-    p.add_argument("--data", required=True, metavar="D.pt", help="torch.save({'inputs': X, 'labels': Y})")
+    p.add_argument("--data", required=True, metavar="D.pt", help="torch.save({'inputs': X, 'labels': Y}) (and "
+                                                                  "'task', 'vocab')")
+    _task_arguments(p)
     p.add_argument("--baseline", metavar="ARTIFACT", help="the uncompressed model's artifact to compare outputs with")
     p.add_argument("--on", choices=("cpu", "gpu", "numpy"), default="cpu", help="executor (default cpu)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -424,10 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "(the closest point is printed)")
     p.add_argument("model", help="model file (as for compile)")
     p.add_argument("--lc", required=True, metavar="LATENCY", help="latency constraint per run, with a unit: 10ms, 2s, 800us")
-    p.add_argument("--ac", required=True, metavar="ACCURACY", help="accuracy constraint on --data: 0.95 or 95%%")
+    p.add_argument("--ac", required=True, metavar="ACCURACY", help="constraint on the task's score on --data "
+                                                                   "(accuracy, 1 - WER, token accuracy): 0.95 or 95%%")
     p.add_argument("--data", required=True, metavar="D.pt", help="labelled evaluation data: torch.save({'inputs': X, "
                                                                   "'labels': Y})")
     p.add_argument("--train-data", metavar="T.pt", help="training data: pruning and binarization fine-tune on it")
+    _task_arguments(p)
     p.add_argument("--targets-file", metavar="FILE.json", help="more targets (same schema as `tcc targets --json`)")
     p.add_argument("--executor", choices=("local", "inline", "ray"), default="local",
                    help="where settings are explored: local processes (default), this process, or a Ray cluster "

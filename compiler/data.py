@@ -1,7 +1,9 @@
 """Data files for training, calibration and evaluation: `torch.save({"inputs": ..., "labels":
-...})` where inputs is a tensor, a tuple/list of tensors (one per model input) or a dict by
-input name, and labels (optional) a 1-D integer tensor. Loaded with `weights_only=True`:
-a data file never runs code.
+..., "task": ..., "vocab": ...})` where inputs is a tensor, a tuple/list of tensors (one per
+model input) or a dict by input name, and labels (optional) in the form of the task
+(`tcc.passes.tasks`: classification, the default, a 1-D integer tensor; ctc a list of
+transcripts over `vocab`; tokens an [examples, positions] integer tensor). Loaded with
+`weights_only=True`: a data file never runs code.
 
 Every tensor read from a file (data, `tcc run --input`) is checked before anything uses it:
 plain dense tensors on the CPU of at most `MAX_INPUT_ELEMENTS` elements (a broadcast view
@@ -14,7 +16,7 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ import torch
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes.data import Dataset
+from tcc.passes.tasks import TASKS, make_task
 from tcc.runtime.artifact import read_npy_header
 
 from .loader import MAX_INPUT_ELEMENTS, archive_kind, tensor_kind_problem
@@ -132,8 +135,10 @@ def _check_npy_header(f: BinaryIO, size: int, where: str) -> None:
                        f"{size - f.tell():,} (truncated or edited)")
 
 
-def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "data") -> Dataset:
-    """Read a data file; with `graph`, also check that it fits the model (shapes, labels)."""
+def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "data", task: str | None = None,
+                 vocab: Sequence[str] | None = None) -> Dataset:
+    """Read a data file; with `graph`, also check that it fits the model (shapes, labels). Its
+    task (`tasks.py`) is the file's `"task"` (and `"vocab"`), unless `task` / `vocab` say."""
     where = f"{path}"
     value = read_saved(Path(path), what)
     if isinstance(value, torch.Tensor):
@@ -141,9 +146,14 @@ def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "d
     if not isinstance(value, dict):
         raise TccError(f"{where}: {what} must be a dict with 'inputs' (and 'labels'), saved with torch.save; "
                        f"found a {type(value).__name__}")
-    unknown = sorted(set(map(str, value)) - {"inputs", "labels"})
+    unknown = sorted(set(map(str, value)) - {"inputs", "labels", "task", "vocab"})
     if unknown:
-        raise TccError(f"{where}: unknown key '{unknown[0]}' in {what} (expected 'inputs', 'labels')")
+        raise TccError(f"{where}: unknown key '{unknown[0]}' in {what} (expected 'inputs', 'labels', 'task', "
+                       f"'vocab')")
+    named = value.get("task")
+    if named is not None and not isinstance(named, str):
+        raise TccError(f"{where}: 'task' must be a string ({', '.join(TASKS)}), got {type(named).__name__}")
+    chosen = make_task(task or named, vocab if vocab is not None else value.get("vocab"), where)
     if "inputs" not in value:
         raise TccError(f"{where}: {what} has no 'inputs'")
     inputs = value["inputs"]
@@ -158,9 +168,9 @@ def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "d
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise TccError(f"{where}: 'inputs' must be a tensor or a tuple/list/dict of tensors")
     labels = value.get("labels")
-    if labels is not None and not isinstance(labels, torch.Tensor):
-        raise TccError(f"{where}: 'labels' must be a tensor, got {type(labels).__name__}")
+    if labels is not None:
+        labels = chosen.labels(labels, f"{where} ({what})")
     if any(x.dim() == 0 for x in inputs):
         raise TccError(f"{where}: inputs must have a leading examples dimension")
-    dataset = Dataset(inputs, labels, source=str(path))
+    dataset = Dataset(inputs, labels, source=str(path), task=chosen)
     return dataset if graph is None else dataset.fit(graph, what)

@@ -43,7 +43,7 @@ from tcc.passes import Dataset
 from tcc.passes.cost_model import Cost, Device
 from tcc.runtime.artifact import MEASURED_ABOUT, MEASURED_DIR, REPORT, REPORT_DIR
 
-from .select import Selection, accuracy, pareto
+from .select import Selection, pareto
 from .targets import Target
 from .targets.calibration import machine, measured_here
 
@@ -109,7 +109,7 @@ def render(graph: Graph, manifest: dict, *, target: Target, catalog: dict[str, T
     the target compiled for (with its effective accelerator config); `catalog` the devices,
     `target` among them; `devices` their cost-model figures and `costs` the prices of one run of
     `graph` on each (`price_all`); `program` the accelerator program of an FPGA target;
-    `eval_data` labelled data to measure top-1 accuracy on; `selection` the device selection
+    `eval_data` labelled data to measure its task's metrics on; `selection` the device selection
     that chose the target (`tcc compile --target auto`); `measured` more facts of this compile
     for `host.json` (the pass log's measured notes, the data files' paths). Nothing is measured
     here."""
@@ -239,12 +239,20 @@ def _devices_png(devices: list[dict]) -> bytes:
 
 
 def _accuracy(graph: Graph, data: Dataset | None) -> dict | None:
-    """Top-1 accuracy of the graph's first output on `data` (torch executor, CPU); None
-    without data, `accuracy` None when the data has no labels."""
+    """The metrics of `data`'s task (top-1 accuracy; WER and CER; ...) of the graph's first
+    output (torch executor, CPU), by name in words; None without data, `metrics` None when the
+    data has no labels."""
     if data is None:
         return None
-    return {"source": data.source, "examples": len(data),
-            "accuracy": None if data.labels is None else accuracy(graph, data)}
+    from tcc.passes.data import task_metrics
+    from tcc.passes.tasks import METRIC_NAMES
+    from tcc.runtime.torch_executor import TorchExecutor
+    metrics = None
+    if data.labels is not None:
+        executor = TorchExecutor(graph, "cpu")
+        found = task_metrics(graph, data, lambda inputs: executor.run(inputs)[0], "evaluation data")
+        metrics = {METRIC_NAMES[k]: v for k, v in found.items()}
+    return {"source": data.source, "examples": len(data), "task": data.task.name, "metrics": metrics}
 
 
 def _accel(manifest: dict, target: Target, program: AccelProgram) -> dict:

@@ -28,7 +28,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, Latency, Pass, PassContext, parse_pipeline, run_pipeline
 from tcc.passes.cost_model import Device
-from tcc.passes.data import top1_accuracy
+from tcc.passes.data import task_score
 from tcc.runtime.torch_executor import TorchExecutor
 
 from .model import example_arrays, example_dataset, lower
@@ -122,9 +122,10 @@ class Selection:
 
 
 def accuracy(graph: Graph, data: Dataset) -> float:
-    """Top-1 accuracy of the graph's first output on `data` (torch executor, CPU)."""
+    """The score of `data`'s task (top-1 accuracy, 1 - WER, token accuracy) of the graph's
+    first output (torch executor, CPU)."""
     executor = TorchExecutor(graph, "cpu")
-    return top1_accuracy(graph, data, lambda inputs: executor.run(inputs)[0], "evaluation data")
+    return task_score(graph, data, lambda inputs: executor.run(inputs)[0], "evaluation data")
 
 
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
@@ -215,9 +216,11 @@ def _run_on_ray(args: list[tuple], progress: bool) -> list[list[Point]]:
     return ray.get(refs)
 
 
-def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.0) -> Selection:
+def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.0, score: str = "accuracy"
+           ) -> Selection:
     """The cheapest device meeting both constraints and on it the fastest setting that does;
-    when none does, the point missing them least (`Point.shortfall`)."""
+    when none does, the point missing them least (`Point.shortfall`). `score`: what the points'
+    accuracy is (the task's score), in words."""
     if not points:
         raise TccError("no points to choose from: the catalog or the settings are empty")
     feasible = [p for p in points if p.meets(lc_ms, ac)]
@@ -226,13 +229,13 @@ def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.
         chosen = min(feasible, key=lambda p: (p.price_usd, p.latency_ms, -p.accuracy))
         cheaper = sorted({p.device for p in points if p.price_usd < chosen.price_usd})
         reason = (f"{chosen.device} (${chosen.price_usd:,.0f}) is the cheapest device meeting latency <= "
-                  f"{lc_ms:g} ms and accuracy >= {ac:g}: {chosen.setting} runs in {chosen.latency_ms:.3g} ms at "
-                  f"accuracy {chosen.accuracy:.4f}" + (f"; no setting meets both on {', '.join(cheaper)}"
-                                                       if cheaper else ""))
+                  f"{lc_ms:g} ms and {score} >= {ac:g}: {chosen.setting} runs in {chosen.latency_ms:.3g} ms at "
+                  f"{score} {chosen.accuracy:.4f}" + (f"; no setting meets both on {', '.join(cheaper)}"
+                                                      if cheaper else ""))
     else:
         chosen = None
-        reason = (f"no device meets latency <= {lc_ms:g} ms and accuracy >= {ac:g}; closest: {closest.setting} on "
-                  f"{closest.device} ({closest.latency_ms:.3g} ms, accuracy {closest.accuracy:.4f})")
+        reason = (f"no device meets latency <= {lc_ms:g} ms and {score} >= {ac:g}; closest: {closest.setting} on "
+                  f"{closest.device} ({closest.latency_ms:.3g} ms, {score} {closest.accuracy:.4f})")
     return Selection(lc_ms, ac, chosen, closest, reason, tuple(points), seconds)
 
 
@@ -286,7 +289,7 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: floa
     train = train.fit(base, "training data") if train is not None else None
     points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
                      seed=seed, progress=progress)
-    return choose(points, lc_ms, ac, time.perf_counter() - start)
+    return choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name)
 
 
 __all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",

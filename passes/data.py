@@ -1,9 +1,10 @@
 """Datasets that passes train, calibrate and evaluate on.
 
 A `Dataset` holds one tensor per graph input (first dimension: examples) and optionally
-integer class labels. Graphs have static shapes, so batches always have the graph's own
-batch size (the first dimension of its inputs): the last batch is padded by repeating
-examples, and `valid` says how many of its rows are real.
+labels in the form of its `Task` (`tasks.py`: class indices, transcripts, per-token labels).
+Graphs have static shapes, so batches always have the graph's own batch size (the first
+dimension of its inputs): the last batch is padded by repeating examples, and `valid` says
+how many of its rows are real.
 """
 
 from __future__ import annotations
@@ -18,19 +19,29 @@ from tcc.ir.analysis import non_finite
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 
+from .tasks import Classification, Task
+
 
 @dataclass(frozen=True)
 class Batch:
     inputs: tuple[torch.Tensor, ...]
-    labels: torch.Tensor | None
+    labels: Any  # the task's labels of the batch's examples, or None
     valid: int
+
+
+def _take(labels: Any, index: torch.Tensor) -> Any:
+    """The labels of the examples at `index` (a tensor's rows, or a sequence's items)."""
+    if labels is None or isinstance(labels, torch.Tensor):
+        return None if labels is None else labels[index]
+    return tuple(labels[int(i)] for i in index)
 
 
 @dataclass(frozen=True)
 class Dataset:
     inputs: tuple[torch.Tensor, ...]
-    labels: torch.Tensor | None = None
+    labels: Any = None  # in `task`'s form
     source: str = "data"
+    task: Task = Classification()
 
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0])
@@ -60,23 +71,15 @@ class Dataset:
         for x, name in zip(inputs, graph.input_names):
             if problem := non_finite(x.detach().cpu().numpy()):
                 raise TccError(f"{where}: input '{name}' holds {problem}; tcc reads finite data only")
-        fitted = Dataset(inputs, self.labels, self.source)
         if self.labels is None:
-            return fitted
-        if self.labels.dim() != 1 or self.labels.shape[0] != n:
-            raise TccError(f"{where}: labels must be one integer per example ({n}), got shape "
-                           f"{list(self.labels.shape)}")
-        if self.labels.dtype.is_floating_point or self.labels.dtype == torch.bool:
-            raise TccError(f"{where}: labels must be integer class indices, got {self.labels.dtype}")
-        logits = graph.output_types[0]
-        if logits.rank != 2 or logits.shape[0] != graph.inputs[0][1].shape[0]:
-            raise TccError(f"{where}: labels need a model whose first output is [batch, classes], this one gives "
-                           f"{list(logits.shape)}")
-        low, high = int(self.labels.min()), int(self.labels.max())
-        if low < 0 or high >= logits.shape[1]:
-            raise TccError(f"{where}: labels span [{low}, {high}] but the model's first output has "
-                           f"{logits.shape[1]} classes")
-        return Dataset(inputs, self.labels.long(), self.source)
+            return Dataset(inputs, None, self.source, self.task)
+        labels = self.task.labels(self.labels, where)
+        output = graph.output_types[0]
+        if not output.shape or output.shape[0] != graph.inputs[0][1].shape[0]:
+            raise TccError(f"{where}: labels need a model whose first output has the batch first, this one gives "
+                           f"{list(output.shape)}")
+        self.task.check(labels, output, n, where)
+        return Dataset(inputs, labels, self.source, self.task)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
                 ) -> Iterator[Batch]:
@@ -88,8 +91,7 @@ class Dataset:
             valid = len(index)
             if valid < batch_size:
                 index = torch.cat([index, order[torch.arange(batch_size - valid) % n]])
-            yield Batch(tuple(x[index] for x in self.inputs),
-                        None if self.labels is None else self.labels[index], valid)
+            yield Batch(tuple(x[index] for x in self.inputs), _take(self.labels, index), valid)
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
@@ -114,11 +116,18 @@ def graph_outputs(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]
     return np.concatenate(chunks)
 
 
-def top1_accuracy(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any], what: str) -> float:
-    """The share of `data`'s examples whose label is the argmax of `run`'s first output; a
-    TccError naming the data (as `what`) when it has no labels or does not fit `graph`."""
+def task_metrics(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any], what: str
+                 ) -> dict[str, float]:
+    """The metrics of `data`'s task (`Task.metrics`) on `run`'s first output; a TccError naming
+    the data (as `what`) when it has no labels or does not fit `graph`."""
     data = data.fit(graph, what)
     if data.labels is None:
-        raise TccError(f"{data.source} ({what}): has no labels to measure accuracy with")
-    return float((graph_outputs(graph, data, run).argmax(-1) == data.labels.numpy()).mean())
+        raise TccError(f"{data.source} ({what}): has no labels to measure {data.task.score_name} with")
+    return data.task.metrics(graph_outputs(graph, data, run), data.labels)
+
+
+def task_score(graph: Graph, data: Dataset, run: Callable[[list[torch.Tensor]], Any], what: str) -> float:
+    """The task's score (higher is better: top-1 accuracy, 1 - WER, token accuracy) of `run`'s
+    first output on `data`."""
+    return data.task.score(task_metrics(graph, data, run, what))
 

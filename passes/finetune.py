@@ -64,9 +64,10 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
           activation_transforms: dict[str, nn.Module] | None = None, teacher: Graph | None = None,
           on_step: Callable[[int, int, nn.Module], None] | None = None) -> nn.Module:
     """Fine-tune all float weights of `graph` (and the transforms' parameters) on `data`:
-    cross-entropy on the labels of the first output, plus KL distillation from `teacher`
-    when `options.distill`. `on_step(step, total, module)` runs before each step (pruning
-    schedules update masks there). Returns the trained torch executor."""
+    the task's loss on the labels of the first output (`Task.loss`: cross-entropy, CTC), plus
+    KL distillation from `teacher` (per example, or per frame or token) when
+    `options.distill`. `on_step(step, total, module)` runs before each step (pruning schedules
+    update masks there). Returns the trained torch executor."""
     factory = ctx.require_torch(desc)
     module = factory(graph, ctx.device, trainable=True, weight_transforms=weight_transforms,
                      activation_transforms=activation_transforms)
@@ -88,12 +89,14 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
                 logits = module(*inputs)[0][:b.valid]
                 loss = logits.new_zeros(())
                 if b.labels is not None:
-                    loss = loss + F.cross_entropy(logits, b.labels[:b.valid].to(ctx.device))
+                    labels = b.labels[:b.valid]
+                    loss = loss + data.task.loss(logits, labels.to(ctx.device) if torch.is_tensor(labels) else labels)
                 if teacher_module is not None:
                     with torch.no_grad():
                         target = teacher_module(*inputs)[0][:b.valid]
-                    t = options.temperature
-                    loss = loss + t * t * F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1),
+                    t, symbols = options.temperature, logits.shape[-1]
+                    loss = loss + t * t * F.kl_div(F.log_softmax(logits.reshape(-1, symbols) / t, -1),
+                                                   F.log_softmax(target.reshape(-1, symbols) / t, -1),
                                                    log_target=True, reduction="batchmean")
                 optimizer.zero_grad()
                 loss.backward()

@@ -20,7 +20,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 
 from .base import Pass, PassContext, PassResult, option
-from .data import top1_accuracy
+from .data import task_score
 from .options import Latency
 
 
@@ -47,11 +47,12 @@ class SelectDevice(Pass):
             if data is None:
                 raise TccError(f"{self.name}: ac={self.ac:g} needs labelled evaluation data (--data)")
             module = ctx.require_torch(self.name)(graph, ctx.device)
-            accuracy = top1_accuracy(graph, data, lambda inputs: module(*inputs)[0], "evaluation data")
+            accuracy = task_score(graph, data, lambda inputs: module(*inputs)[0], "evaluation data")
+            what = data.task.score_name
             if accuracy < self.ac:
-                raise TccError(f"{self.name}: accuracy {accuracy:.4f} on {data.source} is below ac={self.ac:g} on "
+                raise TccError(f"{self.name}: {what} {accuracy:.4f} on {data.source} is below ac={self.ac:g} on "
                                "every device: compress less")
-            ctx.note(f"accuracy {accuracy:.4f} on {data.source}")
+            ctx.note(f"{what} {accuracy:.4f} on {data.source}")
         priced = sorted(((c, c.cost(graph).latency_s * 1e3) for c in ctx.devices), key=lambda p: (p[0].price_usd, p[1]))
         meeting = [(c, ms) for c, ms in priced if ms <= self.lc]
         listing = ", ".join(f"{c.name} {ms:.3g} ms" for c, ms in priced)

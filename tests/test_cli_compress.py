@@ -102,9 +102,10 @@ def test_calibration_data_is_used(files, tmp_path):
     (["--train-data", "bad_shape.pt", "--pipeline", "hp-prune"],
      "bad_shape.pt (training data): input 'images' examples have shape [8, 7], the model expects [8, 8]"),
     (["--train-data", "bad_labels.pt", "--pipeline", "hp-prune"],
-     "labels span [12, 12] but the model's first output has 10 classes"),
+     "example 0: label 12 outside the model's 10 classes"),
     (["--train-data", "short_labels.pt"], "labels must be one integer per example (10), got shape [9]"),
-    (["--train-data", "bad_keys.pt"], "unknown key 'images' in training data (expected 'inputs', 'labels')"),
+    (["--train-data", "bad_keys.pt"],
+     "unknown key 'images' in training data (expected 'inputs', 'labels', 'task', 'vocab')"),
     (["--train-data", "garbage.pt"], "garbage.pt: cannot read training data"),
     (["--train-data", "missing.pt"], "missing.pt: no such training data file"),
     (["--calib-data", "bad_shape.pt"], "bad_shape.pt (calibration data): input 'images' examples have shape"),
@@ -121,7 +122,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(files, tmp_path, args, mes
 
 @pytest.mark.parametrize("data, message", [
     ("bad_shape.pt", "input 'images' examples have shape [8, 7]"),
-    ("bad_labels.pt", "labels span [12, 12]"),
+    ("bad_labels.pt", "example 0: label 12 outside"),
     ("garbage.pt", "cannot read data"),
 ])
 def test_eval_bad_data(files, data, message, capsys):

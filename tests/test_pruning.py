@@ -215,8 +215,8 @@ def test_bad_training_data_is_a_clear_error():
     batch = graph.inputs[0][1].shape
     ctx = PassContext(torch_module=TorchExecutor,
                       data={"train": Dataset((torch.zeros(10, *batch[1:]),), torch.full((10,), 99), "t.pt")})
-    with pytest.raises(tcc.TccError, match=r"t.pt \(training data\): labels span \[99, 99\] but the model's first "
-                                           r"output has 10 classes"):
+    with pytest.raises(tcc.TccError, match=r"t.pt \(training data\): example 0: label 99 outside the model's "
+                                           r"10 classes"):
         HPPrune(sparsity=0.5)(graph, ctx)
     ctx.data["train"] = Dataset((torch.zeros(10, 3),), torch.zeros(10, dtype=torch.long), "t.pt")
     with pytest.raises(tcc.TccError, match=r"input 'images' examples have shape \[3\], the model expects"):

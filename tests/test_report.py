@@ -137,8 +137,8 @@ def test_cpu_report_summarizes_the_model_weights_devices_and_accuracy(cpu_artifa
     artifact = tcc.load(cpu_artifact)
     logits = torch.cat([artifact.run((test.inputs[0][i:i + BATCH],)) for i in range(0, 64, BATCH)])
     expected = float((logits.argmax(-1) == test.labels).double().mean())
-    assert (f'<tr><td>digits test</td><td class="num">64</td><td class="num">{expected:.4f}</td></tr>'
-            in _section(page, "accuracy"))
+    assert (f'<tr><td>digits test</td><td>classification</td><td class="num">64</td><td class="num">{expected:.4f}'
+            f'</td></tr>' in _section(page, "accuracy"))
     assert "No device selection ran" in _section(page, "selection")
     assert 'id="accelerator"' not in page
 
@@ -260,7 +260,7 @@ def test_target_auto_report_carries_the_selection_and_the_accuracy(auto_artifact
     assert f"Chosen: <b>{chosen}</b> with <b>fp32</b>." in section and '<img src="measured/pareto.png"' in section
     assert (auto_artifact / "measured/selection.html").read_text().count('class="chosen"') == 1
     # the data file by its name; its path, the machine's, in measured/host.json
-    assert '<td>test.pt</td><td class="num">64</td>' in _section(page, "accuracy")
+    assert '<td>test.pt</td><td>classification</td><td class="num">64</td>' in _section(page, "accuracy")
     host = json.loads((auto_artifact / "measured/host.json").read_text())
     assert host["paths"]["eval"] == str(auto_artifact.parent / "test.pt") and host["selection"]["device"] == chosen
 

@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tcc-installed
 TORCH_VERSION := 2.13.0
-# command:Debian package of the tools the tests use (RTL simulators, synthesis, the report's headless browser)
-DEBIAN_TOOLS := iverilog:iverilog verilator:verilator yosys:yosys chromium:chromium chromedriver:chromium-driver
+# command:Debian package of the tools the tests use (RTL simulators, synthesis, the report's headless browser, the
+# speech corpus's synthesizer)
+DEBIAN_TOOLS := iverilog:iverilog verilator:verilator yosys:yosys chromium:chromium chromedriver:chromium-driver \
+  espeak-ng:espeak-ng
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all bench docs docs-check clean

@@ -37,9 +37,11 @@ class BertStyleLayer(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask_bias
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if mask_bias is not None:
+            scores = scores + mask_bias
         context = torch.matmul(self.dropout(F.softmax(scores, dim=-1)), v)
         batch, _, seq, _ = context.shape
         context = context.transpose(1, 2).contiguous().view(batch, seq, self.heads * self.head_dim)
@@ -67,6 +69,30 @@ class BertStyleEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask_bias)
         return x, torch.tanh(self.pooler(x[:, 0]))
+
+
+class SpeechTransformer(nn.Module):
+    """A speech recognizer for CTC: log-mel features `[B, mels, frames]` -> batch norm of each mel
+    band (the features' scale, learned) -> two stride-2 conv1d subsampling layers (ReLU) ->
+    learned positions -> N post-norm encoder layers (separate q, k,
+    v and output linears, GELU FFN: the layer kinds the systolic-pruning study prunes apart) ->
+    a linear CTC head: per-frame logits `[B, frames / 4, vocab]`."""
+
+    def __init__(self, mels: int = 40, frames: int = 200, d_model: int = 64, heads: int = 4, layers: int = 2,
+                 ffn: int = 128, vocab: int = 28):
+        super().__init__()
+        self.features = nn.BatchNorm1d(mels)
+        self.subsample1 = nn.Conv1d(mels, d_model, 3, stride=2, padding=1)
+        self.subsample2 = nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)
+        self.position = nn.Parameter(torch.zeros(1, -(-frames // 4), d_model))
+        self.layers = nn.ModuleList(BertStyleLayer(d_model, heads, ffn) for _ in range(layers))
+        self.ctc_head = nn.Linear(d_model, vocab)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.subsample2(F.relu(self.subsample1(self.features(features))))).transpose(1, 2) + self.position
+        for layer in self.layers:
+            x = layer(x)
+        return self.ctc_head(x)
 
 
 class DigitsTransformer(nn.Module):
@@ -375,6 +401,11 @@ def hf_vit():
     return ViTModel(config, add_pooling_layer=True), _pixels()
 
 
+def speech_transformer():
+    """The speech Transformer of `examples/speech` (untrained), on 2 s of log-mel features."""
+    return SpeechTransformer(), (_randn(2, 40, 200),)
+
+
 def conformer():
     """A small Conformer-CTC with batch-norm statistics as if trained (not 0 and 1)."""
     model = ConformerCTC()
@@ -496,6 +527,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("hf-distilbert", hf_distilbert, False, True),
     ZooEntry("hf-vit", hf_vit, False, True),
     ZooEntry("conformer", conformer, True, False),
+    ZooEntry("speech-transformer", speech_transformer, True, False),
     ZooEntry("llama", llama, False, True),
     ZooEntry("gpt2", lambda: hf_family("gpt2"), False, True),
     ZooEntry("t5-encoder", lambda: hf_family("t5-encoder"), False, True),

@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "'task', 'vocab')")
     _task_arguments(p)
     p.add_argument("--baseline", metavar="ARTIFACT", help="the uncompressed model's artifact to compare outputs with")
-    p.add_argument("--on", choices=("cpu", "gpu", "numpy"), default="cpu", help="executor (default cpu)")
+    p.add_argument("--on", choices=("cpu", "gpu", "numpy", "sim", "rtl"), default="cpu",
+                   help="executor (default cpu; sim: the ISA simulator, rtl: Verilator, for fpga targets)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_eval)
 

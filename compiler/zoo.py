@@ -302,6 +302,36 @@ def train_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int =
     return model.eval()
 
 
+def train_speech(x: torch.Tensor, texts: list[str], vocab: tuple[str, ...], *, epochs: int = 40, batch: int = 16,
+                 lr: float = 2e-3, seed: int = 0,
+                 on_epoch: Callable[[int, float, SpeechTransformer], None] | None = None) -> SpeechTransformer:
+    """A SpeechTransformer trained with the CTC loss on log-mel features `x` [N, mels, frames]
+    and their transcripts over `vocab` (AdamW, one-cycle schedule, gradients clipped at 1);
+    `on_epoch(epoch, mean loss, model)` after each epoch."""
+    from tcc.passes.tasks import CTC
+    task = CTC(tuple(vocab))
+    torch.manual_seed(seed)
+    model = SpeechTransformer(mels=x.shape[1], frames=x.shape[2], vocab=len(vocab))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * -(-len(x) // batch),
+                                                   pct_start=0.15)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        total = 0.0
+        for index in torch.randperm(len(x), generator=generator).split(batch):
+            loss = task.loss(model(x[index]), [texts[i] for i in index])
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        if on_epoch is not None:
+            on_epoch(epoch, total / len(x), model)
+    return model.eval()
+
+
 def _token_inputs(batch: int, seq: int, vocab: int, with_mask: bool = True) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator)}

@@ -1,7 +1,8 @@
 """The torch executor: the graph as a differentiable `nn.Module` on the CPU or a CUDA device.
 
-Float weights are `nn.Parameter`s (frozen unless `trainable=True`), so later passes can
-fine-tune the IR's own weights through it; other weights are buffers. A weight stored in a
+Float weights are `nn.Parameter`s (frozen unless `trainable=True`; batch-norm statistics
+always), so later passes can fine-tune the IR's own weights through it; other weights are
+buffers. A weight stored in a
 non-dense encoding and used only as linears' weight computes on its encoding
 (`tcc.runtime.encoded_linear`: torch CSR/BSR, XNOR-popcount) unless the executor trains it
 or transforms it.
@@ -306,6 +307,7 @@ class TorchExecutor(nn.Module):
         for name, x_dtype in _encoded_linear_weights(graph).items():
             if not trainable and name not in self._weight_transform_keys:
                 self._encoded[name] = TorchEncodedLinear(graph.encoded(name), x_dtype, self.device_)
+        statistics = {op.operands[i] for op in graph.ops if op.kind == "batch_norm" for i in (1, 2)}  # not learned
         for index, (name, t) in enumerate(graph.constants):
             if name in self._encoded:
                 continue
@@ -313,7 +315,7 @@ class TorchExecutor(nn.Module):
             tensor = tensor.to(self.device_)
             key = f"c{index}"
             if t.dtype.is_float:
-                self.weights[key] = nn.Parameter(tensor, requires_grad=trainable)
+                self.weights[key] = nn.Parameter(tensor, requires_grad=trainable and name not in statistics)
                 self._param_names[name] = key
             else:
                 self.register_buffer(key, tensor, persistent=False)

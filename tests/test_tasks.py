@@ -200,3 +200,25 @@ def test_bad_task_data_is_one_line_exit_2(ctc_files, args, message):
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_fine_tuning_a_model_with_batch_norm_keeps_its_statistics():
+    """The speech Transformer normalizes its features with batch norm: fine-tuning (here hp-prune's,
+    CTC) learns its weights and leaves the running statistics as they were."""
+    import tcc
+    from tcc.passes import PassContext, parse_pipeline, run_pipeline
+    from tcc.passes.data import Dataset
+    from tcc.runtime.torch_executor import TorchExecutor
+    from tcc.speech import VOCAB as SPEECH_VOCAB
+    from tcc.zoo import build
+    model, (x,) = build("speech-transformer")
+    graph = tcc.compile(model, (x,)).graph
+    stats = {n for op in graph.ops if op.kind == "batch_norm" for n in op.operands[1:3]}
+    assert stats
+    data = Dataset((torch.randn(4, *x.shape[1:]),), ("go left", "stop", "one two", "yes"), "t.pt",
+                   CTC(SPEECH_VOCAB))
+    ctx = PassContext(data={"train": data}, torch_module=TorchExecutor)
+    tuned = run_pipeline(graph, parse_pipeline("hp-prune{sparsity=0.5,block=16x16,epochs=1}"), ctx)
+    for name in stats:
+        assert np.array_equal(tuned.weights[name], graph.weights[name])
+    assert not np.array_equal(tuned.weights["layers.0.query.bias"], graph.weights["layers.0.query.bias"])

@@ -36,7 +36,7 @@ import torch
 from tcc.data import load_dataset
 from tcc.model import example_arrays, example_dataset, lower
 from tcc.passes import PassContext, parse_pipeline, run_pipeline
-from tcc.select import PREFIX, Point, Setting, explore
+from tcc.select import PREFIX, Setting, explore
 from tcc.targets import load_catalog
 
 PAPER = "26% system speedup at 1.4% WER degradation"

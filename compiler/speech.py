@@ -147,6 +147,15 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0, rate
 
 
+def wav_features(path: str | Path, mels: int = CorpusSpec.mels, frames: int = CorpusSpec.frames) -> np.ndarray:
+    """The `[mels, frames]` log-mel features of a 16 kHz mono WAV file, as the corpus's (what its
+    models take); a TccError naming the file for another rate, layout or length."""
+    audio, rate = read_wav(Path(path))
+    if rate != RATE:
+        raise TccError(f"{path}: {rate} Hz audio; the speech models take {RATE} Hz (resample it first)")
+    return log_mel(audio, mels, frames, str(path))
+
+
 def log_mel(audio: np.ndarray, mels: int, frames: int, where: str = "audio") -> np.ndarray:
     """`[mels, frames]` log-mel features of `RATE` Hz audio (25 ms windows, 10 ms hops), padded
     with silence to `frames`; a TccError naming `where` for audio that is not 1-D, or longer."""

@@ -61,6 +61,14 @@ def test_wav_files_of_the_wrong_kind(tmp_path):
     (tmp_path / "text.wav").write_text("not audio")
     with pytest.raises(TccError, match="text.wav: not a WAV file"):
         speech.read_wav(tmp_path / "text.wav")
+    fast = tmp_path / "fast.wav"
+    with wave.open(str(fast), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(22_050), f.writeframes(b"\x00" * 400)
+    with pytest.raises(TccError, match="fast.wav: 22050 Hz audio; the speech models take 16000 Hz"):
+        speech.wav_features(fast)
+    with wave.open(str(fast), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(16_000), f.writeframes(b"\x10\x00" * 8000)
+    assert speech.wav_features(fast).shape == (40, 200)
 
 
 @pytest.fixture(scope="module")

@@ -222,3 +222,24 @@ def test_fine_tuning_a_model_with_batch_norm_keeps_its_statistics():
     for name in stats:
         assert np.array_equal(tuned.weights[name], graph.weights[name])
     assert not np.array_equal(tuned.weights["layers.0.query.bias"], graph.weights["layers.0.query.bias"])
+
+
+def test_eval_of_a_language_model_on_next_tokens(tmp_path):
+    """A decoder's per-token logits judged as `tokens`: the next token at each position (the last
+    ignored); token accuracy and perplexity as the torch model's own logits give them."""
+    from tcc.zoo import build
+    model, (ids,) = build("llama-style")
+    torch.export.save(torch.export.export(model, (ids,)), tmp_path / "lm.pt2")
+    tokens = torch.randint(0, 100, (6, ids.shape[1] + 1), generator=torch.Generator().manual_seed(0))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[:, -1] = IGNORE
+    torch.save({"inputs": inputs, "labels": labels, "task": "tokens"}, tmp_path / "text.pt")
+    assert run_cli("compile", tmp_path / "lm.pt2", "-o", tmp_path / "lm", "-q").returncode == 0
+    result = run_cli("eval", tmp_path / "lm", "--data", tmp_path / "text.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    with torch.no_grad():
+        logits = model(inputs)[0]
+    expected = Tokens().metrics(logits.numpy(), labels)
+    assert report["task"] == "tokens" and report["token_accuracy"] == pytest.approx(expected["token_accuracy"])
+    assert report["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4) and report["perplexity"] > 50

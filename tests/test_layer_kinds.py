@@ -34,10 +34,11 @@ LLAMA = {"q_proj.weight": "qkv", "k_proj.weight": "qkv", "v_proj.weight": "qkv",
 
 # model -> (block weight prefix, number of blocks, block weight suffix -> kind, heads, input projections);
 # heads and input projections are of kind `other`
+BERT_STYLE = {"query.weight": "qkv", "key.weight": "qkv", "value.weight": "qkv", "attn_out.weight": "attn_out",
+              "ffn_in.weight": "ffn1", "ffn_out.weight": "ffn2"}
 GOLDEN = {
-    "bert-style": ("layers.{}.", 2, {"query.weight": "qkv", "key.weight": "qkv", "value.weight": "qkv",
-                                     "attn_out.weight": "attn_out", "ffn_in.weight": "ffn1",
-                                     "ffn_out.weight": "ffn2"}, {"pooler.weight"}, set()),
+    "bert-style": ("layers.{}.", 2, BERT_STYLE, {"pooler.weight"}, set()),
+    "speech-transformer": ("layers.{}.", 2, BERT_STYLE, {"ctc_head.weight"}, set()),
     "transformer-encoder": ("encoder.layers.{}.", 2, TORCH_ENCODER, {"head.weight"}, {"embed.weight"}),
     "llama-style": ("layers.{}.", 2, LLAMA, {"lm_head.weight"}, set()),
     "feature-encoder": ("encoder.layers.{}.", 2, TORCH_ENCODER, {"classifier.weight"}, set()),
@@ -88,6 +89,7 @@ CONVOLUTIONS = {
     "whisper-encoder": {"conv1.weight": True, "conv2.weight": True},
     "wav2vec2": {"feature_extractor.conv_layers.0.conv.weight": True, "feature_extractor.conv_layers.1.conv.weight": True,
                  "encoder.pos_conv_embed.conv.parametrizations.weight.0._weight_norm": False},  # folded weight norm
+    "speech-transformer": {"subsample1.weight": True, "subsample2.weight": True},
     "conformer": {"subsample1.weight": True, "subsample2.weight": True}
     | {f"blocks.{i}.conv.{c}.weight": False for i in range(2) for c in ("pointwise_in", "depthwise", "pointwise_out")},
 }

@@ -170,6 +170,21 @@ def test_eval_prints_wer_and_cer(ctc_files):
     assert report["agreement"] == 1.0 and report["max_abs_error"] == 0.0
 
 
+def test_select_bounds_one_minus_wer(ctc_files):
+    """`tcc select --ac` on CTC data bounds 1 - WER: every point's score is its setting's, and the
+    constraint's words name it."""
+    d, model, x, texts = ctc_files
+    with torch.no_grad():
+        wer = CTC(VOCAB).metrics(model(x).numpy(), texts)["wer"]
+    result = run_cli("select", d / "model.pt2", "--lc", "1s", "--ac", f"{1 - wer - 0.001:.4f}", "--data",
+                     d / "test.pt", "--settings", "fp32,int8", "--executor", "inline", "--json")
+    assert result.returncode == 0, result.stderr
+    selection = json.loads(result.stdout)
+    fp32 = [p for p in selection["points"] if p["setting"] == "fp32"]
+    assert fp32 and all(p["accuracy"] == pytest.approx(1 - wer) for p in fp32)
+    assert "1 - WER >= " in selection["reason"]
+
+
 def test_fine_tuning_learns_with_the_ctc_loss(ctc_files, tmp_path):
     """hp-prune fine-tunes on CTC data: the pruned model's WER stays near the dense one's, where
     one-shot pruning (no training) loses more."""

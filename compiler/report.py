@@ -338,7 +338,7 @@ def pareto_png(selection: Selection) -> bytes:
                    zorder=5, label=f"chosen: {selection.chosen.device}, {selection.chosen.setting}")
     ax.set_xscale("log")
     ax.set_xlabel("predicted latency per run (ms)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(selection.score)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
     return figure_png(fig)
@@ -353,7 +353,7 @@ def write_selection_report(selection: Selection, directory: str | os.PathLike, *
     try:
         (tmp / "pareto.png").write_bytes(pareto_png(selection))
         html = render_template(
-            "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac,
+            "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac, score=selection.score,
             points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
             plot="pareto.png", settings=len({p.setting for p in selection.points}),
             devices=len({p.device for p in selection.points}))

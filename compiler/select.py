@@ -102,7 +102,8 @@ class Point:
 @dataclass(frozen=True)
 class Selection:
     """The outcome: `chosen` (None when no point meets both constraints), `closest` (the best
-    point then), the reason in words, every point and the exploration's wall time."""
+    point then), the reason in words, every point, the exploration's wall time and what the
+    points' accuracy is (the data's task's score, in words)."""
 
     lc_ms: float
     ac: float
@@ -111,13 +112,15 @@ class Selection:
     reason: str
     points: tuple[Point, ...]
     seconds: float
+    score: str = "accuracy"
 
     def to_json(self) -> dict:
         best = self.chosen or self.closest
         return {"device": self.chosen.device if self.chosen else None,
                 "setting": self.chosen.setting if self.chosen else None,
                 "latency_ms": best.latency_ms, "accuracy": best.accuracy, "met": self.chosen is not None,
-                "reason": self.reason, "lc_ms": self.lc_ms, "ac": self.ac, "seconds": round(self.seconds, 3),
+                "reason": self.reason, "lc_ms": self.lc_ms, "ac": self.ac, "score": self.score,
+                "seconds": round(self.seconds, 3),
                 "closest": self.closest.to_json(), "points": [p.to_json() for p in self.points]}
 
 
@@ -236,7 +239,7 @@ def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.
         chosen = None
         reason = (f"no device meets latency <= {lc_ms:g} ms and {score} >= {ac:g}; closest: {closest.setting} on "
                   f"{closest.device} ({closest.latency_ms:.3g} ms, {score} {closest.accuracy:.4f})")
-    return Selection(lc_ms, ac, chosen, closest, reason, tuple(points), seconds)
+    return Selection(lc_ms, ac, chosen, closest, reason, tuple(points), seconds, score)
 
 
 def pareto(points: Sequence[Point]) -> dict[str, list[Point]]:

@@ -182,7 +182,7 @@ def test_select_bounds_one_minus_wer(ctc_files):
     selection = json.loads(result.stdout)
     fp32 = [p for p in selection["points"] if p["setting"] == "fp32"]
     assert fp32 and all(p["accuracy"] == pytest.approx(1 - wer) for p in fp32)
-    assert "1 - WER >= " in selection["reason"]
+    assert "1 - WER >= " in selection["reason"] and selection["score"] == "1 - WER"
 
 
 def test_fine_tuning_learns_with_the_ctc_loss(ctc_files, tmp_path):

@@ -13,6 +13,7 @@ A dataset file names its task (`"task"`, and a CTC task's `"vocab"`), or the com
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -184,9 +185,12 @@ class CTC(Task):
             if needed > frames:
                 raise TccError(f"{where}: example {i}: {text!r} needs {needed} frames, the model gives {frames}")
 
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {s: i for i, s in enumerate(self.vocab)}
+
     def encode(self, text: str) -> list[int]:
-        index = {s: i for i, s in enumerate(self.vocab)}
-        return [index[c] for c in text]
+        return [self._index[c] for c in text]
 
     def decode(self, outputs: np.ndarray) -> list[str]:
         """Greedy CTC decoding of `[examples, frames, symbols]` logits."""

@@ -804,4 +804,20 @@ OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}
 MOVES = frozenset({"reshape", "permute", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand"})
 WHOLE_MOVES = MOVES - {"slice", "select"}
 
+
+def moved_from(value: str, producer: dict, *, whole: bool = False) -> str:
+    """The value whose elements `value` only moves (itself if none), through MOVES (WHOLE_MOVES
+    when `whole`), zero padding and a `cat` of such moves of one value (conv-as-gemm's im2col
+    taps): quantizing that value, then moving, is quantizing `value`. `producer`: value -> op."""
+    kinds = WHOLE_MOVES if whole else MOVES
+    while (op := producer.get(value)) is not None:
+        if op.kind in kinds or (op.kind == "pad" and op.attr("value") == 0):
+            value = op.operands[0]
+        elif op.kind == "cat" and len(sources := {moved_from(o, producer) for o in op.operands}) == 1:
+            value = sources.pop()
+        else:
+            break
+    return value
+
+
 __all__ = ["OPS", "OpDef", "AttrKind", "AttrSpec", "OpTypeError", "promote"]

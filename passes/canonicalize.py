@@ -10,6 +10,10 @@
 - `reshape(reshape(x))` -> `reshape(x)`; a transpose/permute of a transpose/permute -> one
   permute (then dropped if it is the identity);
 - `add(add(x, c1), c2)` with constants c1, c2 (the inner add's only use) -> `add(x, c1 + c2)`;
+- a one-operand elementwise op (relu, gelu, tanh, ...) of a move that keeps every element
+  (reshape, transpose, permute, squeeze, unsqueeze, expand), the move's only use -> the move of
+  the elementwise op of its source (conv-as-gemm's `permute` before a conv's relu: the relu
+  then follows the linear, where the linear's epilogue runs it);
 - `index(x, *constant indices)` that reads every element of x once, in order -> `reshape(x)`;
   a chain of reshapes, transposes, permutes, squeezes and unsqueezes that keeps every element
   in order -> one `reshape`;
@@ -37,6 +41,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
+from tcc.ir.ops import OPS, WHOLE_MOVES
 from tcc.ir.reference import REFERENCE, causal_mask
 from tcc.ir.types import TensorType
 
@@ -128,6 +133,8 @@ class _Sweep:
             return self.fold_bias(op) or self.fold_constant_adds(op)
         if op.kind == "index":
             return self.index_as_reshape(op)
+        if OPS[op.kind].elementwise and len(op.operands) == 1:
+            return self.elementwise_before_move(op)
         if op.kind == "batch_norm":
             return self.fold_batch_norm(op)
         if op.kind == "scaled_dot_product_attention" and len(op.operands) == 4:
@@ -207,6 +214,23 @@ class _Sweep:
         for move in reversed(chain):
             order = REFERENCE[move.kind](order, **move.attr_dict)
         return self.rw.make(op, "reshape", x, shape=op.type.shape) if _in_order(order, positions.size) else None
+
+    def elementwise_before_move(self, op: Op) -> Op | None:
+        """`f(m1(...mk(x)))`, each move the only use of the one below -> `m1(...mk(f(x)))` (the
+        outermost move under f's name and type)."""
+        chain, reader = [], op.result
+        while (move := self.rw.producer(op.operands[0] if not chain else chain[-1].operands[0])) is not None \
+                and move.kind in WHOLE_MOVES and move.result not in self.graph.outputs \
+                and [u.result for u in self.users.get(move.result, [])] == [reader]:
+            chain.append(move)
+            reader = move.result
+        if not chain:
+            return None
+        value = self.rw.op(op.kind, chain[-1].operands[0], name=f"{op.result}.pre", quant=op.type.quant,
+                           **op.attr_dict)
+        for move in reversed(chain[1:]):
+            value = self.rw.op(move.kind, value, name=f"{op.result}.pre", **move.attr_dict)
+        return self.rw.make(op, chain[0].kind, value, **chain[0].attr_dict)
 
     def index_as_reshape(self, op: Op) -> Op | None:
         """`index(x, *indices)` with constant indices that read every element of x once, in

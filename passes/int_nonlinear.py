@@ -3,7 +3,7 @@ integer-only (I-BERT, Kim et al. 2021), so that a vector unit with integer lanes
 
 Runs after `quantize`. Values that `dequantize` of an integer value stand for are followed in
 integers through data movement (reshape, permute, transpose, slice, select, (un)squeeze,
-expand) and multiplication or division by a positive scalar constant (folded into the scale);
+expand, zero padding, a `cat` of values at one scale: im2col taps) and multiplication or division by a positive scalar constant (folded into the scale);
 a `quantize` of such a value reads the integer directly (or requantizes it), and a `quantize`
 behind data movement is hoisted to the value it moves, so layout ops run on integers. Then:
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
-from tcc.ir.ops import MOVES, WHOLE_MOVES
+from tcc.ir.ops import MOVES, moved_from
 from tcc.ir.quant import PerTensor
 
 from .base import Pass, PassContext, PassResult, option
@@ -194,10 +194,7 @@ class _Converter:
         for op in self.graph.ops:
             if op.kind != "quantize" or op.attr("zero_point") != 0 or op.attr("dtype") not in _NARROW:
                 continue
-            root = op.operands[0]
-            while root in self.producer and self.producer[root].kind in WHOLE_MOVES:
-                root = self.producer[root].operands[0]
-            out.setdefault(root, op)
+            out.setdefault(moved_from(op.operands[0], self.producer, whole=True), op)
         return out
 
     def _defined(self, name: str) -> None:
@@ -215,10 +212,16 @@ class _Converter:
         return self.rw.types[x.value].dtype
 
     def _scalar(self, name: str) -> float | None:
-        """The value of a positive finite scalar float constant, else None."""
-        if name not in self.constants or self.types(name).shape != () or not self.types(name).dtype.is_float:
+        """The value of a positive finite scalar float constant (or `full` source), else None."""
+        source = self.producer.get(name)
+        if self.types(name).shape != () or not self.types(name).dtype.is_float:
             return None
-        value = float(self.rw.weight(name))
+        if name in self.constants:
+            value = float(self.rw.weight(name))
+        elif source is not None and source.kind == "full":
+            value = float(source.attr("value"))
+        else:
+            return None
         return value if math.isfinite(value) and value > 0 else None
 
     def _reader_quant(self, value: str) -> tuple[DType, float] | None:
@@ -294,9 +297,14 @@ class _Converter:
         if op.kind == "dequantize" and (found := dequantized(self.rw, op.result)) is not None:
             q, scale = found
             self.ints[op.result] = _Int(q, scale, -self.rw.types[q].dtype.value_range[0])
-        elif op.kind in MOVES and (x := self.ints.get(op.operands[0])) is not None:
+        elif (op.kind in MOVES or op.kind == "pad" and op.attr("value") == 0) and \
+                (x := self.ints.get(op.operands[0])) is not None:
             moved = self.rw.op(op.kind, x.value, name=f"{op.result}.i", **op.attr_dict)
             self.ints[op.result] = _Int(moved, x.scale, x.bound)
+        elif op.kind == "cat" and (xs := [self.ints.get(o) for o in op.operands]) and None not in xs and \
+                len({(x.scale, self.dtype(x)) for x in xs}) == 1:
+            moved = self.rw.op("cat", *(x.value for x in xs), name=f"{op.result}.i", **op.attr_dict)
+            self.ints[op.result] = _Int(moved, xs[0].scale, max(x.bound for x in xs))
         elif op.kind in ("mul", "div"):
             x, c = self.ints.get(op.operands[0]), self._scalar(op.operands[1])
             if op.kind == "mul" and x is None:

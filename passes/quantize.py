@@ -12,7 +12,7 @@ in the accumulator type, and fixed-point multipliers `mult[c] * 2^-shift[c] = s_
 (31-bit; fewer bits for i64 accumulators, so that requantize's int64 product never overflows).
 Activation scales come from running the float graph on calibration data (max |v|, or a
 percentile of |v|, over `qmax`); a linear reading part of a tensor (a select, a slice, through
-reshapes) takes the whole tensor's scale. A `quantize` of a `dequantize` with the same scale
+reshapes; im2col taps: `ir.ops.moved_from`) takes the whole tensor's scale. A `quantize` of a `dequantize` with the same scale
 reads the integer value directly, so chained linears stay in integers.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph
-from tcc.ir.ops import MOVES, OPS
+from tcc.ir.ops import OPS, moved_from
 from tcc.ir.quant import PerChannel, PerTensor
 from tcc.ir.types import TensorType
 
@@ -117,7 +117,7 @@ class Quantize(Pass):
                 ctx.note(note)
             return PassResult(graph, False)
         producer = graph.producer()
-        ranged = {x: _moved_from(x, producer) for x in {op.operands[0] for op in targets.values()}}
+        ranged = {x: moved_from(x, producer) for x in {op.operands[0] for op in targets.values()}}
         scales = self.calibrate(graph, ctx, set(ranged.values()) | {op.result for op in targets.values()}
                                 | {d.result for d in dequantized_acc.values()})
         scales.update({x: scales[source] for x, source in ranged.items()})
@@ -211,15 +211,6 @@ class Quantize(Pass):
         observers = observe(graph, ctx, values, pass_name=self.name, percentile=percentile)
         qmax = _DTYPES[self.activation_bits].value_range[1]
         return {v: symmetric_scale(o, qmax, percentile) for v, o in observers.items()}
-
-
-def _moved_from(value: str, producer: dict) -> str:
-    """The value whose elements `value` moves (through reshapes, transposes, selects, slices, ...;
-    itself if none): a linear reading part of a tensor takes the whole tensor's scale, so the
-    tensor's integer form serves it as it is (the pooler's select of the first token)."""
-    while value in producer and producer[value].kind in MOVES:
-        value = producer[value].operands[0]
-    return value
 
 
 def _base(weight: str) -> str:

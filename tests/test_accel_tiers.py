@@ -12,6 +12,7 @@ import pytest
 
 import tcc
 from conftest import assert_tiers_agree, built, need
+from tcc.backends.accel.codegen import host_places
 from tcc.backends.accel.isa import Buffer, Opcode
 from tcc.runtime.rtl import run_icarus, run_pyrtl, run_verilator
 from tcc.runtime.accel_executor import AccelExecutor, cycle_bound, simulate_section
@@ -169,3 +170,24 @@ def test_heads_read_in_place_on_verilator():
             assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected
             checked += 1
     assert checked == 2
+
+
+def test_a_conv_front_end_is_addressing_and_exact():
+    """The speech model's conv subsampling on fpga-medium's pipeline (conv-as-gemm, then
+    canonicalize: each conv's relu follows its linear; the im2col taps quantized at their source):
+    the taps (zero pad, strided slices, cat) are integer layout ops the host's transfer does, no
+    op of their own; the only ops between calls add the learned positions. The ISA simulator
+    equals the numpy reference."""
+    model, inputs = built("speech-transformer")
+    artifact = tcc.compile(model, inputs, target="fpga-medium")
+    program = artifact.accel_program()
+    places = host_places(artifact.graph, program)
+    kinds = {op.result: op.kind for op in artifact.graph.ops}
+    moved = {kinds[h.result] for h in program.host_ops if places[h.result] == "addressing"}
+    between = sorted(kinds[h.result] for h in program.host_ops if places[h.result] == "between")
+    assert {"pad", "slice", "cat"} <= moved
+    assert between == ["add", "dequantize", "quantize"]
+    assert {"int_softmax", "int_layer_norm"} <= set(kinds.values()) and "softmax" not in kinds.values()
+    x = [artifact.example_inputs[n] for n in artifact.graph.input_names]
+    for expected, got in zip(NumpyExecutor(artifact.graph)(*x), AccelExecutor(artifact.graph, program)(*x)):
+        assert_tiers_agree(got, expected)

@@ -25,7 +25,7 @@ from tcc.passes.int_nonlinear import gelu_attrs, layer_norm_params, softmax_attr
 from tcc.runtime.numpy_executor import NumpyExecutor
 from tcc.runtime import torch_executor
 from tcc.runtime.torch_executor import TorchExecutor
-from tcc.zoo import digits_data, residual_stream, train_digits
+from tcc.zoo import BertStyleLayer, digits_data, residual_stream, train_digits
 
 from conftest import assert_tiers_agree, has_cuda
 
@@ -414,6 +414,20 @@ def test_a_linear_reading_the_first_token_shares_the_norms_integers():
     want = model(x)
     got = NumpyExecutor(graph)(x.numpy())
     assert np.abs(got[1] - want[1].detach().numpy()).max() < 0.05
+
+
+def test_scores_divided_by_a_python_float_reach_int_softmax():
+    """`softmax(q @ k^T / math.sqrt(d))` written out by hand: export makes the divisor a `full`
+    scalar (a source fold-constants leaves inline), which folds into the softmax's input scale
+    like a constant: the attention is integer end to end, with no float op left in the layer."""
+    torch.manual_seed(0)
+    layer, x = BertStyleLayer(16, 2, 32).eval(), torch.randn(2, 5, 16)
+    graph = tcc.compile(layer, (x,), pipeline="quantize,int-nonlinear").graph
+    kinds = [op.kind for op in graph.ops]
+    assert kinds.count("int_softmax") == 1 and kinds.count("int_layer_norm") == 2
+    assert not {"div", "softmax", "full", "layer_norm", "gelu"} & set(kinds)
+    want = layer(x).detach().numpy()
+    assert np.abs(NumpyExecutor(graph)(x.numpy())[0] - want).max() < 0.25
 
 
 def test_pass_is_idempotent():

@@ -289,6 +289,36 @@ GOLDEN: list[tuple[str, Pass, str, str | None]] = [
           return %c, %v, %a, %o
         }
         """),
+    ("canonicalize-elementwise-before-moves", Canonicalize(), """
+        graph @main(%x: f32[2,4,3], %y: f32[2,6]) {
+          %p = permute(%x) {dims = [0, 2, 1]} : f32[2,3,4]
+          %r = relu(%p) : f32[2,3,4]
+          %u = unsqueeze(%y) {dim = 1} : f32[2,1,6]
+          %e = expand(%u) {shape = [2, 5, 6]} : f32[2,5,6]
+          %g = gelu(%e) : f32[2,5,6]
+          %t = transpose(%x) {dim0 = 1, dim1 = 2} : f32[2,3,4]
+          %n = neg(%t) : f32[2,3,4]
+          %s = slice(%y) {dim = 1, step = 2} : f32[2,3]
+          %h = tanh(%s) : f32[2,3]
+          return %r, %g, %n, %t, %h
+        }
+        """, """
+        graph @main(%x: f32[2,4,3], %y: f32[2,6]) {
+          %p = permute(%x) {dims = [0, 2, 1]} : f32[2,3,4]
+          %r.pre = relu(%x) : f32[2,4,3]
+          %r = permute(%r.pre) {dims = [0, 2, 1]} : f32[2,3,4]
+          %u = unsqueeze(%y) {dim = 1} : f32[2,1,6]
+          %e = expand(%u) {shape = [2, 5, 6]} : f32[2,5,6]
+          %g.pre = gelu(%y) : f32[2,6]
+          %g.pre_1 = unsqueeze(%g.pre) {dim = 1} : f32[2,1,6]
+          %g = expand(%g.pre_1) {shape = [2, 5, 6]} : f32[2,5,6]
+          %t = transpose(%x) {dim0 = 1, dim1 = 2} : f32[2,3,4]
+          %n = neg(%t) : f32[2,3,4]
+          %s = slice(%y) {dim = 1, step = 2} : f32[2,3]
+          %h = tanh(%s) : f32[2,3]
+          return %r, %g, %n, %t, %h
+        }
+        """),
     ("canonicalize-no-change", Canonicalize(), """
         graph @main(%x: f32[2,4], %v: f32[4], %h: f32[2,4]) {
           const @w : f32[3,4]

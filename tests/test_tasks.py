@@ -258,3 +258,18 @@ def test_eval_of_a_language_model_on_next_tokens(tmp_path):
     expected = Tokens().metrics(logits.numpy(), labels)
     assert report["task"] == "tokens" and report["token_accuracy"] == pytest.approx(expected["token_accuracy"])
     assert report["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4) and report["perplexity"] > 50
+
+
+def test_compile_target_auto_judges_ctc_data_by_wer(ctc_files, tmp_path):
+    """`tcc compile --target auto` on CTC data: the exploration scores each setting by 1 - WER,
+    the chosen artifact's report says so, and `tcc eval` of what it built gives that WER."""
+    d, model, x, texts = ctc_files
+    with torch.no_grad():
+        wer = CTC(VOCAB).metrics(model(x).numpy(), texts)["wer"]
+    out = tmp_path / "auto"
+    result = run_cli("compile", d / "model.pt2", "--target", "auto", "--lc", "1s", "--ac", f"{1 - wer - 0.001:.4f}",
+                     "--data", d / "test.pt", "--settings", "fp32", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "--target auto: " in result.stdout and "1 - WER &ge; " in (out / "report.html").read_text()
+    report = json.loads(run_cli("eval", out, "--data", d / "test.pt", "--json").stdout)
+    assert report["wer"] == pytest.approx(wer)

@@ -350,7 +350,7 @@ def residual_operands(graph: Graph, users: dict[str, list[Op]], config: AccelCon
     return frozenset(out)
 
 
-LAYOUT_OPS = MOVES | {"cat"}
+LAYOUT_OPS = MOVES | {"cat", "pad"}
 
 
 def host_reason(op: Op, why: dict[str, str]) -> str:

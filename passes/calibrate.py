@@ -58,12 +58,13 @@ def symmetric_scale(observer: Observer, qmax: int, percentile: float | None = No
 
 
 def observe(graph: Graph, ctx: PassContext, values: set[str], *, pass_name: str,
-            percentile: float | None = None) -> dict[str, Observer]:
+            percentile: float | None = None, may_be_zero: frozenset[str] = frozenset()) -> dict[str, Observer]:
     """Observers of `values` after running the graph over the calibration data: the `calib`
     dataset, else `train`, else the example inputs. Notes which one it used. `percentile`
     keeps every value so that `Observer.range(percentile)` can be asked for. A value the data
     leaves non-finite or all zero is an error: it has no range to take a scale from, and a
-    guessed one would quantize real activations to garbage (or all to zero: a constant model)."""
+    guessed one would quantize real activations to garbage (or all to zero: a constant model);
+    except for `may_be_zero`, whose caller has another range to fall back on."""
     name, data = ctx.dataset("calib", "train", "example")
     if data is None:
         raise TccError(f"{pass_name} needs calibration data: give --calib-data or --train-data")
@@ -81,7 +82,7 @@ def observe(graph: Graph, ctx: PassContext, values: set[str], *, pass_name: str,
     for v, o in observers.items():
         if not math.isfinite(o.amax):
             raise TccError(f"{pass_name}: calibration saw non-finite values in %{v}")
-        if o.count and o.amax == 0:
+        if o.count and o.amax == 0 and v not in may_be_zero:
             raise TccError(f"{pass_name}: calibration on {data.source} saw only zeros in %{v}: no range to take its "
                            "scale from (calibrate on data that exercises it: --calib-data)")
     return observers

@@ -12,7 +12,8 @@ in the accumulator type, and fixed-point multipliers `mult[c] * 2^-shift[c] = s_
 (31-bit; fewer bits for i64 accumulators, so that requantize's int64 product never overflows).
 Activation scales come from running the float graph on calibration data (max |v|, or a
 percentile of |v|, over `qmax`); a linear reading part of a tensor (a select, a slice, through
-reshapes; im2col taps: `ir.ops.moved_from`) takes the whole tensor's scale. A `quantize` of a `dequantize` with the same scale
+reshapes; im2col taps: `ir.ops.moved_from`) takes the whole tensor's scale, and a linear whose
+only use is a relu the relu's. A `quantize` of a `dequantize` with the same scale
 reads the integer value directly, so chained linears stay in integers.
 """
 
@@ -118,9 +119,15 @@ class Quantize(Pass):
             return PassResult(graph, False)
         producer = graph.producer()
         ranged = {x: moved_from(x, producer) for x in {op.operands[0] for op in targets.values()}}
+        # a linear whose only use is a relu takes the relu's range (the same integers after the
+        # relu), which is what a later linear reading the relu's result quantizes it to
+        relu = {y: after[0].result for y in targets if y not in outputs and len(after := users[y]) == 1
+                and after[0].kind == "relu"}
         scales = self.calibrate(graph, ctx, set(ranged.values()) | {op.result for op in targets.values()}
-                                | {d.result for d in dequantized_acc.values()})
+                                | {d.result for d in dequantized_acc.values()} | set(relu.values()),
+                                may_be_zero=frozenset(relu.values()) - set(ranged.values()))
         scales.update({x: scales[source] for x, source in ranged.items()})
+        scales.update({y: scales[r] for y, r in relu.items() if r in scales})  # an all-zero relu: the linear's own
         adtype, wdtype = _DTYPES[self.activation_bits], _DTYPES[self.bits]
 
         rw = Rewriter(graph)
@@ -205,12 +212,15 @@ class Quantize(Pass):
         s_y = rw.constant(f"{y}.output_scale", np.asarray(scale), TensorType((), op.type.dtype))
         rw.alias(y, rw.op("dequantize", yq, s_y, name=y))
 
-    def calibrate(self, graph: Graph, ctx: PassContext, values: set[str]) -> dict[str, float]:
-        """Symmetric per-tensor scales of `values`, from the float graph run on calibration data."""
+    def calibrate(self, graph: Graph, ctx: PassContext, values: set[str],
+                  may_be_zero: frozenset[str] = frozenset()) -> dict[str, float]:
+        """Symmetric per-tensor scales of `values`, from the float graph run on calibration data;
+        none for those of `may_be_zero` the data leaves all zero."""
         percentile = self.percentile if self.calibration == "percentile" else None
-        observers = observe(graph, ctx, values, pass_name=self.name, percentile=percentile)
+        observers = observe(graph, ctx, values, pass_name=self.name, percentile=percentile, may_be_zero=may_be_zero)
         qmax = _DTYPES[self.activation_bits].value_range[1]
-        return {v: symmetric_scale(o, qmax, percentile) for v, o in observers.items()}
+        return {v: symmetric_scale(o, qmax, percentile) for v, o in observers.items()
+                if v not in may_be_zero or o.range(percentile) > 0}
 
 
 def _base(weight: str) -> str:

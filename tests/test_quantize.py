@@ -382,6 +382,24 @@ def test_layers_regex_selects_linears_and_later_runs_chain_to_them(mlp):
     _executors(_with_integer_values(full), _calib(mlp, 4, seed=5).inputs[0].numpy())
 
 
+def test_a_linear_before_a_relu_takes_the_relus_range():
+    """A linear whose outputs are mostly negative, then a relu, then another linear: the first
+    linear is requantized at the relu's range (what the second one quantizes its input to, so the
+    integers flow through unchanged), not its own wider one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-1.0)
+    x = torch.randn(32, 8)
+    graph = tcc.compile(model, (x,), pipeline="quantize").graph
+    requantized = next(op for op in graph.ops if op.kind == "requantize").attr("scale")
+    quantized = [op for op in graph.ops if op.kind == "quantize"][1].attr("scale")
+    with torch.no_grad():
+        h = model[0](x)
+    assert requantized == quantized == pytest.approx(h.relu().max().item() / 127)
+    assert requantized < h.abs().max().item() / 127
+
+
 def test_percentile_calibration_clips_outliers(mlp):
     scales = {}
     for calibration in ("minmax", "percentile"):

@@ -226,13 +226,14 @@ class _Converter:
 
     def _reader_quant(self, value: str) -> tuple[DType, float] | None:
         """(dtype, scale) of the first integer `quantize` reading `value` (through moves: one that
-        reads part of it, a select or a slice, was calibrated on all of it by `quantize`), so
-        `value` can take it."""
+        reads part of it, a select or a slice, was calibrated on all of it by `quantize`; through
+        zero padding and a cat, im2col taps, the same: `ir.ops.moved_from`), so `value` can take it."""
         stack, seen = [value], set()
         while stack:
             v = stack.pop(0)
             for op in self.users.get(v, []):
-                if op.kind in MOVES and op.result not in seen:
+                moves = op.kind in MOVES or op.kind == "cat" or op.kind == "pad" and op.attr("value") == 0
+                if moves and op.result not in seen:
                     seen.add(op.result)
                     stack.append(op.result)
                 elif op.kind == "quantize" and op.attr("zero_point") == 0 and op.attr("dtype") in _NARROW:

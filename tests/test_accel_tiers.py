@@ -30,6 +30,7 @@ def compiled(name: str, accel: str, pipeline: str | None = None):
 HP_INTEGER = "fold-constants,canonicalize,dce,hp-prune{sparsity=0.75},quantize,int-nonlinear"
 W1A1 = "fold-constants,canonicalize,dce,binarize{mode=w1a1},quantize"
 NONLINEAR_4X4 = "rows=4,cols=4,nonlinear_unit=1"  # fpga-small leaves the nonlinear datapaths out
+INTEGER_CONV = "fold-constants,canonicalize,dce,conv-as-gemm,canonicalize,dce,quantize,int-nonlinear"
 
 
 def assert_same_run(name: str, accel: str, run_section, pipeline: str | None = None) -> None:
@@ -172,13 +173,15 @@ def test_heads_read_in_place_on_verilator():
     assert checked == 2
 
 
-def test_a_conv_front_end_is_addressing_and_exact():
-    """The speech model's conv subsampling on fpga-medium's pipeline (conv-as-gemm, then
-    canonicalize: each conv's relu follows its linear; the im2col taps quantized at their source):
-    the taps (zero pad, strided slices, cat) are integer layout ops the host's transfer does, no
-    op of their own; the only ops between calls add the learned positions. The ISA simulator
-    equals the numpy reference."""
-    model, inputs = built("speech-transformer")
+@pytest.mark.parametrize("name", ["speech-transformer", "whisper-encoder"])
+def test_a_conv_front_end_is_addressing_and_exact(name):
+    """A speech model's conv subsampling (relu; Whisper's: GELU) on fpga-medium's pipeline
+    (conv-as-gemm, then canonicalize: each conv's relu follows its linear; the im2col taps
+    quantized at their source, the activation before them at the taps' scale): the taps (zero
+    pad, strided slices, cat) are integer layout ops the host's transfer does, no op of their
+    own; the only ops between calls add the positions. The ISA simulator equals the numpy
+    reference."""
+    model, inputs = built(name)
     artifact = tcc.compile(model, inputs, target="fpga-medium")
     program = artifact.accel_program()
     places = host_places(artifact.graph, program)
@@ -191,3 +194,27 @@ def test_a_conv_front_end_is_addressing_and_exact():
     x = [artifact.example_inputs[n] for n in artifact.graph.input_names]
     for expected, got in zip(NumpyExecutor(artifact.graph)(*x), AccelExecutor(artifact.graph, program)(*x)):
         assert_tiers_agree(got, expected)
+
+
+def test_p_v_writes_its_heads_where_the_merge_puts_them():
+    """ViT's P V (17 rows a head: the out-projection's row blocks span two images) writes each
+    head's rows into the merged tensor, a run of channel blocks per head: the head merge is
+    neither a host op nor a call boundary, the out-projection reads it as plain activations, and
+    a P V section alone gives the same DRAM and cycles on Verilator as on the ISA simulator."""
+    need("verilator")
+    artifact, inputs = compiled("hf-vit", NONLINEAR_4X4, INTEGER_CONV)
+    program = artifact.accel_program()
+    producer = artifact.graph.producer()
+    merged = [s for s in program.sections if any(producer[r].kind == "matmul" for r in s.ops)
+              and producer[s.outputs[0].values[0]].kind == "reshape"]
+    assert merged and all(s.outputs[0].shape == (2 * 17, 64) for s in merged)
+    assert not [h for h in program.host_ops if producer[h.result].kind in ("transpose", "reshape")
+                and producer[producer[h.result].operands[0]].kind in ("requantize", "transpose")]
+    for expected, got in zip(NumpyExecutor(artifact.graph)(*inputs), AccelExecutor(artifact.graph, program)(*inputs)):
+        assert_tiers_agree(got, expected)
+    config = program.config
+    runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
+    section, dram = next(run for run, meta in zip(runs, program.sections) if meta is merged[-1])
+    expected, cycles = simulate_section(section, config, dram, cycle_bound(section, config))
+    out, rtl_cycles = run_verilator(section, config, dram, cycle_bound(section, config))
+    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected

@@ -11,21 +11,26 @@ head of a wider projection) loads the tiles that hold it and shifts the operand'
 into the slot; several runs (the heads of a batch, merged) each start a tile, and land in
 order, each on the tail of the one before. A matmul's right operand is activations transposed
 (K^T), or, where its column tiles are whole channel blocks of the source, plain loads
-(`channel_blocks`: V's heads)."""
+(`channel_blocks`: V's heads). The other way round, `merge_heads` has P V write its heads where
+the head merge puts them: one 2-D tensor of the batch's rows, each head a run of channel blocks,
+which the out-projection reads as plain activations (whatever the rows per head: 17 or 50 rows
+split no row block)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
-from tcc.ir.graph import Op
+from tcc.ir.graph import Graph, Op
 from tcc.ir.reference import REFERENCE
 
 from ..config import AccelConfig
 from ..layout import DramTensor, Layout, inner, word_offset
+from .match import Layer
 
 TILED = (Layout.ROWS, Layout.OUTPUTS)  # output layouts a later layer's activations tload from
 ADDRESSING = frozenset({"reshape", "transpose", "permute", "squeeze", "unsqueeze", "select", "slice"})
@@ -205,3 +210,23 @@ def channel_blocks(found: Found, batch: int, k: int, n: int, config: AccelConfig
         return None
     return Blocks(t, ops, tuple((int(which[b, 0, 0]), int(first[b, 0, 0]) // cols, int(first_row[b, 0, 0]))
                                 for b in range(batch)))
+
+
+def merge_heads(layer: Layer, graph: Graph, users: Mapping[str, list[Op]], config: AccelConfig) -> Layer:
+    """`layer` writing the head merge's result, when it is a matmul (P V, requantized) of
+    `[..., heads, rows, n]` whose output only layout ops read, one after another, into
+    `[..., rows, heads * n]` (each row the heads side by side), with `n` whole channel blocks:
+    `out` the merged value, `ops` with the layout ops, `heads` set. Else `layer` as it is."""
+    t = graph.types[layer.out]
+    if layer.kind != "matmul" or layer.n % config.cols or t.rank < 3:
+        return layer
+    heads, outputs = t.shape[-3], set(graph.outputs)
+    merged = np.arange(t.numel).reshape(-1, heads, layer.m, layer.n).transpose(0, 2, 1, 3).reshape(-1)
+    index, value, chain = np.arange(t.numel).reshape(t.shape), layer.out, []
+    while value not in outputs and len(after := users.get(value, [])) == 1 and after[0].kind in ADDRESSING:
+        op = after[0]
+        index, value = np.asarray(REFERENCE[op.kind](index, **op.attr_dict)), op.result
+        chain.append(op)
+        if index.size == t.numel and index.shape[-1] == heads * layer.n and np.array_equal(index.reshape(-1), merged):
+            return dataclasses.replace(layer, ops=layer.ops + tuple(chain), out=value, heads=heads)
+    return layer

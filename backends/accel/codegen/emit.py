@@ -241,14 +241,17 @@ class Builder:
         assert batch is not None
         count = min(self.layer.m, (batch.last + 1) * rows) - batch.first * rows
         b, n = batch.key
-        out, cfg = self.tensors["out"], self.config
+        out, cfg, layer = self.tensors["out"], self.config, self.layer
+        row = batch.first * rows
+        if layer.heads:  # product b's rows and columns in the merged heads' 2-D tensor
+            outer, head = divmod(b, layer.heads)
+            b, row, n = 0, outer * layer.m + row, head * (layer.n // cfg.cols) + n
         fields = dict(buf=Buffer.OBUF, addr=batch.slot * self.tiling.batch * rows, count=count)
         if out.layout is Layout.ROWS:  # the tile's rows are a row's words apart
             store = self.add(Node(Opcode.SSTORE, [batch.requant], cfg, **fields, dram=self._dram(
-                "out", batch.first * rows, n, b), step=inner(out.layout, out.shape, cfg) * cfg.beats(Buffer.OBUF)))
+                "out", row, n, b), step=inner(out.layout, out.shape, cfg) * cfg.beats(Buffer.OBUF)))
         else:
-            store = self.add(Node(Opcode.STORE, [batch.requant], cfg, **fields,
-                                  dram=self._dram("out", n, batch.first * rows, b)))
+            store = self.add(Node(Opcode.STORE, [batch.requant], cfg, **fields, dram=self._dram("out", n, row, b)))
         self.o_readers[batch.slot] = store
         self.batch = None
 

@@ -26,7 +26,7 @@ TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its s
 
 def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[str, DramTensor]:
     """The layer's DRAM tensors by role (x, w, params, constants, out: in the rows layout for
-    a softmax or with `rows`, else outputs), regions unset."""
+    a softmax or with `rows`, else outputs; the merged heads' one 2-D tensor), regions unset."""
     lead = (layer.batch,) if layer.kind != "linear" else ()
     x = Layout.BINARY_ACTIVATIONS if plan.kind == "binary" else Layout.ACTIVATIONS
     tensors = {"x": DramTensor((layer.x,), x, lead + (layer.m, layer.k), Region(0, 0))}
@@ -46,7 +46,8 @@ def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[
         fused = layer.ops[-1].result
         tensors["constants"] = DramTensor((fused,), Layout.PARAM_WORDS, (len(constants), config.cols), Region(0, 0))
     out = Layout.ROWS if layer.softmax or rows else Layout.OUTPUTS
-    tensors["out"] = DramTensor((layer.out,), out, lead + (layer.m, layer.n), Region(0, 0))
+    shape = (layer.batch // layer.heads * layer.m, layer.heads * layer.n) if layer.heads else lead + (layer.m, layer.n)
+    tensors["out"] = DramTensor((layer.out,), out, shape, Region(0, 0))
     return tensors
 
 
@@ -103,7 +104,7 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
-                 layer.mask_shape, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling,
+                 layer.mask_shape, layer.heads, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling,
                  tuple(reads.tiles(b, m, n) for b in range(layer.batch) for m in range(math.ceil(layer.m / config.rows))
                        for n in range(math.ceil(layer.n / config.cols))))
     ops = tuple(o.result for o in reads.ops + layer.ops)

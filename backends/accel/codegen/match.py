@@ -61,6 +61,7 @@ class Layer:
     mask: str = ""  # int_softmax's bool mask: the keys each query row keeps
     mask_shape: tuple[int, ...] = ()  # its shape: [..., 1 or m, n], broadcast over the batch's leading dims
     mask_index: tuple[int, ...] = ()  # per product of the batch, the mask's leading index it reads
+    heads: int = 0  # a matmul whose output the head merge joins (`addressing.merge_heads`): `out` is the merged value
 
     @property
     def kind(self) -> str:

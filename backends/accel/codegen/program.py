@@ -14,7 +14,7 @@ from tcc.ir.graph import Graph
 
 from ..config import AccelConfig
 from ..layout import AccelProgram, DramAllocator, DramTensor, HostOp, Region, Section
-from .addressing import ADDRESSING, source
+from .addressing import ADDRESSING, merge_heads, source
 from .layer import compile_layer, compile_residual
 from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason, residual_operands
 
@@ -93,6 +93,7 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
                                 if v not in {t.values[0] for t in layer_sections[0].inputs})
                 layer_sections = [dataclasses.replace(s, ops=through + s.ops) for s in layer_sections]
             else:
+                layer = merge_heads(layer, graph, users, config)
                 found = (source(layer.x, producer, resident), source(layer.y, producer, resident) if layer.y else None)
                 layer_sections, constants = compile_layer(layer, allocator, config, timing, found,
                                                           rows=layer.out in rows)
@@ -121,10 +122,11 @@ def _host_addressing(graph: Graph, sections: list[Section], placed: set[str]) ->
     host op or a graph output reads them, or a layout op it then runs): the host runs those
     (from the section output, read back); `placed` loses them."""
     kinds = {op.result: op.kind for op in graph.ops}
+    written = {t.values[0] for s in sections for t in s.outputs}  # the host reads these back (merged heads)
     back: set[str] = set()
     while True:
         reads = set(graph.outputs).union(*(op.operands for op in graph.ops if op.result not in placed))
-        more = {r for r in placed & reads if kinds.get(r) in ADDRESSING}
+        more = {r for r in placed & reads if kinds.get(r) in ADDRESSING and r not in written}
         if not more:
             break
         placed -= more

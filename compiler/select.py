@@ -58,19 +58,22 @@ class Setting:
         return tuple(parse_pipeline(self.pipeline))
 
 
+QUANTIZE = "conv-as-gemm,canonicalize,dce,quantize"  # convolutions quantized too: as GEMMs, as the FPGAs run them
+
+
 def default_settings() -> tuple[Setting, ...]:
-    """fp32 and int8 (linears, then fully integer), hp-prune at 50/75/90% in 8x8 and 16x16
-    blocks (fp32, int8 and fully integer: what an accelerator with integer nonlinearities runs
-    whole), binarized weights (w1a8)."""
-    out = [Setting("fp32", ()), Setting("int8", ("quantize",)),
-           Setting("int8-integer", ("quantize", "int-nonlinear"))]
+    """fp32 and int8 (linears and convolutions as GEMMs, then fully integer), hp-prune at
+    50/75/90% in 8x8 and 16x16 blocks (fp32, int8 and fully integer: what an accelerator with
+    integer nonlinearities runs whole), binarized weights (w1a8)."""
+    out = [Setting("fp32", ()), Setting("int8", (QUANTIZE,)),
+           Setting("int8-integer", (QUANTIZE, "int-nonlinear"))]
     for block in ("8x8", "16x16"):
         for sparsity in (0.5, 0.75, 0.9):
             prune = f"hp-prune{{block={block},sparsity={sparsity}}}"
             name = f"hp{round(100 * sparsity)}-{block}"
-            out += [Setting(name, (prune,)), Setting(f"{name}-int8", (prune, "quantize")),
-                    Setting(f"{name}-integer", (prune, "quantize", "int-nonlinear"))]
-    out += [Setting("w1a8", ("binarize",)), Setting("w1a8-int8", ("binarize", "quantize"))]
+            out += [Setting(name, (prune,)), Setting(f"{name}-int8", (prune, QUANTIZE)),
+                    Setting(f"{name}-integer", (prune, QUANTIZE, "int-nonlinear"))]
+    out += [Setting("w1a8", ("binarize",)), Setting("w1a8-int8", ("binarize", QUANTIZE))]
     return tuple(out)
 
 

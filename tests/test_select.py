@@ -11,12 +11,15 @@ import torch
 
 import tcc
 
-from conftest import run_cli
+from conftest import built, run_cli
 from tcc.cli import main
 from tcc.ir.errors import TccError
-from tcc.passes import Dataset
+from tcc.model import example_arrays, example_dataset, lower
+from tcc.passes import Dataset, PassContext, parse_pipeline, run_pipeline
 from tcc.report import write_selection_report
-from tcc.select import Point, Setting, choose, explore, parse_accuracy, parse_latency, pareto, select
+from tcc.runtime.torch_executor import TorchExecutor
+from tcc.select import (Point, Setting, choose, default_settings, explore, parse_accuracy, parse_latency, pareto,
+                        select)
 from tcc.targets import load_catalog
 from tcc.zoo import digits_data, train_digits
 
@@ -244,3 +247,20 @@ def test_bad_select_device_input(digits, argv, message, capsys, tmp_path):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
 
+
+
+def test_quantized_settings_run_convolutions_as_gemms():
+    """A model with a conv front end (ViT's patch embedding) under the int8 and fully integer
+    settings: the conv is a quantized GEMM, so an FPGA prices it on its array (as `tcc compile
+    --target fpga-medium` builds it), not as a float conv on its host processor."""
+    model, inputs = built("hf-vit")
+    graph, signature, examples, _ = lower(model, inputs)
+    settings = {s.name: s for s in default_settings()}
+    catalog = load_catalog()
+    for name in ("int8", "int8-integer"):
+        ctx = PassContext(data={"example": example_dataset(graph, example_arrays(signature, examples))},
+                          torch_module=TorchExecutor)
+        compressed = run_pipeline(graph, parse_pipeline(settings[name].pipeline), ctx)
+        assert not any(op.kind == "conv2d" for op in compressed.ops)
+        program = catalog["fpga-medium"].lower(compressed, after=settings[name].passes)
+        assert not any(op.kind in ("conv2d", "linear") and op.type.dtype.is_float for op in program.ops)

@@ -1,0 +1,65 @@
+"""The board as a system, per zoo model: what `tcc compile --target T` makes of it (the target's
+own pipeline: conv-as-gemm, quantize and, where the accelerator has the nonlinear unit,
+int-nonlinear; calibrated on the model's example inputs), priced by the cost model. For each
+model: the latency and its split (accelerator / host processor / link), the host's share
+against the 10% target, the host's calls into the accelerator a run, the host ops by where
+they stand (`codegen.host_places`: at the model's edges, between two calls, or addressing
+the transfer does), and the accelerator's cycles against its busiest unit's busy cycles (the
+overlap the schedule leaves; target 1.15x).
+
+    .venv/bin/python benchmarks/host_share.py [--target fpga-medium]
+        [--models speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from tcc import zoo
+from tcc.backends.accel.codegen import generate, host_places
+from tcc.model import example_arrays, example_dataset, lower
+from tcc.passes import PassContext, parse_pipeline, run_pipeline
+from tcc.runtime.torch_executor import TorchExecutor
+from tcc.targets import load_catalog
+from tcc.targets.calibration import cost_devices
+
+HOST_TARGET = 0.10  # the host's share of end-to-end latency
+OVERLAP_TARGET = 1.15  # end-to-end cycles over the busiest unit's
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="fpga-medium")
+    parser.add_argument("--models", default="speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4")
+    args = parser.parse_args()
+    catalog = load_catalog()
+    target = catalog[args.target]
+    devices = cost_devices({target.name: target, target.device.host: catalog[target.device.host]})
+    passes = parse_pipeline(target.pipeline)
+    print(f"{target.name}: {target.pipeline}; host {target.device.host}; targets: host <= {HOST_TARGET:.0%}, "
+          f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
+    print(f"{'model':<20}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
+          f"{'edge/between/addr':>19}{'vs busiest':>12}")
+    for name in args.models.split(","):
+        model, inputs = zoo.build(name)
+        graph, signature, examples, _source = lower(model, inputs)
+        ctx = PassContext(data={"example": example_dataset(graph, example_arrays(signature, examples))},
+                          torch_module=TorchExecutor)
+        lowered = target.lower(run_pipeline(graph, passes, ctx), after=passes)
+        cost = target.cost(lowered, devices)
+        program = generate(lowered, target.accel)
+        places = Counter(host_places(lowered, program).values())
+        busy = Counter()
+        for section in program.sections:
+            busy.update(section.busy(target.accel))
+        cycles = sum(s.cycles for s in program.sections)
+        ms = {k: v * 1e3 for k, v in cost.parts.items()}
+        print(f"{name:<20}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
+              f"{ms['host'] / (cost.latency_s * 1e3):>8.0%}{len(program.calls()):>7}"
+              f"{places['edge']:>9}/{places['between']}/{places['addressing']:<6}"
+              f"{cycles / max(busy.values()):>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -303,15 +303,17 @@ def train_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int =
 
 
 def train_speech(x: torch.Tensor, texts: list[str], vocab: tuple[str, ...], *, epochs: int = 40, batch: int = 16,
-                 lr: float = 2e-3, seed: int = 0,
+                 lr: float = 2e-3, seed: int = 0, width: int = 64,
                  on_epoch: Callable[[int, float, SpeechTransformer], None] | None = None) -> SpeechTransformer:
-    """A SpeechTransformer trained with the CTC loss on log-mel features `x` [N, mels, frames]
-    and their transcripts over `vocab` (AdamW, one-cycle schedule, gradients clipped at 1);
-    `on_epoch(epoch, mean loss, model)` after each epoch."""
+    """A SpeechTransformer `width` wide (heads of 16, an FFN twice as wide) trained with the CTC
+    loss on log-mel features `x` [N, mels, frames] and their transcripts over `vocab` (AdamW,
+    one-cycle schedule, gradients clipped at 1); `on_epoch(epoch, mean loss, model)` after each
+    epoch."""
     from tcc.passes.tasks import CTC
     task = CTC(tuple(vocab))
     torch.manual_seed(seed)
-    model = SpeechTransformer(mels=x.shape[1], frames=x.shape[2], vocab=len(vocab))
+    model = SpeechTransformer(mels=x.shape[1], frames=x.shape[2], d_model=width, heads=width // 16, ffn=2 * width,
+                              vocab=len(vocab))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * -(-len(x) // batch),
                                                    pct_start=0.15)

@@ -7,7 +7,7 @@ Writes into `--out`: `corpus/` (train.pt, dev.pt, test.pt: CTC data files tcc re
 are; kept as a cache), `model.pt2` (a static batch of `--batch`), `vocab.json`, `train.json`
 (the settings and figures).
 
-    .venv/bin/python examples/speech/train.py [--out build/speech] [--utterances 3000] [--epochs 40]
+    .venv/bin/python examples/speech/train.py [--out build/speech] [--utterances 3000] [--epochs 40] [--width 64]
     .venv/bin/python examples/speech/train.py --quick     # 1500 utterances, 25 epochs: about 2 minutes
 
 Then, for example:
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16, help="training batch, and the exported model's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=64, help="the model's width (heads of 16, FFN twice as wide)")
     parser.add_argument("--quick", action="store_true", help="1500 utterances, 25 epochs")
     args = parser.parse_args()
     if args.quick:
@@ -68,7 +69,8 @@ def main() -> None:
             print(f"epoch {epoch + 1}: CTC loss {loss:.3f}, dev WER {found['wer']:.3f} CER {found['cer']:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    model = train_speech(x, texts, VOCAB, epochs=args.epochs, batch=args.batch, seed=args.seed, on_epoch=report)
+    model = train_speech(x, texts, VOCAB, epochs=args.epochs, batch=args.batch, seed=args.seed, width=args.width,
+                         on_epoch=report)
     seconds = time.perf_counter() - start
     figures = {"dev": metrics(model, *dev, args.batch), "test": metrics(model, *test, args.batch)}
     torch.export.save(torch.export.export(model, (test[0][:args.batch],)), out / "model.pt2")

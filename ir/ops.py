@@ -805,13 +805,18 @@ MOVES = frozenset({"reshape", "permute", "transpose", "slice", "select", "unsque
 WHOLE_MOVES = MOVES - {"slice", "select"}
 
 
+def moves_elements(op, *, whole: bool = False) -> bool:
+    """Whether one-operand `op` only moves its operand's elements (MOVES; WHOLE_MOVES when
+    `whole`) or pads them with zeros: quantizing, then `op`, is `op`, then quantizing."""
+    return op.kind in (WHOLE_MOVES if whole else MOVES) or (op.kind == "pad" and op.attr("value") == 0)
+
+
 def moved_from(value: str, producer: dict, *, whole: bool = False) -> str:
-    """The value whose elements `value` only moves (itself if none), through MOVES (WHOLE_MOVES
-    when `whole`), zero padding and a `cat` of such moves of one value (conv-as-gemm's im2col
-    taps): quantizing that value, then moving, is quantizing `value`. `producer`: value -> op."""
-    kinds = WHOLE_MOVES if whole else MOVES
+    """The value whose elements `value` only moves (itself if none), through `moves_elements`
+    ops and a `cat` of such moves of one value (conv-as-gemm's im2col taps): quantizing that
+    value, then moving, is quantizing `value`. `producer`: value -> op."""
     while (op := producer.get(value)) is not None:
-        if op.kind in kinds or (op.kind == "pad" and op.attr("value") == 0):
+        if moves_elements(op, whole=whole):
             value = op.operands[0]
         elif op.kind == "cat" and len(sources := {moved_from(o, producer) for o in op.operands}) == 1:
             value = sources.pop()

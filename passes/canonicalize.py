@@ -114,6 +114,10 @@ class _Sweep:
                                                  TensorType(tuple(array.shape), dtype))
         return self.derived[key]
 
+    def only_read_by(self, value: str, reader: str) -> bool:
+        """Whether op `reader` is the only use of `value` (a graph output has another)."""
+        return value not in self.graph.outputs and [u.result for u in self.users.get(value, [])] == [reader]
+
     # -- rewrites ---------------------------------------------------------------------------
     def rewrite(self, op: Op) -> Op | str | None:
         """A replacement op, the name of a value replacing `op`'s result, or None."""
@@ -168,7 +172,7 @@ class _Sweep:
         for y, b in (op.operands, op.operands[::-1]):
             linear = self.rw.producer(y)
             if (linear is None or linear.kind != "linear" or len(linear.operands) != 2 or not self.rw.is_constant(b)
-                    or y in self.graph.outputs or [u.result for u in self.users.get(y, [])] != [op.result]):
+                    or not self.only_read_by(y, op.result)):
                 continue
             tb, ty = self.rw.types[b], linear.type
             out = ty.shape[-1]
@@ -187,8 +191,8 @@ class _Sweep:
         over x; BERT's position and token-type embeddings)."""
         for inner_value, c2 in (op.operands, op.operands[::-1]):
             inner = self.rw.producer(inner_value)
-            if (inner is None or inner.kind != "add" or not self.rw.is_constant(c2) or inner_value in self.graph.outputs
-                    or [u.result for u in self.users.get(inner_value, [])] != [op.result]):
+            if (inner is None or inner.kind != "add" or not self.rw.is_constant(c2)
+                    or not self.only_read_by(inner_value, op.result)):
                 continue
             for x, c1 in (inner.operands, inner.operands[::-1]):
                 t1, t2, tx = self.rw.types[c1], self.rw.types[c2], self.rw.types[x]
@@ -218,16 +222,14 @@ class _Sweep:
     def elementwise_before_move(self, op: Op) -> Op | None:
         """`f(m1(...mk(x)))`, each move the only use of the one below -> `m1(...mk(f(x)))` (the
         outermost move under f's name and type)."""
-        chain, reader = [], op.result
-        while (move := self.rw.producer(op.operands[0] if not chain else chain[-1].operands[0])) is not None \
-                and move.kind in WHOLE_MOVES and move.result not in self.graph.outputs \
-                and [u.result for u in self.users.get(move.result, [])] == [reader]:
+        chain, source, reader = [], op.operands[0], op.result
+        while (move := self.rw.producer(source)) is not None and move.kind in WHOLE_MOVES \
+                and self.only_read_by(source, reader):
             chain.append(move)
-            reader = move.result
+            source, reader = move.operands[0], move.result
         if not chain:
             return None
-        value = self.rw.op(op.kind, chain[-1].operands[0], name=f"{op.result}.pre", quant=op.type.quant,
-                           **op.attr_dict)
+        value = self.rw.op(op.kind, source, name=f"{op.result}.pre", quant=op.type.quant, **op.attr_dict)
         for move in reversed(chain[1:]):
             value = self.rw.op(move.kind, value, name=f"{op.result}.pre", **move.attr_dict)
         return self.rw.make(op, chain[0].kind, value, **chain[0].attr_dict)
@@ -249,8 +251,8 @@ class _Sweep:
     def fold_batch_norm(self, op: Op) -> Op | None:
         y, *stats = op.operands
         producer = self.rw.producer(y)
-        if (producer is None or producer.kind not in ("conv1d", "conv2d", "linear") or y in self.graph.outputs
-                or [u.result for u in self.users.get(y, [])] != [op.result]
+        if (producer is None or producer.kind not in ("conv1d", "conv2d", "linear")
+                or not self.only_read_by(y, op.result)
                 or (producer.kind == "linear" and producer.type.rank != 2)):
             return None
         weight, *bias = producer.operands[1:]

@@ -3,9 +3,10 @@ integer-only (I-BERT, Kim et al. 2021), so that a vector unit with integer lanes
 
 Runs after `quantize`. Values that `dequantize` of an integer value stand for are followed in
 integers through data movement (reshape, permute, transpose, slice, select, (un)squeeze,
-expand, zero padding, a `cat` of values at one scale: im2col taps) and multiplication or division by a positive scalar constant (folded into the scale);
-a `quantize` of such a value reads the integer directly (or requantizes it), and a `quantize`
-behind data movement is hoisted to the value it moves, so layout ops run on integers. Then:
+expand, zero padding, a `cat` of values at one scale: im2col taps) and multiplication or
+division by a positive scalar constant (folded into the scale); a `quantize` of such a value
+reads the integer directly (or requantizes it), and a `quantize` behind data movement is
+hoisted to the value it moves, so layout ops run on integers. Then:
 
 - `softmax` (last dim, input integer, optionally `where(mask, x, -inf)`) -> `int_softmax`;
   the attention scores' i32 accumulator feeds it directly, its scale folded into constants;
@@ -32,7 +33,7 @@ import numpy as np
 
 from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
-from tcc.ir.ops import MOVES, moved_from
+from tcc.ir.ops import moved_from, moves_elements
 from tcc.ir.quant import PerTensor
 
 from .base import Pass, PassContext, PassResult, option
@@ -232,8 +233,7 @@ class _Converter:
         while stack:
             v = stack.pop(0)
             for op in self.users.get(v, []):
-                moves = op.kind in MOVES or op.kind == "cat" or op.kind == "pad" and op.attr("value") == 0
-                if moves and op.result not in seen:
+                if (moves_elements(op) or op.kind == "cat") and op.result not in seen:
                     seen.add(op.result)
                     stack.append(op.result)
                 elif op.kind == "quantize" and op.attr("zero_point") == 0 and op.attr("dtype") in _NARROW:
@@ -298,8 +298,7 @@ class _Converter:
         if op.kind == "dequantize" and (found := dequantized(self.rw, op.result)) is not None:
             q, scale = found
             self.ints[op.result] = _Int(q, scale, -self.rw.types[q].dtype.value_range[0])
-        elif (op.kind in MOVES or op.kind == "pad" and op.attr("value") == 0) and \
-                (x := self.ints.get(op.operands[0])) is not None:
+        elif moves_elements(op) and (x := self.ints.get(op.operands[0])) is not None:
             moved = self.rw.op(op.kind, x.value, name=f"{op.result}.i", **op.attr_dict)
             self.ints[op.result] = _Int(moved, x.scale, x.bound)
         elif op.kind == "cat" and (xs := [self.ints.get(o) for o in op.operands]) and None not in xs and \

@@ -396,7 +396,7 @@ def test_a_linear_before_a_relu_takes_the_relus_range():
     quantized = [op for op in graph.ops if op.kind == "quantize"][1].attr("scale")
     with torch.no_grad():
         h = model[0](x)
-    assert requantized == quantized == pytest.approx(h.relu().max().item() / 127)
+    assert requantized == quantized == pytest.approx(h.relu().max().item() / 127, rel=1e-5)  # eager vs executor
     assert requantized < h.abs().max().item() / 127
 
 

@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="the model's width (heads of 16, FFN twice as wide)")
     parser.add_argument("--quick", action="store_true", help="1500 utterances, 25 epochs")
     args = parser.parse_args()
+    if args.width < 16 or args.width % 16:
+        parser.error(f"--width {args.width}: a positive multiple of 16 (heads of 16 channels)")
     if args.quick:
         args.utterances, args.epochs = 1500, 25
     out = Path(args.out)

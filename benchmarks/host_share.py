@@ -5,10 +5,12 @@ model: the latency and its split (accelerator / host processor / link), the host
 against the 10% target, the host's calls into the accelerator a run, the host ops by where
 they stand (`codegen.host_places`: at the model's edges, between two calls, or addressing
 the transfer does), and the accelerator's cycles against its busiest unit's busy cycles (the
-overlap the schedule leaves; target 1.15x).
+overlap the schedule leaves; target 1.15x). Each model dense and hp-pruned (one-shot, the
+target's tile as the block) at each of `--sparsities`; `transformer-encoder` is the digits
+encoder's architecture.
 
-    .venv/bin/python benchmarks/host_share.py [--target fpga-medium]
-        [--models speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4]
+    .venv/bin/python benchmarks/host_share.py [--target fpga-medium] [--sparsities 0,0.9]
+        [--models speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4,transformer-encoder]
 """
 
 from __future__ import annotations
@@ -31,21 +33,25 @@ OVERLAP_TARGET = 1.15  # end-to-end cycles over the busiest unit's
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="fpga-medium")
-    parser.add_argument("--models", default="speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4")
+    parser.add_argument("--models", default="speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4,"
+                                            "transformer-encoder")
+    parser.add_argument("--sparsities", default="0,0.9", help="hp-prune sparsities, 0: dense")
     args = parser.parse_args()
     catalog = load_catalog()
     target = catalog[args.target]
     devices = cost_devices({target.name: target, target.device.host: catalog[target.device.host]})
-    passes = parse_pipeline(target.pipeline)
     print(f"{target.name}: {target.pipeline}; host {target.device.host}; targets: host <= {HOST_TARGET:.0%}, "
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
-    print(f"{'model':<20}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
+    print(f"{'model':<26}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
           f"{'edge/between/addr':>19}{'vs busiest':>12}")
-    for name in args.models.split(","):
+    for name, sparsity in ((n, float(s)) for n in args.models.split(",") for s in args.sparsities.split(",")):
         model, inputs = zoo.build(name)
         graph, signature, examples, _source = lower(model, inputs)
         ctx = PassContext(data={"example": example_dataset(graph, example_arrays(signature, examples))},
                           torch_module=TorchExecutor)
+        pipeline = target.pipeline.replace("dce,", f"dce,hp-prune{{sparsity={sparsity}}},", 1) if sparsity \
+            else target.pipeline
+        passes = parse_pipeline(pipeline)
         lowered = target.lower(run_pipeline(graph, passes, ctx), after=passes)
         cost = target.cost(lowered, devices)
         program = generate(lowered, target.accel)
@@ -55,7 +61,8 @@ def main() -> None:
             busy.update(section.busy(target.accel))
         cycles = sum(s.cycles for s in program.sections)
         ms = {k: v * 1e3 for k, v in cost.parts.items()}
-        print(f"{name:<20}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
+        label = f"{name} hp{round(100 * sparsity)}" if sparsity else name
+        print(f"{label:<26}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
               f"{ms['host'] / (cost.latency_s * 1e3):>8.0%}{len(program.calls()):>7}"
               f"{places['edge']:>9}/{places['between']}/{places['addressing']:<6}"
               f"{cycles / max(busy.values()):>11.2f}x")

@@ -11,7 +11,9 @@
   caller supplies (the backend's timing, which equals the ISA simulator's and the RTL's), plus
   the host ops on the board's host processor (the roofline again), plus the host's calls into
   the accelerator over the host link (AXI on a Zynq, PCIe for a card): a fixed latency per call
-  and the bytes each call moves at the link's bandwidth.
+  and the bytes each call moves at the link's bandwidth. The conversions the host applies to
+  the values it copies (quantize on the way in, dequantize on the way out) cost their roofline
+  time on the host, without a per-op fixed cost: they run in the transfer's copy loop.
 - Energy: power x latency.
 """
 
@@ -87,13 +89,16 @@ class Cost:
 @dataclass(frozen=True)
 class AccelRun:
     """One run of a graph on an accelerator as its cycle model sees it: the accelerator's
-    `cycles`, the ops it leaves to the host, and the host's `calls` into the accelerator (each
-    starts a run of sections) with the bytes they move across the host link, both ways."""
+    `cycles`, the ops it leaves to the host, the host's `calls` into the accelerator (each
+    starts a run of sections) with the bytes they move across the host link, both ways, and the
+    conversions (`converted`: quantize, dequantize, cast) the host applies in those transfers'
+    copy loops."""
 
     cycles: int
     host_ops: list[Op]
     calls: int
     link_bytes: int
+    converted: list[Op] = field(default_factory=list)
 
 
 CycleModel = Callable[[Graph], AccelRun]  # the backend's timing of a graph
@@ -191,6 +196,7 @@ def accelerator(graph: Graph, device: Device, cycles: CycleModel, host: Device) 
     run = cycles(graph)
     on_chip = run.cycles / (device.clock_mhz * 1e6)
     on_host = roofline(graph, host, run.host_ops).latency_s if run.host_ops else 0.0
+    on_host += sum(seconds for _, seconds, _ in op_seconds(graph, host, run.converted))  # no dispatch of their own
     on_link = run.calls * device.link_latency_us * 1e-6 + run.link_bytes / (device.link_gbps * 1e9)
     latency = on_chip + on_host + on_link
     return Cost(device.name, latency, (on_chip + on_link) * device.power_w + on_host * host.power_w,

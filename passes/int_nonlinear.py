@@ -3,7 +3,8 @@ integer-only (I-BERT, Kim et al. 2021), so that a vector unit with integer lanes
 
 Runs after `quantize`. Values that `dequantize` of an integer value stand for are followed in
 integers through data movement (reshape, permute, transpose, slice, select, (un)squeeze,
-expand, zero padding, a `cat` of values at one scale: im2col taps) and multiplication or
+expand, zero padding, a `cat` of values at one scale: im2col taps, or of such a value and a
+constant that fits its step's range: a class token) and multiplication or
 division by a positive scalar constant (folded into the scale); a `quantize` of such a value
 reads the integer directly (or requantizes it), and a `quantize` behind data movement is
 hoisted to the value it moves, so layout ops run on integers. Then:
@@ -14,7 +15,10 @@ hoisted to the value it moves, so layout ops run on integers. Then:
 - `matmul` of two activations -> i8 x i8 -> i32 `matmul`, then `requantize` (kept in i32 when
   it feeds a softmax); `relu` -> integer `relu`;
 - `add` of two integer-backed activations (a residual) -> both to a common step in i32
-  (`cast`, `requantize`), integer `add`, `requantize` to `residual_bits` (saturating).
+  (`cast`, `requantize`), integer `add`, `requantize` to `residual_bits` (saturating); where
+  a layer norm reads the sum, one side may be a float constant (position embeddings: its
+  integers at the common step, an i32 constant), and an `embedding` of a float constant table (token embeddings) becomes a gather
+  from the table quantized to i8 at one step.
 
 Outputs take the scale of the `quantize` that reads them when there is one (so the next linear
 reads them directly), else a scale calibrated as `quantize` does; a float `dequantize` of each
@@ -35,6 +39,7 @@ from tcc.ir.dtypes import DType
 from tcc.ir.graph import Graph, Op
 from tcc.ir.ops import moved_from, moves_elements
 from tcc.ir.quant import PerTensor
+from tcc.ir.types import TensorType
 
 from .base import Pass, PassContext, PassResult, option
 from .calibrate import observe, symmetric_scale
@@ -301,8 +306,7 @@ class _Converter:
         elif moves_elements(op) and (x := self.ints.get(op.operands[0])) is not None:
             moved = self.rw.op(op.kind, x.value, name=f"{op.result}.i", **op.attr_dict)
             self.ints[op.result] = _Int(moved, x.scale, x.bound)
-        elif op.kind == "cat" and (xs := [self.ints.get(o) for o in op.operands]) and None not in xs and \
-                len({(x.scale, self.dtype(x)) for x in xs}) == 1:
+        elif op.kind == "cat" and (xs := self._cat_operands(op)) is not None:
             moved = self.rw.op("cat", *(x.value for x in xs), name=f"{op.result}.i", **op.attr_dict)
             self.ints[op.result] = _Int(moved, xs[0].scale, max(x.bound for x in xs))
         elif op.kind in ("mul", "div"):
@@ -311,6 +315,26 @@ class _Converter:
                 x, c = self.ints.get(op.operands[1]), self._scalar(op.operands[0])
             if x is not None and c is not None and op.type.shape == self.rw.types[x.value].shape:
                 self.ints[op.result] = _Int(x.value, x.scale * c if op.kind == "mul" else x.scale / c, x.bound)
+
+    def _cat_operands(self, op: Op) -> list[_Int] | None:
+        """The integers of a cat's operands, all at one step and dtype; a float constant among
+        them (a class token) at that step, where it fits the dtype's range unclipped."""
+        known = [self.ints.get(o) for o in op.operands]
+        if not any(known) or len({(x.scale, self.dtype(x)) for x in known if x is not None}) != 1:
+            return None
+        like = next(x for x in known if x is not None)
+        dtype, out = self.dtype(like), []
+        for x, name in zip(known, op.operands):
+            if x is None:
+                if name not in self.constants:
+                    return None
+                value = np.rint(np.asarray(self.rw.weight(name), np.float64) / like.scale)
+                if np.abs(value).max(initial=0) > -dtype.value_range[0] - 1:
+                    return None
+                type_ = TensorType(value.shape, dtype, quant=PerTensor(like.scale))
+                x = _Int(self.rw.constant(f"{name}_q", value.astype(dtype.numpy), type_), like.scale, like.bound)
+            out.append(x)
+        return out
 
     def _quantize(self, op: Op) -> None:
         x, dtype, scale = self.ints.get(op.operands[0]), op.attr("dtype"), op.attr("scale")
@@ -393,14 +417,25 @@ class _Converter:
         return False
 
     def _add(self, op: Op) -> bool:
-        xs = [self.ints.get(o) for o in op.operands]
-        if not op.type.dtype.is_float or None in xs or any(o in self.constants for o in op.operands):
+        if not op.type.dtype.is_float:
             return False
-        # a common step no coarser than the finer input, coarse enough that both fit 2^29
-        common = max(min(x.scale for x in xs), max(x.bound * x.scale for x in xs) / 2 ** 29)
+        xs = [None if o in self.constants else self.ints.get(o) or self._gathered(o) for o in op.operands]
+        constant = [o for o, x in zip(op.operands, xs) if x is None and o in self.constants]
+        if not any(xs) or None in xs and not constant or \
+                constant and not any(u.kind == "layer_norm" for u in self.users[op.result]):
+            return False  # a constant side only into a layer norm: the vector unit's residual add and norm
+        ints = [x for x in xs if x is not None]
+        # a common step no coarser than the finer input, coarse enough that all fit 2^29
+        magnitude = max([x.bound * x.scale for x in ints] + [float(np.abs(self.rw.weight(c)).max(initial=0))
+                                                               for c in constant])
+        common = max(min(x.scale for x in ints), magnitude / 2 ** 29)
         wide = []
         for x, name in zip(xs, op.operands):
-            if x.scale == common and self.dtype(x) is DType.I32:
+            if x is None:  # a float constant (position embeddings): its integers at the common step
+                value = np.rint(np.asarray(self.rw.weight(name), np.float64) / common).astype(np.int32)
+                wide.append(_Int(self.rw.constant(f"{op.result}.{name}", value), common,
+                                 int(np.abs(value).max(initial=0))))
+            elif x.scale == common and self.dtype(x) is DType.I32:
                 wide.append(x)
             elif x.scale == common:
                 cast = self.rw.op("cast", x.value, name=f"{op.result}.{name}.wide", dtype=DType.I32)
@@ -412,6 +447,20 @@ class _Converter:
         self._define(op, self._requantize(total, self.residual, self.scale_of(op.result, self.residual),
                                           f"{op.result}.i"))
         return True
+
+    def _gathered(self, name: str) -> _Int | None:
+        """An embedding of a float constant table as a gather of the table quantized to i8 (one
+        step for the whole table, so the rows it picks add up in integers)."""
+        op = self.producer.get(name)
+        if op is None or op.kind != "embedding" or op.operands[0] not in self.constants:
+            return None
+        table = np.asarray(self.rw.weight(op.operands[0]), np.float64)
+        scale = float(np.abs(table).max(initial=0)) / 127 or 1.0
+        quantized = self.rw.constant(f"{op.operands[0]}_q", np.clip(np.rint(table / scale), -127, 127).astype(np.int8))
+        x = _Int(self.rw.op("embedding", quantized, op.operands[1], name=f"{name}.i", quant=PerTensor(scale)),
+                 scale, 127)
+        self.ints[name] = x
+        return x
 
     def _relu(self, op: Op) -> bool:
         x = self.ints.get(op.operands[0])

@@ -16,7 +16,7 @@ from tcc.targets import calibration
 from tcc.backends.accel.codegen import generate
 from tcc.ir import DType, GraphBuilder, TensorType
 from tcc.passes import PassContext, SelectFormat
-from tcc.passes.cost_model import AccelRun, Cost, Device, accelerator, roofline
+from tcc.passes.cost_model import AccelRun, Cost, Device, accelerator, op_seconds, roofline
 from tcc.runtime.accel_executor import AccelExecutor
 from tcc.targets import cycle_model, load_catalog
 from tcc.zoo import DigitsTransformer
@@ -118,11 +118,19 @@ def test_accelerator_cycles_are_the_isa_simulators():
     assert run.cycles == executor.stats.cycles > 0
     # the calls and bytes priced on the link are those the executor makes and moves
     assert (run.calls, run.link_bytes) == (executor.stats.calls, executor.stats.link_bytes) and run.calls > 1
-    assert {op.kind for op in run.host_ops} >= {"quantize", "dequantize"}  # the float edges stay on the host
-    cost = target.cost(graph, calibration.cost_devices(load_catalog()))
+    # the float edges' conversions run in the transfers' copy loops, the float ops as host ops
+    assert {op.kind for op in run.converted} == {"quantize", "dequantize"}
+    assert not {op.kind for op in run.host_ops} & {"quantize", "dequantize"} and run.host_ops
+    devices = calibration.cost_devices(load_catalog())
+    cost = target.cost(graph, devices)
     link = target.part.link_latency_us * 1e-6 * run.calls + run.link_bytes / (target.part.link_gbps * 1e9)
     assert isinstance(cost, Cost) and cost.parts["accelerator"] == pytest.approx(run.cycles / 100e6)
     assert cost.parts["link"] == pytest.approx(link)
+    # host ops at the host's roofline with its fixed cost per op; conversions without one
+    host = devices[target.part.host]
+    converted = sum(seconds for _, seconds, _ in op_seconds(graph, host, run.converted))
+    assert cost.parts["host"] == pytest.approx(roofline(graph, host, run.host_ops).latency_s + converted)
+    assert 0 < converted < len(run.converted) * host.op_overhead_us * 1e-6
 
 
 def test_measured_figures_are_cached_per_machine(tmp_path, monkeypatch):

@@ -430,6 +430,44 @@ def test_scores_divided_by_a_python_float_reach_int_softmax():
     assert np.abs(NumpyExecutor(graph)(x.numpy())[0] - want).max() < 0.25
 
 
+class _Embedded(torch.nn.Module):
+    """Token embeddings plus learned positions, then (`pre_norm`) a layer norm of the sum, or
+    (post-norm) a linear of it."""
+
+    def __init__(self, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.tokens, self.positions = torch.nn.Embedding(50, 16), torch.nn.Parameter(0.1 * torch.randn(6, 16))
+        self.norm, self.out = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        h = self.tokens(ids) + self.positions
+        return self.out(self.norm(h) if self.pre_norm else h)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_embeddings_plus_positions_into_a_norm_are_integer(pre_norm):
+    """`layer_norm(embedding(W, ids) + P)`: the gather reads W quantized to i8 at one step, P is
+    an i32 constant at the sum's step (the vector unit's residual add with a constant operand),
+    close to float. Without a norm reading the sum (post-norm) the add stays float."""
+    torch.manual_seed(0)
+    model, ids = _Embedded(pre_norm).eval(), torch.randint(0, 50, (3, 6))
+    graph = tcc.compile(model, (ids,), pipeline="quantize,int-nonlinear").graph
+    producer, types = graph.producer(), graph.types
+    gathers = [op for op in graph.ops if op.kind == "embedding"]
+    assert len(gathers) == 1 and types[gathers[0].operands[0]].dtype is (DType.I8 if pre_norm else DType.F32)
+    adds = [op for op in graph.ops if op.kind == "add"]
+    assert len(adds) == 1
+    if pre_norm:
+        constant = next(o for o in adds[0].operands if o in graph.weights)
+        assert types[constant].dtype is DType.I32 and producer[adds[0].operands[0]].kind == "cast"
+        assert "layer_norm" not in {op.kind for op in graph.ops}
+    else:
+        assert types[adds[0].result].dtype is DType.F32
+    want = model(ids).detach().numpy()
+    assert np.abs(NumpyExecutor(graph)(ids.numpy())[0] - want).max() < 0.1
+
+
 def test_pass_is_idempotent():
     graph, calib = _layer()
     ctx = _ctx(calib)

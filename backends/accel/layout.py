@@ -277,12 +277,16 @@ class Section:
 class HostOp:
     """An IR op the host runs, and why the accelerator does not. `moved`: a layout op between
     accelerator layers, which the host does as addressing while it moves the tensor from one
-    layer's output to the next one's input (a strided copy that is the transfer itself)."""
+    layer's output to the next one's input (a strided copy that is the transfer itself).
+    `converted`: an elementwise conversion (quantize, dequantize, cast) of values on their way
+    to or from the accelerator, which the host applies in the transfer's copy loop (priced at
+    its arithmetic and memory traffic, with no op dispatch of its own)."""
 
     kind: str
     result: str
     reason: str
     moved: bool = False
+    converted: bool = False
 
 
 FILES = ("program.bin", "program.s", "dram.bin", "sections.json")
@@ -465,9 +469,10 @@ def _parse(meta: Any, instructions: tuple[Instruction, ...], dram: bytes) -> Acc
         raise _Invalid(f"the sections hold {offset} instructions, program.bin {len(instructions)}")
     host_ops = []
     for i, raw in enumerate(_get(meta, "host_ops", list, "")):
-        moved = _get(raw, "moved", bool, f"host_ops[{i}]") if isinstance(raw, dict) and "moved" in raw else False
+        flags = {key: _get(raw, key, bool, f"host_ops[{i}]") for key in ("moved", "converted")
+                 if isinstance(raw, dict) and key in raw}
         host_ops.append(HostOp(*(_get(raw, key, str, f"host_ops[{i}]") for key in ("kind", "result", "reason")),
-                               moved=moved))
+                               **flags))
     on_chip = _get(meta, "on_chip", list, "")
     return AccelProgram(config, tuple(sections), tuple(host_ops), dram,
                         frozenset(_get(on_chip, i, str, "on_chip") for i in range(len(on_chip))))

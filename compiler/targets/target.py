@@ -208,8 +208,11 @@ def cycle_model(config: AccelConfig) -> CycleModel:
     calls with the bytes they move."""
     def cycles(graph: Graph) -> AccelRun:
         run = timing(graph, config)
-        host = {h.result for h in run.host_ops if not h.moved}  # a moved layout op is the link's transfer
-        return AccelRun(run.cycles, [op for op in graph.ops if op.result in host], run.calls, run.link_bytes)
+        # a moved layout op is the link's transfer; a conversion runs in the transfer's loop
+        host = {h.result for h in run.host_ops if not h.moved and not h.converted}
+        converted = {h.result for h in run.host_ops if h.converted}
+        return AccelRun(run.cycles, [op for op in graph.ops if op.result in host], run.calls, run.link_bytes,
+                        [op for op in graph.ops if op.result in converted])
 
     return cycles
 

@@ -235,7 +235,7 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
     `layer.stream` keeps them); two slots of everything, so the next chunk loads while this one
     runs. A norm alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads
     them there. An operand an earlier section left in the layout it reads (`resident`) is read
-    where it lies."""
+    where it lies; a constant `b` (position embeddings) lies in the DRAM image."""
     words = math.ceil(layer.n / config.cols)
     count = len(layer.constants)
     add, keep = bool(layer.b), bool(layer.stream)
@@ -255,6 +255,7 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
         ((("b", layer.b, Layout.PBUF_ROWS if layer.wide else Layout.ROWS, shape),) if add else ())
     kept = {role: resident[value] for role, value, lay, shp in inputs
             if resident and value in resident and (resident[value].layout, resident[value].shape) == (lay, shp)}
+    fixed = {"b": layer.b_values} if layer.b_values is not None else {}  # a constant b: in the DRAM image
     outputs = (("out", layer.out, Layout.ROWS, shape),) + ((("stream", layer.stream, Layout.PBUF_ROWS, shape),)
                                                             if keep else ())
     try:
@@ -327,7 +328,9 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
         note = (f"{' -> '.join(o.result for o in layer.ops)}: rows {first}..{end - 1} of {layer.m}, N={layer.n}, "
                 f"{what} on the vector unit, {chunk} rows per chunk")
         sections.append(Section(tuple(o.result for o in layer.ops),
-                                tuple(tensors[r] for r in ("a", "b") if r in tensors and r not in kept),
-                                (tensors["constants"],), tuple(tensors[r] for r, *_ in outputs), program, 0, cycles,
-                                note, tuple(kept.values())))
-    return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))]
+                                tuple(tensors[r] for r in ("a", "b") if r in tensors and r not in kept
+                                      and r not in fixed),
+                                (tensors["constants"],) + tuple(tensors[r] for r in fixed),
+                                tuple(tensors[r] for r, *_ in outputs), program, 0, cycles, note, tuple(kept.values())))
+    return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))] + \
+        [(tensors[r].region, encode(tensors[r].layout, values, config)) for r, values in fixed.items()]

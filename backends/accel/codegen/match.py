@@ -19,7 +19,7 @@ re-layouts)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -225,6 +225,7 @@ class Residual:
     constants: np.ndarray  # [(7 +) 2 + 3J, cols] PBUF words: vresadd's (with an add), then vlayernorm's
     wide: bool = False  # b is wider than data_bits: PBUF rows
     stream: str = ""
+    b_values: np.ndarray | None = field(default=None, compare=False)  # b a constant: its [m, n] rows
 
 
 def _norm_constants(norm: Op, graph: Graph, config: AccelConfig) -> np.ndarray | str:
@@ -260,7 +261,13 @@ def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: Ac
         return int(np.asarray(value).reshape(())) if value is not None and np.asarray(value).size == 1 else None
 
     def operand(value: str) -> tuple[tuple[Op, ...], str, int, int] | None:
-        """(ops, the widened integer, multiplier, shift) of `cast` or `requantize(cast)`."""
+        """(ops, the widened integer, multiplier, shift) of `cast` or `requantize(cast)`, or an
+        i32 constant as it is (position embeddings at the sum's step), if it broadcasts to the
+        sum's shape."""
+        if value in weights:
+            t = types[value]
+            fits = len(t.shape) <= op.type.rank and all(d in (1, e) for d, e in zip(t.shape[::-1], op.type.shape[::-1]))
+            return ((), value, 1, 0) if t.dtype is DType.I32 and fits else None
         op_ = producer.get(value)
         chain: tuple[Op, ...] = ()
         mult, shift = 1, 0
@@ -312,8 +319,10 @@ def _match_residual(op: Op, graph: Graph, users: dict[str, list[Op]], config: Ac
         return "its operands are computed after its first op"
     x = norm.operands[0]
     constants = np.concatenate([np.repeat(np.array(scalars, np.int64)[:, None], config.cols, axis=1), constants])
-    return Residual(ops, a, b, norm.result, math.prod(types[x].shape[:-1]), types[x].shape[-1], constants,
-                    wide=types[b].dtype is not data, stream=norm_q.result if kept else "")
+    rows, width = math.prod(types[x].shape[:-1]), types[x].shape[-1]
+    return Residual(ops, a, b, norm.result, rows, width, constants, wide=types[b].dtype is not data,
+                    stream=norm_q.result if kept else "",
+                    b_values=np.broadcast_to(weights[b], op.type.shape).reshape(rows, width) if b in weights else None)
 
 
 def _match_norm(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig) -> Residual | str:

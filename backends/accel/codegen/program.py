@@ -110,8 +110,10 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
     for region, data in images:
         dram[region.byte_slice(config)] = data
     moved = _moved(graph, placed)
-    host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else why.get(op.result) or host_reason(op, why),
-                        moved=op.result in moved)
+    converted = _converted(graph, placed | moved, {t.values[0] for s in sections for t in s.outputs})
+    host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else CONVERTED if op.result in converted
+                        else why.get(op.result) or host_reason(op, why),
+                        moved=op.result in moved, converted=op.result in converted)
                  for op in graph.ops if op.result not in placed)
     calls, on_chip = _calls(graph, sections, placed)
     return AccelProgram(config, calls, host, bytes(dram), on_chip)
@@ -162,23 +164,45 @@ def _calls(graph: Graph, sections: list[Section], placed: set[str]) -> tuple[tup
 
 
 MOVED = ("addressing: the host lays the tensor out as it moves it to an accelerator layer "
-         "(a strided copy that is the transfer itself, no op of its own)")
+         "(a strided or indexed copy that is the transfer itself, no op of its own)")
+
+
+def _gathers(op, graph: Graph) -> bool:
+    """An embedding of a constant table: the host copies the table's rows that the indices pick."""
+    return op.kind == "embedding" and op.operands[0] in graph.weights
 
 
 def _moved(graph: Graph, placed: set[str]) -> set[str]:
     """The layout ops of integer (or bool) values that feed only accelerator layers (or such
     ops), not a graph output: the host writes their operand in the layout the layer reads (from
-    an earlier layer's output, or from what it computed itself, a padding mask)."""
+    an earlier layer's output, or from what it computed itself, a padding mask); and the
+    gathers of integer embedding rows, which the host copies from its table by index."""
     users, outputs = graph.users(), set(graph.outputs)
     moved: set[str] = set()
     for op in graph.ops:
-        if op.result not in placed and op.kind in LAYOUT_OPS and not op.type.dtype.is_float and op.operands and \
-                op.result not in outputs:
+        if op.result not in placed and (op.kind in LAYOUT_OPS or _gathers(op, graph)) and \
+                not op.type.dtype.is_float and op.operands and op.result not in outputs:
             moved.add(op.result)
     for op in reversed(graph.ops):  # users come after: one pass drops those feeding the host
         if op.result in moved and not all(u.result in placed or u.result in moved for u in users[op.result]):
             moved.discard(op.result)
     return moved
+
+
+CONVERTED = ("a conversion the host applies to the values as it copies them to or from the accelerator "
+             "(in the transfer's loop, no op of its own)")
+CONVERSIONS = frozenset({"quantize", "dequantize", "cast"})
+
+
+def _converted(graph: Graph, on_accelerator: set[str], written: set[str]) -> set[str]:
+    """The elementwise conversions of values crossing the link: those reading what a section
+    wrote (read back), or whose result only accelerator layers (or the layout ops the transfer
+    does) read, not a graph output: the host converts them in the copy loop of the transfer."""
+    users, outputs = graph.users(), set(graph.outputs)
+    return {op.result for op in graph.ops
+            if op.kind in CONVERSIONS and op.result not in on_accelerator and (
+                op.operands[0] in written or (op.result not in outputs and users[op.result]
+                                              and all(u.result in on_accelerator for u in users[op.result])))}
 
 
 def host_places(graph: Graph, program: AccelProgram) -> dict[str, str]:

@@ -17,7 +17,8 @@ hoisted to the value it moves, so layout ops run on integers. Then:
 - `add` of two integer-backed activations (a residual) -> both to a common step in i32
   (`cast`, `requantize`), integer `add`, `requantize` to `residual_bits` (saturating); where
   a layer norm reads the sum, one side may be a float constant (position embeddings: its
-  integers at the common step, an i32 constant), and an `embedding` of a float constant table (token embeddings) becomes a gather
+  integers at the common step, an i32 constant; where a `quantize` reads the sum instead, at
+  the other side's step and dtype, it is a saturating integer add at that step), and an `embedding` of a float constant table (token embeddings) becomes a gather
   from the table quantized to i8 at one step.
 
 Outputs take the scale of the `quantize` that reads them when there is one (so the next linear
@@ -421,10 +422,11 @@ class _Converter:
             return False
         xs = [None if o in self.constants else self.ints.get(o) or self._gathered(o) for o in op.operands]
         constant = [o for o, x in zip(op.operands, xs) if x is None and o in self.constants]
-        if not any(xs) or None in xs and not constant or \
-                constant and not any(u.kind == "layer_norm" for u in self.users[op.result]):
-            return False  # a constant side only into a layer norm: the vector unit's residual add and norm
+        if not any(xs) or None in xs and not constant:
+            return False
         ints = [x for x in xs if x is not None]
+        if constant and not any(u.kind == "layer_norm" for u in self.users[op.result]):
+            return self._offset(op, ints[0], constant[0]) if len(ints) == len(constant) == 1 else False
         # a common step no coarser than the finer input, coarse enough that all fit 2^29
         magnitude = max([x.bound * x.scale for x in ints] + [float(np.abs(self.rw.weight(c)).max(initial=0))
                                                                for c in constant])
@@ -446,6 +448,25 @@ class _Converter:
                      sum(w.bound for w in wide))
         self._define(op, self._requantize(total, self.residual, self.scale_of(op.result, self.residual),
                                           f"{op.result}.i"))
+        return True
+
+    def _offset(self, op: Op, x: _Int, constant: str) -> bool:
+        """`x + c` for x a requantized product and c a float constant, where what reads the sum
+        takes it at x's own step and dtype (`quantize` gives a linear adding a constant the
+        sum's step): c's integers at that
+        step (saturated to the dtype) added in i32 and saturated back, the saturating integer
+        add of the vector unit's `vadd` after the linear's requantize."""
+        dtype, source = self.dtype(x), self.rw.producer(x.value)
+        if dtype not in _NARROW or source is None or source.kind != "requantize" or \
+                self._reader_quant(op.result) != (dtype, x.scale):
+            return False
+        low, high = dtype.value_range
+        value = np.clip(np.rint(np.asarray(self.rw.weight(constant), np.float64) / x.scale), low, high)
+        c = self.rw.constant(f"{op.result}.{constant}", value.astype(np.int32))
+        cast = self.rw.op("cast", x.value, name=f"{op.result}.{x.value}.wide", dtype=DType.I32)
+        total = _Int(self.rw.op("add", cast, c, name=f"{op.result}.sum"), x.scale,
+                     x.bound + int(np.abs(value).max(initial=0)))
+        self._define(op, self._requantize(total, dtype, x.scale, f"{op.result}.i"))
         return True
 
     def _gathered(self, name: str) -> _Int | None:

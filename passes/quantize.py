@@ -12,8 +12,9 @@ in the accumulator type, and fixed-point multipliers `mult[c] * 2^-shift[c] = s_
 (31-bit; fewer bits for i64 accumulators, so that requantize's int64 product never overflows).
 Activation scales come from running the float graph on calibration data (max |v|, or a
 percentile of |v|, over `qmax`); a linear reading part of a tensor (a select, a slice, through
-reshapes; im2col taps: `ir.ops.moved_from`) takes the whole tensor's scale, and a linear whose
-only use is a relu the relu's. A `quantize` of a `dequantize` with the same scale
+reshapes; im2col taps: `ir.ops.moved_from`) takes the whole tensor's scale, a linear whose
+only use is a relu the relu's, and a linear whose only use adds a constant shares one scale
+with the sum (the wider range's). A `quantize` of a `dequantize` with the same scale
 reads the integer value directly, so chained linears stay in integers.
 """
 
@@ -123,9 +124,16 @@ class Quantize(Pass):
         # relu), which is what a later linear reading the relu's result quantizes it to
         relu = {y: after[0].result for y in targets if y not in outputs and len(after := users[y]) == 1
                 and after[0].kind == "relu"}
+        # a linear whose only use adds a constant (positions after an input projection) and the
+        # sum share one step, the wider range's: the add is then of integers at that step
+        offset = {y: after[0].result for y in targets if y not in outputs and len(after := users[y]) == 1
+                  and after[0].kind == "add" and sum(o in constants for o in after[0].operands) == 1}
         scales = self.calibrate(graph, ctx, set(ranged.values()) | {op.result for op in targets.values()}
-                                | {d.result for d in dequantized_acc.values()} | set(relu.values()),
+                                | {d.result for d in dequantized_acc.values()} | set(relu.values())
+                                | set(offset.values()),
                                 may_be_zero=frozenset(relu.values()) - set(ranged.values()))
+        for y, total in offset.items():
+            scales[y] = scales[total] = max(scales[y], scales[total])
         scales.update({x: scales[source] for x, source in ranged.items()})
         scales.update({y: scales[r] for y, r in relu.items() if r in scales})  # an all-zero relu: the linear's own
         adtype, wdtype = _DTYPES[self.activation_bits], _DTYPES[self.bits]

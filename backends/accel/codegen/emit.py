@@ -91,6 +91,7 @@ class Builder:
         self.constants: tuple[int, Node] | None = None  # (PBUF address, load) of the fused op's constants
         self.scores: list[Node] = []  # a softmax row block's vaccs
         self.mask_readers: list[Node | None] = [None, None]  # the last vsoftmax reading each mask slot
+        self.addend_readers: list[Node | None] = [None, None]  # the last vadd reading each addend slot
         self.tiles = 0
         self.macs = 0
 
@@ -192,6 +193,13 @@ class Builder:
         if layer.gelu:
             address, load = self._constants()
             last = self.add(Node(Opcode.VGELU, [load], cfg, dst=dst, a=dst, n=cfg.rows, param=address))
+        if layer.addend is not None:  # the tile's addend rows into a slot after the output ring, then vadd
+            which = self.tiles % 2
+            at = (tiling.o_slots * tiling.batch + which) * cfg.rows
+            load = self.add(Node(Opcode.LOAD, [self.addend_readers[which]], cfg, buf=Buffer.OBUF, addr=at,
+                                 count=rows, dram=self._dram("addend", n, m * cfg.rows)))
+            last = self.addend_readers[which] = self.add(Node(Opcode.VADD, [load], cfg, dst=dst, a=dst, b=at,
+                                                              n=rows))
         self.acc_readers[bank] = requant
         self.p.read(param, requant)
         if batch is None:

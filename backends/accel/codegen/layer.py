@@ -45,6 +45,8 @@ def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[
     if constants:
         fused = layer.ops[-1].result
         tensors["constants"] = DramTensor((fused,), Layout.PARAM_WORDS, (len(constants), config.cols), Region(0, 0))
+    if layer.addend is not None:  # the constants vadd adds, laid out as the outputs' tiles
+        tensors["addend"] = DramTensor((layer.ops[-2].result,), Layout.OUTPUTS, (layer.m, layer.n), Region(0, 0))
     out = Layout.ROWS if layer.softmax or rows else Layout.OUTPUTS
     shape = (layer.batch // layer.heads * layer.m, layer.heads * layer.n) if layer.heads else lead + (layer.m, layer.n)
     tensors["out"] = DramTensor((layer.out,), out, shape, Region(0, 0))
@@ -104,6 +106,7 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
+                 layer.addend is not None,
                  layer.mask_shape, layer.heads, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling,
                  tuple(reads.tiles(b, m, n) for b in range(layer.batch) for m in range(math.ceil(layer.m / config.rows))
                        for n in range(math.ceil(layer.n / config.cols))))
@@ -125,7 +128,8 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     while not spans or spans[-1][1] < len(tiles):
         start = spans[-1][1] if spans else 0
         spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start, reads)))
-    constants = tuple(tensors[r] for r in ("w", "params", "constants") if r in tensors and not (r == "w" and layer.y))
+    constants = tuple(tensors[r] for r in ("w", "params", "constants", "addend")
+                      if r in tensors and not (r == "w" and layer.y))
     sections = []
     for first, end, builder in spans:
         program, cycles = builder.finish()
@@ -151,6 +155,8 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     if "constants" in tensors:
         words = np.repeat(np.asarray(layer.gelu or layer.softmax, np.int64)[:, None], config.cols, axis=1)
         images.append((tensors["constants"].region, encode(Layout.PARAM_WORDS, words, config)))
+    if "addend" in tensors:
+        images.append((tensors["addend"].region, encode(Layout.OUTPUTS, layer.addend, config)))
     return sections, images
 
 

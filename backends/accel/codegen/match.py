@@ -41,8 +41,9 @@ class Unsupported(Exception):
 @dataclass(frozen=True)
 class Layer:
     """A chain the array runs: `linear` (constant weight) or `matmul` (both operands values,
-    `batch` products over their leading dims), then `requantize` (-> relu | int_gelu) or, for
-    a matmul, `int_softmax` of the raw accumulators (`softmax`: its constants)."""
+    `batch` products over their leading dims), then `requantize` (-> relu | int_gelu | a
+    saturating add of constants, a linear's: `addend`) or, for a matmul, `int_softmax` of the
+    raw accumulators (`softmax`: its constants)."""
 
     ops: tuple[Op, ...]
     x: str
@@ -62,6 +63,7 @@ class Layer:
     mask_shape: tuple[int, ...] = ()  # its shape: [..., 1 or m, n], broadcast over the batch's leading dims
     mask_index: tuple[int, ...] = ()  # per product of the batch, the mask's leading index it reads
     heads: int = 0  # a matmul whose output the head merge joins (`addressing.merge_heads`): `out` is the merged value
+    addend: np.ndarray | None = field(default=None, compare=False)  # [m, n] constants vadd adds after requantize
 
     @property
     def kind(self) -> str:
@@ -117,9 +119,12 @@ def _match(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig
     if mult.min() < -lane or mult.max() >= lane or shift.min() < 0 or shift.max() > 62:
         return f"its requantize multiplier does not fit {config.acc_bits} bits or its shift [0, 62]"
     ops, out, relu, gelu = _epilogue(req, graph, users, config)
+    addend = None
+    if not relu and not gelu and (found := _addend(req, graph, users, config)) is not None:
+        ops, out, addend = ops + found[0], found[0][-1].result, found[1].reshape(m, n)
     binary = x_type.dtype is DType.B1 and types[w].dtype is DType.B1
     return Layer((op,) + ops, x, out, weight, np.stack([bias, mult, shift]), (b or "", mult_name, shift_name), relu,
-                 m, types[w].sparsity, binary, gelu=gelu)
+                 m, types[w].sparsity, binary, gelu=gelu, addend=addend)
 
 
 _GELU = ("multiplier", "shift", "clip", "one", "out_multiplier", "out_shift")
@@ -139,6 +144,37 @@ def _epilogue(req: Op, graph: Graph, users, config: AccelConfig) -> tuple[tuple[
         if _fits_lanes(constants, config):
             return (req, after[0]), after[0].result, False, constants
     return (req,), out, False, ()
+
+
+def _addend(req: Op, graph: Graph, users, config: AccelConfig) -> tuple[tuple[Op, ...], np.ndarray] | None:
+    """`requantize(add(cast(req), c), identity)` to `data_bits`, c an i32 constant within the
+    data lanes that broadcasts to the output (positions after an input projection): the
+    saturating add `vadd` runs after requantize. (its ops, c broadcast to the output) or None."""
+    types, weights, outputs = graph.types, graph.weights, set(graph.outputs)
+
+    def only(value: str, kind: str) -> Op | None:
+        after = users[value] if value not in outputs else []
+        return after[0] if len(after) == 1 and after[0].kind == kind else None
+
+    cast = only(req.result, "cast")
+    add = cast and cast.type.dtype is DType.I32 and only(cast.result, "add")
+    back = add and only(add.result, "requantize")
+    if not back or not config.vector_unit or back.attr("dtype") is not _DATA[config.data_bits] or \
+            back.attr("zero_point") != 0:
+        return None
+    c = next((o for o in add.operands if o != cast.result), "")
+    scalars = [weights.get(v) for v in back.operands[1:]]
+    if c not in weights or types[c].dtype is not DType.I32 or any(v is None or np.asarray(v).size != 1 for v in scalars):
+        return None
+    mult, shift = (int(np.asarray(v).reshape(())) for v in scalars)
+    low, high = _DATA[config.data_bits].value_range
+    values = np.asarray(weights[c], np.int64)
+    if not 0 <= shift <= 62 or mult != 1 << shift or values.size and (values.min() < low or values.max() > high):
+        return None
+    try:
+        return (cast, add, back), np.broadcast_to(values, types[req.result].shape)
+    except ValueError:
+        return None
 
 
 def _fits_lanes(values, config: AccelConfig) -> bool:

@@ -6,7 +6,8 @@ requant). Row blocks of activations stay resident in ABUF (a group of as many ro
 ABUF holds, less one slot to load the next group's into; when one row block does not fit,
 its chunks stream); the weight chunks stream through a BBUF ring (double buffering: the next
 chunks load while the array computes), the requantization params through a PBUF ring, and
-results leave through an OBUF ring, one store per run of row blocks of one column tile. Tile
+results leave through an OBUF ring, one store per run of row blocks of one column tile (a
+linear's addend tiles through two OBUF slots after it). Tile
 order: row group, column group (the column tiles whose chunks fill half the ring), row
 block, column tile: a weight chunk is loaded once per row group. A layer whose program
 exceeds the program memory is split into several sections (each loads what it needs)."""
@@ -56,7 +57,10 @@ def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig, tiled: int = 0,
     row_blocks = math.ceil(layer.m / rows)
     # with more row blocks than slots, one slot stays free: the next group starts loading early
     group = (row_blocks if row_blocks <= a_slots else a_slots - (a_slots > 2)) if resident else row_blocks
-    batch = min(group, max(1, config.obuf_depth // (2 * rows)))
+    obuf = config.obuf_depth - (2 * rows if layer.addend is not None else 0)  # two slots of addend rows after
+    if obuf < rows:
+        raise Unsupported(f"OBUF ({config.obuf_depth} words) holds no requantized tile beside two of addends")
+    batch = min(group, max(1, obuf // (2 * rows)))
     free = config.pbuf_depth - len(layer.gelu or layer.softmax)  # constants sit at PBUF's top
     if layer.softmax:  # two slots of a row block's scores (and of its masks) in PBUF, of its probabilities in OBUF
         words = rows * math.ceil(layer.n / config.cols)
@@ -66,7 +70,7 @@ def choose_tiling(layer: Layer, plan: Plan, config: AccelConfig, tiled: int = 0,
     elif free < 3:
         raise Unsupported(f"PBUF ({config.pbuf_depth} words) holds no requantization group besides the constants")
     return Tiling(resident, a_size, a_slots, b_size, min(config.bbuf_depth // b_size, _MAX_SLOTS),
-                  min(free // 3, _MAX_SLOTS), group, batch, min(config.obuf_depth // (batch * rows), _MAX_SLOTS))
+                  min(free // 3, _MAX_SLOTS), group, batch, min(obuf // (batch * rows), _MAX_SLOTS))
 
 
 def tile_order(layer: Layer, plan: Plan, tiling: Tiling, config: AccelConfig) -> list[tuple[int, int, int]]:

@@ -159,7 +159,7 @@ class AccelExecutor(NumpyExecutor):
         inputs, outputs = self.program.transfers(sections)
         for t in inputs:
             value = env[t.values[0]]
-            data = encode(t.layout, value.reshape(t.shape), config)
+            data = encode(t.layout, t.stored(value), config)
             dram[t.region.byte_slice(config)] = data
             self.stats.link_bytes += len(data)
         for section in sections:
@@ -181,5 +181,5 @@ class AccelExecutor(NumpyExecutor):
             out, data = types[t.values[0]], bytes(dram[t.region.byte_slice(config)])
             self.stats.link_bytes += 0 if t.region.start in on_chip else len(data)
             # C order, as the numpy reference holds it: BLAS sums a transposed view in another order
-            env[t.values[0]] = decode(t.layout, data, t.shape, config).reshape(out.shape).astype(out.dtype.numpy,
-                                                                                                 order="C")
+            env[t.values[0]] = t.value(decode(t.layout, data, t.shape, config)).reshape(out.shape).astype(
+                out.dtype.numpy, order="C")

@@ -337,6 +337,23 @@ def test_artifact_round_trip(small_program, tmp_path):
     assert listing.count("\nhalt\n") == len(small_program.sections)
 
 
+def test_artifact_round_trip_keeps_row_orders():
+    """A sequence-first value stored batch-first (`DramTensor.rows`) reads back as it was; a
+    `rows` that is not an order of the tensor's rows is refused, naming where it is."""
+    model, inputs = built("transformer-encoder")
+    program = generate(tcc.compile(model, inputs, pipeline="quantize,int-nonlinear").graph, ROOMY)
+    files = program.to_files()
+    assert AccelProgram.from_files(files) == program
+    at = next((i, j) for i, s in enumerate(program.sections) for j, t in enumerate(s.outputs) if t.rows)
+
+    def repeat_a_row(meta):
+        rows = meta["sections"][at[0]]["outputs"][at[1]]["rows"]
+        rows[1] = rows[0]
+
+    with pytest.raises(ValueError, match=rf"sections\[{at[0]}\].outputs\[{at[1]}\].rows: not an order"):
+        AccelProgram.from_files(corrupt_json(files, repeat_a_row))
+
+
 def corrupt_json(files: dict, edit) -> dict:
     import json
     meta = json.loads(files["sections.json"])
@@ -541,10 +558,11 @@ ROOMY = dataclasses.replace(SMALL, abuf_depth=256, bbuf_depth=128, obuf_depth=12
 
 def test_integer_encoder_layers_run_on_the_accelerator():
     """After quantize and int-nonlinear, everything arithmetic in the encoder layers runs on the
-    accelerator: linears, Q K^T -> int_softmax, P V -> requantize, residual add -> int_layer_norm.
-    Left to the host: float <-> integer conversions, layout ops (data movement) and the float ops
-    outside the layers; no rescale (the FFN's first linear takes its relu's range, the one the
-    second linear reads)."""
+    accelerator: linears, Q K^T -> int_softmax, P V -> requantize, residual add -> int_layer_norm,
+    and the layers chain on chip, layout ops included (`nn.MultiheadAttention` works sequence
+    first: its linears read their inputs as they lie, P V writes the merge batch-first). Left
+    to the host: float <-> integer conversions and the mean pooling before the head; no
+    rescale (the FFN's first linear takes its relu's range, the one the second linear reads)."""
     model, inputs = built("transformer-encoder")
     graph = tcc.compile(model, inputs, pipeline="quantize,int-nonlinear").graph
     program = generate(graph, ROOMY)
@@ -555,15 +573,9 @@ def test_integer_encoder_layers_run_on_the_accelerator():
     assert set(host) <= {"quantize", "dequantize", "add", "mean", "cast", "requantize"} | set(LAYOUT_OPS)
     # the positions' add after the embedding linear: the linear's section adds them (vadd)
     assert host["cast"] == host["requantize"] == host["add"] == 0
-    layout = [h for h in program.host_ops if h.kind in LAYOUT_OPS]
-    # an integer one feeding only layers (head split and merge, a host value's layout for a
-    # layer): addressing in the host's transfer, no op of its own
-    users, types = graph.users(), graph.types
-    for h in layout:
-        into_layers = not types[h.result].dtype.is_float and \
-            all(u.result in placed or u.result in {m.result for m in layout if m.moved} for u in users[h.result])
-        assert h.moved == into_layers and ("addressing" if h.moved else "data movement") in h.reason, h
-    assert any(h.moved for h in layout)
+    assert not [h for h in program.host_ops if h.kind in LAYOUT_OPS]
+    assert [[s.ops[-1] for s in call][-1] for call in program.calls()] == ["layer_norm_3.i", "linear_9.q"]
+    assert any(t.rows for s in program.sections for t in s.outputs)  # sequence-first values stored batch-first
     run = timing(graph, ROOMY)
     priced = cycle_model_host(graph, ROOMY)
     assert {op.result for op in priced} == {h.result for h in program.host_ops if not h.moved and not h.converted}
@@ -611,15 +623,15 @@ def test_pre_norm_residual_stream_stays_on_chip():
 def test_host_ops_are_placed_at_the_edges_or_between_calls():
     """`host_places`: the integer encoder's input quantize and its output's dequantize are the
     model's edges; the mean pooling before the head (and its conversions) reads one call's
-    output and feeds the next (between); layout
-    ops the transfer does are addressing. Checked against the dataflow: an op is between exactly
-    when a section output reaches it and it reaches a section input, through host ops."""
+    output and feeds the next (between); no layout op is left to the host (the layers chain on
+    chip). Checked against the dataflow: an op is between exactly when a section output reaches
+    it and it reaches a section input, through host ops."""
     model, inputs = built("transformer-encoder")
     graph = tcc.compile(model, inputs, pipeline="quantize,int-nonlinear").graph
     program = generate(graph, ROOMY)
     places = host_places(graph, program)
     kinds = {h.result: h.kind for h in program.host_ops}
-    assert set(places) == set(kinds) and set(places.values()) == {"edge", "between", "addressing"}
+    assert set(places) == set(kinds) and set(places.values()) == {"edge", "between"}
     assert {kinds[r] for r, p in places.items() if p == "between"} == {"dequantize", "quantize", "mean"}
     assert [places[op.result] for op in graph.ops if op.kind == "quantize" and op.operands[0] in graph.input_names] \
         == ["edge"]

@@ -234,12 +234,30 @@ class DramAllocator:
 @dataclass(frozen=True)
 class DramTensor:
     """A tensor in DRAM: the IR values it holds (params: bias, multiplier, shift, with "" for
-    no bias), its layout, its shape in that layout (2-D, or a batch of 2-D) and its region."""
+    no bias), its layout, its shape in that layout (2-D, or a batch of 2-D) and its region.
+    `rows`: where the value's rows (its last dim, over all leading dims in order) lie, when a
+    row-wise layer left them in its input's order (a sequence-first value stored batch-first);
+    empty: in order."""
 
     values: tuple[str, ...]
     layout: Layout
     shape: tuple[int, ...]
     region: Region
+    rows: tuple[int, ...] = ()
+
+    def stored(self, value: np.ndarray) -> np.ndarray:
+        """`value` (its elements in order) as the tensor lies in DRAM, in `shape`."""
+        value = np.asarray(value).reshape(-1, self.shape[-1])
+        if self.rows:
+            out = np.empty_like(value)
+            out[list(self.rows)] = value
+            value = out
+        return value.reshape(self.shape)
+
+    def value(self, stored: np.ndarray) -> np.ndarray:
+        """The value's elements in order (rows of the last dim) from the tensor as it lies."""
+        stored = np.asarray(stored).reshape(-1, self.shape[-1])
+        return stored[list(self.rows)] if self.rows else stored
 
 
 @dataclass(frozen=True)
@@ -397,7 +415,7 @@ _TENSORS = ("inputs", "resident", "constants", "outputs")  # a section's DRAM te
 
 def _tensor_json(t: DramTensor) -> dict:
     return {"values": list(t.values), "layout": t.layout.value, "shape": list(t.shape),
-            "region": [t.region.start, t.region.words]}
+            "region": [t.region.start, t.region.words], **({"rows": list(t.rows)} if t.rows else {})}
 
 
 class _Invalid(Exception):
@@ -495,5 +513,11 @@ def _parse_tensor(raw: Any, where: str, config: AccelConfig, image_words: int) -
     if region.words != dram_words(layout, shape, config):  # type: ignore[arg-type]
         raise _Invalid(f"{where}.region: {region.words} words, its layout needs "
                        f"{dram_words(layout, shape, config)} for shape {list(shape)}")  # type: ignore[arg-type]
+    rows = ()
+    if isinstance(raw, dict) and "rows" in raw:
+        count = math.prod(shape[:-1])
+        rows = _ints(raw, "rows", len(_get(raw, "rows", list, where)), where)
+        if sorted(rows) != list(range(count)):
+            raise _Invalid(f"{where}.rows: not an order of the tensor's {count} rows")
     return DramTensor(tuple(_get(values, j, str, f"{where}.values") for j in range(len(values))), layout,
-                      shape, region)  # type: ignore[arg-type]
+                      shape, region, tuple(rows))  # type: ignore[arg-type]

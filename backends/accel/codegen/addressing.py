@@ -14,7 +14,10 @@ order, each on the tail of the one before. A matmul's right operand is activatio
 (`channel_blocks`: V's heads). The other way round, `merge_heads` has P V write its heads where
 the head merge puts them: one 2-D tensor of the batch's rows, each head a run of channel blocks,
 which the out-projection reads as plain activations (whatever the rows per head: 17 or 50 rows
-split no row block)."""
+split no row block); a sequence-first merge is those rows in another order (`DramTensor.rows`).
+A row-wise layer (a linear) whose input is its source's rows reordered reads the source as it
+lies and leaves its own rows in that order (`row_order`), so sequence-first attention (torch's
+`nn.MultiheadAttention`) chains without a host round trip."""
 
 from __future__ import annotations
 
@@ -132,8 +135,9 @@ class Reads:
 
 def source(value: str, producer: Mapping[str, Op], resident: Mapping[str, DramTensor]) -> Found | None:
     """The section output `value` is read from (itself, or through layout ops; `producer`:
-    `graph.producer()`), the source element of each of `value`'s elements (flat indices, in
-    `value`'s shape), and the layout ops in graph order; None when there is none."""
+    `graph.producer()`), the source element of each of `value`'s elements (flat indices into
+    the source as it lies in DRAM, in `value`'s shape), and the layout ops in graph order; None
+    when there is none."""
     chain = []
     while value not in resident:
         op = producer.get(value)
@@ -142,7 +146,8 @@ def source(value: str, producer: Mapping[str, Op], resident: Mapping[str, DramTe
         chain.append(op)
         value = op.operands[0]
     shape = producer[value].type.shape  # a section output: an op's result
-    index = np.arange(math.prod(shape)).reshape(shape)
+    rows, width = resident[value].rows, shape[-1]
+    index = (np.asarray(rows)[:, None] * width + np.arange(width) if rows else np.arange(math.prod(shape))).reshape(shape)
     for op in reversed(chain):
         index = np.asarray(REFERENCE[op.kind](index, **op.attr_dict))
     return resident[value], index, tuple(reversed(chain))
@@ -192,6 +197,22 @@ def activations(found: Found, batch: int, m: int, k: int, align: int, config: Ac
     return InPlace(t, ops, tuple(pieces), tuple(shifts), words, math.ceil(m / side))
 
 
+def row_order(found: Found, m: int, k: int) -> tuple[Found, tuple[int, ...]] | None:
+    """A row-wise layer's [m, k] input that is the source's rows reordered, whole (a sequence-first
+    view of a batch-first tensor): the layer reads the source as it lies, so its own rows come
+    out in the source's order. (`found` read as it lies, where each of the layer's rows lies)
+    or None (in order already, or not whole rows)."""
+    t, index, ops = found
+    if index.size != m * k or math.prod(t.shape) != m * k or t.shape[-1] != k:
+        return None
+    index = index.reshape(m, k)
+    rows = index[:, 0] // k
+    if np.array_equal(rows, np.arange(m)) or not np.array_equal(index, rows[:, None] * k + np.arange(k)) or \
+            not np.array_equal(np.sort(rows), np.arange(m)):
+        return None
+    return (t, np.arange(m * k).reshape(found[1].shape), ops), tuple(int(r) for r in rows)
+
+
 def channel_blocks(found: Found, batch: int, k: int, n: int, config: AccelConfig) -> Blocks | None:
     """How a matmul's right operand ([k, n] per product) reads `found` (`source`'s answer) in
     place by plain loads, or None: an outputs layout, operand row i the source's row i, its n
@@ -222,11 +243,19 @@ def merge_heads(layer: Layer, graph: Graph, users: Mapping[str, list[Op]], confi
         return layer
     heads, outputs = t.shape[-3], set(graph.outputs)
     merged = np.arange(t.numel).reshape(-1, heads, layer.m, layer.n).transpose(0, 2, 1, 3).reshape(-1)
+    where = np.empty_like(merged)
+    where[merged] = np.arange(t.numel)  # each product element's place in the merged tensor
+    width = heads * layer.n
     index, value, chain = np.arange(t.numel).reshape(t.shape), layer.out, []
     while value not in outputs and len(after := users.get(value, [])) == 1 and after[0].kind in ADDRESSING:
         op = after[0]
         index, value = np.asarray(REFERENCE[op.kind](index, **op.attr_dict)), op.result
         chain.append(op)
-        if index.size == t.numel and index.shape[-1] == heads * layer.n and np.array_equal(index.reshape(-1), merged):
-            return dataclasses.replace(layer, ops=layer.ops + tuple(chain), out=value, heads=heads)
+        if index.size != t.numel or index.shape[-1] != width:
+            continue
+        placed = where[index.reshape(-1, width)]
+        rows = placed[:, 0] // width
+        if np.array_equal(placed, rows[:, None] * width + np.arange(width)):  # whole merged rows, in any order
+            order = () if np.array_equal(rows, np.arange(len(rows))) else tuple(int(r) for r in rows)
+            return dataclasses.replace(layer, ops=layer.ops + tuple(chain), out=value, heads=heads, out_rows=order)
     return layer

@@ -14,7 +14,7 @@ import numpy as np
 from ..config import AccelConfig
 from ..isa import Buffer, Opcode, Unit
 from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
-from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks
+from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks, row_order
 from .emit import Builder
 from .match import Layer, Residual, Unsupported
 from .schedule import Node, schedule
@@ -90,12 +90,17 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     implement); `rows`: its output in the rows layout (what a residual add reads; sstores a
     row's words apart), where the sstore's step fits."""
     plan = weight_plan(layer, config)
+    out_rows = layer.out_rows
+    if layer.kind == "linear" and found[0] is not None and (reordered := row_order(found[0], layer.m, layer.k)):
+        found, out_rows = (reordered[0], found[1]), reordered[1]  # its rows in its source's order
     reads = _reads(layer, plan, config, *found)
     tiled_w = reads.y.words if isinstance(reads.y, InPlace) else 0
     tiling = choose_tiling(layer, plan, config, reads.x.words if reads.x else 0, tiled_w)
     if reads.x is not None and not tiling.resident:  # streamed chunks of a row: from the activations layout
         reads = Reads(None, reads.y)
         tiling = choose_tiling(layer, plan, config, 0, tiled_w)
+    if reads.x is None and layer.kind == "linear":
+        out_rows = ()  # the host writes its input in order
     tensors = {}
     try:
         rows = rows and math.ceil(layer.n / config.cols) * config.beats(Buffer.OBUF) <= MAX_COUNT
@@ -105,6 +110,9 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
                                                                  config)
     except ValueError as e:
         raise Unsupported(f"the DRAM is full: {e}") from None
+    tensors["out"] = dataclasses.replace(tensors["out"], rows=out_rows)
+    if "addend" in tensors:
+        tensors["addend"] = dataclasses.replace(tensors["addend"], rows=out_rows)
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
                  layer.addend is not None,
                  layer.mask_shape, layer.heads, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling,
@@ -156,7 +164,8 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
         words = np.repeat(np.asarray(layer.gelu or layer.softmax, np.int64)[:, None], config.cols, axis=1)
         images.append((tensors["constants"].region, encode(Layout.PARAM_WORDS, words, config)))
     if "addend" in tensors:
-        images.append((tensors["addend"].region, encode(Layout.OUTPUTS, layer.addend, config)))
+        images.append((tensors["addend"].region, encode(Layout.OUTPUTS, tensors["addend"].stored(layer.addend),
+                                                        config)))
     return sections, images
 
 

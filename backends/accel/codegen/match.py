@@ -64,6 +64,7 @@ class Layer:
     mask_index: tuple[int, ...] = ()  # per product of the batch, the mask's leading index it reads
     heads: int = 0  # a matmul whose output the head merge joins (`addressing.merge_heads`): `out` is the merged value
     addend: np.ndarray | None = field(default=None, compare=False)  # [m, n] constants vadd adds after requantize
+    out_rows: tuple[int, ...] = ()  # merged heads: where the merged value's rows lie (`DramTensor.rows`)
 
     @property
     def kind(self) -> str:

@@ -7,7 +7,9 @@ they stand (`codegen.host_places`: at the model's edges, between two calls, or a
 the transfer does), and the accelerator's cycles against its busiest unit's busy cycles (the
 overlap the schedule leaves; target 1.15x). Each model dense and hp-pruned (one-shot, the
 target's tile as the block) at each of `--sparsities`; `transformer-encoder` is the digits
-encoder's architecture.
+encoder's architecture. Where the target's pipeline ends in int-nonlinear, `int8 ms` is the
+same model without it (softmax, layer norm, GELU in float on the host): the fully integer
+model must be the faster.
 
     .venv/bin/python benchmarks/host_share.py [--target fpga-medium] [--sparsities 0,0.9]
         [--models speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4,transformer-encoder]
@@ -43,7 +45,7 @@ def main() -> None:
     print(f"{target.name}: {target.pipeline}; host {target.device.host}; targets: host <= {HOST_TARGET:.0%}, "
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
     print(f"{'model':<26}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
-          f"{'edge/between/addr':>19}{'vs busiest':>12}")
+          f"{'edge/between/addr':>19}{'vs busiest':>12}{'int8 ms':>9}")
     for name, sparsity in ((n, float(s)) for n in args.models.split(",") for s in args.sparsities.split(",")):
         model, inputs = zoo.build(name)
         graph, signature, examples, _source = lower(model, inputs)
@@ -54,6 +56,10 @@ def main() -> None:
         passes = parse_pipeline(pipeline)
         lowered = target.lower(run_pipeline(graph, passes, ctx), after=passes)
         cost = target.cost(lowered, devices)
+        int8 = ""
+        if pipeline.endswith(",int-nonlinear"):
+            floats = parse_pipeline(pipeline.removesuffix(",int-nonlinear"))
+            int8 = f"{target.cost(target.lower(run_pipeline(graph, floats, ctx), after=floats), devices).latency_s * 1e3:.3f}"
         program = generate(lowered, target.accel)
         places = Counter(host_places(lowered, program).values())
         busy = Counter()
@@ -65,7 +71,7 @@ def main() -> None:
         print(f"{label:<26}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
               f"{ms['host'] / (cost.latency_s * 1e3):>8.0%}{len(program.calls()):>7}"
               f"{places['edge']:>9}/{places['between']}/{places['addressing']:<6}"
-              f"{cycles / max(busy.values()):>11.2f}x")
+              f"{cycles / max(busy.values()):>11.2f}x{int8:>9}")
 
 
 if __name__ == "__main__":

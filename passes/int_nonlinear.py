@@ -451,12 +451,14 @@ class _Converter:
         return True
 
     def _offset(self, op: Op, x: _Int, constant: str) -> bool:
-        """`x + c` for x a requantized product and c a float constant, where what reads the sum
+        """`x + c` for x a requantized product (relu'd or not) and c a float constant, where what reads the sum
         takes it at x's own step and dtype (`quantize` gives a linear adding a constant the
         sum's step): c's integers at that
         step (saturated to the dtype) added in i32 and saturated back, the saturating integer
         add of the vector unit's `vadd` after the linear's requantize."""
         dtype, source = self.dtype(x), self.rw.producer(x.value)
+        if source is not None and source.kind == "relu":  # a conv front end's: fused into its requantize
+            source = self.rw.producer(source.operands[0])
         if dtype not in _NARROW or source is None or source.kind != "requantize" or \
                 self._reader_quant(op.result) != (dtype, x.scale):
             return False

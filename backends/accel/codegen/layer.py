@@ -21,6 +21,7 @@ from .schedule import Node, schedule
 from .tiling import Tiling, choose_tiling, tile_order
 from .weights import MAX_COUNT, Plan, weight_plan
 
+CHUNKS = 8  # a residual add and norm section's row chunks, at least
 TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its sections (`timing`)
 
 
@@ -248,7 +249,7 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
     operands load into OBUF (a wide `b`, a pre-norm stream, into PBUF), per row vresadd into
     PBUF and vlayernorm back into OBUF, a store per chunk (and of the sums from PBUF, where
     `layer.stream` keeps them); two slots of everything, so the next chunk loads while this one
-    runs. A norm alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads
+    runs (`CHUNKS` chunks at least, so load and store overlap the rows). A norm alone (`layer.b` empty) loads its rows straight into PBUF, and vlayernorm reads
     them there. An operand an earlier section left in the layout it reads (`resident`) is read
     where it lies; a constant `b` (position embeddings) lies in the DRAM image."""
     words = math.ceil(layer.n / config.cols)
@@ -260,7 +261,9 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
     obuf_rows = 2 * (3 - layer.wide) if add else 2
     pbuf_rows = 2 * (layer.wide + keep) if add else 2
     sums = 0 if keep or not add else 2 * words
-    chunk = min(layer.m, config.obuf_depth // (obuf_rows * words), MAX_COUNT // words,
+    # at least CHUNKS chunks where there are rows enough: the first chunk's load is all the
+    # vector unit waits for, the store of the last all that follows it
+    chunk = min(math.ceil(layer.m / CHUNKS), config.obuf_depth // (obuf_rows * words), MAX_COUNT // words,
                 *((free - sums) // (pbuf_rows * words),) if pbuf_rows else ())
     if chunk < 1 or free < sums:
         raise Unsupported(f"rows of {layer.n} values do not fit OBUF ({obuf_rows} x {words} words) or PBUF "

@@ -121,7 +121,7 @@ def _match(op: Op, graph: Graph, users: dict[str, list[Op]], config: AccelConfig
         return f"its requantize multiplier does not fit {config.acc_bits} bits or its shift [0, 62]"
     ops, out, relu, gelu = _epilogue(req, graph, users, config)
     addend = None
-    if not relu and not gelu and (found := _addend(req, graph, users, config)) is not None:
+    if not gelu and (found := _addend(ops[-1], graph, users, config)) is not None:
         ops, out, addend = ops + found[0], found[0][-1].result, found[1].reshape(m, n)
     binary = x_type.dtype is DType.B1 and types[w].dtype is DType.B1
     return Layer((op,) + ops, x, out, weight, np.stack([bias, mult, shift]), (b or "", mult_name, shift_name), relu,
@@ -148,9 +148,10 @@ def _epilogue(req: Op, graph: Graph, users, config: AccelConfig) -> tuple[tuple[
 
 
 def _addend(req: Op, graph: Graph, users, config: AccelConfig) -> tuple[tuple[Op, ...], np.ndarray] | None:
-    """`requantize(add(cast(req), c), identity)` to `data_bits`, c an i32 constant within the
-    data lanes that broadcasts to the output (positions after an input projection): the
-    saturating add `vadd` runs after requantize. (its ops, c broadcast to the output) or None."""
+    """`requantize(add(cast(req), c), identity)` to `data_bits` after the requantize (or its
+    relu) `req`, c an i32 constant within the data lanes that broadcasts to the output
+    (positions after an input projection): the saturating add `vadd` runs after requantize.
+    (its ops, c broadcast to the output) or None."""
     types, weights, outputs = graph.types, graph.weights, set(graph.outputs)
 
     def only(value: str, kind: str) -> Op | None:

@@ -9,7 +9,9 @@ overlap the schedule leaves; target 1.15x). Each model dense and hp-pruned (one-
 target's tile as the block) at each of `--sparsities`; `transformer-encoder` is the digits
 encoder's architecture. Where the target's pipeline ends in int-nonlinear, `int8 ms` is the
 same model without it (softmax, layer norm, GELU in float on the host): the fully integer
-model must be the faster.
+model must be the faster. Then where the vector unit's cycles go, per model: by instruction,
+and the share that is a row instruction's fixed cost (`isa.PASSES`: a layer norm's or a
+softmax's divisions and square root, per row whatever its length).
 
     .venv/bin/python benchmarks/host_share.py [--target fpga-medium] [--sparsities 0,0.9]
         [--models speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4,transformer-encoder]
@@ -22,6 +24,7 @@ from collections import Counter
 
 from tcc import zoo
 from tcc.backends.accel.codegen import generate, host_places
+from tcc.backends.accel.isa import PASSES, Opcode, Unit
 from tcc.model import example_arrays, example_dataset, lower
 from tcc.passes import PassContext, parse_pipeline, run_pipeline
 from tcc.runtime.torch_executor import TorchExecutor
@@ -46,6 +49,7 @@ def main() -> None:
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
     print(f"{'model':<26}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
           f"{'edge/between/addr':>19}{'vs busiest':>12}{'int8 ms':>9}")
+    vector_rows = []
     for name, sparsity in ((n, float(s)) for n in args.models.split(",") for s in args.sparsities.split(",")):
         model, inputs = zoo.build(name)
         graph, signature, examples, _source = lower(model, inputs)
@@ -66,12 +70,31 @@ def main() -> None:
         for section in program.sections:
             busy.update(section.busy(target.accel))
         cycles = sum(s.cycles for s in program.sections)
+        if not sparsity:
+            vector_rows.append((name, vector_cycles(program, target.accel)))
         ms = {k: v * 1e3 for k, v in cost.parts.items()}
         label = f"{name} hp{round(100 * sparsity)}" if sparsity else name
         print(f"{label:<26}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
               f"{ms['host'] / (cost.latency_s * 1e3):>8.0%}{len(program.calls()):>7}"
               f"{places['edge']:>9}/{places['between']}/{places['addressing']:<6}"
               f"{cycles / max(busy.values()):>11.2f}x{int8:>9}")
+    print("\nthe vector unit's busy cycles, dense: by instruction (% of its busy cycles); fixed: row "
+          "instructions' fixed cycles")
+    for name, (by_op, fixed) in vector_rows:
+        total = sum(by_op.values())
+        shares = ", ".join(f"{op} {n / total:.0%}" for op, n in by_op.most_common() if n / total >= 0.01)
+        print(f"{name:<26}{total:>9,} cycles: {shares}; fixed {fixed / total:.0%}")
+
+
+def vector_cycles(program, config) -> tuple[Counter, int]:
+    """The vector unit's busy cycles by mnemonic, and how many are row instructions' fixed cost."""
+    by_op, fixed = Counter(), 0
+    for section in program.sections:
+        for ins in section.program:
+            if ins.unit is Unit.VECTOR and ins.op is not Opcode.HALT:
+                by_op[ins.mnemonic] += ins.occupancy(config)
+                fixed += PASSES.get(ins.op, (0, 0))[1]
+    return by_op, fixed
 
 
 if __name__ == "__main__":

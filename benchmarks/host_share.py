@@ -10,10 +10,10 @@ target's tile as the block) at each of `--sparsities`; `transformer-encoder` is 
 encoder's architecture. Where the target's pipeline ends in int-nonlinear, `int8 ms` is the
 same model without it (softmax, layer norm, GELU in float on the host): the fully integer
 model must be the faster. Then where the vector unit's cycles go, per model: by instruction,
-and the share that is a row instruction's fixed cost (`isa.PASSES`: a layer norm's or a
+and the share that is a row instruction's fixed cost (`isa.passes`: a layer norm's or a
 softmax's divisions and square root, per row whatever its length).
 
-    .venv/bin/python benchmarks/host_share.py [--target fpga-medium] [--sparsities 0,0.9]
+    .venv/bin/python benchmarks/host_share.py [--target fpga-medium] [--accel KEY=VALUE,...] [--sparsities 0,0.9]
         [--models speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4,transformer-encoder]
 """
 
@@ -24,7 +24,7 @@ from collections import Counter
 
 from tcc import zoo
 from tcc.backends.accel.codegen import generate, host_places
-from tcc.backends.accel.isa import PASSES, Opcode, Unit
+from tcc.backends.accel.isa import Opcode, Unit, passes
 from tcc.model import example_arrays, example_dataset, lower
 from tcc.passes import PassContext, parse_pipeline, run_pipeline
 from tcc.runtime.torch_executor import TorchExecutor
@@ -41,11 +41,13 @@ def main() -> None:
     parser.add_argument("--models", default="speech-transformer,whisper-encoder,conformer,hf-vit,hf-bert,tinybert4,"
                                             "transformer-encoder")
     parser.add_argument("--sparsities", default="0,0.9", help="hp-prune sparsities, 0: dense")
+    parser.add_argument("--accel", help="accelerator config overrides, as tcc compile's (e.g. divider_steps=8)")
     args = parser.parse_args()
     catalog = load_catalog()
-    target = catalog[args.target]
+    target = catalog[args.target].with_accel(args.accel)
     devices = cost_devices({target.name: target, target.device.host: catalog[target.device.host]})
-    print(f"{target.name}: {target.pipeline}; host {target.device.host}; targets: host <= {HOST_TARGET:.0%}, "
+    print(f"{target.name}{f' ({args.accel})' if args.accel else ''}: {target.pipeline}; host {target.device.host}; "
+          f"targets: host <= {HOST_TARGET:.0%}, "
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
     print(f"{'model':<26}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
           f"{'edge/between/addr':>19}{'vs busiest':>12}{'int8 ms':>9}")
@@ -88,12 +90,12 @@ def main() -> None:
 
 def vector_cycles(program, config) -> tuple[Counter, int]:
     """The vector unit's busy cycles by mnemonic, and how many are row instructions' fixed cost."""
-    by_op, fixed = Counter(), 0
+    by_op, fixed, budget = Counter(), 0, passes(config)
     for section in program.sections:
         for ins in section.program:
             if ins.unit is Unit.VECTOR and ins.op is not Opcode.HALT:
                 by_op[ins.mnemonic] += ins.occupancy(config)
-                fixed += PASSES.get(ins.op, (0, 0))[1]
+                fixed += budget.get(ins.op, (0, 0))[1]
     return by_op, fixed
 
 

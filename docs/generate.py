@@ -316,6 +316,14 @@ class _Sym:
             return self
         return _Sym(f"{other} * {self._wrap(self, _MUL)}", _MUL)
 
+    def __rfloordiv__(self, other):  # the ISA divides by config fields only where the division is exact
+        return _Sym(f"{other} / {self._wrap(self, _ATOM)}", _MUL)
+
+    __rtruediv__ = __rfloordiv__
+
+    def __ceil__(self):
+        return _Sym(f"ceil({self.text})")
+
     def _refuse(self, *other):
         raise TypeError(f"the ISA branches on the value of '{self.text}': docs/isa.md cannot show that as a "
                         "formula (extend docs/generate.py)")
@@ -511,7 +519,9 @@ def isa_reference() -> str:
     out += ["## Timing", "",
             "Occupancy and duration per opcode are in the [opcode table](#opcodes) (from `isa.occupancy`, "
             "`isa.drain` and `isa.duration`). `drain`: " + _one_line(_doc(isa.drain)) + " The row and lane "
-            "nonlinearities take `per word x n + fixed` cycles (`isa.PASSES`):", "",
+            "nonlinearities take `per word x n + fixed` cycles (`isa.passes`; at the default `divider_steps`, "
+            "`isa.PASSES`; the row ops' fixed cycles hold their divisions, `isa.divider_cycles`, and vlayernorm's "
+            "square root, `isa.sqrt_cycles`):", "",
             _table(("opcode", "cycles per word", "fixed cycles"), rows), ""]
 
     text, words = _assembly_example()

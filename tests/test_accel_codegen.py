@@ -303,6 +303,26 @@ def test_layouts_round_trip(layout, shape, rows, cols, dram_bits, seed):
     np.testing.assert_array_equal(decode(layout, data, shape, config), want)
 
 
+@SETTINGS
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), width=st.integers(1, 7),
+       seed=st.integers(0, 1000))
+def test_row_orders_round_trip(lead, width, seed):
+    """`DramTensor.rows`: the value's row r lies at stored row rows[r]; `value` undoes `stored`,
+    and the identity order changes nothing."""
+    rng = np.random.default_rng(seed)
+    value = rng.integers(-100, 100, lead + (width,))
+    count = int(np.prod(lead))
+    rows = tuple(int(r) for r in rng.permutation(count))
+    t = DramTensor(("v",), Layout.ROWS, (count, width), Region(0, 0), rows)
+    stored = t.stored(value)
+    assert stored.shape == (count, width)
+    for r in range(count):
+        np.testing.assert_array_equal(stored[rows[r]], value.reshape(count, width)[r])
+    np.testing.assert_array_equal(t.value(stored).reshape(value.shape), value)
+    plain = DramTensor(("v",), Layout.ROWS, (count, width), Region(0, 0))
+    np.testing.assert_array_equal(plain.stored(value), value.reshape(count, width))
+
+
 def test_layouts_put_words_where_the_codegen_loads_them():
     config = AccelConfig(rows=2, cols=3, dram_bits=8)  # ABUF word: 2 bytes, BBUF word: 3 bytes
     x = np.arange(15).reshape(5, 3)  # [M=5, K=3]: 3 row blocks of 3 words

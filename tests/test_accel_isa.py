@@ -105,6 +105,7 @@ def test_config_banks_and_units():
                           ("abuf_banks=x", "abuf_banks must be a number, got 'x'"),
                           ("abuf_banks=0", "abuf_banks must be at least 1, got 0"),
                           ("abuf_banks=6", "abuf_banks must be a power of two, got 6"),
+                          ("divider_steps=3", "divider_steps must be 1, 2, 4 or 8"),
                           ("abuf_banks=256", r"abuf_banks must be at most 128, got 256"),
                           ("abuf_depth=100,abuf_banks=8", r"abuf_depth \(100\) must be a multiple of abuf_banks \(8\)"),
                           ("vector_uni=0", "unknown field 'vector_uni'; did you mean 'vector_unit'")]:

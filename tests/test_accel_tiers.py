@@ -14,7 +14,7 @@ import pytest
 import tcc
 from conftest import assert_tiers_agree, built, need
 from tcc.backends.accel.codegen import host_places
-from tcc.backends.accel.isa import Buffer, Opcode
+from tcc.backends.accel.isa import Buffer, Opcode, passes
 from tcc.ir import DType
 from tcc.runtime.rtl import run_icarus, run_pyrtl, run_verilator
 from tcc.runtime.accel_executor import AccelExecutor, cycle_bound, simulate_section
@@ -73,12 +73,18 @@ def test_whole_compressed_integer_model_on_verilator(pipeline, units):
     assert_same_run("transformer-encoder", NONLINEAR_4X4, run_verilator, pipeline)
 
 
-@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_icarus, "iverilog")])
-def test_a_softmax_and_a_layer_norm_section_alone(runner, tool):
+@pytest.mark.parametrize("runner, tool, steps", [(run_pyrtl, None, 2), (run_icarus, "iverilog", 2),
+                                                 (run_pyrtl, None, 8),
+                                                 pytest.param(run_verilator, "verilator", 1, marks=pytest.mark.slow)])
+def test_a_softmax_and_a_layer_norm_section_alone(runner, tool, steps):
+    """The row ops on the RTL tiers, cycles included, with the divider and square root at
+    `divider_steps` iterations a cycle (the ISA's row costs follow: 6n + 83 at 2, 6n + 23 at 8)."""
     if tool:
         need(tool)
-    artifact, inputs = compiled("transformer-encoder", NONLINEAR_4X4, HP_INTEGER)
+    artifact, inputs = compiled("transformer-encoder", f"{NONLINEAR_4X4},divider_steps={steps}", HP_INTEGER)
     program, config = artifact.accel_program(), artifact.accel_program().config
+    assert passes(config)[Opcode.VLAYERNORM] == (6, {1: 162, 2: 83, 8: 23}[steps])
+    assert passes(config)[Opcode.VSOFTMAX] == (3, {1: 70, 2: 38, 8: 14}[steps])
     runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
     for op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM):
         section = next(i for i, s in enumerate(program.sections) if any(ins.op is op for ins in s.program))
@@ -106,7 +112,8 @@ def test_a_pre_norm_residual_section_alone(runner, tool):
     assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[wide[0]].note
 
 
-@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])
+@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None),
+                                          pytest.param(run_verilator, "verilator", marks=pytest.mark.slow)])
 def test_the_embeddings_sum_on_chip(runner, tool):
     """Hugging Face BERT's embeddings: the token rows gathered from the table quantized to i8 (the
     host's indexed copy into the transfer: addressing), the position and token-type embeddings a
@@ -133,7 +140,8 @@ def test_the_embeddings_sum_on_chip(runner, tool):
     assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, first.note
 
 
-@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])
+@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None),
+                                          pytest.param(run_verilator, "verilator", marks=pytest.mark.slow)])
 def test_positions_added_after_the_input_projection(runner, tool):
     """The digits encoder's `embed(images) + position` (post-norm: the sum feeds the first layer,
     no norm): quantize gives the projection and the sum one step, int-nonlinear makes the add a

@@ -61,6 +61,7 @@ class AccelConfig:
     sparse_unit: bool = True  # the HP sparse gather (spgemm) is present
     binary_unit: bool = True  # the PEs' XNOR-popcount mode (bgemm) is present
     nonlinear_unit: bool = True  # the vector unit's vacc/vsoftmax/vlayernorm/vgelu/vresadd datapaths
+    divider_steps: int = 2  # iterations a cycle of the row ops' divider and square root (1, 2, 4 or 8)
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -103,6 +104,9 @@ class AccelConfig:
             return f"pbuf_depth must hold a requantization group (3 words), got {self.pbuf_depth}"
         if not 1 <= self.clock_mhz <= 1000:
             return f"clock_mhz must lie in [1, 1000] (an FPGA fabric's clock), got {self.clock_mhz}"
+        if self.divider_steps not in (1, 2, 4, 8):
+            return f"divider_steps must be 1, 2, 4 or 8 (quotient bits a cycle of a 64-bit division), " \
+                   f"got {self.divider_steps}"
         if self.abuf_banks & (self.abuf_banks - 1):
             return f"abuf_banks must be a power of two, got {self.abuf_banks}"
         if self.abuf_banks > 128:
@@ -180,7 +184,9 @@ class AccelConfig:
         16 ABUF banks; both add tload's transposer (two tiles of `rows x rows` lanes, a register and
         a mux per bit). The coefficients are fit to yosys on the three shipped configs (8x8 without
         the nonlinearities, 16x16, 32x32 with 32 banks). BRAM36 is the memory bits at the density yosys'
-        mapping reaches. Extrapolations are rough."""
+        mapping reaches. `divider_steps` beyond the fitted 2 adds a 64-bit subtract and select per
+        step to the divider and to the square root (yosys: +3,472 LUT from 2 to 8 on the 16x16
+        config, about 580 a step). Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
         nonlinear = self.vector_unit and self.nonlinear_unit
@@ -193,8 +199,9 @@ class AccelConfig:
         # each PE's gathered operand picks one of `abuf_banks` words: the coefficients above hold
         # 16 banks; every bank beyond adds about 0.55 LUT per PE operand bit (fpga-large's 32)
         gather = self.sparse_unit * 0.552 * self.pes * self.data_bits * max(0, self.abuf_banks - 16)
+        divider = nonlinear * 580 * (self.divider_steps - 2)
         return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer
-                             + gather),
+                             + gather + divider),
                 "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer),
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}

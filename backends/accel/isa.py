@@ -79,11 +79,13 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
     the row (constants multiplier, shift, ln2, b, c, out_bits; lanes past `len` give 0); with
     `masked`, over the lanes whose lane in `PBUF[mask...]` is non-zero (the IR's mask: the
     others give 0, a row with none gives zeros); three passes over the row and a division:
-    `3n + 38` cycles (a mask word is read beside each row word).
+    `3n + 6 + D` cycles (a mask word is read beside each row word; `D = 64 / divider_steps`,
+    the divider's cycles: `3n + 38` at the default 2 steps a cycle).
   - `vlayernorm dst a n len param`: `OBUF[dst...] = int_layer_norm(PBUF[a...])` to
     `data_bits` (constants eps, shift; then `n` words of per-channel weights and `2n` of
-    biases, low `acc_bits` bits then high); `6n + 83` cycles (three passes over the row,
-    the last also reading its weights and both bias halves; two divisions, a square root).
+    biases, low `acc_bits` bits then high); `6n + 3 + 2D + Q` cycles (three passes over the
+    row, the last also reading its weights and both bias halves; two divisions, a square root
+    of `Q = ceil(31 / divider_steps)` cycles: `6n + 83` at 2 steps a cycle).
   - `vgelu dst a n param`: `OBUF[dst+i] = int_gelu(OBUF[a+i])` to `data_bits` lane by lane
     (constants multiplier, shift, clip, one, out_multiplier, out_shift); `n + 8` cycles.
   - `vresadd dst a b n param wide`: the residual add, `PBUF[dst+i] = rq(rq(OBUF[a+i]; m_a,
@@ -100,6 +102,7 @@ config (it is the array's output path).
 from __future__ import annotations
 
 import functools
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -253,8 +256,29 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
 # the array's output path and always there
 NONLINEAR_OPS = (Opcode.VACC, Opcode.VSOFTMAX, Opcode.VLAYERNORM, Opcode.VGELU, Opcode.VRESADD)
 VECTOR_OPS = (Opcode.VADD, Opcode.VMUL, Opcode.VRELU, Opcode.VMAX, Opcode.VSUM) + NONLINEAR_OPS
-# (cycles per word, fixed cycles) of the row and lane nonlinearities; constants each reads
-PASSES = {Opcode.VSOFTMAX: (3, 38), Opcode.VLAYERNORM: (6, 83), Opcode.VGELU: (1, 8), Opcode.VRESADD: (1, 8)}
+DIVIDER_BITS, SQRT_STEPS = 64, 31  # the row ops' restoring division (quotient bits) and `_isqrt`'s steps
+
+
+def divider_cycles(config: AccelConfig) -> int:
+    """Cycles of one division of the vector unit (`divider_steps` quotient bits a cycle)."""
+    return DIVIDER_BITS // config.divider_steps
+
+
+def sqrt_cycles(config: AccelConfig) -> int:
+    """Cycles of vlayernorm's square root (`divider_steps` of its steps a cycle)."""
+    return math.ceil(SQRT_STEPS / config.divider_steps)
+
+
+def passes(config: AccelConfig) -> dict[Opcode, tuple[int, int]]:
+    """(cycles per word, fixed cycles) of the row and lane nonlinearities on `config`: the row
+    ops' fixed cycles hold their divisions and square root."""
+    div = divider_cycles(config)
+    return {Opcode.VSOFTMAX: (3, 6 + div), Opcode.VLAYERNORM: (6, 3 + 2 * div + sqrt_cycles(config)),
+            Opcode.VGELU: (1, 8), Opcode.VRESADD: (1, 8)}
+
+
+PASSES = passes(AccelConfig())  # at the default divider: the table docs/isa.md shows
+# the constants each reads
 CONSTANTS = {Opcode.VSOFTMAX: 6, Opcode.VLAYERNORM: 2, Opcode.VGELU: 6, Opcode.VRESADD: 7}
 ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
 # the config flag each optional unit's opcodes need
@@ -294,8 +318,13 @@ def occupancy(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> i
         return config.rows
     if op is Opcode.HALT:
         return 1
-    per_word, fixed = PASSES.get(op, (1, 0))
+    per_word, fixed = (_passes(config) if op in PASSES else {}).get(op, (1, 0))
     return per_word * field("n") + fixed
+
+
+@functools.lru_cache(maxsize=64)
+def _passes(config: AccelConfig) -> dict[Opcode, tuple[int, int]]:  # the schedulers ask per instruction
+    return passes(config)
 
 
 def drain(op: Opcode, config: AccelConfig) -> int:

@@ -6,9 +6,9 @@ through param port 0, OBUF through the ALU's ports); a tag travels with each wor
 lanes' pipelines and becomes the write. vsoftmax and vlayernorm make three passes over their
 row (max or sum; sums of e or of c^2; the outputs, vlayernorm's reading a row word, its weight
 word and its two bias words through the one port, four cycles a word) with a shared restoring
-divider (`STEPS` quotient bits a cycle, 64 in all) and vlayernorm's square root (`STEPS` of
+divider (`divider_steps` quotient bits a cycle, 64 in all) and vlayernorm's square root (that many of
 `_isqrt`'s steps a cycle) between them. Each writes its last result before the end of the
-ISA's budget (`isa.PASSES`, checked when the plans are built) and the unit stays occupied for
+ISA's budget (`isa.passes`, checked when the plans are built) and the unit stays occupied for
 exactly that. The arithmetic is the IR reference ops' int64 arithmetic, with wires sized from
 the bounds their docstrings give (softmax: multiplier >= 0, ln2 > 0, 0 <= (p + b)^2 + c <
 2^31; layernorm: 0 <= sum(c^2) + eps < 2^62, |bias| <= 2^60; gelu: |g * out_multiplier| <=
@@ -26,7 +26,7 @@ from ..isa import Buffer, Opcode, Unit
 from .circuits import (any_of, const_mul, delay, fit, nonzero, one_hot, sadd, saturate, saturate_to, sclip,
                        select_first, sfit, shr_arith, smax, smin, smul, sneg, split_lanes, ssub, tree)
 from .decode import NONLINEAR, ROWWISE, decode_field
-from .sequential import DIV_CYCLES, SQRT_CYCLES, divide_step, isqrt_step, iterate
+from .sequential import divide_step, isqrt_step, iterate
 from .slots import LaneSlots
 
 if TYPE_CHECKING:
@@ -66,18 +66,19 @@ class _Plan:
 _GELU_STAGES = 4  # u; t and the sign of u; erf + one; g; then the result, written
 _RESADD_STAGES = 1  # the i32 sum; then the result, written
 _E_STAGES = 3  # softmax's e: u; z and p + b; e, registered: then summed (pass 2) or scaled and written (pass 3)
-_PLANS = {
-    Opcode.VGELU: _Plan(consts=2, latency=_GELU_STAGES),
-    Opcode.VRESADD: _Plan(consts=3, latency=_RESADD_STAGES),
-    # the max is there a cycle after pass 1; 2^62 // s a division after s, summed a cycle after e
-    Opcode.VSOFTMAX: _Plan(consts=2, passes=3, gap1=_gap(1, 0), gap2=_gap(_E_STAGES + 1 + DIV_CYCLES, _E_STAGES),
-                           latency=_E_STAGES),
-    # the sum a cycle after pass 1, then the mean's division; the squares' sum two cycles after
-    # pass 2, then the square root and 2^31 // r; pass 3 reads the row word, its weight word
-    # and its two bias words, and writes when the last arrives
-    Opcode.VLAYERNORM: _Plan(consts=1, passes=3, gap1=_gap(1 + DIV_CYCLES, 0),
-                             gap2=_gap(2 + SQRT_CYCLES + DIV_CYCLES, 0), group=4),
-}
+def _plans(cfg) -> dict[Opcode, _Plan]:
+    div, sqrt = isa.divider_cycles(cfg), isa.sqrt_cycles(cfg)
+    return {
+        Opcode.VGELU: _Plan(consts=2, latency=_GELU_STAGES),
+        Opcode.VRESADD: _Plan(consts=3, latency=_RESADD_STAGES),
+        # the max is there a cycle after pass 1; 2^62 // s a division after s, summed a cycle after e
+        Opcode.VSOFTMAX: _Plan(consts=2, passes=3, gap1=_gap(1, 0), gap2=_gap(_E_STAGES + 1 + div, _E_STAGES),
+                               latency=_E_STAGES),
+        # the sum a cycle after pass 1, then the mean's division; the squares' sum two cycles after
+        # pass 2, then the square root and 2^31 // r; pass 3 reads the row word, its weight word
+        # and its two bias words, and writes when the last arrives
+        Opcode.VLAYERNORM: _Plan(consts=1, passes=3, gap1=_gap(1 + div, 0), gap2=_gap(2 + sqrt + div, 0), group=4),
+    }
 
 
 class Nonlinear:
@@ -95,8 +96,9 @@ class Nonlinear:
     def __init__(self, builder: Builder, held, eff_op: WireVector, ex: dict, feeding: WireVector,
                  slots: list[LaneSlots]):
         cfg = builder.cfg
-        for o, plan in _PLANS.items():  # the plans meet the ISA's cycle counts
-            per_word, fixed = isa.PASSES[o]
+        self.plans, budget = _plans(cfg), isa.passes(cfg)
+        for o, plan in self.plans.items():  # the plans meet the ISA's cycle counts
+            per_word, fixed = budget[o]
             assert plan.group in (1, 4) and plan.words() <= per_word and plan.last_write(1) < per_word + fixed, o
         self.cfg, self.ex, self.slots = cfg, ex, slots
         running = delay(eff_op, 1)
@@ -139,20 +141,20 @@ class Nonlinear:
         k_reg.next <<= fit(k + 1, KW)
 
         def per_op(value) -> WireVector:
-            return select_first([(ex[o], Const(value(plan), KW)) for o, plan in _PLANS.items()], Const(0, KW))
+            return select_first([(ex[o], Const(value(plan), KW)) for o, plan in self.plans.items()], Const(0, KW))
 
         def window(start: WireVector, count: WireVector) -> tuple[WireVector, WireVector]:
             rel = fit(k - start, KW)  # before start it wraps past any count
             return rel, rel < count
 
         on = feeding & any_of(ex[o] for o in NONLINEAR)
-        grouped = any_of(ex[o] for o, plan in _PLANS.items() if plan.group > 1)
+        grouped = any_of(ex[o] for o, plan in self.plans.items() if plan.group > 1)
         n_k = fit(n, KW)
         starts = (per_op(lambda p: p.consts), fit(n_k + per_op(lambda p: p.consts + p.gap1), KW),
                   fit(concat(n_k, Const(0, 1)) + per_op(lambda p: p.consts + p.gap1 + p.gap2), KW))
         windows = [window(starts[0], n_k), window(starts[1], n_k),
                    window(starts[2], select(grouped, fit(concat(n_k, Const(0, 2)), KW), n_k))]
-        passes = [on & inside & any_of(ex[o] for o, plan in _PLANS.items() if plan.passes > p)
+        passes = [on & inside & any_of(ex[o] for o, plan in self.plans.items() if plan.passes > p)
                   for p, (_rel, inside) in enumerate(windows)]
         in_const = on & (k < starts[0])
         rel = select_first([(passes[0], windows[0][0]), (passes[1], windows[1][0])], windows[2][0])
@@ -314,19 +316,20 @@ class Nonlinear:
         v.next <<= select(on & t1["p2"], select(t1["first"], v_word, sadd(v, v_word, 64)), v)
         (_rest, root, _bit), done = iterate("ln_sqrt", on & delay(t1["p2"] & t1["last"], 1),
                                             [sadd(v, eps, 64), Const(0, 64), Const(1 << 60, 64)], isqrt_step,
-                                            SQRT_CYCLES)
+                                            isa.sqrt_cycles(self.cfg), self.cfg.divider_steps)
         self.divisions.append((on & done, Const(1 << 31, 64), select(root == 0, Const(1, 48), fit(root, 48))))
         self.obuf_writes.append((on & t["p3"] & (t["sub"] == 3), concat_list(out)))
 
     def _divider(self) -> None:
         """The divider the row ops share: a 64-bit dividend by a divisor below 2^48, restoring,
-        `STEPS` quotient bits a cycle (`DIV_CYCLES` cycles); its quotient stays until the next
-        division starts."""
+        `divider_steps` quotient bits a cycle (`isa.divider_cycles`); its quotient stays until the
+        next division starts."""
         start = any_of(s for s, _dividend, _divisor in self.divisions)
         dividend = select_first([(s, d) for s, d, _ in self.divisions[1:]], self.divisions[0][1])
         divisor = select_first([(s, fit(d, 48)) for s, _, d in self.divisions[1:]], fit(self.divisions[0][2], 48))
         held = Register(48, "div_divisor")
         eff = select(start, divisor, held)
         held.next <<= eff
-        (_rest, quotient), _done = iterate("div", start, [Const(0, 49), dividend], divide_step(eff), DIV_CYCLES)
+        (_rest, quotient), _done = iterate("div", start, [Const(0, 49), dividend], divide_step(eff),
+                                           isa.divider_cycles(self.cfg), self.cfg.divider_steps)
         self.quotient <<= quotient

@@ -1,5 +1,5 @@
 """Sequential units of the vector unit: a restoring divider and `_isqrt`'s square root (ir/reference.py),
-`STEPS` iterations a cycle."""
+`AccelConfig.divider_steps` iterations a cycle (their cycles: `isa.divider_cycles`, `isa.sqrt_cycles`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from pyrtl import Const, Register, WireVector, concat, select
 from .circuits import address_bits, fit, nonzero
 
 
-STEPS = 2  # iterations a cycle of the vector unit's divider and square root
-DIV_CYCLES = 64 // STEPS  # a 64-bit dividend: a quotient bit an iteration
-SQRT_CYCLES = -(-31 // STEPS)  # `_isqrt`'s 31 steps
-
-
-def iterate(name: str, start: WireVector, initial: list[WireVector], step, cycles: int):
+def iterate(name: str, start: WireVector, initial: list[WireVector], step, cycles: int, steps: int):
     """A sequential unit: takes the state `initial` in the cycle `start` is set and applies
-    `step` (state -> state) `STEPS` times a cycle for `cycles` cycles. Returns its state
+    `step` (state -> state) `steps` times a cycle for `cycles` cycles. Returns its state
     registers (the result from the cycle after the last step on, kept until the next start)
     and `done`, set in that cycle."""
     count = Register(address_bits(cycles + 1), f"{name}_left")
@@ -24,7 +19,7 @@ def iterate(name: str, start: WireVector, initial: list[WireVector], step, cycle
     active = nonzero(left)
     regs = [Register(len(w), f"{name}_{i}") for i, w in enumerate(initial)]
     state = after = [select(start, w, r) for w, r in zip(initial, regs)]
-    for _ in range(STEPS):
+    for _ in range(steps):
         after = step(after)
     for r, now, nxt in zip(regs, state, after):
         r.next <<= select(active, nxt, now)

@@ -36,15 +36,16 @@ def vector_unit(builder: Builder):
     def held(name: str, at_issue) -> WireVector:
         return builder.held(Unit.VECTOR, f"ve_{name}", at_issue)
 
-    # occupancy (`isa.Instruction.occupancy`): rows, n, or per_word * n + fixed (`isa.PASSES`)
-    width = max([R, 65535] + [per_word * 65535 + fixed for per_word, fixed in isa.PASSES.values()]).bit_length()
+    # occupancy (`isa.Instruction.occupancy`): rows, n, or per_word * n + fixed (`isa.passes`)
+    budget = isa.passes(cfg)
+    width = max([R, 65535] + [per_word * 65535 + fixed for per_word, fixed in budget.values()]).bit_length()
     occupancy = Const(R)
     if vec:
         cases = [(any_of(is_op[o] for o in ROW_OPS if o in ops), Const(R))]
         nonlinear_ops = NONLINEAR if nl else ()
         n = decode_field(ir, op, ALU_OPS + nonlinear_ops, "n")
-        for passes in sorted({isa.PASSES[o] for o in nonlinear_ops}):
-            same = [o for o in nonlinear_ops if isa.PASSES[o] == passes]
+        for passes in sorted({budget[o] for o in nonlinear_ops}):
+            same = [o for o in nonlinear_ops if budget[o] == passes]
             cases.append((any_of(is_op[o] for o in same), const_mul(n, passes[0], width) + passes[1]))
         occupancy = select_first(cases, n)
     busy, idle = builder.busy(Unit.VECTOR, occupancy, width)

@@ -177,6 +177,35 @@ def test_positions_added_after_the_input_projection(runner, tool):
     assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, first.note
 
 
+def test_a_reordered_input_and_its_positions():
+    """A linear reading a sequence-first view of the layer before it (`transpose(0, 1)`) and
+    adding positions: it reads the source as it lies, its rows come out in that order
+    (`DramTensor.rows`), the positions' tiles follow them, and the next linear reads its output
+    in place: one call, and the ISA simulator equals the numpy reference."""
+    import torch
+
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)
+            self.positions = torch.nn.Parameter(0.5 * torch.randn(3, 1, 32))
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x).transpose(0, 1)) + self.positions)
+
+    torch.manual_seed(0)
+    model, x = SequenceFirst().eval(), torch.randn(4, 3, 16)
+    artifact = tcc.compile(model, (x,), target="fpga-small", accel=NONLINEAR_4X4,
+                           pipeline="fold-constants,canonicalize,dce,quantize,int-nonlinear")
+    program, graph = artifact.accel_program(), artifact.graph
+    second = program.sections[1]
+    assert "transpose.i" in second.ops and "add.sum" in second.ops and second.outputs[0].rows
+    assert len(program.calls()) == 1 and {h.kind for h in program.host_ops} == {"quantize", "dequantize"}
+    inputs = [artifact.example_inputs[n] for n in graph.input_names]
+    for expected, got in zip(NumpyExecutor(graph)(*inputs), AccelExecutor(graph, program)(*inputs)):
+        assert_tiers_agree(got, expected)
+
+
 def test_the_class_token_and_positions_on_chip():
     """ViT's embeddings: the class token (a constant at the patch projection's step) and the
     patches' rows laid out by the host's transfer (an integer cat: addressing), the position

@@ -35,6 +35,19 @@ NONLINEAR_4X4 = "rows=4,cols=4,nonlinear_unit=1"  # fpga-small leaves the nonlin
 INTEGER_CONV = "fold-constants,canonicalize,dce,conv-as-gemm,canonicalize,dce,quantize,int-nonlinear"
 
 
+def assert_sim_matches_reference(graph, program, inputs) -> None:
+    """The whole model on the ISA simulator equals the numpy reference."""
+    for expected, got in zip(NumpyExecutor(graph)(*inputs), AccelExecutor(graph, program)(*inputs)):
+        assert_tiers_agree(got, expected)
+
+
+def assert_rtl_matches_sim(runner, section, config, dram, note: str = "") -> None:
+    """One section's program on an RTL tier (`runner`): the ISA simulator's DRAM and cycles."""
+    expected, cycles = simulate_section(section, config, dram, cycle_bound(section, config))
+    out, rtl_cycles = runner(section, config, dram, cycle_bound(section, config))
+    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, note
+
+
 def assert_same_run(name: str, accel: str, run_section, pipeline: str | None = None) -> None:
     artifact, inputs = compiled(name, accel, pipeline)
     reference = NumpyExecutor(artifact.graph)(*inputs)
@@ -89,9 +102,7 @@ def test_a_softmax_and_a_layer_norm_section_alone(runner, tool, steps):
     for op in (Opcode.VSOFTMAX, Opcode.VLAYERNORM):
         section = next(i for i, s in enumerate(program.sections) if any(ins.op is op for ins in s.program))
         prog, dram = runs[section]
-        expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
-        out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
-        assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[section].note
+        assert_rtl_matches_sim(runner, prog, config, dram, program.sections[section].note)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])
@@ -107,9 +118,7 @@ def test_a_pre_norm_residual_section_alone(runner, tool):
             and any(ins.op is Opcode.STORE and ins["buf"] == Buffer.PBUF for ins in s.program)]
     assert wide
     prog, dram = AccelExecutor(artifact.graph, program).section_runs(*inputs, first=wide[0] + 1)[wide[0]]
-    expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
-    out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
-    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[wide[0]].note
+    assert_rtl_matches_sim(runner, prog, config, dram, program.sections[wide[0]].note)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_pyrtl, None),
@@ -132,12 +141,9 @@ def test_the_embeddings_sum_on_chip(runner, tool):
     assert any(t.values[0] in graph.weights and graph.types[t.values[0]].dtype is DType.I32 for t in first.constants)
     host = {h.kind for h in program.host_ops if not h.moved and not h.converted}
     assert host == {"tanh"} and {h.kind for h in program.host_ops if h.moved} >= {"embedding"}
-    for expected, got in zip(NumpyExecutor(graph)(*inputs), AccelExecutor(graph, program)(*inputs)):
-        assert_tiers_agree(got, expected)
+    assert_sim_matches_reference(graph, program, inputs)
     prog, dram = AccelExecutor(graph, program).section_runs(*inputs, first=1)[0]
-    expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
-    out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
-    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, first.note
+    assert_rtl_matches_sim(runner, prog, config, dram, first.note)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_pyrtl, None),
@@ -169,12 +175,9 @@ def test_positions_added_after_the_input_projection(runner, tool):
     assert np.count_nonzero(addend) > addend.size // 2  # the test would miss a misplaced zero tile
     places = host_places(graph, program)
     assert {kinds[h] for h, where in places.items() if where == "between"} <= {"mean", "dequantize", "quantize"}
-    for expected, got in zip(NumpyExecutor(graph)(*x), AccelExecutor(graph, program)(*x)):
-        assert_tiers_agree(got, expected)
+    assert_sim_matches_reference(graph, program, x)
     prog, dram = AccelExecutor(graph, program).section_runs(*x, first=1)[0]
-    expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
-    out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
-    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, first.note
+    assert_rtl_matches_sim(runner, prog, config, dram, first.note)
 
 
 def test_a_reordered_input_and_its_positions():
@@ -202,8 +205,7 @@ def test_a_reordered_input_and_its_positions():
     assert "transpose.i" in second.ops and "add.sum" in second.ops and second.outputs[0].rows
     assert len(program.calls()) == 1 and {h.kind for h in program.host_ops} == {"quantize", "dequantize"}
     inputs = [artifact.example_inputs[n] for n in graph.input_names]
-    for expected, got in zip(NumpyExecutor(graph)(*inputs), AccelExecutor(graph, program)(*inputs)):
-        assert_tiers_agree(got, expected)
+    assert_sim_matches_reference(graph, program, inputs)
 
 
 def test_the_class_token_and_positions_on_chip():
@@ -216,8 +218,7 @@ def test_the_class_token_and_positions_on_chip():
     places = host_places(graph, program)
     assert "between" not in places.values()
     assert "cat" in {h.kind for h in program.host_ops if h.moved}
-    for expected, got in zip(NumpyExecutor(graph)(*inputs), AccelExecutor(graph, program)(*inputs)):
-        assert_tiers_agree(got, expected)
+    assert_sim_matches_reference(graph, program, inputs)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_verilator, "verilator")])
@@ -232,9 +233,7 @@ def test_a_masked_softmax_section_alone(runner, tool):
               if any(ins.op is Opcode.VSOFTMAX and ins["masked"] for ins in s.program)]
     assert masked and not [h for h in program.host_ops if h.kind in ("matmul", "int_softmax")]
     prog, dram = AccelExecutor(artifact.graph, program).section_runs(*inputs, first=masked[0] + 1)[masked[0]]
-    expected, cycles = simulate_section(prog, config, dram, cycle_bound(prog, config))
-    out, rtl_cycles = runner(prog, config, dram, cycle_bound(prog, config))
-    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected, program.sections[masked[0]].note
+    assert_rtl_matches_sim(runner, prog, config, dram, program.sections[masked[0]].note)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_icarus, "iverilog"), (run_pyrtl, None)])
@@ -244,10 +243,7 @@ def test_first_section_of_a_model_alone(runner, tool):
     artifact, inputs = compiled("transformer-encoder", "rows=4,cols=4")
     config = artifact.accel_program().config
     program, dram = AccelExecutor(artifact.graph, artifact.accel_program()).section_runs(*inputs)[0]
-    expected, cycles = simulate_section(program, config, dram, cycle_bound(program, config))
-    out, rtl_cycles = runner(program, config, dram, cycle_bound(program, config))
-    assert rtl_cycles == cycles
-    assert bytes(out)[:len(expected)] == expected
+    assert_rtl_matches_sim(runner, program, config, dram)
 
 
 @pytest.mark.parametrize("name", ["transformer-encoder", "hf-distilbert", "hf-vit",  # the larger two: slow tier
@@ -259,9 +255,7 @@ def test_first_and_largest_sections_on_verilator(name):
     runs = AccelExecutor(artifact.graph, artifact.accel_program()).section_runs(*inputs)
     largest = max(runs, key=lambda run: cycle_bound(run[0], config))
     for program, dram in {id(r): r for r in (runs[0], largest)}.values():
-        expected, cycles = simulate_section(program, config, dram, cycle_bound(program, config))
-        out, rtl_cycles = run_verilator(program, config, dram, cycle_bound(program, config))
-        assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected
+        assert_rtl_matches_sim(run_verilator, program, config, dram)
 
 
 @pytest.mark.slow  # TinyBERT-4 fully integer on the 4x4 design with the nonlinear unit in Verilator: minutes
@@ -282,9 +276,7 @@ def test_heads_read_in_place_on_verilator():
             tloads = [i for i in section if i.op is Opcode.TLOAD]
             shifted = [i for i in section if i.op is Opcode.GEMM and i["a"] % config.rows]  # a head's first word
             assert tloads and (shifted or any(i["addr"] % config.rows for i in tloads))  # heads not whole tiles
-            expected, cycles = simulate_section(section, config, dram, cycle_bound(section, config))
-            out, rtl_cycles = run_verilator(section, config, dram, cycle_bound(section, config))
-            assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected
+            assert_rtl_matches_sim(run_verilator, section, config, dram)
             checked += 1
     assert checked == 2
 
@@ -311,8 +303,7 @@ def test_a_conv_front_end_is_addressing_and_exact(name):
     assert any(ins.op is Opcode.VADD for s in program.sections for ins in s.program) == (name == "speech-transformer")
     assert {"int_softmax", "int_layer_norm"} <= set(kinds.values()) and "softmax" not in kinds.values()
     x = [artifact.example_inputs[n] for n in artifact.graph.input_names]
-    for expected, got in zip(NumpyExecutor(artifact.graph)(*x), AccelExecutor(artifact.graph, program)(*x)):
-        assert_tiers_agree(got, expected)
+    assert_sim_matches_reference(artifact.graph, program, x)
 
 
 def test_p_v_writes_its_heads_where_the_merge_puts_them():
@@ -335,11 +326,8 @@ def test_p_v_writes_its_heads_where_the_merge_puts_them():
 
     assert not [h for h in program.host_ops if producer[h.result].kind in ("transpose", "reshape")
                 and merges_heads(h.result)]
-    for expected, got in zip(NumpyExecutor(artifact.graph)(*inputs), AccelExecutor(artifact.graph, program)(*inputs)):
-        assert_tiers_agree(got, expected)
+    assert_sim_matches_reference(artifact.graph, program, inputs)
     config = program.config
     runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
     section, dram = next(run for run, meta in zip(runs, program.sections) if meta is merged[-1])
-    expected, cycles = simulate_section(section, config, dram, cycle_bound(section, config))
-    out, rtl_cycles = run_verilator(section, config, dram, cycle_bound(section, config))
-    assert rtl_cycles == cycles and bytes(out)[:len(expected)] == expected
+    assert_rtl_matches_sim(run_verilator, section, config, dram)

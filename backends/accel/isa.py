@@ -318,7 +318,7 @@ def occupancy(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> i
         return config.rows
     if op is Opcode.HALT:
         return 1
-    per_word, fixed = (_passes(config) if op in PASSES else {}).get(op, (1, 0))
+    per_word, fixed = _passes(config).get(op, (1, 0))
     return per_word * field("n") + fixed
 
 

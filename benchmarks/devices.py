@@ -10,7 +10,11 @@ price here, at batch 1 and at the best batch. Prints three tables:
 2. Speedups of each FPGA over every CPU and GPU running the same setting, and over the same
    FPGA running the dense int8 model (standing in for the paper's earlier FPGA): at batch 1
    and at the best batch of each.
-3. The device `tcc select`'s rule (`tcc.select.choose`, accuracy not constrained) picks as the
+3. Energy per run at batch 1 (mJ) and energy efficiency (GOP/s/W: the model's dense-equivalent
+   operations per joule) per device and setting: an FPGA's from its activity (the codegen's
+   counts priced per operation, `backends/accel/energy.py`, plus static power and its host's
+   energy), a CPU's or GPU's power x latency; and each FPGA's gain in GOP/s/W over every device.
+4. The device `tcc select`'s rule (`tcc.select.choose`, accuracy not constrained) picks as the
    latency constraint at batch 1 tightens, from above the slowest point to below the fastest:
    the cheapest device meeting the constraint, then its fastest setting. The constraints are
    the devices' fastest latencies, where the choice can change; a row per change.
@@ -38,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from tcc import zoo
+from tcc.ir.analysis import flops
 from tcc.model import example_arrays, example_dataset, lower
 from tcc.passes import PassContext, run_pipeline
 from tcc.passes.cost_model import Cost, Device
@@ -76,20 +81,23 @@ def pick_settings(sparsities: Sequence[float], block: str, integer: bool) -> lis
 
 
 def price_model(name: str, batches: Sequence[int], settings: Sequence[Setting], targets: Mapping[str, Target],
-                devices: Mapping[str, Device]) -> Prices:
+                devices: Mapping[str, Device]) -> tuple[Prices, dict[tuple[str, int], int]]:
     """Every (setting, device, batch) cost of zoo model `name`: lowered at each batch size, each
-    setting's pipeline run on it (quantize calibrated on the batch itself), priced by `price_all`."""
+    setting's pipeline run on it (quantize calibrated on the batch itself), priced by `price_all`;
+    and each (setting, batch)'s dense-equivalent operations (`flops`)."""
     model, inputs = zoo.build(name)
     prices: Prices = {}
+    ops = {}
     for batch in batches:
         graph, signature, examples, _source = lower(model, at_batch(inputs, batch))
         example = example_dataset(graph, example_arrays(signature, examples))
         for setting in settings:
             ctx = PassContext(data={"example": example}, torch_module=TorchExecutor)
             compressed = run_pipeline(graph, setting.passes, ctx)
+            ops[setting.name, batch] = flops(compressed)
             for device, cost in price_all(compressed, targets, devices, after=setting.passes).items():
                 prices[setting.name, device, batch] = cost
-    return prices
+    return prices, ops
 
 
 def best_batch(prices: Prices, setting: str, device: str, batches: Sequence[int]) -> int:
@@ -148,6 +156,24 @@ def speedup_table(prices: Prices, settings: Sequence[Setting], others: Sequence[
         print()
 
 
+def energy_table(prices: Prices, ops: Mapping[tuple[str, int], int], settings: Sequence[Setting],
+                 devices: Sequence[str], fpgas: Sequence[str]) -> None:
+    name = name_width(settings)
+    others = [d for d in devices if d not in fpgas]
+    print(f"{'setting':<{name}}{'device':<13}{'mJ':>10}{'GOP/s/W':>10}   FPGA: where the energy goes, %; "
+          f"its GOP/s/W over {', '.join(others)}'s")
+    for setting in settings:
+        efficiency = {d: ops[setting.name, 1] / prices[setting.name, d, 1].energy_j / 1e9 for d in devices}
+        for device in devices:
+            cost = prices[setting.name, device, 1]
+            parts = sorted(cost.energy_parts.items(), key=lambda kv: -kv[1])
+            where = " ".join(f"{k} {100 * v / cost.energy_j:.0f}" for k, v in parts if v >= 0.01 * cost.energy_j)
+            gains = "  ".join(f"{efficiency[device] / efficiency[d]:.3g}x" for d in others) if device in fpgas else ""
+            print(f"{setting.name:<{name}}{device:<13}{cost.energy_j * 1e3:>10.4g}{efficiency[device]:>10.4g}   "
+                  f"{where}{'; ' if where else ''}{gains}")
+        print()
+
+
 def sweep(prices: Prices, settings: Sequence[Setting], targets: Mapping[str, Target]) -> None:
     name = name_width(settings)
     points = [Point(s.name, d, 1.0, c.latency_s * 1e3, c.energy_j * 1e3, t.device.price_usd,
@@ -194,7 +220,7 @@ def main() -> None:
     print(f"    .venv/bin/python benchmarks/devices.py {' '.join(sys.argv[1:])}".rstrip())
     for name in (m.strip() for m in args.models.split(",")):
         start = time.perf_counter()
-        prices = price_model(name, batches, settings, targets, devices)
+        prices, ops = price_model(name, batches, settings, targets, devices)
         print(f"\n== {name}: priced {len(prices)} (setting, device, batch) points in "
               f"{time.perf_counter() - start:.1f} s")
         print("\n1. latency: one run at batch 1; per example at the best batch (`at`)\n")
@@ -202,7 +228,9 @@ def main() -> None:
         print("2. speedup of each FPGA over each device running the same setting, and over itself on "
               f"{settings[0].name} (per example)\n")
         speedup_table(prices, settings, others, fpgas, batches)
-        print("3. device chosen per latency constraint LC at batch 1 (tcc.select.choose, accuracy "
+        print("3. energy per run and efficiency at batch 1 (FPGAs: from activity; CPUs, GPUs: power x time)\n")
+        energy_table(prices, ops, settings, list(targets), fpgas)
+        print("4. device chosen per latency constraint LC at batch 1 (tcc.select.choose, accuracy "
               "unconstrained: the cheapest device meeting LC, then its fastest setting)\n")
         sweep(prices, settings, targets)
 

@@ -306,11 +306,11 @@ def cmd_select(args: argparse.Namespace) -> int:
         if not args.quiet:
             score = data.task.score_name
             print(f"{'device':<12} {'setting':<18} {score:>{max(8, len(score))}} {'latency ms':>11} {'energy mJ':>10} "
-                  f"{'price $':>9}")
+                  f"{'GOP/s/W':>9} {'price $':>9}")
             for p in sorted(selection.points, key=lambda p: (p.price_usd, p.device, p.latency_ms)):
                 mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(lc_ms, ac) else "")
                 print(f"{printable(p.device):<12} {printable(p.setting):<18} {p.accuracy:>{max(8, len(score))}.4f} "
-                      f"{p.latency_ms:>11.4g} {p.energy_mj:>10.4g} "
+                      f"{p.latency_ms:>11.4g} {p.energy_mj:>10.4g} {p.gops_per_w:>9.4g} "
                       f"{p.price_usd:>9,.0f}{mark}")
         print(printable(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
                         + (f"; report: {args.report}/report.html" if args.report else "")))
@@ -457,8 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "  kind, backend, executor, description, tile, pipeline, lowering [formats, work_cost, measured]\n"
                 "  cpu/gpu: device {price_usd, power_w, dram_gbps, onchip_mb, fp32_gflops, int8_gops, "
                 "op_overhead_us, clock_mhz}\n"
-                "  fpga: part {name, family, lut, ff, dsp, bram36, uram, dram_gbps, price_usd, power_w, "
-                "host}, accel {rows, cols, ...} [synthesis]")
+                "  fpga: part {name, family, lut, ff, dsp, bram36, uram, dram_gbps, price_usd, power_w, static_w, "
+                "process_nm, link_gbps, link_latency_us, host}, accel {rows, cols, ...} [synthesis]")
     p.add_argument("--json", action="store_true", help="print every target as JSON, with its device figures")
     p.add_argument("--targets-file", metavar="FILE.json",
                    help="user targets to add to the catalog (a JSON object of targets by name, the shipped "

@@ -36,7 +36,7 @@ import numpy as np
 
 from tcc.backends.accel.isa import Unit
 from tcc.backends.accel.layout import AccelProgram
-from tcc.ir.analysis import describe
+from tcc.ir.analysis import describe, flops
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset
@@ -115,7 +115,7 @@ def render(graph: Graph, manifest: dict, *, target: Target, catalog: dict[str, T
     here."""
     info = describe(graph)
     heatmaps = _heatmaps(graph, info)
-    rows = _devices(catalog, devices, costs, target.name)
+    rows = _devices(catalog, devices, costs, target.name, flops(graph))
     accel = _accel(manifest, target, program) if program is not None else None
     figures = {"cycles": _cycles_png(accel["layers"]) if accel and accel["layers"] else None}
     plots = {name: f"{REPORT_DIR}/{name}.png" if png is not None else None for name, png in figures.items()}
@@ -193,19 +193,26 @@ def _heatmap_png(weight: np.ndarray) -> bytes:
 
 
 def _devices(catalog: dict[str, Target], devices: Mapping[str, Device], costs: Mapping[str, Cost],
-             compiled_for: str) -> list[dict]:
-    """Per device priced (`costs`): the predicted latency and energy of one run, where the time
-    goes and whether the figures behind it are measured on this machine."""
+             compiled_for: str, ops: int) -> list[dict]:
+    """Per device priced (`costs`): the predicted latency and energy of one run, the graph's
+    `ops` (dense-equivalent) per joule (GOP/s/W), where the time and (on an FPGA, from its
+    activity) the energy go, and whether the figures behind it are measured on this machine."""
     rows = []
     for name, cost in costs.items():
         device = devices[name]
-        parts = sorted(cost.parts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         rows.append({"name": name, "kind": catalog[name].kind, "price_usd": device.price_usd,
                      "power_w": device.power_w, "latency_ms": cost.latency_s * 1e3, "energy_mj": cost.energy_j * 1e3,
-                     "breakdown": ", ".join(f"{k} {100 * v / cost.latency_s:.0f}%" for k, v in parts
-                                            if cost.latency_s > 0),
+                     "gops_per_w": ops / cost.energy_j / 1e9 if cost.energy_j > 0 else 0.0,
+                     "breakdown": _shares(cost.parts, cost.latency_s),
+                     "energy_breakdown": _shares(cost.energy_parts, cost.energy_j),
                      "compiled": name == compiled_for, "figures": _figures(catalog[name], catalog, devices)})
     return rows
+
+
+def _shares(parts: Mapping[str, float], whole: float) -> str:
+    """The three largest of `parts` as percentages of `whole`."""
+    largest = sorted(parts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    return ", ".join(f"{k} {100 * v / whole:.0f}%" for k, v in largest) if whole > 0 else ""
 
 
 def _figures(target: Target, catalog: dict[str, Target], devices: Mapping[str, Device]) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from tcc.ir.analysis import flops
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset, Latency, Pass, PassContext, parse_pipeline, run_pipeline
@@ -80,7 +81,8 @@ def default_settings() -> tuple[Setting, ...]:
 @dataclass(frozen=True)
 class Point:
     """One (setting, device): its accuracy on the data, predicted latency and energy per run,
-    and the device's price."""
+    the model's dense-equivalent operations per joule (`gops_per_w`: GOP/s/W), and the device's
+    price."""
 
     setting: str
     device: str
@@ -89,6 +91,7 @@ class Point:
     energy_mj: float
     price_usd: float
     parts_ms: dict[str, float]
+    gops_per_w: float = 0.0
 
     def meets(self, lc_ms: float, ac: float) -> bool:
         return self.latency_ms <= lc_ms and self.accuracy >= ac
@@ -161,10 +164,11 @@ def _points(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Datas
             ctx = PassContext(data=ctx_data, torch_module=TorchExecutor, seed=seed)
             graph = run_pipeline(graph, parse_pipeline(setting.steps[i]), ctx)
             graphs[setting.steps[:i + 1]] = graph
-        acc = accuracy(graph, data)
+        acc, ops = accuracy(graph, data), flops(graph)
         for name, c in price_all(graph, targets, devices, after=setting.passes).items():
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
-                                targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()}))
+                                targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()},
+                                ops / c.energy_j / 1e9 if c.energy_j > 0 else 0.0))
     return points
 
 

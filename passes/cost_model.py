@@ -14,7 +14,10 @@
   and the bytes each call moves at the link's bandwidth. The conversions the host applies to
   the values it copies (quantize on the way in, dequantize on the way out) cost their roofline
   time on the host, without a per-op fixed cost: they run in the transfer's copy loop.
-- Energy: power x latency.
+- Energy: on a CPU or GPU, power x latency. On an FPGA, from activity: the accelerator's work
+  counted and priced per operation by the backend (`AccelRun.energy`: the array's MACs, buffer
+  and DRAM accesses, the vector unit's lane operations, the host link's transfers), plus the
+  part's static power for the whole run, plus the host processor's power while it computes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Device:
     host: str | None = None  # fpga: the device that runs the ops left to the host
     link_gbps: float = 0.0  # fpga: the host link's bandwidth, GB/s (AXI into shared DRAM, PCIe)
     link_latency_us: float = 0.0  # fpga: fixed cost of one call of the host into the accelerator
+    static_w: float = 0.0  # fpga: the part's static power, drawn for the whole run
     cache_gbps: float = 0.0  # bandwidth when an op's bytes fit `onchip_mb` (0: dram_gbps)
     # measured per op kind (`cost_key`: kind and operand dtype, or kind alone): (key, fixed cost
     # in us, factor on the roofline time when the op's bytes fit `onchip_mb`, factor when they
@@ -61,7 +65,7 @@ class Device:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
         for name in ("price_usd", "power_w", "dram_gbps", "onchip_mb", "fp32_gflops", "int8_gops",
-                     "op_overhead_us", "clock_mhz", "cache_gbps", "link_gbps", "link_latency_us"):
+                     "op_overhead_us", "clock_mhz", "cache_gbps", "link_gbps", "link_latency_us", "static_w"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -78,27 +82,32 @@ class Device:
 @dataclass(frozen=True)
 class Cost:
     """Predicted latency (seconds) and energy (joules) of one run of a graph on a device, with
-    the latency split by where it goes (`parts`: e.g. accelerator, host ops, per op kind)."""
+    the latency split by where it goes (`parts`: e.g. accelerator, host ops, per op kind) and,
+    on an FPGA, the energy by where it goes (`energy_parts`: the accelerator's components,
+    the link, static, host)."""
 
     device: str
     latency_s: float
     energy_j: float
     parts: dict[str, float] = field(default_factory=dict)
+    energy_parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class AccelRun:
     """One run of a graph on an accelerator as its cycle model sees it: the accelerator's
     `cycles`, the ops it leaves to the host, the host's `calls` into the accelerator (each
-    starts a run of sections) with the bytes they move across the host link, both ways, and the
+    starts a run of sections) with the bytes they move across the host link, both ways, the
     conversions (`converted`: quantize, dequantize, cast) the host applies in those transfers'
-    copy loops."""
+    copy loops, and the dynamic energy of the run by component in joules (`energy`: the
+    accelerator's activity priced by the backend, and the link's transfers)."""
 
     cycles: int
     host_ops: list[Op]
     calls: int
     link_bytes: int
     converted: list[Op] = field(default_factory=list)
+    energy: dict[str, float] = field(default_factory=dict)
 
 
 CycleModel = Callable[[Graph], AccelRun]  # the backend's timing of a graph
@@ -189,8 +198,8 @@ def accelerator(graph: Graph, device: Device, cycles: CycleModel, host: Device) 
     """Latency of `graph` on an FPGA `device`, the board as a system: the accelerator's cycles at
     its clock (from `cycles`, the backend's timing), the ops it leaves to the host on `host`'s
     roofline (the board's processor), and the host's calls over the link (`link_latency_us`
-    each, their bytes at `link_gbps`). Energy: the board's power while the accelerator runs or
-    data crosses the link, the host's while it computes."""
+    each, their bytes at `link_gbps`). Energy: the run's dynamic energy (`AccelRun.energy`),
+    the part's static power for the whole latency, the host's power while it computes."""
     if device.kind != "fpga" or device.clock_mhz <= 0:
         raise ValueError(f"{device.name}: an accelerator cost needs an fpga device with a clock")
     run = cycles(graph)
@@ -199,5 +208,6 @@ def accelerator(graph: Graph, device: Device, cycles: CycleModel, host: Device) 
     on_host += sum(seconds for _, seconds, _ in op_seconds(graph, host, run.converted))  # no dispatch of their own
     on_link = run.calls * device.link_latency_us * 1e-6 + run.link_bytes / (device.link_gbps * 1e9)
     latency = on_chip + on_host + on_link
-    return Cost(device.name, latency, (on_chip + on_link) * device.power_w + on_host * host.power_w,
-                {"accelerator": on_chip, "host": on_host, "link": on_link})
+    energy = dict(run.energy, static=device.static_w * latency, host=on_host * host.power_w)
+    return Cost(device.name, latency, sum(energy.values()), {"accelerator": on_chip, "host": on_host, "link": on_link},
+                energy)

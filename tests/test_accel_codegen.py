@@ -670,7 +670,7 @@ def test_host_ops_are_placed_at_the_edges_or_between_calls():
 def cycle_model_host(graph, config):
     """The host ops the cost model prices (`targets.cycle_model`)."""
     from tcc.targets import cycle_model
-    return cycle_model(config)(graph).host_ops
+    return cycle_model(config, 16)(graph).host_ops
 
 
 def attention_graph(rng, lead, m, k, n, softmax: bool, gelu: bool = False, mask: tuple[int, ...] | None = None):

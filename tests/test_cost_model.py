@@ -81,13 +81,16 @@ def test_sparse_weights_count_their_nonzeros_at_the_sparse_kernels_rate():
 def test_accelerator_latency_is_its_cycles_plus_the_host_ops_on_the_host_plus_the_calls_over_the_link():
     graph = linear_graph(np.ones((16, 8)))
     fpga = Device("f", "fpga", price_usd=100, power_w=5, dram_gbps=4, onchip_mb=1, fp32_gflops=0, int8_gops=10,
-                  op_overhead_us=0, clock_mhz=100, host="unit", link_gbps=1, link_latency_us=5)
+                  op_overhead_us=0, clock_mhz=100, host="unit", link_gbps=1, link_latency_us=5, static_w=0.5)
     reshape = [op for op in graph.ops if op.kind == "reshape"]
-    cost = accelerator(graph, fpga, lambda g: AccelRun(1000, reshape, calls=3, link_bytes=2000), UNIT)
+    dynamic = {"array": 3e-6, "dram": 4e-6}
+    cost = accelerator(graph, fpga, lambda g: AccelRun(1000, reshape, calls=3, link_bytes=2000, energy=dynamic), UNIT)
     # 1,000 cycles at 100 MHz; the reshape's fixed 2 us on the host; 3 calls of 5 us and 2 kB at 1 GB/s
     assert cost.parts == pytest.approx({"accelerator": 10e-6, "host": 2e-6, "link": 17e-6})
     assert cost.latency_s == pytest.approx(29e-6)
-    assert cost.energy_j == pytest.approx((10e-6 + 17e-6) * 5 + 2e-6 * 10)
+    # the run's dynamic energy, the part's static power for the whole run, the host's while it computes
+    assert cost.energy_parts == pytest.approx(dynamic | {"static": 29e-6 * 0.5, "host": 2e-6 * 10})
+    assert cost.energy_j == pytest.approx(7e-6 + 29e-6 * 0.5 + 2e-6 * 10)
     with pytest.raises(ValueError, match="needs its cycle model"):
         roofline(graph, fpga)
     with pytest.raises(ValueError, match="link_gbps must be > 0 for an fpga"):
@@ -112,7 +115,7 @@ def test_accelerator_cycles_are_the_isa_simulators():
     x = torch.rand(4, 8, 8)
     graph = tcc.compile(DigitsTransformer().eval(), (x,), pipeline="quantize").graph
     target = load_catalog()["fpga-small"]
-    run = cycle_model(target.accel)(graph)
+    run = cycle_model(target.accel, target.part.process_nm)(graph)
     executor = AccelExecutor(graph, generate(graph, target.accel))
     executor(x.numpy())
     assert run.cycles == executor.stats.cycles > 0

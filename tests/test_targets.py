@@ -35,8 +35,8 @@ USER = {
         "tile": [4, 4], "pipeline": "fold-constants,canonicalize,dce,quantize", "lowering": "select-format",
         "formats": ["dense"],
         "part": {"name": "xc7z010", "family": "xc7", "lut": 17600, "ff": 35200, "dsp": 80, "bram36": 60, "uram": 0,
-                 "dram_gbps": 4.2, "price_usd": 80, "power_w": 2.0, "link_gbps": 1.0, "link_latency_us": 20,
-                 "host": "edge-cpu"},
+                 "dram_gbps": 4.2, "price_usd": 80, "power_w": 2.0, "static_w": 0.1, "process_nm": 28, "link_gbps": 1.0,
+                 "link_latency_us": 20, "host": "edge-cpu"},
         "accel": {"rows": 4, "cols": 4, "abuf_depth": 4096, "bbuf_depth": 2048, "obuf_depth": 512,
                   "pbuf_depth": 128, "dram_bits": 64, "dram_latency": 20, "imem_depth": 2048, "clock_mhz": 100.0,
                   "nonlinear_unit": False},
@@ -281,7 +281,8 @@ def test_derived_configs_against_the_shipped_ones():
 
 def test_a_part_too_small_for_any_array():
     part = Part(name="xc7s6", family="xc7", lut=3750, ff=7500, dsp=10, bram36=5, uram=0, dram_gbps=1.0,
-                price_usd=10, power_w=0.5, link_gbps=1.0, link_latency_us=20, host="edge-cpu")
+                price_usd=10, power_w=0.5, static_w=0.05, process_nm=28, link_gbps=1.0, link_latency_us=20,
+                host="edge-cpu")
     with pytest.raises(TccError, match="part xc7s6: not even a 4x4 array fits 80% of its LUT"):
         derive_accel_config(part)
 

@@ -48,7 +48,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import energy
 from .config import AccelConfig
+from .energy import Activity
 from .isa import (Buffer, Instruction, Unit, check_program, from_binary, pack_words, parse_assembly, to_assembly,
                   to_binary, unpack_words, wrap)
 
@@ -268,7 +270,8 @@ class Section:
     `outputs` after it (those not `AccelProgram.on_chip`); `resident` inputs are an earlier
     section's outputs, read where that one left them (its layout: tload transposes it);
     `constants` are in the DRAM image. `macs` counts useful multiply-accumulates (no padding),
-    `cycles` is the run's length under the ISA's timing (what the ISA simulator counts).
+    `cycles` is the run's length under the ISA's timing (what the ISA simulator counts),
+    `activity` what its instructions do, counted (`energy.activity`: the energy model's input).
     `joins`: the section runs in the same call as the one before it."""
 
     ops: tuple[str, ...]
@@ -281,6 +284,7 @@ class Section:
     note: str
     resident: tuple[DramTensor, ...] = ()
     joins: bool = False
+    activity: Activity = Activity()
 
     def busy(self, config: AccelConfig) -> dict[str, int]:
         """The cycles each unit is busy in the run (the ISA's occupancy of its instructions), by
@@ -482,7 +486,7 @@ def _parse(meta: Any, instructions: tuple[Instruction, ...], dram: bytes) -> Acc
         sections.append(Section(tuple(_get(ops, j, str, f"{where}.ops") for j in range(len(ops))), **tensors,
                                 program=program, macs=_get(raw, "macs", int, where),
                                 cycles=_get(raw, "cycles", int, where), note=_get(raw, "note", str, where),
-                                joins=joins))
+                                joins=joins, activity=energy.total(program, config)))
     if offset != len(instructions):
         raise _Invalid(f"the sections hold {offset} instructions, program.bin {len(instructions)}")
     host_ops = []

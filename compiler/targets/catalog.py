@@ -113,7 +113,7 @@ def _check_fields(where: _Where, obj: Any, prefix: str, required: tuple[str, ...
 COMMON_REQUIRED = ("kind", "backend", "executor", "description", "tile", "pipeline", "lowering")
 COMMON_OPTIONAL = ("formats", "work_cost", "measured")
 PART_FIELDS = ("name", "family", "lut", "ff", "dsp", "bram36", "uram", "dram_gbps", "price_usd", "power_w",
-               "link_gbps", "link_latency_us", "host")
+               "static_w", "process_nm", "link_gbps", "link_latency_us", "host")
 
 
 def _parse_target(file: str, name: str, data: Any) -> Target:
@@ -216,7 +216,7 @@ def _parse_part(where: _Where, data: Any) -> Part:
     counts = {k: _integer(where, f"part.{k}", data[k]) for k in ("lut", "ff", "dsp", "bram36")}
     counts["uram"] = _integer(where, "part.uram", data["uram"], minimum=0)
     figures = {k: _number(where, f"part.{k}", data[k], positive=True)
-               for k in ("dram_gbps", "price_usd", "power_w", "link_gbps")}
+               for k in ("dram_gbps", "price_usd", "power_w", "static_w", "process_nm", "link_gbps")}
     figures["link_latency_us"] = _number(where, "part.link_latency_us", data["link_latency_us"], positive=False)
     host = _string(where, "part.host", data["host"])
     return Part(name=name, family=family, host=host, **counts, **figures)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from tcc.backends.accel.codegen import timing
 from tcc.backends.accel.config import AccelConfig
+from tcc.backends.accel.energy import DRAM_PJ_PER_BIT
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Pass, PassContext, parse_pipeline, run_pipeline
@@ -38,7 +39,9 @@ def parsed_pipeline(text: str) -> tuple[Pass, ...]:
 @dataclass(frozen=True)
 class Part:
     """An FPGA part class (the board it comes on): its resources, the synthesis family (yosys
-    `synth_xilinx -family`), off-chip bandwidth, price and power; `host`: the target that runs
+    `synth_xilinx -family`), off-chip bandwidth, price, the board's power, the part's static
+    power (drawn for a whole run) and process node (the energy model's scale of its dynamic
+    energy per operation, `backends.accel.energy`); `host`: the target that runs
     the ops left to the host (the processor beside the fabric, or the server an accelerator card
     sits in), and the link between them: its bandwidth and the fixed cost of one call (AXI into
     DRAM shared with the processor; PCIe to a card's own DRAM)."""
@@ -53,6 +56,8 @@ class Part:
     dram_gbps: float
     price_usd: float
     power_w: float
+    static_w: float
+    process_nm: float
     link_gbps: float
     link_latency_us: float
     host: str | None = None
@@ -159,7 +164,7 @@ class Target:
         """What the catalog says of this target for the cost model. FPGA: price, power, DRAM
         bandwidth, host and host link from the part; clock and on-chip memory from the accelerator config;
         int8 throughput 2 x rows x cols MACs per cycle; no fp32 and no per-op overhead (the
-        accelerator runs whole sections). A measured target's figures are placeholders:
+        accelerator runs whole sections); the part's static power. A measured target's figures are placeholders:
         `calibration.cost_devices` gives the measured ones."""
         if self.kind == "fpga":
             part, accel = self.part, self.accel
@@ -167,7 +172,7 @@ class Target:
                           dram_gbps=part.dram_gbps, onchip_mb=accel.memory_bits() / 8e6, fp32_gflops=0.0,
                           int8_gops=2 * accel.rows * accel.cols * accel.clock_mhz / 1000, op_overhead_us=0.0,
                           clock_mhz=accel.clock_mhz, host=part.host, link_gbps=part.link_gbps,
-                          link_latency_us=part.link_latency_us)
+                          link_latency_us=part.link_latency_us, static_w=part.static_w)
         return Device(name=self.name, kind=self.kind, **self.figures)
 
     def synthesis_fits(self) -> bool | None:
@@ -186,7 +191,7 @@ class Target:
         host = devices.get(device.host or "")
         if host is None:
             raise TccError(f"target '{self.name}': its host '{device.host}' cannot be priced here")
-        return accelerator(lowered, device, cycle_model(self.accel), host)
+        return accelerator(lowered, device, cycle_model(self.accel, self.part.process_nm), host)
 
     def price(self, graph: Graph, devices: Mapping[str, Device], *, after: Sequence[Pass] = ()) -> Cost:
         """What one run of `graph` costs on this target after its lowering (`lower`)."""
@@ -201,18 +206,21 @@ class Target:
                 "measured": self.measured, "device": self.device.to_json()}
 
 
-def cycle_model(config: AccelConfig) -> CycleModel:
+def cycle_model(config: AccelConfig, process_nm: float) -> CycleModel:
     """The accelerator's timing as the cost model's `CycleModel`: `codegen.timing`, the
     codegen's schedule of the graph (the ISA's timing, which the ISA simulator and the RTL
-    reproduce cycle for cycle; no data needed), the ops it leaves to the host and the host's
-    calls with the bytes they move."""
+    reproduce cycle for cycle; no data needed), the ops it leaves to the host, the host's
+    calls with the bytes they move, and the run's dynamic energy: its activity on a part of
+    `process_nm` (`energy.Activity.energy_j`) and the link's bytes, which the host writes to
+    or reads from DRAM."""
     def cycles(graph: Graph) -> AccelRun:
         run = timing(graph, config)
         # a moved layout op is the link's transfer; a conversion runs in the transfer's loop
         host = {h.result for h in run.host_ops if not h.moved and not h.converted}
         converted = {h.result for h in run.host_ops if h.converted}
+        energy = dict(run.activity.energy_j(config, process_nm), link=run.link_bytes * 8 * DRAM_PJ_PER_BIT * 1e-12)
         return AccelRun(run.cycles, [op for op in graph.ops if op.result in host], run.calls, run.link_bytes,
-                        [op for op in graph.ops if op.result in converted])
+                        [op for op in graph.ops if op.result in converted], energy)
 
     return cycles
 

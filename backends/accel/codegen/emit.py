@@ -9,11 +9,14 @@ waiting for the previous one to drain."""
 from __future__ import annotations
 
 import math
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import AccelConfig
+from .. import energy
+from ..energy import Activity
 from ..isa import Buffer, Instruction, Opcode, Unit
 from ..layout import DramTensor, Layout, batch_words, inner, word_offset
 from .addressing import InPlace, Reads
@@ -281,8 +284,8 @@ class Builder:
         """Instructions of the section if it ended here (with its last store and halt)."""
         return sum(map(len, self.streams.values())) + (self.batch is not None) + 1
 
-    def finish(self) -> tuple[tuple[Instruction, ...], int]:
-        """The section's program (ending in halt; none when timing) and its cycles."""
+    def finish(self) -> tuple[tuple[Instruction, ...], int, Activity]:
+        """The section's program (ending in halt; none when timing), its cycles and its activity."""
         if self.batch is not None:
             self._flush()
-        return schedule(self.streams, self.timing)
+        return *schedule(self.streams, self.timing), energy.total(chain(*self.streams.values()), self.config)

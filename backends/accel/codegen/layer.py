@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from itertools import chain
 from typing import Mapping
 
 import numpy as np
 
 from ..config import AccelConfig
+from .. import energy
+from ..energy import Activity
 from ..isa import Buffer, Opcode, Unit
 from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
 from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks, row_order
@@ -22,7 +25,7 @@ from .tiling import Tiling, choose_tiling, tile_order
 from .weights import MAX_COUNT, Plan, weight_plan
 
 CHUNKS = 8  # a residual add and norm section's row chunks, at least
-TIMINGS: dict[tuple, tuple[int, ...]] = {}  # layer signature -> cycles of its sections (`timing`)
+TIMINGS: dict[tuple, tuple[tuple[int, Activity], ...]] = {}  # layer signature -> its sections' cycles, activity
 
 
 def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[str, DramTensor]:
@@ -123,16 +126,16 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     inputs = tuple(tensors[r] for r in ("x", "w", "mask") if r in tensors and (r != "w" or layer.y)
                    and not (r == "x" and reads.x) and not (r == "w" and reads.y))
     kept = reads.sources
-    if timing and signature in TIMINGS:  # sections without programs: their ops, data and cycles
-        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept)
-                for cycles in TIMINGS[signature]], []
+    if timing and signature in TIMINGS:  # sections without programs: their ops, data, cycles, activity
+        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept, activity=work)
+                for cycles, work in TIMINGS[signature]], []
     tiles = tile_order(layer, plan, tiling, config)
     if len(TIMINGS) > 4096:
         TIMINGS.clear()
     if timing:
-        TIMINGS[signature] = _span_cycles(layer, plan, tiling, tensors, config, tiles, reads)
-        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept)
-                for cycles in TIMINGS[signature]], []
+        TIMINGS[signature] = _span_timings(layer, plan, tiling, tensors, config, tiles, reads)
+        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept, activity=work)
+                for cycles, work in TIMINGS[signature]], []
     spans = []  # (first tile, end tile, the builder of exactly those tiles)
     while not spans or spans[-1][1] < len(tiles):
         start = spans[-1][1] if spans else 0
@@ -141,7 +144,7 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
                       if r in tensors and not (r == "w" and layer.y))
     sections = []
     for first, end, builder in spans:
-        program, cycles = builder.finish()
+        program, cycles, work = builder.finish()
         batch = f"{layer.batch} x " if layer.kind != "linear" else ""
         note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
                 f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
@@ -149,8 +152,9 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
                 + "".join(f", {what} by tload from {p.source.values[0]}'s {p.source.layout.value}"
                           + (f" through {', '.join(o.kind for o in p.ops)}" if p.ops else "")
                           for what, p in (("activations", reads.x), ("right operand", reads.y)) if p))
-        sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note, kept))
-    TIMINGS[signature] = tuple(section.cycles for section in sections)
+        sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note, kept,
+                                activity=work))
+    TIMINGS[signature] = tuple((section.cycles, section.activity) for section in sections)
     images = []
     if not layer.y:
         stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
@@ -214,16 +218,17 @@ def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[i
     return tuple(key)
 
 
-def _span_cycles(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
-                 tiles: list[tuple[int, int, int]], reads: Reads) -> tuple[int, ...]:
-    """The cycles of each section `compile_layer` cuts the layer into, scheduling only sections
-    unlike those before: one whose tiles have the `_span_key` of a section already scheduled,
-    and whose next tile has it too (so it ends where that one did), takes its cycles."""
+def _span_timings(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+                 tiles: list[tuple[int, int, int]], reads: Reads) -> tuple[tuple[int, Activity], ...]:
+    """The cycles and activity of each section `compile_layer` cuts the layer into, scheduling
+    only sections unlike those before: one whose tiles have the `_span_key` of a section
+    already scheduled, and whose next tile has it too (so it ends where that one did), takes
+    its cycles and activity."""
     structures: dict[tuple, int] = {}
     classes = [structures.setdefault(tuple((c.words, c.k, c.steps) for c in chunks), len(structures))
                for chunks in plan.tiles]
-    seen: dict[tuple, tuple[tuple | None, int]] = {}  # a section's key -> (key with its next tile, cycles)
-    cycles: list[int] = []
+    seen: dict[tuple, tuple[tuple | None, tuple[int, Activity]]] = {}  # a key -> (with its next tile, timing)
+    timings: list[tuple[int, Activity]] = []
     start = length = 0
     while start < len(tiles):
         if length:
@@ -231,15 +236,15 @@ def _span_cycles(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, Dr
             key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
             hit = seen.get(key[:end - start])
             if hit is not None and (end == len(tiles) or hit[0] == key):
-                cycles.append(hit[1])
+                timings.append(hit[1])
                 start = end
                 continue
         end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, reads, timing=True)
         key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
-        seen[key[:end - start]] = (key if end < len(tiles) else None, builder.finish()[1])
-        cycles.append(seen[key[:end - start]][1])
+        seen[key[:end - start]] = (key if end < len(tiles) else None, builder.finish()[1:])
+        timings.append(seen[key[:end - start]][1])
         start, length = end, end - start
-    return tuple(cycles)
+    return tuple(timings)
 
 
 def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelConfig,
@@ -341,6 +346,7 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
             if keep:
                 stores[slot] = store("stream", Buffer.PBUF, sums_at, low, rows, [norm])
         program, cycles = schedule(streams)
+        work = energy.total(chain(*streams.values()), config)
         end = min(layer.m, first + per_section)
         what = "residual add and layer norm" if add else "layer norm"
         note = (f"{' -> '.join(o.result for o in layer.ops)}: rows {first}..{end - 1} of {layer.m}, N={layer.n}, "
@@ -349,6 +355,7 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
                                 tuple(tensors[r] for r in ("a", "b") if r in tensors and r not in kept
                                       and r not in fixed),
                                 (tensors["constants"],) + tuple(tensors[r] for r in fixed),
-                                tuple(tensors[r] for r, *_ in outputs), program, 0, cycles, note, tuple(kept.values())))
+                                tuple(tensors[r] for r, *_ in outputs), program, 0, cycles, note, tuple(kept.values()),
+                                activity=work))
     return sections, [(tensors["constants"].region, encode(Layout.PARAM_WORDS, layer.constants, config))] + \
         [(tensors[r].region, encode(tensors[r].layout, values, config)) for r, values in fixed.items()]

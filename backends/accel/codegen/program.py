@@ -13,6 +13,7 @@ import numpy as np
 from tcc.ir.graph import Graph
 
 from ..config import AccelConfig
+from ..energy import Activity
 from ..layout import AccelProgram, DramAllocator, DramTensor, HostOp, Region, Section
 from .addressing import ADDRESSING, merge_heads, source
 from .layer import compile_layer, compile_residual
@@ -28,13 +29,15 @@ def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
 @dataclass(frozen=True)
 class Timing:
     """What `generate` would build, without building it: the cycles of all its sections (the
-    ISA timing, equal to the ISA simulator's and the RTL's), its host ops, and the host's calls
-    into the accelerator (`AccelProgram.calls`) with the bytes they move (`link_bytes`)."""
+    ISA timing, equal to the ISA simulator's and the RTL's), its host ops, the host's calls
+    into the accelerator (`AccelProgram.calls`) with the bytes they move (`link_bytes`), and
+    what the sections' instructions do (`activity`: the energy model's counts)."""
 
     cycles: int
     host_ops: tuple[HostOp, ...]
     calls: int
     link_bytes: int
+    activity: Activity
 
 
 def timing(graph: Graph, config: AccelConfig) -> Timing:
@@ -44,7 +47,7 @@ def timing(graph: Graph, config: AccelConfig) -> Timing:
     model's fast path."""
     program = _generate(graph, config, timing=True)
     return Timing(sum(s.cycles for s in program.sections), program.host_ops, len(program.calls()),
-                  program.link_bytes())
+                  program.link_bytes(), sum((s.activity for s in program.sections), Activity()))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from .int_nonlinear import IntNonlinear
 from .quantize import Quantize
 from .select_device import SelectDevice
 from .select_format import SelectFormat
+from .simplify_nonlinear import SimplifyNonlinear
 from .options import Latency, Ratio, Shape2
 from .pipeline import PipelineError, format_pipeline, parse_pipeline
 from .registry import PASSES
@@ -21,5 +22,5 @@ from .registry import PASSES
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
            "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize",
            "ConvAsGemm", "DecomposeAttention", "HPPrune", "BlockPrune",
-           "Binarize", "Quantize", "IntNonlinear", "SelectFormat", "SelectDevice",
+           "Binarize", "Quantize", "IntNonlinear", "SelectFormat", "SelectDevice", "SimplifyNonlinear",
            "PipelineError", "Latency", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

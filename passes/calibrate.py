@@ -19,23 +19,27 @@ from .data import batch_size_of
 
 class Observer(nn.Module):
     """Identity on a value that records |v| over the real examples of each batch: the running
-    max and mean, and with `keep` all values (for percentiles). A leading dim that is a multiple of the
-    batch size is taken as batch-major (e.g. [B*S, H])."""
+    max and mean, and with `keep` all values (for percentiles); and the least value, signed
+    (`low`). A leading dim that is a multiple of the batch size is taken as batch-major (e.g.
+    [B*S, H])."""
 
     def __init__(self, batch: int, keep: bool):
         super().__init__()
         self.batch, self.keep = batch, keep
         self.valid = batch
         self.amax = 0.0
+        self.low = math.inf  # the least value seen (signed)
         self.total, self.count = 0.0, 0
         self.values: list[np.ndarray] = []
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        a = v.detach().abs().float()
-        if a.dim() and a.shape[0] % self.batch == 0:
-            a = a[:a.shape[0] // self.batch * self.valid]
+        d = v.detach().float()
+        if d.dim() and d.shape[0] % self.batch == 0:
+            d = d[:d.shape[0] // self.batch * self.valid]
+        a = d.abs()
         if a.numel():
             self.amax = max(self.amax, float(a.max()))
+            self.low = min(self.low, float(d.min()))
             self.total, self.count = self.total + float(a.sum()), self.count + a.numel()
             if self.keep:
                 self.values.append(a.cpu().numpy().reshape(-1))

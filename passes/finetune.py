@@ -32,6 +32,9 @@ class TrainingOptions:
     lr: float = option(2e-3, "fine-tuning learning rate (AdamW)", within="(0, 1]")
     distill: bool = option(True, "distil from the uncompressed model (KL on the logits) besides the labels")
     temperature: float = option(2.0, "distillation temperature", within="[0.1, 100]")
+    hidden: float = option(0.0, "with distill: weight of distilling hidden states too (the MSE of every layer "
+                                "norm's output and attention map to the uncompressed model's, relative to its "
+                                "mean square)", within="[0, 100]")
 
 
 class Mask(nn.Module):
@@ -66,12 +69,24 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
     """Fine-tune all float weights of `graph` (and the transforms' parameters) on `data`:
     the task's loss on the labels of the first output (`Task.loss`: cross-entropy, CTC), plus
     KL distillation from `teacher` (per example, or per frame or token) when
-    `options.distill`. `on_step(step, total, module)` runs before each step (pruning schedules
-    update masks there). Returns the trained torch executor."""
+    `options.distill`, and with `options.hidden` the hidden states' distillation (`hidden_states`:
+    the values both graphs compute under one name, of layer norms and softmaxes).
+    `on_step(step, total, module)` runs before each step (pruning schedules update masks
+    there). Returns the trained torch executor."""
     factory = ctx.require_torch(desc)
+    distilling = options.distill and teacher is not None
+    hidden = hidden_states(graph, teacher) if distilling and options.hidden else []
+    taken: dict[str, torch.Tensor] = {}  # this step's hidden states, by (side, value)
+    transforms = dict(activation_transforms or {})
+    for name in hidden:
+        record = _Record(taken, f"student {name}")
+        transforms[name] = nn.Sequential(transforms[name], record) if name in transforms else record
     module = factory(graph, ctx.device, trainable=True, weight_transforms=weight_transforms,
-                     activation_transforms=activation_transforms)
-    teacher_module = factory(teacher, ctx.device) if options.distill and teacher is not None else None
+                     activation_transforms=transforms)
+    teacher_module = factory(teacher, ctx.device, activation_transforms={
+        name: _Record(taken, f"teacher {name}") for name in hidden}) if distilling else None
+    if hidden:
+        ctx.note(f"distilling {len(hidden)} hidden states: {', '.join(hidden[:3])}{', ...' if len(hidden) > 3 else ''}")
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     batch = batch_size_of(graph)
@@ -98,6 +113,10 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
                     loss = loss + t * t * F.kl_div(F.log_softmax(logits.reshape(-1, symbols) / t, -1),
                                                    F.log_softmax(target.reshape(-1, symbols) / t, -1),
                                                    log_target=True, reduction="batchmean")
+                    if hidden:
+                        loss = loss + options.hidden * sum(
+                            F.mse_loss(taken[f"student {n}"], taken[f"teacher {n}"])
+                            / taken[f"teacher {n}"].pow(2).mean().clamp(min=1e-8) for n in hidden) / len(hidden)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -107,6 +126,29 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     module.eval()
     return module
+
+
+HIDDEN_KINDS = frozenset({"layer_norm", "rms_norm", "softmax"})
+
+
+def hidden_states(student: Graph, teacher: Graph) -> list[str]:
+    """The hidden states to distil: the results of the teacher's layer norms and softmaxes
+    (attention maps) that the student computes under the same name, shape and float dtype."""
+    types = student.types
+    return [op.result for op in teacher.ops if op.kind in HIDDEN_KINDS and op.result in types
+            and types[op.result].shape == op.type.shape and types[op.result].dtype.is_float]
+
+
+class _Record(nn.Module):
+    """Identity that keeps the value (with its graph) in `store[key]` for this step's loss."""
+
+    def __init__(self, store: dict[str, torch.Tensor], key: str):
+        super().__init__()
+        self.store, self.key = store, key
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        self.store[self.key] = v
+        return v
 
 
 def trained_weights(module: nn.Module, graph: Graph, *, transformed: bool = True) -> dict[str, np.ndarray]:

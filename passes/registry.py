@@ -15,7 +15,8 @@ from .int_nonlinear import IntNonlinear
 from .quantize import Quantize
 from .select_device import SelectDevice
 from .select_format import SelectFormat
+from .simplify_nonlinear import SimplifyNonlinear
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     FoldConstants, DeadCodeElimination, Canonicalize, ConvAsGemm, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
-    IntNonlinear, SelectFormat, SelectDevice)}
+    IntNonlinear, SelectFormat, SelectDevice, SimplifyNonlinear)}

@@ -121,11 +121,15 @@ def test_ternary_split_is_exact():
     model = torch.nn.Sequential(torch.nn.Linear(10, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
     x = torch.randn(4, 10)
     graph = tcc.compile(model, (x,)).graph
-    split, halves = _split_ternary(graph, {"v0.weight": ternary.numpy()}, ["v0.weight"])
-    a, b = (torch.from_numpy(np.array(split.weights[h])) for h in halves)
-    binary = BinaryWeight(centered=False)
-    torch.testing.assert_close(binary(a) + binary(b), ternary, rtol=0, atol=1e-6)
-    assert [op.kind for op in split.ops].count("linear") == 3
+    split, (merged,) = _split_ternary(graph, {"v0.weight": ternary.numpy()}, ["v0.weight"])
+    pair = torch.from_numpy(np.array(split.weights[merged]))
+    assert pair.shape == (6, 20)  # the halves side by side: one binary layer over the input twice
+    binary = BinaryWeight(centered=False)(pair)  # one scale per channel binarizes both halves exactly
+    torch.testing.assert_close(binary, pair, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pair[:, :10] + pair[:, 10:], ternary, rtol=0, atol=1e-6)
+    assert [op.kind for op in split.ops].count("linear") == 2 and "add" not in [op.kind for op in split.ops]
+    torch.testing.assert_close(TorchExecutor(split).run([x])[0], model[2](model[1](x @ ternary.T + model[0].bias)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_training_recovers_accuracy_and_tws_runs():
@@ -145,13 +149,18 @@ def test_training_recovers_accuracy_and_tws_runs():
         logits = np.concatenate([NumpyExecutor(g)(b.inputs[0].numpy())[0][:b.valid] for b in data.batches(32)])
         return float((logits.argmax(1) == y.numpy()).mean())
 
-    one_shot = parse_pipeline("binarize{mode=w1a1,keep_input=false}")[0](graph, ctx_with(example=data))
+    signed = "binarize{mode=w1a1,keep_input=false,unsigned=false"
+    one_shot = parse_pipeline(signed + "}")[0](graph, ctx_with(example=data))
     ctx = ctx_with(train=data)
-    tuned = parse_pipeline("binarize{mode=w1a1,keep_input=false,epochs=15,lr=0.005}")[0](graph, ctx)
+    tuned = parse_pipeline(signed + ",epochs=15,lr=0.005}")[0](graph, ctx)
     assert "trained on toy" in ctx.log[-1]
     assert accuracy(tuned) > accuracy(one_shot) + 0.1
+    # the hidden layers read ReLU outputs: binarized unsigned, to {0, a}, they keep more
+    unsigned = parse_pipeline("binarize{mode=w1a1,keep_input=false}")[0](graph, ctx_with(example=data))
+    assert accuracy(unsigned) > accuracy(one_shot) + 0.1
     tws = parse_pipeline("binarize{tws=true,epochs=4}")[0](graph, ctx_with(train=data))
-    assert len(binary_constants(tws)) == 2  # two binary halves of the one hidden layer
+    (merged,) = binary_constants(tws)  # the hidden layer's two binary halves, merged: one layer of 2K
+    assert merged[1].shape == (64, 128) and "cat" in [op.kind for op in tws.ops]
     assert accuracy(tws) > 0.5
 
 
@@ -161,3 +170,84 @@ def test_tws_without_data_is_an_error():
     graph = tcc.compile(model, (x,)).graph
     with pytest.raises(tcc.TccError, match="binarize: option 'tws' needs training data"):
         Binarize(tws=True)(graph, ctx_with(example=Dataset((x,))))
+
+
+def test_w1a1_binarizes_a_relus_output_unsigned_and_a_signed_input_signed():
+    """One-shot W1A1 on Linear -> ReLU -> Linear -> ReLU -> Linear (input and head binarized
+    too): the first layer's input takes +-a (a = mean |x| of the fp32 model's), the others,
+    ReLU outputs, {0, a} (a = 2 mean h, the threshold a/2); each bias is rounded to the
+    product's step. What the lowered integer graph computes, derived here from the
+    documented semantics."""
+    model = mlp(4, (12, 32, 32, 5))
+    x = torch.randn(16, 12)
+    graph = tcc.compile(model, (x,)).graph
+    out = Binarize(mode="w1a1", keep_input=False, keep_head=False)(graph, ctx_with(example=Dataset((x,))))
+    layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+    float_h, h = x.numpy().astype(np.float64), x.numpy().astype(np.float64)
+    for i, layer in enumerate(layers):
+        w, bias = (t.detach().numpy().astype(np.float64) for t in (layer.weight, layer.bias))
+        alpha = np.abs(w).mean(axis=1)
+        if i == 0:
+            a = np.abs(float_h).mean()
+            step, binary = a, a * np.where(h >= 0, 1.0, -1.0)
+        else:  # never negative: unsigned
+            a = 2 * float_h.mean()
+            step, binary = a / 2, a * (h >= a / 2)
+        bias = np.rint(bias / (step * alpha)) * step * alpha
+        h = binary @ (alpha[:, None] * np.where(w >= 0, 1.0, -1.0)).T + bias
+        float_h = float_h @ w.T + layer.bias.detach().numpy()
+        if i < len(layers) - 1:
+            h, float_h = np.maximum(h, 0), np.maximum(float_h, 0)
+    np.testing.assert_allclose(NumpyExecutor(out)(x.numpy())[0], h, rtol=1e-4, atol=1e-4)
+    signed = Binarize(mode="w1a1", keep_input=False, keep_head=False, unsigned=False)(graph, ctx_with(
+        example=Dataset((x,))))
+    assert not np.allclose(NumpyExecutor(signed)(x.numpy())[0], h, atol=1e-3)
+
+
+def test_w1a4_and_per_channel_thresholds_and_binary_attention_lower_to_integer_ops():
+    from conftest import built
+    artifact = tcc.compile(*built("transformer-encoder"))
+    graph, x = artifact.graph, torch.from_numpy(np.asarray(artifact.example_inputs["images"]))
+    example = ctx_with(example=Dataset((x,)))
+    w1a4 = Binarize(mode="w1a4")(graph, example)
+    assert {op.attr("dtype") for op in w1a4.ops if op.kind == "quantize"} == {DType.I4}
+    integer = [op for op in w1a4.ops if op.kind == "linear" and op.type.dtype is DType.I32]
+    assert len(integer) == 8 and all(w1a4.types[op.operands[0]].dtype is DType.I4 for op in integer)
+    np.testing.assert_allclose(NumpyExecutor(w1a4)(x.numpy())[0], TorchExecutor(w1a4).run([x])[0].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    channel = Binarize(mode="w1a1", threshold="channel")(graph, example)
+    thresholds = [channel.types[n].shape for n, _ in channel.constants if n.endswith(".beta")]
+    assert len(thresholds) == 8 and all(shape in ((64,), (128,)) for shape in thresholds)
+    for bits, p_dtype in ((4, DType.I8), (8, DType.I16)):
+        attention = Binarize(mode="w1a1", attention="binary", attn_bits=bits)(graph, example)
+        products = [[attention.types[v].dtype for v in op.operands] for op in attention.ops if op.kind == "matmul"]
+        assert products == [[DType.B1, DType.B1], [p_dtype, DType.B1]] * 2  # q k^T, p v per layer
+        assert all(attention.types[op.result].dtype is DType.F32 for op in attention.ops
+                   if op.kind == "dequantize" and op.operands[0].endswith(".acc"))
+
+
+def test_hidden_state_distillation_pulls_the_layer_norms_towards_the_fp32_models():
+    from tcc.passes.finetune import hidden_states
+    from tcc.zoo import digits_data, train_digits
+    torch.manual_seed(0)
+    x_train, _, y_train, _ = digits_data()
+    x, y = x_train[:256], y_train[:256]
+    model = train_digits(x, y, epochs=10)
+    graph = tcc.compile(model, (x[:64],)).graph
+    decomposed = tcc.passes.DecomposeAttention()(graph, PassContext())
+    assert hidden_states(decomposed, decomposed) == ["scaled_dot_product_attention.probs", "layer_norm",
+                                                     "layer_norm_1", "scaled_dot_product_attention_1.probs",
+                                                     "layer_norm_2", "layer_norm_3"]
+    data = Dataset((x,), y, "digits")
+    norms = ["layer_norm_1", "layer_norm_3"]
+
+    def distance(hidden: float) -> float:
+        ctx = ctx_with(train=data)
+        out = Binarize(mode="w1a1", epochs=6, hidden=hidden)(graph, ctx)
+        assert ("distilling 6 hidden states" in ctx.log[-1]) == (hidden > 0)
+        student = NumpyExecutor(out.replace(outputs=tuple(norms)))(x[:64].numpy())
+        teacher = NumpyExecutor(decomposed.replace(outputs=tuple(norms)))(x[:64].numpy())
+        return sum(float(((s - t) ** 2).mean() / (t ** 2).mean()) for s, t in zip(student, teacher))
+
+    near, far = distance(50.0), distance(0.0)
+    assert near < 0.85 * far, (near, far)  # 0.65 vs 0.88 here

@@ -54,7 +54,7 @@ def test_empty_pipeline_is_no_passes():
     ("block-prune{nm=4:2}", "block-prune: option 'nm' 4:2: N must not exceed M"),
     ("quantize{bits=7}", "quantize: option 'bits' must be 4, 8 or 16, got 7"),
     ("quantize{calibration=maxmin}", "expects one of minmax, percentile; did you mean 'minmax'?"),
-    ("binarize{mode=w2a2}", "option 'mode' is 'w2a2' but expects one of w1a8, w1a1"),
+    ("binarize{mode=w2a2}", "option 'mode' is 'w2a2' but expects one of w1a8, w1a4, w1a1"),
     ("hp-prune{keep_head=yes}", "expects true or false"),
     ("hp-prune{sparsity=0.5,sparsity=0.6}", "option 'sparsity' given twice"),
     ("hp-prune{sparsity}", "'sparsity' is not key=value"),

@@ -16,6 +16,10 @@ ISA simulator, whose cycles equal the RTL's.
 3. Binary unit: the PE array alone (`hardware.build_array`) synthesized by yosys `synth_xilinx`
    in its int8 mode and in its XNOR-popcount mode: binary MACs per cycle per LUT against int8
    MACs per cycle per LUT (the int8 array's multipliers sit in DSPs, counted apart).
+   The W1A8 unit (wgemm, `binary_weight_group` G = 2, 4, 8): the BERT-base GEMMs with +-1
+   weights on fpga-medium's config with the unit against the same GEMMs on its int8 array
+   (target: cycles <= 0.5x), and the array alone in wgemm mode against the int8 array, yosys
+   (target: LUT + DSP no more than the int8 array's).
 4. End to end: a TinyBERT-shaped encoder layer (hidden 312, 12 heads, FFN 1200, GELU,
    sequence 128) compiled integer-only (`quantize,int-nonlinear`: attention, softmax, GELU,
    residual adds and layer norms on the accelerator) dense int8, HP-pruned and binarized:
@@ -187,6 +191,38 @@ def binary_table(shapes: str) -> None:
         print(f"{shape:>7}  binary / int8 MACs per cycle per LUT: {per_lut['binary'] / per_lut['int8']:.2f}x")
 
 
+def sign_linear(m: int, k: int, n: int):
+    """`quantized_linear` with +-1 weights (what binarize{mode=w1a8},quantize gives the array)."""
+    graph, x = quantized_linear(m, k, n)
+    signs = np.where(np.asarray(graph.weights["w"]) >= 0, 1, -1).astype(np.int8)
+    return graph.replace(weights=dict(graph.weights, w=signs)), x
+
+
+def w1a8_table(config: AccelConfig, synthesize: bool) -> None:
+    from tcc.backends.accel.verilog import synthesize_array
+
+    groups = (2, 4, 8)
+    print("\nW1A8 unit (wgemm): BERT-base GEMMs with +-1 weights, cycles against the int8 array's "
+          "(target <= 0.5x)")
+    print(f"{'layer':<24}{'int8':>12}" + "".join(f"{f'G={g}':>16}" for g in groups))
+    for name, (m, k, n) in BERT_BASE_GEMMS.items():
+        graph, x = sign_linear(m, k, n)
+        base = cycles_of(graph, x, config)
+        cells = [cycles_of(graph, x, dataclasses.replace(config, binary_weight_group=g)) for g in groups]
+        print(f"{name:<24}{base:>12,}" + "".join(f"{c:>10,} {c / base:.2f}x" for c in cells))
+    if not synthesize:
+        return
+    print(f"\nthe {config.rows}x{config.cols} array alone, yosys synth_xilinx (xc7): resources per mode "
+          "(target: LUT + DSP <= the int8 array's)")
+    int8 = synthesize_array(config, Opcode.GEMM)
+    print(f"{'mode':<10}{'LUT':>9}{'FF':>9}{'DSP':>6}{'MACs/cycle':>12}{'LUT+DSP':>10}{'vs int8':>9}")
+    for label, r in [("int8", int8)] + [(f"W1A8 G={g}", synthesize_array(
+            dataclasses.replace(config, binary_weight_group=g), Opcode.WGEMM)) for g in groups]:
+        total = r["LUT"] + r["DSP"]
+        print(f"{label:<10}{r['LUT']:>9,}{r['FF']:>9,}{r['DSP']:>6}{r['macs_per_cycle']:>12,}{total:>10,}"
+              f"{total / (int8['LUT'] + int8['DSP']):>8.2f}x")
+
+
 def encoder_layer_table(config: AccelConfig) -> None:
     """A TinyBERT-shaped encoder layer, whole on the accelerator (integer nonlinearities on the
     vector unit), dense int8 against HP-pruned and binarized versions."""
@@ -287,6 +323,7 @@ def main() -> None:
     hp_table(config)
     wire_table()
     encoder_layer_table(config)
+    w1a8_table(config, not args.skip_rtl)
     if not args.skip_rtl:
         binary_table(args.arrays)
         rtl_speed(args.rtl_gemm)

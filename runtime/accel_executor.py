@@ -55,13 +55,19 @@ class AccelStats:
     section_cycles: list[int] = field(default_factory=list)
     calls: int = 0  # the host's calls into the accelerator (`AccelProgram.calls`)
     link_bytes: int = 0  # bytes the calls moved between the host and DRAM, both ways
+    busy: Counter = field(default_factory=Counter)  # cycles each unit was busy, by unit name
 
     def utilization(self, config: AccelConfig) -> float:
         """macs / (cycles * rows * cols)."""
         return self.macs / (self.cycles * config.pes) if self.cycles else 0.0
 
+    def unit_utilization(self) -> dict[str, float]:
+        """Each unit's busy cycles over the run's cycles."""
+        return {unit: busy / self.cycles if self.cycles else 0.0 for unit, busy in sorted(self.busy.items())}
+
     def to_json(self, config: AccelConfig) -> dict:
         return {"cycles": self.cycles, "macs": self.macs, "utilization": self.utilization(config),
+                "unit_utilization": self.unit_utilization(),
                 "instructions": dict(sorted(self.instructions.items())), "section_cycles": list(self.section_cycles),
                 "calls": self.calls, "link_bytes": self.link_bytes}
 
@@ -176,6 +182,7 @@ class AccelExecutor(NumpyExecutor):
             self.stats.section_cycles.append(cycles)
             self.stats.macs += section.macs
             self.stats.instructions.update(i.mnemonic for i in section.program)
+            self.stats.busy.update(section.busy(config))
         on_chip = {t.region.start: t for s in sections for t in s.outputs if t not in outputs} if keep else {}
         for t in outputs + tuple(on_chip.values()):
             out, data = types[t.values[0]], bytes(dram[t.region.byte_slice(config)])

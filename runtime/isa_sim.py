@@ -113,6 +113,11 @@ class Machine:
         a, b = instr["a"], instr["b"]
         if op is Opcode.GEMM:
             return abuf[a:a + instr["k"]].T @ bbuf[b:b + instr["k"]]
+        if op is Opcode.WGEMM:  # G activation words a step, each added or subtracted by its weight's bit
+            group, k = self.config.binary_weight_group, instr["k"]
+            x = abuf[a:a + k * group].reshape(k, group, -1)  # [k, G, rows]
+            signs = 2 * ((bbuf[b:b + k, None, :] >> np.arange(group)[None, :, None]) & 1) - 1  # [k, G, cols]
+            return np.einsum("kgr,kgc->rc", x, signs)
         if op is Opcode.BGEMM:
             bits = self.config.data_bits
             mask = (1 << bits) - 1

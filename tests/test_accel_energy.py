@@ -34,7 +34,7 @@ def test_an_instructions_work_follows_from_its_fields_not_its_addresses(ins):
     counts = dataclasses.astuple(work)
     assert all(c >= 0 for c in counts)
     # every instruction but halt moves or computes something, unless it moves nothing (count 0)
-    empty = ins.op is Opcode.HALT or any(ins[f] == 0 for f in ("count", "k", "n", "blocks", "steps")
+    empty = ins.op is Opcode.HALT or any(ins[f] == 0 for f in ("count", "k", "n", "blocks", "nnz", "steps")
                                          if f in {x.name for x in FORMATS[ins.op]})
     assert any(counts) or empty
     moved = Instruction(ins.op, tuple((v + 7) % (1 << f.width) if f.name in ADDRESSES else v
@@ -112,3 +112,18 @@ def test_fpga_energy_is_the_activity_priced_plus_static_and_host(digits_graphs):
     # HP 90%: the array does about a tenth of the MACs, and its energy follows
     ratio = costs["hp90"].energy_parts["array"] / costs["int8"].energy_parts["array"]
     assert 0.1 < ratio < 0.5
+
+
+def test_a_runs_stats_give_each_units_utilization(digits_graphs):
+    from collections import Counter
+
+    from tcc.runtime.accel_executor import AccelExecutor
+    graph = digits_graphs["int8"]
+    program = generate(graph, CONFIG)
+    executor = AccelExecutor(graph, program)
+    executor(torch.rand(4, 8, 8).numpy())
+    stats = executor.stats
+    assert stats.busy == sum((Counter(s.busy(CONFIG)) for s in program.sections), Counter())
+    utilization = stats.to_json(CONFIG)["unit_utilization"]
+    assert set(utilization) == {"array", "load", "store", "vector"}
+    assert all(0 < u <= 1 for u in utilization.values()) and max(utilization.values()) > 0.5

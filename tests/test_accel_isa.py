@@ -328,6 +328,29 @@ def test_bgemm_is_an_xnor_popcount_product(k, seed):
     np.testing.assert_array_equal(machine.acc[0], 2 * want)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([2, 4]), st.integers(0, 2**32 - 1))
+def test_wgemm_adds_or_subtracts_g_activations_by_their_weights_bits(k, group, seed):
+    """W1A8: step i reads activation words a + i*G ... (one per ABUF bank) and one weight word,
+    lane c's bit j the sign of column c's weight for word a + i*G + j; on a config without the
+    unit the assembler refuses it, and `a` must be a multiple of G."""
+    config = dataclasses.replace(TINY, binary_weight_group=group, abuf_banks=4)
+    rng = np.random.default_rng(seed)
+    a, bits = rng.integers(-128, 128, (k * group, 4)), rng.integers(-128, 128, (k, 4))
+    signs = np.where((bits[:, None, :] >> np.arange(group)[None, :, None]) & 1, 1, -1)  # [k, G, cols]
+    want = np.einsum("kgr,kgc->rc", a.reshape(k, group, 4), signs)
+    program = [load(Buffer.ABUF, 0, k * group, 0), load(Buffer.BBUF, 0, k, k * group, signal=(Token.LD2AR,)),
+               Instruction.make(Opcode.WGEMM, a=0, b=0, k=k, acc=0, bank=0, wait=(Token.LD2AR,)),
+               Instruction.make(Opcode.WGEMM, a=0, b=0, k=k, acc=1, bank=0), Instruction.make(Opcode.HALT)]
+    machine, stats = simulate(program, config, pack_words(a, 8, 4).tobytes() + pack_words(bits, 8, 4).tobytes())
+    np.testing.assert_array_equal(machine.acc[0], 2 * want)
+    assert stats.busy["array"] == 2 * k  # k steps each: K = k * G inputs
+    with pytest.raises(ValueError, match=r"wgemm needs the binary weight group, which this config leaves out"):
+        check_program(program, TINY)
+    with pytest.raises(ValueError, match=rf"a must be a multiple of binary_weight_group \({group}\), got 1"):
+        check_program([Instruction.make(Opcode.WGEMM, a=1, b=0, k=1, acc=0, bank=0)], config)
+
+
 def test_array_pipelines_and_requant_overlaps_on_the_other_bank():
     """Array instructions occupy the array for their steps only: the next streams in behind
     (the drain overlaps); requant of bank 0 runs on the vector unit while the array fills
@@ -485,3 +508,14 @@ def test_nonlinear_timing_and_errors():
     with pytest.raises(SimulationError, match=r"vsoftmax: out_bits must lie in \[1, 7\], got 8"):
         run_vector([Instruction.make(Opcode.VSOFTMAX, dst=0, a=0, n=1, len=4, param=1, masked=0, mask=0)],
                    np.concatenate([np.zeros((1, 4), np.int64), bad]))
+
+
+@pytest.mark.parametrize("fields", [dict(binary_weight_group=3), dict(binary_weight_group=1),
+                                    dict(binary_weight_group=8, abuf_banks=4),
+                                    dict(binary_weight_group=8, data_bits=4, acc_bits=16)])
+def test_a_w1a8_group_the_machine_cannot_build_is_refused_by_name(fields):
+    with pytest.raises(ValueError, match=r"binary_weight_group must be 0 \(no W1A8 unit\) or 2, 4 or 8 and at most "
+                                         r"data_bits \(\d+\) and abuf_banks \(\d+\), got \d"):
+        AccelConfig(**fields)
+    with pytest.raises(ValueError, match=r"--accel: binary_weight_group must be"):
+        AccelConfig().with_overrides(",".join(f"{k}={v}" for k, v in fields.items()))

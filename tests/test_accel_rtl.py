@@ -402,6 +402,10 @@ SPARSE_CONFIGS = [tiny(2, 2, 32, 1, abuf_banks=4, abuf_depth=64, bbuf_depth=64),
                   tiny(3, 2, 64, 2, abuf_banks=8, abuf_depth=64, bbuf_depth=64),
                   tiny(2, 3, 32, 3, abuf_banks=2, abuf_depth=64, bbuf_depth=64, data_bits=4, acc_bits=12),
                   tiny(4, 4, 64, 1, abuf_depth=64, bbuf_depth=64)]  # 16 ABUF banks
+# the W1A8 unit: G activation words a step from 4, 8 or 2 banks (G = the banks: no bank mux)
+W1A8_CONFIGS = [dataclasses.replace(SPARSE_CONFIGS[0], binary_weight_group=2),
+                dataclasses.replace(SPARSE_CONFIGS[1], binary_weight_group=4),
+                dataclasses.replace(SPARSE_CONFIGS[2], binary_weight_group=2)]
 
 
 @dataclasses.dataclass
@@ -573,22 +577,60 @@ def test_bgemm_matches_isa_sim_and_the_binary_product(config, ks, seed):
         np.testing.assert_array_equal(case.results(config, machine.dram, i), case.expected(config, i, acc))
 
 
+def signed_sum(a: np.ndarray, b: np.ndarray, group: int) -> np.ndarray:
+    """wgemm's [rows, cols] sums: a [k * G, rows] activations, b [k, cols] weight words whose
+    lane bit j is the sign of activation word i * G + j (set: +1)."""
+    signs = np.where((b[:, None, :] >> np.arange(group)[None, :, None]) & 1, 1, -1)
+    return np.einsum("kgr,kgc->rc", a.reshape(len(b), group, -1), signs)
+
+
+def wgemm_fields(config: AccelConfig, rng: np.random.Generator) -> dict:
+    group = config.binary_weight_group
+    k = int(rng.integers(1, min(9, config.abuf_depth // group)))
+    return dict(a=group * int(rng.integers(0, config.abuf_depth // group - k + 1)),
+                b=int(rng.integers(0, config.bbuf_depth - k + 1)), k=k)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(W1A8_CONFIGS), n=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def test_wgemm_matches_isa_sim_and_the_signed_sum(config, n, seed):
+    """wgemm (W1A8) between gemms, back to back: the address steps by G and the PEs switch
+    modes on the fly; cycles and DRAM equal the ISA simulator's, results numpy's signed sums."""
+    rng = np.random.default_rng(seed)
+    abuf = random_lanes(rng, config.abuf_depth, config.rows, config.data_bits)
+    bbuf = random_lanes(rng, config.bbuf_depth, config.cols, config.data_bits)
+    instrs = [(Opcode.WGEMM, dict(wgemm_fields(config, rng), acc=0)) if i % 2 == 0 else
+              (Opcode.GEMM, dict(a=int(rng.integers(0, 8)), b=int(rng.integers(0, 8)), k=3, acc=0))
+              for i in range(2 * n - 1)]
+    case = array_case(config, rng, abuf, bbuf, instrs)
+    machine, _ = same_as_spec(case.program, config, case.dram)
+    group = config.binary_weight_group
+    for i, (op, f) in enumerate(instrs):
+        acc = signed_sum(abuf[f["a"]:f["a"] + f["k"] * group], bbuf[f["b"]:f["b"] + f["k"]], group) \
+            if op is Opcode.WGEMM else abuf[f["a"]:f["a"] + 3].T @ bbuf[f["b"]:f["b"] + 3]
+        np.testing.assert_array_equal(case.results(config, machine.dram, i), case.expected(config, i, acc))
+
+
 def mixed_array_case(config: AccelConfig, rng: np.random.Generator) -> ArrayCase:
-    """gemm, spgemm and bgemm of random shapes back to back (spgemm with every bw the config
-    allows)."""
+    """gemm, spgemm and bgemm (and wgemm where the config has it) of random shapes back to back
+    (spgemm with every bw the config allows)."""
     limit = min(config.abuf_banks, 1 << config.data_bits - 1)
     abuf = random_lanes(rng, config.abuf_depth, config.rows, config.data_bits)
     bbuf = random_lanes(rng, config.bbuf_depth, config.cols, config.data_bits)
+    ops = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM) + ((Opcode.WGEMM,) if config.binary_weight_group else ())
     instrs = []
     for i in range(8):
-        op = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)[i % 3]
+        op = ops[i % len(ops)]
+        if op is Opcode.WGEMM:
+            instrs.append((op, dict(wgemm_fields(config, rng), acc=int(rng.integers(0, 2)))))
+            continue
         if op is Opcode.SPGEMM:
             slot = config.bbuf_depth // 3 // 2 * 2  # BBUF words of each of the three spgemms' encodings
             bw = 1 << int(rng.integers(0, limit.bit_length()))
             blocks = max(1, min(int(rng.integers(1, 4)), config.abuf_depth // (4 * bw)))
             nnz = int(rng.integers(1, min(bw, slot // (2 * blocks)) + 1))
             _, encoded, span = sparse_weights(config, rng, blocks, nnz, bw)
-            b = i // 3 * slot
+            b = i // len(ops) * slot
             bbuf[b:b + len(encoded)] = encoded
             instrs.append((op, dict(a=bw * int(rng.integers(0, (config.abuf_depth - span) // bw + 1)), b=b,
                                     blocks=blocks, nnz=nnz, bw=bw, span=span, acc=int(rng.integers(0, 2)))))
@@ -600,7 +642,7 @@ def mixed_array_case(config: AccelConfig, rng: np.random.Generator) -> ArrayCase
     return array_case(config, rng, abuf, bbuf, instrs)
 
 
-@pytest.mark.parametrize("config", SPARSE_CONFIGS, ids=str)
+@pytest.mark.parametrize("config", SPARSE_CONFIGS + W1A8_CONFIGS[1:2], ids=str)
 def test_mixed_array_programs_on_verilator(config):
     need("verilator")
     case = mixed_array_case(config, np.random.default_rng(config.rows * 10 + config.cols))
@@ -615,26 +657,29 @@ def test_mixed_array_programs_on_icarus():
     same_as_spec(case.program, config, case.dram, rtl.run_icarus)
 
 
-@pytest.mark.parametrize("mode", [Opcode.GEMM, Opcode.BGEMM], ids=lambda o: o.name.lower())
+@pytest.mark.parametrize("mode", [Opcode.GEMM, Opcode.BGEMM, Opcode.WGEMM], ids=lambda o: o.name.lower())
 def test_the_array_alone_computes_its_mode(mode):
     """`build_array` (what `verilog.synthesize_array` maps): the accelerator's PEs in one mode,
-    the same skew and timing: k words in, the products rows + cols - 2 cycles after the last."""
+    the same skew and timing: k words in, the products rows + cols - 2 cycles after the last
+    (wgemm: G words a step, row r's lanes of each side by side)."""
     import pyrtl
-    config = tiny(3, 2, data_bits=4, acc_bits=12)
-    R, C, k = config.rows, config.cols, 5
+    config = tiny(3, 2, data_bits=4, acc_bits=12, binary_weight_group=4 if mode is Opcode.WGEMM else 0)
+    R, C, k, group = config.rows, config.cols, 5, max(config.binary_weight_group, 1)
     rng = np.random.default_rng(int(mode))
-    a, b = random_lanes(rng, k, R, 4), random_lanes(rng, k, C, 4)
-    word = lambda lanes: int.from_bytes(pack_words(lanes[None], 4, 2).tobytes(), "little")  # noqa: E731
+    a, b = random_lanes(rng, k * group, R, 4), random_lanes(rng, k, C, 4)
+    steps = a.reshape(k, group, R).transpose(0, 2, 1).reshape(k, R * group)  # step i: lane r's G values
+    word = lambda lanes, n: int.from_bytes(pack_words(lanes[None], 4, n).tobytes(), "little")  # noqa: E731
     sim = pyrtl.FastSimulation(tracer=None, block=hardware.build_array(config, mode))
     for i in range(k + R + C - 1):  # inspect shows cycle i's register values: the last PE's sum is there at k+R+C-2
         step = i < k
-        sim.step({"a": word(a[i]) if step else 0, "b": word(b[i]) if step else 0, "valid": step, "clear": i == 0,
-                  "bank": 1})
+        sim.step({"a": word(steps[i], 2 * group) if step else 0, "b": word(b[i], 2) if step else 0, "valid": step,
+                  "clear": i == 0, "bank": 1})
     acc = np.array([[sim.inspect("acc") >> ((R * C + r * C + c) * 12) & 0xFFF for c in range(C)] for r in range(R)])
-    want = a.T @ b if mode is Opcode.GEMM else binary_product(a, b, 4)
+    want = {Opcode.GEMM: lambda: a.T @ b, Opcode.BGEMM: lambda: binary_product(a, b, 4),
+            Opcode.WGEMM: lambda: signed_sum(a, b, group)}[mode]()
     np.testing.assert_array_equal(acc, want & 0xFFF)
     assert sim.inspect("acc") & (1 << R * C * 12) - 1 == 0  # bank 0 untouched
-    with pytest.raises(ValueError, match="modes are gemm and bgemm"):
+    with pytest.raises(ValueError, match="modes are gemm, bgemm and wgemm"):
         hardware.build_array(config, Opcode.SPGEMM)
 
 

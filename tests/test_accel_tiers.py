@@ -331,3 +331,28 @@ def test_p_v_writes_its_heads_where_the_merge_puts_them():
     runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
     section, dram = next(run for run, meta in zip(runs, program.sections) if meta is merged[-1])
     assert_rtl_matches_sim(run_verilator, section, config, dram)
+
+
+W1A8 = "fold-constants,canonicalize,dce,binarize{mode=w1a8},quantize,int-nonlinear"
+
+
+@pytest.mark.parametrize("group", [4, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_w1a8_model_on_the_w1a8_unit(group):
+    """binarize{mode=w1a8}: its +-1 weights run on the W1A8 unit (wgemm: G signs a weight lane,
+    G activation words a step), the whole model on the ISA simulator equal to numpy, a wgemm
+    section on PyRTL equal to the ISA simulator, cycles included; the linears' array steps K / G
+    of the int8 array's (its weights as +-1 on the multipliers without the unit)."""
+    accel = f"rows=4,cols=4,nonlinear_unit=1,binary_weight_group={group},abuf_banks=4"
+    artifact, inputs = compiled("transformer-encoder", accel, W1A8)
+    program, config = artifact.accel_program(), artifact.accel_program().config
+    assert_sim_matches_reference(artifact.graph, program, inputs)
+    signed = [i for i, s in enumerate(program.sections) if any(ins.op is Opcode.WGEMM for ins in s.program)]
+    assert len(signed) >= 6  # the binarized linears but the input projection and the head
+    prog, dram = AccelExecutor(artifact.graph, program).section_runs(*inputs, first=signed[0] + 1)[signed[0]]
+    assert_rtl_matches_sim(run_pyrtl, prog, config, dram, program.sections[signed[0]].note)
+    plain, _ = compiled("transformer-encoder", accel.replace(f"binary_weight_group={group}", "binary_weight_group=0"),
+                        W1A8)
+
+    def steps(p, op):
+        return sum(ins["k"] for i in signed for ins in p.sections[i].program if ins.op is op)
+    assert steps(program, Opcode.WGEMM) * group == steps(plain.accel_program(), Opcode.GEMM)

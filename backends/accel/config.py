@@ -13,7 +13,9 @@ right bank; the HP sparse unit reads a whole window of `bw <= abuf_banks` consec
 in one cycle, one word per bank, and each array column gathers its own word from it).
 Optional units: `vector_unit=False` leaves the vector ALU (vadd/vmul/vrelu/vmax/vsum) out:
 requant stays (it is the array's output path); `sparse_unit=False` leaves out the HP gather
-(spgemm), `binary_unit=False` the XNOR-popcount mode of the PEs (bgemm), `nonlinear_unit=False`
+(spgemm), `binary_unit=False` the XNOR-popcount mode of the PEs (bgemm), `binary_weight_group=G`
+adds the W1A8 mode (wgemm: binary weights, `data_bits` activations, G of them added or
+subtracted per PE and cycle, no multiplier; 0, the default, leaves it out), `nonlinear_unit=False`
 (or no vector unit) the integer nonlinearities of the vector unit (wide per-lane datapaths: the largest optional
 part). Programs using a missing unit's opcodes are refused for such a config."""
 
@@ -62,6 +64,7 @@ class AccelConfig:
     binary_unit: bool = True  # the PEs' XNOR-popcount mode (bgemm) is present
     nonlinear_unit: bool = True  # the vector unit's vacc/vsoftmax/vlayernorm/vgelu/vresadd datapaths
     divider_steps: int = 2  # iterations a cycle of the row ops' divider and square root (1, 2, 4 or 8)
+    binary_weight_group: int = 0  # wgemm: activation words a PE adds or subtracts a cycle: 2, 4, 8 (0: no W1A8 unit)
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -107,6 +110,10 @@ class AccelConfig:
         if self.divider_steps not in (1, 2, 4, 8):
             return f"divider_steps must be 1, 2, 4 or 8 (quotient bits a cycle of a 64-bit division), " \
                    f"got {self.divider_steps}"
+        group = self.binary_weight_group
+        if group not in (0, 2, 4, 8) or group > min(self.data_bits, self.abuf_banks):
+            return (f"binary_weight_group must be 0 (no W1A8 unit) or 2, 4 or 8 and at most data_bits "
+                    f"({self.data_bits}) and abuf_banks ({self.abuf_banks}), got {group}")
         if self.abuf_banks & (self.abuf_banks - 1):
             return f"abuf_banks must be a power of two, got {self.abuf_banks}"
         if self.abuf_banks > 128:
@@ -186,7 +193,8 @@ class AccelConfig:
         the nonlinearities, 16x16, 32x32 with 32 banks). BRAM36 is the memory bits at the density yosys'
         mapping reaches. `divider_steps` beyond the fitted 2 adds a 64-bit subtract and select per
         step to the divider and to the square root (yosys: +3,472 LUT from 2 to 8 on the 16x16
-        config, about 580 a step). Extrapolations are rough."""
+        config, about 580 a step). The W1A8 unit adds per PE what its array alone takes over the
+        int8 array (yosys). Extrapolations are rough."""
         def slices(a: int, b: int) -> int:
             return math.ceil(max(a, b) / 25) * math.ceil(min(a, b) / 18)
         nonlinear = self.vector_unit and self.nonlinear_unit
@@ -200,9 +208,12 @@ class AccelConfig:
         # 16 banks; every bank beyond adds about 0.55 LUT per PE operand bit (fpga-large's 32)
         gather = self.sparse_unit * 0.552 * self.pes * self.data_bits * max(0, self.abuf_banks - 16)
         divider = nonlinear * 580 * (self.divider_steps - 2)
+        # the W1A8 unit per PE: G = 2 a pair pre-added and multiplied by +-1 in the PE's DSP, 4 and 8
+        # an adder tree in LUTs (yosys, the wgemm array alone over the int8 one: 16x16; 8x8 for 8)
+        signs = {0: (0, 0), 2: (18, 6), 4: (114, 19), 8: (267, 45)}[self.binary_weight_group]
         return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer
-                             + gather + divider),
-                "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer),
+                             + gather + divider + signs[0] * self.pes),
+                "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer + signs[1] * self.pes),
                 "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 

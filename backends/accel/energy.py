@@ -11,6 +11,8 @@ to and from DRAM. `Activity.energy_j` prices the counts at per-operation energie
   (the buffers are built of 36 Kb block RAMs: each access reads or writes small memories).
   Other widths: multiplies scale with the square of the width, adds linearly. A binary MAC
   (XNOR and its popcount adder-tree bit) costs one full adder: an 8-bit add's eighth.
+  A binary-weight MAC of the W1A8 unit (wgemm) adds or subtracts an activation: an add of
+  `data_bits`, and its share of the accumulator's add (one a step for its G).
 - On an FPGA the same logic costs more: x `FPGA_DYNAMIC`, 7.1 (I. Kuon and J. Rose,
   "Measuring the Gap Between FPGAs and ASICs", IEEE TCAD 26(2), 2007: dynamic power of FPGA
   over standard-cell designs using the FPGA's hard multipliers and block memories, both at
@@ -40,7 +42,8 @@ FPGA_DYNAMIC = 7.1  # FPGA / ASIC dynamic power with hard multipliers and memori
 @dataclass(frozen=True)
 class Activity:
     """What a run does, counted: multiply-accumulates of the PEs (`macs`: data_bits x data_bits
-    into acc_bits; `binary_macs`: XNOR-popcount bits), bits read or written in the buffers
+    into acc_bits; `binary_macs`: XNOR-popcount bits; `sign_macs`: wgemm's activations added or
+    subtracted by a binary weight), bits read or written in the buffers
     (`buffer_bits`), the vector unit's lane operations (`wide_ops`: an acc_bits multiply-add,
     requantization and the nonlinearities' passes; `narrow_adds`, `narrow_muls`: data_bits
     vadd/vrelu/vmax and vmul; `wide_adds`: vsum's acc_bits adds), its divider's iterations
@@ -49,6 +52,7 @@ class Activity:
 
     macs: int = 0
     binary_macs: int = 0
+    sign_macs: int = 0
     buffer_bits: int = 0
     wide_ops: int = 0
     narrow_adds: int = 0
@@ -71,7 +75,9 @@ class Activity:
         wide = MUL32_PJ * (config.acc_bits / 32) ** 2 + ADD32_PJ * config.acc_bits / 32
         vector = (self.wide_ops * wide + self.narrow_adds * ADD8_PJ * width + self.narrow_muls * MUL8_PJ * width ** 2
                   + self.wide_adds * ADD32_PJ * config.acc_bits / 32 + self.divider_steps * 2 * ADD32_PJ)
-        return {"array": scale * (self.macs * mac + self.binary_macs * ADD8_PJ / 8),
+        group = max(config.binary_weight_group, 1)
+        sign = ADD8_PJ * width + ADD32_PJ * config.acc_bits / 32 / group
+        return {"array": scale * (self.macs * mac + self.binary_macs * ADD8_PJ / 8 + self.sign_macs * sign),
                 "buffers": scale * self.buffer_bits * SRAM_PJ_PER_BIT,
                 "vector": scale * vector,
                 "dram": self.dram_bits * DRAM_PJ_PER_BIT * 1e-12}
@@ -89,11 +95,13 @@ def activity(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> Ac
         return Activity(buffer_bits=written * bits(buf), dram_bits=words * config.beats(buf) * config.dram_bits)
     if op in ARRAY_OPS:
         k = steps(op, field)
-        a_words = field("bw") if op is Opcode.SPGEMM else 1  # the sparse unit reads a window a step
+        a_words = field("bw") if op is Opcode.SPGEMM else config.binary_weight_group if op is Opcode.WGEMM else 1
         b_words = 2 if op is Opcode.SPGEMM else 1  # a weight word and an index word
         read = k * (a_words * bits(Buffer.ABUF) + b_words * bits(Buffer.BBUF))
         if op is Opcode.BGEMM:
             return Activity(binary_macs=k * rows * cols * config.data_bits, buffer_bits=read)
+        if op is Opcode.WGEMM:
+            return Activity(sign_macs=k * rows * cols * a_words, buffer_bits=read)
         return Activity(macs=k * rows * cols, buffer_bits=read)
     if op is Opcode.REQUANT:
         return Activity(wide_ops=rows * cols, buffer_bits=3 * bits(Buffer.PBUF) + rows * bits(Buffer.OBUF))

@@ -7,7 +7,7 @@ the instruction waits for; `signal`: those it signals when it ends), then the fi
 places per opcode.
 
 Four units run concurrently: `load` (DRAM -> buffer), `array` (the systolic array: gemm,
-spgemm, bgemm), `vector` (requant and the vector ops) and `store` (buffer -> DRAM). One
+spgemm, bgemm, wgemm), `vector` (requant and the vector ops) and `store` (buffer -> DRAM). One
 instruction issues per cycle, in order, from cycle `FETCH_CYCLES` on, once its unit is free
 and every token it waits for has a count above zero (issuing takes one of each). An
 instruction issued in cycle t occupies its unit for `Instruction.occupancy` cycles (the unit
@@ -62,6 +62,12 @@ Semantics (lanes are two's complement, lane `j` of a word at bits `[j*w, (j+1)*w
   binary values (bit set: +1, clear: -1); `ACC[bank][r, c] (+)= sum_i (2 *
   popcount(XNOR(ABUF[a+i][r], BBUF[b+i][c])) - data_bits)`: XNOR-popcount, `data_bits`
   binary MACs per PE and cycle. Occupies the array `k` cycles.
+- `wgemm a b k acc bank` (the W1A8 unit, `G = binary_weight_group`): binary weights and
+  `data_bits` activations, G of them a PE and cycle, added or subtracted (no multiplier):
+  `ACC[bank][r, c] (+)= sum_i sum_j (bit j of BBUF[b+i][c] ? +1 : -1) * ABUF[a + i*G + j][r]`
+  for `i < k`, `j < G`: step i reads the G activation words from `a + i*G` (one per ABUF bank:
+  `a` a multiple of G) and one weight word, whose lane c holds column c's G signs (bit set:
+  +1). Occupies the array `k` cycles: a layer of K inputs takes K / G steps.
 - `requant dst param relu bank`: for each row `r`, `OBUF[dst+r] = requantize(ACC[bank][r] +
   PBUF[param], PBUF[param+1], PBUF[param+2])` to `data_bits` (the IR's `requantize` op),
   then max(., 0) if `relu`. Takes `rows` cycles on the vector unit.
@@ -146,6 +152,7 @@ class Opcode(IntEnum):
     TLOAD = 17
     SSTORE = 18
     SPLOAD = 19
+    WGEMM = 20
 
 
 class Token(IntEnum):
@@ -192,6 +199,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.SPGEMM: (Field("a", 32, 16), Field("b", 48, 16), Field("blocks", 64, 16), Field("nnz", 80, 8),
                     Field("bw", 88, 8), Field("span", 104, 16), Field("acc", 96, 1), Field("bank", 97, 1)),
     Opcode.BGEMM: _GEMM,
+    Opcode.WGEMM: _GEMM,
     Opcode.REQUANT: (Field("dst", 32, 16), Field("param", 48, 16), Field("relu", 64, 1), Field("bank", 65, 1)),
     Opcode.VACC: (Field("dst", 32, 16), Field("stride", 48, 16), Field("bank", 64, 1)),
     Opcode.VSOFTMAX: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16),
@@ -236,6 +244,10 @@ FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
     "bw": "block width: the words of each block's activation window",
     "span": "ABUF words from `a` that the blocks' windows may read",
     (Opcode.SPGEMM, "a"): "first ABUF word of block 0's window (a multiple of bw)",
+    (Opcode.WGEMM, "a"): "first ABUF word (a multiple of binary_weight_group G): step i reads G words from a + i*G",
+    (Opcode.WGEMM, "b"): "first BBUF word: step i's weight word, lane c's bit j the sign of column c's weight "
+                         "for ABUF word a + i*G + j (set: +1)",
+    (Opcode.WGEMM, "k"): "steps, one a cycle: G ABUF words and one BBUF word each",
     (Opcode.VRESADD, "b"): "first word of the second source (in OBUF, or with wide=1 in PBUF)",
     (Opcode.TLOAD, "buf"): "the buffer (abuf or bbuf; the array must be square)",
     (Opcode.TLOAD, "count"): "tiles moved: lanes(buf) buffer words each",
@@ -280,12 +292,12 @@ def passes(config: AccelConfig) -> dict[Opcode, tuple[int, int]]:
 PASSES = passes(AccelConfig())  # at the default divider: the table docs/isa.md shows
 # the constants each reads
 CONSTANTS = {Opcode.VSOFTMAX: 6, Opcode.VLAYERNORM: 2, Opcode.VGELU: 6, Opcode.VRESADD: 7}
-ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM)
+ARRAY_OPS = (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM, Opcode.WGEMM)
 # the config flag each optional unit's opcodes need
 NEEDS: dict[Opcode, tuple[str, ...]] = ({op: ("vector_unit",) for op in VECTOR_OPS}
                                         | {op: ("vector_unit", "nonlinear_unit") for op in NONLINEAR_OPS}
                                         | {Opcode.SPGEMM: ("sparse_unit",), Opcode.SPLOAD: ("sparse_unit",),
-                                   Opcode.BGEMM: ("binary_unit",)})
+                                   Opcode.BGEMM: ("binary_unit",), Opcode.WGEMM: ("binary_weight_group",)})
 
 UNITS: dict[Opcode, Unit] = ({op: Unit.VECTOR for op in Opcode} | {op: Unit.ARRAY for op in ARRAY_OPS}
                              | {Opcode.LOAD: Unit.LOAD, Opcode.TLOAD: Unit.LOAD, Opcode.SPLOAD: Unit.LOAD,
@@ -437,6 +449,8 @@ class Instruction:
                 a_words, b_words = self["span"], 2 * self.steps()
             else:
                 a_words = b_words = self["k"]
+                if op is Opcode.WGEMM:
+                    a_words *= config.binary_weight_group
             return (("ABUF", self["a"], self["a"] + a_words, False), ("BBUF", self["b"], self["b"] + b_words, False),
                     (f"ACC{self['bank']}", 0, config.rows, True))
         if op is Opcode.REQUANT:
@@ -474,8 +488,10 @@ class Instruction:
         if missing:
             return f"{self.mnemonic} needs the {missing[0].replace('_', ' ')}, which this config leaves out " \
                    f"({missing[0]}=0)"
-        if op in (Opcode.GEMM, Opcode.BGEMM) and self["k"] < 1:
+        if op in (Opcode.GEMM, Opcode.BGEMM, Opcode.WGEMM) and self["k"] < 1:
             return "k must be at least 1"
+        if op is Opcode.WGEMM and self["a"] % config.binary_weight_group:
+            return f"a must be a multiple of binary_weight_group ({config.binary_weight_group}), got {self['a']}"
         if op in (Opcode.SPGEMM, Opcode.SPLOAD):
             bw, limit = self["bw"], min(config.abuf_banks, 1 << config.data_bits - 1)
             if bw < 1 or bw & (bw - 1) or bw > limit:

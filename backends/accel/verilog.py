@@ -252,18 +252,20 @@ def synthesize(config: AccelConfig, timeout: float = 600, part_family: str = "xc
 
 @functools.lru_cache(maxsize=8)
 def array_verilog_text(config: AccelConfig, mode: isa.Opcode) -> str:
-    """The PE array of `config` alone in `mode` (`hardware.build_array`: gemm or bgemm) as
-    Verilog module `accel_array` (synchronous reset `rst`)."""
+    """The PE array of `config` alone in `mode` (`hardware.build_array`: gemm, bgemm or wgemm)
+    as Verilog module `accel_array` (synchronous reset `rst`)."""
     return _block_verilog(build_array(config, mode), ARRAY_MODULE)
 
 
 def synthesize_array(config: AccelConfig, mode: isa.Opcode, timeout: float = 600, part_family: str = "xc7",
                      workdir=None) -> dict:
     """Synthesize `config`'s PE array alone in `mode` (gemm: `data_bits` multiply-accumulate,
-    bgemm: XNOR-popcount) like `synthesize`, adding "macs_per_cycle": rows x cols for gemm,
-    rows x cols x data_bits binary MACs for bgemm."""
+    bgemm: XNOR-popcount, wgemm: the W1A8 unit's adds and subtracts) like `synthesize`, adding
+    "macs_per_cycle": rows x cols for gemm, rows x cols x data_bits binary MACs for bgemm,
+    rows x cols x `binary_weight_group` binary-weight MACs for wgemm."""
     result = _synthesize(array_verilog_text(config, mode), ARRAY_MODULE, timeout, part_family, workdir)
-    result["macs_per_cycle"] = config.pes * (config.data_bits if mode is isa.Opcode.BGEMM else 1)
+    per_pe = {isa.Opcode.BGEMM: config.data_bits, isa.Opcode.WGEMM: config.binary_weight_group}.get(mode, 1)
+    result["macs_per_cycle"] = config.pes * per_pe
     return result
 
 

@@ -178,7 +178,7 @@ class Builder:
         self.tiles += 1
         rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
         cols = min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols
-        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary") else
+        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary", "w1a8") else
                              int(np.count_nonzero(layer.weight[n * cfg.cols:(n + 1) * cfg.cols])))
         if layer.softmax:
             self._scores(b, m, n, gemm, bank)

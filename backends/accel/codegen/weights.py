@@ -5,7 +5,9 @@ type) run on the HP sparse unit (spgemm: pruned blocks are neither stored, loade
 inside a kept block each channel's non-zeros gather their activations by local index);
 other block structures (`~blocks`, or HP without the sparse unit) run dense gemms over the
 kept K-blocks only; +-1 activations and weights (W1A1) run on the binary unit (bgemm,
-`data_bits` values per lane); everything else runs dense gemms."""
+`data_bits` values per lane); +-1 weights with `data_bits` activations (W1A8) on the W1A8 unit
+where the config has it (wgemm: G weight signs per lane, G activation words a step);
+everything else runs dense gemms."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class Chunk:
 @dataclass(frozen=True)
 class Plan:
     """How the array runs one layer: `kind` (dense, blocks: dense gemms over the kept K-blocks
-    only, hp: spgemm, binary: bgemm on packed bits), activation words per row (`a_words`,
+    only, hp: spgemm, binary: bgemm on packed bits, w1a8: wgemm on packed signs), activation words per row (`a_words`,
     `a_align`: ABUF slots start at multiples of it), the chunks of every column tile, the
     weight stream (BBUF words in load order) and the array steps per row block."""
 
@@ -90,19 +92,33 @@ def weight_plan(layer: Layer, config: AccelConfig) -> Plan:
     if layer.binary and config.binary_unit and -(-layer.k // config.data_bits) <= config.abuf_depth:
         packed = pack_binary(layer.weight, config.data_bits)
         return _dense_plan(packed, config, Opcode.BGEMM, "binary")
+    group = config.binary_weight_group
+    signs = group and not layer.binary and structure is None and layer.k % group == 0
+    if signs and np.isin(layer.weight, (-1, 1)).all():
+        return _dense_plan(pack_signs(layer.weight, group, config.data_bits), config, Opcode.WGEMM, "w1a8",
+                           group=group)
     if isinstance(structure, (Blocks, Hierarchical)) and resident:
         return _dense_plan(layer.weight, config, granule=structure.bw)
     return _dense_plan(layer.weight, config)
 
 
+def pack_signs(weight: np.ndarray, group: int, bits: int) -> np.ndarray:
+    """+-1 weights [N, K] as wgemm's weight words' lanes [N, K / G]: bit j of lane i the sign
+    of weight i * G + j (set: +1), as a signed `bits`-bit lane."""
+    n, k = weight.shape
+    lanes = ((weight.reshape(n, k // group, group) > 0) << np.arange(group)).sum(axis=2)
+    return np.where(lanes >= 1 << bits - 1, lanes - (1 << bits), lanes).astype(np.int64)
+
+
 def _dense_plan(weight: np.ndarray, config: AccelConfig, op: Opcode = Opcode.GEMM, kind: str = "dense",
-                granule: int | None = None) -> Plan:
+                granule: int | None = None, group: int = 1) -> Plan:
     """Gemms (or bgemms) over K in chunks of at most half of BBUF (split-K); with `granule`,
     only the K-blocks of that width holding a non-zero weight of the column tile are stored
-    and run (kind "blocks"; a tile with none keeps its first block, to clear the accumulators)."""
+    and run (kind "blocks"; a tile with none keeps its first block, to clear the accumulators).
+    `group`: activation words a step reads (wgemm's G: `weight` holds K / G words a row)."""
     n, k = weight.shape
     cols = config.cols
-    kmax = min(MAX_COUNT, max(1, config.bbuf_depth // 2), config.abuf_depth)
+    kmax = min(MAX_COUNT, max(1, config.bbuf_depth // 2), config.abuf_depth // group)
     if granule is not None:
         kmax = max(granule, kmax // granule * granule)
     chunks = math.ceil(k / kmax)
@@ -135,16 +151,16 @@ def _dense_plan(weight: np.ndarray, config: AccelConfig, op: Opcode = Opcode.GEM
                 continue
             chunk_steps, offset = [], 0
             for r0, r1 in runs:
-                chunk_steps.append(Step(op, (("a", r0), ("b", offset), ("k", r1 - r0))))
+                chunk_steps.append(Step(op, (("a", r0 * group), ("b", offset), ("k", r1 - r0))))
                 if streamed:
                     stream.append(block[:, r0:r1].T)
                 offset += r1 - r0
-            tile.append(Chunk(start, offset, low, high - low, tuple(chunk_steps)))
+            tile.append(Chunk(start, offset, low * group, (high - low) * group, tuple(chunk_steps)))
             start += offset
             steps += offset
         tiles.append(tuple(tile))
-    return Plan(kind if granule is None else "blocks", k, 1, tuple(tiles), np.concatenate(stream) if streamed else None,
-                steps)
+    return Plan(kind if granule is None else "blocks", k * group, group, tuple(tiles),
+                np.concatenate(stream) if streamed else None, steps)
 
 
 def _runs(kept: np.ndarray, first: int, end: int) -> list[tuple[int, int]]:

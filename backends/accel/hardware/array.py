@@ -12,7 +12,10 @@ ABUF words (one per ABUF bank, the same index in each) and BBUF's weight word (e
 index word (odd bank); each column picks its window word, and lane r of column c's word goes
 to PE(r, c) through r + c registers, skewed like the weights. On a block's last step the next
 window's address adds bw and the index word's lane 0 above its low log2(bw) bits (the skip). bgemm switches the PEs from
-multiply to `2 * popcount(XNOR) - data_bits`."""
+multiply to `2 * popcount(XNOR) - data_bits`. wgemm (the W1A8 unit, G = `binary_weight_group`)
+reads G consecutive ABUF words a step (one per bank, from the aligned group the address picks):
+A's lanes are G words wide in such a config, and a PE adds or subtracts each of its G
+activations by a bit of its weight lane."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pyrtl import Const, Input, Output, Register, WireVector, concat, concat_lis
 
 from ..config import AccelConfig
 from ..isa import ARRAY_OPS, Buffer, Opcode, Token, Unit
-from .circuits import any_of, delay, fit, nonzero, popcount, sfit
+from .circuits import any_of, delay, fit, nonzero, popcount, sfit, tree
 from .decode import decode_field
 
 if TYPE_CHECKING:
@@ -37,7 +40,8 @@ def array_unit(builder: Builder):
     cfg, f, is_op, ir, op = builder.cfg, builder.f, builder.is_op, builder.ir, builder.op
     R, C, DB = cfg.rows, cfg.cols, cfg.data_bits
     ops = [o for o in ARRAY_OPS if o in builder.ops]
-    sparse, binary = Opcode.SPGEMM in ops, Opcode.BGEMM in ops
+    sparse, binary, signs = Opcode.SPGEMM in ops, Opcode.BGEMM in ops, Opcode.WGEMM in ops
+    group = cfg.binary_weight_group
     abuf, bbuf = builder.mems[Buffer.ABUF], builder.mems[Buffer.BBUF]
     iss = builder.issue_u[Unit.ARRAY]
 
@@ -76,6 +80,9 @@ def array_unit(builder: Builder):
         next_b = fit(eff_b + select(is_sparse, Const(2, 2), Const(1, 2)), 16)
     else:
         next_a, next_b = fit(eff_a + 1, 16), fit(eff_b + 1, 16)
+    is_signs = held("signs", is_op[Opcode.WGEMM]) if signs else None
+    if signs:  # wgemm's step reads G activation words
+        next_a = select(is_signs, fit(eff_a + group, 16), next_a)
     a_ptr.next <<= next_a
     b_ptr.next <<= next_b
     abuf.read("array", select(more, next_a, decode_field(builder.cand, builder.cand_op, ops, "a")))
@@ -95,6 +102,8 @@ def array_unit(builder: Builder):
     ctl0 = [feeding, clear0, held("bank", decode_field(ir, op, ops, "bank"))]
     if binary:
         ctl0.append(held("binary", is_op[Opcode.BGEMM]))
+    if signs:
+        ctl0.append(is_signs)
     if sparse:
         ctl0.append(is_sparse)
     ctl0 = concat_list(ctl0)
@@ -115,8 +124,13 @@ def array_unit(builder: Builder):
             for r in range(R):
                 gather[r][c] = delay(word[r * DB:(r + 1) * DB], r + c, f"g{r}_{c}")
 
-    modes = (Opcode.GEMM, Opcode.BGEMM) if binary else (Opcode.GEMM,)
-    builder.acc = pe_grid(cfg, abuf.data["array"], bbuf.data["array"], ctl0, modes, gather)
+    a_word = abuf.data["array"]
+    if signs and group > 1:  # lane r: word 0 (the addressed word, gemm's) and wgemm's G - 1 after it
+        window, sb, gb = abuf.group["array"], abuf.sel_bits, (group - 1).bit_length()
+        after = [mux(abuf.addr["array"][gb:sb], *window[j::group]) if sb > gb else window[j] for j in range(1, group)]
+        a_word = concat_list([concat_list([w[r * DB:(r + 1) * DB] for w in (a_word, *after)]) for r in range(R)])
+    modes = (Opcode.GEMM,) + ((Opcode.BGEMM,) if binary else ()) + ((Opcode.WGEMM,) if signs else ())
+    builder.acc = pe_grid(cfg, a_word, bbuf.data["array"], ctl0, modes, gather)
     return blocks == 0, tag[ntok], tag[:ntok]
 
 
@@ -124,18 +138,22 @@ def pe_grid(cfg: AccelConfig, a_word: WireVector, b_word: WireVector, ctl0: Wire
             gather: list[list[WireVector]] | None = None) -> list[list[list[Register]]]:
     """The `rows x cols` PEs with their skew registers: A lane r enters row r skewed by r
     cycles and moves right, B lane c enters column c skewed by c and moves down, the control
-    tags `ctl0` (valid, clear, bank, then `modes`' selector when there are two, then the
+    tags `ctl0` (valid, clear, bank, then a flag for each of `modes` after the first, then the
     sparse flag when `gather` is given) travel with A; PE(i, j) does step m in cycle t+m+i+j.
-    `modes`: what a PE computes of its operands, `Opcode.GEMM` (the signed product) and/or
-    `Opcode.BGEMM` (2 * popcount(XNOR) - data_bits). `gather[r][c]`: spgemm's operand for
-    PE(r, c), taking A's place when the sparse flag is set. Returns the accumulators,
-    [bank][row][col]."""
+    `modes`: what a PE computes of its operands, the first unless a later one's flag is set:
+    `Opcode.GEMM` (the signed product), `Opcode.BGEMM` (2 * popcount(XNOR) - data_bits),
+    `Opcode.WGEMM` (the sum of its A lane's G values, each negated where its bit of the B lane
+    is clear; A's lanes are then G words wide, `a_word` lane r the G words' lanes r, word 0
+    first, which the other modes read). `gather[r][c]`: spgemm's operand for PE(r, c), taking
+    A's place when the sparse flag is set. Returns the accumulators, [bank][row][col]."""
     R, C, DB, AB = cfg.rows, cfg.cols, cfg.data_bits, cfg.acc_bits
+    group = cfg.binary_weight_group if Opcode.WGEMM in modes else 1
+    AW = DB * group  # an A lane's bits
     a_in = [[None] * C for _ in range(R)]
     b_in = [[None] * C for _ in range(R)]
     ctl_in = [[None] * C for _ in range(R)]
     for r in range(R):
-        a_in[r][0] = delay(a_word[r * DB:(r + 1) * DB], r, f"a{r}")
+        a_in[r][0] = delay(a_word[r * AW:(r + 1) * AW], r, f"a{r}")
         ctl_in[r][0] = delay(ctl0, r)
     for c in range(C):
         b_in[0][c] = delay(b_word[c * DB:(c + 1) * DB], c, f"b{c}")
@@ -148,15 +166,17 @@ def pe_grid(cfg: AccelConfig, a_word: WireVector, b_word: WireVector, ctl0: Wire
             if r + 1 < R:
                 b_in[r + 1][c] = delay(b, 1)
             valid, clear, bank = ctl[0], ctl[1], ctl[2]
-            if gather is not None:
-                a = select(ctl[-1], gather[r][c], a)
-            products = []
-            if Opcode.GEMM in modes:
-                products.append(sfit((a.sign_extended(2 * DB) * b.sign_extended(2 * DB))[:2 * DB], AB))
-            if Opcode.BGEMM in modes:
-                same = fit(concat(popcount(~(a ^ b)), Const(0, 1)), AB)
-                products.append((same - Const(DB, AB))[:AB])
-            product = select(ctl[3], products[1], products[0]) if len(products) > 1 else products[0]
+            if Opcode.WGEMM in modes:
+                product = _with_signs(cfg, a, b, ctl, modes, group, gather and gather[r][c])
+            else:
+                if gather is not None:
+                    a = select(ctl[-1], gather[r][c], a)
+                products = []
+                if Opcode.GEMM in modes:
+                    products.append(_product(a, b, DB, AB))
+                if Opcode.BGEMM in modes:
+                    products.append(_xnor_popcount(a, b, DB, AB))
+                product = select(ctl[3], products[1], products[0]) if len(products) > 1 else products[0]
             acc0, acc1 = acc[0][r][c], acc[1][r][c]
             total = (select(clear, Const(0, AB), select(bank, acc1, acc0)) + product)[:AB]
             acc0.next <<= select(valid & ~bank, total, acc0)
@@ -164,18 +184,65 @@ def pe_grid(cfg: AccelConfig, a_word: WireVector, b_word: WireVector, ctl0: Wire
     return acc
 
 
+def _product(a: WireVector, b: WireVector, data_bits: int, acc_bits: int) -> WireVector:
+    """gemm's signed product, to `acc_bits`."""
+    return sfit((a.sign_extended(2 * data_bits) * b.sign_extended(2 * data_bits))[:2 * data_bits], acc_bits)
+
+
+def _xnor_popcount(a: WireVector, b: WireVector, data_bits: int, acc_bits: int) -> WireVector:
+    """bgemm's 2 * popcount(XNOR(a, b)) - data_bits, to `acc_bits`."""
+    same = fit(concat(popcount(~(a ^ b)), Const(0, 1)), acc_bits)
+    return (same - Const(data_bits, acc_bits))[:acc_bits]
+
+
+def _with_signs(cfg: AccelConfig, wide: WireVector, b: WireVector, ctl: WireVector, modes: tuple[Opcode, ...],
+                group: int, gathered: WireVector | None) -> WireVector:
+    """A PE's product in an array with the W1A8 mode (`modes` holds wgemm): lane `wide` holds G
+    activations (word 0 first, the others' operand); gemm and a wgemm of G = 2 share one
+    multiplier (s0 a0 + s1 a1 = s0 (a0 + s0 s1 a1): the pair times +-1, a DSP slice); a wgemm
+    of 4 or 8 is an adder tree of +-a_j."""
+    DB, AB = cfg.data_bits, cfg.acc_bits
+    flags = {mode: ctl[3 + i] for i, mode in enumerate(modes[1:])}
+    a = select(ctl[-1], gathered, wide[:DB]) if gathered is not None else wide[:DB]
+    x, y = a, b
+    if group == 2:
+        a0, a1 = sfit(wide[:DB], DB + 1), sfit(wide[DB:2 * DB], DB + 1)
+        pair = (a0 + select(b[0] ^ b[1], (Const(0, DB + 1) - a1)[:DB + 1], a1))[:DB + 1]
+        sign = select(b[0], Const(1, 2), Const(3, 2))  # +1 or -1
+        x, y = (select(flags[Opcode.WGEMM], p.sign_extended(DB + 1), q.sign_extended(DB + 1))
+                for p, q in ((pair, a), (sign, b))) if Opcode.GEMM in modes else (pair, sign)
+    product = multiplied = None
+    for mode in modes:
+        if mode is Opcode.BGEMM:
+            value = _xnor_popcount(a, b, DB, AB)
+        elif mode is Opcode.WGEMM and group != 2:  # +-a_j by bit j of b
+            width = DB + group.bit_length()
+            terms = [sfit(wide[j * DB:(j + 1) * DB], width) for j in range(group)]
+            terms = [select(b[j], t, (Const(0, width) - t)[:width]) for j, t in enumerate(terms)]
+            value = sfit(tree(lambda u, v: (u + v)[:width], terms), AB)
+        else:
+            multiplied = value = multiplied if multiplied is not None else _product(x, y, len(x), AB)
+        product = value if product is None else select(flags[mode], value, product)
+    return product
+
+
 def build_array(config: AccelConfig, mode: Opcode) -> pyrtl.Block:
     """Just the PE array of `config` in one mode, for synthesis: `Opcode.GEMM` (`data_bits`
-    multiply-accumulate: rows x cols MACs a cycle) or `Opcode.BGEMM` (XNOR-popcount: rows x
-    cols x data_bits binary MACs a cycle). The PEs and skew registers as in the accelerator
-    (two accumulator banks), without buffers or control: inputs `a` (an ABUF word), `b` (a
-    BBUF word), `valid`, `clear`, `bank`; output `acc`, every accumulator (so none is
-    optimized away). A fresh block; the working block is left as it was."""
-    if mode not in (Opcode.GEMM, Opcode.BGEMM):
-        raise ValueError(f"the array's modes are gemm and bgemm, got {mode.name.lower()}")
+    multiply-accumulate: rows x cols MACs a cycle), `Opcode.BGEMM` (XNOR-popcount: rows x cols
+    x data_bits binary MACs a cycle) or `Opcode.WGEMM` (the W1A8 unit: rows x cols x
+    `binary_weight_group` activations added or subtracted a cycle). The PEs and skew registers
+    as in the accelerator (two accumulator banks), without buffers or control: inputs `a` (an
+    ABUF word, G words for wgemm), `b` (a BBUF word), `valid`, `clear`, `bank`; output `acc`,
+    every accumulator (so none is optimized away). A fresh block; the working block is left as
+    it was."""
+    if mode not in (Opcode.GEMM, Opcode.BGEMM, Opcode.WGEMM):
+        raise ValueError(f"the array's modes are gemm, bgemm and wgemm, got {mode.name.lower()}")
+    if mode is Opcode.WGEMM and not config.binary_weight_group:
+        raise ValueError("wgemm needs binary_weight_group > 0")
+    group = config.binary_weight_group if mode is Opcode.WGEMM else 1
     block = pyrtl.Block()
     with pyrtl.set_working_block(block, no_sanity_check=True):
-        a, b = Input(config.word_bits(Buffer.ABUF), "a"), Input(config.word_bits(Buffer.BBUF), "b")
+        a, b = Input(group * config.word_bits(Buffer.ABUF), "a"), Input(config.word_bits(Buffer.BBUF), "b")
         ctl0 = concat_list([Input(1, "valid"), Input(1, "clear"), Input(1, "bank")])
         acc = pe_grid(config, a, b, ctl0, (mode,))
         out = Output(2 * config.pes * config.acc_bits, "acc")

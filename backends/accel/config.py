@@ -208,13 +208,14 @@ class AccelConfig:
         # 16 banks; every bank beyond adds about 0.55 LUT per PE operand bit (fpga-large's 32)
         gather = self.sparse_unit * 0.552 * self.pes * self.data_bits * max(0, self.abuf_banks - 16)
         divider = nonlinear * 580 * (self.divider_steps - 2)
-        # the W1A8 unit per PE: G = 2 a pair pre-added and multiplied by +-1 in the PE's DSP, 4 and 8
-        # an adder tree in LUTs (yosys, the wgemm array alone over the int8 one: 16x16; 8x8 for 8)
-        signs = {0: (0, 0), 2: (18, 6), 4: (114, 19), 8: (267, 45)}[self.binary_weight_group]
+        # the W1A8 unit per PE (LUT, FF, DSP): G = 2 a pair pre-added and multiplied by +-1 in a DSP
+        # of its own (yosys, fpga-medium's config with it: +9,395 LUT, +1,974 FF, +256 DSP), 4 and 8
+        # an adder tree in LUTs (the wgemm array alone over the int8 one: 16x16; 8x8 for 8)
+        signs = {0: (0, 0, 0), 2: (37, 8, 1), 4: (114, 19, 0), 8: (267, 45, 0)}[self.binary_weight_group]
         return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer
                              + gather + divider + signs[0] * self.pes),
                 "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer + signs[1] * self.pes),
-                "DSP": self.pes * slices(self.data_bits, self.data_bits) + self.cols * lane_dsp,
+                "DSP": self.pes * (slices(self.data_bits, self.data_bits) + signs[2]) + self.cols * lane_dsp,
                 "BRAM": math.ceil(2.2 * self.memory_bits() / 36864)}
 
     def buffer_depth(self, buffer: Buffer) -> int:

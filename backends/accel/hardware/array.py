@@ -198,31 +198,27 @@ def _xnor_popcount(a: WireVector, b: WireVector, data_bits: int, acc_bits: int) 
 def _with_signs(cfg: AccelConfig, wide: WireVector, b: WireVector, ctl: WireVector, modes: tuple[Opcode, ...],
                 group: int, gathered: WireVector | None) -> WireVector:
     """A PE's product in an array with the W1A8 mode (`modes` holds wgemm): lane `wide` holds G
-    activations (word 0 first, the others' operand); gemm and a wgemm of G = 2 share one
-    multiplier (s0 a0 + s1 a1 = s0 (a0 + s0 s1 a1): the pair times +-1, a DSP slice); a wgemm
-    of 4 or 8 is an adder tree of +-a_j."""
+    activations (word 0 first, the other modes' operand). A wgemm of G = 2 is the pair times
+    +-1 (s0 a0 + s1 a1 = s0 (a0 + s0 s1 a1): a DSP slice of its own, yosys shows), of 4 or 8 an
+    adder tree of +-a_j in LUTs."""
     DB, AB = cfg.data_bits, cfg.acc_bits
-    flags = {mode: ctl[3 + i] for i, mode in enumerate(modes[1:])}
     a = select(ctl[-1], gathered, wide[:DB]) if gathered is not None else wide[:DB]
-    x, y = a, b
-    if group == 2:
-        a0, a1 = sfit(wide[:DB], DB + 1), sfit(wide[DB:2 * DB], DB + 1)
-        pair = (a0 + select(b[0] ^ b[1], (Const(0, DB + 1) - a1)[:DB + 1], a1))[:DB + 1]
-        sign = select(b[0], Const(1, 2), Const(3, 2))  # +1 or -1
-        x, y = (select(flags[Opcode.WGEMM], p.sign_extended(DB + 1), q.sign_extended(DB + 1))
-                for p, q in ((pair, a), (sign, b))) if Opcode.GEMM in modes else (pair, sign)
-    product = multiplied = None
-    for mode in modes:
-        if mode is Opcode.BGEMM:
+    product = None
+    for i, mode in enumerate(modes):
+        if mode is Opcode.GEMM:
+            value = _product(a, b, DB, AB)
+        elif mode is Opcode.BGEMM:
             value = _xnor_popcount(a, b, DB, AB)
-        elif mode is Opcode.WGEMM and group != 2:  # +-a_j by bit j of b
+        elif group == 2:
+            a0, a1 = sfit(wide[:DB], DB + 1), sfit(wide[DB:2 * DB], DB + 1)
+            pair = (a0 + select(b[0] ^ b[1], (Const(0, DB + 1) - a1)[:DB + 1], a1))[:DB + 1]
+            value = _product(pair, select(b[0], Const(1, 2), Const(3, 2)), DB + 1, AB)  # times +1 or -1
+        else:  # +-a_j by bit j of b
             width = DB + group.bit_length()
             terms = [sfit(wide[j * DB:(j + 1) * DB], width) for j in range(group)]
             terms = [select(b[j], t, (Const(0, width) - t)[:width]) for j, t in enumerate(terms)]
             value = sfit(tree(lambda u, v: (u + v)[:width], terms), AB)
-        else:
-            multiplied = value = multiplied if multiplied is not None else _product(x, y, len(x), AB)
-        product = value if product is None else select(flags[mode], value, product)
+        product = value if product is None else select(ctl[2 + i], value, product)
     return product
 
 

@@ -212,7 +212,8 @@ def _with_signs(cfg: AccelConfig, wide: WireVector, b: WireVector, ctl: WireVect
         elif group == 2:
             a0, a1 = sfit(wide[:DB], DB + 1), sfit(wide[DB:2 * DB], DB + 1)
             pair = (a0 + select(b[0] ^ b[1], (Const(0, DB + 1) - a1)[:DB + 1], a1))[:DB + 1]
-            value = _product(pair, select(b[0], Const(1, 2), Const(3, 2)), DB + 1, AB)  # times +1 or -1
+            sign = select(b[0], Const(1, 2), Const(3, 2))  # +1 or -1; DB + 2 bits hold the product
+            value = sfit((pair.sign_extended(DB + 2) * sign.sign_extended(DB + 2))[:DB + 2], AB)
         else:  # +-a_j by bit j of b
             width = DB + group.bit_length()
             terms = [sfit(wide[j * DB:(j + 1) * DB], width) for j in range(group)]

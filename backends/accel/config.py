@@ -209,9 +209,9 @@ class AccelConfig:
         gather = self.sparse_unit * 0.552 * self.pes * self.data_bits * max(0, self.abuf_banks - 16)
         divider = nonlinear * 580 * (self.divider_steps - 2)
         # the W1A8 unit per PE (LUT, FF, DSP): G = 2 a pair pre-added and multiplied by +-1 in a DSP
-        # of its own (yosys, fpga-medium's config with it: +9,395 LUT, +1,974 FF, +256 DSP), 4 and 8
+        # of its own (yosys, fpga-medium's config with it: +5,588 LUT, +1,974 FF, +256 DSP), 4 and 8
         # an adder tree in LUTs (the wgemm array alone over the int8 one: 16x16; 8x8 for 8)
-        signs = {0: (0, 0, 0), 2: (37, 8, 1), 4: (114, 19, 0), 8: (267, 45, 0)}[self.binary_weight_group]
+        signs = {0: (0, 0, 0), 2: (22, 8, 1), 4: (114, 19, 0), 8: (267, 45, 0)}[self.binary_weight_group]
         return {"LUT": round(210.8 * self.pes + 13861 + shift_registers + nonlinear * 4555 * self.cols + transposer
                              + gather + divider + signs[0] * self.pes),
                 "FF": round(85.3 * self.pes + 2475 + nonlinear * 647 * self.cols + transposer + signs[1] * self.pes),

@@ -33,3 +33,22 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int,
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def zoo_graph(name: str):
+    """Zoo model `name` lowered at its example inputs, and a pass context whose example data
+    are those inputs (calibration, and the torch executor for passes that observe or train)."""
+    from tcc import zoo
+    from tcc.model import example_arrays, example_dataset, lower
+    from tcc.passes import PassContext
+    from tcc.runtime.torch_executor import TorchExecutor
+    model, inputs = zoo.build(name)
+    graph, signature, examples, _source = lower(model, inputs)
+    return graph, PassContext(data={"example": example_dataset(graph, example_arrays(signature, examples))},
+                              torch_module=TorchExecutor)
+
+
+def board_devices(target, catalog):
+    """The cost model's devices for an FPGA `target`: itself and the host it leaves ops to."""
+    from tcc.targets.calibration import cost_devices
+    return cost_devices({target.name: target, target.device.host: catalog[target.device.host]})

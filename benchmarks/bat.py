@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 
-from tcc import zoo
+from _common import board_devices, zoo_graph
 from tcc.ir.analysis import flops
 from tcc.ir.errors import TccError
-from tcc.model import example_arrays, example_dataset, lower
-from tcc.passes import PassContext, parse_pipeline, run_pipeline
-from tcc.runtime.torch_executor import TorchExecutor
+from tcc.passes import parse_pipeline, run_pipeline
 from tcc.targets import load_catalog
-from tcc.targets.calibration import cost_devices
 
 PREFIX = "fold-constants,canonicalize,dce,"
 VARIANTS = (("int8", "quantize,int-nonlinear", 0), ("W1A8 on int8", "binarize{mode=w1a8},quantize,int-nonlinear", 0),
@@ -41,11 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     catalog = load_catalog()
     medium = catalog["fpga-medium"]
-    devices = cost_devices({medium.name: medium, medium.device.host: catalog[medium.device.host]})
-    model, inputs = zoo.build(args.model)
-    graph, signature, examples, _source = lower(model, inputs)
-    ctx = PassContext(data={"example": example_dataset(graph, example_arrays(signature, examples))},
-                      torch_module=TorchExecutor)
+    devices = board_devices(medium, catalog)
+    graph, ctx = zoo_graph(args.model)
     compressed = {}
     for _label, pipeline, _group in VARIANTS:
         if pipeline not in compressed:
@@ -67,7 +61,7 @@ def main() -> None:
             cost = target.cost(target.lower(g, after=passes), devices)
             resources = target.accel.estimate_resources()
             print(f"{f'{n}x{n}':>6}  {label:<14}{cost.latency_s * 1e3:>8.3f}{cost.parts['accelerator'] * 1e3:>10.3f}"
-                  f"{ops / cost.latency_s / 1e9:>8.2f}{cost.energy_j * 1e3:>8.3f}{ops / cost.energy_j / 1e9:>9.1f}"
+                  f"{ops / cost.latency_s / 1e9:>8.2f}{cost.energy_j * 1e3:>8.3f}{cost.gops_per_w(ops):>9.1f}"
                   f"{resources['LUT']:>9,}{resources['DSP']:>6}", flush=True)
 
 

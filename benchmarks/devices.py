@@ -163,7 +163,7 @@ def energy_table(prices: Prices, ops: Mapping[tuple[str, int], int], settings: S
     print(f"{'setting':<{name}}{'device':<13}{'mJ':>10}{'GOP/s/W':>10}   FPGA: where the energy goes, %; "
           f"its GOP/s/W over {', '.join(others)}'s")
     for setting in settings:
-        efficiency = {d: ops[setting.name, 1] / prices[setting.name, d, 1].energy_j / 1e9 for d in devices}
+        efficiency = {d: prices[setting.name, d, 1].gops_per_w(ops[setting.name, 1]) for d in devices}
         for device in devices:
             cost = prices[setting.name, device, 1]
             parts = sorted(cost.energy_parts.items(), key=lambda kv: -kv[1])

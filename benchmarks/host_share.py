@@ -22,14 +22,11 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from tcc import zoo
+from _common import board_devices, zoo_graph
 from tcc.backends.accel.codegen import generate, host_places
 from tcc.backends.accel.isa import Opcode, Unit, passes
-from tcc.model import example_arrays, example_dataset, lower
-from tcc.passes import PassContext, parse_pipeline, run_pipeline
-from tcc.runtime.torch_executor import TorchExecutor
+from tcc.passes import parse_pipeline, run_pipeline
 from tcc.targets import load_catalog
-from tcc.targets.calibration import cost_devices
 
 HOST_TARGET = 0.10  # the host's share of end-to-end latency
 OVERLAP_TARGET = 1.15  # end-to-end cycles over the busiest unit's
@@ -45,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     catalog = load_catalog()
     target = catalog[args.target].with_accel(args.accel)
-    devices = cost_devices({target.name: target, target.device.host: catalog[target.device.host]})
+    devices = board_devices(target, catalog)
     print(f"{target.name}{f' ({args.accel})' if args.accel else ''}: {target.pipeline}; host {target.device.host}; "
           f"targets: host <= {HOST_TARGET:.0%}, "
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
@@ -53,10 +50,7 @@ def main() -> None:
           f"{'edge/between/addr':>19}{'vs busiest':>12}{'int8 ms':>9}")
     vector_rows = []
     for name, sparsity in ((n, float(s)) for n in args.models.split(",") for s in args.sparsities.split(",")):
-        model, inputs = zoo.build(name)
-        graph, signature, examples, _source = lower(model, inputs)
-        ctx = PassContext(data={"example": example_dataset(graph, example_arrays(signature, examples))},
-                          torch_module=TorchExecutor)
+        graph, ctx = zoo_graph(name)
         pipeline = target.pipeline.replace("dce,", f"dce,hp-prune{{sparsity={sparsity}}},", 1) if sparsity \
             else target.pipeline
         passes = parse_pipeline(pipeline)

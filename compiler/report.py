@@ -202,7 +202,7 @@ def _devices(catalog: dict[str, Target], devices: Mapping[str, Device], costs: M
         device = devices[name]
         rows.append({"name": name, "kind": catalog[name].kind, "price_usd": device.price_usd,
                      "power_w": device.power_w, "latency_ms": cost.latency_s * 1e3, "energy_mj": cost.energy_j * 1e3,
-                     "gops_per_w": ops / cost.energy_j / 1e9 if cost.energy_j > 0 else 0.0,
+                     "gops_per_w": cost.gops_per_w(ops),
                      "breakdown": _shares(cost.parts, cost.latency_s),
                      "energy_breakdown": _shares(cost.energy_parts, cost.energy_j),
                      "compiled": name == compiled_for, "figures": _figures(catalog[name], catalog, devices)})

@@ -168,7 +168,7 @@ def _points(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Datas
         for name, c in price_all(graph, targets, devices, after=setting.passes).items():
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
                                 targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()},
-                                ops / c.energy_j / 1e9 if c.energy_j > 0 else 0.0))
+                                c.gops_per_w(ops)))
     return points
 
 

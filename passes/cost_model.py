@@ -92,6 +92,10 @@ class Cost:
     parts: dict[str, float] = field(default_factory=dict)
     energy_parts: dict[str, float] = field(default_factory=dict)
 
+    def gops_per_w(self, ops: int) -> float:
+        """Energy efficiency of a run of `ops` operations: GOP/s/W, i.e. GOP per joule."""
+        return ops / self.energy_j / 1e9 if self.energy_j > 0 else 0.0
+
 
 @dataclass(frozen=True)
 class AccelRun:

@@ -9,13 +9,13 @@ waiting for the previous one to drain."""
 from __future__ import annotations
 
 import math
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
-from ..config import AccelConfig
 from .. import energy
+from ..config import AccelConfig
 from ..energy import Activity
 from ..isa import Buffer, Instruction, Opcode, Unit
 from ..layout import DramTensor, Layout, batch_words, inner, word_offset

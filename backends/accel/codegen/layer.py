@@ -12,8 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ..config import AccelConfig
 from .. import energy
+from ..config import AccelConfig
 from ..energy import Activity
 from ..isa import Buffer, Opcode, Unit
 from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner

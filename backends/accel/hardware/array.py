@@ -166,17 +166,7 @@ def pe_grid(cfg: AccelConfig, a_word: WireVector, b_word: WireVector, ctl0: Wire
             if r + 1 < R:
                 b_in[r + 1][c] = delay(b, 1)
             valid, clear, bank = ctl[0], ctl[1], ctl[2]
-            if Opcode.WGEMM in modes:
-                product = _with_signs(cfg, a, b, ctl, modes, group, gather and gather[r][c])
-            else:
-                if gather is not None:
-                    a = select(ctl[-1], gather[r][c], a)
-                products = []
-                if Opcode.GEMM in modes:
-                    products.append(_product(a, b, DB, AB))
-                if Opcode.BGEMM in modes:
-                    products.append(_xnor_popcount(a, b, DB, AB))
-                product = select(ctl[3], products[1], products[0]) if len(products) > 1 else products[0]
+            product = _pe_product(cfg, a, b, ctl, modes, group, gather[r][c] if gather is not None else None)
             acc0, acc1 = acc[0][r][c], acc[1][r][c]
             total = (select(clear, Const(0, AB), select(bank, acc1, acc0)) + product)[:AB]
             acc0.next <<= select(valid & ~bank, total, acc0)
@@ -195,14 +185,17 @@ def _xnor_popcount(a: WireVector, b: WireVector, data_bits: int, acc_bits: int) 
     return (same - Const(data_bits, acc_bits))[:acc_bits]
 
 
-def _with_signs(cfg: AccelConfig, wide: WireVector, b: WireVector, ctl: WireVector, modes: tuple[Opcode, ...],
+def _pe_product(cfg: AccelConfig, lane: WireVector, b: WireVector, ctl: WireVector, modes: tuple[Opcode, ...],
                 group: int, gathered: WireVector | None) -> WireVector:
-    """A PE's product in an array with the W1A8 mode (`modes` holds wgemm): lane `wide` holds G
-    activations (word 0 first, the other modes' operand). A wgemm of G = 2 is the pair times
-    +-1 (s0 a0 + s1 a1 = s0 (a0 + s0 s1 a1): a DSP slice of its own, yosys shows), of 4 or 8 an
-    adder tree of +-a_j in LUTs."""
+    """What a PE adds to its accumulator: the product of `modes[0]`, or of a later mode whose
+    flag (after valid, clear and bank in `ctl`) is set. `lane`: its A lane, with wgemm `group`
+    words (word 0 first, the other modes' operand; `gathered`, spgemm's, takes its place when
+    the sparse flag is set). A wgemm of G = 2 is the pair times +-1 (s0 a0 + s1 a1 = s0 (a0 +
+    s0 s1 a1): a DSP slice of its own, yosys shows), of 4 or 8 an adder tree of +-a_j in LUTs."""
     DB, AB = cfg.data_bits, cfg.acc_bits
-    a = select(ctl[-1], gathered, wide[:DB]) if gathered is not None else wide[:DB]
+    a = lane[:DB] if group > 1 else lane
+    if gathered is not None:
+        a = select(ctl[-1], gathered, a)
     product = None
     for i, mode in enumerate(modes):
         if mode is Opcode.GEMM:
@@ -210,13 +203,13 @@ def _with_signs(cfg: AccelConfig, wide: WireVector, b: WireVector, ctl: WireVect
         elif mode is Opcode.BGEMM:
             value = _xnor_popcount(a, b, DB, AB)
         elif group == 2:
-            a0, a1 = sfit(wide[:DB], DB + 1), sfit(wide[DB:2 * DB], DB + 1)
+            a0, a1 = sfit(lane[:DB], DB + 1), sfit(lane[DB:2 * DB], DB + 1)
             pair = (a0 + select(b[0] ^ b[1], (Const(0, DB + 1) - a1)[:DB + 1], a1))[:DB + 1]
             sign = select(b[0], Const(1, 2), Const(3, 2))  # +1 or -1; DB + 2 bits hold the product
             value = sfit((pair.sign_extended(DB + 2) * sign.sign_extended(DB + 2))[:DB + 2], AB)
         else:  # +-a_j by bit j of b
             width = DB + group.bit_length()
-            terms = [sfit(wide[j * DB:(j + 1) * DB], width) for j in range(group)]
+            terms = [sfit(lane[j * DB:(j + 1) * DB], width) for j in range(group)]
             terms = [select(b[j], t, (Const(0, width) - t)[:width]) for j, t in enumerate(terms)]
             value = sfit(tree(lambda u, v: (u + v)[:width], terms), AB)
         product = value if product is None else select(ctl[2 + i], value, product)

@@ -5,7 +5,8 @@ model: the latency and its split (accelerator / host processor / link), the host
 against the 10% target, the host's calls into the accelerator a run, the host ops by where
 they stand (`codegen.host_places`: at the model's edges, between two calls, or addressing
 the transfer does), and the accelerator's cycles against its busiest unit's busy cycles (the
-overlap the schedule leaves; target 1.15x). Each model dense and hp-pruned (one-shot, the
+overlap the schedule leaves; target 1.15x) and those of its layers run one after another
+(`apart`: each layer's sections a program of their own, as before a call's sections ran as one). Each model dense and hp-pruned (one-shot, the
 target's tile as the block) at each of `--sparsities`; `transformer-encoder` is the digits
 encoder's architecture. Where the target's pipeline ends in int-nonlinear, `int8 ms` is the
 same model without it (softmax, layer norm, GELU in float on the host): the fully integer
@@ -47,7 +48,7 @@ def main() -> None:
           f"targets: host <= {HOST_TARGET:.0%}, "
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
     print(f"{'model':<26}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
-          f"{'edge/between/addr':>19}{'vs busiest':>12}{'int8 ms':>9}")
+          f"{'edge/between/addr':>19}{'vs busiest':>12}{'apart':>8}{'int8 ms':>9}")
     vector_rows = []
     for name, sparsity in ((n, float(s)) for n in args.models.split(",") for s in args.sparsities.split(",")):
         graph, ctx = zoo_graph(name)
@@ -66,6 +67,7 @@ def main() -> None:
         for section in program.sections:
             busy.update(section.busy(target.accel))
         cycles = sum(s.cycles for s in program.sections)
+        apart = sum(s.cycles for s in generate(lowered, target.accel, chained=False).sections)
         if not sparsity:
             vector_rows.append((name, vector_cycles(program, target.accel)))
         ms = {k: v * 1e3 for k, v in cost.parts.items()}
@@ -73,7 +75,7 @@ def main() -> None:
         print(f"{label:<26}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
               f"{ms['host'] / (cost.latency_s * 1e3):>8.0%}{len(program.calls()):>7}"
               f"{places['edge']:>9}/{places['between']}/{places['addressing']:<6}"
-              f"{cycles / max(busy.values()):>11.2f}x{int8:>9}")
+              f"{cycles / max(busy.values()):>11.2f}x{apart / cycles:>7.2f}x{int8:>9}")
     print("\nthe vector unit's busy cycles, dense: by instruction (% of its busy cycles); fixed: row "
           "instructions' fixed cycles")
     for name, (by_op, fixed) in vector_rows:

@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 
 import tcc
 from tcc.backends.accel.codegen import generate, host_places, timing
-from tcc.backends.accel.codegen.layer import TIMINGS
+from tcc.backends.accel.codegen.layer import BUILT
 from tcc.backends.accel.codegen.match import LAYOUT_OPS
-from tcc.backends.accel.codegen.schedule import schedule
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.layout import (AccelProgram, DramAllocator, DramTensor, Layout, Region, decode, dram_words, encode,
                                        from_words, pack_binary, to_words)
@@ -63,9 +62,15 @@ def check_bit_exact(graph, program: AccelProgram, *inputs) -> AccelExecutor:
     return accel
 
 
+def layers(sections) -> list[str]:
+    """Each layer's last op in `sections`, as their notes name it (a chained section notes each
+    layer's)."""
+    return list(dict.fromkeys(note.split(":")[0].split(" -> ")[-1] for s in sections for note in s.note.split("; ")))
+
+
 def accelerated(program: AccelProgram) -> list[str]:
     """The results of the requantized (or fused relu) outputs the accelerator computes."""
-    return list(dict.fromkeys(s.ops[-1] for s in program.sections))
+    return layers(program.sections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +153,8 @@ def test_chained_integer_linears_and_the_host_ops():
     assert "copies them to or from the accelerator" in host["input.q"].reason
     # the first two chain on chip: one call, the first's output never read back; the third's
     # input comes from the host (relu), a call of its own
-    assert [[s.ops[-1] for s in call] for call in program.calls()] == [["linear.q", "linear_1.q"], ["linear_2.q"]]
-    assert program.on_chip == {"linear.q"} and program.sections[1].resident[0].values == ("linear.q",)
+    assert [layers(call) for call in program.calls()] == [["linear.q", "linear_1.q"], ["linear_2.q"]]
+    assert program.on_chip == {"linear.q"} and program.sections[0].resident[0].values == ("linear.q",)
     check_bit_exact(graph, program, x.numpy())
 
 
@@ -806,9 +811,9 @@ def test_without_the_nonlinear_unit_the_nonlinearities_stay_on_the_host():
 @example(config=dataclasses.replace(SMALL, rows=2, abuf_depth=16, imem_depth=48), lead=(15,), k=3, n=12,
          kind="dense", seed=0)  # sections alike but for the last row block's rows
 def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind, seed):
-    """`timing` schedules only sections unlike those before it (`_span_key`) and leaves out
-    addresses, tokens and programs: per layer, the cycles of every section equal those of the
-    sections `generate` builds, on configs whose small program memories cut layers into many."""
+    """`timing` builds no weight and no DRAM image: the cycles, host ops, calls and bytes are
+    those of the sections `generate` builds, on configs whose small program memories cut layers
+    into many sections, with the layers built afresh and reused."""
     rng = np.random.default_rng(seed)
     if kind in ("softmax", "gelu"):  # products of two values, on a config with room for the scores
         config = dataclasses.replace(config, obuf_depth=256, pbuf_depth=256)
@@ -821,31 +826,42 @@ def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind
         structure = Hierarchical(2, 4, 2) if kind == "hp" else Blocks(2, 4)
         weight = hp_weight(rng, n, k, 2, 4, 2 if kind == "hp" else 4, 0.5)
         graph = structured(sparse_linear(rng, lead, k, n, weight)[0], "w", structure)
-    TIMINGS.clear()
+    BUILT.clear()
     program = generate(graph, config)
-    built = dict(TIMINGS)
-    TIMINGS.clear()
-    run = timing(graph, config)
-    assert TIMINGS == built and run.cycles == sum(s.cycles for s in program.sections)
-    assert (run.host_ops, run.calls, run.link_bytes) == (program.host_ops, len(program.calls()), program.link_bytes())
+    for fresh in (True, False):
+        if fresh:
+            BUILT.clear()
+        run = timing(graph, config)
+        assert run.cycles == sum(s.cycles for s in program.sections)
+        assert (run.host_ops, run.calls, run.link_bytes) == (program.host_ops, len(program.calls()),
+                                                             program.link_bytes())
 
 
-def test_timing_schedules_a_repeated_section_once(monkeypatch):
-    """A layer whose sections repeat (one row block, column tiles alike) is timed by scheduling
-    its first section and its last, shorter one."""
-    from tcc.backends.accel.codegen import emit
-    graph, _ = linear_graph(np.random.default_rng(0), (4,), 16, 200)
-    config = dataclasses.replace(SMALL, imem_depth=64)
-    scheduled = []
-    monkeypatch.setattr(emit, "schedule", lambda streams, timing=False: scheduled.append(timing) or
-                        schedule(streams, timing))
-    TIMINGS.clear()
-    program = generate(graph, config)
-    assert len(program.sections) > 4 and len(scheduled) == len(program.sections)
-    scheduled.clear()
-    TIMINGS.clear()
-    assert timing(graph, config).cycles == sum(s.cycles for s in program.sections)
-    assert scheduled == [True, True]
+@pytest.mark.parametrize("pipeline", ["quantize,int-nonlinear", "hp-prune{sparsity=0.75,block=8x8},quantize"])
+def test_a_layer_alike_one_built_before_takes_its_sections(monkeypatch, pipeline):
+    """The encoder's second layer, alike the first (shapes, plan, tiling, reads), takes the
+    first one's sections with their DRAM addresses moved to its own tensors: the program is the
+    one building every layer gives, instruction for instruction."""
+    import torch
+    from tcc.backends.accel.codegen import layer
+    from tcc.zoo import DigitsTransformer
+    torch.manual_seed(0)
+    graph = tcc.compile(DigitsTransformer().eval(), (torch.rand(8, 8, 8),), pipeline=pipeline).graph
+    config = AccelConfig(rows=8, cols=8)
+    built = []
+    original = layer._build
+    monkeypatch.setattr(layer, "_build", lambda *args: built.append(1) or original(*args))
+    BUILT.clear()
+    reusing = generate(graph, config)
+    reused = len(built)
+
+    class Empty(dict):
+        def __contains__(self, key):
+            return False
+
+    monkeypatch.setattr(layer, "BUILT", Empty())
+    built.clear()
+    assert generate(graph, config).to_files() == reusing.to_files() and reused < len(built)
 
 
 @pytest.mark.parametrize("pipeline", ["quantize", "hp-prune{sparsity=0.75,block=8x8},quantize,int-nonlinear"])
@@ -858,7 +874,7 @@ def test_timing_is_generates_without_building_it(pipeline):
     graph = tcc.compile(DigitsTransformer().eval(), (torch.rand(8, 8, 8),), pipeline=pipeline).graph
     config = AccelConfig(rows=8, cols=8)
     program = generate(graph, config)
-    TIMINGS.clear()
+    BUILT.clear()
     run = timing(graph, config)
     assert run.cycles == sum(s.cycles for s in program.sections) > 0 and run.host_ops == program.host_ops
     # the timing's sections carry their data and calls: layers that chain on chip share a call
@@ -870,7 +886,7 @@ def test_timing_is_generates_without_building_it(pipeline):
     linears = sum(op.kind == "linear" for op in graph.ops)
     # the two layers' linears that read alike share signatures (the first QKV projection's
     # activations come from the host, the second's from the layer norm on chip)
-    assert 0 < sum(key[1] == "linear" for key in TIMINGS) < linears - 2
+    assert 0 < sum(key[1] == "linear" for key in BUILT) < linears - 2
 
 
 # ---------------------------------------------------------------------------------------------

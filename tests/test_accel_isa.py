@@ -27,7 +27,8 @@ TINY = AccelConfig(rows=4, cols=4, abuf_depth=64, bbuf_depth=64, obuf_depth=16, 
 def instructions(draw) -> Instruction:
     op = draw(st.sampled_from(list(Opcode)))
     args = tuple(draw(st.integers(0, (1 << f.width) - 1)) for f in FORMATS[op])
-    return Instruction(op, args, draw(st.integers(0, 255)), draw(st.integers(0, 255)))
+    tokens = st.integers(0, (1 << len(Token)) - 1)
+    return Instruction(op, args, draw(tokens), draw(tokens))
 
 
 @settings(max_examples=200, deadline=None)
@@ -37,6 +38,24 @@ def test_binary_and_assembly_round_trip(program):
     assert parse_assembly(to_assembly(program, {0: "section 0\nlinear x"})) == tuple(program)
     for instr in program:
         assert decode(instr.encode()) == instr
+
+
+@settings(max_examples=300, deadline=None)
+@given(instructions(), st.lists(st.integers(0, 1000), min_size=len(Buffer), max_size=len(Buffer)))
+def test_relocation_moves_what_an_instruction_touches_in_each_buffer(instruction, shifts):
+    """`Instruction.relocated` (the chained sections' buffer placement) moves every buffer range
+    the instruction touches by that buffer's offset, and no DRAM range or accumulator bank."""
+    offsets = dict(zip(Buffer, shifts))
+    config = AccelConfig()
+    try:
+        moved = instruction.relocated(offsets)
+    except ValueError:  # a field moved past its width
+        return
+    for (space, first, end, writes), (space2, first2, end2, writes2) in zip(instruction.accesses(config),
+                                                                           moved.accesses(config), strict=True):
+        shift = offsets[Buffer[space]] if space in Buffer.__members__ else 0
+        assert (space2, writes2, end2 - first2) == (space, writes, end - first)
+        assert end == first or (first2, end2) == (first + shift, end + shift)
 
 
 @settings(max_examples=50, deadline=None)
@@ -207,6 +226,26 @@ def test_race_is_rejected():
     program[1], program[2] = program[2], program[1]
     with pytest.raises(SimulationError, match=r"instruction 3 \(gemm .*\): race on BBUF \[0, 8\) with instruction 2"):
         simulate(program, TINY, bytes(4 * 40))
+
+
+def test_a_load_of_what_a_store_wrote_waits_for_its_token():
+    """st2ld: the load reads the DRAM words the store wrote once the store has ended (chained
+    sections hand a layer's output to the next through DRAM within one program); without the
+    token the two race."""
+    values = np.array([[-3, 5, -7, 9]])
+    program = [load(Buffer.OBUF, 0, 1, 0, signal=(Token.LD2VE,)),
+               Instruction.make(Opcode.VRELU, dst=1, a=0, n=1, wait=(Token.LD2VE,), signal=(Token.VE2ST,)),
+               Instruction.make(Opcode.STORE, buf=Buffer.OBUF, addr=1, count=1, dram=100, wait=(Token.VE2ST,),
+                                signal=(Token.ST2LD,)),
+               load(Buffer.ABUF, 0, 1, 100, wait=(Token.ST2LD,)), Instruction.make(Opcode.HALT)]
+    dram = bytearray(4 * 256)
+    dram[:4] = pack_words(values, 8, 4).tobytes()
+    machine, _ = simulate(program, TINY, bytes(dram))
+    np.testing.assert_array_equal(machine.buffers[Buffer.ABUF][:1], np.maximum(values, 0))
+    program[2], program[3] = (dataclasses.replace(i, wait=i.wait & ~(1 << Token.ST2LD), signal=0)
+                              for i in program[2:4])
+    with pytest.raises(SimulationError, match=r"instruction 3 \(load .*\): race on DRAM \[100, 101\)"):
+        simulate(program, TINY, bytes(dram))
 
 
 @pytest.mark.parametrize("program, message", [

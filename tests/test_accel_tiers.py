@@ -13,7 +13,7 @@ import pytest
 
 import tcc
 from conftest import assert_tiers_agree, built, need
-from tcc.backends.accel.codegen import host_places
+from tcc.backends.accel.codegen import generate, host_places
 from tcc.backends.accel.isa import Buffer, Opcode, passes
 from tcc.ir import DType
 from tcc.runtime.rtl import run_icarus, run_pyrtl, run_verilator
@@ -33,6 +33,12 @@ HP_INTEGER = "fold-constants,canonicalize,dce,hp-prune{sparsity=0.75},quantize,i
 W1A1 = "fold-constants,canonicalize,dce,binarize{mode=w1a1},quantize"
 NONLINEAR_4X4 = "rows=4,cols=4,nonlinear_unit=1"  # fpga-small leaves the nonlinear datapaths out
 INTEGER_CONV = "fold-constants,canonicalize,dce,conv-as-gemm,canonicalize,dce,quantize,int-nonlinear"
+
+
+def layers_apart(artifact):
+    """The artifact's program with each layer's sections its own (`generate(chained=False)`):
+    what a layer's own sections hold, and programs that run alone."""
+    return generate(artifact.graph, artifact.accel_program().config, chained=False)
 
 
 def assert_sim_matches_reference(graph, program, inputs) -> None:
@@ -58,6 +64,34 @@ def assert_same_run(name: str, accel: str, run_section, pipeline: str | None = N
         assert_tiers_agree(on_rtl, expected)
     assert rtl.stats.section_cycles == sim.stats.section_cycles
     assert rtl.stats.cycles == sim.stats.cycles > 0
+
+
+@pytest.mark.parametrize("runner, tool", [(run_pyrtl, None), (run_icarus, "iverilog")])
+def test_a_calls_layers_run_as_one_program_on_every_tier(runner, tool):
+    """Three integer linears (relus between) that chain on chip: one call, one program (`codegen.chain`) that
+    hands each layer's output to the next through DRAM (a store, then a load waiting for it:
+    st2ld) and runs a layer's loads and products while the one before still finishes: fewer
+    cycles than the layers one after another. The ISA simulator equals the numpy reference and
+    the RTL the simulator, cycles included."""
+    if tool:
+        need(tool)
+    import torch
+    from tcc.backends.accel.isa import Token
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 24), torch.nn.ReLU(),
+                                torch.nn.Linear(24, 8)).eval()
+    x = torch.randn(12, 16)
+    artifact = tcc.compile(model, (x,), target="fpga-small", accel="rows=4,cols=4",
+                           pipeline="quantize,int-nonlinear")  # the relus integer: requantize's
+    program, graph, inputs = artifact.accel_program(), artifact.graph, [x.numpy()]
+    (section,) = program.sections
+    assert section.note.count("; ") == 2  # the three layers' sections, chained
+    assert any(i.signal >> Token.ST2LD & 1 for i in section.program)
+    apart = generate(graph, program.config, chained=False)
+    assert len(apart.sections) == 3 and section.cycles < sum(s.cycles for s in apart.sections)
+    assert_sim_matches_reference(graph, program, inputs)
+    prog, dram = AccelExecutor(graph, program).section_runs(*inputs, first=1)[0]
+    assert_rtl_matches_sim(runner, prog, program.config, dram, section.note)
 
 
 def test_whole_model_on_pyrtl():
@@ -95,7 +129,7 @@ def test_a_softmax_and_a_layer_norm_section_alone(runner, tool, steps):
     if tool:
         need(tool)
     artifact, inputs = compiled("transformer-encoder", f"{NONLINEAR_4X4},divider_steps={steps}", HP_INTEGER)
-    program, config = artifact.accel_program(), artifact.accel_program().config
+    program, config = layers_apart(artifact), artifact.accel_program().config
     assert passes(config)[Opcode.VLAYERNORM] == (6, {1: 162, 2: 83, 8: 23}[steps])
     assert passes(config)[Opcode.VSOFTMAX] == (3, {1: 70, 2: 38, 8: 14}[steps])
     runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
@@ -112,7 +146,7 @@ def test_a_pre_norm_residual_section_alone(runner, tool):
     if tool:
         need(tool)
     artifact, inputs = compiled("hf-vit", NONLINEAR_4X4, HP_INTEGER)
-    program, config = artifact.accel_program(), artifact.accel_program().config
+    program, config = layers_apart(artifact), artifact.accel_program().config
     wide = [i for i, s in enumerate(program.sections)
             if any(ins.op is Opcode.VRESADD and ins["wide"] for ins in s.program)
             and any(ins.op is Opcode.STORE and ins["buf"] == Buffer.PBUF for ins in s.program)]
@@ -127,22 +161,23 @@ def test_the_embeddings_sum_on_chip(runner, tool):
     """Hugging Face BERT's embeddings: the token rows gathered from the table quantized to i8 (the
     host's indexed copy into the transfer: addressing), the position and token-type embeddings a
     constant in the DRAM image that the vector unit's residual add reads, then the layer norm:
-    the first section. Left to the host: conversions in the transfers and the pooler's tanh. The
-    whole model on the ISA simulator equals the numpy reference; the first section alone, the
-    same on the RTL tiers, cycles included."""
+    the first layer. Left to the host: conversions in the transfers and the pooler's tanh. The
+    whole model on the ISA simulator equals the numpy reference; the first layer's section
+    alone, the same on the RTL tiers, cycles included."""
     if tool:
         need(tool)
     artifact, inputs = compiled("hf-bert", NONLINEAR_4X4, HP_INTEGER)
     program, config, graph = artifact.accel_program(), artifact.accel_program().config, artifact.graph
     kinds = {op.result: op.kind for op in graph.ops}
-    first = program.sections[0]
+    apart = layers_apart(artifact)
+    first = apart.sections[0]
     assert {kinds[r] for r in first.ops} == {"cast", "add", "requantize", "int_layer_norm"}
     assert [t.values[0] for t in first.inputs] == ["embedding.i"]
     assert any(t.values[0] in graph.weights and graph.types[t.values[0]].dtype is DType.I32 for t in first.constants)
     host = {h.kind for h in program.host_ops if not h.moved and not h.converted}
     assert host == {"tanh"} and {h.kind for h in program.host_ops if h.moved} >= {"embedding"}
     assert_sim_matches_reference(graph, program, inputs)
-    prog, dram = AccelExecutor(graph, program).section_runs(*inputs, first=1)[0]
+    prog, dram = AccelExecutor(graph, apart).section_runs(*inputs, first=1)[0]
     assert_rtl_matches_sim(runner, prog, config, dram, first.note)
 
 
@@ -153,8 +188,8 @@ def test_positions_added_after_the_input_projection(runner, tool):
     no norm): quantize gives the projection and the sum one step, int-nonlinear makes the add a
     saturating integer add of the positions' integers, and the section adds them with `vadd`
     after requantize (the position tiles loaded beside the outputs): no op between calls but
-    the mean pooling. The ISA simulator equals the numpy reference; the first section alone,
-    the same on the RTL tiers, cycles included."""
+    the mean pooling. The ISA simulator equals the numpy reference; the first layer's section
+    alone, the same on the RTL tiers, cycles included."""
     if tool:
         need(tool)
     import torch
@@ -168,7 +203,8 @@ def test_positions_added_after_the_input_projection(runner, tool):
     program, config, graph = artifact.accel_program(), artifact.accel_program().config, artifact.graph
     x = [artifact.example_inputs[n] for n in graph.input_names]
     kinds = {op.result: op.kind for op in graph.ops}
-    first = program.sections[0]
+    apart = layers_apart(artifact)
+    first = apart.sections[0]
     assert [kinds[r] for r in first.ops] == ["linear", "requantize", "cast", "add", "requantize"]
     assert any(ins.op is Opcode.VADD for ins in first.program)
     addend = np.asarray(graph.weights[next(o for o in graph.producer()[first.ops[3]].operands if o in graph.weights)])
@@ -176,7 +212,7 @@ def test_positions_added_after_the_input_projection(runner, tool):
     places = host_places(graph, program)
     assert {kinds[h] for h, where in places.items() if where == "between"} <= {"mean", "dequantize", "quantize"}
     assert_sim_matches_reference(graph, program, x)
-    prog, dram = AccelExecutor(graph, program).section_runs(*x, first=1)[0]
+    prog, dram = AccelExecutor(graph, apart).section_runs(*x, first=1)[0]
     assert_rtl_matches_sim(runner, prog, config, dram, first.note)
 
 
@@ -201,7 +237,7 @@ def test_a_reordered_input_and_its_positions():
     artifact = tcc.compile(model, (x,), target="fpga-small", accel=NONLINEAR_4X4,
                            pipeline="fold-constants,canonicalize,dce,quantize,int-nonlinear")
     program, graph = artifact.accel_program(), artifact.graph
-    second = program.sections[1]
+    second = layers_apart(artifact).sections[1]
     assert "transpose.i" in second.ops and "add.sum" in second.ops and second.outputs[0].rows
     assert len(program.calls()) == 1 and {h.kind for h in program.host_ops} == {"quantize", "dequantize"}
     inputs = [artifact.example_inputs[n] for n in graph.input_names]
@@ -228,7 +264,7 @@ def test_a_masked_softmax_section_alone(runner, tool):
     if tool:
         need(tool)
     artifact, inputs = compiled("hf-bert", NONLINEAR_4X4, HP_INTEGER)
-    program, config = artifact.accel_program(), artifact.accel_program().config
+    program, config = layers_apart(artifact), artifact.accel_program().config
     masked = [i for i, s in enumerate(program.sections)
               if any(ins.op is Opcode.VSOFTMAX and ins["masked"] for ins in s.program)]
     assert masked and not [h for h in program.host_ops if h.kind in ("matmul", "int_softmax")]
@@ -265,7 +301,7 @@ def test_heads_read_in_place_on_verilator():
     head merge (a tload per head): Verilator equals the ISA simulator, cycles included."""
     need("verilator")
     artifact, inputs = compiled("tinybert4", NONLINEAR_4X4, "fold-constants,canonicalize,dce,quantize,int-nonlinear")
-    program = artifact.accel_program()
+    program = layers_apart(artifact)
     config = program.config
     runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
     wanted = {"scaled_dot_product_attention.probs.i", "linear_3.q"}  # the first layer's scores; its out-projection
@@ -313,9 +349,9 @@ def test_p_v_writes_its_heads_where_the_merge_puts_them():
     a P V section alone gives the same DRAM and cycles on Verilator as on the ISA simulator."""
     need("verilator")
     artifact, inputs = compiled("hf-vit", NONLINEAR_4X4, INTEGER_CONV)
-    program = artifact.accel_program()
+    program, apart = artifact.accel_program(), layers_apart(artifact)
     producer = artifact.graph.producer()
-    merged = [s for s in program.sections if any(producer[r].kind == "matmul" for r in s.ops)
+    merged = [s for s in apart.sections if any(producer[r].kind == "matmul" for r in s.ops)
               and producer[s.outputs[0].values[0]].kind == "reshape"]
     assert merged and all(s.outputs[0].shape == (2 * 17, 64) for s in merged)
 
@@ -328,8 +364,8 @@ def test_p_v_writes_its_heads_where_the_merge_puts_them():
                 and merges_heads(h.result)]
     assert_sim_matches_reference(artifact.graph, program, inputs)
     config = program.config
-    runs = AccelExecutor(artifact.graph, program).section_runs(*inputs)
-    section, dram = next(run for run, meta in zip(runs, program.sections) if meta is merged[-1])
+    runs = AccelExecutor(artifact.graph, apart).section_runs(*inputs)
+    section, dram = next(run for run, meta in zip(runs, apart.sections) if meta is merged[-1])
     assert_rtl_matches_sim(run_verilator, section, config, dram)
 
 
@@ -346,13 +382,14 @@ def test_a_w1a8_model_on_the_w1a8_unit(group):
     artifact, inputs = compiled("transformer-encoder", accel, W1A8)
     program, config = artifact.accel_program(), artifact.accel_program().config
     assert_sim_matches_reference(artifact.graph, program, inputs)
-    signed = [i for i, s in enumerate(program.sections) if any(ins.op is Opcode.WGEMM for ins in s.program)]
+    apart = layers_apart(artifact)
+    signed = [i for i, s in enumerate(apart.sections) if any(ins.op is Opcode.WGEMM for ins in s.program)]
     assert len(signed) >= 6  # the binarized linears but the input projection and the head
-    prog, dram = AccelExecutor(artifact.graph, program).section_runs(*inputs, first=signed[0] + 1)[signed[0]]
-    assert_rtl_matches_sim(run_pyrtl, prog, config, dram, program.sections[signed[0]].note)
+    prog, dram = AccelExecutor(artifact.graph, apart).section_runs(*inputs, first=signed[0] + 1)[signed[0]]
+    assert_rtl_matches_sim(run_pyrtl, prog, config, dram, apart.sections[signed[0]].note)
     plain, _ = compiled("transformer-encoder", accel.replace(f"binary_weight_group={group}", "binary_weight_group=0"),
                         W1A8)
 
     def steps(p, op):
         return sum(ins["k"] for i in signed for ins in p.sections[i].program if ins.op is op)
-    assert steps(program, Opcode.WGEMM) * group == steps(plain.accel_program(), Opcode.GEMM)
+    assert steps(apart, Opcode.WGEMM) * group == steps(layers_apart(plain), Opcode.GEMM)

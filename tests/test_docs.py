@@ -53,7 +53,7 @@ EXPECTED = {
     "python make_bert.py": ["saved bert.pt2"],
     "--target cpu -o bert-fp32": ["for cpu"],
     "tcc targets": ["fpga-small", "edge-cpu"],
-    "--target fpga-small --pipeline": ["~hp(8, 8, 2)", "int-nonlinear: changed", "accelerator: 15 sections"],
+    "--target fpga-small --pipeline": ["~hp(8, 8, 2)", "int-nonlinear: changed", "accelerator: 11 sections"],
     "tcc inspect bert-fpga": ["hp(8, 8, 2)"],
     "--on sim --stats stats.json": ["cycles"],
     "python compare.py": ["ISA simulator == numpy reference, bit for bit"],
@@ -249,7 +249,7 @@ def test_tutorial(tmp_path, monkeypatch, torch_threads):
     monkeypatch.setenv("PATH", _env()["PATH"])
     outputs = run_tutorial(tmp_path, in_process=True)
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["cycles"] > 0 and len(stats["section_cycles"]) == 15
+    assert stats["cycles"] > 0 and len(stats["section_cycles"]) == 11
     assert json.loads((tmp_path / "selection" / "selection.json").read_text())["device"] == "edge-cpu"
     assert len(outputs) >= 15
 

@@ -16,7 +16,9 @@ counts from that cycle on (units signalling one token in the same cycle add up).
 array ends later than it frees its unit: its operands move through the array for
 `rows + cols - 2` more cycles, so the next array instruction streams in right behind the
 previous one (the drain overlaps it). `halt` issues once every instruction has ended; the run
-takes its cycle + 1.
+takes its cycle + 1. The nine tokens carry the hand-offs between units (`HANDOFF`), `st2ld`
+among them: a load of DRAM words a store wrote (one layer's output read by the next in the
+same program), or into a buffer slot a store still reads.
 
 The accumulators come in two banks (`bank`): the array fills one while the vector unit
 requantizes the other.
@@ -123,7 +125,7 @@ INSTRUCTION_BITS = 128
 FETCH_CYCLES = 1  # the program memory is read synchronously: instruction 0 issues in cycle 1
 TOKEN_BITS = 8  # each token counter holds 0..255
 MAGIC = b"TCCACCEL"
-VERSION = 3
+VERSION = 4  # 4: nine tokens (st2ld), the wait and signal masks 9 bits wide
 
 
 class SimulationError(RuntimeError):
@@ -156,7 +158,7 @@ class Opcode(IntEnum):
 
 
 class Token(IntEnum):
-    """The eight token counters, named for the hand-off they carry (`HANDOFF`)."""
+    """The nine token counters, named for the hand-off they carry (`HANDOFF`)."""
     LD2AR = 0  # operands loaded, the array may read them
     AR2LD = 1  # the array is done with a buffer slot, load may overwrite it
     LD2VE = 2  # loaded, the vector unit may read it
@@ -165,6 +167,7 @@ class Token(IntEnum):
     VE2AR = 5  # accumulators read, the array may overwrite them
     VE2ST = 6  # results ready, store may write them out
     ST2VE = 7  # results stored, the vector unit may overwrite them
+    ST2LD = 8  # stored to DRAM (or a buffer slot read out), load may read it (or overwrite the slot)
 
 
 class Unit(Enum):
@@ -183,8 +186,8 @@ class Field:
 
 
 OPCODE = Field("opcode", 0, 8)
-HEADER = (Field("wait", 8, 8), Field("signal", 16, 8))  # in every instruction, after the opcode
-_DMA = (Field("buf", 24, 2), Field("addr", 32, 16), Field("count", 48, 16), Field("dram", 64, 32))
+HEADER = (Field("wait", 8, 9), Field("signal", 17, 9))  # in every instruction, after the opcode
+_DMA = (Field("buf", 26, 2), Field("addr", 32, 16), Field("count", 48, 16), Field("dram", 64, 32))
 _VEC = (Field("dst", 32, 16), Field("a", 48, 16), Field("b", 64, 16), Field("n", 80, 16), Field("shift", 96, 6))
 _GEMM = (Field("a", 32, 16), Field("b", 48, 16), Field("k", 64, 16), Field("acc", 80, 1), Field("bank", 81, 1))
 
@@ -203,7 +206,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.REQUANT: (Field("dst", 32, 16), Field("param", 48, 16), Field("relu", 64, 1), Field("bank", 65, 1)),
     Opcode.VACC: (Field("dst", 32, 16), Field("stride", 48, 16), Field("bank", 64, 1)),
     Opcode.VSOFTMAX: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16),
-                      Field("masked", 24, 1), Field("mask", 112, 16)),
+                      Field("masked", 26, 1), Field("mask", 112, 16)),
     Opcode.VLAYERNORM: (*_VEC[:2], Field("n", 64, 16), Field("len", 80, 16), Field("param", 96, 16)),
     Opcode.VGELU: (*_VEC[:2], Field("n", 64, 16), Field("param", 80, 16)),
     Opcode.VRESADD: (*_VEC[:4], Field("param", 96, 16), Field("wide", 112, 1)),
@@ -214,6 +217,24 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.VSUM: (_VEC[0], _VEC[1], _VEC[3]),
 }
 
+# the buffer each address field points into, by opcode (`Instruction.relocated` moves them):
+# a `Buffer`, "buf" (the one its `buf` field names), "wide" (PBUF with wide=1, else OBUF) or
+# "masked" (PBUF, only with masked=1)
+ADDRESSES: dict[Opcode, tuple[tuple[str, Buffer | str], ...]] = {
+    **{op: (("addr", "buf"),) for op in (Opcode.LOAD, Opcode.STORE, Opcode.TLOAD, Opcode.SSTORE)},
+    Opcode.SPLOAD: (("addr", Buffer.BBUF),),
+    **{op: (("a", Buffer.ABUF), ("b", Buffer.BBUF)) for op in (Opcode.GEMM, Opcode.SPGEMM, Opcode.BGEMM,
+                                                               Opcode.WGEMM)},
+    Opcode.REQUANT: (("dst", Buffer.OBUF), ("param", Buffer.PBUF)),
+    Opcode.VACC: (("dst", Buffer.PBUF),),
+    Opcode.VSOFTMAX: (("dst", Buffer.OBUF), ("a", Buffer.PBUF), ("param", Buffer.PBUF), ("mask", "masked")),
+    Opcode.VLAYERNORM: (("dst", Buffer.OBUF), ("a", Buffer.PBUF), ("param", Buffer.PBUF)),
+    Opcode.VGELU: (("dst", Buffer.OBUF), ("a", Buffer.OBUF), ("param", Buffer.PBUF)),
+    Opcode.VRESADD: (("dst", Buffer.PBUF), ("a", Buffer.OBUF), ("b", "wide"), ("param", Buffer.PBUF)),
+    **{op: (("dst", Buffer.OBUF), ("a", Buffer.OBUF), ("b", Buffer.OBUF)) for op in (Opcode.VADD, Opcode.VMUL)},
+    **{op: (("dst", Buffer.OBUF), ("a", Buffer.OBUF)) for op in (Opcode.VRELU, Opcode.VMAX)},
+    Opcode.VSUM: (("dst", Buffer.PBUF), ("a", Buffer.OBUF)),
+}
 # what each field holds (the generated reference, docs/isa.md, lists them; `python docs/generate.py`):
 # by field name, or by (opcode, name) where an opcode reads a field its own way
 FIELD_DOCS: dict[str | tuple[Opcode, str], str] = {
@@ -307,7 +328,8 @@ HANDOFF: dict[tuple[Unit, Unit], Token] = {
     (Unit.LOAD, Unit.ARRAY): Token.LD2AR, (Unit.ARRAY, Unit.LOAD): Token.AR2LD,
     (Unit.LOAD, Unit.VECTOR): Token.LD2VE, (Unit.VECTOR, Unit.LOAD): Token.VE2LD,
     (Unit.ARRAY, Unit.VECTOR): Token.AR2VE, (Unit.VECTOR, Unit.ARRAY): Token.VE2AR,
-    (Unit.VECTOR, Unit.STORE): Token.VE2ST, (Unit.STORE, Unit.VECTOR): Token.ST2VE}
+    (Unit.VECTOR, Unit.STORE): Token.VE2ST, (Unit.STORE, Unit.VECTOR): Token.ST2VE,
+    (Unit.STORE, Unit.LOAD): Token.ST2LD}
 
 
 def steps(op: Opcode, field: Callable[[str], int]) -> int:
@@ -479,6 +501,23 @@ class Instruction:
         else:
             dst = ("OBUF", self["dst"], self["dst"] + n, True)
         return (*reads, dst)
+
+    def with_field(self, name: str, value: int) -> "Instruction":
+        """This instruction with field `name` set to `value`."""
+        return Instruction(self.op, tuple(value if f.name == name else v for f, v in zip(FORMATS[self.op], self.args)),
+                           self.wait, self.signal)
+
+    def relocated(self, offsets: dict[Buffer, int]) -> "Instruction":
+        """This instruction with its addresses in each buffer moved on by `offsets[buffer]` words
+        (`ADDRESSES`): what it touches moves with it."""
+        fields = dict(zip((f.name for f in FORMATS[self.op]), self.args))
+        for name, space in ADDRESSES.get(self.op, ()):
+            if space == "masked" and not fields["masked"]:
+                continue
+            buffer = Buffer(fields["buf"]) if space == "buf" else Buffer.PBUF if space == "masked" or (
+                space == "wide" and fields["wide"]) else Buffer.OBUF if space == "wide" else space
+            fields[name] += offsets.get(buffer, 0)
+        return Instruction(self.op, tuple(fields.values()), self.wait, self.signal)
 
     def problem(self, config: AccelConfig) -> str | None:
         """Why this instruction cannot run on `config` (a unit the config leaves out, a range

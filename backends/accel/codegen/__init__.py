@@ -7,7 +7,8 @@ The stages, a module each: `match` (the chains the accelerator runs: layers), `w
 weight plan: the unit, and what the array runs per column tile), `tiling` (output tiles, buffer
 slots and the tile order), `emit` (a section's four instruction streams, tile by tile),
 `schedule` (the streams interleaved into one program under the ISA's timing, with its tokens and
-cycles), `layer` (one layer's sections and DRAM contents) and `program` (the graph's)."""
+cycles), `layer` (one layer's sections and DRAM contents), `chain` (a call's sections run as one
+program) and `program` (the graph's)."""
 
 from ..layout import AccelProgram
 from .program import generate, host_places, timing

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from itertools import chain
 
-import numpy as np
 
 from .. import energy
 from ..config import AccelConfig
@@ -76,13 +75,12 @@ class _Batch:
 
 
 class Builder:
-    """The four instruction streams of one section, built tile by tile (`timing`: for their
-    cycles only, with no DRAM addresses and no program)."""
+    """The four instruction streams of one section, built tile by tile."""
 
     def __init__(self, layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor],
-                 config: AccelConfig, timing: bool = False, reads: Reads = Reads()):
+                 config: AccelConfig, reads: Reads = Reads()):
         self.layer, self.plan, self.tiling, self.tensors, self.config = layer, plan, tiling, tensors, config
-        self.timing, self.reads = timing, reads
+        self.reads = reads
         self.streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
         self.a = _Ring(Buffer.ABUF, tiling.a_size, tiling.a_slots)
         self.w = _Ring(Buffer.BBUF, tiling.b_size, tiling.b_slots)
@@ -96,7 +94,6 @@ class Builder:
         self.mask_readers: list[Node | None] = [None, None]  # the last vsoftmax reading each mask slot
         self.addend_readers: list[Node | None] = [None, None]  # the last vadd reading each addend slot
         self.tiles = 0
-        self.macs = 0
 
     def add(self, node: Node) -> Node:
         stream = self.streams[node.unit]
@@ -105,8 +102,6 @@ class Builder:
         return node
 
     def _dram(self, role: str, block: int, index: int, batch: int = 0) -> int:
-        if self.timing:
-            return 0
         t = self.tensors[role]
         return t.region.start + word_offset(t.layout, t.shape, block, index, self.config, batch)
 
@@ -126,14 +121,13 @@ class Builder:
         if isinstance(place, InPlace):
             return self._in_place(self.w, ("W", b, n, c), place, place.index(b, n))
         if place is not None:
-            return self.w.fetch(("W", b, n, c), chunk.words, 0 if self.timing else
-                                place.dram(b, n, chunk.k_low, self.config), self)
+            return self.w.fetch(("W", b, n, c), chunk.words, place.dram(b, n, chunk.k_low, self.config), self)
         return self.w.fetch(("W", b, n, c), chunk.words, dram, self, chunk=chunk)
 
     def _in_place(self, ring: _Ring, key: tuple, place: InPlace, i: int) -> tuple[int, Node]:
         """(address, last load) of `ring`'s item `key` read in place: the tloads of
         `place.pieces[i]`, the operand starting `place.shifts[i]` words into the slot."""
-        pieces = [(p.at, p.tiles, *((0, 0, 0) if self.timing else place.start(p, self.config)))
+        pieces = [(p.at, p.tiles, *place.start(p, self.config))
                   for p in place.pieces[i]]
         address, load = ring.fetch(key, 0, 0, self, pieces)
         return address + place.shifts[i], load
@@ -177,9 +171,6 @@ class Builder:
                 self.w.read(w_slot, gemm)
         self.tiles += 1
         rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
-        cols = min(layer.n, (n + 1) * cfg.cols) - n * cfg.cols
-        self.macs += rows * (cols * layer.k if plan.kind in ("dense", "binary", "w1a8") else
-                             int(np.count_nonzero(layer.weight[n * cfg.cols:(n + 1) * cfg.cols])))
         if layer.softmax:
             self._scores(b, m, n, gemm, bank)
             return
@@ -269,13 +260,13 @@ class Builder:
     def mark(self) -> tuple:
         """What `rewind` needs to take back the tiles added after this point."""
         b = self.batch  # the open batch's fields: tiles change it in place
-        return tuple(map(len, self.streams.values())), b and (b.key, b.first, b.last, b.slot, b.requant), self.macs
+        return tuple(map(len, self.streams.values())), b and (b.key, b.first, b.last, b.slot, b.requant)
 
     def rewind(self, mark: tuple) -> None:
         """Take back the tiles added since `mark`, for `finish`: the streams and the open batch
         as they were (later tiles only append instructions; the rings' state is left, as no
         tile follows)."""
-        lengths, batch, self.macs = mark
+        lengths, batch = mark
         self.batch = batch and _Batch(*batch)
         for stream, length in zip(self.streams.values(), lengths):
             del stream[length:]
@@ -285,7 +276,7 @@ class Builder:
         return sum(map(len, self.streams.values())) + (self.batch is not None) + 1
 
     def finish(self) -> tuple[tuple[Instruction, ...], int, Activity]:
-        """The section's program (ending in halt; none when timing), its cycles and its activity."""
+        """The section's program (ending in halt), its cycles and its activity."""
         if self.batch is not None:
             self._flush()
-        return *schedule(self.streams, self.timing), energy.total(chain(*self.streams.values()), self.config)
+        return *schedule(self.streams), energy.total(chain(*self.streams.values()), self.config)

@@ -1,12 +1,13 @@
 """One layer's sections: its DRAM tensors, the spans of output tiles whose program fits the
-program memory (a section each), their cycles (`timing`: scheduling only sections unlike those
-before, and reusing the cycles of layer signatures seen before), and its constants' DRAM
-contents; the residual add and layer norm on the vector unit."""
+program memory (a section each; a layer alike one built before takes its sections, `BUILT`),
+and its constants' DRAM contents; the residual add and layer norm on the vector unit."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
+from dataclasses import dataclass
 from itertools import chain
 from typing import Mapping
 
@@ -15,7 +16,7 @@ import numpy as np
 from .. import energy
 from ..config import AccelConfig
 from ..energy import Activity
-from ..isa import Buffer, Opcode, Unit
+from ..isa import FORMATS, Buffer, Instruction, Opcode, Unit
 from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
 from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks, row_order
 from .emit import Builder
@@ -25,7 +26,6 @@ from .tiling import Tiling, choose_tiling, tile_order
 from .weights import MAX_COUNT, Plan, weight_plan
 
 CHUNKS = 8  # a residual add and norm section's row chunks, at least
-TIMINGS: dict[tuple, tuple[tuple[int, Activity], ...]] = {}  # layer signature -> its sections' cycles, activity
 
 
 def _tensors(layer: Layer, plan: Plan, config: AccelConfig, rows: bool) -> dict[str, DramTensor]:
@@ -84,15 +84,34 @@ def _allocate(allocator: DramAllocator, t: DramTensor, what: str, config: AccelC
     return dataclasses.replace(t, region=region)
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A section as built for one layer signature: its program, where each DRAM address in it
+    points (`dram`: instruction, the layer tensor's role, the word within it), its cycles and
+    activity, and its output tiles (`tile_order`'s, `first` to `end`)."""
+
+    program: tuple[Instruction, ...]
+    dram: tuple[tuple[int, str, int], ...]
+    cycles: int
+    activity: Activity
+    first: int
+    end: int
+
+
+BUILT: dict[tuple, tuple[_Built, ...]] = {}  # layer signature -> its sections as built
+
+
 def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False,
                   found: tuple[Found | None, Found | None] = (None, None), rows: bool = False) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
-    """The layer's sections, and its constants' DRAM contents (`timing`: sections with their
-    cycles only, no program, no contents). `found`: the earlier section outputs its
-    activations and a matmul's right operand come from (`addressing.source`), read in place
-    where tloads can (`_reads`: the layout ops between become addressing, which the sections
-    implement); `rows`: its output in the rows layout (what a residual add reads; sstores a
-    row's words apart), where the sstore's step fits."""
+    """The layer's sections, and its constants' DRAM contents (`timing`: no contents, no
+    weight encoded). `found`: the earlier section outputs its activations and a matmul's right
+    operand come from (`addressing.source`), read in place where tloads can (`_reads`: the
+    layout ops between become addressing, which the sections implement); `rows`: its output in
+    the rows layout (what a residual add reads; sstores a row's words apart), where the
+    sstore's step fits. A layer of a signature built before (`BUILT`: shapes, plan, tiling,
+    reads, tensor layouts alike) takes those sections, their DRAM addresses moved to its own
+    tensors."""
     plan = weight_plan(layer, config)
     out_rows = layer.out_rows
     if layer.kind == "linear" and found[0] is not None and (reordered := row_order(found[0], layer.m, layer.k)):
@@ -118,43 +137,27 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     if "addend" in tensors:
         tensors["addend"] = dataclasses.replace(tensors["addend"], rows=out_rows)
     signature = (config, layer.kind, layer.m, layer.k, layer.n, layer.batch, layer.relu, layer.gelu, layer.softmax,
-                 layer.addend is not None,
-                 layer.mask_shape, layer.heads, plan.kind, plan.a_words, plan.a_align, plan.tiles, tiling,
-                 tuple(reads.tiles(b, m, n) for b in range(layer.batch) for m in range(math.ceil(layer.m / config.rows))
-                       for n in range(math.ceil(layer.n / config.cols))))
+                 layer.addend is not None, layer.mask_shape, layer.heads, plan.kind, plan.a_words, plan.a_align,
+                 plan.tiles, tiling, tuple((role, t.layout, t.shape) for role, t in tensors.items()),
+                 reads.x and (reads.x.pieces, reads.x.shifts),
+                 reads.y and ((reads.y.pieces, reads.y.shifts) if isinstance(reads.y, InPlace) else reads.y.firsts))
     ops = tuple(o.result for o in reads.ops + layer.ops)
     inputs = tuple(tensors[r] for r in ("x", "w", "mask") if r in tensors and (r != "w" or layer.y)
                    and not (r == "x" and reads.x) and not (r == "w" and reads.y))
-    kept = reads.sources
-    if timing and signature in TIMINGS:  # sections without programs: their ops, data, cycles, activity
-        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept, activity=work)
-                for cycles, work in TIMINGS[signature]], []
-    tiles = tile_order(layer, plan, tiling, config)
-    if len(TIMINGS) > 4096:
-        TIMINGS.clear()
-    if timing:
-        TIMINGS[signature] = _span_timings(layer, plan, tiling, tensors, config, tiles, reads)
-        return [Section(ops, inputs, (), (tensors["out"],), (), 0, cycles, "", kept, activity=work)
-                for cycles, work in TIMINGS[signature]], []
-    spans = []  # (first tile, end tile, the builder of exactly those tiles)
-    while not spans or spans[-1][1] < len(tiles):
-        start = spans[-1][1] if spans else 0
-        spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start, reads)))
     constants = tuple(tensors[r] for r in ("w", "params", "constants", "addend")
                       if r in tensors and not (r == "w" and layer.y))
-    sections = []
-    for first, end, builder in spans:
-        program, cycles, work = builder.finish()
-        batch = f"{layer.batch} x " if layer.kind != "linear" else ""
-        note = (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
-                f"{plan.kind}, output tiles {first}..{end - 1} of {len(tiles)} (by groups of {tiling.group} row "
-                f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)"
-                + "".join(f", {what} by tload from {p.source.values[0]}'s {p.source.layout.value}"
-                          + (f" through {', '.join(o.kind for o in p.ops)}" if p.ops else "")
-                          for what, p in (("activations", reads.x), ("right operand", reads.y)) if p))
-        sections.append(Section(ops, inputs, constants, (tensors["out"],), program, builder.macs, cycles, note, kept,
-                                activity=work))
-    TIMINGS[signature] = tuple((section.cycles, section.activity) for section in sections)
+    if signature not in BUILT:
+        if len(BUILT) > 4096:
+            BUILT.clear()
+        BUILT[signature] = _build(layer, plan, tiling, tensors, config, reads)
+    tiles = tile_order(layer, plan, tiling, config)
+    sections = [Section(ops, inputs, constants, (tensors["out"],), _relocated(built, tensors),
+                        _macs(layer, plan, config, tiles[built.first:built.end]), built.cycles,
+                        _note(layer, plan, tiling, reads, built.first, built.end, len(tiles)), reads.sources,
+                        activity=built.activity)
+                for built in BUILT[signature]]
+    if timing:
+        return sections, []
     images = []
     if not layer.y:
         stream = encode(Layout.WEIGHTS, layer.weight, config) if plan.kind == "dense" else \
@@ -174,13 +177,64 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
     return sections, images
 
 
+def _build(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+           reads: Reads) -> tuple[_Built, ...]:
+    """The layer's sections: spans of output tiles whose programs fit the program memory."""
+    tiles = tile_order(layer, plan, tiling, config)
+    spans = []  # (first tile, end tile, the builder of exactly those tiles)
+    while not spans or spans[-1][1] < len(tiles):
+        start = spans[-1][1] if spans else 0
+        spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start, reads)))
+    starts = sorted((t.region.start, role) for role, t in tensors.items())
+    out = []
+    for first, end, builder in spans:
+        program, cycles, work = builder.finish()
+        dram = []
+        for i, instruction in enumerate(program):
+            if "dram" in (f.name for f in FORMATS[instruction.op]):
+                at = instruction["dram"]
+                _, role = starts[bisect.bisect_right(starts, (at, "~")) - 1]  # the tensor it lies in (or its slack)
+                dram.append((i, role, at - tensors[role].region.start))
+        out.append(_Built(program, tuple(dram), cycles, work, first, end))
+    return tuple(out)
+
+
+def _macs(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, int, int]]) -> int:
+    """The useful multiply-accumulates of output `tiles` (no padding; of a sparse weight, its
+    non-zeros)."""
+    macs = 0
+    for _b, m, n in tiles:
+        rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
+        cols = min(layer.n, (n + 1) * config.cols) - n * config.cols
+        macs += rows * (cols * layer.k if plan.kind in ("dense", "binary", "w1a8") else
+                        int(np.count_nonzero(layer.weight[n * config.cols:(n + 1) * config.cols])))
+    return macs
+
+
+def _relocated(built: _Built, tensors: dict[str, DramTensor]) -> tuple[Instruction, ...]:
+    """`built`'s program with its DRAM addresses in `tensors`."""
+    program = list(built.program)
+    for i, role, offset in built.dram:
+        program[i] = program[i].with_field("dram", tensors[role].region.start + offset)
+    return tuple(program)
+
+
+def _note(layer: Layer, plan: Plan, tiling: Tiling, reads: Reads, first: int, end: int, tiles: int) -> str:
+    batch = f"{layer.batch} x " if layer.kind != "linear" else ""
+    return (f"{' -> '.join(o.result for o in layer.ops)}: {batch}M={layer.m} K={layer.k} N={layer.n}, "
+            f"{plan.kind}, output tiles {first}..{end - 1} of {tiles} (by groups of {tiling.group} row "
+            f"blocks, groups of columns, row, column), K in {plan.chunks} chunk(s)"
+            + "".join(f", {what} by tload from {p.source.values[0]}'s {p.source.layout.value}"
+                      + (f" through {', '.join(o.kind for o in p.ops)}" if p.ops else "")
+                      for what, p in (("activations", reads.x), ("right operand", reads.y)) if p))
+
+
 def _span(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
-          tiles: list[tuple[int, int, int]], start: int, reads: Reads, timing: bool = False) \
-        -> tuple[int, "Builder"]:
+          tiles: list[tuple[int, int, int]], start: int, reads: Reads) -> tuple[int, "Builder"]:
     """The section from tile `start`: as many tiles as its program memory holds, a softmax's
     row blocks whole (its rows' scores from all column tiles in one program). Returns the end
     tile and the builder of exactly tiles[start:end]."""
-    builder = Builder(layer, plan, tiling, tensors, config, timing, reads)
+    builder = Builder(layer, plan, tiling, tensors, config, reads)
     last_n = math.ceil(layer.n / config.cols) - 1
     cut = (start, builder.mark())  # the last place the section may end
     for end in range(start, len(tiles)):
@@ -196,55 +250,6 @@ def _span(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTenso
             builder.rewind(cut[1])
             return cut[0], builder
     return len(tiles), builder
-
-
-def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, int, int]],
-              classes: list[int], reads: Reads) -> tuple:
-    """What the instructions of a section of `tiles` and their timing depend on, addresses
-    aside, tile by tile: its product, row block and column tile numbered by first appearance
-    (the keys of the rings and batches), the step from the previous row block, the row
-    block's parity and rows, the column tile's chunk structure (`classes`), whether it is
-    the last, and the tiles of its product's tloads. A prefix of the tiles has a prefix of the
-    key."""
-    names: dict[tuple, int] = {}
-    last_n = math.ceil(layer.n / config.cols) - 1
-    key, previous = [], None
-    for b, m, n in tiles:
-        ids = tuple(names.setdefault(k, len(names)) for k in (("b", b), ("m", b, m), ("n", b, n), ("p", n)))
-        rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
-        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n,
-                    reads.tiles(b, m, n)))
-        previous = m
-    return tuple(key)
-
-
-def _span_timings(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
-                 tiles: list[tuple[int, int, int]], reads: Reads) -> tuple[tuple[int, Activity], ...]:
-    """The cycles and activity of each section `compile_layer` cuts the layer into, scheduling
-    only sections unlike those before: one whose tiles have the `_span_key` of a section
-    already scheduled, and whose next tile has it too (so it ends where that one did), takes
-    its cycles and activity."""
-    structures: dict[tuple, int] = {}
-    classes = [structures.setdefault(tuple((c.words, c.k, c.steps) for c in chunks), len(structures))
-               for chunks in plan.tiles]
-    seen: dict[tuple, tuple[tuple | None, tuple[int, Activity]]] = {}  # a key -> (with its next tile, timing)
-    timings: list[tuple[int, Activity]] = []
-    start = length = 0
-    while start < len(tiles):
-        if length:
-            end = min(start + length, len(tiles))
-            key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
-            hit = seen.get(key[:end - start])
-            if hit is not None and (end == len(tiles) or hit[0] == key):
-                timings.append(hit[1])
-                start = end
-                continue
-        end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, reads, timing=True)
-        key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
-        seen[key[:end - start]] = (key if end < len(tiles) else None, builder.finish()[1:])
-        timings.append(seen[key[:end - start]][1])
-        start, length = end, end - start
-    return tuple(timings)
 
 
 def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelConfig,

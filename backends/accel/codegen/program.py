@@ -16,14 +16,17 @@ from ..config import AccelConfig
 from ..energy import Activity
 from ..layout import AccelProgram, DramAllocator, DramTensor, HostOp, Region, Section
 from .addressing import ADDRESSING, merge_heads, source
+from .chain import chain
 from .layer import compile_layer, compile_residual
 from .match import LAYOUT_OPS, MATCHERS, Residual, Unsupported, host_reason, residual_operands
 
 
-def generate(graph: Graph, config: AccelConfig | None = None) -> AccelProgram:
+def generate(graph: Graph, config: AccelConfig | None = None, chained: bool = True) -> AccelProgram:
     """Compile the quantized linear chains of `graph` to accelerator sections for `config`
-    (default `AccelConfig()`); every other op is a host op with its reason."""
-    return _generate(graph, config or AccelConfig(), timing=False)
+    (default `AccelConfig()`); every other op is a host op with its reason. `chained`: the
+    sections of a call run as one program where they fit the program memory (`chain`), else
+    each layer's sections one after another."""
+    return _generate(graph, config or AccelConfig(), timing=False, chained=chained)
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,11 @@ class Timing:
     activity: Activity
 
 
-def timing(graph: Graph, config: AccelConfig) -> Timing:
-    """`generate`'s cycles, host ops and calls without building its programs. Sections whose
-    layer has the shape, weight structure and tiling of one seen before take that one's cycles
-    (timing does not depend on addresses or values), and no weight is encoded: the cost
-    model's fast path."""
-    program = _generate(graph, config, timing=True)
+def timing(graph: Graph, config: AccelConfig, chained: bool = True) -> Timing:
+    """`generate`'s cycles, host ops and calls without its weights and DRAM image: the cost
+    model's fast path. Layers alike one built before take its sections (`layer.BUILT`), and
+    chained groups alike one scheduled before its schedule (`chain.CHAINED`)."""
+    program = _generate(graph, config, timing=True, chained=chained)
     return Timing(sum(s.cycles for s in program.sections), program.host_ops, len(program.calls()),
                   program.link_bytes(), sum((s.activity for s in program.sections), Activity()))
 
@@ -64,12 +66,12 @@ def _without_cycle_collection():
             gc.enable()
 
 
-def _generate(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
+def _generate(graph: Graph, config: AccelConfig, timing: bool, chained: bool = True) -> AccelProgram:
     with _without_cycle_collection():
-        return _generate_sections(graph, config, timing)
+        return _generate_sections(graph, config, timing, chained)
 
 
-def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> AccelProgram:
+def _generate_sections(graph: Graph, config: AccelConfig, timing: bool, chained: bool) -> AccelProgram:
     allocator = DramAllocator(config)
     sections: list[Section] = []
     images: list[tuple[Region, bytes]] = []
@@ -119,7 +121,9 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool) -> Accel
                         moved=op.result in moved, converted=op.result in converted)
                  for op in graph.ops if op.result not in placed)
     calls, on_chip = _calls(graph, sections, placed)
-    return AccelProgram(config, calls, host, bytes(dram), on_chip)
+    if chained:
+        calls = chain(list(calls), config, timing)
+    return AccelProgram(config, tuple(calls), host, bytes(dram), on_chip)
 
 
 def _host_addressing(graph: Graph, sections: list[Section], placed: set[str]) -> list[Section]:

@@ -4,7 +4,7 @@
 - instruction fetch from a program memory (`imem_depth` x 128 bits, written through the
   `imem_we/imem_waddr/imem_wdata` port while the machine is held in reset) and decode: field
   positions come from `isa.FORMATS` and `isa.HEADER`, opcodes from `isa.Opcode`;
-- an in-order dispatcher with the eight token counters (`isa.Token`, `TOKEN_BITS` each);
+- an in-order dispatcher with the nine token counters (`isa.Token`, `TOKEN_BITS` each);
 - the four units of `isa.UNITS`: the DMA load engine (DRAM -> buffer; tload's transposer and,
   with the sparse unit, spload's unpacker: a bit buffer of index words, writing a weight word
   and its index word into BBUF's two memories in one cycle); the array, an

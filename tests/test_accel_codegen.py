@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import tcc
 from tcc.backends.accel.codegen import generate, host_places, timing
-from tcc.backends.accel.codegen.layer import BUILT
+from tcc.backends.accel.codegen.layer import BUILT, TIMINGS
 from tcc.backends.accel.codegen.match import LAYOUT_OPS
 from tcc.backends.accel.config import AccelConfig
 from tcc.backends.accel.layout import (AccelProgram, DramAllocator, DramTensor, Layout, Region, decode, dram_words, encode,
@@ -813,7 +813,8 @@ def test_without_the_nonlinear_unit_the_nonlinearities_stay_on_the_host():
 def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind, seed):
     """`timing` builds no weight and no DRAM image: the cycles, host ops, calls and bytes are
     those of the sections `generate` builds, on configs whose small program memories cut layers
-    into many sections, with the layers built afresh and reused."""
+    into many sections: from the layers generate built, timed afresh (sections alike scheduled
+    once, the programs a chain needs built then), and from timings before."""
     rng = np.random.default_rng(seed)
     if kind in ("softmax", "gelu"):  # products of two values, on a config with room for the scores
         config = dataclasses.replace(config, obuf_depth=256, pbuf_depth=256)
@@ -828,9 +829,10 @@ def test_timing_gives_every_sections_cycles_as_generate(config, lead, k, n, kind
         graph = structured(sparse_linear(rng, lead, k, n, weight)[0], "w", structure)
     BUILT.clear()
     program = generate(graph, config)
-    for fresh in (True, False):
+    for fresh in (False, True, False):  # the layers as generate built them; timed afresh; timed before
         if fresh:
             BUILT.clear()
+            TIMINGS.clear()
         run = timing(graph, config)
         assert run.cycles == sum(s.cycles for s in program.sections)
         assert (run.host_ops, run.calls, run.link_bytes) == (program.host_ops, len(program.calls()),
@@ -867,7 +869,7 @@ def test_a_layer_alike_one_built_before_takes_its_sections(monkeypatch, pipeline
 @pytest.mark.parametrize("pipeline", ["quantize", "hp-prune{sparsity=0.75,block=8x8},quantize,int-nonlinear"])
 def test_timing_is_generates_without_building_it(pipeline):
     """The cost model's fast path: the cycles and host ops `generate` gives, with sections of a
-    layer signature seen before (the encoder's second layer) reusing the first one's cycles."""
+    layer signature seen before (the encoder's second layer) reusing the first one's timings."""
     import torch
     from tcc.zoo import DigitsTransformer
     torch.manual_seed(0)
@@ -875,6 +877,7 @@ def test_timing_is_generates_without_building_it(pipeline):
     config = AccelConfig(rows=8, cols=8)
     program = generate(graph, config)
     BUILT.clear()
+    TIMINGS.clear()
     run = timing(graph, config)
     assert run.cycles == sum(s.cycles for s in program.sections) > 0 and run.host_ops == program.host_ops
     # the timing's sections carry their data and calls: layers that chain on chip share a call
@@ -886,7 +889,7 @@ def test_timing_is_generates_without_building_it(pipeline):
     linears = sum(op.kind == "linear" for op in graph.ops)
     # the two layers' linears that read alike share signatures (the first QKV projection's
     # activations come from the host, the second's from the layer norm on chip)
-    assert 0 < sum(key[1] == "linear" for key in BUILT) < linears - 2
+    assert 0 < sum(key[1] == "linear" for key in TIMINGS) < linears - 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ The static power of the part comes on top, for the whole run (`tcc.passes.cost_m
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -61,11 +62,16 @@ class Activity:
     divider_steps: int = 0
     dram_bits: int = 0
 
+    def counts(self) -> tuple[int, ...]:
+        """The counts in field order (`dataclasses.astuple` deep-copies: the codegen adds up
+        hundreds of thousands of these)."""
+        return tuple(getattr(self, f) for f in _COUNTS)
+
     def __add__(self, other: Activity) -> Activity:
-        return Activity(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return Activity(*map(operator.add, self.counts(), other.counts()))
 
     def __mul__(self, times: int) -> Activity:
-        return Activity(*(a * times for a in dataclasses.astuple(self)))
+        return Activity(*(a * times for a in self.counts()))
 
     def energy_j(self, config: AccelConfig, process_nm: float) -> dict[str, float]:
         """Joules by component (array, buffers, vector, dram) on an FPGA of `process_nm`."""
@@ -128,11 +134,15 @@ def activity(op: Opcode, field: Callable[[str], int], config: AccelConfig) -> Ac
     return Activity(narrow_adds=n * cols, buffer_bits=n * word + (word if op is Opcode.VMAX else n * word))
 
 
+_COUNTS = tuple(f.name for f in dataclasses.fields(Activity))
+
+
 def total(instructions: Iterable, config: AccelConfig) -> Activity:
     """The summed `activity` of instructions (or the codegen's nodes): anything with `op` and
     fields by name (`fields`, or `__getitem__`)."""
-    out = Activity()
+    sums = [0] * len(_COUNTS)
     for ins in instructions:
         fields = getattr(ins, "fields", None)
-        out += activity(ins.op, fields.__getitem__ if fields is not None else ins.__getitem__, config)
-    return out
+        sums = list(map(operator.add, sums, activity(ins.op, fields.__getitem__ if fields is not None
+                                                     else ins.__getitem__, config).counts()))
+    return Activity(*sums)

@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -263,6 +263,15 @@ class DramTensor:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A section's program not built yet (`codegen.timing`): its instructions, halt included, and
+    how to build it (where the cost model needs it: a call's sections chained)."""
+
+    length: int
+    build: Callable[[], tuple[Instruction, ...]]
+
+
+@dataclass(frozen=True)
 class Section:
     """One accelerator run: `program` (ending in halt) implements the IR ops whose results are
     `ops` (a linear, its requantize, maybe a fused relu) for part of their output (`note` says
@@ -272,7 +281,8 @@ class Section:
     `constants` are in the DRAM image. `macs` counts useful multiply-accumulates (no padding),
     `cycles` is the run's length under the ISA's timing (what the ISA simulator counts),
     `activity` what its instructions do, counted (`energy.activity`: the energy model's input).
-    `joins`: the section runs in the same call as the one before it."""
+    `joins`: the section runs in the same call as the one before it. `deferred`: timing's
+    sections, without a program, say how to build it."""
 
     ops: tuple[str, ...]
     inputs: tuple[DramTensor, ...]
@@ -285,6 +295,7 @@ class Section:
     resident: tuple[DramTensor, ...] = ()
     joins: bool = False
     activity: Activity = Activity()
+    deferred: Deferred | None = field(default=None, compare=False, repr=False)
 
     def busy(self, config: AccelConfig) -> dict[str, int]:
         """The cycles each unit is busy in the run (the ISA's occupancy of its instructions), by

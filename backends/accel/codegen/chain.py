@@ -198,7 +198,8 @@ def chain(sections: list[Section], config: AccelConfig, timing: bool = False) ->
     group: list[Section] = []
     size = 0
     for section in sections + [None]:
-        length = len(section.program) - 1 if section else 0  # without its halt
+        length = len(section.program) - 1 if section and section.program else \
+            section.deferred.length - 1 if section else 0  # without its halt
         if section and group and section.joins and size + length + 1 <= config.imem_depth:
             group.append(section)
             size += length
@@ -215,7 +216,7 @@ def merge(group: list[Section], config: AccelConfig, timing: bool = False) -> li
     and notes together (`timing`: without a program). Groups alike but for where their DRAM
     tensors lie (`_key`) are scheduled once."""
     if len(group) > 1:
-        instructions = [i for program in place([s.program for s in group], config) for i in program
+        instructions = [i for program in place([_program(s) for s in group], config) for i in program
                         if i.op is not Opcode.HALT]
         key = _key(instructions, config)
         if key not in CHAINED:
@@ -243,6 +244,11 @@ def merge(group: list[Section], config: AccelConfig, timing: bool = False) -> li
 
 
 _DRAM = "dram"
+
+
+def _program(section: Section) -> tuple[Instruction, ...]:
+    """The section's program, built now where `timing` deferred it."""
+    return section.program or section.deferred.build()
 
 
 @functools.lru_cache(maxsize=None)

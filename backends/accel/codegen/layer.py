@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from itertools import chain
@@ -17,7 +18,7 @@ from .. import energy
 from ..config import AccelConfig
 from ..energy import Activity
 from ..isa import FORMATS, Buffer, Instruction, Opcode, Unit
-from ..layout import DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
+from ..layout import Deferred, DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
 from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks, row_order
 from .emit import Builder
 from .match import Layer, Residual, Unsupported
@@ -101,6 +102,21 @@ class _Built:
 BUILT: dict[tuple, tuple[_Built, ...]] = {}  # layer signature -> its sections as built
 
 
+@dataclass(frozen=True)
+class _Timed:
+    """A section's timing without its program (`_span_timings`): cycles, activity, its
+    instructions (halt included) and its output tiles."""
+
+    cycles: int
+    activity: Activity
+    length: int
+    first: int
+    end: int
+
+
+TIMINGS: dict[tuple, tuple[_Timed, ...]] = {}  # layer signature -> its sections' timings
+
+
 def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, timing: bool = False,
                   found: tuple[Found | None, Found | None] = (None, None), rows: bool = False) \
         -> tuple[list[Section], list[tuple[Region, bytes]]]:
@@ -146,11 +162,21 @@ def compile_layer(layer: Layer, allocator: DramAllocator, config: AccelConfig, t
                    and not (r == "x" and reads.x) and not (r == "w" and reads.y))
     constants = tuple(tensors[r] for r in ("w", "params", "constants", "addend")
                       if r in tensors and not (r == "w" and layer.y))
+    tiles = tile_order(layer, plan, tiling, config)
+    if timing and signature not in BUILT:  # timed, the programs deferred to where a chain needs them
+        if signature not in TIMINGS:
+            if len(TIMINGS) > 4096:
+                TIMINGS.clear()
+            TIMINGS[signature] = _span_timings(layer, plan, tiling, tensors, config, tiles, reads)
+        return [Section(ops, inputs, constants, (tensors["out"],), (), _macs(layer, plan, config, tiles[t.first:t.end]),
+                        t.cycles, _note(layer, plan, tiling, reads, t.first, t.end, len(tiles)), reads.sources,
+                        activity=t.activity, deferred=Deferred(t.length, functools.partial(
+                            _program, signature, layer, plan, tiling, tensors, config, reads, tiles, t.first, t.end)))
+                for t in TIMINGS[signature]], []
     if signature not in BUILT:
         if len(BUILT) > 4096:
             BUILT.clear()
         BUILT[signature] = _build(layer, plan, tiling, tensors, config, reads)
-    tiles = tile_order(layer, plan, tiling, config)
     sections = [Section(ops, inputs, constants, (tensors["out"],), _relocated(built, tensors),
                         _macs(layer, plan, config, tiles[built.first:built.end]), built.cycles,
                         _note(layer, plan, tiling, reads, built.first, built.end, len(tiles)), reads.sources,
@@ -185,18 +211,23 @@ def _build(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTens
     while not spans or spans[-1][1] < len(tiles):
         start = spans[-1][1] if spans else 0
         spans.append((start, *_span(layer, plan, tiling, tensors, config, tiles, start, reads)))
-    starts = sorted((t.region.start, role) for role, t in tensors.items())
     out = []
     for first, end, builder in spans:
         program, cycles, work = builder.finish()
-        dram = []
-        for i, instruction in enumerate(program):
-            if "dram" in (f.name for f in FORMATS[instruction.op]):
-                at = instruction["dram"]
-                _, role = starts[bisect.bisect_right(starts, (at, "~")) - 1]  # the tensor it lies in (or its slack)
-                dram.append((i, role, at - tensors[role].region.start))
-        out.append(_Built(program, tuple(dram), cycles, work, first, end))
+        out.append(_Built(program, _dram_roles(program, tensors), cycles, work, first, end))
     return tuple(out)
+
+
+def _dram_roles(program: tuple[Instruction, ...], tensors: dict[str, DramTensor]) -> tuple[tuple[int, str, int], ...]:
+    """Where each DRAM address of `program` points: (instruction, the tensor's role, the word in it)."""
+    starts = sorted((t.region.start, role) for role, t in tensors.items())
+    dram = []
+    for i, instruction in enumerate(program):
+        if "dram" in (f.name for f in FORMATS[instruction.op]):
+            at = instruction["dram"]
+            _, role = starts[bisect.bisect_right(starts, (at, "~")) - 1]  # the tensor it lies in (or its slack)
+            dram.append((i, role, at - tensors[role].region.start))
+    return tuple(dram)
 
 
 def _macs(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, int, int]]) -> int:
@@ -209,6 +240,75 @@ def _macs(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, 
         macs += rows * (cols * layer.k if plan.kind in ("dense", "binary", "w1a8") else
                         int(np.count_nonzero(layer.weight[n * config.cols:(n + 1) * config.cols])))
     return macs
+
+
+DEFERRED: dict[tuple, _Built] = {}  # (layer signature, first tile, end tile) -> that section as built
+
+
+def _program(signature: tuple, layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor],
+             config: AccelConfig, reads: Reads, tiles: list[tuple[int, int, int]], first: int, end: int) \
+        -> tuple[Instruction, ...]:
+    """The program of the section of `tiles[first:end]` (a span `_span` cut), built once per layer
+    signature and span, its DRAM addresses moved to `tensors`."""
+    key = (signature, first, end)
+    if key not in DEFERRED:
+        if len(DEFERRED) > 4096:
+            DEFERRED.clear()
+        builder = Builder(layer, plan, tiling, tensors, config, reads)
+        for tile in tiles[first:end]:
+            builder.tile(*tile)
+        program, cycles, work = builder.finish()
+        DEFERRED[key] = _Built(program, _dram_roles(program, tensors), cycles, work, first, end)
+    return _relocated(DEFERRED[key], tensors)
+
+
+def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[int, int, int]],
+              classes: list[int], reads: Reads) -> tuple:
+    """What the instructions of a section of `tiles` and their timing depend on, addresses
+    aside, tile by tile: its product, row block and column tile numbered by first appearance
+    (the keys of the rings and batches), the step from the previous row block, the row
+    block's parity and rows, the column tile's chunk structure (`classes`), whether it is
+    the last, and the tiles of its product's tloads. A prefix of the tiles has a prefix of the
+    key."""
+    names: dict[tuple, int] = {}
+    last_n = math.ceil(layer.n / config.cols) - 1
+    key, previous = [], None
+    for b, m, n in tiles:
+        ids = tuple(names.setdefault(k, len(names)) for k in (("b", b), ("m", b, m), ("n", b, n), ("p", n)))
+        rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
+        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n,
+                    reads.tiles(b, m, n)))
+        previous = m
+    return tuple(key)
+
+
+def _span_timings(layer: Layer, plan: Plan, tiling: Tiling, tensors: dict[str, DramTensor], config: AccelConfig,
+                  tiles: list[tuple[int, int, int]], reads: Reads) -> tuple[_Timed, ...]:
+    """The timings of the sections `_build` cuts the layer into, scheduling only sections unlike
+    those before: one whose tiles have the `_span_key` of a section already scheduled, and whose
+    next tile has it too (so it ends where that one did), takes its cycles, activity and length."""
+    structures: dict[tuple, int] = {}
+    classes = [structures.setdefault(tuple((c.words, c.k, c.steps) for c in chunks), len(structures))
+               for chunks in plan.tiles]
+    seen: dict[tuple, tuple[tuple | None, tuple[int, Activity, int]]] = {}  # key -> (with its next tile, timing)
+    timings: list[_Timed] = []
+    start = length = 0
+    while start < len(tiles):
+        if length:
+            end = min(start + length, len(tiles))
+            key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
+            hit = seen.get(key[:end - start])
+            if hit is not None and (end == len(tiles) or hit[0] == key):
+                timings.append(_Timed(*hit[1], start, end))
+                start = end
+                continue
+        end, builder = _span(layer, plan, tiling, tensors, config, tiles, start, reads)
+        program, cycles, work = builder.finish()
+        key = _span_key(layer, plan, config, tiles[start:end + 1], classes, reads)
+        seen[key[:end - start]] = (key if end < len(tiles) else None, (cycles, work, len(program)))
+        timings.append(_Timed(cycles, work, len(program), start, end))
+        start, length = end, end - start
+    return tuple(timings)
 
 
 def _relocated(built: _Built, tensors: dict[str, DramTensor]) -> tuple[Instruction, ...]:

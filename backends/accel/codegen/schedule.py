@@ -12,6 +12,7 @@ they free."""
 
 from __future__ import annotations
 
+import bisect
 from ..config import AccelConfig
 from ..isa import FETCH_CYCLES, HANDOFF, UNITS, Instruction, Opcode, Token, Unit, drain, occupancy
 
@@ -90,7 +91,13 @@ def schedule(streams: dict[Unit, list[Node]], timing: bool = False, window: int 
             if node.tile is not None:
                 node.tile.left += 1
     heads, entered, free, placed = [0] * 4, [0] * 4, [0] * 4, [0] * 4
-    available: list[list[Node]] = [[] for _ in lanes]  # within reach, everything before them placed
+    available: list[list[Node]] = [[] for _ in lanes]  # within reach, all they follow placed; by `at`
+    positions: list[list[int]] = [[] for _ in lanes]  # their `at`
+
+    def offer(lane: int, node: Node) -> None:
+        i = bisect.bisect(positions[lane], node.at)
+        positions[lane].insert(i, node.at)
+        available[lane].insert(i, node)
 
     def enter(lane: int) -> None:
         stream, limit = lanes[lane], min(heads[lane] + reach[lane], len(lanes[lane]))
@@ -98,7 +105,7 @@ def schedule(streams: dict[Unit, list[Node]], timing: bool = False, window: int 
             node = stream[entered[lane]]
             entered[lane] += 1
             if not node.pending:
-                available[lane].append(node)
+                offer(lane, node)
 
     def waiting() -> Node | None:
         """The vector unit's first reader, within its reach, of a tile without a bank."""
@@ -119,7 +126,10 @@ def schedule(streams: dict[Unit, list[Node]], timing: bool = False, window: int 
     while True:
         best, best_key, best_bank, first = None, None, -1, False
         for lane in range(4):
+            if best_key is not None and best_key[:2] == (t, 0):
+                break  # nothing issues before t, and a later lane loses the tie
             start = max(t, free[lane])
+            ranked = window > 1 and lane == 1
             for node in available[lane]:
                 issue, bank = max(start, node.ready), -1
                 if node.tile is not None and node.tile.bank < 0:  # a tile's first instruction: a free bank
@@ -136,9 +146,11 @@ def schedule(streams: dict[Unit, list[Node]], timing: bool = False, window: int 
                         continue
                     since, bank = min(banks)
                     issue = max(issue, since)
-                key = (issue, node.occupancy if window > 1 and lane == 1 else 0, lane, node.at)
+                key = (issue, node.occupancy if ranked else 0, lane, node.at)
                 if best_key is None or key < best_key:
                     best, best_key, best_bank = node, key, bank
+                if issue == start and not ranked:
+                    break  # the lane's first in `at` order that issues as soon as the unit is free
         if best is None:
             break
         node, issue, lane = best, best_key[0], best_key[2]
@@ -170,7 +182,8 @@ def schedule(streams: dict[Unit, list[Node]], timing: bool = False, window: int 
             node.tile.done = max(node.tile.done, node.end)
         last_end = max(last_end, node.end)
         free[lane] = issue + node.occupancy
-        available[lane].remove(node)
+        i = available[lane].index(node)
+        del available[lane][i], positions[lane][i]
         for user, same_unit in node.users:
             user.pending -= 1
             if not same_unit:
@@ -178,7 +191,7 @@ def schedule(streams: dict[Unit, list[Node]], timing: bool = False, window: int 
             if not user.pending:
                 user_lane = LANES.index(user.unit)
                 if user.at < entered[user_lane]:
-                    available[user_lane].append(user)
+                    offer(user_lane, user)
         stream = lanes[lane]
         while heads[lane] < len(stream) and stream[heads[lane]].end >= 0:
             heads[lane] += 1

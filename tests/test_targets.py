@@ -31,10 +31,10 @@ USER = {
                    "int8_gops": 0.8, "op_overhead_us": 50, "clock_mhz": 240},
     },
     "tiny-fpga": {
-        "kind": "fpga", "backend": "accel", "executor": "sim", "description": "a small Zynq-7010 with a 4x4 array",
+        "kind": "fpga", "backend": "accel", "executor": "sim", "description": "a Zynq-7020 with a 4x4 array",
         "tile": [4, 4], "pipeline": "fold-constants,canonicalize,dce,quantize", "lowering": "select-format",
         "formats": ["dense"],
-        "part": {"name": "xc7z010", "family": "xc7", "lut": 17600, "ff": 35200, "dsp": 80, "bram36": 60, "uram": 0,
+        "part": {"name": "xc7z020", "family": "xc7", "lut": 53200, "ff": 106400, "dsp": 220, "bram36": 140, "uram": 0,
                  "dram_gbps": 4.2, "price_usd": 80, "power_w": 2.0, "static_w": 0.1, "process_nm": 28, "link_gbps": 1.0,
                  "link_latency_us": 20, "host": "edge-cpu"},
         "accel": {"rows": 4, "cols": 4, "abuf_depth": 4096, "bbuf_depth": 2048, "obuf_depth": 512,
@@ -147,7 +147,7 @@ def test_compile_for_a_user_target(tmp_path):
                      "-q", "-o", tmp_path / "a")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["target"]["name"] == "tiny-fpga" and manifest["target"]["part"]["name"] == "xc7z010"
+    assert manifest["target"]["name"] == "tiny-fpga" and manifest["target"]["part"]["name"] == "xc7z020"
     assert manifest["target"]["accel"]["rows"] == 4 and manifest["accel"]["sections"] >= 1
     result = run_cli("compile", tmp_path / "model.pt2", "--target", "tiny-fpga", "-o", tmp_path / "b")
     assert result.returncode == 2 and "unknown target 'tiny-fpga'" in result.stderr and not (tmp_path / "b").exists()
@@ -194,11 +194,11 @@ BAD = {
     "bad-accel-field": (_mutate(("tiny-fpga", "accel", "rows"), 0), "tiny-fpga", "accel.rows must be at least 1, got 0"),
     "unknown-accel-field": (_mutate(("tiny-fpga", "accel", "rowz"), 4), "tiny-fpga",
                             "unknown field 'accel.rowz'; did you mean 'rows'?"),
-    "accel-too-big": (_mutate(("tiny-fpga", "accel", "rows"), 32), "tiny-fpga",
-                      "accel: the 32x4 accelerator does not fit xc7z010"),
+    "accel-too-big": (_mutate(("tiny-fpga", "accel", "rows"), 64), "tiny-fpga",
+                      "accel: the 64x4 accelerator does not fit xc7z020"),
     "dma-faster-than-dram": (_mutate(("tiny-fpga", "part", "dram_gbps"), 0.5), "tiny-fpga",
                              "accel: the accelerator's DMA moves 0.8 GB/s (64-bit words at 100 MHz), more than the "
-                             "DRAM of xc7z010 (0.5 GB/s)"),
+                             "DRAM of xc7z020 (0.5 GB/s)"),
     "no-link": (_mutate(("tiny-fpga", "part", "link_gbps"), delete=True), "tiny-fpga",
                 "missing field 'part.link_gbps'"),
     "bad-part-field": (_mutate(("tiny-fpga", "part", "lut"), -5), "tiny-fpga",

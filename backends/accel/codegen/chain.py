@@ -240,7 +240,7 @@ def merge(group: list[Section], config: AccelConfig, timing: bool = False) -> li
         group[0], ops=tuple(concat.from_iterable(s.ops for s in group)), inputs=union("inputs"),
         constants=union("constants"), outputs=union("outputs"), resident=union("resident"), program=program,
         macs=sum(s.macs for s in group), cycles=cycles, note="; ".join(s.note for s in group),
-        activity=sum((s.activity for s in group), Activity()))]
+        activity=sum((s.activity for s in group), Activity()), deferred=None)]
 
 
 _DRAM = "dram"

@@ -23,8 +23,7 @@ from ..isa import FORMATS, HANDOFF, Buffer, Instruction, Opcode, Unit
 from ..layout import Section
 from .schedule import Node, Stuck as _Stuck, Tile, schedule
 
-_UNITS = tuple(Unit)
-_UNIT_INDEX = {u: i for i, u in enumerate(_UNITS)}
+_UNIT_INDEX = {u: i for i, u in enumerate(Unit)}
 
 
 class _Memory:
@@ -34,7 +33,7 @@ class _Memory:
     def __init__(self, config: AccelConfig):
         sizes = {b.name: config.buffer_depth(b) for b in Buffer}
         self.write = {s: np.full(n, -1, np.int64) for s, n in sizes.items()}
-        self.read = {s: np.full((len(_UNITS), n), -1, np.int64) for s, n in sizes.items()}
+        self.read = {s: np.full((len(Unit), n), -1, np.int64) for s, n in sizes.items()}
         self.stores: list[tuple[int, int, int]] = []  # DRAM (first, end, position) of each store
         self.loads: list[tuple[int, int, int]] = []  # DRAM (first, end, position) of each load
 
@@ -121,7 +120,6 @@ def _streams(instructions: list[Instruction], config: AccelConfig) -> tuple[dict
             else:
                 node.deps.extend(tile.nodes[-1:])
                 tile.readers.append(node)
-        node.index = len(streams[unit])
         streams[unit].append(node)
         memory.record(accesses, unit, len(nodes))
         nodes.append(node)
@@ -188,26 +186,24 @@ def place(programs: list[tuple[Instruction, ...]], config: AccelConfig) -> list[
     return out
 
 
-CHAINED: dict[tuple, tuple[tuple[Instruction, ...], tuple[int, ...], int]] = {}  # see `_key`
+# `_key` -> `reschedule`'s program, sources and cycles; None where no token carries a hand-off
+CHAINED: dict[tuple, tuple[tuple[Instruction, ...], tuple[int, ...], int] | None] = {}
 
 
 def chain(sections: list[Section], config: AccelConfig, timing: bool = False) -> list[Section]:
     """The sections with each run of consecutive sections of one call whose instructions fit the
     program memory together merged into one section (`merge`; `timing`: without programs)."""
-    out: list[Section] = []
-    group: list[Section] = []
+    groups: list[list[Section]] = []
     size = 0
-    for section in sections + [None]:
-        length = len(section.program) - 1 if section and section.program else \
-            section.deferred.length - 1 if section else 0  # without its halt
-        if section and group and section.joins and size + length + 1 <= config.imem_depth:
-            group.append(section)
+    for section in sections:
+        length = (len(section.program) if section.program else section.deferred.length) - 1  # without its halt
+        if groups and section.joins and size + length + 1 <= config.imem_depth:
+            groups[-1].append(section)
             size += length
-            continue
-        if group:
-            out.extend(merge(group, config, timing))
-        group, size = [section], length
-    return out
+        else:
+            groups.append([section])
+            size = length
+    return [s for group in groups for s in merge(group, config, timing)]
 
 
 def merge(group: list[Section], config: AccelConfig, timing: bool = False) -> list[Section]:

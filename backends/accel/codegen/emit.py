@@ -96,9 +96,7 @@ class Builder:
         self.tiles = 0
 
     def add(self, node: Node) -> Node:
-        stream = self.streams[node.unit]
-        node.index = len(stream)
-        stream.append(node)
+        self.streams[node.unit].append(node)
         return node
 
     def _dram(self, role: str, block: int, index: int, batch: int = 0) -> int:

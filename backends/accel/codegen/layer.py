@@ -404,7 +404,6 @@ def compile_residual(layer: Residual, allocator: DramAllocator, config: AccelCon
         streams: dict[Unit, list[Node]] = {u: [] for u in Unit}
 
         def node(n: Node) -> Node:
-            n.index = len(streams[n.unit])
             streams[n.unit].append(n)
             return n
 

@@ -19,7 +19,7 @@ from ..isa import FETCH_CYCLES, HANDOFF, UNITS, Instruction, Opcode, Token, Unit
 
 class Node:
     """An instruction being scheduled: its fields, the instructions of other units it waits
-    for, its position in its unit's stream, and (once placed) its end cycle and tokens."""
+    for, and (once placed) its place in its unit's order (`index`), its end cycle and tokens."""
 
     __slots__ = ("op", "fields", "deps", "after", "tile", "unit", "index", "occupancy", "duration", "end", "wait",
                  "signal", "at", "pending", "ready", "users")

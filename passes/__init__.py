@@ -11,6 +11,7 @@ from .decompose_attention import DecomposeAttention
 from .fold_constants import FoldConstants
 from .hp_prune import HPPrune
 from .int_nonlinear import IntNonlinear
+from .pool_late import PoolLate
 from .quantize import Quantize
 from .select_device import SelectDevice
 from .select_format import SelectFormat
@@ -21,6 +22,6 @@ from .registry import PASSES
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "OptionError", "option", "run_pipeline", "Batch",
            "Dataset", "batch_size_of", "DeadCodeElimination", "FoldConstants", "Canonicalize",
-           "ConvAsGemm", "DecomposeAttention", "HPPrune", "BlockPrune",
+           "ConvAsGemm", "PoolLate", "DecomposeAttention", "HPPrune", "BlockPrune",
            "Binarize", "Quantize", "IntNonlinear", "SelectFormat", "SelectDevice", "SimplifyNonlinear",
            "PipelineError", "Latency", "Ratio", "Shape2", "format_pipeline", "parse_pipeline"]

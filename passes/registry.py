@@ -12,6 +12,7 @@ from .decompose_attention import DecomposeAttention
 from .fold_constants import FoldConstants
 from .hp_prune import HPPrune
 from .int_nonlinear import IntNonlinear
+from .pool_late import PoolLate
 from .quantize import Quantize
 from .select_device import SelectDevice
 from .select_format import SelectFormat
@@ -19,4 +20,4 @@ from .simplify_nonlinear import SimplifyNonlinear
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     FoldConstants, DeadCodeElimination, Canonicalize, ConvAsGemm, DecomposeAttention, HPPrune, BlockPrune, Binarize, Quantize,
-    IntNonlinear, SelectFormat, SelectDevice, SimplifyNonlinear)}
+    IntNonlinear, PoolLate, SelectFormat, SelectDevice, SimplifyNonlinear)}

@@ -101,6 +101,13 @@ class AccelExecutor(NumpyExecutor):
             self._calls[max(positions)] = call
             self._fused.update(positions - {max(positions)})
             runs_at.update(dict.fromkeys(positions, max(positions)))
+        producer = {op.result: i for i, op in enumerate(graph.ops)}
+        for i, op in enumerate(graph.ops):  # a host op reading what a call computes runs after that call
+            if i not in runs_at:
+                at = max((runs_at[producer[v]] for v in op.operands if producer.get(v) in runs_at), default=i)
+                if at > i:
+                    runs_at[i] = at
+        self._order = sorted((runs_at.get(i, i), i not in self._calls, i) for i in range(len(graph.ops)))
         self._frees = last_uses(graph, runs_at)  # a call's ops read their operands where it runs
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
@@ -145,15 +152,17 @@ class AccelExecutor(NumpyExecutor):
         env: dict[str, np.ndarray] = dict(self.graph.weights)
         for (name, t), value in zip(self.graph.inputs, inputs, strict=True):
             env[name] = np.asarray(value, dtype=t.dtype.numpy, order="C")  # results independent of the caller's layout
-        for index, op in enumerate(self.graph.ops):
+        ops, order = self.graph.ops, self._order
+        for at, (position, _, index) in enumerate(order):
+            op = ops[index]
             if index in self._calls:
                 self._call(self._calls[index], env, dram, keep)
             elif index not in self._fused:
                 kernel = self._kernels.get(index, REFERENCE[op.kind])
                 result = kernel(*(env[o] for o in op.operands), **op.attr_dict)
                 env[op.result] = np.asarray(result).astype(op.type.dtype.numpy, copy=False)
-            if not keep:
-                for name in self._frees.get(index, ()):
+            if not keep and (at + 1 == len(order) or order[at + 1][0] != position):  # after those deferred to it
+                for name in self._frees.get(position, ()):
                     env.pop(name, None)  # a layer's intermediate values never existed
         return env
 

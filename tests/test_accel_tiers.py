@@ -13,7 +13,7 @@ import pytest
 
 import tcc
 from conftest import assert_tiers_agree, built, need
-from tcc.backends.accel.codegen import generate, host_places
+from tcc.backends.accel.codegen import EPILOGUE, generate, host_places
 from tcc.backends.accel.isa import Buffer, Opcode, passes
 from tcc.ir import DType
 from tcc.runtime.rtl import run_icarus, run_pyrtl, run_verilator
@@ -161,7 +161,8 @@ def test_the_embeddings_sum_on_chip(runner, tool):
     """Hugging Face BERT's embeddings: the token rows gathered from the table quantized to i8 (the
     host's indexed copy into the transfer: addressing), the position and token-type embeddings a
     constant in the DRAM image that the vector unit's residual add reads, then the layer norm:
-    the first layer. Left to the host: conversions in the transfers and the pooler's tanh. The
+    the first layer. Left to the host: conversions in the transfers and, in the read-back's loop
+    after them, the pooler's tanh (no op of its own). The
     whole model on the ISA simulator equals the numpy reference; the first layer's section
     alone, the same on the RTL tiers, cycles included."""
     if tool:
@@ -175,10 +176,25 @@ def test_the_embeddings_sum_on_chip(runner, tool):
     assert [t.values[0] for t in first.inputs] == ["embedding.i"]
     assert any(t.values[0] in graph.weights and graph.types[t.values[0]].dtype is DType.I32 for t in first.constants)
     host = {h.kind for h in program.host_ops if not h.moved and not h.converted}
-    assert host == {"tanh"} and {h.kind for h in program.host_ops if h.moved} >= {"embedding"}
+    assert not host and {h.kind for h in program.host_ops if h.moved} >= {"embedding"}
+    assert {h.kind: h.reason for h in program.host_ops}["tanh"] == EPILOGUE
     assert_sim_matches_reference(graph, program, inputs)
     prog, dram = AccelExecutor(graph, apart).section_runs(*inputs, first=1)[0]
     assert_rtl_matches_sim(runner, prog, config, dram, first.note)
+
+
+@pytest.mark.parametrize("name, epilogue", [("transformer-encoder", {"mean"}), ("hf-bert", {"select", "tanh"})])
+def test_a_head_after_pooling_runs_in_the_layers_call(name, epilogue):
+    """pool-late (the FPGA targets' default): the digits encoder's classifier after its mean over
+    tokens, BERT's pooler after the [CLS] rows of a batch of two, run on every row in the
+    encoder's call: one call, and the pooling (with the tanh after it) is the host's read-back
+    epilogue, no op of its own. The whole model on the ISA simulator equals the numpy reference."""
+    artifact, inputs = compiled(name, NONLINEAR_4X4, INTEGER_CONV.replace("conv-as-gemm,", "conv-as-gemm,pool-late,"))
+    program, graph = artifact.accel_program(), artifact.graph
+    assert len(program.calls()) == 1
+    assert not [h for h in program.host_ops if not h.moved and not h.converted]
+    assert {h.kind for h in program.host_ops if h.reason == EPILOGUE} == epilogue
+    assert_sim_matches_reference(graph, program, inputs)
 
 
 @pytest.mark.parametrize("runner, tool", [(run_pyrtl, None),

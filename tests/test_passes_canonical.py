@@ -1,4 +1,4 @@
-"""The canonical passes (dce, fold-constants, canonicalize) and conv-as-gemm.
+"""The canonical passes (dce, fold-constants, canonicalize), conv-as-gemm and pool-late.
 
 - golden: IR text in -> IR text out, compared exactly, with one no-change case per pass;
 - each golden rewrite keeps the numpy executor's outputs (within 1e-6);
@@ -23,12 +23,12 @@ from conftest import built
 from tcc import zoo
 from tcc.frontend import from_module, split_inputs
 from tcc.ir import DType, Graph, GraphBuilder, parse_graph, print_graph, tensor, verify
-from tcc.passes import ConvAsGemm, DeadCodeElimination, FoldConstants, Pass, PassContext
+from tcc.passes import ConvAsGemm, DeadCodeElimination, FoldConstants, Pass, PassContext, PoolLate
 from tcc.passes.canonicalize import Canonicalize
 from tcc.ir.reference import causal_mask
 from tcc.runtime.numpy_executor import NumpyExecutor
 
-CANONICAL: list[Pass] = [DeadCodeElimination(), FoldConstants(), Canonicalize(), ConvAsGemm()]
+CANONICAL: list[Pass] = [DeadCodeElimination(), FoldConstants(), Canonicalize(), ConvAsGemm(), PoolLate()]
 
 
 def _text(text: str) -> str:
@@ -434,6 +434,46 @@ GOLDEN: list[tuple[str, Pass, str, str | None]] = [
           return %y
         }
         """),
+    ("pool-late-mean-then-select", PoolLate(), """
+        graph @main(%x: f32[2,8,6]) {
+          const @w : f32[4,6]
+          const @b : f32[4]
+          const @w2 : f32[3,4]
+          %p = mean(%x) {dims = [1]} : f32[2,6]
+          %y = linear(%p, @w, @b) : f32[2,4]
+          %z = linear(%y, @w2) : f32[2,3]
+          %c = select(%x) {dim = 1, index = 0} : f32[2,6]
+          %h = linear(%c, @w) : f32[2,4]
+          %t = tanh(%h) : f32[2,4]
+          return %z, %t
+        }
+        """, """
+        graph @main(%x: f32[2,8,6]) {
+          const @w : f32[4,6]
+          const @b : f32[4]
+          const @w2 : f32[3,4]
+          %y.rows = linear(%x, @w, @b) : f32[2,8,4]
+          %z.rows = linear(%y.rows, @w2) : f32[2,8,3]
+          %z = mean(%z.rows) {dims = [1]} : f32[2,3]
+          %h.rows = linear(%x, @w) : f32[2,8,4]
+          %h = select(%h.rows) {dim = 1, index = 0} : f32[2,4]
+          %t = tanh(%h) : f32[2,4]
+          return %z, %t
+        }
+        """),
+    ("pool-late-no-change-features-one-batch-other-uses", PoolLate(), """
+        graph @main(%x: f32[1,8,6], %v: f32[2,8,6]) {
+          const @w : f32[4,6]
+          const @w8 : f32[4,8]
+          %c = select(%x) {dim = 1, index = 0} : f32[1,6]
+          %h = linear(%c, @w) : f32[1,4]
+          %f = mean(%v) {dims = [2]} : f32[2,8]
+          %g = linear(%f, @w8) : f32[2,4]
+          %p = mean(%v) {dims = [1]} : f32[2,6]
+          %q = linear(%p, @w) : f32[2,4]
+          return %h, %g, %q, %p
+        }
+        """, None),
     ("conv-as-gemm-no-change-depthwise-overlapping-2d", ConvAsGemm(), """
         graph @main(%x: f32[2,4,8], %x2: f32[1,4,4,4]) {
           const @dw : f32[4,1,3]
@@ -654,7 +694,7 @@ def test_idempotent_on_zoo(p, name, frontend):
     graph, inputs = _lowered(name, frontend)
     once = _assert_idempotent(p, graph)
     # a convolution as a GEMM sums in another order: float32 agrees to a few ulps of its sums
-    _assert_same_outputs(graph, once, inputs, 1e-5 if isinstance(p, ConvAsGemm) else 1e-6)
+    _assert_same_outputs(graph, once, inputs, 1e-5 if isinstance(p, (ConvAsGemm, PoolLate)) else 1e-6)
     if isinstance(p, Canonicalize):
         live = DeadCodeElimination()(once)
         assert _identities(live) == [] and _layout_chains(live) == []

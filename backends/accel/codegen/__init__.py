@@ -11,6 +11,6 @@ cycles), `layer` (one layer's sections and DRAM contents), `chain` (a call's sec
 program) and `program` (the graph's)."""
 
 from ..layout import AccelProgram
-from .program import generate, host_places, timing
+from .program import EPILOGUE, generate, host_places, timing
 
-__all__ = ["generate", "host_places", "timing", "AccelProgram"]
+__all__ = ["generate", "host_places", "timing", "AccelProgram", "EPILOGUE"]

@@ -25,6 +25,9 @@ from .tiling import Tiling
 from .weights import Chunk, Plan
 
 
+PARAM_RUN = 16  # column tiles whose requantization params one load brings
+
+
 class _Ring:
     """Equal slots of one buffer, refilled oldest first. Remembers the item each slot holds
     and the last instruction that read it: the next load into the slot waits for that one."""
@@ -57,6 +60,26 @@ class _Ring:
                                         dram=start, step=step, stride=stride))
             self.held[slot], self.items[key] = key, (slot, load)
         slot, load = self.items[key]
+        return slot * self.size, load
+
+    def fetch_run(self, keys: list[tuple], count: int, dram: int, builder: "Builder") -> tuple[int, Node]:
+        """(address, load) of item `keys[0]`, loaded (unless a slot holds it) by one load with
+        the items after it that consecutive slots can take: item i is `count` words at DRAM
+        word `dram + i * count * beats`. One load, not one each: each pays DRAM's latency."""
+        if keys[0] not in self.items:
+            if self.next + 1 > self.slots:
+                self.next = 0
+            run = [k for k in keys[:self.slots - self.next]]
+            run = run[:next((i for i, k in enumerate(run) if k in self.items), len(run))] or run[:1]
+            first, cfg = self.next, builder.config
+            deps = self.readers[first:first + len(run)]
+            load = builder.add(Node(Opcode.LOAD, deps, cfg, buf=self.buffer, addr=first * self.size,
+                                    count=count * len(run), dram=dram))
+            for i, key in enumerate(run):
+                self.items.pop(self.held[first + i], None)
+                self.held[first + i], self.items[key] = key, (first + i, load)
+            self.next = (first + len(run)) % self.slots
+        slot, load = self.items[keys[0]]
         return slot * self.size, load
 
     def read(self, address: int, node: Node) -> None:
@@ -172,7 +195,8 @@ class Builder:
         if layer.softmax:
             self._scores(b, m, n, gemm, bank)
             return
-        param, p_load = self.p.fetch(("P", n), 3, self._dram("params", n, 0), self)
+        run = range(n, min(n + PARAM_RUN, math.ceil(layer.n / cfg.cols)))
+        param, p_load = self.p.fetch_run([("P", i) for i in run], 3, self._dram("params", n, 0), self)
         batch = self.batch
         if batch is not None and (batch.key != (b, n) or m != batch.last + 1 or m - batch.first == tiling.batch):
             self._flush()

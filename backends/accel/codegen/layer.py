@@ -20,7 +20,7 @@ from ..energy import Activity
 from ..isa import FORMATS, Buffer, Instruction, Opcode, Unit
 from ..layout import Deferred, DramAllocator, DramTensor, Layout, Region, Section, dram_words, encode, inner
 from .addressing import TILED, Found, InPlace, Reads, activations, channel_blocks, row_order
-from .emit import Builder
+from .emit import PARAM_RUN, Builder
 from .match import Layer, Residual, Unsupported
 from .schedule import Node, schedule
 from .tiling import Tiling, choose_tiling, tile_order
@@ -267,8 +267,9 @@ def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[i
     """What the instructions of a section of `tiles` and their timing depend on, addresses
     aside, tile by tile: its product, row block and column tile numbered by first appearance
     (the keys of the rings and batches), the step from the previous row block, the row
-    block's parity and rows, the column tile's chunk structure (`classes`), whether it is
-    the last, and the tiles of its product's tloads. A prefix of the tiles has a prefix of the
+    block's parity and rows, the column tile's chunk structure (`classes`), how many column
+    tiles from it on one load of params brings (`PARAM_RUN` at most: 1 for the last), and the
+    tiles of its product's tloads. A prefix of the tiles has a prefix of the
     key."""
     names: dict[tuple, int] = {}
     last_n = math.ceil(layer.n / config.cols) - 1
@@ -276,8 +277,8 @@ def _span_key(layer: Layer, plan: Plan, config: AccelConfig, tiles: list[tuple[i
     for b, m, n in tiles:
         ids = tuple(names.setdefault(k, len(names)) for k in (("b", b), ("m", b, m), ("n", b, n), ("p", n)))
         rows = min(layer.m, (m + 1) * config.rows) - m * config.rows
-        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n], n == last_n,
-                    reads.tiles(b, m, n)))
+        key.append((ids, None if previous is None else m - previous, m % 2, rows, classes[n],
+                    min(PARAM_RUN, last_n + 1 - n), reads.tiles(b, m, n)))
         previous = m
     return tuple(key)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tcc.ir.graph import Graph
+from tcc.ir.ops import OPS
 
 from ..config import AccelConfig
 from ..energy import Activity
@@ -116,7 +117,8 @@ def _generate_sections(graph: Graph, config: AccelConfig, timing: bool, chained:
         dram[region.byte_slice(config)] = data
     moved = _moved(graph, placed)
     converted = _converted(graph, placed | moved, {t.values[0] for s in sections for t in s.outputs})
-    host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else CONVERTED if op.result in converted
+    host = tuple(HostOp(op.kind, op.result, MOVED if op.result in moved else (
+                            CONVERTED if op.kind in CONVERSIONS else EPILOGUE) if op.result in converted
                         else why.get(op.result) or host_reason(op, why),
                         moved=op.result in moved, converted=op.result in converted)
                  for op in graph.ops if op.result not in placed)
@@ -148,12 +150,19 @@ def _host_addressing(graph: Graph, sections: list[Section], placed: set[str]) ->
 def _calls(graph: Graph, sections: list[Section], placed: set[str]) -> tuple[tuple[Section, ...], frozenset[str]]:
     """The sections with their calls (`Section.joins`), and the outputs the host never reads.
     A layer joins the call before it unless the host writes it a value that call computes (a
-    round trip), or a host op placed between them in the graph reads one (the call runs where
-    its last layer stands). Outputs that no host op, graph output or host-written input reads
-    stay on chip."""
+    round trip), or a host op placed between them in the graph reads one and feeds a layer
+    (the call runs where its last layer stands; a host op that feeds none, reading back what
+    the call computed, runs after it). Outputs that no host op, graph output or host-written
+    input reads stay on chip."""
     index = {op.result: i for i, op in enumerate(graph.ops)}
     host_reads: dict[int, set[str]] = {i: set(op.operands) for i, op in enumerate(graph.ops) if op.result not in placed}
     needed = set(graph.outputs).union(*host_reads.values(), (t.values[0] for s in sections for t in s.inputs))
+    feeding = {t.values[0] for s in sections for t in s.inputs}  # what layers read of the host's, and its sources
+    for i in reversed(list(host_reads)):
+        if graph.ops[i].result in feeding:
+            feeding |= host_reads[i]
+        else:
+            del host_reads[i]  # a host op no layer waits for
     out: list[Section] = []
     computed: set[str] = set()  # the current call's outputs
     first = 0  # the graph index of the current call's first op
@@ -201,15 +210,40 @@ CONVERTED = ("a conversion the host applies to the values as it copies them to o
 CONVERSIONS = frozenset({"quantize", "dequantize", "cast"})
 
 
+EPILOGUE = ("the host applies it to the values it reads back, in the read-back's loop after their conversion "
+            "(an elementwise op, a pick of rows, a mean over rows; no op of its own)")
+_EPILOGUE_KINDS = LAYOUT_OPS | {"mean", "sum"}  # with the elementwise ops
+
+
 def _converted(graph: Graph, on_accelerator: set[str], written: set[str]) -> set[str]:
     """The elementwise conversions of values crossing the link: those reading what a section
     wrote (read back), or whose result only accelerator layers (or the layout ops the transfer
-    does) read, not a graph output: the host converts them in the copy loop of the transfer."""
-    users, outputs = graph.users(), set(graph.outputs)
-    return {op.result for op in graph.ops
-            if op.kind in CONVERSIONS and op.result not in on_accelerator and (
-                op.operands[0] in written or (op.result not in outputs and users[op.result]
-                                              and all(u.result in on_accelerator for u in users[op.result])))}
+    does) read, not a graph output: the host converts them in the copy loop of the transfer.
+    And the read-back's epilogue at the model's edge: an elementwise op, a layout op or a mean
+    (or sum) of one value, a read-back conversion's or the epilogue's before it, whose result
+    only graph outputs and more of the epilogue read (the pooler's [CLS] pick and tanh, a
+    classifier's mean over tokens)."""
+    users, outputs, constants = graph.users(), set(graph.outputs), set(graph.constant_names)
+    converted: set[str] = set()
+    epilogue: list[str] = []
+    for op in graph.ops:
+        if op.result in on_accelerator:
+            continue
+        if op.kind in CONVERSIONS and (op.operands[0] in written or (
+                op.result not in outputs and users[op.result]
+                and all(u.result in on_accelerator for u in users[op.result]))):
+            converted.add(op.result)
+        elif OPS[op.kind].elementwise or op.kind in _EPILOGUE_KINDS:
+            values = [v for v in op.operands if v not in constants]
+            if len(values) == 1 and values[0] in converted:
+                converted.add(op.result)
+                epilogue.append(op.result)
+    kept = set(epilogue)
+    for result in reversed(epilogue):  # users come after: one pass drops those another op reads
+        if not all(u.result in kept for u in users[result]) or not (users[result] or result in outputs):
+            kept.discard(result)
+            converted.discard(result)
+    return converted
 
 
 def host_places(graph: Graph, program: AccelProgram) -> dict[str, str]:

@@ -102,8 +102,8 @@ class AccelRun:
     """One run of a graph on an accelerator as its cycle model sees it: the accelerator's
     `cycles`, the ops it leaves to the host, the host's `calls` into the accelerator (each
     starts a run of sections) with the bytes they move across the host link, both ways, the
-    conversions (`converted`: quantize, dequantize, cast) the host applies in those transfers'
-    copy loops, and the dynamic energy of the run by component in joules (`energy`: the
+    conversions (`converted`: quantize, dequantize, cast, and the ops of one value applied
+    with them at the model's edges) the host applies in those transfers' copy loops, and the dynamic energy of the run by component in joules (`energy`: the
     accelerator's activity priced by the backend, and the link's transfers)."""
 
     cycles: int

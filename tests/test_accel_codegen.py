@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tcc
-from tcc.backends.accel.codegen import generate, host_places, timing
+from tcc.backends.accel.codegen import EPILOGUE, generate, host_places, timing
 from tcc.backends.accel.codegen.layer import BUILT, TIMINGS
 from tcc.backends.accel.codegen.match import LAYOUT_OPS
 from tcc.backends.accel.config import AccelConfig
@@ -184,6 +184,33 @@ def test_a_host_op_between_two_layers_splits_the_call_only_where_a_layer_waits_f
         assert generate(graph, SMALL, chained=False).sections[1].resident[0].values == (y,)
     accel = check_bit_exact(graph, program, x)
     assert accel.stats.calls == 1 + round_trip
+
+
+def test_the_transfers_copy_loops_apply_the_edges_ops():
+    """At the model's edges the host applies ops of one value in a transfer's copy loop: a
+    scale of the input before its quantize (the write's prologue), a pick of rows and a tanh
+    after the read-back's dequantize (the read-back's epilogue). An op whose result another
+    host op of two values reads (the exp, for the add), or that reads the input for a graph
+    output (the negation), is a host op of its own. The ISA simulator equals the numpy reference."""
+    rng = np.random.default_rng(1)
+    first, _ = linear_graph(rng, (2, 8), 16, 16)
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType((2, 8, 16), DType.F32))
+    scaled = b.op("mul", x, b.constant("two", np.asarray(2.0, np.float32), DType.F32))
+    q = b.op("quantize", scaled, dtype=DType.I8, scale=1 / 16)
+    y = b.op("requantize", b.op("linear", q, *(b.constant(n, first.weights[n], first.types[n].dtype) for n in "wb")),
+             b.constant("mult", first.weights["mult"], DType.I32), b.constant("shift", first.weights["shift"], DType.I32),
+             dtype=DType.I8, scale=1.0)
+    seen = b.op("dequantize", y, b.constant("scale", np.asarray(0.5, np.float32), DType.F32))
+    picked = b.op("tanh", b.op("select", seen, dim=1, index=0))
+    summed = b.op("add", b.op("exp", seen), seen)
+    graph = verify(b.finish([picked, summed, b.op("neg", x)]))
+    program = generate(graph, SMALL)
+    kinds = {op.result: op.kind for op in graph.ops}
+    reasons = {kinds[h.result]: h.reason for h in program.host_ops}
+    assert {k for k, r in reasons.items() if r == EPILOGUE} == {"mul", "select", "tanh"}
+    assert {kinds[h.result] for h in program.host_ops if not h.converted and not h.moved} == {"exp", "add", "neg"}
+    check_bit_exact(graph, program, rng.standard_normal((2, 8, 16)).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,8 +312,10 @@ class HostOp:
     accelerator layers, which the host does as addressing while it moves the tensor from one
     layer's output to the next one's input (a strided copy that is the transfer itself).
     `converted`: an elementwise conversion (quantize, dequantize, cast) of values on their way
-    to or from the accelerator, which the host applies in the transfer's copy loop (priced at
-    its arithmetic and memory traffic, with no op dispatch of its own)."""
+    to or from the accelerator, or an op of one value the same loop applies at the model's
+    edges (a read-back's pick of rows, mean, tanh; an input's per-channel norm): the host runs
+    it in the transfer's copy loop (priced at its arithmetic and memory traffic, with no op
+    dispatch of its own)."""
 
     kind: str
     result: str

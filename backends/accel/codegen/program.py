@@ -210,40 +210,51 @@ CONVERTED = ("a conversion the host applies to the values as it copies them to o
 CONVERSIONS = frozenset({"quantize", "dequantize", "cast"})
 
 
-EPILOGUE = ("the host applies it to the values it reads back, in the read-back's loop after their conversion "
-            "(an elementwise op, a pick of rows, a mean over rows; no op of its own)")
-_EPILOGUE_KINDS = LAYOUT_OPS | {"mean", "sum"}  # with the elementwise ops
+EPILOGUE = ("the host applies it in a transfer's copy loop: to the values it reads back after their conversion, "
+            "or to the model's inputs before they are converted and written (an elementwise op, a per-channel "
+            "norm, a pick of rows, a mean over rows; no op of its own)")
+_IN_LOOP = LAYOUT_OPS | {"mean", "sum", "batch_norm"}  # with the elementwise ops: what a copy loop applies
 
 
 def _converted(graph: Graph, on_accelerator: set[str], written: set[str]) -> set[str]:
     """The elementwise conversions of values crossing the link: those reading what a section
     wrote (read back), or whose result only accelerator layers (or the layout ops the transfer
     does) read, not a graph output: the host converts them in the copy loop of the transfer.
-    And the read-back's epilogue at the model's edge: an elementwise op, a layout op or a mean
-    (or sum) of one value, a read-back conversion's or the epilogue's before it, whose result
-    only graph outputs and more of the epilogue read (the pooler's [CLS] pick and tanh, a
-    classifier's mean over tokens)."""
+    And what those loops apply at the model's edges, ops of one value (the others constants):
+    elementwise ops, layout ops, a mean (or sum), an inference batch norm. After a read-back
+    conversion, up to graph outputs (the read-back's epilogue: the pooler's [CLS] pick and
+    tanh, a classifier's mean over tokens); from graph inputs up to a conversion the
+    accelerator reads (the write's prologue: a speech model's feature normalization)."""
     users, outputs, constants = graph.users(), set(graph.outputs), set(graph.constant_names)
+    inputs = set(graph.input_names)
     converted: set[str] = set()
-    epilogue: list[str] = []
     for op in graph.ops:
-        if op.result in on_accelerator:
-            continue
-        if op.kind in CONVERSIONS and (op.operands[0] in written or (
+        if op.result not in on_accelerator and op.kind in CONVERSIONS and (op.operands[0] in written or (
                 op.result not in outputs and users[op.result]
                 and all(u.result in on_accelerator for u in users[op.result]))):
             converted.add(op.result)
-        elif OPS[op.kind].elementwise or op.kind in _EPILOGUE_KINDS:
-            values = [v for v in op.operands if v not in constants]
-            if len(values) == 1 and values[0] in converted:
-                converted.add(op.result)
-                epilogue.append(op.result)
-    kept = set(epilogue)
-    for result in reversed(epilogue):  # users come after: one pass drops those another op reads
-        if not all(u.result in kept for u in users[result]) or not (users[result] or result in outputs):
-            kept.discard(result)
-            converted.discard(result)
-    return converted
+    fusable = [op for op in graph.ops if op.result not in on_accelerator and op.kind not in CONVERSIONS
+               and (OPS[op.kind].elementwise or op.kind in _IN_LOOP)
+               and len([v for v in op.operands if v not in constants]) == 1]
+    value = {op.result: next(v for v in op.operands if v not in constants) for op in fusable}
+    read_back = {op.result for op in graph.ops if op.result in converted and op.operands[0] in written}
+    epilogue: set[str] = set()
+    for op in fusable:  # from a read-back conversion on
+        if value[op.result] in read_back or value[op.result] in epilogue:
+            epilogue.add(op.result)
+    for op in reversed(fusable):  # users come after: one pass drops those another op reads
+        if op.result in epilogue and not (all(u.result in epilogue for u in users[op.result])
+                                          and (users[op.result] or op.result in outputs)):
+            epilogue.discard(op.result)
+    prologue: set[str] = set()
+    for op in reversed(fusable):  # up to a conversion the accelerator reads
+        if op.result not in outputs and users[op.result] and all(
+                u.result in prologue or u.result in converted - read_back for u in users[op.result]):
+            prologue.add(op.result)
+    for op in fusable:  # from the graph's inputs on
+        if op.result in prologue and not (value[op.result] in inputs or value[op.result] in prologue):
+            prologue.discard(op.result)
+    return converted | epilogue | prologue
 
 
 def host_places(graph: Graph, program: AccelProgram) -> dict[str, str]:

@@ -59,7 +59,8 @@ class Setting:
         return tuple(parse_pipeline(self.pipeline))
 
 
-QUANTIZE = "conv-as-gemm,canonicalize,dce,quantize"  # convolutions quantized too: as GEMMs, as the FPGAs run them
+# convolutions quantized too, as GEMMs, and heads after pooling on every row: as the FPGAs run them
+QUANTIZE = "conv-as-gemm,pool-late,canonicalize,dce,quantize"
 
 
 def default_settings() -> tuple[Setting, ...]:

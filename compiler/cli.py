@@ -320,6 +320,50 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from tcc.explore import describe, explore_model, load_space
+    from tcc.report import check_report_dir, write_explore_report
+    from tcc.select import parse_accuracy, parse_latency
+    from tcc.targets import load_catalog
+
+    from .data import load_dataset
+    lc_ms = parse_latency(args.lc) if args.lc else None
+    ac = parse_accuracy(args.ac) if args.ac else None
+    catalog = load_catalog(args.targets_file)
+    space = load_space(args.space, catalog)
+    vocab = read_vocab(args.vocab)
+    data = load_dataset(args.data, what="evaluation data", task=args.task, vocab=vocab)
+    train = load_dataset(args.train_data, what="training data", task=args.task, vocab=vocab) if args.train_data \
+        else None
+    if args.report:  # before the exploration, not after it
+        check_report_dir(args.report, "--report: ")
+    study = args.study or f"{Path(args.model).stem}.study"
+    result = explore_model(args.model, data, catalog, space, budget=args.budget, store=study, train=train,
+                           executor=args.executor, workers=args.workers, grid=args.sampler == "grid", lc_ms=lc_ms,
+                           ac=ac, seed=args.seed, progress=_progress(args), input_shapes=args.input_shape,
+                           arch=args.arch, trust_pickle=args.trust_pickle)
+    if args.report:
+        write_explore_report(result, args.report, model=args.model, data=args.data)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        if not args.quiet:
+            score = result.score
+            print(f"the Pareto set ({', '.join(space.objectives)}):")
+            for p in sorted(result.front, key=lambda p: p.latency_ms):
+                mark = " <- chosen" if p is result.chosen else ""
+                print(printable(f"  {p.values['metric']:.4f} {score}, {p.values['robustness']:.4f} under faults, "
+                                f"{p.latency_ms:.4g} ms, {p.energy_mj:.4g} mJ, area {p.values['area']:.3f}: "
+                                f"{describe(p).split(': ')[0]}{mark}"))
+        print(printable(f"{result.evaluated} of {space.grid_size()} points in the study {study} "
+                        f"({result.seconds:.1f} s): {result.reason}"
+                        + (f"; report: {args.report}/report.html" if args.report else "")))
+    if (lc_ms is not None or ac is not None) and result.chosen is None:
+        print(f"tcc: error: {printable(result.reason)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as every other user error: one line, exit code 2."""
 
@@ -490,6 +534,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
     p.add_argument("--json", action="store_true", help="print {device, setting, latency_ms, accuracy, points, ...}")
     p.set_defaults(func=cmd_select)
+    p = command("explore", "search the accelerator's configuration and the model's compression together "
+                "(multi-objective: the task's metric, latency, energy, area, robustness)",
+                "example:\n  tcc explore model.pt2 --data test.pt --space space.json --budget 40 --report ex/\n\n"
+                "The study persists (SQLite in --study DIR, or a database URL): run again to resume it, or to "
+                "raise its budget.\nexit code 2 when --lc/--ac are given and no point meets them")
+    p.add_argument("model", help="model file (as for compile)")
+    p.add_argument("--data", required=True, metavar="D.pt", help="labelled evaluation data")
+    p.add_argument("--train-data", metavar="T.pt", help="training data: pruning and binarization fine-tune on it")
+    p.add_argument("--space", required=True, metavar="SPACE.json",
+                   help="what to search: {base, hardware, compression, devices, objectives, robustness}")
+    p.add_argument("--budget", required=True, type=int, metavar="N", help="distinct points to evaluate in the study")
+    p.add_argument("--study", metavar="DIR|URL", help="where the study lives (default: MODEL.study/, SQLite)")
+    p.add_argument("--executor", choices=("inline", "local", "ray"), default="inline",
+                   help="this process (default), local processes or Ray workers (RAY_ADDRESS), sharing the study")
+    p.add_argument("--workers", type=int, default=2, metavar="K", help="workers for local and ray (default 2)")
+    p.add_argument("--sampler", choices=("nsga2", "grid"), default="nsga2",
+                   help="optuna's NSGA-II (default), or the grid in order")
+    p.add_argument("--lc", metavar="LATENCY", help="latency constraint per run (10ms): choose a point")
+    p.add_argument("--ac", metavar="ACCURACY", help="constraint on the task's score (0.95 or 95%%)")
+    p.add_argument("--seed", type=int, default=0, help="the search's, fine-tuning's and the faults' seed")
+    _task_arguments(p)
+    p.add_argument("--targets-file", metavar="FILE.json", help="more targets (same schema as `tcc targets --json`)")
+    p.add_argument("--report", metavar="DIR", help="write report.html, pareto.png and explore.json into DIR")
+    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
+                   help="example input shape, e.g. 1x8x8 (repeat per input)")
+    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+    p.add_argument("--json", action="store_true", help="print the Pareto set, the choice and every point as JSON")
+    p.set_defaults(func=cmd_explore)
     return parser
 
 

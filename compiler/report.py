@@ -48,6 +48,7 @@ from .targets import Target
 from .targets.calibration import machine, measured_here
 
 if TYPE_CHECKING:
+    from .explore import Exploration
     import jinja2
     from matplotlib.figure import Figure
 
@@ -375,5 +376,64 @@ def write_selection_report(selection: Selection, directory: str | os.PathLike, *
     return out
 
 
+def explore_png(exploration: "Exploration") -> bytes:
+    """The PNG of an exploration's fronts: the metric against latency, energy and area, and
+    the metric under faults against the metric; every point grey, the Pareto set by device,
+    the chosen point a star (deterministic bytes)."""
+    fig = figure(12, 8, (0.8, 0.2, 0.6, 0.2), wspace=0.25, hspace=0.3)
+    points, front, chosen = exploration.points, exploration.front, exploration.chosen
+    devices = list(dict.fromkeys(p.params["device"] for p in front))
+    panels = (("latency_ms", "metric", "latency per run (ms)", True), ("energy_mj", "metric", "energy per run (mJ)", True),
+              ("area", "metric", "area (largest fraction of the part)", False),
+              ("metric", "robustness", exploration.score, False))
+
+    def value(p, key):
+        return getattr(p, key) if key.endswith("_ms") or key.endswith("_mj") else p.values[key]
+
+    for i, (x, y, label, log) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, i + 1)
+        live = [p for p in points if not p.skipped]
+        ax.scatter([value(p, x) for p in live], [value(p, y) for p in live], s=10, color="lightgrey")
+        for j, device in enumerate(devices):
+            mine = [p for p in front if p.params["device"] == device]
+            ax.scatter([value(p, x) for p in mine], [value(p, y) for p in mine], s=28, color=f"C{j % 10}",
+                       label=device)
+        if chosen is not None:
+            ax.scatter([value(chosen, x)], [value(chosen, y)], marker="*", s=220, color="black", zorder=5,
+                       label="chosen")
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(exploration.score if y == "metric" else f"{exploration.score} under faults")
+        ax.grid(True, which="both", alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8, loc="lower right")
+    return figure_png(fig)
+
+
+def write_explore_report(exploration: "Exploration", directory: str | os.PathLike, *, model: str, data: str) -> Path:
+    """`report.html` (the Pareto set, the choice), `pareto.png` (`explore_png`) and
+    `explore.json`, written into `directory` atomically."""
+    from .explore import describe
+    out = check_report_dir(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        (tmp / "pareto.png").write_bytes(explore_png(exploration))
+        html = render_template(
+            "explore.html.j2", model=model, data=data, evaluated=exploration.evaluated,
+            grid=exploration.space.grid_size(), seconds=exploration.seconds, objectives=exploration.space.objectives,
+            front=exploration.front, chosen=exploration.chosen, reason=exploration.reason, score=exploration.score,
+            plot="pareto.png", device=lambda p: describe(p).split(" with ")[0])
+        (tmp / "report.html").write_text(html)
+        (tmp / "explore.json").write_text(json.dumps(exploration.to_json(), indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 __all__ = ["render", "render_template", "figure", "figure_png", "density_cells", "check_report_dir", "pareto_png",
-           "write_selection_report"]
+           "write_selection_report", "explore_png", "write_explore_report"]

@@ -1,0 +1,705 @@
+"""The co-design explorer (`tcc explore`): one multi-objective search over the accelerator's
+configuration and the model's compression, beside the catalog's fixed devices.
+
+A space file (JSON, `load_space`) names the FPGA target the hardware starts from (its part,
+host, link and default config), the accelerator parameters to search (`AccelConfig` fields,
+each a list of values or a `{"low", "high", "step"}` range; `array` sets rows and columns
+together), the compression parameters (`prune`: none, hp or blocks, with `sparsity`, the
+block tied to each candidate's array tile; `bits`: 8 or 4; `binarize`: none, w1a8, w1a4 or
+w1a1, with `tws`; `int_nonlinear`), the fixed devices, the objectives and the faults of the
+robustness objective. Every parameter is a finite set of values, so the space is also a grid
+(`--sampler grid` walks it).
+
+Each trial is a point: a device (`fpga`, the searched accelerator on the base target's part,
+or a catalog device) and a compression setting. Its objectives: the task's metric on the
+evaluation data (accuracy, 1 - WER, token accuracy), latency per run and energy per run from
+the cost model (an FPGA's cycles are the codegen's, equal to the ISA simulator's), the area
+(the largest fraction of the part's LUT, FF, DSP or BRAM the estimate needs; a fixed device
+counts as a whole chip, 1), and robustness: the metric with the integer weights' bits flipped
+at `flip_rate` and Gaussian noise of `noise` times each input's standard deviation on the
+inputs, both seeded. The metric and robustness depend on the compression only: they are
+computed once per setting and shared by every hardware point (`Evaluator.metrics`), settings
+that extend another start from its compiled graph, and with a latency constraint a point the
+cost model already puts above it skips the metric (it cannot be chosen).
+
+The study lives in a real store: optuna's RDB storage, SQLite in the study directory by
+default (`--study DIR`, or a database URL for many machines). An interrupted exploration
+resumes without repeating an evaluation: a point evaluated before (the same parameters) takes
+its stored values. Several workers share one study: local processes or Ray tasks, each
+running the same optimizer on the same store. The search is optuna's NSGA-II sampler.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from tcc.backends.accel.config import AccelConfig
+from tcc.ir.errors import TccError
+from tcc.ir.graph import Graph
+from tcc.ir.printer import print_graph
+from tcc.passes import Dataset, PassContext, parse_pipeline, run_pipeline
+from tcc.passes.cost_model import Device
+from tcc.runtime.torch_executor import TorchExecutor
+
+from .model import example_arrays, example_dataset, lower
+from .select import PREFIX, accuracy
+from .targets import Target
+from .targets.calibration import cost_devices
+
+_log = logging.getLogger("tcc.explore")
+
+FPGA = "fpga"  # the device of a trial on the searched accelerator
+OBJECTIVES = {"metric": "maximize", "latency": "minimize", "energy": "minimize", "area": "minimize",
+              "robustness": "maximize", "price": "minimize"}
+COMPRESSION = {"binarize": ("none", "w1a8", "w1a4", "w1a1"), "tws": (False, True), "prune": ("none", "hp", "blocks"),
+               "sparsity": None, "bits": (8, 4), "int_nonlinear": (False, True)}  # in the order they are chosen
+_NOT_SEARCHED = {"dram_words"}  # config fields a space may not set
+_SPACE_KEYS = ("base", "hardware", "compression", "devices", "objectives", "robustness")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A searched parameter and its values."""
+
+    name: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Space:
+    """What `tcc explore` searches (see the module doc); `source` names the file in errors."""
+
+    base: str  # the FPGA target the searched accelerator starts from ("": none searched)
+    hardware: tuple[Param, ...]
+    compression: tuple[Param, ...]
+    devices: tuple[str, ...]
+    objectives: tuple[str, ...]
+    flip_rate: float = 1e-3
+    noise: float = 0.1
+    source: str = "space"
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        """Every searched parameter, the device first."""
+        return (Param("device", ((FPGA,) if self.base else ()) + self.devices),) + self.hardware + self.compression
+
+    def grid_size(self) -> int:
+        """Points of the grid: the fixed devices' settings plus the accelerator's configs x settings."""
+        return len(self.grid())
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point's parameters: each device with each setting."""
+        settings: list[dict[str, Any]] = [{}]
+        for p in self.compression:
+            settings = [c | {p.name: v} if relevant(p.name, c) else c for c in settings
+                        for v in (p.values if relevant(p.name, c) else p.values[:1])]
+        hardware = [{"device": FPGA} | h for h in _product(self.hardware)] if self.base else []
+        return [d | s for d in hardware + [{"device": n} for n in self.devices] for s in settings]
+
+    def to_json(self) -> dict:
+        return {"base": self.base, "hardware": {p.name: list(p.values) for p in self.hardware},
+                "compression": {p.name: list(p.values) for p in self.compression}, "devices": list(self.devices),
+                "objectives": list(self.objectives), "robustness": {"flip_rate": self.flip_rate, "noise": self.noise}}
+
+
+class SpaceError(TccError):
+    """A space file that cannot be searched: names the file and the field."""
+
+
+def _unknown(where: str, key: str, known: Sequence[str]) -> SpaceError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+    return SpaceError(f"{where}: unknown parameter '{key}'{hint}")
+
+
+def _values(where: str, raw: Any) -> tuple:
+    """A parameter's values: a non-empty list, a single value, or a range {low, high, step}."""
+    if isinstance(raw, dict):
+        extra = set(raw) - {"low", "high", "step"}
+        if extra or not {"low", "high"} <= set(raw):
+            raise SpaceError(f"{where}: a range is {{\"low\": L, \"high\": H, \"step\": S}}, got {json.dumps(raw)}")
+        low, high, step = raw["low"], raw["high"], raw.get("step", 1)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in (low, high, step)) or step <= 0:
+            raise SpaceError(f"{where}: a range needs finite numbers and a positive step, got {json.dumps(raw)}")
+        if high < low:
+            raise SpaceError(f"{where}: empty range (high {high} < low {low})")
+        count = int(math.floor((high - low) / step + 1e-9)) + 1
+        whole = all(isinstance(v, int) for v in (low, high, step))
+        return tuple(low + i * step if whole else round(low + i * step, 10) for i in range(count))
+    values = tuple(raw) if isinstance(raw, list) else (raw,)
+    if not values:
+        raise SpaceError(f"{where}: empty list of values")
+    if len(set(map(json.dumps, values))) != len(values):
+        raise SpaceError(f"{where}: a value is listed twice in {json.dumps(list(values))}")
+    return values
+
+
+def load_space(path: str | os.PathLike, targets: Mapping[str, Target]) -> Space:
+    """The space in the JSON file at `path`, checked field by field against `targets` (the
+    catalog): a SpaceError naming the file and the field for an unknown parameter, an empty
+    range, a value the accelerator cannot be built with or a config that fits no part."""
+    where = str(path)
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SpaceError(f"{where}: cannot read the space file ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpaceError(f"{where}: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: a space is a JSON object of {', '.join(_SPACE_KEYS)}")
+    for key in raw:
+        if key not in _SPACE_KEYS:
+            raise _unknown(where, key, _SPACE_KEYS)
+    devices = _values(f"{where}: devices", raw["devices"]) if "devices" in raw else ()
+    for d in devices:
+        if d not in targets:
+            raise _unknown(f"{where}: devices", str(d), list(targets))
+    base = raw.get("base", "")
+    if "hardware" in raw or base:
+        if base not in targets or targets[base].kind != "fpga":
+            fpgas = [n for n, t in targets.items() if t.kind == "fpga"]
+            raise SpaceError(f"{where}: base: {json.dumps(base)} is not an FPGA target of the catalog "
+                             f"({', '.join(fpgas)})")
+    hardware = _hardware(where, raw.get("hardware", {}), targets[base]) if base else ()
+    if not base and not devices:
+        raise SpaceError(f"{where}: neither a base FPGA to search nor devices: nothing to explore")
+    compression = _compression(where, raw.get("compression", {}))
+    objectives = tuple(_values(f"{where}: objectives", raw.get("objectives", ["metric", "latency", "energy", "area"])))
+    for o in objectives:
+        if o not in OBJECTIVES:
+            raise _unknown(f"{where}: objectives", str(o), list(OBJECTIVES))
+    robustness = raw.get("robustness", {})
+    if not isinstance(robustness, dict):
+        raise SpaceError(f"{where}: robustness: an object {{\"flip_rate\": R, \"noise\": S}}")
+    for key in robustness:
+        if key not in ("flip_rate", "noise"):
+            raise _unknown(f"{where}: robustness", key, ["flip_rate", "noise"])
+    rates = {k: robustness.get(k, d) for k, d in (("flip_rate", 1e-3), ("noise", 0.1))}
+    for key, value in rates.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise SpaceError(f"{where}: robustness.{key} must be a number in [0, 1], got {json.dumps(value)}")
+    return Space(base, hardware, compression, devices, objectives, float(rates["flip_rate"]), float(rates["noise"]),
+                 where)
+
+
+def _hardware(where: str, raw: Any, base: Target) -> tuple[Param, ...]:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: hardware: an object of accelerator parameters, e.g. {{\"array\": [8, 16]}}")
+    names = [f.name for f in dataclasses.fields(AccelConfig) if f.name not in _NOT_SEARCHED] + ["array"]
+    params = []
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown(f"{where}: hardware", key, names)
+        values = _values(f"{where}: hardware.{key}", value)
+        for v in values:
+            spec = f"rows={v},cols={v}" if key == "array" else f"{key}={v}"
+            try:
+                base.accel.with_overrides(spec)
+            except (ValueError, TypeError) as e:
+                raise SpaceError(f"{where}: hardware.{key}: the accelerator cannot be built with {json.dumps(v)}: "
+                                 f"{e}") from None
+        params.append(Param(key, values))
+    if "array" in raw and ({"rows", "cols"} & set(raw)):
+        raise SpaceError(f"{where}: hardware: 'array' sets rows and cols; give either it or them")
+    fitting = [c for c in _configs(tuple(params), base) if c is not None]
+    if not fitting:
+        raise SpaceError(f"{where}: hardware: no accelerator of the space fits {base.part.name} (the smallest "
+                         f"needs more than the part has)")
+    return tuple(params)
+
+
+def _configs(params: tuple[Param, ...], base: Target) -> list[Target | None]:
+    """Every accelerator of the grid on `base`'s part (None where it does not fit)."""
+    out = []
+    for combo in _product(params):
+        try:
+            out.append(base.with_accel(_overrides(combo)))
+        except TccError:
+            out.append(None)
+    return out
+
+
+def relevant(name: str, setting: Mapping[str, Any]) -> bool:
+    """Whether compression parameter `name` matters given the setting's earlier ones: a
+    binarized model is neither pruned nor quantized to other bits, tws splits binary weights
+    only, the sparsity is a pruning's, and int-nonlinear follows int8 or W1A8."""
+    mode = setting.get("binarize", "none")
+    if name == "tws":
+        return mode != "none"
+    if name in ("prune", "bits"):
+        return mode == "none"
+    if name == "sparsity":
+        return mode == "none" and setting.get("prune", "none") != "none"
+    if name == "int_nonlinear":
+        return mode in ("none", "w1a8")
+    return True
+
+
+def _product(params: Sequence[Param]) -> list[dict[str, Any]]:
+    combos: list[dict[str, Any]] = [{}]
+    for p in params:
+        combos = [c | {p.name: v} for c in combos for v in p.values]
+    return combos
+
+
+def _overrides(hardware: Mapping[str, Any]) -> str:
+    """`--accel` text of a trial's hardware parameters."""
+    items = []
+    for key, value in hardware.items():
+        items += [f"rows={value}", f"cols={value}"] if key == "array" else [f"{key}={value}"]
+    return ",".join(items)
+
+
+def _compression(where: str, raw: Any) -> tuple[Param, ...]:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: compression: an object, e.g. {{\"prune\": [\"none\", \"hp\"], "
+                         f"\"sparsity\": [0.5, 0.9]}}")
+    params = []
+    for key, value in raw.items():
+        if key not in COMPRESSION:
+            raise _unknown(f"{where}: compression", key, list(COMPRESSION))
+        values = _values(f"{where}: compression.{key}", value)
+        allowed = COMPRESSION[key]
+        for v in values:
+            bad = v not in allowed if allowed is not None else not (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1)
+            if bad:
+                what = ", ".join(map(json.dumps, allowed)) if allowed is not None else "a sparsity in [0, 1)"
+                raise SpaceError(f"{where}: compression.{key}: {json.dumps(v)} is not one of {what}")
+        params.append(Param(key, values))
+    return tuple(sorted(params, key=lambda p: list(COMPRESSION).index(p.name)))
+
+
+def setting_steps(compression: Mapping[str, Any], tile: tuple[int, int]) -> tuple[str, ...]:
+    """The pipeline steps of a compression setting, the prune block the device's tile."""
+    steps = []
+    block = f"{tile[0]}x{tile[1]}"
+    mode, prune = compression.get("binarize", "none"), compression.get("prune", "none")
+    if mode != "none":
+        steps.append(f"binarize{{mode={mode},tws={str(bool(compression.get('tws', False))).lower()}}}")
+    elif prune != "none":
+        sparsity = compression.get("sparsity", 0.75)
+        steps.append(f"{'hp-prune' if prune == 'hp' else 'block-prune'}{{sparsity={sparsity},block={block}}}")
+    bits = compression.get("bits", 8)
+    if mode in ("none", "w1a8"):
+        steps.append(f"conv-as-gemm,pool-late,canonicalize,dce,quantize{{bits={bits}}}" if mode == "none" else
+                     "conv-as-gemm,pool-late,canonicalize,dce,quantize")
+        if compression.get("int_nonlinear", False):
+            steps.append("int-nonlinear")
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One evaluated point: its parameters, pipeline steps, objectives' values (by name),
+    whether the cost model put it past the latency constraint (`skipped`: no metric then)."""
+
+    params: dict[str, Any]
+    steps: tuple[str, ...]
+    values: dict[str, float]
+    latency_ms: float
+    energy_mj: float
+    resources: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"steps": list(self.steps)}
+
+
+def flip_bits(graph: Graph, rate: float, seed: int) -> Graph:
+    """`graph` with each bit of its linears' integer weights flipped with probability `rate`
+    (two's complement in the weight's bits; a binary weight's sign)."""
+    if rate <= 0:
+        return graph
+    rng = np.random.default_rng(seed)
+    types, weights = graph.types, dict(graph.weights)
+    for name in dict.fromkeys(op.operands[1] for op in graph.ops if op.kind in ("linear", "matmul")):
+        t = types[name]
+        if name not in weights or t.dtype.is_float:
+            continue
+        array = np.asarray(weights[name]).astype(np.int64)
+        if t.dtype.bits == 1:
+            array = np.where(rng.random(array.shape) < rate, -array, array)
+        else:
+            bits = t.dtype.bits
+            mask = sum((rng.random(array.shape) < rate).astype(np.int64) << b for b in range(bits))
+            unsigned = (array & ((1 << bits) - 1)) ^ mask
+            array = np.where(unsigned >= 1 << (bits - 1), unsigned - (1 << bits), unsigned)
+        weights[name] = array.astype(np.asarray(graph.weights[name]).dtype)
+    return graph.replace(weights=weights)
+
+
+def noisy(data: Dataset, scale: float, seed: int) -> Dataset:
+    """`data` with Gaussian noise of `scale` x each float input's standard deviation added."""
+    if scale <= 0:
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    inputs = tuple(x + scale * x.std() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                   if x.is_floating_point() else x for x in data.inputs)
+    return dataclasses.replace(data, inputs=inputs)
+
+
+class Evaluator:
+    """Evaluates trials of `space` for the lowered model `base`: compiled graphs by pipeline
+    prefix and metrics by setting, kept for the trials after."""
+
+    def __init__(self, base: Graph, data: Dataset, targets: Mapping[str, Target], space: Space, *,
+                 examples: Dataset, train: Dataset | None = None, lc_ms: float | None = None, seed: int = 0,
+                 devices: Mapping[str, Device] | None = None):
+        self.base, self.data, self.train, self.examples, self.space = base, data, train, examples, space
+        self.targets, self.lc_ms, self.seed = dict(targets), lc_ms, seed
+        self.devices = dict(devices) if devices is not None else used_devices(targets, space)
+        self.graphs: dict[tuple[str, ...], Graph] = {(): base}
+        self.metrics: dict[tuple[str, ...], tuple[float, float]] = {}
+
+    def target(self, params: Mapping[str, Any]) -> Target:
+        """The trial's device: the base FPGA with its accelerator, or a catalog device."""
+        if params["device"] != FPGA:
+            return self.targets[params["device"]]
+        hardware = {p.name: params[p.name] for p in self.space.hardware}
+        return self.targets[self.space.base].with_accel(_overrides(hardware))
+
+    def graph(self, steps: tuple[str, ...]) -> Graph:
+        """The model compiled by `steps`, from the longest prefix compiled before."""
+        done = max((k for k in self.graphs if steps[:len(k)] == k), key=len)
+        graph = self.graphs[done]
+        ctx_data = {"example": self.examples} | ({"train": self.train} if self.train is not None else {})
+        for i in range(len(done), len(steps)):
+            ctx = PassContext(data=ctx_data, torch_module=TorchExecutor, seed=self.seed)
+            graph = run_pipeline(graph, parse_pipeline(steps[i]), ctx)
+            self.graphs[steps[:i + 1]] = graph
+        return graph
+
+    def metric(self, steps: tuple[str, ...]) -> tuple[float, float]:
+        """(the task's metric, the metric under the space's faults) of a setting."""
+        if steps not in self.metrics:
+            graph = self.graph(steps)
+            faulty = flip_bits(graph, self.space.flip_rate, self.seed)
+            self.metrics[steps] = (accuracy(graph, self.data),
+                                   accuracy(faulty, noisy(self.data, self.space.noise, self.seed)))
+        return self.metrics[steps]
+
+    def __call__(self, params: Mapping[str, Any], known: tuple[float, float] | None = None) -> Outcome:
+        """The point of `params`; `known`: its setting's (metric, robustness) from the store."""
+        target = self.target(params)
+        steps = setting_steps(params, target.tile)
+        graph = self.graph(steps)
+        cost = target.price(graph, self.devices, after=tuple(parse_pipeline(",".join((PREFIX,) + steps))))
+        latency_ms, energy_mj = cost.latency_s * 1e3, cost.energy_j * 1e3
+        resources: dict[str, float] = {}
+        if target.kind == "fpga":
+            needs, have = target.accel.estimate_resources(), target.part.resources()
+            resources = {k: needs[k] / have[k] for k in have}
+        skipped = known is None and self.lc_ms is not None and latency_ms > self.lc_ms
+        metric, robust = known or ((math.nan, math.nan) if skipped else self.metric(steps))
+        values = {"metric": metric, "latency": latency_ms, "energy": energy_mj,
+                  "area": max(resources.values()) if resources else 1.0, "robustness": robust,
+                  "price": target.device.price_usd}
+        return Outcome(dict(params), steps, values, latency_ms, energy_mj, resources, skipped)
+
+
+def used_devices(targets: Mapping[str, Target], space: Space) -> dict[str, Device]:
+    """The cost model's figures of the devices `space` uses (calibrating the host CPU first
+    where it must)."""
+    used = {n: t for n, t in targets.items() if n in space.devices or n == space.base}
+    hosts = {t.part.host for t in used.values() if t.part is not None and t.part.host}
+    return cost_devices({n: t for n, t in targets.items() if n in used or n in hosts})
+
+
+def fingerprint(graph: Graph) -> str:
+    """What a study is of: the lowered model's text, hashed (weights included)."""
+    digest = hashlib.sha256(print_graph(graph).encode())
+    for name in sorted(graph.weights):
+        digest.update(np.ascontiguousarray(graph.weights[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+STUDY = "tcc-explore"
+
+
+def storage_url(store: str) -> str:
+    """A database URL as it is; a directory: the SQLite file `study.db` in it."""
+    return store if "://" in store else f"sqlite:///{Path(store).resolve() / 'study.db'}"
+
+
+def open_study(store: str, space: Space, model: str, seed: int = 0):
+    """The study in `store` (created if new): a TccError when it explores another model or
+    another space."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    url = storage_url(store)
+    if url.startswith("sqlite:///") and "://" not in store:
+        Path(store).mkdir(parents=True, exist_ok=True)
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=90)
+    study = optuna.create_study(study_name=STUDY, storage=storage, load_if_exists=True,
+                                directions=[OBJECTIVES[o] for o in space.objectives],
+                                sampler=optuna.samplers.NSGAIISampler(seed=seed))
+    attrs = study.user_attrs
+    space_json = json.dumps(space.to_json(), sort_keys=True)
+    if not attrs:
+        study.set_user_attr("model", model)
+        study.set_user_attr("space", space_json)
+    elif attrs.get("model") != model:
+        raise TccError(f"--study {store}: the study explores another model ({attrs.get('model')}, this one is "
+                       f"{model}): give a new --study")
+    elif attrs.get("space") != space_json:
+        raise TccError(f"--study {store}: the study explores another space: give a new --study")
+    return study
+
+
+def _key(params: Mapping[str, Any]) -> str:
+    return json.dumps(dict(sorted(params.items())))
+
+
+def _evaluated(study) -> dict[str, Any]:
+    """The finished trials of distinct points, by their parameters' key: completed, or pruned
+    (an accelerator that does not fit the part)."""
+    from optuna.trial import TrialState
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if "key" in t.user_attrs and not t.user_attrs.get("repeat"):
+            out.setdefault(t.user_attrs["key"], t)
+    return out
+
+
+def _suggest(trial, space: Space) -> dict[str, Any]:
+    """A trial's parameters: the device, its accelerator's when it is the searched FPGA, the
+    setting's (those a setting ignores are left out: `prune`'s sparsity, `binarize`'s tws)."""
+    params = {"device": trial.suggest_categorical("device", list(space.params[0].values))}
+    if params["device"] == FPGA:
+        params |= {p.name: trial.suggest_categorical(p.name, list(p.values)) for p in space.hardware}
+    for p in space.compression:
+        if relevant(p.name, params):
+            params[p.name] = trial.suggest_categorical(p.name, list(p.values))
+    return params
+
+
+def _work(evaluator: Evaluator, store: str, model: str, budget: int, seed: int, queue: Sequence[dict] = (),
+          progress: bool = False) -> int:
+    """One worker: runs the optimizer on the shared study until `budget` distinct points are
+    evaluated (or the grid is); returns how many this worker evaluated."""
+    import optuna
+    space = evaluator.space
+    study = open_study(store, space, model, seed)
+    for params in queue:
+        study.enqueue_trial(params, skip_if_exists=True)
+    grid = space.grid()
+    limit = min(budget, len(grid))
+    mine = [0]
+
+    def objective(trial) -> list[float]:
+        params = _suggest(trial, space)  # an enqueued (grid) trial's are fixed
+        key = _key(params)
+        trial.set_user_attr("key", key)  # claimed first: another worker on the same point sees it
+        done = _evaluated(study)
+        running = any(t.user_attrs.get("key") == key and t.number < trial.number and not t.user_attrs.get("repeat")
+                      for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        if key in done or running:  # evaluated (or being evaluated): no evaluation; a point not yet seen goes next
+            trial.set_user_attr("repeat", True)
+            unseen = [g for g in grid if _key(g) not in done]
+            if unseen:
+                study.enqueue_trial(unseen[random.Random(trial.number).randrange(len(unseen))])
+            if running or done[key].values is None:
+                raise optuna.TrialPruned("evaluated by another worker, or an accelerator that does not fit the part")
+            return list(done[key].values)
+        try:
+            steps = setting_key(evaluator, params)
+        except TccError as e:  # an accelerator of the space that does not fit the part: no point
+            raise optuna.TrialPruned(str(e)) from None
+        known = next(((t.user_attrs["outcome"]["values"]["metric"], t.user_attrs["outcome"]["values"]["robustness"])
+                      for t in done.values() if "outcome" in t.user_attrs and not t.user_attrs["outcome"]["skipped"]
+                      and tuple(t.user_attrs["outcome"]["steps"]) == steps), None)
+        outcome = evaluator(params, known)
+        values = dict(outcome.values)
+        if outcome.skipped:  # past the latency constraint: stored as the worst metric, never chosen
+            values["metric"] = values["robustness"] = 0.0
+        trial.set_user_attr("outcome", outcome.to_json())
+        mine[0] += 1
+        return [values[o] for o in space.objectives]
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=limit, initial=len(_evaluated(study)), desc="points", unit="point", disable=not progress,
+               leave=False, dynamic_ncols=True)
+
+    def enough(study, trial) -> None:
+        done = len(_evaluated(study))
+        bar.update(done - bar.n)
+        if done >= limit:
+            study.stop()
+
+    with bar:
+        if bar.n < limit:
+            study.optimize(objective, n_trials=2 * limit, callbacks=[enough], catch=())
+    return mine[0]
+
+
+def setting_key(evaluator: Evaluator, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The pipeline steps of a point's setting (its metric's key)."""
+    return setting_steps(params, evaluator.target(params).tile)
+
+
+def _worker(args: tuple) -> int:
+    """A worker process: builds its evaluator from what it is sent, on one thread."""
+    torch.set_num_threads(1)
+    evaluator_args, evaluator_kw, store, model, budget, seed = args
+    return _work(Evaluator(*evaluator_args, **evaluator_kw), store, model, budget, seed)
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """A study's result: every distinct point, the Pareto set (non-dominated on the space's
+    objectives, points past the latency constraint aside), the point chosen under --lc/--ac
+    (None: none meets both; `closest` then), the reason in words, and the run's numbers."""
+
+    space: Space
+    points: tuple[Outcome, ...]
+    front: tuple[Outcome, ...]
+    chosen: Outcome | None
+    closest: Outcome | None
+    reason: str
+    evaluated: int
+    seconds: float
+    score: str = "accuracy"
+
+    def to_json(self) -> dict:
+        return {"space": self.space.to_json(), "evaluated": self.evaluated, "seconds": round(self.seconds, 3),
+                "score": self.score, "reason": self.reason,
+                "chosen": self.chosen.to_json() if self.chosen else None,
+                "closest": self.closest.to_json() if self.closest else None,
+                "pareto": [p.to_json() for p in self.front], "points": [p.to_json() for p in self.points]}
+
+
+def dominates(a: Mapping[str, float], b: Mapping[str, float], objectives: Sequence[str]) -> bool:
+    """Whether `a` is at least as good as `b` on every objective and better on one."""
+    sign = {o: 1 if OBJECTIVES[o] == "minimize" else -1 for o in objectives}
+    return all(sign[o] * a[o] <= sign[o] * b[o] for o in objectives) and \
+        any(sign[o] * a[o] < sign[o] * b[o] for o in objectives)
+
+
+def pareto_front(points: Sequence[Outcome], objectives: Sequence[str]) -> list[Outcome]:
+    """The points no other point dominates (`dominates`), points past the constraint aside."""
+    live = [p for p in points if not p.skipped]
+    return [p for p in live if not any(dominates(q.values, p.values, objectives) for q in live if q is not p)]
+
+
+def choose(points: Sequence[Outcome], lc_ms: float | None, ac: float | None, score: str = "accuracy"
+           ) -> tuple[Outcome | None, Outcome | None, str]:
+    """(chosen, closest, reason): the cheapest point meeting latency <= lc_ms and metric >= ac,
+    then the fastest; when none does, the one missing them least."""
+    live = [p for p in points if not p.skipped]
+    if not live or lc_ms is None and ac is None:
+        return None, None, "no constraints given (--lc, --ac): the Pareto set is the result"
+    lc, floor = lc_ms if lc_ms is not None else math.inf, ac if ac is not None else -math.inf
+
+    def shortfall(p: Outcome) -> float:
+        return max(0.0, p.latency_ms / lc - 1) + max(0.0, (floor - p.values["metric"]) / max(abs(floor), 1e-9))
+
+    feasible = [p for p in live if p.latency_ms <= lc and p.values["metric"] >= floor]
+    closest = min(live, key=lambda p: (shortfall(p), p.values["price"], p.latency_ms))
+    if not feasible:
+        return None, closest, (f"no point meets latency <= {lc:g} ms and {score} >= {floor:g}; closest: "
+                               f"{describe(closest)}")
+    chosen = min(feasible, key=lambda p: (p.values["price"], p.latency_ms, -p.values["metric"]))
+    return chosen, closest, (f"{describe(chosen)} is the cheapest point meeting latency <= {lc:g} ms and "
+                             f"{score} >= {floor:g}")
+
+
+def describe(p: Outcome) -> str:
+    """A point in words: device (and accelerator), setting, latency, metric."""
+    hardware = {k: v for k, v in p.params.items() if k not in COMPRESSION and k != "device"}
+    device = p.params["device"] + (f" ({_overrides(hardware)})" if hardware else "")
+    setting = "+".join(p.steps) or "fp32"
+    return f"{device} with {setting}: {p.latency_ms:.3g} ms, metric {p.values['metric']:.4f}"
+
+
+def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Space, *, examples: Dataset,
+            budget: int, store: str, train: Dataset | None = None, executor: str = "inline",
+            workers: int = 1, grid: bool = False, lc_ms: float | None = None, ac: float | None = None,
+            seed: int = 0, progress: bool = False) -> Exploration:
+    """Explore `space` for `base` (the lowered model) in the study at `store` until `budget`
+    distinct points are evaluated (all of them: the grid, in order, with `grid`), on this
+    process (`inline`), local processes or Ray workers sharing the store; then the Pareto set
+    and the choice under `lc_ms` / `ac`."""
+    start = time.perf_counter()
+    if budget < 1:
+        raise TccError(f"--budget: at least 1 point, got {budget}")
+    if budget > space.grid_size():
+        raise TccError(f"--budget {budget} is more than the space's {space.grid_size()} points (the whole grid): "
+                       f"give --budget {space.grid_size()} or less")
+    model = fingerprint(base)
+    open_study(store, space, model, seed)  # refuses another model's study before any work
+    evaluator_args = (base, data, targets, space)
+    evaluator_kw = dict(examples=examples, train=train, lc_ms=lc_ms, seed=seed,
+                        devices=used_devices(targets, space))  # calibrated here, before workers load the machine
+    queue = space.grid() if grid else ()
+    if executor == "inline":
+        _work(Evaluator(*evaluator_args, **evaluator_kw), store, model, budget, seed, queue, progress)
+    elif executor in ("local", "ray"):
+        if grid:
+            study = open_study(store, space, model, seed)
+            for params in queue:
+                study.enqueue_trial(params, skip_if_exists=True)
+        args = [(evaluator_args, evaluator_kw, store, model, budget, seed + i) for i in range(workers)]
+        if executor == "local":
+            with concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+                list(pool.map(_worker, args))
+        else:
+            _run_on_ray(args)
+    else:
+        raise TccError(f"--executor: unknown executor '{executor}' (inline, local or ray)")
+    study = open_study(store, space, model, seed)
+    points = tuple(Outcome(**(t.user_attrs["outcome"] | {"steps": tuple(t.user_attrs["outcome"]["steps"])}))
+                   for t in _evaluated(study).values() if "outcome" in t.user_attrs)
+    front = tuple(pareto_front(points, space.objectives))
+    chosen, closest, reason = choose(points, lc_ms, ac, data.task.score_name)
+    return Exploration(space, points, front, chosen, closest, reason, len(points), time.perf_counter() - start,
+                       data.task.score_name)
+
+
+def _run_on_ray(args: list[tuple]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise TccError("--executor ray: Ray is not installed (pip install 'tcc[ray]')") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    ray.get([ray.remote(_worker).remote(a) for a in args])
+
+
+def explore_model(model: Any, data: Dataset, targets: Mapping[str, Target], space: Space, *, budget: int,
+                  store: str, example_inputs: Any = None, train: Dataset | None = None, **kw) -> Exploration:
+    """`explore` for `model` (anything `tcc.compile` takes; `lower`'s keywords among `kw`)."""
+    lower_kw = {k: kw.pop(k) for k in ("input_shapes", "arch", "trust_pickle") if k in kw}
+    graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
+    example = example_dataset(graph, example_arrays(signature, examples))
+    if example is None:
+        raise TccError("exploration needs example inputs (the model file's, or --input-shape)")
+    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
+    data = data.fit(base, "evaluation data")
+    train = train.fit(base, "training data") if train is not None else None
+    return explore(base, data, targets, space, examples=example, budget=budget, store=store, train=train, **kw)
+
+
+__all__ = ["Space", "Param", "Outcome", "Exploration", "Evaluator", "load_space", "explore", "explore_model",
+           "pareto_front", "dominates", "choose", "flip_bits", "noisy", "setting_steps", "relevant", "describe"]

@@ -1,0 +1,205 @@
+"""The co-design explorer (`tcc explore`): the space file and its errors, the Pareto set and
+the choice, faults for robustness, a study that resumes without repeating an evaluation and
+refuses another model, workers sharing one study, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run_cli
+from tcc.cli import main
+from tcc.explore import (FPGA, Outcome, dominates, flip_bits, load_space, pareto_front, relevant, setting_steps,
+                         storage_url)
+from tcc.ir import DType, GraphBuilder, TensorType, verify
+from tcc.targets import load_catalog
+from tcc.zoo import digits_data, train_digits
+
+SPACE = {"base": "fpga-medium", "hardware": {"array": [8, 16]},
+         "compression": {"prune": ["none", "hp"], "sparsity": [0.5], "int_nonlinear": [False, True]},
+         "devices": ["jetson"], "objectives": ["metric", "latency", "energy", "area", "robustness"],
+         "robustness": {"flip_rate": 0.01, "noise": 0.2}}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A trained digits Transformer exported at batch 1, its test data and a space file."""
+    x_train, x_test, y_train, y_test = digits_data()
+    model = train_digits(x_train, y_train, epochs=10).eval()
+    d = tmp_path_factory.mktemp("explore")
+    torch.export.save(torch.export.export(model, (x_test[:1],)), d / "model.pt2")
+    torch.save({"inputs": x_test[:200], "labels": y_test[:200]}, d / "test.pt")
+    (d / "space.json").write_text(json.dumps(SPACE))
+    return d
+
+
+def _space(tmp_path, **changes) -> str:
+    space = json.loads(json.dumps(SPACE))
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if not name:
+            space[section] = value
+        elif value is None:
+            del space[section][name]
+        else:
+            space[section][name] = value
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    return str(path)
+
+
+def test_the_space_is_a_grid_of_points_with_settings_that_matter():
+    space = load_space_from(SPACE)
+    # settings: none x 2 int-nonlinear, hp 0.5 x 2 = 4; devices: 2 arrays + jetson
+    assert space.grid_size() == 12 == len({json.dumps(p, sort_keys=True) for p in space.grid()})
+    assert {p["device"] for p in space.grid()} == {FPGA, "jetson"}
+    assert all("sparsity" not in p for p in space.grid() if p["prune"] == "none")
+    assert not relevant("prune", {"binarize": "w1a1"}) and relevant("tws", {"binarize": "w1a8"})
+    assert setting_steps({"prune": "hp", "sparsity": 0.5, "int_nonlinear": True}, (8, 8)) == (
+        "hp-prune{sparsity=0.5,block=8x8}", "conv-as-gemm,pool-late,canonicalize,dce,quantize{bits=8}",
+        "int-nonlinear")
+    assert setting_steps({"binarize": "w1a1", "tws": True}, (16, 16)) == ("binarize{mode=w1a1,tws=true}",)
+
+
+def load_space_from(raw: dict, tmp_path=None):
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "space.json"
+        path.write_text(json.dumps(raw))
+        return load_space(path, load_catalog())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hardware.rowz": [8]}, "hardware: unknown parameter 'rowz'; did you mean 'rows'?"),
+    ({"compression.sparsity": {"low": 0.9, "high": 0.5, "step": 0.1}}, "compression.sparsity: empty range"),
+    ({"compression.prune": []}, "compression.prune: empty list of values"),
+    ({"hardware.data_bits": [7]}, "hardware.data_bits: the accelerator cannot be built with 7"),
+    ({"hardware.array": [256]}, "no accelerator of the space fits"),
+    ({"compression.bits": [3]}, "compression.bits: 3 is not one of 8, 4"),
+    ({"devices": ["jetsun"]}, "devices: unknown parameter 'jetsun'; did you mean 'jetson'?"),
+    ({"objectives": ["metric", "speed"]}, "objectives: unknown parameter 'speed'"),
+    ({"base": "cpu"}, "base: \"cpu\" is not an FPGA target"),
+    ({"robustness": {"flip_rate": 2}}, "robustness.flip_rate must be a number in [0, 1]"),
+])
+def test_bad_spaces_are_refused_naming_the_field(digits, tmp_path, capsys, changes, message):
+    space = _space(tmp_path, **changes)
+    study = tmp_path / "study"
+    assert main(["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space", space,
+                 "--budget", "2", "--study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and space in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not study.exists()  # nothing written
+
+
+@pytest.mark.parametrize("budget, message", [("0", "--budget: at least 1 point"),
+                                             ("13", "--budget 13 is more than the space's 12 points")])
+def test_an_unreachable_budget_is_refused(digits, tmp_path, capsys, budget, message):
+    study = tmp_path / "study"
+    assert main(["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space",
+                 str(digits / "space.json"), "--budget", budget, "--study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not study.exists()
+
+
+def _completed(study_dir) -> list:
+    study = optuna.load_study(study_name="tcc-explore", storage=storage_url(str(study_dir)))
+    return [t for t in study.trials if "outcome" in t.user_attrs]
+
+
+def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp_path):
+    study, report = tmp_path / "study", tmp_path / "report"
+    args = ["explore", digits / "model.pt2", "--data", digits / "test.pt", "--space", digits / "space.json",
+            "--study", study]
+    first = run_cli(*args, "--budget", "5")
+    assert first.returncode == 0, first.stderr
+    assert len(_completed(study)) == 5 and "5 of 12 points" in first.stdout
+    again = run_cli(*args, "--budget", "12", "--lc", "1s", "--ac", "0.8", "--report", report, "--json")
+    assert again.returncode == 0, again.stderr
+    trials = _completed(study)
+    assert len(trials) == 12 == len({t.user_attrs["key"] for t in trials})  # 7 more, none twice
+    result = json.loads(again.stdout)
+    assert result["evaluated"] == 12 and result["chosen"] is not None
+    points = [Outcome(**(p | {"steps": tuple(p["steps"])})) for p in result["points"]]
+    front = result["pareto"]
+    objectives = SPACE["objectives"]
+    for p in front:  # the Pareto set: no point dominates a member
+        assert not any(dominates(q.values, p["values"], objectives) for q in points)
+    # the metric and robustness are the setting's, whatever the hardware
+    by_setting = {}
+    for p in points:
+        by_setting.setdefault(p.steps, set()).add((p.values["metric"], p.values["robustness"]))
+    assert all(len(v) == 1 for v in by_setting.values()) and len(by_setting) == 4
+    # the fixed device's area is a whole chip; an accelerator's a fraction of the part
+    assert {p.values["area"] for p in points if p.params["device"] == "jetson"} == {1.0}
+    assert all(0 < p.values["area"] < 1 for p in points if p.params["device"] == FPGA)
+    assert (report / "report.html").is_file() and (report / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((report / "explore.json").read_text())["evaluated"] == 12
+
+
+def test_a_study_of_another_model_is_refused(digits, tmp_path, capsys):
+    study = tmp_path / "study"
+    args = ["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space",
+            str(digits / "space.json"), "--study", str(study), "--budget", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    other = train_digits(*digits_data()[::2], epochs=1).eval()
+    torch.export.save(torch.export.export(other, (torch.rand(1, 8, 8),)), tmp_path / "other.pt2")
+    args[1] = str(tmp_path / "other.pt2")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the study explores another model" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_workers_share_one_study(digits, tmp_path, executor):
+    study = tmp_path / "study"
+    result = run_cli("explore", digits / "model.pt2", "--data", digits / "test.pt", "--space",
+                     digits / "space.json", "--study", study, "--budget", "6", "--executor", executor,
+                     "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    keys = [t.user_attrs["key"] for t in _completed(study)]
+    assert len(keys) >= 6 and len(set(keys)) == len(keys)  # shared: no point evaluated twice
+
+
+def test_grid_sampler_walks_the_whole_grid(digits, tmp_path):
+    study = tmp_path / "study"
+    result = run_cli("explore", digits / "model.pt2", "--data", digits / "test.pt", "--space",
+                     digits / "space.json", "--study", study, "--budget", "12", "--sampler", "grid")
+    assert result.returncode == 0, result.stderr
+    assert len({t.user_attrs["key"] for t in _completed(study)}) == 12
+
+
+values = st.fixed_dictionaries({o: st.floats(0, 10, allow_nan=False) for o in ("metric", "latency", "energy")})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(values, min_size=1, max_size=12))
+def test_the_pareto_set_is_exactly_the_non_dominated_points(all_values):
+    objectives = ("metric", "latency", "energy")
+    points = [Outcome({"device": str(i)}, (), v, v["latency"], v["energy"]) for i, v in enumerate(all_values)]
+    front = pareto_front(points, objectives)
+    assert front
+    for p in points:
+        dominated = any(dominates(q.values, p.values, objectives) for q in points)
+        assert (p in front) != dominated
+
+
+def test_bit_flips_at_rate_one_invert_every_bit_and_are_seeded():
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType((2, 4), DType.I8))
+    w = b.constant("w", np.array([[1, -2, 3, -128], [0, 5, 127, -1]], np.int8), DType.I8)
+    graph = verify(b.finish([b.op("linear", x, w)]))
+    assert flip_bits(graph, 0.0, 0) is graph
+    inverted = flip_bits(graph, 1.0, 0).weights["w"]
+    np.testing.assert_array_equal(inverted, ~graph.weights["w"])  # two's complement: every bit flipped
+    some = flip_bits(graph, 0.3, 7).weights["w"]
+    np.testing.assert_array_equal(some, flip_bits(graph, 0.3, 7).weights["w"])
+    assert not np.array_equal(some, graph.weights["w"])

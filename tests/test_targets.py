@@ -293,3 +293,11 @@ def test_an_accel_override_whose_dma_outruns_the_parts_dram_is_refused():
     with pytest.raises(TccError, match=r"DMA moves 6\.4 GB/s \(512-bit words at 100 MHz\), more than the DRAM "
                                        r"of xc7z020 \(4\.2 GB/s\)"):
         small.with_accel("dram_bits=512")
+
+
+def test_the_tile_follows_an_accel_override():
+    """The tile (the prune passes' default block) is the array's: an override that resizes the
+    array resizes it, one that does not keeps the catalog's."""
+    medium = load_catalog()["fpga-medium"]
+    assert medium.tile == (16, 16) and medium.with_accel("rows=8,cols=4").tile == (8, 4)
+    assert medium.with_accel("clock_mhz=150").tile == (16, 16)

@@ -145,7 +145,8 @@ class Target:
     def with_accel(self, overrides: str | None) -> Target:
         """This FPGA target with `overrides` (`KEY=VALUE,...`, the CLI's `--accel`) applied to its
         accelerator config (the catalog's synthesis record, of the shipped config, dropped when
-        the config changes); an error when the config no longer fits the part (estimate)."""
+        the config changes; the tile, the default prune block, follows the array); an error when
+        the config no longer fits the part (estimate)."""
         if not overrides:
             return self
         if self.accel is None:
@@ -156,7 +157,8 @@ class Target:
             raise TccError(str(e)) from None
         self.part.check_fits(config.estimate_resources(), f"the {config.rows}x{config.cols} accelerator")
         self.part.check_dma(config)
-        return self if config == self.accel else dataclasses.replace(self, accel=config, synthesis=None)
+        return self if config == self.accel else dataclasses.replace(self, accel=config, synthesis=None,
+                                                                     tile=(config.rows, config.cols))
 
     # -- the cost model's view ----------------------------------------------------------------
     @property

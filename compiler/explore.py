@@ -19,8 +19,9 @@ counts as a whole chip, 1), and robustness: the metric with the integer weights'
 at `flip_rate` and Gaussian noise of `noise` times each input's standard deviation on the
 inputs, both seeded. The metric and robustness depend on the compression only: they are
 computed once per setting and shared by every hardware point (`Evaluator.metrics`), settings
-that extend another start from its compiled graph, and with a latency constraint a point the
-cost model already puts above it skips the metric (it cannot be chosen).
+that extend another start from its compiled graph, and the cost is priced on the setting
+compiled one shot (the structure fine-tuning keeps): with a latency constraint a point the
+cost model already puts above it skips the fine-tuning and the metric (it cannot be chosen).
 
 The study lives in a real store: optuna's RDB storage, SQLite in the study directory by
 default (`--study DIR`, or a database URL for many machines). An interrupted exploration
@@ -367,7 +368,7 @@ class Evaluator:
         self.base, self.data, self.train, self.examples, self.space = base, data, train, examples, space
         self.targets, self.lc_ms, self.seed = dict(targets), lc_ms, seed
         self.devices = dict(devices) if devices is not None else used_devices(targets, space)
-        self.graphs: dict[tuple[str, ...], Graph] = {(): base}
+        self.graphs: dict[tuple[bool, tuple[str, ...]], Graph] = {(True, ()): base, (False, ()): base}
         self.metrics: dict[tuple[str, ...], tuple[float, float]] = {}
 
     def target(self, params: Mapping[str, Any]) -> Target:
@@ -377,15 +378,18 @@ class Evaluator:
         hardware = {p.name: params[p.name] for p in self.space.hardware}
         return self.targets[self.space.base].with_accel(_overrides(hardware))
 
-    def graph(self, steps: tuple[str, ...]) -> Graph:
-        """The model compiled by `steps`, from the longest prefix compiled before."""
-        done = max((k for k in self.graphs if steps[:len(k)] == k), key=len)
-        graph = self.graphs[done]
-        ctx_data = {"example": self.examples} | ({"train": self.train} if self.train is not None else {})
+    def graph(self, steps: tuple[str, ...], trained: bool = True) -> Graph:
+        """The model compiled by `steps` (fine-tuned on the training data, or with `trained`
+        False one shot: the same structure, so the same latency, at a fraction of the cost),
+        from the longest prefix compiled before."""
+        trained = trained and self.train is not None
+        done = max((k for t, k in self.graphs if t == trained and steps[:len(k)] == k), key=len)
+        graph = self.graphs[(trained, done)]
+        ctx_data = {"example": self.examples} | ({"train": self.train} if trained else {})
         for i in range(len(done), len(steps)):
             ctx = PassContext(data=ctx_data, torch_module=TorchExecutor, seed=self.seed)
             graph = run_pipeline(graph, parse_pipeline(steps[i]), ctx)
-            self.graphs[steps[:i + 1]] = graph
+            self.graphs[(trained, steps[:i + 1])] = graph
         return graph
 
     def metric(self, steps: tuple[str, ...]) -> tuple[float, float]:
@@ -401,8 +405,7 @@ class Evaluator:
         """The point of `params`; `known`: its setting's (metric, robustness) from the store."""
         target = self.target(params)
         steps = setting_steps(params, target.tile)
-        graph = self.graph(steps)
-        cost = target.price(graph, self.devices, after=tuple(parse_pipeline(",".join((PREFIX,) + steps))))
+        cost = target.price(self.graph(steps, trained=False), self.devices, after=tuple(parse_pipeline(",".join((PREFIX,) + steps))))
         latency_ms, energy_mj = cost.latency_s * 1e3, cost.energy_j * 1e3
         resources: dict[str, float] = {}
         if target.kind == "fpga":
@@ -624,12 +627,23 @@ def choose(points: Sequence[Outcome], lc_ms: float | None, ac: float | None, sco
                              f"{score} >= {floor:g}")
 
 
+def setting_name(params: Mapping[str, Any]) -> str:
+    """A setting in short: `blocks75-int8-integer`, `w1a1-tws`, `int4`."""
+    mode = params.get("binarize", "none")
+    if mode != "none":
+        parts = [mode] + (["tws"] if params.get("tws") else [])
+    else:
+        prune = params.get("prune", "none")
+        parts = ([f"{prune}{round(100 * params.get('sparsity', 0.75))}"] if prune != "none" else []) + \
+            [f"int{params.get('bits', 8)}"]
+    return "-".join(parts + (["integer"] if relevant("int_nonlinear", params) and params.get("int_nonlinear") else []))
+
+
 def describe(p: Outcome) -> str:
     """A point in words: device (and accelerator), setting, latency, metric."""
     hardware = {k: v for k, v in p.params.items() if k not in COMPRESSION and k != "device"}
     device = p.params["device"] + (f" ({_overrides(hardware)})" if hardware else "")
-    setting = "+".join(p.steps) or "fp32"
-    return f"{device} with {setting}: {p.latency_ms:.3g} ms, metric {p.values['metric']:.4f}"
+    return f"{device} with {setting_name(p.params)}: {p.latency_ms:.3g} ms, metric {p.values['metric']:.4f}"
 
 
 def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Space, *, examples: Dataset,
@@ -702,4 +716,5 @@ def explore_model(model: Any, data: Dataset, targets: Mapping[str, Target], spac
 
 
 __all__ = ["Space", "Param", "Outcome", "Exploration", "Evaluator", "load_space", "explore", "explore_model",
-           "pareto_front", "dominates", "choose", "flip_bits", "noisy", "setting_steps", "relevant", "describe"]
+           "pareto_front", "dominates", "choose", "flip_bits", "noisy", "setting_steps", "setting_name", "relevant",
+           "describe"]

@@ -414,7 +414,7 @@ def explore_png(exploration: "Exploration") -> bytes:
 def write_explore_report(exploration: "Exploration", directory: str | os.PathLike, *, model: str, data: str) -> Path:
     """`report.html` (the Pareto set, the choice), `pareto.png` (`explore_png`) and
     `explore.json`, written into `directory` atomically."""
-    from .explore import describe
+    from .explore import describe, setting_name
     out = check_report_dir(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
@@ -423,7 +423,8 @@ def write_explore_report(exploration: "Exploration", directory: str | os.PathLik
             "explore.html.j2", model=model, data=data, evaluated=exploration.evaluated,
             grid=exploration.space.grid_size(), seconds=exploration.seconds, objectives=exploration.space.objectives,
             front=exploration.front, chosen=exploration.chosen, reason=exploration.reason, score=exploration.score,
-            plot="pareto.png", device=lambda p: describe(p).split(" with ")[0])
+            plot="pareto.png", device=lambda p: describe(p).split(" with ")[0],
+            setting=lambda p: setting_name(p.params))
         (tmp / "report.html").write_text(html)
         (tmp / "explore.json").write_text(json.dumps(exploration.to_json(), indent=1) + "\n")
         if out.exists():

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 from tcc.cli import main
-from tcc.explore import (FPGA, Outcome, dominates, flip_bits, load_space, pareto_front, relevant, setting_steps,
-                         storage_url)
+from tcc.explore import (FPGA, Outcome, dominates, flip_bits, load_space, pareto_front, relevant, setting_name,
+                         setting_steps, storage_url)
 from tcc.ir import DType, GraphBuilder, TensorType, verify
 from tcc.targets import load_catalog
 from tcc.zoo import digits_data, train_digits
@@ -65,6 +65,8 @@ def test_the_space_is_a_grid_of_points_with_settings_that_matter():
         "hp-prune{sparsity=0.5,block=8x8}", "conv-as-gemm,pool-late,canonicalize,dce,quantize{bits=8}",
         "int-nonlinear")
     assert setting_steps({"binarize": "w1a1", "tws": True}, (16, 16)) == ("binarize{mode=w1a1,tws=true}",)
+    assert setting_name({"prune": "blocks", "sparsity": 0.75, "int_nonlinear": True}) == "blocks75-int8-integer"
+    assert setting_name({"binarize": "w1a1", "tws": True, "int_nonlinear": True}) == "w1a1-tws"
 
 
 def load_space_from(raw: dict, tmp_path=None):
@@ -132,11 +134,14 @@ def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp
     objectives = SPACE["objectives"]
     for p in front:  # the Pareto set: no point dominates a member
         assert not any(dominates(q.values, p["values"], objectives) for q in points)
-    # the metric and robustness are the setting's, whatever the hardware
+    # the metric and robustness are the setting's (its steps: the prune block is the array's tile),
+    # whatever else the hardware is
     by_setting = {}
     for p in points:
         by_setting.setdefault(p.steps, set()).add((p.values["metric"], p.values["robustness"]))
-    assert all(len(v) == 1 for v in by_setting.values()) and len(by_setting) == 4
+    assert all(len(v) == 1 for v in by_setting.values()) and len(by_setting) >= 4
+    assert {p.steps[0] for p in points if p.params.get("prune") == "hp" and p.params.get("array") == 8} == {
+        "hp-prune{sparsity=0.5,block=8x8}"}
     # the fixed device's area is a whole chip; an accelerator's a fraction of the part
     assert {p.values["area"] for p in points if p.params["device"] == "jetson"} == {1.0}
     assert all(0 < p.values["area"] < 1 for p in points if p.params["device"] == FPGA)
@@ -158,7 +163,8 @@ def test_a_study_of_another_model_is_refused(digits, tmp_path, capsys):
     assert "the study explores another model" in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
 def test_workers_share_one_study(digits, tmp_path, executor):
     study = tmp_path / "study"
     result = run_cli("explore", digits / "model.pt2", "--data", digits / "test.pt", "--space",
@@ -203,3 +209,31 @@ def test_bit_flips_at_rate_one_invert_every_bit_and_are_seeded():
     some = flip_bits(graph, 0.3, 7).weights["w"]
     np.testing.assert_array_equal(some, flip_bits(graph, 0.3, 7).weights["w"])
     assert not np.array_equal(some, graph.weights["w"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_exploration_resumes(digits, tmp_path):
+    """Ctrl-C in the middle of a study: exit 130, the finished points stay in the store, and the
+    same command finishes the budget without evaluating any point twice."""
+    import signal
+    import time
+
+    from conftest import start_cli
+    study = tmp_path / "study"
+    args = ["explore", digits / "model.pt2", "--data", digits / "test.pt", "--space", digits / "space.json",
+            "--study", study, "--budget", "12"]
+    process = start_cli(*args)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (study / "study.db").exists() and len(_completed(study)) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode in (0, 130)  # 0: it finished first
+    before = len(_completed(study))
+    assert before >= 2
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    keys = [t.user_attrs["key"] for t in _completed(study)]
+    assert len(keys) == 12 == len(set(keys)) and "12 of 12 points" in again.stdout

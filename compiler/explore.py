@@ -60,7 +60,7 @@ from tcc.passes.cost_model import Device
 from tcc.runtime.torch_executor import TorchExecutor
 
 from .model import example_arrays, example_dataset, lower
-from .select import PREFIX, accuracy
+from .select import PREFIX, accuracy, run_on_ray
 from .targets import Target
 from .targets.calibration import cost_devices
 
@@ -405,7 +405,11 @@ class Evaluator:
         """The point of `params`; `known`: its setting's (metric, robustness) from the store."""
         target = self.target(params)
         steps = setting_steps(params, target.tile)
-        cost = target.price(self.graph(steps, trained=False), self.devices, after=tuple(parse_pipeline(",".join((PREFIX,) + steps))))
+        try:
+            structure = self.graph(steps, trained=False)
+        except TccError:  # a pass that trains or nothing (ternary weight splitting)
+            structure = self.graph(steps)
+        cost = target.price(structure, self.devices, after=tuple(parse_pipeline(",".join((PREFIX,) + steps))))
         latency_ms, energy_mj = cost.latency_s * 1e3, cost.energy_j * 1e3
         resources: dict[str, float] = {}
         if target.kind == "fpga":
@@ -657,6 +661,8 @@ def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Sp
     start = time.perf_counter()
     if budget < 1:
         raise TccError(f"--budget: at least 1 point, got {budget}")
+    if train is None and any(p.name == "tws" and True in p.values for p in space.compression):
+        raise TccError(f"{space.source}: compression.tws: ternary weight splitting trains: give --train-data")
     if budget > space.grid_size():
         raise TccError(f"--budget {budget} is more than the space's {space.grid_size()} points (the whole grid): "
                        f"give --budget {space.grid_size()} or less")
@@ -679,7 +685,7 @@ def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Sp
                     workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
                 list(pool.map(_worker, args))
         else:
-            _run_on_ray(args)
+            run_on_ray(_worker, [(a,) for a in args])
     else:
         raise TccError(f"--executor: unknown executor '{executor}' (inline, local or ray)")
     study = open_study(store, space, model, seed)
@@ -690,15 +696,6 @@ def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Sp
     return Exploration(space, points, front, chosen, closest, reason, len(points), time.perf_counter() - start,
                        data.task.score_name)
 
-
-def _run_on_ray(args: list[tuple]) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise TccError("--executor ray: Ray is not installed (pip install 'tcc[ray]')") from None
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-    ray.get([ray.remote(_worker).remote(a) for a in args])
 
 
 def explore_model(model: Any, data: Dataset, targets: Mapping[str, Target], space: Space, *, budget: int,

@@ -202,7 +202,7 @@ def explore(base: Graph, data: Dataset, targets: dict[str, Target], *, examples:
             futures = [pool.submit(_job, *a) for a in args]
             results = [f.result() for f in _progress(futures, progress)]
     elif executor == "ray":
-        results = _run_on_ray(args, progress)
+        results = run_on_ray(_job, args)
     else:
         raise TccError(f"--executor: unknown executor '{executor}' (local, inline or ray)")
     return [p for chunk in results for p in chunk]
@@ -215,16 +215,17 @@ def _progress(futures: list, show: bool) -> list:
     return list(tqdm(futures, desc="settings", unit="job"))
 
 
-def _run_on_ray(args: list[tuple], progress: bool) -> list[list[Point]]:
+def run_on_ray(fn: Any, args: list[tuple]) -> list:
+    """`fn(*a)` for each of `args` as Ray tasks (the cluster at RAY_ADDRESS, else a local
+    instance), their results in order."""
     try:
         import ray
     except ImportError:
         raise TccError("--executor ray: Ray is not installed (pip install 'tcc[ray]')") from None
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(_job)
-    refs = [remote.remote(*a) for a in args]
-    return ray.get(refs)
+    remote = ray.remote(fn)
+    return ray.get([remote.remote(*a) for a in args])
 
 
 def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.0, score: str = "accuracy"
@@ -303,5 +304,5 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: floa
     return choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name)
 
 
-__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select",
+__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select", "run_on_ray",
            "parse_latency", "parse_accuracy", "accuracy"]

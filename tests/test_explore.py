@@ -237,3 +237,13 @@ def test_an_interrupted_exploration_resumes(digits, tmp_path):
     assert again.returncode == 0, again.stderr
     keys = [t.user_attrs["key"] for t in _completed(study)]
     assert len(keys) == 12 == len(set(keys)) and "12 of 12 points" in again.stdout
+
+
+def test_ternary_weight_splitting_without_training_data_is_refused(digits, tmp_path, capsys):
+    space = _space(tmp_path, compression={"binarize": ["w1a8"], "tws": [True]})
+    study = tmp_path / "study"
+    assert main(["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space", space,
+                 "--budget", "1", "--study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "compression.tws: ternary weight splitting trains: give --train-data" in err and err.count("\n") == 1
+    assert not study.exists()

@@ -120,15 +120,15 @@ def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp
     study, report = tmp_path / "study", tmp_path / "report"
     args = ["explore", digits / "model.pt2", "--data", digits / "test.pt", "--space", digits / "space.json",
             "--study", study]
-    first = run_cli(*args, "--budget", "5")
+    first = run_cli(*args, "--budget", "3")
     assert first.returncode == 0, first.stderr
-    assert len(_completed(study)) == 5 and "5 of 12 points" in first.stdout
-    again = run_cli(*args, "--budget", "12", "--lc", "1s", "--ac", "0.8", "--report", report, "--json")
+    assert len(_completed(study)) == 3 and "3 of 12 points" in first.stdout
+    again = run_cli(*args, "--budget", "8", "--lc", "1s", "--ac", "0.8", "--report", report, "--json")
     assert again.returncode == 0, again.stderr
     trials = _completed(study)
-    assert len(trials) == 12 == len({t.user_attrs["key"] for t in trials})  # 7 more, none twice
+    assert len(trials) == 8 == len({t.user_attrs["key"] for t in trials})  # 5 more, none twice
     result = json.loads(again.stdout)
-    assert result["evaluated"] == 12 and result["chosen"] is not None
+    assert result["evaluated"] == 8 and result["chosen"] is not None
     points = [Outcome(**(p | {"steps": tuple(p["steps"])})) for p in result["points"]]
     front = result["pareto"]
     objectives = SPACE["objectives"]
@@ -139,14 +139,14 @@ def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp
     by_setting = {}
     for p in points:
         by_setting.setdefault(p.steps, set()).add((p.values["metric"], p.values["robustness"]))
-    assert all(len(v) == 1 for v in by_setting.values()) and len(by_setting) >= 4
-    assert {p.steps[0] for p in points if p.params.get("prune") == "hp" and p.params.get("array") == 8} == {
+    assert all(len(v) == 1 for v in by_setting.values()) and len(by_setting) >= 2
+    assert {p.steps[0] for p in points if p.params.get("prune") == "hp" and p.params.get("array") == 8} <= {
         "hp-prune{sparsity=0.5,block=8x8}"}
     # the fixed device's area is a whole chip; an accelerator's a fraction of the part
     assert {p.values["area"] for p in points if p.params["device"] == "jetson"} == {1.0}
     assert all(0 < p.values["area"] < 1 for p in points if p.params["device"] == FPGA)
     assert (report / "report.html").is_file() and (report / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((report / "explore.json").read_text())["evaluated"] == 12
+    assert json.loads((report / "explore.json").read_text())["evaluated"] == 8
 
 
 def test_a_study_of_another_model_is_refused(digits, tmp_path, capsys):
@@ -175,6 +175,7 @@ def test_workers_share_one_study(digits, tmp_path, executor):
     assert len(keys) >= 6 and len(set(keys)) == len(keys)  # shared: no point evaluated twice
 
 
+@pytest.mark.slow
 def test_grid_sampler_walks_the_whole_grid(digits, tmp_path):
     study = tmp_path / "study"
     result = run_cli("explore", digits / "model.pt2", "--data", digits / "test.pt", "--space",

@@ -116,18 +116,16 @@ def _completed(study_dir) -> list:
     return [t for t in study.trials if "outcome" in t.user_attrs]
 
 
-def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp_path):
+def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp_path, capsys):
     study, report = tmp_path / "study", tmp_path / "report"
-    args = ["explore", digits / "model.pt2", "--data", digits / "test.pt", "--space", digits / "space.json",
-            "--study", study]
-    first = run_cli(*args, "--budget", "3")
-    assert first.returncode == 0, first.stderr
-    assert len(_completed(study)) == 3 and "3 of 12 points" in first.stdout
-    again = run_cli(*args, "--budget", "8", "--lc", "1s", "--ac", "0.8", "--report", report, "--json")
-    assert again.returncode == 0, again.stderr
+    args = ["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space",
+            str(digits / "space.json"), "--study", str(study)]
+    assert main(args + ["--budget", "3"]) == 0
+    assert len(_completed(study)) == 3 and "3 of 12 points" in capsys.readouterr().out
+    assert main(args + ["--budget", "8", "--lc", "1s", "--ac", "0.8", "--report", str(report), "--json"]) == 0
     trials = _completed(study)
     assert len(trials) == 8 == len({t.user_attrs["key"] for t in trials})  # 5 more, none twice
-    result = json.loads(again.stdout)
+    result = json.loads(capsys.readouterr().out)
     assert result["evaluated"] == 8 and result["chosen"] is not None
     points = [Outcome(**(p | {"steps": tuple(p["steps"])})) for p in result["points"]]
     front = result["pareto"]

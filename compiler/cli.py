@@ -73,6 +73,21 @@ def _data(args: argparse.Namespace, path: str | None, what: str):
     return dataclasses.replace(dataset, source=Path(path).name)
 
 
+def _exploration_data(args: argparse.Namespace):
+    """`tcc select`'s and `tcc explore`'s evaluation and training data (None when not given),
+    and their --report directory checked, before the exploration, not after it."""
+    from tcc.report import check_report_dir
+
+    from .data import load_dataset
+    vocab = read_vocab(args.vocab)
+    data = load_dataset(args.data, what="evaluation data", task=args.task, vocab=vocab)
+    train = load_dataset(args.train_data, what="training data", task=args.task, vocab=vocab) if args.train_data \
+        else None
+    if args.report:
+        check_report_dir(args.report, "--report: ")
+    return data, train
+
+
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
@@ -281,19 +296,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from tcc.driver import settings_named
-    from tcc.report import check_report_dir, write_selection_report
+    from tcc.report import write_selection_report
     from tcc.select import parse_accuracy, parse_latency, select
     from tcc.targets import load_catalog
 
-    from .data import load_dataset
     lc_ms, ac = parse_latency(args.lc), parse_accuracy(args.ac)
     catalog = load_catalog(args.targets_file)
-    vocab = read_vocab(args.vocab)
-    data = load_dataset(args.data, what="evaluation data", task=args.task, vocab=vocab)
-    train = load_dataset(args.train_data, what="training data", task=args.task, vocab=vocab) if args.train_data \
-        else None
-    if args.report:  # before the exploration, not after it
-        check_report_dir(args.report, "--report: ")
+    data, train = _exploration_data(args)
     settings = settings_named(args.settings)
     selection = select(args.model, data, catalog, lc_ms=lc_ms, ac=ac, train=train, settings=settings,
                        executor=args.executor, progress=_progress(args), input_shapes=args.input_shape,
@@ -322,21 +331,15 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from tcc.explore import describe, explore_model, load_space
-    from tcc.report import check_report_dir, write_explore_report
+    from tcc.report import write_explore_report
     from tcc.select import parse_accuracy, parse_latency
     from tcc.targets import load_catalog
 
-    from .data import load_dataset
     lc_ms = parse_latency(args.lc) if args.lc else None
     ac = parse_accuracy(args.ac) if args.ac else None
     catalog = load_catalog(args.targets_file)
     space = load_space(args.space, catalog)
-    vocab = read_vocab(args.vocab)
-    data = load_dataset(args.data, what="evaluation data", task=args.task, vocab=vocab)
-    train = load_dataset(args.train_data, what="training data", task=args.task, vocab=vocab) if args.train_data \
-        else None
-    if args.report:  # before the exploration, not after it
-        check_report_dir(args.report, "--report: ")
+    data, train = _exploration_data(args)
     study = args.study or f"{Path(args.model).stem}.study"
     result = explore_model(args.model, data, catalog, space, budget=args.budget, store=study, train=train,
                            executor=args.executor, workers=args.workers, grid=args.sampler == "grid", lc_ms=lc_ms,

@@ -59,8 +59,7 @@ from tcc.passes import Dataset, PassContext, parse_pipeline, run_pipeline
 from tcc.passes.cost_model import Device
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .model import example_arrays, example_dataset, lower
-from .select import PREFIX, accuracy, run_on_ray
+from .select import PREFIX, accuracy, prepare, run_on_ray
 from .targets import Target
 from .targets.calibration import cost_devices
 
@@ -97,9 +96,9 @@ class Space:
     source: str = "space"
 
     @property
-    def params(self) -> tuple[Param, ...]:
-        """Every searched parameter, the device first."""
-        return (Param("device", ((FPGA,) if self.base else ()) + self.devices),) + self.hardware + self.compression
+    def choices(self) -> tuple[str, ...]:
+        """The devices a point may run on: the searched accelerator (`FPGA`), the fixed ones."""
+        return ((FPGA,) if self.base else ()) + self.devices
 
     def grid_size(self) -> int:
         """Points of the grid: the fixed devices' settings plus the accelerator's configs x settings."""
@@ -492,7 +491,7 @@ def _evaluated(study) -> dict[str, Any]:
 def _suggest(trial, space: Space) -> dict[str, Any]:
     """A trial's parameters: the device, its accelerator's when it is the searched FPGA, the
     setting's (those a setting ignores are left out: `prune`'s sparsity, `binarize`'s tws)."""
-    params = {"device": trial.suggest_categorical("device", list(space.params[0].values))}
+    params = {"device": trial.suggest_categorical("device", list(space.choices))}
     if params["device"] == FPGA:
         params |= {p.name: trial.suggest_categorical(p.name, list(p.values)) for p in space.hardware}
     for p in space.compression:
@@ -702,13 +701,7 @@ def explore_model(model: Any, data: Dataset, targets: Mapping[str, Target], spac
                   store: str, example_inputs: Any = None, train: Dataset | None = None, **kw) -> Exploration:
     """`explore` for `model` (anything `tcc.compile` takes; `lower`'s keywords among `kw`)."""
     lower_kw = {k: kw.pop(k) for k in ("input_shapes", "arch", "trust_pickle") if k in kw}
-    graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
-    example = example_dataset(graph, example_arrays(signature, examples))
-    if example is None:
-        raise TccError("exploration needs example inputs (the model file's, or --input-shape)")
-    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
-    data = data.fit(base, "evaluation data")
-    train = train.fit(base, "training data") if train is not None else None
+    base, example, data, train = prepare(model, example_inputs, data, train, "exploration", **lower_kw)
     return explore(base, data, targets, space, examples=example, budget=budget, store=store, train=train, **kw)
 
 

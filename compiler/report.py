@@ -352,21 +352,14 @@ def pareto_png(selection: Selection) -> bytes:
     return figure_png(fig)
 
 
-def write_selection_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
-    """`report.html` (every point, the choice and the reason), `pareto.png` (`pareto_png`) and
-    `selection.json`, written into `directory` atomically (a temporary directory renamed into
-    place)."""
+def _write_report(directory: str | os.PathLike, files: Mapping[str, bytes | str]) -> Path:
+    """`files` (name -> bytes or text) written into `directory` atomically: a temporary
+    directory renamed into place (`check_report_dir`: never over another one)."""
     out = check_report_dir(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
-        (tmp / "pareto.png").write_bytes(pareto_png(selection))
-        html = render_template(
-            "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac, score=selection.score,
-            points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
-            plot="pareto.png", settings=len({p.setting for p in selection.points}),
-            devices=len({p.device for p in selection.points}))
-        (tmp / "report.html").write_text(html)
-        (tmp / "selection.json").write_text(json.dumps(selection.to_json(), indent=1) + "\n")
+        for name, content in files.items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -374,6 +367,20 @@ def write_selection_report(selection: Selection, directory: str | os.PathLike, *
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_selection_report(selection: Selection, directory: str | os.PathLike, *, model: str, data: str) -> Path:
+    """`report.html` (every point, the choice and the reason), `pareto.png` (`pareto_png`) and
+    `selection.json`, written into `directory` atomically (a temporary directory renamed into
+    place)."""
+    check_report_dir(directory)
+    html = render_template(
+        "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac, score=selection.score,
+        points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
+        plot="pareto.png", settings=len({p.setting for p in selection.points}),
+        devices=len({p.device for p in selection.points}))
+    return _write_report(directory, {"pareto.png": pareto_png(selection), "report.html": html,
+                                     "selection.json": json.dumps(selection.to_json(), indent=1) + "\n"})
 
 
 def explore_png(exploration: "Exploration") -> bytes:
@@ -415,25 +422,14 @@ def write_explore_report(exploration: "Exploration", directory: str | os.PathLik
     """`report.html` (the Pareto set, the choice), `pareto.png` (`explore_png`) and
     `explore.json`, written into `directory` atomically."""
     from .explore import describe, setting_name
-    out = check_report_dir(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    try:
-        (tmp / "pareto.png").write_bytes(explore_png(exploration))
-        html = render_template(
-            "explore.html.j2", model=model, data=data, evaluated=exploration.evaluated,
-            grid=exploration.space.grid_size(), seconds=exploration.seconds, objectives=exploration.space.objectives,
-            front=exploration.front, chosen=exploration.chosen, reason=exploration.reason, score=exploration.score,
-            plot="pareto.png", device=lambda p: describe(p).split(" with ")[0],
-            setting=lambda p: setting_name(p.params))
-        (tmp / "report.html").write_text(html)
-        (tmp / "explore.json").write_text(json.dumps(exploration.to_json(), indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    check_report_dir(directory)
+    html = render_template(
+        "explore.html.j2", model=model, data=data, evaluated=exploration.evaluated,
+        grid=exploration.space.grid_size(), seconds=exploration.seconds, objectives=exploration.space.objectives,
+        front=exploration.front, chosen=exploration.chosen, reason=exploration.reason, score=exploration.score,
+        plot="pareto.png", device=lambda p: describe(p).split(" with ")[0], setting=lambda p: setting_name(p.params))
+    return _write_report(directory, {"pareto.png": explore_png(exploration), "report.html": html,
+                                     "explore.json": json.dumps(exploration.to_json(), indent=1) + "\n"})
 
 
 __all__ = ["render", "render_template", "figure", "figure_png", "density_cells", "check_report_dir", "pareto_png",

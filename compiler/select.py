@@ -287,22 +287,31 @@ def parse_accuracy(text: str) -> float:
     return value
 
 
+def prepare(model: Any, example_inputs: Any, data: Dataset, train: Dataset | None, what: str = "selection",
+            **lower_kw) -> tuple[Graph, Dataset, Dataset, Dataset | None]:
+    """`model` (anything `tcc.compile` takes) lowered and canonicalized (`PREFIX`), its example
+    inputs as a dataset, and `data` and `train` fitted to it: what an exploration starts from.
+    `what` names the exploration in the error for a model without example inputs."""
+    graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
+    example = example_dataset(graph, example_arrays(signature, examples))
+    if example is None:
+        raise TccError(f"{what} needs example inputs (the model file's, or --input-shape)")
+    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
+    return base, example, data.fit(base, "evaluation data"), \
+        train.fit(base, "training data") if train is not None else None
+
+
 def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: float, ac: float,
            example_inputs: Any = None, train: Dataset | None = None, settings: Sequence[Setting] | None = None,
            executor: str = "local", seed: int = 0, progress: bool = False, **lower_kw) -> Selection:
     """Explore `model` (anything `tcc.compile` takes) over `settings` x `targets` and choose."""
     start = time.perf_counter()
-    graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
-    example = example_dataset(graph, example_arrays(signature, examples))
-    if example is None:
-        raise TccError("selection needs example inputs (the model file's, or --input-shape)")
-    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
-    data = data.fit(base, "evaluation data")
-    train = train.fit(base, "training data") if train is not None else None
+    base, example, data, train = prepare(model, example_inputs, data, train, **lower_kw)
     points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
                      seed=seed, progress=progress)
     return choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name)
 
 
-__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select", "run_on_ray",
+__all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select", "prepare",
+           "run_on_ray",
            "parse_latency", "parse_accuracy", "accuracy"]

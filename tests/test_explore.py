@@ -111,6 +111,17 @@ def test_an_unreachable_budget_is_refused(digits, tmp_path, capsys, budget, mess
     assert not study.exists()
 
 
+def _finished(study_dir) -> int:
+    """Points evaluated so far, read from the store without opening it as a study (which would
+    race the exploration creating its tables)."""
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{study_dir / 'study.db'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'outcome'").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
 def _completed(study_dir) -> list:
     study = optuna.load_study(study_name="tcc-explore", storage=storage_url(str(study_dir)))
     return [t for t in study.trials if "outcome" in t.user_attrs]
@@ -223,13 +234,11 @@ def test_an_interrupted_exploration_resumes(digits, tmp_path):
             "--study", study, "--budget", "12"]
     process = start_cli(*args)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if (study / "study.db").exists() and len(_completed(study)) >= 2:
-            break
+    while time.monotonic() < deadline and process.poll() is None and _finished(study) < 2:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert process.returncode in (0, 130)  # 0: it finished first
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (0, 130), err  # 0: it finished first
     before = len(_completed(study))
     assert before >= 2
     again = run_cli(*args)

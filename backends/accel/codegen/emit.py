@@ -229,34 +229,35 @@ class Builder:
         slot + r * J + n); after the last column tile, vsoftmax per row into OBUF and a store."""
         cfg, layer = self.config, self.layer
         words = math.ceil(layer.n / cfg.cols)
-        slot = (m % 2) * cfg.rows * words  # PBUF and OBUF slots alike
+        which = (b * math.ceil(layer.m / cfg.rows) + m) % 2  # successive products' row blocks alternate too
+        slot = which * cfg.rows * words  # PBUF and OBUF slots alike
         vacc = self.add(Node(Opcode.VACC, [gemm], cfg, dst=slot + n, stride=words, bank=bank))
         self.acc_readers[bank] = vacc
         if n < words - 1:
             return
         address, load = self._constants()
         rows = min(layer.m, (m + 1) * cfg.rows) - m * cfg.rows
-        masks = self._masks(b, m, rows, words) if layer.mask else None
+        masks = self._masks(b, m, rows, words, which) if layer.mask else None
         last = None
         for r in range(rows):
-            deps = [load, self.o_readers[m % 2]] + ([masks[1]] if masks else []) if r == 0 else []
+            deps = [load, self.o_readers[which]] + ([masks[1]] if masks else []) if r == 0 else []
             mask = masks[0] + (r * words if layer.mask_shape[-2] > 1 else 0) if masks else 0
             last = self.add(Node(Opcode.VSOFTMAX, deps, cfg, dst=slot + r * words, a=slot + r * words, n=words,
                                  len=layer.n, param=address, masked=int(bool(masks)), mask=mask))
         if masks:
-            self.mask_readers[m % 2] = last
+            self.mask_readers[which] = last
         store = self.add(Node(Opcode.STORE, [last], cfg, buf=Buffer.OBUF, addr=slot, count=rows * words,
                               dram=self._dram("out", m * cfg.rows, 0, b)))
-        self.o_readers[m % 2] = store
+        self.o_readers[which] = store
 
-    def _masks(self, b: int, m: int, rows: int, words: int) -> tuple[int, Node]:
-        """(PBUF address, load) of row block m's mask rows for product b, in the mask slot after
-        the two score slots: its rows' own, or the one row every query shares."""
+    def _masks(self, b: int, m: int, rows: int, words: int, which: int) -> tuple[int, Node]:
+        """(PBUF address, load) of row block m's mask rows for product b, in the mask slot `which`
+        after the two score slots: its rows' own, or the one row every query shares."""
         cfg, layer = self.config, self.layer
         per_query = layer.mask_shape[-2] > 1
         first = layer.mask_index[b] * layer.mask_shape[-2] + (m * cfg.rows if per_query else 0)
-        address = (2 + m % 2) * cfg.rows * words
-        load = self.add(Node(Opcode.LOAD, [self.mask_readers[m % 2]], cfg, buf=Buffer.PBUF, addr=address,
+        address = (2 + which) * cfg.rows * words
+        load = self.add(Node(Opcode.LOAD, [self.mask_readers[which]], cfg, buf=Buffer.PBUF, addr=address,
                              count=(rows if per_query else 1) * words, dram=self._dram("mask", first, 0)))
         return address, load
 

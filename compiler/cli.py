@@ -101,7 +101,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            train_data=_data(args, args.train_data, "training data"), calib_data=args.calib_data,
                            eval_data=_data(args, args.data, "evaluation data"),
                            progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file,
-                           lc=args.lc, ac=args.ac, settings=args.settings)
+                           lc=args.lc, ac=args.ac, settings=args.settings, study=args.study)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
@@ -343,8 +343,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     study = args.study or f"{Path(args.model).stem}.study"
     result = explore_model(args.model, data, catalog, space, budget=args.budget, store=study, train=train,
                            executor=args.executor, workers=args.workers, grid=args.sampler == "grid", lc_ms=lc_ms,
-                           ac=ac, seed=args.seed, progress=_progress(args), input_shapes=args.input_shape,
-                           arch=args.arch, trust_pickle=args.trust_pickle)
+                           ac=ac, seed=args.seed, progress=_progress(args), synth=args.synth,
+                           input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle)
     if args.report:
         write_explore_report(result, args.report, model=args.model, data=args.data)
     if args.json:
@@ -355,8 +355,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
             print(f"the Pareto set ({', '.join(space.objectives)}):")
             for p in sorted(result.front, key=lambda p: p.latency_ms):
                 mark = " <- chosen" if p is result.chosen else ""
+                yosys = f" (yosys {max(p.synthesized.values()):.3f})" if p.synthesized else ""
                 print(printable(f"  {p.values['metric']:.4f} {score}, {p.values['robustness']:.4f} under faults, "
-                                f"{p.latency_ms:.4g} ms, {p.energy_mj:.4g} mJ, area {p.values['area']:.3f}: "
+                                f"{p.latency_ms:.4g} ms, {p.energy_mj:.4g} mJ, area {p.values['area']:.3f}{yosys}: "
                                 f"{describe(p).split(': ')[0]}{mark}"))
         print(printable(f"{result.evaluated} of {space.grid_size()} points in the study {study} "
                         f"({result.seconds:.1f} s): {result.reason}"
@@ -409,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "example:\n  tcc compile model.pt2 --target fpga-small -o out/\n"
                 "  tcc compile model.pt2 --target my-fpga --targets-file my_targets.json -o out/\n"
                 "  tcc compile model.pt2 --target auto --lc 10ms --ac 0.95 --data test.pt -o out/\n"
+                "  tcc compile model.pt2 --target auto --study model.study --lc 1ms -o out/   # from `tcc explore`\n"
                 "  tcc compile model.pt2 --target auto --data test.pt -o out/ \\\n"
                 "      --pipeline 'hp-prune{sparsity=0.5},quantize,select-device{lc=10ms,ac=0.95}'")
     p.add_argument("model", help="model file: torch.export (.pt2), TorchScript, state_dict or torch.save")
@@ -424,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "--target auto and select-device measure accuracy on")
     p.add_argument("--settings", metavar="NAME,...", help="--target auto: the compression settings to explore "
                                                            "(default: all; see `tcc select --help`)")
+    p.add_argument("--study", metavar="DIR|URL", help="--target auto: choose under --lc and/or --ac among the points "
+                                                      "of this `tcc explore` study (its device, accelerator and "
+                                                      "compression) instead of exploring")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
                    help="example input shape, e.g. 1x128:i64 (repeat per input)")
@@ -559,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the search's, fine-tuning's and the faults' seed")
     _task_arguments(p)
     p.add_argument("--targets-file", metavar="FILE.json", help="more targets (same schema as `tcc targets --json`)")
+    p.add_argument("--synth", action="store_true",
+                   help="synthesize the Pareto set's accelerators with yosys (minutes each; kept in the study): "
+                        "their LUT/FF/DSP/BRAM, and a point whose accelerator does not fit its part dropped")
     p.add_argument("--report", metavar="DIR", help="write report.html, pareto.png and explore.json into DIR")
     p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
                    help="example input shape, e.g. 1x8x8 (repeat per input)")

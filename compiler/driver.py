@@ -24,7 +24,7 @@ from tcc.runtime.torch_executor import TorchExecutor
 from ._version import __version__
 from .model import DataSpec, example_arrays, example_dataset, fitted_dataset, lower, source_paths
 from .report import render as render_report
-from .select import Selection, Setting, default_settings, parse_accuracy, parse_latency, select
+from .select import PREFIX, Selection, Setting, default_settings, parse_accuracy, parse_latency, select
 from .targets import Target, candidates, load_catalog, price_all
 from .targets.backends import BACKENDS
 from .targets.calibration import cost_devices
@@ -38,7 +38,8 @@ PipelineSpec = str | Sequence[Pass] | None
 class Resolved:
     """What `--target` resolves to: the target compiled for, `--accel` applied (None while
     `select-device` in the pipeline is to choose it among `offered`), the passes to run, and the
-    selection that chose target and passes (`--target auto` without a pipeline)."""
+    selection that chose target and passes (`--target auto` without a pipeline), and why
+    `--target auto` chose them (`reason`)."""
 
     target: Target | None
     passes: tuple[Pass, ...]
@@ -46,6 +47,7 @@ class Resolved:
     accel: str | None = None
     synth: bool = False
     selection: Selection | None = None
+    reason: str | None = None
 
     @property
     def choosing(self) -> bool:
@@ -68,7 +70,8 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
                    example_inputs: Any = None, lower_kw: dict | None = None, accel: str | None = None,
                    synth: bool = False, lc: str | float | None = None, ac: str | float | None = None,
                    settings: str | Sequence[Setting] | None = None, eval_data: DataSpec = None,
-                   train_data: DataSpec = None, seed: int = 0, progress: bool = False) -> Resolved:
+                   train_data: DataSpec = None, seed: int = 0, progress: bool = False,
+                   study: str | None = None) -> Resolved:
     """Decide the target and the passes:
 
     - a named target runs `pipeline` (default: its own passes); with `select-device` in the
@@ -76,12 +79,15 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
     - `auto` with `select-device{lc=...,ac=...}` in `pipeline`: the pass chooses among the catalog;
     - `auto` without a pipeline: `tcc select` explores the compression `settings` (default all) on
       every device under `lc` and `ac` on `eval_data` and compiles the cheapest device meeting both
-      with its fastest setting."""
+      with its fastest setting;
+    - `auto` with `study` (a `tcc explore` study: its directory or database URL): the point of the
+      exploration `explore.choose` takes under `lc` and/or `ac`, on its device (the searched
+      accelerator's config, or a catalog device) with its compression setting."""
     passes = tuple(parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline or ())
     choosing = any(p.name == "select-device" for p in passes)
     exploring = target == "auto" and pipeline is None
-    if (lc is not None or ac is not None or settings is not None) and not exploring:
-        raise TccError("--lc, --ac and --settings go with --target auto without --pipeline "
+    if (lc is not None or ac is not None or settings is not None or study is not None) and not exploring:
+        raise TccError("--lc, --ac, --settings and --study go with --target auto without --pipeline "
                        "(in a pipeline, select-device takes lc and ac as options)")
     if target != "auto":
         named = catalog.get(target) or _unknown_target(target, catalog)
@@ -92,11 +98,15 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
             raise TccError("--target auto with --pipeline needs select-device{lc=...,ac=...} in it; without a "
                            "pipeline, --lc, --ac and --data explore the compression settings too")
         return Resolved(None, passes, catalog, accel, synth)
+    lc_ms = None if lc is None else parse_latency(lc) if isinstance(lc, str) else float(lc)
+    ac_value = None if ac is None else parse_accuracy(ac) if isinstance(ac, str) else float(ac)
+    if study is not None:
+        return _explored(study, catalog, model, example_inputs, lower_kw or {}, lc_ms, ac_value, accel, synth,
+                         settings)
     if lc is None or ac is None or eval_data is None:
-        raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`)")
+        raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`), or --study and --lc or "
+                       "--ac (an exploration's points)")
     chosen_settings = settings_named(settings)
-    lc_ms = parse_latency(lc) if isinstance(lc, str) else float(lc)
-    ac_value = parse_accuracy(ac) if isinstance(ac, str) else float(ac)
     selection = select(model, fitted_dataset(eval_data, None, "evaluation data"), catalog, lc_ms=lc_ms, ac=ac_value,
                        example_inputs=example_inputs, train=fitted_dataset(train_data, None, "training data"),
                        settings=chosen_settings, seed=seed, progress=progress, **(lower_kw or {}))
@@ -104,7 +114,23 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
         raise TccError(selection.reason)
     setting = next(s for s in chosen_settings if s.name == selection.chosen.setting)
     named = catalog[selection.chosen.device]
-    return Resolved(_fitted(named, accel, synth), setting.passes, {named.name: named}, selection=selection)
+    return Resolved(_fitted(named, accel, synth), setting.passes, {named.name: named}, selection=selection,
+                    reason=selection.reason)
+
+
+def _explored(study: str, catalog: dict[str, Target], model: Any, example_inputs: Any, lower_kw: dict,
+              lc_ms: float | None, ac: float | None, accel: str | None, synth: bool, settings) -> Resolved:
+    """`--target auto --study`: the exploration's point under the constraints, its target and passes."""
+    from .explore import explored_choice, explored_target
+    if settings is not None:
+        raise TccError("--settings goes with --target auto without --study (the study's points are its settings)")
+    if accel is not None:
+        raise TccError("--accel goes with a named target (with --study, the explored point gives the accelerator)")
+    base = run_pipeline(lower(model, example_inputs, **lower_kw)[0], parse_pipeline(PREFIX), PassContext())
+    point, space, reason = explored_choice(study, base, lc_ms, ac)
+    named = explored_target(point, space, catalog)
+    return Resolved(_fitted(named, None, synth), tuple(parse_pipeline(",".join((PREFIX,) + point.steps))),
+                    {named.name: named}, reason=f"--study {study}: {reason}")
 
 
 def _unknown_target(name: str, catalog: dict[str, Target]) -> Target:
@@ -133,7 +159,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
             trust_pickle: bool = False, train_data: DataSpec = None, calib_data: DataSpec = None,
             eval_data: DataSpec = None, progress: bool = False, seed: int = 0, accel: str | None = None,
             synth: bool = False, targets_file: str | Path | None = None, lc: str | float | None = None,
-            ac: str | float | None = None, settings: str | Sequence[Setting] | None = None) -> Artifact:
+            ac: str | float | None = None, settings: str | Sequence[Setting] | None = None,
+            study: str | None = None) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an `Artifact` (`.save(path)` writes it, `.run(inputs, on=...)`).
 
@@ -147,7 +174,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     `target="auto"`: with `select-device{lc=...,ac=...}` in `pipeline`, the pass chooses among the
     catalog's devices (accuracy on the labelled `eval_data`); without a pipeline, `lc` (`"10ms"`
     or milliseconds) and `ac` (`0.95` or `"95%"`) on `eval_data` choose device and compression
-    setting as `tcc select` does (`settings`: the settings to explore, default all). A named
+    setting as `tcc select` does (`settings`: the settings to explore, default all); with `study`
+    (a `tcc explore` study), `lc` and/or `ac` choose among the exploration's points instead. A named
     target with select-device in its pipeline is the pass's only candidate: it checks the
     constraints. `accel` (`KEY=VALUE,...`) overrides fields of an FPGA target's accelerator
     config; `synth` synthesizes its accelerator with yosys (minutes), records LUT/FF/DSP/BRAM in
@@ -168,7 +196,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     catalog = load_catalog(targets_file)
     resolved = resolve_target(target, catalog, pipeline, model=model, example_inputs=example_inputs,
                               lower_kw=lower_kw, accel=accel, synth=synth, lc=lc, ac=ac, settings=settings,
-                              eval_data=eval_data, train_data=train_data, seed=seed, progress=progress)
+                              eval_data=eval_data, train_data=train_data, seed=seed, progress=progress,
+                              study=study)
     steps = tqdm(total=len(resolved.passes) + 4, desc=f"compile: {frontend}", unit="step", leave=False,
                  disable=not progress, dynamic_ncols=True)  # the frontend, each pass, lowering, backend, report
 
@@ -214,6 +243,6 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         eval_data=data.get("eval"), selection=resolved.selection, measured={"pass_log": ctx.measured, "paths": paths})
     steps.close()
     _log.info("compiled for %s in %.2f s", compiled_for.name, time.perf_counter() - start)
-    notes = ((f"--target auto: {resolved.selection.reason}",) if resolved.selection else ()) + tuple(ctx.measured)
+    notes = ((f"--target auto: {resolved.reason}",) if resolved.reason else ()) + tuple(ctx.measured)
     return Artifact(graph, signature.to_json(), manifest, arrays, built.files, report_files=report_files,
                     measured_files=measured_files, notes=notes, weights_file=weights)

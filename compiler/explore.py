@@ -2,7 +2,8 @@
 configuration and the model's compression, beside the catalog's fixed devices.
 
 A space file (JSON, `load_space`) names the FPGA target the hardware starts from (its part,
-host, link and default config), the accelerator parameters to search (`AccelConfig` fields,
+host, link and default config; a list of them searches the parts too, each accelerator
+constrained by its own part's resources), the accelerator parameters to search (`AccelConfig` fields,
 each a list of values or a `{"low", "high", "step"}` range; `array` sets rows and columns
 together), the compression parameters (`prune`: none, hp or blocks, with `sparsity`, the
 block tied to each candidate's array tile; `bits`: 8 or 4; `binarize`: none, w1a8, w1a4 or
@@ -11,7 +12,8 @@ robustness objective. Every parameter is a finite set of values, so the space is
 (`--sampler grid` walks it).
 
 Each trial is a point: a device (`fpga`, the searched accelerator on the base target's part,
-or a catalog device) and a compression setting. Its objectives: the task's metric on the
+`base` naming the target where the space has several, or a catalog device) and a compression
+setting. Its objectives: the task's metric on the
 evaluation data (accuracy, 1 - WER, token accuracy), latency per run and energy per run from
 the cost model (an FPGA's cycles are the codegen's, equal to the ISA simulator's), the area
 (the largest fraction of the part's LUT, FF, DSP or BRAM the estimate needs; a fixed device
@@ -27,12 +29,14 @@ The study lives in a real store: optuna's RDB storage, SQLite in the study direc
 default (`--study DIR`, or a database URL for many machines). An interrupted exploration
 resumes without repeating an evaluation: a point evaluated before (the same parameters) takes
 its stored values. Several workers share one study: local processes or Ray tasks, each
-running the same optimizer on the same store. The search is optuna's NSGA-II sampler.
+running the same optimizer on the same store. The search is optuna's NSGA-II sampler, its
+population sized to the budget (`population`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -42,6 +46,7 @@ import math
 import multiprocessing
 import os
 import random
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,6 +66,7 @@ from tcc.runtime.torch_executor import TorchExecutor
 
 from .select import PREFIX, accuracy, prepare, run_on_ray
 from .targets import Target
+from .targets.backends import synthesize_target
 from .targets.calibration import cost_devices
 
 _log = logging.getLogger("tcc.explore")
@@ -86,7 +92,7 @@ class Param:
 class Space:
     """What `tcc explore` searches (see the module doc); `source` names the file in errors."""
 
-    base: str  # the FPGA target the searched accelerator starts from ("": none searched)
+    bases: tuple[str, ...]  # the FPGA targets the searched accelerator starts from (none: no accelerator searched)
     hardware: tuple[Param, ...]
     compression: tuple[Param, ...]
     devices: tuple[str, ...]
@@ -98,7 +104,7 @@ class Space:
     @property
     def choices(self) -> tuple[str, ...]:
         """The devices a point may run on: the searched accelerator (`FPGA`), the fixed ones."""
-        return ((FPGA,) if self.base else ()) + self.devices
+        return ((FPGA,) if self.bases else ()) + self.devices
 
     def grid_size(self) -> int:
         """Points of the grid: the fixed devices' settings plus the accelerator's configs x settings."""
@@ -110,11 +116,13 @@ class Space:
         for p in self.compression:
             settings = [c | {p.name: v} if relevant(p.name, c) else c for c in settings
                         for v in (p.values if relevant(p.name, c) else p.values[:1])]
-        hardware = [{"device": FPGA} | h for h in _product(self.hardware)] if self.base else []
+        parts = [{"base": b} for b in self.bases] if len(self.bases) > 1 else [{}] * len(self.bases)
+        hardware = [{"device": FPGA} | b | h for b in parts for h in _product(self.hardware)]
         return [d | s for d in hardware + [{"device": n} for n in self.devices] for s in settings]
 
     def to_json(self) -> dict:
-        return {"base": self.base, "hardware": {p.name: list(p.values) for p in self.hardware},
+        return {"base": list(self.bases) if len(self.bases) > 1 else "".join(self.bases),
+                "hardware": {p.name: list(p.values) for p in self.hardware},
                 "compression": {p.name: list(p.values) for p in self.compression}, "devices": list(self.devices),
                 "objectives": list(self.objectives), "robustness": {"flip_rate": self.flip_rate, "noise": self.noise}}
 
@@ -172,14 +180,16 @@ def load_space(path: str | os.PathLike, targets: Mapping[str, Target]) -> Space:
     for d in devices:
         if d not in targets:
             raise _unknown(f"{where}: devices", str(d), list(targets))
-    base = raw.get("base", "")
-    if "hardware" in raw or base:
+    bases = _values(f"{where}: base", raw["base"]) if "base" in raw else ()
+    if "hardware" in raw and not bases:
+        raise SpaceError(f"{where}: hardware: give the FPGA target it starts from as base")
+    for base in bases:
         if base not in targets or targets[base].kind != "fpga":
             fpgas = [n for n, t in targets.items() if t.kind == "fpga"]
             raise SpaceError(f"{where}: base: {json.dumps(base)} is not an FPGA target of the catalog "
                              f"({', '.join(fpgas)})")
-    hardware = _hardware(where, raw.get("hardware", {}), targets[base]) if base else ()
-    if not base and not devices:
+    hardware = _hardware(where, raw.get("hardware", {}), [targets[b] for b in bases]) if bases else ()
+    if not bases and not devices:
         raise SpaceError(f"{where}: neither a base FPGA to search nor devices: nothing to explore")
     compression = _compression(where, raw.get("compression", {}))
     objectives = tuple(_values(f"{where}: objectives", raw.get("objectives", ["metric", "latency", "energy", "area"])))
@@ -196,11 +206,11 @@ def load_space(path: str | os.PathLike, targets: Mapping[str, Target]) -> Space:
     for key, value in rates.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
             raise SpaceError(f"{where}: robustness.{key} must be a number in [0, 1], got {json.dumps(value)}")
-    return Space(base, hardware, compression, devices, objectives, float(rates["flip_rate"]), float(rates["noise"]),
-                 where)
+    return Space(tuple(bases), hardware, compression, devices, objectives, float(rates["flip_rate"]),
+                 float(rates["noise"]), where)
 
 
-def _hardware(where: str, raw: Any, base: Target) -> tuple[Param, ...]:
+def _hardware(where: str, raw: Any, bases: Sequence[Target]) -> tuple[Param, ...]:
     if not isinstance(raw, dict):
         raise SpaceError(f"{where}: hardware: an object of accelerator parameters, e.g. {{\"array\": [8, 16]}}")
     names = [f.name for f in dataclasses.fields(AccelConfig) if f.name not in _NOT_SEARCHED] + ["array"]
@@ -211,17 +221,18 @@ def _hardware(where: str, raw: Any, base: Target) -> tuple[Param, ...]:
         values = _values(f"{where}: hardware.{key}", value)
         for v in values:
             spec = f"rows={v},cols={v}" if key == "array" else f"{key}={v}"
-            try:
-                base.accel.with_overrides(spec)
-            except (ValueError, TypeError) as e:
-                raise SpaceError(f"{where}: hardware.{key}: the accelerator cannot be built with {json.dumps(v)}: "
-                                 f"{e}") from None
+            for base in bases:
+                try:
+                    base.accel.with_overrides(spec)
+                except (ValueError, TypeError) as e:
+                    raise SpaceError(f"{where}: hardware.{key}: the accelerator cannot be built with "
+                                     f"{json.dumps(v)}: {e}") from None
         params.append(Param(key, values))
     if "array" in raw and ({"rows", "cols"} & set(raw)):
         raise SpaceError(f"{where}: hardware: 'array' sets rows and cols; give either it or them")
-    fitting = [c for c in _configs(tuple(params), base) if c is not None]
-    if not fitting:
-        raise SpaceError(f"{where}: hardware: no accelerator of the space fits {base.part.name} (the smallest "
+    if not any(c is not None for base in bases for c in _configs(tuple(params), base)):
+        parts = " or ".join(base.part.name for base in bases)
+        raise SpaceError(f"{where}: hardware: no accelerator of the space fits {parts} (the smallest "
                          f"needs more than the part has)")
     return tuple(params)
 
@@ -309,8 +320,9 @@ def setting_steps(compression: Mapping[str, Any], tile: tuple[int, int]) -> tupl
 
 @dataclass(frozen=True)
 class Outcome:
-    """One evaluated point: its parameters, pipeline steps, objectives' values (by name),
-    whether the cost model put it past the latency constraint (`skipped`: no metric then)."""
+    """One evaluated point: its parameters, pipeline steps, objectives' values (by name), the
+    estimate's resources as fractions of the part, whether the cost model put it past the
+    latency constraint (`skipped`: no metric then), and with `--synth` yosys' resources."""
 
     params: dict[str, Any]
     steps: tuple[str, ...]
@@ -319,6 +331,7 @@ class Outcome:
     energy_mj: float
     resources: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    synthesized: dict[str, float] = field(default_factory=dict)  # yosys' counts as fractions of the part
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"steps": list(self.steps)}
@@ -375,7 +388,7 @@ class Evaluator:
         if params["device"] != FPGA:
             return self.targets[params["device"]]
         hardware = {p.name: params[p.name] for p in self.space.hardware}
-        return self.targets[self.space.base].with_accel(_overrides(hardware))
+        return self.targets[params.get("base", self.space.bases[0])].with_accel(_overrides(hardware))
 
     def graph(self, steps: tuple[str, ...], trained: bool = True) -> Graph:
         """The model compiled by `steps` (fine-tuned on the training data, or with `trained`
@@ -425,7 +438,7 @@ class Evaluator:
 def used_devices(targets: Mapping[str, Target], space: Space) -> dict[str, Device]:
     """The cost model's figures of the devices `space` uses (calibrating the host CPU first
     where it must)."""
-    used = {n: t for n, t in targets.items() if n in space.devices or n == space.base}
+    used = {n: t for n, t in targets.items() if n in space.devices or n in space.bases}
     hosts = {t.part.host for t in used.values() if t.part is not None and t.part.host}
     return cost_devices({n: t for n, t in targets.items() if n in used or n in hosts})
 
@@ -446,9 +459,15 @@ def storage_url(store: str) -> str:
     return store if "://" in store else f"sqlite:///{Path(store).resolve() / 'study.db'}"
 
 
-def open_study(store: str, space: Space, model: str, seed: int = 0):
-    """The study in `store` (created if new): a TccError when it explores another model or
-    another space."""
+def population(budget: int) -> int:
+    """NSGA-II's population for a budget of points: about a quarter of it (at least 4, at most
+    optuna's default 50), so that a small budget still sees several generations."""
+    return max(4, min(50, budget // 4))
+
+
+def open_study(store: str, space: Space, model: str, seed: int = 0, budget: int = 200):
+    """The study in `store` (created if new; its NSGA-II population `population(budget)`): a
+    TccError when it explores another model or another space."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -459,7 +478,8 @@ def open_study(store: str, space: Space, model: str, seed: int = 0):
     storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=90)
     study = optuna.create_study(study_name=STUDY, storage=storage, load_if_exists=True,
                                 directions=[OBJECTIVES[o] for o in space.objectives],
-                                sampler=optuna.samplers.NSGAIISampler(seed=seed))
+                                sampler=optuna.samplers.NSGAIISampler(population_size=population(budget),
+                                                                      seed=seed))
     attrs = study.user_attrs
     space_json = json.dumps(space.to_json(), sort_keys=True)
     if not attrs:
@@ -471,6 +491,53 @@ def open_study(store: str, space: Space, model: str, seed: int = 0):
     elif attrs.get("space") != space_json:
         raise TccError(f"--study {store}: the study explores another space: give a new --study")
     return study
+
+
+def read_study(store: str) -> tuple[dict, str, list[Outcome]]:
+    """(the space as JSON, the model's fingerprint, the evaluated points) of the exploration in
+    `store`, read only: a TccError when there is none."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url(store)
+    if "://" not in store and not (Path(store) / "study.db").is_file():
+        raise TccError(f"--study {store}: no exploration there (run `tcc explore ... --study {store}` first)")
+    try:
+        study = optuna.load_study(study_name=STUDY, storage=url)
+    except KeyError:
+        raise TccError(f"--study {store}: no exploration there (run `tcc explore ... --study {store}` first)") from None
+    attrs = study.user_attrs
+    return json.loads(attrs.get("space", "{}")), attrs.get("model", ""), _points(study)
+
+
+def _points(study) -> list[Outcome]:
+    """The study's evaluated points."""
+    return [Outcome(**(t.user_attrs["outcome"] | {"steps": tuple(t.user_attrs["outcome"]["steps"])}))
+            for t in _evaluated(study).values() if "outcome" in t.user_attrs]
+
+
+def explored_choice(store: str, base: Graph, lc_ms: float | None, ac: float | None) -> tuple[Outcome, dict, str]:
+    """The point of the exploration in `store` that `choose` takes under `lc_ms` / `ac`, the
+    space it was found in (JSON) and the reason: a TccError for a study of another model, or
+    when no point meets the constraints."""
+    space, model, points = read_study(store)
+    if model != fingerprint(base):
+        raise TccError(f"--study {store}: the study explores another model ({model}, this one is "
+                       f"{fingerprint(base)})")
+    if lc_ms is None and ac is None:
+        raise TccError(f"--study {store}: give --lc and/or --ac to choose among the exploration's points")
+    chosen, _closest, reason = choose(points, lc_ms, ac)
+    if chosen is None:
+        raise TccError(f"--study {store}: {reason}")
+    return chosen, space, reason
+
+
+def explored_target(point: Outcome, space: Mapping, targets: Mapping[str, Target]) -> Target:
+    """The target of an explored point: its catalog device, or the space's base FPGA with the
+    point's accelerator."""
+    if point.params["device"] != FPGA:
+        return targets[point.params["device"]]
+    hardware = {k: point.params[k] for k in space.get("hardware", {})}
+    return targets[point.params.get("base", space["base"])].with_accel(_overrides(hardware))
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -493,6 +560,8 @@ def _suggest(trial, space: Space) -> dict[str, Any]:
     setting's (those a setting ignores are left out: `prune`'s sparsity, `binarize`'s tws)."""
     params = {"device": trial.suggest_categorical("device", list(space.choices))}
     if params["device"] == FPGA:
+        if len(space.bases) > 1:
+            params["base"] = trial.suggest_categorical("base", list(space.bases))
         params |= {p.name: trial.suggest_categorical(p.name, list(p.values)) for p in space.hardware}
     for p in space.compression:
         if relevant(p.name, params):
@@ -506,7 +575,7 @@ def _work(evaluator: Evaluator, store: str, model: str, budget: int, seed: int, 
     evaluated (or the grid is); returns how many this worker evaluated."""
     import optuna
     space = evaluator.space
-    study = open_study(store, space, model, seed)
+    study = open_study(store, space, model, seed, budget)
     for params in queue:
         study.enqueue_trial(params, skip_if_exists=True)
     grid = space.grid()
@@ -562,6 +631,32 @@ def _work(evaluator: Evaluator, store: str, model: str, budget: int, seed: int, 
 def setting_key(evaluator: Evaluator, params: Mapping[str, Any]) -> tuple[str, ...]:
     """The pipeline steps of a point's setting (its metric's key)."""
     return setting_steps(params, evaluator.target(params).tile)
+
+
+@contextlib.contextmanager
+def watch_study(store: str, space: Space, model: str, limit: int, progress: bool, every: float = 2.0):
+    """While the body runs (workers in other processes), a progress bar of the study's
+    evaluated points, read from the store `every` seconds."""
+    if not progress:
+        yield
+        return
+    from tqdm.auto import tqdm
+    study, stop = open_study(store, space, model), threading.Event()
+
+    def poll() -> None:
+        with tqdm(total=limit, desc="points", unit="point", leave=False, dynamic_ncols=True) as bar:
+            while True:
+                bar.update(min(limit, len(_evaluated(study))) - bar.n)
+                if stop.wait(every):
+                    return
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _worker(args: tuple) -> int:
@@ -630,6 +725,34 @@ def choose(points: Sequence[Outcome], lc_ms: float | None, ac: float | None, sco
                              f"{score} >= {floor:g}")
 
 
+def synthesize_front(points: Sequence[Outcome], space: Space, targets: Mapping[str, Target], study,
+                     progress: bool = False) -> tuple[list[Outcome], list[Outcome]]:
+    """(points, Pareto set) with yosys' resources on every accelerator of the Pareto set: each
+    config synthesized once (kept in the study's attributes, so a resumed run does not repeat
+    it), a point whose accelerator yosys finds too large for its part dropped, and the set
+    recomputed until each of its accelerators is synthesized."""
+    from tqdm.auto import tqdm
+    done = {k.removeprefix("synthesis "): v for k, v in study.user_attrs.items() if k.startswith("synthesis ")}
+    points = list(points)
+    with tqdm(desc="yosys", unit="config", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        while True:
+            front = pareto_front(points, space.objectives)
+            todo = [p for p in front if p.params["device"] == FPGA and not p.synthesized]
+            if not todo:
+                return points, front
+            for p in todo:
+                target = explored_target(p, space.to_json(), targets)
+                key = json.dumps({"part": target.part.name, "accel": target.accel.to_json()}, sort_keys=True)
+                if key not in done:
+                    _log.info("synthesizing %s's accelerator for the Pareto set", describe(p))
+                    done[key] = synthesize_target(target)
+                    study.set_user_attr(f"synthesis {key}", done[key])
+                    bar.update()
+                have = target.part.resources()
+                points[points.index(p)] = dataclasses.replace(p, synthesized={k: done[key][k] / have[k] for k in have})
+            points = [p for p in points if not p.synthesized or max(p.synthesized.values()) <= 1]
+
+
 def setting_name(params: Mapping[str, Any]) -> str:
     """A setting in short: `blocks75-int8-integer`, `w1a1-tws`, `int4`."""
     mode = params.get("binarize", "none")
@@ -642,21 +765,28 @@ def setting_name(params: Mapping[str, Any]) -> str:
     return "-".join(parts + (["integer"] if relevant("int_nonlinear", params) and params.get("int_nonlinear") else []))
 
 
+def device_label(params: Mapping[str, Any]) -> str:
+    """A point's device in short: a catalog device, `fpga`, or `fpga on BASE` where the space
+    searches several FPGA targets."""
+    return f"{FPGA} on {params['base']}" if "base" in params else params["device"]
+
+
 def describe(p: Outcome) -> str:
     """A point in words: device (and accelerator), setting, latency, metric."""
-    hardware = {k: v for k, v in p.params.items() if k not in COMPRESSION and k != "device"}
-    device = p.params["device"] + (f" ({_overrides(hardware)})" if hardware else "")
+    hardware = {k: v for k, v in p.params.items() if k not in COMPRESSION and k not in ("device", "base")}
+    device = device_label(p.params) + (f" ({_overrides(hardware)})" if hardware else "")
     return f"{device} with {setting_name(p.params)}: {p.latency_ms:.3g} ms, metric {p.values['metric']:.4f}"
 
 
 def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Space, *, examples: Dataset,
             budget: int, store: str, train: Dataset | None = None, executor: str = "inline",
             workers: int = 1, grid: bool = False, lc_ms: float | None = None, ac: float | None = None,
-            seed: int = 0, progress: bool = False) -> Exploration:
+            seed: int = 0, progress: bool = False, synth: bool = False) -> Exploration:
     """Explore `space` for `base` (the lowered model) in the study at `store` until `budget`
     distinct points are evaluated (all of them: the grid, in order, with `grid`), on this
     process (`inline`), local processes or Ray workers sharing the store; then the Pareto set
-    and the choice under `lc_ms` / `ac`."""
+    (with `synth`, its accelerators synthesized by yosys: `synthesize_front`) and the choice
+    under `lc_ms` / `ac`."""
     start = time.perf_counter()
     if budget < 1:
         raise TccError(f"--budget: at least 1 point, got {budget}")
@@ -679,18 +809,21 @@ def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Sp
             for params in queue:
                 study.enqueue_trial(params, skip_if_exists=True)
         args = [(evaluator_args, evaluator_kw, store, model, budget, seed + i) for i in range(workers)]
-        if executor == "local":
-            with concurrent.futures.ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-                list(pool.map(_worker, args))
-        else:
-            run_on_ray(_worker, [(a,) for a in args])
+        with watch_study(store, space, model, min(budget, space.grid_size()), progress):
+            if executor == "local":
+                with concurrent.futures.ProcessPoolExecutor(
+                        workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+                    list(pool.map(_worker, args))
+            else:
+                run_on_ray(_worker, [(a,) for a in args])
     else:
         raise TccError(f"--executor: unknown executor '{executor}' (inline, local or ray)")
     study = open_study(store, space, model, seed)
-    points = tuple(Outcome(**(t.user_attrs["outcome"] | {"steps": tuple(t.user_attrs["outcome"]["steps"])}))
-                   for t in _evaluated(study).values() if "outcome" in t.user_attrs)
-    front = tuple(pareto_front(points, space.objectives))
+    points = _points(study)
+    front = pareto_front(points, space.objectives)
+    if synth:
+        points, front = synthesize_front(points, space, targets, study, progress)
+    points, front = tuple(points), tuple(front)
     chosen, closest, reason = choose(points, lc_ms, ac, data.task.score_name)
     return Exploration(space, points, front, chosen, closest, reason, len(points), time.perf_counter() - start,
                        data.task.score_name)
@@ -707,4 +840,4 @@ def explore_model(model: Any, data: Dataset, targets: Mapping[str, Target], spac
 
 __all__ = ["Space", "Param", "Outcome", "Exploration", "Evaluator", "load_space", "explore", "explore_model",
            "pareto_front", "dominates", "choose", "flip_bits", "noisy", "setting_steps", "setting_name", "relevant",
-           "describe"]
+           "describe", "device_label", "synthesize_front", "read_study", "explored_choice", "explored_target"]

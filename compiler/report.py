@@ -389,7 +389,8 @@ def explore_png(exploration: "Exploration") -> bytes:
     the chosen point a star (deterministic bytes)."""
     fig = figure(12, 8, (0.8, 0.2, 0.6, 0.2), wspace=0.25, hspace=0.3)
     points, front, chosen = exploration.points, exploration.front, exploration.chosen
-    devices = list(dict.fromkeys(p.params["device"] for p in front))
+    from .explore import device_label
+    devices = list(dict.fromkeys(device_label(p.params) for p in front))
     panels = (("latency_ms", "metric", "latency per run (ms)", True), ("energy_mj", "metric", "energy per run (mJ)", True),
               ("area", "metric", "area (largest fraction of the part)", False),
               ("metric", "robustness", exploration.score, False))
@@ -402,7 +403,7 @@ def explore_png(exploration: "Exploration") -> bytes:
         live = [p for p in points if not p.skipped]
         ax.scatter([value(p, x) for p in live], [value(p, y) for p in live], s=10, color="lightgrey")
         for j, device in enumerate(devices):
-            mine = [p for p in front if p.params["device"] == device]
+            mine = [p for p in front if device_label(p.params) == device]
             ax.scatter([value(p, x) for p in mine], [value(p, y) for p in mine], s=28, color=f"C{j % 10}",
                        label=device)
         if chosen is not None:

@@ -5,6 +5,7 @@ refuses another model, workers sharing one study, and the report."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import optuna
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 from tcc.cli import main
-from tcc.explore import (FPGA, Outcome, dominates, flip_bits, load_space, pareto_front, relevant, setting_name,
-                         setting_steps, storage_url)
+from tcc.explore import (FPGA, Outcome, describe, dominates, explored_target, flip_bits, load_space, open_study,
+                         pareto_front, relevant, setting_name, setting_steps, storage_url, watch_study)
+from tcc.ir.errors import TccError
 from tcc.ir import DType, GraphBuilder, TensorType, verify
+from tcc.passes import parse_pipeline
 from tcc.targets import load_catalog
 from tcc.zoo import digits_data, train_digits
 
@@ -67,6 +70,27 @@ def test_the_space_is_a_grid_of_points_with_settings_that_matter():
     assert setting_steps({"binarize": "w1a1", "tws": True}, (16, 16)) == ("binarize{mode=w1a1,tws=true}",)
     assert setting_name({"prune": "blocks", "sparsity": 0.75, "int_nonlinear": True}) == "blocks75-int8-integer"
     assert setting_name({"binarize": "w1a1", "tws": True, "int_nonlinear": True}) == "w1a1-tws"
+    assert "base" not in space.grid()[0] and space.to_json()["base"] == "fpga-medium"
+
+
+def test_a_space_searches_several_parts_each_accelerator_on_its_own():
+    space = load_space_from(SPACE | {"base": ["fpga-small", "fpga-medium"], "hardware": {"array": [8, 16]}})
+    accelerators = [p for p in space.grid() if p["device"] == FPGA]
+    assert len(accelerators) == 2 * 2 * 4 and {p["base"] for p in accelerators} == {"fpga-small", "fpga-medium"}
+    catalog = load_catalog()
+
+    def target(base, array):
+        point = Outcome({"device": FPGA, "base": base, "array": array}, (), {}, 0.0, 0.0)
+        return explored_target(point, space.to_json(), catalog)
+
+    small = target("fpga-small", 8)
+    assert (small.part.name, small.accel.rows, small.device.price_usd) == (
+        "xc7z020", 8, catalog["fpga-small"].device.price_usd)
+    assert target("fpga-medium", 16).part.name == "xczu7ev"
+    with pytest.raises(TccError, match="does not fit xc7z020"):
+        target("fpga-small", 16)  # the part's resources, not the other part's: a pruned trial
+    assert describe(Outcome({"device": FPGA, "base": "fpga-small", "array": 8}, (), {"metric": 0.5}, 1.0, 0.0)
+                    ).startswith("fpga on fpga-small (rows=8,cols=8) with int8")
 
 
 def load_space_from(raw: dict, tmp_path=None):
@@ -88,6 +112,9 @@ def load_space_from(raw: dict, tmp_path=None):
     ({"devices": ["jetsun"]}, "devices: unknown parameter 'jetsun'; did you mean 'jetson'?"),
     ({"objectives": ["metric", "speed"]}, "objectives: unknown parameter 'speed'"),
     ({"base": "cpu"}, "base: \"cpu\" is not an FPGA target"),
+    ({"base": ["fpga-medium", "cpu"]}, "base: \"cpu\" is not an FPGA target"),
+    ({"base": []}, "base: empty list of values"),
+    ({"base": ["fpga-small"], "hardware.array": [32]}, "no accelerator of the space fits xc7z020"),
     ({"robustness": {"flip_rate": 2}}, "robustness.flip_rate must be a number in [0, 1]"),
 ])
 def test_bad_spaces_are_refused_naming_the_field(digits, tmp_path, capsys, changes, message):
@@ -156,6 +183,51 @@ def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp
     assert all(0 < p.values["area"] < 1 for p in points if p.params["device"] == FPGA)
     assert (report / "report.html").is_file() and (report / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((report / "explore.json").read_text())["evaluated"] == 8
+    # tcc compile --target auto compiles the point the exploration chose under the same constraints
+    out = tmp_path / "out"
+    assert main(["compile", str(digits / "model.pt2"), "--target", "auto", "--study", str(study), "--lc", "1s",
+                 "--ac", "0.8", "-o", str(out)]) == 0
+    manifest, chosen = json.loads((out / "manifest.json").read_text()), result["chosen"]
+    assert f"--study {study}: " in capsys.readouterr().out
+    if chosen["params"]["device"] == FPGA:
+        assert manifest["target"]["name"] == "fpga-medium"
+        assert manifest["target"]["accel"]["rows"] == manifest["target"]["accel"]["cols"] == chosen["params"]["array"]
+    else:
+        assert manifest["target"]["name"] == chosen["params"]["device"]
+    ran = [p.name for p in parse_pipeline(",".join(["fold-constants,canonicalize,dce", *chosen["steps"]]))]
+    assert manifest["passes"][:len(ran)] == ran
+    assert ("hp-prune" in ran) == (chosen["params"].get("prune") == "hp")
+
+
+def test_synth_checks_each_accelerator_of_the_pareto_set_once(digits, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def yosys(target):  # yosys stand-in: the 16x16 accelerator needs ten times the part's LUTs
+        calls.append(target.accel.rows)
+        lut = 10 * target.part.lut if target.accel.rows == 16 else target.part.lut // 2
+        return {"LUT": lut, "FF": 1, "DSP": 1, "BRAM": 1, "URAM": 0, "seconds": 0.0}
+
+    monkeypatch.setattr("tcc.explore.synthesize_target", yosys)
+    args = ["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space",
+            str(digits / "space.json"), "--study", str(tmp_path / "study"), "--budget", "12", "--sampler", "grid",
+            "--synth", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(calls) == [8, 16]  # each config once; the 16x16 was on the estimate's front
+    accelerators = [p for p in result["pareto"] if p["params"]["device"] == FPGA]
+    assert accelerators and all(p["params"]["array"] == 8 and p["synthesized"]["LUT"] == 0.5 for p in accelerators)
+    assert result["chosen"] is None or result["chosen"]["params"].get("array") != 16
+    assert main(args) == 0 and sorted(calls) == [8, 16]  # resumed: the study keeps yosys' counts
+
+
+def test_the_workers_progress_is_read_from_the_store(tmp_path, capsys):
+    space, store = load_space_from(SPACE), str(tmp_path / "study")
+    study = open_study(store, space, "model")
+    with watch_study(store, space, "model", 4, True, every=0.05):
+        for key in ("a", "b", "b"):  # a worker's repeat of a point is no new point
+            study.add_trial(optuna.trial.create_trial(values=[0.5] * 5, user_attrs={"key": key}))
+        time.sleep(0.5)
+    assert "2/4" in capsys.readouterr().err
 
 
 def test_a_study_of_another_model_is_refused(digits, tmp_path, capsys):
@@ -170,6 +242,13 @@ def test_a_study_of_another_model_is_refused(digits, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "the study explores another model" in err and err.count("\n") == 1, err
+    for study_arg, message in ((study, "the study explores another model"),
+                               (tmp_path / "none", "no exploration there")):
+        assert main(["compile", str(tmp_path / "other.pt2"), "--target", "auto", "--study", str(study_arg),
+                     "--lc", "1s", "-o", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

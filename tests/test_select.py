@@ -235,7 +235,7 @@ def test_select_device_in_a_pipeline_compiles_for_the_device_it_chooses(digits, 
 @pytest.mark.parametrize("argv, message", [
     (["--target", "auto", "--pipeline", "quantize"], "--target auto with --pipeline needs select-device"),
     (["--target", "auto"], "--target auto needs --lc, --ac and --data"),
-    (["--pipeline", "select-device{lc=1s}", "--lc", "1s"], "--lc, --ac and --settings go with --target auto"),
+    (["--pipeline", "select-device{lc=1s}", "--lc", "1s"], "--lc, --ac, --settings and --study go with --target auto"),
     (["--pipeline", "select-device{lc=10}"], "option 'lc' is '10' but expects a latency with a unit"),
     (["--pipeline", "select-device{lc=1s,ac=0.5}"], "select-device: ac=0.5 needs labelled evaluation data (--data)"),
 ])

@@ -107,16 +107,22 @@ def _hardware_files(graph: Graph, program: AccelProgram, examples: Mapping[str, 
     return hardware_files(section, config, dram[:extent], cycle_bound(section, config), target.part.family)
 
 
-def _synthesize(target: Target) -> dict:
-    """Yosys resource counts of the target's accelerator; an error if they exceed the part."""
-    config = target.accel
+def synthesize_target(target: Target) -> dict:
+    """Yosys' resource counts (LUT, FF, DSP, BRAM, URAM; `seconds`) of the target's
+    accelerator; a TccError when yosys fails."""
     try:
-        used = synthesize(config, part_family=target.part.family)
+        used = synthesize(target.accel, part_family=target.part.family)
     except (RuntimeError, FileNotFoundError) as e:
         raise TccError(f"--synth: {e}") from None
     used.pop("cells")
+    return used
+
+
+def _synthesize(target: Target) -> dict:
+    """Yosys resource counts of the target's accelerator; an error if they exceed the part."""
+    used = synthesize_target(target)
     try:
-        target.part.check_fits(used, f"the {config.rows}x{config.cols} accelerator", "yosys")
+        target.part.check_fits(used, f"the {target.accel.rows}x{target.accel.cols} accelerator", "yosys")
     except TccError as e:
         raise TccError(f"--synth: {e}") from None
     return used

@@ -6,7 +6,8 @@ host, link and default config; a list of them searches the parts too, each accel
 constrained by its own part's resources), the accelerator parameters to search (`AccelConfig` fields,
 each a list of values or a `{"low", "high", "step"}` range; `array` sets rows and columns
 together), the compression parameters (`prune`: none, hp or blocks, with `sparsity`, the
-block tied to each candidate's array tile; `bits`: 8 or 4; `binarize`: none, w1a8, w1a4 or
+block tied to each candidate's array tile; `sparsity` per layer kind as `{"attention": [...],
+"ffn": [...]}`, a pruning pass per group (`KIND_GROUPS`); `bits`: 8 or 4; `binarize`: none, w1a8, w1a4 or
 w1a1, with `tws`; `int_nonlinear`), the fixed devices, the objectives and the faults of the
 robustness objective. Every parameter is a finite set of values, so the space is also a grid
 (`--sampler grid` walks it).
@@ -61,6 +62,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.ir.printer import print_graph
 from tcc.passes import Dataset, PassContext, parse_pipeline, run_pipeline
+from tcc.passes.layers import LAYER_KINDS
 from tcc.passes.cost_model import Device
 from tcc.runtime.torch_executor import TorchExecutor
 
@@ -76,6 +78,8 @@ OBJECTIVES = {"metric": "maximize", "latency": "minimize", "energy": "minimize",
               "robustness": "maximize", "price": "minimize"}
 COMPRESSION = {"binarize": ("none", "w1a8", "w1a4", "w1a1"), "tws": (False, True), "prune": ("none", "hp", "blocks"),
                "sparsity": None, "bits": (8, 4), "int_nonlinear": (False, True)}  # in the order they are chosen
+# `sparsity` per layer kind: {"attention": [...], "ffn": [...]} (or any of `LAYER_KINDS`), a pruning pass per group
+KIND_GROUPS = {"attention": "qkv+attn_out", "ffn": "ffn1+ffn2"} | {k: k for k in LAYER_KINDS}
 _NOT_SEARCHED = {"dram_words"}  # config fields a space may not set
 _SPACE_KEYS = ("base", "hardware", "compression", "devices", "objectives", "robustness")
 
@@ -257,7 +261,7 @@ def relevant(name: str, setting: Mapping[str, Any]) -> bool:
         return mode != "none"
     if name in ("prune", "bits"):
         return mode == "none"
-    if name == "sparsity":
+    if name.split(".")[0] == "sparsity":
         return mode == "none" and setting.get("prune", "none") != "none"
     if name == "int_nonlinear":
         return mode in ("none", "w1a8")
@@ -284,19 +288,36 @@ def _compression(where: str, raw: Any) -> tuple[Param, ...]:
         raise SpaceError(f"{where}: compression: an object, e.g. {{\"prune\": [\"none\", \"hp\"], "
                          f"\"sparsity\": [0.5, 0.9]}}")
     params = []
+    items = []
     for key, value in raw.items():
+        if key == "sparsity" and isinstance(value, dict) and not {"low", "high", "step"} & set(value):
+            if not value:
+                raise SpaceError(f"{where}: compression.sparsity: no layer kind given")
+            for group, ratios in value.items():
+                if group not in KIND_GROUPS:
+                    raise _unknown(f"{where}: compression.sparsity", group, list(KIND_GROUPS))
+                items.append((f"sparsity.{group}", "sparsity", ratios))
+        else:
+            items.append((key, key, value))
+    for name, key, value in items:
         if key not in COMPRESSION:
             raise _unknown(f"{where}: compression", key, list(COMPRESSION))
-        values = _values(f"{where}: compression.{key}", value)
+        values = _values(f"{where}: compression.{name}", value)
         allowed = COMPRESSION[key]
         for v in values:
             bad = v not in allowed if allowed is not None else not (
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1)
             if bad:
                 what = ", ".join(map(json.dumps, allowed)) if allowed is not None else "a sparsity in [0, 1)"
-                raise SpaceError(f"{where}: compression.{key}: {json.dumps(v)} is not one of {what}")
-        params.append(Param(key, values))
-    return tuple(sorted(params, key=lambda p: list(COMPRESSION).index(p.name)))
+                raise SpaceError(f"{where}: compression.{name}: {json.dumps(v)} is not one of {what}")
+        params.append(Param(name, values))
+    kinds = [KIND_GROUPS[p.name.split(".")[1]].split("+") for p in params if "." in p.name]
+    for i, group in enumerate(kinds):
+        for other in kinds[:i]:
+            if set(group) & set(other):
+                raise SpaceError(f"{where}: compression.sparsity: layer kind {sorted(set(group) & set(other))[0]} "
+                                 f"is in two groups")
+    return tuple(sorted(params, key=lambda p: list(COMPRESSION).index(p.name.split(".")[0])))
 
 
 def setting_steps(compression: Mapping[str, Any], tile: tuple[int, int]) -> tuple[str, ...]:
@@ -307,8 +328,12 @@ def setting_steps(compression: Mapping[str, Any], tile: tuple[int, int]) -> tupl
     if mode != "none":
         steps.append(f"binarize{{mode={mode},tws={str(bool(compression.get('tws', False))).lower()}}}")
     elif prune != "none":
-        sparsity = compression.get("sparsity", 0.75)
-        steps.append(f"{'hp-prune' if prune == 'hp' else 'block-prune'}{{sparsity={sparsity},block={block}}}")
+        name = "hp-prune" if prune == "hp" else "block-prune"
+        groups = {k.split(".")[1]: v for k, v in compression.items() if k.startswith("sparsity.")}
+        if groups:  # a ratio per layer kind: a pass per group
+            steps += [f"{name}{{sparsity={v},block={block},kinds={KIND_GROUPS[g]}}}" for g, v in groups.items()]
+        else:
+            steps.append(f"{name}{{sparsity={compression.get('sparsity', 0.75)},block={block}}}")
     bits = compression.get("bits", 8)
     if mode in ("none", "w1a8"):
         steps.append(f"conv-as-gemm,pool-late,canonicalize,dce,quantize{{bits={bits}}}" if mode == "none" else
@@ -760,7 +785,10 @@ def setting_name(params: Mapping[str, Any]) -> str:
         parts = [mode] + (["tws"] if params.get("tws") else [])
     else:
         prune = params.get("prune", "none")
-        parts = ([f"{prune}{round(100 * params.get('sparsity', 0.75))}"] if prune != "none" else []) + \
+        groups = {k.split(".")[1]: v for k, v in params.items() if k.startswith("sparsity.")}
+        ratios = "-".join(f"{g}{round(100 * v)}" for g, v in groups.items()) if groups else \
+            round(100 * params.get("sparsity", 0.75))
+        parts = ([f"{prune}{'-' if groups else ''}{ratios}"] if prune != "none" else []) + \
             [f"int{params.get('bits', 8)}"]
     return "-".join(parts + (["integer"] if relevant("int_nonlinear", params) and params.get("int_nonlinear") else []))
 
@@ -773,7 +801,8 @@ def device_label(params: Mapping[str, Any]) -> str:
 
 def describe(p: Outcome) -> str:
     """A point in words: device (and accelerator), setting, latency, metric."""
-    hardware = {k: v for k, v in p.params.items() if k not in COMPRESSION and k not in ("device", "base")}
+    hardware = {k: v for k, v in p.params.items()
+                if k.split(".")[0] not in COMPRESSION and k not in ("device", "base")}
     device = device_label(p.params) + (f" ({_overrides(hardware)})" if hardware else "")
     return f"{device} with {setting_name(p.params)}: {p.latency_ms:.3g} ms, metric {p.values['metric']:.4f}"
 

@@ -64,7 +64,7 @@ from typing import Callable, Literal
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, Op
 
-from .base import option
+from .base import OptionError, option
 
 LayerKind = Literal["qkv", "attn_out", "ffn1", "ffn2", "other"]
 LAYER_KINDS: tuple[str, ...] = ("qkv", "attn_out", "ffn1", "ffn2", "other")
@@ -339,9 +339,20 @@ class LayerOptions:
     keep_input: bool = option(True, "leave input projections (linears fed from the inputs only, before any "
                                     "attention) uncompressed")
 
+    kinds: str = option("all", "layer kinds to compress: all, or kinds joined by '+' (qkv, attn_out, ffn1, "
+                               "ffn2, other), e.g. ffn1+ffn2: a ratio per kind is a pass per kind")
+
     def layer_choice(self, graph: Graph, pass_name: str) -> LayerChoice:
-        return choose_layers(graph, self.layers, keep_head=self.keep_head, keep_input=self.keep_input,
-                             pass_name=pass_name)
+        choice = choose_layers(graph, self.layers, keep_head=self.keep_head, keep_input=self.keep_input,
+                               pass_name=pass_name)
+        if self.kinds == "all":
+            return choice
+        wanted = self.kinds.split("+")
+        for kind in wanted:
+            if kind not in LAYER_KINDS:
+                raise OptionError(pass_name, "kinds", f"unknown layer kind '{kind}' (all, or kinds joined by '+': "
+                                                      f"{', '.join(LAYER_KINDS)})")
+        return choice.skip(lambda layer: None if layer.kind in wanted else f"kind {layer.kind}, kinds={self.kinds}")
 
     def layers_to_structure(self, graph: Graph, pass_name: str, structure: object) -> LayerChoice:
         """`layer_choice` without the weights that already have `structure` (a pruning pass run

@@ -71,6 +71,13 @@ def test_the_space_is_a_grid_of_points_with_settings_that_matter():
     assert setting_name({"prune": "blocks", "sparsity": 0.75, "int_nonlinear": True}) == "blocks75-int8-integer"
     assert setting_name({"binarize": "w1a1", "tws": True, "int_nonlinear": True}) == "w1a1-tws"
     assert "base" not in space.grid()[0] and space.to_json()["base"] == "fpga-medium"
+    per_kind = load_space_from(SPACE | {"compression": {"prune": ["hp"], "sparsity": {"attention": [0.5, 0.75],
+                                                                                      "ffn": [0.9]}}})
+    assert per_kind.grid_size() == 3 * 2
+    point = {"prune": "hp", "sparsity.attention": 0.5, "sparsity.ffn": 0.9}
+    assert setting_steps(point, (16, 16))[:2] == ("hp-prune{sparsity=0.5,block=16x16,kinds=qkv+attn_out}",
+                                                  "hp-prune{sparsity=0.9,block=16x16,kinds=ffn1+ffn2}")
+    assert setting_name(point) == "hp-attention50-ffn90-int8"
 
 
 def test_a_space_searches_several_parts_each_accelerator_on_its_own():
@@ -115,6 +122,10 @@ def load_space_from(raw: dict, tmp_path=None):
     ({"base": ["fpga-medium", "cpu"]}, "base: \"cpu\" is not an FPGA target"),
     ({"base": []}, "base: empty list of values"),
     ({"base": ["fpga-small"], "hardware.array": [32]}, "no accelerator of the space fits xc7z020"),
+    ({"compression.sparsity": {"atention": [0.5]}}, "compression.sparsity: unknown parameter 'atention'; did you mean "
+                                                     "'attention'?"),
+    ({"compression.sparsity": {"attention": [0.5], "qkv": [0.9]}}, "layer kind qkv is in two groups"),
+    ({"compression.sparsity": {"ffn": [1.5]}}, "compression.sparsity.ffn: 1.5 is not one of a sparsity"),
     ({"robustness": {"flip_rate": 2}}, "robustness.flip_rate must be a number in [0, 1]"),
 ])
 def test_bad_spaces_are_refused_naming_the_field(digits, tmp_path, capsys, changes, message):

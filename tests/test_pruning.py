@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import tcc
 from tcc.ir import GraphBuilder, VerifyError, parse_graph, print_graph, tensor, verify
 from tcc.ir.sparsity import NM, Blocks, Hierarchical, block_view, block_widths
-from tcc.passes import BlockPrune, Dataset, HPPrune, PassContext, parse_pipeline
+from tcc.passes import BlockPrune, Dataset, HPPrune, PassContext, parse_pipeline, run_pipeline
+from tcc.passes.base import OptionError
 from tcc.passes.masks import row_mask
 from tcc.runtime.torch_executor import TorchExecutor
 from conftest import built
@@ -157,6 +158,22 @@ def test_block_prune_per_kind_sparsity():
     assert density["encoder.layers.0.self_attn.in_proj_weight"] == 1.0
     assert density["encoder.layers.0.self_attn.out_proj.weight"] == pytest.approx(0.75, abs=0.02)
     assert density["head.weight"] == 1.0
+
+
+def test_kinds_choose_the_layers_a_pass_compresses():
+    graph = tcc.compile(*built("transformer-encoder")).graph
+    pipeline = "hp-prune{sparsity=0.5,block=8x8,kinds=qkv+attn_out},hp-prune{sparsity=0.9,block=8x8,kinds=ffn1+ffn2}"
+    pruned = run_pipeline(graph, parse_pipeline(pipeline), PassContext())
+    types = dict(pruned.constants)
+    for name, row_nnz in (("encoder.layers.0.self_attn.in_proj_weight", 4),
+                          ("encoder.layers.1.self_attn.out_proj.weight", 4),
+                          ("encoder.layers.0.linear1.weight", 1), ("encoder.layers.1.linear2.weight", 1)):
+        assert types[name].sparsity.params()[:3] == (8, 8, row_nnz), name
+    assert types["head.weight"].sparsity is None
+    assert dict(BlockPrune(block=(8, 8), kinds="ffn2")(graph).constants)["encoder.layers.0.linear1.weight"].sparsity \
+        is None
+    with pytest.raises(OptionError, match="hp-prune: option 'kinds' unknown layer kind 'ffx'"):
+        HPPrune(kinds="ffx")(graph)
 
 
 def test_layer_kinds_on_zoo_models():

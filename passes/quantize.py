@@ -137,6 +137,11 @@ class Quantize(Pass):
         scales.update({x: scales[source] for x, source in ranged.items()})
         scales.update({y: scales[r] for y, r in relu.items() if r in scales})  # an all-zero relu: the linear's own
         adtype, wdtype = _DTYPES[self.activation_bits], _DTYPES[self.bits]
+        # an output the graph already quantizes (directly or after its relu; a binarized layer's
+        # input) takes that quantize's step: the quantize then reads the integers as they are
+        for y in [*targets, *(d.result for d in dequantized_acc.values())]:
+            if (step := _quantized_step(y, graph, users, outputs, adtype)) is not None:
+                scales[y] = step
 
         rw = Rewriter(graph)
         quantized: dict[str, tuple[str, float]] = {}  # float value -> (integer value, its scale)
@@ -229,6 +234,19 @@ class Quantize(Pass):
         qmax = _DTYPES[self.activation_bits].value_range[1]
         return {v: symmetric_scale(o, qmax, percentile) for v, o in observers.items()
                 if v not in may_be_zero or o.range(percentile) > 0}
+
+
+def _quantized_step(y: str, graph: Graph, users, outputs: set[str], dtype: DType) -> float | None:
+    """The scale of the `quantize` to `dtype` (zero point 0) that is the only use of `y` or of
+    its only use, a relu (relu commutes with requantize: both keep 0 and order)."""
+    if y in outputs or len(users[y]) != 1:
+        return None
+    op = users[y][0]
+    if op.kind == "relu" and op.result not in outputs and len(users[op.result]) == 1:
+        op = users[op.result][0]
+    if op.kind != "quantize" or op.attr_dict.get("zero_point", 0) != 0 or op.attr("dtype") != dtype:
+        return None
+    return float(op.attr("scale"))
 
 
 def _base(weight: str) -> str:

@@ -474,5 +474,12 @@ def test_binarized_accumulators_are_requantized_to_integers():
     assert len(b1) == 4 and all([u.kind for u in users[op.result]] == ["requantize"] for op in b1)
     assert all(types[users[op.result][0].result].dtype is DType.I8 for op in b1)
     assert artifact.manifest["pass_log"][2].startswith("quantize: no change")
+    # the FFN's first layer requantizes straight to the step of the binarized layer after its
+    # relu (that layer's input quantizer): the relu's integers feed it as they are, with no
+    # second requantize between them
+    integer = tcc.compile(layer, (x,), pipeline="binarize{mode=w1a8},quantize,int-nonlinear").graph
+    producer, consumers = integer.producer(), integer.users()
+    relu = next(op for op in integer.ops if op.kind == "relu")
+    assert producer[relu.operands[0]].kind == "requantize" and [u.kind for u in consumers[relu.result]] == ["linear"]
     before, after = (NumpyExecutor(g)(x.numpy())[0] for g in (binary, graph))
     assert np.abs(after - before).max() < 0.1 * np.abs(before).max()

@@ -642,7 +642,10 @@ def mixed_array_case(config: AccelConfig, rng: np.random.Generator) -> ArrayCase
     return array_case(config, rng, abuf, bbuf, instrs)
 
 
-@pytest.mark.parametrize("config", SPARSE_CONFIGS + W1A8_CONFIGS[1:2], ids=str)
+# the default tier: a 2x2 array on 4 banks, 4-bit data on 2, the W1A8 unit on 8; the others slow
+@pytest.mark.parametrize("config", [SPARSE_CONFIGS[0], pytest.param(SPARSE_CONFIGS[1], marks=pytest.mark.slow),
+                                    SPARSE_CONFIGS[2], pytest.param(SPARSE_CONFIGS[3], marks=pytest.mark.slow),
+                                    W1A8_CONFIGS[1]], ids=str)
 def test_mixed_array_programs_on_verilator(config):
     need("verilator")
     case = mixed_array_case(config, np.random.default_rng(config.rows * 10 + config.cols))
@@ -991,7 +994,8 @@ def test_nonlinear_results_are_the_ir_ops():
     np.testing.assert_array_equal(obuf[28:31].reshape(-1), want)
 
 
-@pytest.mark.parametrize("config", NL_CONFIGS[:3], ids=str)
+@pytest.mark.parametrize("config", [NL_CONFIGS[0], pytest.param(NL_CONFIGS[1], marks=pytest.mark.slow), NL_CONFIGS[2]],
+                         ids=str)
 def test_nonlinear_programs_on_verilator(config):
     need("verilator")
     rng = np.random.default_rng(config.cols * 7 + config.data_bits)

@@ -219,9 +219,9 @@ def test_synth_checks_each_accelerator_of_the_pareto_set_once(digits, tmp_path, 
         return {"LUT": lut, "FF": 1, "DSP": 1, "BRAM": 1, "URAM": 0, "seconds": 0.0}
 
     monkeypatch.setattr("tcc.explore.synthesize_target", yosys)
-    args = ["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space",
-            str(digits / "space.json"), "--study", str(tmp_path / "study"), "--budget", "12", "--sampler", "grid",
-            "--synth", "--json"]
+    space = _space(tmp_path, compression={"int_nonlinear": [True]})  # 3 points: two arrays, the jetson
+    args = ["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space", space,
+            "--study", str(tmp_path / "study"), "--budget", "3", "--sampler", "grid", "--synth", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert sorted(calls) == [8, 16]  # each config once; the 16x16 was on the estimate's front

@@ -6,7 +6,9 @@ against the 10% target, the host's calls into the accelerator a run, the host op
 they stand (`codegen.host_places`: at the model's edges, between two calls, or addressing
 the transfer does), and the accelerator's cycles against its busiest unit's busy cycles (the
 overlap the schedule leaves; target 1.15x) and those of its layers run one after another
-(`apart`: each layer's sections a program of their own, as before a call's sections ran as one). Each model dense and hp-pruned (one-shot, the
+(`apart`: each layer's sections a program of their own, as before a call's sections ran as one;
+`queues`: the same program timed as if each unit had its own instruction queue, VTA's
+decoupled access-execute, `queued_cycles`). Each model dense and hp-pruned (one-shot, the
 target's tile as the block) at each of `--sparsities`; `transformer-encoder` is the digits
 encoder's architecture. Where the target's pipeline ends in int-nonlinear, `int8 ms` is the
 same model without it (softmax, layer norm, GELU in float on the host): the fully integer
@@ -25,7 +27,7 @@ from collections import Counter
 
 from _common import board_devices, zoo_graph
 from tcc.backends.accel.codegen import generate, host_places
-from tcc.backends.accel.isa import Opcode, Unit, passes
+from tcc.backends.accel.isa import FETCH_CYCLES, Opcode, Token, Unit, passes
 from tcc.passes import parse_pipeline, run_pipeline
 from tcc.targets import load_catalog
 
@@ -48,7 +50,7 @@ def main() -> None:
           f"targets: host <= {HOST_TARGET:.0%}, "
           f"cycles <= {OVERLAP_TARGET}x the busiest unit's")
     print(f"{'model':<26}{'ms':>8}{'accel':>8}{'host':>8}{'link':>8}{'host %':>8}{'calls':>7}"
-          f"{'edge/between/addr':>19}{'vs busiest':>12}{'apart':>8}{'int8 ms':>9}")
+          f"{'edge/between/addr':>19}{'vs busiest':>12}{'apart':>8}{'queues':>8}{'int8 ms':>9}")
     vector_rows = []
     for name, sparsity in ((n, float(s)) for n in args.models.split(",") for s in args.sparsities.split(",")):
         graph, ctx = zoo_graph(name)
@@ -67,6 +69,7 @@ def main() -> None:
         for section in program.sections:
             busy.update(section.busy(target.accel))
         cycles = sum(s.cycles for s in program.sections)
+        queued = sum(queued_cycles(s.program, target.accel) for s in program.sections)
         apart = sum(s.cycles for s in generate(lowered, target.accel, chained=False).sections)
         if not sparsity:
             vector_rows.append((name, vector_cycles(program, target.accel)))
@@ -75,13 +78,42 @@ def main() -> None:
         print(f"{label:<26}{cost.latency_s * 1e3:>8.3f}{ms['accelerator']:>8.3f}{ms['host']:>8.3f}{ms['link']:>8.3f}"
               f"{ms['host'] / (cost.latency_s * 1e3):>8.0%}{len(program.calls()):>7}"
               f"{places['edge']:>9}/{places['between']}/{places['addressing']:<6}"
-              f"{cycles / max(busy.values()):>11.2f}x{apart / cycles:>7.2f}x{int8:>9}")
+              f"{cycles / max(busy.values()):>11.2f}x{apart / cycles:>7.2f}x{queued / max(busy.values()):>7.2f}x"
+              f"{int8:>9}")
     print("\nthe vector unit's busy cycles, dense: by instruction (% of its busy cycles); fixed: row "
           "instructions' fixed cycles")
     for name, (by_op, fixed) in vector_rows:
         total = sum(by_op.values())
         shares = ", ".join(f"{op} {n / total:.0%}" for op, n in by_op.most_common() if n / total >= 0.01)
         print(f"{name:<26}{total:>9,} cycles: {shares}; fixed {fixed / total:.0%}")
+
+
+def queued_cycles(program, config) -> int:
+    """`program`'s cycles if each unit had its own instruction queue: a unit's next instruction
+    issues once the unit is free and the tokens it waits for have come, whatever the other
+    units' queues hold (the k-th wait on a token takes its k-th signal: each token has one
+    producer unit and one consumer unit, whose instructions end in order)."""
+    queues = {u: [ins for ins in program if ins.unit is u and ins.op is not Opcode.HALT] for u in Unit}
+    signals, taken = {t: [] for t in Token}, Counter()
+    at, free, last_end = {u: 0 for u in Unit}, {u: FETCH_CYCLES for u in Unit}, 0
+    while any(at[u] < len(queues[u]) for u in Unit):
+        moved = False
+        for u in Unit:
+            while at[u] < len(queues[u]):
+                ins = queues[u][at[u]]
+                waits = [t for t in Token if ins.wait >> t & 1]
+                if any(len(signals[t]) <= taken[t] for t in waits):
+                    break
+                issue = max([free[u]] + [signals[t][taken[t]] for t in waits])
+                taken.update(waits)
+                end = issue + ins.duration(config)
+                for t in Token:
+                    if ins.signal >> t & 1:
+                        signals[t].append(end)
+                free[u], last_end, at[u], moved = issue + ins.occupancy(config), max(last_end, end), at[u] + 1, True
+        if not moved:
+            raise RuntimeError("the program's tokens deadlock")
+    return last_end + 1
 
 
 def vector_cycles(program, config) -> tuple[Counter, int]:

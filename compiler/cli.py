@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -357,7 +358,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
                 mark = " <- chosen" if p is result.chosen else ""
                 yosys = f" (yosys {max(p.synthesized.values()):.3f})" if p.synthesized else ""
                 print(printable(f"  {p.values['metric']:.4f} {score}, {p.values['robustness']:.4f} under faults, "
-                                f"{p.latency_ms:.4g} ms, {p.energy_mj:.4g} mJ, area {p.values['area']:.3f}{yosys}: "
+                                f"{p.latency_ms:.4g} ms, {p.values.get('throughput', math.nan):.4g}/s, "
+                                f"{p.energy_mj:.4g} mJ, area {p.values['area']:.3f}{yosys}: "
                                 f"{describe(p).split(': ')[0]}{mark}"))
         print(printable(f"{result.evaluated} of {space.grid_size()} points in the study {study} "
                         f"({result.seconds:.1f} s): {result.reason}"
@@ -543,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {device, setting, latency_ms, accuracy, points, ...}")
     p.set_defaults(func=cmd_select)
     p = command("explore", "search the accelerator's configuration and the model's compression together "
-                "(multi-objective: the task's metric, latency, energy, area, robustness)",
+                "(multi-objective: the task's metric, latency, throughput, energy, area, robustness)",
                 "example:\n  tcc explore model.pt2 --data test.pt --space space.json --budget 40 --report ex/\n\n"
                 "The study persists (SQLite in --study DIR, or a database URL): run again to resume it, or to "
                 "raise its budget.\nexit code 2 when --lc/--ac are given and no point meets them")

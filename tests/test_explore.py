@@ -189,6 +189,14 @@ def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp
     assert all(len(v) == 1 for v in by_setting.values()) and len(by_setting) >= 2
     assert {p.steps[0] for p in points if p.params.get("prune") == "hp" and p.params.get("array") == 8} <= {
         "hp-prune{sparsity=0.5,block=8x8}"}
+    # throughput: a fixed device runs one run after another; a board's host, link and
+    # accelerator each work on another run, so it is at least one run per latency
+    for p in points:
+        runs_per_s = 1e3 / p.latency_ms  # the model's batch is one example
+        if p.params["device"] == FPGA:  # the link's transfers overlap the next run's accelerator time
+            assert runs_per_s < p.values["throughput"] < 2 * runs_per_s
+        else:
+            assert p.values["throughput"] == pytest.approx(runs_per_s)
     # the fixed device's area is a whole chip; an accelerator's a fraction of the part
     assert {p.values["area"] for p in points if p.params["device"] == "jetson"} == {1.0}
     assert all(0 < p.values["area"] < 1 for p in points if p.params["device"] == FPGA)

@@ -17,10 +17,11 @@ Each trial is a point: a device (`fpga`, the searched accelerator on the base ta
 setting. Its objectives: the task's metric on the
 evaluation data (accuracy, 1 - WER, token accuracy), latency per run and energy per run from
 the cost model (an FPGA's cycles are the codegen's, equal to the ISA simulator's), throughput
-(examples a second with runs back to back: a board's host, link and accelerator each busy with
-another run, so its slowest part sets the pace; a fixed device runs one run after another), the area
-(the largest fraction of the part's LUT, FF, DSP or BRAM the estimate needs; a fixed device
-counts as a whole chip, 1), and robustness: the metric with the integer weights' bits flipped
+(examples a second with runs back to back: a board's host, link and accelerator each busy
+with another run, so its slowest part sets the pace; a fixed device runs one run after
+another), the area (the largest fraction of the part's LUT, FF, DSP or BRAM the estimate
+needs; a fixed device counts as a whole chip, 1) and each of those fractions alone (`lut`,
+`ff`, `dsp`, `bram`), and robustness: the metric with the integer weights' bits flipped
 at `flip_rate` and Gaussian noise of `noise` times each input's standard deviation on the
 inputs, both seeded. The metric and robustness depend on the compression only: they are
 computed once per setting and shared by every hardware point (`Evaluator.metrics`), settings
@@ -78,7 +79,8 @@ _log = logging.getLogger("tcc.explore")
 FPGA = "fpga"  # the device of a trial on the searched accelerator
 BOARD_PARTS = ("accelerator", "host", "link")  # an FPGA's latency parts: processors that work on different runs
 OBJECTIVES = {"metric": "maximize", "latency": "minimize", "throughput": "maximize", "energy": "minimize",
-              "area": "minimize", "robustness": "maximize", "price": "minimize"}
+              "area": "minimize", "lut": "minimize", "ff": "minimize", "dsp": "minimize", "bram": "minimize",
+              "robustness": "maximize", "price": "minimize"}
 COMPRESSION = {"binarize": ("none", "w1a8", "w1a4", "w1a1"), "tws": (False, True), "prune": ("none", "hp", "blocks"),
                "sparsity": None, "bits": (8, 4), "int_nonlinear": (False, True)}  # in the order they are chosen
 # `sparsity` per layer kind: {"attention": [...], "ffn": [...]} (or any of `LAYER_KINDS`), a pruning pass per group
@@ -459,8 +461,8 @@ class Evaluator:
         skipped = known is None and self.lc_ms is not None and latency_ms > self.lc_ms
         metric, robust = known or ((math.nan, math.nan) if skipped else self.metric(steps))
         values = {"metric": metric, "latency": latency_ms, "throughput": len(self.examples) / pace,
-                  "energy": energy_mj,
-                  "area": max(resources.values()) if resources else 1.0, "robustness": robust,
+                  "energy": energy_mj, "area": max(resources.values()) if resources else 1.0,
+                  **{k.lower(): resources.get(k, 1.0) for k in ("LUT", "FF", "DSP", "BRAM")}, "robustness": robust,
                   "price": target.device.price_usd}
         return Outcome(dict(params), steps, values, latency_ms, energy_mj, resources, skipped)
 

@@ -200,6 +200,7 @@ def test_explore_resumes_without_repeating_an_evaluation_and_reports(digits, tmp
     # the fixed device's area is a whole chip; an accelerator's a fraction of the part
     assert {p.values["area"] for p in points if p.params["device"] == "jetson"} == {1.0}
     assert all(0 < p.values["area"] < 1 for p in points if p.params["device"] == FPGA)
+    assert all(p.values["area"] == max(p.values[r] for r in ("lut", "ff", "dsp", "bram")) for p in points)
     assert (report / "report.html").is_file() and (report / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((report / "explore.json").read_text())["evaluated"] == 8
     # tcc compile --target auto compiles the point the exploration chose under the same constraints

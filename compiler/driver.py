@@ -24,7 +24,8 @@ from tcc.runtime.torch_executor import TorchExecutor
 from ._version import __version__
 from .model import DataSpec, example_arrays, example_dataset, fitted_dataset, lower, source_paths
 from .report import render as render_report
-from .select import PREFIX, Selection, Setting, default_settings, parse_accuracy, parse_latency, select
+from .select import (PREFIX, Selection, Setting, canonical, default_settings, parse_accuracy, parse_latency,
+                     select)
 from .targets import Target, candidates, load_catalog, price_all
 from .targets.backends import BACKENDS
 from .targets.calibration import cost_devices
@@ -126,8 +127,7 @@ def _explored(study: str, catalog: dict[str, Target], model: Any, example_inputs
         raise TccError("--settings goes with --target auto without --study (the study's points are its settings)")
     if accel is not None:
         raise TccError("--accel goes with a named target (with --study, the explored point gives the accelerator)")
-    base = run_pipeline(lower(model, example_inputs, **lower_kw)[0], parse_pipeline(PREFIX), PassContext())
-    point, space, reason = explored_choice(study, base, lc_ms, ac)
+    point, space, reason = explored_choice(study, canonical(lower(model, example_inputs, **lower_kw)[0]), lc_ms, ac)
     named = explored_target(point, space, catalog)
     return Resolved(_fitted(named, None, synth), tuple(parse_pipeline(",".join((PREFIX,) + point.steps))),
                     {named.name: named}, reason=f"--study {study}: {reason}")

@@ -296,9 +296,14 @@ def prepare(model: Any, example_inputs: Any, data: Dataset, train: Dataset | Non
     example = example_dataset(graph, example_arrays(signature, examples))
     if example is None:
         raise TccError(f"{what} needs example inputs (the model file's, or --input-shape)")
-    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
+    base = canonical(graph)
     return base, example, data.fit(base, "evaluation data"), \
         train.fit(base, "training data") if train is not None else None
+
+
+def canonical(graph: Graph) -> Graph:
+    """A lowered model in the form every setting and exploration starts from (`PREFIX`)."""
+    return run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
 
 
 def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: float, ac: float,
@@ -313,5 +318,6 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: floa
 
 
 __all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select", "prepare",
+           "canonical",
            "run_on_ray",
            "parse_latency", "parse_accuracy", "accuracy"]

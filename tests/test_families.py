@@ -169,6 +169,31 @@ def test_an_op_of_a_decomposition_names_the_users_call():
         tcc.compile(Decomposed(), (torch.randn(2, 8),))
 
 
+class WritesAliasedBuffer(nn.Module):
+    """Writes its buffer in place through a view kept as a plain attribute: a non-strict export
+    lifts the view as a constant aliasing the buffer, which torch cannot decompose."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(4, 8))
+        self.window = self.cache[1:3]
+
+    def forward(self, x):
+        self.window.copy_(x)
+        return self.cache * 2
+
+
+def test_a_program_torch_cannot_decompose_is_a_clear_error():
+    """Neither lowered as exported nor decomposable: one TccError naming the op and torch's
+    reason (it was an AssertionError from torch, reported as a bug in tcc)."""
+    ep = torch.export.export(WritesAliasedBuffer(), (torch.randn(2, 8),), strict=False)
+    with pytest.raises(tcc.TccError) as caught:
+        tcc.compile(ep)
+    message = str(caught.value)
+    assert message.startswith("unsupported op aten.copy_.default at node 'copy_' (") and "\n" not in message
+    assert "; torch cannot decompose the program either (AssertionError: " in message
+
+
 def test_every_unsupported_op_is_named_at_once():
     """One line: each unsupported op with its first node and the model's line (here, this file),
     and how many more nodes have it; ops downstream of one are not reported again."""

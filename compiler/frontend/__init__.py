@@ -88,7 +88,13 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") 
         for op in KEPT_WHOLE:
             table.pop(getattr(torch.ops.aten, op).default, None)
         try:
-            return _lower_program(ep.run_decompositions(table), name)
+            decomposed_ep = ep.run_decompositions(table)
+        except Exception as e:  # torch cannot trace it again (e.g. in-place writes to aliased buffers)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UnsupportedError(f"{as_exported}; torch cannot decompose the program either ({type(e).__name__}: "
+                                   f"{reason[:300]})", as_exported.missing) from None
+        try:
+            return _lower_program(decomposed_ep, name)
         except UnsupportedError as decomposed:  # a converter's own refusal says more than its decomposition's
             raise (decomposed if as_exported.missing else as_exported) from None
 

@@ -103,7 +103,7 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
     ac_value = None if ac is None else parse_accuracy(ac) if isinstance(ac, str) else float(ac)
     if study is not None:
         return _explored(study, catalog, model, example_inputs, lower_kw or {}, lc_ms, ac_value, accel, synth,
-                         settings)
+                         settings, train_data)
     if lc is None or ac is None or eval_data is None:
         raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`), or --study and --lc or "
                        "--ac (an exploration's points)")
@@ -120,17 +120,23 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
 
 
 def _explored(study: str, catalog: dict[str, Target], model: Any, example_inputs: Any, lower_kw: dict,
-              lc_ms: float | None, ac: float | None, accel: str | None, synth: bool, settings) -> Resolved:
+              lc_ms: float | None, ac: float | None, accel: str | None, synth: bool, settings,
+              train_data: DataSpec) -> Resolved:
     """`--target auto --study`: the exploration's point under the constraints, its target and passes."""
-    from .explore import explored_choice, explored_target
+    from tcc.passes.finetune import TrainingOptions
+
+    from .explore import explored_choice, setting_name
     if settings is not None:
         raise TccError("--settings goes with --target auto without --study (the study's points are its settings)")
     if accel is not None:
         raise TccError("--accel goes with a named target (with --study, the explored point gives the accelerator)")
-    point, space, reason = explored_choice(study, canonical(lower(model, example_inputs, **lower_kw)[0]), lc_ms, ac)
-    named = explored_target(point, space, catalog)
-    return Resolved(_fitted(named, None, synth), tuple(parse_pipeline(",".join((PREFIX,) + point.steps))),
-                    {named.name: named}, reason=f"--study {study}: {reason}")
+    point, named, reason, trained = explored_choice(study, canonical(lower(model, example_inputs, **lower_kw)[0]),
+                                                    catalog, lc_ms, ac)
+    passes = tuple(parse_pipeline(",".join((PREFIX,) + point.steps)))
+    if trained and train_data is None and any(isinstance(p, TrainingOptions) for p in passes):
+        raise TccError(f"--study {study}: the exploration fine-tuned {setting_name(point.params)} on its training "
+                       "data: give that file as --train-data to compile the point as it was explored")
+    return Resolved(_fitted(named, None, synth), passes, {named.name: named}, reason=f"--study {study}: {reason}")
 
 
 def _unknown_target(name: str, catalog: dict[str, Target]) -> Target:

@@ -189,7 +189,7 @@ def load_space(path: str | os.PathLike, targets: Mapping[str, Target]) -> Space:
     for d in devices:
         if d not in targets:
             raise _unknown(f"{where}: devices", str(d), list(targets))
-    bases = _values(f"{where}: base", raw["base"]) if "base" in raw else ()
+    bases = _values(f"{where}: base", raw["base"]) if raw.get("base", "") != "" else ()  # "": none
     if "hardware" in raw and not bases:
         raise SpaceError(f"{where}: hardware: give the FPGA target it starts from as base")
     for base in bases:
@@ -418,7 +418,8 @@ class Evaluator:
         if params["device"] != FPGA:
             return self.targets[params["device"]]
         hardware = {p.name: params[p.name] for p in self.space.hardware}
-        return self.targets[params.get("base", self.space.bases[0])].with_accel(_overrides(hardware))
+        base = params["base"] if len(self.space.bases) > 1 else self.space.bases[0]
+        return self.targets[base].with_accel(_overrides(hardware))
 
     def graph(self, steps: tuple[str, ...], trained: bool = True) -> Graph:
         """The model compiled by `steps` (fine-tuned on the training data, or with `trained`
@@ -525,20 +526,22 @@ def open_study(store: str, space: Space, model: str, seed: int = 0, budget: int 
     return study
 
 
-def read_study(store: str) -> tuple[dict, str, list[Outcome]]:
-    """(the space as JSON, the model's fingerprint, the evaluated points) of the exploration in
+def read_study(store: str) -> tuple[dict, dict[str, Any], list[Outcome]]:
+    """(the space as JSON, the study's attributes, the evaluated points) of the exploration in
     `store`, read only: a TccError when there is none."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage_url(store)
+    missing = TccError(f"--study {store}: no exploration there (run `tcc explore ... --study {store}` first)")
     if "://" not in store and not (Path(store) / "study.db").is_file():
-        raise TccError(f"--study {store}: no exploration there (run `tcc explore ... --study {store}` first)")
+        raise missing
     try:
-        study = optuna.load_study(study_name=STUDY, storage=url)
+        study = optuna.load_study(study_name=STUDY, storage=storage_url(store))
     except KeyError:
-        raise TccError(f"--study {store}: no exploration there (run `tcc explore ... --study {store}` first)") from None
+        raise missing from None
+    except Exception as e:  # a database URL that does not open
+        raise TccError(f"--study {store}: cannot open the study ({type(e).__name__}: {e})") from None
     attrs = study.user_attrs
-    return json.loads(attrs.get("space", "{}")), attrs.get("model", ""), _points(study)
+    return json.loads(attrs.get("space", "{}")), attrs, _points(study)
 
 
 def _points(study) -> list[Outcome]:
@@ -547,29 +550,70 @@ def _points(study) -> list[Outcome]:
             for t in _evaluated(study).values() if "outcome" in t.user_attrs]
 
 
-def explored_choice(store: str, base: Graph, lc_ms: float | None, ac: float | None) -> tuple[Outcome, dict, str]:
-    """The point of the exploration in `store` that `choose` takes under `lc_ms` / `ac`, the
-    space it was found in (JSON) and the reason: a TccError for a study of another model, or
-    when no point meets the constraints."""
-    space, model, points = read_study(store)
-    if model != fingerprint(base):
-        raise TccError(f"--study {store}: the study explores another model ({model}, this one is "
+def explored_choice(store: str, base: Graph, targets: Mapping[str, Target], lc_ms: float | None,
+                    ac: float | None) -> tuple[Outcome, Target, str, bool]:
+    """The point of the exploration in `store` that `choose` takes under `lc_ms` / `ac` (those
+    whose accelerator `--synth` found too large for its part aside), its target, the reason,
+    and whether the exploration fine-tuned its settings: a TccError for a study of another
+    model, one without points, or when no point meets the constraints."""
+    space, attrs, points = read_study(store)
+    if attrs.get("model") != fingerprint(base):
+        raise TccError(f"--study {store}: the study explores another model ({attrs.get('model')}, this one is "
                        f"{fingerprint(base)})")
     if lc_ms is None and ac is None:
         raise TccError(f"--study {store}: give --lc and/or --ac to choose among the exploration's points")
-    chosen, _closest, reason = choose(points, lc_ms, ac)
+    synthesized = _synthesis_of(attrs)
+    live = [p for p in (_with_synthesis(p, space, targets, synthesized) for p in points) if p and not p.skipped]
+    if not live:
+        raise TccError(f"--study {store}: the exploration has no point to choose (run `tcc explore` on it)")
+    chosen, _closest, reason = choose(live, lc_ms, ac, attrs.get("score", "accuracy"))
     if chosen is None:
         raise TccError(f"--study {store}: {reason}")
-    return chosen, space, reason
+    return chosen, explored_target(chosen, space, targets), reason, bool(attrs.get("trained"))
 
 
 def explored_target(point: Outcome, space: Mapping, targets: Mapping[str, Target]) -> Target:
-    """The target of an explored point: its catalog device, or the space's base FPGA with the
-    point's accelerator."""
+    """The target of an explored point: its catalog device, or the space's base FPGA (the
+    point's `base` where the space has several) with the point's accelerator."""
     if point.params["device"] != FPGA:
-        return targets[point.params["device"]]
-    hardware = {k: point.params[k] for k in space.get("hardware", {})}
-    return targets[point.params.get("base", space["base"])].with_accel(_overrides(hardware))
+        name = point.params["device"]
+    else:
+        bases = space["base"] if isinstance(space["base"], list) else [space["base"]]
+        name = point.params.get("base", bases[0] if len(bases) == 1 else None)
+        if name is None:
+            raise TccError(f"the point {describe(point)} names none of the space's FPGA targets ({', '.join(bases)})")
+    if name not in targets:
+        raise TccError(f"target '{name}' of the exploration is not in the catalog (give the exploration's "
+                       f"--targets-file)")
+    if point.params["device"] != FPGA:
+        return targets[name]
+    return targets[name].with_accel(_overrides({k: point.params[k] for k in space.get("hardware", {})}))
+
+
+def _config_key(target: Target) -> str:
+    """What a synthesis is of: the part and the accelerator's config."""
+    return json.dumps({"part": target.part.name, "accel": target.accel.to_json()}, sort_keys=True)
+
+
+def _synthesis_of(attrs: Mapping[str, Any]) -> dict[str, dict]:
+    """Yosys' counts kept in a study's attributes, by `_config_key`."""
+    return {k.removeprefix("synthesis "): v for k, v in attrs.items() if k.startswith("synthesis ")}
+
+
+def _with_synthesis(point: Outcome, space: Mapping, targets: Mapping[str, Target],
+                    synthesized: Mapping[str, dict]) -> Outcome | None:
+    """`point` with yosys' resources where its accelerator was synthesized (None: yosys found it
+    too large for its part); as it is otherwise."""
+    if point.params["device"] != FPGA or point.synthesized:
+        return point
+    target = explored_target(point, space, targets)
+    counts = synthesized.get(_config_key(target))
+    if counts is None:
+        return point
+    if target.part.overflow(counts) is not None:
+        return None
+    have = target.part.resources()
+    return dataclasses.replace(point, synthesized={k: counts[k] / have[k] for k in have})
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -740,8 +784,10 @@ def choose(points: Sequence[Outcome], lc_ms: float | None, ac: float | None, sco
     """(chosen, closest, reason): the cheapest point meeting latency <= lc_ms and metric >= ac,
     then the fastest; when none does, the one missing them least."""
     live = [p for p in points if not p.skipped]
-    if not live or lc_ms is None and ac is None:
+    if lc_ms is None and ac is None:
         return None, None, "no constraints given (--lc, --ac): the Pareto set is the result"
+    if not live:
+        return None, None, "no point to choose from (none evaluated, or every one past the latency constraint)"
     lc, floor = lc_ms if lc_ms is not None else math.inf, ac if ac is not None else -math.inf
 
     def shortfall(p: Outcome) -> float:
@@ -758,31 +804,33 @@ def choose(points: Sequence[Outcome], lc_ms: float | None, ac: float | None, sco
 
 
 def synthesize_front(points: Sequence[Outcome], space: Space, targets: Mapping[str, Target], study,
+                     lc_ms: float | None = None, ac: float | None = None, score: str = "accuracy",
                      progress: bool = False) -> tuple[list[Outcome], list[Outcome]]:
-    """(points, Pareto set) with yosys' resources on every accelerator of the Pareto set: each
-    config synthesized once (kept in the study's attributes, so a resumed run does not repeat
-    it), a point whose accelerator yosys finds too large for its part dropped, and the set
-    recomputed until each of its accelerators is synthesized."""
+    """(points, Pareto set) with yosys' resources on every accelerator of the Pareto set and on
+    the point chosen under `lc_ms` / `ac`: each config synthesized once (kept in the study's
+    attributes, so a resumed run does not repeat it), every point whose accelerator yosys finds
+    too large for its part dropped, and the set and the choice recomputed until each of their
+    accelerators is synthesized."""
     from tqdm.auto import tqdm
-    done = {k.removeprefix("synthesis "): v for k, v in study.user_attrs.items() if k.startswith("synthesis ")}
-    points = list(points)
+    done = _synthesis_of(study.user_attrs)
+    spec = space.to_json()
     with tqdm(desc="yosys", unit="config", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         while True:
+            points = [p for p in (_with_synthesis(p, spec, targets, done) for p in points) if p is not None]
             front = pareto_front(points, space.objectives)
-            todo = [p for p in front if p.params["device"] == FPGA and not p.synthesized]
+            chosen = choose(points, lc_ms, ac, score)[0]
+            todo = {}
+            for p in front + ([chosen] if chosen is not None else []):
+                if p.params["device"] == FPGA and not p.synthesized:
+                    target = explored_target(p, spec, targets)
+                    todo[_config_key(target)] = (target, p)
             if not todo:
                 return points, front
-            for p in todo:
-                target = explored_target(p, space.to_json(), targets)
-                key = json.dumps({"part": target.part.name, "accel": target.accel.to_json()}, sort_keys=True)
-                if key not in done:
-                    _log.info("synthesizing %s's accelerator for the Pareto set", describe(p))
-                    done[key] = synthesize_target(target)
-                    study.set_user_attr(f"synthesis {key}", done[key])
-                    bar.update()
-                have = target.part.resources()
-                points[points.index(p)] = dataclasses.replace(p, synthesized={k: done[key][k] / have[k] for k in have})
-            points = [p for p in points if not p.synthesized or max(p.synthesized.values()) <= 1]
+            for key, (target, p) in todo.items():
+                _log.info("synthesizing %s's accelerator", describe(p))
+                done[key] = synthesize_target(target)
+                study.set_user_attr(f"synthesis {key}", done[key])
+                bar.update()
 
 
 def setting_name(params: Mapping[str, Any]) -> str:
@@ -855,13 +903,16 @@ def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Sp
     else:
         raise TccError(f"--executor: unknown executor '{executor}' (inline, local or ray)")
     study = open_study(store, space, model, seed)
+    study.set_user_attr("score", data.task.score_name)  # for tcc compile --study
+    study.set_user_attr("trained", train is not None)
     points = _points(study)
+    evaluated = len(points)
     front = pareto_front(points, space.objectives)
     if synth:
-        points, front = synthesize_front(points, space, targets, study, progress)
+        points, front = synthesize_front(points, space, targets, study, lc_ms, ac, data.task.score_name, progress)
     points, front = tuple(points), tuple(front)
     chosen, closest, reason = choose(points, lc_ms, ac, data.task.score_name)
-    return Exploration(space, points, front, chosen, closest, reason, len(points), time.perf_counter() - start,
+    return Exploration(space, points, front, chosen, closest, reason, evaluated, time.perf_counter() - start,
                        data.task.score_name)
 
 

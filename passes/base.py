@@ -67,10 +67,13 @@ class Range:
                 and (value <= self.high if self.high_closed else value < self.high))
 
 
-def option(default: Any, help: str, *, within: str | None = None) -> Any:
+def option(default: Any, help: str, *, within: str | None = None,
+           check: Callable[[Any], str | None] | None = None) -> Any:
     """Declare a pass option: a dataclass field with a default, one line of help and, for a
-    number, the interval it must lie in (`within="[0, 1)"`)."""
-    return field(default=default, metadata={"help": help, **({"range": Range.parse(within)} if within else {})})
+    number, the interval it must lie in (`within="[0, 1)"`); `check(value)` says what is wrong
+    with a value (None: nothing), when the pass is made."""
+    return field(default=default, metadata={"help": help, **({"range": Range.parse(within)} if within else {}),
+                                            **({"check": check} if check else {})})
 
 
 class TorchModuleFactory(Protocol):
@@ -157,6 +160,8 @@ class Pass:
     def __post_init__(self) -> None:
         for f in self.options():
             value, limits = getattr(self, f.name), f.metadata.get("range")
+            if (check := f.metadata.get("check")) is not None and (problem := check(value)) is not None:
+                raise self.fail(f.name, problem)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if limits is not None and value not in limits:

@@ -72,7 +72,8 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
     `options.distill`, and with `options.hidden` the hidden states' distillation (`hidden_states`:
     the values both graphs compute under one name, of layer norms and softmaxes).
     `on_step(step, total, module)` runs before each step (pruning schedules update masks
-    there). Returns the trained torch executor."""
+    there). Weights pruned before (a sparsity structure in their type) and without a transform
+    of their own keep their zeros (a fixed mask). Returns the trained torch executor."""
     factory = ctx.require_torch(desc)
     distilling = options.distill and teacher is not None
     hidden = hidden_states(graph, teacher) if distilling and options.hidden else []
@@ -81,7 +82,9 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
     for name in hidden:
         record = _Record(taken, f"student {name}")
         transforms[name] = nn.Sequential(transforms[name], record) if name in transforms else record
-    module = factory(graph, ctx.device, trainable=True, weight_transforms=weight_transforms,
+    kept = {n: Mask(np.asarray(graph.weights[n]) != 0) for n, t in graph.constants
+            if t.dtype.is_float and t.sparsity is not None and n not in (weight_transforms or {})}
+    module = factory(graph, ctx.device, trainable=True, weight_transforms=kept | dict(weight_transforms or {}),
                      activation_transforms=transforms)
     teacher_module = factory(teacher, ctx.device, activation_transforms={
         name: _Record(taken, f"teacher {name}") for name in hidden}) if distilling else None

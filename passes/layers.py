@@ -64,7 +64,7 @@ from typing import Callable, Literal
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, Op
 
-from .base import OptionError, option
+from .base import option
 
 LayerKind = Literal["qkv", "attn_out", "ffn1", "ffn2", "other"]
 LAYER_KINDS: tuple[str, ...] = ("qkv", "attn_out", "ffn1", "ffn2", "other")
@@ -329,6 +329,14 @@ def select_layers(graph: Graph, pattern: str, *, keep_head: bool, pass_name: str
                               float_only=float_only).chosen)
 
 
+def _kinds_problem(kinds: str) -> str | None:
+    """What is wrong with a `kinds` option's value (None: nothing)."""
+    unknown = [k for k in kinds.split("+") if k not in LAYER_KINDS]
+    if kinds != "all" and unknown:
+        return f"unknown layer kind '{unknown[0]}' (all, or kinds joined by '+': {', '.join(LAYER_KINDS)})"
+    return None
+
+
 @dataclass(frozen=True)
 class LayerOptions:
     """Options shared by the passes that compress chosen linear layers."""
@@ -340,7 +348,7 @@ class LayerOptions:
                                     "attention) uncompressed")
 
     kinds: str = option("all", "layer kinds to compress: all, or kinds joined by '+' (qkv, attn_out, ffn1, "
-                               "ffn2, other), e.g. ffn1+ffn2: a ratio per kind is a pass per kind")
+                               "ffn2, other), e.g. ffn1+ffn2", check=_kinds_problem)
 
     def layer_choice(self, graph: Graph, pass_name: str) -> LayerChoice:
         choice = choose_layers(graph, self.layers, keep_head=self.keep_head, keep_input=self.keep_input,
@@ -348,10 +356,6 @@ class LayerOptions:
         if self.kinds == "all":
             return choice
         wanted = self.kinds.split("+")
-        for kind in wanted:
-            if kind not in LAYER_KINDS:
-                raise OptionError(pass_name, "kinds", f"unknown layer kind '{kind}' (all, or kinds joined by '+': "
-                                                      f"{', '.join(LAYER_KINDS)})")
         return choice.skip(lambda layer: None if layer.kind in wanted else f"kind {layer.kind}, kinds={self.kinds}")
 
     def layers_to_structure(self, graph: Graph, pass_name: str, structure: object) -> LayerChoice:

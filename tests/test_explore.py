@@ -46,7 +46,9 @@ def _space(tmp_path, **changes) -> str:
     space = json.loads(json.dumps(SPACE))
     for key, value in changes.items():
         section, _, name = key.partition(".")
-        if not name:
+        if not name and value is None:
+            del space[section]
+        elif not name:
             space[section] = value
         elif value is None:
             del space[section][name]
@@ -228,16 +230,23 @@ def test_synth_checks_each_accelerator_of_the_pareto_set_once(digits, tmp_path, 
         return {"LUT": lut, "FF": 1, "DSP": 1, "BRAM": 1, "URAM": 0, "seconds": 0.0}
 
     monkeypatch.setattr("tcc.explore.synthesize_target", yosys)
-    space = _space(tmp_path, compression={"int_nonlinear": [True]})  # 3 points: two arrays, the jetson
+    space = _space(tmp_path, compression={"int_nonlinear": [True]}, devices=None)  # 2 points: the arrays
+    study = tmp_path / "study"
     args = ["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--space", space,
-            "--study", str(tmp_path / "study"), "--budget", "3", "--sampler", "grid", "--synth", "--json"]
+            "--study", str(study), "--budget", "2", "--sampler", "grid", "--synth", "--lc", "1s", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert sorted(calls) == [8, 16]  # each config once; the 16x16 was on the estimate's front
+    assert result["evaluated"] == 2  # the dropped point was evaluated all the same
     accelerators = [p for p in result["pareto"] if p["params"]["device"] == FPGA]
     assert accelerators and all(p["params"]["array"] == 8 and p["synthesized"]["LUT"] == 0.5 for p in accelerators)
-    assert result["chosen"] is None or result["chosen"]["params"].get("array") != 16
+    assert result["chosen"]["params"]["array"] == 8  # the 16x16, as cheap and faster, does not fit
     assert main(args) == 0 and sorted(calls) == [8, 16]  # resumed: the study keeps yosys' counts
+    # tcc compile --study takes yosys' verdicts too
+    out = tmp_path / "out"
+    assert main(["compile", str(digits / "model.pt2"), "--target", "auto", "--study", str(study), "--lc", "1s",
+                 "-o", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["target"]["accel"]["rows"] == 8
 
 
 def test_the_workers_progress_is_read_from_the_store(tmp_path, capsys):
@@ -248,6 +257,20 @@ def test_the_workers_progress_is_read_from_the_store(tmp_path, capsys):
             study.add_trial(optuna.trial.create_trial(values=[0.5] * 5, user_attrs={"key": key}))
         time.sleep(0.5)
     assert "2/4" in capsys.readouterr().err
+
+
+def test_compiling_a_fine_tuned_exploration_needs_its_training_data(digits, tmp_path, capsys):
+    space = _space(tmp_path, base="", hardware=None, devices=["jetson"],
+                   compression={"prune": ["hp"], "sparsity": [0.5]})  # one point, pruned and fine-tuned
+    study = tmp_path / "study"
+    assert main(["explore", str(digits / "model.pt2"), "--data", str(digits / "test.pt"), "--train-data",
+                 str(digits / "test.pt"), "--space", space, "--study", str(study), "--budget", "1"]) == 0
+    capsys.readouterr()
+    assert main(["compile", str(digits / "model.pt2"), "--target", "auto", "--study", str(study), "--lc", "1s",
+                 "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the exploration fine-tuned hp50-int8 on its training data: give that file as --train-data" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_study_of_another_model_is_refused(digits, tmp_path, capsys):

@@ -227,6 +227,23 @@ def test_gradual_pruning_with_data_recovers_accuracy():
     assert accuracy(tuned) >= accuracy(graph) - 0.1
 
 
+def test_training_after_pruning_keeps_the_pruned_weights_zeros():
+    """A second pruning pass (other layer kinds, fine-tuned) trains every float weight: the
+    first pass's weights keep their structure (they failed the verifier before)."""
+    torch.manual_seed(0)
+    model, inputs = built("transformer-encoder")
+    graph = tcc.compile(model, inputs).graph
+    x = inputs[0].repeat(4, *([1] * (inputs[0].dim() - 1)))
+    data = Dataset((x,), torch.randint(0, 10, (x.shape[0],)), "toy")
+    pipeline = ("hp-prune{sparsity=0.5,block=8x8,kinds=qkv+attn_out,epochs=1},"
+                "hp-prune{sparsity=0.9,block=8x8,kinds=ffn1+ffn2,epochs=1}")
+    pruned = run_pipeline(graph, parse_pipeline(pipeline), PassContext(torch_module=TorchExecutor,
+                                                                       data={"train": data}))
+    for n, t in verify(pruned).constants:
+        if t.sparsity is not None:
+            assert hp_structure_exact(np.asarray(pruned.weights[n]), 8, 8, t.sparsity.row_nnz), n
+
+
 def test_bad_training_data_is_a_clear_error():
     graph = tcc.compile(*built("transformer-encoder")).graph
     batch = graph.inputs[0][1].shape

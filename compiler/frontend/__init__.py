@@ -90,7 +90,7 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") 
         try:
             decomposed_ep = ep.run_decompositions(table)
         except Exception as e:  # torch cannot trace it again (e.g. in-place writes to aliased buffers)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise UnsupportedError(f"{as_exported}; torch cannot decompose the program either ({type(e).__name__}: "
                                    f"{reason[:300]})", as_exported.missing) from None
         try:

@@ -57,8 +57,8 @@ def digits(args) -> tuple:
     import torch
 
     from tcc.model import example_arrays, example_dataset, lower
-    from tcc.passes import Dataset, PassContext, parse_pipeline, run_pipeline
-    from tcc.select import PREFIX
+    from tcc.passes import Dataset
+    from tcc.select import canonical
     from tcc.zoo import digits_data, train_digits
 
     torch.set_num_threads(1)
@@ -66,7 +66,7 @@ def digits(args) -> tuple:
     model = train_digits(x_train, y_train).eval()
     graph, signature, examples, _ = lower(model, (x_test[:args.batch],))
     example = example_dataset(graph, example_arrays(signature, examples))
-    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
+    base = canonical(graph)
     test = Dataset((x_test,), y_test, "digits test").fit(base)
     train = None if args.no_train else Dataset((x_train,), y_train, "digits train").fit(base)
     return "digits", base, example, test, train
@@ -83,8 +83,7 @@ def speech(args) -> tuple:
 
     from tcc.data import load_dataset
     from tcc.model import example_arrays, example_dataset, lower
-    from tcc.passes import PassContext, parse_pipeline, run_pipeline
-    from tcc.select import PREFIX
+    from tcc.select import canonical
 
     torch.set_num_threads(1)
     if not (args.speech_dir / "model.pt2").is_file():
@@ -92,7 +91,7 @@ def speech(args) -> tuple:
                         str(args.speech_dir)], check=True)
     graph, signature, examples, _ = lower(str(args.speech_dir / "model.pt2"))
     example = example_dataset(graph, example_arrays(signature, examples))
-    base = run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
+    base = canonical(graph)
     test = load_dataset(args.speech_dir / "corpus" / "test.pt", base, what="speech test")
     test = dataclasses.replace(test, inputs=tuple(x[:64] for x in test.inputs), labels=test.labels[:64])
     train = None if args.no_train else load_dataset(args.speech_dir / "corpus" / "train.pt", base,

@@ -377,6 +377,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tcc: error: {printable(message)} (see `{self.prog} --help`)\n")
 
 
+def _model_arguments(p: argparse.ArgumentParser, shape: str) -> None:
+    """--input-shape, --arch and --trust-pickle: how a model file is read (`shape`: the example)."""
+    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
+                   help=f"example input shape, e.g. {shape} (repeat per input)")
+    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+
+
 def _task_arguments(p: argparse.ArgumentParser) -> None:
     """--task and --vocab: what the data files' labels are, over the files' own "task" and "vocab"."""
     p.add_argument("--task", metavar="TASK", help="the data's task (default: the file's 'task', else "
@@ -432,10 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "of this `tcc explore` study (its device, accelerator and "
                                                       "compression) instead of exploring")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
-                   help="example input shape, e.g. 1x128:i64 (repeat per input)")
-    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
-    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+    _model_arguments(p, "1x128:i64")
     p.add_argument("--frontend", choices=("export", "fx"), default="export",
                    help="capture with torch.export (default) or torch.fx.symbolic_trace")
     p.add_argument("--pipeline", metavar="SPEC",
@@ -538,10 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", metavar="NAME,...", help="explore only these compression settings (default: all; "
                                                            "e.g. fp32,int8,hp75-16x16-int8,w1a8-int8)")
     p.add_argument("--report", metavar="DIR", help="write report.html, pareto.png and selection.json into DIR")
-    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
-                   help="example input shape, e.g. 1x8x8 (repeat per input)")
-    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
-    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+    _model_arguments(p, "1x8x8")
     p.add_argument("--json", action="store_true", help="print {device, setting, latency_ms, accuracy, points, ...}")
     p.set_defaults(func=cmd_select)
     p = command("explore", "search the accelerator's configuration and the model's compression together "
@@ -570,10 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthesize the Pareto set's accelerators with yosys (minutes each; kept in the study): "
                         "their LUT/FF/DSP/BRAM, and a point whose accelerator does not fit its part dropped")
     p.add_argument("--report", metavar="DIR", help="write report.html, pareto.png and explore.json into DIR")
-    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
-                   help="example input shape, e.g. 1x8x8 (repeat per input)")
-    p.add_argument("--arch", help="module:Class giving the architecture of a state_dict")
-    p.add_argument("--trust-pickle", action="store_true", help="allow full pickles (runs code from the file)")
+    _model_arguments(p, "1x8x8")
     p.add_argument("--json", action="store_true", help="print the Pareto set, the choice and every point as JSON")
     p.set_defaults(func=cmd_explore)
     return parser

@@ -325,6 +325,11 @@ def _compression(where: str, raw: Any) -> tuple[Param, ...]:
     return tuple(sorted(params, key=lambda p: list(COMPRESSION).index(p.name.split(".")[0])))
 
 
+def kind_ratios(setting: Mapping[str, Any]) -> dict[str, float]:
+    """A setting's prune ratio per layer-kind group (`sparsity.GROUP` parameters), by group."""
+    return {k.split(".")[1]: v for k, v in setting.items() if k.startswith("sparsity.")}
+
+
 def setting_steps(compression: Mapping[str, Any], tile: tuple[int, int]) -> tuple[str, ...]:
     """The pipeline steps of a compression setting, the prune block the device's tile."""
     steps = []
@@ -334,7 +339,7 @@ def setting_steps(compression: Mapping[str, Any], tile: tuple[int, int]) -> tupl
         steps.append(f"binarize{{mode={mode},tws={str(bool(compression.get('tws', False))).lower()}}}")
     elif prune != "none":
         name = "hp-prune" if prune == "hp" else "block-prune"
-        groups = {k.split(".")[1]: v for k, v in compression.items() if k.startswith("sparsity.")}
+        groups = kind_ratios(compression)
         if groups:  # a ratio per layer kind: a pass per group
             steps += [f"{name}{{sparsity={v},block={block},kinds={KIND_GROUPS[g]}}}" for g, v in groups.items()]
         else:
@@ -840,7 +845,7 @@ def setting_name(params: Mapping[str, Any]) -> str:
         parts = [mode] + (["tws"] if params.get("tws") else [])
     else:
         prune = params.get("prune", "none")
-        groups = {k.split(".")[1]: v for k, v in params.items() if k.startswith("sparsity.")}
+        groups = kind_ratios(params)
         ratios = "-".join(f"{g}{round(100 * v)}" for g, v in groups.items()) if groups else \
             round(100 * params.get("sparsity", 0.75))
         parts = ([f"{prune}{'-' if groups else ''}{ratios}"] if prune != "none" else []) + \
@@ -927,4 +932,4 @@ def explore_model(model: Any, data: Dataset, targets: Mapping[str, Target], spac
 
 __all__ = ["Space", "Param", "Outcome", "Exploration", "Evaluator", "load_space", "explore", "explore_model",
            "pareto_front", "dominates", "choose", "flip_bits", "noisy", "setting_steps", "setting_name", "relevant",
-           "describe", "device_label", "synthesize_front", "read_study", "explored_choice", "explored_target"]
+           "describe", "device_label", "kind_ratios", "synthesize_front", "read_study", "explored_choice", "explored_target"]

@@ -201,6 +201,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import tcc
+    from tcc.runtime.generate import generate
+    from tcc.runtime.outputs import check_new_file, write_file
+    artifact = tcc.load(args.artifact)
+    prompt = _load_inputs(args.input)
+    if isinstance(prompt, dict):
+        prompt = list(prompt.values())
+    if isinstance(prompt, (tuple, list)) and len(prompt) == 1 and not isinstance(prompt[0], int):
+        prompt = prompt[0]
+    if isinstance(prompt, (tuple, list)) and not all(type(t) is int for t in prompt):
+        raise TccError(f"{args.input}: holds {len(prompt)} values; the prompt is one tensor of token ids "
+                       "[length] or [batch, length]")
+    if args.output:
+        check_new_file(Path(args.output))
+    if args.on in ("sim", "rtl"):
+        artifact.executor(args.on).progress = False
+    result = generate(artifact, prompt, args.max_new_tokens, on=args.on, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, eos_token_id=args.eos)
+    if args.output:
+        write_file(Path(args.output), lambda f: torch.save(result.tokens, f))
+    rate = f"{result.decode_tokens_per_s:,.1f} tokens/s" if result.decode_tokens_per_s else "one token"
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for row in result.new_tokens.tolist():
+            print(" ".join(map(str, row)))
+        print(f"{args.on}: {result.new_tokens.shape[1]} new tokens after {result.prompt_length}; time to first token "
+              f"{result.time_to_first_token_s * 1e3:.1f} ms, then {rate}"
+              + (f" -> {args.output}" if args.output else ""), file=sys.stderr if args.quiet else sys.stdout)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import tcc
     from tcc.ir.analysis import describe
@@ -492,6 +527,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "instruction counts")
     p.add_argument("-o", "--output", help="save outputs with torch.save to this file")
     p.set_defaults(func=cmd_run)
+
+    p = command("generate", "generate tokens with a decoder's decode-step artifact (its KV cache carried from "
+                "step to step)",
+                "examples:\n  tcc generate out/ --input prompt_ids.pt --max-new-tokens 20\n"
+                "  tcc generate out/ --input prompt_ids.npy --max-new-tokens 20 --temperature 0.8 --top-k 40 "
+                "--seed 1 -o tokens.pt\n\n"
+                "The artifact is a decode step with a static cache, e.g. transformers'\n"
+                "TorchExportableModuleForDecoderOnlyLM(model, max_cache_len=...).export(...) saved with\n"
+                "torch.export.save and compiled with `tcc compile`. The prompt is fed a token at a time.")
+    p.add_argument("artifact", help="artifact directory of a decode step (from tcc compile)")
+    p.add_argument("--input", required=True, metavar="PROMPT", help="prompt token ids [length] or [batch, length]: "
+                                                                    ".npy, .npz or a torch.save file")
+    p.add_argument("--max-new-tokens", required=True, type=int, metavar="N", help="tokens to generate")
+    p.add_argument("--on", choices=("cpu", "gpu", "numpy", "sim", "rtl"), default="cpu",
+                   help="executor (default cpu; sim: the ISA simulator, rtl: Verilator, for fpga targets)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: seeded sampling")
+    p.add_argument("--top-k", type=int, metavar="K", help="sampling: only the K likeliest tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling: the generator's seed (default 0)")
+    p.add_argument("--eos", type=int, metavar="ID", help="stop when every sequence has produced this token id")
+    p.add_argument("-o", "--output", metavar="TOKENS.pt", help="save prompt and new tokens [batch, length] with "
+                                                                "torch.save")
+    p.add_argument("--json", action="store_true", help="print tokens and timings as JSON")
+    p.set_defaults(func=cmd_generate)
 
     p = command("inspect", "summarize an artifact's graph and constants",
                 "examples:\n  tcc inspect out/\n  tcc inspect out/ --json")

@@ -14,6 +14,7 @@ import torch.fx as fx
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset
+from tcc.runtime.torch_dtypes import TORCH_DTYPES
 
 from .data import load_dataset
 from .frontend import Signature, from_exported_program, from_module, split_inputs
@@ -65,10 +66,14 @@ def example_arrays(signature: Signature, examples: Any) -> dict[str, np.ndarray]
 
 
 def example_dataset(graph: Graph, arrays: dict[str, np.ndarray]) -> Dataset | None:
-    """The example inputs as a dataset of the graph's inputs (None unless there is one per input)."""
-    if len(arrays) != len(graph.inputs):
+    """The example inputs as a dataset of the graph's inputs (None unless there is one per input;
+    state starts empty: zeros)."""
+    if len(arrays) != len(graph.user_inputs):
         return None
-    return Dataset(tuple(torch.from_numpy(arrays[n]) for n in graph.input_names), source="the example inputs")
+    types = dict(graph.inputs)
+    return Dataset(tuple(torch.from_numpy(arrays[n]) if n in arrays else torch.zeros(types[n].shape,
+                                                                                       dtype=TORCH_DTYPES[types[n].dtype])
+                         for n in graph.input_names), source="the example inputs")
 
 
 def fitted_dataset(spec: DataSpec, graph: Graph | None, what: str) -> Dataset | None:

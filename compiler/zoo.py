@@ -8,6 +8,7 @@ speech encoders) with the inputs each takes, from the small sizes shared below (
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -541,6 +542,41 @@ def swin():
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                      window_size=4)
     return transformers.SwinModel(config), _pixels()
+
+
+# causal LMs with their LM heads, for generation: transformers' config classes by family
+_CAUSAL_LMS = {"llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+               "phi": ("PhiConfig", "PhiForCausalLM", {})}
+CAUSAL_LMS = tuple(_CAUSAL_LMS)
+
+
+def causal_lm(family: str = "llama", **config: Any) -> nn.Module:
+    """A Hugging Face causal LM of `CAUSAL_LMS` (LM head included) from a small config (2 x 32,
+    4 heads, vocabulary 128, random weights seeded with 0), in eval mode; `config` overrides
+    fields. No end-of-sequence id: generation runs to its length."""
+    import transformers
+    config_class, model_class, extra = _CAUSAL_LMS[family]
+    torch.manual_seed(0)
+    settings = dict(_TEXT, **extra, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    settings.update(config)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).eval()
+
+
+def decode_step(model: nn.Module, max_cache: int = 32, batch: int = 1) -> torch.export.ExportedProgram:
+    """`model`'s decode step with a static KV cache of `max_cache` positions, exported as the
+    ecosystem does for on-device runtimes (transformers' `TorchExportableModuleForDecoderOnlyLM`):
+    `input_ids` [batch, 1], `cache_position` [1] -> logits [batch, 1, vocab], the cache as
+    buffers written in place."""
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static", max_length=max_cache,
+                                               cache_config={"batch_size": batch, "max_cache_len": max_cache})
+    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch, max_cache_len=max_cache)
+    with warnings.catch_warnings():  # dynamo lists transformers' global collectors as side effects
+        warnings.simplefilter("ignore", UserWarning)
+        return wrapper.export(input_ids=torch.zeros(batch, 1, dtype=torch.long),
+                              cache_position=torch.zeros(1, dtype=torch.long))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from .encoding import EncodedTensor
 from .errors import VerifyError
 from .ops import OPS, OpTypeError
 from .printer import print_graph
+from .state import State
 from .types import TensorType
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class Graph:
     # constants as read from storage in their encodings (artifact load), so executors compute
     # on them without re-encoding; a cache of `encoded`, never a second source of values
     stored: Mapping[str, EncodedTensor] = field(default_factory=dict, compare=False, repr=False)
+    # inputs carried to the next run as outputs (a decoder's KV cache); see `tcc.ir.state`
+    state: tuple[State, ...] = ()
 
     def replace(self, **changes) -> "Graph":
         """A copy with `changes`; stored encodings survive only for weights left untouched."""
@@ -97,6 +100,16 @@ class Graph:
     @property
     def constant_names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.constants)
+
+    @property
+    def user_inputs(self) -> tuple[str, ...]:
+        """The inputs that are not state: what the model's caller passes (state comes after them)."""
+        return self.input_names[:len(self.inputs) - len(self.state)]
+
+    @property
+    def user_outputs(self) -> tuple[str, ...]:
+        """The outputs that are not a state's next value: what the model returns to its caller."""
+        return self.outputs[:len(self.outputs) - len(self.state)]
 
     @property
     def output_types(self) -> tuple[TensorType, ...]:

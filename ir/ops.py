@@ -415,6 +415,20 @@ def _index(ts, attrs):
     return _tt(_broadcast(*[t.shape for t in indices]) + x.shape[len(indices):], x.dtype)
 
 
+def _index_copy(ts, attrs):
+    """`dim` within the input's rank; a 1-D i32/i64 index; the source shaped like the input but
+    for `dim`, whose length is the index's; result: the input's type."""
+    x, index, source = ts
+    dim = _axis(attrs["dim"], x.rank)
+    _need_index(index, "index")
+    if index.rank != 1:
+        raise OpTypeError(f"index must be 1-D, got rank {index.rank}")
+    expected = x.shape[:dim] + index.shape + x.shape[dim + 1:]
+    if source.shape != expected or source.dtype is not x.dtype:
+        raise OpTypeError(f"source must be {x.dtype}[{','.join(map(str, expected))}], got {source}")
+    return _tt(x.shape, x.dtype)
+
+
 def _where(ts, attrs):
     """A bool condition; lhs and rhs of one dtype; result: the three shapes broadcast, in that dtype."""
     cond, a, b = ts
@@ -744,6 +758,9 @@ _DEFS = [
     OpDef("cumsum", ("input",), {"dim": A(I, required=True)}, _cumsum, "running sum along dim (torch.cumsum)"),
     OpDef("index", ("input", "*indices"), {}, _index,
           "advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer indices"),
+    OpDef("index_copy", ("input", "index", "source"), {"dim": A(I, required=True)}, _index_copy,
+          "the input with its slices at positions index along dim replaced by source's, in order "
+          "(torch.index_copy; a static cache's write of new positions)"),
     OpDef("where", ("condition", "lhs", "rhs"), {}, _where, "lhs where condition holds, else rhs", elementwise=True),
     OpDef("arange", (), {"start": A(I, 0), "end": A(I, required=True), "step": A(I, 1), "dtype": A(DT, DType.I64)},
           _arange, "start, start + step, ... up to but excluding end"),

@@ -16,6 +16,7 @@ from .graph import Graph, Op, freeze_weights
 from .ops import OPS, AttrKind, OpTypeError
 from .quant import PerChannel, PerTensor
 from .sparsity import make_sparsity
+from .state import State, StateRole
 from .types import TensorType
 from .verifier import verify
 
@@ -212,17 +213,49 @@ class _Parser:
         outputs = [self.reference(types)]
         while self.accept(","):
             outputs.append(self.reference(types))
+        state = []
+        while self.accept("state"):
+            state.append(self.state(inputs))
         self.expect("}")
         if self.tok.kind != "eof":
             raise self.error(f"unexpected {self.describe(self.tok)} after the graph")
         graph = Graph(name, tuple(inputs), tuple(constants), tuple(ops), tuple(outputs),
-                      freeze_weights(weights or {}))
+                      freeze_weights(weights or {}), state=tuple(state))
         if weights is not None:
             try:
                 verify(graph)
             except VerifyError as e:
                 raise ParseError(str(e), 1, 1, self.source) from None
         return graph
+
+    def state(self, inputs: list[tuple[str, TensorType]]) -> State:
+        """`%input -> return[N] {role = "kv.key", layer = 0, seq_dim = 2}` (after `state`)."""
+        tok = self.take("value", "the state's input '%name'")
+        if tok.text[1:] not in dict(inputs):
+            raise self.error(f"state '{tok.text}' is not a graph input", tok)
+        self.expect("->")
+        self.expect("return")
+        self.expect("[")
+        output = self.integer()
+        self.expect("]")
+        fields: dict[str, Any] = {}
+        if self.tok.text == "{":
+            def field():
+                key = self.take("ident", "a state attribute (role, layer, seq_dim)")
+                if key.text not in ("role", "layer", "seq_dim") or key.text in fields:
+                    raise self.error(f"state attribute '{key.text}' is unknown or repeated (role, layer, seq_dim)", key)
+                self.expect("=")
+                if key.text == "role":
+                    role = self.take("string", "a role string")
+                    try:
+                        fields["role"] = StateRole(json.loads(role.text))
+                    except ValueError:
+                        raise self.error(f"unknown state role {role.text} (choose "
+                                         f"{', '.join(r.value for r in StateRole)})", role) from None
+                else:
+                    fields[key.text] = self.integer()
+            self.sequence("{", "}", field)
+        return State(tok.text[1:], output, **fields)
 
     def declare(self, types: dict, kind: str) -> tuple[str, TensorType]:
         tok = self.take(kind, "'%name'" if kind == "value" else "'@name'")

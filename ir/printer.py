@@ -6,6 +6,10 @@
       %p = softmax(%y) {dim = -1} : f32[1,8,10]
       return %p
     }
+
+A graph with state (`tcc.ir.state`) names, after `return`, which input becomes which output:
+
+      state %key_cache_0 -> return[1] {role = "kv.key", layer = 0, seq_dim = 2}
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .dtypes import DType
 from .ops import OPS
+from .state import State
 
 if TYPE_CHECKING:  # graph.py imports this module (Graph.__str__): the dependency goes one way
     from .graph import Graph
@@ -38,6 +43,11 @@ def format_attr(value: Any) -> str:
     raise TypeError(f"cannot print attribute value {value!r}")
 
 
+def format_state_attrs(state: State) -> str:
+    shown = [("role", state.role.value), ("layer", state.layer), ("seq_dim", state.seq_dim)]
+    return ", ".join(f"{k} = {format_attr(v)}" for k, v in shown if v is not None)
+
+
 def print_graph(graph: Graph) -> str:
     constants = set(graph.constant_names)
 
@@ -53,5 +63,6 @@ def print_graph(graph: Graph) -> str:
         attrs = f" {{{', '.join(shown)}}}" if shown else ""
         lines.append(f"  %{op.result} = {op.kind}({', '.join(map(ref, op.operands))}){attrs} : {op.type}")
     lines.append(f"  return {', '.join(map(ref, graph.outputs))}")
+    lines += [f"  state %{s.input} -> return[{s.output}] {{{format_state_attrs(s)}}}" for s in graph.state]
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -269,6 +269,16 @@ def _slice(x, dim, start, end, step):
     return x[tuple(index)]
 
 
+def _index_copy(x, index, source, dim):
+    dim %= x.ndim
+    if index.size and (index.min() < 0 or index.max() >= x.shape[dim]):
+        raise IndexError(f"index_copy: position {int(index.max() if index.max() >= x.shape[dim] else index.min())} "
+                         f"outside [0, {x.shape[dim]}) along dim {dim}")
+    out = x.copy()
+    np.moveaxis(out, dim, 0)[index] = np.moveaxis(source, dim, 0)
+    return out
+
+
 def _full(shape, value, dtype: DType):
     return np.full(shape, value, dtype=dtype.numpy)
 
@@ -338,6 +348,7 @@ REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "cumsum": lambda x, dim: np.cumsum(x, axis=dim, dtype=x.dtype),
     "any": _reduce(np.any),
     "index": lambda x, *indices: x[tuple(indices)],
+    "index_copy": _index_copy,
     "where": np.where,
     "arange": lambda start, end, step, dtype: np.arange(start, end, step, dtype=dtype.numpy),
     "full": _full,

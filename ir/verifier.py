@@ -60,10 +60,41 @@ def verify(graph: Graph) -> Graph:
     for name in graph.outputs:
         if name not in defined:
             raise VerifyError(f"output '{name}' is not defined")
+    _check_state(graph)
     extra = set(graph.weights) - set(graph.constant_names)
     if extra:
         raise VerifyError(f"weight '{sorted(extra)[0]}' has no constant declaration")
     return graph
+
+
+def _check_state(graph: Graph) -> None:
+    """Each state pairs a distinct input with a distinct output of its type, both after the
+    caller's inputs and outputs; a cache's `seq_dim` is within its rank."""
+    inputs, seen_inputs, seen_outputs = dict(graph.inputs), set(), set()
+    types = graph.types
+    first_input, first_output = len(graph.inputs) - len(graph.state), len(graph.outputs) - len(graph.state)
+    for s in graph.state:
+        where = f"state '{s.input}'"
+        if s.input not in inputs:
+            raise VerifyError(f"{where} is not a graph input")
+        if graph.input_names.index(s.input) < first_input:
+            raise VerifyError(f"{where}: state inputs come after the caller's inputs")
+        if not first_output <= s.output < len(graph.outputs):
+            raise VerifyError(f"{where}: output {s.output} is not among the graph's last {len(graph.state)} "
+                              f"of {len(graph.outputs)} outputs (state outputs come after the caller's)")
+        if s.input in seen_inputs or s.output in seen_outputs:
+            raise VerifyError(f"{where}: its input or output {s.output} is another state's too")
+        seen_inputs.add(s.input)
+        seen_outputs.add(s.output)
+        before, after = inputs[s.input], types[graph.outputs[s.output]]
+        if (before.shape, before.dtype) != (after.shape, after.dtype):
+            raise VerifyError(f"{where} is {before} before a step and {after} after it (output {s.output})")
+        if s.seq_dim is not None and not 0 <= s.seq_dim < before.rank:
+            raise VerifyError(f"{where}: seq_dim {s.seq_dim} is outside its rank {before.rank}")
+        if s.layer is not None and s.layer < 0:
+            raise VerifyError(f"{where}: layer {s.layer} is negative")
+    if graph.state and first_output == 0:
+        raise VerifyError("every output of the graph is state: a step returns nothing to its caller")
 
 
 def _run_time_bytes(op: Op, defined: dict[str, TensorType]) -> int:

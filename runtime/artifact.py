@@ -119,20 +119,23 @@ class Artifact:
 
     def flatten_inputs(self, inputs: Any) -> list[np.ndarray | torch.Tensor]:
         """Positional list of graph inputs from a tensor, sequence or dict, checked against the
-        graph's input types."""
-        graph_inputs = self.graph.inputs
+        graph's input types. State not given (a decoder's KV cache) starts empty: zeros."""
+        graph_inputs, user = self.graph.inputs, self.graph.user_inputs
+        initial = {s.input: np.zeros(t.shape, t.dtype.numpy) for s in self.graph.state
+                   for t in [dict(graph_inputs)[s.input]]}
         if isinstance(inputs, Mapping):
-            missing = [n for n, _ in graph_inputs if n not in inputs]
+            missing = [n for n, _ in graph_inputs if n not in inputs and n not in initial]
             extra = [k for k in inputs if k not in dict(graph_inputs)]
             if missing or extra:
                 problem = f"missing input '{missing[0]}'" if missing else f"unknown input '{extra[0]}'"
-                raise TccError(f"{problem} (the model takes {', '.join(n for n, _ in graph_inputs)})")
-            values = [inputs[n] for n, _ in graph_inputs]
+                raise TccError(f"{problem} (the model takes {', '.join(user)})")
+            values = [inputs[n] if n in inputs else initial[n] for n, _ in graph_inputs]
         else:
             values = [inputs] if isinstance(inputs, (torch.Tensor, np.ndarray)) else list(inputs)
+            if len(values) == len(user) < len(graph_inputs):
+                values += [initial[n] for n in self.graph.input_names[len(user):]]
             if len(values) != len(graph_inputs):
-                raise TccError(f"the model takes {len(graph_inputs)} inputs "
-                               f"({', '.join(n for n, _ in graph_inputs)}), got {len(values)}")
+                raise TccError(f"the model takes {len(user)} inputs ({', '.join(user)}), got {len(values)}")
         for (name, expected), value in zip(graph_inputs, values):
             _check_input(name, expected, value)
         return values
@@ -142,18 +145,21 @@ class Artifact:
         target, `sim` (ISA simulator) or `rtl` (Verilator on the generated Verilog); after
         those, `executor(on).stats` holds cycles, MACs and instruction counts. Without inputs,
         the example inputs stored in the artifact are used. Returns a tensor, tuple or dict of
-        torch tensors, shaped like the original model's outputs."""
+        torch tensors, shaped like the original model's outputs (a decode step's state, its
+        cache after the step, is left out: `tcc.runtime.generate` carries it)."""
         if inputs is None:
             if not self.example_inputs:
                 raise TccError("no inputs given and the artifact stores no example inputs")
             inputs = self.example_inputs
-        values = self.flatten_inputs(inputs)
+        outputs = self.run_flat(self.flatten_inputs(inputs), on)
+        return self.structure_outputs(outputs[:len(self.graph.user_outputs)])
+
+    def run_flat(self, values: Sequence[np.ndarray | torch.Tensor], on: str = "cpu") -> list[torch.Tensor]:
+        """Every graph output (state too) for the graph's inputs in order, already checked."""
         executor = self.executor(on)
         if on == "numpy" or on in ACCEL_EXECUTORS:
-            outputs = [torch.from_numpy(np.array(o)) for o in executor(*[_to_numpy(v) for v in values])]
-        else:
-            outputs = [o.cpu() for o in executor.run([_to_torch(v) for v in values])]
-        return self.structure_outputs(outputs)
+            return [torch.from_numpy(np.array(o)) for o in executor(*[_to_numpy(v) for v in values])]
+        return [o.cpu() for o in executor.run([_to_torch(v) for v in values])]
 
     def structure_outputs(self, outputs: Sequence[torch.Tensor]) -> Any:
         form = self.signature["output_form"]
@@ -565,9 +571,9 @@ def _check_signature(file: Path, signature: Any, graph: Graph) -> None:
                        for key in ("input_names", "output_keys"))):
         raise TccError(f"{file}: 'signature' must hold input_names, output_form ({', '.join(forms)}) and "
                        "output_keys")
-    if signature["input_names"] != list(graph.input_names):
+    if signature["input_names"] != list(graph.user_inputs):
         raise TccError(f"{file}: 'signature' names inputs {signature['input_names']}, the graph takes "
-                       f"{list(graph.input_names)}")
-    if signature["output_form"] == "dict" and len(signature["output_keys"]) != len(graph.outputs):
+                       f"{list(graph.user_inputs)}")
+    if signature["output_form"] == "dict" and len(signature["output_keys"]) != len(graph.user_outputs):
         raise TccError(f"{file}: 'signature' has {len(signature['output_keys'])} output keys for the graph's "
-                       f"{len(graph.outputs)} outputs")
+                       f"{len(graph.user_outputs)} outputs")

@@ -224,6 +224,7 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "sum": lambda x, dims, keepdim: torch.sum(x, dim=dims or tuple(range(x.dim())), keepdim=keepdim, dtype=x.dtype),
     "any": _reduce(torch.any),
     "index": lambda x, *indices: x[indices],
+    "index_copy": lambda x, index, source, dim: torch.index_copy(x, dim, index, source),
     "where": torch.where,
     "arange": lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=TORCH_DTYPES[dtype],
                                                                     device=device),

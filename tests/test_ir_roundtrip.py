@@ -345,6 +345,15 @@ class _Gen:
             indices = indices[:1]
         return self.op("index", a, *indices)
 
+    def index_copy(self):
+        a = self.pick(lambda t: t.rank >= 1 and t.shape[0] >= 1)
+        if a is None:
+            return None
+        size = self.t(a).shape[0]
+        positions = self.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=size, unique=True))
+        index = self.b.constant(self.draw(st.sampled_from(CONST_NAMES)), np.array(positions), DType.I64)
+        return self.op("index_copy", a, index, self.op("slice", a, dim=0, end=len(positions)), dim=0)
+
     def sdpa(self):
         a = self.pick(lambda t: t.dtype.is_float and t.rank >= 2)
         if a is None:
@@ -438,7 +447,7 @@ class _Gen:
 
     GENERATORS = ["binary", "compare", "logical", "unary", "softmax", "layer_norm", "linear", "matmul",
                   "reshape", "permute", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand",
-                  "cat", "reduce", "where", "cast", "full", "arange", "embedding", "gather", "index", "sdpa",
+                  "cat", "reduce", "where", "cast", "full", "arange", "embedding", "gather", "index", "index_copy", "sdpa",
                   "conv2d", "conv1d", "channel_norm", "rms_norm", "pad", "argmax"]
 
 
@@ -538,7 +547,7 @@ def test_the_strategy_covers_the_op_table():
     required = {"linear", "matmul", "softmax", "layer_norm", "reshape", "permute", "transpose", "slice", "select",
                 "unsqueeze", "squeeze", "expand", "cat", "mean", "sum", "where", "cast", "full", "arange", "eq",
                 "add", "scaled_dot_product_attention", "conv2d", "gather", "index", "embedding", "conv1d", "batch_norm",
-                "group_norm", "rms_norm", "pad", "argmax", "silu"}
+                "group_norm", "rms_norm", "pad", "argmax", "silu", "index_copy"}
     assert required <= seen, sorted(required - seen)
     assert len(seen) >= 40, sorted(set(OPS) - seen)
 
@@ -587,6 +596,7 @@ def _every_op_graph() -> Graph:
     some = b.op("any", both)
     ix = b.op("index", x, b.op("arange", start=1, end=-1, step=-1))
     wh = b.op("where", flag, x, b.op("full", shape=(4,), value=float("-inf")))
+    wh = b.op("index_copy", wh, b.op("arange", start=1, end=3), b.op("slice", wh, dim=0, end=2), dim=0)
     att = b.op("scaled_dot_product_attention", x, x, x, b.op("slice", flag, dim=-1, end=3), scale=0.1 + 0.2)
     att2 = b.op("scaled_dot_product_attention", x, x, x, is_causal=True, window=2)
     conv = b.op("conv2d", b.op("unsqueeze", x, dim=0), kernel, stride=(1, 2), padding=(1, 0), groups=2)

@@ -203,6 +203,8 @@ CASES = [
     # -- select / creation / cast ------------------------------------------------------------
     _case("where-bcast", "where", [bools(3, 4), f32(3, 4), np.array(-1.5, dtype=np.float32)]),
     _case("where-i64", "where", [bools(4), i64(3, 4), i64(3, 1, seed=1)]),
+    _case("index_copy-cache", "index_copy", [f32(1, 2, 6, 3), np.array([4], np.int64), f32(1, 2, 1, 3, seed=1)], dim=2),
+    _case("index_copy-rows-i64", "index_copy", [i64(5, 3), np.array([3, 0], np.int64), i64(2, 3, seed=2)], dim=-2),
     _case("arange", "arange", [], end=7),
     _case("arange-step", "arange", [], start=-3, end=10, step=4, dtype=DType.I32),
     _case("arange-neg-step-f32", "arange", [], start=5, end=-4, step=-2, dtype=DType.F32),

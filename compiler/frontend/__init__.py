@@ -17,6 +17,7 @@ from tcc.runtime.torch_dtypes import dtype_from_torch
 
 from .converters import convert_node
 from .lowering import Lowerer, UnsupportedError, Value, is_tensor_like, lower_nodes
+from .state import with_state
 
 # Ops kept whole instead of decomposed to core ATen.
 KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu", "silu", "group_norm", "rms_norm")
@@ -25,7 +26,8 @@ KEPT_WHOLE = ("linear", "scaled_dot_product_attention", "layer_norm", "gelu", "s
 @dataclass(frozen=True)
 class Signature:
     """How the model's Python inputs and outputs map to the graph's flat inputs and outputs:
-    outputs come back as one tensor, a tuple, or a dict with `output_keys`."""
+    outputs come back as one tensor, a tuple, or a dict with `output_keys`. A graph with state
+    takes its state after these inputs and returns it after these outputs."""
 
     input_names: tuple[str, ...]
     output_form: str = "tuple"  # "tensor" | "tuple" | "dict"
@@ -100,24 +102,35 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") 
 
 
 def _lower_program(ep: torch.export.ExportedProgram, name: str) -> tuple[Graph, Signature]:
+    """Lower the program; buffers it writes (a static KV cache, in torch.export's functional
+    form: BUFFER_MUTATION outputs) become the graph's state (`tcc.ir.state`)."""
     graph = ep.graph_module.graph
     lowerer = Lowerer(name, {n: n.meta.get("val") for n in graph.nodes})
     env: dict[fx.Node, Any] = {}
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
-    input_names = []
+    output_kinds = [s.kind.name for s in ep.graph_signature.output_specs]
+    mutated = [s.target for s in ep.graph_signature.output_specs if s.kind.name == "BUFFER_MUTATION"]
+    unsupported = sorted(set(output_kinds) - {"USER_OUTPUT", "BUFFER_MUTATION"})
+    if unsupported:
+        raise UnsupportedError(f"the program writes {unsupported[0].lower().replace('_', ' ')}s; tcc carries "
+                               "only buffers from one run to the next (a static cache)")
+    input_names, state_inputs = [], {}
     for node in graph.nodes:
         if node.op != "placeholder":
             continue
         spec = specs[node.name]
         kind = spec.kind.name
-        if kind == "USER_INPUT":
+        if kind == "USER_INPUT" or (kind == "BUFFER" and spec.target in mutated):
             val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 env[node] = val
                 continue
             type_ = TensorType(tuple(int(d) for d in val.shape), dtype_from_torch(val.dtype))
-            env[node] = Value(lowerer.builder.input(node.name, type_))
-            input_names.append(env[node])
+            env[node] = Value(lowerer.builder.input(node.name if kind == "USER_INPUT" else spec.target, type_))
+            if kind == "BUFFER":
+                state_inputs[spec.target] = env[node]
+            else:
+                input_names.append(env[node])
         elif kind in ("PARAMETER", "BUFFER"):
             tensor = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
             env[node] = lowerer.constant(spec.target, tensor, learned=kind == "PARAMETER")
@@ -126,7 +139,13 @@ def _lower_program(ep: torch.export.ExportedProgram, name: str) -> tuple[Graph, 
         else:
             raise TccError(f"unsupported exported input kind {kind} at placeholder '{node.name}'")
     outputs = lower_nodes(lowerer, graph, env, convert_node)
-    return _finish(lowerer, outputs), _output_signature(ep.call_spec.out_spec, tuple(input_names))
+    user = [v for v, kind in zip(outputs, output_kinds) if kind == "USER_OUTPUT"]
+    nexts = dict(zip(mutated, (v for v, kind in zip(outputs, output_kinds) if kind == "BUFFER_MUTATION")))
+    signature = _output_signature(ep.call_spec.out_spec, tuple(input_names))
+    if not state_inputs:
+        return _finish(lowerer, user), signature
+    return with_state(_finish(lowerer, user + [nexts[b] for b in state_inputs]),
+                      [(state_inputs[b], len(user) + i) for i, b in enumerate(state_inputs)]), signature
 
 
 class _Recorder(fx.Interpreter):

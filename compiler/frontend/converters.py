@@ -423,6 +423,38 @@ def index(cx: Lowerer, input, indices):
     return cx.op("index", input, *indices)
 
 
+@converts(aten.index_copy, torch.index_copy, "method:index_copy")
+def index_copy(cx: Lowerer, input, dim, index, source):
+    """Functional `index_copy` (a static cache's write: torch.export's functional form of
+    `index_copy_`)."""
+    dim = cx.dim(dim, cx.type(input).rank)
+    return cx.op("index_copy", input, cx.as_value(index, DType.I64), cx.cast(source, cx.type(input).dtype), dim=dim)
+
+
+@converts(aten.index_put)
+def index_put(cx: Lowerer, input, indices, values, accumulate=False):
+    """`x[:, :, idx] = values` with one 1-D index on one dim (what decomposing `index_copy`
+    gives): an `index_copy` along that dim."""
+    placed = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if accumulate or len(placed) != 1 or cx.type(placed[0][1]).rank != 1:
+        raise cx.unsupported("index_put other than one 1-D index on one dim without accumulation")
+    dim, idx = placed[0]
+    shape = list(cx.type(input).shape)
+    shape[dim] = cx.type(idx).shape[0]
+    source = cx.cast(values, cx.type(input).dtype)
+    if cx.type(source).shape != tuple(shape):
+        source = cx.op("expand", source, shape=tuple(shape))
+    return cx.op("index_copy", input, idx, source, dim=dim)
+
+
+@converts(aten.copy)
+def copy(cx: Lowerer, input, src, non_blocking=False):
+    """Functional `copy` (of `dst.copy_(src)`): `src` in `input`'s dtype and shape."""
+    t = cx.type(input)
+    src = cx.cast(cx.as_value(src, t.dtype), t.dtype)
+    return src if cx.type(src).shape == t.shape else cx.op("expand", src, shape=t.shape)
+
+
 # ------------------------------------------------------------------------------------------------
 # shapes and layout
 

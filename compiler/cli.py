@@ -254,6 +254,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     f"passes {', '.join(info['pipeline']) or 'none'}"))
     for label in ("inputs", "outputs"):
         print(f"{label + ':':<9}" + ", ".join(f"{v['name']} {v['type']}" for v in info[label]))
+    if info["state"]:  # a decode step's KV cache: carried from one run to the next
+        print("state:   " + ", ".join(f"{s['input']} -> {s['output']} ({s['role']}"
+                                      + (f", layer {s['layer']}" if s["layer"] is not None else "")
+                                      + (f", seq dim {s['seq_dim']}" if s["seq_dim"] is not None else "") + ")"
+                                      for s in info["state"]))
     print(f"{info['num_ops']} ops, {info['params']:,} parameters, {info['flops']:,} FLOPs, "
           f"{info['bytes']:,} bytes of constants ({info['ratio']:.3f} of {info['dense_bytes']:,} dense)")
     print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))

@@ -127,6 +127,8 @@ def describe(graph: Graph) -> dict:
         "graph": graph.name,
         "inputs": [{"name": n, "type": str(t)} for n, t in graph.inputs],
         "outputs": [{"name": n, "type": str(t)} for n, t in zip(graph.outputs, graph.output_types)],
+        "state": [{"input": s.input, "output": graph.outputs[s.output], "role": s.role.value, "layer": s.layer,
+                   "seq_dim": s.seq_dim} for s in graph.state],
         "ops": dict(sorted(collections.Counter(op.kind for op in graph.ops).items())),
         "num_ops": len(graph.ops),
         "params": float_params,

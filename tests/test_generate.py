@@ -145,6 +145,12 @@ def saved(tmp_path_factory):
     return path
 
 
+def test_inspect_shows_the_cache(saved, capsys):
+    assert main(["inspect", str(saved / "step")]) == 0
+    assert ("state:   key_cache_0 -> index_put (kv.key, layer 0, seq dim 2), value_cache_0 -> index_put_1 (kv.value, "
+            "layer 0, seq dim 2)") in capsys.readouterr().out
+
+
 def test_cli_generates_and_saves_tokens(saved, capsys):
     assert main(["generate", str(saved / "step"), "--input", str(saved / "prompt.pt"), "--max-new-tokens", "8",
                  "-o", str(saved / "tokens.pt")]) == 0

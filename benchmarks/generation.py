@@ -1,0 +1,110 @@
+"""Generation with a small Llama-shaped decoder: tokens/s and time to first token, measured on
+tcc's torch executor beside Hugging Face eager on the same machine in the same run, and
+predicted by the cost model on every catalog device it can price here.
+
+The model is `zoo.causal_lm("llama")` widened (default 4 x 256, 8 heads with 2 kv heads, FFN
+688, vocabulary 2048: random weights), its decode step exported with a static cache
+(`zoo.decode_step`) and compiled per setting (`tcc.select.default_settings()` names: fp32,
+hp75/hp90 one-shot in 16x16 blocks, int8, W1A8). Prompt 16 tokens, 32 new, greedy.
+
+1. Measured (cpu, this machine, `--threads` torch threads, medians of `--repeats`): time to
+   first token (tcc prefills the prompt a token at a time through the decode step; Hugging Face
+   runs the prompt as one forward) and decode tokens/s after it; the setting's agreement with
+   fp32's greedy tokens (the share of equal new tokens: one-shot compression and calibration
+   on an empty cache change them); for fp32, whether its tokens equal Hugging Face's.
+2. Predicted per catalog device: one decode step's latency (the cost model, as `tcc select`
+   prices a run) as tokens/s, and the time to first token as the prompt's steps plus one.
+
+    .venv/bin/python benchmarks/generation.py [--settings fp32,int8] [--repeats 3] [--threads 2]
+        [--hidden 256 --layers 4 --vocab 2048 --max-cache 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+import tcc
+from tcc import zoo
+from tcc.runtime.generate import generate
+from tcc.select import default_settings
+from tcc.targets import load_catalog, price_all
+from tcc.targets.calibration import cost_devices
+
+
+def hf_timings(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, float, list[int]]:
+    """Hugging Face eager greedy: (time to first token s, decode tokens/s, the new tokens)."""
+    def run(n: int) -> tuple[float, torch.Tensor]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(prompt))
+        return time.perf_counter() - start, out
+
+    run(new)  # warm-up
+    first = statistics.median(run(1)[0] for _ in range(repeats))
+    whole = [run(new) for _ in range(repeats)]
+    total = statistics.median(t for t, _ in whole)
+    return first, (new - 1) / max(total - first, 1e-9), whole[0][1][0, prompt.shape[1]:].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="fp32,hp75-16x16,hp90-16x16,int8,w1a8-int8")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--max-cache", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    offered = {s.name: s for s in default_settings()}
+    settings = [offered[name] for name in args.settings.split(",")]
+    model = zoo.causal_lm("llama", hidden_size=args.hidden, intermediate_size=round(args.hidden * 2.6875),
+                          num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
+                          vocab_size=args.vocab, max_position_embeddings=2 * args.max_cache)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Llama-shaped decoder: {args.layers} x {args.hidden}, 8 heads (2 kv), vocabulary {args.vocab}, "
+          f"{params / 1e6:.2f} M parameters; cache {args.max_cache}; prompt {args.prompt}, {args.new} new tokens; "
+          f"{args.threads} threads\n")
+    hf_first, hf_rate, hf_tokens = hf_timings(model, prompt, args.new, args.repeats)
+    program = zoo.decode_step(model, args.max_cache)
+    catalog = load_catalog()
+    devices = cost_devices(catalog, calibrate=False)
+    measured, predicted, reference = [], {}, None
+    for setting in settings:
+        artifact = tcc.compile(program, target="cpu", pipeline=setting.passes)
+        generate(artifact, prompt, 2)  # warm-up
+        runs = [generate(artifact, prompt, args.new) for _ in range(args.repeats)]
+        tokens = runs[0].new_tokens[0].tolist()
+        reference = reference or tokens
+        agree = sum(a == b for a, b in zip(tokens, reference)) / len(tokens)
+        measured.append((setting.name, statistics.median(r.time_to_first_token_s for r in runs),
+                         statistics.median(r.decode_tokens_per_s for r in runs), agree, tokens == hf_tokens))
+        predicted[setting.name] = price_all(artifact.graph, catalog, devices)
+    print(f"{'':<16}{'TTFT ms':>9}{'tokens/s':>10}{'vs HF':>8}   same tokens as fp32 | as HF")
+    print(f"{'HF eager':<16}{hf_first * 1e3:>9.1f}{hf_rate:>10.1f}{'1.00x':>8}")
+    for name, first, rate, agree, same_as_hf in measured:
+        print(f"{'tcc ' + name:<16}{first * 1e3:>9.1f}{rate:>10.1f}{rate / hf_rate:>7.2f}x   {agree:>6.0%}"
+              f"{'' if name != 'fp32' else ' | ' + ('yes' if same_as_hf else 'NO')}")
+    print("\npredicted tokens/s (time to first token, ms) per device:")
+    names = [s.name for s in settings]
+    print(f"{'device':<13}" + "".join(f"{n:>22}" for n in names))
+    for device in next(iter(predicted.values())):
+        cells = []
+        for name in names:
+            step = predicted[name][device].latency_s
+            cells.append(f"{1 / step:>12,.0f} ({(args.prompt + 1) * step * 1e3:>6.2f})")
+        print(f"{device:<13}" + "".join(f"{c:>22}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

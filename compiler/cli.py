@@ -220,8 +220,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_new_file(Path(args.output))
     if args.on in ("sim", "rtl"):
         artifact.executor(args.on).progress = False
+    prefill = tcc.load(args.prefill) if args.prefill else None
     result = generate(artifact, prompt, args.max_new_tokens, on=args.on, temperature=args.temperature,
-                      top_k=args.top_k, seed=args.seed, eos_token_id=args.eos)
+                      top_k=args.top_k, seed=args.seed, eos_token_id=args.eos, prefill=prefill)
     if args.output:
         write_file(Path(args.output), lambda f: torch.save(result.tokens, f))
     rate = f"{result.decode_tokens_per_s:,.1f} tokens/s" if result.decode_tokens_per_s else "one token"
@@ -550,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: seeded sampling")
     p.add_argument("--top-k", type=int, metavar="K", help="sampling: only the K likeliest tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling: the generator's seed (default 0)")
+    p.add_argument("--prefill", metavar="ARTIFACT", help="a prefill step (the same decoder exported with several "
+                                                         "tokens a run, sharing the cache): the prompt goes through "
+                                                         "it a chunk at a time")
     p.add_argument("--eos", type=int, metavar="ID", help="stop when every sequence has produced this token id")
     p.add_argument("-o", "--output", metavar="TOKENS.pt", help="save prompt and new tokens [batch, length] with "
                                                                 "torch.save")

@@ -563,11 +563,11 @@ def causal_lm(family: str = "llama", **config: Any) -> nn.Module:
     return getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).eval()
 
 
-def decode_step(model: nn.Module, max_cache: int = 32, batch: int = 1) -> torch.export.ExportedProgram:
+def decode_step(model: nn.Module, max_cache: int = 32, batch: int = 1, width: int = 1) -> torch.export.ExportedProgram:
     """`model`'s decode step with a static KV cache of `max_cache` positions, exported as the
     ecosystem does for on-device runtimes (transformers' `TorchExportableModuleForDecoderOnlyLM`):
-    `input_ids` [batch, 1], `cache_position` [1] -> logits [batch, 1, vocab], the cache as
-    buffers written in place."""
+    `input_ids` [batch, width], `cache_position` [width] -> logits [batch, width, vocab], the
+    cache as buffers written in place. `width` > 1: a prefill step of that many prompt tokens."""
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static", max_length=max_cache,
@@ -575,8 +575,8 @@ def decode_step(model: nn.Module, max_cache: int = 32, batch: int = 1) -> torch.
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch, max_cache_len=max_cache)
     with warnings.catch_warnings():  # dynamo lists transformers' global collectors as side effects
         warnings.simplefilter("ignore", UserWarning)
-        return wrapper.export(input_ids=torch.zeros(batch, 1, dtype=torch.long),
-                              cache_position=torch.zeros(1, dtype=torch.long))
+        return wrapper.export(input_ids=torch.zeros(batch, width, dtype=torch.long),
+                              cache_position=torch.arange(width, dtype=torch.long))
 
 
 @dataclass(frozen=True)

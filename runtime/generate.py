@@ -3,9 +3,11 @@
 A decode step (as transformers' `TorchExportableModuleForDecoderOnlyLM` exports it) takes one
 token per sequence (`input_ids` [B, 1]) and its position (`cache_position` [1]), returns the
 next token's logits [B, 1, V], and carries its KV cache as state (`tcc.ir.state`). The prompt
-is fed one position at a time (prefill), then each chosen token is fed back (decode):
+goes through the step a token at a time (or through a wider prefill step sharing its cache, a
+chunk at a time), then each chosen token is fed back (decode):
 
     result = generate(tcc.load("out"), prompt_ids, max_new_tokens=20)   # greedy
+    result = generate(step, prompt_ids, 20, prefill=tcc.load("prefill8"))  # the prompt 8 tokens a run
     result.tokens, result.time_to_first_token_s, result.decode_tokens_per_s
 """
 
@@ -29,50 +31,67 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DecodeStep:
-    """Where a graph with a KV cache takes its token and position and returns its logits."""
+    """Where a graph with a KV cache takes its tokens and positions and returns its logits. A
+    step of `width` 1 decodes; a wider one (exported with `width` token ids and positions)
+    prefills a chunk of the prompt in one run."""
 
-    tokens: int  # index among the graph's inputs: token ids [batch, 1]
-    position: int  # index among the graph's inputs: the position written [1]
-    logits: int  # index among the graph's outputs: [batch, 1, vocab]
+    tokens: int  # index among the graph's inputs: token ids [batch, width]
+    position: int  # index among the graph's inputs: the positions written [width]
+    logits: int  # index among the graph's outputs: [batch, width, vocab]
     batch: int
+    width: int
     vocab: int  # token ids the step takes: [0, vocab)
     max_cache: int  # positions the cache holds
 
     @classmethod
-    def of(cls, graph: Graph) -> "DecodeStep":
-        """The decode step `graph` is, or a TccError saying why it is not one."""
+    def of(cls, graph: Graph, what: str = "decode step") -> "DecodeStep":
+        """The step `graph` is, or a TccError saying why it is not one."""
         caches = [s for s in graph.state if s.is_cache]
         if not caches:
-            raise TccError("not a decode step: the graph carries no KV cache (export the decoder's step with a "
+            raise TccError(f"not a {what}: the graph carries no KV cache (export the decoder's step with a "
                            "static cache, e.g. transformers' TorchExportableModuleForDecoderOnlyLM)")
         types = dict(graph.inputs)
         user = [(i, n, types[n]) for i, n in enumerate(graph.user_inputs)]
-        tokens = [(i, n) for i, n, t in user if t.dtype.is_int and t.rank == 2 and t.shape[1] == 1]
-        positions = [(i, n) for i, n, t in user if t.dtype.is_int and t.shape == (1,)]
-        if len(user) != 2 or len(tokens) != 1 or len(positions) != 1:
-            raise TccError(f"not a decode step: it takes {', '.join(f'{n}: {t}' for _, n, t in user)}; a decode step "
-                           "takes token ids [batch, 1] and their position [1] (integers)")
+        tokens = [(i, n) for i, n, t in user if t.dtype.is_int and t.rank == 2]
+        width = types[tokens[0][1]].shape[1] if len(tokens) == 1 else 0
+        positions = [(i, n) for i, n, t in user if t.dtype.is_int and t.shape == (width,)]
+        if len(user) != 2 or len(tokens) != 1 or len(positions) != 1 or width < 1:
+            raise TccError(f"not a {what}: it takes {', '.join(f'{n}: {t}' for _, n, t in user)}; a step takes "
+                           "token ids [batch, width] and their positions [width] (integers)")
         batch = types[tokens[0][1]].shape[0]
         outputs = graph.types
         logits = [i for i, n in enumerate(graph.user_outputs)
-                  if outputs[n].dtype.is_float and outputs[n].rank == 3 and outputs[n].shape[:2] == (batch, 1)]
+                  if outputs[n].dtype.is_float and outputs[n].rank == 3 and outputs[n].shape[:2] == (batch, width)]
         if len(logits) != 1:
-            raise TccError(f"not a decode step: no single output of logits [{batch}, 1, vocab] among "
+            raise TccError(f"not a {what}: no single output of logits [{batch}, {width}, vocab] among "
                            f"{', '.join(str(outputs[n]) for n in graph.user_outputs)}")
         lengths = set()
         for s in caches:
             t = types[s.input]
             if s.seq_dim is None or t.shape[0] != batch:
-                raise TccError(f"decode step: cache '{s.input}' ({t}) does not match the model: "
+                raise TccError(f"{what}: cache '{s.input}' ({t}) does not match the model: "
                                + ("no sequence dim is written" if s.seq_dim is None else
                                   f"its batch is {t.shape[0]}, the tokens' {batch}"))
             lengths.add(t.shape[s.seq_dim])
         if len(lengths) != 1:
-            raise TccError(f"decode step: the caches hold different numbers of positions ({sorted(lengths)})")
+            raise TccError(f"{what}: the caches hold different numbers of positions ({sorted(lengths)})")
         rows = [graph.types[op.operands[0]].shape[0] for op in graph.ops
                 if op.kind == "embedding" and op.operands[1] == tokens[0][1]]
         vocab = min(rows + [outputs[graph.user_outputs[logits[0]]].shape[-1]])
-        return cls(tokens[0][0], positions[0][0], logits[0], batch, vocab, lengths.pop())
+        return cls(tokens[0][0], positions[0][0], logits[0], batch, width, vocab, lengths.pop())
+
+
+def _check_prefill(decode: Graph, prefill: Graph) -> DecodeStep:
+    """The prefill step of `prefill`, checked to share `decode`'s cache, batch and vocabulary."""
+    step = DecodeStep.of(prefill, "prefill step")
+    theirs = [(s.input, dict(prefill.inputs)[s.input], s.role, s.layer) for s in prefill.state]
+    ours = [(s.input, dict(decode.inputs)[s.input], s.role, s.layer) for s in decode.state]
+    if theirs != ours:
+        differ = next(((a, b) for a, b in zip(theirs, ours) if a != b), None)
+        detail = (f"'{differ[0][0]}' is {differ[0][1]} there, '{differ[1][0]}' {differ[1][1]} here" if differ
+                  else f"{len(theirs)} states there, {len(ours)} here")
+        raise TccError(f"the prefill step's cache does not match the decode step's: {detail}")
+    return step
 
 
 @dataclass(frozen=True)
@@ -135,32 +154,48 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 def generate(artifact: Artifact, prompt: Any, max_new_tokens: int, *, on: str = "cpu", temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0, eos_token_id: int | None = None) -> Generation:
+             top_k: int | None = None, seed: int = 0, eos_token_id: int | None = None,
+             prefill: Artifact | None = None) -> Generation:
     """Greedy (temperature 0) or seeded sampled generation with a decode-step artifact on
-    executor `on`. Rows that have produced `eos_token_id` go on producing it; generation stops
+    executor `on`. The prompt goes through `prefill` (a step of several tokens sharing the
+    decode step's cache) a chunk at a time as far as whole chunks fit, the rest through the
+    decode step. Rows that have produced `eos_token_id` go on producing it; generation stops
     when every row has."""
     step = DecodeStep.of(artifact.graph)
+    chunk = _check_prefill(artifact.graph, prefill.graph) if prefill is not None else None
     tokens = prompt_tokens(prompt, step, max_new_tokens)
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise TccError(f"sampling: temperature must be >= 0 and top-k >= 1, got {temperature} and {top_k}")
-    graph, length = artifact.graph, tokens.shape[1]
-    types = dict(graph.inputs)
-    values: list[Any] = [torch.zeros(types[n].shape, dtype=TORCH_DTYPES[types[n].dtype]) for n in graph.input_names]
-    first_state, first_state_output = len(graph.user_inputs), len(graph.user_outputs)
+    length = tokens.shape[1]
+    cache = {s.input: torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype]) for s in artifact.graph.state
+             for t in [dict(artifact.graph.inputs)[s.input]]}
+
+    def run(runner: Artifact, at: DecodeStep, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """One step on `ids` [batch, width] from `position`: its last logits; the cache moves on."""
+        graph = runner.graph
+        types = dict(graph.inputs)
+        values: list[Any] = [None, None]
+        values[at.tokens] = ids.to(TORCH_DTYPES[types[graph.input_names[at.tokens]].dtype])
+        values[at.position] = torch.arange(position, position + at.width,
+                                           dtype=TORCH_DTYPES[types[graph.input_names[at.position]].dtype])
+        outputs = runner.run_flat(values + [cache[n] for n in graph.input_names[2:]], on)
+        cache.update((s.input, outputs[s.output]) for s in graph.state)
+        return outputs[at.logits][:, -1]
+
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     done = torch.zeros(step.batch, dtype=torch.bool)
     new: list[torch.Tensor] = []
     start = time.perf_counter()
+    position = 0
+    while chunk is not None and length - position >= chunk.width:
+        logits = run(prefill, chunk, tokens[:, position:position + chunk.width], position)
+        position += chunk.width
+    while position < length:
+        logits = run(artifact, step, tokens[:, position:position + 1], position)
+        position += 1
     first_token_at = None
-    for position in range(length + max_new_tokens - 1):
-        values[step.tokens] = (tokens[:, position] if position < length else new[-1]).reshape(step.batch, 1).to(
-            TORCH_DTYPES[types[graph.input_names[step.tokens]].dtype])
-        values[step.position] = torch.tensor([position], dtype=TORCH_DTYPES[types[graph.input_names[step.position]].dtype])
-        outputs = artifact.run_flat(values, on)
-        values[first_state:] = outputs[first_state_output:]
-        if position < length - 1:
-            continue
-        chosen = next_tokens(outputs[step.logits][:, -1], temperature, top_k, generator)
+    while True:
+        chosen = next_tokens(logits, temperature, top_k, generator)
         if eos_token_id is not None:
             chosen = torch.where(done, torch.tensor(eos_token_id), chosen)
             done |= chosen == eos_token_id
@@ -168,6 +203,8 @@ def generate(artifact: Artifact, prompt: Any, max_new_tokens: int, *, on: str = 
         first_token_at = first_token_at or time.perf_counter()
         if len(new) == max_new_tokens or bool(done.all()):
             break
+        logits = run(artifact, step, chosen.reshape(step.batch, 1), position)
+        position += 1
     end = time.perf_counter()
     rate = (len(new) - 1) / (end - first_token_at) if len(new) > 1 and end > first_token_at else None
     return Generation(torch.cat([tokens, torch.stack(new, 1)], 1), length, first_token_at - start, rate, on)

@@ -36,6 +36,12 @@ def artifact(family: str = "llama", target: str = "cpu"):
     return tcc.compile(decoder(family)[1], target=target)
 
 
+@lru_cache(maxsize=None)
+def prefill_artifact(width: int = 4, max_cache: int = MAX_CACHE):
+    """The llama decoder's prefill step of `width` tokens."""
+    return tcc.compile(zoo.decode_step(decoder()[0], max_cache, width=width))
+
+
 def hf_greedy(model, prompt: torch.Tensor, new: int) -> list[list[int]]:
     with torch.no_grad():
         return model.generate(prompt, max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(prompt),
@@ -81,8 +87,8 @@ def test_the_cache_is_typed_state_and_dead_buffers_are_dropped():
     back = parse_graph(text, graph.weights)
     assert back.state == graph.state and back.same_as(graph)
     step = DecodeStep.of(graph)
-    assert (step.tokens, step.position, step.logits, step.batch, step.vocab, step.max_cache) == (0, 1, 0, 1, 128,
-                                                                                                 MAX_CACHE)
+    assert (step.tokens, step.position, step.logits, step.batch, step.width, step.vocab, step.max_cache) == (
+        0, 1, 0, 1, 1, 128, MAX_CACHE)
 
 
 def test_a_saved_decode_step_generates_the_same(tmp_path):
@@ -94,6 +100,25 @@ def test_a_saved_decode_step_generates_the_same(tmp_path):
     assert generate(loaded, PROMPT, 6).tokens.tolist() == generate(original, PROMPT, 6).tokens.tolist()
     logits = loaded.run({"input_ids": PROMPT[:, :1], "cache_position": torch.tensor([0])})
     assert logits.shape == (1, 1, 128)
+
+
+@pytest.mark.parametrize("prompt_length", [4, 7, 8])
+def test_prefill_in_chunks_generates_as_hugging_face(prompt_length):
+    """The prompt through a prefill step of 4 tokens a run as far as whole chunks fit (1, 1 and
+    2 runs), the rest a token at a time: the same tokens as Hugging Face, in fewer runs."""
+    model, _ = decoder()
+    prompt = torch.tensor([[3, 17, 42, 99, 5, 64, 1, 120][:prompt_length]])
+    result = generate(artifact(), prompt, 8, prefill=prefill_artifact())
+    assert result.tokens.tolist() == hf_greedy(model, prompt, 8)
+    assert DecodeStep.of(prefill_artifact().graph).width == 4
+
+
+def test_a_prefill_step_of_another_cache_is_refused():
+    with pytest.raises(tcc.TccError, match=r"^the prefill step's cache does not match the decode step's: "
+                                           r"'key_cache_0' is f32\[1,2,16,8\] there, 'key_cache_0' f32\[1,2,24,8\] here"):
+        generate(artifact(), PROMPT, 4, prefill=prefill_artifact(4, 16))
+    with pytest.raises(tcc.TccError, match="^not a prefill step: the graph carries no KV cache"):
+        generate(artifact(), PROMPT, 4, prefill=tcc.compile(*zoo.build("llama-style")))
 
 
 def test_sampling_is_seeded():

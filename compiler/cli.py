@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--seed 1 -o tokens.pt\n\n"
                 "The artifact is a decode step with a static cache, e.g. transformers'\n"
                 "TorchExportableModuleForDecoderOnlyLM(model, max_cache_len=...).export(...) saved with\n"
-                "torch.export.save and compiled with `tcc compile`. The prompt is fed a token at a time.")
+                "torch.export.save and compiled with `tcc compile`. The prompt goes through it a token at a\n"
+                "time, or through --prefill (the same decoder exported with several tokens a run) a chunk at a time.")
     p.add_argument("artifact", help="artifact directory of a decode step (from tcc compile)")
     p.add_argument("--input", required=True, metavar="PROMPT", help="prompt token ids [length] or [batch, length]: "
                                                                     ".npy, .npz or a torch.save file")

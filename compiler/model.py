@@ -14,7 +14,6 @@ import torch.fx as fx
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset
-from tcc.runtime.torch_dtypes import TORCH_DTYPES
 
 from .data import load_dataset
 from .frontend import Signature, from_exported_program, from_module, split_inputs
@@ -70,10 +69,8 @@ def example_dataset(graph: Graph, arrays: dict[str, np.ndarray]) -> Dataset | No
     state starts empty: zeros)."""
     if len(arrays) != len(graph.user_inputs):
         return None
-    types = dict(graph.inputs)
-    return Dataset(tuple(torch.from_numpy(arrays[n]) if n in arrays else torch.zeros(types[n].shape,
-                                                                                       dtype=TORCH_DTYPES[types[n].dtype])
-                         for n in graph.input_names), source="the example inputs")
+    arrays = {**graph.initial_state(), **arrays}
+    return Dataset(tuple(torch.from_numpy(arrays[n]) for n in graph.input_names), source="the example inputs")
 
 
 def fitted_dataset(spec: DataSpec, graph: Graph | None, what: str) -> Dataset | None:

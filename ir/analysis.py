@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import weakref
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -61,10 +61,10 @@ def non_finite(array: np.ndarray, *, inf: bool = True) -> str | None:
             f"({float(array[first])} at index {[int(i) for i in first]})")
 
 
-def live_values(graph: Graph) -> set[str]:
-    """Values that contribute to an output (what dead-code elimination keeps)."""
+def live_values(graph: Graph, roots: Sequence[str] | None = None) -> set[str]:
+    """Values that contribute to an output (what dead-code elimination keeps), or to `roots`."""
     producer = graph.producer()
-    live, stack = set(), list(graph.outputs)
+    live, stack = set(), list(graph.outputs if roots is None else roots)
     while stack:
         name = stack.pop()
         if name in live:

@@ -106,6 +106,11 @@ class Graph:
         """The inputs that are not state: what the model's caller passes (state comes after them)."""
         return self.input_names[:len(self.inputs) - len(self.state)]
 
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """Each state input's value before the first step: zeros (an empty cache)."""
+        types = dict(self.inputs)
+        return {s.input: np.zeros(types[s.input].shape, types[s.input].dtype.numpy) for s in self.state}
+
     @property
     def user_outputs(self) -> tuple[str, ...]:
         """The outputs that are not a state's next value: what the model returns to its caller."""

@@ -121,8 +121,7 @@ class Artifact:
         """Positional list of graph inputs from a tensor, sequence or dict, checked against the
         graph's input types. State not given (a decoder's KV cache) starts empty: zeros."""
         graph_inputs, user = self.graph.inputs, self.graph.user_inputs
-        initial = {s.input: np.zeros(t.shape, t.dtype.numpy) for s in self.graph.state
-                   for t in [dict(graph_inputs)[s.input]]}
+        initial = self.graph.initial_state()
         if isinstance(inputs, Mapping):
             missing = [n for n, _ in graph_inputs if n not in inputs and n not in initial]
             extra = [k for k in inputs if k not in dict(graph_inputs)]

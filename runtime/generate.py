@@ -167,18 +167,17 @@ def generate(artifact: Artifact, prompt: Any, max_new_tokens: int, *, on: str = 
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise TccError(f"sampling: temperature must be >= 0 and top-k >= 1, got {temperature} and {top_k}")
     length = tokens.shape[1]
-    cache = {s.input: torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype]) for s in artifact.graph.state
-             for t in [dict(artifact.graph.inputs)[s.input]]}
+    cache = {name: torch.from_numpy(zeros) for name, zeros in artifact.graph.initial_state().items()}
+    dtypes = {id(runner): [TORCH_DTYPES[t.dtype] for _, t in runner.graph.inputs]
+              for runner in (artifact, prefill) if runner is not None}
 
     def run(runner: Artifact, at: DecodeStep, ids: torch.Tensor, position: int) -> torch.Tensor:
         """One step on `ids` [batch, width] from `position`: its last logits; the cache moves on."""
-        graph = runner.graph
-        types = dict(graph.inputs)
-        values: list[Any] = [None, None]
-        values[at.tokens] = ids.to(TORCH_DTYPES[types[graph.input_names[at.tokens]].dtype])
-        values[at.position] = torch.arange(position, position + at.width,
-                                           dtype=TORCH_DTYPES[types[graph.input_names[at.position]].dtype])
-        outputs = runner.run_flat(values + [cache[n] for n in graph.input_names[2:]], on)
+        graph, types = runner.graph, dtypes[id(runner)]
+        values: list[Any] = [None] * len(graph.user_inputs)  # the tokens and their positions
+        values[at.tokens] = ids.to(types[at.tokens])
+        values[at.position] = torch.arange(position, position + at.width, dtype=types[at.position])
+        outputs = runner.run_flat(values + [cache[n] for n in graph.input_names[len(values):]], on)
         cache.update((s.input, outputs[s.output]) for s in graph.state)
         return outputs[at.logits][:, -1]
 

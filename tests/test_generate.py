@@ -18,7 +18,7 @@ from tcc.ir import VerifyError, parse_graph, print_graph, verify
 from tcc.ir.state import State, StateRole
 from tcc.runtime.generate import DecodeStep, generate
 
-from conftest import EXECUTORS
+from conftest import EXECUTORS, assert_tiers_agree
 
 PROMPT = torch.tensor([[3, 17, 42, 99, 5]])
 MAX_CACHE = 24
@@ -140,15 +140,16 @@ def test_eos_stops_generation():
 
 def test_the_accelerator_generates_bit_exact_with_the_quantized_reference():
     """fpga-small (int8 linears on the array, the rest on the host): every output of every step,
-    logits and the four caches, equal bit for bit on the ISA simulator and the numpy reference,
-    fed the same tokens; the tokens equal."""
+    logits and the four caches, agree on the ISA simulator and the numpy reference fed the same
+    tokens (the array's integers bit for bit; the host's float ops within FLOAT_TIERS: BLAS may
+    sum in another order on another layout); the tokens equal."""
     a = artifact("llama", "fpga-small")
     values = [np.zeros(t.shape, t.dtype.numpy) for _, t in a.graph.inputs]
     for position, token in enumerate([3, 17, 42, 99]):
         values[0], values[1] = np.array([[token]]), np.array([position])
         sim, ref = a.run_flat(values, "sim"), a.run_flat(values, "numpy")
         for name, s, r in zip(a.graph.outputs, sim, ref):
-            assert torch.equal(s, r), (position, name)
+            assert_tiers_agree(s.numpy(), r.numpy(), f"{name} at position {position}")
         values[2:] = [o.numpy() for o in ref[1:]]
     assert a.executor("sim").stats.macs > 0
     assert generate(a, PROMPT, 6, on="sim").tokens.tolist() == generate(a, PROMPT, 6, on="numpy").tokens.tolist()

@@ -112,8 +112,8 @@ def _lower_program(ep: torch.export.ExportedProgram, name: str) -> tuple[Graph, 
     mutated = [s.target for s in ep.graph_signature.output_specs if s.kind.name == "BUFFER_MUTATION"]
     unsupported = sorted(set(output_kinds) - {"USER_OUTPUT", "BUFFER_MUTATION"})
     if unsupported:
-        raise UnsupportedError(f"the program writes {unsupported[0].lower().replace('_', ' ')}s; tcc carries "
-                               "only buffers from one run to the next (a static cache)")
+        raise UnsupportedError(f"the program returns an output of kind {unsupported[0]} (e.g. an input written in "
+                               "place); tcc carries only written buffers from one run to the next (a static cache)")
     input_names, state_inputs = [], {}
     for node in graph.nodes:
         if node.op != "placeholder":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from tcc.ir.analysis import live_values
 from tcc.ir.graph import Graph
 from tcc.ir.state import State, StateRole
 from tcc.ir.verifier import verify
@@ -22,31 +23,18 @@ _MOVES = frozenset({"reshape", "expand", "unsqueeze", "squeeze", "slice", "selec
 _ATTENTION = "scaled_dot_product_attention"
 
 
-def _ancestors(graph: Graph, roots: Sequence[str]) -> set[str]:
-    producer = graph.producer()
-    seen, todo = set(), list(roots)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in producer:
-            todo.extend(producer[name].operands)
-    return seen
-
-
 def with_state(graph: Graph, pairs: Sequence[tuple[str, int]]) -> Graph:
     """`graph` whose input `pairs[i][0]` becomes output `pairs[i][1]` after a step; the state
     inputs and outputs follow the others. Dead state is dropped, roles and dims are inferred."""
     first = min(index for _, index in pairs)
-    live = _ancestors(graph, graph.outputs[:first])
+    live = live_values(graph, graph.outputs[:first])
     kept: list[tuple[str, int]] = []
     while True:  # a state is live if what is returned depends on it, now or in a later step
         grown = [(name, index) for name, index in pairs if name in live and (name, index) not in kept]
         if not grown:
             break
         kept += grown
-        live |= _ancestors(graph, [graph.outputs[index] for _, index in grown])
+        live |= live_values(graph, [graph.outputs[index] for _, index in grown])
     kept.sort(key=lambda pair: pair[1])
     outputs = graph.outputs[:first] + tuple(graph.outputs[index] for _, index in kept)
     dropped = {name for name, _ in pairs} - {name for name, _ in kept}

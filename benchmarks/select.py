@@ -51,7 +51,7 @@ def main() -> None:
     model = train_digits(x_train, y_train)
     catalog = load_catalog()
     start = time.perf_counter()
-    selection = select(model, Dataset((x_test,), y_test, "digits test"), catalog, lc_ms=PAIRS[0][0], ac=PAIRS[0][1],
+    selection = select(model, Dataset((x_test,), y_test, "digits test"), catalog, lc=PAIRS[0][0], ac=PAIRS[0][1],
                        example_inputs=(x_test[:args.batch],), executor=args.executor,
                        train=None if args.no_train else Dataset((x_train,), y_train, "digits train"))
     seconds = time.perf_counter() - start

@@ -27,7 +27,8 @@ __all__ = ["compile", "load", "Artifact", "TccError", "__version__"]
 # tcc's own submodules, reachable as attributes (`tcc.zoo`); an explicit list, so that an
 # attribute name never picks what is imported
 SUBMODULES = frozenset({"ir", "passes", "backends", "runtime", "frontend", "targets", "zoo", "select", "explore",
-                        "report", "evaluate", "data", "loader", "model", "driver", "cli", "export_archive", "speech"})
+                        "report", "evaluate", "data", "loader", "model", "driver", "cli", "export_archive", "speech",
+                        "language"})
 
 
 def __getattr__(name: str) -> Any:

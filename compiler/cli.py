@@ -342,11 +342,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     from tcc.select import parse_accuracy, parse_latency, select
     from tcc.targets import load_catalog
 
-    lc_ms, ac = parse_latency(args.lc), parse_accuracy(args.ac)
+    lc, ac = parse_latency(args.lc), parse_accuracy(args.ac)
     catalog = load_catalog(args.targets_file)
     data, train = _exploration_data(args)
     settings = settings_named(args.settings)
-    selection = select(args.model, data, catalog, lc_ms=lc_ms, ac=ac, train=train, settings=settings,
+    selection = select(args.model, data, catalog, lc=lc, ac=ac, train=train, settings=settings,
                        executor=args.executor, progress=_progress(args), input_shapes=args.input_shape,
                        arch=args.arch, trust_pickle=args.trust_pickle)
     if args.report:
@@ -355,14 +355,16 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(json.dumps(selection.to_json(), indent=2))
     else:
         if not args.quiet:
-            score = data.task.score_name
-            print(f"{'device':<12} {'setting':<18} {score:>{max(8, len(score))}} {'latency ms':>11} {'energy mJ':>10} "
-                  f"{'GOP/s/W':>9} {'price $':>9}")
+            score, tokens = data.task.score_name, selection.tokens_per_run
+            if tokens:
+                print(f"--lc {lc}: a run of the step makes {tokens} token(s): at most {selection.lc_ms:.4g} ms a run")
+            print(f"{'device':<12} {'setting':<18} {score:>{max(8, len(score))}} {'latency ms':>11} "
+                  + (f"{'tokens/s':>9} " if tokens else "") + f"{'energy mJ':>10} {'GOP/s/W':>9} {'price $':>9}")
             for p in sorted(selection.points, key=lambda p: (p.price_usd, p.device, p.latency_ms)):
-                mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(lc_ms, ac) else "")
+                mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(selection.lc_ms, ac) else "")
                 print(f"{printable(p.device):<12} {printable(p.setting):<18} {p.accuracy:>{max(8, len(score))}.4f} "
-                      f"{p.latency_ms:>11.4g} {p.energy_mj:>10.4g} {p.gops_per_w:>9.4g} "
-                      f"{p.price_usd:>9,.0f}{mark}")
+                      f"{p.latency_ms:>11.4g} " + (f"{tokens / p.latency_ms * 1e3:>9.4g} " if tokens else "")
+                      + f"{p.energy_mj:>10.4g} {p.gops_per_w:>9.4g} {p.price_usd:>9,.0f}{mark}")
         print(printable(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
                         + (f"; report: {args.report}/report.html" if args.report else "")))
     if selection.chosen is None:
@@ -377,14 +379,14 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from tcc.select import parse_accuracy, parse_latency
     from tcc.targets import load_catalog
 
-    lc_ms = parse_latency(args.lc) if args.lc else None
+    lc = parse_latency(args.lc) if args.lc else None
     ac = parse_accuracy(args.ac) if args.ac else None
     catalog = load_catalog(args.targets_file)
     space = load_space(args.space, catalog)
     data, train = _exploration_data(args)
     study = args.study or f"{Path(args.model).stem}.study"
     result = explore_model(args.model, data, catalog, space, budget=args.budget, store=study, train=train,
-                           executor=args.executor, workers=args.workers, grid=args.sampler == "grid", lc_ms=lc_ms,
+                           executor=args.executor, workers=args.workers, grid=args.sampler == "grid", lc=lc,
                            ac=ac, seed=args.seed, progress=_progress(args), synth=args.synth,
                            input_shapes=args.input_shape, arch=args.arch, trust_pickle=args.trust_pickle)
     if args.report:
@@ -405,7 +407,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
         print(printable(f"{result.evaluated} of {space.grid_size()} points in the study {study} "
                         f"({result.seconds:.1f} s): {result.reason}"
                         + (f"; report: {args.report}/report.html" if args.report else "")))
-    if (lc_ms is not None or ac is not None) and result.chosen is None:
+    if (lc is not None or ac is not None) and result.chosen is None:
         print(f"tcc: error: {printable(result.reason)}", file=sys.stderr)
         return 2
     return 0
@@ -471,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets-file", metavar="FILE.json",
                    help="user targets to add to the catalog (a JSON object of targets by name, the shipped "
                         "catalog's schema; see `tcc targets --help`); --target may name one")
-    p.add_argument("--lc", metavar="LATENCY", help="--target auto: latency constraint per run (10ms, 2s, 800us)")
+    p.add_argument("--lc", metavar="LATENCY", help="--target auto: latency constraint per run (10ms, 2s, 800us), or "
+                                                   "a decoder step's token rate (20tok/s)")
     p.add_argument("--ac", metavar="ACCURACY", help="--target auto: accuracy constraint on --data (0.95 or 95%%)")
     p.add_argument("--data", metavar="D.pt", help="labelled evaluation data: the accuracy in the report, and what "
                                                   "--target auto and select-device measure accuracy on")
@@ -597,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--report sel/\n\nexit code 0 when a device meets both constraints, 2 when none does "
                 "(the closest point is printed)")
     p.add_argument("model", help="model file (as for compile)")
-    p.add_argument("--lc", required=True, metavar="LATENCY", help="latency constraint per run, with a unit: 10ms, 2s, 800us")
+    p.add_argument("--lc", required=True, metavar="LATENCY", help="latency constraint per run, with a unit: 10ms, 2s, "
+                                                                  "800us; or a decoder step's token rate: 20tok/s")
     p.add_argument("--ac", required=True, metavar="ACCURACY", help="constraint on the task's score on --data "
                                                                    "(accuracy, 1 - WER, token accuracy): 0.95 or 95%%")
     p.add_argument("--data", required=True, metavar="D.pt", help="labelled evaluation data: torch.save({'inputs': X, "
@@ -631,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, metavar="K", help="workers for local and ray (default 2)")
     p.add_argument("--sampler", choices=("nsga2", "grid"), default="nsga2",
                    help="optuna's NSGA-II (default), or the grid in order")
-    p.add_argument("--lc", metavar="LATENCY", help="latency constraint per run (10ms): choose a point")
+    p.add_argument("--lc", metavar="LATENCY", help="latency constraint per run (10ms), or a decoder step's token "
+                                                   "rate (20tok/s): choose a point")
     p.add_argument("--ac", metavar="ACCURACY", help="constraint on the task's score (0.95 or 95%%)")
     p.add_argument("--seed", type=int, default=0, help="the search's, fine-tuning's and the faults' seed")
     _task_arguments(p)

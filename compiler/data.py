@@ -23,7 +23,7 @@ import torch
 
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.passes.data import Dataset
+from tcc.passes.data import Dataset, data_inputs
 from tcc.passes.tasks import TASKS, make_task
 from tcc.runtime.artifact import read_npy_header
 
@@ -160,10 +160,10 @@ def load_dataset(path: str | Path, graph: Graph | None = None, *, what: str = "d
     if isinstance(inputs, dict):
         if graph is None:
             raise TccError(f"{where}: inputs given by name need the model to order them")
-        missing = [n for n in graph.input_names if n not in inputs]
+        missing = [n for n in data_inputs(graph) if n not in inputs]
         if missing:
             raise TccError(f"{where}: no inputs for model input '{missing[0]}' (has {', '.join(inputs)})")
-        inputs = [inputs[n] for n in graph.input_names]
+        inputs = [inputs[n] for n in data_inputs(graph)]
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise TccError(f"{where}: 'inputs' must be a tensor or a tuple/list/dict of tensors")

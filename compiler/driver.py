@@ -24,8 +24,8 @@ from tcc.runtime.torch_executor import TorchExecutor
 from ._version import __version__
 from .model import DataSpec, example_arrays, example_dataset, fitted_dataset, lower, source_paths
 from .report import render as render_report
-from .select import (PREFIX, Selection, Setting, canonical, default_settings, parse_accuracy, parse_latency,
-                     select)
+from .select import (PREFIX, Selection, Setting, TokenRate, canonical, default_settings, parse_accuracy,
+                     parse_latency, select)
 from .targets import Target, candidates, load_catalog, price_all
 from .targets.backends import BACKENDS
 from .targets.calibration import cost_devices
@@ -99,16 +99,16 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
             raise TccError("--target auto with --pipeline needs select-device{lc=...,ac=...} in it; without a "
                            "pipeline, --lc, --ac and --data explore the compression settings too")
         return Resolved(None, passes, catalog, accel, synth)
-    lc_ms = None if lc is None else parse_latency(lc) if isinstance(lc, str) else float(lc)
+    bound = None if lc is None else parse_latency(lc) if isinstance(lc, str) else lc
     ac_value = None if ac is None else parse_accuracy(ac) if isinstance(ac, str) else float(ac)
     if study is not None:
-        return _explored(study, catalog, model, example_inputs, lower_kw or {}, lc_ms, ac_value, accel, synth,
+        return _explored(study, catalog, model, example_inputs, lower_kw or {}, bound, ac_value, accel, synth,
                          settings, train_data)
     if lc is None or ac is None or eval_data is None:
         raise TccError("--target auto needs --lc, --ac and --data (as for `tcc select`), or --study and --lc or "
                        "--ac (an exploration's points)")
     chosen_settings = settings_named(settings)
-    selection = select(model, fitted_dataset(eval_data, None, "evaluation data"), catalog, lc_ms=lc_ms, ac=ac_value,
+    selection = select(model, fitted_dataset(eval_data, None, "evaluation data"), catalog, lc=bound, ac=ac_value,
                        example_inputs=example_inputs, train=fitted_dataset(train_data, None, "training data"),
                        settings=chosen_settings, seed=seed, progress=progress, **(lower_kw or {}))
     if selection.chosen is None:
@@ -120,7 +120,7 @@ def resolve_target(target: str, catalog: dict[str, Target], pipeline: PipelineSp
 
 
 def _explored(study: str, catalog: dict[str, Target], model: Any, example_inputs: Any, lower_kw: dict,
-              lc_ms: float | None, ac: float | None, accel: str | None, synth: bool, settings,
+              lc: float | TokenRate | None, ac: float | None, accel: str | None, synth: bool, settings,
               train_data: DataSpec) -> Resolved:
     """`--target auto --study`: the exploration's point under the constraints, its target and passes."""
     from tcc.passes.finetune import TrainingOptions
@@ -131,7 +131,7 @@ def _explored(study: str, catalog: dict[str, Target], model: Any, example_inputs
     if accel is not None:
         raise TccError("--accel goes with a named target (with --study, the explored point gives the accelerator)")
     point, named, reason, trained = explored_choice(study, canonical(lower(model, example_inputs, **lower_kw)[0]),
-                                                    catalog, lc_ms, ac)
+                                                    catalog, lc, ac)
     passes = tuple(parse_pipeline(",".join((PREFIX,) + point.steps)))
     if trained and train_data is None and any(isinstance(p, TrainingOptions) for p in passes):
         raise TccError(f"--study {study}: the exploration fine-tuned {setting_name(point.params)} on its training "

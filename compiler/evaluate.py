@@ -10,15 +10,12 @@ import numpy as np
 
 from tcc.ir.errors import TccError
 from tcc.passes.data import Dataset, graph_outputs
-from tcc.runtime.artifact import ACCEL_EXECUTORS, Artifact
+from tcc.runtime.artifact import Artifact
 
 
 def first_outputs(artifact: Artifact, data: Dataset, on: str) -> np.ndarray:
     """The artifact's first output on every example of `data`, in batches of its static size."""
-    executor = artifact.executor(on)
-    if on in ("numpy", *ACCEL_EXECUTORS):  # numpy arrays in and out
-        return graph_outputs(artifact.graph, data, lambda inputs: executor(*[x.numpy() for x in inputs])[0])
-    return graph_outputs(artifact.graph, data, lambda inputs: executor.run(inputs)[0])
+    return graph_outputs(artifact.graph, data, lambda inputs: artifact.run_flat(inputs, on))
 
 
 def evaluate(artifact: Artifact, data: Dataset, *, on: str = "cpu", baseline: Artifact | None = None

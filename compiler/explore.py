@@ -69,7 +69,7 @@ from tcc.passes.layers import LAYER_KINDS
 from tcc.passes.cost_model import Device
 from tcc.runtime.torch_executor import TorchExecutor
 
-from .select import PREFIX, accuracy, prepare, run_on_ray
+from .select import PREFIX, TokenRate, accuracy, latency_bound, prepare, run_on_ray
 from .targets import Target
 from .targets.backends import synthesize_target
 from .targets.calibration import cost_devices
@@ -555,9 +555,9 @@ def _points(study) -> list[Outcome]:
             for t in _evaluated(study).values() if "outcome" in t.user_attrs]
 
 
-def explored_choice(store: str, base: Graph, targets: Mapping[str, Target], lc_ms: float | None,
+def explored_choice(store: str, base: Graph, targets: Mapping[str, Target], lc: float | TokenRate | None,
                     ac: float | None) -> tuple[Outcome, Target, str, bool]:
-    """The point of the exploration in `store` that `choose` takes under `lc_ms` / `ac` (those
+    """The point of the exploration in `store` that `choose` takes under `lc` / `ac` (those
     whose accelerator `--synth` found too large for its part aside), its target, the reason,
     and whether the exploration fine-tuned its settings: a TccError for a study of another
     model, one without points, or when no point meets the constraints."""
@@ -565,8 +565,9 @@ def explored_choice(store: str, base: Graph, targets: Mapping[str, Target], lc_m
     if attrs.get("model") != fingerprint(base):
         raise TccError(f"--study {store}: the study explores another model ({attrs.get('model')}, this one is "
                        f"{fingerprint(base)})")
-    if lc_ms is None and ac is None:
+    if lc is None and ac is None:
         raise TccError(f"--study {store}: give --lc and/or --ac to choose among the exploration's points")
+    lc_ms = latency_bound(lc, base)
     synthesized = _synthesis_of(attrs)
     live = [p for p in (_with_synthesis(p, space, targets, synthesized) for p in points) if p and not p.skipped]
     if not live:
@@ -869,14 +870,15 @@ def describe(p: Outcome) -> str:
 
 def explore(base: Graph, data: Dataset, targets: Mapping[str, Target], space: Space, *, examples: Dataset,
             budget: int, store: str, train: Dataset | None = None, executor: str = "inline",
-            workers: int = 1, grid: bool = False, lc_ms: float | None = None, ac: float | None = None,
+            workers: int = 1, grid: bool = False, lc: float | TokenRate | None = None, ac: float | None = None,
             seed: int = 0, progress: bool = False, synth: bool = False) -> Exploration:
     """Explore `space` for `base` (the lowered model) in the study at `store` until `budget`
     distinct points are evaluated (all of them: the grid, in order, with `grid`), on this
     process (`inline`), local processes or Ray workers sharing the store; then the Pareto set
     (with `synth`, its accelerators synthesized by yosys: `synthesize_front`) and the choice
-    under `lc_ms` / `ac`."""
+    under `lc` (milliseconds a run, or a decoder's `TokenRate`) / `ac`."""
     start = time.perf_counter()
+    lc_ms = latency_bound(lc, base)
     if budget < 1:
         raise TccError(f"--budget: at least 1 point, got {budget}")
     if train is None and any(p.name == "tws" and True in p.values for p in space.compression):

@@ -14,6 +14,7 @@ import torch.fx as fx
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 from tcc.passes import Dataset
+from tcc.passes.data import data_inputs
 
 from .data import load_dataset
 from .frontend import Signature, from_exported_program, from_module, split_inputs
@@ -66,11 +67,10 @@ def example_arrays(signature: Signature, examples: Any) -> dict[str, np.ndarray]
 
 def example_dataset(graph: Graph, arrays: dict[str, np.ndarray]) -> Dataset | None:
     """The example inputs as a dataset of the graph's inputs (None unless there is one per input;
-    state starts empty: zeros)."""
+    a decoder's step: its token ids, a sequence from position 0)."""
     if len(arrays) != len(graph.user_inputs):
         return None
-    arrays = {**graph.initial_state(), **arrays}
-    return Dataset(tuple(torch.from_numpy(arrays[n]) for n in graph.input_names), source="the example inputs")
+    return Dataset(tuple(torch.from_numpy(arrays[n]) for n in data_inputs(graph)), source="the example inputs")
 
 
 def fitted_dataset(spec: DataSpec, graph: Graph | None, what: str) -> Dataset | None:

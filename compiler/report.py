@@ -258,7 +258,7 @@ def _accuracy(graph: Graph, data: Dataset | None) -> dict | None:
     metrics = None
     if data.labels is not None:
         executor = TorchExecutor(graph, "cpu")
-        found = task_metrics(graph, data, lambda inputs: executor.run(inputs)[0], "evaluation data")
+        found = task_metrics(graph, data, executor.run, "evaluation data")
         metrics = {METRIC_NAMES[k]: v for k, v in found.items()}
     return {"source": data.source, "examples": len(data), "task": data.task.name, "metrics": metrics}
 

@@ -27,6 +27,7 @@ import torch
 from tcc.ir.analysis import flops
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
+from tcc.ir.state import DecodeStep
 from tcc.passes import Dataset, Latency, Pass, PassContext, parse_pipeline, run_pipeline
 from tcc.passes.cost_model import Device
 from tcc.passes.data import task_score
@@ -120,6 +121,7 @@ class Selection:
     points: tuple[Point, ...]
     seconds: float
     score: str = "accuracy"
+    tokens_per_run: int = 0  # a decoder's step: the tokens each run makes (tokens/s = that / latency)
 
     def to_json(self) -> dict:
         best = self.chosen or self.closest
@@ -127,7 +129,7 @@ class Selection:
                 "setting": self.chosen.setting if self.chosen else None,
                 "latency_ms": best.latency_ms, "accuracy": best.accuracy, "met": self.chosen is not None,
                 "reason": self.reason, "lc_ms": self.lc_ms, "ac": self.ac, "score": self.score,
-                "seconds": round(self.seconds, 3),
+                "seconds": round(self.seconds, 3), "tokens_per_run": self.tokens_per_run,
                 "closest": self.closest.to_json(), "points": [p.to_json() for p in self.points]}
 
 
@@ -135,7 +137,7 @@ def accuracy(graph: Graph, data: Dataset) -> float:
     """The score of `data`'s task (top-1 accuracy, 1 - WER, token accuracy) of the graph's
     first output (torch executor, CPU)."""
     executor = TorchExecutor(graph, "cpu")
-    return task_score(graph, data, lambda inputs: executor.run(inputs)[0], "evaluation data")
+    return task_score(graph, data, executor.run, "evaluation data")
 
 
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
@@ -266,13 +268,53 @@ def pareto(points: Sequence[Point]) -> dict[str, list[Point]]:
     return fronts
 
 
-def parse_latency(text: str) -> float:
-    """'10ms', '2.5 s', '800us' -> milliseconds (`Latency`, as select-device's `lc`); a
-    TccError for a bare number, a negative or zero value, or an unknown unit."""
+@dataclass(frozen=True)
+class TokenRate:
+    """A decoder's throughput constraint (`--lc 20tok/s`): at least `per_s` tokens a second,
+    i.e. each run of its step (batch x width tokens) within batch x width / `per_s`."""
+
+    per_s: float
+
+    def __str__(self) -> str:
+        return f"{self.per_s:g}tok/s"
+
+
+def parse_latency(text: str) -> float | TokenRate:
+    """'10ms', '2.5 s', '800us' -> milliseconds (`Latency`, as select-device's `lc`), '20tok/s'
+    -> a `TokenRate`; a TccError for a bare number, a negative or zero value, or an unknown
+    unit."""
+    raw = text.strip()
+    if raw.endswith("tok/s"):
+        try:
+            rate = float(raw[:-len("tok/s")])
+        except ValueError:
+            rate = math.nan
+        if not math.isfinite(rate) or rate <= 0:
+            raise TccError(f"--lc is '{text}' but expects a positive token rate (e.g. 20tok/s)")
+        return TokenRate(rate)
     try:
         return float(Latency.parse(text))
     except ValueError as e:
-        raise TccError(f"--lc is '{text}' but {e}") from None
+        raise TccError(f"--lc is '{text}' but {e}; or a decoder's token rate (20tok/s)") from None
+
+
+def latency_bound(lc: float | TokenRate | None, graph: Graph) -> float | None:
+    """The latency a run of `graph` may take under `lc`, in milliseconds: a latency as given, a
+    token rate as the time its step may take to make its batch x width tokens."""
+    if not isinstance(lc, TokenRate):
+        return lc
+    if not graph.state:
+        raise TccError(f"--lc {lc}: a token rate constrains a decoder's step (a model with a KV cache); this one has "
+                       "none: give a latency per run (e.g. 10ms)")
+    return tokens_per_run(graph) / lc.per_s * 1e3
+
+
+def tokens_per_run(graph: Graph) -> int:
+    """The tokens a run of a decoder's step makes (batch x width); 0 for any other graph."""
+    if not graph.state:
+        return 0
+    step = DecodeStep.of(graph)
+    return step.batch * step.width
 
 
 def parse_accuracy(text: str) -> float:
@@ -306,18 +348,21 @@ def canonical(graph: Graph) -> Graph:
     return run_pipeline(graph, parse_pipeline(PREFIX), PassContext())
 
 
-def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc_ms: float, ac: float,
+def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc: float | TokenRate, ac: float,
            example_inputs: Any = None, train: Dataset | None = None, settings: Sequence[Setting] | None = None,
            executor: str = "local", seed: int = 0, progress: bool = False, **lower_kw) -> Selection:
-    """Explore `model` (anything `tcc.compile` takes) over `settings` x `targets` and choose."""
+    """Explore `model` (anything `tcc.compile` takes) over `settings` x `targets` and choose
+    under `lc` (milliseconds a run, or a decoder's `TokenRate`) and `ac`."""
     start = time.perf_counter()
     base, example, data, train = prepare(model, example_inputs, data, train, **lower_kw)
+    lc_ms = latency_bound(lc, base)  # before the exploration: a token rate needs a decoder's step
     points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
                      seed=seed, progress=progress)
-    return choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name)
+    return dataclasses.replace(choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name),
+                               tokens_per_run=tokens_per_run(base))
 
 
 __all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select", "prepare",
            "canonical",
            "run_on_ray",
-           "parse_latency", "parse_accuracy", "accuracy"]
+           "parse_latency", "parse_accuracy", "accuracy", "TokenRate", "latency_bound", "tokens_per_run"]

@@ -579,6 +579,23 @@ def decode_step(model: nn.Module, max_cache: int = 32, batch: int = 1, width: in
                               cache_position=torch.arange(width, dtype=torch.long))
 
 
+def train_lm(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, *, epochs: int = 20, batch: int = 32,
+             lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """A causal LM of `causal_lm` trained on token windows [examples, length] and their next
+    tokens (e.g. `tcc.language.make_corpus`) with AdamW and the LM loss; in eval mode."""
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for rows in torch.randperm(len(tokens)).split(batch):
+            logits = model(input_ids=tokens[rows]).logits
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[rows].reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     name: str

@@ -1,6 +1,7 @@
 """Activation ranges for quantization: run the float graph on data through the torch
 executor with observers on chosen values, and return each value's range (max |v|, or a
-percentile of |v|). Only the real rows of a padded last batch are counted."""
+percentile of |v|). Only the real rows of a padded last batch are counted; a decoder's step
+runs along the data's sequences (`first_output`), so its ranges cover a filling cache."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
 
 from .base import PassContext
-from .data import batch_size_of
+from .data import batch_size_of, first_output
 
 
 class Observer(nn.Module):
@@ -80,7 +81,7 @@ def observe(graph: Graph, ctx: PassContext, values: set[str], *, pass_name: str,
         for b in data.batches(batch):
             for o in observers.values():
                 o.valid = b.valid
-            module(*(x.to(ctx.device) for x in b.inputs))
+            first_output(graph, b.inputs, lambda xs: module(*(x.to(ctx.device) for x in xs)))
     ctx.note(f"calibrated on {data.source} ({len(data)} examples, "
              f"{'minmax' if percentile is None else f'percentile {percentile}'})")
     for v, o in observers.items():

@@ -21,7 +21,7 @@ from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph, freeze_weights
 
 from .base import PassContext, option
-from .data import Dataset, batch_size_of
+from .data import Dataset, batch_size_of, first_output
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,11 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
     factory = ctx.require_torch(desc)
     distilling = options.distill and teacher is not None
     hidden = hidden_states(graph, teacher) if distilling and options.hidden else []
-    taken: dict[str, torch.Tensor] = {}  # this step's hidden states, by (side, value)
+    taken: dict[str, list[torch.Tensor]] = {}  # this batch's hidden states, by (side, value): one a run
+
+    def run(executor: nn.Module) -> Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]]:
+        return lambda xs: executor(*(x.to(ctx.device) for x in xs))
+
     transforms = dict(activation_transforms or {})
     for name in hidden:
         record = _Record(taken, f"student {name}")
@@ -103,23 +107,22 @@ def train(graph: Graph, ctx: PassContext, options: TrainingOptions, data: Datase
             for b in data.batches(batch, shuffle=True, generator=generator):
                 if on_step is not None:
                     on_step(step, total, module)
-                inputs = [x.to(ctx.device) for x in b.inputs]
-                logits = module(*inputs)[0][:b.valid]
+                taken.clear()
+                logits = first_output(graph, b.inputs, run(module))[:b.valid]
                 loss = logits.new_zeros(())
                 if b.labels is not None:
                     labels = b.labels[:b.valid]
                     loss = loss + data.task.loss(logits, labels.to(ctx.device) if torch.is_tensor(labels) else labels)
                 if teacher_module is not None:
                     with torch.no_grad():
-                        target = teacher_module(*inputs)[0][:b.valid]
+                        target = first_output(teacher, b.inputs, run(teacher_module))[:b.valid]
                     t, symbols = options.temperature, logits.shape[-1]
                     loss = loss + t * t * F.kl_div(F.log_softmax(logits.reshape(-1, symbols) / t, -1),
                                                    F.log_softmax(target.reshape(-1, symbols) / t, -1),
                                                    log_target=True, reduction="batchmean")
                     if hidden:
-                        loss = loss + options.hidden * sum(
-                            F.mse_loss(taken[f"student {n}"], taken[f"teacher {n}"])
-                            / taken[f"teacher {n}"].pow(2).mean().clamp(min=1e-8) for n in hidden) / len(hidden)
+                        loss = loss + options.hidden * sum(_relative_mse(taken[f"student {n}"], taken[f"teacher {n}"])
+                                                           for n in hidden) / len(hidden)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -143,15 +146,22 @@ def hidden_states(student: Graph, teacher: Graph) -> list[str]:
 
 
 class _Record(nn.Module):
-    """Identity that keeps the value (with its graph) in `store[key]` for this step's loss."""
+    """Identity that keeps the value (with its graph) in `store[key]` for this batch's loss:
+    one a run (a decoder's step runs along the sequence)."""
 
-    def __init__(self, store: dict[str, torch.Tensor], key: str):
+    def __init__(self, store: dict[str, list[torch.Tensor]], key: str):
         super().__init__()
         self.store, self.key = store, key
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        self.store[self.key] = v
+        self.store.setdefault(self.key, []).append(v)
         return v
+
+
+def _relative_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """The mean square error of a hidden state over its mean square in the teacher, over every run."""
+    s, t = torch.cat([v.flatten() for v in student]), torch.cat([v.flatten() for v in teacher])
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-8)
 
 
 def trained_weights(module: nn.Module, graph: Graph, *, transformed: bool = True) -> dict[str, np.ndarray]:

@@ -47,7 +47,7 @@ class SelectDevice(Pass):
             if data is None:
                 raise TccError(f"{self.name}: ac={self.ac:g} needs labelled evaluation data (--data)")
             module = ctx.require_torch(self.name)(graph, ctx.device)
-            accuracy = task_score(graph, data, lambda inputs: module(*inputs)[0], "evaluation data")
+            accuracy = task_score(graph, data, lambda inputs: module(*[x.to(ctx.device) for x in inputs]), "evaluation data")
             what = data.task.score_name
             if accuracy < self.ac:
                 raise TccError(f"{self.name}: {what} {accuracy:.4f} on {data.source} is below ac={self.ac:g} on "

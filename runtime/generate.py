@@ -22,63 +22,12 @@ import torch
 
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
+from tcc.ir.state import DecodeStep
 
 from .torch_dtypes import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from .artifact import Artifact
-
-
-@dataclass(frozen=True)
-class DecodeStep:
-    """Where a graph with a KV cache takes its tokens and positions and returns its logits. A
-    step of `width` 1 decodes; a wider one (exported with `width` token ids and positions)
-    prefills a chunk of the prompt in one run."""
-
-    tokens: int  # index among the graph's inputs: token ids [batch, width]
-    position: int  # index among the graph's inputs: the positions written [width]
-    logits: int  # index among the graph's outputs: [batch, width, vocab]
-    batch: int
-    width: int
-    vocab: int  # token ids the step takes: [0, vocab)
-    max_cache: int  # positions the cache holds
-
-    @classmethod
-    def of(cls, graph: Graph, what: str = "decode step") -> "DecodeStep":
-        """The step `graph` is, or a TccError saying why it is not one."""
-        caches = [s for s in graph.state if s.is_cache]
-        if not caches:
-            raise TccError(f"not a {what}: the graph carries no KV cache (export the decoder's step with a "
-                           "static cache, e.g. transformers' TorchExportableModuleForDecoderOnlyLM)")
-        types = dict(graph.inputs)
-        user = [(i, n, types[n]) for i, n in enumerate(graph.user_inputs)]
-        tokens = [(i, n) for i, n, t in user if t.dtype.is_int and t.rank == 2]
-        width = types[tokens[0][1]].shape[1] if len(tokens) == 1 else 0
-        positions = [(i, n) for i, n, t in user if t.dtype.is_int and t.shape == (width,)]
-        if len(user) != 2 or len(tokens) != 1 or len(positions) != 1 or width < 1:
-            raise TccError(f"not a {what}: it takes {', '.join(f'{n}: {t}' for _, n, t in user)}; a step takes "
-                           "token ids [batch, width] and their positions [width] (integers)")
-        batch = types[tokens[0][1]].shape[0]
-        outputs = graph.types
-        logits = [i for i, n in enumerate(graph.user_outputs)
-                  if outputs[n].dtype.is_float and outputs[n].rank == 3 and outputs[n].shape[:2] == (batch, width)]
-        if len(logits) != 1:
-            raise TccError(f"not a {what}: no single output of logits [{batch}, {width}, vocab] among "
-                           f"{', '.join(str(outputs[n]) for n in graph.user_outputs)}")
-        lengths = set()
-        for s in caches:
-            t = types[s.input]
-            if s.seq_dim is None or t.shape[0] != batch:
-                raise TccError(f"{what}: cache '{s.input}' ({t}) does not match the model: "
-                               + ("no sequence dim is written" if s.seq_dim is None else
-                                  f"its batch is {t.shape[0]}, the tokens' {batch}"))
-            lengths.add(t.shape[s.seq_dim])
-        if len(lengths) != 1:
-            raise TccError(f"{what}: the caches hold different numbers of positions ({sorted(lengths)})")
-        rows = [graph.types[op.operands[0]].shape[0] for op in graph.ops
-                if op.kind == "embedding" and op.operands[1] == tokens[0][1]]
-        vocab = min(rows + [outputs[graph.user_outputs[logits[0]]].shape[-1]])
-        return cls(tokens[0][0], positions[0][0], logits[0], batch, width, vocab, lengths.pop())
 
 
 def _check_prefill(decode: Graph, prefill: Graph) -> DecodeStep:
@@ -174,11 +123,9 @@ def generate(artifact: Artifact, prompt: Any, max_new_tokens: int, *, on: str = 
     def run(runner: Artifact, at: DecodeStep, ids: torch.Tensor, position: int) -> torch.Tensor:
         """One step on `ids` [batch, width] from `position`: its last logits; the cache moves on."""
         graph, types = runner.graph, dtypes[id(runner)]
-        values: list[Any] = [None] * len(graph.user_inputs)  # the tokens and their positions
-        values[at.tokens] = ids.to(types[at.tokens])
-        values[at.position] = torch.arange(position, position + at.width, dtype=types[at.position])
-        outputs = runner.run_flat(values + [cache[n] for n in graph.input_names[len(values):]], on)
-        cache.update((s.input, outputs[s.output]) for s in graph.state)
+        positions = torch.arange(position, position + at.width, dtype=types[at.position])
+        outputs = runner.run_flat(at.feed(graph, ids.to(types[at.tokens]), positions, cache), on)
+        cache.update(at.carry(graph, outputs))
         return outputs[at.logits][:, -1]
 
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None

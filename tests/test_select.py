@@ -102,7 +102,7 @@ def digits(tmp_path_factory):
 def test_exploration_measures_accuracy_and_prices_every_device(digits):
     model, _d, test, _train = digits
     catalog = load_catalog()
-    selection = select(model, test, catalog, lc_ms=1e6, ac=0.0, example_inputs=(test.inputs[0][:1],),
+    selection = select(model, test, catalog, lc=1e6, ac=0.0, example_inputs=(test.inputs[0][:1],),
                        settings=SETTINGS, executor="inline")
     by = {(p.setting, p.device): p for p in selection.points}
     assert {s for s, _ in by} == {s.name for s in SETTINGS}

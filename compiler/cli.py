@@ -102,10 +102,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            train_data=_data(args, args.train_data, "training data"), calib_data=args.calib_data,
                            eval_data=_data(args, args.data, "evaluation data"),
                            progress=_progress(args), accel=args.accel, synth=args.synth, targets_file=args.targets_file,
-                           lc=args.lc, ac=args.ac, settings=args.settings, study=args.study)
+                           lc=args.lc, ac=args.ac, settings=args.settings, study=args.study,
+                           weights_from=args.weights_from)
     path = artifact.save(args.output)
     summary = f"{len(artifact.graph.ops)} ops, {len(artifact.graph.constants)} constants"
     if not args.quiet:
+        if adopted := artifact.manifest.get("weights_from"):
+            line = f"weights from {adopted['source']}: {adopted['weights']} of the {adopted['of']} float weights"
+            print(f"  {printable(line)}")
         for line in (*artifact.manifest["pass_log"], *artifact.notes):  # notes: what this machine decided
             print(f"  {printable(line)}")
     print(printable(f"compiled {artifact.manifest['source']} for {artifact.manifest['target']['name']}: {summary} -> "
@@ -494,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "'labels': Y})")
     p.add_argument("--calib-data", metavar="D.pt", help="calibration data for quantization (same format)")
     _task_arguments(p)
+    p.add_argument("--weights-from", metavar="ARTIFACT", help="start from the float weights another compile of this "
+                                                              "model left (e.g. pruned and fine-tuned through its "
+                                                              "prefill step, for its decode step)")
     p.add_argument("--accel", metavar="KEY=VALUE,...",
                    help="override fields of an fpga target's accelerator config, e.g. rows=16,cols=16")
     p.add_argument("--synth", action="store_true",

@@ -22,7 +22,7 @@ from tcc.runtime.artifact import Artifact, WeightsFile
 from tcc.runtime.torch_executor import TorchExecutor
 
 from ._version import __version__
-from .model import DataSpec, example_arrays, example_dataset, fitted_dataset, lower, source_paths
+from .model import DataSpec, adopt_weights, example_arrays, example_dataset, fitted_dataset, lower, source_paths
 from .report import render as render_report
 from .select import (PREFIX, Selection, Setting, TokenRate, canonical, default_settings, parse_accuracy,
                      parse_latency, select)
@@ -166,7 +166,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
             eval_data: DataSpec = None, progress: bool = False, seed: int = 0, accel: str | None = None,
             synth: bool = False, targets_file: str | Path | None = None, lc: str | float | None = None,
             ac: str | float | None = None, settings: str | Sequence[Setting] | None = None,
-            study: str | None = None) -> Artifact:
+            study: str | None = None, weights_from: Any = None) -> Artifact:
     """Compile `model` (an nn.Module, fx.GraphModule, ExportedProgram, or a model file path)
     for `target`; returns an `Artifact` (`.save(path)` writes it, `.run(inputs, on=...)`).
 
@@ -175,7 +175,10 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
     after it, except those the pipeline already names (so `select-format{format=csr}` in a
     pipeline is not re-chosen by the target's own `select-format`). `train_data` / `calib_data`
     (data files or `Dataset`s) feed fine-tuning and calibration; without them, passes prune
-    one-shot and calibrate on the example inputs.
+    one-shot and calibrate on the example inputs. `weights_from` (an artifact or its directory)
+    gives the model's float weights the values another compile of it left them before the
+    pipeline runs (`adopt_weights`): a decoder's decode step takes the weights pruned and
+    fine-tuned through its prefill step, so that both steps run one model.
 
     `target="auto"`: with `select-device{lc=...,ac=...}` in `pipeline`, the pass chooses among the
     catalog's devices (accuracy on the labelled `eval_data`); without a pipeline, `lc` (`"10ms"`
@@ -212,6 +215,9 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         steps.set_description_str(f"compile: {description}")
 
     graph, signature, examples, source = lower(model, example_inputs, **lower_kw)
+    adopted = None
+    if weights_from is not None:
+        graph, adopted = adopt_weights(graph, weights_from)
     _log.info("lowered %s with %s in %.2f s: %d ops, %d constants", source, frontend, time.perf_counter() - start,
               len(graph.ops), len(graph.constants))
     arrays = example_arrays(signature, examples)
@@ -237,6 +243,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu", pipe
         "source": source, "frontend": frontend, "target": compiled_for.to_json(),
         "pipeline": format_pipeline(ran), "passes": [p.name for p in ran],
         "pass_log": ctx.log, "data": {k: {"source": d.source, "examples": len(d)} for k, d in data.items()},
+        **({"weights_from": adopted} if adopted else {}),
         **({"accel": built.manifest} if built.manifest else {}),
     }
     step("report")

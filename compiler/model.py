@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from tcc.ir.errors import TccError
-from tcc.ir.graph import Graph
+from tcc.ir.graph import Graph, freeze_weights
 from tcc.passes import Dataset
 from tcc.passes.data import data_inputs
 
@@ -88,3 +88,26 @@ def source_paths(model: Any, data: dict[str, DataSpec]) -> dict[str, str]:
     """The absolute paths of the model and data files compiled from."""
     files = {"model": model, **data}
     return {key: str(Path(f).resolve()) for key, f in files.items() if isinstance(f, (str, Path))}
+
+
+def adopt_weights(graph: Graph, source: Any) -> tuple[Graph, dict[str, Any]]:
+    """`graph` whose float constants take the values of those of `source` (an `Artifact`, or its
+    directory) of the same name, shape and float dtype: a model's weights as another compile of
+    it left them (pruned and fine-tuned through its prefill step, say, for its decode step);
+    and what was taken, for the manifest. A TccError when nothing matches."""
+    from tcc.runtime.artifact import Artifact, load
+    artifact = source if isinstance(source, Artifact) else load(source)
+    where = str(artifact.path or "the --weights-from artifact")
+    theirs = dict(artifact.graph.constants)
+    floats = [name for name, t in graph.constants if t.dtype.is_float]
+    taken = {name: artifact.graph.weights[name] for name in floats if name in theirs and theirs[name].dtype.is_float
+             and theirs[name].shape == dict(graph.constants)[name].shape}
+    if not taken:
+        raise TccError(f"{where}: none of its float weights is one of this model's by name and shape (another model, "
+                       "or compiled to integers: take the weights from a float compile)")
+    types = dict(graph.constants)
+    values = {name: np.asarray(value, dtype=types[name].dtype.numpy) for name, value in taken.items()}
+    merged = dict(graph.weights)
+    merged.update(freeze_weights(values))
+    return graph.replace(weights=merged), {"source": where, "weights": len(taken), "of": len(floats)}
+

@@ -8,6 +8,7 @@ import json
 import math
 from functools import lru_cache
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -20,6 +21,7 @@ from tcc.language import COLOURS, INDEX, NAMES, NUMBERS, OBJECTS, VOCAB, make_co
 from tcc.language import main as language_main
 from tcc.passes import Dataset
 from tcc.passes.tasks import Tokens
+from tcc.runtime.generate import generate
 from tcc.select import Setting, TokenRate, latency_bound, parse_latency, select
 from tcc.targets import load_catalog
 
@@ -127,13 +129,48 @@ def test_fine_tuning_a_step_with_the_language_modelling_loss():
     assert tuned < 0.8 * one_shot
 
 
+def test_decode_and_prefill_steps_run_the_weights_one_fine_tuning_left():
+    """Pruned and fine-tuned once through the 16-wide step, the weights go to the decode and
+    the 4-wide prefill steps (`weights_from`): re-pruning keeps them bit for bit, both quantized
+    steps give one perplexity, and generating with the prefill step gives the decode step's
+    tokens."""
+    pruned = tcc.compile(step(LENGTH), pipeline="fold-constants,canonicalize,dce,hp-prune{sparsity=0.75,block=8x8,"
+                                                "epochs=1}", train_data=dataset(0))
+    again = tcc.compile(step(1), pipeline="fold-constants,canonicalize,dce,hp-prune{sparsity=0.75,block=8x8}",
+                        weights_from=pruned)
+    assert again.manifest["weights_from"]["weights"] == again.manifest["weights_from"]["of"] > 10
+    for name, t in again.graph.constants:
+        if t.dtype.is_float and t.rank == 2 and t.shape[1] > 1:
+            assert np.array_equal(again.graph.weights[name], pruned.graph.weights[name]), name
+    steps = [tcc.compile(step(width), pipeline="fold-constants,canonicalize,dce,hp-prune{sparsity=0.75,block=8x8},"
+                                               "quantize", calib_data=dataset(), weights_from=pruned) for width in (1, 4)]
+    measured = [evaluate(s, dataset())["perplexity"] for s in steps]
+    assert measured[0] == pytest.approx(measured[1], rel=1e-4)
+    assert measured[0] == pytest.approx(evaluate(pruned, dataset())["perplexity"], rel=0.02)
+    prompt = corpora()[1].inputs[:BATCH, :7]
+    assert torch.equal(generate(steps[0], prompt, 8).tokens, generate(steps[0], prompt, 8, prefill=steps[1]).tokens)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     path = tmp_path_factory.mktemp("language")
     torch.export.save(step(1), path / "step.pt2")
     tcc.compile(step(4)).save(path / "prefill")
+    tcc.compile(*zoo.build("llama-style")).save(path / "other")
     torch.save(corpora()[1].to_file(), path / "test.pt")
     return path
+
+
+def test_cli_takes_weights_from_an_artifact(files, capsys, tmp_path):
+    assert main(["compile", str(files / "step.pt2"), "--weights-from", str(files / "prefill"), "-o",
+                 str(tmp_path / "step")]) == 0
+    assert f"weights from {files / 'prefill'}: " in capsys.readouterr().out
+    assert main(["compile", str(files / "step.pt2"), "--weights-from", str(files / "other"), "-o",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tcc: error: {files / 'other'}: none of its float weights is one of this model's by name and shape "
+                   "(another model, or compiled to integers: take the weights from a float compile)")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_evaluates_a_step(files, capsys):

@@ -15,7 +15,7 @@ hp75/hp90 one-shot in 16x16 blocks, int8, W1A8). Prompt 16 tokens, 32 new, greed
    on an empty cache change them); for fp32, whether its tokens equal Hugging Face's.
 2. Predicted per catalog device: one decode step's latency (the cost model, as `tcc select`
    prices a run) as tokens/s, and the time to first token as the prefill step's run (its last
-   logits give the first token), or, where there is none, the prompt's decode steps.
+   logits give the first token).
 
     .venv/bin/python benchmarks/generation.py [--settings fp32,int8] [--repeats 3] [--threads 2]
         [--hidden 256 --layers 4 --vocab 2048 --max-cache 64]
@@ -85,11 +85,7 @@ def main() -> None:
     measured, predicted, reference = [], {}, None
     for setting in settings:
         artifact = tcc.compile(program, target="cpu", pipeline=setting.passes)
-        try:
-            prefill = tcc.compile(prefill_program, target="cpu", pipeline=setting.passes)
-        except tcc.TccError as e:  # quantize calibrates on the example inputs: [1, width] ids, [width] positions
-            print(f"{setting.name}: no prefill step ({e}); its first token comes stepwise")
-            prefill = None
+        prefill = tcc.compile(prefill_program, target="cpu", pipeline=setting.passes)
         generate(artifact, prompt, 2, prefill=prefill)  # warm-up
         runs = [generate(artifact, prompt, args.new, prefill=prefill) for _ in range(args.repeats)]
         stepwise = statistics.median(generate(artifact, prompt, 1).time_to_first_token_s for _ in range(args.repeats))
@@ -98,23 +94,20 @@ def main() -> None:
         agree = sum(a == b for a, b in zip(tokens, reference)) / len(tokens)
         measured.append((setting.name, statistics.median(r.time_to_first_token_s for r in runs), stepwise,
                          statistics.median(r.decode_tokens_per_s for r in runs), agree, tokens == hf_tokens))
-        predicted[setting.name] = (price_all(artifact.graph, catalog, devices),
-                                   price_all(prefill.graph, catalog, devices) if prefill else None)
+        predicted[setting.name] = (price_all(artifact.graph, catalog, devices), price_all(prefill.graph, catalog, devices))
     print(f"{'':<16}{'TTFT ms':>9}{'(stepwise)':>11}{'tokens/s':>10}{'vs HF':>8}   same tokens as fp32 | as HF")
     print(f"{'HF eager':<16}{hf_first * 1e3:>9.1f}{'':>11}{hf_rate:>10.1f}{'1.00x':>8}")
     for name, first, stepwise, rate, agree, same_as_hf in measured:
         print(f"{'tcc ' + name:<16}{first * 1e3:>9.1f}{stepwise * 1e3:>11.1f}{rate:>10.1f}{rate / hf_rate:>7.2f}x   "
               f"{agree:>6.0%}{'' if name != 'fp32' else ' | ' + ('yes' if same_as_hf else 'NO')}")
-    print("\npredicted decode tokens/s (time to first token, ms: the prefill step's run, * stepwise) per device:")
+    print("\npredicted decode tokens/s (time to first token, ms: the prefill step's run) per device:")
     names = [s.name for s in settings]
     print(f"{'device':<13}" + "".join(f"{n:>22}" for n in names))
     for device in next(iter(predicted.values()))[0]:
         cells = []
         for name in names:
             decode, prefill = predicted[name]
-            step = decode[device].latency_s
-            first = prefill[device].latency_s if prefill else (args.prompt + 1) * step
-            cells.append(f"{1 / step:>12,.0f} ({first * 1e3:>6.2f}{' ' if prefill else '*'})")
+            cells.append(f"{1 / decode[device].latency_s:>12,.0f} ({prefill[device].latency_s * 1e3:>6.2f})")
         print(f"{device:<13}" + "".join(f"{c:>22}" for c in cells))
 
 

@@ -16,6 +16,12 @@ hp75/hp90 one-shot in 16x16 blocks, int8, W1A8). Prompt 16 tokens, 32 new, greed
 2. Predicted per catalog device: one decode step's latency (the cost model, as `tcc select`
    prices a run) as tokens/s, and the time to first token as the prefill step's run (its last
    logits give the first token).
+3. On each FPGA target, the integer settings' decode step (`--accel-settings`) as the codegen
+   schedules it: DRAM bytes a token (every section moves each operand once: the weights stream
+   once per token, in their encoding) and the weights' share of them, the accelerator's time
+   against the DRAM floor (those bytes at the config's DRAM width x clock: decode is
+   bandwidth-bound when the two meet), and the board's predicted tokens/s. Binarized settings
+   also on the board with the W1A8 unit (`binary_weight_group`), whose weights stream 1-bit.
 
     .venv/bin/python benchmarks/generation.py [--settings fp32,int8] [--repeats 3] [--threads 2]
         [--hidden 256 --layers 4 --vocab 2048 --max-cache 64]
@@ -64,6 +70,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accel-settings", default="int8,hp75-16x16-int8,hp90-16x16-int8,w1a8-int8")
+    parser.add_argument("--w1a8-group", type=int, default=8, help="binarized settings also on the W1A8 unit, its "
+                                                                   "weight group (binary_weight_group)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -109,6 +118,25 @@ def main() -> None:
             decode, prefill = predicted[name]
             cells.append(f"{1 / decode[device].latency_s:>12,.0f} ({prefill[device].latency_s * 1e3:>6.2f})")
         print(f"{device:<13}" + "".join(f"{c:>22}" for c in cells))
+    print("\nthe decode step on each FPGA's accelerator (a token): DRAM traffic, the weights' share, the accelerator's "
+          "time against the DRAM floor")
+    print(f"{'target':<12} {'setting':<24} {'DRAM KB':>8} {'weights':>8} {'/ encoded':>9} {'accel ms':>9} "
+          f"{'floor ms':>9} {'ratio':>6} {'tokens/s':>9}")
+    rows = [(name, None) for name in args.accel_settings.split(",")]
+    rows += [(name, f"binary_weight_group={args.w1a8_group}") for name, _ in rows if name.startswith("w1a")]
+    for target in ("fpga-small", "fpga-medium", "fpga-large"):
+        for name, accel in rows:
+            artifact = tcc.compile(program, target=target, pipeline=offered[name].passes, accel=accel)
+            program_, weights = artifact.accel_program(), artifact.manifest["accel"]["weights"]
+            moved = sum(s.activity.dram_bits for s in program_.sections) / 8
+            streamed = sum(w["dram_bytes"] for w in weights)
+            config = program_.config
+            accel_s = sum(s.cycles for s in program_.sections) / (config.clock_mhz * 1e6)
+            floor_s = moved / (config.dram_bits / 8 * config.clock_mhz * 1e6)
+            rate = 1 / price_all(artifact.graph, {target: catalog[target].with_accel(accel)}, devices)[target].latency_s
+            print(f"{target:<12} {name + (' (W1A8 unit)' if accel else ''):<24} {moved / 1e3:>8.0f} {streamed / moved:>7.0%} "
+                  f"{streamed / sum(w['encoded_bytes'] for w in weights):>8.3f}x {accel_s * 1e3:>9.3f} "
+                  f"{floor_s * 1e3:>9.3f} {accel_s / floor_s:>5.2f}x {rate:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,21 @@ def test_the_accelerator_generates_bit_exact_with_the_quantized_reference():
     assert generate(a, PROMPT, 6, on="sim").tokens.tolist() == generate(a, PROMPT, 6, on="numpy").tokens.tolist()
 
 
+def test_the_accelerator_streams_each_weight_once_a_token():
+    """Decode is bandwidth-bound: each section of the step moves its operands across DRAM once a
+    run (no weight tile is fetched twice for the one token's row), the weights in their
+    encoding (int8 on this array: their own bytes), most of the traffic."""
+    program = artifact("llama", "fpga-small").accel_program()
+    word = program.config.dram_bits // 8
+    for section in program.sections:
+        operands = (*section.inputs, *section.constants, *section.outputs)
+        assert section.activity.dram_bits // 8 == word * sum(t.region.words for t in operands), section.ops
+    weights = artifact("llama", "fpga-small").manifest["accel"]["weights"]
+    streamed = sum(w["dram_bytes"] for w in weights)
+    assert streamed == sum(w["encoded_bytes"] for w in weights)
+    assert streamed > 0.5 * sum(s.activity.dram_bits // 8 for s in program.sections)
+
+
 def _one_line_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

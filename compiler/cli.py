@@ -343,14 +343,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from tcc.driver import settings_named
     from tcc.report import write_selection_report
-    from tcc.select import parse_accuracy, parse_latency, select
+    from tcc.select import TokenRate, parse_accuracy, parse_latency, select
     from tcc.targets import load_catalog
 
     lc, ac = parse_latency(args.lc), parse_accuracy(args.ac)
+    ttft = parse_latency(args.ttft) if args.ttft else None
+    if isinstance(ttft, TokenRate):
+        raise TccError(f"--ttft is '{args.ttft}' but expects a latency (e.g. 20ms), not a token rate")
     catalog = load_catalog(args.targets_file)
     data, train = _exploration_data(args)
     settings = settings_named(args.settings)
     selection = select(args.model, data, catalog, lc=lc, ac=ac, train=train, settings=settings,
+                       prefill=args.prefill, ttft_ms=ttft,
                        executor=args.executor, progress=_progress(args), input_shapes=args.input_shape,
                        arch=args.arch, trust_pickle=args.trust_pickle)
     if args.report:
@@ -359,15 +363,17 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(json.dumps(selection.to_json(), indent=2))
     else:
         if not args.quiet:
-            score, tokens = data.task.score_name, selection.tokens_per_run
+            score, tokens, first = data.task.score_name, selection.tokens_per_run, args.prefill is not None
             if tokens:
                 print(f"--lc {lc}: a run of the step makes {tokens} token(s): at most {selection.lc_ms:.4g} ms a run")
             print(f"{'device':<12} {'setting':<18} {score:>{max(8, len(score))}} {'latency ms':>11} "
-                  + (f"{'tokens/s':>9} " if tokens else "") + f"{'energy mJ':>10} {'GOP/s/W':>9} {'price $':>9}")
+                  + (f"{'tokens/s':>9} " if tokens else "") + (f"{'TTFT ms':>9} " if first else "")
+                  + f"{'energy mJ':>10} {'GOP/s/W':>9} {'price $':>9}")
             for p in sorted(selection.points, key=lambda p: (p.price_usd, p.device, p.latency_ms)):
-                mark = " <- chosen" if p is selection.chosen else (" meets" if p.meets(selection.lc_ms, ac) else "")
+                mark = " <- chosen" if p is selection.chosen else (" meets" if selection.meets(p) else "")
                 print(f"{printable(p.device):<12} {printable(p.setting):<18} {p.accuracy:>{max(8, len(score))}.4f} "
                       f"{p.latency_ms:>11.4g} " + (f"{tokens / p.latency_ms * 1e3:>9.4g} " if tokens else "")
+                      + (f"{p.ttft_ms:>9.4g} " if first else "")
                       + f"{p.energy_mj:>10.4g} {p.gops_per_w:>9.4g} {p.price_usd:>9,.0f}{mark}")
         print(printable(f"{len(selection.points)} points in {selection.seconds:.1f} s: {selection.reason}"
                         + (f"; report: {args.report}/report.html" if args.report else "")))
@@ -621,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(RAY_ADDRESS, else a local instance)")
     p.add_argument("--settings", metavar="NAME,...", help="explore only these compression settings (default: all; "
                                                            "e.g. fp32,int8,hp75-16x16-int8,w1a8-int8)")
+    p.add_argument("--prefill", metavar="MODEL", help="a decode step's prefill step (the same decoder exported with "
+                                                      "several tokens a run): each point's time to first token")
+    p.add_argument("--ttft", metavar="LATENCY", help="with --prefill: constraint on the time to first token (one run "
+                                                     "of the prefill step: a prompt as wide as it)")
     p.add_argument("--report", metavar="DIR", help="write report.html, pareto.png and selection.json into DIR")
     _model_arguments(p, "1x8x8")
     p.add_argument("--json", action="store_true", help="print {device, setting, latency_ms, accuracy, points, ...}")

@@ -376,7 +376,8 @@ def write_selection_report(selection: Selection, directory: str | os.PathLike, *
     check_report_dir(directory)
     html = render_template(
         "select.html.j2", model=model, data=data, lc_ms=selection.lc_ms, ac=selection.ac, score=selection.score,
-        points=selection.points, chosen=selection.chosen, reason=selection.reason, seconds=selection.seconds,
+        points=selection.points, chosen=selection.chosen, meets=selection.meets, reason=selection.reason,
+        seconds=selection.seconds,
         plot="pareto.png", settings=len({p.setting for p in selection.points}),
         devices=len({p.device for p in selection.points}))
     return _write_report(directory, {"pareto.png": pareto_png(selection), "report.html": html,

@@ -27,7 +27,7 @@ import torch
 from tcc.ir.analysis import flops
 from tcc.ir.errors import TccError
 from tcc.ir.graph import Graph
-from tcc.ir.state import DecodeStep
+from tcc.ir.state import DecodeStep, check_prefill
 from tcc.passes import Dataset, Latency, Pass, PassContext, parse_pipeline, run_pipeline
 from tcc.passes.cost_model import Device
 from tcc.passes.data import task_score
@@ -84,7 +84,8 @@ def default_settings() -> tuple[Setting, ...]:
 class Point:
     """One (setting, device): its accuracy on the data, predicted latency and energy per run,
     the model's dense-equivalent operations per joule (`gops_per_w`: GOP/s/W), and the device's
-    price."""
+    price; for a decoder's decode step selected with its prefill step, the time to first token
+    (`ttft_ms`: one run of the prefill step, compiled under the same setting)."""
 
     setting: str
     device: str
@@ -94,14 +95,17 @@ class Point:
     price_usd: float
     parts_ms: dict[str, float]
     gops_per_w: float = 0.0
+    ttft_ms: float | None = None
 
-    def meets(self, lc_ms: float, ac: float) -> bool:
-        return self.latency_ms <= lc_ms and self.accuracy >= ac
+    def meets(self, lc_ms: float, ac: float, ttft_ms: float | None = None) -> bool:
+        return self.shortfall(lc_ms, ac, ttft_ms) == 0.0
 
-    def shortfall(self, lc_ms: float, ac: float) -> float:
-        """How far the point misses the constraints (0 when it meets both): the relative
-        latency excess plus the relative accuracy shortfall."""
-        return max(0.0, self.latency_ms / lc_ms - 1) + max(0.0, (ac - self.accuracy) / max(ac, 1e-9))
+    def shortfall(self, lc_ms: float, ac: float, ttft_ms: float | None = None) -> float:
+        """How far the point misses the constraints (0 when it meets them): the relative
+        latency excess plus the relative accuracy shortfall (plus the time to first token's
+        relative excess, under `ttft_ms`)."""
+        late = max(0.0, self.ttft_ms / ttft_ms - 1) if ttft_ms is not None and self.ttft_ms is not None else 0.0
+        return max(0.0, self.latency_ms / lc_ms - 1) + max(0.0, (ac - self.accuracy) / max(ac, 1e-9)) + late
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,13 +126,18 @@ class Selection:
     seconds: float
     score: str = "accuracy"
     tokens_per_run: int = 0  # a decoder's step: the tokens each run makes (tokens/s = that / latency)
+    ttft_ms: float | None = None  # the constraint on the time to first token (with a prefill step)
+
+    def meets(self, point: Point) -> bool:
+        """Whether `point` meets this selection's constraints."""
+        return point.meets(self.lc_ms, self.ac, self.ttft_ms)
 
     def to_json(self) -> dict:
         best = self.chosen or self.closest
         return {"device": self.chosen.device if self.chosen else None,
                 "setting": self.chosen.setting if self.chosen else None,
                 "latency_ms": best.latency_ms, "accuracy": best.accuracy, "met": self.chosen is not None,
-                "reason": self.reason, "lc_ms": self.lc_ms, "ac": self.ac, "score": self.score,
+                "reason": self.reason, "lc_ms": self.lc_ms, "ac": self.ac, "ttft_ms": self.ttft_ms, "score": self.score,
                 "seconds": round(self.seconds, 3), "tokens_per_run": self.tokens_per_run,
                 "closest": self.closest.to_json(), "points": [p.to_json() for p in self.points]}
 
@@ -140,8 +149,20 @@ def accuracy(graph: Graph, data: Dataset) -> float:
     return task_score(graph, data, executor.run, "evaluation data")
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """A decoder's prefill step beside the decode step being explored (`graph`, lowered and
+    canonical, with its example inputs): a point's time to first token is one run of it compiled
+    under the point's setting (one-shot: its latency follows from the setting's structure and
+    types, which fine-tuning does not change)."""
+
+    graph: Graph
+    examples: Dataset
+
+
 def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
-         targets: dict[str, Target], devices: Mapping[str, Device], seed: int) -> list[Point]:
+         targets: dict[str, Target], devices: Mapping[str, Device], seed: int, prefill: Prefill | None = None
+         ) -> list[Point]:
     """Points of a chain of settings, each extending the previous one's steps: the graph is
     compiled step by step, so shared steps (a fine-tuned pruning) run once. On one thread (the
     jobs run side by side), given back after: an inline job must not change its caller's torch,
@@ -149,13 +170,14 @@ def _job(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _points(base, chain, data, train, examples, targets, devices, seed)
+        return _points(base, chain, data, train, examples, targets, devices, seed, prefill)
     finally:
         torch.set_num_threads(threads)
 
 
 def _points(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Dataset | None, examples: Dataset,
-            targets: dict[str, Target], devices: Mapping[str, Device], seed: int) -> list[Point]:
+            targets: dict[str, Target], devices: Mapping[str, Device], seed: int, prefill: Prefill | None
+            ) -> list[Point]:
     torch.manual_seed(seed)
     graphs: dict[tuple[str, ...], Graph] = {(): base}
     points = []
@@ -168,11 +190,20 @@ def _points(base: Graph, chain: tuple[Setting, ...], data: Dataset, train: Datas
             graph = run_pipeline(graph, parse_pipeline(setting.steps[i]), ctx)
             graphs[setting.steps[:i + 1]] = graph
         acc, ops = accuracy(graph, data), flops(graph)
+        first = _first_token_ms(prefill, setting, targets, devices, seed) if prefill is not None else {}
         for name, c in price_all(graph, targets, devices, after=setting.passes).items():
             points.append(Point(setting.name, name, acc, c.latency_s * 1e3, c.energy_j * 1e3,
                                 targets[name].device.price_usd, {k: v * 1e3 for k, v in c.parts.items()},
-                                c.gops_per_w(ops)))
+                                c.gops_per_w(ops), first.get(name)))
     return points
+
+
+def _first_token_ms(prefill: Prefill, setting: Setting, targets: dict[str, Target], devices: Mapping[str, Device],
+                    seed: int) -> dict[str, float]:
+    """Per target, one run of the prefill step compiled under `setting` (one-shot), in ms."""
+    ctx = PassContext(data={"example": prefill.examples}, torch_module=TorchExecutor, seed=seed)
+    graph = run_pipeline(prefill.graph, parse_pipeline(",".join(setting.steps)), ctx) if setting.steps else prefill.graph
+    return {name: c.latency_s * 1e3 for name, c in price_all(graph, targets, devices, after=setting.passes).items()}
 
 
 def _chains(settings: Sequence[Setting]) -> list[tuple[Setting, ...]]:
@@ -185,14 +216,15 @@ def _chains(settings: Sequence[Setting]) -> list[tuple[Setting, ...]]:
 
 def explore(base: Graph, data: Dataset, targets: dict[str, Target], *, examples: Dataset,
             train: Dataset | None = None, settings: Sequence[Setting] | None = None, executor: str = "local",
-            workers: int | None = None, seed: int = 0, progress: bool = False) -> list[Point]:
+            workers: int | None = None, seed: int = 0, progress: bool = False, prefill: Prefill | None = None
+            ) -> list[Point]:
     """Every (setting, target) point for `base` (the lowered model), the settings' jobs on
     local processes (`executor="local"`), in this process (`"inline"`) or on Ray (`"ray"`). The
     devices are calibrated here, before the jobs load the machine."""
     devices = cost_devices(targets, on_measure=_log.info)
     targets = {name: t for name, t in targets.items() if name in devices}
     chains = _chains(settings or default_settings())
-    args = [(base, chain, data, train, examples, targets, devices, seed) for chain in chains]
+    args = [(base, chain, data, train, examples, targets, devices, seed, prefill) for chain in chains]
     _log.info("exploring %d settings in %d jobs x %d devices (%s executor)", sum(map(len, chains)), len(chains),
               len(targets), executor)
     if executor == "inline":
@@ -230,27 +262,32 @@ def run_on_ray(fn: Any, args: list[tuple]) -> list:
     return ray.get([remote.remote(*a) for a in args])
 
 
-def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.0, score: str = "accuracy"
-           ) -> Selection:
-    """The cheapest device meeting both constraints and on it the fastest setting that does;
-    when none does, the point missing them least (`Point.shortfall`). `score`: what the points'
-    accuracy is (the task's score), in words."""
+def choose(points: Sequence[Point], lc_ms: float, ac: float, seconds: float = 0.0, score: str = "accuracy",
+           ttft_ms: float | None = None) -> Selection:
+    """The cheapest device meeting the constraints (latency, accuracy, and with `ttft_ms` the
+    time to first token) and on it the fastest setting that does; when none does, the point
+    missing them least (`Point.shortfall`). `score`: what the points' accuracy is (the task's
+    score), in words."""
     if not points:
         raise TccError("no points to choose from: the catalog or the settings are empty")
-    feasible = [p for p in points if p.meets(lc_ms, ac)]
-    closest = min(points, key=lambda p: (p.shortfall(lc_ms, ac), p.price_usd, p.latency_ms))
+    feasible = [p for p in points if p.meets(lc_ms, ac, ttft_ms)]
+    closest = min(points, key=lambda p: (p.shortfall(lc_ms, ac, ttft_ms), p.price_usd, p.latency_ms))
+    first = f", time to first token <= {ttft_ms:g} ms" if ttft_ms is not None else ""
     if feasible:
         chosen = min(feasible, key=lambda p: (p.price_usd, p.latency_ms, -p.accuracy))
         cheaper = sorted({p.device for p in points if p.price_usd < chosen.price_usd})
         reason = (f"{chosen.device} (${chosen.price_usd:,.0f}) is the cheapest device meeting latency <= "
-                  f"{lc_ms:g} ms and {score} >= {ac:g}: {chosen.setting} runs in {chosen.latency_ms:.3g} ms at "
-                  f"{score} {chosen.accuracy:.4f}" + (f"; no setting meets both on {', '.join(cheaper)}"
-                                                      if cheaper else ""))
+                  f"{lc_ms:g} ms{first} and {score} >= {ac:g}: {chosen.setting} runs in {chosen.latency_ms:.3g} ms"
+                  + (f" (first token {chosen.ttft_ms:.3g} ms)" if ttft_ms is not None else "")
+                  + f" at {score} {chosen.accuracy:.4f}" + (f"; no setting meets {'them' if first else 'both'} on "
+                                                            f"{', '.join(cheaper)}" if cheaper else ""))
     else:
         chosen = None
-        reason = (f"no device meets latency <= {lc_ms:g} ms and {score} >= {ac:g}; closest: {closest.setting} on "
-                  f"{closest.device} ({closest.latency_ms:.3g} ms, {score} {closest.accuracy:.4f})")
-    return Selection(lc_ms, ac, chosen, closest, reason, tuple(points), seconds, score)
+        reason = (f"no device meets latency <= {lc_ms:g} ms{first} and {score} >= {ac:g}; closest: {closest.setting} "
+                  f"on {closest.device} ({closest.latency_ms:.3g} ms"
+                  + (f", first token {closest.ttft_ms:.3g} ms" if ttft_ms is not None else "")
+                  + f", {score} {closest.accuracy:.4f})")
+    return Selection(lc_ms, ac, chosen, closest, reason, tuple(points), seconds, score, ttft_ms=ttft_ms)
 
 
 def pareto(points: Sequence[Point]) -> dict[str, list[Point]]:
@@ -350,19 +387,34 @@ def canonical(graph: Graph) -> Graph:
 
 def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc: float | TokenRate, ac: float,
            example_inputs: Any = None, train: Dataset | None = None, settings: Sequence[Setting] | None = None,
-           executor: str = "local", seed: int = 0, progress: bool = False, **lower_kw) -> Selection:
+           executor: str = "local", seed: int = 0, progress: bool = False, prefill: Any = None,
+           ttft_ms: float | None = None, **lower_kw) -> Selection:
     """Explore `model` (anything `tcc.compile` takes) over `settings` x `targets` and choose
-    under `lc` (milliseconds a run, or a decoder's `TokenRate`) and `ac`."""
+    under `lc` (milliseconds a run, or a decoder's `TokenRate`) and `ac`. For a decoder's decode
+    step, `prefill` (its prefill step, as `model` is given) prices each point's time to first
+    token, which `ttft_ms` bounds."""
     start = time.perf_counter()
+    if ttft_ms is not None and prefill is None:
+        raise TccError("--ttft bounds the time to first token of a prompt through the prefill step: give --prefill")
     base, example, data, train = prepare(model, example_inputs, data, train, **lower_kw)
     lc_ms = latency_bound(lc, base)  # before the exploration: a token rate needs a decoder's step
+    wide = None
+    if prefill is not None:
+        graph, signature, examples, _source = lower(prefill, **lower_kw)
+        if not base.state:
+            raise TccError("--prefill goes with a decoder's decode step (a model with a KV cache)")
+        check_prefill(base, graph)
+        wide_examples = example_dataset(graph, example_arrays(signature, examples))
+        if wide_examples is None:
+            raise TccError("--prefill: the prefill step needs example inputs (a torch.export archive has them)")
+        wide = Prefill(canonical(graph), wide_examples)
     points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
-                     seed=seed, progress=progress)
-    return dataclasses.replace(choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name),
+                     seed=seed, progress=progress, prefill=wide)
+    return dataclasses.replace(choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name, ttft_ms),
                                tokens_per_run=tokens_per_run(base))
 
 
 __all__ = ["Setting", "Point", "Selection", "default_settings", "explore", "choose", "pareto", "select", "prepare",
            "canonical",
            "run_on_ray",
-           "parse_latency", "parse_accuracy", "accuracy", "TokenRate", "latency_bound", "tokens_per_run"]
+           "parse_latency", "parse_accuracy", "accuracy", "TokenRate", "latency_bound", "tokens_per_run", "Prefill"]

@@ -108,3 +108,15 @@ class DecodeStep:
         """The cache after a run: each state input's next value among the run's `outputs`."""
         return {s.input: outputs[s.output] for s in graph.state}
 
+
+def check_prefill(decode: Graph, prefill: Graph) -> DecodeStep:
+    """The prefill step of `prefill`, checked to share `decode`'s cache, batch and vocabulary."""
+    step = DecodeStep.of(prefill, "prefill step")
+    theirs = [(s.input, dict(prefill.inputs)[s.input], s.role, s.layer) for s in prefill.state]
+    ours = [(s.input, dict(decode.inputs)[s.input], s.role, s.layer) for s in decode.state]
+    if theirs != ours:
+        differ = next(((a, b) for a, b in zip(theirs, ours) if a != b), None)
+        detail = (f"'{differ[0][0]}' is {differ[0][1]} there, '{differ[1][0]}' {differ[1][1]} here" if differ
+                  else f"{len(theirs)} states there, {len(ours)} here")
+        raise TccError(f"the prefill step's cache does not match the decode step's: {detail}")
+    return step

@@ -21,26 +21,12 @@ import numpy as np
 import torch
 
 from tcc.ir.errors import TccError
-from tcc.ir.graph import Graph
-from tcc.ir.state import DecodeStep
+from tcc.ir.state import DecodeStep, check_prefill
 
 from .torch_dtypes import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from .artifact import Artifact
-
-
-def _check_prefill(decode: Graph, prefill: Graph) -> DecodeStep:
-    """The prefill step of `prefill`, checked to share `decode`'s cache, batch and vocabulary."""
-    step = DecodeStep.of(prefill, "prefill step")
-    theirs = [(s.input, dict(prefill.inputs)[s.input], s.role, s.layer) for s in prefill.state]
-    ours = [(s.input, dict(decode.inputs)[s.input], s.role, s.layer) for s in decode.state]
-    if theirs != ours:
-        differ = next(((a, b) for a, b in zip(theirs, ours) if a != b), None)
-        detail = (f"'{differ[0][0]}' is {differ[0][1]} there, '{differ[1][0]}' {differ[1][1]} here" if differ
-                  else f"{len(theirs)} states there, {len(ours)} here")
-        raise TccError(f"the prefill step's cache does not match the decode step's: {detail}")
-    return step
 
 
 @dataclass(frozen=True)
@@ -111,7 +97,7 @@ def generate(artifact: Artifact, prompt: Any, max_new_tokens: int, *, on: str = 
     decode step. Rows that have produced `eos_token_id` go on producing it; generation stops
     when every row has."""
     step = DecodeStep.of(artifact.graph)
-    chunk = _check_prefill(artifact.graph, prefill.graph) if prefill is not None else None
+    chunk = check_prefill(artifact.graph, prefill.graph) if prefill is not None else None
     tokens = prompt_tokens(prompt, step, max_new_tokens)
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise TccError(f"sampling: temperature must be >= 0 and top-k >= 1, got {temperature} and {top_k}")

@@ -155,6 +155,7 @@ def test_decode_and_prefill_steps_run_the_weights_one_fine_tuning_left():
 def files(tmp_path_factory):
     path = tmp_path_factory.mktemp("language")
     torch.export.save(step(1), path / "step.pt2")
+    torch.export.save(step(4), path / "prefill.pt2")
     tcc.compile(step(4)).save(path / "prefill")
     tcc.compile(*zoo.build("llama-style")).save(path / "other")
     torch.save(corpora()[1].to_file(), path / "test.pt")
@@ -232,3 +233,33 @@ def test_select_chooses_a_device_for_a_token_rate(files, capsys):
     out = capsys.readouterr().out
     assert f"--lc 50tok/s: a run of the step makes {BATCH} token(s): at most 80 ms a run" in out
     assert "tokens/s" in out.splitlines()[1]
+
+
+def test_select_prices_the_first_token_through_the_prefill_step(files, capsys):
+    """With the prefill step beside the decode step, each point carries its time to first token
+    (one run of the prefill step under the point's setting, priced on the point's device), which
+    `ttft_ms` bounds along with the token rate."""
+    full = load_catalog()
+    catalog = {name: full[name] for name in ("edge-cpu", "cpu", "jetson")}
+    settings = (Setting("fp32", ()), Setting("int8", ("quantize",)))
+    kw = dict(ac=0.5, settings=settings, executor="inline", prefill=step(4),
+              example_inputs=(torch.zeros(BATCH, 1, dtype=torch.long), torch.tensor([0])))
+    loose = select(step(1), dataset(), catalog, lc=TokenRate(1.0), **kw)
+    first = {(p.setting, p.device): p.ttft_ms for p in loose.points}
+    assert all(ms > 0 for ms in first.values()) and loose.chosen is not None
+    fastest = min(first.values())
+    tight = select(step(1), dataset(), catalog, lc=TokenRate(1.0), ttft_ms=fastest * 1.001, **kw)
+    assert tight.chosen is not None and tight.chosen.ttft_ms <= fastest * 1.001
+    assert all(tight.meets(p) == (p.ttft_ms <= fastest * 1.001) for p in tight.points)
+    assert "time to first token <= " in tight.reason
+    assert main(["select", str(files / "step.pt2"), "--lc", "1tok/s", "--ac", "0.5", "--data", str(files / "test.pt"),
+                 "--settings", "fp32", "--executor", "inline", "--prefill", str(files / "prefill.pt2"), "--ttft",
+                 "10s"]) == 0
+    assert "TTFT ms" in capsys.readouterr().out.splitlines()[1]
+    for argv, message in ((["--ttft", "5ms"], "--ttft bounds the time to first token of a prompt through the prefill "
+                                              "step: give --prefill"),
+                          (["--prefill", str(files / "prefill.pt2"), "--ttft", "5tok/s"],
+                           "--ttft is '5tok/s' but expects a latency (e.g. 20ms), not a token rate")):
+        assert main(["select", str(files / "step.pt2"), "--lc", "1tok/s", "--ac", "0.5", "--data",
+                     str(files / "test.pt"), "--settings", "fp32", *argv]) == 2
+        assert capsys.readouterr().err.strip() == f"tcc: error: {message}"

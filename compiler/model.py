@@ -98,16 +98,13 @@ def adopt_weights(graph: Graph, source: Any) -> tuple[Graph, dict[str, Any]]:
     from tcc.runtime.artifact import Artifact, load
     artifact = source if isinstance(source, Artifact) else load(source)
     where = str(artifact.path or "the --weights-from artifact")
-    theirs = dict(artifact.graph.constants)
-    floats = [name for name, t in graph.constants if t.dtype.is_float]
-    taken = {name: artifact.graph.weights[name] for name in floats if name in theirs and theirs[name].dtype.is_float
-             and theirs[name].shape == dict(graph.constants)[name].shape}
+    theirs, ours = dict(artifact.graph.constants), dict(graph.constants)
+    floats = [name for name, t in ours.items() if t.dtype.is_float]
+    taken = {name: np.asarray(artifact.graph.weights[name], dtype=ours[name].dtype.numpy) for name in floats
+             if name in theirs and theirs[name].dtype.is_float and theirs[name].shape == ours[name].shape}
     if not taken:
         raise TccError(f"{where}: none of its float weights is one of this model's by name and shape (another model, "
                        "or compiled to integers: take the weights from a float compile)")
-    types = dict(graph.constants)
-    values = {name: np.asarray(value, dtype=types[name].dtype.numpy) for name, value in taken.items()}
     merged = dict(graph.weights)
-    merged.update(freeze_weights(values))
+    merged.update(freeze_weights(taken))
     return graph.replace(weights=merged), {"source": where, "weights": len(taken), "of": len(floats)}
-

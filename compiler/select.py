@@ -371,13 +371,19 @@ def prepare(model: Any, example_inputs: Any, data: Dataset, train: Dataset | Non
     """`model` (anything `tcc.compile` takes) lowered and canonicalized (`PREFIX`), its example
     inputs as a dataset, and `data` and `train` fitted to it: what an exploration starts from.
     `what` names the exploration in the error for a model without example inputs."""
+    base, example = lowered(model, example_inputs, what, **lower_kw)
+    return base, example, data.fit(base, "evaluation data"), \
+        train.fit(base, "training data") if train is not None else None
+
+
+def lowered(model: Any, example_inputs: Any, what: str, **lower_kw) -> tuple[Graph, Dataset]:
+    """`model` lowered and canonicalized (`PREFIX`) with its example inputs as a dataset; a
+    TccError naming `what` needs them when the model has none."""
     graph, signature, examples, _source = lower(model, example_inputs, **lower_kw)
     example = example_dataset(graph, example_arrays(signature, examples))
     if example is None:
         raise TccError(f"{what} needs example inputs (the model file's, or --input-shape)")
-    base = canonical(graph)
-    return base, example, data.fit(base, "evaluation data"), \
-        train.fit(base, "training data") if train is not None else None
+    return canonical(graph), example
 
 
 def canonical(graph: Graph) -> Graph:
@@ -400,14 +406,10 @@ def select(model: Any, data: Dataset, targets: dict[str, Target], *, lc: float |
     lc_ms = latency_bound(lc, base)  # before the exploration: a token rate needs a decoder's step
     wide = None
     if prefill is not None:
-        graph, signature, examples, _source = lower(prefill, **lower_kw)
         if not base.state:
             raise TccError("--prefill goes with a decoder's decode step (a model with a KV cache)")
-        check_prefill(base, graph)
-        wide_examples = example_dataset(graph, example_arrays(signature, examples))
-        if wide_examples is None:
-            raise TccError("--prefill: the prefill step needs example inputs (a torch.export archive has them)")
-        wide = Prefill(canonical(graph), wide_examples)
+        wide = Prefill(*lowered(prefill, None, "--prefill", **lower_kw))
+        check_prefill(base, wide.graph)
     points = explore(base, data, targets, examples=example, train=train, settings=settings, executor=executor,
                      seed=seed, progress=progress, prefill=wide)
     return dataclasses.replace(choose(points, lc_ms, ac, time.perf_counter() - start, data.task.score_name, ttft_ms),

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
+
 from .errors import TccError
 
 if TYPE_CHECKING:
@@ -102,6 +104,13 @@ class DecodeStep:
         values: list[Any] = [None] * len(graph.user_inputs)
         values[self.tokens], values[self.position] = ids, positions
         return values + [cache[n] for n in graph.input_names[len(values):]]
+
+    def outside_vocabulary(self, ids: Any) -> tuple[int, int] | None:
+        """(sequence, position) of the first of the token `ids` [batch, length] (an array or a
+        CPU tensor) the step cannot take (outside [0, vocab)); None when it takes them all."""
+        ids = np.asarray(ids)
+        bad = np.argwhere((ids < 0) | (ids >= self.vocab))
+        return (int(bad[0][0]), int(bad[0][1])) if len(bad) else None
 
     @staticmethod
     def carry(graph: Graph, outputs: Sequence[Any]) -> dict[str, Any]:

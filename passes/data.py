@@ -60,6 +60,7 @@ class Dataset:
         dataset and the mismatch if it cannot feed `graph`, or the input holding NaN or Inf
         (training on it gives NaN weights, calibrating on it NaN scales)."""
         where = f"{self.source}{' (' + what + ')' if what else ''}"
+        step = DecodeStep.of(graph, "step") if graph.state else None
         names = data_inputs(graph)
         if len(self.inputs) != len(names):
             raise TccError(f"{where}: holds {len(self.inputs)} input tensor(s) but the model takes "
@@ -73,8 +74,8 @@ class Dataset:
             t = types[name]
             if tensor.shape[0] != n:
                 raise TccError(f"{where}: inputs differ in the number of examples ({tensor.shape[0]} vs {n})")
-            if graph.state:
-                _check_sequences(tensor, DecodeStep.of(graph, "step"), where)
+            if step is not None:
+                _check_sequences(tensor, step, where)
             elif tuple(tensor.shape[1:]) != t.shape[1:]:
                 raise TccError(f"{where}: input '{name}' examples have shape {list(tensor.shape[1:])}, "
                                f"the model expects {list(t.shape[1:])}")
@@ -126,9 +127,8 @@ def _check_sequences(tokens: torch.Tensor, step: DecodeStep, where: str) -> None
         raise TccError(f"{where}: a step of a decoder is fed token ids [examples, length] with the length a multiple "
                        f"of its width {step.width} and at most its cache's {step.max_cache} positions, got "
                        f"{str(tokens.dtype).replace('torch.', '')} {list(tokens.shape)}")
-    bad = (tokens < 0) | (tokens >= step.vocab)
-    if bad.any():
-        example, position = (int(i) for i in torch.nonzero(bad)[0])
+    if (bad := step.outside_vocabulary(tokens)) is not None:
+        example, position = bad
         raise TccError(f"{where}: example {example}, position {position}: token id {int(tokens[example, position])} "
                        f"outside the model's vocabulary [0, {step.vocab})")
 

@@ -60,9 +60,8 @@ def prompt_tokens(prompt: Any, step: DecodeStep, max_new_tokens: int) -> torch.T
         raise TccError(f"prompt: expected token ids [length] or [batch, length], got shape {list(tensor.shape)}")
     if tensor.shape[0] != step.batch:
         raise TccError(f"prompt: {tensor.shape[0]} sequences; the decode step was exported for batch {step.batch}")
-    bad = ((tensor < 0) | (tensor >= step.vocab)).nonzero()
-    if len(bad):
-        row, col = bad[0].tolist()
+    if (bad := step.outside_vocabulary(tensor)) is not None:
+        row, col = bad
         raise TccError(f"prompt: token id {int(tensor[row, col])} at position {col} (sequence {row}) is outside the "
                        f"vocabulary [0, {step.vocab})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
